@@ -1,0 +1,28 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine:
+# they create .venv, install torch (CPU wheel, pinned) and the project, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/run-study --demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean-demo:
+	rm -rf data/demo_cohort cache runs reports embeddings/*.h5

@@ -1,0 +1,1 @@
+"""Networks: frozen CT/PET foundation-model encoders and the DeepMTS+DAFT survival network."""

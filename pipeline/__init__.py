@@ -1,0 +1,1 @@
+"""Data, preprocessing, embedding cache, training, evaluation and reporting."""

@@ -1,0 +1,134 @@
+"""Provenance and crash-safe writing shared by every artefact the pipeline makes.
+
+Every stage boundary is a file. Each file records what produced it (inputs, parameters,
+weights and code version) so that a consumer can compare what it expects with what it
+finds, and refuse a mismatch with a message naming both sides (:class:`ProvenanceError`).
+Files are written to a temporary sibling and renamed into place, so a crash never leaves a
+partial artefact under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGE_NAME = "hnfm-survival"
+
+
+class ProvenanceError(ValueError):
+    """An artefact was made from other inputs or parameters than the consumer expects."""
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Return the hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal content gives equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """SHA-256 (hex, first 16 characters) of a parameter mapping in canonical JSON."""
+    return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:16]
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def code_version() -> str:
+    """Package version, plus the git commit (and ``-dirty``) when run from a checkout."""
+    try:
+        version = metadata.version(PACKAGE_NAME)
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        try:
+            commit = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout.strip()
+            return f"{version}+g{commit}{'-dirty' if dirty else ''}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return version
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_match(what: str, expected: Any, found: Any, *, artefact: str | os.PathLike) -> None:
+    """Raise :class:`ProvenanceError` naming both sides when ``expected != found``.
+
+    Args:
+        what: the property compared, e.g. ``"preprocessing params_hash"``.
+        expected: what the consumer needs.
+        found: what the artefact records.
+        artefact: path of the artefact, named in the message.
+    """
+    if expected != found:
+        raise ProvenanceError(
+            f"{artefact}: {what} mismatch: expected {expected!r}, found {found!r}. "
+            "The artefact was made from other inputs or settings; regenerate it or point "
+            "to the matching one."
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
+
+    On any exception the temporary file is removed and ``final`` is left untouched, so a
+    reader never sees a half-written artefact under its final name. The rename is atomic
+    on POSIX file systems because both paths share a directory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
