@@ -258,7 +258,10 @@ class ClinicalTransform:
             need = {"mean", "sd", "fill"} if col in CONTINUOUS else {"fill"}
             have = set(params.get(col, {}))
             if have != need or not all(math.isfinite(v) for v in params[col].values()):
-                raise ValueError(f"ClinicalTransform.from_dict: parameters of {col} must be finite {sorted(need)}, got {params.get(col)}")
+                raise ValueError(
+                    f"ClinicalTransform.from_dict: parameters of {col} must be finite {sorted(need)}, "
+                    f"got {params.get(col)}"
+                )
         if list(record.get("feature_names", [])) != ct.feature_names:
             raise ValueError(
                 f"ClinicalTransform.from_dict: feature_names {record.get('feature_names')} do not match "

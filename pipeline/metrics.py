@@ -86,8 +86,20 @@ class MetricValue:
         return {"value": self.value, "reason": self.reason, "detail": self.detail}
 
 
-def _as_survival(time: Any, event: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert ``(time, event)`` to ``(float64 [N], bool [N])``."""
+def check_survival(time: Any, event: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate survival inputs the way every function of this package expects them.
+
+    Args:
+        time: times in days, shape [N], finite and >= 0.
+        event: 0/1 or boolean, shape [N] (1 = relapse).
+        what: prefix of error messages, naming the caller and data.
+
+    Returns:
+        ``(time float64 [N], event bool [N])``.
+
+    Raises:
+        ValueError: naming the bad value and its positions.
+    """
     try:
         t = np.asarray(time, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -155,7 +167,7 @@ def c_index(time: Any, event: Any, risk: Any) -> float:
         ValueError: on mismatched lengths, NaN/infinite values, negative times, events
             other than 0/1, when every sample is censored, or when no pair is comparable.
     """
-    t, e = _as_survival(time, event, "c_index")
+    t, e = check_survival(time, event, "c_index")
     r = _as_risk(risk, t.shape[0], "c_index")
     if not e.any():
         raise ValueError(f"c_index: all {t.shape[0]} samples are censored; the C-index is undefined")
@@ -205,8 +217,8 @@ def time_dependent_auc(
         ValueError: on malformed inputs (lengths, NaN, negative times, non-0/1 events,
             non-finite or negative horizon).
     """
-    tr_t, tr_e = _as_survival(train_time, train_event, "time_dependent_auc (training fold)")
-    te_t, te_e = _as_survival(test_time, test_event, "time_dependent_auc (test fold)")
+    tr_t, tr_e = check_survival(train_time, train_event, "time_dependent_auc (training fold)")
+    te_t, te_e = check_survival(test_time, test_event, "time_dependent_auc (test fold)")
     r = _as_risk(risk, te_t.shape[0], "time_dependent_auc (test fold)")
     horizon = float(horizon)
     if not math.isfinite(horizon) or horizon < 0:
@@ -325,7 +337,7 @@ def fold_metrics(
         key = key if isinstance(key, tuple) else (key,)
         fold = key[-1]
         label = ", ".join(f"{c} {k}" for c, k in zip(group_cols, key))
-        t, e = _as_survival(val["time"].to_numpy(), val["event"].to_numpy(), f"fold_metrics ({label})")
+        t, e = check_survival(val["time"].to_numpy(), val["event"].to_numpy(), f"fold_metrics ({label})")
         r = _as_risk(val["risk"].to_numpy(), t.shape[0], f"fold_metrics ({label})")
         if train_survival is not None:
             if fold not in train_survival:

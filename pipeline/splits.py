@@ -37,7 +37,7 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.metrics import _as_survival
+from pipeline.metrics import check_survival
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _check_ids(case_ids: Sequence[Any], what: str) -> np.ndarray:
 
 def _survival_inputs(case_ids, time, event, what):
     ids = _check_ids(case_ids, what)
-    t, e = _as_survival(np.asarray(time), np.asarray(event), what)
+    t, e = check_survival(np.asarray(time), np.asarray(event), what)
     if t.shape[0] != ids.shape[0]:
         raise ValueError(f"{what}: {ids.shape[0]} case ids but {t.shape[0]} times/events")
     order = np.argsort(ids, kind="stable")
@@ -82,7 +82,7 @@ def stratum_labels(time: Any, event: Any, min_count: int) -> tuple[np.ndarray, l
         ``(labels [N] of str, notes)``: labels like ``"event=1|Q1-Q2"``; notes describe
         each merge (empty when all eight strata were large enough).
     """
-    t, e = _as_survival(time, event, "stratum_labels")
+    t, e = check_survival(time, event, "stratum_labels")
     n = t.shape[0]
     n_q = min(N_QUANTILES, n)
     quart = pd.qcut(pd.Series(t).rank(method="first"), n_q, labels=False).to_numpy()
