@@ -1,0 +1,90 @@
+"""``extract-embeddings``: stage one, frozen foundation-model embeddings per cached case."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeline.artefacts import ProvenanceError
+
+
+def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        cfg = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc}): {value!r}") from exc
+    if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
+        raise click.BadParameter(
+            f'expected an object such as {{"ct": {{"init_filters": 4}}}}, got {value!r}'
+        )
+    return cfg
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Example: extract-embeddings --modality ctpet --ct-weights model.safetensors "
+    "--pet-weights seganypet_v1.pth",
+)
+@click.option("--modality", type=click.Choice(["ct", "pet", "ctpet"]), required=True,
+              help="Which encoder(s): ct = CT-FM (512-d), pet = PET-FM (768-d), ctpet = both "
+                   "(reuses embeddings already computed by ct / pet runs with the same provenance).")
+@click.option("--cache", "cache_root", default="cache/preprocessed", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Complete preprocessed cache written by `preprocess`.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Output HDF5 file [default: embeddings/<modality>.h5].")
+@click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
+              help="CT-FM model.safetensors (Hugging Face project-lighter/ct_fm_feature_extractor). "
+                   "Else $HNFM_CT_FM_WEIGHTS, else ~/.cache/hnfm/ct_fm/model.safetensors.")
+@click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
+              help="PET-FM seganypet_v1.pth (SegAnyPET). Else $HNFM_PET_FM_WEIGHTS, else "
+                   "~/.cache/hnfm/pet_fm/seganypet_v1.pth.")
+@click.option("--random-init", is_flag=True,
+              help="Demo only: randomly initialised encoders instead of weights. Recorded in the "
+                   "file (weights_sha256 = random-init) and warned about on every read.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of --random-init.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]),
+              help="auto = CUDA with bf16 autocast when present, else CPU in fp32.")
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Cases per forward pass; halved automatically on CUDA out-of-memory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output made with other weights or preprocessing "
+                   "(without it such a run is refused; rows are never mixed).")
+@click.option("--shard-dir", default=None, type=click.Path(file_okay=False),
+              help="Per-case shard store used for resume and reuse [default: <out folder>/.shards].")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--encoder-config", default=None, callback=_parse_encoder_config,
+              help='Advanced, for tests and small demos: JSON of encoder constructor overrides '
+                   'per modality, e.g. \'{"ct": {"init_filters": 4}}\'. Recorded in the file; '
+                   "leave unset for the published architectures.")
+def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, random_init, seed,
+                       device, batch_size, overwrite, shard_dir, no_progress, encoder_config):
+    """Compute frozen CT-FM / PET-FM embeddings of every preprocessed case into one HDF5.
+
+    Safe to kill and rerun: finished cases are kept as per-case shards and never recomputed,
+    and the HDF5 appears only when complete. A rerun on a complete file does nothing.
+    """
+    from pipeline.embeddings import ExtractionLockedError, run_extraction
+
+    try:
+        result = run_extraction(
+            cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
+            random_init=random_init, seed=seed, device=device, batch_size=batch_size,
+            encoder_kwargs=encoder_config, progress=not no_progress, overwrite=overwrite,
+            shard_dir=shard_dir,
+        )
+    except (ProvenanceError, ValueError, KeyError, FileNotFoundError, ExtractionLockedError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        click.echo(f"Error: {msg}", err=True)
+        sys.exit(1)
+    click.echo(result.summary())
+
+
+if __name__ == "__main__":  # python -m pipeline.cli.embed
+    extract_embeddings()

@@ -1,0 +1,902 @@
+"""Stage one: frozen foundation-model embeddings, computed once per case and cached in HDF5.
+
+``extract_embeddings`` runs the frozen CT-FM (512-d) and/or PET-FM (768-d) encoder over every
+case of a complete preprocessed cache (:class:`pipeline.cache.PreprocessedCache`) and writes
+``embeddings/<modality>.h5``. Stage two reads that file only through :func:`load_embeddings`
+/ :func:`read_embeddings`, which refuse embeddings made from another preprocessing.
+
+HDF5 schema (``SCHEMA_VERSION`` 1; readable with plain h5py, no custom types)::
+
+    /case_ids        (N,) variable-length UTF-8 str   row order of every other dataset
+    /fingerprints    (N,) variable-length UTF-8 str   per-case cache fingerprint, same rows
+    /ct              (N, 512) float32                 CT-FM embeddings   (modality ct, ctpet)
+    /pet             (N, 768) float32                 PET-FM embeddings  (modality pet, ctpet)
+
+File attributes: ``schema_version``, ``modality`` (``ct`` | ``pet`` | ``ctpet``),
+``modalities`` (JSON list), ``params_hash`` and ``crop_size_vox_xyz`` of the preprocessed
+cache, ``cache_path``, ``code_version``, ``created`` (UTC ISO 8601), ``random_init`` (bool).
+
+Attributes of each embedding dataset (``/ct``, ``/pet``): ``encoder`` (``CT_FM_NAME`` /
+``PET_FM_NAME``), ``weights_sha256`` (hex, or ``"random-init"``), ``random_init_seed`` (-1
+unless random-init), ``weights_path`` (informational), ``encoder_config`` (JSON of the
+constructor overrides, ``{}`` for the published architecture), ``embedding_dim``,
+``pooling`` (``gap_last_feature_map`` for CT-FM: global average pool of the last of five
+SegResEncoder maps; ``mean_tokens_pre_neck`` for PET-FM: mean of the 8^3 ViT tokens before
+the neck), ``input_key`` (``ctfm/ct`` / ``petfm/pet`` in the cache), ``input_shape``
+(``[D, H, W]`` of the cached input; the encoder sees ``[B, 1, D, H, W]``, D = slice axis),
+``dtype`` (``float32``, the stored type), ``precision`` (``fp32`` on CPU,
+``bf16-autocast`` on CUDA), ``provenance`` (canonical JSON of all of these) and
+``provenance_hash``.
+
+Crash safety and resume. Every case's embedding is first written as a shard,
+``<shard_dir>/<store>/<case_id>-<fingerprint>.npy`` (float32, shape ``[dim]``), through
+:func:`pipeline.artefacts.atomic_path`, so a shard under its final name is always complete.
+``<store>`` is named after modality, encoder, weights sha256 (or ``random-init-seed<k>``) and
+a hash of the whole encoder provenance (config, pooling, input key, precision); its
+``provenance.json`` records that provenance in full. The final ``.h5`` is assembled from
+shards into a temporary sibling and renamed into place, so a killed run never leaves a
+partial file under the final name. A rerun skips every case whose shard exists and removes
+temporary files that a killed run left behind (each store and output is held under an
+exclusive ``flock`` while a run writes, so a concurrent run is refused instead of having its
+temporary files deleted). ``ctpet`` reuses the shards of earlier ``ct`` and ``pet`` runs with
+the same provenance: no encoder ever runs twice on the same case and inputs.
+
+Batches are formed from the cases still missing, in cache order, and a short last batch is
+padded by repeating its own cases, so every forward pass has exactly ``batch_size`` rows.
+Frozen encoders in eval mode treat rows independently, but some CPU kernels choose another
+algorithm for a single row; constant batch shapes make a resumed run write embeddings
+bit-identical to an uninterrupted one on a deterministic device (CPU). Finished cases are
+never recomputed.
+
+An existing output with other provenance (weights, encoder config, precision or
+preprocessing ``params_hash``) is never mixed into: the run is refused with a message naming
+both sides, unless ``overwrite=True`` replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from pipeline.artefacts import (
+    ProvenanceError,
+    atomic_path,
+    canonical_json,
+    code_version,
+    params_hash,
+    read_json,
+    sha256_file,
+    utc_now,
+    write_json_atomic,
+)
+from pipeline.cache import PreprocessedCache
+
+SCHEMA_VERSION = 1
+MODALITIES: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
+INPUT_KEYS: dict[str, str] = {"ct": "ctfm/ct", "pet": "petfm/pet"}
+POOLING: dict[str, str] = {"ct": "gap_last_feature_map", "pet": "mean_tokens_pre_neck"}
+WEIGHTS_ENV: dict[str, str] = {"ct": "HNFM_CT_FM_WEIGHTS", "pet": "HNFM_PET_FM_WEIGHTS"}
+#: Where the weights are looked for when neither an argument nor the env var names them.
+DEFAULT_WEIGHTS: dict[str, Path] = {
+    "ct": Path("~/.cache/hnfm/ct_fm/model.safetensors"),
+    "pet": Path("~/.cache/hnfm/pet_fm/seganypet_v1.pth"),
+}
+WEIGHTS_SOURCE: dict[str, str] = {
+    "ct": "Hugging Face project-lighter/ct_fm_feature_extractor, file model.safetensors",
+    "pet": "SegAnyPET (Zhang et al. 2025) release, file seganypet_v1.pth",
+}
+RANDOM_INIT = "random-init"
+SHARD_DIR_NAME = ".shards"
+_TMP_SUFFIX = ".tmp"  # what pipeline.artefacts.atomic_path appends to its temporary files
+_RANGE_TOL = 1e-4  # cached FM inputs are min-max scaled to [0, 1]; allow rounding only
+
+
+class RandomInitWarning(UserWarning):
+    """Embeddings were computed with randomly initialised encoders (demo only)."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Foundation-model weights were not passed and are not at the default location."""
+
+
+class MissingCasesError(ValueError):
+    """The embedding file lacks cases a consumer needs; ``missing`` lists them."""
+
+    def __init__(self, message: str, missing: Sequence[str]):
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+class ExtractionLockedError(RuntimeError):
+    """Another run holds the lock of the same output or shard store."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModalityReport:
+    """What one modality's pass did."""
+
+    computed: int = 0
+    reused: int = 0
+    store: Path | None = None
+
+
+@dataclass
+class ExtractionResult:
+    """Outcome of :func:`run_extraction`.
+
+    Attributes:
+        path: the final ``.h5``.
+        modality: ``ct``, ``pet`` or ``ctpet``.
+        per_modality: ``"ct"``/``"pet"`` -> counts of cases computed now and reused shards.
+        up_to_date: True when the existing file already matched and nothing was done.
+        seconds: wall time.
+    """
+
+    path: Path
+    modality: str
+    per_modality: dict[str, ModalityReport] = field(default_factory=dict)
+    up_to_date: bool = False
+    seconds: float = 0.0
+
+    @property
+    def computed(self) -> int:
+        return sum(r.computed for r in self.per_modality.values())
+
+    @property
+    def reused(self) -> int:
+        return sum(r.reused for r in self.per_modality.values())
+
+    def summary(self) -> str:
+        """One line: cases computed / reused per modality, path, seconds."""
+        if self.up_to_date:
+            return f"{self.path}: already complete and up to date, nothing computed ({self.seconds:.1f} s)"
+        parts = ", ".join(
+            f"{m}: {r.computed} computed, {r.reused} reused" for m, r in self.per_modality.items()
+        )
+        return f"{parts} -> {self.path} ({self.seconds:.1f} s)"
+
+
+@dataclass(frozen=True)
+class _EncoderSpec:
+    """Everything that determines one modality's embeddings besides the input case."""
+
+    modality: str
+    encoder: str
+    weights_sha256: str
+    random_init_seed: int
+    weights_path: str
+    encoder_config: dict[str, Any]
+    precision: str
+
+    def provenance(self) -> dict[str, Any]:
+        """The fields that decide the numbers (``weights_path`` is only informational)."""
+        return {
+            "modality": self.modality,
+            "encoder": self.encoder,
+            "weights_sha256": self.weights_sha256,
+            "random_init_seed": self.random_init_seed,
+            "encoder_config": self.encoder_config,
+            "pooling": POOLING[self.modality],
+            "input_key": INPUT_KEYS[self.modality],
+            "precision": self.precision,
+        }
+
+    def describe(self) -> str:
+        if self.weights_sha256 == RANDOM_INIT:
+            w = f"random-init seed {self.random_init_seed}"
+        else:
+            w = f"weights sha256 {self.weights_sha256[:12]}"
+        cfg = f", config {canonical_json(self.encoder_config)}" if self.encoder_config else ""
+        return f"{self.encoder} ({w}{cfg}, {self.precision})"
+
+    def store_name(self) -> str:
+        w = (
+            f"random-init-seed{self.random_init_seed}"
+            if self.weights_sha256 == RANDOM_INIT
+            else self.weights_sha256[:12]
+        )
+        return f"{self.modality}-{self.encoder}-{w}-{self.precision}-{params_hash(self.provenance())[:8]}"
+
+
+def resolve_weights(modality: str, weights: str | os.PathLike | None) -> Path:
+    """Find the weights file of ``modality``: argument, else env var, else default path.
+
+    Args:
+        modality: ``"ct"`` or ``"pet"``.
+        weights: explicit path or None.
+
+    Returns:
+        An existing file.
+
+    Raises:
+        WeightsNotFoundError: naming where the public weights live and every way to pass them.
+    """
+    env = WEIGHTS_ENV[modality]
+    if weights is not None:
+        path, how = Path(weights).expanduser(), f"--{modality}-weights"
+    elif os.environ.get(env):
+        path, how = Path(os.environ[env]).expanduser(), f"${env}"
+    else:
+        path, how = DEFAULT_WEIGHTS[modality].expanduser(), "the default location"
+    if path.is_file():
+        return path
+    name = "CT-FM" if modality == "ct" else "PET-FM"
+    raise WeightsNotFoundError(
+        f"{name} weights not found at {path} (from {how}). Download them from "
+        f"{WEIGHTS_SOURCE[modality]}, then pass --{modality}-weights PATH, set {env}=PATH, or "
+        f"put the file at {DEFAULT_WEIGHTS[modality]}. For a demo without the weights use "
+        "--random-init (recorded in the file and warned about on every read)."
+    )
+
+
+def _resolve_device(device: str) -> tuple[Any, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device {device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    precision = "bf16-autocast" if device.startswith("cuda") else "fp32"
+    return torch.device(device), precision
+
+
+def _build_encoder(spec: _EncoderSpec) -> Any:
+    """Instantiate the frozen encoder of ``spec`` in eval mode (lazily: only when needed)."""
+    from models import checkpoints
+
+    if spec.weights_sha256 == RANDOM_INIT:
+        make = checkpoints.random_ct_fm if spec.modality == "ct" else checkpoints.random_pet_fm
+        out = make(spec.random_init_seed, **spec.encoder_config)
+        model = out[0] if isinstance(out, tuple) else out
+    else:
+        load = checkpoints.load_ct_fm if spec.modality == "ct" else checkpoints.load_pet_fm
+        model, sha = load(spec.weights_path, **spec.encoder_config)
+        if sha != spec.weights_sha256:
+            raise ProvenanceError(
+                f"{spec.weights_path}: weights changed during the run: sha256 {spec.weights_sha256} "
+                f"when the run started, {sha} when loaded"
+            )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (released by the kernel even on kill -9)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ExtractionLockedError(
+                    f"{path}: another extract-embeddings run is writing here; wait for it to end"
+                ) from exc
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(folder: Path, prefix: str = ".") -> int:
+    """Delete temporary files a killed run left (``atomic_path`` names: ``.<name>.*.tmp``)."""
+    n = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(prefix) and p.name.endswith(_TMP_SUFFIX) and p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def _shard_path(store: Path, case_id: str, fingerprint: str) -> Path:
+    return store / f"{case_id}-{fingerprint}.npy"
+
+
+def _save_array(handle: Any, arr: np.ndarray) -> None:
+    np.save(handle, arr, allow_pickle=False)
+
+
+def _write_shard(path: Path, vec: np.ndarray) -> None:
+    # Open the temporary path ourselves: np.save on a name would append another ".npy".
+    with atomic_path(path, suffix=".npy") as tmp:
+        with open(tmp, "wb") as handle:
+            _save_array(handle, vec)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _read_shard(path: Path, dim: int | None) -> np.ndarray:
+    vec = np.load(path, allow_pickle=False)
+    if vec.dtype != np.float32 or vec.ndim != 1 or (dim is not None and vec.shape[0] != dim):
+        raise ValueError(
+            f"{path}: shard holds {vec.dtype} {list(vec.shape)}, expected float32 "
+            f"[{dim if dim is not None else 'dim'}]; delete it to recompute that case"
+        )
+    return vec
+
+
+def _prepare_store(root: Path, spec: _EncoderSpec) -> Path:
+    store = root / spec.store_name()
+    store.mkdir(parents=True, exist_ok=True)
+    ignore = root / ".gitignore"
+    if not ignore.exists():  # generated artefacts: keep them out of version control
+        with atomic_path(ignore) as tmp:
+            tmp.write_text("*\n")
+    record = store / "provenance.json"
+    if record.is_file():
+        found = read_json(record)
+        if found != json.loads(canonical_json(spec.provenance())):
+            raise ProvenanceError(
+                f"{record}: shard store records provenance {canonical_json(found)}, this run "
+                f"needs {canonical_json(spec.provenance())}; the store name collides, move it away"
+            )
+    else:
+        write_json_atomic(record, spec.provenance())
+    return store
+
+
+def _load_inputs(
+    cache: PreprocessedCache, modality: str, case_ids: Sequence[str]
+) -> np.ndarray:
+    """Read the FM inputs of ``case_ids`` as ``[B, 1, D, H, W]`` float32 (D = slice axis)."""
+    key = INPUT_KEYS[modality]
+    arrs = []
+    for cid in case_ids:
+        arr = cache.read(cid, (key,))[key]
+        where = f"{cache.path(cid)}: case {cid!r} dataset {key!r}"
+        if arr.ndim != 3:
+            raise ValueError(f"{where}: expected [D, H, W], found shape {list(arr.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{where}: holds non-finite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+            raise ValueError(f"{where}: values span [{lo:.4g}, {hi:.4g}], expected [0, 1]")
+        arrs.append(arr.astype(np.float32, copy=False))
+    return np.stack(arrs)[:, None]
+
+
+def _forward(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarray:
+    """Run ``model`` on ``x`` [B, 1, D, H, W]; return float32 [B, dim]."""
+    import torch
+
+    with torch.inference_mode():
+        t = torch.from_numpy(x).to(device)
+        if precision == "bf16-autocast":
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                out = model(t)
+        else:
+            out = model(t)
+        return out.float().cpu().numpy()
+
+
+def _forward_halving(
+    model: Any, x: np.ndarray, device: Any, precision: str
+) -> np.ndarray:
+    """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case)."""
+    import torch
+
+    try:
+        return _forward(model, x, device, precision)
+    except torch.cuda.OutOfMemoryError:
+        if x.shape[0] == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = x.shape[0] // 2
+        print(
+            f"out of memory on a batch of {x.shape[0]}; retrying as {half} + {x.shape[0] - half}",
+            file=sys.stderr,
+        )
+        return np.concatenate(
+            [_forward_halving(model, x[:half], device, precision),
+             _forward_halving(model, x[half:], device, precision)]
+        )
+
+
+def _embed_modality(
+    cache: PreprocessedCache,
+    spec: _EncoderSpec,
+    store: Path,
+    case_ids: list[str],
+    fingerprints: list[str],
+    *,
+    device: Any,
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, ModalityReport]:
+    """Fill ``store`` with one shard per case, then return ``[N, dim]`` in ``case_ids`` order."""
+    from tqdm.auto import tqdm
+
+    report = ModalityReport(store=store)
+    paths = [_shard_path(store, c, f) for c, f in zip(case_ids, fingerprints)]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    report.reused = len(case_ids) - len(missing)
+    if missing:
+        model = _build_encoder(spec).to(device)
+        bar = tqdm(
+            total=len(missing), unit="case", desc=f"{spec.modality} {spec.encoder}",
+            disable=not progress, file=sys.stderr,
+        )
+        with bar:
+            for start in range(0, len(missing), batch_size):
+                idx = missing[start : start + batch_size]
+                # Pad a short batch by repeating its cases so that every forward pass has
+                # batch_size rows whatever was done before: some CPU kernels pick another
+                # algorithm for a single row, which changes the last bits.
+                x = _load_inputs(cache, spec.modality, [case_ids[i] for i in idx])
+                x = x[[k % len(idx) for k in range(batch_size)]]
+                out = _forward_halving(model, x, device, spec.precision)
+                if out.ndim != 2 or out.shape[0] != batch_size:
+                    raise ValueError(
+                        f"{spec.encoder} returned shape {list(out.shape)} for a batch of {batch_size}"
+                    )
+                for row, i in enumerate(idx):
+                    vec = np.ascontiguousarray(out[row], dtype=np.float32)
+                    if not np.all(np.isfinite(vec)):
+                        raise ValueError(
+                            f"{spec.encoder} gave a non-finite embedding for case {case_ids[i]!r} "
+                            f"({cache.path(case_ids[i])})"
+                        )
+                    _write_shard(paths[i], vec)
+                    report.computed += 1
+                    bar.update(1)
+    vecs = [_read_shard(p, None) for p in paths]
+    dims = {v.shape[0] for v in vecs}
+    if len(dims) > 1:
+        raise ValueError(f"{store}: shards disagree on the embedding dimension {sorted(dims)}")
+    return np.stack(vecs) if vecs else np.zeros((0, 0), np.float32), report
+
+
+def _make_spec(
+    modality: str,
+    *,
+    weights: str | os.PathLike | None,
+    random_init: bool,
+    seed: int,
+    encoder_config: dict[str, Any],
+    precision: str,
+) -> _EncoderSpec:
+    from models import checkpoints
+
+    name = checkpoints.CT_FM_NAME if modality == "ct" else checkpoints.PET_FM_NAME
+    if random_init:
+        return _EncoderSpec(modality, name, RANDOM_INIT, int(seed), "", dict(encoder_config), precision)
+    path = resolve_weights(modality, weights)
+    return _EncoderSpec(
+        modality, name, sha256_file(path), -1, str(path.resolve()), dict(encoder_config), precision
+    )
+
+
+def _existing_state(path: Path) -> dict[str, Any] | None:
+    """What an existing output records, or None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as h5:
+            return {
+                "schema_version": int(h5.attrs["schema_version"]),
+                "modality": str(h5.attrs["modality"]),
+                "params_hash": str(h5.attrs["params_hash"]),
+                "case_ids": list(h5["case_ids"].asstr()[()]),
+                "fingerprints": list(h5["fingerprints"].asstr()[()]),
+                "provenance": {
+                    m: json.loads(h5[m].attrs["provenance"]) for m in ("ct", "pet") if m in h5
+                },
+            }
+    except (OSError, KeyError, ValueError) as exc:
+        raise ProvenanceError(
+            f"{path}: exists but is not an embedding file of this tool ({exc}); "
+            "choose another --out or pass --overwrite"
+        ) from exc
+
+
+def run_extraction(
+    cache_root: str | os.PathLike,
+    modality: str,
+    out_path: str | os.PathLike | None = None,
+    *,
+    ct_weights: str | os.PathLike | None = None,
+    pet_weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 2,
+    encoder_kwargs: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    shard_dir: str | os.PathLike | None = None,
+) -> ExtractionResult:
+    """Compute (or reuse) embeddings of every cached case and write the ``.h5``; see module doc.
+
+    Args:
+        cache_root: complete preprocessed cache (``cohort.json`` + ``cases/``).
+        modality: ``"ct"``, ``"pet"`` or ``"ctpet"``.
+        out_path: output file; default ``embeddings/<modality>.h5`` (relative to the CWD).
+        ct_weights: CT-FM ``model.safetensors``; else ``$HNFM_CT_FM_WEIGHTS``, else
+            ``~/.cache/hnfm/ct_fm/model.safetensors``.
+        pet_weights: PET-FM ``seganypet_v1.pth``; else ``$HNFM_PET_FM_WEIGHTS``, else
+            ``~/.cache/hnfm/pet_fm/seganypet_v1.pth``.
+        random_init: use randomly initialised encoders (demo only; recorded in the file).
+        seed: seed of the random initialisation.
+        device: ``"auto"`` (CUDA with bf16 autocast when present, else CPU fp32), ``"cpu"``,
+            ``"cuda"``.
+        batch_size: cases per forward pass (halved automatically on CUDA out-of-memory).
+        encoder_kwargs: constructor overrides per modality, e.g. ``{"ct": {"init_filters": 4}}``
+            (tests and demos use tiny encoders this way); recorded in the file.
+        progress: show a tqdm bar (cases/s) on stderr.
+        overwrite: replace an existing output made with other provenance.
+        shard_dir: shard store root; default ``<out folder>/.shards``.
+
+    Returns:
+        :class:`ExtractionResult`.
+
+    Raises:
+        ValueError: bad modality, batch size, device or cached input (naming case and file).
+        WeightsNotFoundError: weights missing, with where to get them.
+        ProvenanceError: the existing output was made with other provenance.
+        ExtractionLockedError: another run is writing the same output or store.
+    """
+    t0 = time.perf_counter()
+    if modality not in MODALITIES:
+        raise ValueError(f"modality {modality!r}: expected one of {sorted(MODALITIES)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected >= 1")
+    encoder_kwargs = dict(encoder_kwargs or {})
+    unknown = sorted(set(encoder_kwargs) - {"ct", "pet"})
+    if unknown:
+        raise ValueError(f"encoder_kwargs keys {unknown}: expected 'ct' and/or 'pet'")
+    out = Path(out_path) if out_path is not None else Path("embeddings") / f"{modality}.h5"
+    shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
+    cache = PreprocessedCache(cache_root)
+    torch_device, precision = _resolve_device(device)
+    mods = MODALITIES[modality]
+    weights = {"ct": ct_weights, "pet": pet_weights}
+    specs = {
+        m: _make_spec(
+            m, weights=weights[m], random_init=random_init, seed=seed,
+            encoder_config=encoder_kwargs.get(m, {}), precision=precision,
+        )
+        for m in mods
+    }
+    if random_init:
+        _warn_random(f"{out}: computing embeddings with randomly initialised encoders (seed {seed})")
+    case_ids = cache.case_ids
+    fingerprints = [cache.case_fingerprint(c) for c in case_ids]
+    expected_prov = {m: json.loads(canonical_json(s.provenance())) for m, s in specs.items()}
+
+    result = ExtractionResult(path=out, modality=modality)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_exclusive_lock(out.parent / f".{out.name}.lock"))
+        existing = _existing_state(out)
+        if existing is not None:
+            mismatch = _provenance_mismatch(existing, modality, cache.params_hash, expected_prov)
+            if mismatch and not overwrite:
+                raise ProvenanceError(
+                    f"{out}: exists with other provenance; refusing to mix. {mismatch} "
+                    "Write elsewhere with --out, or replace it with --overwrite."
+                )
+            if (not mismatch and existing["case_ids"] == case_ids
+                    and existing["fingerprints"] == fingerprints):
+                result.up_to_date = True
+                result.per_modality = {m: ModalityReport(reused=len(case_ids)) for m in mods}
+                result.seconds = time.perf_counter() - t0
+                return result
+        _remove_stale_temps(out.parent, prefix=f".{out.name}.")
+        matrices: dict[str, np.ndarray] = {}
+        for m in mods:
+            store = _prepare_store(shard_root, specs[m])
+            stack.enter_context(_exclusive_lock(store / ".lock"))
+            _remove_stale_temps(store)
+            matrices[m], result.per_modality[m] = _embed_modality(
+                cache, specs[m], store, case_ids, fingerprints,
+                device=torch_device, batch_size=int(batch_size), progress=progress,
+            )
+        _write_h5(out, cache, modality, specs, matrices, case_ids, fingerprints)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def extract_embeddings(
+    cache_root: str | os.PathLike,
+    modality: str,
+    out_path: str | os.PathLike | None = None,
+    *,
+    ct_weights: str | os.PathLike | None = None,
+    pet_weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 2,
+    encoder_kwargs: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    shard_dir: str | os.PathLike | None = None,
+) -> Path:
+    """:func:`run_extraction`, returning only the output path (same arguments)."""
+    return run_extraction(
+        cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
+        random_init=random_init, seed=seed, device=device, batch_size=batch_size,
+        encoder_kwargs=encoder_kwargs, progress=progress, overwrite=overwrite,
+        shard_dir=shard_dir,
+    ).path
+
+
+def _provenance_mismatch(
+    existing: dict[str, Any], modality: str, params_hash_: str, expected: dict[str, Any]
+) -> str:
+    """Describe how an existing file differs in provenance ("" when it does not)."""
+    diffs = []
+    if existing["schema_version"] != SCHEMA_VERSION:
+        diffs.append(f"schema_version: file {existing['schema_version']}, this code {SCHEMA_VERSION}")
+    if existing["modality"] != modality:
+        diffs.append(f"modality: file {existing['modality']!r}, this run {modality!r}")
+    if existing["params_hash"] != params_hash_:
+        diffs.append(
+            f"preprocessing params_hash: file {existing['params_hash']!r}, cache {params_hash_!r}"
+        )
+    for m, prov in expected.items():
+        found = existing["provenance"].get(m)
+        if found != prov:
+            diffs.append(
+                f"{m} encoder: file {canonical_json(found) if found else 'none'}, "
+                f"this run {canonical_json(prov)}"
+            )
+    return "; ".join(diffs) + ("." if diffs else "")
+
+
+def _write_h5(
+    out: Path,
+    cache: PreprocessedCache,
+    modality: str,
+    specs: dict[str, _EncoderSpec],
+    matrices: dict[str, np.ndarray],
+    case_ids: list[str],
+    fingerprints: list[str],
+) -> None:
+    str_dt = h5py.string_dtype(encoding="utf-8")
+    with atomic_path(out, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs["schema_version"] = SCHEMA_VERSION
+            h5.attrs["modality"] = modality
+            h5.attrs["modalities"] = json.dumps(list(MODALITIES[modality]))
+            h5.attrs["params_hash"] = cache.params_hash
+            h5.attrs["crop_size_vox_xyz"] = np.asarray(cache.crop_size_vox_xyz, dtype=np.int64)
+            h5.attrs["cache_path"] = str(cache.root.resolve())
+            h5.attrs["code_version"] = code_version()
+            h5.attrs["created"] = utc_now()
+            h5.attrs["random_init"] = any(s.weights_sha256 == RANDOM_INIT for s in specs.values())
+            h5.create_dataset("case_ids", data=np.asarray(case_ids, dtype=object), dtype=str_dt)
+            h5.create_dataset("fingerprints", data=np.asarray(fingerprints, dtype=object), dtype=str_dt)
+            for m, spec in specs.items():
+                mat = matrices[m].astype(np.float32, copy=False)
+                ds = h5.create_dataset(m, data=mat)
+                prov = spec.provenance()
+                shape = _input_shape(cache, case_ids[0], INPUT_KEYS[m]) if case_ids else ()
+                for k, v in prov.items():
+                    if k != "encoder_config":
+                        ds.attrs[k] = v
+                ds.attrs["encoder_config"] = canonical_json(spec.encoder_config)
+                ds.attrs["weights_path"] = spec.weights_path
+                ds.attrs["embedding_dim"] = int(mat.shape[1]) if mat.ndim == 2 else 0
+                ds.attrs["input_shape"] = np.asarray(shape, dtype=np.int64)
+                ds.attrs["dtype"] = "float32"
+                ds.attrs["provenance"] = canonical_json(prov)
+                ds.attrs["provenance_hash"] = params_hash(prov)
+
+
+def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int, ...]:
+    with h5py.File(cache.path(case_id), "r") as h5:
+        return tuple(int(v) for v in h5[key].shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _warn_random(message: str) -> None:
+    warnings.warn(message, RandomInitWarning, stacklevel=3)
+    print(f"WARNING: {message}", file=sys.stderr)
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings of one file, rows aligned with ``case_ids``.
+
+    Attributes:
+        path: the ``.h5`` read.
+        case_ids: row order.
+        fingerprints: per-case cache fingerprints, same order.
+        matrices: ``"ct"`` -> float32 [N, 512], ``"pet"`` -> float32 [N, 768].
+        attrs: file attributes (plain Python values).
+        modality_attrs: per modality, the dataset attributes (encoder, weights, pooling ...).
+        sha256: SHA-256 of the file, for downstream provenance records.
+    """
+
+    path: Path
+    case_ids: list[str]
+    fingerprints: list[str]
+    matrices: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+    modality_attrs: dict[str, dict[str, Any]]
+    sha256: str
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.matrices)
+
+    def matrix(self, modality: str) -> np.ndarray:
+        """float32 ``[N, dim]`` of one modality, rows in :attr:`case_ids` order."""
+        if modality not in self.matrices:
+            raise KeyError(f"{self.path}: no {modality!r} embeddings (has {self.modalities})")
+        return self.matrices[modality]
+
+    def frame(self) -> pd.DataFrame:
+        """DataFrame indexed by ``case_id`` with columns ``ct_000 ..`` then ``pet_000 ..``."""
+        blocks = [
+            pd.DataFrame(
+                mat, index=pd.Index(self.case_ids, name="case_id"),
+                columns=[f"{m}_{j:03d}" for j in range(mat.shape[1])],
+            )
+            for m, mat in self.matrices.items()
+        ]
+        df = pd.concat(blocks, axis=1) if blocks else pd.DataFrame(index=self.case_ids)
+        df.attrs = {
+            "path": str(self.path), "sha256": self.sha256, **self.attrs,
+            "modality_attrs": self.modality_attrs,
+        }
+        return df
+
+
+def read_embeddings(
+    path: str | os.PathLike,
+    *,
+    cache: PreprocessedCache | str | os.PathLike | None = None,
+    case_ids: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+) -> EmbeddingSet:
+    """Read an embedding file, checking it against the preprocessed cache when given.
+
+    Args:
+        path: ``.h5`` written by :func:`extract_embeddings`.
+        cache: the preprocessed cache stage two uses (object or root); when given, the file's
+            ``params_hash`` and the fingerprints of the returned cases must match it.
+        case_ids: rows to return, in this order (e.g. the stage-two manifest's cases);
+            default: every case in file order.
+        modalities: subset of ``("ct", "pet")``; default: all in the file.
+
+    Returns:
+        :class:`EmbeddingSet`. Files made with random-init encoders warn
+        (:class:`RandomInitWarning` and stderr) on every read.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ProvenanceError: schema, params_hash or per-case fingerprints disagree with ``cache``
+            (both sides named), or the file holds no such modality.
+        MissingCasesError: ``case_ids`` lists cases the file lacks (all of them named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embedding file; run `extract-embeddings` first")
+    with h5py.File(path, "r") as h5:
+        found = int(h5.attrs.get("schema_version", -1))
+        if found != SCHEMA_VERSION:
+            raise ProvenanceError(
+                f"{path}: embedding schema_version {found}, this code reads {SCHEMA_VERSION}; "
+                "re-run `extract-embeddings`"
+            )
+        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        file_ids = list(h5["case_ids"].asstr()[()])
+        file_fps = list(h5["fingerprints"].asstr()[()])
+        present = [m for m in ("ct", "pet") if m in h5]
+        mods = list(modalities) if modalities is not None else present
+        absent = [m for m in mods if m not in present]
+        if absent:
+            raise ProvenanceError(f"{path}: holds {present} embeddings, {absent} requested")
+        mats = {m: h5[m][()] for m in mods}
+        mattrs = {m: {k: _plain(v) for k, v in h5[m].attrs.items()} for m in mods}
+
+    if case_ids is None:
+        rows = list(range(len(file_ids)))
+        wanted = file_ids
+    else:
+        wanted = list(case_ids)
+        pos = {c: i for i, c in enumerate(file_ids)}
+        missing = [c for c in wanted if c not in pos]
+        if missing:
+            raise MissingCasesError(
+                f"{path}: lacks embeddings for {len(missing)} needed case(s): {missing}; "
+                "re-run `extract-embeddings` on a cache holding them",
+                missing,
+            )
+        rows = [pos[c] for c in wanted]
+
+    if cache is not None:
+        cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
+        if attrs["params_hash"] != cache.params_hash:
+            raise ProvenanceError(
+                f"{path}: made from preprocessing params_hash {attrs['params_hash']!r}, but the "
+                f"cache {cache.root} has {cache.params_hash!r}; re-run `extract-embeddings` on it"
+            )
+        in_cache = set(cache.case_ids)
+        not_cached = [c for c in wanted if c not in in_cache]
+        if not_cached:
+            raise ProvenanceError(
+                f"{path}: has embeddings for cases {not_cached} that the cache {cache.root} lacks"
+            )
+        bad = [
+            f"{c} (file {file_fps[r]}, cache {fp})"
+            for c, r in zip(wanted, rows)
+            if (fp := cache.case_fingerprint(c)) != file_fps[r]
+        ]
+        if bad:
+            raise ProvenanceError(
+                f"{path}: per-case fingerprints differ from the cache {cache.root} for "
+                f"{len(bad)} case(s): {', '.join(bad)}; re-run `extract-embeddings`"
+            )
+
+    random = [m for m in mods if mattrs[m].get("weights_sha256") == RANDOM_INIT]
+    if random:
+        seeds = {m: mattrs[m].get("random_init_seed") for m in random}
+        _warn_random(
+            f"{path}: {random} embeddings come from randomly initialised encoders "
+            f"(seeds {seeds}); fine for a demo, meaningless for results"
+        )
+    return EmbeddingSet(
+        path=path,
+        case_ids=wanted,
+        fingerprints=[file_fps[r] for r in rows],
+        matrices={m: np.ascontiguousarray(mats[m][rows]) for m in mods},
+        attrs=attrs,
+        modality_attrs=mattrs,
+        sha256=sha256_file(path),
+    )
+
+
+def load_embeddings(
+    path: str | os.PathLike,
+    *,
+    cache: PreprocessedCache | str | os.PathLike | None = None,
+    case_ids: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """:func:`read_embeddings` as a DataFrame indexed by case id (``ct_000..``, ``pet_000..``).
+
+    Provenance (file attributes, per-modality attributes, path, sha256) is in ``df.attrs``.
+    """
+    return read_embeddings(path, cache=cache, case_ids=case_ids, modalities=modalities).frame()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
