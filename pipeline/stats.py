@@ -1,0 +1,718 @@
+"""Statistics for trustworthy model comparisons on cross-validated survival predictions.
+
+The paper's configurations differ by 0.02-0.03 C-index while the fold SDs are 0.06-0.08, so
+"does the FM help?" needs a paired comparison, not two means. This module provides:
+
+* :func:`paired_bootstrap_delta`: difference in mean per-fold C-index (b - a) of two models
+  evaluated on the SAME folds, with a patient-level paired bootstrap (95 % percentile CI,
+  two-sided bootstrap p) and a paired test over the per-fold deltas
+  (:func:`paired_fold_test`, Nadeau-Bengio corrected resampled t-test by default).
+* :func:`mean_ci`: t-interval of a mean over folds / repeats.
+* Calibration and overall accuracy: :func:`breslow_survival` (Breslow baseline hazard fitted
+  on the training fold turns a risk score into S(t | x)), :func:`integrated_brier_score`
+  (scikit-survival, on a time grid restricted to where it is defined),
+  :func:`calibration_at` (predicted vs Kaplan-Meier observed event probability per risk
+  group at a horizon).
+* :func:`risk_groups` and :func:`km_logrank`: median split at the TRAINING fold's median
+  risk, Kaplan-Meier curves and log-rank test (lifelines).
+
+Conventions: ``risk`` higher = earlier relapse; ``event`` 1 = relapse, 0 = censored; ``time``
+in days. Out-of-fold (OOF) frames have columns ``case_id, fold, risk, time, event`` and
+optionally ``repeat`` and ``protocol`` (as written by ``pipeline.train`` and
+``pipeline.peers``).
+
+Which paired test to use across folds. Per-fold deltas of K-fold CV are not independent
+(training sets overlap by (K-2)/(K-1)), so a plain paired t-test or Wilcoxon test over
+folds is anti-conservative. Nadeau & Bengio (Machine Learning 52, 2003) correct the variance
+of the mean delta over J = K x R train/test splits to
+``(1/J + n_test/n_train) * s^2`` (s^2 = sample variance of the deltas), with a t
+distribution on J - 1 degrees of freedom; this "corrected resampled t-test" is the
+recommended test for repeated CV (Bouckaert & Frank, PAKDD 2004). With a single 5-fold
+run J = 5 and the test has little power: prefer repeated folds
+(``pipeline.splits.repeated_folds``) or read the bootstrap CI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from pipeline.metrics import c_index, check_survival
+
+#: Two risks closer than this count as tied, as in ``sksurv.metrics.concordance_index_censored``.
+TIED_TOL = 1e-8
+FOLD_TESTS = ("nadeau_bengio", "t", "wilcoxon")
+
+
+def _as_risk(risk: Any, n: int, what: str) -> np.ndarray:
+    """Validate a score vector: 1-D float, ``n`` entries, all finite."""
+    r = np.asarray(risk, dtype=float)
+    if r.ndim != 1:
+        raise ValueError(f"{what}: must be 1-D, got shape {r.shape}")
+    if r.shape[0] != n:
+        raise ValueError(f"{what}: has {r.shape[0]} entries but time/event have {n}")
+    bad = np.flatnonzero(~np.isfinite(r))
+    if bad.size:
+        raise ValueError(f"{what}: NaN or infinite at positions {bad[:10].tolist()}")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Concordance on resampled data (weights = bootstrap multiplicities)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair_matrices(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Comparable-pair matrix and concordance scores of Harrell's C-index.
+
+    Returns:
+        ``comparable`` [N, N] float (1 where i has an event and j outlives it: ``t_j > t_i``,
+        or ``t_j == t_i`` with j censored) and ``score`` [N, N] (1 concordant, 0.5 tied
+        risk, 0 discordant), so that C = sum(comparable*score) / sum(comparable). These are
+        the rules of ``sksurv.metrics.concordance_index_censored`` (and lifelines).
+    """
+    ti, tj = time[:, None], time[None, :]
+    comparable = event[:, None] & ((tj > ti) | ((tj == ti) & ~event[None, :]))
+    diff = risk[:, None] - risk[None, :]
+    score = np.where(np.abs(diff) <= TIED_TOL, 0.5, (diff > 0).astype(float))
+    return comparable.astype(float), score
+
+
+def weighted_c_index(time: Any, event: Any, risk: Any, weights: Any) -> np.ndarray:
+    """Harrell's C-index of data where sample i appears ``weights[b, i]`` times.
+
+    Equals :func:`pipeline.metrics.c_index` on the dataset with each sample repeated
+    ``weights[b, i]`` times (a copy of a sample is never comparable with itself: equal
+    times and equal event flags), computed for many weight vectors at once.
+
+    Args:
+        time, event, risk: shape [N].
+        weights: non-negative multiplicities, shape [N] or [B, N].
+
+    Returns:
+        C-index per weight vector, shape [B] (or a 0-d array for 1-D weights); NaN where
+        no pair is comparable.
+    """
+    t, e = check_survival(time, event, "weighted_c_index")
+    r = _as_risk(risk, t.shape[0], "weighted_c_index")
+    w = np.asarray(weights, dtype=float)
+    if w.shape[-1] != t.shape[0]:
+        raise ValueError(f"weighted_c_index: weights have {w.shape[-1]} columns, data has {t.shape[0]} samples")
+    comparable, score = _pair_matrices(t, e, r)
+    num = np.einsum("...i,ij,...j->...", w, comparable * score, w)
+    den = np.einsum("...i,ij,...j->...", w, comparable, w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldTest:
+    """A paired test over per-fold (or per fold-and-repeat) metric deltas (b - a).
+
+    Attributes:
+        method: ``nadeau_bengio``, ``t`` or ``wilcoxon``.
+        n: number of deltas J.
+        mean_delta: mean of the deltas.
+        statistic: t statistic (t tests) or Wilcoxon signed-rank W.
+        p_value: two-sided p-value.
+        df: degrees of freedom of the t tests (J - 1), None for Wilcoxon.
+        test_train_ratio: n_test / n_train used by the Nadeau-Bengio correction.
+    """
+
+    method: str
+    n: int
+    mean_delta: float
+    statistic: float
+    p_value: float
+    df: int | None = None
+    test_train_ratio: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def corrected_resampled_ttest(deltas: Any, test_train_ratio: float) -> FoldTest:
+    """Nadeau-Bengio corrected resampled t-test of mean(deltas) = 0.
+
+    ``t = mean(d) / sqrt((1/J + n_test/n_train) * var(d, ddof=1))`` on J - 1 degrees of
+    freedom. With ``test_train_ratio = 0`` it is the ordinary one-sample t-test.
+
+    Args:
+        deltas: per-split metric differences (b - a), shape [J], J >= 2.
+        test_train_ratio: n_test / n_train of one split (1/(K-1) for K-fold CV).
+
+    Returns:
+        :class:`FoldTest` with method ``nadeau_bengio``.
+    """
+    d = _finite_deltas(deltas, "corrected_resampled_ttest")
+    if not (math.isfinite(test_train_ratio) and test_train_ratio >= 0):
+        raise ValueError(f"corrected_resampled_ttest: test_train_ratio must be >= 0, got {test_train_ratio!r}")
+    j = d.shape[0]
+    mean, var = float(d.mean()), float(d.var(ddof=1))
+    se = math.sqrt((1.0 / j + test_train_ratio) * var)
+    if se == 0.0:
+        t = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        t = mean / se
+        p = float(2.0 * sps.t.sf(abs(t), df=j - 1))
+    return FoldTest("nadeau_bengio", j, mean, float(t), p, j - 1, float(test_train_ratio))
+
+
+def paired_fold_test(
+    metric_a: Any, metric_b: Any, *, method: str = "nadeau_bengio", test_train_ratio: float | None = None
+) -> FoldTest:
+    """Paired test of per-fold metrics of two models evaluated on identical folds.
+
+    Args:
+        metric_a, metric_b: per-fold metric values in the same fold order, shape [J]; pairs
+            with a NaN on either side (undefined fold) are dropped.
+        method: ``nadeau_bengio`` (recommended for K-fold / repeated CV), ``t`` (plain
+            paired t-test, ``scipy.stats.ttest_rel``; ignores the fold overlap, so too
+            liberal) or ``wilcoxon`` (``scipy.stats.wilcoxon``; same caveat, and with 5
+            folds the smallest attainable two-sided p is 0.0625).
+        test_train_ratio: n_test / n_train, required for ``nadeau_bengio``.
+
+    Returns:
+        :class:`FoldTest` on the deltas b - a.
+    """
+    a = np.asarray(metric_a, dtype=float)
+    b = np.asarray(metric_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_fold_test: per-fold metrics must be 1-D of equal length, got {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if method == "nadeau_bengio":
+        if test_train_ratio is None:
+            raise ValueError("paired_fold_test: method 'nadeau_bengio' needs test_train_ratio (n_test / n_train)")
+        return corrected_resampled_ttest(b - a, test_train_ratio)
+    d = _finite_deltas(b - a, f"paired_fold_test ({method})")
+    if method == "t":
+        res = sps.ttest_rel(b, a)
+        return FoldTest("t", d.shape[0], float(d.mean()), float(res.statistic), float(res.pvalue), d.shape[0] - 1)
+    if method == "wilcoxon":
+        if np.all(d == 0):
+            return FoldTest("wilcoxon", d.shape[0], 0.0, 0.0, 1.0)
+        res = sps.wilcoxon(b, a)
+        return FoldTest("wilcoxon", d.shape[0], float(d.mean()), float(res.statistic), float(res.pvalue))
+    raise ValueError(f"paired_fold_test: unknown method {method!r}; choose one of {FOLD_TESTS}")
+
+
+def _finite_deltas(deltas: Any, what: str) -> np.ndarray:
+    d = np.asarray(deltas, dtype=float)
+    if d.ndim != 1:
+        raise ValueError(f"{what}: deltas must be 1-D, got shape {d.shape}")
+    d = d[np.isfinite(d)]
+    if d.shape[0] < 2:
+        raise ValueError(f"{what}: need at least 2 defined per-fold deltas, got {d.shape[0]}")
+    return d
+
+
+@dataclass
+class PairedComparison:
+    """Result of :func:`paired_bootstrap_delta` (all deltas are b - a).
+
+    Attributes:
+        metric: ``c_index``.
+        a, b: the point estimate of each model: mean over folds of the per-fold metric.
+        delta: ``b - a``.
+        ci_low, ci_high: percentile bootstrap CI of ``delta`` at ``level``.
+        p_value: two-sided bootstrap p of delta = 0: ``min(1, 2 * min(P*(d <= 0),
+            P*(d >= 0)))`` with the (count + 1) / (B + 1) correction.
+        n_boot: bootstrap draws used (draws where a fold had no comparable pair are
+            dropped; ``n_boot_dropped`` counts them).
+        n_cases, n_groups: patients and (repeat, fold) groups compared.
+        per_fold: ``[{"repeat"?, "fold", "n", "a", "b", "delta"}, ...]``.
+        fold_test: paired test over the per-fold deltas (:func:`paired_fold_test`).
+    """
+
+    metric: str
+    a: float
+    b: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    level: float
+    p_value: float
+    n_boot: int
+    n_boot_dropped: int
+    n_cases: int
+    n_groups: int
+    seed: int
+    per_fold: list[dict[str, Any]] = field(default_factory=list)
+    fold_test: FoldTest | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fold_test"] = self.fold_test.to_dict() if self.fold_test is not None else None
+        return out
+
+
+def _align_oof(oof_a: pd.DataFrame, oof_b: pd.DataFrame, protocol: str | None) -> pd.DataFrame:
+    """Join two OOF frames on (repeat, fold, case_id), checking they share folds and endpoints."""
+    frames = []
+    for name, df in (("a", oof_a), ("b", oof_b)):
+        missing = [c for c in ("case_id", "fold", "risk", "time", "event") if c not in df.columns]
+        if missing:
+            raise ValueError(f"paired_bootstrap_delta: OOF frame {name} lacks columns {missing}")
+        if "protocol" in df.columns:
+            if protocol is not None:
+                df = df[df["protocol"] == protocol]
+                if df.empty:
+                    raise ValueError(f"paired_bootstrap_delta: OOF frame {name} has no rows of protocol {protocol!r}")
+            elif df["protocol"].nunique() > 1:
+                raise ValueError(
+                    f"paired_bootstrap_delta: OOF frame {name} mixes protocols "
+                    f"{sorted(df['protocol'].unique())}; pass protocol= to pick one"
+                )
+        frames.append(df)
+    a, b = frames
+    if ("repeat" in a.columns) != ("repeat" in b.columns):
+        raise ValueError("paired_bootstrap_delta: one OOF frame has a 'repeat' column and the other not")
+    key = (["repeat"] if "repeat" in a.columns else []) + ["case_id"]
+    for name, df in (("a", a), ("b", b)):
+        dup = df[df.duplicated(subset=key)]
+        if not dup.empty:
+            raise ValueError(f"paired_bootstrap_delta: OOF frame {name} predicts cases twice: {dup['case_id'].tolist()[:10]}")
+    a = a.assign(case_id=a["case_id"].astype(str))
+    b = b.assign(case_id=b["case_id"].astype(str))
+    m = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
+    only = m[m["_merge"] != "both"]
+    if not only.empty:
+        raise ValueError(
+            "paired_bootstrap_delta: the OOF frames cover different cases: "
+            f"{only.loc[only['_merge'] == 'left_only', 'case_id'].tolist()[:10]} only in a, "
+            f"{only.loc[only['_merge'] == 'right_only', 'case_id'].tolist()[:10]} only in b"
+        )
+    for col in ("fold", "time", "event"):
+        bad = m[~np.isclose(m[f"{col}_a"].astype(float), m[f"{col}_b"].astype(float))]
+        if not bad.empty:
+            what = "folds differ" if col == "fold" else f"endpoint column {col!r} differs"
+            raise ValueError(
+                f"paired_bootstrap_delta: {what} between the OOF frames for cases "
+                f"{bad['case_id'].tolist()[:10]}; a paired comparison needs identical folds and data"
+            )
+    out = m[key + ["fold_a", "time_a", "event_a", "risk_a", "risk_b"]].rename(
+        columns={"fold_a": "fold", "time_a": "time", "event_a": "event"}
+    )
+    return out
+
+
+def paired_bootstrap_delta(
+    oof_a: pd.DataFrame,
+    oof_b: pd.DataFrame,
+    metric: str = "c_index",
+    n_boot: int = 2000,
+    seed: int = 0,
+    *,
+    level: float = 0.95,
+    protocol: str | None = None,
+    fold_test: str = "nadeau_bengio",
+) -> PairedComparison:
+    """Paired patient bootstrap of the difference in mean per-fold C-index, b - a.
+
+    The statistic is what the paper reports: the C-index of each validation fold, averaged
+    over folds (and repeats). Risks of different fold models are never compared with each
+    other. One bootstrap draw resamples patients with replacement within each (repeat,)
+    fold, with the same draw for both models (paired), and recomputes both means; with
+    repeats the draws of different repeats are independent.
+
+    Args:
+        oof_a, oof_b: OOF predictions (``case_id, fold, risk, time, event`` [, ``repeat``,
+            ``protocol``]) of the two models on identical folds.
+        metric: only ``"c_index"`` (Harrell's, as :func:`pipeline.metrics.c_index`).
+        n_boot: bootstrap draws.
+        seed: seed of the resampling.
+        level: CI level.
+        protocol: rows to use when the frames hold several selection protocols.
+        fold_test: method of the per-fold paired test (see :func:`paired_fold_test`).
+
+    Returns:
+        :class:`PairedComparison`.
+
+    Raises:
+        ValueError: when the frames cover other cases or folds, disagree on time/event,
+            mix protocols, or a fold has no comparable pair.
+    """
+    if metric != "c_index":
+        raise ValueError(f"paired_bootstrap_delta: metric {metric!r} not supported; use 'c_index'")
+    if n_boot < 1:
+        raise ValueError(f"paired_bootstrap_delta: n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_bootstrap_delta: level must lie in (0, 1), got {level}")
+    df = _align_oof(oof_a, oof_b, protocol)
+    group_cols = (["repeat"] if "repeat" in df.columns else []) + ["fold"]
+    rng = np.random.default_rng(seed)
+    n_total = len(df)
+    boot_a, boot_b, per_fold, sizes = [], [], [], []
+    for key, g in df.groupby(group_cols, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{c} {k}" for c, k in zip(group_cols, key))
+        t = g["time"].to_numpy(float)
+        e = g["event"].to_numpy(float)
+        try:
+            ca = c_index(t, e, g["risk_a"].to_numpy(float))
+            cb = c_index(t, e, g["risk_b"].to_numpy(float))
+        except ValueError as exc:
+            raise ValueError(f"paired_bootstrap_delta ({label}): {exc}") from exc
+        n = len(g)
+        # Multiplicities of a uniform resample of n patients: multinomial counts.
+        w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+        boot_a.append(weighted_c_index(t, e, g["risk_a"].to_numpy(float), w))
+        boot_b.append(weighted_c_index(t, e, g["risk_b"].to_numpy(float), w))
+        row = dict(zip(group_cols, (k.item() if hasattr(k, "item") else k for k in key)))
+        row.update(n=n, a=ca, b=cb, delta=cb - ca)
+        per_fold.append(row)
+        sizes.append(n)
+    ba, bb = np.vstack(boot_a), np.vstack(boot_b)  # [G, B]
+    ok = np.all(np.isfinite(ba) & np.isfinite(bb), axis=0)
+    if not ok.any():
+        raise ValueError("paired_bootstrap_delta: no bootstrap draw left every fold with a comparable pair")
+    d_boot = bb[:, ok].mean(axis=0) - ba[:, ok].mean(axis=0)
+    a_hat = float(np.mean([r["a"] for r in per_fold]))
+    b_hat = float(np.mean([r["b"] for r in per_fold]))
+    alpha = 1.0 - level
+    lo, hi = np.quantile(d_boot, [alpha / 2, 1 - alpha / 2])
+    nb = d_boot.shape[0]
+    p = min(1.0, 2.0 * min((np.sum(d_boot <= 0) + 1) / (nb + 1), (np.sum(d_boot >= 0) + 1) / (nb + 1)))
+    ftest = None
+    if len(per_fold) >= 2:
+        n_test = float(np.mean(sizes))
+        # Within one repeat the training part of a fold is every other case of that repeat.
+        n_train = float(n_total / (df["repeat"].nunique() if "repeat" in df.columns else 1)) - n_test
+        ftest = paired_fold_test(
+            [r["a"] for r in per_fold], [r["b"] for r in per_fold], method=fold_test,
+            test_train_ratio=n_test / n_train if n_train > 0 else None,
+        )
+    return PairedComparison(
+        metric=metric, a=a_hat, b=b_hat, delta=b_hat - a_hat, ci_low=float(lo), ci_high=float(hi),
+        level=level, p_value=float(p), n_boot=int(nb), n_boot_dropped=int(n_boot - nb),
+        n_cases=int(df["case_id"].nunique()), n_groups=len(per_fold), seed=seed,
+        per_fold=per_fold, fold_test=ftest,
+    )
+
+
+def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
+    """Mean with a Student-t confidence interval (for repeated-CV summaries).
+
+    Args:
+        values: per-fold / per-repeat values, shape [J]; NaN (undefined folds) are dropped.
+        level: confidence level.
+
+    Returns:
+        ``{"mean", "sd", "n", "low", "high", "level"}``; ``sd`` is the sample SD
+        (ddof=1). With one value the interval is ``None``; no value gives ``mean`` None.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"mean_ci: level must lie in (0, 1), got {level}")
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[np.isfinite(x)]
+    n = int(x.shape[0])
+    out: dict[str, Any] = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "level": level}
+    if n == 0:
+        return out
+    out["mean"] = float(x.mean())
+    if n >= 2:
+        sd = float(x.std(ddof=1))
+        half = float(sps.t.ppf(0.5 + level / 2, df=n - 1) * sd / math.sqrt(n))
+        out.update(sd=sd, low=out["mean"] - half, high=out["mean"] + half)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Survival probabilities, Brier score, calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def breslow_survival(train_risk: Any, train_time: Any, train_event: Any, test_risk: Any, times: Any) -> np.ndarray:
+    """S(t | x) of a Cox-type risk score via the Breslow baseline hazard of the training fold.
+
+    ``S(t | x) = exp(-H0(t) * exp(risk(x)))`` where ``H0`` is Breslow's estimator fitted
+    on the training fold's risks (``sksurv.linear_model.coxph.BreslowEstimator``). The risk
+    must be a log-hazard (a Cox linear predictor; the CNN's risk output is one). Before
+    the first training event S = 1; after the last training time S stays at its last value.
+
+    Args:
+        train_risk, train_time, train_event: training fold, shape [N_train].
+        test_risk: risks to predict for, shape [N_test].
+        times: time points in days, shape [T].
+
+    Returns:
+        float64 [N_test, T] survival probabilities.
+    """
+    from sksurv.linear_model.coxph import BreslowEstimator
+
+    t, e = check_survival(train_time, train_event, "breslow_survival (training fold)")
+    r = _as_risk(train_risk, t.shape[0], "breslow_survival (training fold)")
+    if not e.any():
+        raise ValueError("breslow_survival: the training fold has no event; the baseline hazard is zero")
+    rt = _as_risk(test_risk, int(np.size(test_risk)), "breslow_survival (test risk)")
+    grid = np.atleast_1d(np.asarray(times, dtype=float))
+    if grid.ndim != 1 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
+        raise ValueError(f"breslow_survival: times must be finite, >= 0 and 1-D, got {grid!r}")
+    est = BreslowEstimator().fit(r, e, t)
+    h0 = est.cum_baseline_hazard_
+    # StepFunction raises outside its domain: clamp to [0, last training time] (constant beyond).
+    x = np.clip(grid, h0.x[0], h0.x[-1])
+    cum = np.where(grid < h0.x[0], 0.0, h0(x))
+    return np.exp(-np.outer(np.exp(rt), cum))
+
+
+def ibs_time_grid(train_time: Any, test_time: Any, times: Any | None = None, n: int = 100) -> np.ndarray:
+    """Time points at which the IPCW Brier score is defined for this train/test pair.
+
+    Keeps ``min(test_time) <= t < min(max(test_time), max(train_time))``: scikit-survival
+    requires times inside the test follow-up, and beyond the last training time the
+    training censoring survival may be 0 (scikit-survival would then silently give those
+    cases zero weight).
+
+    Args:
+        train_time, test_time: follow-up times, shapes [N_train], [N_test].
+        times: candidate grid; default ``n`` points evenly spread over the valid range.
+        n: size of the default grid.
+
+    Returns:
+        Sorted unique valid times, shape [T'].
+    """
+    tr = np.asarray(train_time, dtype=float)
+    te = np.asarray(test_time, dtype=float)
+    lo, hi = float(te.min()), float(min(te.max(), tr.max()))
+    if times is None:
+        if not hi > lo:
+            return np.empty(0)
+        grid = np.linspace(lo, hi, n + 1)[:-1]
+    else:
+        grid = np.unique(np.asarray(times, dtype=float))
+    return grid[(grid >= lo) & (grid < hi)]
+
+
+def integrated_brier_score(
+    train_time: Any, train_event: Any, test_time: Any, test_event: Any, surv_prob_matrix: Any, times: Any
+) -> float:
+    """Integrated Brier score (``sksurv.metrics.integrated_brier_score``) on a safe time grid.
+
+    Columns of ``surv_prob_matrix`` whose time lies outside the range where the score is
+    defined (:func:`ibs_time_grid`) are dropped before calling scikit-survival; the IBS is
+    the trapezoidal integral of the Brier score over the remaining times divided by their
+    span. Lower is better; 0.25 is what a constant S = 0.5 scores.
+
+    Args:
+        train_time, train_event: training fold (censoring distribution), shape [N_train].
+        test_time, test_event: test fold, shape [N_test].
+        surv_prob_matrix: predicted S(t | x) of the test cases, shape [N_test, T].
+        times: time points of the columns, shape [T].
+
+    Returns:
+        The IBS over the kept times.
+
+    Raises:
+        ValueError: on malformed inputs or when fewer than two valid times remain.
+    """
+    from sksurv.metrics import integrated_brier_score as sk_ibs
+    from sksurv.util import Surv
+
+    tr_t, tr_e = check_survival(train_time, train_event, "integrated_brier_score (training fold)")
+    te_t, te_e = check_survival(test_time, test_event, "integrated_brier_score (test fold)")
+    grid = np.asarray(times, dtype=float)
+    est = np.asarray(surv_prob_matrix, dtype=float)
+    if grid.ndim != 1 or est.shape != (te_t.shape[0], grid.shape[0]):
+        raise ValueError(
+            f"integrated_brier_score: surv_prob_matrix must be [N_test, T] = "
+            f"[{te_t.shape[0]}, {grid.shape[0]}], got {list(est.shape)}"
+        )
+    if np.unique(grid).shape[0] != grid.shape[0]:
+        raise ValueError("integrated_brier_score: times must be unique")
+    if not np.all(np.isfinite(est)) or est.min() < 0 or est.max() > 1:
+        raise ValueError("integrated_brier_score: survival probabilities must lie in [0, 1]")
+    valid = ibs_time_grid(tr_t, te_t, grid)
+    if valid.shape[0] < 2:
+        raise ValueError(
+            f"integrated_brier_score: fewer than 2 of the {grid.shape[0]} times lie in the valid range "
+            f"[{te_t.min():g}, {min(te_t.max(), tr_t.max()):g}) d (test follow-up, training follow-up)"
+        )
+    cols = np.searchsorted(np.sort(grid), valid)
+    order = np.argsort(grid)
+    est = est[:, order][:, cols]
+    return float(sk_ibs(Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(te_e, te_t), est, valid))
+
+
+def _km_at(time: np.ndarray, event: np.ndarray, horizon: float, level: float) -> tuple[float, float, float]:
+    """Kaplan-Meier S(horizon) with its CI (lifelines, exponential Greenwood)."""
+    from lifelines import KaplanMeierFitter
+
+    kmf = KaplanMeierFitter(alpha=1 - level).fit(time, event)
+    sf = kmf.survival_function_.iloc[:, 0]
+    ci = kmf.confidence_interval_survival_function_
+    idx = int(np.searchsorted(sf.index.to_numpy(), horizon, side="right")) - 1
+    return float(sf.iloc[idx]), float(ci.iloc[idx, 0]), float(ci.iloc[idx, 1])
+
+
+def calibration_at(
+    horizon: float, pred_event_prob: Any, time: Any, event: Any, n_groups: int = 5, *, level: float = 0.95
+) -> pd.DataFrame:
+    """Predicted vs observed event probability at ``horizon`` per predicted-risk group.
+
+    Cases are split into ``n_groups`` quantile groups of the predicted probability
+    (``pandas.qcut``; fewer groups when predictions tie). Observed = 1 - Kaplan-Meier
+    S(horizon) of the group, with the KM CI (lifelines, exponential Greenwood) mapped to
+    the event scale. A group whose last follow-up is before the horizon has no observed
+    value (NaN, ``followed_to_horizon`` False).
+
+    Args:
+        horizon: time point in days (365 = 1-year recurrence).
+        pred_event_prob: predicted P(event by horizon) = 1 - S(horizon | x), shape [N].
+        time, event: observed follow-up, shape [N].
+        n_groups: number of quantile groups.
+        level: CI level.
+
+    Returns:
+        One row per group (low to high predicted risk): ``group, n, n_events, pred_mean,
+        pred_min, pred_max, observed, observed_low, observed_high, followed_to_horizon,
+        horizon``.
+    """
+    t, e = check_survival(time, event, "calibration_at")
+    p = _as_risk(pred_event_prob, t.shape[0], "calibration_at (pred_event_prob)")
+    if p.min() < 0 or p.max() > 1:
+        raise ValueError(f"calibration_at: predicted probabilities must lie in [0, 1], got range [{p.min():g}, {p.max():g}]")
+    if n_groups < 1:
+        raise ValueError(f"calibration_at: n_groups must be >= 1, got {n_groups}")
+    groups = pd.qcut(pd.Series(p).rank(method="first"), q=min(n_groups, t.shape[0]), labels=False).to_numpy()
+    rows = []
+    for g in np.unique(groups):
+        sel = groups == g
+        followed = bool(t[sel].max() >= horizon)
+        obs = lo = hi = float("nan")
+        if followed:
+            s, s_lo, s_hi = _km_at(t[sel], e[sel], float(horizon), level)
+            obs, lo, hi = 1 - s, 1 - s_hi, 1 - s_lo
+        rows.append({
+            "group": int(g), "n": int(sel.sum()), "n_events": int(e[sel].sum()),
+            "pred_mean": float(p[sel].mean()), "pred_min": float(p[sel].min()), "pred_max": float(p[sel].max()),
+            "observed": obs, "observed_low": lo, "observed_high": hi,
+            "followed_to_horizon": followed, "horizon": float(horizon),
+        })
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Risk groups, Kaplan-Meier, log-rank
+# ---------------------------------------------------------------------------------------------
+
+
+def risk_groups(train_risk: Any, test_risk: Any) -> np.ndarray:
+    """High (1) / low (0) risk group at the TRAINING fold's median risk.
+
+    Using the training median keeps the cut-off independent of the cases it classifies.
+    A test risk equal to the median is low.
+
+    Args:
+        train_risk: shape [N_train]. test_risk: shape [N_test].
+
+    Returns:
+        int64 [N_test], 1 where ``test_risk > median(train_risk)``.
+    """
+    tr = np.asarray(train_risk, dtype=float)
+    te = np.asarray(test_risk, dtype=float)
+    for name, arr in (("train_risk", tr), ("test_risk", te)):
+        if arr.ndim != 1 or arr.shape[0] == 0 or not np.all(np.isfinite(arr)):
+            raise ValueError(f"risk_groups: {name} must be a non-empty finite 1-D array")
+    return (te > np.median(tr)).astype(np.int64)
+
+
+@dataclass
+class KMResult:
+    """Kaplan-Meier curves per group and the log-rank test.
+
+    Attributes:
+        curves: group label -> DataFrame indexed by ``timeline`` with columns
+            ``survival``, ``ci_low``, ``ci_high``, ``at_risk``.
+        n: group label -> number of cases. events: group label -> number of events.
+        median_survival: group label -> KM median (inf when not reached).
+        test_statistic, p_value: log-rank chi-square and p (``lifelines.statistics
+            .logrank_test`` for two groups, ``multivariate_logrank_test`` for more).
+    """
+
+    curves: dict[Any, pd.DataFrame]
+    n: dict[Any, int]
+    events: dict[Any, int]
+    median_survival: dict[Any, float]
+    test_statistic: float
+    p_value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (curves as lists)."""
+        return {
+            "test_statistic": self.test_statistic, "p_value": self.p_value,
+            "groups": {
+                str(k): {
+                    "n": self.n[k], "events": self.events[k], "median_survival": self.median_survival[k],
+                    "timeline": c.index.tolist(), "survival": c["survival"].tolist(),
+                    "ci_low": c["ci_low"].tolist(), "ci_high": c["ci_high"].tolist(),
+                }
+                for k, c in self.curves.items()
+            },
+        }
+
+
+def km_logrank(time: Any, event: Any, group: Any, *, level: float = 0.95) -> KMResult:
+    """Kaplan-Meier curves per group (lifelines) and the log-rank p-value.
+
+    Args:
+        time, event: shape [N]. group: group label per case, shape [N] (>= 2 groups).
+        level: CI level of the curves.
+
+    Returns:
+        :class:`KMResult`.
+    """
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test, multivariate_logrank_test
+
+    t, e = check_survival(time, event, "km_logrank")
+    g = np.asarray(group)
+    if g.shape != t.shape:
+        raise ValueError(f"km_logrank: group has shape {g.shape}, time has {t.shape}")
+    labels = sorted(np.unique(g).tolist())
+    if len(labels) < 2:
+        raise ValueError(f"km_logrank: need at least 2 groups, got {labels}")
+    curves, n, ev, med = {}, {}, {}, {}
+    for lab in labels:
+        sel = g == lab
+        kmf = KaplanMeierFitter(alpha=1 - level).fit(t[sel], e[sel], label=str(lab))
+        ci = kmf.confidence_interval_survival_function_
+        curves[lab] = pd.DataFrame({
+            "survival": kmf.survival_function_.iloc[:, 0].to_numpy(),
+            "ci_low": ci.iloc[:, 0].to_numpy(), "ci_high": ci.iloc[:, 1].to_numpy(),
+            "at_risk": kmf.event_table["at_risk"].to_numpy(),
+        }, index=pd.Index(kmf.survival_function_.index.to_numpy(), name="timeline"))
+        n[lab], ev[lab] = int(sel.sum()), int(e[sel].sum())
+        med[lab] = float(kmf.median_survival_time_)
+    if len(labels) == 2:
+        s0, s1 = g == labels[0], g == labels[1]
+        res = logrank_test(t[s0], t[s1], event_observed_A=e[s0], event_observed_B=e[s1])
+    else:
+        res = multivariate_logrank_test(t, g, e)
+    return KMResult(curves, n, ev, med, float(res.test_statistic), float(res.p_value))
+
+
+def predicted_event_prob(surv: np.ndarray) -> np.ndarray:
+    """1 - S: event probabilities from a survival matrix (convenience for calibration)."""
+    return 1.0 - np.asarray(surv, dtype=float)
+
+
+__all__: Sequence[str] = (
+    "FoldTest", "KMResult", "PairedComparison", "breslow_survival", "calibration_at",
+    "corrected_resampled_ttest", "ibs_time_grid", "integrated_brier_score", "km_logrank",
+    "mean_ci", "paired_bootstrap_delta", "paired_fold_test", "predicted_event_prob",
+    "risk_groups", "weighted_c_index",
+)
