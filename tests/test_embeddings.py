@@ -1,0 +1,379 @@
+"""Stage one embedding cache: schema, alignment, provenance, reuse, loader, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import embeddings as emb
+from pipeline.artefacts import ProvenanceError, sha256_file
+from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
+from pipeline.cli.embed import extract_embeddings as cli
+
+CT_SHAPE = (8, 32, 32)  # [D, H, W]
+PET_SHAPE = (32, 32, 32)
+TINY = {
+    "ct": {"init_filters": 4},
+    "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
+            "window_size": 6, "global_attn_indexes": [1]},
+}
+CASES = ["CHUM-001", "CHUP-002", "MDA-003", "HGJ-004", "CHUV-005"]
+
+
+def make_cache(root: Path, case_ids=CASES, *, params=None, seed=0, bump=()) -> PreprocessedCache:
+    """Tiny cache: random FM inputs in [0, 1]; cases in ``bump`` get other source hashes."""
+    params = params or {"spacing": 1.0, "variant": "a"}
+    from pipeline.artefacts import params_hash
+
+    ph = params_hash(params)
+    rng = np.random.default_rng(seed)
+    geom = GridGeometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 8))
+    for i, cid in enumerate(case_ids):
+        src = {"ct": f"ct{i}", "pet": f"pet{i}", "label": f"lab{i}"}
+        if cid in bump:
+            src["ct"] += "-changed"
+        write_case(
+            root, cid,
+            {"ctfm/ct": rng.random(CT_SHAPE, dtype=np.float32),
+             "petfm/pet": rng.random(PET_SHAPE, dtype=np.float32)},
+            {"ctfm": geom, "petfm": geom},
+            {"params_hash": ph, "source_sha256": src},
+        )
+    write_cohort_record(root, {
+        "params": params, "params_hash": ph, "crop_size_vox_xyz": [64, 64, 32],
+        "case_ids": list(case_ids),
+    })
+    return PreprocessedCache(root)
+
+
+def run(cache, modality, out, **kw):
+    kw.setdefault("random_init", True)
+    kw.setdefault("encoder_kwargs", TINY)
+    kw.setdefault("device", "cpu")
+    kw.setdefault("progress", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", emb.RandomInitWarning)
+        return emb.run_extraction(cache.root if hasattr(cache, "root") else cache, modality, out, **kw)
+
+
+class ForwardCounter:
+    """Counts batch rows through each encoder class via a global forward hook."""
+
+    def __init__(self):
+        from models.ct_fm import CTFMEncoder
+        from models.pet_fm import PETFMEncoder
+
+        self.classes = {"ct": CTFMEncoder, "pet": PETFMEncoder}
+        self.counts = {"ct": 0, "pet": 0}
+
+    def _hook(self, module, args, output):
+        for m, cls in self.classes.items():
+            if type(module) is cls:
+                self.counts[m] += int(args[0].shape[0])
+
+    def __enter__(self):
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return make_cache(tmp_path / "cache")
+
+
+def test_schema_and_alignment_readable_with_plain_h5py_and_pandas(cache, tmp_path):
+    out = tmp_path / "emb" / "ct.h5"
+    res = run(cache, "ct", out, batch_size=2)
+    assert res.path == out and res.per_modality["ct"].computed == len(CASES)
+
+    with h5py.File(out, "r") as h5:
+        ids = list(h5["case_ids"].asstr()[()])
+        fps = list(h5["fingerprints"].asstr()[()])
+        ct = h5["ct"][()]
+        a = dict(h5["ct"].attrs)
+        fa = dict(h5.attrs)
+        assert "pet" not in h5
+    assert ids == cache.case_ids
+    assert fps == [cache.case_fingerprint(c) for c in ids]
+    assert ct.dtype == np.float32 and ct.shape == (len(CASES), 64)  # 16 * init_filters
+    assert fa["schema_version"] == emb.SCHEMA_VERSION and fa["modality"] == "ct"
+    assert fa["params_hash"] == cache.params_hash
+    assert list(fa["crop_size_vox_xyz"]) == [64, 64, 32]
+    assert fa["code_version"] and fa["created"] and bool(fa["random_init"])
+    assert a["weights_sha256"] == "random-init" and a["random_init_seed"] == 0
+    assert a["pooling"] == "gap_last_feature_map" and a["input_key"] == "ctfm/ct"
+    assert list(a["input_shape"]) == list(CT_SHAPE) and a["embedding_dim"] == 64
+    assert a["precision"] == "fp32" and json.loads(a["encoder_config"]) == TINY["ct"]
+
+    # Each row is the encoder's output on that very case (rows follow case_ids).
+    from models.checkpoints import random_ct_fm
+
+    model = random_ct_fm(0, **TINY["ct"]).eval()
+    for i, cid in enumerate(ids):
+        x = torch.from_numpy(cache.read(cid, ("ctfm/ct",))["ctfm/ct"])[None, None]
+        with torch.inference_mode():
+            ref = model(x).numpy()[0]
+        np.testing.assert_allclose(ct[i], ref, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(ct[0], ct[1])
+
+    # The README's pandas recipe gives the loader's frame.
+    with h5py.File(out, "r") as h5:
+        df = pd.DataFrame(h5["ct"][:], index=h5["case_ids"].asstr()[:])
+    with pytest.warns(emb.RandomInitWarning):
+        loaded = emb.load_embeddings(out, cache=cache)
+    assert list(loaded.columns) == [f"ct_{j:03d}" for j in range(64)]
+    assert loaded.index.name == "case_id"
+    np.testing.assert_array_equal(loaded.to_numpy(), df.to_numpy())
+    assert list(loaded.index) == list(df.index)
+    assert loaded.attrs["sha256"] == sha256_file(out)
+
+
+def test_ctpet_reuses_shards_and_no_encoder_runs_twice(cache, tmp_path):
+    out_dir = tmp_path / "emb"
+    # 5 cases in batches of 2: the last batch is padded to 2 rows, so 6 rows per encoder.
+    with ForwardCounter() as fc:
+        run(cache, "ct", out_dir / "ct.h5", batch_size=2)
+    assert fc.counts == {"ct": 6, "pet": 0}
+    with ForwardCounter() as fc:
+        res = run(cache, "ctpet", out_dir / "ctpet.h5", batch_size=2)
+    assert fc.counts == {"ct": 0, "pet": 6}
+    assert res.per_modality["ct"].reused == len(CASES) and res.per_modality["pet"].computed == len(CASES)
+    with ForwardCounter() as fc:
+        res = run(cache, "pet", out_dir / "pet.h5")
+    assert fc.counts == {"ct": 0, "pet": 0} and res.computed == 0
+
+    with h5py.File(out_dir / "ct.h5") as a, h5py.File(out_dir / "ctpet.h5") as b, \
+            h5py.File(out_dir / "pet.h5") as c:
+        np.testing.assert_array_equal(a["ct"][()], b["ct"][()])
+        np.testing.assert_array_equal(c["pet"][()], b["pet"][()])
+        assert b["pet"].shape == (len(CASES), 64)
+        assert b["pet"].attrs["pooling"] == "mean_tokens_pre_neck"
+        assert list(b["case_ids"].asstr()[()]) == cache.case_ids
+    with pytest.warns(emb.RandomInitWarning):
+        df = emb.load_embeddings(out_dir / "ctpet.h5", modalities=["pet", "ct"])
+    assert df.shape == (len(CASES), 128)
+    assert df.columns[0] == "pet_000" and df.columns[-1] == "ct_063"
+
+
+@pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")
+def test_rerun_on_complete_file_does_nothing(cache, tmp_path):
+    out = tmp_path / "emb" / "ct.h5"
+    run(cache, "ct", out)
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
+    with ForwardCounter() as fc:
+        res = run(cache, "ct", out)
+    assert res.up_to_date and res.computed == 0 and fc.counts["ct"] == 0
+    assert "up to date" in res.summary()
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+
+    r = CliRunner().invoke(cli, [
+        "--modality", "ct", "--cache", str(cache.root), "--out", str(out), "--random-init",
+        "--device", "cpu", "--no-progress", "--encoder-config", json.dumps(TINY),
+    ])
+    assert r.exit_code == 0, r.output
+    assert "up to date" in r.output and "nothing computed" in r.output
+
+
+def test_added_case_computes_only_that_case(tmp_path):
+    out = tmp_path / "emb" / "ct.h5"
+    run(make_cache(tmp_path / "c1", CASES[:3]), "ct", out)
+    with h5py.File(out) as h5:
+        old = h5["ct"][()]
+    bigger = make_cache(tmp_path / "c1", CASES)  # same seed: first three cases identical
+    with ForwardCounter() as fc:
+        res = run(bigger, "ct", out)
+    assert res.per_modality["ct"].reused == 3 and res.per_modality["ct"].computed == 2
+    assert fc.counts["ct"] == 2  # one batch [3, 4]; cases 0-2 never rerun
+    with h5py.File(out) as h5:
+        assert list(h5["case_ids"].asstr()[()]) == CASES
+        np.testing.assert_array_equal(h5["ct"][:3], old)
+
+
+def test_other_provenance_is_refused_not_mixed(cache, tmp_path):
+    out = tmp_path / "emb" / "ct.h5"
+    run(cache, "ct", out, seed=0)
+    original = out.read_bytes()
+    with pytest.raises(ProvenanceError) as err:
+        run(cache, "ct", out, seed=1)
+    msg = str(err.value)
+    assert '"random_init_seed":0' in msg and '"random_init_seed":1' in msg and "--overwrite" in msg
+    assert out.read_bytes() == original
+
+    # Same cache root re-preprocessed with other parameters: refused, both hashes named.
+    other = make_cache(tmp_path / "cache", params={"spacing": 2.0, "variant": "a"})
+    with pytest.raises(ProvenanceError) as err:
+        run(other, "ct", out)
+    assert cache.params_hash in str(err.value) and other.params_hash in str(err.value)
+    assert out.read_bytes() == original
+
+    res = run(other, "ct", out, seed=1, overwrite=True)
+    assert res.per_modality["ct"].computed == len(CASES)
+    with h5py.File(out) as h5:
+        assert h5.attrs["params_hash"] == other.params_hash
+        assert h5["ct"].attrs["random_init_seed"] == 1
+    # Each provenance has its own shard store; nothing was shared between them.
+    stores = sorted(p.name for p in (out.parent / ".shards").iterdir() if p.is_dir())
+    assert len(stores) == 2 and any("seed0" in s for s in stores) and any("seed1" in s for s in stores)
+
+
+def test_loader_refuses_other_preprocessing_and_lists_missing_cases(cache, tmp_path):
+    out = tmp_path / "emb" / "ct.h5"
+    run(cache, "ct", out)
+    warnings.simplefilter("ignore", emb.RandomInitWarning)
+
+    other = make_cache(tmp_path / "other", params={"spacing": 2.0, "variant": "b"})
+    with pytest.raises(ProvenanceError) as err:
+        emb.load_embeddings(out, cache=other)
+    assert cache.params_hash in str(err.value) and other.params_hash in str(err.value)
+
+    # Same params, but one case's source changed: its fingerprint no longer matches.
+    bumped = make_cache(tmp_path / "bumped", bump=("MDA-003",))
+    with pytest.raises(ProvenanceError) as err:
+        emb.load_embeddings(out, cache=bumped)
+    msg = str(err.value)
+    assert "MDA-003" in msg and "CHUM-001" not in msg
+    assert cache.case_fingerprint("MDA-003") in msg and bumped.case_fingerprint("MDA-003") in msg
+    # ... which a stage two that never uses that case does not care about.
+    ok = emb.load_embeddings(out, cache=bumped, case_ids=["HGJ-004", "CHUM-001"])
+    assert list(ok.index) == ["HGJ-004", "CHUM-001"]
+    full = emb.load_embeddings(out)
+    np.testing.assert_array_equal(ok.loc["HGJ-004"].to_numpy(), full.iloc[3].to_numpy())
+
+    with pytest.raises(emb.MissingCasesError) as err:
+        emb.load_embeddings(out, cache=cache, case_ids=["CHUM-001", "CHUS-010", "HMR-011"])
+    assert err.value.missing == ["CHUS-010", "HMR-011"] and "CHUS-010" in str(err.value)
+    with pytest.raises(ProvenanceError, match="pet"):
+        emb.load_embeddings(out, modalities=["pet"])
+
+
+def test_random_init_warns_on_every_read(cache, tmp_path, capsys):
+    out = tmp_path / "emb" / "ct.h5"
+    run(cache, "ct", out)
+    capsys.readouterr()
+    for _ in range(2):
+        with pytest.warns(emb.RandomInitWarning, match="randomly initialised"):
+            s = emb.read_embeddings(out)
+        assert "WARNING" in capsys.readouterr().err
+    assert s.matrix("ct").shape == (len(CASES), 64)
+
+
+def test_missing_weights_error_says_where_to_get_them(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("HNFM_CT_FM_WEIGHTS", raising=False)
+    monkeypatch.delenv("HNFM_PET_FM_WEIGHTS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(emb.WeightsNotFoundError) as err:
+        emb.run_extraction(cache.root, "ct", tmp_path / "ct.h5", device="cpu", progress=False)
+    msg = str(err.value)
+    for needle in ("project-lighter/ct_fm_feature_extractor", "model.safetensors", "--ct-weights",
+                   "HNFM_CT_FM_WEIGHTS", "~/.cache/hnfm/ct_fm/model.safetensors", "--random-init"):
+        assert needle in msg, needle
+
+    monkeypatch.setenv("HNFM_PET_FM_WEIGHTS", str(tmp_path / "nope.pth"))
+    r = CliRunner().invoke(cli, ["--modality", "pet", "--cache", str(cache.root),
+                                 "--out", str(tmp_path / "pet.h5"), "--device", "cpu"])
+    assert r.exit_code == 1
+    assert "seganypet_v1.pth" in r.output and "nope.pth" in r.output and "HNFM_PET_FM_WEIGHTS" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "pet.h5").exists()
+
+
+def test_checkpoint_file_sha256_recorded_and_loaded(cache, tmp_path):
+    from safetensors.torch import save_file
+
+    from models.checkpoints import load_ct_fm, random_ct_fm
+
+    model = random_ct_fm(7, **TINY["ct"])
+    ckpt = tmp_path / "w" / "model.safetensors"
+    ckpt.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    out = tmp_path / "emb" / "ct.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", emb.RandomInitWarning)  # must not warn
+        res = emb.run_extraction(cache.root, "ct", out, ct_weights=ckpt, device="cpu",
+                                 encoder_kwargs={"ct": TINY["ct"]}, progress=False)
+        s = emb.read_embeddings(out, cache=cache)
+    assert res.per_modality["ct"].computed == len(CASES)
+    a = s.modality_attrs["ct"]
+    assert a["weights_sha256"] == sha256_file(ckpt) and a["random_init_seed"] == -1
+    assert a["weights_path"] == str(ckpt.resolve()) and not s.attrs["random_init"]
+    assert sha256_file(ckpt)[:12] in res.per_modality["ct"].store.name
+
+    loaded, sha = load_ct_fm(ckpt, **TINY["ct"])
+    x = torch.from_numpy(cache.read(CASES[2], ("ctfm/ct",))["ctfm/ct"])[None, None]
+    with torch.inference_mode():
+        ref = loaded.eval()(x).numpy()[0]
+    np.testing.assert_allclose(s.matrix("ct")[2], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")
+def test_cli_runs_and_prints_one_line_summary(cache, tmp_path):
+    out = tmp_path / "emb" / "pet.h5"
+    args = ["--modality", "pet", "--cache", str(cache.root), "--out", str(out), "--random-init",
+            "--seed", "3", "--device", "cpu", "--batch-size", "3", "--no-progress",
+            "--encoder-config", json.dumps({"pet": TINY["pet"]})]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    last = r.stdout.strip().splitlines()[-1]
+    assert f"pet: {len(CASES)} computed, 0 reused" in last and str(out) in last and " s)" in last
+    with h5py.File(out) as h5:
+        assert h5["pet"].attrs["random_init_seed"] == 3
+
+    help_text = CliRunner().invoke(cli, ["--help"]).output
+    for opt in ("--modality", "--cache", "--out", "--ct-weights", "--pet-weights", "--random-init",
+                "--seed", "--device", "--batch-size", "--overwrite", "--shard-dir",
+                "--no-progress", "--encoder-config"):
+        assert opt in help_text, opt
+
+    bad = CliRunner().invoke(cli, args[:-1] + ["{not json"])
+    assert bad.exit_code != 0 and "not valid JSON" in bad.output
+
+
+def test_bad_cached_input_names_case_and_file(tmp_path):
+    cache = make_cache(tmp_path / "cache", CASES[:2])
+    with h5py.File(cache.path("CHUP-002"), "r+") as h5:
+        h5["ctfm/ct"][0, 0, 0] = 1500.0  # HU left unscaled
+    with pytest.raises(ValueError) as err:
+        run(cache, "ct", tmp_path / "ct.h5")
+    msg = str(err.value)
+    assert "CHUP-002" in msg and str(cache.path("CHUP-002")) in msg and "ctfm/ct" in msg
+    assert not (tmp_path / "ct.h5").exists()
+
+
+def test_concurrent_run_on_same_output_is_refused(cache, tmp_path):
+    out = tmp_path / "emb" / "ct.h5"
+    with emb._exclusive_lock(out.parent / f".{out.name}.lock"):
+        with pytest.raises(emb.ExtractionLockedError, match="another extract-embeddings run"):
+            run(cache, "ct", out)
+    run(cache, "ct", out)  # released: works
+    assert out.is_file()
+
+
+def test_cuda_oom_halves_the_batch():
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(x.shape[0])
+            if x.shape[0] > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return x.flatten(1)[:, :3] * 2
+
+    m = Flaky()
+    x = np.arange(3 * 8, dtype=np.float32).reshape(3, 1, 2, 2, 2)
+    out = emb._forward_halving(m, x, torch.device("cpu"), "fp32")
+    np.testing.assert_array_equal(out, x.reshape(3, -1)[:, :3] * 2)
+    assert m.sizes == [3, 1, 2, 1, 1]
