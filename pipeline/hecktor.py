@@ -1,0 +1,610 @@
+"""Read a HECKTOR 2022 training root and write the case manifest.
+
+Expected layout (the official training release; the synthetic demo cohort has the same)::
+
+    <root>/imagesTr/<ID>__CT.nii.gz     CT in HU, own grid
+    <root>/imagesTr/<ID>__PT.nii.gz     PET in SUV, own grid
+    <root>/labelsTr/<ID>.nii.gz         mask on the CT grid: 0 bg, 1 GTVp, 2 GTVn
+    <root>/hecktor2022_clinical_info_training.csv
+    <root>/hecktor2022_endpoint_training.csv
+
+Both CSVs use CRLF line endings and the text ``NaN`` for a missing value; LF endings, a
+UTF-8 byte-order mark, empty cells and whitespace around ids are accepted too. The clinical
+CSV must hold every column of :data:`CLINICAL_HEADER`, the endpoint CSV every column of
+:data:`ENDPOINT_HEADER`; extra columns are ignored.
+
+Validation never modifies the inputs. A problem is a :class:`CaseError` (case id, file,
+message). By default the first problems are raised together as one :class:`HecktorFormatError`
+and nothing is written; with ``continue_on_error=True`` the bad cases are left out and listed
+in a per-case error report CSV (``case_id,file,error``) beside the manifest. Problems with a
+whole CSV (unreadable, a missing column) always raise.
+
+Per-case checks: CT, PET and label exist and are readable NIfTI (header parsed and, for
+``.gz`` files, the whole gzip stream decompressed so a truncated download is caught), images
+are 3D, the label lies on the CT grid and holds only the values 0, 1, 2 (``has_gtvp`` /
+``has_gtvn`` come from those values). Labels are decoded with SimpleITK and counted with
+``numpy.bincount`` in a thread pool (SimpleITK, zlib and hashlib release the GIL).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm.auto import tqdm
+
+from pipeline.artefacts import (
+    atomic_path,
+    code_version,
+    params_hash,
+    read_json,
+    sha256_file,
+    utc_now,
+    write_json_atomic,
+)
+from pipeline.manifest import CENTERS, MANIFEST_COLUMNS, write_manifest
+
+log = logging.getLogger(__name__)
+
+CLINICAL_CSV = "hecktor2022_clinical_info_training.csv"
+ENDPOINT_CSV = "hecktor2022_endpoint_training.csv"
+IMAGES_DIR = "imagesTr"
+LABELS_DIR = "labelsTr"
+
+#: Exact header of the official clinical CSV, in order.
+CLINICAL_HEADER: tuple[str, ...] = (
+    "PatientID", "Task 1", "Task 2", "CenterID", "Gender", "Age", "Weight", "Tobacco",
+    "Alcohol", "Performance status", "HPV status (0=-, 1=+)", "Surgery", "Chemotherapy",
+)
+#: Exact header of the official endpoint CSV, in order.
+ENDPOINT_HEADER: tuple[str, ...] = ("PatientID", "Relapse", "RFS")
+
+#: Clinical CSV column -> manifest column.
+CLINICAL_TO_MANIFEST: dict[str, str] = {
+    "Task 1": "task1", "Task 2": "task2", "CenterID": "center_id", "Gender": "gender",
+    "Age": "age", "Weight": "weight", "Tobacco": "tobacco", "Alcohol": "alcohol",
+    "Performance status": "performance_status", "HPV status (0=-, 1=+)": "hpv_status",
+    "Surgery": "surgery", "Chemotherapy": "chemotherapy",
+}
+_BINARY = ("Task 1", "Task 2", "Tobacco", "Alcohol", "HPV status (0=-, 1=+)", "Surgery",
+           "Chemotherapy")
+_REQUIRED = ("Task 1", "Task 2", "CenterID")  # never missing: they decide what a case is
+_MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "none", "null"})
+ERROR_REPORT_COLUMNS = ("case_id", "file", "error")
+#: Values allowed in a label (0 background, 1 GTVp, 2 GTVn).
+LABEL_VALUES = (0, 1, 2)
+_MAX_LISTED = 10
+
+
+class HecktorFormatError(ValueError):
+    """The HECKTOR root breaks the expected format; the message names case and file.
+
+    Attributes:
+        errors: every :class:`CaseError` found (the message lists the first few).
+    """
+
+    def __init__(self, message: str, errors: Sequence[CaseError] = ()):
+        super().__init__(message)
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True)
+class CaseError:
+    """One problem with one case (``case_id`` is ``""`` for a whole-file problem)."""
+
+    case_id: str
+    file: str
+    error: str
+
+    def __str__(self) -> str:
+        who = f"case {self.case_id}: " if self.case_id else ""
+        return f"{who}{self.file}: {self.error}"
+
+
+def case_paths(root: str | os.PathLike, case_id: str) -> dict[str, Path]:
+    """Absolute CT, PET and label paths of ``case_id`` under a HECKTOR root.
+
+    Returns:
+        ``{"ct": ..., "pet": ..., "label": ...}``.
+    """
+    root = Path(root).resolve()
+    return {
+        "ct": root / IMAGES_DIR / f"{case_id}__CT.nii.gz",
+        "pet": root / IMAGES_DIR / f"{case_id}__PT.nii.gz",
+        "label": root / LABELS_DIR / f"{case_id}.nii.gz",
+    }
+
+
+# --------------------------------------------------------------------------------------
+# CSV parsing
+# --------------------------------------------------------------------------------------
+
+def read_hecktor_csv(path: str | os.PathLike, header: Sequence[str]) -> pd.DataFrame:
+    """Read a HECKTOR CSV as stripped strings, checking encoding and columns.
+
+    Args:
+        path: the CSV file.
+        header: the columns it must contain.
+
+    Returns:
+        DataFrame of ``str`` (missing cells as ``""``), columns as in the file.
+
+    Raises:
+        HecktorFormatError: file absent, not UTF-8 text, not parseable as CSV, or a column
+            of ``header`` missing (named in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HecktorFormatError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise HecktorFormatError(f"{path}: not a CSV text file (binary content)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise HecktorFormatError(f"{path}: not UTF-8 text ({exc})") from None
+    try:
+        # newline handling by the csv parser: CRLF and LF both work.
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
+                         skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise HecktorFormatError(f"{path}: not a readable CSV ({exc})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in header if c not in df.columns]
+    if missing:
+        raise HecktorFormatError(
+            f"{path}: missing expected column(s) {missing}; found {list(df.columns)}")
+    df = df.apply(lambda col: col.str.strip())
+    # Fully empty lines (e.g. a trailing ",,," row) are not cases.
+    df = df[(df != "").any(axis=1)].reset_index(drop=True)
+    return df
+
+
+def _parse_number(value: str, *, case_id: str, column: str, file: Path,
+                  errors: list[CaseError], allowed: Iterable[float] | None = None,
+                  minimum: float | None = None, required: bool = False) -> float:
+    """Parse one cell; append a :class:`CaseError` and return NaN when invalid."""
+    if value.lower() in _MISSING_TOKENS:
+        if required:
+            errors.append(CaseError(case_id, str(file), f"column {column!r} is missing"))
+        return math.nan
+    try:
+        number = float(value)
+    except ValueError:
+        errors.append(CaseError(case_id, str(file),
+                                f"column {column!r}: non-numeric value {value!r}"))
+        return math.nan
+    if not math.isfinite(number):
+        errors.append(CaseError(case_id, str(file), f"column {column!r}: value {value!r}"))
+        return math.nan
+    if allowed is not None and number not in set(allowed):
+        choices = ", ".join(f"{a:g}" for a in sorted(allowed))
+        errors.append(CaseError(case_id, str(file),
+                                f"column {column!r}: value {value!r} not in {{{choices}}}"))
+        return math.nan
+    if minimum is not None and number < minimum:
+        errors.append(CaseError(case_id, str(file),
+                                f"column {column!r}: value {value!r} is below {minimum:g}"))
+        return math.nan
+    return number
+
+
+def _duplicates(ids: pd.Series, file: Path) -> list[CaseError]:
+    dup = sorted(set(ids[ids.duplicated(keep=False)]))
+    return [CaseError(cid, str(file), f"duplicate PatientID {cid!r} "
+                      f"({int((ids == cid).sum())} rows)") for cid in dup]
+
+
+def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
+    """Parse the clinical CSV into manifest columns.
+
+    Returns:
+        ``(table, errors)``: one row per valid case indexed by ``case_id`` with columns
+        ``center_id, center, task1, task2, gender, age, weight, tobacco, alcohol,
+        performance_status, hpv_status, surgery, chemotherapy`` (floats, NaN = missing;
+        gender ``str`` or NaN), and the per-case problems (those rows are left out).
+
+    Raises:
+        HecktorFormatError: a whole-file problem (see :func:`read_hecktor_csv`).
+    """
+    path = Path(path)
+    raw = read_hecktor_csv(path, CLINICAL_HEADER)
+    errors: list[CaseError] = []
+    ids = raw["PatientID"]
+    for i in np.flatnonzero((ids == "").to_numpy()):
+        errors.append(CaseError("", str(path), f"row {i + 2}: empty PatientID"))
+    dups = _duplicates(ids[ids != ""], path)
+    errors += dups
+    bad_ids = {e.case_id for e in dups} | {""}
+    rows = []
+    for _, rec in raw.iterrows():
+        cid = rec["PatientID"]
+        if cid in bad_ids:
+            continue
+        case_errors: list[CaseError] = []
+        out: dict[str, Any] = {"case_id": cid}
+        for col in CLINICAL_HEADER[1:]:
+            value = rec[col]
+            key = CLINICAL_TO_MANIFEST[col]
+            if col == "Gender":
+                g = value.upper()
+                if g.lower() in _MISSING_TOKENS:
+                    out[key] = math.nan
+                elif g in ("M", "F"):
+                    out[key] = g
+                else:
+                    case_errors.append(CaseError(cid, str(path),
+                                                 f"column 'Gender': value {value!r} not M/F"))
+                continue
+            kwargs: dict[str, Any] = {"required": col in _REQUIRED}
+            if col in _BINARY:
+                kwargs["allowed"] = (0.0, 1.0)
+            elif col == "CenterID":
+                kwargs["allowed"] = tuple(float(k) for k in CENTERS)
+            elif col == "Performance status":
+                kwargs["allowed"] = (0.0, 1.0, 2.0, 3.0, 4.0)
+            else:  # Age, Weight
+                kwargs["minimum"] = 0.0
+            out[key] = _parse_number(value, case_id=cid, column=col, file=path,
+                                     errors=case_errors, **kwargs)
+        if case_errors:
+            errors += case_errors
+            continue
+        out["center_id"] = int(out["center_id"])
+        out["center"] = CENTERS[out["center_id"]]
+        rows.append(out)
+    table = pd.DataFrame(rows, columns=["case_id", "center", *CLINICAL_TO_MANIFEST.values()])
+    return table.set_index("case_id", drop=False), errors
+
+
+def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
+    """Parse the endpoint CSV.
+
+    Returns:
+        ``(table, errors)``: valid rows indexed by ``case_id`` with float columns
+        ``relapse`` (0/1) and ``rfs_days`` (>= 0), and the per-case problems (negative or
+        non-numeric RFS, Relapse not 0/1, duplicate ids); those rows are left out.
+
+    Raises:
+        HecktorFormatError: a whole-file problem (see :func:`read_hecktor_csv`).
+    """
+    path = Path(path)
+    raw = read_hecktor_csv(path, ENDPOINT_HEADER)
+    errors: list[CaseError] = []
+    ids = raw["PatientID"]
+    for i in np.flatnonzero((ids == "").to_numpy()):
+        errors.append(CaseError("", str(path), f"row {i + 2}: empty PatientID"))
+    dups = _duplicates(ids[ids != ""], path)
+    errors += dups
+    bad_ids = {e.case_id for e in dups} | {""}
+    rows = []
+    for _, rec in raw.iterrows():
+        cid = rec["PatientID"]
+        if cid in bad_ids:
+            continue
+        case_errors: list[CaseError] = []
+        relapse = _parse_number(rec["Relapse"], case_id=cid, column="Relapse", file=path,
+                                errors=case_errors, allowed=(0.0, 1.0), required=True)
+        rfs = _parse_number(rec["RFS"], case_id=cid, column="RFS", file=path,
+                            errors=case_errors, minimum=0.0, required=True)
+        if case_errors:
+            errors += case_errors
+            continue
+        rows.append({"case_id": cid, "relapse": relapse, "rfs_days": rfs})
+    table = pd.DataFrame(rows, columns=["case_id", "relapse", "rfs_days"])
+    return table.set_index("case_id", drop=False), errors
+
+
+# --------------------------------------------------------------------------------------
+# Image checks
+# --------------------------------------------------------------------------------------
+
+def _check_gzip_stream(path: Path, chunk_size: int = 1 << 22) -> None:
+    """Decompress a whole gzip file (CRC and length checked); raise ``OSError`` if bad."""
+    decomp = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            # Bounded output pieces, so a large volume never sits in memory at once.
+            decomp.decompress(chunk, chunk_size)
+            while decomp.unconsumed_tail:
+                decomp.decompress(decomp.unconsumed_tail, chunk_size)
+    if not decomp.eof:
+        raise OSError("truncated gzip stream")
+
+
+def _read_info(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _vec(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def _grid_matches(a: Any, b: Any) -> str | None:
+    """``None`` if two images (readers or images) share a grid, else a description."""
+    if tuple(a.GetSize()) != tuple(b.GetSize()):
+        return f"size {tuple(b.GetSize())} differs from the CT's {tuple(a.GetSize())}"
+    sa, sb = np.asarray(a.GetSpacing()), np.asarray(b.GetSpacing())
+    if not np.allclose(sa, sb, rtol=1e-3, atol=1e-4):
+        return f"spacing {_vec(sb)} differs from the CT's {_vec(sa)}"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-3):
+        return f"direction {_vec(b.GetDirection())} differs from the CT's {_vec(a.GetDirection())}"
+    # Half a voxel of origin tolerance: converters round origins differently.
+    if np.any(np.abs(np.asarray(a.GetOrigin()) - np.asarray(b.GetOrigin())) > 0.5 * sa):
+        return (f"origin {_vec(b.GetOrigin())} differs from the CT's {_vec(a.GetOrigin())} "
+                "by more than half a voxel")
+    return None
+
+
+def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
+                 ) -> tuple[dict[str, Any], list[CaseError]]:
+    """Validate one case's three NIfTI files and summarise them.
+
+    Args:
+        case_id: HECKTOR PatientID.
+        paths: ``{"ct", "pet", "label"}`` absolute paths (:func:`case_paths`).
+        checksums: compute the SHA-256 of each file.
+
+    Returns:
+        ``(info, errors)``; ``info`` holds ``ct_sha256, pet_sha256, label_sha256`` ("" when
+        skipped), ``has_gtvp``, ``has_gtvn`` and is only meaningful when ``errors`` is empty.
+    """
+    errors: list[CaseError] = []
+    info: dict[str, Any] = {}
+    readers: dict[str, sitk.ImageFileReader] = {}
+    for kind in ("ct", "pet", "label"):
+        path = paths[kind]
+        if not path.is_file():
+            errors.append(CaseError(case_id, str(path), f"{kind} file not found"))
+            continue
+        try:
+            if path.name.endswith(".gz"):
+                _check_gzip_stream(path)
+            readers[kind] = _read_info(path)
+        except (OSError, RuntimeError, zlib.error) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(CaseError(case_id, str(path), f"unreadable NIfTI ({first})"))
+            continue
+        if readers[kind].GetDimension() != 3:
+            errors.append(CaseError(case_id, str(path),
+                                    f"expected a 3D image, found {readers[kind].GetDimension()}D"))
+            continue
+        info[f"{kind}_sha256"] = sha256_file(path) if checksums else ""
+    if errors:
+        return info, errors
+    label_path = paths["label"]
+    mismatch = _grid_matches(readers["ct"], readers["label"])
+    if mismatch:
+        return info, [CaseError(case_id, str(label_path), f"label is not on the CT grid: {mismatch}")]
+    try:
+        label_img = sitk.ReadImage(str(label_path))
+    except RuntimeError as exc:
+        return info, [CaseError(case_id, str(label_path), f"unreadable NIfTI ({exc})")]
+    # A view shares the image's buffer: label_img must stay alive while it is used.
+    label = sitk.GetArrayViewFromImage(label_img)  # numpy [D, H, W] = (z, y, x)
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+            return info, [CaseError(case_id, str(label_path), "label holds non-integer values")]
+    if label.min() < 0 or label.max() > max(LABEL_VALUES):
+        values = np.unique(label)
+        bad = [v for v in values.tolist() if v not in LABEL_VALUES]
+        return info, [CaseError(case_id, str(label_path),
+                                f"label values {bad[:5]} outside {list(LABEL_VALUES)}")]
+    counts = np.bincount(label.astype(np.int64, copy=False).ravel(), minlength=3)
+    info["has_gtvp"] = int(counts[1] > 0)
+    info["has_gtvn"] = int(counts[2] > 0)
+    return info, []
+
+
+# --------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------
+
+def _relpath(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _int_column(values: pd.Series) -> pd.Series:
+    """Whole numbers as nullable ``Int64`` (so the CSV says ``1``, not ``1.0``)."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    finite = numeric.dropna()
+    if len(finite) and np.all(finite == np.round(finite)):
+        return numeric.round().astype("Int64")
+    return numeric
+
+
+def _format_errors(errors: Sequence[CaseError]) -> str:
+    lines = [str(e) for e in errors[:_MAX_LISTED]]
+    more = len(errors) - len(lines)
+    tail = f"\n... and {more} more problem(s)" if more > 0 else ""
+    hint = "\n(use continue_on_error / --continue-on-error to skip bad cases and write a report)"
+    return "\n".join(lines) + tail + hint
+
+
+def write_error_report(errors: Sequence[CaseError], path: str | os.PathLike) -> None:
+    """Write ``errors`` as a CSV with columns ``case_id,file,error`` (atomically)."""
+    table = pd.DataFrame([(e.case_id, e.file, e.error) for e in errors],
+                         columns=list(ERROR_REPORT_COLUMNS))
+    with atomic_path(path, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def default_error_report(manifest_path: str | os.PathLike) -> Path:
+    """Default error report beside a manifest: ``<stem>.errors.csv``."""
+    return Path(manifest_path).with_suffix(".errors.csv")
+
+
+def manifest_sidecar_path(manifest_path: str | os.PathLike) -> Path:
+    """Provenance record written beside a manifest: ``<stem>.json``."""
+    manifest_path = Path(manifest_path)
+    return manifest_path.with_suffix(".json")
+
+
+def build_manifest(
+    root: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    *,
+    checksums: bool = True,
+    continue_on_error: bool = False,
+    error_report: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Validate a HECKTOR 2022 training root and write its manifest.
+
+    Writes ``manifest_path`` (columns :data:`pipeline.manifest.MANIFEST_COLUMNS`, image
+    paths relative to the manifest's folder) and a provenance record
+    :func:`manifest_sidecar_path` (CSV sha256s, parameters, code version, and the demo
+    cohort's ``seed``/``n_cases`` when ``root`` holds a ``demo_cohort.json``).
+
+    Args:
+        root: the training root (``imagesTr/``, ``labelsTr/``, the two CSVs).
+        manifest_path: where to write the manifest CSV.
+        checksums: compute each image's SHA-256 (``False`` leaves the columns empty).
+        continue_on_error: leave bad cases out and write an error report instead of raising.
+        error_report: report path; default :func:`default_error_report`
+            (``data_manifest.csv`` -> ``data_manifest.errors.csv``). Only written
+            with ``continue_on_error`` (always then, header-only when nothing was wrong).
+        workers: threads that read images in parallel.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The manifest as written (relative paths, ``RangeIndex``), sorted by case id.
+
+    Raises:
+        HecktorFormatError: any problem, unless ``continue_on_error`` (then only
+            whole-file problems, or when no valid case is left). Nothing is written.
+    """
+    root = Path(root).resolve()
+    manifest_path = Path(manifest_path)
+    if not root.is_dir():
+        raise HecktorFormatError(f"{root}: HECKTOR root not found")
+    clinical_file, endpoint_file = root / CLINICAL_CSV, root / ENDPOINT_CSV
+    clinical, errors = parse_clinical(clinical_file)
+    endpoint, endpoint_errors = parse_endpoint(endpoint_file)
+    errors += endpoint_errors
+    # Ids with a problem in either CSV are out, even if the other CSV is fine.
+    bad = {e.case_id for e in errors if e.case_id}
+    for cid in endpoint.index.difference(clinical.index):
+        if cid in bad:
+            continue
+        missing = [str(p) for p in case_paths(root, cid).values() if not p.is_file()]
+        what = f"endpoint row has no images (missing {missing[0]})" if missing else \
+            "endpoint row has no clinical row"
+        errors.append(CaseError(cid, str(endpoint_file), what))
+    if errors and not continue_on_error:
+        raise HecktorFormatError(_format_errors(errors), errors)
+
+    case_ids = sorted(set(clinical.index) - {e.case_id for e in errors})
+    image_ids = {p.name.split("__")[0] for p in (root / IMAGES_DIR).glob("*__CT.nii.gz")}
+    orphans = sorted(image_ids - set(clinical.index) - {e.case_id for e in errors})
+    if orphans:
+        log.warning("%d image set(s) without a clinical row are ignored: %s%s", len(orphans),
+                    ", ".join(orphans[:5]), " ..." if len(orphans) > 5 else "")
+
+    def work(cid: str) -> tuple[str, dict[str, Any], list[CaseError]]:
+        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums)
+        return cid, info, errs
+
+    infos: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for cid, info, errs in tqdm(pool.map(work, case_ids), total=len(case_ids),
+                                    desc="reading cases", unit="case", disable=not progress):
+            if errs:
+                errors += errs
+            else:
+                infos[cid] = info
+    if errors and not continue_on_error:
+        raise HecktorFormatError(_format_errors(errors), errors)
+
+    good = [cid for cid in case_ids if cid in infos]
+    if not good:
+        if continue_on_error:
+            _write_report(errors, error_report, manifest_path)
+        raise HecktorFormatError(f"{root}: no valid case (clinical CSV {clinical_file})"
+                                 + (f"\n{_format_errors(errors)}" if errors else ""), errors)
+    manifest = _assemble(root, manifest_path, good, clinical, endpoint, infos)
+    write_manifest(manifest, manifest_path)
+    if continue_on_error:
+        _write_report(errors, error_report, manifest_path)
+    _write_sidecar(root, manifest_path, manifest, checksums=checksums,
+                   n_skipped=len({e.case_id for e in errors}))
+    log.info("manifest %s: %d cases, %d problem(s)", manifest_path, len(manifest), len(errors))
+    return manifest
+
+
+def _write_report(errors: Sequence[CaseError], error_report: str | os.PathLike | None,
+                  manifest_path: Path) -> None:
+    path = Path(error_report) if error_report else default_error_report(manifest_path)
+    write_error_report(errors, path)
+
+
+def _assemble(root: Path, manifest_path: Path, case_ids: list[str], clinical: pd.DataFrame,
+              endpoint: pd.DataFrame, infos: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    base = manifest_path.resolve().parent
+    table = clinical.loc[case_ids].copy().reset_index(drop=True)
+    for kind in ("ct", "pet", "label"):
+        table[f"{kind}_path"] = [_relpath(case_paths(root, cid)[kind], base) for cid in case_ids]
+        table[f"{kind}_sha256"] = [infos[cid][f"{kind}_sha256"] for cid in case_ids]
+    table["has_endpoint"] = [int(cid in endpoint.index) for cid in case_ids]
+    ep = endpoint.reindex(case_ids)
+    table["relapse"] = ep["relapse"].to_numpy()
+    table["rfs_days"] = ep["rfs_days"].to_numpy()
+    table["has_gtvp"] = [infos[cid]["has_gtvp"] for cid in case_ids]
+    table["has_gtvn"] = [infos[cid]["has_gtvn"] for cid in case_ids]
+    for col in ("center_id", "task1", "task2", "relapse", "rfs_days", "age", "tobacco",
+                "alcohol", "performance_status", "hpv_status", "surgery", "chemotherapy"):
+        table[col] = _int_column(table[col])
+    table["weight"] = pd.to_numeric(table["weight"])
+    return table.loc[:, list(MANIFEST_COLUMNS)]
+
+
+def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
+                   checksums: bool, n_skipped: int) -> None:
+    params = {"checksums": checksums, "label_values": list(LABEL_VALUES)}
+    record: dict[str, Any] = {
+        "kind": "hecktor_manifest",
+        "manifest": manifest_path.name,
+        "manifest_sha256": sha256_file(manifest_path),
+        "source_root": _relpath(root, manifest_path.resolve().parent),
+        "clinical_csv_sha256": sha256_file(root / CLINICAL_CSV),
+        "endpoint_csv_sha256": sha256_file(root / ENDPOINT_CSV),
+        "params": params,
+        "params_hash": params_hash(params),
+        "n_cases": int(len(manifest)),
+        "n_events": int(pd.to_numeric(manifest["relapse"]).fillna(0).sum()),
+        "n_skipped_cases": int(n_skipped),
+        "code_version": code_version(),
+        "created": utc_now(),
+    }
+    demo = root / "demo_cohort.json"
+    if demo.is_file():
+        meta = read_json(demo)
+        record["demo_cohort"] = {k: meta[k] for k in ("seed", "n_cases", "generator_version",
+                                                      "spacing_scale") if k in meta}
+    write_json_atomic(manifest_sidecar_path(manifest_path), record)
+
+
+def summarize_manifest(manifest: pd.DataFrame) -> dict[str, int]:
+    """Counts for a one-line summary: cases, endpoint cases, events, centres."""
+    relapse = pd.to_numeric(manifest["relapse"], errors="coerce").fillna(0)
+    return {
+        "cases": int(len(manifest)),
+        "with_endpoint": int(pd.to_numeric(manifest["has_endpoint"]).sum()),
+        "events": int(relapse.sum()),
+        "centres": int(manifest["center_id"].nunique()),
+    }
