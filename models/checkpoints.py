@@ -243,30 +243,35 @@ def read_pet_fm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_ct_fm(path: str | os.PathLike) -> tuple[CTFMEncoder, str]:
+def load_ct_fm(path: str | os.PathLike, **kwargs: Any) -> tuple[CTFMEncoder, str]:
     """Build the CT-FM encoder from a safetensors file, strictly.
+
+    Args:
+        path: ``model.safetensors`` (flat or ``encoder.``-prefixed keys).
+        **kwargs: architecture overrides for :class:`CTFMEncoder` (defaults = the release).
 
     Returns:
         ``(model, sha256)``: the eval-mode encoder and the file's hex SHA-256.
     """
     state = read_ct_fm_state_dict(path)
-    model = CTFMEncoder()
+    model = CTFMEncoder(**kwargs)
     load_state_dict_strict(model, state, source=str(path))
     return model.eval(), sha256_file(path)
 
 
-def load_pet_fm(path: str | os.PathLike, fast_windowed: bool = True) -> tuple[PETFMEncoder, str]:
+def load_pet_fm(path: str | os.PathLike, fast_windowed: bool = True, **kwargs: Any) -> tuple[PETFMEncoder, str]:
     """Build the PET-FM encoder from a SegAnyPET ``.pth``, strictly.
 
     Args:
         path: weight file (see :func:`read_pet_fm_state_dict` for accepted containers).
         fast_windowed: windowed-attention implementation (both give the same numbers).
+        **kwargs: architecture overrides for :class:`PETFMEncoder` (defaults = ``vit_b_ori``).
 
     Returns:
         ``(model, sha256)``: the eval-mode encoder and the file's hex SHA-256.
     """
     state = read_pet_fm_state_dict(path)
-    model = PETFMEncoder(fast_windowed=fast_windowed)
+    model = PETFMEncoder(fast_windowed=fast_windowed, **kwargs)
     load_state_dict_strict(model, state, source=str(path))
     return model.eval(), sha256_file(path)
 
