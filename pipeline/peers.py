@@ -1,0 +1,807 @@
+"""Classical peers of the CNN, evaluated on the SAME folds: clinical Cox, radiomics-lite Cox
+and fast penalised-Cox heads on cached embeddings (or any imported feature table).
+
+Every peer returns out-of-fold (OOF) predictions with the CNN's columns
+(``case_id, fold, protocol, risk, time, event`` [, ``repeat``]; ``protocol = "fit"``,
+``risk`` = the Cox linear predictor, a log-hazard), so :mod:`pipeline.metrics` and
+:mod:`pipeline.stats` treat a peer and the CNN alike (e.g. a paired bootstrap of
+"embedding head" vs "CNN").
+
+Per fold, everything that is learnt is learnt on the training part only: the clinical
+transform (:class:`pipeline.clinical.ClinicalTransform`), the median imputation and
+standardisation of numeric features, the PCA projection of embeddings, the Cox
+coefficients and, for the penalised head, the penalty (inner CV on the training part).
+
+Peers:
+
+* ``clinical``: ridge Cox (``sksurv`` ``CoxPHSurvivalAnalysis(alpha)``, Breslow ties) on
+  the nine clinical covariates.
+* ``radiomics``: ridge Cox on radiomics-lite features computed from the preprocessed cache
+  (:func:`radiomics_lite_features`): log(1 + volume ml), SUVmax, SUVmean,
+  log(1 + TLG), optionally with the clinical covariates.
+* ``embeddings``: elastic-net Cox (``CoxnetSurvivalAnalysis``) on FM embeddings (+ clinical
+  by default). The penalty is chosen by inner stratified K-fold CV on the training part
+  (highest mean inner C-index; the feature pipeline is refitted inside every inner split).
+  ``proj`` mirrors the CNN's projection size: the CNN learns one linear map per modality
+  to d in {64, 128, 256} or keeps the native size; for a Cox head the natural linear,
+  label-free counterpart is a per-modality PCA to d components fitted on the training
+  part (d is capped at n_train - 1), ``None`` keeps every standardised feature and lets
+  the penalty do the work. PCA scores are not whitened, so low-variance directions are
+  penalised more, as ridge does on the original features.
+
+External features (e.g. a radiomics CSV keyed by PatientID) enter the same heads through
+:func:`import_feature_table`, which writes the embedding-cache HDF5 schema of
+:mod:`pipeline.embeddings`; :func:`load_features` reads both kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time as _time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from pipeline.artefacts import (
+    ProvenanceError,
+    atomic_path,
+    canonical_json,
+    code_version,
+    params_hash,
+    sha256_file,
+    utc_now,
+)
+from pipeline.cache import PreprocessedCache
+from pipeline.clinical import ClinicalTransform
+from pipeline.manifest import CLINICAL_COLUMNS
+
+PEERS = ("clinical", "radiomics", "embeddings")
+PROTOCOL = "fit"
+OOF_COLUMNS = ("case_id", "fold", "protocol", "risk", "time", "event")
+RADIOMICS_COLUMNS = ("volume_ml", "suv_max", "suv_mean", "tlg")
+RADIOMICS_DESIGN = ("log_volume", "suv_max", "suv_mean", "log_tlg")
+FEATURE_TABLE_ENCODER = "feature_table"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+_RESERVED = {"case_ids", "fingerprints"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Radiomics-lite
+# ---------------------------------------------------------------------------------------------
+
+
+def radiomics_lite_features(cache: PreprocessedCache | str | os.PathLike, case_ids: Sequence[str]) -> pd.DataFrame:
+    """Tumour volume, SUVmax, SUVmean and TLG of each case from the preprocessed cache.
+
+    Read from the survival grid: ``survival/mask`` and ``survival/pet`` ([D, H, W], D =
+    slice axis), with the voxel volume from that group's ``spacing_xyz`` (x, y, z in mm;
+    the product does not depend on the axis order). The survival crop is a resized copy
+    of the global crop, so the volume is that of the resampled mask (nearest neighbour),
+    close to but not identical with the native-grid ``tumour_volume_ml`` attribute.
+
+    Args:
+        cache: preprocessed cache (object or root).
+        case_ids: cases to compute, in output order.
+
+    Returns:
+        DataFrame indexed by ``case_id`` with ``n_voxels``, ``volume_ml``, ``suv_max``,
+        ``suv_mean``, ``tlg`` (= SUVmean x volume ml). A case with an empty mask has
+        volume 0, TLG 0 and NaN SUVs (imputed later by the training-fold median).
+
+    Raises:
+        KeyError: when the cache lacks a case (all missing ones named).
+        ValueError: when a case's mask and PET shapes differ, or its PET is not finite
+            inside the tumour (naming case and file).
+    """
+    cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
+    cache.require(list(case_ids))
+    rows = []
+    for cid in case_ids:
+        arrs = cache.read(cid, ("survival/mask", "survival/pet"))
+        mask, pet = arrs["survival/mask"] > 0, arrs["survival/pet"]
+        if mask.shape != pet.shape:
+            raise ValueError(
+                f"{cache.path(cid)}: case {cid!r} has survival/mask {list(mask.shape)} but "
+                f"survival/pet {list(pet.shape)}"
+            )
+        spacing = cache.geometry(cid, "survival").spacing_xyz
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        n = int(mask.sum())
+        vol = n * voxel_ml
+        if n:
+            vals = pet[mask].astype(np.float64)
+            if not np.all(np.isfinite(vals)):
+                raise ValueError(f"{cache.path(cid)}: case {cid!r} has non-finite PET SUV inside the tumour mask")
+            smax, smean = float(vals.max()), float(vals.mean())
+        else:
+            smax = smean = float("nan")
+        rows.append({"case_id": cid, "n_voxels": n, "volume_ml": vol, "suv_max": smax,
+                     "suv_mean": smean, "tlg": (smean * vol) if n else 0.0})
+    return pd.DataFrame(rows).set_index("case_id")
+
+
+def radiomics_design(features: pd.DataFrame) -> pd.DataFrame:
+    """Cox design of the radiomics-lite peer: log1p(volume), SUVmax, SUVmean, log1p(TLG).
+
+    ``log1p`` rather than ``log`` keeps empty-mask cases (volume 0) finite.
+    """
+    missing = [c for c in RADIOMICS_COLUMNS if c not in features.columns]
+    if missing:
+        raise ValueError(f"radiomics_design: feature frame lacks columns {missing}")
+    return pd.DataFrame({
+        "log_volume": np.log1p(features["volume_ml"].astype(float)),
+        "suv_max": features["suv_max"].astype(float),
+        "suv_mean": features["suv_mean"].astype(float),
+        "log_tlg": np.log1p(features["tlg"].astype(float)),
+    }, index=features.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadConfig:
+    """Settings of a Cox head.
+
+    Attributes:
+        model: ``ridge`` (``CoxPHSurvivalAnalysis(alpha=ridge_alpha)``) or ``coxnet``
+            (elastic net, penalty by inner CV).
+        ridge_alpha: L2 weight of ``ridge`` on the summed partial log-likelihood
+            (penalty 0.5 * alpha * ||beta||^2); small: it only stabilises the fit.
+        proj: PCA components per embedding block (``None`` = no projection).
+        with_clinical: append the clinical covariates.
+        l1_ratio: elastic-net mixing of ``coxnet`` (1 = lasso; small = ridge-like).
+        n_alphas, alpha_min_ratio: the ``coxnet`` penalty path.
+        inner_folds: inner CV folds that choose the ``coxnet`` penalty.
+        seed: seed of the inner folds.
+    """
+
+    model: str = "ridge"
+    ridge_alpha: float = 1.0
+    proj: int | None = None
+    with_clinical: bool = True
+    l1_ratio: float = 0.1
+    n_alphas: int = 30
+    alpha_min_ratio: float = 0.01
+    inner_folds: int = 3
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.model not in ("ridge", "coxnet"):
+            raise ValueError(f"HeadConfig.model must be 'ridge' or 'coxnet', got {self.model!r}")
+        if self.proj is not None and int(self.proj) < 1:
+            raise ValueError(f"HeadConfig.proj must be a positive size or None, got {self.proj!r}")
+        if not 0 < self.l1_ratio <= 1:
+            raise ValueError(f"HeadConfig.l1_ratio must lie in (0, 1], got {self.l1_ratio}")
+        if self.inner_folds < 2:
+            raise ValueError(f"HeadConfig.inner_folds must be >= 2, got {self.inner_folds}")
+        if self.ridge_alpha < 0:
+            raise ValueError(f"HeadConfig.ridge_alpha must be >= 0, got {self.ridge_alpha}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PeerResult:
+    """OOF predictions of a head plus what each fold fitted.
+
+    Attributes:
+        oof: ``case_id, fold, protocol, risk, time, event`` [, ``repeat``].
+        per_fold: one record per (repeat,) fold: sizes, features, chosen penalty,
+            PCA explained variance, integrated Brier score (Breslow, on the fold).
+        config: the :class:`HeadConfig` as a dict, plus the feature blocks used.
+        seconds: wall time.
+    """
+
+    oof: pd.DataFrame
+    per_fold: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _FoldFeatures:
+    """Feature pipeline fitted on one training part: clinical transform, imputation,
+    standardisation and optional PCA per numeric block."""
+
+    def __init__(self, blocks: Mapping[str, pd.DataFrame], clinical: pd.DataFrame | None,
+                 project: Mapping[str, int | None]):
+        self.blocks, self.clinical, self.project = blocks, clinical, project
+        self.info: dict[str, Any] = {}
+
+    def fit(self, ids: list[str]) -> _FoldFeatures:
+        from sklearn.decomposition import PCA
+
+        self.ct = ClinicalTransform().fit(self.clinical.loc[ids]) if self.clinical is not None else None
+        self.fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
+        for name, df in self.blocks.items():
+            x = df.loc[ids].to_numpy(dtype=np.float64)
+            med = np.nanmedian(x, axis=0) if np.isnan(x).any() else np.median(x, axis=0)
+            med = np.where(np.isnan(med), 0.0, med)  # a column missing in every training case
+            x = np.where(np.isnan(x), med, x)
+            mean, sd = x.mean(axis=0), x.std(axis=0)
+            sd = np.where(sd > 1e-12, sd, 1.0)
+            z = (x - mean) / sd
+            pca = None
+            d = self.project.get(name)
+            if d is not None:
+                k = int(min(d, z.shape[0] - 1, z.shape[1]))
+                pca = PCA(n_components=k, svd_solver="full").fit(z)
+                self.info[f"{name}_pca_components"] = k
+                self.info[f"{name}_pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
+            self.fitted[name] = (med, mean, sd, pca)
+        return self
+
+    def transform(self, ids: list[str]) -> np.ndarray:
+        parts = []
+        for name, df in self.blocks.items():
+            med, mean, sd, pca = self.fitted[name]
+            x = df.loc[ids].to_numpy(dtype=np.float64)
+            z = (np.where(np.isnan(x), med, x) - mean) / sd
+            parts.append(pca.transform(z) if pca is not None else z)
+        if self.ct is not None:
+            parts.append(self.ct.transform(self.clinical.loc[ids]).astype(np.float64))
+        return np.hstack(parts)
+
+
+def _surv(time: np.ndarray, event: np.ndarray):
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(event.astype(bool), time.astype(float))
+
+
+def _fit_ridge(x, time, event, alpha):
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+    with warnings.catch_warnings():
+        # Convergence chatter on nearly separable tiny folds; the ridge keeps beta finite.
+        warnings.simplefilter("ignore")
+        model = CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow").fit(x, _surv(time, event))
+    return model, {"alpha": float(alpha)}
+
+
+def _coxnet(cfg: HeadConfig, alphas=None):
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+
+    kw = dict(l1_ratio=cfg.l1_ratio, alpha_min_ratio=cfg.alpha_min_ratio, max_iter=100000)
+    return CoxnetSurvivalAnalysis(alphas=alphas, **kw) if alphas is not None else \
+        CoxnetSurvivalAnalysis(n_alphas=cfg.n_alphas, **kw)
+
+
+def _fit_coxnet(feats_factory, ids, time, event, cfg: HeadConfig):
+    """Elastic-net Cox with the penalty chosen by inner stratified K-fold CV on ``ids``."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.metrics import c_index
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sksurv convergence warnings at the weakest penalties
+        feats = feats_factory().fit(ids)
+        x = feats.transform(ids)
+        path = _coxnet(cfg).fit(x, _surv(time, event)).alphas_
+        scores = np.full((cfg.inner_folds, path.shape[0]), np.nan)
+        n_splits = int(min(cfg.inner_folds, event.sum(), (~event.astype(bool)).sum()))
+        if n_splits >= 2:
+            skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
+            for k, (tr, va) in enumerate(skf.split(np.zeros(len(ids)), event.astype(int))):
+                tr_ids, va_ids = [ids[i] for i in tr], [ids[i] for i in va]
+                inner = feats_factory().fit(tr_ids)
+                try:
+                    m = _coxnet(cfg, path).fit(inner.transform(tr_ids), _surv(time[tr], event[tr]))
+                except (ValueError, ArithmeticError):
+                    continue
+                xv = inner.transform(va_ids)
+                for j, a in enumerate(m.alphas_):
+                    try:
+                        scores[k, j] = c_index(time[va], event[va], m.predict(xv, alpha=a))
+                    except ValueError:  # no event / comparable pair in this inner fold
+                        pass
+        mean = np.nanmean(scores, axis=0) if np.isfinite(scores).any() else np.full(path.shape[0], np.nan)
+        if np.isfinite(mean).any():
+            # Ties go to the strongest penalty (first on the decreasing path).
+            best = int(np.nanargmax(mean))
+        else:
+            best = len(path) // 2
+        alpha = float(path[best])
+        model = _coxnet(cfg, path).fit(x, _surv(time, event))
+    info = {"alpha": alpha, "alpha_index": best, "n_alphas": int(path.shape[0]),
+            "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None,
+            "n_nonzero": int(np.sum(np.abs(model.coef_[:, best]) > 0))}
+    return model, alpha, feats, info
+
+
+def _fold_groups(folds: pd.DataFrame):
+    if "repeat" in folds.columns:
+        for r, g in folds.groupby("repeat", sort=True):
+            yield int(r), g
+    else:
+        yield None, folds
+
+
+def run_head(
+    survival: pd.DataFrame,
+    folds: pd.DataFrame,
+    *,
+    blocks: Mapping[str, pd.DataFrame] | None = None,
+    clinical: pd.DataFrame | None = None,
+    config: HeadConfig | None = None,
+    project: Sequence[str] = (),
+) -> PeerResult:
+    """Fit a Cox head on every training part of ``folds`` and predict its validation fold.
+
+    Args:
+        survival: indexed by ``case_id`` with columns ``time`` (days) and ``event`` (0/1).
+        folds: ``case_id, fold`` [, ``repeat``] (from :mod:`pipeline.splits`); the OOF
+            covers exactly these cases.
+        blocks: name -> numeric features indexed by ``case_id`` (NaN = missing, imputed
+            with the training median).
+        clinical: manifest rows indexed by ``case_id`` holding the clinical columns;
+            used when ``config.with_clinical``.
+        config: :class:`HeadConfig`.
+        project: block names to which ``config.proj`` (PCA) applies.
+
+    Returns:
+        :class:`PeerResult`.
+
+    Raises:
+        ValueError: when there are no features, a case of ``folds`` lacks survival,
+            features or clinical data (naming the cases), or a training part has no event.
+    """
+    from pipeline.metrics import c_index
+    from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score
+
+    t0 = _time.perf_counter()
+    cfg = config or HeadConfig()
+    blocks = dict(blocks or {})
+    clin = clinical if cfg.with_clinical else None
+    if not blocks and clin is None:
+        raise ValueError("run_head: no features (no blocks and with_clinical is False or no clinical frame)")
+    for c in ("case_id", "fold"):
+        if c not in folds.columns:
+            raise ValueError(f"run_head: folds frame lacks column {c!r}")
+    ids_all = sorted(set(folds["case_id"].astype(str)))
+    for what, frame in [("survival", survival), ("clinical", clin), *blocks.items()]:
+        if frame is None:
+            continue
+        missing = [c for c in ids_all if c not in frame.index]
+        if missing:
+            raise ValueError(f"run_head: {what} data lacks {len(missing)} case(s) of the folds: {missing[:20]}")
+    for c in ("time", "event"):
+        if c not in survival.columns:
+            raise ValueError(f"run_head: survival frame lacks column {c!r}")
+    project_map = {b: (cfg.proj if b in project else None) for b in blocks}
+
+    def factory() -> _FoldFeatures:
+        return _FoldFeatures(blocks, clin, project_map)
+
+    frames, per_fold = [], []
+    for rep, fg in _fold_groups(folds):
+        fg = fg.assign(case_id=fg["case_id"].astype(str))
+        for fold in sorted(fg["fold"].unique()):
+            tr_ids = sorted(fg.loc[fg["fold"] != fold, "case_id"])
+            te_ids = sorted(fg.loc[fg["fold"] == fold, "case_id"])
+            label = f"fold {fold}" + (f" (repeat {rep})" if rep is not None else "")
+            t_tr = survival.loc[tr_ids, "time"].to_numpy(float)
+            e_tr = survival.loc[tr_ids, "event"].to_numpy(int)
+            t_te = survival.loc[te_ids, "time"].to_numpy(float)
+            e_te = survival.loc[te_ids, "event"].to_numpy(int)
+            if not tr_ids or e_tr.sum() == 0:
+                raise ValueError(f"run_head ({label}): the training part has no event; cannot fit a Cox model")
+            if cfg.model == "ridge":
+                feats = factory().fit(tr_ids)
+                model, info = _fit_ridge(feats.transform(tr_ids), t_tr, e_tr, cfg.ridge_alpha)
+                lp_tr = model.predict(feats.transform(tr_ids))
+                lp_te = model.predict(feats.transform(te_ids))
+            else:
+                model, alpha, feats, info = _fit_coxnet(factory, tr_ids, t_tr, e_tr, cfg)
+                lp_tr = model.predict(feats.transform(tr_ids), alpha=alpha)
+                lp_te = model.predict(feats.transform(te_ids), alpha=alpha)
+            rec: dict[str, Any] = {"fold": int(fold), "n_train": len(tr_ids), "n_test": len(te_ids),
+                                   "n_features": int(feats.transform(te_ids[:1]).shape[1]), **info, **feats.info}
+            if rep is not None:
+                rec["repeat"] = rep
+            try:
+                rec["train_c_index"] = c_index(t_tr, e_tr, lp_tr)
+            except ValueError:
+                rec["train_c_index"] = None
+            grid = ibs_time_grid(t_tr, t_te, n=50)
+            try:
+                surv = breslow_survival(lp_tr, t_tr, e_tr, lp_te, grid)
+                rec["ibs"] = integrated_brier_score(t_tr, e_tr, t_te, e_te, surv, grid)
+            except ValueError as exc:
+                rec["ibs"], rec["ibs_reason"] = None, str(exc)
+            per_fold.append(rec)
+            out = pd.DataFrame({"case_id": te_ids, "fold": int(fold), "protocol": PROTOCOL,
+                                "risk": np.asarray(lp_te, dtype=float), "time": t_te, "event": e_te})
+            if rep is not None:
+                out.insert(0, "repeat", rep)
+            frames.append(out)
+    oof = pd.concat(frames, ignore_index=True)
+    conf = {**cfg.to_dict(), "blocks": {b: int(df.shape[1]) for b, df in blocks.items()},
+            "projected_blocks": sorted(b for b in blocks if b in project and cfg.proj is not None),
+            "clinical_columns": list(CLINICAL_COLUMNS) if clin is not None else []}
+    return PeerResult(oof=oof, per_fold=per_fold, config=conf, seconds=_time.perf_counter() - t0)
+
+
+def survival_frame(manifest: pd.DataFrame) -> pd.DataFrame:
+    """``time`` / ``event`` indexed by case id from manifest rows with an endpoint."""
+    df = pd.DataFrame({"time": manifest["rfs_days"].astype(float), "event": manifest["relapse"].astype(int)})
+    df.index = manifest["case_id"].astype(str).to_numpy() if "case_id" in manifest.columns else manifest.index
+    df.index.name = "case_id"
+    return df
+
+
+def clinical_cox(manifest: pd.DataFrame, folds: pd.DataFrame, config: HeadConfig | None = None) -> PeerResult:
+    """Clinical-only ridge Cox on the folds (manifest rows with endpoints)."""
+    cfg = config or HeadConfig(model="ridge", with_clinical=True)
+    if not cfg.with_clinical:
+        raise ValueError("clinical_cox: with_clinical must be True for the clinical peer")
+    m = _by_case(manifest)
+    return run_head(survival_frame(m), folds, clinical=m, config=cfg)
+
+
+def radiomics_cox(
+    manifest: pd.DataFrame, folds: pd.DataFrame, features: pd.DataFrame, config: HeadConfig | None = None
+) -> PeerResult:
+    """Ridge Cox on the radiomics-lite design (:func:`radiomics_design` of ``features``)."""
+    cfg = config or HeadConfig(model="ridge", with_clinical=False)
+    m = _by_case(manifest)
+    return run_head(survival_frame(m), folds, blocks={"radiomics": radiomics_design(features)},
+                    clinical=m, config=cfg)
+
+
+def embedding_blocks(features: pd.DataFrame, modalities: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Split a :func:`load_features` frame into one block per modality (``ct_000..`` -> ``ct``)."""
+    mods = list(modalities) if modalities else list(features.attrs.get("feature_modalities") or [])
+    if not mods:
+        mods = sorted({c.rsplit("_", 1)[0] for c in features.columns})
+    out = {}
+    for m in mods:
+        cols = [c for c in features.columns if re.fullmatch(rf"{re.escape(m)}_\d+", c)]
+        if not cols:
+            raise ValueError(f"embedding_blocks: no {m!r} columns (have {list(features.columns[:5])} ...)")
+        out[m] = features[cols]
+    return out
+
+
+def embedding_head(
+    manifest: pd.DataFrame,
+    folds: pd.DataFrame,
+    features: pd.DataFrame,
+    config: HeadConfig | None = None,
+    modalities: Sequence[str] | None = None,
+) -> PeerResult:
+    """Penalised Cox on embeddings (one PCA per modality when ``config.proj``) + clinical."""
+    cfg = config or HeadConfig(model="coxnet", with_clinical=True)
+    blocks = embedding_blocks(features, modalities)
+    m = _by_case(manifest)
+    return run_head(survival_frame(m), folds, blocks=blocks, clinical=m, config=cfg, project=list(blocks))
+
+
+def _by_case(manifest: pd.DataFrame) -> pd.DataFrame:
+    if "case_id" in manifest.columns:
+        m = manifest.copy()
+        m.index = m["case_id"].astype(str).to_numpy()
+        return m
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# External feature tables in the embedding-cache format
+# ---------------------------------------------------------------------------------------------
+
+
+def import_feature_table(
+    csv_path: str | os.PathLike,
+    out_h5: str | os.PathLike,
+    *,
+    id_column: str = "PatientID",
+    name: str = "radiomics",
+    cache: PreprocessedCache | str | os.PathLike | None = None,
+    columns: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Write a per-case feature CSV as an embedding-cache HDF5 (``pipeline.embeddings`` schema 1).
+
+    Layout: ``/case_ids`` and ``/fingerprints`` (UTF-8 strings, the cache's per-case
+    fingerprints, ``""`` for a case the cache lacks or without a cache), ``/<name>``
+    float32 [N, F] (NaN = missing). File attributes as extracted embeddings
+    (``schema_version``, ``modality`` = ``modalities`` = [name], ``params_hash`` and
+    ``crop_size_vox_xyz`` of the cache or ``""`` / [] without one, ``cache_path``,
+    ``code_version``, ``created``, ``random_init`` False) plus ``source`` =
+    ``"feature_table"``. Dataset attributes: ``encoder`` = ``"feature_table"``,
+    ``weights_sha256`` = the CSV's sha256, ``source_csv``, ``source_csv_sha256``,
+    ``id_column``, ``columns`` (JSON list of the F feature names in column order),
+    ``dropped_columns`` (JSON: non-numeric columns left out), ``embedding_dim``,
+    ``pooling`` = ``"none"``, ``input_key`` = ``""``, ``dtype``, ``provenance`` and
+    ``provenance_hash``. Written atomically.
+
+    Args:
+        csv_path: the table; one row per case.
+        out_h5: destination, e.g. ``embeddings/radiomics.h5``.
+        id_column: column holding the case ids.
+        name: dataset / modality name (letters and digits, starting with a letter).
+        cache: the preprocessed cache the features belong to (records its params_hash
+            and per-case fingerprints so cache-checked reads work).
+        columns: feature columns to take (all must be numeric); default: every numeric
+            column except the id column.
+
+    Returns:
+        ``{"path", "n_cases", "n_features", "columns", "dropped_columns",
+        "not_in_cache", "sha256"}``.
+
+    Raises:
+        ValueError: on a bad name, missing id column, duplicate or empty ids, a
+            non-numeric requested column, infinite values or no feature column (naming
+            the file, column and cases).
+    """
+    csv_path, out_h5 = Path(csv_path), Path(out_h5)
+    if not _NAME_RE.match(name) or name in _RESERVED:
+        raise ValueError(f"import_feature_table: name {name!r} must be letters/digits starting with a letter")
+    if name in ("ct", "pet"):
+        raise ValueError(f"import_feature_table: name {name!r} is reserved for the foundation-model embeddings")
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"import_feature_table: no such CSV {csv_path}")
+    df = pd.read_csv(csv_path, dtype={id_column: str})
+    if id_column not in df.columns:
+        raise ValueError(f"{csv_path}: no id column {id_column!r} (columns: {list(df.columns)[:20]})")
+    ids = df[id_column].astype(str).str.strip()
+    if (ids == "").any() or df[id_column].isna().any():
+        raise ValueError(f"{csv_path}: empty {id_column!r} in rows {np.flatnonzero((ids == '') | df[id_column].isna()).tolist()[:10]}")
+    dup = ids[ids.duplicated()].tolist()
+    if dup:
+        raise ValueError(f"{csv_path}: duplicate {id_column!r} values {dup[:10]}")
+    candidates = [c for c in df.columns if c != id_column]
+    if columns is not None:
+        absent = [c for c in columns if c not in df.columns]
+        if absent:
+            raise ValueError(f"{csv_path}: requested columns {absent} are not in the table")
+        bad = [c for c in columns if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            raise ValueError(f"{csv_path}: requested columns {bad} are not numeric")
+        use, dropped = list(columns), []
+    else:
+        use = [c for c in candidates if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+        dropped = [c for c in candidates if c not in use]
+    if not use:
+        raise ValueError(f"{csv_path}: no numeric feature column (non-numeric: {dropped[:20]})")
+    x = df[use].to_numpy(dtype=np.float64)
+    inf = np.argwhere(np.isinf(x))
+    if inf.size:
+        r, c = inf[0]
+        raise ValueError(f"{csv_path}: infinite value in column {use[c]!r} for case {ids.iloc[r]!r}")
+
+    fps = [""] * len(ids)
+    ph, crop, cache_path, not_in_cache = "", np.zeros(0, dtype=np.int64), "", []
+    if cache is not None:
+        cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
+        have = set(cache.case_ids)
+        fps = [cache.case_fingerprint(c) if c in have else "" for c in ids]
+        not_in_cache = [c for c in ids if c not in have]
+        ph, crop = cache.params_hash, np.asarray(cache.crop_size_vox_xyz, dtype=np.int64)
+        cache_path = str(cache.root.resolve())
+    csv_sha = sha256_file(csv_path)
+    prov = {"encoder": FEATURE_TABLE_ENCODER, "modality": name, "source_csv_sha256": csv_sha,
+            "id_column": id_column, "columns": use, "pooling": "none", "input_key": ""}
+    str_dt = h5py.string_dtype(encoding="utf-8")
+    with atomic_path(out_h5, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs["schema_version"] = 1
+            h5.attrs["modality"] = name
+            h5.attrs["modalities"] = json.dumps([name])
+            h5.attrs["params_hash"] = ph
+            h5.attrs["crop_size_vox_xyz"] = crop
+            h5.attrs["cache_path"] = cache_path
+            h5.attrs["code_version"] = code_version()
+            h5.attrs["created"] = utc_now()
+            h5.attrs["random_init"] = False
+            h5.attrs["source"] = FEATURE_TABLE_ENCODER
+            h5.create_dataset("case_ids", data=np.asarray(ids.tolist(), dtype=object), dtype=str_dt)
+            h5.create_dataset("fingerprints", data=np.asarray(fps, dtype=object), dtype=str_dt)
+            ds = h5.create_dataset(name, data=x.astype(np.float32))
+            ds.attrs["encoder"] = FEATURE_TABLE_ENCODER
+            ds.attrs["weights_sha256"] = csv_sha
+            ds.attrs["random_init_seed"] = -1
+            ds.attrs["weights_path"] = str(csv_path.resolve())
+            ds.attrs["encoder_config"] = "{}"
+            ds.attrs["source_csv"] = str(csv_path.resolve())
+            ds.attrs["source_csv_sha256"] = csv_sha
+            ds.attrs["id_column"] = id_column
+            ds.attrs["columns"] = json.dumps(use)
+            ds.attrs["dropped_columns"] = json.dumps(dropped)
+            ds.attrs["embedding_dim"] = len(use)
+            ds.attrs["pooling"] = "none"
+            ds.attrs["input_key"] = ""
+            ds.attrs["input_shape"] = np.zeros(0, dtype=np.int64)
+            ds.attrs["dtype"] = "float32"
+            ds.attrs["precision"] = "fp32"
+            ds.attrs["provenance"] = canonical_json(prov)
+            ds.attrs["provenance_hash"] = params_hash(prov)
+    return {"path": str(out_h5), "n_cases": len(ids), "n_features": len(use), "columns": use,
+            "dropped_columns": dropped, "not_in_cache": not_in_cache, "sha256": sha256_file(out_h5)}
+
+
+def load_features(
+    path: str | os.PathLike,
+    *,
+    cache: PreprocessedCache | str | os.PathLike | None = None,
+    case_ids: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Read FM embeddings or an imported feature table as one frame indexed by case id.
+
+    FM files (datasets ``ct`` / ``pet``) go through :func:`pipeline.embeddings.load_embeddings`.
+    Imported tables (:func:`import_feature_table`) are read here with the same checks
+    (schema version, the cache's params_hash and per-case fingerprints when ``cache`` is
+    given, every requested case present), because the embeddings loader only knows the
+    ``ct`` and ``pet`` datasets. Columns are ``<modality>_000 ..``; ``df.attrs`` holds
+    ``path``, ``sha256``, the file attributes, ``feature_modalities`` and, for tables,
+    ``feature_names`` (modality -> original column names).
+    """
+    from pipeline.embeddings import SCHEMA_VERSION, MissingCasesError, load_embeddings
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no feature file; run `extract-embeddings` or `import-features` first")
+    with h5py.File(path, "r") as h5:
+        try:
+            file_mods = json.loads(h5.attrs.get("modalities", "[]"))
+        except (TypeError, json.JSONDecodeError):
+            file_mods = [m for m in ("ct", "pet") if m in h5]
+    mods = list(modalities) if modalities else list(file_mods)
+    if set(mods) <= {"ct", "pet"}:
+        df = load_embeddings(path, cache=cache, case_ids=case_ids, modalities=mods)
+        df.attrs["feature_modalities"] = mods
+        return df
+    with h5py.File(path, "r") as h5:
+        found = int(h5.attrs.get("schema_version", -1))
+        if found != SCHEMA_VERSION:
+            raise ProvenanceError(f"{path}: feature schema_version {found}, this code reads {SCHEMA_VERSION}")
+        absent = [m for m in mods if m not in h5 or m in _RESERVED]
+        if absent:
+            raise ProvenanceError(f"{path}: holds {file_mods} features, {absent} requested")
+        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        file_ids = list(h5["case_ids"].asstr()[()])
+        file_fps = list(h5["fingerprints"].asstr()[()])
+        mats = {m: h5[m][()] for m in mods}
+        names = {m: json.loads(h5[m].attrs.get("columns", "[]")) for m in mods}
+    pos = {c: i for i, c in enumerate(file_ids)}
+    wanted = list(case_ids) if case_ids is not None else file_ids
+    missing = [c for c in wanted if c not in pos]
+    if missing:
+        raise MissingCasesError(f"{path}: lacks features for {len(missing)} needed case(s): {missing[:20]}", missing)
+    rows = [pos[c] for c in wanted]
+    if cache is not None:
+        cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
+        if attrs.get("params_hash") != cache.params_hash:
+            raise ProvenanceError(
+                f"{path}: imported for preprocessing params_hash {attrs.get('params_hash')!r}, but the cache "
+                f"{cache.root} has {cache.params_hash!r}; re-run `import-features --cache {cache.root}`"
+            )
+        cache.require(wanted)
+        bad = [c for c, r in zip(wanted, rows) if file_fps[r] != cache.case_fingerprint(c)]
+        if bad:
+            raise ProvenanceError(f"{path}: per-case fingerprints differ from the cache {cache.root} for {bad[:20]}")
+    blocks = [
+        pd.DataFrame(mats[m][rows], index=pd.Index(wanted, name="case_id"),
+                     columns=[f"{m}_{j:03d}" for j in range(mats[m].shape[1])])
+        for m in mods
+    ]
+    df = pd.concat(blocks, axis=1)
+    df.attrs = {"path": str(path), "sha256": sha256_file(path), **attrs,
+                "feature_modalities": mods, "feature_names": names}
+    return df
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# One peer run on disk: oof_predictions.csv + summary.json
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_peer_run(
+    peer: str,
+    *,
+    manifest_path: str | os.PathLike,
+    folds_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cache_root: str | os.PathLike | None = None,
+    features_path: str | os.PathLike | None = None,
+    modalities: Sequence[str] | None = None,
+    config: HeadConfig | None = None,
+    horizon: float = 365.0,
+) -> dict[str, Any]:
+    """Fit one peer on the shared folds and write ``oof_predictions.csv`` and ``summary.json``.
+
+    Args:
+        peer: ``clinical``, ``radiomics`` or ``embeddings``.
+        manifest_path: the case manifest; cases with an endpoint are used.
+        folds_path: folds file of :func:`pipeline.splits.save_folds`; must hold exactly the
+            manifest's endpoint cases.
+        out_dir: run folder.
+        cache_root: preprocessed cache (needed by ``radiomics``; checks ``embeddings``).
+        features_path: embeddings / imported feature HDF5 (``embeddings`` peer).
+        modalities: subset of the file's modalities.
+        config: :class:`HeadConfig`; default ridge for clinical/radiomics (radiomics
+            without clinical), coxnet + clinical for embeddings.
+        horizon: time-dependent AUROC horizon in days.
+
+    Returns:
+        The summary written to ``summary.json``: per-fold C-index / AUROC
+        (:func:`pipeline.metrics.fold_metrics`), mean +- SD (:func:`pipeline.metrics
+        .summarise_folds`), t-intervals (:func:`pipeline.stats.mean_ci`), per-fold fit
+        records, configuration and provenance (inputs' sha256, params hash, code version).
+    """
+    from pipeline.manifest import read_manifest, survival_cases
+    from pipeline.metrics import fold_metrics, summarise_folds
+    from pipeline.splits import load_folds
+    from pipeline.stats import mean_ci
+
+    if peer not in PEERS:
+        raise ValueError(f"fit_peer_run: unknown peer {peer!r}; choose one of {PEERS}")
+    out = Path(out_dir)
+    manifest = survival_cases(read_manifest(manifest_path))
+    ids = manifest["case_id"].astype(str).tolist()
+    if not ids:
+        raise ValueError(f"{manifest_path}: no case with an endpoint")
+    folds = load_folds(folds_path, expected_case_ids=ids)
+    inputs: dict[str, Any] = {"manifest": str(manifest_path), "manifest_sha256": sha256_file(manifest_path),
+                              "folds": str(folds_path), "folds_sha256": sha256_file(folds_path)}
+    cache = PreprocessedCache(cache_root) if cache_root is not None else None
+    if cache is not None:
+        inputs.update(cache=str(cache_root), cache_params_hash=cache.params_hash)
+    if peer == "clinical":
+        cfg = config or HeadConfig(model="ridge", with_clinical=True)
+        res = clinical_cox(manifest, folds, cfg)
+    elif peer == "radiomics":
+        if cache is None:
+            raise ValueError("fit_peer_run: the radiomics peer needs the preprocessed cache (--cache)")
+        cfg = config or HeadConfig(model="ridge", with_clinical=False)
+        feats = radiomics_lite_features(cache, ids)
+        res = radiomics_cox(manifest, folds, feats, cfg)
+    else:
+        if features_path is None:
+            raise ValueError("fit_peer_run: the embeddings peer needs --embeddings PATH")
+        cfg = config or HeadConfig(model="coxnet", with_clinical=True)
+        feats = load_features(features_path, cache=cache, case_ids=ids, modalities=modalities)
+        inputs.update(features=str(features_path), features_sha256=feats.attrs["sha256"],
+                      feature_modalities=feats.attrs["feature_modalities"])
+        res = embedding_head(manifest, folds, feats, cfg, feats.attrs["feature_modalities"])
+    per_fold = fold_metrics(res.oof, horizon=horizon)
+    summ = summarise_folds(per_fold)
+    params = {"peer": peer, **res.config, "horizon": horizon}
+    summary = {
+        "kind": "peer_run", "peer": peer, "protocol": PROTOCOL,
+        "c_index": summ["c_index"], "auc_1y": summ["auroc"],
+        "c_index_ci": mean_ci(per_fold["c_index"]), "auc_1y_ci": mean_ci(per_fold["auroc"]),
+        "ibs": mean_ci([r["ibs"] if r.get("ibs") is not None else np.nan for r in res.per_fold]),
+        "per_fold": json.loads(per_fold.to_json(orient="records")),
+        "fit": res.per_fold, "params": params, "params_hash": params_hash(params),
+        "inputs": inputs, "code_version": code_version(), "created": utc_now(),
+        "n_cases": len(ids), "seconds": res.seconds,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "oof_predictions.csv", suffix=".csv") as tmp:
+        res.oof.to_csv(tmp, index=False)
+    from pipeline.artefacts import write_json_atomic
+
+    write_json_atomic(out / "summary.json", summary)
+    return summary

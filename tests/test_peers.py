@@ -1,0 +1,304 @@
+"""Classical peers and fast embedding heads (pipeline.peers, pipeline.cli.heads)."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline import peers
+from pipeline.artefacts import ProvenanceError
+from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
+from pipeline.cli.heads import fit_heads, import_features
+from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
+from pipeline.metrics import c_index
+from pipeline.splits import make_folds, save_folds
+
+SHAPE = (6, 10, 12)  # [D, H, W]
+SPACING_XYZ = (1.5, 2.0, 3.0)  # mm; voxel = 9 mm^3 = 0.009 ml
+VOXEL_ML = 0.009
+
+
+def _manifest(n: int, seed: int) -> pd.DataFrame:
+    """Manifest rows with clinical covariates; endpoints filled in by the caller."""
+    rng = np.random.default_rng(seed)
+    ids = [f"SYN-{i:03d}" for i in range(n)]
+    df = pd.DataFrame({c: "" for c in MANIFEST_COLUMNS}, index=range(n))
+    df["case_id"] = ids
+    df["center_id"], df["center"] = 1, "CHUM"
+    for c in ("ct_path", "pet_path", "label_path"):
+        df[c] = [f"imagesTr/{i}.nii.gz" for i in ids]
+    df["task1"] = df["task2"] = df["has_endpoint"] = df["has_gtvp"] = 1
+    df["has_gtvn"] = 0
+    df["gender"] = rng.choice(["M", "F"], size=n)
+    df["age"] = rng.normal(60, 9, size=n).round(0)
+    df["weight"] = rng.normal(80, 12, size=n).round(1)
+    for c in ("tobacco", "alcohol", "hpv_status", "surgery", "chemotherapy"):
+        df[c] = rng.integers(0, 2, size=n).astype(float)
+    df.loc[rng.choice(n, n // 5, replace=False), "tobacco"] = np.nan  # missing, fold-median filled
+    df["performance_status"] = rng.integers(0, 3, size=n).astype(float)
+    return df
+
+
+def _endpoints(df: pd.DataFrame, log_hazard: np.ndarray, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    t_event = rng.exponential(700 * np.exp(-(log_hazard - log_hazard.mean())))
+    t_cens = rng.uniform(300, 2500, size=len(df))
+    df = df.copy()
+    df["rfs_days"] = np.maximum(np.round(np.minimum(t_event, t_cens)), 1).astype(int)
+    df["relapse"] = (t_event <= t_cens).astype(int)
+    return df
+
+
+def _folds(df: pd.DataFrame, n_splits: int = 5) -> pd.DataFrame:
+    return make_folds(df["case_id"].tolist(), df["rfs_days"].to_numpy(), df["relapse"].to_numpy(),
+                      n_splits=n_splits, seed=0)
+
+
+def _mean_fold_c(oof: pd.DataFrame) -> float:
+    return float(np.mean([c_index(g.time, g.event, g.risk) for _, g in oof.groupby("fold")]))
+
+
+def _write_cache(root, sizes: dict[str, tuple[int, int, int]], suv: dict[str, tuple[float, float]],
+                 params_hash: str = "p" * 16):
+    """Cache whose case c has a tumour box of sizes[c] voxels (d, h, w): the first half of
+    its slices have SUV suv[c][0], the rest suv[c][1]; background SUV 0.5."""
+    geom = GridGeometry((0.0, 0.0, 0.0), SPACING_XYZ, (1, 0, 0, 0, 1, 0, 0, 0, 1), SHAPE[::-1])
+    for cid, (d, h, w) in sizes.items():
+        mask = np.zeros(SHAPE, np.uint8)
+        mask[:d, :h, :w] = 1
+        pet = np.full(SHAPE, 0.5, np.float32)
+        lo, hi = suv[cid]
+        pet[: (d + 1) // 2, :h, :w] = lo
+        pet[(d + 1) // 2 : d, :h, :w] = hi
+        write_case(root, cid, {"survival/mask": mask, "survival/pet": pet,
+                               "survival/ct": np.zeros(SHAPE, np.float32)},
+                   {"survival": geom}, {"params_hash": params_hash, "source_sha256": {"ct": cid}})
+    write_cohort_record(root, {"params": {}, "params_hash": params_hash, "crop_size_vox_xyz": [12, 10, 6],
+                               "case_ids": sorted(sizes)})
+    return PreprocessedCache(root)
+
+
+# ----------------------------------------------------------------------------- radiomics-lite
+
+
+def test_radiomics_lite_features_equal_analytic_values(tmp_path):
+    sizes = {"A": (2, 3, 4), "B": (4, 5, 6), "C": (0, 0, 0)}
+    suv = {"A": (2.0, 6.0), "B": (3.0, 9.0), "C": (1.0, 1.0)}
+    cache = _write_cache(tmp_path / "cache", sizes, suv)
+    f = peers.radiomics_lite_features(cache, ["B", "A", "C"])
+    assert f.index.tolist() == ["B", "A", "C"]
+    for cid in ("A", "B"):
+        d, h, w = sizes[cid]
+        n = d * h * w
+        lo_n = ((d + 1) // 2) * h * w
+        mean = (lo_n * suv[cid][0] + (n - lo_n) * suv[cid][1]) / n
+        assert f.loc[cid, "n_voxels"] == n
+        assert f.loc[cid, "volume_ml"] == pytest.approx(n * VOXEL_ML)
+        assert f.loc[cid, "suv_max"] == pytest.approx(suv[cid][1])
+        assert f.loc[cid, "suv_mean"] == pytest.approx(mean)
+        assert f.loc[cid, "tlg"] == pytest.approx(mean * n * VOXEL_ML)
+    assert f.loc["C", "volume_ml"] == 0 and np.isnan(f.loc["C", "suv_max"]) and f.loc["C", "tlg"] == 0
+    design = peers.radiomics_design(f)
+    assert design.loc["A", "log_volume"] == pytest.approx(np.log1p(24 * VOXEL_ML))
+    with pytest.raises(KeyError, match="lacks cases"):
+        peers.radiomics_lite_features(cache, ["A", "Z"])
+
+
+def test_radiomics_cox_beats_chance_when_hazard_depends_on_volume(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 60
+    df = _manifest(n, 1)
+    sizes = {c: (int(rng.integers(1, 7)), int(rng.integers(1, 11)), int(rng.integers(1, 13))) for c in df.case_id}
+    suv = {c: (2.0, float(rng.uniform(3, 10))) for c in df.case_id}
+    cache = _write_cache(tmp_path / "cache", sizes, suv)
+    vol = np.array([np.prod(sizes[c]) for c in df.case_id], dtype=float)
+    df = _endpoints(df, 1.2 * np.log(vol), seed=4)
+    folds = _folds(df)
+    feats = peers.radiomics_lite_features(cache, df.case_id.tolist())
+    res = peers.radiomics_cox(df, folds, feats)
+    oof = res.oof
+    assert list(oof.columns) == list(peers.OOF_COLUMNS)
+    assert sorted(oof.case_id) == sorted(df.case_id) and (oof.protocol == "fit").all()
+    assert _mean_fold_c(oof) > 0.7
+    assert all(r["n_features"] == 4 for r in res.per_fold)
+
+
+# ----------------------------------------------------------------------------- clinical Cox
+
+
+def test_clinical_cox_learns_and_never_sees_its_validation_outcomes():
+    df = _manifest(150, 2)
+    lh = 0.08 * (df["age"] - 60) - 1.2 * df["hpv_status"]
+    df = _endpoints(df, lh.to_numpy(), seed=5)
+    folds = _folds(df)
+    res = peers.clinical_cox(df, folds)
+    assert _mean_fold_c(res.oof) > 0.65
+    assert all(r["n_features"] == 13 for r in res.per_fold)
+    assert all(r["ibs"] is not None and 0 < r["ibs"] < 0.25 for r in res.per_fold)
+    # Fold 0's own outcomes must not reach the fold-0 model; other folds train on them.
+    val0 = folds.loc[folds.fold == 0, "case_id"]
+    sel = df.case_id.isin(val0)
+    shaken = df.copy()
+    shaken.loc[sel, "rfs_days"] = shaken.loc[sel, "rfs_days"][::-1].to_numpy()
+    shaken.loc[sel, "relapse"] = 1 - shaken.loc[sel, "relapse"]
+    a = res.oof.set_index("case_id")
+    b = peers.clinical_cox(shaken, folds).oof.set_index("case_id")
+    others = a.index[~a.index.isin(val0)]
+    assert np.allclose(a.loc[val0, "risk"], b.loc[val0, "risk"])
+    assert not np.allclose(a.loc[others, "risk"], b.loc[others, "risk"])
+    # Nor their covariates: with every fold-0 age set to 200 the fold-0 risks move by
+    # beta_age / sd_age * (200 - age), one constant for the fold (z-scoring and beta unchanged).
+    aged = df.copy()
+    aged.loc[sel, "age"] = 200.0
+    c = peers.clinical_cox(aged, folds).oof.set_index("case_id")
+    ratio = (c.loc[val0, "risk"] - a.loc[val0, "risk"]) / (200.0 - df.set_index("case_id").loc[val0, "age"])
+    assert np.allclose(ratio, ratio.iloc[0]) and ratio.iloc[0] > 0
+
+
+# ----------------------------------------------------------------------------- embedding heads
+
+
+def _embeddings(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = len(df)
+    ct = rng.normal(size=(n, 40))
+    pet = rng.normal(size=(n, 30))
+    # A low-rank shared factor carries the signal, as embeddings' leading components tend to.
+    factor = rng.normal(size=n)
+    ct[:, :10] += 2.0 * factor[:, None]
+    pet[:, :5] += 1.5 * factor[:, None]
+    frame = pd.DataFrame(np.hstack([ct, pet]), index=pd.Index(df.case_id, name="case_id"),
+                         columns=[f"ct_{j:03d}" for j in range(40)] + [f"pet_{j:03d}" for j in range(30)])
+    frame.attrs["feature_modalities"] = ["ct", "pet"]
+    return frame, factor
+
+
+@pytest.mark.parametrize("proj", [None, 8])
+def test_embedding_head_recovers_planted_signal(proj):
+    df = _manifest(150, 6)
+    emb, factor = _embeddings(df, 7)
+    df = _endpoints(df, 1.5 * factor, seed=8)
+    folds = _folds(df)
+    cfg = peers.HeadConfig(model="coxnet", proj=proj, with_clinical=True)
+    res = peers.embedding_head(df, folds, emb, cfg)
+    assert _mean_fold_c(res.oof) > 0.72
+    for r in res.per_fold:
+        assert r["n_features"] == (70 if proj is None else 16) + 13
+        assert r["inner_c_index"] is not None and r["alpha"] > 0
+        if proj is not None:
+            assert r["ct_pca_components"] == 8 and r["pet_pca_components"] == 8
+    # A head on shuffled embeddings finds nothing (the signal is in the features, not a leak).
+    shuffled = emb.copy()
+    shuffled.iloc[:, :] = emb.to_numpy()[np.random.default_rng(0).permutation(len(emb))]
+    res0 = peers.embedding_head(df, folds, shuffled, peers.HeadConfig(model="coxnet", proj=proj, with_clinical=False))
+    assert abs(_mean_fold_c(res0.oof) - 0.5) < 0.1
+
+
+def test_heads_handle_repeated_folds_and_refuse_missing_cases():
+    from pipeline.splits import repeated_folds
+
+    df = _endpoints(_manifest(60, 9), np.zeros(60), seed=10)
+    rep = repeated_folds(df.case_id.tolist(), df.rfs_days.to_numpy(), df.relapse.to_numpy(),
+                         n_splits=3, n_repeats=2, seed=0)
+    res = peers.clinical_cox(df, rep)
+    assert "repeat" in res.oof.columns and len(res.oof) == 120 and len(res.per_fold) == 6
+    with pytest.raises(ValueError, match=r"survival data lacks 1 case\(s\) of the folds: \['SYN-000'\]"):
+        peers.clinical_cox(df.iloc[1:], _folds(df))
+
+
+# ----------------------------------------------------------------------------- feature import
+
+
+def test_import_feature_table_round_trips_and_feeds_the_heads(tmp_path):
+    df = _manifest(40, 11)
+    sizes = {c: (2, 2, 2) for c in df.case_id}
+    cache = _write_cache(tmp_path / "cache", sizes, {c: (1.0, 2.0) for c in df.case_id})
+    rng = np.random.default_rng(12)
+    table = pd.DataFrame({"PatientID": df.case_id, "original_shape_Volume": rng.uniform(1, 50, 40),
+                          "firstorder_Mean": rng.normal(size=40), "diagnostics_Version": "v3.0"})
+    table.loc[3, "firstorder_Mean"] = np.nan
+    csv = tmp_path / "radiomics.csv"
+    table.to_csv(csv, index=False)
+    res = peers.import_feature_table(csv, tmp_path / "emb" / "radiomics.h5", name="radiomics", cache=cache)
+    assert res["columns"] == ["original_shape_Volume", "firstorder_Mean"]
+    assert res["dropped_columns"] == ["diagnostics_Version"] and res["not_in_cache"] == []
+    back = peers.load_features(res["path"], cache=cache, case_ids=df.case_id.tolist()[::-1])
+    assert back.index.tolist() == df.case_id.tolist()[::-1]
+    expect = table.set_index("PatientID").loc[back.index, res["columns"]].to_numpy()
+    np.testing.assert_allclose(back.to_numpy(), expect.astype(np.float32), equal_nan=True)
+    assert back.attrs["feature_names"] == {"radiomics": res["columns"]}
+    from pipeline.artefacts import sha256_file
+
+    with h5py.File(res["path"]) as h5:
+        ds = h5["radiomics"]
+        assert ds.attrs["source_csv_sha256"] == sha256_file(csv)
+        assert json.loads(ds.attrs["columns"]) == res["columns"]
+        assert h5.attrs["params_hash"] == cache.params_hash and h5.attrs["code_version"]
+        assert list(h5["fingerprints"].asstr()[()]) == [cache.case_fingerprint(c) for c in df.case_id]
+    # Another preprocessing: refused with both hashes named.
+    other = _write_cache(tmp_path / "other", sizes, {c: (1.0, 2.0) for c in df.case_id}, params_hash="q" * 16)
+    with pytest.raises(ProvenanceError, match="q{16}"):
+        peers.load_features(res["path"], cache=other)
+    # The imported features go through the same head.
+    df = _endpoints(df, np.log(table["original_shape_Volume"].to_numpy()) * 1.5, seed=13)
+    out = peers.embedding_head(df, _folds(df, 4), back.loc[df.case_id], peers.HeadConfig(model="ridge", with_clinical=False))
+    assert _mean_fold_c(out.oof) > 0.6
+
+
+def test_import_feature_table_rejects_bad_tables(tmp_path):
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"PatientID": ["A", "A"], "f": [1.0, 2.0]}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"duplicate 'PatientID' values \['A'\]"):
+        peers.import_feature_table(csv, tmp_path / "x.h5")
+    with pytest.raises(ValueError, match="no id column 'ID'"):
+        peers.import_feature_table(csv, tmp_path / "x.h5", id_column="ID")
+    pd.DataFrame({"PatientID": ["A", "B"], "f": [1.0, np.inf]}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="infinite value in column 'f' for case 'B'"):
+        peers.import_feature_table(csv, tmp_path / "x.h5")
+    with pytest.raises(ValueError, match="reserved"):
+        peers.import_feature_table(csv, tmp_path / "x.h5", name="ct")
+    assert not (tmp_path / "x.h5").exists()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_fit_heads_and_import_features(tmp_path):
+    df = _manifest(50, 14)
+    sizes = {c: (int(1 + i % 6), 4, 4) for i, c in enumerate(df.case_id)}
+    cache = _write_cache(tmp_path / "cache", sizes, {c: (1.0, 3.0) for c in df.case_id})
+    vol = np.array([np.prod(sizes[c]) for c in df.case_id], float)
+    df = _endpoints(df, 1.5 * np.log(vol), seed=15)
+    write_manifest(df, tmp_path / "manifest.csv")
+    save_folds(_folds(df), tmp_path / "folds.json")
+    runner = CliRunner()
+    base = ["--manifest", str(tmp_path / "manifest.csv"), "--folds", str(tmp_path / "folds.json")]
+    r = runner.invoke(fit_heads, base + ["--peer", "radiomics", "--cache", str(cache.root),
+                                         "--out", str(tmp_path / "runs" / "radiomics")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "runs" / "radiomics" / "summary.json").read_text())
+    oof = pd.read_csv(tmp_path / "runs" / "radiomics" / "oof_predictions.csv")
+    assert list(oof.columns) == list(peers.OOF_COLUMNS) and len(oof) == 50
+    assert summary["c_index"]["n_total"] == 5 and summary["c_index"]["mean"] > 0.6
+    assert len(summary["per_fold"]) == 5 and summary["inputs"]["cache_params_hash"] == cache.params_hash
+    assert summary["params"]["with_clinical"] is False and summary["params_hash"]
+    # Radiomics without a cache is refused with a clear message.
+    r = runner.invoke(fit_heads, base + ["--peer", "radiomics", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "needs the preprocessed cache" in r.output
+    # Import a CSV, then fit an embedding head on it.
+    pd.DataFrame({"PatientID": df.case_id, "vol": vol, "noise": np.random.default_rng(0).normal(size=50)}
+                 ).to_csv(tmp_path / "feat.csv", index=False)
+    r = runner.invoke(import_features, [str(tmp_path / "feat.csv"), "--out", str(tmp_path / "emb" / "table.h5"),
+                                        "--cache", str(cache.root)])
+    assert r.exit_code == 0, r.output
+    assert "50 cases x 2 features" in r.output
+    r = runner.invoke(fit_heads, base + ["--embeddings", str(tmp_path / "emb" / "table.h5"), "--cache",
+                                         str(cache.root), "--no-clinical", "--out", str(tmp_path / "runs" / "t")])
+    assert r.exit_code == 0, r.output
+    s2 = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    assert s2["inputs"]["feature_modalities"] == ["table"] and s2["c_index"]["mean"] > 0.6
