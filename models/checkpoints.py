@@ -180,14 +180,18 @@ def _torch_load_safe(path: Path) -> Any:
         with torch.serialization.safe_globals(_PET_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message opens with generic advice; keep the line naming the global.
+        # torch's message wraps the cause in generic advice; keep only the informative lines.
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        named = [ln for ln in lines if "global" in ln.lower() and "weights_only" not in ln]
-        reason = (named or lines or [type(err).__name__])[0]
-        raise CheckpointError(
-            f"{path}: refused to unpickle: the file references objects outside the allow-list "
-            f"(tensors, containers, argparse.Namespace, Counter, numeric numpy scalars): {reason}"
-        ) from err
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        cause = [ln.replace("WeightsUnpickler error:", "").strip() for ln in lines if not ln.startswith(boiler)]
+        cause = [c for c in cause if c] or [type(err).__name__]
+        named = [c for c in cause if "global" in c.lower() and "weights_only" not in c]
+        if named:
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file references objects outside the allow-list "
+                f"(tensors, containers, argparse.Namespace, Counter, numeric numpy scalars): {named[0]}"
+            ) from err
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({'; '.join(cause)})") from err
     except Exception as err:  # arbitrary bytes make the unpickler fail in arbitrary ways
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
 
