@@ -1,0 +1,270 @@
+"""``run-study``: the whole study in one command (cohort -> cache -> embeddings -> grid -> report)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# Reduced settings of `run-study --demo`: the same code at small sizes, sized to finish in
+# well under 15 minutes on 2 CPU cores (see benchmarks/study.md for the measurements).
+DEMO_SURVIVAL_SIZE_XYZ = (40, 40, 24)
+DEMO_CTFM_SIZE_XYZ = (64, 64, 16)
+DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
+# Native embedding sizes are kept (CT 512, PET 768) so "orig" means what it means in the paper;
+# the PET ViT runs on a 4^3 token grid with 4^3 windows instead of 8^3 padded to 14^3.
+DEMO_ENCODERS = {"ct": {}, "pet": {"img_size": 64, "window_size": 4}}
+DEMO_TRAIN = {
+    "epochs": 6, "steps_per_epoch": 6, "batch_size": 8, "eval_batch_size": 32,
+    "warmup_epochs": 1, "lr_step_epochs": 4, "patience": 6,
+    # 36 steps in all: an EMA with decay 0.999 would still be ~96 % the initial weights.
+    "ema_decay": 0.8,
+    "model": {
+        "seg_filters": [4, 8, 8, 16], "seg_encoder_convs": [1, 1, 1, 1], "seg_decoder_convs": [1, 1, 1],
+        "tap_filters": [2, 4, 4, 8], "dense_stem_filters": 8, "dense_blocks": [2, 2, 2], "growth": 8,
+        "bottleneck_filters": 16, "transition_filters": [8, 8, 16], "head_units": 16,
+    },
+}
+
+_TRAIN_SCALARS = {
+    "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int, "lr": float,
+    "ema_decay": float, "patience": int, "inner_val_fraction": float, "seed": int,
+}
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 100})
+@click.option("--demo", is_flag=True,
+              help="Reduced end-to-end study on the synthetic demo cohort (regenerated from the committed "
+                   "data_manifest.csv when absent), random-init encoders unless weights are given; "
+                   "about 10 min on 2 CPU cores.")
+@click.option("--manifest", default="data_manifest.csv", type=click.Path(dir_okay=False),
+              help="Case manifest (`build-manifest`); with --demo, the committed demo manifest.")
+@click.option("--cache", "cache_root", default=None, type=click.Path(file_okay=False),
+              help="Preprocessed cache; made (or completed) when needed [default: cache/preprocessed, demo: cache/demo].")
+@click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
+              help="ctpet embeddings HDF5; extracted when needed [default: embeddings/ctpet.h5, demo: embeddings/demo_ctpet.h5].")
+@click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
+              help="CT-FM model.safetensors (also $HNFM_CT_FM_WEIGHTS, ~/.cache/hnfm/ct_fm/).")
+@click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
+              help="PET-FM seganypet_v1.pth (also $HNFM_PET_FM_WEIGHTS, ~/.cache/hnfm/pet_fm/).")
+@click.option("--random-init", is_flag=True,
+              help="Randomly initialised encoders instead of weights (implied by --demo without weights). "
+                   "Stated loudly in the output and the report.")
+@click.option("--out", "study_dir", default=None, type=click.Path(file_okay=False),
+              help="Study folder (cells, folds, provenance) [default: runs/study, demo: runs/demo_study].")
+@click.option("--report-dir", default=None, type=click.Path(file_okay=False),
+              help="Report folder [default: reports/study, demo: reports/demo].")
+@click.option("--configs", default=None,
+              help="Comma list of configurations to run (default: all 13), e.g. 'baseline,ctpet-d256'.")
+@click.option("--n-folds", default=5, type=click.IntRange(min=2), help="Outer CV folds (shared by all configurations).")
+@click.option("--folds-seed", default=42, type=int, help="Seed of the shared folds.")
+@click.option("--executor", type=click.Choice(["local", "submitit"]), default="local",
+              help="local = process pool on this machine; submitit = one array job (Slurm, or --cluster local).")
+@click.option("--workers", default=1, type=click.IntRange(min=1),
+              help="Local pool size; each worker is pinned round-robin to one GPU when GPUs are present.")
+@click.option("--cluster", type=click.Choice(["auto", "slurm", "local", "debug"]), default="auto",
+              help="submitit cluster: auto = Slurm when sbatch exists.")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--time", "time_min", default=120, type=click.IntRange(min=1), help="Slurm time limit per cell, minutes.")
+@click.option("--gpus-per-node", default=1, type=click.IntRange(min=0), help="GPUs per cell (Slurm).")
+@click.option("--mem", "mem_gb", default=32, type=click.IntRange(min=1), help="Memory per cell, GB (Slurm).")
+@click.option("--cpus", default=4, type=click.IntRange(min=1), help="CPU cores per cell (Slurm).")
+@click.option("--array-parallelism", default=65, type=click.IntRange(min=1), help="Most array tasks at once (Slurm).")
+@click.option("--no-wait", is_flag=True,
+              help="submitit: return after submission; rerun the same command later to build the report.")
+@click.option("--train-config", "train_config_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSON of TrainConfig options for every configuration (replaces the paper/demo defaults).")
+@click.option("--epochs", type=int, default=None, help="Override: maximum epochs [paper 100].")
+@click.option("--steps-per-epoch", type=int, default=None, help="Override: steps per epoch [paper 50].")
+@click.option("--batch-size", type=int, default=None, help="Override: training batch [paper 8].")
+@click.option("--eval-batch-size", type=int, default=None, help="Override: validation batch [paper 16].")
+@click.option("--lr", type=float, default=None, help="Override: learning rate [paper 1e-3].")
+@click.option("--ema-decay", type=float, default=None, help="Override: EMA decay [paper 0.999].")
+@click.option("--patience", type=int, default=None, help="Override: early-stopping patience [paper 40].")
+@click.option("--inner-val-fraction", type=float, default=None,
+              help="Override: inner split for unbiased selection [0.2]; 0 = paper protocol only.")
+@click.option("--seed", type=int, default=None, help="Override: training seed [paper 42].")
+@click.option("--model-config", default=None, help="JSON of DeepMTSConfig overrides (e.g. narrow widths).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
+@click.option("--prep-workers", default=2, type=click.IntRange(min=1),
+              help="Processes for cohort generation and preprocessing.")
+@click.option("--dry-run", is_flag=True, help="List the cells and which are done; run nothing.")
+@click.option("--report-only", is_flag=True, help="Rebuild the report from the finished cells; train nothing.")
+def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, random_init, study_dir,
+              report_dir, configs, n_folds, folds_seed, executor, workers, cluster, partition, time_min,
+              gpus_per_node, mem_gb, cpus, array_parallelism, no_wait, train_config_file, model_config,
+              device, prep_workers, dry_run, report_only, **overrides):
+    """Run the projection ablation (baseline + {CT, PET, CT+PET} x d in {64, 128, 256, orig},
+    5 folds = 65 cells) and write the report (Table 1, Figures 2-3, both selection protocols).
+
+    Every cell is resumable: rerunning skips finished cells. Examples:
+
+    \b
+      run-study --demo                                   # synthetic cohort, reduced, ~10 min on 2 cores
+      run-study --manifest hecktor.csv --ct-weights model.safetensors --pet-weights seganypet_v1.pth
+      run-study ... --executor submitit --partition gpu --time 90 --gpus-per-node 1
+      run-study --out runs/study --dry-run               # which cells are done
+      run-study --out runs/study --report-only           # report from what is finished
+    """
+    from pipeline.artefacts import ProvenanceError
+    from pipeline.study import SlurmOptions, StudySpec, cell_status, configurations, format_status, load_study
+
+    t_start = time.perf_counter()
+    study_dir = Path(study_dir or ("runs/demo_study" if demo else "runs/study"))
+    report_dir = Path(report_dir or ("reports/demo" if demo else "reports/study"))
+    try:
+        if dry_run or report_only:
+            if (study_dir / "study.json").is_file():
+                spec, _ = load_study(study_dir)
+            else:
+                spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds,
+                                   folds_seed, train_config_file, model_config, device, overrides)
+            if dry_run:
+                click.echo(format_status(cell_status(spec)))
+                return
+            _report(study_dir, report_dir, t_start)
+            return
+
+        spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
+                           train_config_file, model_config, device, overrides)
+        info = _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, prep_workers)
+        _run_grid(spec, info, executor, workers, cluster, no_wait,
+                  SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
+                               mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
+        _report(study_dir, report_dir, t_start)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ProvenanceError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        click.secho(f"error: {msg}", fg="red", err=True)
+        sys.exit(1)
+
+
+def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
+                train_config_file, model_config, device, overrides):
+    from pipeline.study import StudySpec, configurations
+
+    train = json.loads(json.dumps(DEMO_TRAIN)) if demo else {}
+    if train_config_file:
+        train = json.loads(Path(train_config_file).read_text())
+    for name, value in overrides.items():
+        if value is not None:
+            train[name] = _TRAIN_SCALARS[name](value)
+    if model_config:
+        train["model"] = json.loads(model_config)
+    if device:
+        train["device"] = device
+    names = tuple(_csv(configs) or [c.name for c in configurations()])
+    cache_root = cache_root or ("cache/demo" if demo else "cache/preprocessed")
+    embeddings = embeddings or ("embeddings/demo_ctpet.h5" if demo else "embeddings/ctpet.h5")
+    needs_fm = any(n != "baseline" for n in names)
+    return StudySpec.create(manifest, cache_root, embeddings if needs_fm else None, study_dir,
+                            n_folds=n_folds, folds_seed=folds_seed, train=train, configs=names)
+
+
+def _step(msg: str) -> float:
+    click.secho(f"==> {msg}", bold=True)
+    return time.perf_counter()
+
+
+def _done(t0: float) -> None:
+    click.echo(f"    ({time.perf_counter() - t0:.0f} s)")
+
+
+def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, prep_workers) -> dict:
+    """Cohort (demo), cache and embeddings: each made only when missing or incomplete."""
+    from pipeline.preprocess import PreprocessParams, preprocess_cohort
+
+    info: dict = {"settings": "paper (TrainConfig defaults)" if not spec.train else
+                  ("reduced demo settings" if demo else "custom") + ": " + json.dumps(spec.train, sort_keys=True)}
+    if demo:
+        from pipeline.demo_cohort import ensure_demo_cohort, oracle_c_index
+        from pipeline.hecktor import manifest_sidecar_path
+        from pipeline.artefacts import read_json
+
+        t0 = _step(f"demo cohort from {manifest} (generated when absent)")
+        ensure_demo_cohort(manifest, workers=prep_workers)
+        side = read_json(manifest_sidecar_path(manifest))
+        cohort_root = (Path(manifest).resolve().parent / side["source_root"]).resolve()
+        info.update(synthetic=True, data_source=f"synthetic demo cohort at {cohort_root} (manifest {manifest})",
+                    oracle_c_index=oracle_c_index(cohort_root))
+        _done(t0)
+    else:
+        info.update(synthetic=False, data_source=f"manifest {Path(manifest).resolve()}")
+
+    params = (PreprocessParams(survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=DEMO_CTFM_SIZE_XYZ,
+                               petfm_size_xyz=DEMO_PETFM_SIZE_XYZ) if demo else PreprocessParams())
+    t0 = _step(f"preprocess into {spec.cache_root} (finished cases are kept)")
+    preprocess_cohort(spec.manifest, spec.cache_root, params, workers=prep_workers, progress=True)
+    _done(t0)
+
+    if spec.embeddings is not None:
+        from pipeline.embeddings import run_extraction
+
+        random = random_init or (demo and not (ct_weights and pet_weights))
+        if random:
+            click.secho("WARNING: embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the "
+                        "FM rows of this study test the pipeline and say nothing about CT-FM/PET-FM.",
+                        fg="red", bold=True, err=True)
+        t0 = _step(f"ctpet embeddings into {spec.embeddings} ({'RANDOM-INIT' if random else 'pretrained'} encoders)")
+        res = run_extraction(spec.cache_root, "ctpet", spec.embeddings, ct_weights=None if random else ct_weights,
+                             pet_weights=None if random else pet_weights, random_init=random,
+                             encoder_kwargs=DEMO_ENCODERS if demo else None, progress=True)
+        click.echo(f"    {res.summary()}")
+        _done(t0)
+    return info
+
+
+def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm) -> None:
+    from pipeline.study import cell_status, run_study
+
+    status = cell_status(spec)
+    n_done = int(status["done"].sum())
+    t0 = _step(f"grid: {len(status)} cells ({n_done} already done) via {executor}"
+               + (f", {workers} worker(s)" if executor == "local" else ""))
+
+    def report(res):
+        if "error" in res:
+            click.secho(f"    {res['cell']}: FAILED {res['error']}", fg="red", err=True)
+        elif not res.get("skipped"):
+            proto = res["record"]["protocols"]
+            parts = " ".join(f"{p}: C={_f(r.get('c_index'))}" for p, r in proto.items())
+            click.echo(f"    {res['cell']:<22} {res['seconds']:6.1f} s  {parts}")
+
+    outcome = run_study(spec, executor=executor, workers=workers, slurm=slurm,
+                        cluster=None if cluster == "auto" else cluster, wait=not no_wait,
+                        info=info, on_result=report)
+    if outcome.job_ids:
+        click.echo(f"    submitted array job {outcome.job_ids[0].split('_')[0]} ({len(outcome.job_ids)} tasks)")
+    for key, err in outcome.failed.items():
+        if executor != "local":
+            click.secho(f"    {key}: FAILED {err}", fg="red", err=True)
+    click.echo(f"    ran {len(outcome.ran)}, skipped {len(outcome.skipped)}, failed {len(outcome.failed)}")
+    _done(t0)
+    if outcome.failed:
+        click.secho(f"{len(outcome.failed)} cell(s) failed; the report shows them as pending. Rerun to retry.",
+                    fg="red", err=True)
+
+
+def _f(x) -> str:
+    return "undef" if x is None else f"{x:.3f}"
+
+
+def _report(study_dir: Path, report_dir: Path, t_start: float) -> None:
+    from pipeline.report import write_report
+
+    t0 = _step(f"report into {report_dir}")
+    path = write_report(study_dir, report_dir)
+    _done(t0)
+    click.echo(f"total {time.perf_counter() - t_start:.0f} s")
+    click.echo(f"report: {path}")
+
+
+if __name__ == "__main__":  # python -m pipeline.cli.study
+    run_study()

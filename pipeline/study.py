@@ -1,0 +1,709 @@
+"""The projection-ablation study: 13 configurations x K folds, each cell its own job.
+
+Grid (REFERENCE section 1): the DeepMTS+DAFT baseline plus, for each embedding set
+(CT, PET, CT+PET), the FM projection size d in {64, 128, 256, orig}: 13 configurations.
+Every configuration is trained on the same K folds (one shared folds file), so the 5 x 13
+= 65 cells are paired. Embeddings come from the stage-one cache (one ``ctpet`` file; the
+CT-only configurations read its ``ct`` rows, etc.): no foundation model runs during the
+grid.
+
+Each (configuration, fold) cell is independent and resumable: :func:`run_cell` calls
+:func:`pipeline.train.train_fold`, which writes ``<study>/runs/<config>/fold_<k>/`` and its
+completion marker ``done.json`` last. A killed worker or a pre-empted cluster job loses
+only its own cell; rerunning the study skips every cell that has a marker.
+
+Layout of a study folder::
+
+    <study>/study.json                 spec, cohort summary, provenance (see prepare_study)
+    <study>/folds.json                 the shared folds (pipeline.splits format)
+    <study>/runs/<config>/run.json     per-configuration provenance (pipeline.train.start_run)
+    <study>/runs/<config>/fold_<k>/    train_fold outputs + done.json + cell.json (timing)
+    <study>/submitit/                  logs of cluster jobs (when that executor is used)
+
+Executors: a local process pool (``workers`` processes, each pinned round-robin to one
+GPU through ``CUDA_VISIBLE_DEVICES`` when GPUs are present) and submitit (Slurm, or
+submitit's local executor), which submits the pending cells as one array job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from pipeline.artefacts import (
+    ProvenanceError,
+    code_version,
+    params_hash,
+    read_json,
+    utc_now,
+    write_json_atomic,
+)
+
+#: Embedding set name -> modalities read from the embeddings file.
+MODALITY_SETS: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
+#: Display labels, as in the paper's figures.
+MODALITY_LABELS: dict[str, str] = {"ct": "CT", "pet": "PET", "ctpet": "CT+PET"}
+#: Projection sizes of the ablation; ``None`` = native size ("orig": 512 CT, 768 PET).
+PROJ_SIZES: tuple[int | None, ...] = (64, 128, 256, None)
+BASELINE = "baseline"
+CELL_FILE = "cell.json"
+STUDY_FILE = "study.json"
+
+
+def proj_label(proj: int | None) -> str:
+    """``64`` -> ``"64"``, ``None`` -> ``"orig"``."""
+    return "orig" if proj is None else str(int(proj))
+
+
+def parse_proj_label(label: str) -> int | None:
+    """Inverse of :func:`proj_label`; raises ``ValueError`` naming a bad label."""
+    if label == "orig":
+        return None
+    try:
+        value = int(label)
+    except ValueError:
+        raise ValueError(f"projection size must be a positive integer or 'orig', got {label!r}") from None
+    if value < 1:
+        raise ValueError(f"projection size must be a positive integer or 'orig', got {label!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One row of the ablation: the baseline, or an embedding set with a projection size.
+
+    Attributes:
+        modality: ``None`` for the baseline, else a key of :data:`MODALITY_SETS`.
+        proj: projection size, ``None`` = native ("orig"); ignored for the baseline.
+    """
+
+    modality: str | None = None
+    proj: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality is not None and self.modality not in MODALITY_SETS:
+            raise ValueError(f"unknown embedding set {self.modality!r}; choose from {sorted(MODALITY_SETS)}")
+        if self.modality is None and self.proj is not None:
+            raise ValueError(f"the baseline has no FM projection, got proj={self.proj}")
+
+    @property
+    def name(self) -> str:
+        """Folder name: ``baseline``, ``ct-d64`` ... ``ctpet-dorig``."""
+        return BASELINE if self.modality is None else f"{self.modality}-d{proj_label(self.proj)}"
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return () if self.modality is None else MODALITY_SETS[self.modality]
+
+    @property
+    def d_label(self) -> str:
+        return "-" if self.modality is None else proj_label(self.proj)
+
+    @classmethod
+    def from_name(cls, name: str) -> Configuration:
+        """Inverse of :attr:`name`; raises ``ValueError`` naming a bad name."""
+        if name == BASELINE:
+            return cls()
+        modality, sep, d = name.partition("-d")
+        hint = f"not a study configuration name: {name!r} (e.g. 'baseline', 'ct-d64', 'ctpet-dorig')"
+        if not sep or modality not in MODALITY_SETS:
+            raise ValueError(hint)
+        try:
+            return cls(modality, parse_proj_label(d))
+        except ValueError as exc:
+            raise ValueError(f"{hint}: {exc}") from None
+
+
+def configurations(
+    modalities: Sequence[str] = ("ct", "pet", "ctpet"),
+    projections: Sequence[int | None] = PROJ_SIZES,
+    *,
+    baseline: bool = True,
+) -> list[Configuration]:
+    """The ablation grid: baseline first, then each embedding set x projection size.
+
+    With the defaults this is the paper's 13 configurations.
+    """
+    out = [Configuration()] if baseline else []
+    out += [Configuration(m, p) for m in modalities for p in projections]
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One job: a configuration on one outer fold."""
+
+    config: Configuration
+    fold: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.config.name}/fold_{self.fold}"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything a cell needs, as plain paths and values (picklable, JSON-able).
+
+    Attributes:
+        manifest: the case manifest (absolute path).
+        cache_root: the preprocessed cache.
+        embeddings: the stage-one HDF5 holding every modality the grid uses
+            (``ctpet``), or ``None`` for a baseline-only study.
+        study_dir: output folder of the study.
+        n_folds: number of outer CV folds.
+        folds_seed: seed of the shared folds (made once, then reused).
+        train: :class:`pipeline.train.TrainConfig` fields shared by every configuration
+            (``proj`` is set per configuration).
+        configs: configuration names of the grid (see :func:`configurations`).
+    """
+
+    manifest: str
+    cache_root: str
+    embeddings: str | None
+    study_dir: str
+    n_folds: int = 5
+    folds_seed: int = 42
+    train: dict[str, Any] = field(default_factory=dict)
+    configs: tuple[str, ...] = tuple(c.name for c in configurations())
+
+    def __post_init__(self) -> None:
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
+        if "proj" in self.train:
+            raise ValueError("StudySpec.train must not set 'proj': the grid sets it per configuration")
+        confs = [Configuration.from_name(n) for n in self.configs]
+        if len(set(self.configs)) != len(self.configs):
+            raise ValueError(f"duplicate configurations in {self.configs}")
+        if self.embeddings is None and any(c.modality for c in confs):
+            fm = [c.name for c in confs if c.modality]
+            raise ValueError(f"configurations {fm} need an embeddings file, none given")
+
+    @classmethod
+    def create(cls, manifest, cache_root, embeddings, study_dir, **kwargs: Any) -> StudySpec:
+        """Build a spec with absolute paths, so cells run from any working directory."""
+        absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
+        return cls(absolute(manifest), absolute(cache_root), absolute(embeddings), absolute(study_dir), **kwargs)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.study_dir)
+
+    @property
+    def folds_path(self) -> Path:
+        return self.root / "folds.json"
+
+    def configurations(self) -> list[Configuration]:
+        return [Configuration.from_name(n) for n in self.configs]
+
+    def run_dir(self, config: Configuration) -> Path:
+        return self.root / "runs" / config.name
+
+    def train_config(self, config: Configuration, input_size: Sequence[int] | None = None):
+        """The :class:`pipeline.train.TrainConfig` of one configuration.
+
+        Args:
+            config: the grid row; sets ``proj``.
+            input_size: ``(D, H, W)`` of the cached survival volumes; written into the
+                model overrides when they do not set it, so reduced-size caches work.
+        """
+        from pipeline.train import TrainConfig
+
+        options = json.loads(json.dumps(self.train))  # deep copy of plain values
+        if input_size is not None:
+            options.setdefault("model", {}).setdefault("input_size", [int(s) for s in input_size])
+        options["proj"] = config.proj
+        return TrainConfig.from_dict(options)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["configs"] = list(self.configs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudySpec:
+        d = dict(d)
+        d["configs"] = tuple(d.get("configs", ()))
+        return cls(**d)
+
+    @property
+    def hash(self) -> str:
+        """Hash of what determines the results (not the output folder)."""
+        d = self.to_dict()
+        d.pop("study_dir")
+        d.pop("configs")  # growing the grid later keeps finished cells valid
+        return params_hash(d)
+
+
+def grid(spec: StudySpec) -> list[Cell]:
+    """Every cell of the study, configuration-major (baseline folds first)."""
+    return [Cell(c, k) for c in spec.configurations() for k in range(spec.n_folds)]
+
+
+def cell_dir(spec: StudySpec, cell: Cell) -> Path:
+    return spec.run_dir(cell.config) / f"fold_{cell.fold}"
+
+
+def cell_done(spec: StudySpec, cell: Cell) -> bool:
+    from pipeline.train import DONE_FILE
+
+    return (cell_dir(spec, cell) / DONE_FILE).is_file()
+
+
+def cell_status(spec: StudySpec) -> pd.DataFrame:
+    """One row per cell: ``cell, config, modality, d, fold, done, seconds, path``."""
+    rows = []
+    for cell in grid(spec):
+        info_path = cell_dir(spec, cell) / CELL_FILE
+        seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
+        rows.append({
+            "cell": cell.key, "config": cell.config.name, "modality": cell.config.modality or BASELINE,
+            "d": cell.config.d_label, "fold": cell.fold, "done": cell_done(spec, cell),
+            "seconds": seconds, "path": str(cell_dir(spec, cell)),
+        })
+    return pd.DataFrame(rows)
+
+
+def format_status(status: pd.DataFrame) -> str:
+    """Dry-run listing: one line per cell, then the done/pending counts."""
+    lines = [f"{'cell':<24} status"]
+    for row in status.itertuples():
+        lines.append(f"{row.cell:<24} {'done' if row.done else 'pending'}")
+    n_done = int(status["done"].sum())
+    lines.append(f"{len(status)} cells: {n_done} done, {len(status) - n_done} pending")
+    return "\n".join(lines)
+
+
+# --- cohort loading, cached per process -------------------------------------------------
+
+_BASE_COHORTS: dict[tuple[str, str], Any] = {}
+_EMBEDDINGS: dict[tuple[str, str, str, tuple[str, ...]], tuple[dict, dict]] = {}
+
+
+def load_study_cohort(spec: StudySpec, modalities: Sequence[str] = ()):
+    """The :class:`pipeline.dataset.SurvivalCohort` of a configuration, cached per process.
+
+    One copy of the volumes per process is shared by every configuration; the embedding
+    rows of each modality set are read once per process through
+    :func:`pipeline.dataset.load_cohort` (which checks them against the cache).
+    """
+    from pipeline.dataset import load_cohort
+
+    key = (spec.manifest, spec.cache_root)
+    if key not in _BASE_COHORTS:
+        _BASE_COHORTS[key] = load_cohort(spec.manifest, spec.cache_root)
+    base = _BASE_COHORTS[key]
+    if not modalities:
+        return base
+    if spec.embeddings is None:
+        raise ValueError(f"modalities {tuple(modalities)} requested but the study has no embeddings file")
+    ekey = (spec.embeddings, spec.cache_root, spec.manifest, tuple(modalities))
+    if ekey not in _EMBEDDINGS:
+        full = load_cohort(spec.manifest, spec.cache_root, spec.embeddings, tuple(modalities))
+        if full.case_ids != base.case_ids:
+            raise ValueError(f"{spec.manifest}: case order changed while loading {tuple(modalities)} embeddings")
+        _EMBEDDINGS[ekey] = (full.embeddings, full.embedding_attrs)
+    emb, attrs = _EMBEDDINGS[ekey]
+    # Share the base volumes: one copy of the images per process, whatever the grid row.
+    return dataclasses.replace(base, embeddings=emb, embedding_attrs=attrs)
+
+
+def clear_cohort_cache() -> None:
+    """Forget the cohorts cached by :func:`load_study_cohort` (tests, long-lived workers)."""
+    _BASE_COHORTS.clear()
+    _EMBEDDINGS.clear()
+
+
+def folds_hash(folds: pd.DataFrame) -> str:
+    """The folds hash :func:`pipeline.train.train_survival` records in ``run.json``."""
+    return params_hash({"folds": folds.sort_values("case_id").astype(str).values.tolist()})
+
+
+def _cache_params_hash(spec: StudySpec) -> str:
+    from pipeline.cache import PreprocessedCache
+
+    return PreprocessedCache(spec.cache_root).params_hash
+
+
+def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame) -> tuple[Any, dict]:
+    from pipeline.train import run_provenance
+
+    cfg = spec.train_config(config, tuple(cohort.images.shape[2:]))
+    prov = run_provenance(cohort, cfg, folds_hash(folds), _cache_params_hash(spec))
+    return cfg, prov | {"study": spec.hash, "configuration": config.name}
+
+
+# --- the unit of work ---------------------------------------------------------------------
+
+
+def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, Any]:
+    """Train one configuration on one fold; self-contained and picklable (a job function).
+
+    Loads the cohort from the spec's paths (cached per process), checks the configuration
+    folder's provenance (``run.json``) and calls :func:`pipeline.train.train_fold`, whose
+    ``done.json`` is the completion marker. Also writes ``cell.json`` (wall time, host,
+    device) beside it. A finished cell returns its record without training.
+
+    Args:
+        spec: the study.
+        cell: the configuration and fold.
+        progress: show the epoch progress bar.
+
+    Returns:
+        ``{"cell": key, "skipped": bool, "seconds": float, "record": done.json content}``.
+
+    Raises:
+        ProvenanceError: the configuration folder was made with other settings or folds.
+        FileNotFoundError: :func:`prepare_study` has not written the folds file yet.
+    """
+    from pipeline.splits import load_folds
+    from pipeline.train import DONE_FILE, start_run, train_fold
+
+    out = cell_dir(spec, cell)
+    if (out / DONE_FILE).is_file():
+        return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(out / DONE_FILE)}
+    t0 = time.perf_counter()
+    cohort = load_study_cohort(spec, cell.config.modalities)
+    folds = load_folds(spec.folds_path, expected_case_ids=cohort.case_ids)
+    cfg, prov = _config_provenance(spec, cohort, cell.config, folds)
+    run_dir = spec.run_dir(cell.config)
+    start_run(run_dir, prov)
+    t_train = time.perf_counter()
+    record = train_fold(cohort, folds, cell.fold, cfg, run_dir, progress=progress)
+    t_end = time.perf_counter()
+    import torch
+
+    info = {
+        "cell": cell.key, "seconds": t_end - t0, "train_seconds": t_end - t_train,
+        "load_seconds": t_train - t0, "epochs_run": record.get("epochs_run"),
+        "host": platform.node(), "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device": "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
+        "finished": utc_now(), "code_version": code_version(),
+    }
+    write_json_atomic(out / CELL_FILE, info)
+    return {"cell": cell.key, "skipped": False, "seconds": info["seconds"], "record": record}
+
+
+# --- set-up, shared by every executor --------------------------------------------------
+
+
+def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create (or check) the study folder before any cell runs.
+
+    Loads the cohort with every modality the grid uses (so a missing or mismatched
+    embedding row fails here, once, not in 52 jobs), creates or reuses the shared folds,
+    writes ``run.json`` of every configuration, and writes ``study.json``: the spec, the
+    cohort summary (cases, events, case-set hash), the cache's params hash, the embedding
+    file's sha256 and attributes (random-init or real weights), the code version and
+    ``info`` (free-form: data source, settings label, oracle C-index, ...).
+
+    Raises:
+        ProvenanceError: the folder holds a study made with other settings.
+
+    Returns:
+        The ``study.json`` record.
+    """
+    from pipeline.splits import case_set_sha256
+    from pipeline.train import get_folds, start_run
+
+    root = spec.root
+    path = root / STUDY_FILE
+    if path.is_file():
+        old = read_json(path)
+        if old.get("spec_hash") != spec.hash:
+            raise ProvenanceError(
+                f"{path}: the study folder was made with other settings (spec hash {old.get('spec_hash')!r}, "
+                f"this invocation {spec.hash!r}); use another study folder"
+            )
+    all_mods = tuple(sorted({m for c in spec.configurations() for m in c.modalities}))
+    cohort = load_study_cohort(spec, all_mods) if all_mods else load_study_cohort(spec)
+    folds = get_folds(spec.folds_path, cohort, n_folds=spec.n_folds, seed=spec.folds_seed)
+    for config in spec.configurations():
+        sub = load_study_cohort(spec, config.modalities)
+        _, prov = _config_provenance(spec, sub, config, folds)
+        start_run(spec.run_dir(config), prov)
+
+    emb_record = None
+    if spec.embeddings is not None:
+        emb_record = embeddings_provenance(spec.embeddings)
+    record = {
+        "spec": spec.to_dict(),
+        "spec_hash": spec.hash,
+        "created": read_json(path)["created"] if path.is_file() else utc_now(),
+        "updated": utc_now(),
+        "code_version": code_version(),
+        "cohort": {
+            "n_cases": len(cohort), "n_events": int(cohort.event.sum()),
+            "case_set_sha256": case_set_sha256(cohort.case_ids),
+            "n_centres": int(pd.Series(cohort.centre).nunique()),
+            "survival_input_size_dhw": [int(s) for s in cohort.images.shape[2:]],
+        },
+        "folds_hash": folds_hash(folds),
+        "cache_params_hash": _cache_params_hash(spec),
+        "embeddings": emb_record,
+        "info": info or {},
+    }
+    write_json_atomic(path, record)
+    return record
+
+
+def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """Path, sha256, file attributes and per-modality encoder records of an embedding file.
+
+    ``random_init`` is True when any modality was made with randomly initialised encoders.
+    """
+    import warnings
+
+    from pipeline.embeddings import RANDOM_INIT, read_embeddings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller states random-init loudly itself
+        es = read_embeddings(path)
+    random = sorted(m for m, a in es.modality_attrs.items() if a.get("weights_sha256") == RANDOM_INIT)
+    return {
+        "path": str(path), "sha256": es.sha256, "attrs": es.attrs,
+        "modalities": {m: {k: v for k, v in a.items()} for m, a in es.modality_attrs.items()},
+        "random_init": bool(random), "random_init_modalities": random,
+    }
+
+
+def load_study(study_dir: str | os.PathLike) -> tuple[StudySpec, dict[str, Any]]:
+    """Read ``study.json``: the spec and the full record."""
+    path = Path(study_dir) / STUDY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a study folder (run `run-study` first)")
+    record = read_json(path)
+    return StudySpec.from_dict(record["spec"]), record
+
+
+# --- executors ----------------------------------------------------------------------------
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else all CUDA devices."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no usable CUDA runtime means no GPU
+        return []
+
+
+def _worker_init(slots, threads: int) -> None:
+    """Pin this pool worker to a GPU (before CUDA initialises) and bound CPU threads."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _pool_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
+    try:
+        return run_cell(spec, cell)
+    except Exception as exc:  # noqa: BLE001 - report the cell and continue the grid
+        return {"cell": cell.key, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+@dataclass
+class StudyOutcome:
+    """What an executor did. ``failed`` maps cell key -> error message."""
+
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run_local(
+    spec: StudySpec,
+    cells: Sequence[Cell],
+    workers: int = 1,
+    *,
+    gpus: Sequence[str] | None = None,
+    threads_per_worker: int | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> StudyOutcome:
+    """Run cells in a pool of ``workers`` fresh (spawned) processes.
+
+    Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
+    (round-robin), so with 8 GPUs and 8 workers each GPU trains one cell at a time. Torch
+    CPU threads per worker default to ``cores // workers`` (at least 1). A failing cell is
+    reported in the outcome and the others continue.
+
+    Args:
+        spec: the study (already prepared by :func:`prepare_study`).
+        cells: the cells to run; finished ones are skipped inside :func:`run_cell`.
+        workers: pool size.
+        gpus: GPU ids; default :func:`visible_gpus`.
+        threads_per_worker: torch intra-op threads per worker.
+        on_result: called in the parent with each cell's result as it finishes.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    gpus = list(visible_gpus() if gpus is None else gpus)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads_per_worker or max(1, cores // workers)
+    outcome = StudyOutcome()
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")  # a clean interpreter: CUDA_VISIBLE_DEVICES set before CUDA starts
+    slots = ctx.Queue()
+    for i in range(workers):
+        slots.put(gpus[i % len(gpus)] if gpus else None)
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(slots, threads)) as pool:
+        futures = [pool.submit(_pool_cell, spec, cell) for cell in cells]
+        for fut in cf.as_completed(futures):
+            res = fut.result()
+            _record(outcome, res)
+            if on_result is not None:
+                on_result(res)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _record(outcome: StudyOutcome, res: dict[str, Any]) -> None:
+    if "error" in res:
+        outcome.failed[res["cell"]] = res["error"]
+    elif res.get("skipped"):
+        outcome.skipped.append(res["cell"])
+    else:
+        outcome.ran.append(res["cell"])
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Resources of each array task (submitit parameter names in brackets).
+
+    Attributes:
+        partition: Slurm partition [slurm_partition]; ``None`` = cluster default.
+        time_min: wall-time limit per cell in minutes [timeout_min].
+        gpus_per_node: GPUs per task [gpus_per_node].
+        mem_gb: memory per task [mem_gb].
+        cpus_per_task: CPU cores per task [cpus_per_task].
+        array_parallelism: most tasks running at once [slurm_array_parallelism].
+        extra: further submitit parameters (e.g. ``{"slurm_account": "..."}``).
+    """
+
+    partition: str | None = None
+    time_min: int = 120
+    gpus_per_node: int = 1
+    mem_gb: int = 32
+    cpus_per_task: int = 4
+    array_parallelism: int = 65
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def parameters(self, cluster: str | None) -> dict[str, Any]:
+        """``update_parameters`` arguments for ``AutoExecutor(cluster=cluster)``."""
+        params: dict[str, Any] = {"timeout_min": int(self.time_min), "gpus_per_node": int(self.gpus_per_node)}
+        if cluster != "local":
+            params.update(mem_gb=int(self.mem_gb), cpus_per_task=int(self.cpus_per_task),
+                          slurm_array_parallelism=int(self.array_parallelism))
+            if self.partition:
+                params["slurm_partition"] = self.partition
+        params.update(self.extra)
+        return params
+
+
+def run_submitit(
+    spec: StudySpec,
+    cells: Sequence[Cell],
+    *,
+    cluster: str | None = None,
+    options: SlurmOptions = SlurmOptions(),
+    wait: bool = True,
+    log_dir: str | os.PathLike | None = None,
+) -> StudyOutcome:
+    """Submit the cells as one submitit array job (``executor.map_array``).
+
+    Args:
+        spec: the study (prepared).
+        cells: cells to submit (pass only pending ones; finished cells would no-op).
+        cluster: ``None`` (auto: Slurm when ``sbatch`` exists), ``"slurm"``, ``"local"``
+            (submitit's local executor, one subprocess per cell) or ``"debug"`` (in-process).
+        options: resources per task.
+        wait: block until every task finishes and collect results; otherwise return the
+            job ids right after submission (rerun the study later to build the report).
+        log_dir: submitit folder; default ``<study>/submitit``.
+    """
+    import submitit
+
+    folder = Path(log_dir) if log_dir else spec.root / "submitit"
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    executor.update_parameters(name="hnfm-study", **options.parameters(executor.cluster))
+    outcome = StudyOutcome()
+    if not cells:
+        return outcome
+    t0 = time.perf_counter()
+    jobs = executor.map_array(run_cell, [spec] * len(cells), list(cells))
+    outcome.job_ids = [j.job_id for j in jobs]
+    if wait:
+        for cell, job in zip(cells, jobs):
+            try:
+                _record(outcome, job.result())
+            except Exception as exc:  # noqa: BLE001 - one failed task must not hide the others
+                outcome.failed[cell.key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    slurm: SlurmOptions = SlurmOptions(),
+    cluster: str | None = None,
+    wait: bool = True,
+    info: dict[str, Any] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> StudyOutcome:
+    """Prepare the study folder and run every pending cell.
+
+    Args:
+        spec: the study.
+        executor: ``"local"`` (process pool) or ``"submitit"`` (array job).
+        workers: local pool size.
+        slurm: resources per array task (submitit).
+        cluster: submitit cluster (``None`` auto, ``"slurm"``, ``"local"``, ``"debug"``).
+        wait: submitit only: wait for the array to finish.
+        info: free-form record stored in ``study.json`` (data source, settings, ...).
+        on_result: local pool only: callback per finished cell.
+    """
+    prepare_study(spec, info)
+    pending = [c for c in grid(spec) if not cell_done(spec, c)]
+    done = [c.key for c in grid(spec) if cell_done(spec, c)]
+    if executor == "local":
+        outcome = run_local(spec, pending, workers, on_result=on_result) if pending else StudyOutcome()
+    elif executor == "submitit":
+        outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait)
+    else:
+        raise ValueError(f"executor must be 'local' or 'submitit', got {executor!r}")
+    outcome.skipped = done + outcome.skipped
+    return outcome
+
+
+def _print_err(msg: str) -> None:  # pragma: no cover - used by the CLI only
+    print(msg, file=sys.stderr)

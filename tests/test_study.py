@@ -1,0 +1,271 @@
+"""Study runner: grid, shared folds, dry run, resume, local pool, submitit dispatch, CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline import study
+from pipeline.artefacts import ProvenanceError, read_json
+from pipeline.cache import GridGeometry, write_case, write_cohort_record
+from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
+from pipeline.preprocess import PreprocessParams
+
+N_CASES = 20
+SURV_DHW = (16, 16, 16)
+TINY_ENCODERS = {
+    "ct": {"init_filters": 4},
+    "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
+            "window_size": 6, "global_attn_indexes": [1]},
+}
+# Same code as the paper's network, at widths a test can train in a second.
+TINY_TRAIN = {
+    "epochs": 2, "steps_per_epoch": 2, "batch_size": 4, "eval_batch_size": 8, "warmup_epochs": 1,
+    "patience": 2, "ema_decay": 0.5, "device": "cpu",
+    "model": {"seg_filters": [2, 4, 4], "seg_encoder_convs": [1, 1, 1], "seg_decoder_convs": [1, 1],
+              "tap_filters": [1, 2, 2], "dense_stem_filters": 4, "dense_blocks": [1, 1], "growth": 4,
+              "bottleneck_filters": 4, "transition_filters": [4, 4], "head_units": 4},
+}
+
+
+def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0) -> dict[str, Path]:
+    """A tiny but real cohort: manifest, preprocessed cache and random-init ctpet embeddings.
+
+    Tumour size drives the hazard so the survival signal is learnable; arrays are [D, H, W].
+    """
+    from pipeline.embeddings import RandomInitWarning, run_extraction
+
+    rng = np.random.default_rng(seed)
+    params = PreprocessParams(survival_size_xyz=SURV_DHW[::-1], ctfm_size_xyz=(32, 32, 8),
+                              petfm_size_xyz=(32, 32, 32))
+    ph = params.hash()
+    centres = ["CHUM", "CHUP", "MDA", "HGJ"]
+    rows, ids = [], []
+    geom = GridGeometry((0.0, 0.0, 0.0), (1.0, 1.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), SURV_DHW[::-1])
+    zz, yy, xx = np.meshgrid(*[np.arange(s) - s / 2 for s in SURV_DHW], indexing="ij")
+    for i in range(n_cases):
+        centre = centres[i % len(centres)]
+        cid = f"{centre}-{i:03d}"
+        ids.append(cid)
+        radius = rng.uniform(2.0, 6.0)
+        hazard = np.exp(0.8 * (radius - 4.0))
+        t_event, t_cens = rng.exponential(800 / hazard), rng.uniform(200, 2000)
+        mask = (np.sqrt(zz**2 + yy**2 + xx**2) < radius).astype(np.uint8)
+        pet = (mask * rng.uniform(4, 12) + rng.random(SURV_DHW)).astype(np.float32)
+        ct = (mask * 60.0 + rng.normal(0, 20, SURV_DHW)).astype(np.float32)
+        write_case(root / "cache", cid, {
+            "survival/pet": pet, "survival/ct": ct, "survival/mask": mask,
+            "ctfm/ct": rng.random((8, 32, 32), dtype=np.float32),
+            "petfm/pet": rng.random((32, 32, 32), dtype=np.float32),
+        }, {"survival": geom, "ctfm": geom, "petfm": geom},
+            {"params_hash": ph, "source_sha256": {"ct": f"c{i}", "pet": f"p{i}", "label": f"l{i}"}})
+        rows.append({
+            "case_id": cid, "center_id": centres.index(centre) + 1, "center": centre,
+            "ct_path": f"imagesTr/{cid}__CT.nii.gz", "pet_path": f"imagesTr/{cid}__PT.nii.gz",
+            "label_path": f"labelsTr/{cid}.nii.gz", "ct_sha256": "", "pet_sha256": "", "label_sha256": "",
+            "task1": 1, "task2": 1, "has_endpoint": 1, "relapse": int(t_event < t_cens),
+            "rfs_days": float(round(min(t_event, t_cens)) + 1), "gender": "M" if i % 3 else "F",
+            "age": float(50 + i), "weight": float(70 + i % 7), "tobacco": i % 2, "alcohol": (i + 1) % 2,
+            "performance_status": i % 3, "hpv_status": (i // 2) % 2, "surgery": i % 2,
+            "chemotherapy": (i + 1) % 2, "has_gtvp": 1, "has_gtvn": 0,
+        })
+    write_cohort_record(root / "cache", {"params": params.as_dict(), "params_hash": ph,
+                                         "crop_size_vox_xyz": [40, 40, 16], "case_ids": ids})
+    df = pd.DataFrame(rows)
+    assert list(df.columns) == list(MANIFEST_COLUMNS)
+    write_manifest(df, root / "manifest.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomInitWarning)
+        run_extraction(root / "cache", "ctpet", root / "ctpet.h5", random_init=True,
+                       encoder_kwargs=TINY_ENCODERS, device="cpu", progress=False)
+    return {"manifest": root / "manifest.csv", "cache": root / "cache", "embeddings": root / "ctpet.h5"}
+
+
+def make_spec(inputs: dict[str, Path], study_dir: Path, configs=None, **kw) -> study.StudySpec:
+    names = tuple(configs) if configs else tuple(c.name for c in study.configurations())
+    return study.StudySpec.create(inputs["manifest"], inputs["cache"], inputs["embeddings"], study_dir,
+                                  train=json.loads(json.dumps(TINY_TRAIN)), configs=names, **kw)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_study_inputs(tmp_path_factory.mktemp("study_inputs"))
+
+
+# --- grid -------------------------------------------------------------------------------------
+
+
+def test_grid_is_13_configurations_and_65_cells():
+    confs = study.configurations()
+    assert len(confs) == 13
+    assert confs[0].name == "baseline" and confs[0].modalities == ()
+    names = [c.name for c in confs]
+    assert len(set(names)) == 13
+    for m, mods in (("ct", ("ct",)), ("pet", ("pet",)), ("ctpet", ("ct", "pet"))):
+        rows = [c for c in confs if c.modality == m]
+        assert [c.proj for c in rows] == [64, 128, 256, None]
+        assert all(c.modalities == mods for c in rows)
+    spec = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s")
+    cells = study.grid(spec)
+    assert len(cells) == 65 and len({c.key for c in cells}) == 65
+    assert {c.fold for c in cells} == set(range(5))
+    # Names round-trip, bad ones are refused naming the value.
+    assert all(study.Configuration.from_name(n) == c for n, c in zip(names, confs))
+    with pytest.raises(ValueError, match="'ct-d7x'"):
+        study.Configuration.from_name("ct-d7x")
+    with pytest.raises(ValueError, match="need an embeddings file"):
+        study.StudySpec("m.csv", "c", None, "/tmp/s")
+    with pytest.raises(ValueError, match="proj"):
+        study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", train={"proj": 64})
+
+
+def test_spec_round_trips_and_hash_ignores_folder_and_grid_size():
+    a = study.StudySpec("m.csv", "c", "e.h5", "/tmp/a", train={"epochs": 3})
+    assert study.StudySpec.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    b = study.StudySpec("m.csv", "c", "e.h5", "/tmp/b", train={"epochs": 3}, configs=("baseline",))
+    assert a.hash == b.hash
+    assert a.hash != study.StudySpec("m.csv", "c", "e.h5", "/tmp/a", train={"epochs": 4}).hash
+    cfg = a.train_config(study.Configuration("pet", 128), input_size=(24, 40, 40))
+    assert cfg.proj == 128 and cfg.epochs == 3 and tuple(cfg.model["input_size"]) == (24, 40, 40)
+    assert a.train_config(study.Configuration("ct", None)).proj is None
+
+
+# --- preparation, dry run, resume ----------------------------------------------------------------
+
+
+def test_prepare_shares_one_folds_file_and_dry_run_lists_pending(inputs, tmp_path):
+    spec = make_spec(inputs, tmp_path / "s")
+    rec = study.prepare_study(spec, info={"settings": "test"})
+    assert rec["cohort"]["n_cases"] == N_CASES
+    assert rec["embeddings"]["random_init"] is True
+    runs = [read_json(spec.run_dir(c) / "run.json") for c in spec.configurations()]
+    assert len(runs) == 13
+    # Identical folds for every configuration; only proj and the modalities differ.
+    assert len({r["folds_hash"] for r in runs}) == 1
+    assert {tuple(r["modalities"]) for r in runs} == {(), ("ct",), ("pet",), ("ct", "pet")}
+    by_name = {c.name: r for c, r in zip(spec.configurations(), runs)}
+    assert {by_name[f"pet-d{d}"]["config"]["proj"] for d in ("64", "128", "256", "orig")} == {64, 128, 256, None}
+    assert len({r["config_hash"] for r in runs}) == 4  # the baseline shares proj=None with "orig"
+    status = study.cell_status(spec)
+    assert len(status) == 65 and not status["done"].any()
+    text = study.format_status(status)
+    assert "65 cells: 0 done, 65 pending" in text and "ctpet-dorig/fold_4" in text
+    # A second preparation with other settings is refused, naming the folder.
+    other = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 3}})
+    with pytest.raises(ProvenanceError, match="other settings"):
+        study.prepare_study(other)
+
+
+def test_run_cell_trains_writes_marker_and_resume_skips(inputs, tmp_path):
+    spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ctpet-d64"))
+    study.prepare_study(spec)
+    cell = study.Cell(study.Configuration("ctpet", 64), 1)
+    res = study.run_cell(spec, cell)
+    assert not res["skipped"]
+    folder = study.cell_dir(spec, cell)
+    done = read_json(folder / "done.json")
+    assert done["fold"] == 1 and set(done["protocols"]) == {"paper", "inner"}
+    assert (folder / "oof.csv").is_file() and (folder / "cell.json").is_file()
+    assert read_json(folder / "cell.json")["seconds"] > 0
+    # The fold's validation cases are exactly fold 1 of the shared folds file.
+    from pipeline.splits import load_folds
+
+    folds = load_folds(spec.folds_path)
+    oof = pd.read_csv(folder / "oof.csv")
+    assert set(oof["case_id"]) == set(folds.loc[folds["fold"] == 1, "case_id"])
+    mtime = (folder / "done.json").stat().st_mtime_ns
+    again = study.run_cell(spec, cell)
+    assert again["skipped"] and again["record"] == done
+    assert (folder / "done.json").stat().st_mtime_ns == mtime
+    status = study.cell_status(spec).set_index("cell")
+    assert status.loc["ctpet-d64/fold_1", "done"] and not status.loc["ctpet-d64/fold_0", "done"]
+    assert int(status["done"].sum()) == 1
+
+
+def test_local_pool_runs_only_pending_cells(inputs, tmp_path):
+    spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2)
+    study.prepare_study(spec)
+    first = study.Cell(study.Configuration(), 0)
+    study.run_cell(spec, first)
+    marker = study.cell_dir(spec, first) / "done.json"
+    before = marker.stat().st_mtime_ns
+    seen = []
+    outcome = study.run_study(spec, executor="local", workers=2, on_result=seen.append)
+    assert outcome.ok, outcome.failed
+    assert outcome.ran == ["baseline/fold_1"] and "baseline/fold_0" in outcome.skipped
+    assert [r["cell"] for r in seen] == ["baseline/fold_1"]
+    assert marker.stat().st_mtime_ns == before
+    assert study.cell_status(spec)["done"].all()
+    # The worker bounded its threads: 2 workers share the cores.
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    info = read_json(study.cell_dir(spec, study.Cell(study.Configuration(), 1)) / "cell.json")
+    assert info["torch_threads"] == max(1, cores // 2)
+
+
+def test_local_pool_reports_a_failing_cell_and_continues(inputs, tmp_path):
+    spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2)
+    study.prepare_study(spec)
+    # Corrupt one configuration's provenance: that cell must fail loudly, the other run.
+    run_json = spec.run_dir(study.Configuration()) / "run.json"
+    rec = read_json(run_json)
+    rec["config_hash"] = "0" * 16
+    run_json.write_text(json.dumps(rec))
+    outcome = study.run_local(spec, study.grid(spec), workers=1)
+    assert set(outcome.failed) == {"baseline/fold_0", "baseline/fold_1"}
+    assert all("config_hash differs" in e for e in outcome.failed.values())
+
+
+def test_gpu_slots_are_round_robin(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert study.visible_gpus() == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert study.visible_gpus() == []
+
+
+def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_path):
+    spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
+    study.prepare_study(spec)
+    cell = study.Cell(study.Configuration("pet", 128), 2)
+    outcome = study.run_submitit(spec, [cell], cluster="local",
+                                 options=study.SlurmOptions(time_min=10, gpus_per_node=0))
+    assert outcome.ok, outcome.failed
+    assert outcome.ran == [cell.key] and len(outcome.job_ids) == 1
+    assert (study.cell_dir(spec, cell) / "done.json").is_file()
+    assert (spec.root / "submitit").is_dir()
+    assert study.cell_status(spec).set_index("cell")["done"].sum() == 1
+
+
+def test_slurm_options_map_to_submitit_parameters():
+    opts = study.SlurmOptions(partition="gpu", time_min=90, gpus_per_node=1, mem_gb=48, cpus_per_task=8)
+    p = opts.parameters("slurm")
+    assert p == {"timeout_min": 90, "gpus_per_node": 1, "mem_gb": 48, "cpus_per_task": 8,
+                 "slurm_array_parallelism": 65, "slurm_partition": "gpu"}
+    assert study.SlurmOptions().parameters("local") == {"timeout_min": 120, "gpus_per_node": 1}
+
+
+def test_cli_dry_run_and_help(inputs, tmp_path):
+    from pipeline.cli.study import run_study
+
+    runner = CliRunner()
+    res = runner.invoke(run_study, ["--help"])
+    assert res.exit_code == 0
+    for opt in ("--demo", "--workers", "--executor", "--partition", "--time", "--gpus-per-node", "--mem",
+                "--cpus", "--dry-run", "--ct-weights", "--pet-weights", "--report-only"):
+        assert opt in res.output
+    spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ct-d64"), n_folds=2)
+    study.prepare_study(spec)
+    study.run_cell(spec, study.Cell(study.Configuration("ct", 64), 0))
+    res = runner.invoke(run_study, ["--out", str(tmp_path / "s"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = dict(line.split() for line in res.output.splitlines()[1:-1])
+    assert lines == {"baseline/fold_0": "pending", "baseline/fold_1": "pending",
+                     "ct-d64/fold_0": "done", "ct-d64/fold_1": "pending"}
+    assert "4 cells: 1 done, 3 pending" in res.output
