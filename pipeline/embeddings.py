@@ -313,6 +313,17 @@ def _remove_stale_temps(folder: Path, prefix: str = ".") -> int:
     return n
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publishable(tmp: Path) -> None:
+    """Give a temporary file (``mkstemp``: 0600) the mode a normal write would, before rename."""
+    os.chmod(tmp, _umask_mode())
+
+
 def _shard_path(store: Path, case_id: str, fingerprint: str) -> Path:
     return store / f"{case_id}-{fingerprint}.npy"
 
@@ -328,6 +339,7 @@ def _write_shard(path: Path, vec: np.ndarray) -> None:
             _save_array(handle, vec)
             handle.flush()
             os.fsync(handle.fileno())
+        _publishable(tmp)
 
 
 def _read_shard(path: Path, dim: int | None) -> np.ndarray:
@@ -347,6 +359,7 @@ def _prepare_store(root: Path, spec: _EncoderSpec) -> Path:
     if not ignore.exists():  # generated artefacts: keep them out of version control
         with atomic_path(ignore) as tmp:
             tmp.write_text("*\n")
+            _publishable(tmp)
     record = store / "provenance.json"
     if record.is_file():
         found = read_json(record)
@@ -437,6 +450,11 @@ def _embed_modality(
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     report.reused = len(case_ids) - len(missing)
     if missing:
+        if spec.weights_sha256 == RANDOM_INIT:
+            _warn_random(
+                f"{spec.modality}: computing embeddings with a randomly initialised {spec.encoder} "
+                f"(seed {spec.random_init_seed}); fine for a demo, meaningless for results"
+            )
         model = _build_encoder(spec).to(device)
         bar = tqdm(
             total=len(missing), unit="case", desc=f"{spec.modality} {spec.encoder}",
@@ -583,8 +601,6 @@ def run_extraction(
         )
         for m in mods
     }
-    if random_init:
-        _warn_random(f"{out}: computing embeddings with randomly initialised encoders (seed {seed})")
     case_ids = cache.case_ids
     fingerprints = [cache.case_fingerprint(c) for c in case_ids]
     expected_prov = {m: json.loads(canonical_json(s.provenance())) for m, s in specs.items()}
@@ -661,11 +677,15 @@ def _provenance_mismatch(
         )
     for m, prov in expected.items():
         found = existing["provenance"].get(m)
-        if found != prov:
-            diffs.append(
-                f"{m} encoder: file {canonical_json(found) if found else 'none'}, "
-                f"this run {canonical_json(prov)}"
-            )
+        if found is None:
+            diffs.append(f"{m} encoder: file has none, this run {canonical_json(prov)}")
+            continue
+        for key in sorted(set(prov) | set(found)):
+            if found.get(key) != prov.get(key):
+                diffs.append(
+                    f"{m} {key}: file {canonical_json(found.get(key))}, "
+                    f"this run {canonical_json(prov.get(key))}"
+                )
     return "; ".join(diffs) + ("." if diffs else "")
 
 
@@ -707,6 +727,7 @@ def _write_h5(
                 ds.attrs["dtype"] = "float32"
                 ds.attrs["provenance"] = canonical_json(prov)
                 ds.attrs["provenance_hash"] = params_hash(prov)
+        _publishable(tmp)
 
 
 def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int, ...]:

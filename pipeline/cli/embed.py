@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import click
 
@@ -70,8 +71,10 @@ def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, 
     Safe to kill and rerun: finished cases are kept as per-case shards and never recomputed,
     and the HDF5 appears only when complete. A rerun on a complete file does nothing.
     """
-    from pipeline.embeddings import ExtractionLockedError, run_extraction
+    from pipeline.embeddings import ExtractionLockedError, RandomInitWarning, run_extraction
 
+    # The library also prints random-init warnings as a plain stderr line; show that one only.
+    warnings.simplefilter("ignore", RandomInitWarning)
     try:
         result = run_extraction(
             cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
