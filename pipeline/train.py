@@ -1,0 +1,497 @@
+"""Stage two: train DeepMTS+DAFT (optionally with FM embeddings) on one CV fold, or all.
+
+The unit of work is one configuration x one fold (:func:`train_fold`), written to its own
+folder with a completion marker, so a killed run, or a pre-empted cluster job, loses only
+that fold. :func:`train_survival` runs every fold of one configuration and summarises.
+
+Model selection, both reported and labelled:
+
+* ``paper``: the epoch with the best C-index on the outer validation fold, reported on that
+  same fold (the seed paper's protocol; optimistic because the fold both selects and scores).
+* ``inner``: the epoch with the best C-index on an inner validation split carved from the
+  training fold (stratified, ``inner_val_fraction``); the outer fold is only scored, never
+  used for a decision. This is the unbiased estimate.
+
+Both selections come from the same training trajectory (the network is fitted on the
+training fold minus the inner split), so their difference is the selection optimism alone.
+With ``inner_val_fraction=0`` the network is fitted on the whole training fold and only the
+``paper`` selection exists, exactly the paper's protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from models.deepmts import TUMOUR_INPUTS, DeepMTS, DeepMTSConfig
+from models.losses import deepmts_loss
+from pipeline.artefacts import (
+    ProvenanceError,
+    atomic_path,
+    code_version,
+    params_hash,
+    read_json,
+    write_json_atomic,
+)
+from pipeline.clinical import ClinicalTransform
+from pipeline.dataset import AugmentConfig, SurvivalCohort, augment_batch
+from pipeline.metrics import c_index, summarise, time_dependent_auc
+from pipeline.sampling import EventBalancedBatchSampler
+from pipeline.splits import inner_split
+
+PROTOCOLS = ("paper", "inner")
+DONE_FILE = "done.json"
+
+
+@dataclass
+class TrainConfig:
+    """Training protocol; defaults are the seed paper's settings.
+
+    Args:
+        epochs: maximum epochs.
+        steps_per_epoch: optimisation steps per epoch (event-balanced batches).
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        lr: Adam learning rate after warm-up.
+        warmup_epochs: linear warm-up length.
+        lr_step_epochs: multiply the learning rate by ``lr_gamma`` every this many epochs.
+        lr_gamma: step-decay factor.
+        ema_decay: decay of the exponential moving average of weights used for evaluation.
+        wd_classifier: weight decay on the risk head.
+        wd_densenet: weight decay on the survival DenseNet.
+        patience: early stopping after this many epochs without a better validation C-index.
+        cox_weight: weight of the Cox loss in ``L = L_dice + cox_weight * L_cox``.
+        seed: seed for initialisation, sampling and augmentation.
+        inner_val_fraction: fraction of the training fold held out for the unbiased
+            selection; 0 reproduces the paper's protocol only.
+        proj: FM projection size (64, 128, 256) or None for the native size ("orig").
+        fm_standardise: z-score each embedding feature with training-fold statistics before
+            the projection (not in the paper; keeps random-init and real encoders on one
+            scale).
+        tumour_input: "gate" (the seed paper), "binary" or "soft" (DeepMTS upstream); see
+            :class:`models.deepmts.DeepMTSConfig`.
+        model: further :class:`models.deepmts.DeepMTSConfig` overrides (e.g. narrow widths);
+            ``{"preset": "tiny", ...}`` starts from :meth:`DeepMTSConfig.tiny`. The input size
+            always comes from the preprocessed volumes.
+        augment: augmentation ranges.
+        device: "auto" (CUDA when present), "cpu" or "cuda".
+    """
+
+    epochs: int = 100
+    steps_per_epoch: int = 50
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    lr: float = 1e-3
+    warmup_epochs: int = 5
+    lr_step_epochs: int = 25
+    lr_gamma: float = 0.3
+    ema_decay: float = 0.999
+    wd_classifier: float = 0.1
+    wd_densenet: float = 1e-4
+    patience: int = 40
+    cox_weight: float = 2.0
+    seed: int = 42
+    inner_val_fraction: float = 0.2
+    proj: int | None = None
+    fm_standardise: bool = True
+    tumour_input: str = "gate"
+    model: dict[str, Any] = field(default_factory=dict)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    device: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        for name in ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for the Cox loss, got {self.batch_size}")
+        if not 0.0 <= self.inner_val_fraction < 0.5:
+            raise ValueError(f"inner_val_fraction must lie in [0, 0.5), got {self.inner_val_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.proj is not None and int(self.proj) < 1:
+            raise ValueError(f"proj must be a positive size or None ('orig'), got {self.proj}")
+        if self.tumour_input not in TUMOUR_INPUTS:
+            raise ValueError(f"tumour_input must be one of {TUMOUR_INPUTS}, got {self.tumour_input!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``epoch`` (0-based): linear warm-up, then step decay."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / cfg.warmup_epochs
+    return cfg.lr_gamma ** (epoch // cfg.lr_step_epochs)
+
+
+@dataclass
+class FoldData:
+    """Tensors for one fold: fitted on ``fit`` rows only, applied to every split."""
+
+    fit: np.ndarray
+    inner: np.ndarray
+    outer: np.ndarray
+    clinical: torch.Tensor  # [N, n_clinical] for all cohort rows
+    fm: dict[str, torch.Tensor]  # modality -> [N, dim]
+    clinical_transform: ClinicalTransform
+    fm_stats: dict[str, dict[str, list[float]]]
+
+
+def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldData:
+    """Split rows and fit the clinical transform and FM standardisation on the fit rows.
+
+    Validation rows (inner and outer) never influence any fitted statistic.
+    """
+    fold_of = folds.set_index("case_id").loc[cohort.case_ids, "fold"].to_numpy()
+    outer = np.flatnonzero(fold_of == fold)
+    train = np.flatnonzero(fold_of != fold)
+    if len(outer) == 0:
+        raise ValueError(f"fold {fold} has no validation case")
+    if cfg.inner_val_fraction > 0:
+        train_ids = [cohort.case_ids[i] for i in train]
+        fit_ids, inner_ids = inner_split(
+            train_ids, cohort.time[train], cohort.event[train],
+            val_fraction=cfg.inner_val_fraction, seed=cfg.seed + fold,
+        )
+        fit, inner = cohort.indices(fit_ids), cohort.indices(inner_ids)
+    else:
+        fit, inner = train, np.empty(0, dtype=np.int64)
+    if cohort.event[fit].sum() == 0:
+        raise ValueError(f"fold {fold}: the training part has no event; cannot fit a Cox model")
+
+    transform = ClinicalTransform().fit(cohort.clinical.iloc[fit])
+    clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
+    fm, stats = {}, {}
+    for name, mat in cohort.embeddings.items():
+        mat = np.asarray(mat, dtype=np.float32)
+        if cfg.fm_standardise:
+            mean = mat[fit].mean(axis=0)
+            sd = mat[fit].std(axis=0)
+            sd = np.where(sd > 1e-8, sd, 1.0)
+            mat = (mat - mean) / sd
+            stats[name] = {"mean": mean.tolist(), "sd": sd.tolist()}
+        fm[name] = torch.from_numpy(mat.astype(np.float32))
+    return FoldData(fit, inner, outer, clinical, fm, transform, stats)
+
+
+def build_model(cohort: SurvivalCohort, n_clinical: int, cfg: TrainConfig) -> DeepMTS:
+    overrides = dict(cfg.model)
+    preset = overrides.pop("preset", None)
+    if preset not in (None, "paper", "tiny"):
+        raise ValueError(f"model preset must be 'paper' or 'tiny', got {preset!r}")
+    overrides.update(
+        fm_dims={name: int(m.shape[1]) for name, m in cohort.embeddings.items()},
+        fm_proj=cfg.proj, tumour_input=cfg.tumour_input,
+        input_size=tuple(int(s) for s in cohort.images.shape[2:]),
+    )
+    if preset == "tiny":
+        return DeepMTS(DeepMTSConfig.tiny(n_clinical, **overrides))
+    return DeepMTS(DeepMTSConfig(n_clinical=n_clinical, **overrides))
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarray, data: FoldData,
+            batch_size: int, device: torch.device) -> np.ndarray:
+    """Log-risk for ``rows`` (higher = earlier relapse)."""
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        idx = torch.as_tensor(rows[start:start + batch_size])
+        fm = {k: v[idx].to(device) for k, v in data.fm.items()} or None
+        res = model(cohort.images[idx].to(device), data.clinical[idx].to(device), fm)
+        out.append(res["risk"].float().cpu().numpy())
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) -> float:
+    try:
+        return c_index(cohort.time[rows], cohort.event[rows], risk)
+    except ValueError:
+        return float("nan")
+
+
+def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:
+    return Path(run_dir) / f"fold_{fold}"
+
+
+def fold_done(run_dir: str | os.PathLike, fold: int) -> bool:
+    return (fold_dir(run_dir, fold) / DONE_FILE).is_file()
+
+
+def train_fold(
+    cohort: SurvivalCohort,
+    folds: pd.DataFrame,
+    fold: int,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one fold and write ``<run_dir>/fold_<k>/`` (results, curves, checkpoints).
+
+    Returns the fold's result record (also written to ``done.json``, last, as the
+    completion marker). An existing marker is returned without training.
+    """
+    out = fold_dir(run_dir, fold)
+    if (out / DONE_FILE).is_file():
+        return read_json(out / DONE_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed + fold)
+    data = prepare_fold(cohort, folds, fold, cfg)
+    model = build_model(cohort, data.clinical.shape[1], cfg).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    optimiser = torch.optim.Adam(
+        model.param_groups(wd_classifier=cfg.wd_classifier, wd_densenet=cfg.wd_densenet), lr=cfg.lr
+    )
+    base_lrs = [g["lr"] for g in optimiser.param_groups]
+    sampler = EventBalancedBatchSampler(
+        cohort.event[data.fit], batch_size=cfg.batch_size,
+        steps_per_epoch=cfg.steps_per_epoch, seed=cfg.seed + fold,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 + fold)
+    fit_rows = torch.as_tensor(data.fit)
+
+    best = {p: {"c_index": -math.inf, "epoch": -1, "risk": None} for p in PROTOCOLS}
+    curves = []
+    stale = 0
+    bar = tqdm(range(cfg.epochs), desc=f"fold {fold}", disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = _time.time()
+        for g, lr in zip(optimiser.param_groups, base_lrs):
+            g["lr"] = lr * lr_factor(epoch, cfg)
+        sampler.set_epoch(epoch)
+        model.train()
+        losses = []
+        for batch in sampler:
+            idx = fit_rows[torch.as_tensor(batch)]
+            img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], cfg.augment, gen)
+            fm = {k: v[idx].to(device) for k, v in data.fm.items()} or None
+            res = model(img.to(device), data.clinical[idx].to(device), fm)
+            loss, parts = deepmts_loss(
+                res, msk.to(device), torch.as_tensor(cohort.time[idx.numpy()], device=device),
+                torch.as_tensor(cohort.event[idx.numpy()], device=device), cox_weight=cfg.cox_weight,
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            ema.update_parameters(model)
+            losses.append({k: float(v) for k, v in parts.items()} | {"loss": float(loss.detach())})
+
+        eval_model = ema.module
+        outer_risk = predict(eval_model, cohort, data.outer, data, cfg.eval_batch_size, device)
+        scores = {"paper": _safe_c_index(cohort, data.outer, outer_risk)}
+        if len(data.inner):
+            inner_risk = predict(eval_model, cohort, data.inner, data, cfg.eval_batch_size, device)
+            scores["inner"] = _safe_c_index(cohort, data.inner, inner_risk)
+        improved = False
+        for proto, score in scores.items():
+            if np.isfinite(score) and score > best[proto]["c_index"]:
+                best[proto] = {"c_index": score, "epoch": epoch, "risk": outer_risk.copy()}
+                torch.save(eval_model.state_dict(), out / f"best_{proto}.pt")
+                improved = True
+        mean_loss = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
+        curves.append({"epoch": epoch, "lr_factor": lr_factor(epoch, cfg), **mean_loss,
+                       "val_c_index_outer": scores["paper"],
+                       "val_c_index_inner": scores.get("inner", float("nan")),
+                       "seconds": _time.time() - t0})
+        bar.set_postfix(loss=f"{mean_loss['loss']:.3f}", c_outer=f"{scores['paper']:.3f}",
+                        c_inner=f"{scores.get('inner', float('nan')):.3f}")
+        stale = 0 if improved else stale + 1
+        if stale >= cfg.patience:
+            break
+    bar.close()
+
+    pd.DataFrame(curves).to_csv(out / "curves.csv", index=False)
+    train_rows = np.concatenate([data.fit, data.inner])
+    record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
+                              "n_outer": len(data.outer), "epochs_run": len(curves), "protocols": {}}
+    oof = []
+    for proto in scores:
+        b = best[proto]
+        if b["risk"] is None:  # never finite: e.g. a validation split without comparable pairs
+            record["protocols"][proto] = {"selected_epoch": None, "c_index": None,
+                                          "auc_1y": None, "auc_1y_undefined_reason": "no valid epoch"}
+            continue
+        auc = time_dependent_auc(cohort.time[train_rows], cohort.event[train_rows],
+                                 cohort.time[data.outer], cohort.event[data.outer], b["risk"], horizon=365.0)
+        record["protocols"][proto] = {
+            "selected_epoch": b["epoch"],
+            "selection_c_index": b["c_index"],
+            "c_index": _safe_c_index(cohort, data.outer, b["risk"]),
+            "auc_1y": auc.value,
+            "auc_1y_undefined_reason": auc.reason,
+        }
+        oof.append(pd.DataFrame({
+            "case_id": [cohort.case_ids[i] for i in data.outer], "fold": fold, "protocol": proto,
+            "risk": b["risk"], "time": cohort.time[data.outer], "event": cohort.event[data.outer],
+        }))
+    if oof:
+        pd.concat(oof).to_csv(out / "oof.csv", index=False)
+    write_json_atomic(out / "fold_state.json", {
+        "clinical_transform": data.clinical_transform.to_dict(), "fm_standardisation": data.fm_stats,
+        "fit_case_ids": [cohort.case_ids[i] for i in data.fit],
+        "inner_case_ids": [cohort.case_ids[i] for i in data.inner],
+    })
+    write_json_atomic(out / DONE_FILE, record)
+    return record
+
+
+def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str,
+                   cache_params_hash: str) -> dict[str, Any]:
+    """What a run was made from; a resumed run must match it exactly."""
+    emb = {k: v for k, v in cohort.embedding_attrs.items() if k != "created"}
+    return {
+        "config": cfg.to_dict(),
+        "config_hash": params_hash(cfg.to_dict()),
+        "folds_hash": folds_hash,
+        "preprocessing_params_hash": cache_params_hash,
+        "embeddings": emb,
+        "modalities": sorted(cohort.embeddings),
+        "case_ids_hash": params_hash({"ids": cohort.case_ids}),
+    }
+
+
+def start_run(run_dir: str | os.PathLike, provenance: dict[str, Any]) -> None:
+    """Create ``run_dir`` with ``run.json``, or check an existing one matches."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if path.is_file():
+        old = read_json(path)
+        for key in ("config_hash", "folds_hash", "preprocessing_params_hash", "case_ids_hash", "modalities"):
+            if old.get(key) != provenance.get(key):
+                raise ProvenanceError(
+                    f"{path}: cannot resume, {key} differs (run has {old.get(key)!r}, this "
+                    f"invocation {provenance.get(key)!r}); use another --out folder"
+                )
+        return
+    write_json_atomic(path, provenance | {"code_version": code_version()})
+
+
+def summarise_run(run_dir: str | os.PathLike, n_folds: int) -> dict[str, Any]:
+    """Collect finished folds into per-protocol mean +- SD; writes ``summary.json``."""
+    run_dir = Path(run_dir)
+    records = [read_json(fold_dir(run_dir, k) / DONE_FILE) for k in range(n_folds) if fold_done(run_dir, k)]
+    summary: dict[str, Any] = {"n_folds_done": len(records), "n_folds": n_folds, "protocols": {}}
+    for proto in PROTOCOLS:
+        rows = [r["protocols"][proto] for r in records if proto in r["protocols"]]
+        if not rows:
+            continue
+        summary["protocols"][proto] = {
+            "c_index": summarise([r["c_index"] for r in rows]),
+            "auc_1y": summarise([r["auc_1y"] for r in rows]),
+            "per_fold": rows,
+        }
+    write_json_atomic(run_dir / "summary.json", summary)
+    oofs = [fold_dir(run_dir, k) / "oof.csv" for k in range(n_folds)]
+    frames = [pd.read_csv(p) for p in oofs if p.is_file()]
+    if frames:
+        with atomic_path(run_dir / "oof_predictions.csv", suffix=".csv") as tmp:
+            pd.concat(frames).to_csv(tmp, index=False)
+    return summary
+
+
+def get_folds(path: str | os.PathLike, cohort: SurvivalCohort, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+    """Load the shared folds file, or create it once; every configuration reuses it."""
+    from pipeline.splits import load_folds, make_folds, save_folds
+
+    path = Path(path)
+    if path.is_file():
+        folds = load_folds(path, expected_case_ids=cohort.case_ids)
+        if folds["fold"].nunique() != n_folds:
+            raise ValueError(
+                f"{path}: holds {folds['fold'].nunique()} folds, {n_folds} requested; "
+                "point --folds to another file"
+            )
+        return folds
+    folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=n_folds, seed=seed)
+    save_folds(folds, path)
+    return folds
+
+
+def train_survival(
+    cohort: SurvivalCohort,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    folds: pd.DataFrame,
+    *,
+    cache_params_hash: str,
+    only_folds: list[int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every fold (or ``only_folds``) of one configuration, skipping finished folds.
+
+    Writes ``run.json`` (config and provenance), ``folds.csv``, ``fold_<k>/`` per fold,
+    ``summary.json`` and ``oof_predictions.csv``; returns the summary.
+    """
+    run_dir = Path(run_dir)
+    n_folds = int(folds["fold"].nunique())
+    folds_hash = params_hash({"folds": folds.sort_values("case_id").astype(str).values.tolist()})
+    start_run(run_dir, run_provenance(cohort, cfg, folds_hash, cache_params_hash))
+    if not (run_dir / "folds.csv").is_file():
+        with atomic_path(run_dir / "folds.csv", suffix=".csv") as tmp:
+            folds.to_csv(tmp, index=False)
+    for k in (only_folds if only_folds is not None else range(n_folds)):
+        if fold_done(run_dir, k):
+            if progress:
+                print(f"fold {k}: already done, skipped")
+            continue
+        rec = train_fold(cohort, folds, k, cfg, run_dir, progress=progress)
+        if progress:
+            parts = ", ".join(
+                f"{p}: C={_fmt(r['c_index'])} AUC1y={_fmt(r['auc_1y'])} (epoch {r['selected_epoch']})"
+                for p, r in rec["protocols"].items()
+            )
+            print(f"fold {k}: {parts}")
+    return summarise_run(run_dir, n_folds)
+
+
+def _fmt(x: float | None) -> str:
+    return "undefined" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable mean +- SD per selection protocol."""
+    lines = [f"folds done: {summary['n_folds_done']}/{summary['n_folds']}"]
+    labels = {"paper": "paper protocol (selected and scored on the outer fold; optimistic)",
+              "inner": "unbiased (selected on an inner split; outer fold scored once)"}
+    for proto, res in summary["protocols"].items():
+        c, a = res["c_index"], res["auc_1y"]
+        lines.append(
+            f"  {labels[proto]}:\n    C-index {_fmt(c['mean'])} +- {_fmt(c['sd'])}   "
+            f"1-year AUROC {_fmt(a['mean'])} +- {_fmt(a['sd'])} "
+            f"({a['n_defined']}/{a['n_total']} folds defined)"
+        )
+    return "\n".join(lines)
