@@ -443,7 +443,8 @@ def normalise_pet_fm(pet_suv: np.ndarray, params: PreprocessParams) -> tuple[np.
     p_lo, p_hi = (float(v) for v in np.percentile(pet_suv, params.pet_fm_percentiles))
     if not p_hi > p_lo:
         return np.zeros(pet_suv.shape, np.float32), (p_lo, p_hi)
-    out = (np.clip(pet_suv, p_lo, p_hi) - p_lo) / (p_hi - p_lo)
+    # float64 so the clipped ends map to exactly 0 and 1.
+    out = (np.clip(pet_suv.astype(np.float64), p_lo, p_hi) - p_lo) / (p_hi - p_lo)
     return out.astype(np.float32), (p_lo, p_hi)
 
 
@@ -730,42 +731,59 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(max(1, threads))
 
 
-def _run_tasks(fn, tasks: list[dict[str, Any]], workers: int, desc: str, progress: bool):
-    """Run ``fn`` over ``tasks`` (in-process for one worker), yielding results as they end.
+class _Runner:
+    """Runs per-case functions in this process (one worker) or in a process pool.
 
+    One pool serves both passes, so worker start-up is paid once. Use as a context manager.
     The first failure cancels the cases not yet started and is re-raised; cases already
     written stay (each is complete and fingerprinted).
     """
-    from tqdm.auto import tqdm
 
-    workers = max(1, min(int(workers), len(tasks)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not progress)
-    try:
-        if workers == 1:
-            prev = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(threads)
-            try:
-                for task in tasks:
-                    yield fn(task)
-                    bar.update(1)
-            finally:
-                sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(prev)
-            return
-        # spawn: safe with torch/CUDA and OpenMP state in the parent.
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(threads,)) as pool:
-            futures = [pool.submit(fn, t) for t in tasks]
+    def __init__(self, workers: int, n_tasks: int, progress: bool):
+        self.workers = max(1, min(int(workers), max(1, n_tasks)))
+        self.threads = max(1, (os.cpu_count() or 1) // self.workers)
+        self.progress = progress
+        self.pool: cf.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Runner:
+        if self.workers > 1:
+            # spawn: safe with torch/CUDA, OpenMP and ITK thread-pool state in the parent.
+            self.pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.threads,),
+            )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, fn, tasks: list[dict[str, Any]], desc: str):
+        """Yield ``fn(task)`` for every task, in completion order."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not self.progress)
+        try:
+            if self.pool is None:
+                prev = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
+                sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(self.threads)
+                try:
+                    for task in tasks:
+                        yield fn(task)
+                        bar.update(1)
+                finally:
+                    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(prev)
+                return
+            futures = [self.pool.submit(fn, t) for t in tasks]
             try:
                 for fut in cf.as_completed(futures):
                     yield fut.result()
                     bar.update(1)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    finally:
-        bar.close()
+            finally:
+                for fut in futures:
+                    fut.cancel()
+        finally:
+            bar.close()
 
 
 def _tasks_from_manifest(manifest: pd.DataFrame) -> list[dict[str, Any]]:
@@ -781,7 +799,8 @@ def _tasks_from_manifest(manifest: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def locate_cohort(
-    manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *, progress: bool = True
+    manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *,
+    progress: bool = True, _runner: _Runner | None = None,
 ) -> dict[str, TumourLocation]:
     """Pass 1: :func:`locate_tumour` for every case of a manifest (reads labels only).
 
@@ -801,12 +820,17 @@ def locate_cohort(
     pdict = params.as_dict()
     for t in tasks:
         t["params"] = pdict
-    found = dict(_run_tasks(_locate_task, tasks, workers, "locate tumours", progress))
+    if _runner is None:
+        with _Runner(workers, len(tasks), progress) as runner:
+            found = dict(runner.run(_locate_task, tasks, "locate tumours"))
+    else:
+        found = dict(_runner.run(_locate_task, tasks, "locate tumours"))
     return {t["case_id"]: found[t["case_id"]] for t in tasks}
 
 
 def compute_crop_size(
-    manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *, progress: bool = True
+    manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *,
+    progress: bool = True, _runner: _Runner | None = None,
 ) -> tuple[int, int, int]:
     """Pass 1: the global crop G (x, y, z voxels at ``spacing_mm_xyz``, each even).
 
@@ -818,7 +842,7 @@ def compute_crop_size(
     """
     if len(manifest_df) == 0:
         raise ValueError("compute_crop_size: the manifest has no case")
-    locs = locate_cohort(manifest_df, params, workers, progress=progress)
+    locs = locate_cohort(manifest_df, params, workers, progress=progress, _runner=_runner)
     sizes = np.asarray([loc.crop_size_vox_xyz for loc in locs.values()])
     return tuple(int(v) for v in sizes.max(axis=0))
 
@@ -867,59 +891,61 @@ def run_preprocessing(
     if len(manifest) == 0:
         raise ValueError(f"{manifest_path}: no case to preprocess")
 
-    if reference_cache is not None:
-        if Path(reference_cache).resolve() == cache_root.resolve():
-            raise ValueError(
-                f"reference cache {reference_cache} is the output folder; write new cases to "
-                "another folder (the reference must stay as it was trained on)"
-            )
-        ref = PreprocessedCache(reference_cache)
-        ref_params = PreprocessParams.from_dict(ref.params)
-        if ref_params.crop_size_vox_xyz is None:
-            raise ValueError(f"reference cache {reference_cache} records no crop size G")
-        if params is not None:
-            mine = replace(params, crop_size_vox_xyz=ref_params.crop_size_vox_xyz).as_dict()
-            diff = sorted(k for k, v in ref_params.as_dict().items() if mine[k] != v)
-            if diff:
+    with _Runner(workers, len(manifest), progress) as runner:
+        if reference_cache is not None:
+            if Path(reference_cache).resolve() == cache_root.resolve():
                 raise ValueError(
-                    f"parameters {diff} differ from reference cache {reference_cache}; a new "
-                    "case must be preprocessed exactly like the training cohort"
+                    f"reference cache {reference_cache} is the output folder; write new "
+                    "cases to another folder (the reference must stay as it was trained on)"
                 )
-        params = ref_params
-        source = str(Path(reference_cache).resolve())
-    else:
-        params = params or PreprocessParams()
-        if params.crop_size_vox_xyz is not None:
-            source = "given"
+            ref = PreprocessedCache(reference_cache)
+            ref_params = PreprocessParams.from_dict(ref.params)
+            if ref_params.crop_size_vox_xyz is None:
+                raise ValueError(f"reference cache {reference_cache} records no crop size G")
+            if params is not None:
+                mine = replace(params, crop_size_vox_xyz=ref_params.crop_size_vox_xyz).as_dict()
+                diff = sorted(k for k, v in ref_params.as_dict().items() if mine[k] != v)
+                if diff:
+                    raise ValueError(
+                        f"parameters {diff} differ from reference cache {reference_cache}; "
+                        "a new case must be preprocessed exactly like the training cohort"
+                    )
+            params = ref_params
+            source = str(Path(reference_cache).resolve())
         else:
-            g = compute_crop_size(manifest, params, workers, progress=progress)
-            params = replace(params, crop_size_vox_xyz=g)
-            source = "cohort"
-    phash = params.hash()
+            params = params or PreprocessParams()
+            if params.crop_size_vox_xyz is not None:
+                source = "given"
+            else:
+                g = compute_crop_size(manifest, params, workers, progress=progress,
+                                      _runner=runner)
+                params = replace(params, crop_size_vox_xyz=g)
+                source = "cohort"
+        phash = params.hash()
 
-    # The cache is incomplete from now until every case is written.
-    with contextlib.suppress(FileNotFoundError):
-        (cache_root / COHORT_FILE).unlink()
+        # The cache is incomplete from now until every case is written.
+        with contextlib.suppress(FileNotFoundError):
+            (cache_root / COHORT_FILE).unlink()
 
-    tasks = _tasks_from_manifest(manifest)
-    pdict, version = params.as_dict(), code_version()
-    for t in tasks:
-        t.update(params=pdict, params_hash=phash, cache_root=str(cache_root), backend=backend,
-                 device=str(device), code_version=version)
-    processed, skipped, exceeding = [], [], []
-    for res in _run_tasks(_process_task, tasks, workers, "preprocess", progress):
-        (processed if res["status"] == "done" else skipped).append(res["case_id"])
-        if res["status"] == "done" and not res["fits"]:
-            exceeding.append(res["case_id"])
-            log.warning("case %s: tumour needs a crop of %s voxels, larger than G = %s; "
-                        "its tumour is cut at the crop border", res["case_id"], res["needed"],
-                        params.crop_size_vox_xyz)
-    ids = [t["case_id"] for t in tasks]
-    # Cases skipped now may have exceeded the crop in an earlier run: read it back.
-    for cid in skipped:
-        with h5py.File(case_file(cache_root, cid), "r") as h5:
-            if not bool(h5.attrs.get("tumour_fits_crop", True)):
-                exceeding.append(cid)
+        tasks = _tasks_from_manifest(manifest)
+        pdict, version = params.as_dict(), code_version()
+        for t in tasks:
+            t.update(params=pdict, params_hash=phash, cache_root=str(cache_root),
+                     backend=backend, device=str(device), code_version=version)
+        processed, skipped, exceeding = [], [], []
+        for res in runner.run(_process_task, tasks, "preprocess"):
+            (processed if res["status"] == "done" else skipped).append(res["case_id"])
+            if res["status"] == "done" and not res["fits"]:
+                exceeding.append(res["case_id"])
+                log.warning("case %s: tumour needs a crop of %s voxels, larger than G = %s; "
+                            "its tumour is cut at the crop border", res["case_id"],
+                            res["needed"], params.crop_size_vox_xyz)
+        ids = [t["case_id"] for t in tasks]
+        # Cases skipped now may have exceeded the crop in an earlier run: read it back.
+        for cid in skipped:
+            with h5py.File(case_file(cache_root, cid), "r") as h5:
+                if not bool(h5.attrs.get("tumour_fits_crop", True)):
+                    exceeding.append(cid)
     write_cohort_record(cache_root, {
         "params": pdict,
         "params_hash": phash,
