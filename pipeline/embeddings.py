@@ -608,7 +608,12 @@ def run_extraction(
     result = ExtractionResult(path=out, modality=modality)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive_lock(out.parent / f".{out.name}.lock"))
-        existing = _existing_state(out)
+        try:
+            existing = _existing_state(out)
+        except ProvenanceError:
+            if not overwrite:
+                raise
+            existing = None  # not ours, and the caller asked to replace it
         if existing is not None:
             mismatch = _provenance_mismatch(existing, modality, cache.params_hash, expected_prov)
             if mismatch and not overwrite:

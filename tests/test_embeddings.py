@@ -364,6 +364,17 @@ def test_concurrent_run_on_same_output_is_refused(cache, tmp_path):
     assert out.is_file()
 
 
+def test_foreign_file_at_output_is_refused_unless_overwrite(cache, tmp_path):
+    out = tmp_path / "ct.h5"
+    out.write_text("someone's notes")
+    with pytest.raises(ProvenanceError, match="not an embedding file"):
+        run(cache, "ct", out)
+    assert out.read_text() == "someone's notes"
+    run(cache, "ct", out, overwrite=True)
+    with h5py.File(out) as h5:
+        assert h5["ct"].shape == (len(CASES), 64)
+
+
 def test_cuda_oom_halves_the_batch():
     class Flaky(torch.nn.Module):
         def __init__(self):
