@@ -595,7 +595,7 @@ def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
     if demo.is_file():
         meta = read_json(demo)
         record["demo_cohort"] = {k: meta[k] for k in ("seed", "n_cases", "generator_version",
-                                                      "spacing_scale") if k in meta}
+                                                      "spacing_scale", "environment") if k in meta}
     write_json_atomic(manifest_sidecar_path(manifest_path), record)
 
 

@@ -1,0 +1,275 @@
+"""HECKTOR 2022 reader: CSV format, manifest content, and every rejected input."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from pipeline.artefacts import read_json, sha256_file
+from pipeline.cli.data import build_manifest as build_manifest_cli
+from pipeline.hecktor import (
+    CLINICAL_CSV,
+    ENDPOINT_CSV,
+    HecktorFormatError,
+    build_manifest,
+    default_error_report,
+    manifest_sidecar_path,
+)
+from pipeline.manifest import MANIFEST_COLUMNS, read_manifest
+
+HEADER = ('PatientID,Task 1,Task 2,CenterID,Gender,Age,Weight,Tobacco,Alcohol,'
+          'Performance status,"HPV status (0=-, 1=+)",Surgery,Chemotherapy')
+CLINICAL_ROWS = [
+    "CHUM-001,1,1,1,M,63,82.5,1,NaN,0,0,NaN,1",
+    "CHUP-002,1,1,2,F,55,NaN,0,0,NaN,1,0,1",   # no GTVp
+    "MDA-105,1,0,5,M,70,90.0,NaN,NaN,2,NaN,1,0",  # Task 1 only, no endpoint
+]
+ENDPOINT_ROWS = ["CHUM-001,1,412", "CHUP-002,0,1803"]
+LABELS = {"CHUM-001": (1, 2), "CHUP-002": (2,), "MDA-105": (1,)}
+
+
+def _write_image(arr: np.ndarray, path: Path, spacing, origin) -> None:
+    img = sitk.GetImageFromArray(arr)  # numpy [z, y, x] -> sitk (x, y, z)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def _write_case(root: Path, cid: str, values=(1, 2)) -> None:
+    ct = np.full((4, 8, 8), -1000, np.int16)
+    ct[1:3, 2:6, 2:6] = 40
+    label = np.zeros((4, 8, 8), np.uint8)
+    for i, v in enumerate(values):
+        label[1:3, 2 + 2 * i: 4 + 2 * i, 3:5] = v
+    pet = np.ones((3, 4, 4), np.float32)
+    _write_image(ct, root / "imagesTr" / f"{cid}__CT.nii.gz", (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    _write_image(label, root / "labelsTr" / f"{cid}.nii.gz", (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    _write_image(pet, root / "imagesTr" / f"{cid}__PT.nii.gz", (2.5, 2.5, 3.0), (1.5, -2.0, 0.5))
+
+
+def _write_csv(path: Path, header: str, rows: list[str], newline: str = "\r\n") -> None:
+    path.write_bytes((newline.join([header, *rows]) + newline).encode())
+
+
+def make_root(root: Path, clinical=CLINICAL_ROWS, endpoint=ENDPOINT_ROWS, newline="\r\n",
+              labels=LABELS) -> Path:
+    for cid, values in labels.items():
+        _write_case(root, cid, values)
+    _write_csv(root / CLINICAL_CSV, HEADER, list(clinical), newline)
+    _write_csv(root / ENDPOINT_CSV, "PatientID,Relapse,RFS", list(endpoint), newline)
+    return root
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_root(tmp_path / "hecktor")
+
+
+def test_manifest_from_crlf_csvs_with_nan(root: Path, tmp_path: Path):
+    assert b"\r\n" in (root / CLINICAL_CSV).read_bytes()
+    out = tmp_path / "out" / "data_manifest.csv"
+    df = build_manifest(root, out, workers=2, progress=False)
+    assert list(df.columns) == list(MANIFEST_COLUMNS)
+    m = read_manifest(out)
+    assert list(m.index) == ["CHUM-001", "CHUP-002", "MDA-105"]
+    a, b, c = m.loc["CHUM-001"], m.loc["CHUP-002"], m.loc["MDA-105"]
+    # Task flags, endpoint and centre.
+    assert (a.task1, a.task2, c.task2) == (1, 1, 0)
+    assert (a.has_endpoint, b.has_endpoint, c.has_endpoint) == (1, 1, 0)
+    assert (a.relapse, a.rfs_days, b.relapse, b.rfs_days) == (1, 412, 0, 1803)
+    assert pd.isna(c.relapse) and pd.isna(c.rfs_days)
+    assert (a.center, b.center, c.center) == ("CHUM", "CHUP", "MDA")
+    # "NaN" text -> missing; values kept otherwise.
+    assert pd.isna(a.alcohol) and pd.isna(a.surgery) and a.tobacco == 1 and a.weight == 82.5
+    assert pd.isna(b.weight) and pd.isna(b.performance_status) and b.hpv_status == 1
+    assert (a.gender, b.gender, a.age) == ("M", "F", 63)
+    # Labels: a case without GTVp.
+    assert (a.has_gtvp, a.has_gtvn) == (1, 1)
+    assert (b.has_gtvp, b.has_gtvn) == (0, 1)
+    assert (c.has_gtvp, c.has_gtvn) == (1, 0)
+    # Paths are stored relative to the manifest folder and resolve to the files.
+    raw = pd.read_csv(out)
+    assert raw.loc[0, "ct_path"] == "../hecktor/imagesTr/CHUM-001__CT.nii.gz"
+    assert Path(m.loc["CHUP-002", "label_path"]) == (root / "labelsTr" / "CHUP-002.nii.gz").resolve()
+    assert m.loc["CHUM-001", "pet_sha256"] == sha256_file(root / "imagesTr" / "CHUM-001__PT.nii.gz")
+    # Integer columns are written as integers, not "1.0".
+    fields = dict(zip(MANIFEST_COLUMNS, out.read_text().splitlines()[1].split(",")))
+    assert [fields[k] for k in ("task1", "task2", "has_endpoint", "relapse", "rfs_days",
+                                "tobacco", "alcohol")] == ["1", "1", "1", "1", "412", "1", ""]
+    record = read_json(manifest_sidecar_path(out))
+    assert record["clinical_csv_sha256"] == sha256_file(root / CLINICAL_CSV)
+    assert record["n_cases"] == 3 and record["n_events"] == 1 and "demo_cohort" not in record
+
+
+def test_lf_endings_bom_and_padded_ids_are_accepted(tmp_path: Path):
+    clinical = [" CHUM-001 ,1,1,1,M,63,82.5,1,NaN,0,0,NaN,1", "CHUP-002,1,1,2,F,55,,0,0,NaN,1,0,1"]
+    root = make_root(tmp_path / "r", clinical=clinical, endpoint=["CHUM-001 ,1,412", "CHUP-002,0,9"],
+                     newline="\n", labels={"CHUM-001": (1,), "CHUP-002": (2,)})
+    (root / ENDPOINT_CSV).write_bytes(b"\xef\xbb\xbf" + (root / ENDPOINT_CSV).read_bytes())
+    m = build_manifest(root, tmp_path / "m.csv", checksums=False, progress=False)
+    assert list(m["case_id"]) == ["CHUM-001", "CHUP-002"]
+    assert list(m["rfs_days"]) == [412, 9]
+    assert pd.isna(m.loc[1, "weight"])
+    assert (m["ct_sha256"] == "").all() and (read_manifest(tmp_path / "m.csv")["ct_sha256"] == "").all()
+
+
+def _remove(rel):
+    return lambda root: (root / rel).unlink()
+
+
+def _edit_csv(name, old, new):
+    def edit(root):
+        path = root / name
+        text = path.read_bytes().decode()
+        assert old in text
+        path.write_bytes(text.replace(old, new, 1).encode())
+    return edit
+
+
+def _append_csv(name, row):
+    return lambda root: (root / name).write_bytes((root / name).read_bytes() + (row + "\r\n").encode())
+
+
+def _garbage(rel):
+    return lambda root: (root / rel).write_bytes(b"this is not a NIfTI file at all" * 20)
+
+
+def _truncate(rel):
+    def edit(root):
+        data = (root / rel).read_bytes()
+        (root / rel).write_bytes(data[: len(data) // 2])
+    return edit
+
+
+def _label_value_3(root):
+    arr = np.zeros((4, 8, 8), np.uint8)
+    arr[1, 1, 1] = 3
+    _write_image(arr, root / "labelsTr" / "CHUP-002.nii.gz", (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+
+
+def _label_off_grid(root):
+    _write_image(np.zeros((4, 8, 8), np.uint8), root / "labelsTr" / "CHUM-001.nii.gz",
+                 (1.0, 1.0, 2.0), (5.0, 0.0, 0.0))
+
+
+BAD_INPUTS = {
+    # name: (mutation, case id in the message, file name in the message, other text)
+    "missing CT": (_remove("imagesTr/CHUM-001__CT.nii.gz"), "CHUM-001", "CHUM-001__CT.nii.gz", "not found"),
+    "missing PET": (_remove("imagesTr/MDA-105__PT.nii.gz"), "MDA-105", "MDA-105__PT.nii.gz", "not found"),
+    "missing label": (_remove("labelsTr/CHUP-002.nii.gz"), "CHUP-002", "CHUP-002.nii.gz", "not found"),
+    "duplicate clinical id": (_append_csv(CLINICAL_CSV, CLINICAL_ROWS[1]), "CHUP-002", CLINICAL_CSV, "duplicate"),
+    "duplicate endpoint id": (_append_csv(ENDPOINT_CSV, "CHUM-001,0,20"), "CHUM-001", ENDPOINT_CSV, "duplicate"),
+    "endpoint row without images": (_append_csv(ENDPOINT_CSV, "HGJ-077,0,300"), "HGJ-077", ENDPOINT_CSV, "no images"),
+    "negative RFS": (_edit_csv(ENDPOINT_CSV, "CHUP-002,0,1803", "CHUP-002,0,-3"), "CHUP-002", ENDPOINT_CSV, "'RFS'"),
+    "non-numeric RFS": (_edit_csv(ENDPOINT_CSV, "CHUM-001,1,412", "CHUM-001,1,12d"), "CHUM-001", ENDPOINT_CSV, "non-numeric"),
+    "relapse not 0/1": (_edit_csv(ENDPOINT_CSV, "CHUM-001,1,412", "CHUM-001,2,412"), "CHUM-001", ENDPOINT_CSV, "'Relapse'"),
+    "gender not M/F": (_edit_csv(CLINICAL_CSV, "CHUP-002,1,1,2,F", "CHUP-002,1,1,2,X"), "CHUP-002", CLINICAL_CSV, "Gender"),
+    "unreadable CT": (_garbage("imagesTr/CHUP-002__CT.nii.gz"), "CHUP-002", "CHUP-002__CT.nii.gz", "unreadable"),
+    "truncated PET": (_truncate("imagesTr/CHUM-001__PT.nii.gz"), "CHUM-001", "CHUM-001__PT.nii.gz", "unreadable"),
+    "label value 3": (_label_value_3, "CHUP-002", "CHUP-002.nii.gz", "[3]"),
+    "label off the CT grid": (_label_off_grid, "CHUM-001", "CHUM-001.nii.gz", "origin"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_raises_naming_case_and_file_and_writes_nothing(name, root: Path, tmp_path: Path):
+    mutate, case_id, file_name, text = BAD_INPUTS[name]
+    mutate(root)
+    out = tmp_path / "out" / "data_manifest.csv"
+    with pytest.raises(HecktorFormatError) as info:
+        build_manifest(root, out, progress=False)
+    message = str(info.value)
+    assert case_id in message and file_name in message and text in message, message
+    assert any(e.case_id == case_id for e in info.value.errors)
+    assert not out.exists() and not manifest_sidecar_path(out).exists()
+    assert not default_error_report(out).exists()
+    assert not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+@pytest.mark.parametrize("content, text", [
+    (HEADER.replace(",Surgery", "").encode() + b"\r\nCHUM-001,1,1,1,M,63,82.5,1,NaN,0,0,1\r\n", "'Surgery'"),
+    (b"PatientID,Task 1\r\n\xff\xfeCHUM\r\n", "UTF-8"),
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03binary", "not a CSV"),
+    (b"", "not a readable CSV"),
+])
+def test_unreadable_or_incomplete_clinical_csv(content: bytes, text: str, root: Path, tmp_path: Path):
+    (root / CLINICAL_CSV).write_bytes(content)
+    out = tmp_path / "m.csv"
+    for continue_on_error in (False, True):  # a broken CSV cannot be skipped
+        with pytest.raises(HecktorFormatError) as info:
+            build_manifest(root, out, continue_on_error=continue_on_error, progress=False)
+        assert text in str(info.value) and CLINICAL_CSV in str(info.value)
+        assert not out.exists()
+
+
+def test_endpoint_csv_missing_column_named(root: Path, tmp_path: Path):
+    _write_csv(root / ENDPOINT_CSV, "PatientID,Relapse,RFS_days", ["CHUM-001,1,412"])
+    with pytest.raises(HecktorFormatError, match=r"'RFS'.*") as info:
+        build_manifest(root, tmp_path / "m.csv", progress=False)
+    assert ENDPOINT_CSV in str(info.value)
+
+
+def test_continue_on_error_skips_bad_cases_and_writes_report(root: Path, tmp_path: Path):
+    (root / "imagesTr" / "CHUM-001__CT.nii.gz").unlink()
+    _edit_csv(ENDPOINT_CSV, "CHUP-002,0,1803", "CHUP-002,0,-5")(root)
+    _append_csv(CLINICAL_CSV, "HMR-009,1,1,7,M,50,70,0,0,0,1,0,1")(root)  # no images at all
+    out = tmp_path / "m.csv"
+    m = build_manifest(root, out, continue_on_error=True, progress=False)
+    assert list(m["case_id"]) == ["MDA-105"]
+    assert list(read_manifest(out).index) == ["MDA-105"]
+    report = pd.read_csv(default_error_report(out))
+    assert list(report.columns) == ["case_id", "file", "error"]
+    assert set(report["case_id"]) == {"CHUM-001", "CHUP-002", "HMR-009"}
+    row = report[report.case_id == "CHUM-001"].iloc[0]
+    assert row.file.endswith("CHUM-001__CT.nii.gz") and "not found" in row.error
+    assert report[report.case_id == "CHUP-002"].iloc[0].file.endswith(ENDPOINT_CSV)
+    assert read_json(manifest_sidecar_path(out))["n_skipped_cases"] == 3
+    # An explicit report path, and a clean run still writes a (header-only) report.
+    custom = tmp_path / "reports" / "errs.csv"
+    build_manifest(make_root(tmp_path / "clean"), tmp_path / "m2.csv", continue_on_error=True,
+                   error_report=custom, progress=False)
+    assert custom.read_text().strip() == "case_id,file,error"
+
+
+def test_real_sts_case_goes_through_reader(sts_root: Path, tmp_path: Path):
+    root = tmp_path / "sts"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    for rel in ("imagesTr/STS-001__CT.nii.gz", "imagesTr/STS-001__PT.nii.gz", "labelsTr/STS-001.nii.gz"):
+        os.symlink(sts_root / rel, root / rel)
+    _write_csv(root / CLINICAL_CSV, HEADER, ["STS-001,1,1,3,F,58,NaN,NaN,NaN,NaN,NaN,NaN,1"])
+    _write_csv(root / ENDPOINT_CSV, "PatientID,Relapse,RFS", ["STS-001,1,640"])
+    m = build_manifest(root, tmp_path / "m.csv", progress=False)
+    row = read_manifest(tmp_path / "m.csv").loc["STS-001"]
+    assert (row.has_gtvp, row.has_gtvn, row.relapse, row.rfs_days) == (1, 0, 1, 640)
+    assert row.ct_sha256 == sha256_file(sts_root / "imagesTr" / "STS-001__CT.nii.gz")
+    assert Path(row.pet_path).resolve() == (sts_root / "imagesTr" / "STS-001__PT.nii.gz").resolve()
+    assert len(m) == 1
+
+
+def test_cli_summary_and_clean_error(root: Path, tmp_path: Path):
+    runner = CliRunner()
+    out = tmp_path / "m.csv"
+    ok = runner.invoke(build_manifest_cli, [str(root), "--out", str(out), "--workers", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert "3 cases (2 with endpoint), 1 events, 3 centres" in ok.output and str(out) in ok.output
+    (root / "labelsTr" / "CHUM-001.nii.gz").unlink()
+    bad = runner.invoke(build_manifest_cli, [str(root), "--out", str(tmp_path / "n.csv")])
+    assert bad.exit_code == 1
+    assert "CHUM-001" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "n.csv").exists()
+    skip = runner.invoke(build_manifest_cli, [str(root), "--out", str(tmp_path / "k.csv"),
+                                              "--continue-on-error", "--no-checksums"])
+    assert skip.exit_code == 0 and "2 cases" in skip.output and "k.errors.csv" in skip.output
+    helptext = runner.invoke(build_manifest_cli, ["--help"]).output
+    for opt in ("--out", "--no-checksums", "--continue-on-error", "--error-report", "--workers"):
+        assert opt in helptext
