@@ -532,6 +532,17 @@ def build_manifest(
         raise HecktorFormatError(_format_errors(errors), errors)
 
     good = [cid for cid in case_ids if cid in infos]
+    # Harmless inconsistencies of real releases (489 Task 2 cases, 488 endpoint rows): keep
+    # the endpoint CSV as the truth for has_endpoint, but say so.
+    task2 = clinical.loc[good, "task2"] == 1
+    no_endpoint = [cid for cid in task2[task2].index if cid not in endpoint.index]
+    not_task2 = [cid for cid in task2[~task2].index if cid in endpoint.index]
+    if no_endpoint:
+        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint),
+                    ", ".join(no_endpoint[:5]))
+    if not_task2:
+        log.warning("%d case(s) with an endpoint row are not flagged Task 2: %s",
+                    len(not_task2), ", ".join(not_task2[:5]))
     if not good:
         if continue_on_error:
             _write_report(errors, error_report, manifest_path)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
+import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +272,15 @@ def test_cli_summary_and_clean_error(root: Path, tmp_path: Path):
     helptext = runner.invoke(build_manifest_cli, ["--help"]).output
     for opt in ("--out", "--no-checksums", "--continue-on-error", "--error-report", "--workers"):
         assert opt in helptext
+
+
+def test_harmless_inconsistencies_warn_but_pass(root: Path, tmp_path: Path, caplog):
+    # A Task 2 case without endpoint row, and images with no clinical row.
+    _edit_csv(ENDPOINT_CSV, "CHUP-002,0,1803\r\n", "")(root)
+    _write_case(root, "HGJ-050")
+    with caplog.at_level(logging.WARNING, logger="pipeline.hecktor"):
+        m = build_manifest(root, tmp_path / "m.csv", progress=False)
+    assert list(m["case_id"]) == ["CHUM-001", "CHUP-002", "MDA-105"]
+    assert m.set_index("case_id").loc["CHUP-002", "has_endpoint"] == 0
+    assert "Task 2 case(s) have no endpoint row: CHUP-002" in caplog.text
+    assert "HGJ-050" in caplog.text
