@@ -313,17 +313,6 @@ def _remove_stale_temps(folder: Path, prefix: str = ".") -> int:
     return n
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _publishable(tmp: Path) -> None:
-    """Give a temporary file (``mkstemp``: 0600) the mode a normal write would, before rename."""
-    os.chmod(tmp, _umask_mode())
-
-
 def _shard_path(store: Path, case_id: str, fingerprint: str) -> Path:
     return store / f"{case_id}-{fingerprint}.npy"
 
@@ -339,7 +328,6 @@ def _write_shard(path: Path, vec: np.ndarray) -> None:
             _save_array(handle, vec)
             handle.flush()
             os.fsync(handle.fileno())
-        _publishable(tmp)
 
 
 def _read_shard(path: Path, dim: int | None) -> np.ndarray:
@@ -359,7 +347,6 @@ def _prepare_store(root: Path, spec: _EncoderSpec) -> Path:
     if not ignore.exists():  # generated artefacts: keep them out of version control
         with atomic_path(ignore) as tmp:
             tmp.write_text("*\n")
-            _publishable(tmp)
     record = store / "provenance.json"
     if record.is_file():
         found = read_json(record)
@@ -732,7 +719,6 @@ def _write_h5(
                 ds.attrs["dtype"] = "float32"
                 ds.attrs["provenance"] = canonical_json(prov)
                 ds.attrs["provenance_hash"] = params_hash(prov)
-        _publishable(tmp)
 
 
 def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int, ...]:
@@ -814,7 +800,8 @@ def read_embeddings(
             ``params_hash`` and the fingerprints of the returned cases must match it.
         case_ids: rows to return, in this order (e.g. the stage-two manifest's cases);
             default: every case in file order.
-        modalities: subset of ``("ct", "pet")``; default: all in the file.
+        modalities: subset of the file's modalities (``"ct"``, ``"pet"``, or an imported
+            feature table's name); default: all in the file.
 
     Returns:
         :class:`EmbeddingSet`. Files made with random-init encoders warn
@@ -839,7 +826,9 @@ def read_embeddings(
         attrs = {k: _plain(v) for k, v in h5.attrs.items()}
         file_ids = list(h5["case_ids"].asstr()[()])
         file_fps = list(h5["fingerprints"].asstr()[()])
-        present = [m for m in ("ct", "pet") if m in h5]
+        # Extracted files hold ct/pet; imported feature tables hold their own named modality.
+        listed = json.loads(attrs.get("modalities", "[]")) if isinstance(attrs.get("modalities"), str) else []
+        present = [m for m in (listed or ["ct", "pet"]) if m in h5]
         mods = list(modalities) if modalities is not None else present
         absent = [m for m in mods if m not in present]
         if absent:
