@@ -21,7 +21,9 @@ Peers:
   log(1 + TLG), optionally with the clinical covariates.
 * ``embeddings``: elastic-net Cox (``CoxnetSurvivalAnalysis``) on FM embeddings (+ clinical
   by default). The penalty is chosen by inner stratified K-fold CV on the training part
-  (highest mean inner C-index; the feature pipeline is refitted inside every inner split).
+  (highest mean inner C-index). The label-free feature pipeline (imputation,
+  standardisation, PCA, clinical transform) is fitted once on the training part and shared
+  by the inner splits: it sees no label, and the validation fold is never part of it.
   ``proj`` mirrors the CNN's projection size: the CNN learns one linear map per modality
   to d in {64, 128, 256} or keeps the native size; for a Cox head the natural linear,
   label-free counterpart is a per-modality PCA to d components fitted on the training
@@ -236,7 +238,9 @@ class _FoldFeatures:
             d = self.project.get(name)
             if d is not None:
                 k = int(min(d, z.shape[0] - 1, z.shape[1]))
-                pca = PCA(n_components=k, svd_solver="full").fit(z)
+                # "auto" picks a (seeded, deterministic) randomized SVD when k is well below
+                # min(n, p): 10-20x faster than a full SVD on 400 x 768 embeddings.
+                pca = PCA(n_components=k, svd_solver="auto", random_state=0).fit(z)
                 self.info[f"{name}_pca_components"] = k
                 self.info[f"{name}_pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
             self.fitted[name] = (med, mean, sd, pca)
@@ -278,46 +282,44 @@ def _coxnet(cfg: HeadConfig, alphas=None):
         CoxnetSurvivalAnalysis(n_alphas=cfg.n_alphas, **kw)
 
 
-def _fit_coxnet(feats_factory, ids, time, event, cfg: HeadConfig):
-    """Elastic-net Cox with the penalty chosen by inner stratified K-fold CV on ``ids``."""
+def _fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig):
+    """Elastic-net Cox on ``x`` [N, F] with the penalty chosen by inner stratified K-fold CV.
+
+    ``x`` comes from the label-free feature pipeline fitted on the whole training part;
+    inner splits only choose the penalty, and no inner validation label is ever fitted.
+    """
     from sklearn.model_selection import StratifiedKFold
 
     from pipeline.metrics import c_index
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sksurv convergence warnings at the weakest penalties
-        feats = feats_factory().fit(ids)
-        x = feats.transform(ids)
         path = _coxnet(cfg).fit(x, _surv(time, event)).alphas_
         scores = np.full((cfg.inner_folds, path.shape[0]), np.nan)
         n_splits = int(min(cfg.inner_folds, event.sum(), (~event.astype(bool)).sum()))
         if n_splits >= 2:
             skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
-            for k, (tr, va) in enumerate(skf.split(np.zeros(len(ids)), event.astype(int))):
-                tr_ids, va_ids = [ids[i] for i in tr], [ids[i] for i in va]
-                inner = feats_factory().fit(tr_ids)
+            for k, (tr, va) in enumerate(skf.split(x, event.astype(int))):
                 try:
-                    m = _coxnet(cfg, path).fit(inner.transform(tr_ids), _surv(time[tr], event[tr]))
+                    m = _coxnet(cfg, path).fit(x[tr], _surv(time[tr], event[tr]))
                 except (ValueError, ArithmeticError):
                     continue
-                xv = inner.transform(va_ids)
                 for j, a in enumerate(m.alphas_):
                     try:
-                        scores[k, j] = c_index(time[va], event[va], m.predict(xv, alpha=a))
+                        scores[k, j] = c_index(time[va], event[va], m.predict(x[va], alpha=a))
                     except ValueError:  # no event / comparable pair in this inner fold
                         pass
-        mean = np.nanmean(scores, axis=0) if np.isfinite(scores).any() else np.full(path.shape[0], np.nan)
-        if np.isfinite(mean).any():
-            # Ties go to the strongest penalty (first on the decreasing path).
-            best = int(np.nanargmax(mean))
-        else:
-            best = len(path) // 2
+        defined = np.isfinite(scores).any(axis=0)
+        mean = np.full(path.shape[0], np.nan)
+        mean[defined] = np.nanmean(scores[:, defined], axis=0)
+        # Ties go to the strongest penalty (first on the decreasing path).
+        best = int(np.nanargmax(mean)) if defined.any() else len(path) // 2
         alpha = float(path[best])
         model = _coxnet(cfg, path).fit(x, _surv(time, event))
     info = {"alpha": alpha, "alpha_index": best, "n_alphas": int(path.shape[0]),
             "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None,
             "n_nonzero": int(np.sum(np.abs(model.coef_[:, best]) > 0))}
-    return model, alpha, feats, info
+    return model, alpha, info
 
 
 def _fold_groups(folds: pd.DataFrame):
@@ -381,9 +383,6 @@ def run_head(
             raise ValueError(f"run_head: survival frame lacks column {c!r}")
     project_map = {b: (cfg.proj if b in project else None) for b in blocks}
 
-    def factory() -> _FoldFeatures:
-        return _FoldFeatures(blocks, clin, project_map)
-
     frames, per_fold = [], []
     for rep, fg in _fold_groups(folds):
         fg = fg.assign(case_id=fg["case_id"].astype(str))
@@ -397,17 +396,16 @@ def run_head(
             e_te = survival.loc[te_ids, "event"].to_numpy(int)
             if not tr_ids or e_tr.sum() == 0:
                 raise ValueError(f"run_head ({label}): the training part has no event; cannot fit a Cox model")
+            feats = _FoldFeatures(blocks, clin, project_map).fit(tr_ids)
+            x_tr, x_te = feats.transform(tr_ids), feats.transform(te_ids)
             if cfg.model == "ridge":
-                feats = factory().fit(tr_ids)
-                model, info = _fit_ridge(feats.transform(tr_ids), t_tr, e_tr, cfg.ridge_alpha)
-                lp_tr = model.predict(feats.transform(tr_ids))
-                lp_te = model.predict(feats.transform(te_ids))
+                model, info = _fit_ridge(x_tr, t_tr, e_tr, cfg.ridge_alpha)
+                lp_tr, lp_te = model.predict(x_tr), model.predict(x_te)
             else:
-                model, alpha, feats, info = _fit_coxnet(factory, tr_ids, t_tr, e_tr, cfg)
-                lp_tr = model.predict(feats.transform(tr_ids), alpha=alpha)
-                lp_te = model.predict(feats.transform(te_ids), alpha=alpha)
+                model, alpha, info = _fit_coxnet(x_tr, t_tr, e_tr, cfg)
+                lp_tr, lp_te = model.predict(x_tr, alpha=alpha), model.predict(x_te, alpha=alpha)
             rec: dict[str, Any] = {"fold": int(fold), "n_train": len(tr_ids), "n_test": len(te_ids),
-                                   "n_features": int(feats.transform(te_ids[:1]).shape[1]), **info, **feats.info}
+                                   "n_features": int(x_te.shape[1]), **info, **feats.info}
             if rep is not None:
                 rec["repeat"] = rep
             try:
