@@ -306,20 +306,41 @@ class TumourLocation:
     volume_ml: float
 
 
-def _tumour_points(image: sitk.Image, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Tumour voxel indices ``[N, 3]`` (x, y, z) and the boolean mask ``[D, H, W]``."""
+def _tumour_points(
+    image: sitk.Image, labels: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tumour voxels of a label image.
+
+    Returns:
+        ``(idx, block, offset)``: tumour voxel indices ``[N, 3]`` (x, y, z, float64), the
+        boolean tumour mask ``[D, H, W]`` of the bounding block of all positive labels,
+        and that block's first index (x, y, z).
+    """
     arr = sitk.GetArrayViewFromImage(image)
-    mask = np.isin(arr, np.asarray(labels, dtype=arr.dtype if arr.dtype.kind in "iu" else None))
+    # Bounding block of positive labels from two max-reductions, so the label test and
+    # np.nonzero run on the block only (a 512 x 512 x 150 label is mostly background).
+    z_any = np.flatnonzero(arr.reshape(arr.shape[0], -1).max(axis=1) > 0)
+    if len(z_any) == 0:
+        return np.zeros((0, 3)), np.zeros((0, 0, 0), bool), np.zeros(3, np.int64)
+    z0, z1 = z_any[0], z_any[-1] + 1
+    plane = arr[z0:z1].max(axis=0) > 0
+    y_any, x_any = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    y0, y1, x0, x1 = y_any[0], y_any[-1] + 1, x_any[0], x_any[-1] + 1
+    block = arr[z0:z1, y0:y1, x0:x1]
+    mask = np.isin(block, np.asarray(labels, dtype=block.dtype if block.dtype.kind in "iu" else None))
+    offset = np.array([x0, y0, z0], dtype=np.int64)
     zyx = np.nonzero(mask)
-    return np.stack(zyx[::-1], axis=1).astype(np.float64), mask
+    return np.stack(zyx[::-1], axis=1).astype(np.float64) + offset, mask, offset
 
 
-def _centre_of(idx: np.ndarray, mask: np.ndarray, geom: GridGeometry) -> tuple[np.ndarray, str]:
+def _centre_of(
+    idx: np.ndarray, mask: np.ndarray, offset: np.ndarray, geom: GridGeometry
+) -> tuple[np.ndarray, str]:
     """Centroid of tumour voxels, or bbox centre when the centroid's voxel is not tumour."""
     m = _matrix(geom)
     origin = np.asarray(geom.origin_xyz, np.float64)
     centroid_idx = idx.mean(axis=0)
-    nearest = np.floor(centroid_idx + 0.5).astype(np.int64)
+    nearest = np.floor(centroid_idx + 0.5).astype(np.int64) - offset
     shape_xyz = np.asarray(mask.shape[::-1])
     if np.all(nearest >= 0) and np.all(nearest < shape_xyz) and mask[nearest[2], nearest[1], nearest[0]]:
         return origin + m @ centroid_idx, "centroid"
@@ -387,14 +408,14 @@ def locate_tumour(
         ValueError: when the label holds no voxel of ``params.tumour_labels``.
     """
     geom = geometry_of(label)
-    idx, mask = _tumour_points(label, params.tumour_labels)
+    idx, mask, offset = _tumour_points(label, params.tumour_labels)
     if len(idx) == 0:
         found = np.unique(sitk.GetArrayViewFromImage(label)).tolist()[:10]
         raise ValueError(
             f"case {case_id!r}: label file {label_path} has no voxel with tumour labels "
             f"{list(params.tumour_labels)} (values found: {found}); the crop needs a tumour"
         )
-    native_centre, _ = _centre_of(idx, mask, geom)
+    native_centre, _ = _centre_of(idx, mask, offset, geom)
     volume_ml = float(len(idx) * np.prod(geom.spacing_xyz) / 1000.0)
 
     # Refine on the mask resampled (nearest) onto a crop-spacing grid around the tumour.
@@ -403,9 +424,9 @@ def locate_tumour(
     ref_grid = centred_grid(native_centre, size, params.spacing_mm_xyz, ct_direction)
     resampled = _sitk_resample(label, ref_grid, linear=False, default=0,
                                pixel_type=label.GetPixelID())
-    r_idx, r_mask = _tumour_points(resampled, params.tumour_labels)
+    r_idx, r_mask, r_offset = _tumour_points(resampled, params.tumour_labels)
     if len(r_idx):
-        centre, source = _centre_of(r_idx, r_mask, ref_grid)
+        centre, source = _centre_of(r_idx, r_mask, r_offset, ref_grid)
     else:
         centre, source = native_centre, "native"
     extent = _extent_vox(idx, geom, centre, ct_direction, params.spacing_mm_xyz)
