@@ -795,10 +795,18 @@ class _Runner:
                 finally:
                     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(prev)
                 return
-            futures = [self.pool.submit(fn, t) for t in tasks]
+            futures = {self.pool.submit(fn, t): t["case_id"] for t in tasks}
             try:
                 for fut in cf.as_completed(futures):
-                    yield fut.result()
+                    try:
+                        result = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        raise CaseError(
+                            f"case {futures[fut]!r}: a worker process died while it ran "
+                            "(killed or out of memory?); finished cases are kept, rerun to "
+                            "resume, or use fewer workers"
+                        ) from None
+                    yield result
                     bar.update(1)
             finally:
                 for fut in futures:

@@ -337,6 +337,73 @@ def test_slice_axis_is_array_axis_zero():
     assert extent_mm[0] > 18 and extent_mm[1] < 12 and extent_mm[2] < 12, extent_mm
 
 
+def _label_image(lab: np.ndarray, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    img = sitk.GetImageFromArray(lab)
+    img.SetSpacing(CT_SPACING)
+    img.SetOrigin(CT_ORIGIN)
+    img.SetDirection(direction)
+    return img
+
+
+def test_centre_falls_back_to_bbox_centre_when_centroid_is_outside_the_tumour():
+    x, y, z = _grid_points(CT_SIZE, CT_SPACING, CT_ORIGIN)
+    lab = np.zeros(x.shape, np.uint8)
+    lab[(x + 14) ** 2 + y**2 + (z - 25) ** 2 <= 5**2] = 1  # primary, x in [-19, -9]
+    lab[(x - 12) ** 2 + y**2 + (z - 25) ** 2 <= 4**2] = 2  # node, x in [8, 16]
+    # Volume-weighted centroid x ~ -5 lies in the gap; bbox centre x = (-19 + 16) / 2.
+    params = PARAMS
+    loc = locate_tumour(_label_image(lab), (1, 0, 0, 0, 1, 0, 0, 0, 1), params)
+    assert loc.centre_source == "bbox_centre"
+    np.testing.assert_allclose(loc.centre_mm_xyz, (-1.5, 0.0, 25.0), atol=0.6)
+    # The crop around the bbox centre spans both lesions: 35 mm + voxel edges in x.
+    assert loc.crop_size_vox_xyz[0] in (36, 38)
+    # Primary only: a convex sphere, centroid kept.
+    only_gtvp = locate_tumour(_label_image(lab), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                              replace(params, tumour_labels=(1,)))
+    assert only_gtvp.centre_source == "centroid"
+    np.testing.assert_allclose(only_gtvp.centre_mm_xyz, (-14.0, 0.0, 25.0), atol=0.6)
+    assert only_gtvp.volume_ml == pytest.approx(4 / 3 * np.pi * 125 / 1000, rel=0.1)
+    with pytest.raises(ValueError, match=r"case 'X-1': label file lab.nii.gz has no voxel"):
+        locate_tumour(_label_image(np.where(lab == 2, 2, 0).astype(np.uint8)),
+                      (1, 0, 0, 0, 1, 0, 0, 0, 1), replace(params, tumour_labels=(1,)),
+                      case_id="X-1", label_path="lab.nii.gz")
+
+
+def test_flipped_ct_direction_keeps_tumour_centred_and_torch_agrees():
+    """HECKTOR has a centre storing CT/label with x flipped (direction diag(-1, 1, 1))."""
+    flip = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    x, y, z = _grid_points(CT_SIZE, CT_SPACING, (0.0, 0.0, 0.0))
+    phys_x = 10.0 - x  # origin x = 10 mm, direction -1: voxel i sits at 10 - i
+    centre = (-6.0, 7.0, 22.0)
+    blob = (phys_x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 36
+    ct_arr = (3.0 * phys_x + y + 300.0 * blob - 50).astype(np.int16)
+    imgs = []
+    for arr in (ct_arr, blob.astype(np.uint8)):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(CT_SPACING)
+        img.SetOrigin((10.0, 0.0, 0.0))
+        img.SetDirection(flip)
+        imgs.append(img)
+    ct, lab = imgs
+    px, py, pz = _grid_points(PET_SIZE, PET_SPACING, (-35.0, -10.0, -5.0))
+    pet_arr = (1 + 9 * np.exp(-((px - centre[0]) ** 2 + (py - centre[1]) ** 2 + (pz - centre[2]) ** 2) / 36))
+    pet = sitk.GetImageFromArray(pet_arr.astype(np.float32))
+    pet.SetSpacing(PET_SPACING)
+    pet.SetOrigin((-35.0, -10.0, -5.0))
+    params = replace(PARAMS, crop_size_vox_xyz=(16, 16, 6))
+    a = preprocess_case(ct, pet, lab, params, backend="sitk")
+    b = preprocess_case(ct, pet, lab, params, backend="torch")
+    assert a.geometry["survival"].direction == flip
+    np.testing.assert_allclose(a.location.centre_mm_xyz, centre, atol=0.6)
+    mask = a.arrays["survival/mask"]
+    assert np.all(np.abs(_centroid(mask) - (np.asarray(mask.shape) - 1) / 2) < 1.0)
+    peak = np.unravel_index(np.argmax(a.arrays["survival/pet"]), mask.shape)
+    assert mask[peak] == 1
+    for name in ("survival/pet", "survival/ct", "ctfm/ct", "petfm/pet"):
+        assert np.abs(a.arrays[name] - b.arrays[name]).max() < 1e-3 * max(np.ptp(a.arrays[name]), 1e-6)
+    assert np.mean(a.arrays["survival/mask"] != b.arrays["survival/mask"]) < 0.005
+
+
 # --------------------------------------------------------------------------- cohort runs
 
 
