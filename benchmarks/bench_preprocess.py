@@ -6,13 +6,14 @@ with a body, bone ring, air and Gaussian noise (sigma 20 HU, so gzip has real wo
 of 192 x 192 x 150 float32 SUV at 3.65 x 3.65 x 3 mm with another origin and multiplicative
 noise, and a uint8 label on the CT grid (a primary and a node), all gzip-compressed NIfTI.
 
-Measured per case (median over cases, one process, SimpleITK threads = all cores):
+Measured per case (one process, SimpleITK threads = all cores):
 
-* read floor: ``sitk.ReadImage`` of CT, PET and label;
+* read floor: ``sitk.ReadImage`` of CT, PET and label (median over cases);
 * pass 1: read the label (+ CT header) and locate the tumour (:func:`locate_tumour`);
 * pass 2: read, resample the crop, resize to 80x80x48 / 128x128x48 / 128^3, normalise,
-  write the HDF5 (:func:`pipeline.preprocess.run_preprocessing` with a given G, sha256
-  given in the manifest as ``build-manifest`` writes it);
+  write the HDF5: one :func:`pipeline.preprocess.run_preprocessing` over all cases with a
+  given G (sha256 given in the manifest, as ``build-manifest`` writes it), divided by the
+  number of cases;
 * total = pass 1 + pass 2, and its ratio to the read floor (aim: <= 2).
 
 Usage::
@@ -65,8 +66,9 @@ def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
     ct = np.broadcast_to(ct, (nz, ny, nx)).astype(np.float32)
     ct = ct + rng.normal(0, 20, size=ct.shape).astype(np.float32)
     lab = np.zeros((nz, ny, nx), np.uint8)
-    lesions = [(1, np.array([rng.uniform(-30, 30), rng.uniform(10, 40), rng.uniform(-250, -150)]), 15.0),
-               (2, np.array([rng.uniform(40, 70), rng.uniform(-10, 20), rng.uniform(-250, -150)]), 8.0)]
+    primary = np.array([rng.uniform(-30, 30), rng.uniform(10, 40), rng.uniform(-250, -150)])
+    node = np.array([rng.uniform(40, 70), rng.uniform(-10, 20), rng.uniform(-250, -150)])
+    lesions = [(1, primary, 15.0), (2, node, 8.0)]
     for value, c, r in lesions:
         inside = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= r**2
         lab[inside] = value
@@ -85,7 +87,8 @@ def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
     pet = np.broadcast_to(np.where((x / 150.0) ** 2 + (y / 120.0) ** 2 <= 1.0, 1.0, 0.02),
                           (pz, py, px)).astype(np.float32)
     for _, c, r in lesions:
-        pet = pet + 8.0 * np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * r**2))
+        d2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
+        pet = pet + 8.0 * np.exp(-d2 / (2 * r**2))
     pet = pet * rng.gamma(25.0, 1 / 25.0, size=pet.shape)
     _write(pet.astype(np.float32), PET_SPACING, pet_origin, root / "imagesTr" / f"{cid}__PT.nii.gz")
 
@@ -134,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         ids = [f"BENCH-{i:03d}" for i in range(args.cases)]
         rng = np.random.default_rng(0)
         t0 = time.perf_counter()
+        built = 0
         for cid in ids:
             if not (root / "imagesTr" / f"{cid}__PT.nii.gz").is_file():
                 make_case(root, cid, rng)
+                built += 1
         build_s = time.perf_counter() - t0
         manifest_path = make_manifest(root, ids)
         manifest = read_manifest(manifest_path)
@@ -154,16 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for backend in args.backends.split(","):
             device = args.device if backend == "torch" else "cpu"
-            per_case = []
-            for cid in ids:  # one run per case, so the median is per case
-                out = root / f"cache-{backend}-{cid}"
-                shutil.rmtree(out, ignore_errors=True)  # a kept workdir must not skip
-                report = run_preprocessing(manifest_path, out, fixed,
-                                           workers=1, backend=backend, device=device,
-                                           case_ids=[cid], progress=False)
-                assert report.processed == [cid]
-                per_case.append(report.seconds)
-            pass2 = statistics.median(per_case)
+            out = root / f"cache-{backend}"
+            shutil.rmtree(out, ignore_errors=True)  # a kept workdir must not skip
+            report = run_preprocessing(manifest_path, out, fixed, workers=1, backend=backend,
+                                       device=device, progress=False)
+            assert sorted(report.processed) == ids, report.processed
+            pass2 = report.seconds / len(ids)
             rows.append((backend, device, pass1, pass2, pass1 + pass2, (pass1 + pass2) / floor))
 
     lines = [
@@ -173,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{' --out ' + str(args.out) if args.out else ''}`",
         "",
         f"Inputs: {args.cases} synthetic HECKTOR-size cases built by the benchmark: CT "
-        f"{'x'.join(map(str, CT_SIZE))} int16 at {CT_SPACING} mm, PET {'x'.join(map(str, PET_SIZE))} "
-        f"float32 at {PET_SPACING} mm (other origin), uint8 label on the CT grid; gzip NIfTI, "
-        f"{sizes_mb:.1f} MB per case on disk (built in {build_s:.0f} s).",
+        f"{'x'.join(map(str, CT_SIZE))} int16 at {CT_SPACING} mm, PET "
+        f"{'x'.join(map(str, PET_SIZE))} float32 at {PET_SPACING} mm (other origin), uint8 label on the CT grid; gzip NIfTI, "
+        f"{sizes_mb:.1f} MB per case on disk ({built} built in {build_s:.0f} s, "
+        f"{len(ids) - built} reused from --workdir).",
         f"Outputs: paper sizes (survival 80x80x48, CT-FM 128x128x48, PET-FM 128^3), G = {g} "
         "voxels at 1x1x3 mm, one HDF5 per case.",
         f"Machine: {platform.processor() or platform.machine()}, {threads} CPU cores "

@@ -252,7 +252,8 @@ def centred_grid(
     """
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     half = (np.asarray(size_xyz, dtype=np.float64) - 1.0) / 2.0
-    origin = np.asarray(centre_mm_xyz, np.float64) - d @ (np.asarray(spacing_xyz, np.float64) * half)
+    spacing = np.asarray(spacing_xyz, np.float64)
+    origin = np.asarray(centre_mm_xyz, np.float64) - d @ (spacing * half)
     return GridGeometry(
         origin_xyz=tuple(float(v) for v in origin),
         spacing_xyz=tuple(float(v) for v in spacing_xyz),
@@ -327,7 +328,8 @@ def _tumour_points(
     y_any, x_any = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     y0, y1, x0, x1 = y_any[0], y_any[-1] + 1, x_any[0], x_any[-1] + 1
     block = arr[z0:z1, y0:y1, x0:x1]
-    mask = np.isin(block, np.asarray(labels, dtype=block.dtype if block.dtype.kind in "iu" else None))
+    wanted = np.asarray(labels, dtype=block.dtype if block.dtype.kind in "iu" else None)
+    mask = np.isin(block, wanted)
     offset = np.array([x0, y0, z0], dtype=np.int64)
     zyx = np.nonzero(mask)
     return np.stack(zyx[::-1], axis=1).astype(np.float64) + offset, mask, offset
@@ -342,7 +344,8 @@ def _centre_of(
     centroid_idx = idx.mean(axis=0)
     nearest = np.floor(centroid_idx + 0.5).astype(np.int64) - offset
     shape_xyz = np.asarray(mask.shape[::-1])
-    if np.all(nearest >= 0) and np.all(nearest < shape_xyz) and mask[nearest[2], nearest[1], nearest[0]]:
+    inside = bool(np.all(nearest >= 0) and np.all(nearest < shape_xyz))
+    if inside and mask[nearest[2], nearest[1], nearest[0]]:
         return origin + m @ centroid_idx, "centroid"
     bbox_idx = (idx.min(axis=0) + idx.max(axis=0)) / 2.0
     return origin + m @ bbox_idx, "bbox_centre"
@@ -450,7 +453,9 @@ def normalise_ct_fm(ct_hu: np.ndarray, params: PreprocessParams) -> np.ndarray:
     return ((np.clip(ct_hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-def normalise_pet_fm(pet_suv: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, tuple[float, float]]:
+def normalise_pet_fm(
+    pet_suv: np.ndarray, params: PreprocessParams
+) -> tuple[np.ndarray, tuple[float, float]]:
     """PET-FM input: clip to the volume's own percentiles then min-max to [0, 1].
 
     Args:
@@ -579,15 +584,18 @@ def preprocess_case(
         ct_c = _sitk_resample(ct, crop, linear=True, default=ct_min)
         pet_c = _sitk_resample(pet, crop, linear=True, default=pet_min)
         lab_c = _sitk_resample(label, crop, linear=False, default=0, pixel_type=label.GetPixelID())
-        mask_c = sitk.GetImageFromArray(np.isin(sitk.GetArrayViewFromImage(lab_c), labels).astype(np.uint8))
+        mask_arr = np.isin(sitk.GetArrayViewFromImage(lab_c), labels).astype(np.uint8)
+        mask_c = sitk.GetImageFromArray(mask_arr)
         mask_c.CopyInformation(lab_c)
 
         def arr(img: sitk.Image) -> np.ndarray:
             return sitk.GetArrayFromImage(img)
 
         out = {
-            "survival/pet": arr(_sitk_resample(pet_c, grids["survival"], linear=True, default=pet_min)),
-            "survival/ct": arr(_sitk_resample(ct_c, grids["survival"], linear=True, default=ct_min)),
+            "survival/pet": arr(_sitk_resample(pet_c, grids["survival"], linear=True,
+                                               default=pet_min)),
+            "survival/ct": arr(_sitk_resample(ct_c, grids["survival"], linear=True,
+                                              default=ct_min)),
             "survival/mask": arr(_sitk_resample(mask_c, grids["survival"], linear=False, default=0,
                                                 pixel_type=sitk.sitkUInt8)),
             "ctfm/ct": arr(_sitk_resample(ct_c, grids["ctfm"], linear=True, default=ct_min)),
@@ -647,7 +655,8 @@ def _torch_case(
 
     def resize(vol, group: str, mode: str, default: float) -> np.ndarray:
         res = resample_to_grid(vol, crop, grids[group], mode=mode, default_value=default,
-                               device=device, out_dtype=None if mode == "nearest" else torch.float32)
+                               device=device,
+                               out_dtype=None if mode == "nearest" else torch.float32)
         return res.cpu().numpy()
 
     out = {

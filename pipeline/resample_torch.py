@@ -146,7 +146,9 @@ def resample_to_grid(
     if mode not in ("linear", "nearest"):
         raise ValueError(f"resample_to_grid: mode must be 'linear' or 'nearest', got {mode!r}")
     if image.ndim != 3:
-        raise ValueError(f"resample_to_grid: image must be [D, H, W], got shape {tuple(image.shape)}")
+        raise ValueError(
+            f"resample_to_grid: image must be [D, H, W], got shape {tuple(image.shape)}"
+        )
     device = torch.device(device)
     size_zyx = np.asarray(image.shape, dtype=np.int64)
     size_xyz = size_zyx[::-1]
