@@ -199,6 +199,8 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.patches import Patch
+
     pre = "c" if metric == "c_index" else "auc"
     protocols = [p for p in PROTOCOL_LABELS if p in set(summary["protocol"])]
     fig, axes = plt.subplots(1, max(1, len(protocols)), figsize=(6.2 * max(1, len(protocols)), 4.4),
@@ -206,37 +208,44 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
     colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))
     width = 0.8 / len(D_LABELS)
     groups = ["ct", "pet", "ctpet"]
+    # Shared y range: from 0.5 (chance) or lower when a mean - SD falls below it, up to 1.
+    lows = (summary[f"{pre}_mean"] - summary[f"{pre}_sd"].fillna(0)).dropna()
+    y_low = min(0.5, math.floor(float(lows.min()) * 10) / 10) if len(lows) else 0.5
+    handles = []
     for ax, proto in zip(axes[0], protocols):
         s = summary[summary["protocol"] == proto].set_index("config")
         if BASELINE in s.index and _finite(s.loc[BASELINE, f"{pre}_mean"]):
             m, sd = float(s.loc[BASELINE, f"{pre}_mean"]), s.loc[BASELINE, f"{pre}_sd"]
-            ax.axhline(m, ls="--", color="black", lw=1.2, label=f"baseline {m:.3f}")
+            ax.axhline(m, ls="--", color="black", lw=1.2, zorder=3)
             if _finite(sd):
-                ax.axhspan(m - float(sd), m + float(sd), color="grey", alpha=0.18, lw=0,
-                           label="baseline ± SD")
+                ax.axhspan(m - float(sd), m + float(sd), color="grey", alpha=0.2, lw=0, zorder=0)
         for j, d in enumerate(D_LABELS):
-            xs, ms, sds, pend = [], [], [], []
             for i, mod in enumerate(groups):
                 name = f"{mod}-d{d}"
+                if name not in s.index:
+                    continue  # not part of this study's grid
                 x = i + (j - (len(D_LABELS) - 1) / 2) * width
-                if name in s.index and _finite(s.loc[name, f"{pre}_mean"]):
-                    xs.append(x)
-                    ms.append(float(s.loc[name, f"{pre}_mean"]))
-                    sd = s.loc[name, f"{pre}_sd"]
-                    sds.append(float(sd) if _finite(sd) else 0.0)
-                elif name in s.index:
-                    pend.append(x)
-            ax.bar(xs, ms, width * 0.92, yerr=sds, capsize=3, color=colours[j], label=f"d = {d}",
-                   error_kw={"lw": 1})
-            for x in pend:
-                ax.text(x, 0.52, "pending", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
+                mean, sd = s.loc[name, f"{pre}_mean"], s.loc[name, f"{pre}_sd"]
+                if _finite(mean):
+                    ax.bar(x, float(mean) - y_low, width * 0.92, bottom=y_low, color=colours[j], zorder=2,
+                           yerr=float(sd) if _finite(sd) else None, capsize=3, error_kw={"lw": 1})
+                    n_done = int(s.loc[name, "n_done"])
+                    if n_done < int(s.loc[name, "n_folds"]):
+                        ax.text(x, y_low + 0.01, f"{n_done}/{int(s.loc[name, 'n_folds'])}", ha="center",
+                                va="bottom", fontsize=6, color="white", rotation=90, zorder=4)
+                else:
+                    ax.text(x, y_low + 0.01, "pending", rotation=90, ha="center", va="bottom", fontsize=7,
+                            color="dimgrey")
         ax.set_xticks(range(len(groups)), [MODALITY_LABELS[g] for g in groups])
+        ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.set_title(PROTOCOL_LABELS[proto], fontsize=10)
-        ax.set_ylim(0.5, 1.0)
-        ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(y_low, 1.0)
+        ax.grid(axis="y", alpha=0.3, zorder=0)
+    handles = [Patch(color=colours[j], label=f"d = {d}") for j, d in enumerate(D_LABELS)]
+    handles += [plt.Line2D([], [], ls="--", color="black", label="baseline mean"),
+                Patch(color="grey", alpha=0.2, label="baseline ± SD")]
     axes[0][0].set_ylabel(f"{METRIC_LABELS[metric]} (mean ± SD over folds)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
@@ -335,8 +344,10 @@ def table1_display(t1: pd.DataFrame, protocol: str) -> pd.DataFrame:
     for r in t1.to_dict("records"):
         label = "DeepMTS+DAFT baseline" if r["modality"] == BASELINE else f"+ {MODALITY_LABELS[r['modality']]}"
         if r["status"] == "pending":
+            paper = PAPER_TABLE1[r["modality"]]
             rows.append({"configuration": label, "best d": "pending", "C-index": "pending",
-                         "1-year AUROC": "pending", "Δ C-index": "-", "Δ AUROC": "-", "paper (C / AUROC)": ""})
+                         "1-year AUROC": "pending", "Δ C-index": "-", "Δ AUROC": "-",
+                         "paper (C / AUROC)": f"d={paper[0]}: {paper[1][0]:.3f} / {paper[2][0]:.3f}"})
             continue
         paper = PAPER_TABLE1[r["modality"]]
         rows.append({

@@ -33,7 +33,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -703,7 +702,3 @@ def run_study(
         raise ValueError(f"executor must be 'local' or 'submitit', got {executor!r}")
     outcome.skipped = done + outcome.skipped
     return outcome
-
-
-def _print_err(msg: str) -> None:  # pragma: no cover - used by the CLI only
-    print(msg, file=sys.stderr)

@@ -11,21 +11,21 @@ import click
 
 # Reduced settings of `run-study --demo`: the same code at small sizes, sized to finish in
 # well under 15 minutes on 2 CPU cores (see benchmarks/study.md for the measurements).
-DEMO_SURVIVAL_SIZE_XYZ = (40, 40, 24)
+DEMO_SURVIVAL_SIZE_XYZ = (32, 32, 24)
 DEMO_CTFM_SIZE_XYZ = (64, 64, 16)
 DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
 # Native embedding sizes are kept (CT 512, PET 768) so "orig" means what it means in the paper;
 # the PET ViT runs on a 4^3 token grid with 4^3 windows instead of 8^3 padded to 14^3.
 DEMO_ENCODERS = {"ct": {}, "pet": {"img_size": 64, "window_size": 4}}
 DEMO_TRAIN = {
-    "epochs": 6, "steps_per_epoch": 6, "batch_size": 8, "eval_batch_size": 32,
-    "warmup_epochs": 1, "lr_step_epochs": 4, "patience": 6,
-    # 36 steps in all: an EMA with decay 0.999 would still be ~96 % the initial weights.
-    "ema_decay": 0.8,
+    "epochs": 4, "steps_per_epoch": 4, "batch_size": 8, "eval_batch_size": 64,
+    "warmup_epochs": 1, "lr_step_epochs": 3, "patience": 4,
+    # 16 steps in all: an EMA with decay 0.999 would still be ~98 % the initial weights.
+    "ema_decay": 0.7,
     "model": {
-        "seg_filters": [4, 8, 8, 16], "seg_encoder_convs": [1, 1, 1, 1], "seg_decoder_convs": [1, 1, 1],
-        "tap_filters": [2, 4, 4, 8], "dense_stem_filters": 8, "dense_blocks": [2, 2, 2], "growth": 8,
-        "bottleneck_filters": 16, "transition_filters": [8, 8, 16], "head_units": 16,
+        "seg_filters": [2, 4, 4, 8], "seg_encoder_convs": [1, 1, 1, 1], "seg_decoder_convs": [1, 1, 1],
+        "tap_filters": [1, 2, 2, 4], "dense_stem_filters": 4, "dense_blocks": [1, 1, 1], "growth": 4,
+        "bottleneck_filters": 8, "transition_filters": [4, 4, 8], "head_units": 8,
     },
 }
 
@@ -115,7 +115,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
       run-study --out runs/study --report-only           # report from what is finished
     """
     from pipeline.artefacts import ProvenanceError
-    from pipeline.study import SlurmOptions, StudySpec, cell_status, configurations, format_status, load_study
+    from pipeline.study import SlurmOptions, cell_status, format_status, load_study
 
     t_start = time.perf_counter()
     study_dir = Path(study_dir or ("runs/demo_study" if demo else "runs/study"))
@@ -136,10 +136,12 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                            train_config_file, model_config, device, overrides)
         info = _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, prep_workers)
-        _run_grid(spec, info, executor, workers, cluster, no_wait,
-                  SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
-                               mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
+        outcome = _run_grid(spec, info, executor, workers, cluster, no_wait,
+                            SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
+                                         mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
         _report(study_dir, report_dir, t_start)
+        if not outcome.ok:
+            sys.exit(1)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ProvenanceError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         click.secho(f"error: {msg}", fg="red", err=True)
@@ -221,7 +223,7 @@ def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, 
     return info
 
 
-def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm) -> None:
+def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
     from pipeline.study import cell_status, run_study
 
     status = cell_status(spec)
@@ -250,6 +252,7 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm) -> None:
     if outcome.failed:
         click.secho(f"{len(outcome.failed)} cell(s) failed; the report shows them as pending. Rerun to retry.",
                     fg="red", err=True)
+    return outcome
 
 
 def _f(x) -> str:
