@@ -80,6 +80,15 @@ def code_version() -> str:
     return version
 
 
+def plain_value(value: Any) -> Any:
+    """HDF5 attribute value (numpy array or scalar, bytes) as a plain Python value."""
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

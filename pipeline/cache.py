@@ -44,7 +44,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.artefacts import ProvenanceError, atomic_path, read_json, write_json_atomic
+from pipeline.artefacts import ProvenanceError, atomic_path, plain_value, read_json, write_json_atomic
 
 CACHE_SCHEMA_VERSION = 1
 GROUPS = ("survival", "ctfm", "petfm")
@@ -195,7 +195,7 @@ class PreprocessedCache:
 
     def attrs(self, case_id: str) -> dict[str, Any]:
         with h5py.File(self.path(case_id), "r") as h5:
-            out = {k: _plain(v) for k, v in h5.attrs.items()}
+            out = {k: plain_value(v) for k, v in h5.attrs.items()}
         out["source_sha256"] = json.loads(out["source_sha256"])
         return out
 
@@ -213,13 +213,3 @@ def write_cohort_record(root: str | os.PathLike, record: dict[str, Any]) -> None
     record = dict(record)
     record.setdefault("schema_version", CACHE_SCHEMA_VERSION)
     write_json_atomic(Path(root) / COHORT_FILE, record)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value

@@ -73,6 +73,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import (
+    plain_value,
     ProvenanceError,
     atomic_path,
     canonical_json,
@@ -823,7 +824,7 @@ def read_embeddings(
                 f"{path}: embedding schema_version {found}, this code reads {SCHEMA_VERSION}; "
                 "re-run `extract-embeddings`"
             )
-        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+        attrs = {k: plain_value(v) for k, v in h5.attrs.items()}
         file_ids = list(h5["case_ids"].asstr()[()])
         file_fps = list(h5["fingerprints"].asstr()[()])
         # Extracted files hold ct/pet; imported feature tables hold their own named modality.
@@ -834,7 +835,7 @@ def read_embeddings(
         if absent:
             raise ProvenanceError(f"{path}: holds {present} embeddings, {absent} requested")
         mats = {m: h5[m][()] for m in mods}
-        mattrs = {m: {k: _plain(v) for k, v in h5[m].attrs.items()} for m in mods}
+        mattrs = {m: {k: plain_value(v) for k, v in h5[m].attrs.items()} for m in mods}
 
     if case_ids is None:
         rows = list(range(len(file_ids)))
@@ -905,13 +906,3 @@ def load_embeddings(
     Provenance (file attributes, per-modality attributes, path, sha256) is in ``df.attrs``.
     """
     return read_embeddings(path, cache=cache, case_ids=case_ids, modalities=modalities).frame()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value

@@ -64,18 +64,22 @@ PATH_COLUMNS: tuple[str, ...] = ("ct_path", "pet_path", "label_path")
 CENTERS: dict[int, str] = {1: "CHUM", 2: "CHUP", 3: "CHUS", 4: "CHUV", 5: "MDA", 6: "HGJ", 7: "HMR"}
 
 
+def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: not a manifest, missing columns {missing}")
+    dup = df["case_id"][df["case_id"].duplicated()].tolist()
+    if dup:
+        raise ValueError(f"{what}: duplicate case ids {dup}")
+
+
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` (columns :data:`MANIFEST_COLUMNS`) atomically as CSV.
 
     Raises:
         ValueError: when a manifest column is missing or a case id repeats.
     """
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"manifest is missing columns {missing}")
-    dup = df["case_id"][df["case_id"].duplicated()].tolist()
-    if dup:
-        raise ValueError(f"manifest has duplicate case ids {dup}")
+    _check_columns_and_ids(df, "manifest")
     with atomic_path(path, suffix=".csv") as tmp:
         df.loc[:, list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
 
@@ -97,12 +101,7 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
     df = pd.read_csv(path, dtype={"case_id": str, "gender": str, "center": str,
                                   "ct_sha256": str, "pet_sha256": str, "label_sha256": str},
                      keep_default_na=True)
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: not a manifest, missing columns {missing}")
-    dup = df["case_id"][df["case_id"].duplicated()].tolist()
-    if dup:
-        raise ValueError(f"{path}: duplicate case ids {dup}")
+    _check_columns_and_ids(df, f"{path}")
     for col in ("ct_sha256", "pet_sha256", "label_sha256"):
         df[col] = df[col].fillna("")
     if resolve_paths:

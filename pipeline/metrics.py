@@ -130,7 +130,8 @@ def check_survival(time: Any, event: Any, what: str) -> tuple[np.ndarray, np.nda
     return t, e_num.astype(bool)
 
 
-def _as_risk(risk: Any, n: int, what: str) -> np.ndarray:
+def check_risk(risk: Any, n: int, what: str) -> np.ndarray:
+    """Validate a score vector: 1-D float, ``n`` entries, all finite."""
     r = np.asarray(risk, dtype=float)
     if r.ndim != 1:
         raise ValueError(f"{what}: risk must be 1-D, got shape {r.shape}")
@@ -168,7 +169,7 @@ def c_index(time: Any, event: Any, risk: Any) -> float:
             other than 0/1, when every sample is censored, or when no pair is comparable.
     """
     t, e = check_survival(time, event, "c_index")
-    r = _as_risk(risk, t.shape[0], "c_index")
+    r = check_risk(risk, t.shape[0], "c_index")
     if not e.any():
         raise ValueError(f"c_index: all {t.shape[0]} samples are censored; the C-index is undefined")
     if not _has_comparable_pair(t, e):
@@ -219,7 +220,7 @@ def time_dependent_auc(
     """
     tr_t, tr_e = check_survival(train_time, train_event, "time_dependent_auc (training fold)")
     te_t, te_e = check_survival(test_time, test_event, "time_dependent_auc (test fold)")
-    r = _as_risk(risk, te_t.shape[0], "time_dependent_auc (test fold)")
+    r = check_risk(risk, te_t.shape[0], "time_dependent_auc (test fold)")
     horizon = float(horizon)
     if not math.isfinite(horizon) or horizon < 0:
         raise ValueError(f"time_dependent_auc: horizon must be finite and >= 0, got {horizon!r}")
@@ -338,7 +339,7 @@ def fold_metrics(
         fold = key[-1]
         label = ", ".join(f"{c} {k}" for c, k in zip(group_cols, key))
         t, e = check_survival(val["time"].to_numpy(), val["event"].to_numpy(), f"fold_metrics ({label})")
-        r = _as_risk(val["risk"].to_numpy(), t.shape[0], f"fold_metrics ({label})")
+        r = check_risk(val["risk"].to_numpy(), t.shape[0], f"fold_metrics ({label})")
         if train_survival is not None:
             if fold not in train_survival:
                 raise ValueError(f"fold_metrics: train_survival has no entry for fold {fold!r}")

@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import (
+    plain_value,
     ProvenanceError,
     atomic_path,
     canonical_json,
@@ -637,77 +638,20 @@ def load_features(
 ) -> pd.DataFrame:
     """Read FM embeddings or an imported feature table as one frame indexed by case id.
 
-    FM files (datasets ``ct`` / ``pet``) go through :func:`pipeline.embeddings.load_embeddings`.
-    Imported tables (:func:`import_feature_table`) are read here with the same checks
-    (schema version, the cache's params_hash and per-case fingerprints when ``cache`` is
-    given, every requested case present), because the embeddings loader only knows the
-    ``ct`` and ``pet`` datasets. Columns are ``<modality>_000 ..``; ``df.attrs`` holds
-    ``path``, ``sha256``, the file attributes, ``feature_modalities`` and, for tables,
-    ``feature_names`` (modality -> original column names).
+    Both go through :func:`pipeline.embeddings.read_embeddings` (schema version, the cache's
+    params_hash and per-case fingerprints when ``cache`` is given, every requested case
+    present). Columns are ``<modality>_000 ..``; ``df.attrs`` holds ``path``, ``sha256``, the
+    file attributes, ``feature_modalities`` and, for imported tables, ``feature_names``
+    (modality -> original column names).
     """
-    from pipeline.embeddings import SCHEMA_VERSION, MissingCasesError, load_embeddings
+    from pipeline.embeddings import read_embeddings
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no feature file; run `extract-embeddings` or `import-features` first")
-    with h5py.File(path, "r") as h5:
-        try:
-            file_mods = json.loads(h5.attrs.get("modalities", "[]"))
-        except (TypeError, json.JSONDecodeError):
-            file_mods = [m for m in ("ct", "pet") if m in h5]
-    mods = list(modalities) if modalities else list(file_mods)
-    if set(mods) <= {"ct", "pet"}:
-        df = load_embeddings(path, cache=cache, case_ids=case_ids, modalities=mods)
-        df.attrs["feature_modalities"] = mods
-        return df
-    with h5py.File(path, "r") as h5:
-        found = int(h5.attrs.get("schema_version", -1))
-        if found != SCHEMA_VERSION:
-            raise ProvenanceError(f"{path}: feature schema_version {found}, this code reads {SCHEMA_VERSION}")
-        absent = [m for m in mods if m not in h5 or m in _RESERVED]
-        if absent:
-            raise ProvenanceError(f"{path}: holds {file_mods} features, {absent} requested")
-        attrs = {k: _plain(v) for k, v in h5.attrs.items()}
-        file_ids = list(h5["case_ids"].asstr()[()])
-        file_fps = list(h5["fingerprints"].asstr()[()])
-        mats = {m: h5[m][()] for m in mods}
-        names = {m: json.loads(h5[m].attrs.get("columns", "[]")) for m in mods}
-    pos = {c: i for i, c in enumerate(file_ids)}
-    wanted = list(case_ids) if case_ids is not None else file_ids
-    missing = [c for c in wanted if c not in pos]
-    if missing:
-        raise MissingCasesError(f"{path}: lacks features for {len(missing)} needed case(s): {missing[:20]}", missing)
-    rows = [pos[c] for c in wanted]
-    if cache is not None:
-        cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
-        if attrs.get("params_hash") != cache.params_hash:
-            raise ProvenanceError(
-                f"{path}: imported for preprocessing params_hash {attrs.get('params_hash')!r}, but the cache "
-                f"{cache.root} has {cache.params_hash!r}; re-run `import-features --cache {cache.root}`"
-            )
-        cache.require(wanted)
-        bad = [c for c, r in zip(wanted, rows) if file_fps[r] != cache.case_fingerprint(c)]
-        if bad:
-            raise ProvenanceError(f"{path}: per-case fingerprints differ from the cache {cache.root} for {bad[:20]}")
-    blocks = [
-        pd.DataFrame(mats[m][rows], index=pd.Index(wanted, name="case_id"),
-                     columns=[f"{m}_{j:03d}" for j in range(mats[m].shape[1])])
-        for m in mods
-    ]
-    df = pd.concat(blocks, axis=1)
-    df.attrs = {"path": str(path), "sha256": sha256_file(path), **attrs,
-                "feature_modalities": mods, "feature_names": names}
+    emb = read_embeddings(path, cache=cache, case_ids=case_ids, modalities=modalities)
+    df = emb.frame()
+    names = {m: json.loads(a["columns"]) for m, a in emb.modality_attrs.items() if a.get("columns")}
+    df.attrs = {"path": str(emb.path), "sha256": emb.sha256, **emb.attrs,
+                "feature_modalities": emb.modalities, "feature_names": names}
     return df
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,24 +43,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from pipeline.metrics import c_index, check_survival
+from pipeline.metrics import c_index, check_risk, check_survival
 
 #: Two risks closer than this count as tied, as in ``sksurv.metrics.concordance_index_censored``.
 TIED_TOL = 1e-8
 FOLD_TESTS = ("nadeau_bengio", "t", "wilcoxon")
 
-
-def _as_risk(risk: Any, n: int, what: str) -> np.ndarray:
-    """Validate a score vector: 1-D float, ``n`` entries, all finite."""
-    r = np.asarray(risk, dtype=float)
-    if r.ndim != 1:
-        raise ValueError(f"{what}: must be 1-D, got shape {r.shape}")
-    if r.shape[0] != n:
-        raise ValueError(f"{what}: has {r.shape[0]} entries but time/event have {n}")
-    bad = np.flatnonzero(~np.isfinite(r))
-    if bad.size:
-        raise ValueError(f"{what}: NaN or infinite at positions {bad[:10].tolist()}")
-    return r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +88,7 @@ def weighted_c_index(time: Any, event: Any, risk: Any, weights: Any) -> np.ndarr
         no pair is comparable.
     """
     t, e = check_survival(time, event, "weighted_c_index")
-    r = _as_risk(risk, t.shape[0], "weighted_c_index")
+    r = check_risk(risk, t.shape[0], "weighted_c_index")
     w = np.asarray(weights, dtype=float)
     if w.shape[-1] != t.shape[0]:
         raise ValueError(f"weighted_c_index: weights have {w.shape[-1]} columns, data has {t.shape[0]} samples")
@@ -454,10 +442,10 @@ def breslow_survival(train_risk: Any, train_time: Any, train_event: Any, test_ri
     from sksurv.linear_model.coxph import BreslowEstimator
 
     t, e = check_survival(train_time, train_event, "breslow_survival (training fold)")
-    r = _as_risk(train_risk, t.shape[0], "breslow_survival (training fold)")
+    r = check_risk(train_risk, t.shape[0], "breslow_survival (training fold)")
     if not e.any():
         raise ValueError("breslow_survival: the training fold has no event; the baseline hazard is zero")
-    rt = _as_risk(test_risk, int(np.size(test_risk)), "breslow_survival (test risk)")
+    rt = check_risk(test_risk, int(np.size(test_risk)), "breslow_survival (test risk)")
     grid = np.atleast_1d(np.asarray(times, dtype=float))
     if grid.ndim != 1 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
         raise ValueError(f"breslow_survival: times must be finite, >= 0 and 1-D, got {grid!r}")
@@ -582,7 +570,7 @@ def calibration_at(
         horizon``.
     """
     t, e = check_survival(time, event, "calibration_at")
-    p = _as_risk(pred_event_prob, t.shape[0], "calibration_at (pred_event_prob)")
+    p = check_risk(pred_event_prob, t.shape[0], "calibration_at (pred_event_prob)")
     if p.min() < 0 or p.max() > 1:
         raise ValueError(f"calibration_at: predicted probabilities must lie in [0, 1], got range [{p.min():g}, {p.max():g}]")
     if n_groups < 1:
