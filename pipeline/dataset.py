@@ -66,11 +66,15 @@ def load_cohort(
     cache_root: str | os.PathLike,
     embeddings_path: str | os.PathLike | None = None,
     modalities: tuple[str, ...] | None = None,
+    *,
+    require_endpoint: bool = True,
 ) -> SurvivalCohort:
     """Load the cases with an endpoint from the manifest, cache and embeddings.
 
     Args:
-        manifest_path: the manifest CSV (cases with ``has_endpoint == 1`` are used).
+        manifest_path: the manifest CSV (cases with ``has_endpoint == 1`` are used, or
+            every case when ``require_endpoint`` is False, e.g. new patients to predict;
+            their ``time`` is NaN and ``event`` -1).
         cache_root: the preprocessed cache; must hold every such case.
         embeddings_path: optional stage-one HDF5; its provenance must match the cache.
         modalities: embedding modalities to keep (default: all in the file).
@@ -79,9 +83,11 @@ def load_cohort(
         KeyError: a case is missing from the cache or the embeddings file.
         pipeline.artefacts.ProvenanceError: embeddings made from another preprocessing.
     """
-    manifest = survival_cases(read_manifest(manifest_path))
-    if manifest.empty:
-        raise ValueError(f"{manifest_path}: no case has an endpoint (has_endpoint == 1)")
+    manifest = read_manifest(manifest_path)
+    if require_endpoint:
+        manifest = survival_cases(manifest)
+        if manifest.empty:
+            raise ValueError(f"{manifest_path}: no case has an endpoint (has_endpoint == 1)")
     cache = PreprocessedCache(cache_root)
     ids = manifest["case_id"].tolist()
     cache.require(ids)
@@ -104,14 +110,14 @@ def load_cohort(
         attrs = {
             "path": str(emb.path), "sha256": emb.sha256, "file": emb.attrs,
             "modalities": emb.modality_attrs,
-            "random_init": any(a.get("weights_sha256") == "random-init" for a in emb.modality_attrs.values()),
+            "random_init": bool(emb.attrs.get("random_init", False)),
         }
     return SurvivalCohort(
         case_ids=ids,
         images=torch.from_numpy(np.stack(images)),
         masks=torch.from_numpy(np.stack(masks)),
         time=manifest["rfs_days"].to_numpy(dtype=np.float64),
-        event=manifest["relapse"].to_numpy(dtype=np.int64),
+        event=manifest["relapse"].fillna(-1).to_numpy(dtype=np.int64),
         clinical=manifest.set_index("case_id", drop=False),
         centre=manifest["center"].astype(str).to_numpy(),
         embeddings=embeddings,

@@ -53,6 +53,7 @@ from pipeline.sampling import EventBalancedBatchSampler
 from pipeline.splits import inner_split
 
 PROTOCOLS = ("paper", "inner")
+CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
 DONE_FILE = "done.json"
 
 
@@ -195,9 +196,12 @@ def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Tr
     clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
     fm, stats = {}, {}
     for name, mat in cohort.embeddings.items():
-        mat = np.asarray(mat, dtype=np.float32)
+        mat = np.asarray(mat, dtype=np.float64)
+        # Imported feature tables may hold NaN (missing): fill with the fit rows' mean.
+        with np.errstate(invalid="ignore"):
+            mean = np.nan_to_num(np.nanmean(mat[fit], axis=0)) if np.isnan(mat).any() else mat[fit].mean(axis=0)
+        mat = np.where(np.isnan(mat), mean, mat)
         if cfg.fm_standardise:
-            mean = mat[fit].mean(axis=0)
             sd = mat[fit].std(axis=0)
             sd = np.where(sd > 1e-8, sd, 1.0)
             mat = (mat - mean) / sd
@@ -353,6 +357,8 @@ def train_fold(
             "c_index": _safe_c_index(cohort, data.outer, b["risk"]),
             "auc_1y": auc.value,
             "auc_1y_undefined_reason": auc.reason,
+            "calibration": _training_calibration(
+                ema.module, out / f"best_{proto}.pt", cohort, train_rows, data, cfg, device),
         }
         oof.append(pd.DataFrame({
             "case_id": [cohort.case_ids[i] for i in data.outer], "fold": fold, "protocol": proto,
@@ -367,6 +373,34 @@ def train_fold(
     })
     write_json_atomic(out / DONE_FILE, record)
     return record
+
+
+def _training_calibration(model: torch.nn.Module, checkpoint: Path, cohort: SurvivalCohort,
+                          rows: np.ndarray, data: FoldData, cfg: TrainConfig,
+                          device: torch.device) -> dict[str, Any]:
+    """Risk cut-off and Breslow baseline hazard of the selected model on its training rows.
+
+    Also writes ``train_risk_<protocol>.csv`` (case_id, risk, time, event) beside the
+    checkpoint. New patients are put in the high-risk group when their log-risk exceeds the training
+    median, and get ``P(relapse by t) = 1 - exp(-H0(t) * exp(risk))``.
+    """
+    from sksurv.linear_model.coxph import BreslowEstimator
+
+    model = copy.deepcopy(model)
+    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
+    risk = predict(model, cohort, rows, data, cfg.eval_batch_size, device).astype(np.float64)
+    time, event = cohort.time[rows], cohort.event[rows].astype(bool)
+    # Kept so any survival curve (IBS, calibration) can be fitted on the training part later.
+    with atomic_path(checkpoint.with_name(checkpoint.stem.replace("best_", "train_risk_") + ".csv"), suffix=".csv") as tmp:
+        pd.DataFrame({"case_id": [cohort.case_ids[i] for i in rows], "risk": risk,
+                      "time": time, "event": event.astype(int)}).to_csv(tmp, index=False)
+    breslow = BreslowEstimator().fit(risk, event, time)
+    grid = breslow.cum_baseline_hazard_.x
+    horizons = [h for h in CALIBRATION_HORIZONS if grid[0] <= h <= grid[-1]]
+    return {
+        "train_risk_median": float(np.median(risk)),
+        "baseline_cum_hazard": {str(int(h)): float(breslow.cum_baseline_hazard_(h)) for h in horizons},
+    }
 
 
 def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str,
@@ -464,17 +498,16 @@ def train_survival(
         with atomic_path(run_dir / "folds.csv", suffix=".csv") as tmp:
             folds.to_csv(tmp, index=False)
     for k in (only_folds if only_folds is not None else range(n_folds)):
+        # One line per fold whatever the progress setting: these are results, not progress.
         if fold_done(run_dir, k):
-            if progress:
-                print(f"fold {k}: already done, skipped")
+            print(f"fold {k}: already done, skipped")
             continue
         rec = train_fold(cohort, folds, k, cfg, run_dir, progress=progress)
-        if progress:
-            parts = ", ".join(
-                f"{p}: C={_fmt(r['c_index'])} AUC1y={_fmt(r['auc_1y'])} (epoch {r['selected_epoch']})"
-                for p, r in rec["protocols"].items()
-            )
-            print(f"fold {k}: {parts}")
+        parts = ", ".join(
+            f"{p}: C={_fmt(r['c_index'])} AUC1y={_fmt(r['auc_1y'])} (epoch {r['selected_epoch']})"
+            for p, r in rec["protocols"].items()
+        )
+        print(f"fold {k}: {parts}")
     return summarise_run(run_dir, n_folds)
 
 

@@ -18,3 +18,29 @@ def sts_root() -> Path:
     if not (STS_ROOT / "imagesTr" / "STS-001__CT.nii.gz").is_file():
         pytest.skip(f"real PET/CT case not found at {STS_ROOT} (a checkout on its own has no ../shared)")
     return STS_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A small synthetic cohort taken through the real reader and preprocessing, once.
+
+    24 cases in HECKTOR layout, manifest, and a preprocessed cache with 32^3 survival inputs
+    and small FM inputs, so stage-two tests run the real code paths in seconds.
+
+    Returns:
+        dict with ``root`` (cohort), ``manifest`` and ``cache`` paths.
+    """
+    from pipeline.demo_cohort import generate_demo_cohort
+    from pipeline.hecktor import build_manifest
+    from pipeline.preprocess import PreprocessParams, preprocess_cohort
+
+    base = tmp_path_factory.mktemp("tiny_study")
+    root = generate_demo_cohort(base / "cohort", n_cases=24, seed=1, workers=2)
+    manifest = base / "manifest.csv"
+    build_manifest(root, manifest, progress=False)
+    params = PreprocessParams(
+        survival_size_xyz=(32, 32, 32), ctfm_size_xyz=(32, 32, 16), petfm_size_xyz=(32, 32, 32)
+    )
+    cache = base / "cache"
+    preprocess_cohort(manifest, cache, params, workers=2, progress=False)
+    return {"root": root, "manifest": manifest, "cache": cache}

@@ -1,0 +1,53 @@
+"""``predict-survival``: score new patients with a trained configuration's fold ensemble."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Manifest of the new cases (`build-manifest`); endpoints are not needed.")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A finished `train-survival` run folder (its folds form the ensemble).")
+@click.option("--train-cache", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The preprocessed cache the run was trained on: its crop size G and parameters are reused.")
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False),
+              help="Output CSV: case_id, risk, risk_sd_over_folds, risk_group, p_relapse_1y (+ .json provenance).")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the new cases' preprocessed cache and embeddings [default: beside --out].")
+@click.option("--protocol", type=click.Choice(["inner", "paper"]), default="inner",
+              help="Checkpoint per fold: selected on the inner split (unbiased) or on the outer fold (paper).")
+@click.option("--embeddings", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Precomputed embeddings of the new cases; checked against the run's encoders and weights.")
+@click.option("--ct-weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="CT-FM weights; their sha256 must equal the training run's.")
+@click.option("--pet-weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="PET-FM weights; their sha256 must equal the training run's.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto = CUDA when present.")
+@click.option("--workers", default=2, type=int, help="Preprocessing processes.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol, embeddings,
+                     ct_weights, pet_weights, device, workers, quiet):
+    """Per-patient risk, risk group and 1-year relapse probability for new cases.
+
+    New cases are cropped with the training cohort's G, embedded with the run's encoders,
+    and scored by every finished fold; inputs whose preprocessing or weights differ from the
+    trained model's are refused.
+    """
+    from pipeline.artefacts import ProvenanceError
+    from pipeline.predict import predict_patients
+
+    try:
+        out = predict_patients(manifest, run_dir, train_cache, out_csv, work_dir=work_dir,
+                               protocol=protocol, embeddings=embeddings, ct_weights=ct_weights,
+                               pet_weights=pet_weights, device=device, workers=workers,
+                               progress=not quiet)
+    except (ValueError, KeyError, FileNotFoundError, ProvenanceError) as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
+    counts = out["risk_group"].value_counts().to_dict()
+    click.echo(f"{len(out)} patients scored by {int(out['n_folds'].iloc[0])} folds "
+               f"({counts.get('high', 0)} high risk, {counts.get('low', 0)} low); predictions: {out_csv}")

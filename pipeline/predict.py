@@ -1,0 +1,190 @@
+"""Prediction for new patients with a trained configuration's fold ensemble.
+
+New cases go through the same chain as the training cohort, with every setting taken from
+the training artefacts: preprocessing reuses the training cache's crop size G and
+parameters, embeddings are computed with the same encoder, weights (sha256) and config,
+each fold's clinical transform and FM standardisation are the ones fitted on its training
+part. Anything that does not match is refused, naming both sides.
+
+Per patient the output holds the ensemble log-risk (mean over folds), its SD over folds,
+the risk group (``high`` when most folds put the patient above their training median risk)
+and the 1-year relapse probability ``1 - exp(-H0(365) exp(risk))`` averaged over folds,
+with each fold's Breslow baseline hazard ``H0`` fitted on its training part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.artefacts import ProvenanceError, atomic_path, check_match, code_version, read_json, write_json_atomic
+from pipeline.cache import PreprocessedCache
+from pipeline.clinical import ClinicalTransform
+from pipeline.dataset import SurvivalCohort, load_cohort
+from pipeline.train import DONE_FILE, FoldData, TrainConfig, build_model, predict, resolve_device
+
+#: Embedding fields that must match between training and new patients (precision may differ).
+_EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key")
+
+
+def finished_folds(run_dir: str | os.PathLike) -> list[int]:
+    run_dir = Path(run_dir)
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob(f"fold_*/{DONE_FILE}"))
+
+
+def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path, *,
+                    ct_weights=None, pet_weights=None, device: str = "auto", progress: bool = True) -> Path:
+    """Compute the new cases' embeddings with the training run's encoders, or refuse."""
+    from pipeline.embeddings import extract_embeddings, read_embeddings
+
+    trained = run["embeddings"]["modalities"]
+    mods = sorted(trained)
+    unknown = [m for m in mods if m not in ("ct", "pet")]
+    if unknown:
+        raise ValueError(
+            f"the run used imported features {unknown}: import them for the new cases with "
+            "`import-features` and pass the file with --embeddings"
+        )
+    key = "ctpet" if mods == ["ct", "pet"] else mods[0]
+    random_init = any(trained[m]["weights_sha256"] == "random-init" for m in mods)
+    seeds = {trained[m].get("random_init_seed") for m in mods} - {None, ""}
+    encoder_kwargs = {m: json.loads(trained[m]["encoder_config"]) for m in mods if trained[m].get("encoder_config")}
+    path = extract_embeddings(
+        cache.root, key, out_dir / f"{key}.h5", ct_weights=ct_weights, pet_weights=pet_weights,
+        random_init=random_init, seed=int(seeds.pop()) if seeds else 0, device=device,
+        encoder_kwargs=encoder_kwargs or None, progress=progress, shard_dir=out_dir / ".shards",
+    )
+    check_embeddings(run, path)
+    return path
+
+
+def check_embeddings(run: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse an embedding file whose encoders differ from those the run was trained with."""
+    from pipeline.embeddings import read_embeddings
+
+    found = read_embeddings(path).modality_attrs
+    for m, attrs in run["embeddings"]["modalities"].items():
+        if m not in found:
+            raise ProvenanceError(f"{path}: has no {m!r} embeddings; the model was trained with them")
+        for field in _EMBEDDING_IDENTITY:
+            check_match(f"{m} {field}", attrs.get(field), found[m].get(field), artefact=path)
+
+
+def _fold_data(cohort: SurvivalCohort, state: dict[str, Any]) -> FoldData:
+    transform = ClinicalTransform.from_dict(state["clinical_transform"])
+    clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
+    fm = {}
+    for name, mat in cohort.embeddings.items():
+        mat = np.asarray(mat, dtype=np.float64)
+        stats = state["fm_standardisation"].get(name)
+        if stats is not None:
+            mean, sd = np.asarray(stats["mean"]), np.asarray(stats["sd"])
+            mat = (np.where(np.isnan(mat), mean, mat) - mean) / sd
+        fm[name] = torch.from_numpy(mat.astype(np.float32))
+    rows = np.arange(len(cohort))
+    return FoldData(fit=rows[:0], inner=rows[:0], outer=rows, clinical=clinical, fm=fm,
+                    clinical_transform=transform, fm_stats=state["fm_standardisation"])
+
+
+def predict_patients(
+    manifest_path: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    train_cache: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    protocol: str = "inner",
+    embeddings: str | os.PathLike | None = None,
+    ct_weights=None,
+    pet_weights=None,
+    device: str = "auto",
+    workers: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Preprocess, embed and score new patients with a trained run's fold ensemble.
+
+    Args:
+        manifest_path: manifest of the new cases (endpoints not needed).
+        run_dir: a finished ``train-survival`` run folder.
+        train_cache: the preprocessed cache the run was trained on (its G is reused).
+        out_csv: where to write the per-patient predictions.
+        work_dir: folder for the new cases' cache and embeddings [default: beside out_csv].
+        protocol: which selected checkpoint per fold: ``"inner"`` (unbiased) or ``"paper"``.
+        embeddings: precomputed embeddings of the new cases (checked against the run).
+        ct_weights, pet_weights: encoder weights; their sha256 must match the run's.
+        device: "auto", "cpu" or "cuda".
+        workers: preprocessing processes.
+
+    Returns:
+        The predictions (also written to ``out_csv`` with a ``.json`` provenance record).
+    """
+    from pipeline.preprocess import preprocess_cohort
+
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    cfg = TrainConfig.from_dict(run["config"])
+    folds = finished_folds(run_dir)
+    if not folds:
+        raise ValueError(f"{run_dir}: no finished fold; train the configuration first")
+    train = PreprocessedCache(train_cache)
+    check_match("preprocessing params_hash", run["preprocessing_params_hash"], train.params_hash,
+                artefact=train.root / "cohort.json")
+    work = Path(work_dir) if work_dir else Path(out_csv).with_suffix("")
+    new_cache = preprocess_cohort(manifest_path, work / "preprocessed", reference_cache=train.root,
+                                  workers=workers, progress=progress)
+    check_match("preprocessing params_hash", train.params_hash, new_cache.params_hash,
+                artefact=new_cache.root / "cohort.json")
+
+    emb_path = None
+    if run["modalities"]:
+        if embeddings is not None:
+            check_embeddings(run, embeddings)
+            emb_path = embeddings
+        else:
+            emb_path = embed_new_cases(run, new_cache, work / "embeddings", ct_weights=ct_weights,
+                                       pet_weights=pet_weights, device=device, progress=progress)
+    cohort = load_cohort(manifest_path, new_cache.root, emb_path, tuple(run["modalities"]) or None,
+                         require_endpoint=False)
+
+    dev = resolve_device(device)
+    risks, probs, highs = [], [], []
+    for k in folds:
+        fold = run_dir / f"fold_{k}"
+        record = read_json(fold / DONE_FILE)["protocols"].get(protocol)
+        if record is None or record.get("selected_epoch") is None:
+            raise ValueError(f"{fold}: no {protocol!r} checkpoint (run trained with other selection settings)")
+        data = _fold_data(cohort, read_json(fold / "fold_state.json"))
+        model = build_model(cohort, data.clinical.shape[1], cfg).to(dev)
+        model.load_state_dict(torch.load(fold / f"best_{protocol}.pt", map_location=dev, weights_only=True))
+        risk = predict(model, cohort, data.outer, data, cfg.eval_batch_size, dev).astype(np.float64)
+        cal = record["calibration"]
+        h0 = cal["baseline_cum_hazard"].get("365")
+        risks.append(risk)
+        probs.append(1.0 - np.exp(-h0 * np.exp(risk)) if h0 is not None else np.full(len(risk), np.nan))
+        highs.append(risk > cal["train_risk_median"])
+
+    risks, probs, highs = np.stack(risks), np.stack(probs), np.stack(highs)
+    out = pd.DataFrame({
+        "case_id": cohort.case_ids,
+        "risk": risks.mean(axis=0),
+        "risk_sd_over_folds": risks.std(axis=0, ddof=1) if len(folds) > 1 else 0.0,
+        "risk_group": np.where(highs.mean(axis=0) >= 0.5, "high", "low"),
+        "p_relapse_1y": probs.mean(axis=0),
+        "n_folds": len(folds),
+        "protocol": protocol,
+    })
+    with atomic_path(out_csv, suffix=".csv") as tmp:
+        out.to_csv(tmp, index=False)
+    write_json_atomic(Path(out_csv).with_suffix(".json"), {
+        "run": str(run_dir.resolve()), "run_config_hash": run["config_hash"], "folds": folds,
+        "protocol": protocol, "preprocessing_params_hash": new_cache.params_hash,
+        "reference_cache": str(train.root.resolve()), "embeddings": str(emb_path) if emb_path else None,
+        "manifest": str(Path(manifest_path).resolve()), "code_version": code_version(),
+    })
+    return out
