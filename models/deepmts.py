@@ -194,17 +194,39 @@ class DeepMTSConfig:
             n_clinical: length of the clinical vector.
             **overrides: any further field values.
         """
-        values: dict[str, Any] = dict(
-            input_size=(32, 32, 32), seg_filters=(2, 2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1, 2),
-            seg_decoder_convs=(1, 1, 1, 1), tap_filters=(1, 2, 2, 3, 4), dense_stem_filters=4,
-            dense_blocks=(1, 2, 2), growth=4, bottleneck_filters=8, transition_filters=(4, 4, 8),
-        )
-        values.update(overrides)
-        return cls(n_clinical=n_clinical, **values)
+        return cls.from_preset("tiny", n_clinical, **overrides)
+
+    @classmethod
+    def from_preset(cls, preset: str, n_clinical: int, **overrides: Any) -> "DeepMTSConfig":
+        """A named size (:data:`PRESETS`: ``"paper"``, ``"demo"``, ``"tiny"``) plus overrides.
+
+        Raises:
+            ValueError: for an unknown preset name.
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return cls(n_clinical=n_clinical, **{**PRESETS[preset], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (for run configs and ``params_hash``)."""
         return dataclasses.asdict(self)
+
+
+#: Named network sizes: the paper's, the demo's (4-level U-Net, volumes of 24+ slices such as
+#: the demo's 24 x 32 x 32) and the tests' (32^3). The same code runs all three.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "demo": dict(
+        seg_filters=(2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1), seg_decoder_convs=(1, 1, 1),
+        tap_filters=(1, 2, 2, 4), dense_stem_filters=4, dense_blocks=(1, 1, 1), growth=4,
+        bottleneck_filters=8, transition_filters=(4, 4, 8), head_units=8,
+    ),
+    "tiny": dict(
+        input_size=(32, 32, 32), seg_filters=(2, 2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1, 2),
+        seg_decoder_convs=(1, 1, 1, 1), tap_filters=(1, 2, 2, 3, 4), dense_stem_filters=4,
+        dense_blocks=(1, 2, 2), growth=4, bottleneck_filters=8, transition_filters=(4, 4, 8),
+    ),
+}
 
 
 def densenet_output_size(input_size: Sequence[int], n_blocks: int) -> tuple[int, ...]:

@@ -85,8 +85,8 @@ class TrainConfig:
         tumour_input: "gate" (the seed paper), "binary" or "soft" (DeepMTS upstream); see
             :class:`models.deepmts.DeepMTSConfig`.
         model: further :class:`models.deepmts.DeepMTSConfig` overrides (e.g. narrow widths);
-            ``{"preset": "tiny", ...}`` starts from :meth:`DeepMTSConfig.tiny`. The input size
-            always comes from the preprocessed volumes.
+            ``{"preset": "demo" | "tiny", ...}`` starts from a named size
+            (:data:`models.deepmts.PRESETS`). The input size always comes from the volumes.
         augment: augmentation ranges.
         device: "auto" (CUDA when present), "cpu" or "cuda".
     """
@@ -212,17 +212,13 @@ def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Tr
 
 def build_model(cohort: SurvivalCohort, n_clinical: int, cfg: TrainConfig) -> DeepMTS:
     overrides = dict(cfg.model)
-    preset = overrides.pop("preset", None)
-    if preset not in (None, "paper", "tiny"):
-        raise ValueError(f"model preset must be 'paper' or 'tiny', got {preset!r}")
+    preset = overrides.pop("preset", "paper")
     overrides.update(
         fm_dims={name: int(m.shape[1]) for name, m in cohort.embeddings.items()},
         fm_proj=cfg.proj, tumour_input=cfg.tumour_input,
         input_size=tuple(int(s) for s in cohort.images.shape[2:]),
     )
-    if preset == "tiny":
-        return DeepMTS(DeepMTSConfig.tiny(n_clinical, **overrides))
-    return DeepMTS(DeepMTSConfig(n_clinical=n_clinical, **overrides))
+    return DeepMTS(DeepMTSConfig.from_preset(preset, n_clinical, **overrides))
 
 
 @torch.inference_mode()

@@ -88,3 +88,14 @@ def test_train_config_round_trip_and_unknown_option():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown training options"):
         TrainConfig.from_dict({"epochz": 3})
+
+
+def test_model_presets_name_errors_and_demo_size_runs():
+    from models.deepmts import DeepMTS, DeepMTSConfig
+
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        DeepMTSConfig.from_preset("huge", n_clinical=13)
+    assert DeepMTSConfig.from_preset("paper", 13) == DeepMTSConfig(n_clinical=13)
+    model = DeepMTS(DeepMTSConfig.from_preset("demo", 13, input_size=(24, 32, 32))).eval()
+    out = model(torch.zeros(2, 2, 24, 32, 32), torch.zeros(2, 13))
+    assert out["risk"].shape == (2,) and out["seg_prob"].shape == (2, 1, 24, 32, 32)
