@@ -205,12 +205,16 @@ class PeerResult:
             PCA explained variance, integrated Brier score (Breslow, on the fold).
         config: the :class:`HeadConfig` as a dict, plus the feature blocks used.
         seconds: wall time.
+        train_risk: the fitted linear predictor on each fold's TRAINING part, same
+            columns as ``oof`` (``fold`` = the validation fold it was fitted for), for
+            Breslow baselines and training-median risk cut-offs (IBS, calibration, KM).
     """
 
     oof: pd.DataFrame
     per_fold: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    train_risk: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(OOF_COLUMNS)))
 
 
 class _FoldFeatures:
@@ -384,7 +388,7 @@ def run_head(
             raise ValueError(f"run_head: survival frame lacks column {c!r}")
     project_map = {b: (cfg.proj if b in project else None) for b in blocks}
 
-    frames, per_fold = [], []
+    frames, train_frames, per_fold = [], [], []
     for rep, fg in _fold_groups(folds):
         fg = fg.assign(case_id=fg["case_id"].astype(str))
         for fold in sorted(fg["fold"].unique()):
@@ -422,14 +426,19 @@ def run_head(
             per_fold.append(rec)
             out = pd.DataFrame({"case_id": te_ids, "fold": int(fold), "protocol": PROTOCOL,
                                 "risk": np.asarray(lp_te, dtype=float), "time": t_te, "event": e_te})
+            fit = pd.DataFrame({"case_id": tr_ids, "fold": int(fold), "protocol": PROTOCOL,
+                                "risk": np.asarray(lp_tr, dtype=float), "time": t_tr, "event": e_tr})
             if rep is not None:
                 out.insert(0, "repeat", rep)
+                fit.insert(0, "repeat", rep)
             frames.append(out)
+            train_frames.append(fit)
     oof = pd.concat(frames, ignore_index=True)
     conf = {**cfg.to_dict(), "blocks": {b: int(df.shape[1]) for b, df in blocks.items()},
             "projected_blocks": sorted(b for b in blocks if b in project and cfg.proj is not None),
             "clinical_columns": list(CLINICAL_COLUMNS) if clin is not None else []}
-    return PeerResult(oof=oof, per_fold=per_fold, config=conf, seconds=_time.perf_counter() - t0)
+    return PeerResult(oof=oof, per_fold=per_fold, config=conf, seconds=_time.perf_counter() - t0,
+                      train_risk=pd.concat(train_frames, ignore_index=True))
 
 
 def survival_frame(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -671,7 +680,7 @@ def fit_peer_run(
     config: HeadConfig | None = None,
     horizon: float = 365.0,
 ) -> dict[str, Any]:
-    """Fit one peer on the shared folds and write ``oof_predictions.csv`` and ``summary.json``.
+    """Fit one peer on the shared folds; write ``oof_predictions.csv``, ``train_risk.csv``, ``summary.json``.
 
     Args:
         peer: ``clinical``, ``radiomics`` or ``embeddings``.
@@ -743,6 +752,8 @@ def fit_peer_run(
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "oof_predictions.csv", suffix=".csv") as tmp:
         res.oof.to_csv(tmp, index=False)
+    with atomic_path(out / "train_risk.csv", suffix=".csv") as tmp:
+        res.train_risk.to_csv(tmp, index=False)
     from pipeline.artefacts import write_json_atomic
 
     write_json_atomic(out / "summary.json", summary)

@@ -12,12 +12,29 @@ Each (configuration, fold) cell is independent and resumable: :func:`run_cell` c
 completion marker ``done.json`` last. A killed worker or a pre-empted cluster job loses
 only its own cell; rerunning the study skips every cell that has a marker.
 
+Beyond the paper's single 5-fold run, a study can hold further *splits* of the same
+cohort, each with its own shared folds file and its own resumable cells:
+
+* ``cv0`` .. ``cv<R-1>``: repeated stratified K-fold CV (``repeats = R``); repeat ``r``
+  uses split seed ``folds_seed + r`` (as :func:`pipeline.splits.repeated_folds`), so
+  ``cv0`` is the paper-style run and every configuration sees identical folds per repeat;
+* ``loco``: leave-one-centre-out (:func:`pipeline.splits.leave_one_centre_out`), one fold
+  per centre.
+
+The CNN grid trains on every split, or only on ``cv0`` (``cnn_extra_splits = False``, used
+by the CPU demo). The classical peers (:mod:`pipeline.peers`: clinical Cox,
+radiomics-lite Cox and one penalised-Cox embedding head per FM configuration, with the same
+modality set and projection size) take seconds and always run on every split, on the same
+folds files as the CNN.
+
 Layout of a study folder::
 
     <study>/study.json                 spec, cohort summary, provenance (see prepare_study)
-    <study>/folds.json                 the shared folds (pipeline.splits format)
+    <study>/folds.json                 the shared folds of split cv0 (pipeline.splits format)
     <study>/runs/<config>/run.json     per-configuration provenance (pipeline.train.start_run)
     <study>/runs/<config>/fold_<k>/    train_fold outputs + done.json + cell.json (timing)
+    <study>/peers/<peer>/              peer OOF predictions, training risks, summary, peer.json
+    <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
     <study>/submitit/                  logs of cluster jobs (when that executor is used)
 
 Executors: a local process pool (``workers`` processes, each pinned round-robin to one
@@ -59,6 +76,26 @@ PROJ_SIZES: tuple[int | None, ...] = (64, 128, 256, None)
 BASELINE = "baseline"
 CELL_FILE = "cell.json"
 STUDY_FILE = "study.json"
+PEER_FILE = "peer.json"
+#: The first CV split: the paper-style 5-fold run, stored at the study root.
+FIRST_SPLIT = "cv0"
+LOCO = "loco"
+#: Peer families a study can run (``StudySpec.peers``).
+PEER_FAMILIES = ("clinical", "radiomics", "heads")
+
+
+def split_names(repeats: int, loco: bool) -> list[str]:
+    """``["cv0", .., "cv<R-1>"]`` (+ ``"loco"``)."""
+    return [f"cv{r}" for r in range(int(repeats))] + ([LOCO] if loco else [])
+
+
+def split_repeat(split: str) -> int | None:
+    """``"cv3"`` -> 3, ``"loco"`` -> None; raises ``ValueError`` naming a bad split."""
+    if split == LOCO:
+        return None
+    if split.startswith("cv") and split[2:].isdigit():
+        return int(split[2:])
+    raise ValueError(f"not a split name: {split!r} (expected 'cv<r>' or 'loco')")
 
 
 def proj_label(proj: int | None) -> str:
@@ -142,14 +179,65 @@ def configurations(
 
 @dataclass(frozen=True)
 class Cell:
-    """One job: a configuration on one outer fold."""
+    """One job: a configuration on one outer fold of one split (``cv<r>`` or ``loco``)."""
 
     config: Configuration
     fold: int
+    split: str = FIRST_SPLIT
 
     @property
     def key(self) -> str:
-        return f"{self.config.name}/fold_{self.fold}"
+        head = "" if self.split == FIRST_SPLIT else f"{self.split}/"
+        return f"{head}{self.config.name}/fold_{self.fold}"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A classical model fitted on the study's folds (:mod:`pipeline.peers`).
+
+    Attributes:
+        kind: ``clinical`` (ridge Cox on the clinical covariates), ``radiomics`` (ridge
+            Cox on radiomics-lite features) or ``embeddings`` (penalised Cox head on the
+            cached FM embeddings + clinical).
+        modality: embedding set of a head (key of :data:`MODALITY_SETS`).
+        proj: PCA size of a head, ``None`` = all standardised features ("orig").
+    """
+
+    kind: str
+    modality: str | None = None
+    proj: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("clinical", "radiomics", "embeddings"):
+            raise ValueError(f"unknown peer kind {self.kind!r}")
+        if (self.kind == "embeddings") != (self.modality is not None):
+            raise ValueError(f"peer {self.kind!r}: an embedding set is needed by (and only by) heads")
+
+    @property
+    def name(self) -> str:
+        """``clinical-cox``, ``radiomics-cox`` or ``head-<set>-d<proj>``."""
+        if self.kind == "embeddings":
+            return f"head-{self.modality}-d{proj_label(self.proj)}"
+        return f"{self.kind}-cox"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "clinical":
+            return "peer: clinical Cox"
+        if self.kind == "radiomics":
+            return "peer: radiomics-lite Cox"
+        return f"peer: {MODALITY_LABELS[self.modality]} embedding head, d = {proj_label(self.proj)}"
+
+    def head_config(self, overrides: dict[str, Any] | None = None):
+        """The :class:`pipeline.peers.HeadConfig`: ridge for clinical / radiomics (radiomics
+        without clinical covariates), coxnet + clinical with ``proj`` for heads."""
+        from pipeline.peers import HeadConfig
+
+        if self.kind == "clinical":
+            return HeadConfig(model="ridge", with_clinical=True)
+        if self.kind == "radiomics":
+            return HeadConfig(model="ridge", with_clinical=False)
+        return HeadConfig(**({"model": "coxnet", "with_clinical": True} | dict(overrides or {}) | {"proj": self.proj}))
 
 
 @dataclass(frozen=True)
@@ -167,6 +255,14 @@ class StudySpec:
         train: :class:`pipeline.train.TrainConfig` fields shared by every configuration
             (``proj`` is set per configuration).
         configs: configuration names of the grid (see :func:`configurations`).
+        repeats: CV repeats R (splits ``cv0`` .. ``cv<R-1>``, split seeds
+            ``folds_seed + r``).
+        loco: add the leave-one-centre-out split.
+        cnn_extra_splits: train the CNN grid on every split; False = only on ``cv0``
+            (the peers still run on every split).
+        peers: peer families to fit (subset of :data:`PEER_FAMILIES`); ``heads`` adds one
+            embedding head per FM configuration of the grid.
+        head: :class:`pipeline.peers.HeadConfig` overrides of the embedding heads.
     """
 
     manifest: str
@@ -177,10 +273,20 @@ class StudySpec:
     folds_seed: int = 42
     train: dict[str, Any] = field(default_factory=dict)
     configs: tuple[str, ...] = tuple(c.name for c in configurations())
+    repeats: int = 1
+    loco: bool = False
+    cnn_extra_splits: bool = True
+    peers: tuple[str, ...] = PEER_FAMILIES
+    head: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
             raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
+        if int(self.repeats) < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        bad = [p for p in self.peers if p not in PEER_FAMILIES]
+        if bad:
+            raise ValueError(f"unknown peer families {bad}; choose from {list(PEER_FAMILIES)}")
         if "proj" in self.train:
             raise ValueError("StudySpec.train must not set 'proj': the grid sets it per configuration")
         confs = [Configuration.from_name(n) for n in self.configs]
@@ -202,13 +308,39 @@ class StudySpec:
 
     @property
     def folds_path(self) -> Path:
-        return self.root / "folds.json"
+        return self.folds_path_of(FIRST_SPLIT)
+
+    def splits(self) -> list[str]:
+        """Every split of the study: ``cv0`` .. ``cv<R-1>`` (+ ``loco``)."""
+        return split_names(self.repeats, self.loco)
+
+    def cnn_splits(self) -> list[str]:
+        """The splits the CNN grid trains on."""
+        return self.splits() if self.cnn_extra_splits else [FIRST_SPLIT]
+
+    def split_root(self, split: str = FIRST_SPLIT) -> Path:
+        """``cv0`` lives at the study root (the paper-style layout); others in ``splits/``."""
+        split_repeat(split)  # validates the name
+        return self.root if split == FIRST_SPLIT else self.root / "splits" / split
+
+    def folds_path_of(self, split: str) -> Path:
+        return self.split_root(split) / "folds.json"
 
     def configurations(self) -> list[Configuration]:
         return [Configuration.from_name(n) for n in self.configs]
 
-    def run_dir(self, config: Configuration) -> Path:
-        return self.root / "runs" / config.name
+    def run_dir(self, config: Configuration, split: str = FIRST_SPLIT) -> Path:
+        return self.split_root(split) / "runs" / config.name
+
+    def peer_list(self) -> list[Peer]:
+        """Clinical and radiomics peers, then one head per FM configuration of the grid."""
+        out = [Peer(k) for k in ("clinical", "radiomics") if k in self.peers]
+        if "heads" in self.peers and self.embeddings is not None:
+            out += [Peer("embeddings", c.modality, c.proj) for c in self.configurations() if c.modality]
+        return out
+
+    def peer_dir(self, peer: Peer, split: str = FIRST_SPLIT) -> Path:
+        return self.split_root(split) / "peers" / peer.name
 
     def train_config(self, config: Configuration, input_size: Sequence[int] | None = None):
         """The :class:`pipeline.train.TrainConfig` of one configuration.
@@ -229,30 +361,59 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["configs"] = list(self.configs)
+        d["peers"] = list(self.peers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudySpec:
         d = dict(d)
         d["configs"] = tuple(d.get("configs", ()))
+        if "peers" in d:
+            d["peers"] = tuple(d["peers"])
         return cls(**d)
 
     @property
     def hash(self) -> str:
-        """Hash of what determines the results (not the output folder)."""
+        """Hash of what determines the CNN cells' results (not the output folder).
+
+        Growing the study later (more configurations, repeats, LOCO, peers) keeps
+        finished cells valid; peer settings are checked per peer run (``peer.json``).
+        """
         d = self.to_dict()
-        d.pop("study_dir")
-        d.pop("configs")  # growing the grid later keeps finished cells valid
+        for key in ("study_dir", "configs", "repeats", "loco", "cnn_extra_splits", "peers", "head"):
+            d.pop(key)
         return params_hash(d)
 
 
+def loco_centres(spec: StudySpec) -> list[str]:
+    """Held-out centre of each LOCO fold (fold k = k-th centre in sorted order).
+
+    Read from the LOCO folds file when it exists, else from the manifest's endpoint cases.
+    """
+    path = spec.folds_path_of(LOCO)
+    if path.is_file():
+        return [str(c) for c in read_json(path)["params"]["centres"]]
+    from pipeline.manifest import read_manifest, survival_cases
+
+    return sorted(set(survival_cases(read_manifest(spec.manifest))["center"].astype(str)))
+
+
+def split_n_folds(spec: StudySpec, split: str) -> int:
+    """Folds of a split: ``n_folds`` for CV, the number of centres for LOCO."""
+    return len(loco_centres(spec)) if split == LOCO else spec.n_folds
+
+
 def grid(spec: StudySpec) -> list[Cell]:
-    """Every cell of the study, configuration-major (baseline folds first)."""
-    return [Cell(c, k) for c in spec.configurations() for k in range(spec.n_folds)]
+    """Every CNN cell of the study: split-major, then configuration-major (baseline first).
+
+    With one repeat and no LOCO this is the paper's grid (configurations x folds).
+    """
+    return [Cell(c, k, split) for split in spec.cnn_splits() for c in spec.configurations()
+            for k in range(split_n_folds(spec, split))]
 
 
 def cell_dir(spec: StudySpec, cell: Cell) -> Path:
-    return spec.run_dir(cell.config) / f"fold_{cell.fold}"
+    return spec.run_dir(cell.config, cell.split) / f"fold_{cell.fold}"
 
 
 def cell_done(spec: StudySpec, cell: Cell) -> bool:
@@ -262,26 +423,40 @@ def cell_done(spec: StudySpec, cell: Cell) -> bool:
 
 
 def cell_status(spec: StudySpec) -> pd.DataFrame:
-    """One row per cell: ``cell, config, modality, d, fold, done, seconds, path``."""
+    """One row per cell: ``cell, split, config, modality, d, fold, done, seconds, path``."""
     rows = []
     for cell in grid(spec):
         info_path = cell_dir(spec, cell) / CELL_FILE
         seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
         rows.append({
-            "cell": cell.key, "config": cell.config.name, "modality": cell.config.modality or BASELINE,
-            "d": cell.config.d_label, "fold": cell.fold, "done": cell_done(spec, cell),
-            "seconds": seconds, "path": str(cell_dir(spec, cell)),
+            "cell": cell.key, "split": cell.split, "config": cell.config.name,
+            "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold,
+            "done": cell_done(spec, cell), "seconds": seconds, "path": str(cell_dir(spec, cell)),
         })
     return pd.DataFrame(rows)
 
 
-def format_status(status: pd.DataFrame) -> str:
-    """Dry-run listing: one line per cell, then the done/pending counts."""
+def peer_status(spec: StudySpec) -> pd.DataFrame:
+    """One row per peer run: ``run`` (``peers/<split>/<peer>``), ``split``, ``peer``, ``done``."""
+    return pd.DataFrame([{"run": f"peers/{split}/{p.name}", "split": split, "peer": p.name,
+                          "done": peer_done(spec, p, split)}
+                         for split in spec.splits() for p in spec.peer_list()],
+                        columns=["run", "split", "peer", "done"])
+
+
+def format_status(status: pd.DataFrame, peers: pd.DataFrame | None = None) -> str:
+    """Dry-run listing: one line per cell (and peer run), then the done/pending counts."""
     lines = [f"{'cell':<24} status"]
     for row in status.itertuples():
         lines.append(f"{row.cell:<24} {'done' if row.done else 'pending'}")
+    if peers is not None:
+        for row in peers.itertuples():
+            lines.append(f"{row.run:<24} {'done' if row.done else 'pending'}")
     n_done = int(status["done"].sum())
-    lines.append(f"{len(status)} cells: {n_done} done, {len(status) - n_done} pending")
+    tail = f"{len(status)} cells: {n_done} done, {len(status) - n_done} pending"
+    if peers is not None and len(peers):
+        tail += f"; {len(peers)} peer runs: {int(peers['done'].sum())} done"
+    lines.append(tail)
     return "\n".join(lines)
 
 
@@ -375,9 +550,9 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
         return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(out / DONE_FILE)}
     t0 = time.perf_counter()
     cohort = load_study_cohort(spec, cell.config.modalities)
-    folds = load_folds(spec.folds_path, expected_case_ids=cohort.case_ids)
+    folds = load_folds(spec.folds_path_of(cell.split), expected_case_ids=cohort.case_ids)
     cfg, prov = _config_provenance(spec, cohort, cell.config, folds)
-    run_dir = spec.run_dir(cell.config)
+    run_dir = spec.run_dir(cell.config, cell.split)
     start_run(run_dir, prov)
     t_train = time.perf_counter()
     record = train_fold(cohort, folds, cell.fold, cfg, run_dir, progress=progress)
@@ -399,12 +574,52 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
 # --- set-up, shared by every executor --------------------------------------------------
 
 
+def split_folds(spec: StudySpec, split: str, cohort) -> pd.DataFrame:
+    """Load the shared folds file of a split, or create it once.
+
+    ``cv<r>``: stratified K-fold with seed ``folds_seed + r`` (repeat ``r`` of
+    :func:`pipeline.splits.repeated_folds`); ``loco``: one fold per centre.
+
+    Raises:
+        pipeline.artefacts.ProvenanceError: the file was made for another case set.
+        ValueError: the file holds another number of folds / other centres.
+    """
+    from pipeline.splits import leave_one_centre_out, load_folds, make_folds, save_folds
+    from pipeline.train import get_folds
+
+    path = spec.folds_path_of(split)
+    repeat = split_repeat(split)
+    if repeat is not None:
+        if repeat == 0:
+            return get_folds(path, cohort, n_folds=spec.n_folds, seed=spec.folds_seed)
+        if path.is_file():
+            folds = load_folds(path, expected_case_ids=cohort.case_ids)
+            if folds.attrs["params"].get("seed") != spec.folds_seed + repeat or folds["fold"].nunique() != spec.n_folds:
+                raise ValueError(f"{path}: made with {folds.attrs['params']}, expected {spec.n_folds} folds "
+                                 f"with seed {spec.folds_seed + repeat}")
+            return folds
+        folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=spec.n_folds,
+                           seed=spec.folds_seed + repeat)
+        folds.attrs["params"] = folds.attrs["params"] | {"repeat": repeat}
+    else:
+        fresh = leave_one_centre_out(cohort.case_ids, cohort.centre)
+        if path.is_file():
+            folds = load_folds(path, expected_case_ids=cohort.case_ids)
+            if folds_hash(folds) != folds_hash(fresh):
+                raise ValueError(f"{path}: the centres of the cohort changed since the LOCO folds were made")
+            return folds
+        folds = fresh
+    save_folds(folds, path)
+    return folds
+
+
 def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Create (or check) the study folder before any cell runs.
 
     Loads the cohort with every modality the grid uses (so a missing or mismatched
-    embedding row fails here, once, not in 52 jobs), creates or reuses the shared folds,
-    writes ``run.json`` of every configuration, and writes ``study.json``: the spec, the
+    embedding row fails here, once, not in 52 jobs), creates or reuses the shared folds of
+    every split (:func:`split_folds`), writes ``run.json`` of every configuration on every
+    CNN split, and writes ``study.json``: the spec, the
     cohort summary (cases, events, case-set hash), the cache's params hash, the embedding
     file's sha256 and attributes (random-init or real weights), the code version and
     ``info`` (free-form: data source, settings label, oracle C-index, ...).
@@ -416,7 +631,7 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
         The ``study.json`` record.
     """
     from pipeline.splits import case_set_sha256
-    from pipeline.train import get_folds, start_run
+    from pipeline.train import start_run
 
     root = spec.root
     path = root / STUDY_FILE
@@ -429,11 +644,13 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
             )
     all_mods = tuple(sorted({m for c in spec.configurations() for m in c.modalities}))
     cohort = load_study_cohort(spec, all_mods) if all_mods else load_study_cohort(spec)
-    folds = get_folds(spec.folds_path, cohort, n_folds=spec.n_folds, seed=spec.folds_seed)
-    for config in spec.configurations():
-        sub = load_study_cohort(spec, config.modalities)
-        _, prov = _config_provenance(spec, sub, config, folds)
-        start_run(spec.run_dir(config), prov)
+    all_folds = {split: split_folds(spec, split, cohort) for split in spec.splits()}
+    folds = all_folds[FIRST_SPLIT]
+    for split in spec.cnn_splits():
+        for config in spec.configurations():
+            sub = load_study_cohort(spec, config.modalities)
+            _, prov = _config_provenance(spec, sub, config, all_folds[split])
+            start_run(spec.run_dir(config, split), prov)
 
     emb_record = None
     if spec.embeddings is not None:
@@ -451,12 +668,131 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
             "survival_input_size_dhw": [int(s) for s in cohort.images.shape[2:]],
         },
         "folds_hash": folds_hash(folds),
+        "splits": {
+            split: {"folds_hash": folds_hash(f), "n_folds": int(f["fold"].nunique()),
+                    "folds_file": str(spec.folds_path_of(split).relative_to(root)),
+                    "params": f.attrs.get("params", {}), "cnn": split in spec.cnn_splits()}
+            for split, f in all_folds.items()
+        },
         "cache_params_hash": _cache_params_hash(spec),
         "embeddings": emb_record,
         "info": info or {},
     }
     write_json_atomic(path, record)
     return record
+
+
+def peer_done(spec: StudySpec, peer: Peer, split: str) -> bool:
+    """A peer run is done when its marker ``peer.json`` exists (see :func:`run_peer`)."""
+    return (spec.peer_dir(peer, split) / PEER_FILE).is_file()
+
+
+def _peer_key(spec: StudySpec, peer: Peer, split: str, embeddings_sha256: str | None) -> str:
+    from pipeline.artefacts import sha256_file
+
+    return params_hash({
+        "peer": peer.name, "config": peer.head_config(spec.head).to_dict(),
+        "folds_sha256": sha256_file(spec.folds_path_of(split)), "manifest_sha256": sha256_file(spec.manifest),
+        "cache_params_hash": _cache_params_hash(spec) if peer.kind != "clinical" else None,
+        "embeddings_sha256": embeddings_sha256 if peer.kind == "embeddings" else None,
+    })
+
+
+def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str | None = None) -> dict[str, Any]:
+    """Fit one peer on one split's shared folds (:func:`pipeline.peers.fit_peer_run`).
+
+    Writes ``<split root>/peers/<peer>/``: ``oof_predictions.csv`` (the CNN's OOF columns,
+    ``protocol = "fit"``), ``train_risk.csv`` (each fold's training linear predictor),
+    ``summary.json`` and, last, the marker ``peer.json`` holding the key of its inputs
+    (peer settings, folds / manifest sha256, cache params hash, embeddings sha256). A
+    marker with the same key is skipped; a different key (e.g. changed head settings)
+    refits, since peers take seconds and are deterministic.
+
+    Returns:
+        ``{"peer", "split", "skipped", "seconds", "summary"}``.
+    """
+    from pipeline.peers import fit_peer_run
+
+    if peer.kind == "embeddings" and embeddings_sha256 is None:
+        from pipeline.artefacts import sha256_file
+
+        embeddings_sha256 = sha256_file(spec.embeddings)
+    out = spec.peer_dir(peer, split)
+    key = _peer_key(spec, peer, split, embeddings_sha256)
+    marker = out / PEER_FILE
+    if marker.is_file() and read_json(marker).get("key") == key:
+        return {"peer": peer.name, "split": split, "skipped": True, "seconds": 0.0,
+                "summary": read_json(out / "summary.json")}
+    t0 = time.perf_counter()
+    summary = fit_peer_run(
+        peer.kind, manifest_path=spec.manifest, folds_path=spec.folds_path_of(split), out_dir=out,
+        cache_root=spec.cache_root, features_path=spec.embeddings if peer.kind == "embeddings" else None,
+        modalities=list(MODALITY_SETS[peer.modality]) if peer.modality else None,
+        config=peer.head_config(spec.head),
+    )
+    seconds = time.perf_counter() - t0
+    write_json_atomic(marker, {"peer": peer.name, "label": peer.label, "split": split, "key": key,
+                               "seconds": seconds, "finished": utc_now(), "code_version": code_version()})
+    return {"peer": peer.name, "split": split, "skipped": False, "seconds": seconds, "summary": summary}
+
+
+def run_peers(
+    spec: StudySpec, *, workers: int = 1, on_result: Callable[[dict[str, Any]], None] | None = None
+) -> StudyOutcome:
+    """Fit every peer on every split; failures are reported, the others continue.
+
+    With ``workers > 1`` the peer runs go to a pool of fresh (spawned) processes, one
+    torch/BLAS thread each; otherwise they run in this process. Keys of the outcome are
+    ``<split>/<peer>``.
+    """
+    from pipeline.artefacts import sha256_file
+
+    outcome = StudyOutcome()
+    t0 = time.perf_counter()
+    peers = spec.peer_list()
+    emb_sha = sha256_file(spec.embeddings) if any(p.kind == "embeddings" for p in peers) else None
+    jobs = [(peer, split) for split in spec.splits() for peer in peers]
+    todo = [(p, s) for p, s in jobs if not (peer_done(spec, p, s) and
+                                            read_json(spec.peer_dir(p, s) / PEER_FILE).get("key")
+                                            == _peer_key(spec, p, s, emb_sha))]
+
+    def record(res: dict[str, Any]) -> None:
+        key = f"{res['split']}/{res['peer']}"
+        if "error" in res:
+            outcome.failed[key] = res["error"]
+        else:
+            (outcome.skipped if res["skipped"] else outcome.ran).append(key)
+        if on_result is not None:
+            on_result(res)
+
+    for peer, split in jobs:
+        if (peer, split) not in todo:
+            record({"peer": peer.name, "split": split, "skipped": True, "seconds": 0.0})
+    if workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("spawn")
+        slots = ctx.Queue()
+        for _ in range(workers):
+            slots.put(None)
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(slots, 1)) as pool:
+            futures = [pool.submit(_pool_peer, spec, p, s, emb_sha) for p, s in todo]
+            for fut in cf.as_completed(futures):
+                record(fut.result())
+    else:
+        for p, s in todo:
+            record(_pool_peer(spec, p, s, emb_sha))
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _pool_peer(spec: StudySpec, peer: Peer, split: str, emb_sha: str | None) -> dict[str, Any]:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random-init embeddings are stated once, loudly, by the caller
+            return run_peer(spec, peer, split, embeddings_sha256=emb_sha)
+    except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the study
+        return {"peer": peer.name, "split": split, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
@@ -678,8 +1014,14 @@ def run_study(
     wait: bool = True,
     info: dict[str, Any] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_peer: Callable[[dict[str, Any]], None] | None = None,
+    peer_workers: int | None = None,
 ) -> StudyOutcome:
-    """Prepare the study folder and run every pending cell.
+    """Prepare the study folder, fit the peers on every split, then run every pending cell.
+
+    Peers run first, in this process: they take seconds, and the report can then put them
+    beside whatever CNN cells are finished. Failed peers appear in ``outcome.failed``
+    under ``peers:<split>/<peer>``.
 
     Args:
         spec: the study.
@@ -690,8 +1032,11 @@ def run_study(
         wait: submitit only: wait for the array to finish.
         info: free-form record stored in ``study.json`` (data source, settings, ...).
         on_result: local pool only: callback per finished cell.
+        on_peer: callback per fitted (or skipped) peer.
+        peer_workers: processes fitting peers; default ``workers`` (local executor) or 1.
     """
     prepare_study(spec, info)
+    peers = run_peers(spec, workers=peer_workers or (workers if executor == "local" else 1), on_result=on_peer)
     pending = [c for c in grid(spec) if not cell_done(spec, c)]
     done = [c.key for c in grid(spec) if cell_done(spec, c)]
     if executor == "local":
@@ -701,4 +1046,5 @@ def run_study(
     else:
         raise ValueError(f"executor must be 'local' or 'submitit', got {executor!r}")
     outcome.skipped = done + outcome.skipped
+    outcome.failed.update({f"peers:{k}": v for k, v in peers.failed.items()})
     return outcome

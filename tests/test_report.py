@@ -73,7 +73,7 @@ def test_summary_means_sds_best_d_and_deltas_are_computed_from_the_records():
     assert disp.loc["DeepMTS+DAFT baseline", "1-year AUROC"] == "0.680 ± 0.028 (2/3)"
     assert disp.loc["+ CT", "Δ C-index"] == "+0.130"
     assert disp.loc["+ CT+PET", "C-index"] == "pending"
-    table = report.ablation_table(summary).set_index(["embeddings", "d"])
+    table = report.ablation_table(summary).set_index(["model", "embeddings", "d"]).loc["DeepMTS+DAFT"]
     assert table.loc[("CT", "256"), "folds done"] == "2/3"
     assert table.loc[("CT", "256"), "C-index (paper)"] == "0.950 ± 0.000 (2/3)"
     assert table.loc[("CT+PET", "64"), "C-index (unbiased)"] == "pending"
@@ -110,7 +110,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "](figure2_c_index.png)" in md and "](figure3_auc_1y.png)" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 5  # Figures 2-6
     embedded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html).group(1)
     assert base64.b64decode(embedded) == png
 
@@ -120,6 +120,9 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert "paper protocol (optimistic)" in md and "unbiased inner selection" in md
     # Per-fold values in results.csv are the cells' own done.json values.
     res = pd.read_csv(out / "results.csv")
+    assert set(res["kind"]) == {"cnn", "peer"}  # peers listed (pending: none has run here)
+    assert not res.loc[res["kind"] == "peer", "done"].any()
+    res = res[res["kind"] == "cnn"]
     assert len(res) == 6 * 2 and res["done"].sum() == 3 * 2
     done = read_json(study.cell_dir(spec, study.Cell(study.Configuration(), 1)) / "done.json")
     row = res[(res.config == "baseline") & (res.fold == 1) & (res.protocol == "paper")].iloc[0]
@@ -128,7 +131,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     summary = report.summarise_records(report.collect_records(spec), spec.n_folds)
     s = summary.set_index(["protocol", "config"])
     assert s.loc[("paper", "ct-d64"), "n_done"] == 1 and s.loc[("paper", "ctpet-dorig"), "n_done"] == 0
-    assert "| CT | 64 | 1/2 |" in md and "| CT+PET | orig | 0/2 | pending |" in md
+    assert "| DeepMTS+DAFT | CT | 64 | 1/2 |" in md and "| DeepMTS+DAFT | CT+PET | orig | 0/2 | pending |" in md
     # Baseline mean in the report equals the mean of its two folds.
     c = [read_json(study.cell_dir(spec, study.Cell(study.Configuration(), k)) / "done.json")
          ["protocols"]["paper"]["c_index"] for k in (0, 1)]
@@ -136,7 +139,10 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     js = read_json(out / "results.json")
     assert js["cells"] == {"total": 6, "done": 3}
     assert js["study"]["embeddings"]["random_init"] is True
-    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "pet", "ctpet"}
+    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "pet", "ctpet", "clinical",
+                                                              "radiomics", "head-ct", "head-ctpet"}
+    assert {r["status"] for r in js["table1"]["paper"] if r["modality"].startswith(("head", "clin", "rad"))} \
+        == {"pending"}
 
 
 def test_report_cli_report_only(finished_study, tmp_path):

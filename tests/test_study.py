@@ -34,10 +34,12 @@ TINY_TRAIN = {
 }
 
 
-def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0) -> dict[str, Path]:
+def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0,
+                      censor_centre: str | None = None) -> dict[str, Path]:
     """A tiny but real cohort: manifest, preprocessed cache and random-init ctpet embeddings.
 
     Tumour size drives the hazard so the survival signal is learnable; arrays are [D, H, W].
+    ``censor_centre``: every case of that centre is censored (a LOCO fold without events).
     """
     from pipeline.embeddings import RandomInitWarning, run_extraction
 
@@ -69,7 +71,8 @@ def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0) -> dict
             "case_id": cid, "center_id": centres.index(centre) + 1, "center": centre,
             "ct_path": f"imagesTr/{cid}__CT.nii.gz", "pet_path": f"imagesTr/{cid}__PT.nii.gz",
             "label_path": f"labelsTr/{cid}.nii.gz", "ct_sha256": "", "pet_sha256": "", "label_sha256": "",
-            "task1": 1, "task2": 1, "has_endpoint": 1, "relapse": int(t_event < t_cens),
+            "task1": 1, "task2": 1, "has_endpoint": 1,
+            "relapse": int(t_event < t_cens and centre != censor_centre),
             "rfs_days": float(round(min(t_event, t_cens)) + 1), "gender": "M" if i % 3 else "F",
             "age": float(50 + i), "weight": float(70 + i % 7), "tobacco": i % 2, "alcohol": (i + 1) % 2,
             "performance_status": i % 3, "hpv_status": (i // 2) % 2, "surgery": i % 2,
@@ -258,7 +261,8 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     res = runner.invoke(run_study, ["--help"])
     assert res.exit_code == 0
     for opt in ("--demo", "--workers", "--executor", "--partition", "--time", "--gpus-per-node", "--mem",
-                "--cpus", "--dry-run", "--ct-weights", "--pet-weights", "--report-only"):
+                "--cpus", "--dry-run", "--ct-weights", "--pet-weights", "--report-only", "--repeats", "--loco",
+                "--cnn-splits", "--peers"):
         assert opt in res.output
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ct-d64"), n_folds=2)
     study.prepare_study(spec)
@@ -266,6 +270,10 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     res = runner.invoke(run_study, ["--out", str(tmp_path / "s"), "--dry-run"])
     assert res.exit_code == 0, res.output
     lines = dict(line.split() for line in res.output.splitlines()[1:-1])
-    assert lines == {"baseline/fold_0": "pending", "baseline/fold_1": "pending",
+    cells = {k: v for k, v in lines.items() if not k.startswith("peers/")}
+    assert cells == {"baseline/fold_0": "pending", "baseline/fold_1": "pending",
                      "ct-d64/fold_0": "done", "ct-d64/fold_1": "pending"}
-    assert "4 cells: 1 done, 3 pending" in res.output
+    # The peers (clinical, radiomics, one head per FM configuration) are listed too.
+    assert {k for k in lines if k.startswith("peers/")} == {
+        "peers/cv0/clinical-cox", "peers/cv0/radiomics-cox", "peers/cv0/head-ct-d64"}
+    assert "4 cells: 1 done, 3 pending; 3 peer runs: 0 done" in res.output

@@ -29,6 +29,11 @@ DEMO_TRAIN = {
     },
 }
 
+# Demo analyses beyond the paper: repeats and LOCO for the peers and heads (seconds), the CNN
+# grid on repeat 0 only (its 65 cells are ~80 % of the demo); a 10-penalty path for the heads.
+DEMO_REPEATS = 3
+DEMO_HEAD = {"n_alphas": 10}
+
 _TRAIN_SCALARS = {
     "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int, "lr": float,
     "ema_decay": float, "patience": int, "inner_val_fraction": float, "seed": int,
@@ -43,8 +48,8 @@ def _csv(value: str | None) -> list[str] | None:
                                  "max_content_width": 100})
 @click.option("--demo", is_flag=True,
               help="Reduced end-to-end study on the synthetic demo cohort (regenerated from the committed "
-                   "data_manifest.csv when absent), random-init encoders unless weights are given; "
-                   "about 10 min on 2 CPU cores.")
+                   "data_manifest.csv when absent), random-init encoders unless weights are given; CNN on "
+                   "repeat 0, peers and heads on 3 repeats + LOCO; about 12 min on 2 CPU cores.")
 @click.option("--manifest", default="data_manifest.csv", type=click.Path(dir_okay=False),
               help="Case manifest (`build-manifest`); with --demo, the committed demo manifest.")
 @click.option("--cache", "cache_root", default=None, type=click.Path(file_okay=False),
@@ -65,11 +70,23 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--configs", default=None,
               help="Comma list of configurations to run (default: all 13), e.g. 'baseline,ctpet-d256'.")
 @click.option("--n-folds", default=5, type=click.IntRange(min=2), help="Outer CV folds (shared by all configurations).")
-@click.option("--folds-seed", default=42, type=int, help="Seed of the shared folds.")
+@click.option("--folds-seed", default=42, type=int, help="Seed of the shared folds (repeat r uses seed + r).")
+@click.option("--repeats", default=None, type=click.IntRange(min=1),
+              help="Repeated CV: R x n-folds, each repeat its own shared folds file and cells "
+                   "[default 1, demo 3].")
+@click.option("--loco/--no-loco", default=None,
+              help="Add leave-one-centre-out (one fold per centre, its own cells) [default off, demo on].")
+@click.option("--cnn-splits", type=click.Choice(["all", "first"]), default=None,
+              help="Train the CNN grid on every split (all) or only on repeat 0 (first; peers and heads "
+                   "still run on every split) [default all, demo first].")
+@click.option("--peers", "peer_families", default=None,
+              help="Comma list of classical peers fitted on the same folds: clinical, radiomics, heads "
+                   "(one embedding head per FM configuration), or 'none' [default: all three].")
 @click.option("--executor", type=click.Choice(["local", "submitit"]), default="local",
               help="local = process pool on this machine; submitit = one array job (Slurm, or --cluster local).")
-@click.option("--workers", default=1, type=click.IntRange(min=1),
-              help="Local pool size; each worker is pinned round-robin to one GPU when GPUs are present.")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Local pool size (cells, then peers); each worker is pinned round-robin to one GPU when "
+                   "GPUs are present [default 1, demo 2].")
 @click.option("--cluster", type=click.Choice(["auto", "slurm", "local", "debug"]), default="auto",
               help="submitit cluster: auto = Slurm when sbatch exists.")
 @click.option("--partition", default=None, help="Slurm partition.")
@@ -99,25 +116,36 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--dry-run", is_flag=True, help="List the cells and which are done; run nothing.")
 @click.option("--report-only", is_flag=True, help="Rebuild the report from the finished cells; train nothing.")
 def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, random_init, study_dir,
-              report_dir, configs, n_folds, folds_seed, executor, workers, cluster, partition, time_min,
-              gpus_per_node, mem_gb, cpus, array_parallelism, no_wait, train_config_file, model_config,
-              device, prep_workers, dry_run, report_only, **overrides):
+              report_dir, configs, n_folds, folds_seed, repeats, loco, cnn_splits, peer_families, executor,
+              workers, cluster, partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism, no_wait,
+              train_config_file, model_config, device, prep_workers, dry_run, report_only, **overrides):
     """Run the projection ablation (baseline + {CT, PET, CT+PET} x d in {64, 128, 256, orig},
-    5 folds = 65 cells) and write the report (Table 1, Figures 2-3, both selection protocols).
+    5 folds = 65 cells) with classical peers on the same folds, and write the report (Table 1,
+    Figures 2-6, both selection protocols, repeated-CV intervals, paired comparisons, LOCO,
+    IBS / calibration / Kaplan-Meier).
 
-    Every cell is resumable: rerunning skips finished cells. Examples:
+    Every cell and peer run is resumable: rerunning skips finished ones. Examples:
 
     \b
-      run-study --demo                                   # synthetic cohort, reduced, ~10 min on 2 cores
+      run-study --demo                                   # synthetic cohort, reduced, ~12 min on 2 cores
+      run-study ... --repeats 3 --loco                   # 3 x 5-fold CV + leave-one-centre-out
       run-study --manifest hecktor.csv --ct-weights model.safetensors --pet-weights seganypet_v1.pth
       run-study ... --executor submitit --partition gpu --time 90 --gpus-per-node 1
       run-study --out runs/study --dry-run               # which cells are done
       run-study --out runs/study --report-only           # report from what is finished
     """
     from pipeline.artefacts import ProvenanceError
-    from pipeline.study import SlurmOptions, cell_status, format_status, load_study
+    from pipeline.study import SlurmOptions, cell_status, format_status, load_study, peer_status
 
     t_start = time.perf_counter()
+    workers = workers or (2 if demo else 1)
+    extra = {
+        "repeats": repeats or (DEMO_REPEATS if demo else 1),
+        "loco": loco if loco is not None else demo,
+        "cnn_extra_splits": (cnn_splits or ("first" if demo else "all")) == "all",
+        "peers": tuple(p for p in (_csv(peer_families) or ["clinical", "radiomics", "heads"]) if p != "none"),
+        "head": dict(DEMO_HEAD) if demo else {},
+    }
     study_dir = Path(study_dir or ("runs/demo_study" if demo else "runs/study"))
     report_dir = Path(report_dir or ("reports/demo" if demo else "reports/study"))
     try:
@@ -126,15 +154,15 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
                 spec, _ = load_study(study_dir)
             else:
                 spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds,
-                                   folds_seed, train_config_file, model_config, device, overrides)
+                                   folds_seed, train_config_file, model_config, device, overrides, extra)
             if dry_run:
-                click.echo(format_status(cell_status(spec)))
+                click.echo(format_status(cell_status(spec), peer_status(spec)))
                 return
             _report(study_dir, report_dir, t_start)
             return
 
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
-                           train_config_file, model_config, device, overrides)
+                           train_config_file, model_config, device, overrides, extra)
         info = _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, prep_workers)
         outcome = _run_grid(spec, info, executor, workers, cluster, no_wait,
                             SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
@@ -149,7 +177,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
 
 
 def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
-                train_config_file, model_config, device, overrides):
+                train_config_file, model_config, device, overrides, extra):
     from pipeline.study import StudySpec, configurations
 
     train = json.loads(json.dumps(DEMO_TRAIN)) if demo else {}
@@ -167,7 +195,7 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
     embeddings = embeddings or ("embeddings/demo_ctpet.h5" if demo else "embeddings/ctpet.h5")
     needs_fm = any(n != "baseline" for n in names)
     return StudySpec.create(manifest, cache_root, embeddings if needs_fm else None, study_dir,
-                            n_folds=n_folds, folds_seed=folds_seed, train=train, configs=names)
+                            n_folds=n_folds, folds_seed=folds_seed, train=train, configs=names, **extra)
 
 
 def _step(msg: str) -> float:
@@ -228,8 +256,17 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
 
     status = cell_status(spec)
     n_done = int(status["done"].sum())
-    t0 = _step(f"grid: {len(status)} cells ({n_done} already done) via {executor}"
+    n_peers = len(spec.peer_list()) * len(spec.splits())
+    t0 = _step(f"peers: {len(spec.peer_list())} on {len(spec.splits())} split(s) ({', '.join(spec.splits())}), "
+               f"then grid: {len(status)} CNN cells ({n_done} already done) via {executor}"
                + (f", {workers} worker(s)" if executor == "local" else ""))
+
+    def peer(res):
+        if "error" in res:
+            click.secho(f"    peer {res['split']}/{res['peer']}: FAILED {res['error']}", fg="red", err=True)
+        elif not res.get("skipped"):
+            c = res["summary"]["c_index"]
+            click.echo(f"    peer {res['split'] + '/' + res['peer']:<24} {res['seconds']:5.1f} s  C={_f(c.get('mean'))}")
 
     def report(res):
         if "error" in res:
@@ -241,7 +278,8 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
 
     outcome = run_study(spec, executor=executor, workers=workers, slurm=slurm,
                         cluster=None if cluster == "auto" else cluster, wait=not no_wait,
-                        info=info, on_result=report)
+                        info=info, on_result=report, on_peer=peer)
+    click.echo(f"    {n_peers} peer runs")
     if outcome.job_ids:
         click.echo(f"    submitted array job {outcome.job_ids[0].split('_')[0]} ({len(outcome.job_ids)} tasks)")
     for key, err in outcome.failed.items():
