@@ -1112,7 +1112,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                else "best d by mean inner-validation C-index; the outer folds play no part in the choice")
         b.append(_Block("h2", f"Table 1 - {PROTOCOL_LABELS[proto]}"))
         b.append(_Block("p", f"Best projection size per embedding set ({how}); Δ = difference of means vs the baseline. "
-                             "The last column repeats the paper's reported values for reference."))
+                             "The last column repeats the paper's reported values for reference. Peers are means over "
+                             "every repeat they ran, which may be more than the CNN's: for a like-for-like difference "
+                             "read the paired comparisons below."))
         b.append(_Block("table", table1_display(t1[proto], proto)))
 
     b.append(_Block("h2", "Full projection ablation (both protocols)"))
@@ -1129,10 +1131,12 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 
     b += _beyond_blocks(spec, summary, paired, vs_clinical, loco, analyses, sel_proto, out)
 
-    secs = records.drop_duplicates(["config", "fold"])["seconds"].dropna()
+    secs = cnn_records.drop_duplicates(["split", "config", "fold"])["seconds"].dropna()
     if len(secs):
-        b.append(_Block("p", f"Compute: {len(secs)} cells trained here, {secs.sum() / 60:.1f} min of cell time "
-                             f"(median {secs.median():.1f} s per cell)."))
+        peer_secs = peer_records.drop_duplicates(["split", "config", "fold"])["seconds"].dropna().sum() \
+            if len(peer_records) else 0.0
+        b.append(_Block("p", f"Compute: {len(secs)} CNN cells trained here, {secs.sum() / 60:.1f} min of cell time "
+                             f"(median {secs.median():.1f} s per cell); peers {peer_secs / 60:.1f} min in all."))
     b.append(_Block("h2", "Provenance"))
     prov = [
         ("report code version", code_version()),
@@ -1213,9 +1217,11 @@ def _beyond_blocks(spec: StudySpec, summary: pd.DataFrame, paired: dict[str, lis
     b.append(_Block("table", pd.DataFrame([
         {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
          "peer splits": ", ".join(r["peers"]) or "not run"} for r in analyses_run(spec)])))
-    b.append(_Block("p", f"Splits: cv0..cv{spec.repeats - 1} are stratified {spec.n_folds}-fold CV with split seeds "
-                         f"{spec.folds_seed}..{spec.folds_seed + spec.repeats - 1} (one shared folds file per repeat, "
-                         "identical for every model); loco holds out one centre per fold."))
+    cvs = "cv0 is" if spec.repeats == 1 else f"cv0..cv{spec.repeats - 1} are"
+    seeds = f"{spec.folds_seed}" if spec.repeats == 1 else f"{spec.folds_seed}..{spec.folds_seed + spec.repeats - 1}"
+    b.append(_Block("p", f"Splits: {cvs} stratified {spec.n_folds}-fold CV with split seed(s) {seeds} (one shared "
+                         "folds file per repeat, identical for every model)"
+                         + ("; loco holds out one centre per fold." if spec.loco else ".")))
 
     b.append(_Block("h2", "Repeated cross-validation: mean and 95 % CI"))
     b.append(_Block("p", "Mean over every finished fold of every repeat with a Student-t 95 % interval "
