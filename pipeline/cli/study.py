@@ -22,11 +22,8 @@ DEMO_TRAIN = {
     "warmup_epochs": 1, "lr_step_epochs": 3, "patience": 4,
     # 16 steps in all: an EMA with decay 0.999 would still be ~98 % the initial weights.
     "ema_decay": 0.7,
-    "model": {
-        "seg_filters": [2, 4, 4, 8], "seg_encoder_convs": [1, 1, 1, 1], "seg_decoder_convs": [1, 1, 1],
-        "tap_filters": [1, 2, 2, 4], "dense_stem_filters": 4, "dense_blocks": [1, 1, 1], "growth": 4,
-        "bottleneck_filters": 8, "transition_filters": [4, 4, 8], "head_units": 8,
-    },
+    # The narrow 4-level network of models.deepmts.PRESETS["demo"].
+    "model": {"preset": "demo"},
 }
 
 # Demo analyses beyond the paper: repeats and LOCO for the peers and heads (seconds), the CNN
