@@ -158,19 +158,21 @@ class HeadConfig:
 
     Attributes:
         model: ``ridge`` (``CoxPHSurvivalAnalysis(alpha=ridge_alpha)``) or ``coxnet``
-            (elastic net, penalty by inner CV).
+            (elastic net); both choose their penalty by inner CV unless fixed.
         ridge_alpha: L2 weight of ``ridge`` on the summed partial log-likelihood
-            (penalty 0.5 * alpha * ||beta||^2); small: it only stabilises the fit.
+            (penalty 0.5 * alpha * ||beta||^2), or ``None`` (default) to choose it from
+            :data:`RIDGE_ALPHAS` by inner CV on the training part: with ~20 events and 13
+            clinical features a weak fixed penalty overfits to below-chance C-indices.
         proj: PCA components per embedding block (``None`` = no projection).
         with_clinical: append the clinical covariates.
         l1_ratio: elastic-net mixing of ``coxnet`` (1 = lasso; small = ridge-like).
         n_alphas, alpha_min_ratio: the ``coxnet`` penalty path.
-        inner_folds: inner CV folds that choose the ``coxnet`` penalty.
+        inner_folds: inner CV folds that choose the penalty.
         seed: seed of the inner folds.
     """
 
     model: str = "ridge"
-    ridge_alpha: float = 1.0
+    ridge_alpha: float | None = None
     proj: int | None = None
     with_clinical: bool = True
     l1_ratio: float = 0.1
@@ -188,7 +190,7 @@ class HeadConfig:
             raise ValueError(f"HeadConfig.l1_ratio must lie in (0, 1], got {self.l1_ratio}")
         if self.inner_folds < 2:
             raise ValueError(f"HeadConfig.inner_folds must be >= 2, got {self.inner_folds}")
-        if self.ridge_alpha < 0:
+        if self.ridge_alpha is not None and self.ridge_alpha < 0:
             raise ValueError(f"HeadConfig.ridge_alpha must be >= 0, got {self.ridge_alpha}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,14 +271,64 @@ def _surv(time: np.ndarray, event: np.ndarray):
     return Surv.from_arrays(event.astype(bool), time.astype(float))
 
 
-def _fit_ridge(x, time, event, alpha):
+#: Ridge penalties tried by inner CV, strongest first (ties go to the strongest).
+RIDGE_ALPHAS = (1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
+
+
+def _ridge(x, time, event, alpha):
     from sksurv.linear_model import CoxPHSurvivalAnalysis
 
     with warnings.catch_warnings():
         # Convergence chatter on nearly separable tiny folds; the ridge keeps beta finite.
         warnings.simplefilter("ignore")
-        model = CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow").fit(x, _surv(time, event))
-    return model, {"alpha": float(alpha)}
+        return CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow").fit(x, _surv(time, event))
+
+
+def _inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig,
+                     n_candidates: int, fit_scores) -> tuple[int, np.ndarray]:
+    """Index of the candidate penalty with the best mean inner-CV C-index, and the means.
+
+    ``fit_scores(train_idx, val_idx)`` fits every candidate on the inner training rows and
+    returns their validation C-indices (NaN where undefined). Candidates are ordered from
+    the strongest penalty, so ties go to the strongest.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    scores = np.full((cfg.inner_folds, n_candidates), np.nan)
+    n_splits = int(min(cfg.inner_folds, event.sum(), (~event.astype(bool)).sum()))
+    if n_splits >= 2:
+        skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
+        for k, (tr, va) in enumerate(skf.split(x, event.astype(int))):
+            scores[k] = fit_scores(tr, va)
+    defined = np.isfinite(scores).any(axis=0)
+    mean = np.full(n_candidates, np.nan)
+    mean[defined] = np.nanmean(scores[:, defined], axis=0)
+    best = int(np.nanargmax(mean)) if defined.any() else n_candidates // 2
+    return best, mean
+
+
+def _safe_c(time, event, risk) -> float:
+    from pipeline.metrics import c_index
+
+    try:
+        return c_index(time, event, risk)
+    except ValueError:  # no event / comparable pair in this inner fold
+        return float("nan")
+
+
+def _fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig):
+    """Ridge Cox on ``x`` [N, F]; the penalty fixed or chosen by inner stratified K-fold CV."""
+    if cfg.ridge_alpha is not None:
+        return _ridge(x, time, event, cfg.ridge_alpha), {"alpha": float(cfg.ridge_alpha)}
+
+    def fit_scores(tr, va):
+        return [_safe_c(time[va], event[va], _ridge(x[tr], time[tr], event[tr], a).predict(x[va]))
+                for a in RIDGE_ALPHAS]
+
+    best, mean = _inner_cv_choice(x, time, event, cfg, len(RIDGE_ALPHAS), fit_scores)
+    alpha = RIDGE_ALPHAS[best]
+    return _ridge(x, time, event, alpha), {
+        "alpha": alpha, "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None}
 
 
 def _coxnet(cfg: HeadConfig, alphas=None):
@@ -293,32 +345,22 @@ def _fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadCon
     ``x`` comes from the label-free feature pipeline fitted on the whole training part;
     inner splits only choose the penalty, and no inner validation label is ever fitted.
     """
-    from sklearn.model_selection import StratifiedKFold
-
-    from pipeline.metrics import c_index
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sksurv convergence warnings at the weakest penalties
         path = _coxnet(cfg).fit(x, _surv(time, event)).alphas_
-        scores = np.full((cfg.inner_folds, path.shape[0]), np.nan)
-        n_splits = int(min(cfg.inner_folds, event.sum(), (~event.astype(bool)).sum()))
-        if n_splits >= 2:
-            skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
-            for k, (tr, va) in enumerate(skf.split(x, event.astype(int))):
-                try:
-                    m = _coxnet(cfg, path).fit(x[tr], _surv(time[tr], event[tr]))
-                except (ValueError, ArithmeticError):
-                    continue
-                for j, a in enumerate(m.alphas_):
-                    try:
-                        scores[k, j] = c_index(time[va], event[va], m.predict(x[va], alpha=a))
-                    except ValueError:  # no event / comparable pair in this inner fold
-                        pass
-        defined = np.isfinite(scores).any(axis=0)
-        mean = np.full(path.shape[0], np.nan)
-        mean[defined] = np.nanmean(scores[:, defined], axis=0)
-        # Ties go to the strongest penalty (first on the decreasing path).
-        best = int(np.nanargmax(mean)) if defined.any() else len(path) // 2
+
+        def fit_scores(tr, va):
+            out = np.full(path.shape[0], np.nan)
+            try:
+                m = _coxnet(cfg, path).fit(x[tr], _surv(time[tr], event[tr]))
+            except (ValueError, ArithmeticError):
+                return out
+            for j, a in enumerate(m.alphas_):
+                out[j] = _safe_c(time[va], event[va], m.predict(x[va], alpha=a))
+            return out
+
+        # The path decreases, so ties go to the strongest penalty.
+        best, mean = _inner_cv_choice(x, time, event, cfg, path.shape[0], fit_scores)
         alpha = float(path[best])
         model = _coxnet(cfg, path).fit(x, _surv(time, event))
     info = {"alpha": alpha, "alpha_index": best, "n_alphas": int(path.shape[0]),
@@ -404,7 +446,7 @@ def run_head(
             feats = _FoldFeatures(blocks, clin, project_map).fit(tr_ids)
             x_tr, x_te = feats.transform(tr_ids), feats.transform(te_ids)
             if cfg.model == "ridge":
-                model, info = _fit_ridge(x_tr, t_tr, e_tr, cfg.ridge_alpha)
+                model, info = _fit_ridge(x_tr, t_tr, e_tr, cfg)
                 lp_tr, lp_te = model.predict(x_tr), model.predict(x_te)
             else:
                 model, alpha, info = _fit_coxnet(x_tr, t_tr, e_tr, cfg)

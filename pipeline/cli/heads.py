@@ -32,7 +32,8 @@ PROJ_CHOICES = ("64", "128", "256", "orig")
               help="Add the clinical covariates [embeddings: yes, radiomics: no; clinical peer: always].")
 @click.option("--model", type=click.Choice(["ridge", "coxnet"]), default=None,
               help="Cox fit [clinical/radiomics: ridge; embeddings: coxnet with inner-CV penalty].")
-@click.option("--ridge-alpha", type=float, default=1.0, help="L2 weight of the ridge Cox.")
+@click.option("--ridge-alpha", type=float, default=None,
+              help="L2 weight of the ridge Cox [default: chosen by inner CV on each training fold].")
 @click.option("--l1-ratio", type=float, default=0.1, help="Elastic-net mixing of coxnet (1 = lasso).")
 @click.option("--inner-folds", type=int, default=3, help="Inner CV folds choosing the coxnet penalty.")
 @click.option("--seed", type=int, default=42, help="Seed of the inner folds.")
