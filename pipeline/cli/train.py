@@ -73,7 +73,7 @@ _SCALARS = {
               help="Tumour map into the survival net: 'gate' (seed paper: images x thresholded map), "
                    "'binary' (thresholded map as a channel) or 'soft' (DeepMTS: probability as a channel).")
 @click.option("--model-config", default=None,
-              help='JSON of DeepMTSConfig overrides, e.g. \'{"preset": "demo"}\' (the demo's narrow widths) or \'{"seg_filters": [4, 8, 16, 32, 64]}\'.')
+              help='JSON of DeepMTSConfig overrides, e.g. \'{"preset": "demo"}\' (the narrow demo network) or \'{"seg_filters": [4, 8, 16, 32, 64]}\'.')
 @click.option("--no-fm-standardise", is_flag=True, default=False,
               help="Do not z-score FM embeddings with training-fold statistics before projection.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
