@@ -781,7 +781,7 @@ class EmbeddingSet:
         df = pd.concat(blocks, axis=1) if blocks else pd.DataFrame(index=self.case_ids)
         df.attrs = {
             "path": str(self.path), "sha256": self.sha256, **self.attrs,
-            "modality_attrs": self.modality_attrs,
+            "modality_attrs": self.modality_attrs, "feature_modalities": self.modalities,
         }
         return df
 

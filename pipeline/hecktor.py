@@ -206,6 +206,18 @@ def _duplicates(ids: pd.Series, file: Path) -> list[CaseError]:
                       f"({int((ids == cid).sum())} rows)") for cid in dup]
 
 
+def _read_with_ids(path: Path, header: Sequence[str]) -> tuple[pd.DataFrame, list[CaseError], set[str]]:
+    """Read a HECKTOR CSV; report empty and duplicate PatientIDs, which every row check skips."""
+    raw = read_hecktor_csv(path, header)
+    errors: list[CaseError] = []
+    ids = raw["PatientID"]
+    for i in np.flatnonzero((ids == "").to_numpy()):
+        errors.append(CaseError("", str(path), f"row {i + 2}: empty PatientID"))
+    dups = _duplicates(ids[ids != ""], path)
+    errors += dups
+    return raw, errors, {e.case_id for e in dups} | {""}
+
+
 def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
     """Parse the clinical CSV into manifest columns.
 
@@ -219,14 +231,7 @@ def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
         HecktorFormatError: a whole-file problem (see :func:`read_hecktor_csv`).
     """
     path = Path(path)
-    raw = read_hecktor_csv(path, CLINICAL_HEADER)
-    errors: list[CaseError] = []
-    ids = raw["PatientID"]
-    for i in np.flatnonzero((ids == "").to_numpy()):
-        errors.append(CaseError("", str(path), f"row {i + 2}: empty PatientID"))
-    dups = _duplicates(ids[ids != ""], path)
-    errors += dups
-    bad_ids = {e.case_id for e in dups} | {""}
+    raw, errors, bad_ids = _read_with_ids(path, CLINICAL_HEADER)
     rows = []
     for _, rec in raw.iterrows():
         cid = rec["PatientID"]
@@ -280,14 +285,7 @@ def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
         HecktorFormatError: a whole-file problem (see :func:`read_hecktor_csv`).
     """
     path = Path(path)
-    raw = read_hecktor_csv(path, ENDPOINT_HEADER)
-    errors: list[CaseError] = []
-    ids = raw["PatientID"]
-    for i in np.flatnonzero((ids == "").to_numpy()):
-        errors.append(CaseError("", str(path), f"row {i + 2}: empty PatientID"))
-    dups = _duplicates(ids[ids != ""], path)
-    errors += dups
-    bad_ids = {e.case_id for e in dups} | {""}
+    raw, errors, bad_ids = _read_with_ids(path, ENDPOINT_HEADER)
     rows = []
     for _, rec in raw.iterrows():
         cid = rec["PatientID"]

@@ -33,7 +33,7 @@ Peers:
 
 External features (e.g. a radiomics CSV keyed by PatientID) enter the same heads through
 :func:`import_feature_table`, which writes the embedding-cache HDF5 schema of
-:mod:`pipeline.embeddings`; :func:`load_features` reads both kinds.
+:mod:`pipeline.embeddings`; :func:`pipeline.embeddings.load_embeddings` reads both kinds.
 """
 
 from __future__ import annotations
@@ -511,7 +511,7 @@ def radiomics_cox(
 
 
 def embedding_blocks(features: pd.DataFrame, modalities: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Split a :func:`load_features` frame into one block per modality (``ct_000..`` -> ``ct``)."""
+    """Split a :func:`pipeline.embeddings.load_embeddings` frame into one block per modality (``ct_000..`` -> ``ct``)."""
     mods = list(modalities) if modalities else list(features.attrs.get("feature_modalities") or [])
     if not mods:
         mods = sorted({c.rsplit("_", 1)[0] for c in features.columns})
@@ -680,31 +680,6 @@ def import_feature_table(
             "dropped_columns": dropped, "not_in_cache": not_in_cache, "sha256": sha256_file(out_h5)}
 
 
-def load_features(
-    path: str | os.PathLike,
-    *,
-    cache: PreprocessedCache | str | os.PathLike | None = None,
-    case_ids: Sequence[str] | None = None,
-    modalities: Sequence[str] | None = None,
-) -> pd.DataFrame:
-    """Read FM embeddings or an imported feature table as one frame indexed by case id.
-
-    Both go through :func:`pipeline.embeddings.read_embeddings` (schema version, the cache's
-    params_hash and per-case fingerprints when ``cache`` is given, every requested case
-    present). Columns are ``<modality>_000 ..``; ``df.attrs`` holds ``path``, ``sha256``, the
-    file attributes, ``feature_modalities`` and, for imported tables, ``feature_names``
-    (modality -> original column names).
-    """
-    from pipeline.embeddings import read_embeddings
-
-    emb = read_embeddings(path, cache=cache, case_ids=case_ids, modalities=modalities)
-    df = emb.frame()
-    names = {m: json.loads(a["columns"]) for m, a in emb.modality_attrs.items() if a.get("columns")}
-    df.attrs = {"path": str(emb.path), "sha256": emb.sha256, **emb.attrs,
-                "feature_modalities": emb.modalities, "feature_names": names}
-    return df
-
-
 # ---------------------------------------------------------------------------------------------
 # One peer run on disk: oof_predictions.csv + summary.json
 # ---------------------------------------------------------------------------------------------
@@ -774,7 +749,9 @@ def fit_peer_run(
         if features_path is None:
             raise ValueError("fit_peer_run: the embeddings peer needs --embeddings PATH")
         cfg = config or HeadConfig(model="coxnet", with_clinical=True)
-        feats = load_features(features_path, cache=cache, case_ids=ids, modalities=modalities)
+        from pipeline.embeddings import load_embeddings
+
+        feats = load_embeddings(features_path, cache=cache, case_ids=ids, modalities=modalities)
         inputs.update(features=str(features_path), features_sha256=feats.attrs["sha256"],
                       feature_modalities=feats.attrs["feature_modalities"])
         res = embedding_head(manifest, folds, feats, cfg, feats.attrs["feature_modalities"])

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from pipeline import peers
 from pipeline.artefacts import ProvenanceError
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
+from pipeline.embeddings import load_embeddings
 from pipeline.cli.heads import fit_heads, import_features
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.metrics import c_index
@@ -227,11 +228,12 @@ def test_import_feature_table_round_trips_and_feeds_the_heads(tmp_path):
     res = peers.import_feature_table(csv, tmp_path / "emb" / "radiomics.h5", name="radiomics", cache=cache)
     assert res["columns"] == ["original_shape_Volume", "firstorder_Mean"]
     assert res["dropped_columns"] == ["diagnostics_Version"] and res["not_in_cache"] == []
-    back = peers.load_features(res["path"], cache=cache, case_ids=df.case_id.tolist()[::-1])
+    back = load_embeddings(res["path"], cache=cache, case_ids=df.case_id.tolist()[::-1])
     assert back.index.tolist() == df.case_id.tolist()[::-1]
     expect = table.set_index("PatientID").loc[back.index, res["columns"]].to_numpy()
     np.testing.assert_allclose(back.to_numpy(), expect.astype(np.float32), equal_nan=True)
-    assert back.attrs["feature_names"] == {"radiomics": res["columns"]}
+    assert json.loads(back.attrs["modality_attrs"]["radiomics"]["columns"]) == res["columns"]
+    assert back.attrs["feature_modalities"] == ["radiomics"]
     from pipeline.artefacts import sha256_file
 
     with h5py.File(res["path"]) as h5:
@@ -243,7 +245,7 @@ def test_import_feature_table_round_trips_and_feeds_the_heads(tmp_path):
     # Another preprocessing: refused with both hashes named.
     other = _write_cache(tmp_path / "other", sizes, {c: (1.0, 2.0) for c in df.case_id}, params_hash="q" * 16)
     with pytest.raises(ProvenanceError, match="q{16}"):
-        peers.load_features(res["path"], cache=other)
+        load_embeddings(res["path"], cache=other)
     # The imported features go through the same head.
     df = _endpoints(df, np.log(table["original_shape_Volume"].to_numpy()) * 1.5, seed=13)
     out = peers.embedding_head(df, _folds(df, 4), back.loc[df.case_id], peers.HeadConfig(model="ridge", with_clinical=False))
