@@ -27,7 +27,7 @@ from pipeline.artefacts import ProvenanceError, atomic_path, check_match, code_v
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
 from pipeline.dataset import SurvivalCohort, load_cohort
-from pipeline.train import DONE_FILE, FoldData, TrainConfig, build_model, predict, resolve_device
+from pipeline.train import DONE_FILE, FoldData, TrainConfig, apply_fm_stats, build_model, predict, resolve_device
 
 #: Embedding fields that must match between training and new patients (precision may differ).
 _EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key")
@@ -41,7 +41,7 @@ def finished_folds(run_dir: str | os.PathLike) -> list[int]:
 def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path, *,
                     ct_weights=None, pet_weights=None, device: str = "auto", progress: bool = True) -> Path:
     """Compute the new cases' embeddings with the training run's encoders, or refuse."""
-    from pipeline.embeddings import extract_embeddings, read_embeddings
+    from pipeline.embeddings import extract_embeddings
 
     trained = run["embeddings"]["modalities"]
     mods = sorted(trained)
@@ -79,14 +79,7 @@ def check_embeddings(run: dict[str, Any], path: str | os.PathLike) -> None:
 def _fold_data(cohort: SurvivalCohort, state: dict[str, Any]) -> FoldData:
     transform = ClinicalTransform.from_dict(state["clinical_transform"])
     clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
-    fm = {}
-    for name, mat in cohort.embeddings.items():
-        mat = np.asarray(mat, dtype=np.float64)
-        stats = state["fm_standardisation"].get(name)
-        if stats is not None:
-            mean, sd = np.asarray(stats["mean"]), np.asarray(stats["sd"])
-            mat = (np.where(np.isnan(mat), mean, mat) - mean) / sd
-        fm[name] = torch.from_numpy(mat.astype(np.float32))
+    fm = {name: apply_fm_stats(mat, state["fm_standardisation"][name]) for name, mat in cohort.embeddings.items()}
     rows = np.arange(len(cohort))
     return FoldData(fit=rows[:0], inner=rows[:0], outer=rows, clinical=clinical, fm=fm,
                     clinical_transform=transform, fm_stats=state["fm_standardisation"])

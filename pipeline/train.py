@@ -170,6 +170,27 @@ class FoldData:
     fm_stats: dict[str, dict[str, list[float]]]
 
 
+def fit_fm_stats(train: np.ndarray, standardise: bool) -> dict[str, list[float]]:
+    """Per-feature fill value, centre and scale of an embedding matrix, from training rows.
+
+    ``fill`` (the training mean) replaces missing values, which imported feature tables may
+    hold; ``mean``/``sd`` z-score the features when ``standardise``, else they are 0 and 1.
+    """
+    with np.errstate(invalid="ignore"):
+        fill = np.nan_to_num(np.nanmean(train, axis=0)) if np.isnan(train).any() else train.mean(axis=0)
+    if not standardise:
+        return {"fill": fill.tolist(), "mean": [0.0] * len(fill), "sd": [1.0] * len(fill)}
+    sd = np.where(np.isnan(train), fill, train).std(axis=0)
+    return {"fill": fill.tolist(), "mean": fill.tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
+
+
+def apply_fm_stats(mat: np.ndarray, stats: dict[str, list[float]]) -> torch.Tensor:
+    """Fill and standardise an embedding matrix ``[N, dim]`` with :func:`fit_fm_stats` output."""
+    mat = np.asarray(mat, dtype=np.float64)
+    mat = (np.where(np.isnan(mat), np.asarray(stats["fill"]), mat) - np.asarray(stats["mean"])) / np.asarray(stats["sd"])
+    return torch.from_numpy(mat.astype(np.float32))
+
+
 def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldData:
     """Split rows and fit the clinical transform and FM standardisation on the fit rows.
 
@@ -194,19 +215,9 @@ def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Tr
 
     transform = ClinicalTransform().fit(cohort.clinical.iloc[fit])
     clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
-    fm, stats = {}, {}
-    for name, mat in cohort.embeddings.items():
-        mat = np.asarray(mat, dtype=np.float64)
-        # Imported feature tables may hold NaN (missing): fill with the fit rows' mean.
-        with np.errstate(invalid="ignore"):
-            mean = np.nan_to_num(np.nanmean(mat[fit], axis=0)) if np.isnan(mat).any() else mat[fit].mean(axis=0)
-        mat = np.where(np.isnan(mat), mean, mat)
-        if cfg.fm_standardise:
-            sd = mat[fit].std(axis=0)
-            sd = np.where(sd > 1e-8, sd, 1.0)
-            mat = (mat - mean) / sd
-            stats[name] = {"mean": mean.tolist(), "sd": sd.tolist()}
-        fm[name] = torch.from_numpy(mat.astype(np.float32))
+    stats = {name: fit_fm_stats(np.asarray(mat, dtype=np.float64)[fit], cfg.fm_standardise)
+             for name, mat in cohort.embeddings.items()}
+    fm = {name: apply_fm_stats(mat, stats[name]) for name, mat in cohort.embeddings.items()}
     return FoldData(fit, inner, outer, clinical, fm, transform, stats)
 
 

@@ -99,3 +99,23 @@ def test_model_presets_name_errors_and_demo_size_runs():
     model = DeepMTS(DeepMTSConfig.from_preset("demo", 13, input_size=(24, 32, 32))).eval()
     out = model(torch.zeros(2, 2, 24, 32, 32), torch.zeros(2, 13))
     assert out["risk"].shape == (2,) and out["seg_prob"].shape == (2, 1, 24, 32, 32)
+
+
+@pytest.mark.parametrize("standardise", [True, False])
+def test_fm_stats_fill_missing_with_the_training_mean_in_both_modes(standardise):
+    import numpy as np
+
+    from pipeline.train import apply_fm_stats, fit_fm_stats
+
+    train = np.array([[1.0, 10.0], [3.0, np.nan], [5.0, 30.0]])
+    stats = fit_fm_stats(train, standardise)
+    assert stats["fill"] == [3.0, 20.0]
+    new = apply_fm_stats(np.array([[np.nan, 20.0], [7.0, np.nan]]), stats).numpy()
+    if standardise:
+        # Training rows after filling are z-scored: mean 0, SD 1 per feature.
+        z = apply_fm_stats(train, stats).numpy()
+        np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-6)
+        np.testing.assert_allclose(z.std(axis=0), 1.0, atol=1e-6)
+        np.testing.assert_allclose(new[0], 0.0, atol=1e-6)
+    else:
+        np.testing.assert_allclose(new, [[3.0, 20.0], [7.0, 20.0]])
