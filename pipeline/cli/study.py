@@ -9,27 +9,13 @@ from pathlib import Path
 
 import click
 
-# Reduced settings of `run-study --demo`: the same code at small sizes, sized to finish in
-# well under 15 minutes on 2 CPU cores (see benchmarks/study.md for the measurements).
-DEMO_SURVIVAL_SIZE_XYZ = (32, 32, 24)
-DEMO_CTFM_SIZE_XYZ = (64, 64, 16)
-DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
-# Native embedding sizes are kept (CT 512, PET 768) so "orig" means what it means in the paper;
-# the PET ViT runs on a 4^3 token grid with 4^3 windows instead of 8^3 padded to 14^3.
-DEMO_ENCODERS = {"ct": {}, "pet": {"img_size": 64, "window_size": 4}}
-DEMO_TRAIN = {
-    "epochs": 4, "steps_per_epoch": 4, "batch_size": 8, "eval_batch_size": 64,
-    "warmup_epochs": 1, "lr_step_epochs": 3, "patience": 4,
-    # 16 steps in all: an EMA with decay 0.999 would still be ~98 % the initial weights.
-    "ema_decay": 0.7,
-    # The narrow 4-level network of models.deepmts.PRESETS["demo"].
-    "model": {"preset": "demo"},
-}
-
-# Demo analyses beyond the paper: repeats and LOCO for the peers and heads (seconds), the CNN
-# grid on repeat 0 only (its 65 cells are ~80 % of the demo); a 10-penalty path for the heads.
-DEMO_REPEATS = 3
-DEMO_HEAD = {"n_alphas": 10}
+from pipeline.demo import (
+    DEMO_ENCODERS,
+    DEMO_HEAD,
+    DEMO_REPEATS,
+    demo_preprocess_params,
+    demo_train_options,
+)
 
 _TRAIN_SCALARS = {
     "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int, "lr": float,
@@ -177,7 +163,7 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
                 train_config_file, model_config, device, overrides, extra):
     from pipeline.study import StudySpec, configurations
 
-    train = json.loads(json.dumps(DEMO_TRAIN)) if demo else {}
+    train = demo_train_options() if demo else {}
     if train_config_file:
         train = json.loads(Path(train_config_file).read_text())
     for name, value in overrides.items():
@@ -225,8 +211,7 @@ def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, 
     else:
         info.update(synthetic=False, data_source=f"manifest {Path(manifest).resolve()}")
 
-    params = (PreprocessParams(survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=DEMO_CTFM_SIZE_XYZ,
-                               petfm_size_xyz=DEMO_PETFM_SIZE_XYZ) if demo else PreprocessParams())
+    params = demo_preprocess_params() if demo else PreprocessParams()
     t0 = _step(f"preprocess into {spec.cache_root} (finished cases are kept)")
     preprocess_cohort(spec.manifest, spec.cache_root, params, workers=prep_workers, progress=True)
     _done(t0)
