@@ -12,9 +12,14 @@ HDF5 schema (``SCHEMA_VERSION`` 1; readable with plain h5py, no custom types)::
     /ct              (N, 512) float32                 CT-FM embeddings   (modality ct, ctpet)
     /pet             (N, 768) float32                 PET-FM embeddings  (modality pet, ctpet)
 
-File attributes: ``schema_version``, ``modality`` (``ct`` | ``pet`` | ``ctpet``),
-``modalities`` (JSON list), ``params_hash`` and ``crop_size_vox_xyz`` of the preprocessed
-cache, ``cache_path``, ``code_version``, ``created`` (UTC ISO 8601), ``random_init`` (bool).
+File attributes: ``schema_version``, ``modality`` (``ct`` | ``pet`` | ``ctpet``, or an
+imported table's name), ``modalities`` (JSON list of the embedding datasets),
+``params_hash`` and ``crop_size_vox_xyz`` of the preprocessed cache, ``cache_path``,
+``cache_bound`` (bool; False only for a feature table imported without a cache: empty
+fingerprints, and the cache checks of :func:`read_embeddings` do not apply),
+``code_version``, ``created`` (UTC ISO 8601), ``random_init`` (bool). Files from
+:func:`pipeline.peers.import_feature_table` add ``source = "feature_table"``. Every file is
+written by :func:`write_embedding_file`, the one writer of this schema.
 
 Attributes of each embedding dataset (``/ct``, ``/pet``): ``encoder`` (``CT_FM_NAME`` /
 ``PET_FM_NAME``), ``weights_sha256`` (hex, or ``"random-init"``), ``random_init_seed`` (-1
@@ -38,8 +43,15 @@ shards into a temporary sibling and renamed into place, so a killed run never le
 partial file under the final name. A rerun skips every case whose shard exists and removes
 temporary files that a killed run left behind (each store and output is held under an
 exclusive ``flock`` while a run writes, so a concurrent run is refused instead of having its
-temporary files deleted). ``ctpet`` reuses the shards of earlier ``ct`` and ``pet`` runs with
-the same provenance: no encoder ever runs twice on the same case and inputs.
+temporary files deleted; the lock files exist only while held, and a failed run removes the
+stores and folders it made that hold no shard). ``ctpet`` reuses the shards of earlier
+``ct`` and ``pet`` runs with the same provenance: no encoder ever runs twice on the same case
+and inputs.
+
+PET-FM input size. The PET-FM is a ViT on a cubic input whose size fixes its token grid;
+:func:`pet_encoder_config` takes that size from the cache's PET-FM inputs (128^3 in the
+paper: the published architecture, no override; the demo's 64^3 gives ``img_size`` 64 with a
+4^3 window), so extraction needs no ``--encoder-config`` for any preprocessing.
 
 Batches are formed from the cases still missing, in cache order, and a short last batch is
 padded by repeating its own cases, so every forward pass has exactly ``batch_size`` rows.
@@ -84,7 +96,7 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.cache import PreprocessedCache
+from pipeline.cache import COHORT_FILE, PreprocessedCache
 
 SCHEMA_VERSION = 1
 MODALITIES: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
@@ -96,11 +108,11 @@ DEFAULT_WEIGHTS: dict[str, Path] = {
     "ct": Path("~/.cache/hnfm/ct_fm/model.safetensors"),
     "pet": Path("~/.cache/hnfm/pet_fm/seganypet_v1.pth"),
 }
-WEIGHTS_SOURCE: dict[str, str] = {
-    "ct": "Hugging Face project-lighter/ct_fm_feature_extractor, file model.safetensors",
-    "pet": "SegAnyPET (Zhang et al. 2025) release, file seganypet_v1.pth",
-}
+#: PETFMEncoder's published (SAM-Med3D vit_b_ori) input edge, patch edge and window edge.
+PET_FM_PUBLISHED: dict[str, int] = {"img_size": 128, "patch_size": 16, "window_size": 14}
 RANDOM_INIT = "random-init"
+#: ``source`` file attribute of feature tables imported by :func:`pipeline.peers.import_feature_table`.
+FEATURE_TABLE_SOURCE = "feature_table"
 SHARD_DIR_NAME = ".shards"
 _TMP_SUFFIX = ".tmp"  # what pipeline.artefacts.atomic_path appends to its temporary files
 _RANGE_TOL = 1e-4  # cached FM inputs are min-max scaled to [0, 1]; allow rounding only
@@ -124,6 +136,28 @@ class MissingCasesError(ValueError):
 
 class ExtractionLockedError(RuntimeError):
     """Another run holds the lock of the same output or shard store."""
+
+
+def training_fill(train: np.ndarray) -> np.ndarray:
+    """Per-feature fill value of missing entries: the mean of the training rows.
+
+    The one missing-value policy for embeddings and imported features, used by the CNN
+    (:func:`pipeline.train.fit_fm_stats`) and the Cox heads (:mod:`pipeline.peers`) alike: a
+    training-fold mean is what z-scoring with training statistics maps to 0, so a missing
+    value carries no signal. A column missing in every training row is filled with 0.
+
+    Args:
+        train: ``[N, F]`` training rows (NaN = missing).
+
+    Returns:
+        float64 ``[F]``.
+    """
+    train = np.asarray(train, dtype=np.float64)
+    if not np.isnan(train).any():
+        return train.mean(axis=0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for all-NaN columns
+        return np.nan_to_num(np.nanmean(train, axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,12 +274,21 @@ def resolve_weights(modality: str, weights: str | os.PathLike | None) -> Path:
         path, how = DEFAULT_WEIGHTS[modality].expanduser(), "the default location"
     if path.is_file():
         return path
+    raise WeightsNotFoundError(_weights_advice(modality, path, how))
+
+
+def _weights_advice(modality: str, path: Path, how: str) -> str:
+    # models.checkpoints imports torch; only this error path needs its weights descriptions.
+    from models import checkpoints
+
     name = "CT-FM" if modality == "ct" else "PET-FM"
-    raise WeightsNotFoundError(
-        f"{name} weights not found at {path} (from {how}). Download them from "
-        f"{WEIGHTS_SOURCE[modality]}, then pass --{modality}-weights PATH, set {env}=PATH, or "
-        f"put the file at {DEFAULT_WEIGHTS[modality]}. For a demo without the weights use "
-        "--random-init (recorded in the file and warned about on every read)."
+    source = checkpoints.CT_FM_WEIGHTS if modality == "ct" else checkpoints.PET_FM_WEIGHTS
+    return (
+        f"{name} weights not found at {path} (from {how}). Download the public weights: "
+        f"{source}; then pass --{modality}-weights PATH, or set {WEIGHTS_ENV[modality]}=PATH, or "
+        f"put the file at {DEFAULT_WEIGHTS[modality]}. To test the pipeline without weights, "
+        "as `run-study --demo` does, add --random-init (random encoders: recorded in the file, "
+        "warned about on every read, meaningless for results)."
     )
 
 
@@ -286,21 +329,43 @@ def _build_encoder(spec: _EncoderSpec) -> Any:
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (released by the kernel even on kill -9)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """Hold an exclusive ``flock`` on ``path``, a file that exists only while it is held.
+
+    The kernel releases the lock when the holder dies, even on kill -9 (the empty file then
+    stays until the next run on the same path removes it). The holder unlinks the file
+    before releasing it; a run that opened the file just before that would lock an orphaned
+    inode, so the lock counts only when ``path`` still names the locked file.
+    """
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a failed run's clean-up: retry
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ExtractionLockedError(
                     f"{path}: another extract-embeddings run is writing here; wait for it to end"
                 ) from exc
             raise
+        if _names_same_file(path, fd):
+            break
+        os.close(fd)
+    try:
         yield
     finally:
+        path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _names_same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 def _remove_stale_temps(folder: Path, prefix: str = ".") -> int:
@@ -341,10 +406,9 @@ def _read_shard(path: Path, dim: int | None) -> np.ndarray:
     return vec
 
 
-def _prepare_store(root: Path, spec: _EncoderSpec) -> Path:
-    store = root / spec.store_name()
-    store.mkdir(parents=True, exist_ok=True)
-    ignore = root / ".gitignore"
+def _prepare_store(store: Path, spec: _EncoderSpec) -> None:
+    """Record (or check) the provenance of a shard store whose lock this run holds."""
+    ignore = store.parent / ".gitignore"
     if not ignore.exists():  # generated artefacts: keep them out of version control
         with atomic_path(ignore) as tmp:
             tmp.write_text("*\n")
@@ -358,7 +422,41 @@ def _prepare_store(root: Path, spec: _EncoderSpec) -> Path:
             )
     else:
         write_json_atomic(record, spec.provenance())
-    return store
+
+
+def _forget_store_if_unused(store: Path):
+    """ExitStack callback: when the run fails, drop a store's record if it holds no shard
+    (run while the store's lock is still held, so no other run is writing there)."""
+
+    def callback(exc_type, exc, tb) -> bool:
+        if exc_type is not None and next(store.glob("*.npy"), None) is None:
+            (store / "provenance.json").unlink(missing_ok=True)
+        return False
+
+    return callback
+
+
+def _new_dirs(*folders: Path) -> list[Path]:
+    """The folders among ``folders`` and their parents that do not exist yet, deepest first."""
+    out: list[Path] = []
+    for folder in folders:
+        for d in (folder, *folder.parents):
+            if d.exists():
+                break
+            if d not in out:
+                out.append(d)
+    return sorted(out, key=lambda d: len(d.parts), reverse=True)
+
+
+def _remove_empty_dirs(folders: Sequence[Path]) -> None:
+    """Remove each folder that is empty (or holds only the shard root's ``.gitignore``)."""
+    for d in folders:
+        if not d.is_dir():
+            continue
+        if [p.name for p in d.iterdir()] == [".gitignore"] and d.name == SHARD_DIR_NAME:
+            (d / ".gitignore").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: a shard or another run's files
+            d.rmdir()
 
 
 def _load_inputs(
@@ -498,6 +596,99 @@ def _make_spec(
     )
 
 
+def _make_specs(
+    mods: Sequence[str], *, weights: dict[str, Any], random_init: bool, seed: int,
+    encoder_kwargs: dict[str, dict[str, Any]], precision: str,
+) -> dict[str, _EncoderSpec]:
+    """One spec per modality; missing weights of every modality are reported together."""
+    specs, missing = {}, []
+    for m in mods:
+        try:
+            specs[m] = _make_spec(m, weights=weights[m], random_init=random_init, seed=seed,
+                                  encoder_config=encoder_kwargs.get(m, {}), precision=precision)
+        except WeightsNotFoundError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise WeightsNotFoundError(" ".join(missing))
+    return specs
+
+
+def open_cache(root: str | os.PathLike) -> PreprocessedCache:
+    """Open the preprocessed cache at ``root``, saying how to make one when there is none.
+
+    Raises:
+        FileNotFoundError: no ``cohort.json`` at ``root``, naming the command that writes it.
+    """
+    root = Path(root)
+    if (root / COHORT_FILE).is_file():
+        return PreprocessedCache(root)
+    if (root / "cases").is_dir():
+        raise FileNotFoundError(
+            f"{root}: preprocessing has not finished (cases/ but no {COHORT_FILE}); rerun the "
+            f"same `preprocess ... --out {root}` command to finish it"
+        )
+    raise FileNotFoundError(
+        f"{root}: no preprocessed cache (no {COHORT_FILE}). Make one with "
+        f"`preprocess --manifest data_manifest.csv --out {root}`, or run `run-study --demo`, "
+        "which writes the demo's cache to cache/preprocessed; or pass --cache PATH"
+    )
+
+
+def pet_input_size(cache: PreprocessedCache) -> tuple[int, int, int]:
+    """``[D, H, W]`` of the cache's PET-FM inputs (``petfm/pet``).
+
+    From the cache's preprocessing parameters (``petfm_size_xyz``), else from its first case.
+    """
+    size_xyz = cache.params.get("petfm_size_xyz")
+    if size_xyz is not None:
+        return tuple(int(v) for v in reversed(size_xyz))
+    if not cache.case_ids:
+        raise ValueError(f"{cache.root}: the cache holds no case; cannot size the PET-FM input")
+    return _input_shape(cache, cache.case_ids[0], INPUT_KEYS["pet"])
+
+
+def pet_encoder_config(cache: PreprocessedCache, requested: dict[str, Any] | None = None) -> dict[str, Any]:
+    """PET-FM constructor overrides that fit the cache's PET-FM input size.
+
+    The published architecture takes 128^3 (no override). Another cubic size ``s`` gives
+    ``img_size = s`` and, unless requested, the largest window that divides the token grid
+    ``s / patch_size`` and does not exceed the published 14 (the demo's 64^3: window 4).
+
+    Args:
+        cache: the preprocessed cache.
+        requested: the caller's overrides (``--encoder-config``'s ``"pet"``); they win,
+            except an ``img_size`` the cache contradicts.
+
+    Returns:
+        The overrides to build the encoder with (``{}`` = published architecture).
+
+    Raises:
+        ValueError: the cached PET-FM input is not cubic, or ``requested["img_size"]``
+            differs from it (naming both and the option).
+    """
+    out = dict(requested or {})
+    shape = pet_input_size(cache)
+    if len(set(shape)) != 1:
+        raise ValueError(
+            f"{cache.root}: PET-FM inputs are {list(shape)} [D, H, W]; the PET-FM takes a cube: "
+            "preprocess with a cubic PET-FM size"
+        )
+    size = shape[0]
+    if "img_size" in out and int(out["img_size"]) != size:
+        raise ValueError(
+            f"--encoder-config sets the PET-FM img_size {out['img_size']}, but the cache "
+            f"{cache.root} holds {size}^3 PET-FM inputs; drop img_size from --encoder-config "
+            f"(it is taken from the cache) or preprocess at {out['img_size']}^3"
+        )
+    if size != PET_FM_PUBLISHED["img_size"]:
+        out.setdefault("img_size", size)
+        grid = size // int(out.get("patch_size", PET_FM_PUBLISHED["patch_size"]))
+        if "window_size" not in out and grid >= 1:
+            out["window_size"] = max(w for w in range(1, min(grid, PET_FM_PUBLISHED["window_size"]) + 1)
+                                     if grid % w == 0)
+    return out
+
+
 def _existing_state(path: Path) -> dict[str, Any] | None:
     """What an existing output records, or None when there is none."""
     if not path.exists():
@@ -578,56 +769,74 @@ def run_extraction(
         raise ValueError(f"encoder_kwargs keys {unknown}: expected 'ct' and/or 'pet'")
     out = Path(out_path) if out_path is not None else Path("embeddings") / f"{modality}.h5"
     shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
-    cache = PreprocessedCache(cache_root)
+    cache = open_cache(cache_root)
     torch_device, precision = _resolve_device(device)
     mods = MODALITIES[modality]
-    weights = {"ct": ct_weights, "pet": pet_weights}
-    specs = {
-        m: _make_spec(
-            m, weights=weights[m], random_init=random_init, seed=seed,
-            encoder_config=encoder_kwargs.get(m, {}), precision=precision,
-        )
-        for m in mods
-    }
+    if "pet" in mods:
+        encoder_kwargs["pet"] = pet_encoder_config(cache, encoder_kwargs.get("pet", {}))
+    specs = _make_specs(mods, weights={"ct": ct_weights, "pet": pet_weights},
+                        random_init=random_init, seed=seed, encoder_kwargs=encoder_kwargs,
+                        precision=precision)
     case_ids = cache.case_ids
     fingerprints = [cache.case_fingerprint(c) for c in case_ids]
     expected_prov = {m: json.loads(canonical_json(s.provenance())) for m, s in specs.items()}
 
     result = ExtractionResult(path=out, modality=modality)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_exclusive_lock(out.parent / f".{out.name}.lock"))
-        try:
-            existing = _existing_state(out)
-        except ProvenanceError:
-            if not overwrite:
-                raise
-            existing = None  # not ours, and the caller asked to replace it
-        if existing is not None:
-            mismatch = _provenance_mismatch(existing, modality, cache.params_hash, expected_prov)
-            if mismatch and not overwrite:
-                raise ProvenanceError(
-                    f"{out}: exists with other provenance; refusing to mix. {mismatch} "
-                    "Write elsewhere with --out, or replace it with --overwrite."
-                )
-            if (not mismatch and existing["case_ids"] == case_ids
-                    and existing["fingerprints"] == fingerprints):
+    made = _new_dirs(out.parent, shard_root)
+    stores = [shard_root / specs[m].store_name() for m in mods]
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_exclusive_lock(out.parent / f".{out.name}.lock"))
+            if _up_to_date(out, modality, cache, case_ids, fingerprints, expected_prov, overwrite):
                 result.up_to_date = True
                 result.per_modality = {m: ModalityReport(reused=len(case_ids)) for m in mods}
                 result.seconds = time.perf_counter() - t0
                 return result
-        _remove_stale_temps(out.parent, prefix=f".{out.name}.")
-        matrices: dict[str, np.ndarray] = {}
-        for m in mods:
-            store = _prepare_store(shard_root, specs[m])
-            stack.enter_context(_exclusive_lock(store / ".lock"))
-            _remove_stale_temps(store)
-            matrices[m], result.per_modality[m] = _embed_modality(
-                cache, specs[m], store, case_ids, fingerprints,
-                device=torch_device, batch_size=int(batch_size), progress=progress,
-            )
-        _write_h5(out, cache, modality, specs, matrices, case_ids, fingerprints)
+            _remove_stale_temps(out.parent, prefix=f".{out.name}.")
+            matrices: dict[str, np.ndarray] = {}
+            for m, store in zip(mods, stores):
+                stack.enter_context(_exclusive_lock(store / ".lock"))
+                stack.push(_forget_store_if_unused(store))
+                _prepare_store(store, specs[m])
+                _remove_stale_temps(store)
+                matrices[m], result.per_modality[m] = _embed_modality(
+                    cache, specs[m], store, case_ids, fingerprints,
+                    device=torch_device, batch_size=int(batch_size), progress=progress,
+                )
+            _write_h5(out, cache, modality, specs, matrices, case_ids, fingerprints)
+    except BaseException:
+        _remove_empty_dirs([*stores, shard_root, *made])
+        raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _up_to_date(
+    out: Path, modality: str, cache: PreprocessedCache, case_ids: list[str],
+    fingerprints: list[str], expected_prov: dict[str, Any], overwrite: bool,
+) -> bool:
+    """True when ``out`` already holds exactly these cases with this provenance.
+
+    Raises:
+        ProvenanceError: ``out`` exists with other provenance (or is no embedding file) and
+            ``overwrite`` is False.
+    """
+    try:
+        existing = _existing_state(out)
+    except ProvenanceError:
+        if not overwrite:
+            raise
+        return False  # not ours, and the caller asked to replace it
+    if existing is None:
+        return False
+    mismatch = _provenance_mismatch(existing, modality, cache.params_hash, expected_prov)
+    if mismatch and not overwrite:
+        raise ProvenanceError(
+            f"{out}: exists with other provenance; refusing to mix. {mismatch} "
+            "Write elsewhere with --out, or replace it with --overwrite."
+        )
+    return (not mismatch and existing["case_ids"] == case_ids
+            and existing["fingerprints"] == fingerprints)
 
 
 def extract_embeddings(
@@ -691,35 +900,94 @@ def _write_h5(
     case_ids: list[str],
     fingerprints: list[str],
 ) -> None:
+    datasets = {}
+    for m, spec in specs.items():
+        shape = _input_shape(cache, case_ids[0], INPUT_KEYS[m]) if case_ids else ()
+        attrs = {k: v for k, v in spec.provenance().items() if k != "encoder_config"}
+        attrs.update(encoder_config=canonical_json(spec.encoder_config), weights_path=spec.weights_path,
+                     input_shape=np.asarray(shape, dtype=np.int64))
+        datasets[m] = (matrices[m], attrs, spec.provenance())
+    write_embedding_file(
+        out, modality=modality, case_ids=case_ids, datasets=datasets, cache=cache,
+        fingerprints=fingerprints,
+        random_init=any(s.weights_sha256 == RANDOM_INIT for s in specs.values()),
+    )
+
+
+def write_embedding_file(
+    out: str | os.PathLike,
+    *,
+    modality: str,
+    case_ids: Sequence[str],
+    datasets: dict[str, tuple[np.ndarray, dict[str, Any], dict[str, Any]]],
+    cache: PreprocessedCache | None,
+    fingerprints: Sequence[str] | None = None,
+    random_init: bool = False,
+    file_attrs: dict[str, Any] | None = None,
+) -> None:
+    """Write an embedding file (schema :data:`SCHEMA_VERSION`) atomically: the one writer.
+
+    Args:
+        out: destination ``.h5``.
+        modality: the file's ``modality`` attribute (``ct``/``pet``/``ctpet`` or an imported
+            table's name).
+        case_ids: row order, N cases.
+        datasets: name -> (float ``[N, dim]`` matrix, dataset attributes as HDF5-ready
+            values, provenance dict). The writer adds ``embedding_dim``, ``dtype``,
+            ``provenance`` (canonical JSON) and ``provenance_hash``.
+        cache: the preprocessed cache the rows belong to: its ``params_hash``, crop size and
+            path are recorded; ``None`` writes an unbound file (``cache_bound`` False, empty
+            fingerprints).
+        fingerprints: per-case cache fingerprints in row order; default: read from
+            ``cache`` (``""`` for a case it lacks).
+        random_init: any dataset comes from randomly initialised encoders.
+        file_attrs: further file attributes (e.g. ``source``).
+    """
+    case_ids = list(case_ids)
+    if fingerprints is None:
+        have = set(cache.case_ids) if cache is not None else set()
+        fingerprints = [cache.case_fingerprint(c) if c in have else "" for c in case_ids]
+    if len(fingerprints) != len(case_ids):
+        raise ValueError(f"{out}: {len(fingerprints)} fingerprints for {len(case_ids)} cases")
     str_dt = h5py.string_dtype(encoding="utf-8")
     with atomic_path(out, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs["schema_version"] = SCHEMA_VERSION
             h5.attrs["modality"] = modality
-            h5.attrs["modalities"] = json.dumps(list(MODALITIES[modality]))
-            h5.attrs["params_hash"] = cache.params_hash
-            h5.attrs["crop_size_vox_xyz"] = np.asarray(cache.crop_size_vox_xyz, dtype=np.int64)
-            h5.attrs["cache_path"] = str(cache.root.resolve())
+            h5.attrs["modalities"] = json.dumps(list(datasets))
+            h5.attrs["params_hash"] = cache.params_hash if cache is not None else ""
+            h5.attrs["crop_size_vox_xyz"] = np.asarray(
+                cache.crop_size_vox_xyz if cache is not None else (), dtype=np.int64)
+            h5.attrs["cache_path"] = str(cache.root.resolve()) if cache is not None else ""
+            h5.attrs["cache_bound"] = cache is not None
             h5.attrs["code_version"] = code_version()
             h5.attrs["created"] = utc_now()
-            h5.attrs["random_init"] = any(s.weights_sha256 == RANDOM_INIT for s in specs.values())
+            h5.attrs["random_init"] = bool(random_init)
+            for k, v in (file_attrs or {}).items():
+                h5.attrs[k] = v
             h5.create_dataset("case_ids", data=np.asarray(case_ids, dtype=object), dtype=str_dt)
-            h5.create_dataset("fingerprints", data=np.asarray(fingerprints, dtype=object), dtype=str_dt)
-            for m, spec in specs.items():
-                mat = matrices[m].astype(np.float32, copy=False)
-                ds = h5.create_dataset(m, data=mat)
-                prov = spec.provenance()
-                shape = _input_shape(cache, case_ids[0], INPUT_KEYS[m]) if case_ids else ()
-                for k, v in prov.items():
-                    if k != "encoder_config":
-                        ds.attrs[k] = v
-                ds.attrs["encoder_config"] = canonical_json(spec.encoder_config)
-                ds.attrs["weights_path"] = spec.weights_path
-                ds.attrs["embedding_dim"] = int(mat.shape[1]) if mat.ndim == 2 else 0
-                ds.attrs["input_shape"] = np.asarray(shape, dtype=np.int64)
+            h5.create_dataset("fingerprints", data=np.asarray(list(fingerprints), dtype=object), dtype=str_dt)
+            for name, (mat, attrs, prov) in datasets.items():
+                mat = np.asarray(mat).astype(np.float32, copy=False)
+                if mat.ndim != 2 or mat.shape[0] != len(case_ids):
+                    raise ValueError(
+                        f"{out}: dataset {name!r} has shape {list(mat.shape)}, expected [{len(case_ids)}, dim]"
+                    )
+                ds = h5.create_dataset(name, data=mat)
+                for k, v in attrs.items():
+                    ds.attrs[k] = v
+                ds.attrs["embedding_dim"] = int(mat.shape[1])
                 ds.attrs["dtype"] = "float32"
                 ds.attrs["provenance"] = canonical_json(prov)
                 ds.attrs["provenance_hash"] = params_hash(prov)
+
+
+def embedding_dims(path: str | os.PathLike) -> dict[str, int]:
+    """Columns of each embedding dataset of a file, e.g. ``{"ct": 512, "pet": 768}``."""
+    with h5py.File(path, "r") as h5:
+        listed = h5.attrs.get("modalities")
+        names = json.loads(listed) if isinstance(listed, str) else ["ct", "pet"]
+        return {m: int(h5[m].shape[1]) for m in names if m in h5}
 
 
 def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int, ...]:
@@ -733,8 +1001,13 @@ def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int,
 
 
 def _warn_random(message: str) -> None:
-    warnings.warn(message, RandomInitWarning, stacklevel=3)
-    print(f"WARNING: {message}", file=sys.stderr)
+    # Loud on stderr as well, unless the caller filtered the warning (a study states it once).
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn(message, RandomInitWarning, stacklevel=3)
+    for w in shown:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if shown:
+        print(f"WARNING: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -798,7 +1071,8 @@ def read_embeddings(
     Args:
         path: ``.h5`` written by :func:`extract_embeddings`.
         cache: the preprocessed cache stage two uses (object or root); when given, the file's
-            ``params_hash`` and the fingerprints of the returned cases must match it.
+            ``params_hash`` and the fingerprints of the returned cases must match it (not
+            checked for a feature table imported without a cache: ``cache_bound`` False).
         case_ids: rows to return, in this order (e.g. the stage-two manifest's cases);
             default: every case in file order.
         modalities: subset of the file's modalities (``"ct"``, ``"pet"``, or an imported
@@ -845,14 +1119,17 @@ def read_embeddings(
         pos = {c: i for i, c in enumerate(file_ids)}
         missing = [c for c in wanted if c not in pos]
         if missing:
+            if attrs.get("source") == FEATURE_TABLE_SOURCE:
+                fix = ("import a table with rows for them: `import-features TABLE.csv --out "
+                       f"{path}` (NaN where a feature is unknown)")
+            else:
+                fix = "re-run `extract-embeddings` on a cache holding them"
             raise MissingCasesError(
-                f"{path}: lacks embeddings for {len(missing)} needed case(s): {missing}; "
-                "re-run `extract-embeddings` on a cache holding them",
-                missing,
-            )
+                f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
         rows = [pos[c] for c in wanted]
 
-    if cache is not None:
+    # A table imported without a cache has no fingerprints to check (attribute cache_bound).
+    if cache is not None and bool(attrs.get("cache_bound", True)):
         cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
         if attrs["params_hash"] != cache.params_hash:
             raise ProvenanceError(
