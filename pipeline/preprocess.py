@@ -39,22 +39,34 @@ The cache stores the survival volumes in physical units (HU, SUV); the survival-
 normalisation, which the paper does not give, is applied at load time by
 :func:`survival_input` (see :class:`PreprocessParams` for the choice and why).
 
+Input checks, before any resampling (:class:`InputCheckError`, each message naming the
+check, the measured figure and the option setting its limit): no NaN or infinite voxel in
+CT or PET (counted on a NIfTI file's bytes, since SimpleITK reads them as 0); the PET field
+of view holds at least ``min_tumour_coverage`` (default 95 %) of the tumour's voxels; the CT
+and the PET fields of view each hold at least ``min_crop_coverage`` (default 50 %) of the
+crop (measured on the survival grid's voxel centres, which sample the crop's box evenly).
+A PET whose header places it away from the CT would otherwise give an all-padding PET
+crop without a word. The limits decide acceptance only, so they are not part of
+:class:`PreprocessParams` (nor of its hash); the measured shares are per-case attributes.
+
 Two passes (:func:`preprocess_cohort`): pass 1 reads only the labels and measures G; pass 2
 writes one HDF5 per case through :func:`pipeline.cache.write_case` (atomic), in parallel,
-skipping cases whose file already holds the same fingerprint; ``cohort.json`` is written
-last, only when every case succeeded. New patients reuse a training cache's G and
-parameters through ``reference_cache``.
+skipping cases whose file already holds the same fingerprint and passed the input checks
+under the current limits; ``cohort.json`` is written last, only when every case succeeded.
+New patients reuse a training cache's G and parameters through ``reference_cache``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import itertools
 import logging
 import math
 import multiprocessing
 import os
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -105,8 +117,9 @@ class PreprocessParams:
 
     Attributes:
         spacing_mm_xyz: resampling spacing of the crop (step 1).
-        survival_size_xyz: survival-network input size (step 5); smaller values make
-            quick demo runs through the same code.
+        survival_size_xyz: survival-network input size (step 5). The paper network
+            needs the default; the demo's smaller size (:mod:`pipeline.demo`) goes with
+            its narrow network (``train-survival --preset demo``).
         ctfm_size_xyz: CT-FM input size.
         petfm_size_xyz: PET-FM input size.
         tumour_labels: label values that form the tumour (1 = GTVp, 2 = GTVn).
@@ -444,6 +457,273 @@ def locate_tumour(
     )
 
 
+# --------------------------------------------------------------------------- input checks
+
+#: Default least share of the tumour (its label voxels) inside the PET field of view.
+MIN_TUMOUR_COVERAGE = 0.95
+#: Default least share of the crop inside the CT field of view, and inside the PET's.
+MIN_CROP_COVERAGE = 0.5
+
+
+class InputCheckError(ValueError):
+    """An input image fails a check (field of view, non-finite voxels); the message says
+    which check, the measured figure and the option that sets its limit."""
+
+
+def _geometry(image: Any) -> GridGeometry:
+    """:class:`GridGeometry` of a SimpleITK image or header reader (or a geometry)."""
+    if isinstance(image, GridGeometry):
+        return image
+    return GridGeometry(origin_xyz=tuple(image.GetOrigin()), spacing_xyz=tuple(image.GetSpacing()),
+                        direction=tuple(image.GetDirection()), size_xyz=tuple(image.GetSize()))
+
+
+def grid_points_mm(geom: GridGeometry) -> np.ndarray:
+    """Physical centres of every voxel of a grid, ``[N, 3]`` (x, y, z) millimetres."""
+    idx = np.indices(tuple(int(v) for v in geom.size_xyz), dtype=np.float64).reshape(3, -1).T
+    return idx @ _matrix(geom).T + np.asarray(geom.origin_xyz, np.float64)
+
+
+def tumour_points_mm(label: sitk.Image, labels: Sequence[int]) -> np.ndarray:
+    """Physical centres of the tumour voxels (values ``labels``) of a label, ``[N, 3]``."""
+    idx, _, _ = _tumour_points(label, labels)
+    geom = _geometry(label)
+    return idx @ _matrix(geom).T + np.asarray(geom.origin_xyz, np.float64)
+
+
+def fov_share(image: Any, points_mm: np.ndarray) -> float:
+    """Share of physical points inside an image's field of view.
+
+    A point is inside when its continuous index lies in ``[-0.5, size - 0.5)`` on every
+    axis (ITK's test: outside points get the padding value when resampled).
+
+    Args:
+        image: SimpleITK image, header reader or :class:`GridGeometry`.
+        points_mm: ``[N, 3]`` (x, y, z) millimetres.
+
+    Returns:
+        The share in [0, 1]; 1.0 for no point.
+    """
+    if len(points_mm) == 0:
+        return 1.0
+    geom = _geometry(image)
+    cont = (np.asarray(points_mm, np.float64) - np.asarray(geom.origin_xyz, np.float64)) \
+        @ np.linalg.inv(_matrix(geom)).T
+    size = np.asarray(geom.size_xyz, np.float64)
+    return float(np.all((cont >= -0.5) & (cont < size - 0.5), axis=1).mean())
+
+
+def box_mm(points_mm: np.ndarray) -> str:
+    """Axis-aligned physical box of points, e.g. ``x [-3, 40] y [...] z [...] mm``."""
+    lo, hi = np.min(points_mm, axis=0), np.max(points_mm, axis=0)
+    return " ".join(f"{a} [{lo[i]:.0f}, {hi[i]:.0f}]" for i, a in enumerate("xyz")) + " mm"
+
+
+def fov_box_mm(image: Any) -> str:
+    """Axis-aligned physical box of an image's voxel edges (as :func:`box_mm`)."""
+    geom = _geometry(image)
+    size = np.asarray(geom.size_xyz, np.float64)
+    corners = np.array([[x, y, z] for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5)
+                        for z in (-0.5, size[2] - 0.5)])
+    return box_mm(corners @ _matrix(geom).T + np.asarray(geom.origin_xyz, np.float64))
+
+
+#: NIfTI datatype codes of floating-point data (the only ones that can hold NaN or inf).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_CHUNK = 1 << 22
+
+
+def _file_chunks(path: str | os.PathLike, chunk_size: int = _CHUNK):
+    """The bytes of a file, decompressed when it ends in ``.gz``, in bounded pieces.
+
+    Raises:
+        OSError: a truncated gzip stream; ``zlib.error`` a corrupt one (CRC, data).
+    """
+    gz = str(path).endswith(".gz")
+    decomp = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if gz else None
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            if decomp is None:
+                yield chunk
+                continue
+            # Bounded output pieces, so a large volume never sits in memory at once.
+            yield decomp.decompress(chunk, chunk_size)
+            while decomp.unconsumed_tail:
+                yield decomp.decompress(decomp.unconsumed_tail, chunk_size)
+    if decomp is not None and not decomp.eof:
+        raise OSError("truncated gzip stream")
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int]:
+    """``(byte order, datatype code, voxel offset, values)`` of a NIfTI-1 or -2 header."""
+    for order in "<>":
+        if len(header) >= 4 and int(np.frombuffer(header[:4], f"{order}i4")[0]) in (348, 540):
+            break
+    else:
+        raise OSError("not a NIfTI-1/2 header")
+    if int(np.frombuffer(header[:4], f"{order}i4")[0]) == 348:
+        dim = np.frombuffer(header[40:56], f"{order}i2").astype(np.int64)
+        dtype = int(np.frombuffer(header[70:72], f"{order}i2")[0])
+        offset = int(np.frombuffer(header[108:112], f"{order}f4")[0])
+    else:
+        if len(header) < 540:
+            raise OSError("truncated NIfTI-2 header")
+        dtype = int(np.frombuffer(header[12:14], f"{order}i2")[0])
+        dim = np.frombuffer(header[16:80], f"{order}i8")
+        offset = int(np.frombuffer(header[168:176], f"{order}i8")[0])
+    n_dims = int(dim[0])
+    if not 1 <= n_dims <= 7:
+        raise OSError(f"NIfTI header with {n_dims} dimensions")
+    return order, dtype, offset, int(np.prod(dim[1:n_dims + 1]))
+
+
+def nifti_nonfinite_counts(path: str | os.PathLike, *, whole_stream: bool = False
+                           ) -> tuple[int, int]:
+    """NaN and infinite voxels stored in a NIfTI file (``.nii`` or ``.nii.gz``).
+
+    Counted on the file's bytes: ITK's NIfTI reader (SimpleITK) silently replaces NaN and
+    inf by 0, so the image it returns cannot show them.
+
+    Args:
+        path: the NIfTI file.
+        whole_stream: decompress to the end even for integer data (a full gzip check);
+            otherwise integer data stops after the header.
+
+    Returns:
+        ``(NaN voxels, infinite voxels)``; ``(0, 0)`` for integer data types.
+
+    Raises:
+        OSError: not a NIfTI-1/2 file, or a truncated gzip stream; ``zlib.error``: a
+            corrupt one.
+    """
+    chunks = _file_chunks(path)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= 540:  # the larger (NIfTI-2) header
+            break
+    order, dtype, offset, n_values = _nifti_layout(head)
+    if dtype not in _NIFTI_FLOATS:
+        if whole_stream:
+            for _ in chunks:
+                pass
+        return 0, 0
+    item = np.dtype(f"{order}{_NIFTI_FLOATS[dtype]}")
+    skip, left, carry = offset, n_values * item.itemsize, b""
+    n_nan = n_inf = 0
+    for chunk in itertools.chain([head], chunks):
+        cut = min(skip, len(chunk))
+        data, skip = carry + chunk[cut:], skip - cut
+        usable = min(len(data) - len(data) % item.itemsize, left)
+        values = np.frombuffer(data, item, count=usable // item.itemsize)
+        finite = np.isfinite(values)
+        if not finite.all():
+            nan = int(np.isnan(values).sum())
+            n_nan, n_inf = n_nan + nan, n_inf + int(values.size - finite.sum()) - nan
+        carry, left = data[usable:] if left > usable else b"", left - usable
+        if not left and not whole_stream:
+            return n_nan, n_inf
+    if left:
+        raise OSError(f"NIfTI data ends {left} bytes early")
+    return n_nan, n_inf
+
+
+def check_file_finite(path: str | os.PathLike, role: str) -> None:
+    """Refuse a NIfTI file storing NaN or infinite voxels (other formats: see
+    :func:`check_finite`, run on the read image).
+
+    Raises:
+        InputCheckError: naming the counts (the caller adds case and file).
+        OSError: the file is not a readable NIfTI.
+    """
+    n_nan, n_inf = nifti_nonfinite_counts(path)
+    if n_nan or n_inf:
+        raise InputCheckError(nonfinite_message(role, n_nan, n_inf))
+
+
+def nonfinite_message(role: str, n_nan: int, n_inf: int) -> str:
+    """What :func:`check_finite` and :func:`check_file_finite` say (the check, the counts)."""
+    return (f"finite-voxel check: {role} holds {n_nan + n_inf} non-finite voxel(s) "
+            f"({n_nan} NaN, {n_inf} inf), which are no intensity; repair the file or leave "
+            "the case out")
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).endswith((".nii", ".nii.gz"))
+
+
+def nonfinite_counts(image: sitk.Image) -> tuple[int, int]:
+    """``(NaN voxels, infinite voxels)`` of an image; ``(0, 0)`` for integer pixel types."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return 0, 0
+    if np.isfinite(arr).all():  # the common case: one pass
+        return 0, 0
+    n_nan = int(np.isnan(arr).sum())
+    return n_nan, int(arr.size - np.isfinite(arr).sum() - n_nan)
+
+
+def check_finite(image: sitk.Image, role: str) -> None:
+    """Refuse an image holding NaN or infinite voxels.
+
+    Raises:
+        InputCheckError: naming the counts (the caller adds case and file).
+    """
+    n_nan, n_inf = nonfinite_counts(image)
+    if n_nan or n_inf:
+        raise InputCheckError(nonfinite_message(role, n_nan, n_inf))
+
+
+def check_tumour_coverage(image: Any, tumour_mm: np.ndarray, role: str, minimum: float) -> float:
+    """Share of the tumour voxels inside ``image``'s field of view, refused below ``minimum``.
+
+    Args:
+        image: the image whose field of view is tested (SimpleITK image or header reader).
+        tumour_mm: tumour voxel centres ``[N, 3]`` (:func:`tumour_points_mm`).
+        role: ``"PET"`` or ``"CT"``, named in the message.
+        minimum: least share, in [0, 1] (``--min-tumour-coverage``).
+
+    Returns:
+        The share (1.0 when there is no tumour voxel).
+
+    Raises:
+        InputCheckError: below ``minimum``; the message gives the figure and both boxes.
+    """
+    share = fov_share(image, tumour_mm)
+    if share < minimum:
+        raise InputCheckError(
+            f"tumour coverage check: {role} field of view covers {100 * share:.1f} % of the "
+            f"tumour ({len(tumour_mm)} label voxels, centres within {box_mm(tumour_mm)}; "
+            f"{role} box {fov_box_mm(image)}), below the {100 * minimum:g} % of "
+            f"--min-tumour-coverage; check the {role} header's origin and direction against "
+            "the label's")
+    return share
+
+
+def check_crop_coverage(image: Any, crop: GridGeometry, role: str, minimum: float) -> float:
+    """Share of a crop (its voxel centres) inside ``image``'s field of view, refused below
+    ``minimum``; the rest of the crop would be padding.
+
+    Raises:
+        InputCheckError: below ``minimum`` (``--min-crop-coverage``).
+    """
+    points = grid_points_mm(crop)
+    share = fov_share(image, points)
+    if share < minimum:
+        raise InputCheckError(
+            f"crop coverage check: {role} field of view covers {100 * share:.1f} % of the "
+            f"crop (box {fov_box_mm(crop)}; {role} box {fov_box_mm(image)}), below the "
+            f"{100 * minimum:g} % of --min-crop-coverage; the rest would be padding")
+    return share
+
+
+def _check_share(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a share in [0, 1], got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------- normalisation
 
 
@@ -541,8 +821,14 @@ def preprocess_case(
     backend: str = "sitk",
     device: str = "cpu",
     keep_crop: bool = False,
+    min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
+    min_crop_coverage: float = MIN_CROP_COVERAGE,
 ) -> CaseResult:
     """Steps 1-6 for one case, with the global crop ``params.crop_size_vox_xyz``.
+
+    Before any resampling the inputs are checked: no NaN or infinite voxel in CT or PET,
+    the PET field of view holds at least ``min_tumour_coverage`` of the tumour voxels, and
+    the CT and PET fields of view each hold at least ``min_crop_coverage`` of the crop.
 
     Args:
         ct: CT in HU (any pixel type), its own grid.
@@ -557,17 +843,26 @@ def preprocess_case(
             always measured with SimpleITK so both backends use the same centre.
         device: torch device for the ``"torch"`` backend.
         keep_crop: also return the size-G crop arrays.
+        min_tumour_coverage: least share of the tumour voxels inside the PET field of view.
+        min_crop_coverage: least share of the crop inside the CT, and the PET, field of view.
 
     Returns:
-        The :class:`CaseResult`.
+        The :class:`CaseResult`; ``attrs`` carries the measured shares
+        (``pet_tumour_coverage``, ``ct_crop_coverage``, ``pet_crop_coverage``).
 
     Raises:
+        InputCheckError: an input check fails (message: which check, the figure, the
+            option setting its limit).
         ValueError: unknown backend, missing crop size or empty mask (naming the case).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if params.crop_size_vox_xyz is None:
         raise ValueError("preprocess_case: params.crop_size_vox_xyz (G) is not set")
+    min_tumour_coverage = _check_share(min_tumour_coverage, "min_tumour_coverage")
+    min_crop_coverage = _check_share(min_crop_coverage, "min_crop_coverage")
+    check_finite(ct, "CT")
+    check_finite(pet, "PET")
     loc = locate_tumour(label, ct.GetDirection(), params, case_id=case_id, label_path=label_path)
     crop = centred_grid(loc.centre_mm_xyz, params.crop_size_vox_xyz, params.spacing_mm_xyz,
                         ct.GetDirection())
@@ -575,6 +870,14 @@ def preprocess_case(
         "survival": resized_grid(crop, params.survival_size_xyz),
         "ctfm": resized_grid(crop, params.ctfm_size_xyz),
         "petfm": resized_grid(crop, params.petfm_size_xyz),
+    }
+    # The survival grid samples the crop's box evenly: enough to measure its coverage.
+    coverage = {
+        "pet_tumour_coverage": check_tumour_coverage(
+            pet, tumour_points_mm(label, params.tumour_labels), "PET", min_tumour_coverage),
+        "ct_crop_coverage": check_crop_coverage(ct, grids["survival"], "CT", min_crop_coverage),
+        "pet_crop_coverage": check_crop_coverage(pet, grids["survival"], "PET",
+                                                 min_crop_coverage),
     }
     ct_min = float(sitk.GetArrayViewFromImage(ct).min())
     pet_min = float(sitk.GetArrayViewFromImage(pet).min())
@@ -627,6 +930,7 @@ def preprocess_case(
         "pad_value_pet": pet_min,
         "pet_fm_clip_suv": np.asarray(pet_fm_range, dtype=np.float64),
         "backend": backend,
+        **coverage,
     }
     return CaseResult(arrays={k: out[k] for k in CASE_DATASETS}, geometry=grids,
                       crop_geometry=crop, location=loc, attrs=attrs, crop=crop_arrays)
@@ -723,18 +1027,21 @@ def _process_task(task: dict[str, Any]) -> dict[str, Any]:
             sha[role] = task[f"{role}_sha256"] or sha256_file(task[f"{role}_path"])
         fingerprint = case_fingerprint(task["params_hash"], sha)
         path = case_file(task["cache_root"], cid)
-        if path.is_file():
-            with contextlib.suppress(OSError, KeyError):
-                with h5py.File(path, "r") as h5:
-                    if str(h5.attrs["fingerprint"]) == fingerprint:
-                        return {"case_id": cid, "status": "skipped", "seconds": 0.0}
+        if path.is_file() and _done_and_checked(path, fingerprint, task):
+            return {"case_id": cid, "status": "skipped", "seconds": 0.0}
         params = PreprocessParams.from_dict(task["params"])
         ct = _read(task["ct_path"], cid, "CT")
         pet = _read(task["pet_path"], cid, "PET")
         label = _read(task["label_path"], cid, "label")
+        for role in ("CT", "PET"):
+            image_path = task[f"{role.lower()}_path"]
+            if _is_nifti(image_path):  # other formats: checked on the read image
+                check_file_finite(image_path, role)
         result = preprocess_case(ct, pet, label, params, case_id=cid,
                                  label_path=task["label_path"], backend=task["backend"],
-                                 device=task["device"])
+                                 device=task["device"],
+                                 min_tumour_coverage=task["min_tumour_coverage"],
+                                 min_crop_coverage=task["min_crop_coverage"])
         attrs = dict(result.attrs)
         attrs.update(params_hash=task["params_hash"], source_sha256=sha,
                      code_version=task["code_version"])
@@ -744,6 +1051,11 @@ def _process_task(task: dict[str, Any]) -> dict[str, Any]:
                 "needed": result.location.crop_size_vox_xyz}
     except CaseError:
         raise
+    except InputCheckError as exc:
+        raise CaseError(
+            f"case {cid!r}: {exc} (CT {task['ct_path']}, PET {task['pet_path']}, label "
+            f"{task['label_path']}); remove the case from --manifest to go on without it"
+        ) from None
     except FileNotFoundError as exc:
         raise CaseError(f"case {cid!r}: file not found: {exc.filename}") from None
     except Exception as exc:  # noqa: BLE001 - re-raised naming the case and its files
@@ -751,6 +1063,19 @@ def _process_task(task: dict[str, Any]) -> dict[str, Any]:
             f"case {cid!r} (CT {task['ct_path']}, PET {task['pet_path']}, label "
             f"{task['label_path']}): {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _done_and_checked(path: Path, fingerprint: str, task: dict[str, Any]) -> bool:
+    """Whether a case file holds this fingerprint and passed today's input checks (a file
+    written before the checks existed, or under laxer limits, is redone)."""
+    limits = {"pet_tumour_coverage": task["min_tumour_coverage"],
+              "ct_crop_coverage": task["min_crop_coverage"],
+              "pet_crop_coverage": task["min_crop_coverage"]}
+    with contextlib.suppress(OSError, KeyError):
+        with h5py.File(path, "r") as h5:
+            return (str(h5.attrs["fingerprint"]) == fingerprint
+                    and all(float(h5.attrs[k]) >= v for k, v in limits.items()))
+    return False
 
 
 def _init_worker(threads: int) -> None:
@@ -909,9 +1234,13 @@ def run_preprocessing(
     device: str = "cpu",
     case_ids: Sequence[str] | None = None,
     progress: bool = True,
+    min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
+    min_crop_coverage: float = MIN_CROP_COVERAGE,
 ) -> PreprocessReport:
     """:func:`preprocess_cohort` that also returns what it did (for the CLI summary)."""
     t0 = time.perf_counter()
+    limits = {"min_tumour_coverage": _check_share(min_tumour_coverage, "min_tumour_coverage"),
+              "min_crop_coverage": _check_share(min_crop_coverage, "min_crop_coverage")}
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "sitk" and str(device) != "cpu":
@@ -969,7 +1298,7 @@ def run_preprocessing(
         pdict, version = params.as_dict(), code_version()
         for t in tasks:
             t.update(params=pdict, params_hash=phash, cache_root=str(cache_root),
-                     backend=backend, device=str(device), code_version=version)
+                     backend=backend, device=str(device), code_version=version, **limits)
         processed, skipped, exceeding = [], [], []
         for res in runner.run(_process_task, tasks, "preprocess"):
             (processed if res["status"] == "done" else skipped).append(res["case_id"])
@@ -998,6 +1327,8 @@ def run_preprocessing(
         "backend": backend,
         "cases_exceeding_crop": sorted(exceeding),
         "survival_channels": list(SURVIVAL_CHANNELS),
+        # Accept/refuse limits, not part of params: they never change a written array.
+        "input_checks": limits,
     })
     return PreprocessReport(
         cache=PreprocessedCache(cache_root), processed=processed, skipped=skipped,
@@ -1017,6 +1348,8 @@ def preprocess_cohort(
     device: str = "cpu",
     case_ids: Sequence[str] | None = None,
     progress: bool = True,
+    min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
+    min_crop_coverage: float = MIN_CROP_COVERAGE,
 ) -> PreprocessedCache:
     """Preprocess every case of a manifest into the cache at ``cache_root``.
 
@@ -1033,15 +1366,21 @@ def preprocess_cohort(
         device: torch device for ``backend="torch"``.
         case_ids: only these cases of the manifest.
         progress: show tqdm bars.
+        min_tumour_coverage: least share of each case's tumour voxels inside its PET field
+            of view (default :data:`MIN_TUMOUR_COVERAGE`).
+        min_crop_coverage: least share of each case's crop inside its CT field of view, and
+            inside its PET's (default :data:`MIN_CROP_COVERAGE`).
 
     Returns:
         The complete :class:`PreprocessedCache`.
 
     Raises:
-        CaseError: naming the failing case and file; ``cohort.json`` is then not written.
+        CaseError: naming the failing case and its files (for a failed input check: which
+            check, the figure, the limit's option); ``cohort.json`` is then not written.
         ValueError: bad arguments, or parameters that contradict ``reference_cache``.
     """
     return run_preprocessing(
         manifest_path, cache_root, params, reference_cache=reference_cache, workers=workers,
         backend=backend, device=device, case_ids=case_ids, progress=progress,
+        min_tumour_coverage=min_tumour_coverage, min_crop_coverage=min_crop_coverage,
     ).cache

@@ -25,11 +25,13 @@ from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.preprocess import (
     SURVIVAL_CHANNELS,
     CaseError,
+    InputCheckError,
     PreprocessParams,
     centred_grid,
     compute_crop_size,
     even_ceil,
     locate_tumour,
+    nifti_nonfinite_counts,
     normalise_pet_fm,
     preprocess_case,
     resized_grid,
@@ -283,10 +285,11 @@ def test_global_crop_is_even_covers_every_case_and_loses_no_tumour(cohort):
 def test_padding_is_the_volume_minimum(cohort):
     root, _, report = cohort
     params = PreprocessParams.from_dict(report.cache.params)
-    # A crop larger than the image forces padding on every side.
+    # A crop larger than the image forces padding on every side (more than the crop
+    # coverage check allows by default, hence the limit 0).
     big = replace(params, crop_size_vox_xyz=(60, 60, 24))
     ct, pet, lab = _read_case(root, "CHUM-002")
-    res = preprocess_case(ct, pet, lab, big, keep_crop=True)
+    res = preprocess_case(ct, pet, lab, big, keep_crop=True, min_crop_coverage=0.0)
     from pipeline.cache import GridGeometry
     from pipeline.preprocess import geometry_of
 
@@ -492,6 +495,121 @@ def test_failing_case_leaves_no_partial_file_and_no_cohort_record(tmp_path):
                           case_ids=["CHUM-001"])
 
 
+# --------------------------------------------------------------------------- input checks
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Replace a NIfTI file by ``edit(image)``."""
+    sitk.WriteImage(edit(sitk.ReadImage(str(path))), str(path), useCompression=True)
+
+
+def _shift_origin(mm):
+    def edit(img):
+        img.SetOrigin(tuple(o + d for o, d in zip(img.GetOrigin(), mm)))
+        return img
+    return edit
+
+
+def _set_voxels(values):
+    """Set voxels (array index z, y, x) to values, e.g. NaN."""
+    def edit(img):
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        for idx, v in values:
+            arr[idx] = v
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        return out
+    return edit
+
+
+BAD_IMAGES = {
+    # name: (case blobs, G, file to edit, edit, texts the message must hold)
+    "PET shifted off the tumour": (
+        CASES["CHUM-001"], (16, 16, 8), "imagesTr/{}__PT.nii.gz", _shift_origin((0, 0, 400)),
+        ["tumour coverage check: PET field of view covers 0.0 % of the tumour", "--min-tumour-coverage"]),
+    "NaN and inf in the PET": (
+        CASES["CHUM-001"], (16, 16, 8), "imagesTr/{}__PT.nii.gz",
+        _set_voxels([((1, 2, 3), np.nan), ((4, 5, 6), np.inf)]),
+        ["finite-voxel check: PET holds 2 non-finite voxel(s) (1 NaN, 1 inf)"]),
+    "NaN in a float CT": (
+        CASES["CHUM-001"], (16, 16, 8), "imagesTr/{}__CT.nii.gz", _set_voxels([((3, 3, 3), np.nan)]),
+        ["finite-voxel check: CT holds 1 non-finite voxel(s) (1 NaN, 0 inf)"]),
+    "crop mostly outside the CT": (  # tumour near the CT border, crop 60 x 60 x 72 mm
+        CASES["CHUM-002"], (60, 60, 24), "imagesTr/{}__CT.nii.gz", lambda img: img,
+        ["crop coverage check: CT field of view covers 24.4 % of the crop", "--min-crop-coverage"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_image_is_refused_naming_case_files_check_and_figure(name, tmp_path):
+    blobs, g, rel, edit, texts = BAD_IMAGES[name]
+    root, cid = tmp_path / "data", "CHUV-017"
+    make_case(root, cid, blobs)
+    _rewrite(root / rel.format(cid), edit)
+    manifest = make_manifest(root, [cid])
+    out = tmp_path / "cache"
+    params = replace(PARAMS, crop_size_vox_xyz=g)
+    with pytest.raises(CaseError) as info:
+        run_preprocessing(manifest, out, params, workers=1, progress=False)
+    message = str(info.value)
+    for text in [f"case '{cid}'", *texts]:
+        assert text in message, message
+    for path in (f"imagesTr/{cid}__CT.nii.gz", f"imagesTr/{cid}__PT.nii.gz", f"labelsTr/{cid}.nii.gz"):
+        assert str((root / path).resolve()) in message, message
+    assert not case_file(out, cid).exists() and not (out / "cohort.json").exists()
+
+
+def test_coverage_limits_are_parameters_and_recorded(tmp_path):
+    root = tmp_path / "data"
+    make_case(root, "CHUM-001", CASES["CHUM-001"])
+    _rewrite(root / "imagesTr" / "CHUM-001__PT.nii.gz", _shift_origin((0, 0, 400)))
+    manifest = make_manifest(root, ["CHUM-001"])
+    # Limits of 0 accept a PET that misses everything: its crop is then pure padding.
+    report = run_preprocessing(manifest, tmp_path / "c", PARAMS, workers=1, progress=False,
+                               min_tumour_coverage=0.0, min_crop_coverage=0.0)
+    attrs = report.cache.attrs("CHUM-001")
+    assert attrs["pet_tumour_coverage"] == 0.0 and attrs["pet_crop_coverage"] == 0.0
+    assert attrs["ct_crop_coverage"] == 1.0
+    assert np.ptp(report.cache.read("CHUM-001", ("survival/pet",))["survival/pet"]) == 0.0
+    assert report.cache.cohort["input_checks"] == {"min_tumour_coverage": 0.0,
+                                                   "min_crop_coverage": 0.0}
+    # A rerun under the default limits does not skip the case: it is redone and refused.
+    with pytest.raises(CaseError, match="tumour coverage check"):
+        run_preprocessing(manifest, tmp_path / "c", PARAMS, workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"min_crop_coverage must be a share in \[0, 1\], got 50"):
+        run_preprocessing(manifest, tmp_path / "d", PARAMS, min_crop_coverage=50)
+
+
+def test_case_written_before_the_checks_is_redone(cohort, tmp_path):
+    _, manifest, _ = cohort
+    out = tmp_path / "cache"
+    run_preprocessing(manifest, out, PARAMS, workers=1, progress=False, case_ids=["CHUM-001"])
+    with h5py.File(case_file(out, "CHUM-001"), "r+") as h5:  # as an older version wrote it
+        for key in ("pet_tumour_coverage", "ct_crop_coverage", "pet_crop_coverage"):
+            del h5.attrs[key]
+    again = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False,
+                              case_ids=["CHUM-001"])
+    assert again.processed == ["CHUM-001"] and again.skipped == []
+    assert PreprocessedCache(out).attrs("CHUM-001")["pet_tumour_coverage"] == 1.0
+
+
+def test_nonfinite_voxels_counted_on_the_file_and_on_other_formats(tmp_path):
+    # SimpleITK reads NaN and inf in a NIfTI as 0, so the file's own bytes are counted.
+    arr = np.ones((4, 5, 6), np.float32)
+    arr[0, 0, 0], arr[1, 2, 3], arr[3, 4, 5] = np.nan, np.inf, -np.inf
+    img = sitk.GetImageFromArray(arr)
+    for name in ("pet.nii.gz", "pet.nii"):
+        sitk.WriteImage(img, str(tmp_path / name), useCompression=name.endswith(".gz"))
+        assert nifti_nonfinite_counts(tmp_path / name) == (1, 2)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(tmp_path / "ct.nii.gz"))
+    assert nifti_nonfinite_counts(tmp_path / "ct.nii.gz", whole_stream=True) == (0, 0)
+    # Formats that keep NaN through SimpleITK are refused on the read image.
+    make_case(tmp_path / "data", "CHUM-001", CASES["CHUM-001"])
+    ct, _, lab = _read_case(tmp_path / "data", "CHUM-001")
+    with pytest.raises(InputCheckError, match=r"PET holds 3 non-finite voxel\(s\) \(1 NaN, 2 inf\)"):
+        preprocess_case(ct, img, lab, replace(PARAMS, crop_size_vox_xyz=(16, 16, 8)))
+
+
 def test_torch_backend_agrees_with_simpleitk(cohort):
     root, _, report = cohort
     params = PreprocessParams.from_dict(report.cache.params)
@@ -569,3 +687,40 @@ def test_cli_summary_and_clean_errors(cohort, tmp_path):
                                              "--out", str(tmp_path / "e")])
     assert missing.exit_code == 1 and "manifest not found" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_cli_demo_preset_fm_sizes_and_refused_case(tmp_path):
+    from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ
+
+    root = tmp_path / "data"
+    make_case(root, "CHUM-001", CASES["CHUM-001"])
+    manifest = str(make_manifest(root, ["CHUM-001"]))
+    runner = CliRunner()
+    helptext = runner.invoke(preprocess_cli, ["-h"])
+    assert helptext.exit_code == 0
+    for opt in ("--demo", "--ctfm-size", "--petfm-size", "--min-tumour-coverage",
+                "--min-crop-coverage", "train-survival --preset demo"):
+        assert opt in " ".join(helptext.output.split()), opt
+    # --demo sets the demo's sizes; the FM size options override them.
+    res = runner.invoke(preprocess_cli, ["--manifest", manifest, "--out", str(tmp_path / "c"), "--demo",
+                                         "--ctfm-size", "24,24,8", "--petfm-size", "32,32,32",
+                                         "--workers", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    params = PreprocessedCache(tmp_path / "c").params
+    assert params["survival_size_xyz"] == list(DEMO_SURVIVAL_SIZE_XYZ)
+    assert params["ctfm_size_xyz"] == [24, 24, 8] and params["petfm_size_xyz"] == [32, 32, 32]
+    a = PreprocessedCache(tmp_path / "c").read("CHUM-001", ("ctfm/ct", "petfm/pet"))
+    assert a["ctfm/ct"].shape == (8, 24, 24) and a["petfm/pet"].shape == (32, 32, 32)
+    bad = runner.invoke(preprocess_cli, ["--manifest", manifest, "--out", str(tmp_path / "d"),
+                                         "--petfm-size", "64,64"])
+    assert bad.exit_code == 2 and "--petfm-size" in bad.output and "expected 3 integers" in bad.output
+    # A PET placed away from the tumour: "error: ..." on stderr, exit 1, the option named.
+    _rewrite(root / "imagesTr" / "CHUM-001__PT.nii.gz", _shift_origin((0, 0, 400)))
+    args = ["--manifest", manifest, "--out", str(tmp_path / "e"), "--demo", "--workers", "1", "--quiet"]
+    refused = runner.invoke(preprocess_cli, args)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert refused.stderr.startswith("error: case 'CHUM-001': tumour coverage check: PET field of "
+                                     "view covers 0.0 % of the tumour"), refused.stderr
+    assert "--min-tumour-coverage" in refused.stderr
+    allowed = runner.invoke(preprocess_cli, [*args, "--min-tumour-coverage", "0", "--min-crop-coverage", "0"])
+    assert allowed.exit_code == 0, allowed.output
