@@ -21,9 +21,17 @@ whole CSV (unreadable, a missing column) always raise.
 
 Per-case checks: CT, PET and label exist and are readable NIfTI (header parsed and, for
 ``.gz`` files, the whole gzip stream decompressed so a truncated download is caught), images
-are 3D, the label lies on the CT grid and holds only the values 0, 1, 2 (``has_gtvp`` /
-``has_gtvn`` come from those values). Labels are decoded with SimpleITK and counted with
-``numpy.bincount`` in a thread pool (SimpleITK, zlib and hashlib release the GIL).
+are 3D, no file stores a NaN or infinite voxel (counted on the file's bytes in the same
+pass, since SimpleITK reads them as 0), the label lies on the CT grid and holds only the
+values 0, 1, 2 (``has_gtvp`` / ``has_gtvn`` come from those values), and the PET field of
+view holds at least ``min_tumour_coverage`` (default 95 %) of the tumour's label voxels (a
+PET whose header places it elsewhere would give an all-padding PET crop). Labels are
+decoded with SimpleITK and counted with ``numpy.bincount`` in a thread pool (SimpleITK,
+zlib and hashlib release the GIL).
+
+``CenterID`` may be any integer: HECKTOR 2022's centres 1..7 keep their codes
+(:data:`pipeline.manifest.CENTERS`), another centre (a later release, a user's own
+institution) is named by :func:`pipeline.manifest.center_name` and warned about once.
 """
 
 from __future__ import annotations
@@ -53,7 +61,15 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.manifest import CENTERS, MANIFEST_COLUMNS, write_manifest
+from pipeline.manifest import CENTERS, MANIFEST_COLUMNS, center_name, write_manifest
+from pipeline.preprocess import (
+    MIN_TUMOUR_COVERAGE,
+    InputCheckError,
+    check_tumour_coverage,
+    nifti_nonfinite_counts,
+    nonfinite_message,
+    tumour_points_mm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,22 +271,36 @@ def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
             kwargs: dict[str, Any] = {"required": col in _REQUIRED}
             if col in _BINARY:
                 kwargs["allowed"] = (0.0, 1.0)
-            elif col == "CenterID":
-                kwargs["allowed"] = tuple(float(k) for k in CENTERS)
             elif col == "Performance status":
                 kwargs["allowed"] = (0.0, 1.0, 2.0, 3.0, 4.0)
             else:  # Age, Weight
                 kwargs["minimum"] = 0.0
             out[key] = _parse_number(value, case_id=cid, column=col, file=path,
                                      errors=case_errors, **kwargs)
+        center = out.get("center_id", math.nan)
+        if not math.isnan(center) and center != round(center):
+            case_errors.append(CaseError(cid, str(path), f"column 'CenterID': value "
+                                         f"{rec['CenterID']!r} is not an integer"))
         if case_errors:
             errors += case_errors
             continue
         out["center_id"] = int(out["center_id"])
-        out["center"] = CENTERS[out["center_id"]]
+        out["center"] = center_name(out["center_id"])
         rows.append(out)
     table = pd.DataFrame(rows, columns=["case_id", "center", *CLINICAL_TO_MANIFEST.values()])
+    _warn_new_centres(table, path)
     return table.set_index("case_id", drop=False), errors
+
+
+def _warn_new_centres(table: pd.DataFrame, path: Path) -> None:
+    """One warning for every CenterID outside HECKTOR 2022's (not one per case)."""
+    new = table[~table["center_id"].isin(list(CENTERS))]
+    if len(new):
+        counts = new.groupby("center_id").size()
+        listed = ", ".join(f"{int(k)} ({n} case(s), named {center_name(int(k))})"
+                           for k, n in counts.items())
+        log.warning("%s: CenterID(s) not in HECKTOR 2022 (1..7): %s; they are kept as new "
+                    "centres", path, listed)
 
 
 def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
@@ -308,19 +338,6 @@ def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
 # Image checks
 # --------------------------------------------------------------------------------------
 
-def _check_gzip_stream(path: Path, chunk_size: int = 1 << 22) -> None:
-    """Decompress a whole gzip file (CRC and length checked); raise ``OSError`` if bad."""
-    decomp = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            # Bounded output pieces, so a large volume never sits in memory at once.
-            decomp.decompress(chunk, chunk_size)
-            while decomp.unconsumed_tail:
-                decomp.decompress(decomp.unconsumed_tail, chunk_size)
-    if not decomp.eof:
-        raise OSError("truncated gzip stream")
-
-
 def _read_info(path: Path) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -348,7 +365,8 @@ def _grid_matches(a: Any, b: Any) -> str | None:
     return None
 
 
-def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
+def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True,
+                 min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
                  ) -> tuple[dict[str, Any], list[CaseError]]:
     """Validate one case's three NIfTI files and summarise them.
 
@@ -356,6 +374,8 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
         case_id: HECKTOR PatientID.
         paths: ``{"ct", "pet", "label"}`` absolute paths (:func:`case_paths`).
         checksums: compute the SHA-256 of each file.
+        min_tumour_coverage: least share of the tumour's label voxels (labels 1 and 2)
+            inside the PET field of view.
 
     Returns:
         ``(info, errors)``; ``info`` holds ``ct_sha256, pet_sha256, label_sha256`` ("" when
@@ -370,8 +390,9 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
             errors.append(CaseError(case_id, str(path), f"{kind} file not found"))
             continue
         try:
-            if path.name.endswith(".gz"):
-                _check_gzip_stream(path)
+            # One pass over the bytes: whole gzip stream (a truncated download) and the
+            # NaN/inf count, which SimpleITK cannot give (it reads them as 0).
+            n_nan, n_inf = nifti_nonfinite_counts(path, whole_stream=True)
             readers[kind] = _read_info(path)
         except (OSError, RuntimeError, zlib.error) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -380,6 +401,10 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
         if readers[kind].GetDimension() != 3:
             errors.append(CaseError(case_id, str(path),
                                     f"expected a 3D image, found {readers[kind].GetDimension()}D"))
+            continue
+        if n_nan or n_inf:
+            role = kind if kind == "label" else kind.upper()
+            errors.append(CaseError(case_id, str(path), nonfinite_message(role, n_nan, n_inf)))
             continue
         info[f"{kind}_sha256"] = sha256_file(path) if checksums else ""
     if errors:
@@ -405,6 +430,12 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
     counts = np.bincount(label.astype(np.int64, copy=False).ravel(), minlength=3)
     info["has_gtvp"] = int(counts[1] > 0)
     info["has_gtvn"] = int(counts[2] > 0)
+    # The label is on the CT grid, so only the PET can miss the tumour.
+    tumour = tumour_points_mm(label_img, LABEL_VALUES[1:])
+    try:
+        check_tumour_coverage(readers["pet"], tumour, "PET", min_tumour_coverage)
+    except InputCheckError as exc:
+        return info, [CaseError(case_id, str(paths["pet"]), f"{exc} (label {label_path})")]
     return info, []
 
 
@@ -452,6 +483,19 @@ def manifest_sidecar_path(manifest_path: str | os.PathLike) -> Path:
     return manifest_path.with_suffix(".json")
 
 
+def check_manifest_absent(manifest_path: str | os.PathLike) -> None:
+    """Refuse to replace an existing manifest or its provenance record.
+
+    Raises:
+        FileExistsError: naming the file and the ``--overwrite`` option.
+    """
+    for path in (Path(manifest_path), manifest_sidecar_path(manifest_path)):
+        if path.exists():
+            raise FileExistsError(
+                f"{path} exists; pass --overwrite (overwrite=True) to replace it, or write the "
+                "manifest elsewhere")
+
+
 def build_manifest(
     root: str | os.PathLike,
     manifest_path: str | os.PathLike,
@@ -461,6 +505,8 @@ def build_manifest(
     error_report: str | os.PathLike | None = None,
     workers: int = 2,
     progress: bool = True,
+    min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Validate a HECKTOR 2022 training root and write its manifest.
 
@@ -479,16 +525,26 @@ def build_manifest(
             with ``continue_on_error`` (always then, header-only when nothing was wrong).
         workers: threads that read images in parallel.
         progress: show a tqdm progress bar.
+        min_tumour_coverage: least share of each case's tumour voxels inside its PET field
+            of view, in [0, 1] (a case below is a problem like any other).
+        overwrite: replace an existing manifest (or its provenance record); off, so a
+            committed manifest is never rewritten by accident.
 
     Returns:
         The manifest as written (relative paths, ``RangeIndex``), sorted by case id.
 
     Raises:
+        FileExistsError: the manifest or its record exists and ``overwrite`` is off.
         HecktorFormatError: any problem, unless ``continue_on_error`` (then only
             whole-file problems, or when no valid case is left). Nothing is written.
     """
     root = Path(root).resolve()
     manifest_path = Path(manifest_path)
+    if not overwrite:
+        check_manifest_absent(manifest_path)
+    if not 0.0 <= float(min_tumour_coverage) <= 1.0:
+        raise ValueError(f"min_tumour_coverage must be a share in [0, 1], "
+                         f"got {min_tumour_coverage}")
     if not root.is_dir():
         raise HecktorFormatError(f"{root}: HECKTOR root not found")
     clinical_file, endpoint_file = root / CLINICAL_CSV, root / ENDPOINT_CSV
@@ -515,7 +571,8 @@ def build_manifest(
                     ", ".join(orphans[:5]), " ..." if len(orphans) > 5 else "")
 
     def work(cid: str) -> tuple[str, dict[str, Any], list[CaseError]]:
-        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums)
+        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums,
+                                  min_tumour_coverage=min_tumour_coverage)
         return cid, info, errs
 
     infos: dict[str, dict[str, Any]] = {}
@@ -551,7 +608,8 @@ def build_manifest(
     if continue_on_error:
         _write_report(errors, error_report, manifest_path)
     _write_sidecar(root, manifest_path, manifest, checksums=checksums,
-                   n_skipped=len({e.case_id for e in errors}))
+                   n_skipped=len({e.case_id for e in errors}),
+                   min_tumour_coverage=min_tumour_coverage)
     log.info("manifest %s: %d cases, %d problem(s)", manifest_path, len(manifest), len(errors))
     return manifest
 
@@ -583,8 +641,9 @@ def _assemble(root: Path, manifest_path: Path, case_ids: list[str], clinical: pd
 
 
 def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
-                   checksums: bool, n_skipped: int) -> None:
-    params = {"checksums": checksums, "label_values": list(LABEL_VALUES)}
+                   checksums: bool, n_skipped: int, min_tumour_coverage: float) -> None:
+    params = {"checksums": checksums, "label_values": list(LABEL_VALUES),
+              "min_tumour_coverage": float(min_tumour_coverage)}
     record: dict[str, Any] = {
         "kind": "hecktor_manifest",
         "manifest": manifest_path.name,

@@ -8,8 +8,9 @@ Columns (in this order):
 
 =====================  =========================================================
 case_id                HECKTOR PatientID, e.g. ``CHUM-001``
-center_id              1..7 (HECKTOR CenterID)
-center                 centre code (CHUM, CHUP, CHUS, CHUV, MDA, HGJ, HMR)
+center_id              HECKTOR CenterID: any integer (1..7 in HECKTOR 2022)
+center                 centre code (CHUM, CHUP, CHUS, CHUV, MDA, HGJ, HMR; ``C<id>``
+                       for another centre, e.g. ``C9``)
 ct_path                CT (HU), relative to the manifest folder
 pet_path               PET (SUV), relative to the manifest folder
 label_path             mask on the CT grid (0 bg, 1 GTVp, 2 GTVn), relative
@@ -61,7 +62,13 @@ CLINICAL_COLUMNS: tuple[str, ...] = (
 
 PATH_COLUMNS: tuple[str, ...] = ("ct_path", "pet_path", "label_path")
 
+#: HECKTOR 2022's centres: CenterID -> code.
 CENTERS: dict[int, str] = {1: "CHUM", 2: "CHUP", 3: "CHUS", 4: "CHUV", 5: "MDA", 6: "HGJ", 7: "HMR"}
+
+
+def center_name(center_id: int) -> str:
+    """Centre code of a CenterID: HECKTOR 2022's code, else ``C<id>`` (e.g. ``C9``)."""
+    return CENTERS.get(int(center_id), f"C{int(center_id)}")
 
 
 def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from pipeline.artefacts import read_json, sha256_file
 from pipeline.cli.data import build_manifest as build_manifest_cli
+from pipeline.cli.data import make_demo_cohort as make_demo_cohort_cli
 from pipeline.hecktor import (
     CLINICAL_CSV,
     ENDPOINT_CSV,
@@ -23,6 +24,7 @@ from pipeline.hecktor import (
     manifest_sidecar_path,
 )
 from pipeline.manifest import MANIFEST_COLUMNS, read_manifest
+from pipeline.splits import leave_one_centre_out
 
 HEADER = ('PatientID,Task 1,Task 2,CenterID,Gender,Age,Weight,Tobacco,Alcohol,'
           'Performance status,"HPV status (0=-, 1=+)",Surgery,Chemotherapy')
@@ -160,6 +162,20 @@ def _label_off_grid(root):
                  (1.0, 1.0, 2.0), (5.0, 0.0, 0.0))
 
 
+def _pet_moved(root, cid="CHUM-001", shift=(0.0, 0.0, 300.0)):
+    """The PET's header places it 30 cm away: the file is fine, the geometry is not."""
+    path = root / "imagesTr" / f"{cid}__PT.nii.gz"
+    img = sitk.ReadImage(str(path))
+    img.SetOrigin(tuple(o + d for o, d in zip(img.GetOrigin(), shift)))
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def _pet_nan(root):
+    pet = np.ones((3, 4, 4), np.float32)
+    pet[1, 2, 2], pet[0, 0, 1] = np.nan, -np.inf
+    _write_image(pet, root / "imagesTr" / "MDA-105__PT.nii.gz", (2.5, 2.5, 3.0), (1.5, -2.0, 0.5))
+
+
 BAD_INPUTS = {
     # name: (mutation, case id in the message, file name in the message, other text)
     "missing CT": (_remove("imagesTr/CHUM-001__CT.nii.gz"), "CHUM-001", "CHUM-001__CT.nii.gz", "not found"),
@@ -176,6 +192,12 @@ BAD_INPUTS = {
     "truncated PET": (_truncate("imagesTr/CHUM-001__PT.nii.gz"), "CHUM-001", "CHUM-001__PT.nii.gz", "unreadable"),
     "label value 3": (_label_value_3, "CHUP-002", "CHUP-002.nii.gz", "[3]"),
     "label off the CT grid": (_label_off_grid, "CHUM-001", "CHUM-001.nii.gz", "origin"),
+    "PET away from the tumour": (_pet_moved, "CHUM-001", "CHUM-001__PT.nii.gz",
+                                 "PET field of view covers 0.0 % of the tumour"),
+    "NaN and inf in the PET": (_pet_nan, "MDA-105", "MDA-105__PT.nii.gz",
+                               "PET holds 2 non-finite voxel(s) (1 NaN, 1 inf)"),
+    "CenterID not an integer": (_edit_csv(CLINICAL_CSV, "CHUP-002,1,1,2,F", "CHUP-002,1,1,2.5,F"),
+                                "CHUP-002", CLINICAL_CSV, "'CenterID': value '2.5' is not an integer"),
 }
 
 
@@ -284,3 +306,74 @@ def test_harmless_inconsistencies_warn_but_pass(root: Path, tmp_path: Path, capl
     assert m.set_index("case_id").loc["CHUP-002", "has_endpoint"] == 0
     assert "Task 2 case(s) have no endpoint row: CHUP-002" in caplog.text
     assert "HGJ-050" in caplog.text
+
+
+def test_pet_coverage_names_both_files_the_check_and_its_limit(root: Path, tmp_path: Path):
+    _pet_moved(root)
+    with pytest.raises(HecktorFormatError) as info:
+        build_manifest(root, tmp_path / "m.csv", progress=False)
+    message = str(info.value)
+    for text in ("case CHUM-001", "CHUM-001__PT.nii.gz", "labelsTr/CHUM-001.nii.gz",
+                 "tumour coverage check", "below the 95 % of --min-tumour-coverage",
+                 "centres within x [3, 4] y [2, 5] z [2, 4] mm",
+                 "PET box x [0, 10] y [-3, 7] z [299, 308] mm"):
+        assert text in message, message
+    # --continue-on-error lists it with the reason; a limit of 0 accepts it.
+    m = build_manifest(root, tmp_path / "k.csv", continue_on_error=True, progress=False)
+    assert "CHUM-001" not in set(m["case_id"])
+    report = pd.read_csv(default_error_report(tmp_path / "k.csv"))
+    row = report[report.case_id == "CHUM-001"].iloc[0]
+    assert row.file.endswith("CHUM-001__PT.nii.gz") and "covers 0.0 % of the tumour" in row.error
+    m = build_manifest(root, tmp_path / "z.csv", min_tumour_coverage=0.0, progress=False)
+    assert "CHUM-001" in set(m["case_id"])
+    assert read_json(manifest_sidecar_path(tmp_path / "z.csv"))["params"]["min_tumour_coverage"] == 0.0
+    # A PET holding half the tumour (voxel centres x = 3 and 4 mm; PET edge now at 3.75 mm).
+    half = make_root(tmp_path / "half")
+    _pet_moved(half, shift=(-6.5, 0.0, 0.0))
+    with pytest.raises(HecktorFormatError, match=r"covers 50\.0 % of the tumour"):
+        build_manifest(half, tmp_path / "h.csv", progress=False)
+    assert len(build_manifest(half, tmp_path / "h.csv", min_tumour_coverage=0.5, progress=False)) == 3
+
+
+def test_any_integer_center_id_is_a_centre_with_one_warning(tmp_path: Path, caplog):
+    clinical = [row.replace("CHUM-001,1,1,1,", "CHUM-001,1,1,9,").replace("CHUP-002,1,1,2,", "CHUP-002,1,1,9,")
+                .replace("MDA-105,1,0,5,", "MDA-105,1,0,12,") for row in CLINICAL_ROWS]
+    root = make_root(tmp_path / "r", clinical=clinical)
+    with caplog.at_level(logging.WARNING, logger="pipeline.hecktor"):
+        m = build_manifest(root, tmp_path / "m.csv", progress=False).set_index("case_id")
+    assert m.loc["CHUM-001", "center_id"] == 9 and m.loc["CHUM-001", "center"] == "C9"
+    assert m.loc["MDA-105", "center"] == "C12"
+    warnings = [r for r in caplog.records if "CenterID" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "9 (2 case(s), named C9), 12 (1 case(s), named C12)" in warnings[0].getMessage()
+    # Leave-one-centre-out takes the new centres as folds.
+    folds = leave_one_centre_out(m.index, m["center"])
+    assert folds.attrs["centres"] == {0: "C12", 1: "C9"}
+
+
+def test_existing_manifest_is_kept_unless_overwrite(root: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "m.csv"
+    build_manifest(root, out, progress=False)
+    before = out.read_bytes(), manifest_sidecar_path(out).read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_manifest(root, out, progress=False)
+    runner = CliRunner()
+    res = runner.invoke(build_manifest_cli, [str(root), "--out", str(out)])
+    assert res.exit_code == 1
+    assert res.stderr.startswith(f"error: {out} exists; pass --overwrite") and "--out" in res.stderr
+    assert (out.read_bytes(), manifest_sidecar_path(out).read_bytes()) == before
+    res = runner.invoke(build_manifest_cli, [str(root), "--out", str(out), "--overwrite", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    # make-demo-cohort refuses before generating anything (the committed demo manifest case).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data_manifest.csv").write_text("committed\n")
+    res = runner.invoke(make_demo_cohort_cli, ["--n-cases", "2", "--spacing-scale", "8"])
+    assert res.exit_code == 1 and "--overwrite" in res.stderr and "--manifest" in res.stderr
+    assert not (tmp_path / "data").exists()
+    assert (tmp_path / "data_manifest.csv").read_text() == "committed\n"
+
+
+@pytest.mark.parametrize("command", [build_manifest_cli, make_demo_cohort_cli])
+def test_short_help_option(command):
+    res = CliRunner().invoke(command, ["-h"])
+    assert res.exit_code == 0 and "--overwrite" in res.output

@@ -7,7 +7,9 @@ Parsing and printing only; the work is in :mod:`pipeline.hecktor` and
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -15,9 +17,14 @@ from pipeline.demo_cohort import DEFAULT_ROOT, generate_demo_cohort, oracle_c_in
 from pipeline.hecktor import (
     HecktorFormatError,
     build_manifest as _build_manifest,
+    check_manifest_absent,
     default_error_report,
+    manifest_sidecar_path,
     summarize_manifest,
 )
+from pipeline.preprocess import MIN_TUMOUR_COVERAGE
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _summary(manifest, path: Path) -> str:
@@ -26,40 +33,67 @@ def _summary(manifest, path: Path) -> str:
             f"{s['centres']} centres -> {path}")
 
 
-@click.command(name="build-manifest")
+def _fail(message: str) -> NoReturn:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(1)
+
+
+def _refuse_existing(path: Path, option: str) -> None:
+    """Refuse an existing manifest before any work, naming the options that fix it."""
+    try:
+        check_manifest_absent(path)
+    except FileExistsError:
+        which = path if path.exists() else manifest_sidecar_path(path)
+        _fail(f"{which} exists; pass --overwrite to replace it, or write the manifest "
+              f"elsewhere with {option}")
+
+
+@click.command(name="build-manifest", context_settings=_CONTEXT)
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("data_manifest.csv"), show_default=True,
               help="Manifest CSV to write; image paths in it are relative to its folder. "
                    "A provenance record <stem>.json is written beside it.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing manifest at --out (and its <stem>.json); without it "
+                   "an existing one, such as the committed demo manifest, is left alone.")
 @click.option("--no-checksums", is_flag=True,
               help="Skip the SHA-256 of every image (faster; sha256 columns stay empty).")
 @click.option("--continue-on-error", is_flag=True,
-              help="Leave bad cases out and list them in an error report instead of failing.")
+              help="Leave bad cases out and list them (case, file, reason) in an error report "
+                   "instead of failing.")
 @click.option("--error-report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Error report CSV (case_id,file,error) for --continue-on-error "
                    "[default: <out stem>.errors.csv].")
+@click.option("--min-tumour-coverage", type=click.FloatRange(0.0, 1.0),
+              default=MIN_TUMOUR_COVERAGE, show_default=True,
+              help="Least share (0-1) of a case's tumour label voxels that its PET field of "
+                   "view must hold; a PET placed elsewhere by its header is refused.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads reading images in parallel.")
-def build_manifest(root: Path, out: Path, no_checksums: bool, continue_on_error: bool,
-                   error_report: Path | None, workers: int) -> None:
+def build_manifest(root: Path, out: Path, overwrite: bool, no_checksums: bool,
+                   continue_on_error: bool, error_report: Path | None,
+                   min_tumour_coverage: float, workers: int) -> None:
     """Validate a HECKTOR 2022 training ROOT (imagesTr/, labelsTr/, the clinical and
     endpoint CSVs) and write the case manifest. On any problem nothing is written and the
     command exits with status 1, unless --continue-on-error."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if not overwrite:
+        _refuse_existing(out, "--out")
     try:
         manifest = _build_manifest(root, out, checksums=not no_checksums,
                                    continue_on_error=continue_on_error,
-                                   error_report=error_report, workers=workers)
+                                   error_report=error_report, workers=workers,
+                                   min_tumour_coverage=min_tumour_coverage, overwrite=True)
     except (HecktorFormatError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        _fail(str(exc))
     click.echo(_summary(manifest, out))
     if continue_on_error:
         report = error_report or default_error_report(out)
         click.echo(f"error report -> {report}")
 
 
-@click.command(name="make-demo-cohort")
+@click.command(name="make-demo-cohort", context_settings=_CONTEXT)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_ROOT, show_default=True,
               help="Folder to write the synthetic cohort to (HECKTOR 2022 layout).")
@@ -76,16 +110,21 @@ def build_manifest(root: Path, out: Path, no_checksums: bool, continue_on_error:
               show_default=True,
               help="Multiply every voxel spacing (2 = coarser, 8x fewer voxels; for quick tries).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing demo cohort at --out.")
+              help="Replace an existing demo cohort at --out and manifest at --manifest.")
 def make_demo_cohort(out: Path, n_cases: int, seed: int, manifest: Path, workers: int,
                      spacing_scale: float, overwrite: bool) -> None:
-    """Generate the synthetic HECKTOR-format PET/CT cohort, then build its manifest."""
+    """Generate the synthetic HECKTOR-format PET/CT cohort, then build its manifest.
+
+    The committed data_manifest.csv already describes the default cohort: `run-study --demo`
+    regenerates its files from it, so this command is only needed for another cohort."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if not overwrite:
+        _refuse_existing(manifest, "--manifest")
     try:
         root = generate_demo_cohort(out, n_cases=n_cases, seed=seed, workers=workers,
                                     spacing_scale=spacing_scale, overwrite=overwrite)
-        table = _build_manifest(root, manifest, workers=workers)
+        table = _build_manifest(root, manifest, workers=workers, overwrite=True)
     except (HecktorFormatError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        _fail(str(exc))
     click.echo(f"{_summary(table, manifest)} (cohort {out}, oracle C-index "
                f"{oracle_c_index(root):.3f})")
