@@ -117,8 +117,8 @@ class PreprocessParams:
 
     Attributes:
         spacing_mm_xyz: resampling spacing of the crop (step 1).
-        survival_size_xyz: survival-network input size (step 5). The paper network
-            needs the default; the demo's smaller size (:mod:`pipeline.demo`) goes with
+        survival_size_xyz: survival-network input size (step 5). The paper network is
+            built for the default; the demo's smaller size (:mod:`pipeline.demo`) goes with
             its narrow network (``train-survival --preset demo``).
         ctfm_size_xyz: CT-FM input size.
         petfm_size_xyz: PET-FM input size.

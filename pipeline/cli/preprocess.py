@@ -75,9 +75,9 @@ def _params(reference_cache: str | None, demo: bool, tumour_labels: str | None,
               help="Label values forming the tumour: 1 = GTVp, 2 = GTVn; e.g. '1' for the "
                    "primary only.  [default: 1,2, or the reference cache's]")
 @click.option("--survival-size", default=None,
-              help="Survival-network input size x,y,z (z = slice axis). The paper network "
-                   "needs the default; the demo's 32,32,24 (--demo) goes with train-survival "
-                   "--preset demo.  [default: 80,80,48, or the reference cache's]")
+              help="Survival-network input size x,y,z (z = slice axis). The paper network is "
+                   "built for the default; the demo's 32,32,24 (--demo) goes with "
+                   "train-survival --preset demo.  [default: 80,80,48, or the reference cache's]")
 @click.option("--ctfm-size", default=None,
               help="CT-FM input size x,y,z (the demo's: 64,64,16).  "
                    "[default: 128,128,48, or the reference cache's]")
