@@ -392,3 +392,151 @@ def test_cuda_oom_halves_the_batch():
     out = emb._forward_halving(m, x, torch.device("cpu"), "fp32")
     np.testing.assert_array_equal(out, x.reshape(3, -1)[:, :3] * 2)
     assert m.sizes == [3, 1, 2, 1, 1]
+
+
+# ----------------------------------------------------------------------------- PET-FM size
+
+
+def _cache_with_pet_size(root: Path, size_xyz) -> PreprocessedCache:
+    write_cohort_record(root, {"params": {"petfm_size_xyz": list(size_xyz)}, "params_hash": "p" * 16,
+                               "crop_size_vox_xyz": [64, 64, 32], "case_ids": []})
+    return PreprocessedCache(root)
+
+
+def test_pet_encoder_config_follows_the_cache(tmp_path):
+    import inspect
+
+    from models.pet_fm import PETFMEncoder
+    from pipeline.demo import DEMO_ENCODERS, DEMO_PETFM_SIZE_XYZ
+
+    defaults = inspect.signature(PETFMEncoder).parameters
+    assert emb.PET_FM_PUBLISHED == {k: defaults[k].default for k in emb.PET_FM_PUBLISHED}
+    demo = _cache_with_pet_size(tmp_path / "demo", DEMO_PETFM_SIZE_XYZ)
+    assert emb.pet_encoder_config(demo) == DEMO_ENCODERS["pet"]
+    assert emb.pet_encoder_config(_cache_with_pet_size(tmp_path / "paper", (128, 128, 128))) == {}
+    big = emb.pet_encoder_config(_cache_with_pet_size(tmp_path / "big", (256, 256, 256)))
+    assert big == {"img_size": 256, "window_size": 8}  # 16 tokens per axis: largest divisor <= 14
+    assert emb.pet_encoder_config(demo, {"depth": 2, "window_size": 2}) == {
+        "depth": 2, "window_size": 2, "img_size": 64}
+    with pytest.raises(ValueError, match=r"img_size 128.*64\^3.*--encoder-config"):
+        emb.pet_encoder_config(demo, {"img_size": 128})
+    with pytest.raises(ValueError, match=r"\[32, 64, 64\].*cube"):
+        emb.pet_encoder_config(_cache_with_pet_size(tmp_path / "flat", (64, 64, 32)))
+
+
+@pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")
+def test_cli_pet_takes_its_input_size_from_the_cache(cache, tmp_path):
+    """No --encoder-config: the published ViT-B at the cache's 32^3 (a 2^3 token grid)."""
+    out = tmp_path / "emb" / "pet.h5"
+    base = ["--modality", "pet", "--cache", str(cache.root), "--random-init", "--device", "cpu",
+            "--no-progress", "--batch-size", "1"]
+    r = CliRunner().invoke(cli, base + ["--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as h5:
+        assert json.loads(h5["pet"].attrs["encoder_config"]) == {"img_size": 32, "window_size": 2}
+        assert h5["pet"].shape == (len(CASES), 768)
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x.h5"),
+                                        "--encoder-config", json.dumps({"pet": {"img_size": 128}})])
+    assert r.exit_code == 1
+    assert "error: --encoder-config sets the PET-FM img_size 128" in r.output and "32^3" in r.output
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_missing_cache_names_the_commands_that_make_one(tmp_path):
+    out = tmp_path / "new" / "ct.h5"
+    r = CliRunner().invoke(cli, ["--modality", "ct", "--cache", str(tmp_path / "nowhere"), "--random-init",
+                                 "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 1 and r.output.count("error: ") == 1
+    assert "preprocess --manifest data_manifest.csv --out" in r.output and "run-study --demo" in r.output
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "half" / "cases").mkdir(parents=True)
+    r = CliRunner().invoke(cli, ["--modality", "ct", "--cache", str(tmp_path / "half"), "--random-init"])
+    assert r.exit_code == 1 and "preprocessing has not finished" in r.output
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Lock files, and shard stores or folders holding no shard."""
+    bad = [str(p) for p in root.rglob("*.lock")]
+    bad += [str(p) for p in root.rglob("*") if p.is_dir() and not any(p.rglob("*.npy"))
+            and not any(p.rglob("*.h5"))]
+    return bad
+
+
+def test_failed_runs_leave_no_lock_files_or_empty_stores(tmp_path):
+    cache = make_cache(tmp_path / "cache", CASES[:2])
+    with h5py.File(cache.path("CHUP-002"), "r+") as h5:
+        h5["ctfm/ct"][0, 0, 0] = 1500.0  # fails after the stores are made, before any shard
+    work = tmp_path / "work"
+    with pytest.raises(ValueError, match="CHUP-002"):
+        run(cache, "ctpet", work / "emb" / "ctpet.h5", batch_size=2)
+    assert not work.exists(), _leftovers(tmp_path)
+
+    # Refused for other provenance: the existing file and its shards stay, nothing else.
+    good = make_cache(tmp_path / "good", CASES[:2])
+    out = work / "emb" / "ct.h5"
+    run(good, "ct", out)
+    assert _leftovers(work) == []
+    with pytest.raises(ProvenanceError):
+        run(good, "ct", out, seed=1)
+    assert _leftovers(work) == []
+    stores = [p.name for p in (out.parent / emb.SHARD_DIR_NAME).iterdir() if p.is_dir()]
+    assert len(stores) == 1 and "seed0" in stores[0]
+
+
+def test_missing_weights_of_both_encoders_are_named_together(cache, tmp_path, monkeypatch):
+    for env in emb.WEIGHTS_ENV.values():
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(cli, ["--modality", "ctpet", "--cache", str(cache.root),
+                                 "--out", str(tmp_path / "e" / "ctpet.h5"), "--device", "cpu"])
+    assert r.exit_code == 1 and r.output.startswith("error: ")
+    for needle in ("CT-FM weights not found", "PET-FM weights not found",
+                   "https://huggingface.co/project-lighter/ct_fm_feature_extractor",
+                   "https://huggingface.co/YichiZhang98/SegAnyPET", "--ct-weights", "--pet-weights",
+                   "HNFM_CT_FM_WEIGHTS", "HNFM_PET_FM_WEIGHTS", "--random-init", "run-study --demo"):
+        assert needle in r.output, needle
+    assert not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+@pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")
+def test_readme_python_examples_run_and_agree(tmp_path, monkeypatch):
+    from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
+
+    blocks = _python_blocks((Path(__file__).resolve().parent.parent / "embeddings" / "README.md").read_text())
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    cache = make_cache(Path("cache/preprocessed"))
+    run(cache, "ctpet", Path("embeddings/ctpet.h5"))
+    manifest = pd.DataFrame({c: "" for c in MANIFEST_COLUMNS}, index=range(len(CASES)))
+    manifest["case_id"] = CASES[::-1]  # not the file's order: the loader must follow it
+    manifest["has_endpoint"] = [1, 1, 0, 1, 1]
+    for col in ("ct_path", "pet_path", "label_path"):
+        manifest[col] = [f"imagesTr/{c}_{col}.nii.gz" for c in manifest["case_id"]]
+    write_manifest(manifest, "data_manifest.csv")
+    spaces = []
+    for k, code in enumerate(blocks):
+        ns: dict = {}
+        exec(compile(code, f"<embeddings/README.md python block {k}>", "exec"), ns)
+        spaces.append(ns)
+    ct, table, loaded = spaces[0]["ct"], spaces[1]["table"], spaces[2]["df"]
+    ref = emb.load_embeddings("embeddings/ctpet.h5")
+    assert list(loaded.index) == [c for c in CASES[::-1] if c != CASES[2]]
+    assert list(loaded.columns) == list(ref.columns) == list(table.columns)
+    assert list(ct.columns) == [c for c in ref.columns if c.startswith("ct_")] and ct.index.name == "case_id"
+    joined = loaded.join(table, rsuffix="_plain")
+    np.testing.assert_array_equal(joined[ref.columns].to_numpy(),
+                                  joined[[f"{c}_plain" for c in ref.columns]].to_numpy())
+    csv = pd.read_csv("embeddings_ctpet.csv", index_col="case_id")
+    assert list(csv.columns) == list(ref.columns)
+    np.testing.assert_allclose(csv.loc[ref.index].to_numpy(), ref.to_numpy(), rtol=1e-6)

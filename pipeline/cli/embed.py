@@ -9,6 +9,7 @@ import warnings
 import click
 
 from pipeline.artefacts import ProvenanceError
+from pipeline.embeddings import ExtractionLockedError, RandomInitWarning, run_extraction
 
 
 def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -28,14 +29,15 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Example: extract-embeddings --modality ctpet --ct-weights model.safetensors "
-    "--pet-weights seganypet_v1.pth",
+    "--pet-weights seganypet_v1.pth. Without the weights, to test the pipeline as the demo does: "
+    "extract-embeddings --modality pet --random-init",
 )
 @click.option("--modality", type=click.Choice(["ct", "pet", "ctpet"]), required=True,
               help="Which encoder(s): ct = CT-FM (512-d), pet = PET-FM (768-d), ctpet = both "
                    "(reuses embeddings already computed by ct / pet runs with the same provenance).")
 @click.option("--cache", "cache_root", default="cache/preprocessed", show_default=True,
               type=click.Path(file_okay=False),
-              help="Complete preprocessed cache written by `preprocess`.")
+              help="Complete preprocessed cache written by `preprocess` (or `run-study --demo`).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Output HDF5 file [default: embeddings/<modality>.h5].")
 @click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
@@ -63,7 +65,8 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
 @click.option("--encoder-config", default=None, callback=_parse_encoder_config,
               help='Advanced, for tests and small demos: JSON of encoder constructor overrides '
                    'per modality, e.g. \'{"ct": {"init_filters": 4}}\'. Recorded in the file; '
-                   "leave unset for the published architectures.")
+                   "leave unset for the published architectures. The PET-FM img_size (and a "
+                   "window that fits it) always come from the cache's PET-FM input size.")
 def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, random_init, seed,
                        device, batch_size, overwrite, shard_dir, no_progress, encoder_config):
     """Compute frozen CT-FM / PET-FM embeddings of every preprocessed case into one HDF5.
@@ -71,10 +74,11 @@ def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, 
     Safe to kill and rerun: finished cases are kept as per-case shards and never recomputed,
     and the HDF5 appears only when complete. A rerun on a complete file does nothing.
     """
-    from pipeline.embeddings import ExtractionLockedError, RandomInitWarning, run_extraction
-
-    # The library also prints random-init warnings as a plain stderr line; show that one only.
+    # One plain line instead of the library's per-modality RandomInitWarning.
     warnings.simplefilter("ignore", RandomInitWarning)
+    if random_init:
+        click.secho("WARNING: --random-init: randomly initialised encoders (recorded in the file); fine "
+                    "to test the pipeline, meaningless for results", err=True, fg="red")
     try:
         result = run_extraction(
             cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
@@ -84,7 +88,7 @@ def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, 
         )
     except (ProvenanceError, ValueError, KeyError, FileNotFoundError, ExtractionLockedError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        click.echo(f"Error: {msg}", err=True)
+        click.secho(f"error: {msg}", err=True, fg="red")
         sys.exit(1)
     click.echo(result.summary())
 
