@@ -7,7 +7,8 @@ The paper's configurations differ by 0.02-0.03 C-index while the fold SDs are 0.
   evaluated on the SAME folds, with a patient-level paired bootstrap (95 % percentile CI,
   two-sided bootstrap p) and a paired test over the per-fold deltas
   (:func:`paired_fold_test`, Nadeau-Bengio corrected resampled t-test by default).
-* :func:`mean_ci`: t-interval of a mean over folds / repeats.
+* :func:`mean_ci`: t-interval of a mean over folds / repeats (clipped to a metric's range
+  when asked).
 * Calibration and overall accuracy: :func:`breslow_survival` (Breslow baseline hazard fitted
   on the training fold turns a risk score into S(t | x)), :func:`integrated_brier_score`
   (scikit-survival, on a time grid restricted to where it is defined),
@@ -391,30 +392,44 @@ def paired_bootstrap_delta(
     )
 
 
-def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
+def mean_ci(values: Any, level: float = 0.95, *, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """Mean with a Student-t confidence interval (for repeated-CV summaries).
+
+    With few folds the t-interval of a bounded metric can leave its range (two folds of a
+    1-year AUROC: t = 12.7 x the SE); ``bounds`` clips it to the metric's range and says
+    so in ``clipped``, so a report can state it.
 
     Args:
         values: per-fold / per-repeat values, shape [J]; NaN (undefined folds) are dropped.
         level: confidence level.
+        bounds: ``(low, high)`` range of the metric, e.g. ``(0, 1)`` for a C-index or AUROC;
+            None keeps the plain t-interval.
 
     Returns:
-        ``{"mean", "sd", "n", "low", "high", "level"}``; ``sd`` is the sample SD
+        ``{"mean", "sd", "n", "low", "high", "level", "clipped"}``; ``sd`` is the sample SD
         (ddof=1). With one value the interval is ``None``; no value gives ``mean`` None.
+        ``clipped`` is True when an end of the t-interval lay outside ``bounds``.
     """
     if not 0 < level < 1:
         raise ValueError(f"mean_ci: level must lie in (0, 1), got {level}")
+    if bounds is not None and not bounds[0] < bounds[1]:
+        raise ValueError(f"mean_ci: bounds must be (low, high) with low < high, got {bounds!r}")
     x = np.asarray(values, dtype=float).ravel()
     x = x[np.isfinite(x)]
     n = int(x.shape[0])
-    out: dict[str, Any] = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "level": level}
+    out: dict[str, Any] = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "level": level,
+                           "clipped": False}
     if n == 0:
         return out
     out["mean"] = float(x.mean())
     if n >= 2:
         sd = float(x.std(ddof=1))
         half = float(sps.t.ppf(0.5 + level / 2, df=n - 1) * sd / math.sqrt(n))
-        out.update(sd=sd, low=out["mean"] - half, high=out["mean"] + half)
+        low, high = out["mean"] - half, out["mean"] + half
+        if bounds is not None:
+            out["clipped"] = bool(low < bounds[0] or high > bounds[1])
+            low, high = max(low, float(bounds[0])), min(high, float(bounds[1]))
+        out.update(sd=sd, low=low, high=high)
     return out
 
 

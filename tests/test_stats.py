@@ -180,6 +180,19 @@ def test_mean_ci_matches_scipy_t_interval():
     assert stats.mean_ci([])["mean"] is None
 
 
+def test_mean_ci_clips_to_the_metric_range_and_says_so():
+    x = [0.55, 0.99]  # two folds: t(0.975, 1) = 12.7, the plain interval is about [-2.2, 3.8]
+    plain = stats.mean_ci(x)
+    assert plain["low"] < 0 and plain["high"] > 1 and plain["clipped"] is False
+    clipped = stats.mean_ci(x, bounds=(0.0, 1.0))
+    assert (clipped["low"], clipped["high"], clipped["clipped"]) == (0.0, 1.0, True)
+    assert clipped["mean"] == plain["mean"] and clipped["sd"] == plain["sd"]
+    inside = stats.mean_ci([0.62, 0.71, 0.66, 0.74, 0.58], bounds=(0.0, 1.0))
+    assert inside["clipped"] is False and inside["low"] == pytest.approx(stats.mean_ci([0.62, 0.71, 0.66, 0.74, 0.58])["low"])
+    with pytest.raises(ValueError, match=r"bounds"):
+        stats.mean_ci(x, bounds=(1.0, 0.0))
+
+
 # ----------------------------------------------------------------------------- Breslow, IBS
 
 
