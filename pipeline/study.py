@@ -37,21 +37,26 @@ Layout of a study folder::
     <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
     <study>/submitit/                  logs of cluster jobs (when that executor is used)
 
-Executors: a local process pool (``workers`` processes, each pinned round-robin to one
-GPU through ``CUDA_VISIBLE_DEVICES`` when GPUs are present) and submitit (Slurm, or
-submitit's local executor), which submits the pending cells as one array job.
+Executors: a local process pool (:func:`run_pool`, shared by cells and peers: ``workers``
+processes, each pinned round-robin to one GPU through ``CUDA_VISIBLE_DEVICES`` when GPUs are
+present, failures named per job, progress per result) and submitit (Slurm, or submitit's
+local executor), which submits the pending cells as one array job.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import platform
+import sys
 import time
 import traceback
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,6 +71,7 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
+from pipeline.embeddings import RANDOM_INIT, RandomInitWarning, read_embeddings
 
 #: Embedding set name -> modalities read from the embeddings file.
 MODALITY_SETS: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
@@ -741,58 +747,32 @@ def run_peers(
 ) -> StudyOutcome:
     """Fit every peer on every split; failures are reported, the others continue.
 
-    With ``workers > 1`` the peer runs go to a pool of fresh (spawned) processes, one
-    torch/BLAS thread each; otherwise they run in this process. Keys of the outcome are
-    ``<split>/<peer>``.
+    With ``workers > 1`` the peer runs go to :func:`run_pool` (fresh spawned processes, one
+    torch/BLAS thread each); otherwise they run in this process. Keys of the outcome are
+    ``<split>/<peer>``; ``on_result`` also sees the runs skipped as up to date (without
+    ``progress``).
     """
     from pipeline.artefacts import sha256_file
 
-    outcome = StudyOutcome()
     t0 = time.perf_counter()
     peers = spec.peer_list()
     emb_sha = sha256_file(spec.embeddings) if any(p.kind == "embeddings" for p in peers) else None
-    jobs = [(peer, split) for split in spec.splits() for peer in peers]
-    todo = [(p, s) for p, s in jobs if not (peer_done(spec, p, s) and
-                                            read_json(spec.peer_dir(p, s) / PEER_FILE).get("key")
-                                            == _peer_key(spec, p, s, emb_sha))]
-
-    def record(res: dict[str, Any]) -> None:
-        key = f"{res['split']}/{res['peer']}"
-        if "error" in res:
-            outcome.failed[key] = res["error"]
-        else:
-            (outcome.skipped if res["skipped"] else outcome.ran).append(key)
+    todo, skipped = [], []
+    for split in spec.splits():
+        for peer in peers:
+            marker = spec.peer_dir(peer, split) / PEER_FILE
+            fresh = marker.is_file() and read_json(marker).get("key") == _peer_key(spec, peer, split, emb_sha)
+            (skipped if fresh else todo).append((peer, split))
+    for peer, split in skipped:
         if on_result is not None:
-            on_result(res)
-
-    for peer, split in jobs:
-        if (peer, split) not in todo:
-            record({"peer": peer.name, "split": split, "skipped": True, "seconds": 0.0})
-    if workers > 1 and len(todo) > 1:
-        ctx = mp.get_context("spawn")
-        slots = ctx.Queue()
-        for _ in range(workers):
-            slots.put(None)
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(slots, 1)) as pool:
-            futures = [pool.submit(_pool_peer, spec, p, s, emb_sha) for p, s in todo]
-            for fut in cf.as_completed(futures):
-                record(fut.result())
-    else:
-        for p, s in todo:
-            record(_pool_peer(spec, p, s, emb_sha))
+            on_result({"key": f"{split}/{peer.name}", "peer": peer.name, "split": split, "skipped": True,
+                       "seconds": 0.0})
+    jobs = [Job(f"{s}/{p.name}", run_peer, (spec, p, s), {"embeddings_sha256": emb_sha},
+                {"peer": p.name, "split": s}) for p, s in todo]
+    outcome = run_pool(jobs, workers, in_process=workers == 1 or len(jobs) < 2, on_result=on_result)
+    outcome.skipped = [f"{s}/{p.name}" for p, s in skipped] + outcome.skipped
     outcome.seconds = time.perf_counter() - t0
     return outcome
-
-
-def _pool_peer(spec: StudySpec, peer: Peer, split: str, emb_sha: str | None) -> dict[str, Any]:
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # random-init embeddings are stated once, loudly, by the caller
-            return run_peer(spec, peer, split, embeddings_sha256=emb_sha)
-    except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the study
-        return {"peer": peer.name, "split": split, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
@@ -800,12 +780,7 @@ def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
 
     ``random_init`` is True when any modality was made with randomly initialised encoders.
     """
-    import warnings
-
-    from pipeline.embeddings import RANDOM_INIT, read_embeddings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the caller states random-init loudly itself
+    with quiet_random_init():  # the caller states random-init loudly itself
         es = read_embeddings(path)
     random = sorted(m for m, a in es.modality_attrs.items() if a.get("weights_sha256") == RANDOM_INIT)
     return {
@@ -840,21 +815,77 @@ def visible_gpus() -> list[str]:
         return []
 
 
+@contextlib.contextmanager
+def quiet_random_init() -> Iterator[None]:
+    """Silence copies of :class:`pipeline.embeddings.RandomInitWarning` in this block.
+
+    Every embeddings read of a random-init file warns; a study states it once, loudly
+    (:func:`announce_random_init`), and reads the file once per process and configuration.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RandomInitWarning)
+        yield
+
+
+def announce_random_init(spec: StudySpec) -> bool:
+    """Warn once (warning + stderr line) when the study's embeddings are random-init.
+
+    Returns:
+        Whether the study uses embeddings and they are random-init.
+    """
+    uses = any(c.modality for c in spec.configurations())
+    if not uses or spec.embeddings is None or not Path(spec.embeddings).is_file():
+        return False
+    prov = embeddings_provenance(spec.embeddings)
+    if prov["random_init"]:
+        msg = (f"{spec.embeddings}: {', '.join(prov['random_init_modalities'])} embeddings come from RANDOMLY "
+               "INITIALISED encoders; every FM row of this study tests the pipeline, not the foundation models "
+               "(stated once per run)")
+        warnings.warn(msg, RandomInitWarning, stacklevel=2)
+        print(f"WARNING: {msg}", file=sys.stderr)
+    return bool(prov["random_init"])
+
+
 def _worker_init(slots, threads: int) -> None:
-    """Pin this pool worker to a GPU (before CUDA initialises) and bound CPU threads."""
+    """Pin this pool worker to a GPU (before CUDA initialises), bound CPU threads, and
+    silence the random-init warning (the parent states it once)."""
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
+    warnings.filterwarnings("ignore", category=RandomInitWarning)
+    import torch  # after CUDA_VISIBLE_DEVICES: torch reads it when CUDA starts
 
     torch.set_num_threads(threads)
 
 
-def _pool_cell(spec: StudySpec, cell: Cell) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for :func:`run_pool`: ``fn(*args, **kwargs)``, picklable.
+
+    Attributes:
+        key: names the job in failures, progress and :class:`StudyOutcome`
+            (``<split>/<config>/fold_<k>`` style for cells, ``<split>/<peer>`` for peers).
+        fn: a module-level function returning a result dict.
+        args, kwargs: its arguments.
+        ident: fields a failure result carries so callbacks see the same names as on
+            success (``{"cell": key}`` or ``{"peer": ..., "split": ...}``).
+    """
+
+    key: str
+    fn: Callable[..., dict[str, Any]]
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    ident: dict[str, Any] = field(default_factory=dict)
+
+    def failure(self, error: str, trace: str | None = None) -> dict[str, Any]:
+        return self.ident | {"key": self.key, "error": error, "traceback": trace}
+
+
+def _run_job(job: Job) -> dict[str, Any]:
     try:
-        return run_cell(spec, cell)
-    except Exception as exc:  # noqa: BLE001 - report the cell and continue the grid
-        return {"cell": cell.key, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        return job.fn(*job.args, **job.kwargs) | {"key": job.key}
+    except Exception as exc:  # noqa: BLE001 - one failing job must not stop the others
+        return job.failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
 
 @dataclass
@@ -871,6 +902,96 @@ class StudyOutcome:
     def ok(self) -> bool:
         return not self.failed
 
+    def add(self, key: str, res: dict[str, Any]) -> None:
+        """File one job result under ran, skipped or failed."""
+        if "error" in res:
+            self.failed[key] = res["error"]
+        elif res.get("skipped"):
+            self.skipped.append(key)
+        else:
+            self.ran.append(key)
+
+
+def progress_of(done: int, total: int, elapsed: float) -> dict[str, Any]:
+    """``{"done", "total", "elapsed_s", "remaining_s"}``; remaining from the mean rate so far."""
+    remaining = elapsed / done * (total - done) if done else None
+    return {"done": done, "total": total, "elapsed_s": elapsed, "remaining_s": remaining}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        (f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+def format_progress(progress: dict[str, Any]) -> str:
+    """``"3/13, 1m02s elapsed, ~3m20s left"`` from :func:`progress_of`."""
+    text = f"{progress['done']}/{progress['total']}, {_duration(progress['elapsed_s'])} elapsed"
+    if progress.get("remaining_s") is not None and progress["done"] < progress["total"]:
+        text += f", ~{_duration(progress['remaining_s'])} left"
+    return text
+
+
+def run_pool(
+    jobs: Sequence[Job],
+    workers: int = 1,
+    *,
+    gpus: Sequence[str] = (),
+    threads: int = 1,
+    in_process: bool = False,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> StudyOutcome:
+    """Run jobs in a pool of fresh (spawned) processes, or here; the one executor of cells and peers.
+
+    Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
+    (set before CUDA starts: hence spawn), uses ``threads`` torch threads and ignores
+    copies of the random-init warning. A job that raises is reported under its key and
+    the others continue; a worker that dies (killed, out of memory) fails the jobs it
+    took, each named.
+
+    Args:
+        jobs: the work.
+        workers: pool size.
+        gpus: GPU ids to pin workers to; empty = no pinning.
+        threads: torch intra-op threads per worker.
+        in_process: run the jobs one by one in this process instead (no pool).
+        on_result: called in this process with each result as it finishes; the result has
+            ``key`` and ``progress`` (:func:`progress_of` over these jobs).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    outcome = StudyOutcome()
+    t0 = time.perf_counter()
+
+    def finish(res: dict[str, Any]) -> None:
+        outcome.add(res["key"], res)
+        res["progress"] = progress_of(len(outcome.ran) + len(outcome.skipped) + len(outcome.failed),
+                                      len(jobs), time.perf_counter() - t0)
+        if on_result is not None:
+            on_result(res)
+
+    if in_process:
+        with quiet_random_init():
+            for job in jobs:
+                finish(_run_job(job))
+    elif jobs:
+        ctx = mp.get_context("spawn")  # a clean interpreter: CUDA_VISIBLE_DEVICES set before CUDA starts
+        slots = ctx.Queue()
+        for i in range(workers):
+            slots.put(gpus[i % len(gpus)] if gpus else None)
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(slots, threads)) as pool:
+            futures = {pool.submit(_run_job, job): job for job in jobs}
+            for fut in cf.as_completed(futures):
+                job = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool: name the job it took
+                    res = job.failure(f"worker process died: {type(exc).__name__}: {exc}")
+                finish(res)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
 
 def run_local(
     spec: StudySpec,
@@ -881,7 +1002,7 @@ def run_local(
     threads_per_worker: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> StudyOutcome:
-    """Run cells in a pool of ``workers`` fresh (spawned) processes.
+    """Run cells in a pool of ``workers`` fresh (spawned) processes (:func:`run_pool`).
 
     Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
     (round-robin), so with 8 GPUs and 8 workers each GPU trains one cell at a time. Torch
@@ -894,38 +1015,16 @@ def run_local(
         workers: pool size.
         gpus: GPU ids; default :func:`visible_gpus`.
         threads_per_worker: torch intra-op threads per worker.
-        on_result: called in the parent with each cell's result as it finishes.
+        on_result: called in the parent with each cell's result as it finishes (with
+            ``progress``, see :func:`run_pool`).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     gpus = list(visible_gpus() if gpus is None else gpus)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = threads_per_worker or max(1, cores // workers)
-    outcome = StudyOutcome()
-    t0 = time.perf_counter()
-    ctx = mp.get_context("spawn")  # a clean interpreter: CUDA_VISIBLE_DEVICES set before CUDA starts
-    slots = ctx.Queue()
-    for i in range(workers):
-        slots.put(gpus[i % len(gpus)] if gpus else None)
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                initargs=(slots, threads)) as pool:
-        futures = [pool.submit(_pool_cell, spec, cell) for cell in cells]
-        for fut in cf.as_completed(futures):
-            res = fut.result()
-            _record(outcome, res)
-            if on_result is not None:
-                on_result(res)
-    outcome.seconds = time.perf_counter() - t0
-    return outcome
-
-
-def _record(outcome: StudyOutcome, res: dict[str, Any]) -> None:
-    if "error" in res:
-        outcome.failed[res["cell"]] = res["error"]
-    elif res.get("skipped"):
-        outcome.skipped.append(res["cell"])
-    else:
-        outcome.ran.append(res["cell"])
+    jobs = [Job(cell.key, run_cell, (spec, cell), ident={"cell": cell.key}) for cell in cells]
+    return run_pool(jobs, workers, gpus=gpus, threads=threads, on_result=on_result)
 
 
 @dataclass(frozen=True)
@@ -997,7 +1096,7 @@ def run_submitit(
     if wait:
         for cell, job in zip(cells, jobs):
             try:
-                _record(outcome, job.result())
+                outcome.add(cell.key, job.result())
             except Exception as exc:  # noqa: BLE001 - one failed task must not hide the others
                 outcome.failed[cell.key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     outcome.seconds = time.perf_counter() - t0
@@ -1016,12 +1115,14 @@ def run_study(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     on_peer: Callable[[dict[str, Any]], None] | None = None,
     peer_workers: int | None = None,
+    announce: bool = True,
 ) -> StudyOutcome:
     """Prepare the study folder, fit the peers on every split, then run every pending cell.
 
-    Peers run first, in this process: they take seconds, and the report can then put them
-    beside whatever CNN cells are finished. Failed peers appear in ``outcome.failed``
-    under ``peers:<split>/<peer>``.
+    Peers run first: they take seconds, and the report can then put them beside whatever
+    CNN cells are finished. Failed peers appear in ``outcome.failed`` under
+    ``peers:<split>/<peer>``. Random-init embeddings are stated once at the start
+    (:func:`announce_random_init`); every later read, here and in the workers, is silent.
 
     Args:
         spec: the study.
@@ -1031,20 +1132,24 @@ def run_study(
         cluster: submitit cluster (``None`` auto, ``"slurm"``, ``"local"``, ``"debug"``).
         wait: submitit only: wait for the array to finish.
         info: free-form record stored in ``study.json`` (data source, settings, ...).
-        on_result: local pool only: callback per finished cell.
+        on_result: local pool only: callback per finished cell (with ``progress``).
         on_peer: callback per fitted (or skipped) peer.
         peer_workers: processes fitting peers; default ``workers`` (local executor) or 1.
+        announce: state random-init embeddings here; False when the caller already did.
     """
-    prepare_study(spec, info)
-    peers = run_peers(spec, workers=peer_workers or (workers if executor == "local" else 1), on_result=on_peer)
-    pending = [c for c in grid(spec) if not cell_done(spec, c)]
-    done = [c.key for c in grid(spec) if cell_done(spec, c)]
-    if executor == "local":
-        outcome = run_local(spec, pending, workers, on_result=on_result) if pending else StudyOutcome()
-    elif executor == "submitit":
-        outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait)
-    else:
+    if executor not in ("local", "submitit"):
         raise ValueError(f"executor must be 'local' or 'submitit', got {executor!r}")
+    if announce:
+        announce_random_init(spec)
+    with quiet_random_init():
+        prepare_study(spec, info)
+        peers = run_peers(spec, workers=peer_workers or (workers if executor == "local" else 1), on_result=on_peer)
+        pending = [c for c in grid(spec) if not cell_done(spec, c)]
+        done = [c.key for c in grid(spec) if cell_done(spec, c)]
+        if executor == "local":
+            outcome = run_local(spec, pending, workers, on_result=on_result) if pending else StudyOutcome()
+        else:
+            outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait)
     outcome.skipped = done + outcome.skipped
     outcome.failed.update({f"peers:{k}": v for k, v in peers.failed.items()})
     return outcome

@@ -226,6 +226,49 @@ def test_local_pool_reports_a_failing_cell_and_continues(inputs, tmp_path):
     assert all("config_hash differs" in e for e in outcome.failed.values())
 
 
+def _read_embeddings_job(path: str) -> dict:
+    from pipeline.embeddings import read_embeddings
+
+    return {"n": len(read_embeddings(path).case_ids)}
+
+
+def _failing_job(x: int) -> dict:
+    raise RuntimeError(f"bad input {x}")
+
+
+def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, tmp_path, capfd):
+    import os
+
+    from pipeline.embeddings import RandomInitWarning
+
+    spec = make_spec(inputs, tmp_path / "s", configs=("ct-d64",))
+    reads = [study.Job(f"read/{i}", _read_embeddings_job, (str(inputs["embeddings"]),)) for i in range(3)]
+    bad = study.Job("cv0/bad/fold_0", _failing_job, (7,), ident={"cell": "cv0/bad/fold_0"})
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert study.announce_random_init(spec) is True
+        here = study.run_pool(reads + [bad], in_process=True, on_result=seen.append)
+        # One spawned worker: the three reads, then a job that kills its process.
+        pool = study.run_pool(reads + [study.Job("dies", os._exit, (3,))], workers=1)
+    err = capfd.readouterr().err
+    # Six embeddings reads (3 here, 3 in a worker), one statement.
+    assert len([w for w in caught if issubclass(w.category, RandomInitWarning)]) == 1
+    assert err.count("WARNING:") == 1 and "stated once per run" in err
+    assert here.ran == ["read/0", "read/1", "read/2"] and here.failed == {"cv0/bad/fold_0": "RuntimeError: bad input 7"}
+    assert [r["progress"]["done"] for r in seen] == [1, 2, 3, 4] and seen[-1]["progress"]["remaining_s"] == 0
+    assert seen[-1]["cell"] == "cv0/bad/fold_0" and "_failing_job" in seen[-1]["traceback"]
+    assert sorted(pool.ran) == ["read/0", "read/1", "read/2"]
+    assert list(pool.failed) == ["dies"] and pool.failed["dies"].startswith("worker process died")
+
+
+def test_progress_states_done_elapsed_and_remaining():
+    p = study.progress_of(3, 13, 90.0)
+    assert p["remaining_s"] == pytest.approx(300.0)
+    assert study.format_progress(p) == "3/13, 1m30s elapsed, ~5m00s left"
+    assert study.format_progress(study.progress_of(13, 13, 4000.0)) == "13/13, 1h06m elapsed"
+
+
 def test_gpu_slots_are_round_robin(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert study.visible_gpus() == ["3", "5"]
