@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from pipeline.artefacts import ProvenanceError, read_json
+from pipeline.cache import PreprocessedCache
+from pipeline.clinical import ClinicalTransform
+from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
+
 PROJ_CHOICES = ("64", "128", "256", "orig")
+PRESETS = ("auto", "paper", "demo")
 
 
 def parse_proj(value: str | None) -> int | None:
@@ -17,11 +24,37 @@ def parse_proj(value: str | None) -> int | None:
     return int(value)
 
 
-def default_run_name(embeddings: str | None, modalities: tuple[str, ...] | None, proj: int | None) -> str:
-    if embeddings is None:
+def default_run_name(modalities: list[str] | tuple[str, ...], proj: int | None) -> str:
+    """Run folder name, the study's configuration names: ``baseline``, ``ct-d64`` ... ``ctpet-dorig``.
+
+    Args:
+        modalities: the embedding modalities the run uses (empty for the baseline);
+            ``ct`` + ``pet`` is ``ctpet``, other sets are joined with ``+``.
+        proj: projection size, None for the native size ("orig").
+    """
+    if not modalities:
         return "baseline"
-    mods = "+".join(modalities) if modalities else Path(embeddings).stem
-    return f"{mods}-d{proj if proj is not None else 'orig'}"
+    mods = sorted(modalities)
+    key = "ctpet" if mods == ["ct", "pet"] else "+".join(mods)
+    return f"{key}-d{proj if proj is not None else 'orig'}"
+
+
+def resolve_preset(preset: str, survival_size_xyz: tuple[int, ...]) -> tuple[str, str]:
+    """The preset to apply and why, for ``--preset auto|paper|demo``.
+
+    Args:
+        preset: the option's value.
+        survival_size_xyz: the cache's survival input size (x, y, z).
+
+    Returns:
+        (``"paper"`` or ``"demo"``, a one-line reason).
+    """
+    size = " x ".join(str(s) for s in survival_size_xyz)
+    if preset != "auto":
+        return preset, f"--preset {preset}"
+    if tuple(survival_size_xyz) == tuple(DEMO_SURVIVAL_SIZE_XYZ):
+        return "demo", f"--preset auto: the cache holds the demo's {size} volumes; --preset paper for the paper's settings"
+    return "paper", f"--preset auto: the cache holds {size} volumes, not the demo's"
 
 
 # Option name -> TrainConfig field, for the scalar options that map one to one.
@@ -33,7 +66,85 @@ _SCALARS = {
 }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _json_option(value: str | None, option: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc}): {value!r}", param_hint=option) from None
+
+
+def training_options(preset: str, config_file: str | None, scalars: dict[str, Any], model: dict | None,
+                     tumour_input: str | None, device: str | None, no_fm_standardise: bool,
+                     proj: str) -> dict[str, Any]:
+    """TrainConfig options: the preset's, then the --config file's, then explicit options."""
+    options = demo_train_options() if preset == "demo" else {}
+    if config_file:
+        options.update(json.loads(Path(config_file).read_text()))
+    for name, value in scalars.items():
+        if value is not None:
+            options[name] = _SCALARS[name](value)
+    if model is not None:
+        options["model"] = model
+    if tumour_input:
+        options["tumour_input"] = tumour_input
+    if device:
+        options["device"] = device
+    if no_fm_standardise:
+        options["fm_standardise"] = False
+    options["proj"] = parse_proj(proj)
+    return options
+
+
+def check_network_fits(cohort, cfg, preset: str, cache_root: str, size_xyz: tuple[int, ...]) -> None:
+    """Build the network once, before any file is written, so a misfit fails early.
+
+    Raises:
+        ValueError: the network does not fit the cached volumes; names the options that fix it.
+    """
+    from pipeline.train import build_model  # torch: imported when training, not for --help
+
+    try:
+        build_model(cohort, ClinicalTransform().n_features, cfg)
+    except ValueError as exc:
+        size = " x ".join(str(s) for s in size_xyz)
+        demo = " x ".join(str(s) for s in DEMO_SURVIVAL_SIZE_XYZ)
+        if preset == "paper" and tuple(size_xyz) == tuple(DEMO_SURVIVAL_SIZE_XYZ):
+            fix = "these are the demo's volumes: use --preset demo (or --preset auto)"
+        else:
+            fix = (f"use --preset demo (a 4-level network for the demo's {demo}), another network with "
+                   "--model-config, or re-run `preprocess` with --survival-size 80,80,48 (the paper's)")
+        raise ValueError(f"the {preset} network does not fit the volumes of {cache_root} ({size}, x, y, z): "
+                         f"{exc}; {fix}") from None
+
+
+def cache_survival_size(cache_root: str, manifest: str) -> tuple[int, ...]:
+    """The cache's survival input size (x, y, z), or an error naming the command that makes it."""
+    try:
+        return tuple(int(s) for s in PreprocessedCache(cache_root).params["survival_size_xyz"])
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}. Make it with `preprocess --manifest {manifest} --out {cache_root}` (add --demo for "
+            "the demo's sizes), or `run-study --demo` for the whole demo") from None
+
+
+def undefined_auc_lines(run_dir: Path) -> list[str]:
+    """One line per finished fold and protocol whose 1-year AUROC is undefined, with the reason."""
+    from pipeline.train import DONE_FILE  # already loaded by the training that precedes this
+
+    lines = []
+    for done in sorted(run_dir.glob(f"fold_*/{DONE_FILE}")):
+        record = read_json(done)
+        for proto, res in record["protocols"].items():
+            if res.get("auc_1y") is None:
+                lines.append(f"  1-year AUROC undefined in fold {record['fold']} ({proto}): "
+                             f"{res.get('auc_1y_undefined_reason') or 'no reason recorded'}")
+    return lines
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 100})
 @click.option("--manifest", default="data_manifest.csv", type=click.Path(dir_okay=False),
               help="Case manifest (cases with an endpoint are used).")
 @click.option("--cache", "cache_root", default="cache/preprocessed", type=click.Path(file_okay=False),
@@ -44,8 +155,13 @@ _SCALARS = {
               help="Comma list of embedding modalities to use from the file (default: all in it), e.g. 'ct' or 'ct,pet'.")
 @click.option("--proj", type=click.Choice(PROJ_CHOICES), default="orig",
               help="Linear projection size of each FM embedding, or 'orig' for the native size (512 CT, 768 PET).")
+@click.option("--preset", type=click.Choice(PRESETS), default="auto",
+              help="Network and schedule: 'paper' (the TrainConfig defaults), 'demo' (the demo's narrow "
+                   "network and short schedule, pipeline/demo.py) or 'auto' (demo when the cache holds the "
+                   "demo's 32 x 32 x 24 volumes, else paper). Explicit options override the preset.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Run folder [default: runs/<baseline | modalities-d<proj>>]. An existing run with the same settings resumes.")
+              help="Run folder [default: runs/<baseline | ct | pet | ctpet>-d<proj>, the study's configuration "
+                   "names]. An existing run with the same settings resumes.")
 @click.option("--folds", "folds_path", default="runs/folds.json", type=click.Path(dir_okay=False),
               help="Shared CV folds: created once (stratified by event x RFS quartile), then reused by every configuration.")
 @click.option("--n-folds", default=5, type=int, help="Number of CV folds when the folds file is created.")
@@ -73,45 +189,45 @@ _SCALARS = {
               help="Tumour map into the survival net: 'gate' (seed paper: images x thresholded map), "
                    "'binary' (thresholded map as a channel) or 'soft' (DeepMTS: probability as a channel).")
 @click.option("--model-config", default=None,
-              help='JSON of DeepMTSConfig overrides, e.g. \'{"preset": "demo"}\' (the narrow demo network) or \'{"seg_filters": [4, 8, 16, 32, 64]}\'.')
+              help='JSON of DeepMTSConfig overrides, replacing the preset\'s network, e.g. \'{"preset": "demo"}\' '
+                   '(the narrow demo network) or \'{"seg_filters": [4, 8, 16, 32, 64]}\'.')
 @click.option("--no-fm-standardise", is_flag=True, default=False,
               help="Do not z-score FM embeddings with training-fold statistics before projection.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="auto = CUDA when present, else CPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_survival(manifest, cache_root, embeddings, modalities, proj, out, folds_path, n_folds,
+def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, out, folds_path, n_folds,
                    only_folds, config_file, model_config, no_fm_standardise, device, quiet, tumour_input, **scalars):
     """Train DeepMTS+DAFT by stratified K-fold CV, optionally with cached FM embeddings.
 
     Without --embeddings this trains the baseline; `--embeddings embeddings/ctpet.h5
     --proj 256` trains the paper's best configuration. Reports Harrell's C-index and the
     1-year time-dependent AUROC per fold, mean +- SD, under two model-selection protocols:
-    the paper's (optimistic) and an unbiased inner-split one.
+    the paper's (optimistic) and an unbiased inner-split one. The network and schedule are
+    the paper's, or the demo's on a cache made with the demo's sizes (--preset).
+
+    \b
+    Examples:
+      train-survival                                                # baseline
+      train-survival --embeddings embeddings/ctpet.h5 --proj 256    # the paper's best configuration
+      train-survival --embeddings embeddings/ctpet.h5 --modalities pet --proj 128 --fold 0 --epochs 2
     """
-    from pipeline.artefacts import ProvenanceError
-    from pipeline.cache import PreprocessedCache
+    # torch and the network: imported when training, so --help stays quick.
     from pipeline.dataset import load_cohort
     from pipeline.train import TrainConfig, format_summary, get_folds, train_survival as run
 
+    model = _json_option(model_config, "--model-config")
     try:
-        options = json.loads(Path(config_file).read_text()) if config_file else {}
-        for name, value in scalars.items():
-            if value is not None:
-                options[name] = _SCALARS[name](value)
-        if model_config:
-            options["model"] = json.loads(model_config)
-        if tumour_input:
-            options["tumour_input"] = tumour_input
-        if device:
-            options["device"] = device
-        if no_fm_standardise:
-            options["fm_standardise"] = False
-        options["proj"] = parse_proj(proj)
+        size_xyz = cache_survival_size(cache_root, manifest)
+        preset, why = resolve_preset(preset, size_xyz)
+        options = training_options(preset, config_file, scalars, model, tumour_input, device,
+                                   no_fm_standardise, proj)
         cfg = TrainConfig.from_dict(options)
-        mods = tuple(m.strip() for m in modalities.split(",")) if modalities else None
-        run_dir = Path(out) if out else Path("runs") / default_run_name(embeddings, mods, cfg.proj)
-
+        click.echo(f"preset: {preset} ({why})")
+        mods = tuple(m.strip() for m in modalities.split(",") if m.strip()) if modalities else None
         cohort = load_cohort(manifest, cache_root, embeddings, mods)
+        check_network_fits(cohort, cfg, preset, cache_root, size_xyz)
+        run_dir = Path(out) if out else Path("runs") / default_run_name(list(cohort.embeddings), cfg.proj)
         if cohort.embedding_attrs.get("random_init"):
             click.secho("WARNING: these embeddings come from RANDOMLY INITIALISED encoders, not the "
                         "foundation models; results say nothing about the FMs.", fg="red", err=True)
@@ -123,7 +239,10 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, out, fold
                       cache_params_hash=PreprocessedCache(cache_root).params_hash,
                       only_folds=list(only_folds) or None, progress=not quiet)
     except (ValueError, KeyError, FileNotFoundError, ProvenanceError) as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        click.secho(f"error: {msg}", fg="red", err=True)
         sys.exit(1)
     click.echo(format_summary(summary))
+    for line in undefined_auc_lines(run_dir):
+        click.echo(line)
     click.echo(f"results: {run_dir / 'summary.json'}")
