@@ -9,7 +9,9 @@ part. Anything that does not match is refused, naming both sides.
 Per patient the output holds the ensemble log-risk (mean over folds), its SD over folds,
 the risk group (``high`` when most folds put the patient above their training median risk)
 and the 1-year relapse probability ``1 - exp(-H0(365) exp(risk))`` averaged over folds,
-with each fold's Breslow baseline hazard ``H0`` fitted on its training part.
+with each fold's Breslow baseline hazard ``H0`` fitted on its training part. When the run's
+embeddings come from randomly initialised encoders (the demo), every row says so
+(``random_init_embeddings``), as does the ``.json`` provenance record beside the CSV.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ from pipeline.train import DONE_FILE, FoldData, TrainConfig, apply_fm_stats, bui
 _EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key")
 
 
+def run_is_random_init(run: dict[str, Any]) -> bool:
+    """Whether a run's embeddings came from randomly initialised encoders.
+
+    Args:
+        run: the run's ``run.json`` record.
+    """
+    emb = run.get("embeddings") or {}
+    return bool(emb.get("random_init")) or any(
+        attrs.get("weights_sha256") == "random-init" for attrs in (emb.get("modalities") or {}).values())
+
+
 def finished_folds(run_dir: str | os.PathLike) -> list[int]:
     run_dir = Path(run_dir)
     return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob(f"fold_*/{DONE_FILE}"))
@@ -52,7 +65,7 @@ def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path
             "`import-features` and pass the file with --embeddings"
         )
     key = "ctpet" if mods == ["ct", "pet"] else mods[0]
-    random_init = any(trained[m]["weights_sha256"] == "random-init" for m in mods)
+    random_init = run_is_random_init(run)
     seeds = {trained[m].get("random_init_seed") for m in mods} - {None, ""}
     encoder_kwargs = {m: json.loads(trained[m]["encoder_config"]) for m in mods if trained[m].get("encoder_config")}
     path = extract_embeddings(
@@ -171,6 +184,7 @@ def predict_patients(
         "p_relapse_1y": probs.mean(axis=0),
         "n_folds": len(folds),
         "protocol": protocol,
+        "random_init_embeddings": run_is_random_init(run),
     })
     with atomic_path(out_csv, suffix=".csv") as tmp:
         out.to_csv(tmp, index=False)
@@ -178,6 +192,7 @@ def predict_patients(
         "run": str(run_dir.resolve()), "run_config_hash": run["config_hash"], "folds": folds,
         "protocol": protocol, "preprocessing_params_hash": new_cache.params_hash,
         "reference_cache": str(train.root.resolve()), "embeddings": str(emb_path) if emb_path else None,
+        "random_init_embeddings": run_is_random_init(run),
         "manifest": str(Path(manifest_path).resolve()), "code_version": code_version(),
     })
     return out

@@ -13,34 +13,47 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
 from pipeline.cli.train import train_survival
 
+# Narrow random-init encoders for the 32^3 / 32x32x16 FM inputs of the tiny cache.
+TINY_ENCODERS = {"ct": {"init_filters": 2, "blocks_down": [1, 1, 1, 1, 1]},
+                 "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                         "num_heads": 2, "window_size": 6, "global_attn_indexes": [1], "out_chans": 16}}
+N_FOLDS = 3
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_study, tmp_path_factory):
+    """A tiny 3-fold run with random-init CT+PET embeddings, and 4 new patients."""
+    from pipeline.demo_cohort import generate_demo_cohort
+    from pipeline.embeddings import extract_embeddings
+    from pipeline.hecktor import build_manifest
+
     out = tmp_path_factory.mktemp("predict")
+    h5 = extract_embeddings(tiny_study["cache"], "ctpet", out / "ctpet.h5", random_init=True, device="cpu",
+                            encoder_kwargs=TINY_ENCODERS, progress=False, shard_dir=out / "shards")
     args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-            "--out", str(out / "run"), "--folds", str(out / "folds.json"), "--n-folds", "3",
-            "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4", "--ema-decay", "0.5",
-            "--model-config", '{"preset": "tiny"}', "--quiet"]
+            "--embeddings", str(h5), "--out", str(out / "run"), "--folds", str(out / "folds.json"),
+            "--n-folds", str(N_FOLDS), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4",
+            "--ema-decay", "0.5", "--model-config", '{"preset": "tiny"}', "--quiet"]
     result = CliRunner().invoke(train_survival, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     # New patients: another draw of the generator, without using their endpoints.
-    from pipeline.demo_cohort import generate_demo_cohort
-    from pipeline.hecktor import build_manifest
-
     root = generate_demo_cohort(out / "new_cohort", n_cases=4, seed=99, workers=1)
     build_manifest(root, out / "new.csv", progress=False)
     return {"out": out, "run": out / "run", **tiny_study}
 
 
+def _predict(trained, manifest, out_csv, *extra):
+    return CliRunner().invoke(predict_survival, [
+        "--manifest", str(manifest), "--run", str(trained["run"]), "--train-cache", str(trained["cache"]),
+        "--out", str(out_csv), "--quiet", "--workers", "1", *extra], catch_exceptions=False)
+
+
 def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trained):
     out = trained["out"]
-    result = CliRunner().invoke(predict_survival, [
-        "--manifest", str(out / "new.csv"), "--run", str(trained["run"]),
-        "--train-cache", str(trained["cache"]), "--out", str(out / "pred.csv"), "--quiet",
-        "--workers", "1"], catch_exceptions=False)
+    result = _predict(trained, out / "new.csv", out / "pred.csv")
     assert result.exit_code == 0, result.output
     pred = pd.read_csv(out / "pred.csv")
-    assert len(pred) == 4 and pred["n_folds"].eq(3).all()
+    assert len(pred) == 4 and pred["n_folds"].eq(N_FOLDS).all()
     assert np.isfinite(pred["risk"]).all()
     assert set(pred["risk_group"]) <= {"high", "low"}
     assert pred["p_relapse_1y"].between(0, 1).all()
@@ -51,12 +64,64 @@ def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trai
     assert new_cache.params_hash == train_cache.params_hash
     prov = json.loads((out / "pred.json").read_text())
     assert prov["preprocessing_params_hash"] == train_cache.params_hash and prov["folds"] == [0, 1, 2]
+    # The run's embeddings were random-init: every row, the record and the console say so.
+    assert pred["random_init_embeddings"].all() and prov["random_init_embeddings"] is True
+    assert "RANDOMLY INITIALISED" in result.output
 
-    # The fold ensemble is the mean of the folds' log-risks; each fold's probability uses its
-    # own Breslow baseline: recompute one patient's probability from the fold records.
-    h0 = [json.loads((trained["run"] / f"fold_{k}" / "done.json").read_text())
-          ["protocols"]["inner"]["calibration"]["baseline_cum_hazard"]["365"] for k in range(3)]
-    assert all(h > 0 for h in h0)
+
+def _fold_risks(run, protocol: str) -> tuple[pd.DataFrame, list[dict]]:
+    """Per-case log-risk of every fold's selected model, read from the fold files alone.
+
+    A training case is in each fold's training part (``train_risk_<protocol>.csv``) or in its
+    validation fold (``oof.csv``), so every fold scored it.
+    """
+    cols, records = {}, []
+    for k in range(N_FOLDS):
+        fold = run / f"fold_{k}"
+        train = pd.read_csv(fold / f"train_risk_{protocol}.csv", dtype={"case_id": str})
+        oof = pd.read_csv(fold / "oof.csv", dtype={"case_id": str})
+        oof = oof[oof["protocol"] == protocol]
+        cols[k] = pd.concat([train, oof])[["case_id", "risk"]].set_index("case_id")["risk"]
+        records.append({"train": train, "done": json.loads((fold / "done.json").read_text())})
+    return pd.DataFrame(cols), records
+
+
+def _breslow_h0(risk: np.ndarray, time: np.ndarray, event: np.ndarray, t: float) -> float:
+    """Breslow cumulative baseline hazard at ``t``: sum over events up to t of 1 / sum of exp(risk) at risk."""
+    return float(sum(1.0 / np.exp(risk[time >= ti]).sum() for ti in time[(event == 1) & (time <= t)]))
+
+
+def test_ensemble_risk_group_and_probability_equal_a_recomputation_from_the_fold_files(trained, tmp_path):
+    """Scoring the training cases as new patients must give, per case, the mean of the folds'
+    saved risks, the majority vote of risk > training median, and the mean over folds of
+    1 - exp(-H0(365) exp(risk)) with H0 recomputed by hand from each fold's training risks."""
+    result = _predict(trained, trained["manifest"], tmp_path / "train_as_new.csv")
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(tmp_path / "train_as_new.csv", dtype={"case_id": str}).set_index("case_id")
+    risks, records = _fold_risks(trained["run"], "inner")
+    pred = pred.loc[risks.index]
+    assert risks.notna().all().all() and risks.std().gt(1e-4).all()  # every fold scored every case, not constant
+
+    medians, h0 = [], []
+    for rec in records:
+        train, cal = rec["train"], rec["done"]["protocols"]["inner"]["calibration"]
+        medians.append(float(np.median(train["risk"])))
+        h0.append(_breslow_h0(train["risk"].to_numpy(), train["time"].to_numpy(), train["event"].to_numpy(), 365.0))
+        assert cal["train_risk_median"] == pytest.approx(medians[-1], abs=1e-9)
+        assert cal["baseline_cum_hazard"]["365"] == pytest.approx(h0[-1], rel=1e-6)
+    medians, h0 = np.array(medians), np.array(h0)
+
+    np.testing.assert_allclose(pred["risk"], risks.mean(axis=1), atol=1e-4)
+    np.testing.assert_allclose(pred["risk_sd_over_folds"], risks.std(axis=1, ddof=1), atol=1e-4)
+    p_by_hand = (1.0 - np.exp(-h0 * np.exp(risks.to_numpy()))).mean(axis=1)
+    np.testing.assert_allclose(pred["p_relapse_1y"], p_by_hand, atol=1e-4)
+    # Majority of folds above their own training median (cases within float noise of a
+    # median, e.g. the median case itself, could go either way and are left out).
+    clear = (risks.sub(medians, axis=1).abs() > 1e-4).all(axis=1)
+    high = (risks.gt(medians, axis=1).mean(axis=1) >= 0.5).map({True: "high", False: "low"})
+    assert clear.sum() >= len(clear) // 2
+    assert (pred.loc[clear, "risk_group"] == high[clear]).all()
+    assert set(pred["risk_group"]) == {"high", "low"}
 
 
 def test_a_cache_other_than_the_runs_is_refused(trained, tmp_path):

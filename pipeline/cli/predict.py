@@ -7,7 +7,8 @@ import sys
 import click
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 100})
 @click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Manifest of the new cases (`build-manifest`); endpoints are not needed.")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -15,7 +16,8 @@ import click
 @click.option("--train-cache", required=True, type=click.Path(exists=True, file_okay=False),
               help="The preprocessed cache the run was trained on: its crop size G and parameters are reused.")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False),
-              help="Output CSV: case_id, risk, risk_sd_over_folds, risk_group, p_relapse_1y (+ .json provenance).")
+              help="Output CSV: case_id, risk, risk_sd_over_folds, risk_group, p_relapse_1y, n_folds, protocol, "
+                   "random_init_embeddings (+ .json provenance beside it).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the new cases' preprocessed cache and embeddings [default: beside --out].")
 @click.option("--protocol", type=click.Choice(["inner", "paper"]), default="inner",
@@ -35,7 +37,13 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
 
     New cases are cropped with the training cohort's G, embedded with the run's encoders,
     and scored by every finished fold; inputs whose preprocessing or weights differ from the
-    trained model's are refused.
+    trained model's are refused. Runs on random-init embeddings (the demo) are flagged in
+    every row and in the provenance record.
+
+    \b
+    Example:
+      predict-survival --manifest data/new_patients.csv --run runs/ctpet-d256 \\
+                       --train-cache cache/preprocessed --out predictions/new_patients.csv
     """
     from pipeline.artefacts import ProvenanceError
     from pipeline.predict import predict_patients
@@ -48,6 +56,9 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
     except (ValueError, KeyError, FileNotFoundError, ProvenanceError) as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
+    if out["random_init_embeddings"].any():
+        click.secho("WARNING: the run's embeddings come from RANDOMLY INITIALISED encoders, not the "
+                    "foundation models: these predictions only test the pipeline.", fg="red", err=True)
     counts = out["risk_group"].value_counts().to_dict()
     click.echo(f"{len(out)} patients scored by {int(out['n_folds'].iloc[0])} folds "
                f"({counts.get('high', 0)} high risk, {counts.get('low', 0)} low); predictions: {out_csv}")
