@@ -138,8 +138,8 @@ def undefined_auc_lines(run_dir: Path) -> list[str]:
         record = read_json(done)
         for proto, res in record["protocols"].items():
             if res.get("auc_1y") is None:
-                lines.append(f"  1-year AUROC undefined in fold {record['fold']} ({proto}): "
-                             f"{res.get('auc_1y_undefined_reason') or 'no reason recorded'}")
+                reason = (res.get("auc_1y_undefined_reason") or "no reason recorded").replace("_", " ")
+                lines.append(f"  1-year AUROC undefined in fold {record['fold']} ({proto}): {reason}")
     return lines
 
 
