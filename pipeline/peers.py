@@ -8,14 +8,16 @@ Every peer returns out-of-fold (OOF) predictions with the CNN's columns
 "embedding head" vs "CNN").
 
 Per fold, everything that is learnt is learnt on the training part only: the clinical
-transform (:class:`pipeline.clinical.ClinicalTransform`), the median imputation and
-standardisation of numeric features, the PCA projection of embeddings, the Cox
-coefficients and, for the penalised head, the penalty (inner CV on the training part).
+transform (:class:`pipeline.clinical.ClinicalTransform`), the imputation (training-fold
+mean, :func:`pipeline.embeddings.training_fill`, as the CNN does) and standardisation of
+numeric features, the PCA projection of embeddings, the Cox coefficients and the penalty
+(inner CV on the training part).
 
 Peers:
 
-* ``clinical``: ridge Cox (``sksurv`` ``CoxPHSurvivalAnalysis(alpha)``, Breslow ties) on
-  the nine clinical covariates.
+* ``clinical``: ridge Cox (Breslow ties; :func:`ridge_cox_path`, the objective of
+  ``sksurv`` ``CoxPHSurvivalAnalysis(alpha)`` solved by a vectorised Newton method) on the
+  nine clinical covariates.
 * ``radiomics``: ridge Cox on radiomics-lite features computed from the preprocessed cache
   (:func:`radiomics_lite_features`): log(1 + volume ml), SUVmax, SUVmean,
   log(1 + TLG), optionally with the clinical covariates.
@@ -27,13 +29,15 @@ Peers:
   ``proj`` mirrors the CNN's projection size: the CNN learns one linear map per modality
   to d in {64, 128, 256} or keeps the native size; for a Cox head the natural linear,
   label-free counterpart is a per-modality PCA to d components fitted on the training
-  part (d is capped at n_train - 1), ``None`` keeps every standardised feature and lets
-  the penalty do the work. PCA scores are not whitened, so low-variance directions are
-  penalised more, as ridge does on the original features.
+  part (d is capped at n_train - 1; a d above a block's width keeps every component, with
+  a warning), ``None`` keeps every standardised feature and lets the penalty do the work.
+  PCA scores are not whitened, so low-variance directions are penalised more, as ridge
+  does on the original features.
 
 External features (e.g. a radiomics CSV keyed by PatientID) enter the same heads through
-:func:`import_feature_table`, which writes the embedding-cache HDF5 schema of
-:mod:`pipeline.embeddings`; :func:`pipeline.embeddings.load_embeddings` reads both kinds.
+:func:`import_feature_table`, which writes the embedding-cache HDF5 schema through
+:func:`pipeline.embeddings.write_embedding_file`, with or without a preprocessed cache;
+:func:`pipeline.embeddings.load_embeddings` reads both kinds.
 """
 
 from __future__ import annotations
@@ -48,30 +52,39 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.linalg.blas import dsyrk
 
 from pipeline.artefacts import (
-    plain_value,
-    ProvenanceError,
     atomic_path,
-    canonical_json,
     code_version,
     params_hash,
     sha256_file,
     utc_now,
+    write_json_atomic,
 )
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
-from pipeline.manifest import CLINICAL_COLUMNS
+from pipeline.embeddings import (
+    FEATURE_TABLE_SOURCE,
+    MissingCasesError,
+    load_embeddings,
+    training_fill,
+    write_embedding_file,
+)
+from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
+from pipeline.metrics import c_index, fold_metrics, summarise_folds
+from pipeline.splits import load_folds
+from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score, mean_ci
 
 PEERS = ("clinical", "radiomics", "embeddings")
 PROTOCOL = "fit"
 OOF_COLUMNS = ("case_id", "fold", "protocol", "risk", "time", "event")
 RADIOMICS_COLUMNS = ("volume_ml", "suv_max", "suv_mean", "tlg")
 RADIOMICS_DESIGN = ("log_volume", "suv_max", "suv_mean", "log_tlg")
-FEATURE_TABLE_ENCODER = "feature_table"
+FEATURE_TABLE_ENCODER = FEATURE_TABLE_SOURCE
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 _RESERVED = {"case_ids", "fingerprints"}
 
@@ -97,7 +110,7 @@ def radiomics_lite_features(cache: PreprocessedCache | str | os.PathLike, case_i
     Returns:
         DataFrame indexed by ``case_id`` with ``n_voxels``, ``volume_ml``, ``suv_max``,
         ``suv_mean``, ``tlg`` (= SUVmean x volume ml). A case with an empty mask has
-        volume 0, TLG 0 and NaN SUVs (imputed later by the training-fold median).
+        volume 0, TLG 0 and NaN SUVs (imputed later by the training-fold mean).
 
     Raises:
         KeyError: when the cache lacks a case (all missing ones named).
@@ -157,8 +170,8 @@ class HeadConfig:
     """Settings of a Cox head.
 
     Attributes:
-        model: ``ridge`` (``CoxPHSurvivalAnalysis(alpha=ridge_alpha)``) or ``coxnet``
-            (elastic net); both choose their penalty by inner CV unless fixed.
+        model: ``ridge`` (:func:`ridge_cox_path`) or ``coxnet`` (elastic net); both choose
+            their penalty by inner CV unless fixed.
         ridge_alpha: L2 weight of ``ridge`` on the summed partial log-likelihood
             (penalty 0.5 * alpha * ||beta||^2), or ``None`` (default) to choose it from
             :data:`RIDGE_ALPHAS` by inner CV on the training part: with ~20 events and 13
@@ -235,9 +248,10 @@ class _FoldFeatures:
         self.fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
         for name, df in self.blocks.items():
             x = df.loc[ids].to_numpy(dtype=np.float64)
-            med = np.nanmedian(x, axis=0) if np.isnan(x).any() else np.median(x, axis=0)
-            med = np.where(np.isnan(med), 0.0, med)  # a column missing in every training case
-            x = np.where(np.isnan(x), med, x)
+            # The training-fold mean, as the CNN fills embeddings (pipeline.train.fit_fm_stats):
+            # the z-scoring below maps it to 0, so a missing value carries no signal.
+            fill = training_fill(x)
+            x = np.where(np.isnan(x), fill, x)
             mean, sd = x.mean(axis=0), x.std(axis=0)
             sd = np.where(sd > 1e-12, sd, 1.0)
             z = (x - mean) / sd
@@ -250,15 +264,15 @@ class _FoldFeatures:
                 pca = PCA(n_components=k, svd_solver="auto", random_state=0).fit(z)
                 self.info[f"{name}_pca_components"] = k
                 self.info[f"{name}_pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
-            self.fitted[name] = (med, mean, sd, pca)
+            self.fitted[name] = (fill, mean, sd, pca)
         return self
 
     def transform(self, ids: list[str]) -> np.ndarray:
         parts = []
         for name, df in self.blocks.items():
-            med, mean, sd, pca = self.fitted[name]
+            fill, mean, sd, pca = self.fitted[name]
             x = df.loc[ids].to_numpy(dtype=np.float64)
-            z = (np.where(np.isnan(x), med, x) - mean) / sd
+            z = (np.where(np.isnan(x), fill, x) - mean) / sd
             parts.append(pca.transform(z) if pca is not None else z)
         if self.ct is not None:
             parts.append(self.ct.transform(self.clinical.loc[ids]).astype(np.float64))
@@ -275,13 +289,114 @@ def _surv(time: np.ndarray, event: np.ndarray):
 RIDGE_ALPHAS = (1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
 
 
-def _ridge(x, time, event, alpha):
-    from sksurv.linear_model import CoxPHSurvivalAnalysis
+@dataclass
+class RidgeCox:
+    """A fitted ridge Cox model: ``coef_`` ``[F]``; ``predict`` gives the linear predictor."""
 
-    with warnings.catch_warnings():
-        # Convergence chatter on nearly separable tiny folds; the ridge keeps beta finite.
-        warnings.simplefilter("ignore")
-        return CoxPHSurvivalAnalysis(alpha=alpha, ties="breslow").fit(x, _surv(time, event))
+    coef_: np.ndarray
+    alpha: float
+    n_iter: int
+    converged: bool
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) @ self.coef_
+
+
+class _CoxNewton:
+    """Newton's method for the ridge-penalised Cox partial likelihood (Breslow ties).
+
+    Minimises ``-log PL(beta) + 0.5 * alpha * ||beta||^2``, the objective of scikit-survival's
+    ``CoxPHSurvivalAnalysis(alpha, ties="breslow")`` (which divides both terms by N), with
+    its stopping rule (relative change of the objective < ``tol``); the coefficients agree
+    to ~1e-8. Gradient and Hessian are closed-form matrix products over cumulative risk-set
+    sums, O(N F^2) per step, instead of scikit-survival's per-case Python loop. With more
+    features than cases the fit runs in the N-dimensional row space of ``x`` (``x^T = QR``,
+    ``beta = Q gamma``, ``||beta|| = ||gamma||``): a ridge solution always lies there, and
+    each step costs O(N^3).
+    """
+
+    def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray):
+        x = np.asarray(x, dtype=np.float64)
+        self.basis = None
+        if x.shape[1] > x.shape[0]:
+            self.basis, r = np.linalg.qr(x.T)
+            x = r.T
+        order = np.argsort(-np.asarray(time, dtype=np.float64), kind="mergesort")
+        neg_t = -np.asarray(time, dtype=np.float64)[order]
+        # Sorted by decreasing time, the risk set of row i is rows [0, ends[i]] (ties included);
+        # starts[i] is the first row tied with row i.
+        self.starts = np.searchsorted(neg_t, neg_t, side="left")
+        self.ends = np.searchsorted(neg_t, neg_t, side="right") - 1
+        self.z = np.ascontiguousarray(x[order])
+        self.event = np.asarray(event, dtype=np.float64)[order]
+
+    def objective(self, eta: np.ndarray, gamma: np.ndarray, alpha: float) -> float:
+        log_s0 = np.logaddexp.accumulate(eta)[self.ends]
+        return float(-np.sum(self.event * (eta - log_s0)) + 0.5 * alpha * (gamma @ gamma))
+
+    def newton_step(self, eta: np.ndarray, gamma: np.ndarray, alpha: float) -> np.ndarray:
+        """Solve ``H step = gradient`` at ``gamma``."""
+        z, ev = self.z, self.event
+        w = np.exp(eta - eta.max())  # the shift cancels in every ratio below
+        s0 = np.cumsum(w)[self.ends]
+        zbar = np.cumsum(w[:, None] * z, axis=0)[self.ends] / s0[:, None]
+        grad = ev @ zbar - ev @ z + alpha * gamma
+        # sum_i ev_i / S0_i * sum_{j in R_i} w_j z_j z_j^T = Z^T diag(w * c) Z with
+        # c_j = sum of ev_i / S0_i over the events i whose risk set holds j (t_i <= t_j).
+        c = np.cumsum((ev / s0)[::-1])[::-1][self.starts]
+        ze = zbar[ev > 0]
+        h = dsyrk(1.0, z * np.sqrt(w * c)[:, None], trans=1) - dsyrk(1.0, ze, trans=1)
+        h[np.diag_indices_from(h)] += alpha
+        try:
+            return cho_solve(cho_factor(h, lower=False, check_finite=False), grad, check_finite=False)
+        except LinAlgError:  # alpha = 0 on a singular design
+            return np.linalg.lstsq(np.triu(h) + np.triu(h, 1).T, grad, rcond=None)[0]
+
+    def fit(self, alpha: float, gamma: np.ndarray, tol: float = 1e-9, max_iter: int = 100):
+        """Minimise from ``gamma``; return ``(gamma, iterations, converged)``."""
+        eta = self.z @ gamma
+        loss = self.objective(eta, gamma, alpha)
+        for it in range(1, max_iter + 1):
+            step = self.newton_step(eta, gamma, alpha)
+            if not np.all(np.isfinite(step)):
+                raise ArithmeticError("ridge Cox: the Newton step is not finite")
+            t = 1.0
+            while True:  # halve the step until the objective does not increase
+                new = gamma - t * step
+                eta_new = self.z @ new
+                loss_new = self.objective(eta_new, new, alpha)
+                if loss_new <= loss or t < 1e-8:
+                    break
+                t *= 0.5
+            done = abs(loss - loss_new) <= tol * abs(loss)
+            gamma, eta, loss = new, eta_new, loss_new
+            if done:
+                return gamma, it, True
+        return gamma, max_iter, False
+
+    def coef(self, gamma: np.ndarray) -> np.ndarray:
+        return self.basis @ gamma if self.basis is not None else gamma
+
+
+def ridge_cox_path(x: np.ndarray, time: np.ndarray, event: np.ndarray,
+                   alphas: Sequence[float]) -> list[RidgeCox]:
+    """Ridge Cox fits of ``x`` ``[N, F]`` for each penalty in ``alphas``, in that order.
+
+    Each fit starts from the previous solution (give the strongest penalty first), so a
+    whole penalty path costs a few Newton steps per penalty. See :class:`_CoxNewton`.
+    """
+    solver = _CoxNewton(x, time, event)
+    gamma = np.zeros(solver.z.shape[1])
+    out = []
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # rejected trial steps
+        for a in alphas:
+            gamma, n_iter, ok = solver.fit(float(a), gamma)
+            out.append(RidgeCox(solver.coef(gamma), float(a), n_iter, ok))
+    return out
+
+
+def _ridge(x, time, event, alpha) -> RidgeCox:
+    return ridge_cox_path(x, time, event, [alpha])[0]
 
 
 def _inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig,
@@ -308,8 +423,6 @@ def _inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: He
 
 
 def _safe_c(time, event, risk) -> float:
-    from pipeline.metrics import c_index
-
     try:
         return c_index(time, event, risk)
     except ValueError:  # no event / comparable pair in this inner fold
@@ -319,16 +432,20 @@ def _safe_c(time, event, risk) -> float:
 def _fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig):
     """Ridge Cox on ``x`` [N, F]; the penalty fixed or chosen by inner stratified K-fold CV."""
     if cfg.ridge_alpha is not None:
-        return _ridge(x, time, event, cfg.ridge_alpha), {"alpha": float(cfg.ridge_alpha)}
+        model = _ridge(x, time, event, cfg.ridge_alpha)
+        return model, {"alpha": model.alpha, "newton_iterations": model.n_iter, "converged": model.converged}
 
     def fit_scores(tr, va):
-        return [_safe_c(time[va], event[va], _ridge(x[tr], time[tr], event[tr], a).predict(x[va]))
-                for a in RIDGE_ALPHAS]
+        try:
+            path = ridge_cox_path(x[tr], time[tr], event[tr], RIDGE_ALPHAS)
+        except (ArithmeticError, LinAlgError):
+            return np.full(len(RIDGE_ALPHAS), np.nan)
+        return [_safe_c(time[va], event[va], m.predict(x[va])) for m in path]
 
     best, mean = _inner_cv_choice(x, time, event, cfg, len(RIDGE_ALPHAS), fit_scores)
-    alpha = RIDGE_ALPHAS[best]
-    return _ridge(x, time, event, alpha), {
-        "alpha": alpha, "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None}
+    model = ridge_cox_path(x, time, event, RIDGE_ALPHAS[: best + 1])[-1]
+    return model, {"alpha": model.alpha, "newton_iterations": model.n_iter, "converged": model.converged,
+                   "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None}
 
 
 def _coxnet(cfg: HeadConfig, alphas=None):
@@ -393,7 +510,7 @@ def run_head(
         folds: ``case_id, fold`` [, ``repeat``] (from :mod:`pipeline.splits`); the OOF
             covers exactly these cases.
         blocks: name -> numeric features indexed by ``case_id`` (NaN = missing, imputed
-            with the training median).
+            with the training-fold mean).
         clinical: manifest rows indexed by ``case_id`` holding the clinical columns;
             used when ``config.with_clinical``.
         config: :class:`HeadConfig`.
@@ -406,8 +523,6 @@ def run_head(
         ValueError: when there are no features, a case of ``folds`` lacks survival,
             features or clinical data (naming the cases), or a training part has no event.
     """
-    from pipeline.metrics import c_index
-    from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score
 
     t0 = _time.perf_counter()
     cfg = config or HeadConfig()
@@ -531,11 +646,23 @@ def embedding_head(
     config: HeadConfig | None = None,
     modalities: Sequence[str] | None = None,
 ) -> PeerResult:
-    """Penalised Cox on embeddings (one PCA per modality when ``config.proj``) + clinical."""
+    """Penalised Cox on embeddings (one PCA per modality when ``config.proj``) + clinical.
+
+    A ``config.proj`` above a block's width cannot project (PCA keeps at most as many
+    components as features): the block keeps all its components and a warning says so.
+    """
     cfg = config or HeadConfig(model="coxnet", with_clinical=True)
     blocks = embedding_blocks(features, modalities)
+    for name, width in projection_excess(cfg.proj, {b: df.shape[1] for b, df in blocks.items()}).items():
+        warnings.warn(f"proj {cfg.proj} exceeds the {width} features of {name!r}: a PCA keeps at "
+                      f"most {width} components, so {name!r} is not reduced", stacklevel=2)
     m = _by_case(manifest)
     return run_head(survival_frame(m), folds, blocks=blocks, clinical=m, config=cfg, project=list(blocks))
+
+
+def projection_excess(proj: int | None, widths: Mapping[str, int]) -> dict[str, int]:
+    """Blocks (name -> width) narrower than the projection size ``proj``."""
+    return {} if proj is None else {b: w for b, w in widths.items() if int(proj) > w}
 
 
 def _by_case(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -559,21 +686,22 @@ def import_feature_table(
     name: str = "radiomics",
     cache: PreprocessedCache | str | os.PathLike | None = None,
     columns: Sequence[str] | None = None,
+    expected_case_ids: Sequence[str] | None = None,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
-    """Write a per-case feature CSV as an embedding-cache HDF5 (``pipeline.embeddings`` schema 1).
+    """Write a per-case feature CSV as an embedding file (:mod:`pipeline.embeddings` schema).
 
-    Layout: ``/case_ids`` and ``/fingerprints`` (UTF-8 strings, the cache's per-case
-    fingerprints, ``""`` for a case the cache lacks or without a cache), ``/<name>``
-    float32 [N, F] (NaN = missing). File attributes as extracted embeddings
-    (``schema_version``, ``modality`` = ``modalities`` = [name], ``params_hash`` and
-    ``crop_size_vox_xyz`` of the cache or ``""`` / [] without one, ``cache_path``,
-    ``code_version``, ``created``, ``random_init`` False) plus ``source`` =
-    ``"feature_table"``. Dataset attributes: ``encoder`` = ``"feature_table"``,
-    ``weights_sha256`` = the CSV's sha256, ``source_csv``, ``source_csv_sha256``,
-    ``id_column``, ``columns`` (JSON list of the F feature names in column order),
-    ``dropped_columns`` (JSON: non-numeric columns left out), ``embedding_dim``,
-    ``pooling`` = ``"none"``, ``input_key`` = ``""``, ``dtype``, ``provenance`` and
-    ``provenance_hash``. Written atomically.
+    Written by :func:`pipeline.embeddings.write_embedding_file`, so the file has the layout
+    and file attributes of extracted embeddings: ``/case_ids``, ``/fingerprints`` (the
+    cache's per-case fingerprints, ``""`` for a case the cache lacks or without a cache),
+    ``/<name>`` float32 [N, F] (NaN = missing); ``modality`` = ``modalities`` = [name],
+    ``source`` = ``"feature_table"``, and ``cache_bound`` False when imported without a
+    cache (the loader's cache checks then do not apply). Dataset attributes: ``encoder`` =
+    ``"feature_table"``, ``weights_sha256`` = the CSV's sha256, ``source_csv``,
+    ``source_csv_sha256``, ``id_column``, ``columns`` (JSON list of the F feature names in
+    column order), ``dropped_columns`` (JSON: non-numeric columns left out),
+    ``embedding_dim``, ``pooling`` = ``"none"``, ``input_key`` = ``""``, ``dtype``,
+    ``provenance`` and ``provenance_hash``.
 
     Args:
         csv_path: the table; one row per case.
@@ -581,29 +709,84 @@ def import_feature_table(
         id_column: column holding the case ids.
         name: dataset / modality name (letters and digits, starting with a letter).
         cache: the preprocessed cache the features belong to (records its params_hash
-            and per-case fingerprints so cache-checked reads work).
+            and per-case fingerprints so cache-checked reads work); ``None`` imports
+            without one.
         columns: feature columns to take (all must be numeric); default: every numeric
             column except the id column.
+        expected_case_ids: the cases the table should cover (the manifest's); the
+            coverage is reported, and missing cases are refused unless ``allow_missing``.
+        allow_missing: import a table that lacks some ``expected_case_ids``.
 
     Returns:
-        ``{"path", "n_cases", "n_features", "columns", "dropped_columns",
-        "not_in_cache", "sha256"}``.
+        ``{"path", "n_cases", "n_features", "columns", "dropped_columns", "not_in_cache",
+        "cache_bound", "coverage", "sha256"}``; ``coverage`` is ``None`` without
+        ``expected_case_ids``, else ``{"expected", "covered", "missing", "not_expected"}``
+        (counts, and the lists of missing and extra case ids).
 
     Raises:
         ValueError: on a bad name, missing id column, duplicate or empty ids, a
             non-numeric requested column, infinite values or no feature column (naming
             the file, column and cases).
+        pipeline.embeddings.MissingCasesError: the table lacks expected cases (all
+            listed) and ``allow_missing`` is False.
     """
     csv_path, out_h5 = Path(csv_path), Path(out_h5)
     if not _NAME_RE.match(name) or name in _RESERVED:
         raise ValueError(f"import_feature_table: name {name!r} must be letters/digits starting with a letter")
     if name in ("ct", "pet"):
         raise ValueError(f"import_feature_table: name {name!r} is reserved for the foundation-model embeddings")
+    ids, x, use, dropped = _read_feature_table(csv_path, id_column, columns)
+    coverage = None
+    if expected_case_ids is not None:
+        coverage = table_coverage(ids, expected_case_ids)
+        if coverage["missing"] and not allow_missing:
+            raise MissingCasesError(
+                f"{csv_path}: covers {coverage['covered']} of the {coverage['expected']} cases of the "
+                f"manifest; {len(coverage['missing'])} missing: {coverage['missing']}. Import a table "
+                "with a row for every case (NaN where a feature is unknown: the heads and the CNN fill "
+                "it with the training-fold mean), or pass --allow-missing to import it as it is "
+                "(fit-heads and train-survival then refuse the missing cases)",
+                coverage["missing"],
+            )
+    if cache is not None and not isinstance(cache, PreprocessedCache):
+        cache = PreprocessedCache(cache)
+    in_cache = set(cache.case_ids) if cache is not None else set()
+    not_in_cache = [c for c in ids if c not in in_cache] if cache is not None else []
+    csv_sha = sha256_file(csv_path)
+    prov = {"encoder": FEATURE_TABLE_ENCODER, "modality": name, "source_csv_sha256": csv_sha,
+            "id_column": id_column, "columns": use, "pooling": "none", "input_key": ""}
+    attrs = {
+        "encoder": FEATURE_TABLE_ENCODER, "weights_sha256": csv_sha, "random_init_seed": -1,
+        "weights_path": str(csv_path.resolve()), "encoder_config": "{}",
+        "source_csv": str(csv_path.resolve()), "source_csv_sha256": csv_sha, "id_column": id_column,
+        "columns": json.dumps(use), "dropped_columns": json.dumps(dropped), "pooling": "none",
+        "input_key": "", "input_shape": np.zeros(0, dtype=np.int64), "precision": "fp32",
+    }
+    write_embedding_file(out_h5, modality=name, case_ids=ids, datasets={name: (x, attrs, prov)},
+                         cache=cache, file_attrs={"source": FEATURE_TABLE_SOURCE})
+    return {"path": str(out_h5), "n_cases": len(ids), "n_features": len(use), "columns": use,
+            "dropped_columns": dropped, "not_in_cache": not_in_cache, "cache_bound": cache is not None,
+            "coverage": coverage, "sha256": sha256_file(out_h5)}
+
+
+def table_coverage(table_ids: Sequence[str], expected: Sequence[str]) -> dict[str, Any]:
+    """How many ``expected`` cases a table holds: counts, the missing and the extra ids."""
+    have, want = set(table_ids), set(expected)
+    missing = [c for c in expected if c not in have]
+    return {"expected": len(want), "covered": len(want) - len(set(missing)), "missing": missing,
+            "not_expected": [c for c in table_ids if c not in want]}
+
+
+def _read_feature_table(
+    csv_path: Path, id_column: str, columns: Sequence[str] | None
+) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """Case ids, float64 ``[N, F]`` features, the F column names and the non-numeric left out."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"import_feature_table: no such CSV {csv_path}")
     df = pd.read_csv(csv_path, dtype={id_column: str})
     if id_column not in df.columns:
-        raise ValueError(f"{csv_path}: no id column {id_column!r} (columns: {list(df.columns)[:20]})")
+        raise ValueError(f"{csv_path}: no id column {id_column!r} (columns: {list(df.columns)[:20]}); "
+                         "name it with --id-column")
     ids = df[id_column].astype(str).str.strip()
     if (ids == "").any() or df[id_column].isna().any():
         raise ValueError(f"{csv_path}: empty {id_column!r} in rows {np.flatnonzero((ids == '') | df[id_column].isna()).tolist()[:10]}")
@@ -629,55 +812,7 @@ def import_feature_table(
     if inf.size:
         r, c = inf[0]
         raise ValueError(f"{csv_path}: infinite value in column {use[c]!r} for case {ids.iloc[r]!r}")
-
-    fps = [""] * len(ids)
-    ph, crop, cache_path, not_in_cache = "", np.zeros(0, dtype=np.int64), "", []
-    if cache is not None:
-        cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
-        have = set(cache.case_ids)
-        fps = [cache.case_fingerprint(c) if c in have else "" for c in ids]
-        not_in_cache = [c for c in ids if c not in have]
-        ph, crop = cache.params_hash, np.asarray(cache.crop_size_vox_xyz, dtype=np.int64)
-        cache_path = str(cache.root.resolve())
-    csv_sha = sha256_file(csv_path)
-    prov = {"encoder": FEATURE_TABLE_ENCODER, "modality": name, "source_csv_sha256": csv_sha,
-            "id_column": id_column, "columns": use, "pooling": "none", "input_key": ""}
-    str_dt = h5py.string_dtype(encoding="utf-8")
-    with atomic_path(out_h5, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as h5:
-            h5.attrs["schema_version"] = 1
-            h5.attrs["modality"] = name
-            h5.attrs["modalities"] = json.dumps([name])
-            h5.attrs["params_hash"] = ph
-            h5.attrs["crop_size_vox_xyz"] = crop
-            h5.attrs["cache_path"] = cache_path
-            h5.attrs["code_version"] = code_version()
-            h5.attrs["created"] = utc_now()
-            h5.attrs["random_init"] = False
-            h5.attrs["source"] = FEATURE_TABLE_ENCODER
-            h5.create_dataset("case_ids", data=np.asarray(ids.tolist(), dtype=object), dtype=str_dt)
-            h5.create_dataset("fingerprints", data=np.asarray(fps, dtype=object), dtype=str_dt)
-            ds = h5.create_dataset(name, data=x.astype(np.float32))
-            ds.attrs["encoder"] = FEATURE_TABLE_ENCODER
-            ds.attrs["weights_sha256"] = csv_sha
-            ds.attrs["random_init_seed"] = -1
-            ds.attrs["weights_path"] = str(csv_path.resolve())
-            ds.attrs["encoder_config"] = "{}"
-            ds.attrs["source_csv"] = str(csv_path.resolve())
-            ds.attrs["source_csv_sha256"] = csv_sha
-            ds.attrs["id_column"] = id_column
-            ds.attrs["columns"] = json.dumps(use)
-            ds.attrs["dropped_columns"] = json.dumps(dropped)
-            ds.attrs["embedding_dim"] = len(use)
-            ds.attrs["pooling"] = "none"
-            ds.attrs["input_key"] = ""
-            ds.attrs["input_shape"] = np.zeros(0, dtype=np.int64)
-            ds.attrs["dtype"] = "float32"
-            ds.attrs["precision"] = "fp32"
-            ds.attrs["provenance"] = canonical_json(prov)
-            ds.attrs["provenance_hash"] = params_hash(prov)
-    return {"path": str(out_h5), "n_cases": len(ids), "n_features": len(use), "columns": use,
-            "dropped_columns": dropped, "not_in_cache": not_in_cache, "sha256": sha256_file(out_h5)}
+    return ids.tolist(), x, use, dropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,10 +853,6 @@ def fit_peer_run(
         .summarise_folds`), t-intervals (:func:`pipeline.stats.mean_ci`), per-fold fit
         records, configuration and provenance (inputs' sha256, params hash, code version).
     """
-    from pipeline.manifest import read_manifest, survival_cases
-    from pipeline.metrics import fold_metrics, summarise_folds
-    from pipeline.splits import load_folds
-    from pipeline.stats import mean_ci
 
     if peer not in PEERS:
         raise ValueError(f"fit_peer_run: unknown peer {peer!r}; choose one of {PEERS}")
@@ -749,8 +880,6 @@ def fit_peer_run(
         if features_path is None:
             raise ValueError("fit_peer_run: the embeddings peer needs --embeddings PATH")
         cfg = config or HeadConfig(model="coxnet", with_clinical=True)
-        from pipeline.embeddings import load_embeddings
-
         feats = load_embeddings(features_path, cache=cache, case_ids=ids, modalities=modalities)
         inputs.update(features=str(features_path), features_sha256=feats.attrs["sha256"],
                       feature_modalities=feats.attrs["feature_modalities"])
@@ -773,7 +902,5 @@ def fit_peer_run(
         res.oof.to_csv(tmp, index=False)
     with atomic_path(out / "train_risk.csv", suffix=".csv") as tmp:
         res.train_risk.to_csv(tmp, index=False)
-    from pipeline.artefacts import write_json_atomic
-
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from pipeline import peers
 from pipeline.artefacts import ProvenanceError
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
-from pipeline.embeddings import load_embeddings
+from pipeline.embeddings import MissingCasesError, load_embeddings
 from pipeline.cli.heads import fit_heads, import_features
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.metrics import c_index
@@ -296,9 +297,9 @@ def test_cli_fit_heads_and_import_features(tmp_path):
     pd.DataFrame({"PatientID": df.case_id, "vol": vol, "noise": np.random.default_rng(0).normal(size=50)}
                  ).to_csv(tmp_path / "feat.csv", index=False)
     r = runner.invoke(import_features, [str(tmp_path / "feat.csv"), "--out", str(tmp_path / "emb" / "table.h5"),
-                                        "--cache", str(cache.root)])
+                                        "--cache", str(cache.root), "--manifest", str(tmp_path / "manifest.csv")])
     assert r.exit_code == 0, r.output
-    assert "50 cases x 2 features" in r.output
+    assert "50 cases x 2 features" in r.output and "covers 50 of the 50 cases" in r.output
     r = runner.invoke(fit_heads, base + ["--embeddings", str(tmp_path / "emb" / "table.h5"), "--cache",
                                          str(cache.root), "--no-clinical", "--out", str(tmp_path / "runs" / "t")])
     assert r.exit_code == 0, r.output
@@ -331,3 +332,159 @@ def test_ridge_penalty_chosen_by_inner_cv_beats_a_weak_fixed_one_on_noisy_featur
     c_cv, res = mean_c(HeadConfig(model="ridge", with_clinical=False))
     assert min(r["alpha"] for r in res.per_fold) >= 3.0
     assert c_cv > c_fixed
+
+
+# ----------------------------------------------------------------------------- ridge Cox solver
+
+
+@pytest.mark.parametrize("n, p", [(60, 8), (40, 90)])
+def test_ridge_cox_path_equals_scikit_survival(n, p):
+    """Same objective and stopping rule as CoxPHSurvivalAnalysis(alpha, ties="breslow"), with
+    tied times, fewer and more features than cases, every penalty of the inner-CV path."""
+    import warnings as _w
+
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+    rng = np.random.default_rng(p)
+    x = rng.normal(size=(n, p))
+    t = np.round(rng.exponential(np.exp(-0.8 * x[:, 0])) * 20) + 1  # many ties
+    e = rng.uniform(size=n) < 0.7
+    path = peers.ridge_cox_path(x, t, e, peers.RIDGE_ALPHAS)
+    assert len(np.unique(t)) < n
+    for model in path:
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            ref = CoxPHSurvivalAnalysis(alpha=model.alpha, ties="breslow").fit(x, peers._surv(t, e))
+        assert model.converged
+        np.testing.assert_allclose(model.coef_, ref.coef_, rtol=1e-5, atol=1e-7 * np.abs(ref.coef_).max())
+        np.testing.assert_allclose(model.predict(x), ref.predict(x), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- missing values
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_missing_features_are_filled_with_the_training_mean_as_the_cnn_does():
+    from pipeline.train import fit_fm_stats
+
+    rng = np.random.default_rng(0)
+    ids = [f"C{i}" for i in range(30)]
+    x = rng.lognormal(size=(30, 3))  # skewed: the mean differs from the median
+    x[3, 0] = x[25, 1] = np.nan
+    x[:, 2] = np.nan  # a column missing everywhere
+    block = pd.DataFrame(x, index=ids)
+    train, test = ids[:20], ids[20:]
+    feats = peers._FoldFeatures({"f": block}, None, {"f": None}).fit(train)
+    fill, mean, sd, _ = feats.fitted["f"]
+    np.testing.assert_allclose(fill, fit_fm_stats(x[:20], standardise=True)["fill"])
+    assert fill[0] == pytest.approx(np.nanmean(x[:20, 0])) and fill[2] == 0.0
+    assert abs(np.nanmean(x[:20, 0]) - np.nanmedian(x[:20, 0])) > 0.1
+    z = feats.transform(test)
+    assert z[25 - 20, 1] == pytest.approx(0.0, abs=1e-12)  # a missing value z-scores to 0: no signal
+    np.testing.assert_array_equal(feats.transform(train)[:, 2], 0.0)
+
+
+# ----------------------------------------------------------------------------- feature import: cache, writer, coverage
+
+
+def _table(ids, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"Patient_ID": ids, "vol": rng.uniform(1, 50, len(ids)), "mean": rng.normal(size=len(ids))})
+
+
+def test_import_without_a_cache_is_recorded_and_skips_cache_checks(tmp_path, monkeypatch):
+    ids = [f"SYN-{i:03d}" for i in range(12)]
+    _table(ids).to_csv(tmp_path / "radiomics.csv", index=False)
+    res = peers.import_feature_table(tmp_path / "radiomics.csv", tmp_path / "x.h5", id_column="Patient_ID")
+    assert res["cache_bound"] is False
+    with h5py.File(tmp_path / "x.h5") as h5:
+        assert not h5.attrs["cache_bound"] and h5.attrs["params_hash"] == "" and h5.attrs["cache_path"] == ""
+        assert set(h5["fingerprints"].asstr()[()]) == {""}
+    # A cache passed to the loader does not apply to an unbound file.
+    cache = _write_cache(tmp_path / "cache", {c: (1, 1, 1) for c in ids}, {c: (1.0, 1.0) for c in ids})
+    back = load_embeddings(tmp_path / "x.h5", cache=cache, case_ids=ids[::-1])
+    assert back.index.tolist() == ids[::-1] and back.shape == (12, 2)
+
+    # The CLI: no cache at the default path -> imported without one, and said so.
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(import_features, ["radiomics.csv", "--out", "x2.h5", "--id-column", "Patient_ID"])
+    assert r.exit_code == 0, r.output
+    assert "no preprocessed cache at cache/preprocessed: importing without one" in r.output
+    assert "12 cases x 2 features" in r.output and "coverage is not checked" in r.output
+    with h5py.File(tmp_path / "x2.h5") as h5:
+        assert not h5.attrs["cache_bound"]
+    r = runner.invoke(import_features, ["radiomics.csv", "--out", "x3.h5", "--id-column", "Patient_ID",
+                                        "--cache", "elsewhere"])
+    assert r.exit_code == 1 and r.output.startswith("error: elsewhere: no preprocessed cache")
+    assert "--no-cache" in r.output and not (tmp_path / "x3.h5").exists()
+    r = runner.invoke(import_features, ["radiomics.csv", "--out", "x4.h5", "--id-column", "Patient_ID",
+                                        "--cache", str(cache.root), "--no-cache"])
+    assert r.exit_code == 0 and "--no-cache" in r.output
+
+
+def test_import_writes_through_the_embeddings_writer(tmp_path, monkeypatch):
+    from pipeline import embeddings as emb
+
+    _table(["A", "B"]).to_csv(tmp_path / "t.csv", index=False)
+    monkeypatch.setattr(emb, "SCHEMA_VERSION", 99)
+    peers.import_feature_table(tmp_path / "t.csv", tmp_path / "t.h5", id_column="Patient_ID", name="t")
+    with h5py.File(tmp_path / "t.h5") as h5:
+        assert h5.attrs["schema_version"] == 99 and h5.attrs["source"] == "feature_table"
+    assert load_embeddings(tmp_path / "t.h5").shape == (2, 2)  # the reader follows the same version
+
+
+def test_import_refuses_a_table_missing_manifest_cases_and_fit_heads_advises_import(tmp_path):
+    df = _manifest(20, 21)
+    df = _endpoints(df, np.zeros(20), seed=22)
+    write_manifest(df, tmp_path / "manifest.csv")
+    save_folds(_folds(df, 4), tmp_path / "folds.json")
+    _table(df.case_id[:5].tolist() + ["OTHER-1"]).to_csv(tmp_path / "part.csv", index=False)
+    with pytest.raises(MissingCasesError) as err:
+        peers.import_feature_table(tmp_path / "part.csv", tmp_path / "p.h5", id_column="Patient_ID",
+                                   expected_case_ids=df.case_id.tolist())
+    assert err.value.missing == df.case_id[5:].tolist()
+    assert "covers 5 of the 20 cases" in str(err.value) and "--allow-missing" in str(err.value)
+
+    runner = CliRunner()
+    args = [str(tmp_path / "part.csv"), "--out", str(tmp_path / "p.h5"), "--id-column", "Patient_ID",
+            "--manifest", str(tmp_path / "manifest.csv"), "--no-cache"]
+    r = runner.invoke(import_features, args)
+    assert r.exit_code == 1 and "error: " in r.output and df.case_id[19] in r.output
+    assert not (tmp_path / "p.h5").exists()
+    r = runner.invoke(import_features, args + ["--allow-missing"])
+    assert r.exit_code == 0, r.output
+    assert "covers 5 of the 20 cases" in r.output and "WARNING: 15 case(s)" in r.output
+    assert df.case_id[19] in r.output and "1 row(s) are not cases" in r.output
+    r = runner.invoke(fit_heads, ["--manifest", str(tmp_path / "manifest.csv"), "--folds", str(tmp_path / "folds.json"),
+                                  "--embeddings", str(tmp_path / "p.h5"), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and r.output.startswith("error: ")
+    assert "import-features" in r.output and "extract-embeddings" not in r.output
+
+
+def test_fit_heads_defaults_to_the_shared_folds_json_and_refuses_a_projection_above_the_input(tmp_path, monkeypatch):
+    from pipeline.cli.train import train_survival
+
+    df = _endpoints(_manifest(30, 23), np.zeros(30), seed=24)
+    monkeypatch.chdir(tmp_path)
+    write_manifest(df, "data_manifest.csv")
+    _table(df.case_id.tolist()).to_csv("t.csv", index=False)
+    runner = CliRunner()
+    assert runner.invoke(import_features, ["t.csv", "--out", "t.h5", "--id-column", "Patient_ID"]).exit_code == 0
+    # Both commands default to one folds file.
+    heads_default, train_default = ({p.name: p.default for p in c.params}["folds_path"]
+                                    for c in (fit_heads, train_survival))
+    assert heads_default == train_default == "runs/folds.json"
+    assert "--folds runs/folds.json" in fit_heads.epilog
+    r = runner.invoke(fit_heads, ["--embeddings", "t.h5", "--out", "run"])
+    assert r.exit_code == 1 and "error: no folds file runs/folds.json" in r.output
+    assert "train-survival" in r.output and "run-study" in r.output
+    save_folds(_folds(df, 3), Path("runs/folds.json"))
+    r = runner.invoke(fit_heads, ["--embeddings", "t.h5", "--proj", "256", "--out", "run"])
+    assert r.exit_code == 2 and "--proj" in r.output and "larger than the input" in r.output
+    assert "'t' has 2 feature(s)" in r.output and not Path("run").exists()
+    r = runner.invoke(fit_heads, ["--embeddings", "t.h5", "--no-clinical", "--out", "run"])
+    assert r.exit_code == 0, r.output
+    with pytest.warns(UserWarning, match="proj 64 exceeds the 2 features of 't'"):
+        peers.embedding_head(df, _folds(df, 3), load_embeddings("t.h5"),
+                             peers.HeadConfig(model="ridge", proj=64, with_clinical=False))
