@@ -54,6 +54,12 @@ class DAFTBlock(nn.Module):
         bottleneck_dim: explicit hidden width; overrides ``bottleneck_factor`` when given.
         scale_activation: ``"linear"`` (DAFT default, alpha used as is), ``"sigmoid"`` or
             ``"tanh"``.
+        identity_init: start as the identity transform: the MLP's output layer is
+            zero-initialised and the scale is ``1 + act(alpha)`` (``"linear"`` or ``"tanh"``
+            only). Upstream DAFT sits inside a residual block, so its random initial transform
+            only perturbs a residual branch; placed on its own, as here, a random ``alpha``
+            would multiply the whole feature map by a random, covariate-dependent factor per
+            channel, and the image signal would first have to be recovered from it.
 
     Shapes:
         ``forward(x [B, C, D, H, W], tab [B, n_tab]) -> [B, C, D, H, W]``.
@@ -66,6 +72,7 @@ class DAFTBlock(nn.Module):
         bottleneck_factor: float = 7.0,
         bottleneck_dim: int | None = None,
         scale_activation: str = "linear",
+        identity_init: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1:
@@ -74,6 +81,8 @@ class DAFTBlock(nn.Module):
             raise ValueError(f"n_tabular must be >= 1 (DAFT needs a tabular vector), got {n_tabular!r}")
         if scale_activation not in _SCALE_ACTIVATIONS:
             raise ValueError(f"scale_activation must be one of {_SCALE_ACTIVATIONS}, got {scale_activation!r}")
+        if identity_init and scale_activation == "sigmoid":
+            raise ValueError("identity_init needs scale_activation 'linear' or 'tanh' (sigmoid(0) != 0)")
         if bottleneck_dim is None:
             bottleneck_dim = daft_bottleneck_dim(in_channels, n_tabular, bottleneck_factor)
         elif bottleneck_dim < 1:
@@ -82,6 +91,7 @@ class DAFTBlock(nn.Module):
         self.n_tabular = n_tabular
         self.bottleneck_dim = bottleneck_dim
         self.scale_activation = scale_activation
+        self.identity_init = identity_init
         self.aux = nn.Sequential(
             OrderedDict(
                 [
@@ -91,6 +101,8 @@ class DAFTBlock(nn.Module):
                 ]
             )
         )
+        if identity_init:
+            nn.init.zeros_(self.aux.aux_out.weight)
 
     def scale_shift(self, x: torch.Tensor, tab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample, per-channel ``(alpha, beta)``, each ``[B, C]`` (alpha after activation)."""
@@ -107,6 +119,8 @@ class DAFTBlock(nn.Module):
             alpha = torch.sigmoid(alpha)
         elif self.scale_activation == "tanh":
             alpha = torch.tanh(alpha)
+        if self.identity_init:
+            alpha = 1.0 + alpha
         return alpha, beta
 
     def forward(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,17 @@ class DeepMTSConfig:
         daft_bottleneck_factor: DAFT hidden width = ``int((C + n_clinical) / factor)``.
         fm_dims: FM modality -> embedding size, e.g. ``{"ct": 512, "pet": 768}``; empty = none.
         fm_proj: per-modality projection size (64, 128, 256) or ``None`` ("orig").
+        zero_init_risk: start the risk layer at zero weights, so the initial log-risk is
+            the same for every case, as a Cox fit starts from beta = 0. With Glorot weights
+            the directly concatenated clinical vector (unit scale) would set an arbitrary
+            initial ranking that training must first undo.
+        daft_identity_init: DAFT starts as the identity (``scale = 1 + alpha``, output
+            layer zero; :class:`models.daft.DAFTBlock`), instead of multiplying the feature
+            map by a random, clinical-dependent factor.
+        tap_norm: batch-normalise the pooled segmentation and DenseNet taps before the head
+            dense layers (not in the paper). Pooled features of a small tumour in a large
+            crop vary little between cases; this puts them on the clinical vector's unit
+            scale, so the image paths learn as fast as the clinical one. On in the demo.
     """
 
     n_clinical: int
@@ -134,6 +145,9 @@ class DeepMTSConfig:
     daft_bottleneck_factor: float = 7.0
     fm_dims: dict[str, int] = field(default_factory=dict)
     fm_proj: int | None = None
+    zero_init_risk: bool = True
+    daft_identity_init: bool = True
+    tap_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
@@ -220,11 +234,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         seg_filters=(2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1), seg_decoder_convs=(1, 1, 1),
         tap_filters=(1, 2, 2, 4), dense_stem_filters=4, dense_blocks=(1, 1, 1), growth=4,
         bottleneck_filters=8, transition_filters=(4, 4, 8), head_units=8,
+        # An 8-unit head: dropout 0.5 would silence half its features at every step.
+        head_dropout=0.1, tap_norm=True,
     ),
     "tiny": dict(
         input_size=(32, 32, 32), seg_filters=(2, 2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1, 2),
         seg_decoder_convs=(1, 1, 1, 1), tap_filters=(1, 2, 2, 3, 4), dense_stem_filters=4,
         dense_blocks=(1, 2, 2), growth=4, bottleneck_filters=8, transition_filters=(4, 4, 8),
+        head_dropout=0.1, tap_norm=True,
     ),
 }
 
@@ -381,7 +398,8 @@ class SurvivalDenseNet(nn.Module):
             self.taps.append(nn.Sequential(nn.BatchNorm3d(t_filters), nn.ReLU()))
             ch = t_filters
         self.daft = (
-            DAFTBlock(self.last_block_channels, config.n_clinical, bottleneck_factor=config.daft_bottleneck_factor)
+            DAFTBlock(self.last_block_channels, config.n_clinical, bottleneck_factor=config.daft_bottleneck_factor,
+                      identity_init=config.daft_identity_init)
             if config.use_daft else None
         )
         self.pool = nn.AvgPool3d(2, stride=2)
@@ -417,6 +435,10 @@ class DeepMTS(nn.Module):
         self.config = config
         self.segmenter = SegmentationUNet(config)
         self.densenet = SurvivalDenseNet(config, in_channels=config.in_channels + 1)
+        # Pooled taps vary little between cases (a small tumour in a large crop); batch norm over
+        # the batch puts them on the unit between-case scale of the z-scored clinical vector.
+        self.seg_norm = nn.BatchNorm1d(sum(config.tap_filters)) if config.tap_norm else nn.Identity()
+        self.dense_norm = nn.BatchNorm1d(sum(config.transition_filters)) if config.tap_norm else nn.Identity()
         self.seg_fc = nn.Sequential(
             nn.Dropout(config.head_dropout), nn.Linear(sum(config.tap_filters), config.head_units), nn.ReLU(),
         )
@@ -441,6 +463,8 @@ class DeepMTS(nn.Module):
                 continue
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if self.config.zero_init_risk:
+            nn.init.zeros_(self.risk_head[-1].weight)
 
     def tumour_map_input(self, image: torch.Tensor, seg_prob: torch.Tensor) -> torch.Tensor:
         """The DenseNet input ``[B, in_channels + 1, D, H, W]`` for the configured ``tumour_input``."""
@@ -484,7 +508,7 @@ class DeepMTS(nn.Module):
         seg_prob, seg_taps = self.segmenter(image)
         dense_taps = self.densenet(self.tumour_map_input(image, seg_prob), clinical)
         fm_part = self.fusion(fm, reference=clinical)
-        features = torch.cat([self.seg_fc(seg_taps), self.dense_fc(dense_taps), clinical, fm_part.to(image.dtype)], dim=1)
+        features = torch.cat([self.seg_fc(self.seg_norm(seg_taps)), self.dense_fc(self.dense_norm(dense_taps)), clinical, fm_part.to(image.dtype)], dim=1)
         risk = self.risk_head(features)[:, 0]
         return {"seg_prob": seg_prob, "risk": risk}
 
@@ -515,6 +539,8 @@ class DeepMTS(nn.Module):
         for module in (self.seg_fc, self.dense_fc, self.risk_head, self.fusion):
             for name, param in module.named_parameters():
                 (classifier_biases if name.endswith("bias") else classifier_weights).append(param)
+        for module in (self.seg_norm, self.dense_norm):  # normalisation affine: never decayed
+            classifier_biases.extend(module.parameters())
         groups = [
             {"name": "classifier", "params": classifier_weights, "weight_decay": wd_classifier},
             {"name": "classifier_bias", "params": classifier_biases, "weight_decay": 0.0},

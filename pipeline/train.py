@@ -20,7 +20,6 @@ With ``inner_val_fraction=0`` the network is fitted on the whole training fold a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from sksurv.linear_model.coxph import BreslowEstimator
 from tqdm.auto import tqdm
 
 from models.deepmts import TUMOUR_INPUTS, DeepMTS, DeepMTSConfig
@@ -78,6 +78,8 @@ class TrainConfig:
         seed: seed for initialisation, sampling and augmentation.
         inner_val_fraction: fraction of the training fold held out for the unbiased
             selection; 0 reproduces the paper's protocol only.
+        select_from_epoch: first epoch (0-based) a selection protocol may choose; earlier
+            epochs are trained and recorded but not selectable. 0 (paper) = every epoch.
         proj: FM projection size (64, 128, 256) or None for the native size ("orig").
         fm_standardise: z-score each embedding feature with training-fold statistics before
             the projection (not in the paper; keeps random-init and real encoders on one
@@ -106,6 +108,7 @@ class TrainConfig:
     cox_weight: float = 2.0
     seed: int = 42
     inner_val_fraction: float = 0.2
+    select_from_epoch: int = 0
     proj: int | None = None
     fm_standardise: bool = True
     tumour_input: str = "gate"
@@ -123,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 2 for the Cox loss, got {self.batch_size}")
         if not 0.0 <= self.inner_val_fraction < 0.5:
             raise ValueError(f"inner_val_fraction must lie in [0, 0.5), got {self.inner_val_fraction}")
+        if not 0 <= self.select_from_epoch < self.epochs:
+            raise ValueError(f"select_from_epoch must lie in [0, epochs={self.epochs}), got {self.select_from_epoch}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.proj is not None and int(self.proj) < 1:
@@ -236,14 +241,40 @@ def build_model(cohort: SurvivalCohort, n_clinical: int, cfg: TrainConfig) -> De
 def predict(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarray, data: FoldData,
             batch_size: int, device: torch.device) -> np.ndarray:
     """Log-risk for ``rows`` (higher = earlier relapse)."""
+    return evaluate_rows(model, cohort, rows, data, batch_size, device)[0]
+
+
+@torch.inference_mode()
+def evaluate_rows(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarray, data: FoldData,
+                  batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Log-risk and tumour Dice per row, in evaluation mode.
+
+    Returns:
+        ``(risk [n], dice [n])``: the log-risk (higher = earlier relapse) and the hard Dice of
+        the thresholded tumour map (``seg_prob > gate_threshold``) against the mask, NaN for
+        cases without a tumour in the crop.
+    """
     model.eval()
-    out = []
+    threshold = getattr(getattr(model, "config", None), "gate_threshold", 0.5)
+    risks, dices = [], []
     for start in range(0, len(rows), batch_size):
         idx = torch.as_tensor(rows[start:start + batch_size])
         fm = {k: v[idx].to(device) for k, v in data.fm.items()} or None
         res = model(cohort.images[idx].to(device), data.clinical[idx].to(device), fm)
-        out.append(res["risk"].float().cpu().numpy())
-    return np.concatenate(out) if out else np.empty(0)
+        risks.append(res["risk"].float().cpu().numpy())
+        dices.append(hard_dice(res["seg_prob"].float().cpu() > threshold, cohort.masks[idx] > 0.5))
+    if not risks:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(risks), np.concatenate(dices)
+
+
+def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Dice per sample of two boolean ``[B, 1, D, H, W]`` maps; NaN where the target is empty."""
+    dims = tuple(range(1, pred.dim()))
+    inter = (pred & target).sum(dims).double()
+    total = pred.sum(dims).double() + target.sum(dims).double()
+    dice = (2 * inter / total.clamp(min=1)).numpy()
+    return np.where(target.sum(dims).numpy() > 0, dice, np.nan)
 
 
 def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) -> float:
@@ -259,6 +290,132 @@ def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:
 
 def fold_done(run_dir: str | os.PathLike, fold: int) -> bool:
     return (fold_dir(run_dir, fold) / DONE_FILE).is_file()
+
+
+# --- one fold, in parts: set-up, one epoch, evaluation, selection, outputs --------------------
+
+
+@dataclass
+class FoldTraining:
+    """What one fold's training holds between epochs (see :func:`setup_fold`)."""
+
+    data: FoldData
+    model: DeepMTS
+    ema: AveragedModel
+    optimiser: torch.optim.Optimizer
+    base_lrs: list[float]
+    sampler: EventBalancedBatchSampler
+    generator: torch.Generator
+    device: torch.device
+
+
+def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldTraining:
+    """Fit the fold's transforms and build the model, its EMA, the optimiser and the sampler."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed + fold)
+    data = prepare_fold(cohort, folds, fold, cfg)
+    model = build_model(cohort, data.clinical.shape[1], cfg).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    optimiser = torch.optim.Adam(
+        model.param_groups(wd_classifier=cfg.wd_classifier, wd_densenet=cfg.wd_densenet), lr=cfg.lr
+    )
+    sampler = EventBalancedBatchSampler(
+        cohort.event[data.fit], batch_size=cfg.batch_size,
+        steps_per_epoch=cfg.steps_per_epoch, seed=cfg.seed + fold,
+    )
+    generator = torch.Generator().manual_seed(cfg.seed + 1000 + fold)
+    return FoldTraining(data, model, ema, optimiser, [g["lr"] for g in optimiser.param_groups],
+                        sampler, generator, device)
+
+
+def train_epoch(state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig, epoch: int) -> dict[str, float]:
+    """One epoch of event-balanced, augmented optimisation steps; returns the mean loss parts."""
+    for group, lr in zip(state.optimiser.param_groups, state.base_lrs):
+        group["lr"] = lr * lr_factor(epoch, cfg)
+    state.sampler.set_epoch(epoch)
+    state.model.train()
+    device, fit_rows = state.device, torch.as_tensor(state.data.fit)
+    losses = []
+    for batch in state.sampler:
+        idx = fit_rows[torch.as_tensor(batch)]
+        img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], cfg.augment, state.generator)
+        fm = {k: v[idx].to(device) for k, v in state.data.fm.items()} or None
+        res = state.model(img.to(device), state.data.clinical[idx].to(device), fm)
+        loss, parts = deepmts_loss(
+            res, msk.to(device), torch.as_tensor(cohort.time[idx.numpy()], device=device),
+            torch.as_tensor(cohort.event[idx.numpy()], device=device), cox_weight=cfg.cox_weight,
+        )
+        state.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimiser.step()
+        state.ema.update_parameters(state.model)
+        losses.append({k: float(v) for k, v in parts.items()} | {"loss": float(loss.detach())})
+    return {k: float(np.mean([entry[k] for entry in losses])) for k in losses[0]}
+
+
+@dataclass
+class Evaluation:
+    """The evaluation model's risks and scores on every row of a fold, at one epoch."""
+
+    risk: np.ndarray  # [N] log-risk, cohort row order
+    scores: dict[str, float]
+
+
+def evaluate_fold(model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData, cfg: TrainConfig,
+                  device: torch.device) -> Evaluation:
+    """One evaluation pass over the fit, inner and outer rows.
+
+    Scores: ``train_c_index`` (fit rows, evaluation mode, so under-fitting shows),
+    ``val_c_index_inner`` (NaN without an inner split), ``val_c_index_outer`` and
+    ``val_dice_outer`` (mean hard Dice on outer cases with a tumour).
+    """
+    rows = np.concatenate([data.fit, data.inner, data.outer])
+    risk_rows, dice_rows = evaluate_rows(model, cohort, rows, data, cfg.eval_batch_size, device)
+    risk = np.full(len(cohort), np.nan)
+    dice = np.full(len(cohort), np.nan)
+    risk[rows], dice[rows] = risk_rows, dice_rows
+    outer_dice = dice[data.outer]
+    scores = {
+        "train_c_index": _safe_c_index(cohort, data.fit, risk[data.fit]),
+        "val_c_index_inner": _safe_c_index(cohort, data.inner, risk[data.inner]) if len(data.inner) else float("nan"),
+        "val_c_index_outer": _safe_c_index(cohort, data.outer, risk[data.outer]),
+        "val_dice_outer": float(np.nanmean(outer_dice)) if np.isfinite(outer_dice).any() else float("nan"),
+    }
+    return Evaluation(risk, scores)
+
+
+#: Which evaluation score each selection protocol maximises.
+SELECTION_SCORE = {"paper": "val_c_index_outer", "inner": "val_c_index_inner"}
+
+
+@dataclass
+class Selected:
+    """The best epoch so far of one selection protocol."""
+
+    score: float = -math.inf
+    epoch: int = -1
+    evaluation: Evaluation | None = None
+
+
+def select(best: dict[str, Selected], epoch: int, evaluation: Evaluation, model: torch.nn.Module,
+           out: Path) -> bool:
+    """Keep, per protocol, the epoch with the best selection score; checkpoint it atomically.
+
+    Of equally scoring epochs the later one is kept: it has trained longer and, on the small
+    validation splits where ties happen, a tie says nothing about which generalises better.
+
+    Returns:
+        True when any protocol improved or tied (resets early stopping).
+    """
+    improved = False
+    for proto, sel in best.items():
+        score = evaluation.scores[SELECTION_SCORE[proto]]
+        if np.isfinite(score) and score >= sel.score:
+            best[proto] = Selected(score, epoch, evaluation)
+            with atomic_path(out / f"best_{proto}.pt", suffix=".pt") as tmp:
+                torch.save(model.state_dict(), tmp)
+            improved = True
+    return improved
 
 
 def train_fold(
@@ -279,100 +436,52 @@ def train_fold(
     if (out / DONE_FILE).is_file():
         return read_json(out / DONE_FILE)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed + fold)
-    data = prepare_fold(cohort, folds, fold, cfg)
-    model = build_model(cohort, data.clinical.shape[1], cfg).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    optimiser = torch.optim.Adam(
-        model.param_groups(wd_classifier=cfg.wd_classifier, wd_densenet=cfg.wd_densenet), lr=cfg.lr
-    )
-    base_lrs = [g["lr"] for g in optimiser.param_groups]
-    sampler = EventBalancedBatchSampler(
-        cohort.event[data.fit], batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch, seed=cfg.seed + fold,
-    )
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 + fold)
-    fit_rows = torch.as_tensor(data.fit)
-
-    best = {p: {"c_index": -math.inf, "epoch": -1, "risk": None} for p in PROTOCOLS}
-    curves = []
-    stale = 0
+    state = setup_fold(cohort, folds, fold, cfg)
+    protocols = PROTOCOLS if len(state.data.inner) else ("paper",)
+    best = {p: Selected() for p in protocols}
+    start = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device).scores
+    curves, stale = [], 0
     bar = tqdm(range(cfg.epochs), desc=f"fold {fold}", disable=not progress, leave=False)
     for epoch in bar:
         t0 = _time.time()
-        for g, lr in zip(optimiser.param_groups, base_lrs):
-            g["lr"] = lr * lr_factor(epoch, cfg)
-        sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        for batch in sampler:
-            idx = fit_rows[torch.as_tensor(batch)]
-            img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], cfg.augment, gen)
-            fm = {k: v[idx].to(device) for k, v in data.fm.items()} or None
-            res = model(img.to(device), data.clinical[idx].to(device), fm)
-            loss, parts = deepmts_loss(
-                res, msk.to(device), torch.as_tensor(cohort.time[idx.numpy()], device=device),
-                torch.as_tensor(cohort.event[idx.numpy()], device=device), cox_weight=cfg.cox_weight,
-            )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            ema.update_parameters(model)
-            losses.append({k: float(v) for k, v in parts.items()} | {"loss": float(loss.detach())})
-
-        eval_model = ema.module
-        outer_risk = predict(eval_model, cohort, data.outer, data, cfg.eval_batch_size, device)
-        scores = {"paper": _safe_c_index(cohort, data.outer, outer_risk)}
-        if len(data.inner):
-            inner_risk = predict(eval_model, cohort, data.inner, data, cfg.eval_batch_size, device)
-            scores["inner"] = _safe_c_index(cohort, data.inner, inner_risk)
-        improved = False
-        for proto, score in scores.items():
-            if np.isfinite(score) and score > best[proto]["c_index"]:
-                best[proto] = {"c_index": score, "epoch": epoch, "risk": outer_risk.copy()}
-                torch.save(eval_model.state_dict(), out / f"best_{proto}.pt")
-                improved = True
-        mean_loss = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
-        curves.append({"epoch": epoch, "lr_factor": lr_factor(epoch, cfg), **mean_loss,
-                       "val_c_index_outer": scores["paper"],
-                       "val_c_index_inner": scores.get("inner", float("nan")),
+        losses = train_epoch(state, cohort, cfg, epoch)
+        evaluation = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device)
+        if epoch >= cfg.select_from_epoch:
+            stale = 0 if select(best, epoch, evaluation, state.ema.module, out) else stale + 1
+        curves.append({"epoch": epoch, "lr_factor": lr_factor(epoch, cfg), **losses, **evaluation.scores,
                        "seconds": _time.time() - t0})
-        bar.set_postfix(loss=f"{mean_loss['loss']:.3f}", c_outer=f"{scores['paper']:.3f}",
-                        c_inner=f"{scores.get('inner', float('nan')):.3f}")
-        stale = 0 if improved else stale + 1
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", c_train=f"{evaluation.scores['train_c_index']:.3f}",
+                        c_inner=f"{evaluation.scores['val_c_index_inner']:.3f}")
         if stale >= cfg.patience:
             break
     bar.close()
+    return write_fold_outputs(out, cohort, fold, state, cfg, best, curves, start)
 
-    pd.DataFrame(curves).to_csv(out / "curves.csv", index=False)
-    train_rows = np.concatenate([data.fit, data.inner])
+
+def write_fold_outputs(out: Path, cohort: SurvivalCohort, fold: int, state: FoldTraining, cfg: TrainConfig,
+                       best: dict[str, Selected], curves: list[dict[str, Any]],
+                       start: dict[str, float]) -> dict[str, Any]:
+    """Curves, out-of-fold risks, fold state and the ``done.json`` marker (last), all atomic."""
+    data = state.data
+    with atomic_path(out / "curves.csv", suffix=".csv") as tmp:
+        pd.DataFrame(curves).to_csv(tmp, index=False)
     record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
-                              "n_outer": len(data.outer), "epochs_run": len(curves), "protocols": {}}
+                              "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
+                              "protocols": {}}
     oof = []
-    for proto in scores:
-        b = best[proto]
-        if b["risk"] is None:  # never finite: e.g. a validation split without comparable pairs
-            record["protocols"][proto] = {"selected_epoch": None, "c_index": None,
-                                          "auc_1y": None, "auc_1y_undefined_reason": "no valid epoch"}
-            continue
-        auc = time_dependent_auc(cohort.time[train_rows], cohort.event[train_rows],
-                                 cohort.time[data.outer], cohort.event[data.outer], b["risk"], horizon=365.0)
-        record["protocols"][proto] = {
-            "selected_epoch": b["epoch"],
-            "selection_c_index": b["c_index"],
-            "c_index": _safe_c_index(cohort, data.outer, b["risk"]),
-            "auc_1y": auc.value,
-            "auc_1y_undefined_reason": auc.reason,
-            "calibration": _training_calibration(
-                ema.module, out / f"best_{proto}.pt", cohort, train_rows, data, cfg, device),
-        }
-        oof.append(pd.DataFrame({
-            "case_id": [cohort.case_ids[i] for i in data.outer], "fold": fold, "protocol": proto,
-            "risk": b["risk"], "time": cohort.time[data.outer], "event": cohort.event[data.outer],
-        }))
+    for proto, sel in best.items():
+        record["protocols"][proto] = protocol_record(cohort, data, sel, curves)
+        if sel.evaluation is not None:
+            record["protocols"][proto]["calibration"] = training_calibration(
+                cohort, np.concatenate([data.fit, data.inner]), sel.evaluation.risk, out / f"train_risk_{proto}.csv")
+            oof.append(pd.DataFrame({
+                "case_id": [cohort.case_ids[i] for i in data.outer], "fold": fold, "protocol": proto,
+                "risk": sel.evaluation.risk[data.outer], "time": cohort.time[data.outer],
+                "event": cohort.event[data.outer],
+            }))
     if oof:
-        pd.concat(oof).to_csv(out / "oof.csv", index=False)
+        with atomic_path(out / "oof.csv", suffix=".csv") as tmp:
+            pd.concat(oof).to_csv(tmp, index=False)
     write_json_atomic(out / "fold_state.json", {
         "clinical_transform": data.clinical_transform.to_dict(), "fm_standardisation": data.fm_stats,
         "fit_case_ids": [cohort.case_ids[i] for i in data.fit],
@@ -382,23 +491,39 @@ def train_fold(
     return record
 
 
-def _training_calibration(model: torch.nn.Module, checkpoint: Path, cohort: SurvivalCohort,
-                          rows: np.ndarray, data: FoldData, cfg: TrainConfig,
-                          device: torch.device) -> dict[str, Any]:
+def protocol_record(cohort: SurvivalCohort, data: FoldData, sel: Selected,
+                    curves: list[dict[str, Any]]) -> dict[str, Any]:
+    """Scores of one protocol's selected epoch on the outer fold (or why there is none)."""
+    if sel.evaluation is None:  # never finite: e.g. a validation split without comparable pairs
+        return {"selected_epoch": None, "c_index": None, "auc_1y": None,
+                "auc_1y_undefined_reason": "no valid epoch"}
+    train_rows = np.concatenate([data.fit, data.inner])
+    risk = sel.evaluation.risk[data.outer]
+    auc = time_dependent_auc(cohort.time[train_rows], cohort.event[train_rows],
+                             cohort.time[data.outer], cohort.event[data.outer], risk, horizon=365.0)
+    return {
+        "selected_epoch": sel.epoch,
+        "selection_c_index": sel.score,
+        "c_index": _safe_c_index(cohort, data.outer, risk),
+        "auc_1y": auc.value,
+        "auc_1y_undefined_reason": auc.reason,
+        "train_c_index": sel.evaluation.scores["train_c_index"],
+        "val_dice": sel.evaluation.scores["val_dice_outer"],
+    }
+
+
+def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray,
+                         path: Path) -> dict[str, Any]:
     """Risk cut-off and Breslow baseline hazard of the selected model on its training rows.
 
-    Also writes ``train_risk_<protocol>.csv`` (case_id, risk, time, event) beside the
-    checkpoint. New patients are put in the high-risk group when their log-risk exceeds the training
-    median, and get ``P(relapse by t) = 1 - exp(-H0(t) * exp(risk))``.
+    Also writes ``path`` (``train_risk_<protocol>.csv``: case_id, risk, time, event). New
+    patients are put in the high-risk group when their log-risk exceeds the training median,
+    and get ``P(relapse by t) = 1 - exp(-H0(t) * exp(risk))``.
     """
-    from sksurv.linear_model.coxph import BreslowEstimator
-
-    model = copy.deepcopy(model)
-    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
-    risk = predict(model, cohort, rows, data, cfg.eval_batch_size, device).astype(np.float64)
+    risk = risk[rows].astype(np.float64)
     time, event = cohort.time[rows], cohort.event[rows].astype(bool)
     # Kept so any survival curve (IBS, calibration) can be fitted on the training part later.
-    with atomic_path(checkpoint.with_name(checkpoint.stem.replace("best_", "train_risk_") + ".csv"), suffix=".csv") as tmp:
+    with atomic_path(path, suffix=".csv") as tmp:
         pd.DataFrame({"case_id": [cohort.case_ids[i] for i in rows], "risk": risk,
                       "time": time, "event": event.astype(int)}).to_csv(tmp, index=False)
     breslow = BreslowEstimator().fit(risk, event, time)

@@ -188,7 +188,9 @@ def test_tumour_input_modes_build_the_documented_channels():
 @pytest.mark.parametrize("mode,cox_reaches_decoder", [("gate", False), ("binary", False), ("soft", True)])
 def test_gradient_flow(mode, cox_reaches_decoder):
     torch.manual_seed(0)
-    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, tumour_input=mode, gate_threshold=0.3)).eval()
+    # Glorot risk weights: with the default zero start no gradient passes the risk layer yet.
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, tumour_input=mode, gate_threshold=0.3,
+                                       zero_init_risk=False)).eval()
     image, clinical = _batch(b=4)
     time, event = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 0, 1, 1])
     seg = model.segmenter
@@ -278,3 +280,46 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert history[-1]["total"] < 0.6 * history[0]["total"]
     assert history[-1]["dice"] < history[0]["dice"] - 0.03
     assert history[-1]["cox"] < 0.5 * history[0]["cox"]
+
+
+# --- the image reaches the risk -------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["gate", "binary", "soft"])
+def test_risk_depends_on_the_image_through_the_survival_densenet(mode):
+    """Same clinical vector, different images: different risks, and the survival DenseNet
+    passes a non-zero gradient back to the image (a network that ignores the image, or a
+    DenseNet fed only the tumour map, would fail)."""
+    torch.manual_seed(0)
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, tumour_input=mode, zero_init_risk=False)).eval()
+    image, _ = _batch(b=2, seed=4)
+    clinical = torch.randn(1, N_CLIN).expand(2, N_CLIN)
+    risk = model(image, clinical)["risk"]
+    assert abs(float(risk[0] - risk[1])) > 1e-4
+
+    # The DenseNet path alone, with a tumour map that covers a block of each volume.
+    prob = torch.zeros(2, 1, *TINY)
+    prob[:, :, 8:24, 8:24, 8:24] = 0.9
+    image = image.clone().requires_grad_(True)
+    taps = model.densenet(model.tumour_map_input(image, prob), clinical)
+    taps.sum().backward()
+    inside = image.grad[:, :, 8:24, 8:24, 8:24]
+    assert float(inside.abs().sum()) > 0
+    if mode == "gate":  # gated images: voxels outside the tumour map cannot matter
+        outside = image.grad.clone()
+        outside[:, :, 8:24, 8:24, 8:24] = 0
+        assert float(outside.abs().sum()) == 0
+
+
+def test_initial_risk_is_constant_and_daft_starts_as_the_identity():
+    """Zero-initialised risk layer: no initial ranking; identity DAFT: no random rescaling."""
+    torch.manual_seed(0)
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN)).eval()
+    image, clinical = _batch(b=3, seed=5)
+    risk = model(image, clinical)["risk"]
+    torch.testing.assert_close(risk, torch.zeros(3))
+    cox_ph_loss(risk, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 1, 0])).backward()
+    assert float(model.risk_head[1].weight.grad.abs().sum()) > 0
+    x = torch.randn(3, model.densenet.last_block_channels, 2, 2, 2)
+    torch.testing.assert_close(model.densenet.daft(x, clinical), x)
+    with pytest.raises(ValueError, match="identity_init"):
+        DAFTBlock(8, 3, scale_activation="sigmoid", identity_init=True)
