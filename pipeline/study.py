@@ -48,7 +48,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import importlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -743,14 +745,15 @@ def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str 
 
 
 def run_peers(
-    spec: StudySpec, *, workers: int = 1, on_result: Callable[[dict[str, Any]], None] | None = None
+    spec: StudySpec, *, workers: int = 1, on_result: Callable[[dict[str, Any]], None] | None = None,
+    shown: set[tuple] | None = None,
 ) -> StudyOutcome:
     """Fit every peer on every split; failures are reported, the others continue.
 
     With ``workers > 1`` the peer runs go to :func:`run_pool` (fresh spawned processes, one
     torch/BLAS thread each); otherwise they run in this process. Keys of the outcome are
     ``<split>/<peer>``; ``on_result`` also sees the runs skipped as up to date (without
-    ``progress``).
+    ``progress``); ``shown`` as in :func:`run_pool`.
     """
     from pipeline.artefacts import sha256_file
 
@@ -769,7 +772,7 @@ def run_peers(
                        "seconds": 0.0})
     jobs = [Job(f"{s}/{p.name}", run_peer, (spec, p, s), {"embeddings_sha256": emb_sha},
                 {"peer": p.name, "split": s}) for p, s in todo]
-    outcome = run_pool(jobs, workers, in_process=workers == 1 or len(jobs) < 2, on_result=on_result)
+    outcome = run_pool(jobs, workers, in_process=workers == 1 or len(jobs) < 2, on_result=on_result, shown=shown)
     outcome.skipped = [f"{s}/{p.name}" for p, s in skipped] + outcome.skipped
     outcome.seconds = time.perf_counter() - t0
     return outcome
@@ -881,11 +884,64 @@ class Job:
         return self.ident | {"key": self.key, "error": error, "traceback": trace}
 
 
+class _NoticeHandler(logging.Handler):
+    """Keeps a job's warning-level log records (instead of printing them in the worker)."""
+
+    def __init__(self, notices: list[tuple]):
+        super().__init__(logging.WARNING)
+        self.notices = notices
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notices.append(("log", record.name, record.getMessage(), record.levelno, None))
+
+
 def _run_job(job: Job) -> dict[str, Any]:
+    """Run one job; its warnings and warning-level log records travel back in ``notices``
+    (shown once per run by :func:`show_notices`) instead of once per job."""
+    notices: list[tuple] = []
+    handler = _NoticeHandler(notices)
+    logging.getLogger().addHandler(handler)
     try:
-        return job.fn(*job.args, **job.kwargs) | {"key": job.key}
-    except Exception as exc:  # noqa: BLE001 - one failing job must not stop the others
-        return job.failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                res = job.fn(*job.args, **job.kwargs) | {"key": job.key}
+            except Exception as exc:  # noqa: BLE001 - one failing job must not stop the others
+                res = job.failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    finally:
+        logging.getLogger().removeHandler(handler)
+    notices += [("warning", f"{w.category.__module__}:{w.category.__qualname__}", str(w.message), w.filename,
+                 w.lineno) for w in caught]
+    return res | {"notices": notices}
+
+
+def show_notices(notices: Sequence[tuple], shown: set[tuple]) -> None:
+    """Re-emit a job's warnings and log records here, each distinct one once per ``shown`` set.
+
+    Args:
+        notices: ``(kind, category or logger, message, filename or level, lineno)`` from
+            :func:`_run_job`.
+        shown: the (kind, category or logger, message) already shown in this run; updated.
+    """
+    for kind, source, message, where, line in notices:
+        if (kind, source, message) in shown:
+            continue
+        shown.add((kind, source, message))
+        if kind == "log":
+            logging.getLogger(source).log(where, message)
+        else:
+            warnings.warn_explicit(message, _warning_class(source), where, line)
+
+
+def _warning_class(name: str) -> type[Warning]:
+    """``"module:QualName"`` -> the warning class (UserWarning when it cannot be imported)."""
+    module, _, qual = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return UserWarning
+    return obj if isinstance(obj, type) and issubclass(obj, Warning) else UserWarning
 
 
 @dataclass
@@ -940,14 +996,16 @@ def run_pool(
     threads: int = 1,
     in_process: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    shown: set[tuple] | None = None,
 ) -> StudyOutcome:
     """Run jobs in a pool of fresh (spawned) processes, or here; the one executor of cells and peers.
 
     Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
     (set before CUDA starts: hence spawn), uses ``threads`` torch threads and ignores
-    copies of the random-init warning. A job that raises is reported under its key and
-    the others continue; a worker that dies (killed, out of memory) fails the jobs it
-    took, each named.
+    copies of the random-init warning. A job's other warnings and warning-level log
+    records are shown here, each distinct one once (not once per job and worker). A job
+    that raises is reported under its key and the others continue; a worker that dies
+    (killed, out of memory) fails the jobs it took, each named.
 
     Args:
         jobs: the work.
@@ -957,13 +1015,18 @@ def run_pool(
         in_process: run the jobs one by one in this process instead (no pool).
         on_result: called in this process with each result as it finishes; the result has
             ``key`` and ``progress`` (:func:`progress_of` over these jobs).
+        shown: warnings and log records already shown in this run (see
+            :func:`show_notices`); pass one set to several calls to show each once in all.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     outcome = StudyOutcome()
     t0 = time.perf_counter()
 
+    shown = set() if shown is None else shown
+
     def finish(res: dict[str, Any]) -> None:
+        show_notices(res.pop("notices", []), shown)
         outcome.add(res["key"], res)
         res["progress"] = progress_of(len(outcome.ran) + len(outcome.skipped) + len(outcome.failed),
                                       len(jobs), time.perf_counter() - t0)
@@ -1001,6 +1064,7 @@ def run_local(
     gpus: Sequence[str] | None = None,
     threads_per_worker: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    shown: set[tuple] | None = None,
 ) -> StudyOutcome:
     """Run cells in a pool of ``workers`` fresh (spawned) processes (:func:`run_pool`).
 
@@ -1017,6 +1081,7 @@ def run_local(
         threads_per_worker: torch intra-op threads per worker.
         on_result: called in the parent with each cell's result as it finishes (with
             ``progress``, see :func:`run_pool`).
+        shown: warnings already shown in this run (:func:`run_pool`).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -1024,7 +1089,7 @@ def run_local(
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = threads_per_worker or max(1, cores // workers)
     jobs = [Job(cell.key, run_cell, (spec, cell), ident={"cell": cell.key}) for cell in cells]
-    return run_pool(jobs, workers, gpus=gpus, threads=threads, on_result=on_result)
+    return run_pool(jobs, workers, gpus=gpus, threads=threads, on_result=on_result, shown=shown)
 
 
 @dataclass(frozen=True)
@@ -1122,7 +1187,8 @@ def run_study(
     Peers run first: they take seconds, and the report can then put them beside whatever
     CNN cells are finished. Failed peers appear in ``outcome.failed`` under
     ``peers:<split>/<peer>``. Random-init embeddings are stated once at the start
-    (:func:`announce_random_init`); every later read, here and in the workers, is silent.
+    (:func:`announce_random_init`); every later read, here and in the workers, is silent,
+    and every other warning of the peers and cells is shown once in the run.
 
     Args:
         spec: the study.
@@ -1141,13 +1207,15 @@ def run_study(
         raise ValueError(f"executor must be 'local' or 'submitit', got {executor!r}")
     if announce:
         announce_random_init(spec)
+    shown: set[tuple] = set()  # each warning once in the whole run, peers and cells together
     with quiet_random_init():
         prepare_study(spec, info)
-        peers = run_peers(spec, workers=peer_workers or (workers if executor == "local" else 1), on_result=on_peer)
+        peers = run_peers(spec, workers=peer_workers or (workers if executor == "local" else 1), on_result=on_peer,
+                          shown=shown)
         pending = [c for c in grid(spec) if not cell_done(spec, c)]
         done = [c.key for c in grid(spec) if cell_done(spec, c)]
         if executor == "local":
-            outcome = run_local(spec, pending, workers, on_result=on_result) if pending else StudyOutcome()
+            outcome = run_local(spec, pending, workers, on_result=on_result, shown=shown) if pending else StudyOutcome()
         else:
             outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait)
     outcome.skipped = done + outcome.skipped

@@ -236,29 +236,44 @@ def _failing_job(x: int) -> dict:
     raise RuntimeError(f"bad input {x}")
 
 
-def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, tmp_path, capfd):
+def _noisy_job(i: int) -> dict:
+    import logging
+
+    warnings.warn("the same caveat in every job", UserWarning)
+    logging.getLogger("pipeline.splits").warning("the same log line in every job")
+    return {"i": i}
+
+
+def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, tmp_path, capfd, caplog):
     import os
 
     from pipeline.embeddings import RandomInitWarning
 
     spec = make_spec(inputs, tmp_path / "s", configs=("ct-d64",))
     reads = [study.Job(f"read/{i}", _read_embeddings_job, (str(inputs["embeddings"]),)) for i in range(3)]
+    noisy = [study.Job(f"noisy/{i}", _noisy_job, (i,)) for i in range(2)]
     bad = study.Job("cv0/bad/fold_0", _failing_job, (7,), ident={"cell": "cv0/bad/fold_0"})
-    seen = []
+    seen, shown = [], set()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert study.announce_random_init(spec) is True
-        here = study.run_pool(reads + [bad], in_process=True, on_result=seen.append)
-        # One spawned worker: the three reads, then a job that kills its process.
-        pool = study.run_pool(reads + [study.Job("dies", os._exit, (3,))], workers=1)
+        here = study.run_pool(reads + noisy + [bad], in_process=True, on_result=seen.append, shown=shown)
+        # One spawned worker: reads and noisy jobs, then a job that kills its process.
+        pool = study.run_pool(reads + noisy + [study.Job("dies", os._exit, (3,))], workers=1, shown=shown)
     err = capfd.readouterr().err
-    # Six embeddings reads (3 here, 3 in a worker), one statement.
-    assert len([w for w in caught if issubclass(w.category, RandomInitWarning)]) == 1
+    # Six embeddings reads (3 here, 3 in a worker), one statement; four noisy jobs, each notice once.
+    kinds = [w.category for w in caught]
+    assert kinds.count(RandomInitWarning) == 1 and kinds.count(UserWarning) == 1
     assert err.count("WARNING:") == 1 and "stated once per run" in err
-    assert here.ran == ["read/0", "read/1", "read/2"] and here.failed == {"cv0/bad/fold_0": "RuntimeError: bad input 7"}
-    assert [r["progress"]["done"] for r in seen] == [1, 2, 3, 4] and seen[-1]["progress"]["remaining_s"] == 0
+    # Log records come back to this process and are logged here once (pytest's own handler
+    # also sees the two in-process jobs' records directly; a console has no such handler).
+    again = [r for r in caplog.records if r.getMessage() == "the same log line in every job" and r.filename == "study.py"]
+    assert len(again) == 1
+    assert here.ran == ["read/0", "read/1", "read/2", "noisy/0", "noisy/1"]
+    assert here.failed == {"cv0/bad/fold_0": "RuntimeError: bad input 7"}
+    assert [r["progress"]["done"] for r in seen] == [1, 2, 3, 4, 5, 6] and seen[-1]["progress"]["remaining_s"] == 0
     assert seen[-1]["cell"] == "cv0/bad/fold_0" and "_failing_job" in seen[-1]["traceback"]
-    assert sorted(pool.ran) == ["read/0", "read/1", "read/2"]
+    assert sorted(pool.ran) == ["noisy/0", "noisy/1", "read/0", "read/1", "read/2"]
     assert list(pool.failed) == ["dies"] and pool.failed["dies"].startswith("worker process died")
 
 
