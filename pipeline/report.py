@@ -1,28 +1,33 @@
-"""The study report: ablation table, Table 1, Figures 2-3, from whatever cells are finished.
+"""The study report, in three steps: collect -> analyse -> render.
 
 :func:`write_report` can run at any time, during or after a study: finished cells
-(``done.json``) are read, missing ones are shown as pending. It writes into one folder:
+(``done.json``) and peer runs are read, missing ones are shown as pending.
 
-* ``report.md``: Markdown, figures linked relatively;
-* ``report.html``: the same content, self-contained (figures embedded as base64 PNG);
-* ``figure2_c_index.png``, ``figure3_auc_1y.png``: grouped bars of mean +- SD per projection
-  size for CT, PET and CT+PET, with the baseline mean (dashed) and its +- SD band, one
-  panel per model-selection protocol;
-* ``results.csv``: one row per cell x protocol (per-fold values, pending rows included);
-* ``results.json``: summaries, Table 1 and provenance.
+1. :func:`collect_study` reads the study folder once into frames (:class:`StudyData`): per-fold
+   records, out-of-fold and training-fold predictions, folds, endpoints, learning curves and
+   per-cell training facts. Only this step touches files.
+2. :func:`analyse` turns those frames into one plain-data results object (JSON-able dicts
+   and lists): the headline, the tables, paired comparisons, LOCO, IBS / calibration / KM,
+   learning curves and rows that are identical for a stated reason. Each analysis is a
+   function of arrays or frames, so it is tested on hand-made predictions.
+3. :func:`pipeline.report_render.render_report` draws ``report.md``, ``report.html`` and
+   the figures from that object alone (it can re-render a saved ``results.json``).
+
+Files: ``results.json`` (the results object), ``results.csv`` (one row per cell or peer
+fold x protocol, pending rows included), ``report.md`` / ``report.html`` and the figures
+(see :mod:`pipeline.report_render`).
 
 Model-selection protocols (see :mod:`pipeline.train`): "paper protocol (optimistic)" selects
 the checkpoint on the outer fold it reports; "unbiased inner selection" selects on an inner
 split of the training fold. Table 1 picks the best d per embedding set the same way: by the
 mean outer C-index under the paper protocol (as the paper did), and by the mean **inner**
 validation C-index under the unbiased protocol, so no outer-fold number leaks into that
-choice either.
+choice either. The headline repeats Table 1's rows, unbiased protocol first, with each
+row's paired difference from the baseline.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import os
 from dataclasses import dataclass
@@ -32,8 +37,18 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.artefacts import atomic_path, code_version, read_json, utc_now, write_json_atomic
-from pipeline.metrics import summarise
+from pipeline.artefacts import code_version, read_json, utc_now, write_json_atomic, atomic_path
+from pipeline.metrics import NO_COMPARABLE_PAIR, NO_EVENTS, c_index, summarise
+from pipeline.stats import (
+    breslow_survival,
+    calibration_at,
+    ibs_time_grid,
+    integrated_brier_score,
+    km_logrank,
+    mean_ci,
+    paired_bootstrap_delta,
+    risk_groups,
+)
 from pipeline.study import (
     BASELINE,
     CELL_FILE,
@@ -41,19 +56,22 @@ from pipeline.study import (
     LOCO,
     MODALITY_LABELS,
     PEER_FILE,
-    PROJ_SIZES,
     Configuration,
     StudySpec,
     cell_dir,
     grid,
     load_study,
+    loco_centres,
+    peer_done,
     proj_label,
+    split_n_folds,
 )
+from pipeline.splits import load_folds
 
+RESULTS_SCHEMA = 2
 PROTOCOL_LABELS = {"paper": "paper protocol (optimistic)", "inner": "unbiased inner selection"}
-METRIC_LABELS = {"c_index": "C-index", "auc_1y": "1-year AUROC"}
-FIGURES = {"c_index": "figure2_c_index.png", "auc_1y": "figure3_auc_1y.png"}
-D_LABELS = tuple(proj_label(p) for p in PROJ_SIZES)
+#: Protocols in the order the report shows them: the one to trust first.
+PROTOCOL_ORDER = ("inner", "paper")
 #: The seed paper's Table 1 (C-index, 1-year AUROC; mean, SD), for side-by-side reading.
 PAPER_TABLE1 = {
     BASELINE: ("-", (0.616, 0.082), (0.671, 0.158)),
@@ -61,22 +79,209 @@ PAPER_TABLE1 = {
     "pet": ("128", (0.736, 0.060), (0.712, 0.100)),
     "ctpet": ("256", (0.743, 0.067), (0.744, 0.094)),
 }
+#: Table 1 rows: the CNN's four (always listed, pending when missing), then the peers'.
+TABLE1_CNN = (BASELINE, "ct", "pet", "ctpet")
+TABLE1_PEERS = ("clinical", "radiomics", "head-ct", "head-pet", "head-ctpet")
+PEER_GROUP_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox",
+                     "head-ct": "peer: CT embedding head", "head-pet": "peer: PET embedding head",
+                     "head-ctpet": "peer: CT+PET embedding head"}
+#: Range of the bounded metrics: their t-intervals are clipped to it (and say so).
+UNIT_RANGE = (0.0, 1.0)
+HORIZON = 365.0
+N_BOOT = 2000
+#: Learning-curve columns of ``curves.csv`` (any may be missing in older runs).
+LOSS_COLUMNS = ("dice", "cox")
+EVAL_COLUMNS = ("train_c_index", "val_c_index_inner", "val_c_index_outer", "val_dice_outer")
+#: Text of the reason codes of :mod:`pipeline.metrics` (and ``pipeline.train``) in tables.
+REASON_TEXT = {
+    "no_events": "no event in the held-out fold",
+    "no_comparable_pair": "no comparable pair",
+    "no_event_before_horizon": "no event before 365 d",
+    "horizon_beyond_followup": "no follow-up beyond 365 d",
+    "horizon_before_followup": "follow-up starts after 365 d",
+    "censoring_distribution_undefined": "censoring distribution undefined",
+    "no valid epoch": "no valid epoch",
+}
+PRED_COLUMNS = ["model", "kind", "split", "protocol", "fold", "role", "case_id", "risk", "time", "event"]
 
 
-# --- collection and arithmetic ---------------------------------------------------------------
+# --- small helpers ---------------------------------------------------------------------------
 
 
-def collect_records(spec: StudySpec) -> pd.DataFrame:
+def _num(x: Any) -> float:
+    return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x)) and math.isfinite(float(x))
+
+
+def _none(x: Any) -> float | None:
+    return float(x) if _finite(x) else None
+
+
+def _diff(a: Any, b: Any) -> float:
+    return float(a) - float(b) if _finite(a) and _finite(b) else float("nan")
+
+
+def clean(x: Any) -> Any:
+    """JSON-safe copy: NaN / inf -> None, numpy scalars -> Python numbers, frames -> records."""
+    if isinstance(x, pd.DataFrame):
+        return clean(x.to_dict("records"))
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# --- 1. collection: the study folder -> frames ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model of the study: a CNN configuration or a peer (:class:`pipeline.study.Peer`).
+
+    ``oof_protocol(protocol)`` is the protocol of its OOF rows: the CNN's own, or
+    ``"fit"`` for a peer (no checkpoint selection).
+    """
+
+    name: str
+    kind: str  # "cnn" | "peer"
+    label: str
+
+    def oof_protocol(self, protocol: str) -> str:
+        return protocol if self.kind == "cnn" else "fit"
+
+
+def study_models(spec: StudySpec) -> list[ModelRef]:
+    """The CNN configurations, then the peers, as :class:`ModelRef`."""
+    out = []
+    for c in spec.configurations():
+        label = "DeepMTS+DAFT baseline" if c.modality is None else \
+            f"DeepMTS+DAFT + {MODALITY_LABELS[c.modality]}, d = {c.d_label}"
+        out.append(ModelRef(c.name, "cnn", label))
+    out += [ModelRef(p.name, "peer", p.label) for p in spec.peer_list()]
+    return out
+
+
+@dataclass
+class StudyData:
+    """Everything the analyses need, read once from a study folder (frames, no paths).
+
+    Attributes:
+        spec, study: the spec and the ``study.json`` record.
+        records: per-fold metrics of CNN cells and peers (:func:`collect_records`,
+            :func:`collect_peer_records`), pending rows included.
+        predictions: :data:`PRED_COLUMNS`; ``role`` is ``oof`` (held-out fold) or ``train``
+            (the fold's training rows, for Breslow baselines and risk cut-offs).
+        folds: ``split, fold, case_id`` of every split whose folds file exists.
+        survival: ``time, event`` indexed by ``case_id``.
+        curves: ``split, config, fold, epoch`` + the ``curves.csv`` columns present.
+        cells: one row per CNN cell: ``split, config, fold, done, epochs_run, seconds``,
+            ``start_<score>`` (before the first step) and ``val_dice_<protocol>``.
+        peer_fits: one row per peer fold: ``split, peer, fold, n_train`` and
+            ``<block>_pca_components`` where a PCA was fitted.
+        models: the study's models.
+        centres: held-out centre name per LOCO fold (empty without LOCO).
+    """
+
+    spec: StudySpec
+    study: dict[str, Any]
+    records: pd.DataFrame
+    predictions: pd.DataFrame
+    folds: pd.DataFrame
+    survival: pd.DataFrame
+    curves: pd.DataFrame
+    cells: pd.DataFrame
+    peer_fits: pd.DataFrame
+    models: list[ModelRef]
+    centres: list[str]
+
+
+def collect_study(study_dir: str | os.PathLike) -> StudyData:
+    """Read a study folder (prepared by :func:`pipeline.study.prepare_study`) into frames."""
+    spec, study = load_study(study_dir)
+    survival = read_survival(spec)
+    folds = read_folds(spec)
+    cnn = collect_records(spec, survival=survival, folds=folds)
+    protocols = [p for p in PROTOCOL_LABELS if p in set(cnn["protocol"])] if len(cnn) else list(PROTOCOL_LABELS)
+    peers = collect_peer_records(spec, protocols)
+    records = pd.DataFrame(cnn.to_dict("records") + peers.to_dict("records"))
+    models = study_models(spec)
+    curves, cells = collect_training(spec)
+    return StudyData(spec=spec, study=study, records=records, predictions=collect_predictions(spec, models),
+                     folds=folds, survival=survival, curves=curves, cells=cells,
+                     peer_fits=collect_peer_fits(spec), models=models,
+                     centres=loco_centres(spec) if (folds["split"] == LOCO).any() else [])
+
+
+def read_survival(spec: StudySpec) -> pd.DataFrame:
+    """``time, event`` indexed by ``case_id``: the manifest's cases with an endpoint."""
+    from pipeline.manifest import read_manifest, survival_cases
+
+    m = survival_cases(read_manifest(spec.manifest))
+    return pd.DataFrame({"time": m["rfs_days"].astype(float).to_numpy(), "event": m["relapse"].astype(int).to_numpy()},
+                        index=pd.Index(m["case_id"].astype(str), name="case_id"))
+
+
+def read_folds(spec: StudySpec) -> pd.DataFrame:
+    """``split, fold, case_id`` of every split whose shared folds file exists."""
+    frames = []
+    for split in spec.splits():
+        path = spec.folds_path_of(split)
+        if path.is_file():
+            f = load_folds(path)
+            frames.append(pd.DataFrame({"split": split, "fold": f["fold"].astype(int).to_numpy(),
+                                        "case_id": f["case_id"].astype(str).to_numpy()}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["split", "fold", "case_id"])
+
+
+def held_out(folds: pd.DataFrame, survival: pd.DataFrame, split: str, fold: int) -> pd.DataFrame:
+    """``case_id, time, event`` of one held-out fold."""
+    ids = folds.loc[(folds["split"] == split) & (folds["fold"] == fold), "case_id"]
+    return survival.loc[ids].reset_index()
+
+
+def c_undefined_reason(time: Any, event: Any) -> str:
+    """Why a held-out fold has no C-index: no event, no comparable pair, else no valid epoch.
+
+    Args:
+        time, event: the fold's follow-up, shape [N].
+    """
+    t = np.asarray(time, dtype=float)
+    e = np.asarray(event).astype(bool)
+    if not e.any():
+        return NO_EVENTS
+    if not any((t > ti).any() or ((t == ti) & ~e).any() for ti in t[e]):
+        return NO_COMPARABLE_PAIR
+    return "no valid epoch"
+
+
+def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
+                    folds: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per CNN cell x protocol from the finished cells; pending cells give NaN rows.
 
     Covers every split the CNN trains on. Columns: ``split, kind, config, modality, d,
     fold, protocol, done, c_index, c_index_reason, auc_1y, auc_1y_reason,
-    selection_c_index, selected_epoch, epochs_run, seconds``. ``kind`` is ``"cnn"``,
-    ``modality`` is ``"baseline"`` for the baseline, ``d`` is ``"-"`` there. An undefined
-    C-index (e.g. a LOCO centre without an event) is NaN with its reason code.
-    """
-    from pipeline.train import DONE_FILE, PROTOCOLS
+    selection_c_index, selected_epoch, val_dice, epochs_run, seconds``. ``kind`` is
+    ``"cnn"``, ``modality`` is ``"baseline"`` for the baseline, ``d`` is ``"-"`` there. An
+    undefined C-index (e.g. a LOCO centre without an event) is NaN with its reason code.
 
+    Args:
+        spec: the study.
+        survival, folds: :func:`read_survival` / :func:`read_folds` (read when omitted).
+    """
+    from pipeline.train import DONE_FILE, PROTOCOLS  # local: pipeline.train imports torch
+
+    survival = read_survival(spec) if survival is None else survival
+    folds = read_folds(spec) if folds is None else folds
     rows = []
     for cell in grid(spec):
         folder = cell_dir(spec, cell)
@@ -91,52 +296,18 @@ def collect_records(spec: StudySpec) -> pd.DataFrame:
                 continue  # e.g. inner_val_fraction = 0: only the paper protocol exists
             res = res or {}
             c = _num(res.get("c_index"))
+            reason = None
+            if done and math.isnan(c):
+                held = held_out(folds, survival, cell.split, cell.fold)
+                reason = c_undefined_reason(held["time"], held["event"]) if len(held) else "unknown"
             rows.append(base | {
-                "protocol": proto, "done": done,
-                "c_index": c, "c_index_reason": _c_reason(spec, cell, res) if done and math.isnan(c) else None,
-                "auc_1y": _num(res.get("auc_1y")),
-                "auc_1y_reason": res.get("auc_1y_undefined_reason"),
+                "protocol": proto, "done": done, "c_index": c, "c_index_reason": reason,
+                "auc_1y": _num(res.get("auc_1y")), "auc_1y_reason": res.get("auc_1y_undefined_reason"),
                 "selection_c_index": _num(res.get("selection_c_index")),
-                "selected_epoch": res.get("selected_epoch"),
+                "selected_epoch": res.get("selected_epoch"), "val_dice": _num(res.get("val_dice")),
                 "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds"),
             })
     return pd.DataFrame(rows)
-
-
-def _c_reason(spec: StudySpec, cell, res: dict[str, Any]) -> str:
-    """Why a finished cell has no C-index, from its held-out fold's endpoints."""
-    from pipeline.metrics import NO_COMPARABLE_PAIR, NO_EVENTS
-
-    held = _held_out(spec, cell.split, cell.fold)
-    if held is None:
-        return "unknown"
-    t, e = held["time"].to_numpy(float), held["event"].to_numpy(int).astype(bool)
-    if not e.any():
-        return NO_EVENTS
-    if not any((t > ti).any() or ((t == ti) & ~e).any() for ti in t[e]):
-        return NO_COMPARABLE_PAIR
-    return "no valid epoch"
-
-
-def _held_out(spec: StudySpec, split: str, fold: int) -> pd.DataFrame | None:
-    """``case_id, time, event`` of one held-out fold, from the folds file and the manifest."""
-    path = spec.folds_path_of(split)
-    if not path.is_file():
-        return None
-    from pipeline.splits import load_folds
-
-    folds = load_folds(path)
-    surv = _survival(spec)
-    ids = folds.loc[folds["fold"] == fold, "case_id"].astype(str)
-    return surv.loc[ids].reset_index()
-
-
-def _survival(spec: StudySpec) -> pd.DataFrame:
-    from pipeline.manifest import read_manifest, survival_cases
-
-    m = survival_cases(read_manifest(spec.manifest))
-    return pd.DataFrame({"time": m["rfs_days"].astype(float).to_numpy(), "event": m["relapse"].astype(int).to_numpy()},
-                        index=pd.Index(m["case_id"].astype(str), name="case_id"))
 
 
 def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "inner")) -> pd.DataFrame:
@@ -148,8 +319,6 @@ def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "
     heads), used to pick a head's projection size without the outer folds. ``kind`` is
     ``"peer"``; ``modality`` is ``clinical``, ``radiomics`` or ``head-<set>``.
     """
-    from pipeline.study import peer_done, split_n_folds
-
     rows = []
     for split in spec.splits():
         n_folds = split_n_folds(spec, split)
@@ -170,13 +339,111 @@ def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "
                         "c_index": _num(r.get("c_index")), "c_index_reason": r.get("c_index_reason"),
                         "auc_1y": _num(r.get("auroc")), "auc_1y_reason": r.get("auroc_reason"),
                         "selection_c_index": _num(f.get("inner_c_index")), "selected_epoch": None,
-                        "epochs_run": None, "seconds": seconds / n_folds if seconds else None,
+                        "val_dice": float("nan"), "epochs_run": None,
+                        "seconds": seconds / n_folds if seconds else None,
                     })
     return pd.DataFrame(rows)
 
 
-def _num(x: Any) -> float:
-    return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
+def collect_predictions(spec: StudySpec, models: Sequence[ModelRef]) -> pd.DataFrame:
+    """Saved held-out and training-fold risks of every finished fold (:data:`PRED_COLUMNS`).
+
+    CNN: ``fold_<k>/oof.csv`` and ``fold_<k>/train_risk_<protocol>.csv`` (the selected
+    checkpoint's risks on its training rows). Peer: ``oof_predictions.csv`` and
+    ``train_risk.csv`` of each split's run (protocol ``fit``).
+    """
+    frames = []
+    for m in models:
+        for split in (spec.cnn_splits() if m.kind == "cnn" else spec.splits()):
+            frames += _cnn_predictions(spec, m, split) if m.kind == "cnn" else _peer_predictions(spec, m, split)
+    if not frames:
+        return pd.DataFrame(columns=PRED_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[PRED_COLUMNS]
+
+
+def _pred_frame(df: pd.DataFrame, model: ModelRef, split: str, role: str, **fixed: Any) -> pd.DataFrame:
+    out = df.assign(model=model.name, kind=model.kind, split=split, role=role, **fixed)
+    return out.assign(case_id=out["case_id"].astype(str))[PRED_COLUMNS]
+
+
+def _cnn_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.DataFrame]:
+    from pipeline.train import DONE_FILE  # local: pipeline.train imports torch
+
+    config = Configuration.from_name(model.name)
+    frames = []
+    for k in range(split_n_folds(spec, split)):
+        folder = spec.run_dir(config, split) / f"fold_{k}"
+        if not (folder / DONE_FILE).is_file() or not (folder / "oof.csv").is_file():
+            continue
+        oof = pd.read_csv(folder / "oof.csv", dtype={"case_id": str})
+        frames.append(_pred_frame(oof, model, split, "oof"))
+        for proto in oof["protocol"].unique():
+            path = folder / f"train_risk_{proto}.csv"
+            if path.is_file():
+                tr = pd.read_csv(path, dtype={"case_id": str})
+                frames.append(_pred_frame(tr, model, split, "train", protocol=proto, fold=k))
+    return frames
+
+
+def _peer_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.DataFrame]:
+    peer = {p.name: p for p in spec.peer_list()}[model.name]
+    if not peer_done(spec, peer, split):
+        return []
+    folder = spec.peer_dir(peer, split)
+    frames = [_pred_frame(pd.read_csv(folder / "oof_predictions.csv", dtype={"case_id": str}),
+                          model, split, "oof", protocol="fit")]
+    if (folder / "train_risk.csv").is_file():
+        frames.append(_pred_frame(pd.read_csv(folder / "train_risk.csv", dtype={"case_id": str}),
+                                  model, split, "train", protocol="fit"))
+    return frames
+
+
+def collect_training(spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Learning curves (``curves.csv``) and per-cell training facts (``done.json``).
+
+    Columns missing in older runs are simply absent (curves) or NaN (cells).
+
+    Returns:
+        ``(curves, cells)``: curves ``split, config, fold, epoch`` + the ``curves.csv``
+        columns; cells ``split, config, fold, done, epochs_run, seconds, start_<score>``
+        (:data:`EVAL_COLUMNS` before the first step) and ``val_dice_<protocol>`` (outer
+        Dice at the selected epoch).
+    """
+    from pipeline.train import DONE_FILE, PROTOCOLS  # local: pipeline.train imports torch
+
+    curves, cells = [], []
+    for cell in grid(spec):
+        folder = cell_dir(spec, cell)
+        key = {"split": cell.split, "config": cell.config.name, "fold": cell.fold}
+        done = (folder / DONE_FILE).is_file()
+        rec = read_json(folder / DONE_FILE) if done else {}
+        info = read_json(folder / CELL_FILE) if (folder / CELL_FILE).is_file() else {}
+        start = rec.get("start") or {}
+        row = key | {"done": done, "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds")}
+        row |= {f"start_{c}": _num(start.get(c)) for c in EVAL_COLUMNS}
+        row |= {f"val_dice_{p}": _num((rec.get("protocols", {}).get(p) or {}).get("val_dice")) for p in PROTOCOLS}
+        cells.append(row)
+        if done and (folder / "curves.csv").is_file():
+            curves.append(pd.read_csv(folder / "curves.csv").assign(**key))
+    curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
+        columns=["split", "config", "fold", "epoch"])
+    return curve_frame, pd.DataFrame(cells)
+
+
+def collect_peer_fits(spec: StudySpec) -> pd.DataFrame:
+    """Per peer fold: ``split, peer, fold, n_train`` and every ``<block>_pca_components``."""
+    rows = []
+    for split in spec.splits():
+        for peer in spec.peer_list():
+            if not peer_done(spec, peer, split):
+                continue
+            for f in read_json(spec.peer_dir(peer, split) / "summary.json").get("fit", []):
+                rows.append({"split": split, "peer": peer.name, "fold": int(f["fold"]), "n_train": f.get("n_train")}
+                            | {k: v for k, v in f.items() if k.endswith("_pca_components")})
+    return pd.DataFrame(rows, columns=None if rows else ["split", "peer", "fold", "n_train"])
+
+
+# --- 2. analyses: frames -> plain data ---------------------------------------------------------
 
 
 def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
@@ -184,46 +451,40 @@ def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.D
 
     Uses :func:`pipeline.metrics.summarise` (sample SD, undefined folds excluded and
     counted) and :func:`pipeline.stats.mean_ci` (Student-t interval over the defined folds
-    of every repeat; folds share training cases, so it is narrower than the truth: read
+    of every repeat, clipped to [0, 1] with ``c_clipped`` / ``auc_clipped`` set when it
+    left that range; folds share training cases, so it is narrower than the truth: read
     the paired comparisons for differences). Columns: ``protocol, config, kind, modality,
-    d, n_done, n_folds, n_splits, c_mean, c_sd, c_n, c_low, c_high, auc_mean, auc_sd,
-    auc_n, auc_low, auc_high, sel_mean``; ``c_n``/``auc_n`` are the defined folds.
+    d, n_done, n_folds, n_splits, c_mean, c_sd, c_n, c_low, c_high, c_clipped, auc_mean,
+    auc_sd, auc_n, auc_low, auc_high, auc_clipped, sel_mean``; ``c_n``/``auc_n`` are the
+    defined folds.
 
     Args:
         records: :func:`collect_records` / :func:`collect_peer_records` rows (one per fold
             slot, pending included).
         n_folds: fold slots per configuration; default: the rows of each group.
     """
-    from pipeline.stats import mean_ci
-
     out = []
     for (proto, config), g in records.groupby(["protocol", "config"], sort=False):
-        fin = g[g["done"]]
+        fin = g[g["done"].astype(bool)]
         c = summarise(fin["c_index"].tolist())
         a = summarise(fin["auc_1y"].tolist())
         s = summarise(fin["selection_c_index"].tolist())
-        c_ci, a_ci = mean_ci(fin["c_index"].tolist()), mean_ci(fin["auc_1y"].tolist())
+        c_ci = mean_ci(fin["c_index"].tolist(), bounds=UNIT_RANGE)
+        a_ci = mean_ci(fin["auc_1y"].tolist(), bounds=UNIT_RANGE)
         out.append({
             "protocol": proto, "config": config, "kind": g["kind"].iloc[0] if "kind" in g else "cnn",
             "modality": g["modality"].iloc[0], "d": g["d"].iloc[0],
             "n_done": int(len(fin)), "n_folds": int(n_folds if n_folds is not None else len(g)),
             "n_splits": int(g["split"].nunique()) if "split" in g else 1,
-            "c_mean": c["mean"], "c_sd": c["sd"], "c_n": c["n_defined"], "c_low": c_ci["low"], "c_high": c_ci["high"],
+            "c_mean": c["mean"], "c_sd": c["sd"], "c_n": c["n_defined"], "c_low": c_ci["low"],
+            "c_high": c_ci["high"], "c_clipped": c_ci["clipped"],
             "auc_mean": a["mean"], "auc_sd": a["sd"], "auc_n": a["n_defined"],
-            "auc_low": a_ci["low"], "auc_high": a_ci["high"],
+            "auc_low": a_ci["low"], "auc_high": a_ci["high"], "auc_clipped": a_ci["clipped"],
             "sel_mean": s["mean"],
         })
     return pd.DataFrame(out).astype({"c_mean": float, "c_sd": float, "auc_mean": float, "auc_sd": float,
                                      "sel_mean": float, "c_low": float, "c_high": float,
                                      "auc_low": float, "auc_high": float})
-
-
-#: Table 1 rows: the CNN's four (always listed, pending when missing), then the peers'.
-TABLE1_CNN = (BASELINE, "ct", "pet", "ctpet")
-TABLE1_PEERS = ("clinical", "radiomics", "head-ct", "head-pet", "head-ctpet")
-PEER_GROUP_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox",
-                     "head-ct": "peer: CT embedding head", "head-pet": "peer: PET embedding head",
-                     "head-ctpet": "peer: CT+PET embedding head"}
 
 
 def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
@@ -271,353 +532,63 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _diff(a: Any, b: Any) -> float:
-    return float(a) - float(b) if _finite(a) and _finite(b) else float("nan")
+def group_label(modality: str) -> str:
+    """Row label of a Table 1 / headline group: ``baseline``, ``ct`` ... ``head-ctpet``."""
+    if modality == BASELINE:
+        return "DeepMTS+DAFT baseline"
+    if modality in TABLE1_CNN:
+        return f"DeepMTS+DAFT + {MODALITY_LABELS[modality]}"
+    return PEER_GROUP_LABELS.get(modality, modality)
 
 
-def _finite(x: Any) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x)) and math.isfinite(float(x))
-
-
-def fmt_mean_sd(mean: Any, sd: Any, n: Any = None, total: Any = None) -> str:
-    """``0.712 ± 0.100`` (+ `` (4/5)`` when some folds are undefined or pending)."""
-    if not _finite(mean):
-        return "pending" if not n else "undefined"
-    text = f"{float(mean):.3f} ± {float(sd):.3f}" if _finite(sd) else f"{float(mean):.3f} ± n/a"
-    if n is not None and total is not None and int(n) != int(total):
-        text += f" ({int(n)}/{int(total)})"
-    return text
-
-
-def _signed(x: Any) -> str:
-    return f"{float(x):+.3f}" if _finite(x) else "-"
-
-
-# --- figures -------------------------------------------------------------------------------
-
-
-def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, title: str) -> Path:
-    """Grouped bars (CT, PET, CT+PET x d) of mean +- SD, baseline dashed with +- SD band.
-
-    One panel per model-selection protocol. Configurations without a finished fold are
-    marked "pending" at their bar position.
+def fold_predictions(predictions: pd.DataFrame, model: str, split: str,
+                     protocol: str) -> dict[int, tuple[pd.DataFrame, pd.DataFrame | None]]:
+    """Held-out and training-fold predictions of one model on one split, per fold.
 
     Args:
-        summary: :func:`summarise_records` output.
-        metric: ``"c_index"`` (Figure 2) or ``"auc_1y"`` (Figure 3).
-        path: PNG destination (written atomically).
-        title: figure title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matplotlib.patches import Patch
-
-    pre = "c" if metric == "c_index" else "auc"
-    protocols = [p for p in PROTOCOL_LABELS if p in set(summary["protocol"])]
-    fig, axes = plt.subplots(1, max(1, len(protocols)), figsize=(6.2 * max(1, len(protocols)), 4.4),
-                             sharey=True, squeeze=False)
-    colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))
-    width = 0.8 / len(D_LABELS)
-    groups = ["ct", "pet", "ctpet"]
-    # Shared y range: from 0.5 (chance) or lower when a mean - SD falls below it, up to 1.
-    lows = (summary[f"{pre}_mean"] - summary[f"{pre}_sd"].fillna(0)).dropna()
-    y_low = min(0.5, math.floor(float(lows.min()) * 10) / 10) if len(lows) else 0.5
-    handles = []
-    for ax, proto in zip(axes[0], protocols):
-        s = summary[summary["protocol"] == proto].set_index("config")
-        if BASELINE in s.index and _finite(s.loc[BASELINE, f"{pre}_mean"]):
-            m, sd = float(s.loc[BASELINE, f"{pre}_mean"]), s.loc[BASELINE, f"{pre}_sd"]
-            ax.axhline(m, ls="--", color="black", lw=1.2, zorder=3)
-            if _finite(sd):
-                ax.axhspan(m - float(sd), m + float(sd), color="grey", alpha=0.2, lw=0, zorder=0)
-        for j, d in enumerate(D_LABELS):
-            for i, mod in enumerate(groups):
-                name = f"{mod}-d{d}"
-                if name not in s.index:
-                    continue  # not part of this study's grid
-                x = i + (j - (len(D_LABELS) - 1) / 2) * width
-                mean, sd = s.loc[name, f"{pre}_mean"], s.loc[name, f"{pre}_sd"]
-                if _finite(mean):
-                    ax.bar(x, float(mean) - y_low, width * 0.92, bottom=y_low, color=colours[j], zorder=2,
-                           yerr=float(sd) if _finite(sd) else None, capsize=3, error_kw={"lw": 1})
-                    n_done = int(s.loc[name, "n_done"])
-                    if n_done < int(s.loc[name, "n_folds"]):
-                        ax.text(x, y_low + 0.01, f"{n_done}/{int(s.loc[name, 'n_folds'])}", ha="center",
-                                va="bottom", fontsize=6, color="white", rotation=90, zorder=4)
-                else:
-                    ax.text(x, y_low + 0.01, "pending", rotation=90, ha="center", va="bottom", fontsize=7,
-                            color="dimgrey")
-        ax.set_xticks(range(len(groups)), [MODALITY_LABELS[g] for g in groups])
-        ax.set_xlim(-0.5, len(groups) - 0.5)
-        ax.set_title(PROTOCOL_LABELS[proto], fontsize=10)
-        ax.set_ylim(y_low, 1.0)
-        ax.grid(axis="y", alpha=0.3, zorder=0)
-    handles = [Patch(color=colours[j], label=f"d = {d}") for j, d in enumerate(D_LABELS)]
-    handles += [plt.Line2D([], [], ls="--", color="black", label="baseline mean"),
-                Patch(color="grey", alpha=0.2, label="baseline ± SD")]
-    axes[0][0].set_ylabel(f"{METRIC_LABELS[metric]} (mean ± SD over folds)")
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
-# --- document --------------------------------------------------------------------------
-
-
-@dataclass
-class _Block:
-    kind: str  # "h1", "h2", "p", "warn", "table", "img", "code"
-    content: Any
-    extra: Any = None
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _render_md(blocks: list[_Block]) -> str:
-    out = []
-    for b in blocks:
-        if b.kind == "h1":
-            out.append(f"# {b.content}")
-        elif b.kind == "h2":
-            out.append(f"## {b.content}")
-        elif b.kind == "h3":
-            out.append(f"### {b.content}")
-        elif b.kind == "p":
-            out.append(b.content)
-        elif b.kind == "warn":
-            out.append(f"> **WARNING: {b.content}**")
-        elif b.kind == "table":
-            out.append(_md_table(b.content))
-        elif b.kind == "img":
-            out.append(f"![{b.extra}]({Path(b.content).name})")
-        elif b.kind == "code":
-            out.append("```\n" + b.content + "\n```")
-    return "\n\n".join(out) + "\n"
-
-
-def _render_html(blocks: list[_Block], title: str) -> str:
-    body = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            body.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
-        elif b.kind == "p":
-            body.append(f"<p>{html.escape(b.content)}</p>")
-        elif b.kind == "warn":
-            body.append(f'<p class="warn">WARNING: {html.escape(b.content)}</p>')
-        elif b.kind == "table":
-            body.append(b.content.to_html(index=False, escape=True, border=0))
-        elif b.kind == "img":
-            data = base64.b64encode(Path(b.content).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(b.extra)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(b.extra)}</figcaption></figure>")
-        elif b.kind == "code":
-            body.append(f"<pre>{html.escape(b.content)}</pre>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
-             ".warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}"
-             "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _model_label(modality: str) -> str:
-    return "DeepMTS+DAFT" if modality in TABLE1_CNN else PEER_GROUP_LABELS.get(modality, modality)
-
-
-def _emb_label(modality: str) -> str:
-    if modality in MODALITY_LABELS:
-        return MODALITY_LABELS[modality]
-    if modality.startswith("head-"):
-        return MODALITY_LABELS[modality[5:]]
-    return "none (baseline)" if modality == BASELINE else "-"
-
-
-def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Display table: one row per configuration (CNN, then peers), both protocols."""
-    rows = []
-    for config, g in summary.groupby("config", sort=False):
-        g = g.set_index("protocol")
-        first = g.iloc[0]
-        row = {"model": _model_label(first["modality"]), "embeddings": _emb_label(first["modality"]),
-               "d": first["d"], "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
-        for proto, label in PROTOCOL_LABELS.items():
-            if proto not in g.index:
-                continue
-            r = g.loc[proto]
-            short = "paper" if proto == "paper" else "unbiased"
-            row[f"C-index ({short})"] = fmt_mean_sd(r["c_mean"], r["c_sd"], r["c_n"], r["n_folds"])
-            row[f"1-y AUROC ({short})"] = fmt_mean_sd(r["auc_mean"], r["auc_sd"], r["auc_n"], r["n_folds"])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def table1_display(t1: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    rows = []
-    for r in t1.to_dict("records"):
-        mod = r["modality"]
-        if mod == BASELINE:
-            label = "DeepMTS+DAFT baseline"
-        elif mod in TABLE1_CNN:
-            label = f"+ {MODALITY_LABELS[mod]}"
-        else:
-            label = PEER_GROUP_LABELS[mod]
-        paper = PAPER_TABLE1.get(mod)
-        ref = f"d={paper[0]}: {paper[1][0]:.3f} / {paper[2][0]:.3f}" if paper else "-"
-        if r["status"] == "pending":
-            rows.append({"configuration": label, "best d": "pending", "C-index": "pending",
-                         "1-year AUROC": "pending", "Δ C-index": "-", "Δ AUROC": "-", "paper (C / AUROC)": ref})
-            continue
-        rows.append({
-            "configuration": label, "best d": r["d"],
-            "C-index": fmt_mean_sd(r["c_mean"], r["c_sd"], r["c_n"], r["n_folds"]),
-            "1-year AUROC": fmt_mean_sd(r["auc_mean"], r["auc_sd"], r["auc_n"], r["n_folds"]),
-            "Δ C-index": _signed(r.get("delta_c")), "Δ AUROC": _signed(r.get("delta_auc")),
-            "paper (C / AUROC)": ref,
-        })
-    return pd.DataFrame(rows)
-
-
-# --- beyond the paper: OOF files, paired comparisons, LOCO, IBS / calibration / KM -------------
-
-#: Text of the reason codes of :mod:`pipeline.metrics` (and ``pipeline.train``) in tables.
-REASON_TEXT = {
-    "no_events": "no event in the held-out fold",
-    "no_comparable_pair": "no comparable pair",
-    "no_event_before_horizon": "no event before 365 d",
-    "horizon_beyond_followup": "no follow-up beyond 365 d",
-    "horizon_before_followup": "follow-up starts after 365 d",
-    "censoring_distribution_undefined": "censoring distribution undefined",
-    "no valid epoch": "no valid epoch",
-}
-HORIZON = 365.0
-N_BOOT = 2000
-FIGURE_CALIBRATION = "figure4_calibration_1y.png"
-FIGURE_KM = "figure5_km_risk_groups.png"
-FIGURE_PAIRED = "figure6_paired_delta_c.png"
-
-
-def undefined_text(reason: str | None) -> str:
-    """``"no_event_before_horizon"`` -> ``"undefined: no event before 365 d"``."""
-    return "undefined: " + REASON_TEXT.get(reason or "", reason or "reason unknown")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model of the study: a CNN configuration or a peer (:class:`pipeline.study.Peer`).
-
-    ``oof_protocol(protocol)`` is the protocol of its OOF rows: the CNN's own, or
-    ``"fit"`` for a peer (no checkpoint selection).
-    """
-
-    name: str
-    kind: str  # "cnn" | "peer"
-    label: str
-
-    def oof_protocol(self, protocol: str) -> str:
-        return protocol if self.kind == "cnn" else "fit"
-
-
-def study_models(spec: StudySpec) -> list[ModelRef]:
-    """The CNN configurations, then the peers, as :class:`ModelRef`."""
-    out = []
-    for c in spec.configurations():
-        label = "DeepMTS+DAFT baseline" if c.modality is None else \
-            f"DeepMTS+DAFT + {MODALITY_LABELS[c.modality]}, d = {c.d_label}"
-        out.append(ModelRef(c.name, "cnn", label))
-    out += [ModelRef(p.name, "peer", p.label) for p in spec.peer_list()]
-    return out
-
-
-def fold_predictions(spec: StudySpec, model: ModelRef, split: str,
-                     protocol: str) -> dict[int, tuple[pd.DataFrame, pd.DataFrame | None]]:
-    """Saved predictions of every finished fold of one model on one split.
-
-    CNN: ``fold_<k>/oof.csv`` rows of ``protocol`` and ``fold_<k>/train_risk_<protocol>.csv``
-    (the selected checkpoint's risks on that fold's training rows). Peer:
-    ``oof_predictions.csv`` and ``train_risk.csv`` of its run, split by fold.
+        predictions: :data:`PRED_COLUMNS` rows (:func:`collect_predictions`).
+        model: model name; split: split name; protocol: ``paper`` / ``inner`` / ``fit``.
 
     Returns:
-        ``{fold: (oof [case_id, fold, risk, time, event], train or None)}``; a fold whose
-        protocol has no OOF rows (no valid epoch) is left out.
+        ``{fold: (oof [case_id, fold, risk, time, event], train [case_id, risk, time,
+        event] or None)}``; a fold without held-out rows (no valid epoch) is left out.
     """
-    from pipeline.study import peer_done, split_n_folds
-
+    sel = predictions[(predictions["model"] == model) & (predictions["split"] == split)
+                      & (predictions["protocol"] == protocol)]
+    oof, train = sel[sel["role"] == "oof"], sel[sel["role"] == "train"]
     out: dict[int, tuple[pd.DataFrame, pd.DataFrame | None]] = {}
-    cols = ["case_id", "fold", "risk", "time", "event"]
-    if model.kind == "cnn":
-        from pipeline.train import DONE_FILE
-
-        config = Configuration.from_name(model.name)
-        if split not in spec.cnn_splits():
-            return out
-        for k in range(split_n_folds(spec, split)):
-            folder = spec.run_dir(config, split) / f"fold_{k}"
-            if not (folder / DONE_FILE).is_file() or not (folder / "oof.csv").is_file():
-                continue
-            oof = pd.read_csv(folder / "oof.csv", dtype={"case_id": str})
-            oof = oof[oof["protocol"] == protocol]
-            if oof.empty:
-                continue
-            tr_path = folder / f"train_risk_{protocol}.csv"
-            train = pd.read_csv(tr_path, dtype={"case_id": str}) if tr_path.is_file() else None
-            out[k] = (oof[cols].reset_index(drop=True), train)
-        return out
-    peer = {p.name: p for p in spec.peer_list()}[model.name]
-    if not peer_done(spec, peer, split):
-        return out
-    folder = spec.peer_dir(peer, split)
-    oof = pd.read_csv(folder / "oof_predictions.csv", dtype={"case_id": str})
-    train = pd.read_csv(folder / "train_risk.csv", dtype={"case_id": str}) if (folder / "train_risk.csv").is_file() else None
     for k, g in oof.groupby("fold", sort=True):
-        tr = train[train["fold"] == k][["case_id", "risk", "time", "event"]] if train is not None else None
-        out[int(k)] = (g[cols].reset_index(drop=True), tr)
+        tr = train[train["fold"] == k]
+        out[int(k)] = (g[["case_id", "fold", "risk", "time", "event"]].reset_index(drop=True),
+                       tr[["case_id", "risk", "time", "event"]].reset_index(drop=True) if len(tr) else None)
     return out
 
 
-def split_oof(spec: StudySpec, model: ModelRef, split: str, protocol: str) -> pd.DataFrame | None:
-    """The whole OOF frame of one split when every fold is finished, else None."""
-    from pipeline.study import split_n_folds
-
-    folds = fold_predictions(spec, model, split, model.oof_protocol(protocol))
-    if len(folds) != split_n_folds(spec, split):
+def split_oof(predictions: pd.DataFrame, model: ModelRef, split: str, protocol: str,
+              n_folds: int) -> pd.DataFrame | None:
+    """The whole held-out frame of one split when all ``n_folds`` folds are there, else None."""
+    folds = fold_predictions(predictions, model.name, split, model.oof_protocol(protocol))
+    if len(folds) != n_folds:
         return None
     return pd.concat([f[0] for f in folds.values()], ignore_index=True)
 
 
-def cv_splits(spec: StudySpec) -> list[str]:
-    return [s for s in spec.splits() if s != LOCO]
-
-
-def paired_comparisons(spec: StudySpec, models: Sequence[ModelRef], reference: ModelRef, protocol: str,
-                       *, n_boot: int = N_BOOT, seed: int = 0) -> list[dict[str, Any]]:
+def paired_comparisons(predictions: pd.DataFrame, models: Sequence[ModelRef], reference: ModelRef,
+                       protocol: str, splits: Sequence[str], n_folds: int, *, n_boot: int = N_BOOT,
+                       seed: int = 0) -> list[dict[str, Any]]:
     """Each model vs ``reference`` on identical folds: Δ C-index with CI and p-values.
 
-    Uses every CV repeat that both have finished (all folds); the OOF frames get a
-    ``repeat`` column so :func:`pipeline.stats.paired_bootstrap_delta` resamples patients
-    within each (repeat, fold) and runs the Nadeau-Bengio corrected resampled t-test over
-    the J = folds x repeats per-fold deltas.
+    Uses every CV repeat (``splits``, ``cv<r>``) that both have finished (all folds); the
+    held-out frames get a ``repeat`` column so
+    :func:`pipeline.stats.paired_bootstrap_delta` resamples patients within each
+    (repeat, fold) and runs the Nadeau-Bengio corrected resampled t-test over the
+    J = folds x repeats per-fold deltas.
 
     Returns:
         One record per model: ``model, label, kind, reference, protocol, splits, status``
         and, when done, the :class:`pipeline.stats.PairedComparison` fields (``delta,
         ci_low, ci_high, p_value, fold_test``, per-fold values ...).
     """
-    from pipeline.stats import paired_bootstrap_delta
-
     out = []
     for m in models:
         if m.name == reference.name:
@@ -625,19 +596,17 @@ def paired_comparisons(spec: StudySpec, models: Sequence[ModelRef], reference: M
         rec: dict[str, Any] = {"model": m.name, "label": m.label, "kind": m.kind, "reference": reference.name,
                                "protocol": protocol}
         frames_a, frames_b, shared = [], [], []
-        for split in cv_splits(spec):
-            a = split_oof(spec, reference, split, protocol)
-            b = split_oof(spec, m, split, protocol)
+        for split in splits:
+            a = split_oof(predictions, reference, split, protocol, n_folds)
+            b = split_oof(predictions, m, split, protocol, n_folds)
             if a is None or b is None:
                 continue
-            r = int(split[2:])
-            frames_a.append(a.assign(repeat=r))
-            frames_b.append(b.assign(repeat=r))
+            frames_a.append(a.assign(repeat=int(split[2:])))
+            frames_b.append(b.assign(repeat=int(split[2:])))
             shared.append(split)
         rec["splits"] = shared
         if not shared:
-            rec["status"] = "pending"
-            out.append(rec)
+            out.append(rec | {"status": "pending"})
             continue
         try:
             res = paired_bootstrap_delta(pd.concat(frames_a), pd.concat(frames_b), n_boot=n_boot, seed=seed)
@@ -649,90 +618,39 @@ def paired_comparisons(spec: StudySpec, models: Sequence[ModelRef], reference: M
     return out
 
 
-def paired_display(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Markdown-ready paired-comparison table."""
+def loco_centre_table(folds: pd.DataFrame, survival: pd.DataFrame, centres: Sequence[str]) -> list[dict[str, Any]]:
+    """Per LOCO fold: ``fold, centre, n, events, events_before_365``."""
     out = []
-    for r in rows:
-        row = {"model": r["label"], "repeats": len(r.get("splits", []))}
-        if r["status"] != "done":
-            row.update({"J folds": "-", "C-index (model / reference)": "-",
-                        "Δ C-index [95 % CI]": r["status"] if r["status"] == "pending" else
-                        f"undefined: {r.get('reason', '')}", "bootstrap p": "-", "corrected t-test p": "-"})
-        else:
-            ft = r.get("fold_test") or {}
-            row.update({
-                "J folds": r["n_groups"],
-                "C-index (model / reference)": f"{r['b']:.3f} / {r['a']:.3f}",
-                "Δ C-index [95 % CI]": f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
-                "bootstrap p": _p(r["p_value"]),
-                "corrected t-test p": _p(ft.get("p_value")) if ft else "-",
-            })
-        out.append(row)
-    return pd.DataFrame(out)
+    for k, centre in enumerate(centres):
+        held = held_out(folds, survival, LOCO, k)
+        t, e = held["time"].to_numpy(float), held["event"].to_numpy(int)
+        out.append({"fold": k, "centre": centre, "n": int(len(held)), "events": int(e.sum()),
+                    "events_before_365": int(((t <= HORIZON) & (e == 1)).sum())})
+    return out
 
 
-def _p(x: Any) -> str:
-    if not _finite(x):
-        return "-"
-    return "<0.001" if float(x) < 0.001 else f"{float(x):.3f}"
-
-
-def ci_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Repeated-CV table: mean [95 % t-interval] of C-index and 1-year AUROC per model."""
-    rows = []
-    for config, g in summary.groupby("config", sort=False):
-        g = g.set_index("protocol")
-        first = g.iloc[0]
-        row = {"model": _model_label(first["modality"]), "embeddings": _emb_label(first["modality"]),
-               "d": first["d"], "repeats": int(first.get("n_splits", 1)),
-               "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
-        for proto in PROTOCOL_LABELS:
-            if proto not in g.index:
-                continue
-            r = g.loc[proto]
-            short = "paper" if proto == "paper" else "unbiased"
-            row[f"C-index ({short})"] = _fmt_ci(r["c_mean"], r["c_low"], r["c_high"], r["c_n"], r["n_folds"])
-            row[f"1-y AUROC ({short})"] = _fmt_ci(r["auc_mean"], r["auc_low"], r["auc_high"], r["auc_n"], r["n_folds"])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _fmt_ci(mean: Any, low: Any, high: Any, n: Any, total: Any) -> str:
-    if not _finite(mean):
-        return "pending" if not n else "undefined"
-    text = f"{float(mean):.3f} [{float(low):.3f}, {float(high):.3f}]" if _finite(low) else f"{float(mean):.3f} [n/a]"
-    if int(n) != int(total):
-        text += f" ({int(n)}/{int(total)})"
-    return text
-
-
-def loco_results(spec: StudySpec, records: pd.DataFrame, models: Sequence[ModelRef],
-                 protocols: Sequence[str]) -> dict[str, Any]:
+def loco_results(records: pd.DataFrame, predictions: pd.DataFrame, centres: list[dict[str, Any]],
+                 models: Sequence[ModelRef], protocols: Sequence[str]) -> dict[str, Any]:
     """Leave-one-centre-out: per held-out centre metrics and the pooled result per model.
 
     Per centre: C-index and 1-year AUROC, or the reason they are undefined (a centre
     without an event, or without an event before 365 d). Pooled: the mean over centres
-    where the metric is defined, and Harrell's C of all held-out predictions pooled
-    (risks of different fold models side by side: a summary, not a fold metric).
+    where the metric is defined (t-interval clipped to [0, 1]), and Harrell's C of all
+    held-out predictions pooled (risks of different fold models side by side: a summary,
+    not a fold metric).
+
+    Args:
+        records: per-fold records (the ``loco`` rows are used).
+        predictions: :data:`PRED_COLUMNS` rows.
+        centres: :func:`loco_centre_table`; empty = no LOCO split (returns ``{}``).
+        models: the study's models; protocols: the CNN protocols present.
 
     Returns:
-        ``{"centres": [{"fold", "centre", "n", "events", "events_before_365"}],
-        "models": [{"model", "label", "protocol", "per_centre": [...], "mean_c_index",
-        "mean_auc_1y", "pooled_c_index", "n_done"}]}``; empty dict without a LOCO split.
+        ``{"centres": centres, "models": [{"model", "label", "kind", "protocol",
+        "per_centre": [...], "mean_c_index", "mean_auc_1y", "pooled_c_index", "n_done"}]}``.
     """
-    from pipeline.metrics import c_index
-    from pipeline.stats import mean_ci
-    from pipeline.study import loco_centres
-
-    if LOCO not in spec.splits() or not spec.folds_path_of(LOCO).is_file():
+    if not centres:
         return {}
-    centres = loco_centres(spec)
-    cinfo = []
-    for k, centre in enumerate(centres):
-        held = _held_out(spec, LOCO, k)
-        t, e = held["time"].to_numpy(float), held["event"].to_numpy(int)
-        cinfo.append({"fold": k, "centre": centre, "n": int(len(held)), "events": int(e.sum()),
-                      "events_before_365": int(((t <= HORIZON) & (e == 1)).sum())})
     loco = records[records["split"] == LOCO]
     out_models = []
     for m in models:
@@ -740,69 +658,48 @@ def loco_results(spec: StudySpec, records: pd.DataFrame, models: Sequence[ModelR
             g = loco[(loco["config"] == m.name) & (loco["protocol"] == proto)].set_index("fold")
             if g.empty:
                 continue
-            per = []
-            for ci in cinfo:
-                r = g.loc[ci["fold"]] if ci["fold"] in g.index else None
-                done = bool(r is not None and r["done"])
-                per.append({"fold": ci["fold"], "centre": ci["centre"], "done": done,
-                            "c_index": _none(r["c_index"]) if done else None,
-                            "c_index_reason": (r["c_index_reason"] or None) if done and not _finite(r["c_index"]) else None,
-                            "auc_1y": _none(r["auc_1y"]) if done else None,
-                            "auc_1y_reason": (r["auc_1y_reason"] or None) if done and not _finite(r["auc_1y"]) else None})
-            pooled = None
-            oof = split_oof(spec, m, LOCO, proto)
-            if oof is not None:
-                try:
-                    pooled = c_index(oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float))
-                except ValueError:
-                    pooled = None
+            per = [_loco_cell(g.loc[ci["fold"]] if ci["fold"] in g.index else None, ci) for ci in centres]
+            oof = split_oof(predictions, m, LOCO, proto, len(centres))
             out_models.append({
                 "model": m.name, "label": m.label, "kind": m.kind, "protocol": proto if m.kind == "cnn" else "fit",
                 "per_centre": per, "n_done": sum(p["done"] for p in per),
-                "mean_c_index": mean_ci([p["c_index"] for p in per if p["c_index"] is not None] or [np.nan]),
-                "mean_auc_1y": mean_ci([p["auc_1y"] for p in per if p["auc_1y"] is not None] or [np.nan]),
-                "pooled_c_index": pooled,
+                "mean_c_index": mean_ci([p["c_index"] for p in per if p["c_index"] is not None] or [np.nan],
+                                        bounds=UNIT_RANGE),
+                "mean_auc_1y": mean_ci([p["auc_1y"] for p in per if p["auc_1y"] is not None] or [np.nan],
+                                       bounds=UNIT_RANGE),
+                "pooled_c_index": _pooled_c(oof),
             })
-    return {"centres": cinfo, "models": out_models}
+    return {"centres": centres, "models": out_models}
 
 
-def _none(x: Any) -> float | None:
-    return float(x) if _finite(x) else None
+def _loco_cell(r: pd.Series | None, centre: dict[str, Any]) -> dict[str, Any]:
+    done = bool(r is not None and r["done"])
+    return {"fold": centre["fold"], "centre": centre["centre"], "done": done,
+            "c_index": _none(r["c_index"]) if done else None,
+            "c_index_reason": (r["c_index_reason"] or None) if done and not _finite(r["c_index"]) else None,
+            "auc_1y": _none(r["auc_1y"]) if done else None,
+            "auc_1y_reason": (r["auc_1y_reason"] or None) if done and not _finite(r["auc_1y"]) else None}
 
 
-def loco_display(loco: dict[str, Any]) -> pd.DataFrame:
-    """One row per model, one column per held-out centre (``C / AUROC`` or the reason)."""
-    rows = []
-    for m in loco.get("models", []):
-        label = m["label"] + (f" ({'paper' if m['protocol'] == 'paper' else 'unbiased'})" if m["kind"] == "cnn" else "")
-        row = {"model": label}
-        for p, ci in zip(m["per_centre"], loco["centres"]):
-            col = f"{ci['centre']} (n={ci['n']}, ev={ci['events']})"
-            if not p["done"]:
-                row[col] = "pending"
-                continue
-            c = f"{p['c_index']:.3f}" if p["c_index"] is not None else undefined_text(p["c_index_reason"])
-            a = f"{p['auc_1y']:.3f}" if p["auc_1y"] is not None else undefined_text(p["auc_1y_reason"])
-            row[col] = f"C {c}; AUROC {a}"
-        mc, ma = m["mean_c_index"], m["mean_auc_1y"]
-        row["mean over centres (C / AUROC)"] = (f"{mc['mean']:.3f} ({mc['n']}) / " if mc["mean"] is not None else "- / ") + \
-            (f"{ma['mean']:.3f} ({ma['n']})" if ma["mean"] is not None else "-")
-        row["pooled C"] = f"{m['pooled_c_index']:.3f}" if m["pooled_c_index"] is not None else "-"
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _pooled_c(oof: pd.DataFrame | None) -> float | None:
+    if oof is None:
+        return None
+    try:
+        return c_index(oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float))
+    except ValueError:
+        return None
 
 
-def survival_analysis(spec: StudySpec, model: ModelRef, protocol: str, *, horizon: float = HORIZON,
-                      n_groups: int = 5) -> dict[str, Any]:
+def survival_analysis(predictions: pd.DataFrame, model: ModelRef, protocol: str, splits: Sequence[str],
+                      n_folds: int, *, horizon: float = HORIZON, n_groups: int = 5) -> dict[str, Any]:
     """Integrated Brier score, calibration at ``horizon`` and risk-group KM of one model.
 
-    Per fold, the Breslow baseline hazard is fitted on that fold's TRAINING risks
-    (``train_risk_*.csv``) and turns the held-out risks into S(t | x)
-    (:func:`pipeline.stats.breslow_survival`):
+    Per fold, the Breslow baseline hazard is fitted on that fold's TRAINING risks and
+    turns the held-out risks into S(t | x) (:func:`pipeline.stats.breslow_survival`):
 
     * IBS (:func:`pipeline.stats.integrated_brier_score`) on the fold's valid time grid
-      (:func:`pipeline.stats.ibs_time_grid`, 50 points), for every finished CV fold of
-      every repeat; the covariate-free reference (all risks 0: the Breslow estimate is then
+      (:func:`pipeline.stats.ibs_time_grid`, 50 points), for every finished fold of the CV
+      ``splits``; the covariate-free reference (all risks 0: the Breslow estimate is then
       the Nelson-Aalen curve of the training fold) is computed on the same folds;
     * calibration at ``horizon``: predicted P(event by horizon) pooled over the folds of
       ``cv0`` (each patient once) vs the Kaplan-Meier observed proportion per quantile
@@ -811,53 +708,53 @@ def survival_analysis(spec: StudySpec, model: ModelRef, protocol: str, *, horizo
       (:func:`pipeline.stats.risk_groups`), pooled, Kaplan-Meier and log-rank
       (:func:`pipeline.stats.km_logrank`).
 
+    Args:
+        predictions: :data:`PRED_COLUMNS` rows.
+        model: the model; protocol: the CNN protocol (peers use ``fit``).
+        splits: the CV splits; n_folds: folds per CV split.
+
     Returns:
         ``{"model", "label", "protocol", "status", "ibs": {"per_fold", "mean", "null_mean"},
         "calibration": {"groups", "overall"}, "km": KMResult.to_dict() + "status"}``;
         ``status`` is ``"pending"`` until every fold of ``cv0`` is finished with its
         training risks.
     """
-    from pipeline.stats import (
-        breslow_survival,
-        calibration_at,
-        ibs_time_grid,
-        integrated_brier_score,
-        km_logrank,
-        mean_ci,
-        risk_groups,
-    )
-    from pipeline.study import split_n_folds
-
     proto = model.oof_protocol(protocol)
     out: dict[str, Any] = {"model": model.name, "label": model.label, "kind": model.kind,
                            "protocol": proto, "horizon": horizon}
-    ibs_rows = []
-    for split in cv_splits(spec):
-        for k, (oof, train) in fold_predictions(spec, model, split, proto).items():
-            if train is None:
-                continue
-            row = {"split": split, "fold": k}
-            tr_t, tr_e = train["time"].to_numpy(float), train["event"].to_numpy(int)
-            te_t, te_e = oof["time"].to_numpy(float), oof["event"].to_numpy(int)
-            grid_t = ibs_time_grid(tr_t, te_t, n=50)
-            try:
-                surv = breslow_survival(train["risk"].to_numpy(float), tr_t, tr_e, oof["risk"].to_numpy(float), grid_t)
-                row["ibs"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, surv, grid_t)
-                null = breslow_survival(np.zeros(len(tr_t)), tr_t, tr_e, np.zeros(len(te_t)), grid_t)
-                row["ibs_null"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, null, grid_t)
-            except ValueError as exc:
-                row.update(ibs=None, ibs_null=None, reason=str(exc))
-            ibs_rows.append(row)
-    out["ibs"] = {"per_fold": ibs_rows,
-                  "mean": mean_ci([r["ibs"] for r in ibs_rows if r.get("ibs") is not None] or [np.nan]),
-                  "null_mean": mean_ci([r["ibs_null"] for r in ibs_rows if r.get("ibs_null") is not None] or [np.nan])}
+    rows = [_fold_ibs(split, k, oof, train) for split in splits
+            for k, (oof, train) in fold_predictions(predictions, model.name, split, proto).items() if train is not None]
+    out["ibs"] = {"per_fold": rows,
+                  "mean": mean_ci([r["ibs"] for r in rows if r.get("ibs") is not None] or [np.nan], bounds=UNIT_RANGE),
+                  "null_mean": mean_ci([r["ibs_null"] for r in rows if r.get("ibs_null") is not None] or [np.nan],
+                                       bounds=UNIT_RANGE)}
+    first = fold_predictions(predictions, model.name, FIRST_SPLIT, proto)
+    if len(first) != n_folds or any(tr is None for _, tr in first.values()):
+        return out | {"status": "pending"}
+    return out | _calibration_and_km(first, horizon, n_groups) | {"status": "done"}
 
-    first = fold_predictions(spec, model, FIRST_SPLIT, proto)
-    if len(first) != split_n_folds(spec, FIRST_SPLIT) or any(tr is None for _, tr in first.values()):
-        out["status"] = "pending"
-        return out
+
+def _fold_ibs(split: str, fold: int, oof: pd.DataFrame, train: pd.DataFrame) -> dict[str, Any]:
+    """IBS of one fold and of its no-covariate reference, or the reason it is undefined."""
+    row: dict[str, Any] = {"split": split, "fold": fold}
+    tr_t, tr_e = train["time"].to_numpy(float), train["event"].to_numpy(int)
+    te_t, te_e = oof["time"].to_numpy(float), oof["event"].to_numpy(int)
+    grid_t = ibs_time_grid(tr_t, te_t, n=50)
+    try:
+        surv = breslow_survival(train["risk"].to_numpy(float), tr_t, tr_e, oof["risk"].to_numpy(float), grid_t)
+        row["ibs"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, surv, grid_t)
+        null = breslow_survival(np.zeros(len(tr_t)), tr_t, tr_e, np.zeros(len(te_t)), grid_t)
+        row["ibs_null"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, null, grid_t)
+    except ValueError as exc:
+        row.update(ibs=None, ibs_null=None, reason=str(exc))
+    return row
+
+
+def _calibration_and_km(first: dict[int, tuple[pd.DataFrame, pd.DataFrame]], horizon: float,
+                        n_groups: int) -> dict[str, Any]:
+    """Calibration at ``horizon`` and risk-group KM of the pooled folds of one split."""
     probs, groups, frames = [], [], []
-    for k, (oof, train) in sorted(first.items()):
+    for _, (oof, train) in sorted(first.items()):
         s = breslow_survival(train["risk"].to_numpy(float), train["time"].to_numpy(float),
                              train["event"].to_numpy(int), oof["risk"].to_numpy(float), [horizon])
         probs.append(1.0 - s[:, 0])
@@ -866,329 +763,281 @@ def survival_analysis(spec: StudySpec, model: ModelRef, protocol: str, *, horizo
     pooled = pd.concat(frames, ignore_index=True)
     p, grp = np.concatenate(probs), np.concatenate(groups)
     t, e = pooled["time"].to_numpy(float), pooled["event"].to_numpy(int)
-    out["calibration"] = {
-        "groups": _records(calibration_at(horizon, p, t, e, n_groups=n_groups)),
-        "overall": _records(calibration_at(horizon, p, t, e, n_groups=1))[0],
-    }
+    out: dict[str, Any] = {"calibration": {
+        "groups": clean(calibration_at(horizon, p, t, e, n_groups=n_groups)),
+        "overall": clean(calibration_at(horizon, p, t, e, n_groups=1))[0],
+    }}
     if len(np.unique(grp)) < 2:
         out["km"] = {"status": "undefined", "reason": "every case falls in one risk group"}
     else:
-        km = km_logrank(t, e, np.where(grp == 1, "high", "low"))
-        out["km"] = {"status": "done", **km.to_dict()}
-    out["status"] = "done"
+        out["km"] = {"status": "done", **km_logrank(t, e, np.where(grp == 1, "high", "low")).to_dict()}
     return out
 
 
-def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """One panel per model: predicted vs KM-observed 1-year event probability (95 % CI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [a for a in analyses if a.get("status") == "done"]
-    n = max(1, len(done))
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.ravel()[len(done):]:
-        ax.axis("off")
-    for ax, a in zip(axes.ravel(), done):
-        g = pd.DataFrame(a["calibration"]["groups"])
-        g = g[g["followed_to_horizon"]]
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-        if len(g):
-            yerr = np.vstack([g["observed"] - g["observed_low"], g["observed_high"] - g["observed"]])
-            ax.errorbar(g["pred_mean"], g["observed"], yerr=np.clip(yerr, 0, None), fmt="o", capsize=3)
-        ov = a["calibration"]["overall"]
-        obs = f"{ov['observed']:.2f}" if _finite(ov.get("observed")) else "n/a"
-        ax.set_title(f"{_short(a['label'])}\npred {ov['pred_mean']:.2f} / KM {obs}", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("predicted P(relapse by 1 y)", fontsize=7)
-        ax.set_ylabel("observed (1 - KM)", fontsize=7)
-        ax.tick_params(labelsize=7)
-    fig.suptitle("Figure 4: 1-year calibration (Breslow baseline of each training fold; cv0, pooled folds)",
-                 fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """One panel per model: KM curves of the high / low risk groups with the log-rank p."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [a for a in analyses if a.get("status") == "done" and a["km"].get("status") == "done"]
-    n = max(1, len(done))
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, sharey=True)
-    for ax in axes.ravel()[len(done):]:
-        ax.axis("off")
-    colours = {"low": "tab:blue", "high": "tab:red"}
-    for ax, a in zip(axes.ravel(), done):
-        for name, g in a["km"]["groups"].items():
-            ax.step(g["timeline"], g["survival"], where="post", color=colours.get(name), lw=1.4,
-                    label=f"{name} risk (n={g['n']}, ev={g['events']})")
-            ax.fill_between(g["timeline"], g["ci_low"], g["ci_high"], step="post", alpha=0.15,
-                            color=colours.get(name), lw=0)
-        ax.set_title(f"{_short(a['label'])}\nlog-rank p = {_p(a['km']['p_value'])}", fontsize=8)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("days", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="lower left", frameon=False)
-    axes[0][0].set_ylabel("relapse-free survival", fontsize=7)
-    fig.suptitle("Figure 5: Kaplan-Meier by risk group (cut-off = training-fold median risk; cv0, pooled folds)",
-                 fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_paired(paired: dict[str, list[dict[str, Any]]], path: str | os.PathLike) -> Path:
-    """Forest plot: Δ C-index vs the CNN baseline with 95 % bootstrap CI, one panel per protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    protos = [p for p in PROTOCOL_LABELS if p in paired]
-    n_rows = max([len(paired[p]) for p in protos] + [1])
-    fig, axes = plt.subplots(1, max(1, len(protos)), figsize=(5.5 * max(1, len(protos)), 0.28 * n_rows + 1.6),
-                             squeeze=False, sharey=True)
-    for ax, proto in zip(axes[0], protos):
-        rows = paired[proto]
-        for i, r in enumerate(rows):
-            if r["status"] != "done":
-                ax.text(0, i, r["status"], fontsize=6, va="center", ha="center", color="dimgrey")
-                continue
-            colour = "tab:blue" if r["kind"] == "cnn" else "tab:orange"
-            ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]],
-                        fmt="o", color=colour, capsize=2, ms=3)
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [_short(r["label"]) for r in rows], fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("Δ C-index vs DeepMTS+DAFT baseline (95 % CI)", fontsize=7)
-        ax.set_title(PROTOCOL_LABELS[proto], fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Figure 6: paired differences on identical folds (blue: CNN, orange: peers)", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _short(label: str) -> str:
-    return label.replace("DeepMTS+DAFT", "CNN").replace("embedding head", "head").replace("peer: ", "")
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
-def survival_display(analyses: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """IBS, calibration-in-the-large at 1 year and the risk-group log-rank p per model."""
-    rows = []
-    for a in analyses:
-        ibs, null = a["ibs"]["mean"], a["ibs"]["null_mean"]
-        row = {"model": a["label"],
-               "IBS (lower = better)": f"{ibs['mean']:.3f} ({ibs['n']} folds)" if ibs["mean"] is not None else "pending",
-               "IBS, no-covariate reference": f"{null['mean']:.3f}" if null["mean"] is not None else "-"}
-        if a.get("status") == "done":
-            ov = a["calibration"]["overall"]
-            row["1-y predicted / KM observed"] = (f"{ov['pred_mean']:.3f} / "
-                                                  + (f"{ov['observed']:.3f}" if _finite(ov.get("observed")) else "n/a"))
-            km = a["km"]
-            if km.get("status") == "done":
-                g = km["groups"]
-                row["risk groups high / low (n, events)"] = " / ".join(
-                    f"{g[k]['n']}, {g[k]['events']}" for k in ("high", "low") if k in g)
-                row["log-rank p"] = _p(km["p_value"])
-            else:
-                row["risk groups high / low (n, events)"] = f"undefined: {km.get('reason')}"
-                row["log-rank p"] = "-"
-        else:
-            row.update({"1-y predicted / KM observed": "pending", "risk groups high / low (n, events)": "pending",
-                        "log-rank p": "-"})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def selected_models(spec: StudySpec, t1: pd.DataFrame) -> list[ModelRef]:
+def selected_models(models: Sequence[ModelRef], t1: pd.DataFrame) -> list[ModelRef]:
     """Baseline, the Table 1 winner of each embedding set, and the Table 1 peers."""
-    by_name = {m.name: m for m in study_models(spec)}
+    by_name = {m.name: m for m in models}
     names = [BASELINE] if BASELINE in by_name else []
     names += [r["config"] for r in t1.to_dict("records") if r.get("status") == "done" and r["config"] != BASELINE]
     return [by_name[n] for n in dict.fromkeys(names) if n in by_name]
 
 
-def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Build the report from the study folder's finished cells; returns ``report.md``'s path.
+def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """Configurations of one model family whose every per-fold result is identical, and why.
+
+    Two configurations are identical when they have the same finished folds and the same
+    C-index and 1-year AUROC on every (split, protocol, fold). For embedding heads the
+    reason is read from the fitted PCA sizes: when every fold kept the same number of
+    components for each of them, d was capped at the training-fold size.
 
     Args:
-        study_dir: a folder prepared by :func:`pipeline.study.prepare_study`.
-        out_dir: destination; default ``<study_dir>/report``.
+        records: per-fold records (:func:`collect_records` + :func:`collect_peer_records`).
+        peer_fits: :func:`collect_peer_fits` rows (``<block>_pca_components`` per fold).
+
+    Returns:
+        ``[{"modality", "configs", "d", "shown", "reason"}]``: ``shown`` (the first of
+        ``configs``) stands for the group in the tables.
     """
-    spec, study = load_study(study_dir)
-    out = Path(out_dir) if out_dir else Path(study_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    cnn_records = collect_records(spec)
-    protocols = [p for p in PROTOCOL_LABELS if p in set(cnn_records["protocol"])] if len(cnn_records) \
-        else list(PROTOCOL_LABELS)
-    peer_records = collect_peer_records(spec, protocols)
-    records = pd.concat([r for r in (cnn_records, peer_records) if len(r)], ignore_index=True)
-    summary = summarise_records(records[records["split"] != LOCO])
-    t1 = {p: table1(summary, p) for p in protocols}
-    n_cells = len(grid(spec))
-    n_done = int(cnn_records.drop_duplicates(["split", "config", "fold"])["done"].sum())
-    models = study_models(spec)
-    by_name = {m.name: m for m in models}
-    paired = {}
-    if BASELINE in by_name:
-        paired = {p: paired_comparisons(spec, models, by_name[BASELINE], p) for p in protocols}
-    peers_only = [m for m in models if m.kind == "peer"]
-    vs_clinical = (paired_comparisons(spec, peers_only, by_name["clinical-cox"], protocols[0])
-                   if "clinical-cox" in by_name else [])
-    loco = loco_results(spec, records, models, protocols)
-    sel_proto = "inner" if "inner" in protocols else protocols[0]
-    analyses = [survival_analysis(spec, m, sel_proto) for m in selected_models(spec, t1[sel_proto])]
-    info = study.get("info", {})
-    emb = study.get("embeddings") or {}
-    cohort = study["cohort"]
+    out = []
+    for modality, g in records.groupby("modality", sort=False):
+        by_print: dict[tuple, list[str]] = {}
+        for config, c in g.groupby("config", sort=False):
+            if c["done"].any() and c["c_index"].notna().any():
+                by_print.setdefault(_fingerprint(c), []).append(config)
+        for configs in by_print.values():
+            if len(configs) > 1:
+                d = [str(g.loc[g["config"] == c, "d"].iloc[0]) for c in configs]
+                out.append({"modality": modality, "configs": configs, "d": d, "shown": configs[0],
+                            "reason": _identical_reason(configs, d, peer_fits)})
+    return out
 
-    fig_paths = {}
-    for metric, fname in FIGURES.items():
-        num = "Figure 2" if metric == "c_index" else "Figure 3"
-        fig_paths[metric] = plot_figure(
-            summary, metric, out / fname,
-            title=f"{num}: {METRIC_LABELS[metric]} by FM projection size "
-                  f"({n_done}/{n_cells} cells finished)")
 
-    b: list[_Block] = [_Block("h1", "Projection ablation: DeepMTS+DAFT with frozen CT/PET foundation-model embeddings")]
-    if emb.get("random_init"):
-        b.append(_Block("warn", "the embeddings come from RANDOMLY INITIALISED encoders "
-                                f"({', '.join(emb.get('random_init_modalities', []))}), not the foundation models. "
-                                "These numbers test the pipeline; they say nothing about CT-FM or PET-FM."))
-    if info.get("synthetic"):
-        b.append(_Block("warn", "the data are a SYNTHETIC demo cohort, not HECKTOR 2022."))
-    if n_done < n_cells:
-        b.append(_Block("p", f"Status: {n_done} of {n_cells} cells finished; the rest are shown as pending. "
-                             "Rerun `run-study` (finished cells are skipped) or `run-study --report-only` to refresh."))
-    b.append(_Block("h2", "Data and settings"))
-    facts = [
-        ("data source", info.get("data_source", spec.manifest)),
-        ("cases / events", f"{cohort['n_cases']} / {cohort['n_events']} "
-                           f"({100 * cohort['n_events'] / max(1, cohort['n_cases']):.0f} % events), "
-                           f"{cohort.get('n_centres', '?')} centre(s)"),
-        ("oracle C-index (true risk of the synthetic cohort)",
-         f"{info['oracle_c_index']:.3f}" if _finite(info.get("oracle_c_index")) else "n/a (no truth file)"),
-        ("embeddings", "none" if not emb else
-         f"{emb['path']} (sha256 {emb['sha256'][:16]}…; "
-         + ", ".join(f"{m}: {a.get('encoder', '?')}, weights {str(a.get('weights_sha256', '?'))[:16]}"
-                     for m, a in emb.get("modalities", {}).items()) + ")"),
-        ("FM weights", "RANDOM-INIT (demo)" if emb.get("random_init") else ("pretrained" if emb else "-")),
-        ("settings", info.get("settings", "paper")),
-        ("survival input (D, H, W)", str(tuple(cohort.get("survival_input_size_dhw", [])))),
-        ("CV", f"{spec.n_folds} folds, stratified by event and RFS quartile, seed {spec.folds_seed}; "
-               "identical folds for every configuration"),
-        ("training options (non-default)", ", ".join(f"{k}={v}" for k, v in sorted(spec.train.items())) or "paper defaults"),
-    ]
-    b.append(_Block("table", pd.DataFrame(facts, columns=["item", "value"])))
-    b.append(_Block("p", "Metrics are computed on each outer validation fold and summarised as mean ± SD "
-                         "(sample SD) over folds; `(k/n)` marks folds where the metric is undefined or pending "
-                         "(a fold without an event before 365 days has no 1-year AUROC; it is never counted as 0.5). "
-                         "Paper protocol (optimistic): the checkpoint is selected on the outer fold it is scored on, "
-                         "as in the paper. Unbiased inner selection: selected on an inner split of the training fold; "
-                         "the outer fold is scored once."))
+def _fingerprint(rows: pd.DataFrame) -> tuple:
+    r = rows.sort_values(["split", "protocol", "fold"])
+    return tuple((s, p, int(k), bool(done), *(round(float(v), 12) if _finite(v) else None for v in (c, a)))
+                 for s, p, k, done, c, a in r[["split", "protocol", "fold", "done", "c_index", "auc_1y"]]
+                 .itertuples(index=False))
 
+
+def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame | None) -> str:
+    same = f"d = {', '.join(d)}"
+    if peer_fits is None or peer_fits.empty:
+        return f"identical per-fold results of {same} (no recorded cause)"
+    fits = peer_fits[peer_fits["peer"].isin(configs)]
+    cols = [c for c in fits.columns if c.endswith("_pca_components") and fits[c].notna().any()]
+    if fits.empty or not cols:
+        return f"identical per-fold results of {same} (no recorded cause)"
+    sizes = {c: [tuple(r) for r in g.sort_values(["split", "fold"])[cols].itertuples(index=False)]
+             for c, g in fits.groupby("peer")}
+    if len(set(map(tuple, sizes.values()))) != 1:
+        return f"identical per-fold results of {same} (no recorded cause)"
+    kept = pd.to_numeric(fits[cols].stack(), errors="coerce").dropna().astype(int)
+    k = f"{kept.min()}" if kept.min() == kept.max() else f"{kept.min()}-{kept.max()}"
+    return (f"PCA is capped at the training-fold size (n_train - 1): every fold keeps {k} components "
+            f"per modality whatever d, so {same} fit the same model")
+
+
+def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRST_SPLIT) -> dict[str, Any]:
+    """Fold-mean learning curves per configuration of one split.
+
+    x = epochs completed: 0 is the evaluation before the first step (``done.json``
+    ``start``), x = e + 1 the row written after epoch e. Each point is the mean over the
+    folds that reached it (early stopping ends folds at different epochs; ``n_folds``).
+
+    Args:
+        curves: :func:`collect_training` curves (``split, config, fold, epoch`` + columns).
+        cells: :func:`collect_training` cells (``start_<score>``).
+        split: the split to draw.
+
+    Returns:
+        ``{"split", "columns", "configs": [{"config", "x", <column>: [...], "n_folds"}]}``;
+        ``columns`` lists the :data:`LOSS_COLUMNS` + :data:`EVAL_COLUMNS` present.
+    """
+    cols = [c for c in LOSS_COLUMNS + EVAL_COLUMNS if c in curves.columns]
+    out = []
+    sub = curves[curves["split"] == split]
+    order = list(dict.fromkeys(cells.loc[cells["split"] == split, "config"])) if len(cells) else []
+    for config in order + [c for c in sub["config"].unique() if c not in order]:
+        g = sub[sub["config"] == config]
+        if g.empty:
+            continue
+        mean = g.groupby("epoch")[cols].mean()
+        n = g.groupby("epoch")["fold"].nunique()
+        start = cells[(cells["split"] == split) & (cells["config"] == config) & cells["done"].astype(bool)]
+        entry: dict[str, Any] = {"config": config, "x": [0] + [int(e) + 1 for e in mean.index],
+                                 "n_folds": [int(len(start))] + [int(v) for v in n]}
+        for c in cols:
+            first = float(start[f"start_{c}"].mean()) if f"start_{c}" in start and start[f"start_{c}"].notna().any() \
+                else float("nan")
+            entry[c] = [first] + [float(v) for v in mean[c]]
+        out.append(entry)
+    return {"split": split, "columns": cols, "configs": out}
+
+
+def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per finished CNN cell: segmentation Dice and train C-index at the start and at the end.
+
+    ``dice_start`` / ``train_c_start``: before the first step; ``dice_end`` /
+    ``train_c_end``: after the last epoch run; ``selected_epoch_<protocol>`` and
+    ``epochs_run`` show whether selection picked the last epoch (still improving).
+    """
+    out = []
+    for row in cells[cells["done"].astype(bool)].to_dict("records"):
+        g = curves[(curves["split"] == row["split"]) & (curves["config"] == row["config"])
+                   & (curves["fold"] == row["fold"])].sort_values("epoch")
+        last = g.iloc[-1] if len(g) else pd.Series(dtype=float)
+        rec = records[(records["kind"] == "cnn") & (records["split"] == row["split"])
+                      & (records["config"] == row["config"]) & (records["fold"] == row["fold"])]
+        out.append({
+            "split": row["split"], "config": row["config"], "fold": int(row["fold"]),
+            "epochs_run": row["epochs_run"],
+            "dice_start": _none(row.get("start_val_dice_outer")), "dice_end": _none(last.get("val_dice_outer")),
+            "train_c_start": _none(row.get("start_train_c_index")), "train_c_end": _none(last.get("train_c_index")),
+            **{f"selected_epoch_{p}": _int_or_none(v) for p, v in zip(rec["protocol"], rec["selected_epoch"])},
+        })
+    return out
+
+
+def _int_or_none(x: Any) -> int | None:
+    return int(x) if _finite(x) else None
+
+
+def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over cells of Dice / train C-index at start and end, and how many cells selected
+    their last epoch (per protocol): a sign that training had not converged."""
+    df = pd.DataFrame(cells)
+    out: dict[str, Any] = {"n_cells": len(df)}
+    if df.empty:
+        return out
+    for col in ("dice_start", "dice_end", "train_c_start", "train_c_end"):
+        out[col] = _none(pd.to_numeric(df[col], errors="coerce").mean())
+    for proto in PROTOCOL_ORDER:
+        col = f"selected_epoch_{proto}"
+        if col in df:
+            ok = df[col].notna() & df["epochs_run"].notna()
+            last = df.loc[ok, "epochs_run"].astype(int) - 1
+            out[f"selected_last_{proto}"] = int((df.loc[ok, col].astype(int) == last).sum())
+            out[f"n_selected_{proto}"] = int(ok.sum())
+    return out
+
+
+def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]],
+             oracle_c_index: float | None = None) -> dict[str, Any]:
+    """The first screen: Table 1's rows (baseline, best d per embedding set, peers) per
+    protocol, unbiased first, each with its paired Δ C-index vs the baseline and 95 % CI.
+
+    Values are copied from ``t1`` and ``paired`` (never recomputed), so they equal the full
+    tables.
+
+    Args:
+        t1: :func:`table1` per protocol.
+        paired: :func:`paired_comparisons` vs the baseline per protocol.
+        oracle_c_index: C-index of the true risk (synthetic cohort), when known.
+
+    Returns:
+        ``{"protocols", "rows": {protocol: [...]}, "oracle_c_index"}``; a row holds
+        ``group, label, config, d, status, c_mean, c_sd, c_n, n_folds, auc_mean, auc_sd,
+        auc_n`` and ``paired_status, delta, ci_low, ci_high, p_value, paired_splits``.
+    """
+    protocols = [p for p in PROTOCOL_ORDER if p in t1]
+    rows: dict[str, list[dict[str, Any]]] = {}
     for proto in protocols:
-        how = ("best d by mean outer validation C-index, as in the paper" if proto == "paper"
-               else "best d by mean inner-validation C-index; the outer folds play no part in the choice")
-        b.append(_Block("h2", f"Table 1 - {PROTOCOL_LABELS[proto]}"))
-        b.append(_Block("p", f"Best projection size per embedding set ({how}); Δ = difference of means vs the baseline. "
-                             "The last column repeats the paper's reported values for reference. Peers are means over "
-                             "every repeat they ran, which may be more than the CNN's: for a like-for-like difference "
-                             "read the paired comparisons below."))
-        b.append(_Block("table", table1_display(t1[proto], proto)))
-
-    b.append(_Block("h2", "Full projection ablation (both protocols)"))
-    b.append(_Block("p", "Rows marked `peer:` are classical models fitted on the same folds files as the CNN "
-                         "(no checkpoint selection, so both protocol columns hold the same numbers): ridge Cox on "
-                         "the clinical covariates, ridge Cox on radiomics-lite features (log volume, SUVmax, "
-                         "SUVmean, log TLG from the preprocessed mask), and elastic-net Cox heads on the cached "
-                         "embeddings + clinical covariates with the CNN's projection sizes (per-modality PCA to d "
-                         "components fitted on the training fold; orig = no projection), penalty by inner CV."))
-    b.append(_Block("table", ablation_table(summary)))
-    b.append(_Block("h2", "Figures"))
-    b.append(_Block("img", fig_paths["c_index"], "Figure 2: C-index by projection size"))
-    b.append(_Block("img", fig_paths["auc_1y"], "Figure 3: 1-year AUROC by projection size"))
-
-    b += _beyond_blocks(spec, summary, paired, vs_clinical, loco, analyses, sel_proto, out)
-
-    secs = cnn_records.drop_duplicates(["split", "config", "fold"])["seconds"].dropna()
-    if len(secs):
-        peer_secs = peer_records.drop_duplicates(["split", "config", "fold"])["seconds"].dropna().sum() \
-            if len(peer_records) else 0.0
-        b.append(_Block("p", f"Compute: {len(secs)} CNN cells trained here, {secs.sum() / 60:.1f} min of cell time "
-                             f"(median {secs.median():.1f} s per cell); peers {peer_secs / 60:.1f} min in all."))
-    b.append(_Block("h2", "Provenance"))
-    prov = [
-        ("report code version", code_version()),
-        ("study code version", study.get("code_version")),
-        ("study spec hash", study.get("spec_hash")),
-        ("manifest", spec.manifest),
-        ("preprocessed cache", f"{spec.cache_root} (params hash {study.get('cache_params_hash')})"),
-        ("embeddings sha256", emb.get("sha256", "-")),
-        ("embeddings attributes", ", ".join(f"{k}={v}" for k, v in sorted(emb.get("attrs", {}).items())
-                                            if k not in ("created",)) or "-"),
-        ("folds hash", study.get("folds_hash")),
-        ("case set sha256", cohort.get("case_set_sha256")),
-        ("generated", utc_now()),
-    ]
-    b.append(_Block("table", pd.DataFrame(prov, columns=["item", "value"])))
-
-    title = "hnfm-survival projection ablation"
-    md_path = out / "report.md"
-    with atomic_path(md_path, suffix=".md") as tmp:
-        tmp.write_text(_render_md(b))
-    with atomic_path(out / "report.html", suffix=".html") as tmp:
-        tmp.write_text(_render_html(b, title))
-    with atomic_path(out / "results.csv", suffix=".csv") as tmp:
-        records.to_csv(tmp, index=False)
-    write_json_atomic(out / "results.json", _clean({
-        "study": study, "report_code_version": code_version(), "generated": utc_now(),
-        "cells": {"total": n_cells, "done": n_done},
-        "analyses": analyses_run(spec),
-        "summary": _records(summary),
-        "table1": {p: _records(t) for p, t in t1.items()},
-        "paired_vs_baseline": paired,
-        "paired_vs_clinical_cox": vs_clinical,
-        "loco": loco,
-        "survival": {"protocol": sel_proto, "horizon_days": HORIZON, "models": analyses},
-        "protocol_labels": PROTOCOL_LABELS,
-    }))
-    return md_path
+        pmap = {r["model"]: r for r in paired.get(proto, [])}
+        rows[proto] = [_headline_row(r, pmap.get(r.get("config"))) for r in t1[proto].to_dict("records")]
+    return {"protocols": protocols, "rows": rows, "oracle_c_index": _none(oracle_c_index)}
 
 
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN / inf -> None, numpy scalars -> Python numbers."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
+def _headline_row(t: dict[str, Any], p: dict[str, Any] | None) -> dict[str, Any]:
+    row = {"group": t["modality"], "label": group_label(t["modality"]), "config": t.get("config"),
+           "d": t.get("d"), "status": t["status"]}
+    row |= {k: t.get(k) for k in ("c_mean", "c_sd", "c_n", "n_folds", "auc_mean", "auc_sd", "auc_n")}
+    if t["modality"] == BASELINE:
+        return row | {"paired_status": "reference"}
+    if p is None:
+        return row | {"paired_status": "pending"}
+    row["paired_status"] = p["status"]
+    if p["status"] == "done":
+        row |= {k: p[k] for k in ("delta", "ci_low", "ci_high", "p_value")} | {"paired_splits": p["splits"]}
+    return row
+
+
+def headline_sentences(head: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+    """Two or three sentences from the headline numbers: what they show and what they cannot.
+
+    Args:
+        head: :func:`headline`.
+        facts: ``random_init, synthetic, n_cases, n_events, n_folds`` and ``baseline_sd``
+            (fold SD of the baseline C-index), any may be missing.
+    """
+    if not head["protocols"]:
+        return ["No configuration has finished yet."]
+    proto = head["protocols"][0]
+    rows = {r["group"]: r for r in head["rows"][proto]}
+    base = rows.get(BASELINE)
+    if base is None or base["status"] != "done":
+        out = ["The DeepMTS+DAFT baseline has not finished all folds yet, so no difference from it can be stated."]
+    else:
+        out = [_sentence_fm(base, rows, proto)]
+        peers = _sentence_peers(rows, head.get("oracle_c_index"))
+        if peers:
+            out.append(peers)
+    caveats = _caveats(rows, facts)
+    if caveats:
+        out.append("What these numbers cannot show: " + "; ".join(caveats) + ".")
+    return out
+
+
+def _delta_text(r: dict[str, Any]) -> str:
+    return f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+
+
+def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: str) -> str:
+    text = f"Under {PROTOCOL_LABELS[proto]} the DeepMTS+DAFT baseline reaches a C-index of {base['c_mean']:.3f}"
+    fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("paired_status") == "done"]
+    if not fm:
+        return text + "; no configuration with FM embeddings has a paired comparison yet."
+    parts = [f"{MODALITY_LABELS[r['group']]} (d = {r['d']}) {_delta_text(r)}" for r in fm]
+    return text + "; adding FM embeddings changes it by " + ", ".join(parts) + " (paired Δ, 95 % CI)."
+
+
+def _sentence_peers(rows: dict[str, dict[str, Any]], oracle: float | None) -> str:
+    peers = [rows[g] for g in TABLE1_PEERS if g in rows and rows[g]["status"] == "done" and _finite(rows[g]["c_mean"])]
+    parts = []
+    if peers:
+        lo, hi = min(peers, key=lambda r: r["c_mean"]), max(peers, key=lambda r: r["c_mean"])
+        parts.append(f"the classical peers reach {lo['c_mean']:.3f} ({_peer_name(lo)}) to "
+                     f"{hi['c_mean']:.3f} ({_peer_name(hi)})" if lo is not hi
+                     else f"the classical peer reaches {lo['c_mean']:.3f} ({_peer_name(lo)})")
+    if _finite(oracle):
+        parts.append(f"the true risk of this synthetic cohort would reach {oracle:.3f}")
+    if not parts:
+        return ""
+    text = " and ".join(parts) + "."
+    return text[0].upper() + text[1:]
+
+
+def _peer_name(row: dict[str, Any]) -> str:
+    return row["label"].removeprefix("peer: ")
+
+
+def _caveats(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> list[str]:
+    out = []
+    if facts.get("random_init"):
+        out.append("the encoders are randomly initialised, so the FM rows test the pipeline and say nothing "
+                   "about CT-FM or PET-FM")
+    if facts.get("synthetic"):
+        out.append("the cohort is synthetic, not HECKTOR 2022")
+    n_folds, n_cases, n_events = facts.get("n_folds"), facts.get("n_cases"), facts.get("n_events")
+    if n_folds and n_cases and n_events is not None and n_events / n_folds < 50:
+        sd = facts.get("baseline_sd")
+        out.append(f"a held-out fold has about {n_cases / n_folds:.0f} cases and {n_events / n_folds:.0f} events, "
+                   "too few for a precise C-index" + (f" (fold SD of the baseline {sd:.3f})" if _finite(sd) else ""))
+    done = [r for r in rows.values() if r.get("paired_status") == "done"]
+    if done:
+        outside = [r["label"] for r in done if not r["ci_low"] <= 0 <= r["ci_high"]]
+        out.append("every difference from the baseline lies inside its 95 % CI, so none is resolved" if not outside
+                   else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}")
+    return out
 
 
 def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
@@ -1197,8 +1046,9 @@ def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
     peers = [p.name for p in spec.peer_list()]
     cv_all = [s for s in spec.splits() if s != LOCO]
     cv_cnn = [s for s in cnn if s != LOCO]
-    rows = [
-        {"analysis": f"cross-validation ({spec.n_folds} folds), repeats", "cnn": cv_cnn, "peers": cv_all if peers else []},
+    return [
+        {"analysis": f"cross-validation ({spec.n_folds} folds), repeats", "cnn": cv_cnn,
+         "peers": cv_all if peers else []},
         {"analysis": "leave-one-centre-out", "cnn": [LOCO] if LOCO in cnn else [],
          "peers": [LOCO] if LOCO in spec.splits() and peers else []},
         {"analysis": "paired comparisons vs CNN baseline", "cnn": cv_cnn, "peers": cv_cnn if peers else []},
@@ -1206,74 +1056,153 @@ def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
         {"analysis": "IBS (every CV fold), calibration and KM risk groups (cv0)", "cnn": cv_cnn,
          "peers": cv_all if peers else []},
     ]
-    return rows
 
 
-def _beyond_blocks(spec: StudySpec, summary: pd.DataFrame, paired: dict[str, list[dict[str, Any]]],
-                   vs_clinical: list[dict[str, Any]], loco: dict[str, Any], analyses: list[dict[str, Any]],
-                   sel_proto: str, out: Path) -> list[_Block]:
-    """Report sections beyond the paper: repeated CV, paired tests, LOCO, IBS/calibration/KM."""
-    b: list[_Block] = [_Block("h2", "Which analyses ran on which models")]
-    b.append(_Block("table", pd.DataFrame([
-        {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
-         "peer splits": ", ".join(r["peers"]) or "not run"} for r in analyses_run(spec)])))
-    cvs = "cv0 is" if spec.repeats == 1 else f"cv0..cv{spec.repeats - 1} are"
-    seeds = f"{spec.folds_seed}" if spec.repeats == 1 else f"{spec.folds_seed}..{spec.folds_seed + spec.repeats - 1}"
-    b.append(_Block("p", f"Splits: {cvs} stratified {spec.n_folds}-fold CV with split seed(s) {seeds} (one shared "
-                         "folds file per repeat, identical for every model)"
-                         + ("; loco holds out one centre per fold." if spec.loco else ".")))
-
-    b.append(_Block("h2", "Repeated cross-validation: mean and 95 % CI"))
-    b.append(_Block("p", "Mean over every finished fold of every repeat with a Student-t 95 % interval "
-                         "(`pipeline.stats.mean_ci`). Folds share training cases, so these intervals are too narrow "
-                         "for comparing models; use the paired comparisons below for that."))
-    b.append(_Block("table", ci_table(summary)))
-
-    if paired:
-        b.append(_Block("h2", "Paired comparisons against the DeepMTS+DAFT baseline"))
-        b.append(_Block("p", "Each model minus the baseline on identical folds (every CV repeat both have finished). "
-                             "Δ = difference of the mean per-fold C-index; 95 % CI and p from a paired patient "
-                             f"bootstrap within each fold ({N_BOOT} draws, `paired_bootstrap_delta`); 'corrected "
-                             "t-test' is the Nadeau-Bengio corrected resampled t-test over the J per-fold deltas "
-                             "(folds x repeats). The unbiased protocol is the one to trust; the paper protocol "
-                             "selects checkpoints on the folds it scores."))
-        for proto in PROTOCOL_LABELS:
-            if proto in paired:
-                b.append(_Block("h3", PROTOCOL_LABELS[proto]))
-                b.append(_Block("table", paired_display(paired[proto])))
-        b.append(_Block("img", plot_paired(paired, out / FIGURE_PAIRED), "Figure 6: Δ C-index vs the baseline"))
-    if vs_clinical:
-        b.append(_Block("h2", "Do the embeddings help a Cox model? Peers against the clinical Cox"))
-        b.append(_Block("p", "Same statistics, reference = the clinical-only Cox peer, over every CV repeat: an "
-                             "embedding head adds the FM embeddings to the same clinical covariates, so its Δ "
-                             "isolates what the embeddings add."))
-        b.append(_Block("table", paired_display(vs_clinical)))
-
-    if loco:
-        b.append(_Block("h2", "Leave-one-centre-out"))
-        b.append(_Block("p", "Each column holds out one centre (n cases, ev events) and trains on the others. A "
-                             "metric that does not exist for a centre is reported with its reason, never as a number. "
-                             "Mean over centres uses the centres where the metric is defined (count in brackets); "
-                             "pooled C = Harrell's C over all held-out predictions together."))
-        b.append(_Block("table", loco_display(loco)))
-    elif LOCO in spec.splits():
-        b.append(_Block("h2", "Leave-one-centre-out"))
-        b.append(_Block("p", "pending: the LOCO folds file is not written yet."))
-
-    b.append(_Block("h2", "Beyond ranking: integrated Brier score, calibration, risk groups"))
-    b.append(_Block("p", f"Models: the baseline, the Table 1 choice of each embedding set and the Table 1 peers "
-                         f"({PROTOCOL_LABELS[sel_proto]} for the CNN). Per fold the Breslow baseline hazard is fitted "
-                         "on the training fold's risks (`train_risk_*.csv`) and turns held-out risks into survival "
-                         "curves. IBS: mean over every finished CV fold (50-point grid where the score is defined), "
-                         "beside the no-covariate reference on the same folds. Calibration at 365 d: predicted vs "
-                         "Kaplan-Meier observed event probability, all cv0 folds pooled (quintiles in Figure 4). "
-                         "Risk groups: above / below the training fold's median risk, cv0 folds pooled, log-rank test."))
-    b.append(_Block("table", survival_display(analyses)))
-    b.append(_Block("img", plot_calibration(analyses, out / FIGURE_CALIBRATION), "Figure 4: 1-year calibration"))
-    b.append(_Block("img", plot_km(analyses, out / FIGURE_KM), "Figure 5: Kaplan-Meier curves of risk groups"))
-    return b
+def study_facts(study: dict[str, Any]) -> dict[str, Any]:
+    """What the headline sentences and the stamp need from ``study.json``."""
+    spec, cohort, info = study.get("spec", {}), study.get("cohort", {}), study.get("info", {})
+    return {"random_init": bool((study.get("embeddings") or {}).get("random_init")),
+            "synthetic": bool(info.get("synthetic")), "n_cases": cohort.get("n_cases"),
+            "n_events": cohort.get("n_events"), "n_folds": spec.get("n_folds")}
 
 
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-            for r in df.to_dict("records")]
+def stamp_text(facts: dict[str, Any]) -> str | None:
+    """The warning every figure carries, or None for pretrained encoders on real data."""
+    parts = (["RANDOM-INIT ENCODERS"] if facts.get("random_init") else []) + \
+        (["SYNTHETIC COHORT"] if facts.get("synthetic") else [])
+    return " + ".join(parts) + ": tests the pipeline, not the foundation models" if parts else None
+
+
+def settings_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[str]]:
+    """``[item, value]`` rows of the report's "Data and settings" table."""
+    info, emb, cohort = study.get("info", {}), study.get("embeddings") or {}, study["cohort"]
+    oracle = info.get("oracle_c_index")
+    return [
+        ["data source", str(info.get("data_source", spec.manifest))],
+        ["cases / events", f"{cohort['n_cases']} / {cohort['n_events']} "
+                           f"({100 * cohort['n_events'] / max(1, cohort['n_cases']):.0f} % events), "
+                           f"{cohort.get('n_centres', '?')} centre(s)"],
+        ["oracle C-index (true risk of the synthetic cohort)",
+         f"{oracle:.3f}" if _finite(oracle) else "n/a (no truth file)"],
+        ["embeddings", "none" if not emb else
+         f"{emb['path']} (sha256 {emb['sha256'][:16]}…; "
+         + ", ".join(f"{m}: {a.get('encoder', '?')}, weights {str(a.get('weights_sha256', '?'))[:16]}"
+                     for m, a in emb.get("modalities", {}).items()) + ")"],
+        ["FM weights", "RANDOM-INIT (demo)" if emb.get("random_init") else ("pretrained" if emb else "-")],
+        ["settings", str(info.get("settings", "paper"))],
+        ["survival input (D, H, W)", str(tuple(cohort.get("survival_input_size_dhw", [])))],
+        ["CV", f"{spec.n_folds} folds, stratified by event and RFS quartile, seed {spec.folds_seed}; "
+               "identical folds for every configuration"],
+        ["training options (non-default)",
+         ", ".join(f"{k}={v}" for k, v in sorted(spec.train.items())) or "paper defaults"],
+    ]
+
+
+def provenance_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[Any]]:
+    """``[item, value]`` rows of the report's provenance table."""
+    emb, cohort = study.get("embeddings") or {}, study["cohort"]
+    return [
+        ["report code version", code_version()],
+        ["study code version", study.get("code_version")],
+        ["study spec hash", study.get("spec_hash")],
+        ["manifest", spec.manifest],
+        ["preprocessed cache", f"{spec.cache_root} (params hash {study.get('cache_params_hash')})"],
+        ["embeddings sha256", emb.get("sha256", "-")],
+        ["embeddings attributes", ", ".join(f"{k}={v}" for k, v in sorted(emb.get("attrs", {}).items())
+                                            if k not in ("created",)) or "-"],
+        ["folds hash", study.get("folds_hash")],
+        ["case set sha256", cohort.get("case_set_sha256")],
+        ["generated", utc_now()],
+    ]
+
+
+def compute_summary(records: pd.DataFrame) -> dict[str, Any]:
+    """CNN cell time (cells trained here) and peer time, from the records' ``seconds``."""
+    if records.empty:
+        return {"n_cnn_cells": 0}
+    cnn, peers = records[records["kind"] == "cnn"], records[records["kind"] == "peer"]
+    secs = pd.to_numeric(cnn.drop_duplicates(["split", "config", "fold"])["seconds"], errors="coerce").dropna()
+    peer = pd.to_numeric(peers.drop_duplicates(["split", "config", "fold"])["seconds"], errors="coerce").dropna()
+    return {"n_cnn_cells": int(len(secs)), "cnn_minutes": float(secs.sum() / 60) if len(secs) else None,
+            "median_cell_seconds": float(secs.median()) if len(secs) else None,
+            "peer_minutes": float(peer.sum() / 60)}
+
+
+def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The results object of a study: every number the report shows, as plain data.
+
+    Args:
+        data: :func:`collect_study`.
+        n_boot: bootstrap draws of the paired comparisons.
+
+    Returns:
+        A dict (NaN left as NaN; :func:`clean` makes it JSON-safe) with ``schema, study,
+        cells, protocols, n_boot, facts, stamp, settings, provenance, analyses, headline, summary,
+        table1, identical, paired_vs_baseline, paired_vs_clinical_cox, loco, survival,
+        training, compute, records``.
+    """
+    spec, study, records = data.spec, data.study, data.records
+    cnn = records[records["kind"] == "cnn"] if len(records) else records
+    protocols = [p for p in PROTOCOL_ORDER if p in set(cnn["protocol"])] if len(cnn) else list(PROTOCOL_ORDER)
+    summary = summarise_records(records[records["split"] != LOCO])
+    t1 = {p: table1(summary, p) for p in protocols}
+    by_name = {m.name: m for m in data.models}
+    cv = [s for s in spec.splits() if s != LOCO]
+
+    def pairs(models: Sequence[ModelRef], ref: ModelRef, proto: str) -> list[dict[str, Any]]:
+        return paired_comparisons(data.predictions, models, ref, proto, cv, spec.n_folds, n_boot=n_boot)
+
+    paired = {p: pairs(data.models, by_name[BASELINE], p) for p in protocols} if BASELINE in by_name else {}
+    peers = [m for m in data.models if m.kind == "peer"]
+    vs_clinical = pairs(peers, by_name["clinical-cox"], protocols[0]) if "clinical-cox" in by_name else []
+    sel = "inner" if "inner" in protocols else protocols[0]
+    facts = study_facts(study)
+    base = summary[(summary["protocol"] == protocols[0]) & (summary["config"] == BASELINE)]
+    facts["baseline_sd"] = float(base["c_sd"].iloc[0]) if len(base) else None
+    head = headline(t1, paired, study.get("info", {}).get("oracle_c_index"))
+    head["sentences"] = headline_sentences(head, facts)
+    cells = cell_training(data.cells, data.curves, records) if len(data.cells) else []
+    centres = loco_centre_table(data.folds, data.survival, data.centres)
+    survival = [survival_analysis(data.predictions, m, sel, cv, spec.n_folds)
+                for m in selected_models(data.models, t1[sel])]
+    n_done = int(data.cells["done"].sum()) if len(data.cells) else 0
+    return {
+        "schema": RESULTS_SCHEMA, "generated": utc_now(), "report_code_version": code_version(), "study": study,
+        "cells": {"total": len(grid(spec)), "done": n_done}, "protocols": protocols,
+        "protocol_labels": PROTOCOL_LABELS, "n_boot": n_boot, "facts": facts, "stamp": stamp_text(facts),
+        "settings": settings_rows(spec, study), "provenance": provenance_rows(spec, study),
+        "analyses": analyses_run(spec), "headline": head, "summary": summary, "table1": t1,
+        "identical": identical_groups(records, data.peer_fits),
+        "paired_vs_baseline": paired, "paired_vs_clinical_cox": vs_clinical,
+        "loco": loco_results(records, data.predictions, centres, data.models, protocols),
+        "survival": {"protocol": sel, "horizon_days": HORIZON, "models": survival},
+        "training": {"curves": learning_curves(data.curves, data.cells), "cells": cells,
+                     "summary": training_summary(cells)},
+        "compute": compute_summary(records), "records": records,
+    }
+
+
+# --- 3. writing ----------------------------------------------------------------------------------
+
+
+def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                 n_boot: int = N_BOOT) -> Path:
+    """collect -> analyse -> render: ``results.json`` / ``results.csv``, then the report from them.
+
+    Args:
+        study_dir: a folder prepared by :func:`pipeline.study.prepare_study`.
+        out_dir: destination; default ``<study_dir>/report``.
+        n_boot: bootstrap draws of the paired comparisons.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    from pipeline.report_render import render_report  # local: the renderer imports this module
+
+    out = Path(out_dir) if out_dir else Path(study_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results = clean(analyse(collect_study(study_dir), n_boot=n_boot))
+    write_json_atomic(out / "results.json", results)
+    with atomic_path(out / "results.csv", suffix=".csv") as tmp:
+        pd.DataFrame(results["records"]).to_csv(tmp, index=False)
+    return render_report(results, out)

@@ -1,17 +1,25 @@
-"""Study report: arithmetic of the tables, Table 1 selection, figures, pending cells, files."""
+"""Study report: collect -> analyse -> render. Arithmetic of the tables, Table 1 selection, the
+headline, identical rows, learning curves, figures, pending cells, files; most on a study folder
+written by hand (seconds, no training), one on real tiny cells."""
 
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import report, study
-from pipeline.artefacts import read_json
+from pipeline import report, report_render, study
+from pipeline.artefacts import read_json, write_json_atomic
+from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
+from pipeline.splits import leave_one_centre_out, make_folds, save_folds
+from pipeline.study import MODALITY_SETS, PEER_FILE
 from test_study import make_spec, make_study_inputs
 
 
@@ -68,21 +76,33 @@ def test_summary_means_sds_best_d_and_deltas_are_computed_from_the_records():
     assert t_inner.loc["ct", "c_mean"] == pytest.approx(0.63)
     assert t_inner.loc["ct", "delta_c"] == pytest.approx(0.63 - 0.60)
 
-    disp = report.table1_display(report.table1(summary, "paper"), "paper").set_index("configuration")
+    disp = report_render.table1_display(report.table1(summary, "paper"), "paper").set_index("configuration")
     assert disp.loc["+ CT", "C-index"] == "0.750 ± 0.050"
     assert disp.loc["DeepMTS+DAFT baseline", "1-year AUROC"] == "0.680 ± 0.028 (2/3)"
     assert disp.loc["+ CT", "Δ C-index"] == "+0.130"
     assert disp.loc["+ CT+PET", "C-index"] == "pending"
-    table = report.ablation_table(summary).set_index(["model", "embeddings", "d"]).loc["DeepMTS+DAFT"]
+    table = report_render.ablation_table(summary).set_index(["model", "embeddings", "d"]).loc["DeepMTS+DAFT"]
     assert table.loc[("CT", "256"), "folds done"] == "2/3"
     assert table.loc[("CT", "256"), "C-index (paper)"] == "0.950 ± 0.000 (2/3)"
     assert table.loc[("CT+PET", "64"), "C-index (unbiased)"] == "pending"
 
 
-def test_format_of_mean_sd():
-    assert report.fmt_mean_sd(0.7123, 0.1) == "0.712 ± 0.100"
-    assert report.fmt_mean_sd(0.7, None, 1, 5) == "0.700 ± n/a (1/5)"
-    assert report.fmt_mean_sd(None, None, 0, 5) == "pending"
+def test_format_of_mean_sd_and_of_clipped_intervals():
+    assert report_render.fmt_mean_sd(0.7123, 0.1) == "0.712 ± 0.100"
+    assert report_render.fmt_mean_sd(0.7, None, 1, 5) == "0.700 ± n/a (1/5)"
+    assert report_render.fmt_mean_sd(None, None, 0, 5) == "pending"
+    assert report_render.fmt_ci(0.9, 0.6, 1.0, 2, 3, np.bool_(True)) == "0.900 [0.600, 1.000] † (2/3)"
+    assert report_render.fmt_ci(0.9, 0.8, 0.95, 3, 3, False) == "0.900 [0.800, 0.950]"
+
+
+def test_fold_intervals_of_bounded_metrics_stay_in_0_1_and_say_so():
+    # Two AUROC folds give a t-interval of mean +- 12.7 SE: far outside [0, 1] unclipped.
+    vals = {"baseline": {"paper": [(0.60, 0.55, 0.6), (0.62, 0.99, 0.6)], "inner": [(0.6, 0.7, 0.6)] * 2}}
+    s = report.summarise_records(_records(vals, n_folds=2), n_folds=2).set_index(["protocol", "config"])
+    b = s.loc[("paper", "baseline")]
+    assert b["auc_low"] == 0.0 and b["auc_high"] == 1.0 and bool(b["auc_clipped"])
+    assert 0 < b["c_low"] < b["c_high"] < 1 and not bool(b["c_clipped"])
+    assert not bool(s.loc[("inner", "baseline"), "auc_clipped"])  # zero SD: a point interval
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +130,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "](figure2_c_index.png)" in md and "](figure3_auc_1y.png)" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5  # Figures 2-6
+    assert html.count("data:image/png;base64,") == 6  # Figures 2-7
     embedded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html).group(1)
     assert base64.b64decode(embedded) == png
 
@@ -154,3 +174,315 @@ def test_report_cli_report_only(finished_study, tmp_path):
                                          "--report-dir", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert res.output.strip().endswith(f"report: {tmp_path / 'r' / 'report.md'}")
+
+
+# --- a finished study made by hand: done.json / curves.csv / oof.csv without training -----------
+
+FAKE_CONFIGS = ("baseline", "ct-d64", "ct-d128", "pet-d256", "ctpet-dorig")
+CURVE_COLUMNS_NEW = ("train_c_index", "val_c_index_inner", "val_c_index_outer", "val_dice_outer")
+
+
+def _fake_manifest(root: Path, n_cases: int, seed: int) -> pd.DataFrame:
+    """Cases with a latent true risk ``z`` driving exponential relapse times; 3 centres."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=n_cases)
+    t_event, t_cens = rng.exponential(700 * np.exp(-z)), rng.uniform(300, 1500, size=n_cases)
+    rows = []
+    for i in range(n_cases):
+        centre = ("CHUM", "CHUP", "MDA")[i % 3]
+        cid = f"{centre}-{i:03d}"
+        rows.append({c: "" for c in MANIFEST_COLUMNS} | {
+            "case_id": cid, "center_id": i % 3 + 1, "center": centre, "task1": 1, "task2": 1, "has_endpoint": 1,
+            "relapse": int(t_event[i] < t_cens[i]), "rfs_days": float(round(min(t_event[i], t_cens[i])) + 1),
+            "gender": "M", "age": 60.0, "weight": 70.0, "tobacco": 0, "alcohol": 0, "performance_status": 0,
+            "hpv_status": 1, "surgery": 0, "chemotherapy": 1, "has_gtvp": 1, "has_gtvn": 0,
+            "ct_path": f"imagesTr/{cid}__CT.nii.gz", "pet_path": f"imagesTr/{cid}__PT.nii.gz",
+            "label_path": f"labelsTr/{cid}.nii.gz"})
+    df = pd.DataFrame(rows)[list(MANIFEST_COLUMNS)]
+    write_manifest(df, root / "manifest.csv")
+    return df.assign(z=z)
+
+
+def _risk(z: np.ndarray, name: str, strength: float) -> np.ndarray:
+    """A model's risk: ``strength * z`` + noise seeded by the model name (same name, same risk)."""
+    return strength * z + np.random.default_rng(zlib.crc32(name.encode())).normal(size=z.shape[0])
+
+
+def _fold_frames(cases: pd.DataFrame, folds: pd.DataFrame, k: int, risk: np.ndarray):
+    pos = {c: i for i, c in enumerate(cases["case_id"])}
+    out = []
+    for held in (True, False):
+        ids = folds.loc[(folds["fold"] == k) == held, "case_id"].tolist()
+        idx = [pos[c] for c in ids]
+        out.append(pd.DataFrame({"case_id": ids, "risk": risk[idx], "time": cases["rfs_days"].to_numpy()[idx],
+                                 "event": cases["relapse"].to_numpy()[idx]}))
+    return out
+
+
+def _write_cell(folder: Path, cases, folds, k: int, name: str, *, epochs: int, new_format: bool) -> None:
+    """One finished CNN cell: oof.csv, train_risk_<proto>.csv, curves.csv, done.json, cell.json."""
+    from pipeline.metrics import fold_metrics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    protos, oof = {}, []
+    for proto, strength in (("paper", 1.0), ("inner", 0.8)):
+        held, train = _fold_frames(cases, folds, k, _risk(cases["z"].to_numpy(), f"{name}/{proto}", strength))
+        oof.append(held.assign(fold=k, protocol=proto))
+        train.to_csv(folder / f"train_risk_{proto}.csv", index=False)
+        m = fold_metrics(held.assign(fold=k), train_survival={k: (train["time"], train["event"])}).iloc[0]
+        protos[proto] = {"selected_epoch": epochs - 1 if proto == "inner" else 1, "selection_c_index": 0.7,
+                         "c_index": m["c_index"], "auc_1y": None if pd.isna(m["auroc"]) else m["auroc"],
+                         "auc_1y_undefined_reason": m["auroc_reason"]} | ({"val_dice": 0.5} if new_format else {})
+    pd.concat(oof)[["case_id", "fold", "protocol", "risk", "time", "event"]].to_csv(folder / "oof.csv", index=False)
+    ep = np.arange(epochs)
+    curves = {"epoch": ep, "lr_factor": 1.0, "dice": 0.9 - 0.1 * ep, "cox": 2.0 - 0.2 * ep, "total": 0.0, "loss": 0.0,
+              "val_c_index_outer": 0.55 + 0.02 * ep, "val_c_index_inner": 0.5 + 0.03 * ep, "seconds": 1.0}
+    if new_format:
+        curves |= {"train_c_index": 0.6 + 0.05 * ep, "val_dice_outer": 0.2 + 0.1 * ep}
+    pd.DataFrame(curves).to_csv(folder / "curves.csv", index=False)
+    start = {"train_c_index": 0.5, "val_c_index_inner": 0.5, "val_c_index_outer": 0.5, "val_dice_outer": 0.05}
+    write_json_atomic(folder / "done.json", {"fold": k, "epochs_run": epochs, "protocols": protos}
+                      | ({"start": start} if new_format else {}))
+    write_json_atomic(folder / "cell.json", {"seconds": 10.0 + k})
+
+
+def _write_peer(spec, peer, split: str, cases, folds, *, n_components: int | None) -> None:
+    """One finished peer run: oof_predictions.csv, train_risk.csv, summary.json, peer.json."""
+    from pipeline.metrics import fold_metrics
+
+    out = spec.peer_dir(peer, split)
+    out.mkdir(parents=True, exist_ok=True)
+    # Heads whose PCA is capped share one fit: the same risks, hence identical metrics.
+    name = f"head-{peer.modality}-capped" if n_components and peer.proj and peer.proj > n_components else peer.name
+    risk = _risk(cases["z"].to_numpy(), f"{name}/{split}", 0.6)
+    oof, train, fits = [], [], []
+    for k in sorted(folds["fold"].unique()):
+        held, tr = _fold_frames(cases, folds, k, risk)
+        oof.append(held.assign(fold=k, protocol="fit"))
+        train.append(tr.assign(fold=k, protocol="fit"))
+        fit = {"fold": int(k), "n_train": len(tr), "inner_c_index": 0.6 + 0.01 * (peer.proj or 0) / 64}
+        if peer.kind == "embeddings" and peer.proj is not None:
+            fit |= {f"{m}_pca_components": min(peer.proj, len(tr) - 1) for m in MODALITY_SETS[peer.modality]}
+        fits.append(fit)
+    oof = pd.concat(oof)
+    oof.to_csv(out / "oof_predictions.csv", index=False)
+    pd.concat(train).to_csv(out / "train_risk.csv", index=False)
+    tr = pd.concat(train)
+    surv = {k: (g["time"], g["event"]) for k, g in tr.groupby("fold")}
+    per_fold = json.loads(fold_metrics(oof, train_survival=surv).to_json(orient="records"))
+    write_json_atomic(out / "summary.json", {"per_fold": per_fold, "fit": fits})
+    write_json_atomic(out / PEER_FILE, {"peer": peer.name, "split": split, "key": "k", "seconds": 3.0})
+
+
+def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_folds: int = 3, repeats: int = 2,
+                    loco: bool = True, pending=(), old_format=(), epochs: int = 4, synthetic: bool = True,
+                    random_init: bool = True) -> study.StudySpec:
+    """A finished study folder written by hand (seconds, no training).
+
+    CNN on ``cv0`` only, peers (clinical, radiomics, one head per FM configuration) on
+    every split; heads whose d exceeds the training size are capped and identical.
+    ``pending``: cell keys left unfinished; ``old_format``: cell keys written without the
+    new curve columns and ``start`` record.
+    """
+    cases = _fake_manifest(root, n_cases, seed=3)
+    spec = study.StudySpec.create(root / "manifest.csv", root / "cache", root / "ctpet.h5", root / "study",
+                                  n_folds=n_folds, configs=tuple(configs), repeats=repeats, loco=loco,
+                                  cnn_extra_splits=False, train={"epochs": epochs})
+    all_folds = {}
+    for split in spec.splits():
+        r = study.split_repeat(split)
+        f = (make_folds(cases["case_id"], cases["rfs_days"], cases["relapse"], n_splits=n_folds, seed=42 + r)
+             if r is not None else leave_one_centre_out(cases["case_id"], cases["center"]))
+        save_folds(f, spec.folds_path_of(split))
+        all_folds[split] = f
+    for cell in study.grid(spec):
+        if cell.key not in pending:
+            _write_cell(study.cell_dir(spec, cell), cases, all_folds[cell.split], cell.fold, cell.config.name,
+                        epochs=epochs, new_format=cell.key not in old_format)
+    n_train = min(int((all_folds["cv0"]["fold"] != k).sum()) for k in range(n_folds))
+    for split in spec.splits():
+        for peer in spec.peer_list():
+            _write_peer(spec, peer, split, cases, all_folds[split], n_components=n_train - 1)
+    emb = {"path": str(root / "ctpet.h5"), "sha256": "0" * 64, "attrs": {}, "modalities": {},
+           "random_init": random_init, "random_init_modalities": ["ct", "pet"] if random_init else []}
+    write_json_atomic(spec.root / study.STUDY_FILE, {
+        "spec": spec.to_dict(), "spec_hash": spec.hash, "code_version": "test",
+        "cohort": {"n_cases": n_cases, "n_events": int(cases["relapse"].sum()), "n_centres": 3,
+                   "case_set_sha256": "x", "survival_input_size_dhw": [8, 8, 8]},
+        "folds_hash": "f", "cache_params_hash": "c", "embeddings": emb,
+        "info": {"synthetic": synthetic, "data_source": "hand-made test study", "oracle_c_index": 0.7777,
+                 "settings": "test"}})
+    return spec
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """A hand-made finished study (one cell pending, one in the old format) and its report."""
+    root = tmp_path_factory.mktemp("fake")
+    spec = make_fake_study(root, pending=("ctpet-dorig/fold_2",), old_format=("pet-d256/fold_0",))
+    md = report.write_report(spec.study_dir, root / "report")
+    return {"spec": spec, "md": md, "text": md.read_text(), "js": read_json(md.parent / "results.json")}
+
+
+def _md_table(text: str, after: str) -> pd.DataFrame:
+    """The first Markdown table after the line starting with ``after``, as strings."""
+    lines = text.split("\n" + after, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def test_report_opens_with_the_headline_and_its_values_equal_the_full_tables(fake):
+    text, js = fake["text"], fake["js"]
+    # The first table of the report is the headline, unbiased protocol first.
+    first_table = text[text.index("\n|"):].strip().splitlines()[0]
+    assert first_table.startswith("| model | d (unbiased) | C-index (unbiased) | Δ vs baseline [95 % CI] (unbiased) |")
+    assert first_table.index("(unbiased)") < first_table.index("(paper)")
+    head = _md_table(text, "## Headline").set_index("model")
+    assert head.loc["oracle: true risk of the synthetic cohort", "C-index (unbiased)"] == "0.778"
+    assert head.loc["DeepMTS+DAFT + CT+PET", "C-index (unbiased)"] == "pending"  # a fold is pending
+    for proto, short, t1_head in (("inner", "unbiased", "## Table 1 - unbiased"), ("paper", "paper", "## Table 1 - paper")):
+        t1 = _md_table(text, t1_head).set_index("configuration")
+        paired = _md_table(text, f"### {report.PROTOCOL_LABELS[proto]}").set_index("model")
+        ablation = _md_table(text, "## Full projection ablation")
+        for row in js["headline"]["rows"][proto]:
+            if row["status"] != "done":
+                continue
+            label = row["label"].replace("DeepMTS+DAFT + ", "+ ")
+            c = head.loc[row["label"], f"C-index ({short})"]
+            assert c == t1.loc[label, "C-index"]
+            full = ablation[ablation["d"].str.split(" = ").apply(lambda ds, d=row["d"]: d in ds)
+                            & ablation["model"].eq(report_render._model_label(row["group"]))
+                            & ablation["embeddings"].eq(report_render._emb_label(row["group"]))]
+            assert full[f"C-index ({short})"].tolist() == [c]
+            if row["group"] != "baseline":
+                label = next(m.label for m in report.study_models(fake["spec"]) if m.name == row["config"])
+                stem, _, d = label.partition(", d = ")
+                match = [k for k in paired.index if k.partition(", d = ")[0] == stem
+                         and (not d or d in k.partition(", d = ")[2].split(" = "))]
+                assert head.loc[row["label"], f"Δ vs baseline [95 % CI] ({short})"] == \
+                    paired.loc[match, "Δ C-index [95 % CI]"].tolist()[0] and len(match) == 1
+    # The generated sentences follow the table and state what the numbers cannot show.
+    sentences = " ".join(js["headline"]["sentences"])
+    assert text.index(sentences) < text.index("## Data and settings")
+    assert "randomly initialised" in sentences and "synthetic" in sentences and "0.778" in sentences
+
+
+def test_sentences_follow_the_numbers():
+    def row(group, delta, lo, hi):
+        return {"group": group, "label": report.group_label(group), "status": "done", "d": "64", "c_mean": 0.6,
+                "paired_status": "done", "delta": delta, "ci_low": lo, "ci_high": hi}
+
+    base = {"group": "baseline", "label": "DeepMTS+DAFT baseline", "status": "done", "c_mean": 0.61,
+            "paired_status": "reference"}
+    head = {"protocols": ["inner"], "oracle_c_index": None,
+            "rows": {"inner": [base, row("ct", 0.05, 0.01, 0.09), row("pet", -0.01, -0.05, 0.03)]}}
+    real = report.headline_sentences(head, {"random_init": False, "synthetic": False, "n_cases": 500,
+                                            "n_events": 400, "n_folds": 5})
+    assert len(real) == 2 and "0.610" in real[0] and "CT (d = 64) +0.050 [+0.010, +0.090]" in real[0]
+    assert "excludes 0 only for DeepMTS+DAFT + CT" in real[1]
+    assert "randomly" not in real[1] and "too few" not in real[1]
+    demo = report.headline_sentences(head | {"rows": {"inner": [base, row("pet", -0.01, -0.05, 0.03)]}},
+                                     {"random_init": True, "synthetic": True, "n_cases": 100, "n_events": 40,
+                                      "n_folds": 5, "baseline_sd": 0.08})
+    assert "randomly initialised" in demo[-1] and "20 cases and 8 events" in demo[-1] and "0.080" in demo[-1]
+    assert "every difference from the baseline lies inside its 95 % CI" in demo[-1]
+    pending = report.headline_sentences(head | {"rows": {"inner": [base | {"status": "pending"}]}}, {})
+    assert pending == ["The DeepMTS+DAFT baseline has not finished all folds yet, so no difference from it can be stated."]
+
+
+def test_identical_heads_are_shown_once_with_the_reason(fake):
+    text, js = fake["text"], fake["js"]
+    groups = {g["modality"]: g for g in js["identical"]}
+    # 60 cases in 3 folds: 40 training cases, so d = 64 and d = 128 both keep 39 PCA components.
+    assert set(groups) == {"head-ct"} and groups["head-ct"]["configs"] == ["head-ct-d64", "head-ct-d128"]
+    assert "39 components" in groups["head-ct"]["reason"] and "training-fold size" in groups["head-ct"]["reason"]
+    ablation = _md_table(text, "## Full projection ablation")
+    heads = ablation[ablation["model"] == "peer: CT embedding head"]
+    assert heads["d"].tolist() == ["64 = 128"]
+    assert text.count("peer: CT embedding head, d = 64 = 128") >= 3  # paired (x3 tables) and LOCO
+    assert "peer: CT embedding head, d = 128 " not in text
+    # The CNN rows at the same d differ, so they stay apart.
+    cnn = ablation[(ablation["model"] == "DeepMTS+DAFT") & (ablation["embeddings"] == "CT")]
+    assert cnn["d"].tolist() == ["64", "128"]
+    # The grouping is a property of the numbers: a changed fold separates the rows.
+    rec = pd.DataFrame(js["records"])
+    rec.loc[(rec["config"] == "head-ct-d128") & (rec["fold"] == 0), "c_index"] += 0.01
+    assert report.identical_groups(rec) == []
+
+
+def test_learning_curves_average_folds_per_epoch_and_start_before_training():
+    curves = pd.DataFrame({
+        "split": "cv0", "config": ["a"] * 5 + ["b"] * 2, "fold": [0, 0, 0, 1, 1, 0, 0], "epoch": [0, 1, 2, 0, 1, 0, 1],
+        "dice": [0.9, 0.8, 0.7, 0.7, 0.6, 0.5, 0.4], "train_c_index": [0.6, 0.7, 0.8, 0.5, 0.6, 0.5, 0.5]})
+    cells = pd.DataFrame({"split": "cv0", "config": ["a", "a", "b"], "fold": [0, 1, 0], "done": True,
+                          "start_train_c_index": [0.50, 0.40, np.nan]})
+    got = report.learning_curves(curves, cells)
+    assert got["columns"] == ["dice", "train_c_index"]  # the columns present, in a fixed order
+    a, b = got["configs"]
+    assert a["x"] == [0, 1, 2, 3] and a["n_folds"] == [2, 2, 2, 1]
+    assert a["train_c_index"] == pytest.approx([0.45, 0.55, 0.65, 0.8])
+    assert math.isnan(a["dice"][0]) and a["dice"][1:] == pytest.approx([0.8, 0.7, 0.7])  # no loss before step 1
+    assert math.isnan(b["train_c_index"][0])  # a start value not recorded (older run)
+
+
+def test_cells_report_dice_at_start_and_end_and_old_runs_read(fake):
+    js, text = fake["js"], fake["text"]
+    cells = {(c["config"], c["fold"]): c for c in js["training"]["cells"]}
+    assert len(cells) == 14  # every finished cell, the pending one left out
+    assert cells[("baseline", 1)]["dice_start"] == pytest.approx(0.05) and cells[("baseline", 1)]["dice_end"] == pytest.approx(0.5)
+    old = cells[("pet-d256", 0)]  # written without the new curve columns and start record
+    assert old["dice_start"] is None and old["dice_end"] is None and old["train_c_end"] is None
+    dice = _md_table(text, "## Training").set_index("configuration")
+    assert dice.loc["pet-d256", "fold 0"] == "n/a → n/a (4 ep)" and dice.loc["baseline", "fold 2"] == "0.05 → 0.50 (4 ep)"
+    assert dice.loc["ctpet-dorig", "fold 2"] == "pending"
+    curves = {c["config"]: c for c in js["training"]["curves"]["configs"]}
+    # pet-d256: fold 0 has no train C-index, so epoch means use folds 1-2 only.
+    assert curves["pet-d256"]["train_c_index"][1:] == pytest.approx([0.6, 0.65, 0.7, 0.75])
+    assert curves["pet-d256"]["n_folds"] == [3, 3, 3, 3, 3]
+    assert "picked the last epoch in 14 of 14 cells" in text
+
+
+def _red_pixels(png: Path, rows: slice) -> int:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)[rows, :, :3]
+    return int(((img[..., 0] > 0.55) & (img[..., 1] < 0.2) & (img[..., 2] < 0.2)).sum())
+
+
+def test_every_figure_carries_the_stamp_and_a_real_study_none(fake, tmp_path):
+    out = fake["md"].parent
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted([*report_render.FIGURES.values(), report_render.FIGURE_CALIBRATION, report_render.FIGURE_KM,
+                            report_render.FIGURE_PAIRED, report_render.FIGURE_CURVES])
+    assert fake["js"]["stamp"].startswith("RANDOM-INIT ENCODERS + SYNTHETIC COHORT")
+    clean = dict(fake["js"], stamp=None)
+    report_render.render_report(clean, tmp_path)
+    for name in names:
+        # The red footer line is drawn into the bottom strip of every stamped figure only.
+        assert _red_pixels(out / name, slice(-25, None)) > 200, name
+        assert _red_pixels(tmp_path / name, slice(-25, None)) == 0, name
+
+
+def test_report_renders_from_results_json_alone(fake, tmp_path):
+    js = json.loads((fake["md"].parent / "results.json").read_text())
+    assert js["schema"] == report.RESULTS_SCHEMA
+    md = report_render.render_report(js, tmp_path)
+    assert md.read_text() == fake["text"]
+    for key in ("headline", "summary", "table1", "paired_vs_baseline", "loco", "survival", "training", "identical"):
+        assert js[key], key
+    res = pd.read_csv(fake["md"].parent / "results.csv")
+    assert len(res) == len(js["records"]) and set(res["kind"]) == {"cnn", "peer"}
+
+
+def test_console_headline_lists_the_unbiased_rows(fake):
+    text = report_render.headline_text(fake["js"])
+    lines = text.splitlines()
+    assert lines[0].startswith("headline (unbiased inner selection")
+    base = next(r for r in fake["js"]["headline"]["rows"]["inner"] if r["group"] == "baseline")
+    assert report_render.fmt_mean_sd(base["c_mean"], base["c_sd"], base["c_n"], base["n_folds"]) in lines[1]
+    assert "oracle: true risk" in text and fake["js"]["headline"]["sentences"][0] in text

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import report, study
+from pipeline import report, report_render, study
 from pipeline.artefacts import read_json
 from pipeline.splits import load_folds, make_folds
 from pipeline.stats import (
@@ -71,7 +71,7 @@ def test_repeats_and_loco_have_their_own_shared_folds_and_cells(beyond):
     assert set(f0["case_id"]) == set(f1["case_id"])
     assert not (f0.set_index("case_id")["fold"] == f1.set_index("case_id")["fold"]).all()  # a new split
     # Repeat r uses seed + r, as pipeline.splits.repeated_folds does.
-    surv = report._survival(spec)
+    surv = report.read_survival(spec)
     ids = sorted(surv.index)
     ref = make_folds(ids, surv.loc[ids, "time"], surv.loc[ids, "event"], n_splits=2, seed=43)
     assert f1.set_index("case_id")["fold"].to_dict() == ref.set_index("case_id")["fold"].to_dict()
@@ -219,12 +219,12 @@ def test_peers_are_in_every_table_and_every_figure_is_written(beyond):
     for head, label in wanted.items():
         sec = next(s for s in sections if s.startswith(head))
         assert label in sec, head
-    for name in ("figure2_c_index.png", "figure3_auc_1y.png", report.FIGURE_CALIBRATION, report.FIGURE_KM,
-                 report.FIGURE_PAIRED):
+    for name in ("figure2_c_index.png", "figure3_auc_1y.png", report_render.FIGURE_CALIBRATION,
+                 report_render.FIGURE_KM, report_render.FIGURE_PAIRED, report_render.FIGURE_CURVES):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert f"]({name})" in md
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 6
     analyses = {r["analysis"]: r for r in beyond["js"]["analyses"]}
     assert analyses["leave-one-centre-out"] == {"analysis": "leave-one-centre-out", "cnn": ["loco"], "peers": ["loco"]}
     res = pd.read_csv(out / "results.csv")

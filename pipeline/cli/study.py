@@ -32,13 +32,13 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--demo", is_flag=True,
               help="Reduced end-to-end study on the synthetic demo cohort (regenerated from the committed "
                    "data_manifest.csv when absent), random-init encoders unless weights are given; CNN on "
-                   "repeat 0, peers and heads on 3 repeats + LOCO; about 12 min on 2 CPU cores.")
+                   "repeat 0, peers and heads on 3 repeats + LOCO; a few minutes on 2 CPU cores (measured: README, Benchmarks).")
 @click.option("--manifest", default="data_manifest.csv", type=click.Path(dir_okay=False),
               help="Case manifest (`build-manifest`); with --demo, the committed demo manifest.")
 @click.option("--cache", "cache_root", default=None, type=click.Path(file_okay=False),
-              help="Preprocessed cache; made (or completed) when needed [default: cache/preprocessed, demo: cache/demo].")
+              help="Preprocessed cache; made (or completed) when needed [default: cache/preprocessed, the demo's too].")
 @click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
-              help="ctpet embeddings HDF5; extracted when needed [default: embeddings/ctpet.h5, demo: embeddings/demo_ctpet.h5].")
+              help="ctpet embeddings HDF5; extracted when needed [default: embeddings/ctpet.h5, the demo's too].")
 @click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
               help="CT-FM model.safetensors (also $HNFM_CT_FM_WEIGHTS, ~/.cache/hnfm/ct_fm/).")
 @click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
@@ -104,15 +104,15 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
               train_config_file, model_config, device, prep_workers, dry_run, report_only, **overrides):
     """Run the projection ablation (baseline + {CT, PET, CT+PET} x d in {64, 128, 256, orig},
     5 folds = 65 cells) with classical peers on the same folds, and write the report (Table 1,
-    Figures 2-6, both selection protocols, repeated-CV intervals, paired comparisons, LOCO,
+    Figures 2-7, both selection protocols, repeated-CV intervals, paired comparisons, LOCO,
     IBS / calibration / Kaplan-Meier).
 
     Every cell and peer run is resumable: rerunning skips finished ones. Examples:
 
     \b
-      run-study --demo                                   # synthetic cohort, reduced, ~12 min on 2 cores
+      run-study --demo                                   # needs a few minutes: the whole demo (= make demo)
       run-study ... --repeats 3 --loco                   # 3 x 5-fold CV + leave-one-centre-out
-      run-study --manifest hecktor.csv --ct-weights model.safetensors --pet-weights seganypet_v1.pth
+      run-study --manifest hecktor.csv --ct-weights model.safetensors --pet-weights seganypet_v1.pth  # needs HECKTOR data, FM weights
       run-study ... --executor submitit --partition gpu --time 90 --gpus-per-node 1
       run-study --out runs/study --dry-run               # which cells are done
       run-study --out runs/study --report-only           # report from what is finished
@@ -174,8 +174,9 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
     if device:
         train["device"] = device
     names = tuple(_csv(configs) or [c.name for c in configurations()])
-    cache_root = cache_root or ("cache/demo" if demo else "cache/preprocessed")
-    embeddings = embeddings or ("embeddings/demo_ctpet.h5" if demo else "embeddings/ctpet.h5")
+    # The demo writes where the stage commands look by default, so they run on its outputs as typed.
+    cache_root = cache_root or "cache/preprocessed"
+    embeddings = embeddings or "embeddings/ctpet.h5"
     needs_fm = any(n != "baseline" for n in names)
     return StudySpec.create(manifest, cache_root, embeddings if needs_fm else None, study_dir,
                             n_folds=n_folds, folds_seed=folds_seed, train=train, configs=names, **extra)
@@ -234,34 +235,35 @@ def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, 
 
 
 def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
-    from pipeline.study import cell_status, run_study
+    """Peers, then the CNN grid; one progress line per finished cell, peers in quarters."""
+    from pipeline.study import cell_status, format_progress, run_study
 
     status = cell_status(spec)
-    n_done = int(status["done"].sum())
-    n_peers = len(spec.peer_list()) * len(spec.splits())
+    n_total, n_before = len(status), int(status["done"].sum())
     t0 = _step(f"peers: {len(spec.peer_list())} on {len(spec.splits())} split(s) ({', '.join(spec.splits())}), "
-               f"then grid: {len(status)} CNN cells ({n_done} already done) via {executor}"
+               f"then grid: {n_total} CNN cells ({n_before} already done) via {executor}"
                + (f", {workers} worker(s)" if executor == "local" else ""))
 
     def peer(res):
         if "error" in res:
-            click.secho(f"    peer {res['split']}/{res['peer']}: FAILED {res['error']}", fg="red", err=True)
-        elif not res.get("skipped"):
-            c = res["summary"]["c_index"]
-            click.echo(f"    peer {res['split'] + '/' + res['peer']:<24} {res['seconds']:5.1f} s  C={_f(c.get('mean'))}")
+            click.secho(f"    peer {res['key']}: FAILED {res['error']}", fg="red", err=True)
+        p = res.get("progress")
+        if p and (p["done"] == p["total"] or p["done"] % max(1, p["total"] // 4) == 0):
+            click.echo(f"    peer runs {format_progress(p)}")
 
     def report(res):
+        p = res["progress"]
+        head = f"    [{n_before + p['done']}/{n_total}] {res['cell']:<22}"
         if "error" in res:
-            click.secho(f"    {res['cell']}: FAILED {res['error']}", fg="red", err=True)
-        elif not res.get("skipped"):
-            proto = res["record"]["protocols"]
-            parts = " ".join(f"{p}: C={_f(r.get('c_index'))}" for p, r in proto.items())
-            click.echo(f"    {res['cell']:<22} {res['seconds']:6.1f} s  {parts}")
+            click.secho(f"{head} FAILED {res['error']}", fg="red", err=True)
+            return
+        parts = " ".join(f"{k}: C={_f(r.get('c_index'))}" for k, r in res["record"]["protocols"].items())
+        click.echo(f"{head} {res['seconds']:6.1f} s  {parts}  ({format_progress(p)})")
 
+    # announce=False: _prepare_inputs stated random-init embeddings once, before extraction.
     outcome = run_study(spec, executor=executor, workers=workers, slurm=slurm,
                         cluster=None if cluster == "auto" else cluster, wait=not no_wait,
-                        info=info, on_result=report, on_peer=peer)
-    click.echo(f"    {n_peers} peer runs")
+                        info=info, on_result=report, on_peer=peer, announce=False)
     if outcome.job_ids:
         click.echo(f"    submitted array job {outcome.job_ids[0].split('_')[0]} ({len(outcome.job_ids)} tasks)")
     for key, err in outcome.failed.items():
@@ -280,11 +282,15 @@ def _f(x) -> str:
 
 
 def _report(study_dir: Path, report_dir: Path, t_start: float) -> None:
+    """Write the report, then print its headline numbers and, last, its path."""
+    from pipeline.artefacts import read_json
     from pipeline.report import write_report
+    from pipeline.report_render import headline_text
 
     t0 = _step(f"report into {report_dir}")
     path = write_report(study_dir, report_dir)
     _done(t0)
+    click.echo(headline_text(read_json(path.parent / "results.json")))
     click.echo(f"total {time.perf_counter() - t_start:.0f} s")
     click.echo(f"report: {path}")
 
