@@ -471,12 +471,18 @@ def _grid_axes(n: int, width: float = 3.2, height: float = 3.2, cols: int = 4, *
     return fig, axes
 
 
+def _titled(analyses: Sequence[dict[str, Any]], identical: Sequence[dict[str, Any]]) -> list[tuple[str, dict]]:
+    """(short panel title, analysis) per model, merged d labels included."""
+    _, d_merged = merged_rows(identical)
+    return [(_short(_relabel(a["label"], a["model"], d_merged)), a) for a in analyses]
+
+
 def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike,
-                     stamp_text: str | None = None) -> Path:
+                     stamp_text: str | None = None, identical: Sequence[dict[str, Any]] = ()) -> Path:
     """One panel per model: predicted vs KM-observed 1-year event probability (95 % CI)."""
-    done = [a for a in analyses if a.get("status") == "done"]
+    done = [(t, a) for t, a in _titled(analyses, identical) if a.get("status") == "done"]
     fig, axes = _grid_axes(len(done))
-    for ax, a in zip(axes.ravel(), done):
+    for ax, (title, a) in zip(axes.ravel(), done):
         g = pd.DataFrame(a["calibration"]["groups"])
         g = g[g["followed_to_horizon"].astype(bool)]
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
@@ -485,7 +491,7 @@ def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike
             ax.errorbar(g["pred_mean"], obs, yerr=np.clip(np.vstack([obs - lo, hi - obs]), 0, None), fmt="o", capsize=3)
         ov = a["calibration"]["overall"]
         obs = f"{ov['observed']:.2f}" if _finite(ov.get("observed")) else "n/a"
-        ax.set_title(f"{_short(a['label'])}\npred {ov['pred_mean']:.2f} / KM {obs}", fontsize=8)
+        ax.set_title(f"{title}\npred {ov['pred_mean']:.2f} / KM {obs}", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("predicted P(relapse by 1 y)", fontsize=7)
@@ -497,18 +503,20 @@ def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike
     return _save(fig, path, stamp_text)
 
 
-def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike, stamp_text: str | None = None) -> Path:
+def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike, stamp_text: str | None = None,
+            identical: Sequence[dict[str, Any]] = ()) -> Path:
     """One panel per model: KM curves of the high / low risk groups with the log-rank p."""
-    done = [a for a in analyses if a.get("status") == "done" and a["km"].get("status") == "done"]
+    done = [(t, a) for t, a in _titled(analyses, identical)
+            if a.get("status") == "done" and a["km"].get("status") == "done"]
     fig, axes = _grid_axes(len(done), height=3.0, sharey=True)
     colours = {"low": "tab:blue", "high": "tab:red"}
-    for ax, a in zip(axes.ravel(), done):
+    for ax, (title, a) in zip(axes.ravel(), done):
         for name, g in a["km"]["groups"].items():
             ax.step(g["timeline"], g["survival"], where="post", color=colours.get(name), lw=1.4,
                     label=f"{name} risk (n={g['n']}, ev={g['events']})")
             ax.fill_between(g["timeline"], g["ci_low"], g["ci_high"], step="post", alpha=0.15,
                             color=colours.get(name), lw=0)
-        ax.set_title(f"{_short(a['label'])}\nlog-rank p = {_p(a['km']['p_value'])}", fontsize=8)
+        ax.set_title(f"{title}\nlog-rank p = {_p(a['km']['p_value'])}", fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("days", fontsize=7)
         ax.tick_params(labelsize=7)
@@ -802,9 +810,9 @@ def _beyond_blocks(results: dict[str, Any], out: Path) -> list[Block]:
                         "Kaplan-Meier observed event probability, all cv0 folds pooled (quintiles in Figure 4). "
                         "Risk groups: above / below the training fold's median risk, cv0 folds pooled, log-rank test."))
     b.append(Block("table", survival_display(analyses, results.get("identical", []))))
-    b.append(Block("img", plot_calibration(analyses, out / FIGURE_CALIBRATION, stamp_text),
+    b.append(Block("img", plot_calibration(analyses, out / FIGURE_CALIBRATION, stamp_text, identical),
                    "Figure 4: 1-year calibration"))
-    b.append(Block("img", plot_km(analyses, out / FIGURE_KM, stamp_text),
+    b.append(Block("img", plot_km(analyses, out / FIGURE_KM, stamp_text, identical),
                    "Figure 5: Kaplan-Meier curves of risk groups"))
     return b
 
