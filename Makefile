@@ -25,4 +25,4 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 clean-demo:
-	rm -rf data/demo_cohort cache runs reports embeddings/*.h5
+	rm -rf data/demo_cohort cache runs reports predictions embeddings/*.h5 embeddings/.shards

@@ -62,7 +62,7 @@ _SCALARS = {
     "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int,
     "lr": float, "warmup_epochs": int, "lr_step_epochs": int, "lr_gamma": float,
     "ema_decay": float, "wd_classifier": float, "wd_densenet": float, "patience": int,
-    "cox_weight": float, "seed": int, "inner_val_fraction": float,
+    "cox_weight": float, "seed": int, "inner_val_fraction": float, "select_from_epoch": int,
 }
 
 
@@ -77,14 +77,23 @@ def _json_option(value: str | None, option: str) -> Any:
 
 def training_options(preset: str, config_file: str | None, scalars: dict[str, Any], model: dict | None,
                      tumour_input: str | None, device: str | None, no_fm_standardise: bool,
-                     proj: str) -> dict[str, Any]:
-    """TrainConfig options: the preset's, then the --config file's, then explicit options."""
+                     proj: str) -> tuple[dict[str, Any], list[str]]:
+    """TrainConfig options: the preset's, then the --config file's, then explicit options.
+
+    Returns:
+        The options and notes on preset values adapted to explicit ones (to print).
+    """
     options = demo_train_options() if preset == "demo" else {}
-    if config_file:
-        options.update(json.loads(Path(config_file).read_text()))
-    for name, value in scalars.items():
-        if value is not None:
-            options[name] = _SCALARS[name](value)
+    explicit = json.loads(Path(config_file).read_text()) if config_file else {}
+    explicit.update({name: _SCALARS[name](value) for name, value in scalars.items() if value is not None})
+    options.update(explicit)
+    notes = []
+    # The preset's first selectable epoch must not outlast a shorter explicit --epochs.
+    first = options.get("select_from_epoch", 0)
+    if "epochs" in explicit and "select_from_epoch" not in explicit and first >= explicit["epochs"] >= 1:
+        options["select_from_epoch"] = explicit["epochs"] - 1
+        notes.append(f"the {preset} preset's select_from_epoch {first} lowered to {explicit['epochs'] - 1} "
+                     f"for --epochs {explicit['epochs']} (--select-from-epoch sets it)")
     if model is not None:
         options["model"] = model
     if tumour_input:
@@ -94,7 +103,7 @@ def training_options(preset: str, config_file: str | None, scalars: dict[str, An
     if no_fm_standardise:
         options["fm_standardise"] = False
     options["proj"] = parse_proj(proj)
-    return options
+    return options, notes
 
 
 def check_network_fits(cohort, cfg, preset: str, cache_root: str, size_xyz: tuple[int, ...]) -> None:
@@ -185,6 +194,9 @@ def undefined_auc_lines(run_dir: Path) -> list[str]:
 @click.option("--seed", type=int, default=None, help="Seed [paper: 42].")
 @click.option("--inner-val-fraction", type=float, default=None,
               help="Share of each training fold held out for unbiased model selection [0.2]; 0 = paper protocol only.")
+@click.option("--select-from-epoch", type=int, default=None,
+              help="First epoch (0-based) model selection may choose "
+                   f"[paper: 0; demo preset: {demo_train_options().get('select_from_epoch', 0)}].")
 @click.option("--tumour-input", type=click.Choice(["gate", "binary", "soft"]), default=None,
               help="Tumour map into the survival net: 'gate' (seed paper: images x thresholded map), "
                    "'binary' (thresholded map as a channel) or 'soft' (DeepMTS: probability as a channel).")
@@ -220,10 +232,12 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
     try:
         size_xyz = cache_survival_size(cache_root, manifest)
         preset, why = resolve_preset(preset, size_xyz)
-        options = training_options(preset, config_file, scalars, model, tumour_input, device,
-                                   no_fm_standardise, proj)
+        options, notes = training_options(preset, config_file, scalars, model, tumour_input, device,
+                                          no_fm_standardise, proj)
         cfg = TrainConfig.from_dict(options)
         click.echo(f"preset: {preset} ({why})")
+        for note in notes:
+            click.echo(f"note: {note}")
         mods = tuple(m.strip() for m in modalities.split(",") if m.strip()) if modalities else None
         cohort = load_cohort(manifest, cache_root, embeddings, mods)
         check_network_fits(cohort, cfg, preset, cache_root, size_xyz)
