@@ -11,8 +11,13 @@ demo preset is asked for (or detected from a cache made with :data:`DEMO_PREPROC
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
+from pipeline.artefacts import read_json
+from pipeline.demo_cohort import ensure_demo_cohort, oracle_c_index
+from pipeline.hecktor import manifest_sidecar_path
 from pipeline.preprocess import PreprocessParams
 
 #: Preprocessing sizes, SimpleITK (x, y, z) order: survival CNN, CT-FM and PET-FM inputs.
@@ -53,3 +58,27 @@ def demo_preprocess_params() -> PreprocessParams:
 def demo_train_options() -> dict[str, Any]:
     """A fresh copy of :data:`DEMO_TRAIN` (callers may modify it)."""
     return copy.deepcopy(DEMO_TRAIN)
+
+
+def describes_demo_cohort(manifest: str | os.PathLike) -> bool:
+    """Whether the manifest's provenance record says it was made by ``make-demo-cohort``."""
+    sidecar = manifest_sidecar_path(manifest)
+    return sidecar.is_file() and bool(read_json(sidecar).get("demo_cohort"))
+
+
+def prepare_demo_cohort(manifest: str | os.PathLike, workers: int = 2) -> dict[str, Any]:
+    """Data description of a study's manifest, regenerating a demo cohort's files when absent.
+
+    The demo's settings apply to any manifest: a generated cohort gets its files checked (and
+    regenerated) and its oracle C-index; any other manifest is described as real data.
+
+    Returns:
+        ``{"synthetic": bool, "data_source": str}`` plus ``oracle_c_index`` for a demo cohort.
+    """
+    if not describes_demo_cohort(manifest):
+        return {"synthetic": False, "data_source": f"manifest {Path(manifest).resolve()}"}
+    ensure_demo_cohort(manifest, workers=workers)
+    side = read_json(manifest_sidecar_path(manifest))
+    root = (Path(manifest).resolve().parent / side["source_root"]).resolve()
+    return {"synthetic": True, "data_source": f"synthetic demo cohort at {root} (manifest {manifest})",
+            "oracle_c_index": oracle_c_index(root)}

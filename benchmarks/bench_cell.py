@@ -1,0 +1,192 @@
+"""Where a training cell's time goes: each part against the floor of its optimisation steps.
+
+The floor of a step is forward + loss + backward + Adam on one fixed batch, nothing else (no
+augmentation, no EMA, no evaluation, no data indexing). A cell (one configuration x one fold)
+adds batch preparation and augmentation, the EMA update, one evaluation pass per epoch (plus
+one before training), set-up and outputs. The aim is a cell within 1.3x its steps' floor.
+
+* ``--size demo``: a real fold of the demo preset (pipeline.demo) on a preprocessed demo cache,
+  run through the same parts :func:`pipeline.train.train_fold` is made of, each timed.
+* ``--size paper``: the paper's network and input size on a synthetic batch (a full-size fold
+  takes hours on CPU): the floor, a full step (augmentation + EMA) and an evaluation pass per
+  case, projected onto the paper's protocol (100 epochs x 50 steps, 93-case folds).
+
+Usage::
+
+    python benchmarks/bench_cell.py --size demo [--cache cache/preprocessed] [--threads 1] [--device auto]
+    python benchmarks/bench_cell.py --size paper --steps 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.deepmts import DeepMTS, DeepMTSConfig
+from models.losses import deepmts_loss
+from pipeline.dataset import AugmentConfig, augment_batch, load_cohort
+from pipeline.demo import demo_train_options
+from pipeline.train import (
+    PROTOCOLS,
+    Selected,
+    TrainConfig,
+    evaluate_fold,
+    get_folds,
+    select,
+    setup_fold,
+    train_epoch,
+    write_fold_outputs,
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_per_step(model: torch.nn.Module, batch: dict, steps: int, device: torch.device) -> float:
+    """Seconds of forward + loss + backward + Adam on one fixed batch (median of ``steps``)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    times = []
+    for i in range(steps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(batch["image"], batch["clinical"], batch.get("fm"))
+        loss, _ = deepmts_loss(out, batch["mask"], batch["time"], batch["event"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_demo(cache: str, manifest: str, fold: int, device: str) -> dict[str, float]:
+    t_start = time.perf_counter()
+    cohort = load_cohort(manifest, cache)
+    t_load = time.perf_counter() - t_start
+    cfg = TrainConfig(**(demo_train_options() | {"device": device}))
+    work = Path(tempfile.mkdtemp(prefix="bench_cell_"))
+    try:
+        folds = get_folds(work / "folds.json", cohort)
+        timings = {"set-up": 0.0, "optimisation steps (incl. augmentation, EMA)": 0.0,
+                   "evaluation passes": 0.0, "selection + checkpoints": 0.0, "outputs": 0.0}
+        t0 = time.perf_counter()
+        state = setup_fold(cohort, folds, fold, cfg)
+        timings["set-up"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        start = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device).scores
+        timings["evaluation passes"] += time.perf_counter() - t0
+        best = {p: Selected() for p in PROTOCOLS}
+        curves = []
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            losses = train_epoch(state, cohort, cfg, epoch)
+            t1 = time.perf_counter()
+            ev = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device)
+            t2 = time.perf_counter()
+            if epoch >= cfg.select_from_epoch:
+                select(best, epoch, ev, state.ema.module, work)
+            t3 = time.perf_counter()
+            timings["optimisation steps (incl. augmentation, EMA)"] += t1 - t0
+            timings["evaluation passes"] += t2 - t1
+            timings["selection + checkpoints"] += t3 - t2
+            curves.append({"epoch": epoch, **losses, **ev.scores})
+        t0 = time.perf_counter()
+        write_fold_outputs(work, cohort, fold, state, cfg, best, curves, start)
+        timings["outputs"] += time.perf_counter() - t0
+        # Floor: the same model size on one fixed, already augmented batch.
+        idx = torch.as_tensor(state.data.fit[:cfg.batch_size])
+        img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], AugmentConfig(), torch.Generator())
+        ev_idx = idx.numpy()
+        ev_idx = np.concatenate([ev_idx[cohort.event[ev_idx] == 1][:1], ev_idx])[:cfg.batch_size]
+        batch = {"image": img.to(state.device), "mask": msk.to(state.device),
+                 "clinical": state.data.clinical[idx].to(state.device),
+                 "time": torch.as_tensor(cohort.time[idx.numpy()], device=state.device),
+                 "event": torch.ones(len(idx), dtype=torch.bool, device=state.device)}
+        model = DeepMTS(state.model.config).to(state.device)
+        floor = floor_per_step(model, batch, 10, state.device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    steps = cfg.epochs * cfg.steps_per_epoch
+    return {"load_cohort_s": t_load, "steps": steps, "floor_step_s": floor, **timings}
+
+
+def _report_demo(res: dict) -> None:
+    steps, floor = res.pop("steps"), res.pop("floor_step_s")
+    load = res.pop("load_cohort_s")
+    total = sum(res.values())
+    print(f"demo cell: {steps} steps, floor {floor:.3f} s/step -> steps' floor {steps * floor:.1f} s")
+    print("| part | seconds | x steps' floor |\n| --- | ---: | ---: |")
+    for name, sec in res.items():
+        print(f"| {name} | {sec:.2f} | {sec / (steps * floor):.2f} |")
+    print(f"| **whole cell** | **{total:.2f}** | **{total / (steps * floor):.2f}** |")
+    print(f"(cohort load, once per worker process: {load:.2f} s; "
+          f"optimisation step incl. augmentation and EMA: "
+          f"{res['optimisation steps (incl. augmentation, EMA)'] / steps:.3f} s)")
+
+
+def bench_paper(steps: int, device: torch.device) -> None:
+    size = (48, 80, 80)
+    g = torch.Generator().manual_seed(0)
+    cfg = DeepMTSConfig(n_clinical=13)
+    model = DeepMTS(cfg).to(device)
+    mask = torch.zeros(8, 1, *size)
+    mask[:, :, 16:32, 27:53, 27:53] = 1
+    batch = {"image": torch.randn(8, 2, *size, generator=g).to(device), "mask": mask.to(device),
+             "clinical": torch.randn(8, 13, generator=g).to(device),
+             "time": torch.arange(1.0, 9.0, device=device) * 100, "event": torch.ones(8, dtype=torch.bool, device=device)}
+    floor = floor_per_step(model, batch, steps, device)
+    aug = AugmentConfig()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        augment_batch(batch["image"].cpu(), batch["mask"].cpu(), aug, g)
+    aug_s = (time.perf_counter() - t0) / steps
+    model.eval()
+    with torch.inference_mode():
+        model(batch["image"][:2], batch["clinical"][:2])
+        _sync(device)
+        t0 = time.perf_counter()
+        model(batch["image"], batch["clinical"])
+        _sync(device)
+        eval_case = (time.perf_counter() - t0) / 8
+    epochs, spe, cases = 100, 50, 93
+    steps_total = epochs * spe
+    cell = steps_total * (floor + aug_s) + (epochs + 1) * cases * eval_case
+    print(f"paper size on {device}: floor {floor:.2f} s/step, augmentation {aug_s:.3f} s/batch, "
+          f"evaluation {eval_case:.3f} s/case")
+    print(f"projected paper cell (100 x 50 steps, 101 evaluations of 93 cases): {cell / 3600:.2f} h "
+          f"= {cell / (steps_total * floor):.2f} x its steps' floor")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["demo", "paper"], default="demo")
+    ap.add_argument("--cache", default="cache/preprocessed", help="demo-size preprocessed cache")
+    ap.add_argument("--manifest", default="data_manifest.csv")
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=3, help="paper size: steps timed for the floor")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo runs 1 per worker)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    if args.size == "demo":
+        _report_demo(bench_demo(args.cache, args.manifest, args.fold, device))
+    else:
+        bench_paper(args.steps, torch.device(device))
+
+
+if __name__ == "__main__":
+    main()
