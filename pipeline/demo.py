@@ -36,7 +36,7 @@ DEMO_ENCODERS: dict[str, dict[str, Any]] = {"ct": {}, "pet": {"img_size": 64, "w
 #: demo section for the measurements behind each value). A DeepMTS step of the narrow network
 #: costs about 0.1 s on one CPU core, so a cell is ~15 s.
 DEMO_TRAIN: dict[str, Any] = {
-    "epochs": 8, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 128,
+    "epochs": 8, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 16,
     "lr": 1e-2, "warmup_epochs": 1, "lr_step_epochs": 8, "patience": 8,
     "ema_decay": 0.9, "select_from_epoch": 3,
     # The narrow 4-level network of models.deepmts.PRESETS["demo"].
