@@ -15,6 +15,7 @@ from pipeline.demo import (
     DEMO_REPEATS,
     demo_preprocess_params,
     demo_train_options,
+    prepare_demo_cohort,
 )
 
 _TRAIN_SCALARS = {
@@ -115,7 +116,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
       run-study --manifest hecktor.csv --ct-weights model.safetensors --pet-weights seganypet_v1.pth  # needs HECKTOR data, FM weights
       run-study ... --executor submitit --partition gpu --time 90 --gpus-per-node 1
       run-study --out runs/study --dry-run               # which cells are done
-      run-study --out runs/study --report-only           # report from what is finished
+      run-study --out runs/study --report-only           # needs a study folder: report from what is finished
     """
     from pipeline.artefacts import ProvenanceError
     from pipeline.study import SlurmOptions, cell_status, format_status, load_study, peer_status
@@ -198,16 +199,8 @@ def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, 
     info: dict = {"settings": "paper (TrainConfig defaults)" if not spec.train else
                   ("reduced demo settings" if demo else "custom") + ": " + json.dumps(spec.train, sort_keys=True)}
     if demo:
-        from pipeline.demo_cohort import ensure_demo_cohort, oracle_c_index
-        from pipeline.hecktor import manifest_sidecar_path
-        from pipeline.artefacts import read_json
-
-        t0 = _step(f"demo cohort from {manifest} (generated when absent)")
-        ensure_demo_cohort(manifest, workers=prep_workers)
-        side = read_json(manifest_sidecar_path(manifest))
-        cohort_root = (Path(manifest).resolve().parent / side["source_root"]).resolve()
-        info.update(synthetic=True, data_source=f"synthetic demo cohort at {cohort_root} (manifest {manifest})",
-                    oracle_c_index=oracle_c_index(cohort_root))
+        t0 = _step(f"data from {manifest} (a demo cohort's files are generated when absent)")
+        info.update(prepare_demo_cohort(manifest, workers=prep_workers))
         _done(t0)
     else:
         info.update(synthetic=False, data_source=f"manifest {Path(manifest).resolve()}")
