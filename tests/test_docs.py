@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib.metadata import distribution
 from pathlib import Path
@@ -166,6 +168,7 @@ def workspace(tmp_path_factory):
     """A scratch folder holding the committed demo manifest, and the environment to run in.
 
     HOME points into it and the weights variables are unset, so no user weights are found.
+    Prints the wall and CPU seconds of every example at the end (seen with ``pytest -s``).
     """
     root = tmp_path_factory.mktemp("docs")
     for name in ("data_manifest.csv", "data_manifest.json"):
@@ -174,17 +177,31 @@ def workspace(tmp_path_factory):
     env.update(HOME=str(root / "home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                PYTHONUNBUFFERED="1")
     (root / "home").mkdir()
-    return {"root": root, "env": env, "failed": []}
+    ws = {"root": root, "env": env, "failed": [], "timings": []}
+    yield ws
+    rows = [f"{wall:7.1f} {cpu:7.1f}  {source}" for source, wall, cpu in ws["timings"]]
+    total_wall, total_cpu = (sum(t[i] for t in ws["timings"]) for i in (1, 2))
+    print("\n   wall s   CPU s  example\n" + "\n".join(rows) + f"\n{total_wall:7.1f} {total_cpu:7.1f}  total")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _run(example: Example, ws) -> subprocess.CompletedProcess:
+    """Run one example in the workspace; stdout and stderr interleaved as a reader sees them."""
     if example.kind == "python":
         script = ws["root"] / ".example.py"
         script.write_text(example.code)
         args = [sys.executable, str(script)]
     else:
         args = ["bash", "-o", "pipefail", "-c", example.code]
-    return subprocess.run(args, cwd=ws["root"], env=ws["env"], capture_output=True, text=True, timeout=900)
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    proc = subprocess.run(args, cwd=ws["root"], env=ws["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=900)
+    ws["timings"].append((example.source, time.perf_counter() - wall, _cpu_seconds() - cpu))
+    return proc
 
 
 def _tail(text: str, n: int = 40) -> str:
@@ -196,7 +213,7 @@ def test_example_runs_as_written(example: Example, workspace):
     if example.skip:
         pytest.skip(f"not run: {example.skip}")
     proc = _run(example, workspace)
-    output = proc.stdout + proc.stderr
+    output = proc.stdout
     earlier = f"\n(earlier failures: {', '.join(workspace['failed'])})" if workspace["failed"] else ""
     where = f"{example.source}: {example.code}\nexit {proc.returncode}; output tail:\n{_tail(output)}{earlier}"
     if example.expect_error is not None:
