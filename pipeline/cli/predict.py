@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -46,8 +47,11 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
                        --train-cache cache/preprocessed --out predictions/new_patients.csv
     """
     from pipeline.artefacts import ProvenanceError
+    from pipeline.embeddings import RandomInitWarning
     from pipeline.predict import predict_patients
 
+    # Embedding, checking and loading would each repeat the random-init warning: said once below.
+    warnings.simplefilter("ignore", RandomInitWarning)
     try:
         out = predict_patients(manifest, run_dir, train_cache, out_csv, work_dir=work_dir,
                                protocol=protocol, embeddings=embeddings, ct_weights=ct_weights,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,11 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
     """
     # torch and the network: imported when training, so --help stays quick.
     from pipeline.dataset import load_cohort
+    from pipeline.embeddings import RandomInitWarning
     from pipeline.train import TrainConfig, format_summary, get_folds, train_survival as run
+
+    # Loading the embeddings would repeat the random-init warning: said once below.
+    warnings.simplefilter("ignore", RandomInitWarning)
 
     model = _json_option(model_config, "--model-config")
     try:
