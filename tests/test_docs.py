@@ -252,3 +252,24 @@ def test_ci_runs_the_test_command_the_readme_names():
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.lstrip().startswith("#")]
     assert any(line.startswith("make install") for line in ci) and ci[-1] == "make test", ci
+
+
+def test_the_conventions_are_read_as_documented(tmp_path):
+    """Markers, continuation lines, quoted '#', templates and block tags on a small README."""
+    text = "\n".join([
+        "```bash", "# not run: needs the data", "tool-a --x 1", "```",
+        "```text", "tool-b [--optional]", "```",
+        "```bash",
+        "tool-c --long \\", "       --option 2   # makes c (not run: too slow here)",
+        "tool-d --json '{\"a\": \"#1\"}'   # expect error: --fix this",
+        "tool-e ... --more", "tool-f   # needs the weights", "tool-g --ok", "```",
+        "```python", "print('hi')", "```",
+    ])
+    (tmp_path / "README.md").write_text(text + "\n")
+    got = {e.code.split()[0] if e.kind == "bash" else "python": e for e in readme_examples(tmp_path / "README.md")}
+    assert set(got) == {"tool-a", "tool-c", "tool-d", "tool-e", "tool-f", "tool-g", "python"}
+    assert got["tool-a"].skip == "needs the data"
+    assert got["tool-c"].code == "tool-c --long --option 2" and got["tool-c"].skip == "too slow here"
+    assert got["tool-d"].code == "tool-d --json '{\"a\": \"#1\"}'" and got["tool-d"].expect_error == "--fix this"
+    assert got["tool-e"].skip.startswith("a template") and got["tool-f"].skip == "needs the weights"
+    assert got["tool-g"].skip is None and got["python"].code == "print('hi')"
