@@ -21,17 +21,19 @@ import argparse
 import collections
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from models.ct_fm import CTFMEncoder
 from models.pet_fm import PETFMEncoder
-from pipeline.artefacts import sha256_file
+from models.digest import sha256_file
 
 __all__ = [
     "CT_FM_NAME",
@@ -159,9 +161,6 @@ def read_ct_fm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: missing or unreadable file, or not safetensors.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = _require_file(path)
     try:
         state = load_file(str(path), device="cpu")
@@ -290,15 +289,7 @@ def random_ct_fm(seed: int, **kwargs: Any) -> CTFMEncoder:
         seed: same seed -> same weights.
         **kwargs: passed to :class:`CTFMEncoder` (e.g. a narrow ``init_filters``).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CTFMEncoder(**kwargs)
-        with torch.no_grad():
-            for mod in model.modules():
-                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    mod.running_mean.normal_(0.0, 0.1)
-                    mod.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return _seeded(seed, lambda: CTFMEncoder(**kwargs), _draw_batchnorm_statistics)
 
 
 def random_pet_fm(seed: int, **kwargs: Any) -> PETFMEncoder:
@@ -313,11 +304,27 @@ def random_pet_fm(seed: int, **kwargs: Any) -> PETFMEncoder:
         seed: same seed -> same weights.
         **kwargs: passed to :class:`PETFMEncoder` (e.g. a tiny config).
     """
+    return _seeded(seed, lambda: PETFMEncoder(**kwargs), _draw_position_tables)
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module], draw: Callable[[nn.Module], None]) -> nn.Module:
+    """``build()`` then ``draw(model)`` from ``seed`` alone, in eval mode; the global RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PETFMEncoder(**kwargs)
+        model = build()
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name == "pos_embed" or ".rel_pos_" in name:
-                    param.normal_(0.0, 0.02)
+            draw(model)
     return model.eval()
+
+
+def _draw_batchnorm_statistics(model: nn.Module) -> None:
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.normal_(0.0, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+
+
+def _draw_position_tables(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if name == "pos_embed" or ".rel_pos_" in name:
+            param.normal_(0.0, 0.02)

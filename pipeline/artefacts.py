@@ -21,20 +21,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from models.digest import sha256_file  # noqa: F401 - the pipeline's modules take it from here
+
 PACKAGE_NAME = "hnfm-survival"
 
 
 class ProvenanceError(ValueError):
     """An artefact was made from other inputs or parameters than the consumer expects."""
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def canonical_json(obj: Any) -> str:
