@@ -56,6 +56,8 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from scipy.linalg.blas import dsyrk
+from sklearn.model_selection import StratifiedKFold
+from sksurv.util import Surv
 
 from pipeline.artefacts import (
     atomic_path,
@@ -74,6 +76,7 @@ from pipeline.embeddings import (
     training_fill,
     write_embedding_file,
 )
+from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
 from pipeline.metrics import c_index, fold_metrics, summarise_folds
 from pipeline.splits import load_folds
@@ -81,7 +84,6 @@ from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_sco
 
 PEERS = ("clinical", "radiomics", "embeddings")
 PROTOCOL = "fit"
-OOF_COLUMNS = ("case_id", "fold", "protocol", "risk", "time", "event")
 RADIOMICS_COLUMNS = ("volume_ml", "suv_max", "suv_mean", "tlg")
 RADIOMICS_DESIGN = ("log_volume", "suv_max", "suv_mean", "log_tlg")
 FEATURE_TABLE_ENCODER = FEATURE_TABLE_SOURCE
@@ -242,7 +244,7 @@ class _FoldFeatures:
         self.info: dict[str, Any] = {}
 
     def fit(self, ids: list[str]) -> _FoldFeatures:
-        from sklearn.decomposition import PCA
+        from sklearn.decomposition import PCA  # local: heavy, and `fit-heads --help` imports this module
 
         self.ct = ClinicalTransform().fit(self.clinical.loc[ids]) if self.clinical is not None else None
         self.fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
@@ -280,8 +282,6 @@ class _FoldFeatures:
 
 
 def _surv(time: np.ndarray, event: np.ndarray):
-    from sksurv.util import Surv
-
     return Surv.from_arrays(event.astype(bool), time.astype(float))
 
 
@@ -407,8 +407,6 @@ def _inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: He
     returns their validation C-indices (NaN where undefined). Candidates are ordered from
     the strongest penalty, so ties go to the strongest.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     scores = np.full((cfg.inner_folds, n_candidates), np.nan)
     n_splits = int(min(cfg.inner_folds, event.sum(), (~event.astype(bool)).sum()))
     if n_splits >= 2:
@@ -449,7 +447,7 @@ def _fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConf
 
 
 def _coxnet(cfg: HeadConfig, alphas=None):
-    from sksurv.linear_model import CoxnetSurvivalAnalysis
+    from sksurv.linear_model import CoxnetSurvivalAnalysis  # local: as PCA in _FoldFeatures.fit
 
     kw = dict(l1_ratio=cfg.l1_ratio, alpha_min_ratio=cfg.alpha_min_ratio, max_iter=100000)
     return CoxnetSurvivalAnalysis(alphas=alphas, **kw) if alphas is not None else \
@@ -856,7 +854,6 @@ def fit_peer_run(
 
     if peer not in PEERS:
         raise ValueError(f"fit_peer_run: unknown peer {peer!r}; choose one of {PEERS}")
-    out = Path(out_dir)
     manifest = survival_cases(read_manifest(manifest_path))
     ids = manifest["case_id"].astype(str).tolist()
     if not ids:
@@ -897,10 +894,11 @@ def fit_peer_run(
         "inputs": inputs, "code_version": code_version(), "created": utc_now(),
         "n_cases": len(ids), "seconds": res.seconds,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "oof_predictions.csv", suffix=".csv") as tmp:
+    layout = PeerRunLayout(out_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.oof_predictions, suffix=".csv") as tmp:
         res.oof.to_csv(tmp, index=False)
-    with atomic_path(out / "train_risk.csv", suffix=".csv") as tmp:
+    with atomic_path(layout.train_risk, suffix=".csv") as tmp:
         res.train_risk.to_csv(tmp, index=False)
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(layout.summary, summary)
     return summary

@@ -29,7 +29,10 @@ from pipeline.artefacts import ProvenanceError, atomic_path, check_match, code_v
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
 from pipeline.dataset import SurvivalCohort, load_cohort
-from pipeline.train import DONE_FILE, FoldData, TrainConfig, apply_fm_stats, build_model, predict, resolve_device
+from pipeline.embeddings import extract_embeddings, read_embeddings
+from pipeline.layout import RunLayout
+from pipeline.preprocess import preprocess_cohort
+from pipeline.train import FoldData, TrainConfig, apply_fm_stats, build_model, predict, resolve_device
 
 #: Embedding fields that must match between training and new patients (precision may differ).
 _EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key")
@@ -46,16 +49,9 @@ def run_is_random_init(run: dict[str, Any]) -> bool:
         attrs.get("weights_sha256") == "random-init" for attrs in (emb.get("modalities") or {}).values())
 
 
-def finished_folds(run_dir: str | os.PathLike) -> list[int]:
-    run_dir = Path(run_dir)
-    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob(f"fold_*/{DONE_FILE}"))
-
-
 def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path, *,
                     ct_weights=None, pet_weights=None, device: str = "auto", progress: bool = True) -> Path:
     """Compute the new cases' embeddings with the training run's encoders, or refuse."""
-    from pipeline.embeddings import extract_embeddings
-
     trained = run["embeddings"]["modalities"]
     mods = sorted(trained)
     unknown = [m for m in mods if m not in ("ct", "pet")]
@@ -79,8 +75,6 @@ def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path
 
 def check_embeddings(run: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse an embedding file whose encoders differ from those the run was trained with."""
-    from pipeline.embeddings import read_embeddings
-
     found = read_embeddings(path).modality_attrs
     for m, attrs in run["embeddings"]["modalities"].items():
         if m not in found:
@@ -130,12 +124,11 @@ def predict_patients(
     Returns:
         The predictions (also written to ``out_csv`` with a ``.json`` provenance record).
     """
-    from pipeline.preprocess import preprocess_cohort
-
     run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
+    layout = RunLayout(run_dir)
+    run = read_json(layout.run_json)
     cfg = TrainConfig.from_dict(run["config"])
-    folds = finished_folds(run_dir)
+    folds = layout.finished_folds()
     if not folds:
         raise ValueError(f"{run_dir}: no finished fold; train the configuration first")
     train = PreprocessedCache(train_cache)
@@ -161,13 +154,13 @@ def predict_patients(
     dev = resolve_device(device)
     risks, probs, highs = [], [], []
     for k in folds:
-        fold = run_dir / f"fold_{k}"
-        record = read_json(fold / DONE_FILE)["protocols"].get(protocol)
+        record = read_json(layout.done(k))["protocols"].get(protocol)
         if record is None or record.get("selected_epoch") is None:
-            raise ValueError(f"{fold}: no {protocol!r} checkpoint (run trained with other selection settings)")
-        data = _fold_data(cohort, read_json(fold / "fold_state.json"))
+            raise ValueError(f"{layout.fold_dir(k)}: no {protocol!r} checkpoint (run trained with other "
+                             "selection settings)")
+        data = _fold_data(cohort, read_json(layout.fold_state(k)))
         model = build_model(cohort, data.clinical.shape[1], cfg).to(dev)
-        model.load_state_dict(torch.load(fold / f"best_{protocol}.pt", map_location=dev, weights_only=True))
+        model.load_state_dict(torch.load(layout.best(k, protocol), map_location=dev, weights_only=True))
         risk = predict(model, cohort, data.outer, data, cfg.eval_batch_size, dev).astype(np.float64)
         cal = record["calibration"]
         h0 = cal["baseline_cum_hazard"].get("365")

@@ -38,6 +38,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import code_version, read_json, utc_now, write_json_atomic, atomic_path
+from pipeline.layout import EVAL_COLUMNS, PROTOCOLS, PeerRunLayout, RunLayout
+from pipeline.manifest import read_manifest, survival_cases
 from pipeline.metrics import NO_COMPARABLE_PAIR, NO_EVENTS, c_index, summarise
 from pipeline.stats import (
     breslow_survival,
@@ -51,14 +53,13 @@ from pipeline.stats import (
 )
 from pipeline.study import (
     BASELINE,
-    CELL_FILE,
     FIRST_SPLIT,
     LOCO,
     MODALITY_LABELS,
-    PEER_FILE,
+    Cell,
     Configuration,
     StudySpec,
-    cell_dir,
+    cell_layout,
     grid,
     load_study,
     loco_centres,
@@ -89,9 +90,9 @@ PEER_GROUP_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radio
 UNIT_RANGE = (0.0, 1.0)
 HORIZON = 365.0
 N_BOOT = 2000
-#: Learning-curve columns of ``curves.csv`` (any may be missing in older runs).
+#: Learning-curve columns of ``curves.csv`` drawn (any may be missing in older runs), with
+#: :data:`pipeline.layout.EVAL_COLUMNS`.
 LOSS_COLUMNS = ("dice", "cox")
-EVAL_COLUMNS = ("train_c_index", "val_c_index_inner", "val_c_index_outer", "val_dice_outer")
 #: Text of the reason codes of :mod:`pipeline.metrics` (and ``pipeline.train``) in tables.
 REASON_TEXT = {
     "no_events": "no event in the held-out fold",
@@ -224,8 +225,6 @@ def collect_study(study_dir: str | os.PathLike) -> StudyData:
 
 def read_survival(spec: StudySpec) -> pd.DataFrame:
     """``time, event`` indexed by ``case_id``: the manifest's cases with an endpoint."""
-    from pipeline.manifest import read_manifest, survival_cases
-
     m = survival_cases(read_manifest(spec.manifest))
     return pd.DataFrame({"time": m["rfs_days"].astype(float).to_numpy(), "event": m["relapse"].astype(int).to_numpy()},
                         index=pd.Index(m["case_id"].astype(str), name="case_id"))
@@ -264,6 +263,15 @@ def c_undefined_reason(time: Any, event: Any) -> str:
     return "no valid epoch"
 
 
+def _cell_records(spec: StudySpec, cell: Cell) -> tuple[bool, dict[str, Any], dict[str, Any]]:
+    """``(done, done.json record, cell.json record)`` of one CNN cell; ``{}`` for a missing file."""
+    layout = cell_layout(spec, cell)
+    done = layout.is_done(cell.fold)
+    rec = read_json(layout.done(cell.fold)) if done else {}
+    info = read_json(layout.cell(cell.fold)) if layout.cell(cell.fold).is_file() else {}
+    return done, rec, info
+
+
 def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
                     folds: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per CNN cell x protocol from the finished cells; pending cells give NaN rows.
@@ -278,18 +286,13 @@ def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
         spec: the study.
         survival, folds: :func:`read_survival` / :func:`read_folds` (read when omitted).
     """
-    from pipeline.train import DONE_FILE, PROTOCOLS  # local: pipeline.train imports torch
-
     survival = read_survival(spec) if survival is None else survival
     folds = read_folds(spec) if folds is None else folds
     rows = []
     for cell in grid(spec):
-        folder = cell_dir(spec, cell)
         base = {"split": cell.split, "kind": "cnn", "config": cell.config.name,
                 "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold}
-        done = (folder / DONE_FILE).is_file()
-        rec = read_json(folder / DONE_FILE) if done else {}
-        info = read_json(folder / CELL_FILE) if (folder / CELL_FILE).is_file() else {}
+        done, rec, info = _cell_records(spec, cell)
         for proto in PROTOCOLS:
             res = rec.get("protocols", {}).get(proto) if done else None
             if done and res is None:
@@ -324,10 +327,11 @@ def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "
         n_folds = split_n_folds(spec, split)
         for peer in spec.peer_list():
             done = peer_done(spec, peer, split)
-            summ = read_json(spec.peer_dir(peer, split) / "summary.json") if done else {}
+            layout = PeerRunLayout(spec.peer_dir(peer, split))
+            summ = read_json(layout.summary) if done else {}
             per_fold = {int(r["fold"]): r for r in summ.get("per_fold", [])}
             fits = {int(r["fold"]): r for r in summ.get("fit", [])}
-            seconds = read_json(spec.peer_dir(peer, split) / PEER_FILE).get("seconds") if done else None
+            seconds = read_json(layout.marker).get("seconds") if done else None
             base = {"split": split, "kind": "peer", "config": peer.name,
                     "modality": f"head-{peer.modality}" if peer.kind == "embeddings" else peer.kind,
                     "d": proj_label(peer.proj) if peer.kind == "embeddings" else "-"}
@@ -367,18 +371,15 @@ def _pred_frame(df: pd.DataFrame, model: ModelRef, split: str, role: str, **fixe
 
 
 def _cnn_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.DataFrame]:
-    from pipeline.train import DONE_FILE  # local: pipeline.train imports torch
-
-    config = Configuration.from_name(model.name)
+    layout = RunLayout(spec.run_dir(Configuration.from_name(model.name), split))
     frames = []
     for k in range(split_n_folds(spec, split)):
-        folder = spec.run_dir(config, split) / f"fold_{k}"
-        if not (folder / DONE_FILE).is_file() or not (folder / "oof.csv").is_file():
+        if not layout.is_done(k) or not layout.oof(k).is_file():
             continue
-        oof = pd.read_csv(folder / "oof.csv", dtype={"case_id": str})
+        oof = pd.read_csv(layout.oof(k), dtype={"case_id": str})
         frames.append(_pred_frame(oof, model, split, "oof"))
         for proto in oof["protocol"].unique():
-            path = folder / f"train_risk_{proto}.csv"
+            path = layout.train_risk(k, proto)
             if path.is_file():
                 tr = pd.read_csv(path, dtype={"case_id": str})
                 frames.append(_pred_frame(tr, model, split, "train", protocol=proto, fold=k))
@@ -389,11 +390,11 @@ def _peer_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.D
     peer = {p.name: p for p in spec.peer_list()}[model.name]
     if not peer_done(spec, peer, split):
         return []
-    folder = spec.peer_dir(peer, split)
-    frames = [_pred_frame(pd.read_csv(folder / "oof_predictions.csv", dtype={"case_id": str}),
+    layout = PeerRunLayout(spec.peer_dir(peer, split))
+    frames = [_pred_frame(pd.read_csv(layout.oof_predictions, dtype={"case_id": str}),
                           model, split, "oof", protocol="fit")]
-    if (folder / "train_risk.csv").is_file():
-        frames.append(_pred_frame(pd.read_csv(folder / "train_risk.csv", dtype={"case_id": str}),
+    if layout.train_risk.is_file():
+        frames.append(_pred_frame(pd.read_csv(layout.train_risk, dtype={"case_id": str}),
                                   model, split, "train", protocol="fit"))
     return frames
 
@@ -409,22 +410,18 @@ def collect_training(spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
         (:data:`EVAL_COLUMNS` before the first step) and ``val_dice_<protocol>`` (outer
         Dice at the selected epoch).
     """
-    from pipeline.train import DONE_FILE, PROTOCOLS  # local: pipeline.train imports torch
-
     curves, cells = [], []
     for cell in grid(spec):
-        folder = cell_dir(spec, cell)
         key = {"split": cell.split, "config": cell.config.name, "fold": cell.fold}
-        done = (folder / DONE_FILE).is_file()
-        rec = read_json(folder / DONE_FILE) if done else {}
-        info = read_json(folder / CELL_FILE) if (folder / CELL_FILE).is_file() else {}
+        done, rec, info = _cell_records(spec, cell)
         start = rec.get("start") or {}
         row = key | {"done": done, "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds")}
         row |= {f"start_{c}": _num(start.get(c)) for c in EVAL_COLUMNS}
         row |= {f"val_dice_{p}": _num((rec.get("protocols", {}).get(p) or {}).get("val_dice")) for p in PROTOCOLS}
         cells.append(row)
-        if done and (folder / "curves.csv").is_file():
-            curves.append(pd.read_csv(folder / "curves.csv").assign(**key))
+        curves_path = cell_layout(spec, cell).curves(cell.fold)
+        if done and curves_path.is_file():
+            curves.append(pd.read_csv(curves_path).assign(**key))
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
         columns=["split", "config", "fold", "epoch"])
     return curve_frame, pd.DataFrame(cells)
@@ -437,7 +434,7 @@ def collect_peer_fits(spec: StudySpec) -> pd.DataFrame:
         for peer in spec.peer_list():
             if not peer_done(spec, peer, split):
                 continue
-            for f in read_json(spec.peer_dir(peer, split) / "summary.json").get("fit", []):
+            for f in read_json(PeerRunLayout(spec.peer_dir(peer, split)).summary).get("fit", []):
                 rows.append({"split": split, "peer": peer.name, "fold": int(f["fold"]), "n_train": f.get("n_train")}
                             | {k: v for k, v in f.items() if k.endswith("_pca_components")})
     return pd.DataFrame(rows, columns=None if rows else ["split", "peer", "fold", "n_train"])

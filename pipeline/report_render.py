@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import atomic_path
+from pipeline.layout import EVAL_COLUMNS
 from pipeline.report import (
     BASELINE,
-    EVAL_COLUMNS,
     LOSS_COLUMNS,
     N_BOOT,
     PAPER_TABLE1,
@@ -404,7 +404,7 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
         stamp_text: warning drawn in the figure (:func:`stamp`).
     """
     plt = _pyplot()
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # local: matplotlib, as in _pyplot
 
     pre = "c" if metric == "c_index" else "auc"
     summary = summary[summary["kind"] == "cnn"] if "kind" in summary else summary
@@ -565,8 +565,7 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
     Colour = embedding set (baseline black), line style = projection size, so 13 lines stay
     readable. Loss parts start at epoch 1; scores at 0 (before the first step).
     """
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # local: matplotlib, as in _pyplot
 
     cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
     fig, axes = _grid_axes(len(cols), width=3.6, height=2.9, cols=3)

@@ -31,9 +31,9 @@ Layout of a study folder::
 
     <study>/study.json                 spec, cohort summary, provenance (see prepare_study)
     <study>/folds.json                 the shared folds of split cv0 (pipeline.splits format)
-    <study>/runs/<config>/run.json     per-configuration provenance (pipeline.train.start_run)
-    <study>/runs/<config>/fold_<k>/    train_fold outputs + done.json + cell.json (timing)
-    <study>/peers/<peer>/              peer OOF predictions, training risks, summary, peer.json
+    <study>/runs/<config>/             a run folder (pipeline.layout.RunLayout): run.json, and
+                                       fold_<k>/ with train_fold's outputs, done.json, cell.json
+    <study>/peers/<peer>/              a peer run folder (pipeline.layout.PeerRunLayout)
     <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
     <study>/submitit/                  logs of cluster jobs (when that executor is used)
 
@@ -64,16 +64,27 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+import submitit
 
 from pipeline.artefacts import (
     ProvenanceError,
     code_version,
     params_hash,
     read_json,
+    sha256_file,
     utc_now,
     write_json_atomic,
 )
+from pipeline.cache import PreprocessedCache
 from pipeline.embeddings import RANDOM_INIT, RandomInitWarning, read_embeddings
+from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
+from pipeline.manifest import read_manifest, survival_cases
+from pipeline.peers import HeadConfig, fit_peer_run
+from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, make_folds, save_folds
+
+# pipeline.train and pipeline.dataset import torch: this module imports them where a cell
+# trains, so that status listings and reports load without torch, and a pool worker sets
+# CUDA_VISIBLE_DEVICES before torch is loaded (_worker_init).
 
 #: Embedding set name -> modalities read from the embeddings file.
 MODALITY_SETS: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
@@ -82,9 +93,7 @@ MODALITY_LABELS: dict[str, str] = {"ct": "CT", "pet": "PET", "ctpet": "CT+PET"}
 #: Projection sizes of the ablation; ``None`` = native size ("orig": 512 CT, 768 PET).
 PROJ_SIZES: tuple[int | None, ...] = (64, 128, 256, None)
 BASELINE = "baseline"
-CELL_FILE = "cell.json"
 STUDY_FILE = "study.json"
-PEER_FILE = "peer.json"
 #: The first CV split: the paper-style 5-fold run, stored at the study root.
 FIRST_SPLIT = "cv0"
 LOCO = "loco"
@@ -239,8 +248,6 @@ class Peer:
     def head_config(self, overrides: dict[str, Any] | None = None):
         """The :class:`pipeline.peers.HeadConfig`: ridge for clinical / radiomics (radiomics
         without clinical covariates), coxnet + clinical with ``proj`` for heads."""
-        from pipeline.peers import HeadConfig
-
         if self.kind == "clinical":
             return HeadConfig(model="ridge", with_clinical=True)
         if self.kind == "radiomics":
@@ -358,7 +365,7 @@ class StudySpec:
             input_size: ``(D, H, W)`` of the cached survival volumes; written into the
                 model overrides when they do not set it, so reduced-size caches work.
         """
-        from pipeline.train import TrainConfig
+        from pipeline.train import TrainConfig  # local: torch (see the note on imports)
 
         options = json.loads(json.dumps(self.train))  # deep copy of plain values
         if input_size is not None:
@@ -401,8 +408,6 @@ def loco_centres(spec: StudySpec) -> list[str]:
     path = spec.folds_path_of(LOCO)
     if path.is_file():
         return [str(c) for c in read_json(path)["params"]["centres"]]
-    from pipeline.manifest import read_manifest, survival_cases
-
     return sorted(set(survival_cases(read_manifest(spec.manifest))["center"].astype(str)))
 
 
@@ -420,21 +425,24 @@ def grid(spec: StudySpec) -> list[Cell]:
             for k in range(split_n_folds(spec, split))]
 
 
+def cell_layout(spec: StudySpec, cell: Cell) -> RunLayout:
+    """The run folder of the cell's configuration on its split."""
+    return RunLayout(spec.run_dir(cell.config, cell.split))
+
+
 def cell_dir(spec: StudySpec, cell: Cell) -> Path:
-    return spec.run_dir(cell.config, cell.split) / f"fold_{cell.fold}"
+    return cell_layout(spec, cell).fold_dir(cell.fold)
 
 
 def cell_done(spec: StudySpec, cell: Cell) -> bool:
-    from pipeline.train import DONE_FILE
-
-    return (cell_dir(spec, cell) / DONE_FILE).is_file()
+    return cell_layout(spec, cell).is_done(cell.fold)
 
 
 def cell_status(spec: StudySpec) -> pd.DataFrame:
     """One row per cell: ``cell, split, config, modality, d, fold, done, seconds, path``."""
     rows = []
     for cell in grid(spec):
-        info_path = cell_dir(spec, cell) / CELL_FILE
+        info_path = cell_layout(spec, cell).cell(cell.fold)
         seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
         rows.append({
             "cell": cell.key, "split": cell.split, "config": cell.config.name,
@@ -481,7 +489,7 @@ def load_study_cohort(spec: StudySpec, modalities: Sequence[str] = ()):
     rows of each modality set are read once per process through
     :func:`pipeline.dataset.load_cohort` (which checks them against the cache).
     """
-    from pipeline.dataset import load_cohort
+    from pipeline.dataset import load_cohort  # local: torch (see the note on imports)
 
     key = (spec.manifest, spec.cache_root)
     if key not in _BASE_COHORTS:
@@ -508,19 +516,12 @@ def clear_cohort_cache() -> None:
     _EMBEDDINGS.clear()
 
 
-def folds_hash(folds: pd.DataFrame) -> str:
-    """The folds hash :func:`pipeline.train.train_survival` records in ``run.json``."""
-    return params_hash({"folds": folds.sort_values("case_id").astype(str).values.tolist()})
-
-
 def _cache_params_hash(spec: StudySpec) -> str:
-    from pipeline.cache import PreprocessedCache
-
     return PreprocessedCache(spec.cache_root).params_hash
 
 
 def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame) -> tuple[Any, dict]:
-    from pipeline.train import run_provenance
+    from pipeline.train import run_provenance  # local: torch (see the note on imports)
 
     cfg = spec.train_config(config, tuple(cohort.images.shape[2:]))
     prov = run_provenance(cohort, cfg, folds_hash(folds), _cache_params_hash(spec))
@@ -550,22 +551,20 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
         ProvenanceError: the configuration folder was made with other settings or folds.
         FileNotFoundError: :func:`prepare_study` has not written the folds file yet.
     """
-    from pipeline.splits import load_folds
-    from pipeline.train import DONE_FILE, start_run, train_fold
+    from pipeline.train import start_run, train_fold  # local: torch (see the note on imports)
 
-    out = cell_dir(spec, cell)
-    if (out / DONE_FILE).is_file():
-        return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(out / DONE_FILE)}
+    layout = cell_layout(spec, cell)
+    if layout.is_done(cell.fold):
+        return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(layout.done(cell.fold))}
     t0 = time.perf_counter()
     cohort = load_study_cohort(spec, cell.config.modalities)
     folds = load_folds(spec.folds_path_of(cell.split), expected_case_ids=cohort.case_ids)
     cfg, prov = _config_provenance(spec, cohort, cell.config, folds)
-    run_dir = spec.run_dir(cell.config, cell.split)
-    start_run(run_dir, prov)
+    start_run(layout.root, prov)
     t_train = time.perf_counter()
-    record = train_fold(cohort, folds, cell.fold, cfg, run_dir, progress=progress)
+    record = train_fold(cohort, folds, cell.fold, cfg, layout.root, progress=progress)
     t_end = time.perf_counter()
-    import torch
+    import torch  # local: torch (see the note on imports); loaded by the training above
 
     info = {
         "cell": cell.key, "seconds": t_end - t0, "train_seconds": t_end - t_train,
@@ -575,7 +574,7 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
         "device": "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
         "finished": utc_now(), "code_version": code_version(),
     }
-    write_json_atomic(out / CELL_FILE, info)
+    write_json_atomic(layout.cell(cell.fold), info)
     return {"cell": cell.key, "skipped": False, "seconds": info["seconds"], "record": record}
 
 
@@ -592,8 +591,7 @@ def split_folds(spec: StudySpec, split: str, cohort) -> pd.DataFrame:
         pipeline.artefacts.ProvenanceError: the file was made for another case set.
         ValueError: the file holds another number of folds / other centres.
     """
-    from pipeline.splits import leave_one_centre_out, load_folds, make_folds, save_folds
-    from pipeline.train import get_folds
+    from pipeline.train import get_folds  # local: torch (see the note on imports)
 
     path = spec.folds_path_of(split)
     repeat = split_repeat(split)
@@ -638,8 +636,7 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
     Returns:
         The ``study.json`` record.
     """
-    from pipeline.splits import case_set_sha256
-    from pipeline.train import start_run
+    from pipeline.train import start_run  # local: torch (see the note on imports)
 
     root = spec.root
     path = root / STUDY_FILE
@@ -692,12 +689,10 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
 
 def peer_done(spec: StudySpec, peer: Peer, split: str) -> bool:
     """A peer run is done when its marker ``peer.json`` exists (see :func:`run_peer`)."""
-    return (spec.peer_dir(peer, split) / PEER_FILE).is_file()
+    return PeerRunLayout(spec.peer_dir(peer, split)).marker.is_file()
 
 
 def _peer_key(spec: StudySpec, peer: Peer, split: str, embeddings_sha256: str | None) -> str:
-    from pipeline.artefacts import sha256_file
-
     return params_hash({
         "peer": peer.name, "config": peer.head_config(spec.head).to_dict(),
         "folds_sha256": sha256_file(spec.folds_path_of(split)), "manifest_sha256": sha256_file(spec.manifest),
@@ -719,21 +714,17 @@ def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str 
     Returns:
         ``{"peer", "split", "skipped", "seconds", "summary"}``.
     """
-    from pipeline.peers import fit_peer_run
-
     if peer.kind == "embeddings" and embeddings_sha256 is None:
-        from pipeline.artefacts import sha256_file
-
         embeddings_sha256 = sha256_file(spec.embeddings)
-    out = spec.peer_dir(peer, split)
+    layout = PeerRunLayout(spec.peer_dir(peer, split))
     key = _peer_key(spec, peer, split, embeddings_sha256)
-    marker = out / PEER_FILE
+    marker = layout.marker
     if marker.is_file() and read_json(marker).get("key") == key:
         return {"peer": peer.name, "split": split, "skipped": True, "seconds": 0.0,
-                "summary": read_json(out / "summary.json")}
+                "summary": read_json(layout.summary)}
     t0 = time.perf_counter()
     summary = fit_peer_run(
-        peer.kind, manifest_path=spec.manifest, folds_path=spec.folds_path_of(split), out_dir=out,
+        peer.kind, manifest_path=spec.manifest, folds_path=spec.folds_path_of(split), out_dir=layout.root,
         cache_root=spec.cache_root, features_path=spec.embeddings if peer.kind == "embeddings" else None,
         modalities=list(MODALITY_SETS[peer.modality]) if peer.modality else None,
         config=peer.head_config(spec.head),
@@ -755,15 +746,13 @@ def run_peers(
     ``<split>/<peer>``; ``on_result`` also sees the runs skipped as up to date (without
     ``progress``); ``shown`` as in :func:`run_pool`.
     """
-    from pipeline.artefacts import sha256_file
-
     t0 = time.perf_counter()
     peers = spec.peer_list()
     emb_sha = sha256_file(spec.embeddings) if any(p.kind == "embeddings" for p in peers) else None
     todo, skipped = [], []
     for split in spec.splits():
         for peer in peers:
-            marker = spec.peer_dir(peer, split) / PEER_FILE
+            marker = PeerRunLayout(spec.peer_dir(peer, split)).marker
             fresh = marker.is_file() and read_json(marker).get("key") == _peer_key(spec, peer, split, emb_sha)
             (skipped if fresh else todo).append((peer, split))
     for peer, split in skipped:
@@ -811,7 +800,7 @@ def visible_gpus() -> list[str]:
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
     try:
-        import torch
+        import torch  # local: torch (see the note on imports)
 
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - no usable CUDA runtime means no GPU
@@ -1147,8 +1136,6 @@ def run_submitit(
             job ids right after submission (rerun the study later to build the report).
         log_dir: submitit folder; default ``<study>/submitit``.
     """
-    import submitit
-
     folder = Path(log_dir) if log_dir else spec.root / "submitit"
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     executor.update_parameters(name="hnfm-study", **options.parameters(executor.cluster))

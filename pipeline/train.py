@@ -21,7 +21,6 @@ With ``inner_val_fraction=0`` the network is fitted on the whole training fold a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time as _time
@@ -48,13 +47,19 @@ from pipeline.artefacts import (
 )
 from pipeline.clinical import ClinicalTransform
 from pipeline.dataset import AugmentConfig, SurvivalCohort, augment_batch
+from pipeline.layout import (
+    CURVES_COLUMNS,
+    OOF_COLUMNS,
+    PROTOCOLS,
+    TRAIN_RISK_COLUMNS,
+    RunLayout,
+    folds_hash,
+)
 from pipeline.metrics import c_index, summarise, time_dependent_auc
 from pipeline.sampling import EventBalancedBatchSampler
-from pipeline.splits import inner_split
+from pipeline.splits import inner_split, load_folds, make_folds, save_folds
 
-PROTOCOLS = ("paper", "inner")
 CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
-DONE_FILE = "done.json"
 
 
 @dataclass
@@ -284,14 +289,6 @@ def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) ->
         return float("nan")
 
 
-def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:
-    return Path(run_dir) / f"fold_{fold}"
-
-
-def fold_done(run_dir: str | os.PathLike, fold: int) -> bool:
-    return (fold_dir(run_dir, fold) / DONE_FILE).is_file()
-
-
 # --- one fold, in parts: set-up, one epoch, evaluation, selection, outputs --------------------
 
 
@@ -398,7 +395,7 @@ class Selected:
 
 
 def select(best: dict[str, Selected], epoch: int, evaluation: Evaluation, model: torch.nn.Module,
-           out: Path) -> bool:
+           layout: RunLayout, fold: int) -> bool:
     """Keep, per protocol, the epoch with the best selection score; checkpoint it atomically.
 
     Of equally scoring epochs the later one is kept: it has trained longer and, on the small
@@ -412,7 +409,7 @@ def select(best: dict[str, Selected], epoch: int, evaluation: Evaluation, model:
         score = evaluation.scores[SELECTION_SCORE[proto]]
         if np.isfinite(score) and score >= sel.score:
             best[proto] = Selected(score, epoch, evaluation)
-            with atomic_path(out / f"best_{proto}.pt", suffix=".pt") as tmp:
+            with atomic_path(layout.best(fold, proto), suffix=".pt") as tmp:
                 torch.save(model.state_dict(), tmp)
             improved = True
     return improved
@@ -432,10 +429,10 @@ def train_fold(
     Returns the fold's result record (also written to ``done.json``, last, as the
     completion marker). An existing marker is returned without training.
     """
-    out = fold_dir(run_dir, fold)
-    if (out / DONE_FILE).is_file():
-        return read_json(out / DONE_FILE)
-    out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(run_dir)
+    if layout.is_done(fold):
+        return read_json(layout.done(fold))
+    layout.fold_dir(fold).mkdir(parents=True, exist_ok=True)
     state = setup_fold(cohort, folds, fold, cfg)
     protocols = PROTOCOLS if len(state.data.inner) else ("paper",)
     best = {p: Selected() for p in protocols}
@@ -447,7 +444,7 @@ def train_fold(
         losses = train_epoch(state, cohort, cfg, epoch)
         evaluation = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device)
         if epoch >= cfg.select_from_epoch:
-            stale = 0 if select(best, epoch, evaluation, state.ema.module, out) else stale + 1
+            stale = 0 if select(best, epoch, evaluation, state.ema.module, layout, fold) else stale + 1
         curves.append({"epoch": epoch, "lr_factor": lr_factor(epoch, cfg), **losses, **evaluation.scores,
                        "seconds": _time.time() - t0})
         bar.set_postfix(loss=f"{losses['loss']:.3f}", c_train=f"{evaluation.scores['train_c_index']:.3f}",
@@ -455,16 +452,16 @@ def train_fold(
         if stale >= cfg.patience:
             break
     bar.close()
-    return write_fold_outputs(out, cohort, fold, state, cfg, best, curves, start)
+    return write_fold_outputs(layout, cohort, fold, state, cfg, best, curves, start)
 
 
-def write_fold_outputs(out: Path, cohort: SurvivalCohort, fold: int, state: FoldTraining, cfg: TrainConfig,
+def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, state: FoldTraining, cfg: TrainConfig,
                        best: dict[str, Selected], curves: list[dict[str, Any]],
                        start: dict[str, float]) -> dict[str, Any]:
     """Curves, out-of-fold risks, fold state and the ``done.json`` marker (last), all atomic."""
     data = state.data
-    with atomic_path(out / "curves.csv", suffix=".csv") as tmp:
-        pd.DataFrame(curves).to_csv(tmp, index=False)
+    with atomic_path(layout.curves(fold), suffix=".csv") as tmp:
+        pd.DataFrame(curves, columns=list(CURVES_COLUMNS)).to_csv(tmp, index=False)
     record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
                               "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
                               "protocols": {}}
@@ -473,21 +470,21 @@ def write_fold_outputs(out: Path, cohort: SurvivalCohort, fold: int, state: Fold
         record["protocols"][proto] = protocol_record(cohort, data, sel, curves)
         if sel.evaluation is not None:
             record["protocols"][proto]["calibration"] = training_calibration(
-                cohort, np.concatenate([data.fit, data.inner]), sel.evaluation.risk, out / f"train_risk_{proto}.csv")
+                cohort, np.concatenate([data.fit, data.inner]), sel.evaluation.risk, layout.train_risk(fold, proto))
             oof.append(pd.DataFrame({
                 "case_id": [cohort.case_ids[i] for i in data.outer], "fold": fold, "protocol": proto,
                 "risk": sel.evaluation.risk[data.outer], "time": cohort.time[data.outer],
                 "event": cohort.event[data.outer],
-            }))
+            }, columns=list(OOF_COLUMNS)))
     if oof:
-        with atomic_path(out / "oof.csv", suffix=".csv") as tmp:
+        with atomic_path(layout.oof(fold), suffix=".csv") as tmp:
             pd.concat(oof).to_csv(tmp, index=False)
-    write_json_atomic(out / "fold_state.json", {
+    write_json_atomic(layout.fold_state(fold), {
         "clinical_transform": data.clinical_transform.to_dict(), "fm_standardisation": data.fm_stats,
         "fit_case_ids": [cohort.case_ids[i] for i in data.fit],
         "inner_case_ids": [cohort.case_ids[i] for i in data.inner],
     })
-    write_json_atomic(out / DONE_FILE, record)
+    write_json_atomic(layout.done(fold), record)
     return record
 
 
@@ -525,7 +522,7 @@ def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndar
     # Kept so any survival curve (IBS, calibration) can be fitted on the training part later.
     with atomic_path(path, suffix=".csv") as tmp:
         pd.DataFrame({"case_id": [cohort.case_ids[i] for i in rows], "risk": risk,
-                      "time": time, "event": event.astype(int)}).to_csv(tmp, index=False)
+                      "time": time, "event": event.astype(int)}, columns=list(TRAIN_RISK_COLUMNS)).to_csv(tmp, index=False)
     breslow = BreslowEstimator().fit(risk, event, time)
     grid = breslow.cum_baseline_hazard_.x
     horizons = [h for h in CALIBRATION_HORIZONS if grid[0] <= h <= grid[-1]]
@@ -552,8 +549,7 @@ def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str,
 
 def start_run(run_dir: str | os.PathLike, provenance: dict[str, Any]) -> None:
     """Create ``run_dir`` with ``run.json``, or check an existing one matches."""
-    run_dir = Path(run_dir)
-    path = run_dir / "run.json"
+    path = RunLayout(run_dir).run_json
     if path.is_file():
         old = read_json(path)
         for key in ("config_hash", "folds_hash", "preprocessing_params_hash", "case_ids_hash", "modalities"):
@@ -568,8 +564,8 @@ def start_run(run_dir: str | os.PathLike, provenance: dict[str, Any]) -> None:
 
 def summarise_run(run_dir: str | os.PathLike, n_folds: int) -> dict[str, Any]:
     """Collect finished folds into per-protocol mean +- SD; writes ``summary.json``."""
-    run_dir = Path(run_dir)
-    records = [read_json(fold_dir(run_dir, k) / DONE_FILE) for k in range(n_folds) if fold_done(run_dir, k)]
+    layout = RunLayout(run_dir)
+    records = [read_json(layout.done(k)) for k in range(n_folds) if layout.is_done(k)]
     summary: dict[str, Any] = {"n_folds_done": len(records), "n_folds": n_folds, "protocols": {}}
     for proto in PROTOCOLS:
         rows = [r["protocols"][proto] for r in records if proto in r["protocols"]]
@@ -580,19 +576,17 @@ def summarise_run(run_dir: str | os.PathLike, n_folds: int) -> dict[str, Any]:
             "auc_1y": summarise([r["auc_1y"] for r in rows]),
             "per_fold": rows,
         }
-    write_json_atomic(run_dir / "summary.json", summary)
-    oofs = [fold_dir(run_dir, k) / "oof.csv" for k in range(n_folds)]
+    write_json_atomic(layout.summary, summary)
+    oofs = [layout.oof(k) for k in range(n_folds)]
     frames = [pd.read_csv(p) for p in oofs if p.is_file()]
     if frames:
-        with atomic_path(run_dir / "oof_predictions.csv", suffix=".csv") as tmp:
+        with atomic_path(layout.oof_predictions, suffix=".csv") as tmp:
             pd.concat(frames).to_csv(tmp, index=False)
     return summary
 
 
 def get_folds(path: str | os.PathLike, cohort: SurvivalCohort, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
     """Load the shared folds file, or create it once; every configuration reuses it."""
-    from pipeline.splits import load_folds, make_folds, save_folds
-
     path = Path(path)
     if path.is_file():
         folds = load_folds(path, expected_case_ids=cohort.case_ids)
@@ -622,25 +616,24 @@ def train_survival(
     Writes ``run.json`` (config and provenance), ``folds.csv``, ``fold_<k>/`` per fold,
     ``summary.json`` and ``oof_predictions.csv``; returns the summary.
     """
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     n_folds = int(folds["fold"].nunique())
-    folds_hash = params_hash({"folds": folds.sort_values("case_id").astype(str).values.tolist()})
-    start_run(run_dir, run_provenance(cohort, cfg, folds_hash, cache_params_hash))
-    if not (run_dir / "folds.csv").is_file():
-        with atomic_path(run_dir / "folds.csv", suffix=".csv") as tmp:
+    start_run(layout.root, run_provenance(cohort, cfg, folds_hash(folds), cache_params_hash))
+    if not layout.folds_csv.is_file():
+        with atomic_path(layout.folds_csv, suffix=".csv") as tmp:
             folds.to_csv(tmp, index=False)
     for k in (only_folds if only_folds is not None else range(n_folds)):
         # One line per fold whatever the progress setting: these are results, not progress.
-        if fold_done(run_dir, k):
+        if layout.is_done(k):
             print(f"fold {k}: already done, skipped")
             continue
-        rec = train_fold(cohort, folds, k, cfg, run_dir, progress=progress)
+        rec = train_fold(cohort, folds, k, cfg, layout.root, progress=progress)
         parts = ", ".join(
             f"{p}: C={_fmt(r['c_index'])} AUC1y={_fmt(r['auc_1y'])} (epoch {r['selected_epoch']})"
             for p, r in rec["protocols"].items()
         )
         print(f"fold {k}: {parts}")
-    return summarise_run(run_dir, n_folds)
+    return summarise_run(layout.root, n_folds)
 
 
 def _fmt(x: float | None) -> str:

@@ -17,9 +17,10 @@ import pytest
 
 from pipeline import report, report_render, study
 from pipeline.artefacts import read_json, write_json_atomic
+from pipeline.layout import PEER_FILE
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.splits import leave_one_centre_out, make_folds, save_folds
-from pipeline.study import MODALITY_SETS, PEER_FILE
+from pipeline.study import MODALITY_SETS
 from test_study import make_spec, make_study_inputs
 
 

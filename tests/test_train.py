@@ -13,6 +13,7 @@ from lifelines.utils import concordance_index
 from sksurv.metrics import concordance_index_censored
 
 from pipeline.cli.train import train_survival
+from pipeline.layout import CURVES_COLUMNS, OOF_COLUMNS, TRAIN_RISK_COLUMNS
 
 TINY = ["--n-folds", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "4",
         "--ema-decay", "0.5", "--model-config", '{"preset": "tiny"}', "--quiet"]
@@ -47,6 +48,12 @@ def test_run_writes_every_artefact(baseline_run):
     assert cfg["epochs"] == 2 and cfg["model"] == {"preset": "tiny"}
     curves = pd.read_csv(run / "fold_0" / "curves.csv")
     assert {"loss", "dice", "cox", "val_c_index_outer", "val_c_index_inner"} <= set(curves.columns)
+    # The layout's column list is what training records: no column left empty by a renamed key.
+    assert tuple(curves.columns) == CURVES_COLUMNS
+    assert curves[["epoch", "lr_factor", "dice", "cox", "total", "loss", "train_c_index", "seconds"]].notna().all().all()
+    oof = pd.read_csv(run / "fold_0" / "oof.csv")
+    assert tuple(oof.columns) == OOF_COLUMNS
+    assert tuple(pd.read_csv(run / "fold_0" / "train_risk_paper.csv").columns) == TRAIN_RISK_COLUMNS
     assert "paper protocol" in baseline_run["output"] and "unbiased" in baseline_run["output"]
 
 

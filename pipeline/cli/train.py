@@ -14,6 +14,7 @@ from pipeline.artefacts import ProvenanceError, read_json
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
+from pipeline.layout import RunLayout
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
 PRESETS = ("auto", "paper", "demo")
@@ -141,11 +142,10 @@ def cache_survival_size(cache_root: str, manifest: str) -> tuple[int, ...]:
 
 def undefined_auc_lines(run_dir: Path) -> list[str]:
     """One line per finished fold and protocol whose 1-year AUROC is undefined, with the reason."""
-    from pipeline.train import DONE_FILE  # already loaded by the training that precedes this
-
+    layout = RunLayout(run_dir)
     lines = []
-    for done in sorted(run_dir.glob(f"fold_*/{DONE_FILE}")):
-        record = read_json(done)
+    for k in layout.finished_folds():
+        record = read_json(layout.done(k))
         for proto, res in record["protocols"].items():
             if res.get("auc_1y") is None:
                 reason = (res.get("auc_1y_undefined_reason") or "no reason recorded").replace("_", " ")
@@ -264,4 +264,4 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
     click.echo(format_summary(summary))
     for line in undefined_auc_lines(run_dir):
         click.echo(line)
-    click.echo(f"results: {run_dir / 'summary.json'}")
+    click.echo(f"results: {RunLayout(run_dir).summary}")
