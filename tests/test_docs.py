@@ -211,7 +211,7 @@ def _tail(text: str, n: int = 40) -> str:
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
 def test_example_runs_as_written(example: Example, workspace):
     if example.skip:
-        pytest.skip(f"not run: {example.skip}")
+        pytest.skip(f"{example.source}: {example.code.splitlines()[0][:60]} (not run: {example.skip})")
     proc = _run(example, workspace)
     output = proc.stdout
     earlier = f"\n(earlier failures: {', '.join(workspace['failed'])})" if workspace["failed"] else ""
