@@ -28,9 +28,10 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
 
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog="Example: extract-embeddings --modality ctpet --ct-weights model.safetensors "
-    "--pet-weights seganypet_v1.pth. Without the weights, to test the pipeline as the demo does: "
-    "extract-embeddings --modality pet --random-init",
+    epilog="\b\nExamples:\n"
+    "  extract-embeddings --modality ctpet --ct-weights model.safetensors --pet-weights seganypet_v1.pth"
+    "  # needs the FM weights\n"
+    "  extract-embeddings --modality pet --random-init   # no weights: tests the pipeline as the demo does",
 )
 @click.option("--modality", type=click.Choice(["ct", "pet", "ctpet"]), required=True,
               help="Which encoder(s): ct = CT-FM (512-d), pet = PET-FM (768-d), ctpet = both "
