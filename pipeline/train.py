@@ -132,7 +132,9 @@ class TrainConfig:
         if not 0.0 <= self.inner_val_fraction < 0.5:
             raise ValueError(f"inner_val_fraction must lie in [0, 0.5), got {self.inner_val_fraction}")
         if not 0 <= self.select_from_epoch < self.epochs:
-            raise ValueError(f"select_from_epoch must lie in [0, epochs={self.epochs}), got {self.select_from_epoch}")
+            raise ValueError(
+                f"select_from_epoch must lie in [0, epochs={self.epochs}), got {self.select_from_epoch}: "
+                "lower --select-from-epoch (or select_from_epoch in the training config) or raise --epochs")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.proj is not None and int(self.proj) < 1:
@@ -629,11 +631,16 @@ def train_survival(
             continue
         rec = train_fold(cohort, folds, k, cfg, layout.root, progress=progress)
         parts = ", ".join(
-            f"{p}: C={_fmt(r['c_index'])} AUC1y={_fmt(r['auc_1y'])} (epoch {r['selected_epoch']})"
+            f"{p}: C={_fmt(r['c_index'])} AUC1y={_fmt_auc(r)} (epoch {r['selected_epoch']})"
             for p, r in rec["protocols"].items()
         )
         print(f"fold {k}: {parts}")
     return summarise_run(layout.root, n_folds)
+
+
+def _fmt_auc(record: dict[str, Any]) -> str:
+    reason = record.get("auc_1y_undefined_reason")
+    return _fmt(record["auc_1y"]) if not reason else f"undefined ({str(reason).replace('_', ' ')})"
 
 
 def _fmt(x: float | None) -> str:
