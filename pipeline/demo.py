@@ -33,8 +33,8 @@ DEMO_ENCODERS: dict[str, dict[str, Any]] = {"ct": {}, "pet": {"img_size": 64, "w
 #: 15 steps (120 Adam steps of batch 8) at a learning rate of 1e-2 with one warm-up epoch and
 #: no decay, an EMA over the last ~10 steps, and selection from epoch 3 on (the 15-case inner
 #: split cannot tell apart epochs whose segmentation has not yet learnt; see the README's
-#: demo section for the measurements behind each value). A DeepMTS step of the narrow network
-#: costs about 0.1 s on one CPU core, so a cell is ~15 s.
+#: demo section for the measurements behind each value). A cell takes 37-42 s on one core
+#: beside a second worker, more than the 15-minute demo allows (README, Benchmarks).
 DEMO_TRAIN: dict[str, Any] = {
     "epochs": 8, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 16,
     "lr": 1e-2, "warmup_epochs": 1, "lr_step_epochs": 8, "patience": 8,
