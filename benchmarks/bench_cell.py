@@ -107,8 +107,6 @@ def bench_demo(cache: str, manifest: str, fold: int, device: str) -> dict[str, f
         # Floor: the same model size on one fixed, already augmented batch.
         idx = torch.as_tensor(state.data.fit[:cfg.batch_size])
         img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], AugmentConfig(), torch.Generator())
-        ev_idx = idx.numpy()
-        ev_idx = np.concatenate([ev_idx[cohort.event[ev_idx] == 1][:1], ev_idx])[:cfg.batch_size]
         batch = {"image": img.to(state.device), "mask": msk.to(state.device),
                  "clinical": state.data.clinical[idx].to(state.device),
                  "time": torch.as_tensor(cohort.time[idx.numpy()], device=state.device),
