@@ -33,17 +33,7 @@ from models.deepmts import DeepMTS, DeepMTSConfig
 from models.losses import deepmts_loss
 from pipeline.dataset import AugmentConfig, augment_batch, load_cohort
 from pipeline.demo import demo_train_options
-from pipeline.train import (
-    PROTOCOLS,
-    Selected,
-    TrainConfig,
-    evaluate_fold,
-    get_folds,
-    select,
-    setup_fold,
-    train_epoch,
-    write_fold_outputs,
-)
+from pipeline.train import PartTimes, TrainConfig, get_folds, model_to_layout, setup_fold, to_model_layout, train_fold
 
 
 def _sync(device: torch.device) -> None:
@@ -78,49 +68,25 @@ def bench_demo(cache: str, manifest: str, fold: int, device: str) -> dict[str, f
     work = Path(tempfile.mkdtemp(prefix="bench_cell_"))
     try:
         folds = get_folds(work / "folds.json", cohort)
-        timings = {"set-up": 0.0, "optimisation steps (incl. augmentation, EMA)": 0.0,
-                   "evaluation passes": 0.0, "selection + checkpoints": 0.0, "outputs": 0.0}
-        t0 = time.perf_counter()
+        times = PartTimes()
+        train_fold(cohort, folds, fold, cfg, work / "run", progress=False, times=times)
+        # Floor: the same network, in the same layout, on one fixed, already augmented batch.
         state = setup_fold(cohort, folds, fold, cfg)
-        timings["set-up"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        start = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device).scores
-        timings["evaluation passes"] += time.perf_counter() - t0
-        best = {p: Selected() for p in PROTOCOLS}
-        curves = []
-        for epoch in range(cfg.epochs):
-            t0 = time.perf_counter()
-            losses = train_epoch(state, cohort, cfg, epoch)
-            t1 = time.perf_counter()
-            ev = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device)
-            t2 = time.perf_counter()
-            if epoch >= cfg.select_from_epoch:
-                select(best, epoch, ev, state.ema.module, work)
-            t3 = time.perf_counter()
-            timings["optimisation steps (incl. augmentation, EMA)"] += t1 - t0
-            timings["evaluation passes"] += t2 - t1
-            timings["selection + checkpoints"] += t3 - t2
-            curves.append({"epoch": epoch, **losses, **ev.scores})
-        t0 = time.perf_counter()
-        write_fold_outputs(work, cohort, fold, state, cfg, best, curves, start)
-        timings["outputs"] += time.perf_counter() - t0
-        # Floor: the same model size on one fixed, already augmented batch.
         idx = torch.as_tensor(state.data.fit[:cfg.batch_size])
         img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], AugmentConfig(), torch.Generator())
-        batch = {"image": img.to(state.device), "mask": msk.to(state.device),
+        batch = {"image": to_model_layout(img, state.device), "mask": msk.to(state.device),
                  "clinical": state.data.clinical[idx].to(state.device),
                  "time": torch.as_tensor(cohort.time[idx.numpy()], device=state.device),
                  "event": torch.ones(len(idx), dtype=torch.bool, device=state.device)}
-        model = DeepMTS(state.model.config).to(state.device)
-        floor = floor_per_step(model, batch, 10, state.device)
+        floor = floor_per_step(state.model, batch, 10, state.device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steps = cfg.epochs * cfg.steps_per_epoch
-    return {"load_cohort_s": t_load, "steps": steps, "floor_step_s": floor, **timings}
+    return {"load_cohort_s": t_load, "n_steps": steps, "floor_step_s": floor, **times.seconds}
 
 
 def _report_demo(res: dict) -> None:
-    steps, floor = res.pop("steps"), res.pop("floor_step_s")
+    steps, floor = res.pop("n_steps"), res.pop("floor_step_s")
     load = res.pop("load_cohort_s")
     total = sum(res.values())
     print(f"demo cell: {steps} steps, floor {floor:.3f} s/step -> steps' floor {steps * floor:.1f} s")
@@ -129,18 +95,17 @@ def _report_demo(res: dict) -> None:
         print(f"| {name} | {sec:.2f} | {sec / (steps * floor):.2f} |")
     print(f"| **whole cell** | **{total:.2f}** | **{total / (steps * floor):.2f}** |")
     print(f"(cohort load, once per worker process: {load:.2f} s; "
-          f"optimisation step incl. augmentation and EMA: "
-          f"{res['optimisation steps (incl. augmentation, EMA)'] / steps:.3f} s)")
+          f"optimisation step incl. augmentation and EMA: {res['steps'] / steps:.3f} s)")
 
 
 def bench_paper(steps: int, device: torch.device) -> None:
     size = (48, 80, 80)
     g = torch.Generator().manual_seed(0)
     cfg = DeepMTSConfig(n_clinical=13)
-    model = DeepMTS(cfg).to(device)
+    model = model_to_layout(DeepMTS(cfg), device)
     mask = torch.zeros(8, 1, *size)
     mask[:, :, 16:32, 27:53, 27:53] = 1
-    batch = {"image": torch.randn(8, 2, *size, generator=g).to(device), "mask": mask.to(device),
+    batch = {"image": to_model_layout(torch.randn(8, 2, *size, generator=g), device), "mask": mask.to(device),
              "clinical": torch.randn(8, 13, generator=g).to(device),
              "time": torch.arange(1.0, 9.0, device=device) * 100, "event": torch.ones(8, dtype=torch.bool, device=device)}
     floor = floor_per_step(model, batch, steps, device)

@@ -32,7 +32,7 @@ from pipeline.dataset import SurvivalCohort, load_cohort
 from pipeline.embeddings import extract_embeddings, read_embeddings
 from pipeline.layout import RunLayout
 from pipeline.preprocess import preprocess_cohort
-from pipeline.train import FoldData, TrainConfig, apply_fm_stats, build_model, predict, resolve_device
+from pipeline.train import FoldData, TrainConfig, apply_fm_stats, build_model, model_to_layout, predict, resolve_device
 
 #: Embedding fields that must match between training and new patients (precision may differ).
 _EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key")
@@ -159,7 +159,7 @@ def predict_patients(
             raise ValueError(f"{layout.fold_dir(k)}: no {protocol!r} checkpoint (run trained with other "
                              "selection settings)")
         data = _fold_data(cohort, read_json(layout.fold_state(k)))
-        model = build_model(cohort, data.clinical.shape[1], cfg).to(dev)
+        model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), dev)
         model.load_state_dict(torch.load(layout.best(k, protocol), map_location=dev, weights_only=True))
         risk = predict(model, cohort, data.outer, data, cfg.eval_batch_size, dev).astype(np.float64)
         cal = record["calibration"]
