@@ -13,7 +13,7 @@ from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, DEMO_TRAIN
 
 @pytest.fixture(scope="module")
 def demo_size_cache(tiny_study, tmp_path_factory):
-    """The tiny cohort preprocessed with the demo's survival size (32 x 32 x 24)."""
+    """The tiny cohort preprocessed with the demo's survival size (pipeline.demo)."""
     from pipeline.preprocess import PreprocessParams, preprocess_cohort
 
     cache = tmp_path_factory.mktemp("demo_size") / "cache"
@@ -32,7 +32,7 @@ def test_paper_network_on_the_demo_cache_names_the_preset_and_writes_nothing(tin
     result = CliRunner().invoke(train_survival, _args(tiny_study, demo_size_cache, tmp_path, "--preset", "paper"))
     assert result.exit_code == 1
     assert "error:" in result.output and "--preset demo" in result.output
-    assert "32 x 32 x 24" in result.output
+    assert " x ".join(map(str, DEMO_SURVIVAL_SIZE_XYZ)) in result.output
     # Nothing written: the corrected command into the same folder then runs (no "config_hash differs").
     assert list(tmp_path.iterdir()) == []
     fixed = CliRunner().invoke(train_survival, _args(tiny_study, demo_size_cache, tmp_path, "--preset", "demo",

@@ -9,7 +9,7 @@ from dataclasses import replace
 import click
 
 from pipeline.cache import PreprocessedCache
-from pipeline.demo import demo_preprocess_params
+from pipeline.demo import DEMO_CTFM_SIZE_XYZ, DEMO_PETFM_SIZE_XYZ, DEMO_SURVIVAL_SIZE_XYZ, demo_preprocess_params
 from pipeline.preprocess import (
     BACKENDS,
     MIN_CROP_COVERAGE,
@@ -21,6 +21,10 @@ from pipeline.preprocess import (
 #: Size options: option -> PreprocessParams field.
 _SIZE_OPTIONS = {"--survival-size": "survival_size_xyz", "--ctfm-size": "ctfm_size_xyz",
                  "--petfm-size": "petfm_size_xyz"}
+
+
+def _xyz(size: tuple[int, ...]) -> str:
+    return ",".join(map(str, size))
 
 
 def _int_tuple(text: str, n: int | None, option: str) -> tuple[int, ...]:
@@ -68,22 +72,23 @@ def _params(reference_cache: str | None, demo: bool, tumour_labels: str | None,
                    "so new patients are cropped exactly like the training cohort. Must be a "
                    "different folder from --out.")
 @click.option("--demo", is_flag=True,
-              help="The demo's sizes (pipeline.demo: survival 32,32,24, CT-FM 64,64,16, PET-FM "
-                   "64,64,64), as run-study --demo makes them; the size options below still "
-                   "override. Train on such a cache with train-survival --preset demo.")
+              help=f"The demo's sizes (pipeline.demo: survival {_xyz(DEMO_SURVIVAL_SIZE_XYZ)}, CT-FM "
+                   f"{_xyz(DEMO_CTFM_SIZE_XYZ)}, PET-FM {_xyz(DEMO_PETFM_SIZE_XYZ)}), as run-study --demo makes "
+                   "them; the size options below still override. Train on such a cache with "
+                   "train-survival --preset demo.")
 @click.option("--tumour-labels", default=None,
               help="Label values forming the tumour: 1 = GTVp, 2 = GTVn; e.g. '1' for the "
                    "primary only.  [default: 1,2, or the reference cache's]")
 @click.option("--survival-size", default=None,
               help="Survival-network input size x,y,z (z = slice axis). The paper network is "
-                   "built for the default; the demo's 32,32,24 (--demo) goes with "
+                   f"built for the default; the demo's {_xyz(DEMO_SURVIVAL_SIZE_XYZ)} (--demo) goes with "
                    "train-survival --preset demo.  [default: 80,80,48, or the reference cache's]")
 @click.option("--ctfm-size", default=None,
-              help="CT-FM input size x,y,z (the demo's: 64,64,16).  "
+              help=f"CT-FM input size x,y,z (the demo's: {_xyz(DEMO_CTFM_SIZE_XYZ)}).  "
                    "[default: 128,128,48, or the reference cache's]")
 @click.option("--petfm-size", default=None,
               help="PET-FM input size x,y,z, cubic. The published PET-FM takes 128,128,128; "
-                   "the demo's 64,64,64 goes with the demo's encoder settings "
+                   f"the demo's {_xyz(DEMO_PETFM_SIZE_XYZ)} goes with the demo's encoder settings "
                    "(pipeline.demo.DEMO_ENCODERS).  [default: 128,128,128, or the reference "
                    "cache's]")
 @click.option("--min-tumour-coverage", type=click.FloatRange(0.0, 1.0),

@@ -18,6 +18,7 @@ from pipeline.layout import RunLayout
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
 PRESETS = ("auto", "paper", "demo")
+_DEMO_SIZE = " x ".join(map(str, DEMO_SURVIVAL_SIZE_XYZ))  # (x, y, z)
 
 
 def parse_proj(value: str | None) -> int | None:
@@ -120,7 +121,7 @@ def check_network_fits(cohort, cfg, preset: str, cache_root: str, size_xyz: tupl
         build_model(cohort, ClinicalTransform().n_features, cfg)
     except ValueError as exc:
         size = " x ".join(str(s) for s in size_xyz)
-        demo = " x ".join(str(s) for s in DEMO_SURVIVAL_SIZE_XYZ)
+        demo = _DEMO_SIZE
         if preset == "paper" and tuple(size_xyz) == tuple(DEMO_SURVIVAL_SIZE_XYZ):
             fix = "these are the demo's volumes: use --preset demo (or --preset auto)"
         else:
@@ -168,7 +169,8 @@ def undefined_auc_lines(run_dir: Path) -> list[str]:
 @click.option("--preset", type=click.Choice(PRESETS), default="auto",
               help="Network and schedule: 'paper' (the TrainConfig defaults), 'demo' (the demo's narrow "
                    "network and short schedule, pipeline/demo.py) or 'auto' (demo when the cache holds the "
-                   "demo's 32 x 32 x 24 volumes, else paper). Explicit options override the preset.")
+                   f"demo's {_DEMO_SIZE} volumes, else paper). Explicit options override "
+                   "the preset.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder [default: runs/<baseline | ct | pet | ctpet>-d<proj>, the study's configuration "
                    "names]. An existing run with the same settings resumes.")
