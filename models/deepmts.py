@@ -226,8 +226,8 @@ class DeepMTSConfig:
         return dataclasses.asdict(self)
 
 
-#: Named network sizes: the paper's, the demo's (4-level U-Net, volumes of 24+ slices such as
-#: the demo's 24 x 32 x 32) and the tests' (32^3). The same code runs all three.
+#: Named network sizes: the paper's, the demo's (4-level U-Net, volumes of 24+ voxels per axis such as
+#: the demo's 24^3) and the tests' (32^3). The same code runs all three.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "demo": dict(

@@ -22,7 +22,7 @@ from sksurv.metrics import concordance_index_censored
 
 from pipeline.cache import PreprocessedCache
 from pipeline.dataset import load_cohort
-from pipeline.demo import demo_train_options
+from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
 from pipeline.demo_cohort import generate_demo_cohort, read_truth
 from pipeline.hecktor import build_manifest
 from pipeline.manifest import CLINICAL_COLUMNS
@@ -50,7 +50,7 @@ def cohort60(tmp_path_factory):
     manifest = base / "manifest.csv"
     build_manifest(root, manifest, progress=False)
     # The demo's survival size (x, y, z), so the demo network runs unchanged.
-    params = PreprocessParams(survival_size_xyz=(32, 32, 24), ctfm_size_xyz=(32, 32, 16),
+    params = PreprocessParams(survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=(32, 32, 16),
                               petfm_size_xyz=(32, 32, 32))
     preprocess_cohort(manifest, base / "cache", params, workers=2, progress=False)
     return {"base": base, "root": root, "manifest": manifest, "cache": base / "cache"}
@@ -139,7 +139,11 @@ def test_network_learns_a_planted_embedding_beside_a_noise_control(cohort60, tmp
                       cfg, files["noise"])
     c_planted, c_noise = _pooled_c(oof), _pooled_c(oof_n)
     rho = spearmanr(oof["risk"], truth.loc[oof.index, "linear_predictor"]).statistic
+    rho_n = spearmanr(oof_n["risk"], truth.loc[oof_n.index, "linear_predictor"]).statistic
     print(f"planted: pooled OOF C {c_planted:.3f} vs noise control {c_noise:.3f}; "
-          f"Spearman(risk, true lp) {rho:.3f}")
-    assert c_planted > c_noise + 0.05
-    assert rho > 0.6
+          f"Spearman(risk, true lp) {rho:.3f} vs noise control {rho_n:.3f}")
+    # Measured: C 0.698 vs 0.641, Spearman 0.78 vs 0.58. The control learns the true risk from
+    # the images too, so the planted feature's gain is judged on both scales: C (comparable
+    # pairs only) and the rank correlation with the true risk over every case.
+    assert c_planted > c_noise + 0.03
+    assert rho > 0.6 and rho > rho_n + 0.1
