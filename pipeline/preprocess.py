@@ -58,16 +58,14 @@ New patients reuse a training cache's G and parameters through ``reference_cache
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
 import math
-import multiprocessing
 import os
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -88,6 +86,7 @@ from pipeline.cache import (
     write_cohort_record,
 )
 from pipeline.manifest import read_manifest
+from pipeline.pool import Job, JobFailed, JobPool
 
 log = logging.getLogger(__name__)
 
@@ -1086,67 +1085,50 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(max(1, threads))
 
 
-class _Runner:
-    """Runs per-case functions in this process (one worker) or in a process pool.
+def _threads(workers: int) -> int:
+    """CPU threads per case: the cores shared by the workers."""
+    return max(1, (os.cpu_count() or 1) // workers)
 
-    One pool serves both passes, so worker start-up is paid once. Use as a context manager.
-    The first failure cancels the cases not yet started and is re-raised; cases already
-    written stay (each is complete and fingerprinted).
+
+def _case_pool(workers: int, n_tasks: int) -> JobPool:
+    """The pool of both passes (worker start-up paid once); one worker = in this process."""
+    workers = max(1, min(int(workers), n_tasks))
+    return JobPool(workers, in_process=workers == 1, initializer=_init_worker,
+                   initargs=(_threads(workers),))
+
+
+@contextlib.contextmanager
+def _sitk_threads(n: int) -> Iterator[None]:
+    prev = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(prev)
+
+
+def _case_error(failed: JobFailed) -> CaseError:
+    """The error to raise for a failed case: its own :class:`CaseError` (naming case and
+    files), or one naming the case when the worker died or something else went wrong."""
+    if isinstance(failed.original, CaseError):
+        return failed.original
+    hint = ("; finished cases are kept, rerun to resume, or use fewer workers"
+            if failed.worker_died else "")
+    return CaseError(f"case {failed.key!r}: {failed.error}{hint}")
+
+
+def _run_cases(pool: JobPool, fn, tasks: list[dict[str, Any]], desc: str, progress: bool):
+    """Yield ``fn(task)`` for every task, in completion order.
+
+    The first failure cancels the cases not yet started and is raised (:func:`_case_error`);
+    cases already written stay (each is complete and fingerprinted).
     """
-
-    def __init__(self, workers: int, n_tasks: int, progress: bool):
-        self.workers = max(1, min(int(workers), max(1, n_tasks)))
-        self.threads = max(1, (os.cpu_count() or 1) // self.workers)
-        self.progress = progress
-        self.pool: cf.ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> _Runner:
-        if self.workers > 1:
-            # spawn: safe with torch/CUDA, OpenMP and ITK thread-pool state in the parent.
-            self.pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(self.threads,),
-            )
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def run(self, fn, tasks: list[dict[str, Any]], desc: str):
-        """Yield ``fn(task)`` for every task, in completion order."""
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not self.progress)
-        try:
-            if self.pool is None:
-                prev = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
-                sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(self.threads)
-                try:
-                    for task in tasks:
-                        yield fn(task)
-                        bar.update(1)
-                finally:
-                    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(prev)
-                return
-            futures = {self.pool.submit(fn, t): t["case_id"] for t in tasks}
-            try:
-                for fut in cf.as_completed(futures):
-                    try:
-                        result = fut.result()
-                    except cf.process.BrokenProcessPool:
-                        raise CaseError(
-                            f"case {futures[fut]!r}: a worker process died while it ran "
-                            "(killed or out of memory?); finished cases are kept, rerun to "
-                            "resume, or use fewer workers"
-                        ) from None
-                    yield result
-                    bar.update(1)
-            finally:
-                for fut in futures:
-                    fut.cancel()
-        finally:
-            bar.close()
+    jobs = [Job(t["case_id"], fn, (t,)) for t in tasks]
+    with _sitk_threads(_threads(pool.workers)) if pool.in_process else contextlib.nullcontext():
+        for done in pool.run(jobs, bar=desc if progress else None, unit="case"):
+            if not done.ok:
+                raise _case_error(done.failed)
+            yield done.value
 
 
 def _tasks_from_manifest(manifest: pd.DataFrame) -> list[dict[str, Any]]:
@@ -1163,7 +1145,7 @@ def _tasks_from_manifest(manifest: pd.DataFrame) -> list[dict[str, Any]]:
 
 def locate_cohort(
     manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *,
-    progress: bool = True, _runner: _Runner | None = None,
+    progress: bool = True, _pool: JobPool | None = None,
 ) -> dict[str, TumourLocation]:
     """Pass 1: :func:`locate_tumour` for every case of a manifest (reads labels only).
 
@@ -1183,17 +1165,15 @@ def locate_cohort(
     pdict = params.as_dict()
     for t in tasks:
         t["params"] = pdict
-    if _runner is None:
-        with _Runner(workers, len(tasks), progress) as runner:
-            found = dict(runner.run(_locate_task, tasks, "locate tumours"))
-    else:
-        found = dict(_runner.run(_locate_task, tasks, "locate tumours"))
+    own = _case_pool(workers, len(tasks)) if _pool is None else contextlib.nullcontext(_pool)
+    with own as pool:
+        found = dict(_run_cases(pool, _locate_task, tasks, "locate tumours", progress))
     return {t["case_id"]: found[t["case_id"]] for t in tasks}
 
 
 def compute_crop_size(
     manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *,
-    progress: bool = True, _runner: _Runner | None = None,
+    progress: bool = True, _pool: JobPool | None = None,
 ) -> tuple[int, int, int]:
     """Pass 1: the global crop G (x, y, z voxels at ``spacing_mm_xyz``, each even).
 
@@ -1205,7 +1185,7 @@ def compute_crop_size(
     """
     if len(manifest_df) == 0:
         raise ValueError("compute_crop_size: the manifest has no case")
-    locs = locate_cohort(manifest_df, params, workers, progress=progress, _runner=_runner)
+    locs = locate_cohort(manifest_df, params, workers, progress=progress, _pool=_pool)
     sizes = np.asarray([loc.crop_size_vox_xyz for loc in locs.values()])
     return tuple(int(v) for v in sizes.max(axis=0))
 
@@ -1258,7 +1238,7 @@ def run_preprocessing(
     if len(manifest) == 0:
         raise ValueError(f"{manifest_path}: no case to preprocess")
 
-    with _Runner(workers, len(manifest), progress) as runner:
+    with _case_pool(workers, len(manifest)) as pool:
         if reference_cache is not None:
             if Path(reference_cache).resolve() == cache_root.resolve():
                 raise ValueError(
@@ -1284,8 +1264,7 @@ def run_preprocessing(
             if params.crop_size_vox_xyz is not None:
                 source = "given"
             else:
-                g = compute_crop_size(manifest, params, workers, progress=progress,
-                                      _runner=runner)
+                g = compute_crop_size(manifest, params, workers, progress=progress, _pool=pool)
                 params = replace(params, crop_size_vox_xyz=g)
                 source = "cohort"
         phash = params.hash()
@@ -1300,7 +1279,7 @@ def run_preprocessing(
             t.update(params=pdict, params_hash=phash, cache_root=str(cache_root),
                      backend=backend, device=str(device), code_version=version, **limits)
         processed, skipped, exceeding = [], [], []
-        for res in runner.run(_process_task, tasks, "preprocess"):
+        for res in _run_cases(pool, _process_task, tasks, "preprocess", progress):
             (processed if res["status"] == "done" else skipped).append(res["case_id"])
             if res["status"] == "done" and not res["fits"]:
                 exceeding.append(res["case_id"])

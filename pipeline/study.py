@@ -37,26 +37,23 @@ Layout of a study folder::
     <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
     <study>/submitit/                  logs of cluster jobs (when that executor is used)
 
-Executors: a local process pool (:func:`run_pool`, shared by cells and peers: ``workers``
-processes, each pinned round-robin to one GPU through ``CUDA_VISIBLE_DEVICES`` when GPUs are
-present, failures named per job, progress per result) and submitit (Slurm, or submitit's
+Executors: a local process pool (:func:`run_pool` on :class:`pipeline.pool.JobPool`, shared
+by cells and peers: ``workers`` processes, each pinned round-robin to one GPU through
+``CUDA_VISIBLE_DEVICES`` when GPUs are present, failures named per job, progress per result)
+and submitit (Slurm, or submitit's
 local executor), which submits the pending cells as one array job.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
-import importlib
 import json
-import logging
 import multiprocessing as mp
 import os
 import platform
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,6 +77,7 @@ from pipeline.embeddings import RANDOM_INIT, RandomInitWarning, read_embeddings
 from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
 from pipeline.manifest import read_manifest, survival_cases
 from pipeline.peers import HeadConfig, fit_peer_run
+from pipeline.pool import Job, JobPool
 from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, make_folds, save_folds
 
 # pipeline.train and pipeline.dataset import torch: this module imports them where a cell
@@ -850,89 +848,6 @@ def _worker_init(slots, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-@dataclass(frozen=True)
-class Job:
-    """One unit of work for :func:`run_pool`: ``fn(*args, **kwargs)``, picklable.
-
-    Attributes:
-        key: names the job in failures, progress and :class:`StudyOutcome`
-            (``<split>/<config>/fold_<k>`` style for cells, ``<split>/<peer>`` for peers).
-        fn: a module-level function returning a result dict.
-        args, kwargs: its arguments.
-        ident: fields a failure result carries so callbacks see the same names as on
-            success (``{"cell": key}`` or ``{"peer": ..., "split": ...}``).
-    """
-
-    key: str
-    fn: Callable[..., dict[str, Any]]
-    args: tuple = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    ident: dict[str, Any] = field(default_factory=dict)
-
-    def failure(self, error: str, trace: str | None = None) -> dict[str, Any]:
-        return self.ident | {"key": self.key, "error": error, "traceback": trace}
-
-
-class _NoticeHandler(logging.Handler):
-    """Keeps a job's warning-level log records (instead of printing them in the worker)."""
-
-    def __init__(self, notices: list[tuple]):
-        super().__init__(logging.WARNING)
-        self.notices = notices
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.notices.append(("log", record.name, record.getMessage(), record.levelno, None))
-
-
-def _run_job(job: Job) -> dict[str, Any]:
-    """Run one job; its warnings and warning-level log records travel back in ``notices``
-    (shown once per run by :func:`show_notices`) instead of once per job."""
-    notices: list[tuple] = []
-    handler = _NoticeHandler(notices)
-    logging.getLogger().addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            try:
-                res = job.fn(*job.args, **job.kwargs) | {"key": job.key}
-            except Exception as exc:  # noqa: BLE001 - one failing job must not stop the others
-                res = job.failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
-    finally:
-        logging.getLogger().removeHandler(handler)
-    notices += [("warning", f"{w.category.__module__}:{w.category.__qualname__}", str(w.message), w.filename,
-                 w.lineno) for w in caught]
-    return res | {"notices": notices}
-
-
-def show_notices(notices: Sequence[tuple], shown: set[tuple]) -> None:
-    """Re-emit a job's warnings and log records here, each distinct one once per ``shown`` set.
-
-    Args:
-        notices: ``(kind, category or logger, message, filename or level, lineno)`` from
-            :func:`_run_job`.
-        shown: the (kind, category or logger, message) already shown in this run; updated.
-    """
-    for kind, source, message, where, line in notices:
-        if (kind, source, message) in shown:
-            continue
-        shown.add((kind, source, message))
-        if kind == "log":
-            logging.getLogger(source).log(where, message)
-        else:
-            warnings.warn_explicit(message, _warning_class(source), where, line)
-
-
-def _warning_class(name: str) -> type[Warning]:
-    """``"module:QualName"`` -> the warning class (UserWarning when it cannot be imported)."""
-    module, _, qual = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        return UserWarning
-    return obj if isinstance(obj, type) and issubclass(obj, Warning) else UserWarning
-
-
 @dataclass
 class StudyOutcome:
     """What an executor did. ``failed`` maps cell key -> error message."""
@@ -957,26 +872,6 @@ class StudyOutcome:
             self.ran.append(key)
 
 
-def progress_of(done: int, total: int, elapsed: float) -> dict[str, Any]:
-    """``{"done", "total", "elapsed_s", "remaining_s"}``; remaining from the mean rate so far."""
-    remaining = elapsed / done * (total - done) if done else None
-    return {"done": done, "total": total, "elapsed_s": elapsed, "remaining_s": remaining}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        (f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
-
-
-def format_progress(progress: dict[str, Any]) -> str:
-    """``"3/13, 1m02s elapsed, ~3m20s left"`` from :func:`progress_of`."""
-    text = f"{progress['done']}/{progress['total']}, {_duration(progress['elapsed_s'])} elapsed"
-    if progress.get("remaining_s") is not None and progress["done"] < progress["total"]:
-        text += f", ~{_duration(progress['remaining_s'])} left"
-    return text
-
-
 def run_pool(
     jobs: Sequence[Job],
     workers: int = 1,
@@ -987,7 +882,7 @@ def run_pool(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     shown: set[tuple] | None = None,
 ) -> StudyOutcome:
-    """Run jobs in a pool of fresh (spawned) processes, or here; the one executor of cells and peers.
+    """Run study jobs (cells, peers) on :class:`pipeline.pool.JobPool`, collected in a :class:`StudyOutcome`.
 
     Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
     (set before CUDA starts: hence spawn), uses ``threads`` torch threads and ignores
@@ -1003,44 +898,33 @@ def run_pool(
         threads: torch intra-op threads per worker.
         in_process: run the jobs one by one in this process instead (no pool).
         on_result: called in this process with each result as it finishes; the result has
-            ``key`` and ``progress`` (:func:`progress_of` over these jobs).
+            ``key`` and ``progress`` (:func:`pipeline.pool.progress_of` over these jobs); a
+            failed job's has ``error`` and ``traceback`` (:meth:`pipeline.pool.Job.failure`).
         shown: warnings and log records already shown in this run (see
-            :func:`show_notices`); pass one set to several calls to show each once in all.
+            :func:`pipeline.pool.show_notices`); pass one set to several calls to show each
+            once in all.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     outcome = StudyOutcome()
     t0 = time.perf_counter()
-
-    shown = set() if shown is None else shown
-
-    def finish(res: dict[str, Any]) -> None:
-        show_notices(res.pop("notices", []), shown)
-        outcome.add(res["key"], res)
-        res["progress"] = progress_of(len(outcome.ran) + len(outcome.skipped) + len(outcome.failed),
-                                      len(jobs), time.perf_counter() - t0)
-        if on_result is not None:
-            on_result(res)
-
-    if in_process:
-        with quiet_random_init():
-            for job in jobs:
-                finish(_run_job(job))
-    elif jobs:
-        ctx = mp.get_context("spawn")  # a clean interpreter: CUDA_VISIBLE_DEVICES set before CUDA starts
-        slots = ctx.Queue()
+    if not jobs:
+        return outcome
+    slots = None
+    if not in_process:
+        slots = mp.get_context("spawn").Queue()  # one GPU id per worker, taken as it starts
         for i in range(workers):
             slots.put(gpus[i % len(gpus)] if gpus else None)
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                    initargs=(slots, threads)) as pool:
-            futures = {pool.submit(_run_job, job): job for job in jobs}
-            for fut in cf.as_completed(futures):
-                job = futures[fut]
-                try:
-                    res = fut.result()
-                except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool: name the job it took
-                    res = job.failure(f"worker process died: {type(exc).__name__}: {exc}")
-                finish(res)
+    pool = JobPool(workers, in_process=in_process, initializer=_worker_init, initargs=(slots, threads))
+    with pool, quiet_random_init() if in_process else contextlib.nullcontext():
+        for done in pool.run(jobs, shown=shown):
+            job = done.job
+            res = (done.value | {"key": job.key} if done.ok
+                   else job.failure(done.failed.error, done.failed.trace))
+            outcome.add(job.key, res)
+            res["progress"] = done.progress
+            if on_result is not None:
+                on_result(res)
     outcome.seconds = time.perf_counter() - t0
     return outcome
 

@@ -267,7 +267,7 @@ def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, 
     assert err.count("WARNING:") == 1 and "stated once per run" in err
     # Log records come back to this process and are logged here once (pytest's own handler
     # also sees the two in-process jobs' records directly; a console has no such handler).
-    again = [r for r in caplog.records if r.getMessage() == "the same log line in every job" and r.filename == "study.py"]
+    again = [r for r in caplog.records if r.getMessage() == "the same log line in every job" and r.filename == "pool.py"]
     assert len(again) == 1
     assert here.ran == ["read/0", "read/1", "read/2", "noisy/0", "noisy/1"]
     assert here.failed == {"cv0/bad/fold_0": "RuntimeError: bad input 7"}
@@ -275,13 +275,6 @@ def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, 
     assert seen[-1]["cell"] == "cv0/bad/fold_0" and "_failing_job" in seen[-1]["traceback"]
     assert sorted(pool.ran) == ["noisy/0", "noisy/1", "read/0", "read/1", "read/2"]
     assert list(pool.failed) == ["dies"] and pool.failed["dies"].startswith("worker process died")
-
-
-def test_progress_states_done_elapsed_and_remaining():
-    p = study.progress_of(3, 13, 90.0)
-    assert p["remaining_s"] == pytest.approx(300.0)
-    assert study.format_progress(p) == "3/13, 1m30s elapsed, ~5m00s left"
-    assert study.format_progress(study.progress_of(13, 13, 4000.0)) == "13/13, 1h06m elapsed"
 
 
 def test_gpu_slots_are_round_robin(monkeypatch):

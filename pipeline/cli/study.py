@@ -229,7 +229,8 @@ def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, 
 
 def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
     """Peers, then the CNN grid; one progress line per finished cell, peers in quarters."""
-    from pipeline.study import cell_status, format_progress, run_study
+    from pipeline.pool import format_progress
+    from pipeline.study import cell_status, run_study
 
     status = cell_status(spec)
     n_total, n_before = len(status), int(status["done"].sum())
