@@ -7,9 +7,17 @@ Conventions used throughout:
 
 Both metrics are thin wrappers around scikit-survival so that numbers match the field's
 reference implementation; what this module adds is input validation with precise
-messages, an explicit "undefined" result for folds where the 1-year AUROC does not exist
+messages, an explicit "undefined" result for folds where a metric does not exist
 (REFERENCE section 7: report such a fold as undefined, never as 0.5), and per-fold /
 across-fold helpers shared by training and reporting.
+
+"Metric undefined, and why" has one representation, used from here up to the report:
+:class:`MetricValue` (a value, or ``None`` with a reason code and a detail). A metric that
+cannot exist for its data raises :class:`MetricUndefined` (a ``ValueError`` carrying the
+reason code) or returns an undefined :class:`MetricValue`; :func:`metric_value` turns
+either into a :class:`MetricValue`, and :func:`reason_text` gives a reason code in words.
+Records on disk keep ``<metric>_undefined_reason`` (training) or ``<metric>_reason``
+(per-fold tables) beside a value of ``None``/NaN.
 
 Tie handling (checked in ``tests/test_metrics.py``): :func:`c_index` uses
 ``sksurv.metrics.concordance_index_censored``; it equals
@@ -26,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -36,14 +44,52 @@ from sksurv.util import Surv
 #: Default horizon of the time-dependent AUROC: one year, in days.
 ONE_YEAR_DAYS = 365.0
 
-# Reasons an AUROC at a horizon can be undefined (stable codes, safe to compare in code).
+# Reasons a metric can be undefined: stable codes, stored in run folders and compared in
+# code. An AUROC at a horizon:
 HORIZON_BEFORE_FOLLOWUP = "horizon_before_followup"
 HORIZON_BEYOND_FOLLOWUP = "horizon_beyond_followup"
 NO_EVENT_BEFORE_HORIZON = "no_event_before_horizon"
 CENSORING_UNDEFINED = "censoring_distribution_undefined"
-# Reasons a C-index can be undefined (only reported by fold_metrics; c_index raises).
+# A C-index:
 NO_EVENTS = "no_events"
 NO_COMPARABLE_PAIR = "no_comparable_pair"
+# Either, when the scores are not finite numbers (e.g. a diverged model):
+NON_FINITE_RISK = "non_finite_risk"
+# A training fold where no epoch had a finite selection score (no model to score); the
+# code predates the others' spelling and stays so that existing run folders read.
+NO_VALID_EPOCH = "no valid epoch"
+
+#: Each reason code in words, as tables and command lines print it.
+REASON_TEXT: dict[str, str] = {
+    NO_EVENTS: "no event in the held-out fold",
+    NO_COMPARABLE_PAIR: "no comparable pair",
+    NO_EVENT_BEFORE_HORIZON: "no event before 365 d",
+    HORIZON_BEYOND_FOLLOWUP: "no follow-up beyond 365 d",
+    HORIZON_BEFORE_FOLLOWUP: "follow-up starts after 365 d",
+    CENSORING_UNDEFINED: "censoring distribution undefined",
+    NON_FINITE_RISK: "risk scores not finite",
+    NO_VALID_EPOCH: "no valid epoch",
+}
+
+
+def reason_text(reason: str | None) -> str:
+    """A reason code in words (an unknown code with its underscores as spaces)."""
+    if not reason:
+        return "reason unknown"
+    return REASON_TEXT.get(reason, reason.replace("_", " "))
+
+
+class MetricUndefined(ValueError):
+    """A metric does not exist for these data: not malformed input, a fact to report.
+
+    Attributes:
+        reason: one of the module's reason codes (e.g. :data:`NO_COMPARABLE_PAIR`).
+        detail: the message, with the numbers involved.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -84,6 +130,25 @@ class MetricValue:
 
     def to_dict(self) -> dict[str, Any]:
         return {"value": self.value, "reason": self.reason, "detail": self.detail}
+
+
+def metric_value(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> MetricValue:
+    """Call a metric and return a :class:`MetricValue`: its value, or undefined with the
+    reason and detail of the :class:`MetricUndefined` it raised.
+
+    Args:
+        fn: a metric returning a float or a :class:`MetricValue` (e.g. :func:`c_index`,
+            :func:`time_dependent_auc`).
+        *args, **kwargs: its arguments.
+
+    Raises:
+        ValueError: malformed inputs (anything but :class:`MetricUndefined`) still raise.
+    """
+    try:
+        out = fn(*args, **kwargs)
+    except MetricUndefined as exc:
+        return MetricValue.undefined(exc.reason, exc.detail)
+    return out if isinstance(out, MetricValue) else MetricValue(float(out))
 
 
 def check_survival(time: Any, event: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +196,12 @@ def check_survival(time: Any, event: Any, what: str) -> tuple[np.ndarray, np.nda
 
 
 def check_risk(risk: Any, n: int, what: str) -> np.ndarray:
-    """Validate a score vector: 1-D float, ``n`` entries, all finite."""
+    """Validate a score vector: 1-D float, ``n`` entries, all finite.
+
+    Raises:
+        ValueError: wrong shape; :class:`MetricUndefined` (:data:`NON_FINITE_RISK`) for a
+            NaN or infinite score (a diverged model has no metric, rather than bad input).
+    """
     r = np.asarray(risk, dtype=float)
     if r.ndim != 1:
         raise ValueError(f"{what}: risk must be 1-D, got shape {r.shape}")
@@ -139,7 +209,7 @@ def check_risk(risk: Any, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what}: risk has {r.shape[0]} entries but time/event have {n}")
     bad = np.flatnonzero(~np.isfinite(r))
     if bad.size:
-        raise ValueError(f"{what}: risk is NaN or infinite at positions {bad[:10].tolist()}")
+        raise MetricUndefined(NON_FINITE_RISK, f"{what}: risk is NaN or infinite at positions {bad[:10].tolist()}")
     return r
 
 
@@ -165,19 +235,28 @@ def c_index(time: Any, event: Any, risk: Any) -> float:
         The C-index in [0, 1]; 0.5 = random, 1 = perfectly ordered. Tied risks count 0.5.
 
     Raises:
-        ValueError: on mismatched lengths, NaN/infinite values, negative times, events
-            other than 0/1, when every sample is censored, or when no pair is comparable.
+        ValueError: on mismatched lengths, NaN times, negative times, events other than 0/1.
+        MetricUndefined: when every sample is censored (:data:`NO_EVENTS`), no pair is
+            comparable (:data:`NO_COMPARABLE_PAIR`) or a risk is not finite
+            (:data:`NON_FINITE_RISK`); :func:`c_index_value` returns these as a
+            :class:`MetricValue`.
     """
     t, e = check_survival(time, event, "c_index")
     r = check_risk(risk, t.shape[0], "c_index")
     if not e.any():
-        raise ValueError(f"c_index: all {t.shape[0]} samples are censored; the C-index is undefined")
+        raise MetricUndefined(NO_EVENTS, f"c_index: all {t.shape[0]} samples are censored; the C-index is undefined")
     if not _has_comparable_pair(t, e):
-        raise ValueError(
+        raise MetricUndefined(
+            NO_COMPARABLE_PAIR,
             f"c_index: no comparable pair among {t.shape[0]} samples ({int(e.sum())} events): "
-            "no sample outlives an event time"
+            "no sample outlives an event time",
         )
     return float(concordance_index_censored(e, t, r)[0])
+
+
+def c_index_value(time: Any, event: Any, risk: Any) -> MetricValue:
+    """:func:`c_index` as a :class:`MetricValue` (undefined with its reason, not raised)."""
+    return metric_value(c_index, time, event, risk)
 
 
 def time_dependent_auc(
@@ -215,8 +294,10 @@ def time_dependent_auc(
         A :class:`MetricValue` with the AUROC, or undefined with a reason.
 
     Raises:
-        ValueError: on malformed inputs (lengths, NaN, negative times, non-0/1 events,
-            non-finite or negative horizon).
+        ValueError: on malformed inputs (lengths, NaN times, negative times, non-0/1
+            events, non-finite or negative horizon).
+        MetricUndefined: a risk that is not finite (:data:`NON_FINITE_RISK`);
+            :func:`metric_value` returns it as a :class:`MetricValue`.
     """
     tr_t, tr_e = check_survival(train_time, train_event, "time_dependent_auc (training fold)")
     te_t, te_e = check_survival(test_time, test_event, "time_dependent_auc (test fold)")
@@ -288,15 +369,6 @@ def summarise(values: Iterable[MetricValue | float | None]) -> dict[str, Any]:
 OOF_COLUMNS: tuple[str, ...] = ("case_id", "fold", "risk", "time", "event")
 
 
-def _c_index_value(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> MetricValue:
-    ev = event.astype(bool)
-    if not ev.any():
-        return MetricValue.undefined(NO_EVENTS, f"all {time.shape[0]} validation cases are censored")
-    if not _has_comparable_pair(time, ev):
-        return MetricValue.undefined(NO_COMPARABLE_PAIR, "no validation case outlives an event time")
-    return MetricValue(c_index(time, event, risk))
-
-
 def fold_metrics(
     oof: pd.DataFrame,
     *,
@@ -352,7 +424,7 @@ def fold_metrics(
             if train.empty:
                 raise ValueError(f"fold_metrics ({label}): no training rows (only one fold present)")
             tr_t, tr_e = train["time"].to_numpy(), train["event"].to_numpy()
-        ci = _c_index_value(t, e.astype(int), r)
+        ci = c_index_value(t, e.astype(int), r)
         auc = time_dependent_auc(tr_t, tr_e, t, e.astype(int), r, horizon=horizon)
         row = dict(zip(group_cols, key))
         row.update(

@@ -78,7 +78,7 @@ from pipeline.embeddings import (
 )
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
-from pipeline.metrics import c_index, fold_metrics, summarise_folds
+from pipeline.metrics import c_index_value, fold_metrics, summarise_folds
 from pipeline.splits import load_folds
 from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score, mean_ci
 
@@ -421,10 +421,9 @@ def _inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: He
 
 
 def _safe_c(time, event, risk) -> float:
-    try:
-        return c_index(time, event, risk)
-    except ValueError:  # no event / comparable pair in this inner fold
-        return float("nan")
+    """C-index of an inner fold; NaN when undefined (no event or comparable pair, a
+    diverged fit's non-finite risks)."""
+    return float(c_index_value(time, event, risk))
 
 
 def _fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig):
@@ -568,10 +567,7 @@ def run_head(
                                    "n_features": int(x_te.shape[1]), **info, **feats.info}
             if rep is not None:
                 rec["repeat"] = rep
-            try:
-                rec["train_c_index"] = c_index(t_tr, e_tr, lp_tr)
-            except ValueError:
-                rec["train_c_index"] = None
+            rec["train_c_index"] = c_index_value(t_tr, e_tr, lp_tr).value
             grid = ibs_time_grid(t_tr, t_te, n=50)
             try:
                 surv = breslow_survival(lp_tr, t_tr, e_tr, lp_te, grid)

@@ -40,7 +40,7 @@ import pandas as pd
 from pipeline.artefacts import code_version, read_json, utc_now, write_json_atomic, atomic_path
 from pipeline.layout import EVAL_COLUMNS, PROTOCOLS, PeerRunLayout, RunLayout
 from pipeline.manifest import read_manifest, survival_cases
-from pipeline.metrics import NO_COMPARABLE_PAIR, NO_EVENTS, c_index, summarise
+from pipeline.metrics import NO_VALID_EPOCH, c_index_value, summarise
 from pipeline.stats import (
     breslow_survival,
     calibration_at,
@@ -93,16 +93,6 @@ N_BOOT = 2000
 #: Learning-curve columns of ``curves.csv`` drawn (any may be missing in older runs), with
 #: :data:`pipeline.layout.EVAL_COLUMNS`.
 LOSS_COLUMNS = ("dice", "cox")
-#: Text of the reason codes of :mod:`pipeline.metrics` (and ``pipeline.train``) in tables.
-REASON_TEXT = {
-    "no_events": "no event in the held-out fold",
-    "no_comparable_pair": "no comparable pair",
-    "no_event_before_horizon": "no event before 365 d",
-    "horizon_beyond_followup": "no follow-up beyond 365 d",
-    "horizon_before_followup": "follow-up starts after 365 d",
-    "censoring_distribution_undefined": "censoring distribution undefined",
-    "no valid epoch": "no valid epoch",
-}
 PRED_COLUMNS = ["model", "kind", "split", "protocol", "fold", "role", "case_id", "risk", "time", "event"]
 
 
@@ -248,19 +238,17 @@ def held_out(folds: pd.DataFrame, survival: pd.DataFrame, split: str, fold: int)
     return survival.loc[ids].reset_index()
 
 
-def c_undefined_reason(time: Any, event: Any) -> str:
-    """Why a held-out fold has no C-index: no event, no comparable pair, else no valid epoch.
+def c_undefined_reason(held: pd.DataFrame) -> str:
+    """Why a held-out fold has no C-index, for runs written before the training record kept
+    the reason: no event, no comparable pair, else no valid epoch.
 
     Args:
-        time, event: the fold's follow-up, shape [N].
+        held: the fold's ``time``, ``event`` (:func:`held_out`).
     """
-    t = np.asarray(time, dtype=float)
-    e = np.asarray(event).astype(bool)
-    if not e.any():
-        return NO_EVENTS
-    if not any((t > ti).any() or ((t == ti) & ~e).any() for ti in t[e]):
-        return NO_COMPARABLE_PAIR
-    return "no valid epoch"
+    if held.empty:
+        return "unknown"
+    t, e = held["time"].to_numpy(float), held["event"].to_numpy(int)
+    return c_index_value(t, e, np.zeros(len(t))).reason or NO_VALID_EPOCH
 
 
 def _cell_records(spec: StudySpec, cell: Cell) -> tuple[bool, dict[str, Any], dict[str, Any]]:
@@ -301,8 +289,8 @@ def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
             c = _num(res.get("c_index"))
             reason = None
             if done and math.isnan(c):
-                held = held_out(folds, survival, cell.split, cell.fold)
-                reason = c_undefined_reason(held["time"], held["event"]) if len(held) else "unknown"
+                reason = res.get("c_index_undefined_reason") or c_undefined_reason(
+                    held_out(folds, survival, cell.split, cell.fold))
             rows.append(base | {
                 "protocol": proto, "done": done, "c_index": c, "c_index_reason": reason,
                 "auc_1y": _num(res.get("auc_1y")), "auc_1y_reason": res.get("auc_1y_undefined_reason"),
@@ -681,10 +669,7 @@ def _loco_cell(r: pd.Series | None, centre: dict[str, Any]) -> dict[str, Any]:
 def _pooled_c(oof: pd.DataFrame | None) -> float | None:
     if oof is None:
         return None
-    try:
-        return c_index(oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float))
-    except ValueError:
-        return None
+    return c_index_value(oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float)).value
 
 
 def survival_analysis(predictions: pd.DataFrame, model: ModelRef, protocol: str, splits: Sequence[str],
@@ -1113,6 +1098,30 @@ def provenance_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[Any]]:
     ]
 
 
+def undefined_metrics(records: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per metric, how many finished CV fold results have it undefined, and why.
+
+    A fold result is one model, protocol and fold (a peer once: its rows repeat under each
+    CNN protocol). LOCO folds are left out: the LOCO table gives each centre's reason.
+
+    Returns:
+        ``[{"metric", "n_results", "n_undefined", "reasons": {code: count}}]`` for
+        ``c_index`` and ``auc_1y``.
+    """
+    if records.empty:
+        return []
+    done = records[records["done"].astype(bool) & (records["split"] != LOCO)]
+    done = done.assign(_proto=np.where(done["kind"] == "cnn", done["protocol"], "fit"))
+    done = done.drop_duplicates(["kind", "split", "config", "fold", "_proto"])
+    out = []
+    for metric in ("c_index", "auc_1y"):
+        bad = done[~done[metric].map(_finite)]
+        reasons = bad[f"{metric}_reason"].map(lambda r: r if isinstance(r, str) and r else "unknown")
+        out.append({"metric": metric, "n_results": len(done), "n_undefined": len(bad),
+                    "reasons": {str(k): int(v) for k, v in reasons.value_counts().items()}})
+    return out
+
+
 def compute_summary(records: pd.DataFrame) -> dict[str, Any]:
     """CNN cell time (cells trained here) and peer time, from the records' ``seconds``."""
     if records.empty:
@@ -1136,7 +1145,7 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> dict[str, Any]:
         A dict (NaN left as NaN; :func:`clean` makes it JSON-safe) with ``schema, study,
         cells, protocols, n_boot, facts, stamp, settings, provenance, analyses, headline, summary,
         table1, identical, paired_vs_baseline, paired_vs_clinical_cox, loco, survival,
-        training, compute, records``.
+        training, compute, undefined, records``.
     """
     spec, study, records = data.spec, data.study, data.records
     cnn = records[records["kind"] == "cnn"] if len(records) else records
@@ -1175,7 +1184,7 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> dict[str, Any]:
         "survival": {"protocol": sel, "horizon_days": HORIZON, "models": survival},
         "training": {"curves": learning_curves(data.curves, data.cells), "cells": cells,
                      "summary": training_summary(cells)},
-        "compute": compute_summary(records), "records": records,
+        "compute": compute_summary(records), "undefined": undefined_metrics(records), "records": records,
     }
 
 

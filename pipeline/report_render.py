@@ -35,6 +35,7 @@ import pandas as pd
 
 from pipeline.artefacts import atomic_path
 from pipeline.layout import EVAL_COLUMNS
+from pipeline.metrics import reason_text
 from pipeline.report import (
     BASELINE,
     LOSS_COLUMNS,
@@ -43,7 +44,6 @@ from pipeline.report import (
     PEER_GROUP_LABELS,
     PROTOCOL_LABELS,
     PROTOCOL_ORDER,
-    REASON_TEXT,
     TABLE1_CNN,
     group_label,
 )
@@ -112,7 +112,7 @@ def _p(x: Any) -> str:
 
 def undefined_text(reason: str | None) -> str:
     """``"no_event_before_horizon"`` -> ``"undefined: no event before 365 d"``."""
-    return "undefined: " + REASON_TEXT.get(reason or "", reason or "reason unknown")
+    return "undefined: " + reason_text(reason)
 
 
 def _short(label: str) -> str:
@@ -697,7 +697,7 @@ def _opening_blocks(results: dict[str, Any]) -> list[Block]:
 
 
 def _settings_blocks(results: dict[str, Any]) -> list[Block]:
-    return [
+    blocks = [
         Block("h2", "Data and settings"), Block("table", _kv_table(results["settings"])),
         Block("p", "Metrics are computed on each outer validation fold and summarised as mean ± SD "
                    "(sample SD) over folds; `(k/n)` marks folds where the metric is undefined or pending "
@@ -706,6 +706,20 @@ def _settings_blocks(results: dict[str, Any]) -> list[Block]:
                    "as in the paper. Unbiased inner selection: selected on an inner split of the training fold; "
                    "the outer fold is scored once."),
     ]
+    text = undefined_sentence(results.get("undefined", []))
+    return blocks + ([Block("p", text)] if text else [])
+
+
+def undefined_sentence(undefined: Sequence[dict[str, Any]]) -> str:
+    """``"Undefined in the finished CV folds: 1-year AUROC in 3 of 40 (no event before 365 d: 3)."``;
+    empty when every metric is defined (:func:`pipeline.report.undefined_metrics`)."""
+    parts = [f"{METRIC_LABELS[u['metric']]} in {u['n_undefined']} of {u['n_results']} ("
+             + "; ".join(f"{reason_text(code)}: {n}" for code, n in u["reasons"].items()) + ")"
+             for u in undefined if u["n_undefined"]]
+    if not parts:
+        return ""
+    return ("Undefined in the finished CV fold results (each model, protocol and fold): "
+            + ", ".join(parts) + ".")
 
 
 def _table_blocks(results: dict[str, Any], out: Path) -> list[Block]:

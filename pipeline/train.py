@@ -57,7 +57,14 @@ from pipeline.layout import (
     RunLayout,
     folds_hash,
 )
-from pipeline.metrics import c_index, summarise, time_dependent_auc
+from pipeline.metrics import (
+    NO_VALID_EPOCH,
+    c_index_value,
+    metric_value,
+    reason_text,
+    summarise,
+    time_dependent_auc,
+)
 from pipeline.sampling import EventBalancedBatchSampler
 from pipeline.splits import inner_split, load_folds, make_folds, save_folds
 
@@ -302,10 +309,8 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
 
 
 def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) -> float:
-    try:
-        return c_index(cohort.time[rows], cohort.event[rows], risk)
-    except ValueError:
-        return float("nan")
+    """C-index of ``rows``; NaN when undefined (curves, epoch selection)."""
+    return float(c_index_value(cohort.time[rows], cohort.event[rows], risk))
 
 
 # --- one fold, in parts: set-up, one epoch, evaluation, selection, outputs --------------------
@@ -543,16 +548,18 @@ def protocol_record(cohort: SurvivalCohort, data: FoldData, sel: Selected,
                     curves: list[dict[str, Any]]) -> dict[str, Any]:
     """Scores of one protocol's selected epoch on the outer fold (or why there is none)."""
     if sel.evaluation is None:  # never finite: e.g. a validation split without comparable pairs
-        return {"selected_epoch": None, "c_index": None, "auc_1y": None,
-                "auc_1y_undefined_reason": "no valid epoch"}
+        return {"selected_epoch": None, "c_index": None, "c_index_undefined_reason": NO_VALID_EPOCH,
+                "auc_1y": None, "auc_1y_undefined_reason": NO_VALID_EPOCH}
     train_rows = np.concatenate([data.fit, data.inner])
     risk = sel.evaluation.risk[data.outer]
-    auc = time_dependent_auc(cohort.time[train_rows], cohort.event[train_rows],
-                             cohort.time[data.outer], cohort.event[data.outer], risk, horizon=365.0)
+    ci = c_index_value(cohort.time[data.outer], cohort.event[data.outer], risk)
+    auc = metric_value(time_dependent_auc, cohort.time[train_rows], cohort.event[train_rows],
+                       cohort.time[data.outer], cohort.event[data.outer], risk, horizon=365.0)
     return {
         "selected_epoch": sel.epoch,
         "selection_c_index": sel.score,
-        "c_index": _safe_c_index(cohort, data.outer, risk),
+        "c_index": ci.value,
+        "c_index_undefined_reason": ci.reason,
         "auc_1y": auc.value,
         "auc_1y_undefined_reason": auc.reason,
         "train_c_index": sel.evaluation.scores["train_c_index"],
@@ -689,7 +696,7 @@ def train_survival(
 
 def _fmt_auc(record: dict[str, Any]) -> str:
     reason = record.get("auc_1y_undefined_reason")
-    return _fmt(record["auc_1y"]) if not reason else f"undefined ({str(reason).replace('_', ' ')})"
+    return _fmt(record["auc_1y"]) if not reason else f"undefined ({reason_text(reason)})"
 
 
 def _fmt(x: float | None) -> str:

@@ -187,3 +187,47 @@ def test_fold_metrics_validation():
         fold_metrics(pd.concat([oof, oof.iloc[:1]]))
     with pytest.raises(ValueError, match="no entry for fold 0"):
         fold_metrics(oof, train_survival={1: ([1.0], [1])})
+
+
+# --- "metric undefined, and why": one representation -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "time,event,risk,reason",
+    [
+        ([1, 2, 3], [0, 0, 0], [0.1, 0.2, 0.3], M.NO_EVENTS),
+        ([5, 5, 5], [1, 1, 1], [0.1, 0.2, 0.3], M.NO_COMPARABLE_PAIR),
+        ([1, 2, 3], [1, 0, 1], [0.1, np.inf, 0.3], M.NON_FINITE_RISK),
+    ],
+)
+def test_c_index_undefined_carries_its_reason(time, event, risk, reason):
+    with pytest.raises(M.MetricUndefined) as info:
+        c_index(time, event, risk)
+    assert info.value.reason == reason and isinstance(info.value, ValueError)
+    got = M.c_index_value(time, event, risk)
+    assert (got.value, got.reason) == (None, reason) and got.detail == str(info.value)
+    assert math.isnan(float(got))
+
+
+def test_metric_value_keeps_values_and_still_raises_on_malformed_input():
+    defined = M.c_index_value(TE_T, TE_E, RISK)
+    assert defined.value == pytest.approx(6 / 8) and defined.reason is None
+    # A metric that returns a MetricValue passes through, defined or not.
+    auc = M.metric_value(time_dependent_auc, TR_T, TR_E, TE_T, TE_E, RISK, horizon=365)
+    assert auc.value == pytest.approx(time_dependent_auc(TR_T, TR_E, TE_T, TE_E, RISK, horizon=365).value)
+    late = M.metric_value(time_dependent_auc, TR_T, TR_E, TE_T, TE_E, RISK, horizon=800)
+    assert (late.value, late.reason) == (None, M.HORIZON_BEYOND_FOLLOWUP)
+    # A NaN risk makes the AUROC undefined too, through the same helper.
+    nan_risk = M.metric_value(time_dependent_auc, TR_T, TR_E, TE_T, TE_E, [0.9, np.nan, 0.5, 0.4, 0.1])
+    assert nan_risk.reason == M.NON_FINITE_RISK
+    # Malformed input is an error, not an undefined metric.
+    with pytest.raises(ValueError, match="risk has 2 entries") as info:
+        M.c_index_value([1, 2, 3], [1, 0, 1], [0.1, 0.2])
+    assert not isinstance(info.value, M.MetricUndefined)
+
+
+def test_reason_codes_read_in_words():
+    assert M.reason_text(M.NO_EVENT_BEFORE_HORIZON) == "no event before 365 d"
+    assert M.reason_text(M.NO_VALID_EPOCH) == "no valid epoch"
+    assert M.reason_text("some_new_code") == "some new code" and M.reason_text(None) == "reason unknown"
+    assert all(M.reason_text(code) != code for code in M.REASON_TEXT if "_" in code)

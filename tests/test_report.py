@@ -487,3 +487,36 @@ def test_console_headline_lists_the_unbiased_rows(fake):
     base = next(r for r in fake["js"]["headline"]["rows"]["inner"] if r["group"] == "baseline")
     assert report_render.fmt_mean_sd(base["c_mean"], base["c_sd"], base["c_n"], base["n_folds"]) in lines[1]
     assert "oracle: true risk" in text and fake["js"]["headline"]["sentences"][0] in text
+
+
+def test_undefined_fold_metrics_are_counted_by_reason_and_worded():
+    rows = [  # two CNN protocols, one peer repeated under both, one pending and one LOCO row
+        {"kind": "cnn", "split": "cv0", "config": "baseline", "fold": 0, "protocol": "paper", "done": True,
+         "c_index": 0.7, "c_index_reason": None, "auc_1y": np.nan, "auc_1y_reason": "no_event_before_horizon"},
+        {"kind": "cnn", "split": "cv0", "config": "baseline", "fold": 0, "protocol": "inner", "done": True,
+         "c_index": np.nan, "c_index_reason": "no valid epoch", "auc_1y": np.nan, "auc_1y_reason": "no valid epoch"},
+        {"kind": "cnn", "split": "cv0", "config": "baseline", "fold": 1, "protocol": "paper", "done": False,
+         "c_index": np.nan, "c_index_reason": None, "auc_1y": np.nan, "auc_1y_reason": None},
+        {"kind": "cnn", "split": "loco", "config": "baseline", "fold": 0, "protocol": "paper", "done": True,
+         "c_index": np.nan, "c_index_reason": "no_events", "auc_1y": np.nan, "auc_1y_reason": "no_events"},
+    ] + [{"kind": "peer", "split": "cv0", "config": "clinical-cox", "fold": 0, "protocol": p, "done": True,
+          "c_index": 0.6, "c_index_reason": None, "auc_1y": np.nan, "auc_1y_reason": "horizon_beyond_followup"}
+         for p in ("paper", "inner")]
+    got = {u["metric"]: u for u in report.undefined_metrics(pd.DataFrame(rows))}
+    assert got["c_index"] == {"metric": "c_index", "n_results": 3, "n_undefined": 1, "reasons": {"no valid epoch": 1}}
+    assert got["auc_1y"]["n_undefined"] == 3 and got["auc_1y"]["reasons"] == {
+        "no_event_before_horizon": 1, "no valid epoch": 1, "horizon_beyond_followup": 1}
+    text = report_render.undefined_sentence(list(got.values()))
+    assert "C-index in 1 of 3 (no valid epoch: 1)" in text
+    assert "1-year AUROC in 3 of 3 (" in text and "no event before 365 d: 1" in text
+    assert "no follow-up beyond 365 d: 1" in text and "_" not in text
+    assert report_render.undefined_sentence([{"metric": "c_index", "n_results": 3, "n_undefined": 0,
+                                              "reasons": {}}]) == ""
+
+
+def test_c_index_reason_of_runs_written_before_the_reason_was_kept():
+    held = pd.DataFrame({"time": [100.0, 200.0, 300.0], "event": [0, 0, 0]})
+    assert report.c_undefined_reason(held) == "no_events"
+    assert report.c_undefined_reason(held.assign(event=[1, 1, 1], time=[5.0, 5.0, 5.0])) == "no_comparable_pair"
+    assert report.c_undefined_reason(held.assign(event=[1, 0, 1])) == "no valid epoch"
+    assert report.c_undefined_reason(held.iloc[:0]) == "unknown"

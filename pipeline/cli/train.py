@@ -141,16 +141,22 @@ def cache_survival_size(cache_root: str, manifest: str) -> tuple[int, ...]:
             "the demo's sizes), or `run-study --demo` for the whole demo") from None
 
 
-def undefined_auc_lines(run_dir: Path) -> list[str]:
-    """One line per finished fold and protocol whose 1-year AUROC is undefined, with the reason."""
+def undefined_metric_lines(run_dir: Path) -> list[str]:
+    """One line per finished fold, protocol and metric (C-index, 1-year AUROC) that is
+    undefined, with the reason in words."""
+    from pipeline.metrics import reason_text  # local: loads scikit-survival; --help stays fast
+
     layout = RunLayout(run_dir)
     lines = []
     for k in layout.finished_folds():
         record = read_json(layout.done(k))
         for proto, res in record["protocols"].items():
-            if res.get("auc_1y") is None:
-                reason = (res.get("auc_1y_undefined_reason") or "no reason recorded").replace("_", " ")
-                lines.append(f"  1-year AUROC undefined in fold {record['fold']} ({proto}): {reason}")
+            for key, label in (("c_index", "C-index"), ("auc_1y", "1-year AUROC")):
+                value = res.get(key)
+                if value is None or value != value:  # None, or NaN in runs before the reason was kept
+                    reason = res.get(f"{key}_undefined_reason")
+                    words = reason_text(reason) if reason else "no reason recorded"
+                    lines.append(f"  {label} undefined in fold {record['fold']} ({proto}): {words}")
     return lines
 
 
@@ -264,6 +270,6 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
         click.secho(f"error: {msg}", fg="red", err=True)
         sys.exit(1)
     click.echo(format_summary(summary))
-    for line in undefined_auc_lines(run_dir):
+    for line in undefined_metric_lines(run_dir):
         click.echo(line)
     click.echo(f"results: {RunLayout(run_dir).summary}")
