@@ -10,15 +10,23 @@ demo preset is asked for (or detected from a cache made with :data:`DEMO_PREPROC
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.artefacts import read_json
 from pipeline.demo_cohort import ensure_demo_cohort, oracle_c_index
+from pipeline.embeddings import run_extraction
 from pipeline.hecktor import manifest_sidecar_path
-from pipeline.preprocess import PreprocessParams
+from pipeline.preprocess import PreprocessParams, preprocess_cohort
+
+if TYPE_CHECKING:  # annotations only: pipeline.study is slow to import, and the CLIs import this module
+    from pipeline.study import StudySpec
 
 #: Preprocessing sizes, SimpleITK (x, y, z) order: survival CNN, CT-FM and PET-FM inputs.
 #: The survival crop (80 x 80 x 48 mm, the paper's) at 24^3 voxels: 3.3 x 3.3 x 2 mm, the
@@ -66,6 +74,14 @@ def demo_train_options() -> dict[str, Any]:
     return copy.deepcopy(DEMO_TRAIN)
 
 
+def demo_study_options() -> dict[str, Any]:
+    """The :class:`pipeline.study.StudySpec` fields the demo sets (a fresh copy): its training
+    options, :data:`DEMO_REPEATS` CV repeats and LOCO for the peers and heads, the CNN grid
+    on repeat 0 only, and :data:`DEMO_HEAD`."""
+    return {"train": demo_train_options(), "repeats": DEMO_REPEATS, "loco": True,
+            "cnn_extra_splits": False, "head": copy.deepcopy(DEMO_HEAD)}
+
+
 def describes_demo_cohort(manifest: str | os.PathLike) -> bool:
     """Whether the manifest's provenance record says it was made by ``make-demo-cohort``."""
     sidecar = manifest_sidecar_path(manifest)
@@ -88,3 +104,76 @@ def prepare_demo_cohort(manifest: str | os.PathLike, workers: int = 2) -> dict[s
     root = (Path(manifest).resolve().parent / side["source_root"]).resolve()
     return {"synthetic": True, "data_source": f"synthetic demo cohort at {root} (manifest {manifest})",
             "oracle_c_index": oracle_c_index(root)}
+
+
+def study_settings_text(train: dict[str, Any], demo: bool) -> str:
+    """How a study's training settings are described in ``study.json`` and the report."""
+    if not train:
+        return "paper (TrainConfig defaults)"
+    return ("reduced demo settings" if demo else "custom") + ": " + json.dumps(train, sort_keys=True)
+
+
+def prepare_inputs(
+    spec: StudySpec,
+    *,
+    demo: bool = False,
+    ct_weights: str | os.PathLike | None = None,
+    pet_weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    say: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
+    """A study's inputs, each made only when missing or incomplete: the data (a demo
+    cohort's files regenerated when absent), the preprocessed cache, and the ``ctpet``
+    embeddings when the grid uses them. ``run-study`` is this, then the grid and the report.
+
+    Args:
+        spec: the study (its manifest, cache and embeddings paths; ``pipeline.study.StudySpec``).
+        demo: the demo's preprocessing sizes (:func:`demo_preprocess_params`) and encoder
+            settings (:data:`DEMO_ENCODERS`); random-init encoders unless both weights are given.
+        ct_weights, pet_weights: FM weights (:func:`pipeline.embeddings.run_extraction`).
+        random_init: randomly initialised encoders (implied by ``demo`` without both weights).
+        workers: processes for cohort generation and preprocessing.
+        progress: tqdm bars.
+        say: receives ``(kind, text)`` as the steps go: ``"step"`` (a step starts),
+            ``"line"`` (a result of a step, its duration) and ``"warning"`` (random-init
+            embeddings, stated before they are made). Default: nothing is said.
+
+    Returns:
+        The ``info`` record of ``study.json``: ``settings``, ``synthetic``, ``data_source``
+        (+ ``oracle_c_index`` for a demo cohort).
+    """
+    say = say or (lambda kind, text: None)
+
+    @contextlib.contextmanager
+    def step(text: str) -> Iterator[None]:
+        say("step", text)
+        t0 = time.perf_counter()
+        yield
+        say("line", f"({time.perf_counter() - t0:.0f} s)")
+
+    info: dict[str, Any] = {"settings": study_settings_text(spec.train, demo)}
+    if demo:
+        with step(f"data from {spec.manifest} (a demo cohort's files are generated when absent)"):
+            info.update(prepare_demo_cohort(spec.manifest, workers=workers))
+    else:
+        info.update(synthetic=False, data_source=f"manifest {Path(spec.manifest).resolve()}")
+
+    params = demo_preprocess_params() if demo else PreprocessParams()
+    with step(f"preprocess into {spec.cache_root} (finished cases are kept)"):
+        preprocess_cohort(spec.manifest, spec.cache_root, params, workers=workers, progress=progress)
+
+    if spec.embeddings is not None:
+        random = random_init or (demo and not (ct_weights and pet_weights))
+        if random:
+            say("warning", "embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the FM rows "
+                           "of this study test the pipeline and say nothing about CT-FM/PET-FM.")
+        kind = "RANDOM-INIT" if random else "pretrained"
+        with step(f"ctpet embeddings into {spec.embeddings} ({kind} encoders)"):
+            res = run_extraction(spec.cache_root, "ctpet", spec.embeddings,
+                                 ct_weights=None if random else ct_weights,
+                                 pet_weights=None if random else pet_weights, random_init=random,
+                                 encoder_kwargs=DEMO_ENCODERS if demo else None, progress=progress)
+            say("line", res.summary())
+    return info

@@ -5,7 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.demo import DEMO_TRAIN, demo_train_options, describes_demo_cohort, prepare_demo_cohort
+from pipeline.cache import PreprocessedCache
+from pipeline.demo import (
+    DEMO_SURVIVAL_SIZE_XYZ,
+    DEMO_TRAIN,
+    demo_study_options,
+    demo_train_options,
+    describes_demo_cohort,
+    prepare_demo_cohort,
+    prepare_inputs,
+)
+from pipeline.manifest import read_manifest
+from pipeline.study import StudySpec
 from pipeline.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +48,22 @@ def test_demo_train_options_are_a_valid_config_and_a_copy():
     opts["model"]["preset"] = "paper"
     assert DEMO_TRAIN["model"] == {"preset": "demo"}
     json.dumps(DEMO_TRAIN)  # recorded in run.json
+
+
+def test_the_demo_chain_runs_from_python_and_reuses_what_it_made(tiny_study, tmp_path):
+    spec = StudySpec.create(tiny_study["manifest"], tmp_path / "cache", None, tmp_path / "study",
+                            configs=("baseline",), **demo_study_options())
+    assert spec.splits() == ["cv0", "cv1", "cv2", "loco"] and spec.cnn_splits() == ["cv0"]
+    said = []
+    info = prepare_inputs(spec, demo=True, workers=1, progress=False, say=lambda *m: said.append(m))
+    assert info["synthetic"] is True and 0.5 < info["oracle_c_index"] <= 1.0
+    assert info["settings"].startswith("reduced demo settings: ")
+    cache = PreprocessedCache(spec.cache_root)  # complete, at the demo's sizes
+    assert tuple(cache.params["survival_size_xyz"]) == DEMO_SURVIVAL_SIZE_XYZ
+    assert len(cache.case_ids) == len(read_manifest(tiny_study["manifest"]))
+    # Two steps (data, preprocessing; no embeddings for a baseline-only grid), each timed.
+    assert [k for k, _ in said] == ["step", "line", "step", "line"]
+    assert "preprocess into" in said[2][1] and said[3][1].endswith(" s)")
+    written = {p: p.stat().st_mtime_ns for p in Path(spec.cache_root).rglob("*.h5")}
+    again = prepare_inputs(spec, demo=True, workers=1, progress=False)
+    assert again == info and {p: p.stat().st_mtime_ns for p in written} == written

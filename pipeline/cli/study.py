@@ -9,14 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.demo import (
-    DEMO_ENCODERS,
-    DEMO_HEAD,
-    DEMO_REPEATS,
-    demo_preprocess_params,
-    demo_train_options,
-    prepare_demo_cohort,
-)
+from pipeline.demo import demo_study_options, prepare_inputs
 
 _TRAIN_SCALARS = {
     "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int, "lr": float,
@@ -123,12 +116,13 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
 
     t_start = time.perf_counter()
     workers = workers or (2 if demo else 1)
+    preset = demo_study_options() if demo else {}
     extra = {
-        "repeats": repeats or (DEMO_REPEATS if demo else 1),
-        "loco": loco if loco is not None else demo,
-        "cnn_extra_splits": (cnn_splits or ("first" if demo else "all")) == "all",
+        "repeats": repeats or preset.get("repeats", 1),
+        "loco": loco if loco is not None else preset.get("loco", False),
+        "cnn_extra_splits": cnn_splits == "all" if cnn_splits else preset.get("cnn_extra_splits", True),
         "peers": tuple(p for p in (_csv(peer_families) or ["clinical", "radiomics", "heads"]) if p != "none"),
-        "head": dict(DEMO_HEAD) if demo else {},
+        "head": preset.get("head", {}),
     }
     study_dir = Path(study_dir or ("runs/demo_study" if demo else "runs/study"))
     report_dir = Path(report_dir or ("reports/demo" if demo else "reports/study"))
@@ -147,7 +141,8 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
 
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                            train_config_file, model_config, device, overrides, extra)
-        info = _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, prep_workers)
+        info = prepare_inputs(spec, demo=demo, ct_weights=ct_weights, pet_weights=pet_weights,
+                              random_init=random_init, workers=prep_workers, say=_say)
         outcome = _run_grid(spec, info, executor, workers, cluster, no_wait,
                             SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
                                          mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
@@ -164,7 +159,7 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
                 train_config_file, model_config, device, overrides, extra):
     from pipeline.study import StudySpec, configurations
 
-    train = demo_train_options() if demo else {}
+    train = demo_study_options()["train"] if demo else {}
     if train_config_file:
         train = json.loads(Path(train_config_file).read_text())
     for name, value in overrides.items():
@@ -192,39 +187,14 @@ def _done(t0: float) -> None:
     click.echo(f"    ({time.perf_counter() - t0:.0f} s)")
 
 
-def _prepare_inputs(spec, demo, manifest, ct_weights, pet_weights, random_init, prep_workers) -> dict:
-    """Cohort (demo), cache and embeddings: each made only when missing or incomplete."""
-    from pipeline.preprocess import PreprocessParams, preprocess_cohort
-
-    info: dict = {"settings": "paper (TrainConfig defaults)" if not spec.train else
-                  ("reduced demo settings" if demo else "custom") + ": " + json.dumps(spec.train, sort_keys=True)}
-    if demo:
-        t0 = _step(f"data from {manifest} (a demo cohort's files are generated when absent)")
-        info.update(prepare_demo_cohort(manifest, workers=prep_workers))
-        _done(t0)
+def _say(kind: str, text: str) -> None:
+    """Print a message of :func:`pipeline.demo.prepare_inputs`."""
+    if kind == "step":
+        click.secho(f"==> {text}", bold=True)
+    elif kind == "warning":
+        click.secho(f"WARNING: {text}", fg="red", bold=True, err=True)
     else:
-        info.update(synthetic=False, data_source=f"manifest {Path(manifest).resolve()}")
-
-    params = demo_preprocess_params() if demo else PreprocessParams()
-    t0 = _step(f"preprocess into {spec.cache_root} (finished cases are kept)")
-    preprocess_cohort(spec.manifest, spec.cache_root, params, workers=prep_workers, progress=True)
-    _done(t0)
-
-    if spec.embeddings is not None:
-        from pipeline.embeddings import run_extraction
-
-        random = random_init or (demo and not (ct_weights and pet_weights))
-        if random:
-            click.secho("WARNING: embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the "
-                        "FM rows of this study test the pipeline and say nothing about CT-FM/PET-FM.",
-                        fg="red", bold=True, err=True)
-        t0 = _step(f"ctpet embeddings into {spec.embeddings} ({'RANDOM-INIT' if random else 'pretrained'} encoders)")
-        res = run_extraction(spec.cache_root, "ctpet", spec.embeddings, ct_weights=None if random else ct_weights,
-                             pet_weights=None if random else pet_weights, random_init=random,
-                             encoder_kwargs=DEMO_ENCODERS if demo else None, progress=True)
-        click.echo(f"    {res.summary()}")
-        _done(t0)
-    return info
+        click.echo(f"    {text}")
 
 
 def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
@@ -254,7 +224,7 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
         parts = " ".join(f"{k}: C={_f(r.get('c_index'))}" for k, r in res["record"]["protocols"].items())
         click.echo(f"{head} {res['seconds']:6.1f} s  {parts}  ({format_progress(p)})")
 
-    # announce=False: _prepare_inputs stated random-init embeddings once, before extraction.
+    # announce=False: prepare_inputs stated random-init embeddings once, before extraction.
     outcome = run_study(spec, executor=executor, workers=workers, slurm=slurm,
                         cluster=None if cluster == "auto" else cluster, wait=not no_wait,
                         info=info, on_result=report, on_peer=peer, announce=False)
