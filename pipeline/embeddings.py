@@ -839,29 +839,9 @@ def _up_to_date(
             and existing["fingerprints"] == fingerprints)
 
 
-def extract_embeddings(
-    cache_root: str | os.PathLike,
-    modality: str,
-    out_path: str | os.PathLike | None = None,
-    *,
-    ct_weights: str | os.PathLike | None = None,
-    pet_weights: str | os.PathLike | None = None,
-    random_init: bool = False,
-    seed: int = 0,
-    device: str = "auto",
-    batch_size: int = 2,
-    encoder_kwargs: dict[str, dict[str, Any]] | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-    shard_dir: str | os.PathLike | None = None,
-) -> Path:
-    """:func:`run_extraction`, returning only the output path (same arguments)."""
-    return run_extraction(
-        cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
-        random_init=random_init, seed=seed, device=device, batch_size=batch_size,
-        encoder_kwargs=encoder_kwargs, progress=progress, overwrite=overwrite,
-        shard_dir=shard_dir,
-    ).path
+def extract_embeddings(*args: Any, **kwargs: Any) -> Path:
+    """:func:`run_extraction` (same arguments), returning only the output path."""
+    return run_extraction(*args, **kwargs).path
 
 
 def _provenance_mismatch(

@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +234,76 @@ def _read_with_ids(path: Path, header: Sequence[str]) -> tuple[pd.DataFrame, lis
     return raw, errors, {e.case_id for e in dups} | {""}
 
 
+def _parse_rows(path: Path, header: Sequence[str], parse_row: Callable[..., dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], list[CaseError]]:
+    """Read a HECKTOR CSV and parse every row whose PatientID is neither empty nor repeated.
+
+    Args:
+        path: the CSV; header: its expected columns.
+        parse_row: ``(case_id, row, path, errors) -> fields``; a row that appended to
+            ``errors`` is left out.
+
+    Returns:
+        ``(rows, errors)``: the fields of the valid rows, and every problem found.
+    """
+    raw, errors, bad_ids = _read_with_ids(path, header)
+    rows = []
+    for _, rec in raw.iterrows():
+        cid = rec["PatientID"]
+        if cid in bad_ids:
+            continue
+        case_errors: list[CaseError] = []
+        out = parse_row(cid, rec, path, case_errors)
+        if case_errors:
+            errors += case_errors
+        else:
+            rows.append(out)
+    return rows, errors
+
+
+def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError]) -> dict[str, Any]:
+    """Manifest fields of one clinical row (see :func:`parse_clinical`)."""
+    out: dict[str, Any] = {"case_id": cid}
+    for col in CLINICAL_HEADER[1:]:
+        value = rec[col]
+        key = CLINICAL_TO_MANIFEST[col]
+        if col == "Gender":
+            g = value.upper()
+            if g.lower() in _MISSING_TOKENS:
+                out[key] = math.nan
+            elif g in ("M", "F"):
+                out[key] = g
+            else:
+                errors.append(CaseError(cid, str(path),
+                                        f"column 'Gender': value {value!r} not M/F"))
+            continue
+        kwargs: dict[str, Any] = {"required": col in _REQUIRED}
+        if col in _BINARY:
+            kwargs["allowed"] = (0.0, 1.0)
+        elif col == "Performance status":
+            kwargs["allowed"] = (0.0, 1.0, 2.0, 3.0, 4.0)
+        else:  # Age, Weight
+            kwargs["minimum"] = 0.0
+        out[key] = _parse_number(value, case_id=cid, column=col, file=path, errors=errors, **kwargs)
+    center = out.get("center_id", math.nan)
+    if not math.isnan(center) and center != round(center):
+        errors.append(CaseError(cid, str(path), f"column 'CenterID': value "
+                                f"{rec['CenterID']!r} is not an integer"))
+    if not errors:
+        out["center_id"] = int(out["center_id"])
+        out["center"] = center_name(out["center_id"])
+    return out
+
+
+def _endpoint_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError]) -> dict[str, Any]:
+    """Fields of one endpoint row (see :func:`parse_endpoint`)."""
+    relapse = _parse_number(rec["Relapse"], case_id=cid, column="Relapse", file=path,
+                            errors=errors, allowed=(0.0, 1.0), required=True)
+    rfs = _parse_number(rec["RFS"], case_id=cid, column="RFS", file=path,
+                        errors=errors, minimum=0.0, required=True)
+    return {"case_id": cid, "relapse": relapse, "rfs_days": rfs}
+
+
 def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
     """Parse the clinical CSV into manifest columns.
 
@@ -247,46 +317,7 @@ def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
         HecktorFormatError: a whole-file problem (see :func:`read_hecktor_csv`).
     """
     path = Path(path)
-    raw, errors, bad_ids = _read_with_ids(path, CLINICAL_HEADER)
-    rows = []
-    for _, rec in raw.iterrows():
-        cid = rec["PatientID"]
-        if cid in bad_ids:
-            continue
-        case_errors: list[CaseError] = []
-        out: dict[str, Any] = {"case_id": cid}
-        for col in CLINICAL_HEADER[1:]:
-            value = rec[col]
-            key = CLINICAL_TO_MANIFEST[col]
-            if col == "Gender":
-                g = value.upper()
-                if g.lower() in _MISSING_TOKENS:
-                    out[key] = math.nan
-                elif g in ("M", "F"):
-                    out[key] = g
-                else:
-                    case_errors.append(CaseError(cid, str(path),
-                                                 f"column 'Gender': value {value!r} not M/F"))
-                continue
-            kwargs: dict[str, Any] = {"required": col in _REQUIRED}
-            if col in _BINARY:
-                kwargs["allowed"] = (0.0, 1.0)
-            elif col == "Performance status":
-                kwargs["allowed"] = (0.0, 1.0, 2.0, 3.0, 4.0)
-            else:  # Age, Weight
-                kwargs["minimum"] = 0.0
-            out[key] = _parse_number(value, case_id=cid, column=col, file=path,
-                                     errors=case_errors, **kwargs)
-        center = out.get("center_id", math.nan)
-        if not math.isnan(center) and center != round(center):
-            case_errors.append(CaseError(cid, str(path), f"column 'CenterID': value "
-                                         f"{rec['CenterID']!r} is not an integer"))
-        if case_errors:
-            errors += case_errors
-            continue
-        out["center_id"] = int(out["center_id"])
-        out["center"] = center_name(out["center_id"])
-        rows.append(out)
+    rows, errors = _parse_rows(path, CLINICAL_HEADER, _clinical_row)
     table = pd.DataFrame(rows, columns=["case_id", "center", *CLINICAL_TO_MANIFEST.values()])
     _warn_new_centres(table, path)
     return table.set_index("case_id", drop=False), errors
@@ -315,21 +346,7 @@ def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
         HecktorFormatError: a whole-file problem (see :func:`read_hecktor_csv`).
     """
     path = Path(path)
-    raw, errors, bad_ids = _read_with_ids(path, ENDPOINT_HEADER)
-    rows = []
-    for _, rec in raw.iterrows():
-        cid = rec["PatientID"]
-        if cid in bad_ids:
-            continue
-        case_errors: list[CaseError] = []
-        relapse = _parse_number(rec["Relapse"], case_id=cid, column="Relapse", file=path,
-                                errors=case_errors, allowed=(0.0, 1.0), required=True)
-        rfs = _parse_number(rec["RFS"], case_id=cid, column="RFS", file=path,
-                            errors=case_errors, minimum=0.0, required=True)
-        if case_errors:
-            errors += case_errors
-            continue
-        rows.append({"case_id": cid, "relapse": relapse, "rfs_days": rfs})
+    rows, errors = _parse_rows(path, ENDPOINT_HEADER, _endpoint_row)
     table = pd.DataFrame(rows, columns=["case_id", "relapse", "rfs_days"])
     return table.set_index("case_id", drop=False), errors
 

@@ -182,17 +182,25 @@ def check_survival(time: Any, event: Any, what: str) -> tuple[np.ndarray, np.nda
     neg = np.flatnonzero(t < 0)
     if neg.size:
         raise ValueError(f"{what}: negative time {t[neg[0]]:g} at positions {neg[:10].tolist()}")
+    return t, check_events(e_raw, f"{what}: event")
+
+
+def check_events(event: Any, what: str) -> np.ndarray:
+    """Event indicators (1 = relapse) as booleans, shape [N]; ``what`` names them in errors.
+
+    Raises:
+        ValueError: a value other than 0/1 (or boolean), naming the first and its index.
+    """
+    raw = np.asarray(event)
     try:
-        e_num = e_raw.astype(float)
+        num = raw.astype(float)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what}: event must be 0/1 or boolean, got dtype {e_raw.dtype}") from exc
-    bad = np.flatnonzero(~np.isin(e_num, (0.0, 1.0)))
+        raise ValueError(f"{what} must be 0/1 or boolean, got dtype {raw.dtype}") from exc
+    bad = np.flatnonzero(~np.isin(num, (0.0, 1.0)))
     if bad.size:
-        raise ValueError(
-            f"{what}: event must be 0/1 (1 = relapse), got {e_raw[bad[0]].item()!r} at positions "
-            f"{bad[:10].tolist()}"
-        )
-    return t, e_num.astype(bool)
+        raise ValueError(f"{what} must be 0/1, got {raw[bad[0]].item()!r} at index {int(bad[0])} "
+                         f"(bad positions {bad[:10].tolist()}; 1 = relapse)")
+    return num.astype(bool)
 
 
 def check_risk(risk: Any, n: int, what: str) -> np.ndarray:

@@ -1217,7 +1217,35 @@ def run_preprocessing(
     min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
     min_crop_coverage: float = MIN_CROP_COVERAGE,
 ) -> PreprocessReport:
-    """:func:`preprocess_cohort` that also returns what it did (for the CLI summary)."""
+    """Preprocess every case of a manifest into the cache at ``cache_root``.
+
+    Args:
+        manifest_path: the manifest CSV. Empty sha256 columns are filled by hashing files.
+        cache_root: output folder (``cohort.json`` + ``cases/<ID>.h5``).
+        params: parameters (default :class:`PreprocessParams`). With ``crop_size_vox_xyz``
+            unset, G is measured on this manifest (pass 1).
+        reference_cache: an existing cache whose G and parameters are reused (new patients
+            are cropped with the training cohort's G, never a recomputed one). ``params``,
+            if given, must then equal the reference's.
+        workers: worker processes for both passes (1 = in this process).
+        backend: ``"sitk"`` or ``"torch"`` resampling.
+        device: torch device for ``backend="torch"``.
+        case_ids: only these cases of the manifest.
+        progress: show tqdm bars.
+        min_tumour_coverage: least share of each case's tumour voxels inside its PET field
+            of view (default :data:`MIN_TUMOUR_COVERAGE`).
+        min_crop_coverage: least share of each case's crop inside its CT field of view, and
+            inside its PET's (default :data:`MIN_CROP_COVERAGE`).
+
+    Returns:
+        A :class:`PreprocessReport`: the complete cache, the cases processed and skipped,
+        G and where it came from, the cases whose tumour exceeds G, the time taken.
+
+    Raises:
+        CaseError: naming the failing case and its files (for a failed input check: which
+            check, the figure, the limit's option); ``cohort.json`` is then not written.
+        ValueError: bad arguments, or parameters that contradict ``reference_cache``.
+    """
     t0 = time.perf_counter()
     limits = {"min_tumour_coverage": _check_share(min_tumour_coverage, "min_tumour_coverage"),
               "min_crop_coverage": _check_share(min_crop_coverage, "min_crop_coverage")}
@@ -1316,50 +1344,6 @@ def run_preprocessing(
     )
 
 
-def preprocess_cohort(
-    manifest_path: str | os.PathLike,
-    cache_root: str | os.PathLike,
-    params: PreprocessParams | None = None,
-    *,
-    reference_cache: str | os.PathLike | None = None,
-    workers: int = 2,
-    backend: str = "sitk",
-    device: str = "cpu",
-    case_ids: Sequence[str] | None = None,
-    progress: bool = True,
-    min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
-    min_crop_coverage: float = MIN_CROP_COVERAGE,
-) -> PreprocessedCache:
-    """Preprocess every case of a manifest into the cache at ``cache_root``.
-
-    Args:
-        manifest_path: the manifest CSV. Empty sha256 columns are filled by hashing files.
-        cache_root: output folder (``cohort.json`` + ``cases/<ID>.h5``).
-        params: parameters (default :class:`PreprocessParams`). With ``crop_size_vox_xyz``
-            unset, G is measured on this manifest (pass 1).
-        reference_cache: an existing cache whose G and parameters are reused (new patients
-            are cropped with the training cohort's G, never a recomputed one). ``params``,
-            if given, must then equal the reference's.
-        workers: worker processes for both passes (1 = in this process).
-        backend: ``"sitk"`` or ``"torch"`` resampling.
-        device: torch device for ``backend="torch"``.
-        case_ids: only these cases of the manifest.
-        progress: show tqdm bars.
-        min_tumour_coverage: least share of each case's tumour voxels inside its PET field
-            of view (default :data:`MIN_TUMOUR_COVERAGE`).
-        min_crop_coverage: least share of each case's crop inside its CT field of view, and
-            inside its PET's (default :data:`MIN_CROP_COVERAGE`).
-
-    Returns:
-        The complete :class:`PreprocessedCache`.
-
-    Raises:
-        CaseError: naming the failing case and its files (for a failed input check: which
-            check, the figure, the limit's option); ``cohort.json`` is then not written.
-        ValueError: bad arguments, or parameters that contradict ``reference_cache``.
-    """
-    return run_preprocessing(
-        manifest_path, cache_root, params, reference_cache=reference_cache, workers=workers,
-        backend=backend, device=device, case_ids=case_ids, progress=progress,
-        min_tumour_coverage=min_tumour_coverage, min_crop_coverage=min_crop_coverage,
-    ).cache
+def preprocess_cohort(*args: Any, **kwargs: Any) -> PreprocessedCache:
+    """:func:`run_preprocessing` (same arguments), returning only the complete cache."""
+    return run_preprocessing(*args, **kwargs).cache

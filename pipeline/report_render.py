@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -252,14 +252,20 @@ def ci_table(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[d
     return pd.DataFrame(rows)
 
 
+def _shown(items: Sequence[dict[str, Any]], identical: Sequence[dict[str, Any]]) -> Iterator[tuple[dict, str]]:
+    """The items (``model``, ``label``) of a table not merged away as identical
+    (:func:`merged_rows`), each with its display label."""
+    hidden, d_merged = merged_rows(identical)
+    for item in items:
+        if item["model"] not in hidden:
+            yield item, _relabel(item["label"], item["model"], d_merged)
+
+
 def paired_display(rows: list[dict[str, Any]], identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """Markdown-ready paired-comparison table."""
-    hidden, d_merged = merged_rows(identical)
     out = []
-    for r in rows:
-        if r["model"] in hidden:
-            continue
-        row = {"model": _relabel(r["label"], r["model"], d_merged), "repeats": len(r.get("splits", []))}
+    for r, label in _shown(rows, identical):
+        row = {"model": label, "repeats": len(r.get("splits", []))}
         if r["status"] != "done":
             row.update({"J folds": "-", "C-index (model / reference)": "-",
                         "Δ C-index [95 % CI]": r["status"] if r["status"] == "pending" else
@@ -279,12 +285,8 @@ def paired_display(rows: list[dict[str, Any]], identical: Sequence[dict[str, Any
 
 def loco_display(loco: dict[str, Any], identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """One row per model, one column per held-out centre (``C / AUROC`` or the reason)."""
-    hidden, d_merged = merged_rows(identical)
     rows = []
-    for m in loco.get("models", []):
-        if m["model"] in hidden:
-            continue
-        label = _relabel(m["label"], m["model"], d_merged)
+    for m, label in _shown(loco.get("models", []), identical):
         row = {"model": label + (f" ({SHORT_PROTOCOL[m['protocol']]})" if m["kind"] == "cnn" else "")}
         for p, ci in zip(m["per_centre"], loco["centres"]):
             col = f"{ci['centre']} (n={ci['n']}, ev={ci['events']})"

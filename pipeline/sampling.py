@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from pipeline.metrics import check_events
+
 log = logging.getLogger(__name__)
 
 _EVENT, _CENSORED = 1, 0
@@ -48,23 +50,15 @@ class EventBalancedBatchSampler(Sampler[list[int]]):
         ev = np.asarray(events)
         if ev.ndim != 1 or ev.size == 0:
             raise ValueError(f"EventBalancedBatchSampler: events must be a non-empty 1-D array, got shape {ev.shape}")
-        try:
-            ev_f = ev.astype(float)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"EventBalancedBatchSampler: events must be 0/1, got dtype {ev.dtype}") from exc
-        bad = np.flatnonzero(~np.isin(ev_f, (0.0, 1.0)))
-        if bad.size:
-            raise ValueError(
-                f"EventBalancedBatchSampler: events must be 0/1, got {ev[bad[0]].item()!r} at index {int(bad[0])}"
-            )
+        ev_b = check_events(ev, "EventBalancedBatchSampler: events")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
             raise ValueError(f"EventBalancedBatchSampler: batch_size must be an integer >= 2, got {batch_size!r}")
         if not isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch < 1:
             raise ValueError(
                 f"EventBalancedBatchSampler: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}"
             )
-        self.event_idx = np.flatnonzero(ev_f == 1.0)
-        self.censored_idx = np.flatnonzero(ev_f == 0.0)
+        self.event_idx = np.flatnonzero(ev_b)
+        self.censored_idx = np.flatnonzero(~ev_b)
         if self.event_idx.size == 0:
             raise ValueError(
                 f"EventBalancedBatchSampler: the training set ({ev.size} cases) has no event; the Cox "

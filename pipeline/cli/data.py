@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import click
 
+from pipeline.cli.options import min_tumour_coverage_option
 from pipeline.demo_cohort import DEFAULT_ROOT, generate_demo_cohort, oracle_c_index
 from pipeline.hecktor import (
     HecktorFormatError,
@@ -22,7 +23,6 @@ from pipeline.hecktor import (
     manifest_sidecar_path,
     summarize_manifest,
 )
-from pipeline.preprocess import MIN_TUMOUR_COVERAGE
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -65,10 +65,7 @@ def _refuse_existing(path: Path, option: str) -> None:
 @click.option("--error-report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Error report CSV (case_id,file,error) for --continue-on-error "
                    "[default: <out stem>.errors.csv].")
-@click.option("--min-tumour-coverage", type=click.FloatRange(0.0, 1.0),
-              default=MIN_TUMOUR_COVERAGE, show_default=True,
-              help="Least share (0-1) of a case's tumour label voxels that its PET field of "
-                   "view must hold; a PET placed elsewhere by its header is refused.")
+@min_tumour_coverage_option
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads reading images in parallel.")
 def build_manifest(root: Path, out: Path, overwrite: bool, no_checksums: bool,

@@ -9,11 +9,11 @@ from dataclasses import replace
 import click
 
 from pipeline.cache import PreprocessedCache
+from pipeline.cli.options import min_tumour_coverage_option
 from pipeline.demo import DEMO_CTFM_SIZE_XYZ, DEMO_PETFM_SIZE_XYZ, DEMO_SURVIVAL_SIZE_XYZ, demo_preprocess_params
 from pipeline.preprocess import (
     BACKENDS,
     MIN_CROP_COVERAGE,
-    MIN_TUMOUR_COVERAGE,
     PreprocessParams,
     run_preprocessing,
 )
@@ -91,10 +91,7 @@ def _params(reference_cache: str | None, demo: bool, tumour_labels: str | None,
                    f"the demo's {_xyz(DEMO_PETFM_SIZE_XYZ)} goes with the demo's encoder settings "
                    "(pipeline.demo.DEMO_ENCODERS).  [default: 128,128,128, or the reference "
                    "cache's]")
-@click.option("--min-tumour-coverage", type=click.FloatRange(0.0, 1.0),
-              default=MIN_TUMOUR_COVERAGE, show_default=True,
-              help="Least share (0-1) of a case's tumour label voxels inside its PET field of "
-                   "view; a case below is refused.")
+@min_tumour_coverage_option
 @click.option("--min-crop-coverage", type=click.FloatRange(0.0, 1.0),
               default=MIN_CROP_COVERAGE, show_default=True,
               help="Least share (0-1) of a case's crop inside its CT field of view, and inside "

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.demo import demo_study_options, prepare_inputs
 
-_TRAIN_SCALARS = {
-    "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int, "lr": float,
-    "ema_decay": float, "patience": int, "inner_val_fraction": float, "seed": int,
-}
+#: The TrainConfig fields run-study sets from options (for every configuration).
+STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "lr", "ema_decay",
+                       "patience", "inner_val_fraction", "seed")
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -76,16 +76,7 @@ def _csv(value: str | None) -> list[str] | None:
               help="submitit: return after submission; rerun the same command later to build the report.")
 @click.option("--train-config", "train_config_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="JSON of TrainConfig options for every configuration (replaces the paper/demo defaults).")
-@click.option("--epochs", type=int, default=None, help="Override: maximum epochs [paper 100].")
-@click.option("--steps-per-epoch", type=int, default=None, help="Override: steps per epoch [paper 50].")
-@click.option("--batch-size", type=int, default=None, help="Override: training batch [paper 8].")
-@click.option("--eval-batch-size", type=int, default=None, help="Override: validation batch [paper 16].")
-@click.option("--lr", type=float, default=None, help="Override: learning rate [paper 1e-3].")
-@click.option("--ema-decay", type=float, default=None, help="Override: EMA decay [paper 0.999].")
-@click.option("--patience", type=int, default=None, help="Override: early-stopping patience [paper 40].")
-@click.option("--inner-val-fraction", type=float, default=None,
-              help="Override: inner split for unbiased selection [0.2]; 0 = paper protocol only.")
-@click.option("--seed", type=int, default=None, help="Override: training seed [paper 42].")
+@train_scalar_options(STUDY_TRAIN_SCALARS)
 @click.option("--model-config", default=None, help="JSON of DeepMTSConfig overrides (e.g. narrow widths).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
 @click.option("--prep-workers", default=2, type=click.IntRange(min=1),
@@ -162,9 +153,7 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
     train = demo_study_options()["train"] if demo else {}
     if train_config_file:
         train = json.loads(Path(train_config_file).read_text())
-    for name, value in overrides.items():
-        if value is not None:
-            train[name] = _TRAIN_SCALARS[name](value)
+    train.update(train_scalars(overrides))
     if model_config:
         train["model"] = json.loads(model_config)
     if device:

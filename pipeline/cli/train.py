@@ -12,6 +12,7 @@ import click
 
 from pipeline.artefacts import ProvenanceError, read_json
 from pipeline.cache import PreprocessedCache
+from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.clinical import ClinicalTransform
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
 from pipeline.layout import RunLayout
@@ -60,15 +61,6 @@ def resolve_preset(preset: str, survival_size_xyz: tuple[int, ...]) -> tuple[str
     return "paper", f"--preset auto: the cache holds {size} volumes, not the demo's"
 
 
-# Option name -> TrainConfig field, for the scalar options that map one to one.
-_SCALARS = {
-    "epochs": int, "steps_per_epoch": int, "batch_size": int, "eval_batch_size": int,
-    "lr": float, "warmup_epochs": int, "lr_step_epochs": int, "lr_gamma": float,
-    "ema_decay": float, "wd_classifier": float, "wd_densenet": float, "patience": int,
-    "cox_weight": float, "seed": int, "inner_val_fraction": float, "select_from_epoch": int,
-}
-
-
 def _json_option(value: str | None, option: str) -> Any:
     if value is None:
         return None
@@ -88,7 +80,7 @@ def training_options(preset: str, config_file: str | None, scalars: dict[str, An
     """
     options = demo_train_options() if preset == "demo" else {}
     explicit = json.loads(Path(config_file).read_text()) if config_file else {}
-    explicit.update({name: _SCALARS[name](value) for name, value in scalars.items() if value is not None})
+    explicit.update(train_scalars(scalars))
     options.update(explicit)
     notes = []
     # The preset's first selectable epoch must not outlast a shorter explicit --epochs.
@@ -187,25 +179,7 @@ def undefined_metric_lines(run_dir: Path) -> list[str]:
               help="Train only this fold (repeatable); default all. Used by the study runner and cluster jobs.")
 @click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="JSON file of training options (TrainConfig fields); command-line options override it.")
-@click.option("--epochs", type=int, default=None, help="Maximum epochs [paper: 100].")
-@click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch [paper: 50].")
-@click.option("--batch-size", type=int, default=None, help="Training batch, half events [paper: 8].")
-@click.option("--eval-batch-size", type=int, default=None, help="Validation batch [paper: 16].")
-@click.option("--lr", type=float, default=None, help="Adam learning rate [paper: 1e-3].")
-@click.option("--warmup-epochs", type=int, default=None, help="Linear warm-up epochs [paper: 5].")
-@click.option("--lr-step-epochs", type=int, default=None, help="Decay the learning rate every N epochs [paper: 25].")
-@click.option("--lr-gamma", type=float, default=None, help="Step-decay factor [paper: 0.3].")
-@click.option("--ema-decay", type=float, default=None, help="EMA decay of weights used for evaluation [paper: 0.999].")
-@click.option("--wd-classifier", type=float, default=None, help="Weight decay of the risk head [paper: 0.1].")
-@click.option("--wd-densenet", type=float, default=None, help="Weight decay of the survival DenseNet [paper: 1e-4].")
-@click.option("--patience", type=int, default=None, help="Early-stopping patience on validation C-index [paper: 40].")
-@click.option("--cox-weight", type=float, default=None, help="L = L_dice + w * L_cox [paper: 2].")
-@click.option("--seed", type=int, default=None, help="Seed [paper: 42].")
-@click.option("--inner-val-fraction", type=float, default=None,
-              help="Share of each training fold held out for unbiased model selection [0.2]; 0 = paper protocol only.")
-@click.option("--select-from-epoch", type=int, default=None,
-              help="First epoch (0-based) model selection may choose "
-                   f"[paper: 0; demo preset: {demo_train_options().get('select_from_epoch', 0)}].")
+@train_scalar_options()
 @click.option("--tumour-input", type=click.Choice(["gate", "binary", "soft"]), default=None,
               help="Tumour map into the survival net: 'gate' (seed paper: images x thresholded map), "
                    "'binary' (thresholded map as a channel) or 'soft' (DeepMTS: probability as a channel).")

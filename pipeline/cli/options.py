@@ -1,0 +1,58 @@
+"""Command-line options that several commands take: one definition each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from pipeline.demo import demo_train_options
+from pipeline.preprocess import MIN_TUMOUR_COVERAGE
+
+#: TrainConfig fields that an option ``--<field with dashes>`` sets one to one: type, help.
+TRAIN_SCALARS: dict[str, tuple[type, str]] = {
+    "epochs": (int, "Maximum epochs [paper: 100]."),
+    "steps_per_epoch": (int, "Steps per epoch [paper: 50]."),
+    "batch_size": (int, "Training batch, half events [paper: 8]."),
+    "eval_batch_size": (int, "Validation batch [paper: 16]."),
+    "lr": (float, "Adam learning rate [paper: 1e-3]."),
+    "warmup_epochs": (int, "Linear warm-up epochs [paper: 5]."),
+    "lr_step_epochs": (int, "Decay the learning rate every N epochs [paper: 25]."),
+    "lr_gamma": (float, "Step-decay factor [paper: 0.3]."),
+    "ema_decay": (float, "EMA decay of weights used for evaluation [paper: 0.999]."),
+    "wd_classifier": (float, "Weight decay of the risk head [paper: 0.1]."),
+    "wd_densenet": (float, "Weight decay of the survival DenseNet [paper: 1e-4]."),
+    "patience": (int, "Early-stopping patience on validation C-index [paper: 40]."),
+    "cox_weight": (float, "L = L_dice + w * L_cox [paper: 2]."),
+    "seed": (int, "Seed [paper: 42]."),
+    "inner_val_fraction": (float, "Share of each training fold held out for unbiased model selection "
+                                  "[0.2]; 0 = paper protocol only."),
+    "select_from_epoch": (int, "First epoch (0-based) model selection may choose [paper: 0; demo preset: "
+                               f"{demo_train_options().get('select_from_epoch', 0)}]."),
+}
+
+
+def train_scalar_options(names: Sequence[str] = tuple(TRAIN_SCALARS)) -> Callable[[Any], Any]:
+    """Decorator adding ``--<name>`` for each of these :data:`TRAIN_SCALARS` fields, in this
+    order; an option not given is ``None``."""
+    def add(command: Any) -> Any:
+        for name in reversed(names):
+            kind, text = TRAIN_SCALARS[name]
+            command = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
+                                   show_default=False, help=text)(command)
+        return command
+    return add
+
+
+def train_scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (options left at ``None`` dropped)."""
+    return {name: TRAIN_SCALARS[name][0](value) for name, value in values.items() if value is not None}
+
+
+#: The PET field of view's least share of the tumour (``build-manifest``, ``preprocess``).
+min_tumour_coverage_option = click.option(
+    "--min-tumour-coverage", type=click.FloatRange(0.0, 1.0), default=MIN_TUMOUR_COVERAGE,
+    show_default=True,
+    help="Least share (0-1) of a case's tumour label voxels inside its PET field of view; a case "
+         "below (e.g. a PET placed elsewhere by its header) is refused.")
