@@ -774,16 +774,14 @@ def read_truth(cohort_root: str | os.PathLike) -> pd.DataFrame:
 
 def oracle_c_index(cohort_root: str | os.PathLike) -> float:
     """Harrell's C of the true linear predictor on the endpoint cases (the ceiling a model
-    could reach on this cohort, up to noise); NaN when no pair is comparable (no event)."""
-    from sksurv.metrics import concordance_index_censored
+    could reach on this cohort, up to noise); NaN when undefined (no event, no comparable pair)."""
+    # local: pipeline.metrics loads scikit-survival, slow to import; the CLIs import this module
+    from pipeline.metrics import c_index_value
 
     truth = read_truth(cohort_root)
     ep = truth[truth["has_endpoint"] == 1]
-    if not ep["relapse"].any():
-        return math.nan
-    return float(concordance_index_censored(ep["relapse"].to_numpy(bool),
-                                            ep["rfs_days"].to_numpy(float),
-                                            ep["linear_predictor"].to_numpy(float))[0])
+    return float(c_index_value(ep["rfs_days"].to_numpy(float), ep["relapse"].to_numpy(int),
+                               ep["linear_predictor"].to_numpy(float)))
 
 
 # --------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from pipeline.artefacts import (
     plain_value,
@@ -97,6 +98,10 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.cache import COHORT_FILE, PreprocessedCache
+
+# torch, and models.checkpoints which imports it, are imported in the functions that run
+# the encoders: reading an embeddings file (reports, studies, peers, the CLIs' --help)
+# does not load torch.
 
 SCHEMA_VERSION = 1
 MODALITIES: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
@@ -278,8 +283,7 @@ def resolve_weights(modality: str, weights: str | os.PathLike | None) -> Path:
 
 
 def _weights_advice(modality: str, path: Path, how: str) -> str:
-    # models.checkpoints imports torch; only this error path needs its weights descriptions.
-    from models import checkpoints
+    from models import checkpoints  # local: torch (see the note on imports); only this error path
 
     name = "CT-FM" if modality == "ct" else "PET-FM"
     source = checkpoints.CT_FM_WEIGHTS if modality == "ct" else checkpoints.PET_FM_WEIGHTS
@@ -293,7 +297,7 @@ def _weights_advice(modality: str, path: Path, how: str) -> str:
 
 
 def _resolve_device(device: str) -> tuple[Any, str]:
-    import torch
+    import torch  # local: see the note on imports
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,7 +311,7 @@ def _resolve_device(device: str) -> tuple[Any, str]:
 
 def _build_encoder(spec: _EncoderSpec) -> Any:
     """Instantiate the frozen encoder of ``spec`` in eval mode (lazily: only when needed)."""
-    from models import checkpoints
+    from models import checkpoints  # local: torch (see the note on imports)
 
     if spec.weights_sha256 == RANDOM_INIT:
         make = checkpoints.random_ct_fm if spec.modality == "ct" else checkpoints.random_pet_fm
@@ -481,7 +485,7 @@ def _load_inputs(
 
 def _forward(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarray:
     """Run ``model`` on ``x`` [B, 1, D, H, W]; return float32 [B, dim]."""
-    import torch
+    import torch  # local: see the note on imports
 
     with torch.inference_mode():
         t = torch.from_numpy(x).to(device)
@@ -497,7 +501,7 @@ def _forward_halving(
     model: Any, x: np.ndarray, device: Any, precision: str
 ) -> np.ndarray:
     """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case)."""
-    import torch
+    import torch  # local: see the note on imports
 
     try:
         return _forward(model, x, device, precision)
@@ -529,8 +533,6 @@ def _embed_modality(
     progress: bool,
 ) -> tuple[np.ndarray, ModalityReport]:
     """Fill ``store`` with one shard per case, then return ``[N, dim]`` in ``case_ids`` order."""
-    from tqdm.auto import tqdm
-
     report = ModalityReport(store=store)
     paths = [_shard_path(store, c, f) for c, f in zip(case_ids, fingerprints)]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
@@ -585,7 +587,7 @@ def _make_spec(
     encoder_config: dict[str, Any],
     precision: str,
 ) -> _EncoderSpec:
-    from models import checkpoints
+    from models import checkpoints  # local: torch (see the note on imports)
 
     name = checkpoints.CT_FM_NAME if modality == "ct" else checkpoints.PET_FM_NAME
     if random_init:

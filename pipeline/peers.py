@@ -56,7 +56,9 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from scipy.linalg.blas import dsyrk
+from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
+from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
 from pipeline.artefacts import (
@@ -244,8 +246,6 @@ class _FoldFeatures:
         self.info: dict[str, Any] = {}
 
     def fit(self, ids: list[str]) -> _FoldFeatures:
-        from sklearn.decomposition import PCA  # local: heavy, and `fit-heads --help` imports this module
-
         self.ct = ClinicalTransform().fit(self.clinical.loc[ids]) if self.clinical is not None else None
         self.fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
         for name, df in self.blocks.items():
@@ -446,8 +446,6 @@ def _fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConf
 
 
 def _coxnet(cfg: HeadConfig, alphas=None):
-    from sksurv.linear_model import CoxnetSurvivalAnalysis  # local: as PCA in _FoldFeatures.fit
-
     kw = dict(l1_ratio=cfg.l1_ratio, alpha_min_ratio=cfg.alpha_min_ratio, max_iter=100000)
     return CoxnetSurvivalAnalysis(alphas=alphas, **kw) if alphas is not None else \
         CoxnetSurvivalAnalysis(n_alphas=cfg.n_alphas, **kw)

@@ -940,6 +940,7 @@ def _torch_case(
     grids: dict[str, GridGeometry], ct_min: float, pet_min: float, labels: np.ndarray,
     device: str, keep_crop: bool,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    # local: torch, needed by the torch backend only (the default SimpleITK one runs without it)
     import torch
 
     from pipeline.resample_torch import resample_to_grid
@@ -1080,7 +1081,7 @@ def _done_and_checked(path: Path, fingerprint: str, task: dict[str, Any]) -> boo
 def _init_worker(threads: int) -> None:
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, threads))
     with contextlib.suppress(ImportError):
-        import torch
+        import torch  # local: bound torch's threads too where it is installed (torch backend)
 
         torch.set_num_threads(max(1, threads))
 

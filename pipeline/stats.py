@@ -42,7 +42,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from lifelines import KaplanMeierFitter
+from lifelines.statistics import logrank_test, multivariate_logrank_test
 from scipy import stats as sps
+from sksurv.linear_model.coxph import BreslowEstimator
+from sksurv.metrics import integrated_brier_score as sk_ibs
+from sksurv.util import Surv
 
 from pipeline.metrics import c_index, check_risk, check_survival
 
@@ -454,8 +459,6 @@ def breslow_survival(train_risk: Any, train_time: Any, train_event: Any, test_ri
     Returns:
         float64 [N_test, T] survival probabilities.
     """
-    from sksurv.linear_model.coxph import BreslowEstimator
-
     t, e = check_survival(train_time, train_event, "breslow_survival (training fold)")
     r = check_risk(train_risk, t.shape[0], "breslow_survival (training fold)")
     if not e.any():
@@ -522,9 +525,6 @@ def integrated_brier_score(
     Raises:
         ValueError: on malformed inputs or when fewer than two valid times remain.
     """
-    from sksurv.metrics import integrated_brier_score as sk_ibs
-    from sksurv.util import Surv
-
     tr_t, tr_e = check_survival(train_time, train_event, "integrated_brier_score (training fold)")
     te_t, te_e = check_survival(test_time, test_event, "integrated_brier_score (test fold)")
     grid = np.asarray(times, dtype=float)
@@ -552,8 +552,6 @@ def integrated_brier_score(
 
 def _km_at(time: np.ndarray, event: np.ndarray, horizon: float, level: float) -> tuple[float, float, float]:
     """Kaplan-Meier S(horizon) with its CI (lifelines, exponential Greenwood)."""
-    from lifelines import KaplanMeierFitter
-
     kmf = KaplanMeierFitter(alpha=1 - level).fit(time, event)
     sf = kmf.survival_function_.iloc[:, 0]
     ci = kmf.confidence_interval_survival_function_
@@ -678,9 +676,6 @@ def km_logrank(time: Any, event: Any, group: Any, *, level: float = 0.95) -> KMR
     Returns:
         :class:`KMResult`.
     """
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import logrank_test, multivariate_logrank_test
-
     t, e = check_survival(time, event, "km_logrank")
     g = np.asarray(group)
     if g.shape != t.shape:

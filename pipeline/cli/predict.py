@@ -7,6 +7,9 @@ import warnings
 
 import click
 
+from pipeline.artefacts import ProvenanceError
+from pipeline.embeddings import RandomInitWarning
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
@@ -46,9 +49,7 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
       predict-survival --manifest data/new_patients.csv --run runs/ctpet-d256 \\
                        --train-cache cache/preprocessed --out predictions/new_patients.csv
     """
-    from pipeline.artefacts import ProvenanceError
-    from pipeline.embeddings import RandomInitWarning
-    from pipeline.predict import predict_patients
+    from pipeline.predict import predict_patients  # local: torch and the network; --help stays fast
 
     # Embedding, checking and loading would each repeat the random-init warning: said once below.
     warnings.simplefilter("ignore", RandomInitWarning)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
+from pipeline.artefacts import ProvenanceError, read_json
 from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.demo import demo_study_options, prepare_inputs
+from pipeline.pool import format_progress
 
 #: The TrainConfig fields run-study sets from options (for every configuration).
 STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "lr", "ema_decay",
@@ -102,7 +104,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
       run-study --out runs/study --dry-run               # which cells are done
       run-study --out runs/study --report-only           # needs a study folder: report from what is finished
     """
-    from pipeline.artefacts import ProvenanceError
+    # local: pipeline.study (submitit, the peers) is slow to import; --help stays fast
     from pipeline.study import SlurmOptions, cell_status, format_status, load_study, peer_status
 
     t_start = time.perf_counter()
@@ -148,7 +150,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
 
 def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                 train_config_file, model_config, device, overrides, extra):
-    from pipeline.study import StudySpec, configurations
+    from pipeline.study import StudySpec, configurations  # local: as in run_study
 
     train = demo_study_options()["train"] if demo else {}
     if train_config_file:
@@ -188,8 +190,7 @@ def _say(kind: str, text: str) -> None:
 
 def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
     """Peers, then the CNN grid; one progress line per finished cell, peers in quarters."""
-    from pipeline.pool import format_progress
-    from pipeline.study import cell_status, run_study
+    from pipeline.study import cell_status, run_study  # local: as in run_study
 
     status = cell_status(spec)
     n_total, n_before = len(status), int(status["done"].sum())
@@ -236,7 +237,7 @@ def _f(x) -> str:
 
 def _report(study_dir: Path, report_dir: Path, t_start: float) -> None:
     """Write the report, then print its headline numbers and, last, its path."""
-    from pipeline.artefacts import read_json
+    # local: the report modules load the study's and matplotlib's; --help stays fast
     from pipeline.report import write_report
     from pipeline.report_render import headline_text
 

@@ -15,6 +15,7 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.clinical import ClinicalTransform
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
+from pipeline.embeddings import RandomInitWarning
 from pipeline.layout import RunLayout
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
@@ -107,7 +108,7 @@ def check_network_fits(cohort, cfg, preset: str, cache_root: str, size_xyz: tupl
     Raises:
         ValueError: the network does not fit the cached volumes; names the options that fix it.
     """
-    from pipeline.train import build_model  # torch: imported when training, not for --help
+    from pipeline.train import build_model  # local: torch, imported when training, not for --help
 
     try:
         build_model(cohort, ClinicalTransform().n_features, cfg)
@@ -207,9 +208,8 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
       train-survival --embeddings embeddings/ctpet.h5 --proj 256    # the paper's best configuration
       train-survival --embeddings embeddings/ctpet.h5 --modalities pet --proj 128 --fold 0 --epochs 2
     """
-    # torch and the network: imported when training, so --help stays quick.
+    # local: torch and the network, imported when training, so --help stays quick
     from pipeline.dataset import load_cohort
-    from pipeline.embeddings import RandomInitWarning
     from pipeline.train import TrainConfig, format_summary, get_folds, train_survival as run
 
     # Loading the embeddings would repeat the random-init warning: said once below.
