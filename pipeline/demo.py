@@ -40,15 +40,15 @@ DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
 #: it means in the paper; the PET ViT runs on a 4^3 token grid with 4^3 windows.
 DEMO_ENCODERS: dict[str, dict[str, Any]] = {"ct": {}, "pet": {"img_size": 64, "window_size": 4}}
 
-#: TrainConfig overrides of the demo (see :class:`pipeline.train.TrainConfig`): 8 epochs of
-#: 15 steps (120 Adam steps of batch 8) at a learning rate of 1e-2 with one warm-up epoch and
+#: TrainConfig overrides of the demo (see :class:`pipeline.train.TrainConfig`): 6 epochs of
+#: 15 steps (90 Adam steps of batch 8) at a learning rate of 1e-2 with one warm-up epoch and
 #: no decay, an EMA over the last ~10 steps, and selection from epoch 3 on (the 15-case inner
 #: split cannot tell apart epochs whose segmentation has not yet learnt; see the README's
-#: demo section for the measurements behind each value). A cell takes 37-42 s on one core
-#: beside a second worker, more than the 15-minute demo allows (README, Benchmarks).
+#: demo section for the measurements behind each value). A cell takes ~16-19 s on one core
+#: beside a second worker (README, Benchmarks).
 DEMO_TRAIN: dict[str, Any] = {
-    "epochs": 8, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 16,
-    "lr": 1e-2, "warmup_epochs": 1, "lr_step_epochs": 8, "patience": 8,
+    "epochs": 6, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 16,
+    "lr": 1e-2, "warmup_epochs": 1, "lr_step_epochs": 6, "patience": 6,
     "ema_decay": 0.9, "select_from_epoch": 3,
     # The paper's shifts are +-10 voxels of 1 mm; +-3 voxels keep them at +-10 mm on the
     # demo's 3.3 mm grid (+-10 voxels would move the tumour by a third of the crop).
