@@ -975,6 +975,9 @@ def _delta_text(r: dict[str, Any]) -> str:
 
 def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: str) -> str:
     text = f"Under {PROTOCOL_LABELS[proto]} the DeepMTS+DAFT baseline reaches a C-index of {base['c_mean']:.3f}"
+    if _finite(base.get("auc_mean")):
+        text += (f" (1-year AUROC {base['auc_mean']:.3f}, defined in {base.get('auc_n')} of "
+                 f"{base.get('n_folds')} folds)")
     fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("paired_status") == "done"]
     if not fm:
         return text + "; no configuration with FM embeddings has a paired comparison yet."
@@ -1002,6 +1005,13 @@ def _peer_name(row: dict[str, Any]) -> str:
     return row["label"].removeprefix("peer: ")
 
 
+def _row_name(row: dict[str, Any]) -> str:
+    """``the clinical Cox peer`` / ``DeepMTS+DAFT + CT (d = 64)``: a headline row in a sentence."""
+    if row["label"].startswith("peer: "):
+        return f"the {_peer_name(row)} peer"
+    return row["label"] + (f" (d = {row['d']})" if row.get("d") not in (None, "-") else "")
+
+
 def _caveats(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> list[str]:
     out = []
     if facts.get("random_init"):
@@ -1016,7 +1026,8 @@ def _caveats(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> list[str
                    "too few for a precise C-index" + (f" (fold SD of the baseline {sd:.3f})" if _finite(sd) else ""))
     done = [r for r in rows.values() if r.get("paired_status") == "done"]
     if done:
-        outside = [r["label"] for r in done if not r["ci_low"] <= 0 <= r["ci_high"]]
+        outside = [f"{_row_name(r)} ({'below' if r['delta'] < 0 else 'above'} the baseline)"
+                   for r in done if not r["ci_low"] <= 0 <= r["ci_high"]]
         out.append("every difference from the baseline lies inside its 95 % CI, so none is resolved" if not outside
                    else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}")
     return out

@@ -173,6 +173,8 @@ def headline_display(head: dict[str, Any], identical: Sequence[dict[str, Any]] =
             row[f"C-index ({short})"] = fmt_mean_sd(r.get("c_mean"), r.get("c_sd"), r.get("c_n"),
                                                     r.get("n_folds")) if done else "pending"
             row[f"Δ vs baseline [95 % CI] ({short})"] = fmt_delta(r) if done else "-"
+            row[f"1-y AUROC ({short})"] = fmt_mean_sd(r.get("auc_mean"), r.get("auc_sd"), r.get("auc_n"),
+                                                      r.get("n_folds")) if done else "pending"
         rows.append(row)
     if _finite(head.get("oracle_c_index")):
         oracle = {k: "-" for k in rows[0]} if rows else {}
@@ -919,13 +921,16 @@ def headline_text(results: dict[str, Any]) -> str:
     if not head["protocols"]:
         return "headline: no configuration finished yet"
     proto = head["protocols"][0]
-    lines = [f"headline ({PROTOCOL_LABELS[proto]}; C-index mean ± SD, Δ vs baseline [95 % CI]):"]
+    lines = [f"headline ({PROTOCOL_LABELS[proto]}; mean ± SD over folds, (k/n) = folds where defined; "
+             "Δ C-index vs baseline [95 % CI]):",
+             f"  {'model':<44} {'C-index':<22} {'1-year AUROC':<22} Δ C-index"]
     for r in head["rows"][proto]:
-        name = r["label"] + (f", d = {r['d']}" if r["status"] == "done" and r.get("d") not in (None, "-") else "")
-        c = fmt_mean_sd(r.get("c_mean"), r.get("c_sd"), r.get("c_n"), r.get("n_folds")) \
-            if r["status"] == "done" else "pending"
-        delta = fmt_delta(r) if r["status"] == "done" else "-"
-        lines.append(f"  {name:<44} {c:<22} {'' if delta == '-' else 'Δ ' + delta}".rstrip())
+        done = r["status"] == "done"
+        name = r["label"] + (f", d = {r['d']}" if done and r.get("d") not in (None, "-") else "")
+        c = fmt_mean_sd(r.get("c_mean"), r.get("c_sd"), r.get("c_n"), r.get("n_folds")) if done else "pending"
+        auc = fmt_mean_sd(r.get("auc_mean"), r.get("auc_sd"), r.get("auc_n"), r.get("n_folds")) if done else "-"
+        delta = fmt_delta(r) if done else "-"
+        lines.append(f"  {name:<44} {c:<22} {auc:<22} {'' if delta == '-' else delta}".rstrip())
     if _finite(head.get("oracle_c_index")):
         lines.append(f"  {'oracle: true risk (synthetic cohort)':<44} {head['oracle_c_index']:.3f}")
     return "\n".join(lines + [""] + head.get("sentences", []))

@@ -385,7 +385,7 @@ def test_sentences_follow_the_numbers():
     real = report.headline_sentences(head, {"random_init": False, "synthetic": False, "n_cases": 500,
                                             "n_events": 400, "n_folds": 5})
     assert len(real) == 2 and "0.610" in real[0] and "CT (d = 64) +0.050 [+0.010, +0.090]" in real[0]
-    assert "excludes 0 only for DeepMTS+DAFT + CT" in real[1]
+    assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline)" in real[1]
     assert "randomly" not in real[1] and "too few" not in real[1]
     demo = report.headline_sentences(head | {"rows": {"inner": [base, row("pet", -0.01, -0.05, 0.03)]}},
                                      {"random_init": True, "synthetic": True, "n_cases": 100, "n_events": 40,
@@ -485,7 +485,9 @@ def test_console_headline_lists_the_unbiased_rows(fake):
     lines = text.splitlines()
     assert lines[0].startswith("headline (unbiased inner selection")
     base = next(r for r in fake["js"]["headline"]["rows"]["inner"] if r["group"] == "baseline")
-    assert report_render.fmt_mean_sd(base["c_mean"], base["c_sd"], base["c_n"], base["n_folds"]) in lines[1]
+    assert lines[1].split() == ["model", "C-index", "1-year", "AUROC", "Δ", "C-index"]
+    assert report_render.fmt_mean_sd(base["c_mean"], base["c_sd"], base["c_n"], base["n_folds"]) in lines[2]
+    assert report_render.fmt_mean_sd(base["auc_mean"], base["auc_sd"], base["auc_n"], base["n_folds"]) in lines[2]
     assert "oracle: true risk" in text and fake["js"]["headline"]["sentences"][0] in text
 
 
