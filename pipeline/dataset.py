@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import PreprocessedCache
+from pipeline.embeddings import read_embeddings
 from pipeline.manifest import read_manifest, survival_cases
 from pipeline.preprocess import PreprocessParams, survival_input
 
@@ -103,8 +104,6 @@ def load_cohort(
     attrs: dict = {}
     if embeddings_path is not None:
         # The loader checks provenance against the cache and names missing cases.
-        from pipeline.embeddings import read_embeddings
-
         emb = read_embeddings(embeddings_path, cache=cache, case_ids=ids, modalities=modalities)
         embeddings = {m: emb.matrix(m) for m in emb.modalities}
         attrs = {
