@@ -55,6 +55,9 @@ NO_EVENTS = "no_events"
 NO_COMPARABLE_PAIR = "no_comparable_pair"
 # Either, when the scores are not finite numbers (e.g. a diverged model):
 NON_FINITE_RISK = "non_finite_risk"
+# An integrated Brier score (pipeline.stats):
+NO_TRAINING_EVENT = "no_training_event"
+TOO_FEW_VALID_TIMES = "too_few_valid_times"
 # A training fold where no epoch had a finite selection score (no model to score); the
 # code predates the others' spelling and stays so that existing run folders read.
 NO_VALID_EPOCH = "no valid epoch"
@@ -68,6 +71,8 @@ REASON_TEXT: dict[str, str] = {
     HORIZON_BEFORE_FOLLOWUP: "follow-up starts after 365 d",
     CENSORING_UNDEFINED: "censoring distribution undefined",
     NON_FINITE_RISK: "risk scores not finite",
+    NO_TRAINING_EVENT: "no event in the training fold",
+    TOO_FEW_VALID_TIMES: "fewer than 2 times inside both follow-ups",
     NO_VALID_EPOCH: "no valid epoch",
 }
 

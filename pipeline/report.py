@@ -40,7 +40,7 @@ import pandas as pd
 from pipeline.artefacts import code_version, read_json, utc_now, write_json_atomic, atomic_path
 from pipeline.layout import EVAL_COLUMNS, PROTOCOLS, PeerRunLayout, RunLayout
 from pipeline.manifest import read_manifest, survival_cases
-from pipeline.metrics import NO_VALID_EPOCH, c_index_value, summarise
+from pipeline.metrics import NO_VALID_EPOCH, TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
 from pipeline.stats import (
     breslow_survival,
     calibration_at,
@@ -722,13 +722,16 @@ def _fold_ibs(split: str, fold: int, oof: pd.DataFrame, train: pd.DataFrame) -> 
     tr_t, tr_e = train["time"].to_numpy(float), train["event"].to_numpy(int)
     te_t, te_e = oof["time"].to_numpy(float), oof["event"].to_numpy(int)
     grid_t = ibs_time_grid(tr_t, te_t, n=50)
+    if grid_t.shape[0] < 2:
+        return row | {"ibs": None, "ibs_null": None, "reason": TOO_FEW_VALID_TIMES,
+                      "detail": "the test and training follow-ups overlap in fewer than 2 time points"}
     try:
         surv = breslow_survival(train["risk"].to_numpy(float), tr_t, tr_e, oof["risk"].to_numpy(float), grid_t)
         row["ibs"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, surv, grid_t)
         null = breslow_survival(np.zeros(len(tr_t)), tr_t, tr_e, np.zeros(len(te_t)), grid_t)
         row["ibs_null"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, null, grid_t)
-    except ValueError as exc:
-        row.update(ibs=None, ibs_null=None, reason=str(exc))
+    except MetricUndefined as exc:  # malformed inputs still raise: a defect, not a fact to report
+        row.update(ibs=None, ibs_null=None, reason=exc.reason, detail=exc.detail)
     return row
 
 

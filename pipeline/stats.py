@@ -49,7 +49,15 @@ from sksurv.linear_model.coxph import BreslowEstimator
 from sksurv.metrics import integrated_brier_score as sk_ibs
 from sksurv.util import Surv
 
-from pipeline.metrics import c_index, check_risk, check_survival
+from pipeline.metrics import (
+    CENSORING_UNDEFINED,
+    NO_TRAINING_EVENT,
+    TOO_FEW_VALID_TIMES,
+    MetricUndefined,
+    c_index,
+    check_risk,
+    check_survival,
+)
 
 #: Two risks closer than this count as tied, as in ``sksurv.metrics.concordance_index_censored``.
 TIED_TOL = 1e-8
@@ -462,7 +470,8 @@ def breslow_survival(train_risk: Any, train_time: Any, train_event: Any, test_ri
     t, e = check_survival(train_time, train_event, "breslow_survival (training fold)")
     r = check_risk(train_risk, t.shape[0], "breslow_survival (training fold)")
     if not e.any():
-        raise ValueError("breslow_survival: the training fold has no event; the baseline hazard is zero")
+        raise MetricUndefined(NO_TRAINING_EVENT,
+                              "breslow_survival: the training fold has no event; the baseline hazard is zero")
     rt = check_risk(test_risk, int(np.size(test_risk)), "breslow_survival (test risk)")
     grid = np.atleast_1d(np.asarray(times, dtype=float))
     if grid.ndim != 1 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
@@ -536,18 +545,23 @@ def integrated_brier_score(
         )
     if np.unique(grid).shape[0] != grid.shape[0]:
         raise ValueError("integrated_brier_score: times must be unique")
-    if not np.all(np.isfinite(est)) or est.min() < 0 or est.max() > 1:
-        raise ValueError("integrated_brier_score: survival probabilities must lie in [0, 1]")
     valid = ibs_time_grid(tr_t, te_t, grid)
     if valid.shape[0] < 2:
-        raise ValueError(
+        raise MetricUndefined(
+            TOO_FEW_VALID_TIMES,
             f"integrated_brier_score: fewer than 2 of the {grid.shape[0]} times lie in the valid range "
-            f"[{te_t.min():g}, {min(te_t.max(), tr_t.max()):g}) d (test follow-up, training follow-up)"
+            f"[{te_t.min():g}, {min(te_t.max(), tr_t.max()):g}) d (test follow-up, training follow-up)",
         )
+    if not np.all(np.isfinite(est)) or est.min() < 0 or est.max() > 1:
+        raise ValueError("integrated_brier_score: survival probabilities must lie in [0, 1]")
     cols = np.searchsorted(np.sort(grid), valid)
     order = np.argsort(grid)
     est = est[:, order][:, cols]
-    return float(sk_ibs(Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(te_e, te_t), est, valid))
+    try:
+        return float(sk_ibs(Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(te_e, te_t), est, valid))
+    except ValueError as exc:  # inputs are checked above: what is left is scikit-survival's IPCW
+        # censoring estimate, undefined e.g. where test times pass the last training time.
+        raise MetricUndefined(CENSORING_UNDEFINED, f"integrated_brier_score: {exc}") from exc
 
 
 def _km_at(time: np.ndarray, event: np.ndarray, horizon: float, level: float) -> tuple[float, float, float]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import report, report_render, study
+from pipeline import metrics, report, report_render, study
 from pipeline.artefacts import read_json, write_json_atomic
 from pipeline.layout import PEER_FILE
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
@@ -522,3 +522,17 @@ def test_c_index_reason_of_runs_written_before_the_reason_was_kept():
     assert report.c_undefined_reason(held.assign(event=[1, 1, 1], time=[5.0, 5.0, 5.0])) == "no_comparable_pair"
     assert report.c_undefined_reason(held.assign(event=[1, 0, 1])) == "no valid epoch"
     assert report.c_undefined_reason(held.iloc[:0]) == "unknown"
+
+
+def test_fold_ibs_reports_undefined_folds_by_reason_code():
+    train = pd.DataFrame({"time": [100.0, 200, 300, 400], "event": [1, 0, 1, 1], "risk": [0.1, 0.2, 0.3, 0.4]})
+    held_out = pd.DataFrame({"time": [150.0, 250, 350], "event": [1, 0, 1], "risk": [0.1, 0.2, 0.3]})
+    ok = report._fold_ibs("cv0", 0, held_out, train)
+    assert 0 < ok["ibs"] < 1 and 0 < ok["ibs_null"] < 1 and "reason" not in ok
+    late = held_out.assign(time=[500.0, 600, 700])  # follow-ups do not overlap
+    assert report._fold_ibs("cv0", 0, late, train)["reason"] == metrics.TOO_FEW_VALID_TIMES
+    no_event = report._fold_ibs("cv0", 0, held_out, train.assign(event=0))
+    assert no_event["ibs"] is None and no_event["reason"] == metrics.NO_TRAINING_EVENT
+    assert metrics.reason_text(no_event["reason"]) == "no event in the training fold"
+    with pytest.raises(ValueError, match="NaN or infinite"):  # malformed input still raises, not a reason
+        report._fold_ibs("cv0", 0, held_out, train.assign(time=[100.0, 200, 300, float("nan")]))
