@@ -98,12 +98,16 @@ def prepare_demo_cohort(manifest: str | os.PathLike, workers: int = 2) -> dict[s
         ``{"synthetic": bool, "data_source": str}`` plus ``oracle_c_index`` for a demo cohort.
     """
     if not describes_demo_cohort(manifest):
-        return {"synthetic": False, "data_source": f"manifest {Path(manifest).resolve()}"}
+        return _real_data(manifest)
     ensure_demo_cohort(manifest, workers=workers)
     side = read_json(manifest_sidecar_path(manifest))
     root = (Path(manifest).resolve().parent / side["source_root"]).resolve()
     return {"synthetic": True, "data_source": f"synthetic demo cohort at {root} (manifest {manifest})",
             "oracle_c_index": oracle_c_index(root)}
+
+
+def _real_data(manifest: str | os.PathLike) -> dict[str, Any]:
+    return {"synthetic": False, "data_source": f"manifest {Path(manifest).resolve()}"}
 
 
 def study_settings_text(train: dict[str, Any], demo: bool) -> str:
@@ -158,7 +162,7 @@ def prepare_inputs(
         with step(f"data from {spec.manifest} (a demo cohort's files are generated when absent)"):
             info.update(prepare_demo_cohort(spec.manifest, workers=workers))
     else:
-        info.update(synthetic=False, data_source=f"manifest {Path(spec.manifest).resolve()}")
+        info.update(_real_data(spec.manifest))
 
     params = demo_preprocess_params() if demo else PreprocessParams()
     with step(f"preprocess into {spec.cache_root} (finished cases are kept)"):

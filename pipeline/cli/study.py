@@ -170,12 +170,12 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
 
 
 def _step(msg: str) -> float:
-    click.secho(f"==> {msg}", bold=True)
+    _say("step", msg)
     return time.perf_counter()
 
 
 def _done(t0: float) -> None:
-    click.echo(f"    ({time.perf_counter() - t0:.0f} s)")
+    _say("line", f"({time.perf_counter() - t0:.0f} s)")
 
 
 def _say(kind: str, text: str) -> None:
