@@ -351,6 +351,20 @@ def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseErro
     return table.set_index("case_id", drop=False), errors
 
 
+def parse_endpoint_if_present(path: Path) -> tuple[pd.DataFrame, list[CaseError]]:
+    """:func:`parse_endpoint`, or an empty table when the root has no endpoint file.
+
+    A root without one (e.g. new patients from ``import-dicom``) gives a manifest with empty
+    endpoint columns, said in its record (``endpoints``): ``predict-survival`` scores it,
+    training commands refuse it.
+    """
+    if path.exists():
+        return parse_endpoint(path)
+    log.warning("%s: no endpoint file; the manifest's endpoint columns stay empty (prediction only, "
+                "no training)", path)
+    return pd.DataFrame(columns=["case_id", "relapse", "rfs_days"]).set_index("case_id", drop=False), []
+
+
 # --------------------------------------------------------------------------------------
 # Image checks
 # --------------------------------------------------------------------------------------
@@ -566,7 +580,7 @@ def build_manifest(
         raise HecktorFormatError(f"{root}: HECKTOR root not found")
     clinical_file, endpoint_file = root / CLINICAL_CSV, root / ENDPOINT_CSV
     clinical, errors = parse_clinical(clinical_file)
-    endpoint, endpoint_errors = parse_endpoint(endpoint_file)
+    endpoint, endpoint_errors = parse_endpoint_if_present(endpoint_file)
     errors += endpoint_errors
     # Ids with a problem in either CSV are out, even if the other CSV is fine.
     bad = {e.case_id for e in errors if e.case_id}
@@ -667,7 +681,9 @@ def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
         "manifest_sha256": sha256_file(manifest_path),
         "source_root": _relpath(root, manifest_path.resolve().parent),
         "clinical_csv_sha256": sha256_file(root / CLINICAL_CSV),
-        "endpoint_csv_sha256": sha256_file(root / ENDPOINT_CSV),
+        "endpoint_csv_sha256": sha256_file(root / ENDPOINT_CSV) if (root / ENDPOINT_CSV).exists() else None,
+        "endpoints": "from the endpoint file" if (root / ENDPOINT_CSV).exists() else
+                     f"none: the root has no {ENDPOINT_CSV}; endpoint columns empty (prediction only)",
         "params": params,
         "params_hash": params_hash(params),
         "n_cases": int(len(manifest)),

@@ -119,5 +119,15 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
 
 
 def survival_cases(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Rows that have an endpoint (HECKTOR Task 2 cases with RFS and Relapse)."""
-    return manifest[manifest["has_endpoint"].astype(int) == 1]
+    """Rows that have an endpoint (HECKTOR Task 2 cases with RFS and Relapse).
+
+    Raises:
+        ValueError: no row has one (a manifest built from a root without an endpoint file
+            serves ``predict-survival`` only; training and evaluation need endpoints).
+    """
+    rows = manifest[manifest["has_endpoint"].astype(int) == 1]
+    if rows.empty and len(manifest):
+        raise ValueError(f"the manifest's {len(manifest)} case(s) have no endpoint (has_endpoint is 0 for all: "
+                         "built from a root without hecktor2022_endpoint_training.csv); it serves "
+                         "predict-survival only, training needs a root with endpoints (import-dicom --endpoint)")
+    return rows

@@ -17,6 +17,7 @@ from pipeline.clinical import ClinicalTransform
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
 from pipeline.embeddings import RandomInitWarning
 from pipeline.layout import RunLayout
+from pipeline.manifest import read_manifest, survival_cases
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
 PRESETS = ("auto", "paper", "demo")
@@ -217,6 +218,7 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
 
     model = _json_option(model_config, "--model-config")
     try:
+        survival_cases(read_manifest(manifest))  # a manifest without endpoints: refused before any work
         size_xyz = cache_survival_size(cache_root, manifest)
         preset, why = resolve_preset(preset, size_xyz)
         options, notes = training_options(preset, config_file, scalars, model, tumour_input, device,
