@@ -108,13 +108,20 @@ def build_manifest(root: Path, out: Path, overwrite: bool, no_checksums: bool,
               help="Multiply every voxel spacing (2 = coarser, 8x fewer voxels; for quick tries).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing demo cohort at --out and manifest at --manifest.")
+@click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]), default="nifti", show_default=True,
+              help="nifti: the HECKTOR 2022 layout and its manifest. dicom: the same cohort as a scanner "
+                   "and planning system export it (CT, PET in Bq/ml, RTSTRUCT per patient, plus clinical.csv "
+                   "and endpoint.csv) for import-dicom; no manifest is built.")
 def make_demo_cohort(out: Path, n_cases: int, seed: int, manifest: Path, workers: int,
-                     spacing_scale: float, overwrite: bool) -> None:
+                     spacing_scale: float, overwrite: bool, fmt: str) -> None:
     """Generate the synthetic HECKTOR-format PET/CT cohort, then build its manifest.
 
     The committed data_manifest.csv already describes the default cohort: `run-study --demo`
     regenerates its files from it, so this command is only needed for another cohort."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if fmt == "dicom":
+        _demo_dicom(out, overwrite, n_cases=n_cases, seed=seed, workers=workers, spacing_scale=spacing_scale)
+        return
     if not overwrite:
         _refuse_existing(manifest, "--manifest")
     try:
@@ -125,3 +132,13 @@ def make_demo_cohort(out: Path, n_cases: int, seed: int, manifest: Path, workers
         _fail(str(exc))
     click.echo(f"{_summary(table, manifest)} (cohort {out}, oracle C-index "
                f"{oracle_c_index(root):.3f})")
+
+
+def _demo_dicom(out: Path, overwrite: bool, **cohort) -> None:
+    from pipeline.dicom.demo_writer import generate_dicom_demo_cohort
+
+    try:
+        root = generate_dicom_demo_cohort(out, overwrite=overwrite, **cohort)
+    except (HecktorFormatError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(f"{cohort['n_cases']} cases as DICOM -> {root} (import them with: import-dicom {out} --out ROOT)")
