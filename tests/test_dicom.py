@@ -1,0 +1,226 @@
+"""import-dicom: geometry, SUV, contours, refusals, the demo's DICOM round trip, a real case."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from pipeline.artefacts import read_json
+from pipeline.cli.dicom import import_dicom as import_dicom_cli
+from pipeline.dicom.convert import import_dicom
+from pipeline.dicom.demo_writer import (
+    contour_loops, generate_dicom_demo_cohort, suv_per_bqml, write_dicom_cohort, write_rtstruct, write_series,
+)
+from pipeline.dicom.errors import DicomImportError
+from pipeline.dicom.rtstruct import fill_polygons
+from pipeline.dicom.suv import suv_factor
+from pipeline.hecktor import build_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+STS_DICOM = REPO.parent / "shared" / "data" / "sts_dicom" / "STS-001"
+STS_NIFTI = REPO.parent / "shared" / "data" / "sts_petct"
+
+
+# --------------------------------------------------------------------------------------
+# Contours: the boundary rule
+# --------------------------------------------------------------------------------------
+
+def test_fill_is_even_odd_at_voxel_centres_with_half_open_edges():
+    square = np.array([[1.0, 1.0], [4.0, 1.0], [4.0, 4.0], [1.0, 4.0]])  # centres 1..3 inside, 4 not
+    got = fill_polygons([square], (6, 6))
+    want = np.zeros((6, 6), bool)
+    want[1:4, 1:4] = True
+    assert np.array_equal(got, want)
+    hole = np.array([[1.6, 1.6], [2.4, 1.6], [2.4, 2.4], [1.6, 2.4]])  # around the centre (2, 2)
+    island = np.array([[4.5, 4.5], [5.5, 4.5], [5.5, 5.5], [4.5, 5.5]])
+    got = fill_polygons([square, hole, island], (6, 6))
+    want[2, 2] = False
+    want[5, 5] = True
+    assert np.array_equal(got, want)
+    triangle = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])  # centres with x + y < 5 (x = 0 and y = 0 in)
+    got = fill_polygons([triangle], (6, 6))
+    yy, xx = np.mgrid[0:6, 0:6]
+    assert np.array_equal(got, (xx + yy < 5))
+
+
+def test_voxel_edge_outlines_fill_back_to_the_mask_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = rng.random((17, 23)) < 0.45  # holes, islands, diagonal touches
+        mask[5:12, 5:12] |= True
+        mask[7:10, 7:10] = False
+        assert np.array_equal(fill_polygons(contour_loops(mask), mask.shape), mask)
+
+
+# --------------------------------------------------------------------------------------
+# SUV
+# --------------------------------------------------------------------------------------
+
+def _bqml_inputs(decay: str) -> dict:
+    return {"units": "BQML", "decay_correction": decay, "patient_weight_kg": 80.0, "injected_dose_bq": 4.0e8,
+            "half_life_s": 6588.0, "injection_time": "2022-01-01T09:00:00", "scan_time": "2022-01-01T10:05:53"}
+
+
+def test_suv_factor_by_hand():
+    delay = 3953.0
+    assert suv_factor(_bqml_inputs("START")) == pytest.approx(80_000 / (4.0e8 * 2 ** (-delay / 6588.0)), rel=1e-12)
+    assert suv_factor(_bqml_inputs("ADMIN")) == pytest.approx(80_000 / 4.0e8, rel=1e-12)
+    assert suv_factor({"units": "GML"}) == 1.0
+    assert suv_factor({"units": "CNTS", "philips_suv_scale_factor": 0.00123}) == 0.00123
+    late = {**_bqml_inputs("START"), "injection_time": "2022-01-01T11:00:00"}
+    with pytest.raises(DicomImportError, match="before the injection"):
+        suv_factor(late)
+
+
+# --------------------------------------------------------------------------------------
+# A tiny case written with the demo writer, for refusals
+# --------------------------------------------------------------------------------------
+
+def _image(array: np.ndarray, spacing, origin) -> sitk.Image:
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    return img
+
+
+def _tiny_case(folder: Path, pid: str = "PAT-1", frame: str | None = None) -> dict:
+    """CT 12x10x6 (1 x 1 x 2 mm), PET 6x5x6 in Bq/ml, RTSTRUCT 'GTVp' (a 4x3 square on slices 1-3)."""
+    patient = {"id": pid, "age": "061Y", "sex": "F", "weight": 70.0}
+    uids = {k: pydicom.uid.generate_uid(entropy_srcs=[pid, k, str(folder)]) for k in ("study", "CT", "PT", "RTSTRUCT")}
+    uids["frame"] = frame or pydicom.uid.generate_uid(entropy_srcs=[pid, "frame"])
+    ct = np.arange(6 * 10 * 12, dtype=np.int16).reshape(6, 10, 12) - 300
+    label = np.zeros((6, 10, 12), np.uint8)
+    label[1:4, 3:6, 4:8] = 1
+    pet = np.linspace(0.0, 9.0, 6 * 5 * 6).reshape(6, 5, 6)
+    ct_img = _image(ct, (1.0, 1.0, 2.0), (-5.0, -4.0, 10.0))
+    sops = write_series(ct_img, folder / pid / "a", "CT", patient, uids)
+    write_series(_image(pet / suv_per_bqml(70.0), (2.0, 2.0, 2.0), (-5.0, -4.0, 10.0)), folder / pid / "b", "PT",
+                 patient, uids)
+    lab = sitk.GetImageFromArray(label)
+    lab.CopyInformation(ct_img)
+    write_rtstruct(lab, ct_img, sops, folder / pid / "c" / "rs.dcm", patient, uids)
+    return {"ct": ct, "pet": pet, "label": label, "uids": uids}
+
+
+def _files(folder: Path, modality: str) -> list[Path]:
+    out = [p for p in folder.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == modality]
+    return sorted(out, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+                  if modality != "RTSTRUCT" else 0)
+
+
+def _edit(path: Path, **tags) -> None:
+    ds = pydicom.dcmread(path)
+    for key, value in tags.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def test_tiny_case_imports_exactly(tmp_path: Path):
+    truth = _tiny_case(tmp_path / "src")
+    import_dicom(tmp_path / "src", tmp_path / "out", center_id=9)
+    ct = sitk.ReadImage(str(tmp_path / "out/imagesTr/PAT-1__CT.nii.gz"))
+    assert ct.GetPixelID() == sitk.sitkInt16 and ct.GetSpacing() == (1.0, 1.0, 2.0)
+    assert ct.GetOrigin() == (-5.0, -4.0, 10.0)
+    assert np.array_equal(sitk.GetArrayFromImage(ct), truth["ct"])
+    pet = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/imagesTr/PAT-1__PT.nii.gz")))
+    assert np.allclose(pet, truth["pet"], rtol=0, atol=9.0 / 32767)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/labelsTr/PAT-1.nii.gz"))),
+                          truth["label"])
+    record = read_json(tmp_path / "out/dicom_import/PAT-1.json")
+    assert record["pet"]["suv"]["units"] == "BQML" and record["pet"]["suv"]["patient_weight_kg"] == 70.0
+    assert record["labels"]["1"]["rois"] == ["GTVp"] and len(record["ct"]["sop_instance_uids"]) == 6
+    clinical = (tmp_path / "out/hecktor2022_clinical_info_training.csv").read_text()
+    assert clinical.splitlines()[1] == "PAT-1,1,0,9,F,61,70,NaN,NaN,NaN,NaN,NaN,NaN"
+
+
+def _refused(tmp_path: Path, match: str, **kwargs) -> None:
+    with pytest.raises(DicomImportError, match=match):
+        import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, **kwargs)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"], "a refusal leaves nothing behind"
+
+
+def test_missing_duplicate_and_uneven_slices_are_refused(tmp_path: Path):
+    _tiny_case(tmp_path / "src")
+    ct = _files(tmp_path / "src", "CT")
+    moved = ct[3].rename(tmp_path / "aside.dcm")
+    with pytest.raises(DicomImportError, match=r"PAT-1, series .* \(CT\): 1 missing slice\(s\) between positions "
+                                                r"14\.000 and 18\.000 mm"):
+        import_dicom(tmp_path / "src", tmp_path / "out", center_id=9)
+    moved.rename(ct[3])
+    shutil.copy(ct[2], tmp_path / "src" / "copy.dcm")
+    _edit(tmp_path / "src" / "copy.dcm", SOPInstanceUID=pydicom.uid.generate_uid(entropy_srcs=["dup"]))
+    _refused(tmp_path, r"duplicate slices at position 14\.000 mm")
+    (tmp_path / "src" / "copy.dcm").unlink()
+    _edit(ct[5], ImagePositionPatient=["-5", "-4", "20.5"])
+    _refused(tmp_path, r"uneven slice spacing: gap of 2\.500 mm at 18\.000 mm")
+
+
+def test_mixed_orientation_refused(tmp_path: Path):
+    _tiny_case(tmp_path / "src")
+    _edit(_files(tmp_path / "src", "CT")[2], ImageOrientationPatient=["1", "0", "0", "0", "0.9", "0.43589"])
+    _refused(tmp_path, r"PAT-1, series .*\(CT\): mixed orientations")
+
+
+def test_several_ct_series_need_series_option(tmp_path: Path):
+    truth = _tiny_case(tmp_path / "src")
+    second = pydicom.uid.generate_uid(entropy_srcs=["second"])
+    for i, path in enumerate(_files(tmp_path / "src", "CT")):
+        copy = tmp_path / "src" / "PAT-1" / "again" / f"{i}.dcm"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy)
+        _edit(copy, SeriesInstanceUID=second, SOPInstanceUID=pydicom.uid.generate_uid(entropy_srcs=["s", str(i)]))
+    _refused(tmp_path, r"PAT-1: 2 candidate CT series .*choose one with --series UID")
+    import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, series=[second])
+    assert read_json(tmp_path / "out/dicom_import/PAT-1.json")["ct"]["series_uid"] == second
+    assert truth["uids"]["CT"] != second
+
+
+def test_pet_in_another_frame_of_reference_refused(tmp_path: Path):
+    _tiny_case(tmp_path / "src")
+    for path in _files(tmp_path / "src", "PT"):
+        _edit(path, FrameOfReferenceUID="1.2.3.4")
+    _refused(tmp_path, r"PAT-1: no PET series shares the CT's FrameOfReferenceUID")
+
+
+@pytest.mark.parametrize("tag", ["PatientWeight", "RadiopharmaceuticalInformationSequence", "SeriesTime", "Units"])
+def test_missing_suv_tag_is_named(tmp_path: Path, tag: str):
+    _tiny_case(tmp_path / "src")
+    for path in _files(tmp_path / "src", "PT"):
+        _edit(path, **{tag: None})
+    _refused(tmp_path, rf"PAT-1, series .* \(PT\): SUV needs tag {tag}")
+
+
+def test_roi_matching_no_rule_lists_the_names(tmp_path: Path):
+    _tiny_case(tmp_path / "src")
+    _refused(tmp_path, r"PAT-1: no ROI matches the --label rules \(1=Tumour\); ROI names found: 'GTVn', 'GTVp'",
+             labels={1: "Tumour"})
+
+
+def test_pseudonyms_keep_identifiers_out(tmp_path: Path):
+    _tiny_case(tmp_path / "src", "Secret-7")
+    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                                                   "--center-id", "9", "--pseudonymise", "--mapping",
+                                                   str(tmp_path / "out" / "ids.csv")])
+    assert result.exit_code == 1 and "inside --out" in result.output
+    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                                                   "--center-id", "9", "--pseudonymise", "--mapping",
+                                                   str(tmp_path / "ids.csv")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Secret-7\n"
+    assert (tmp_path / "out/imagesTr/P0001__CT.nii.gz").is_file()
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"Secret" not in data and b"DEMO^" not in data, path
