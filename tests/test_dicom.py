@@ -224,3 +224,150 @@ def test_pseudonyms_keep_identifiers_out(tmp_path: Path):
         if path.is_file():
             data = path.read_bytes()
             assert b"Secret" not in data and b"DEMO^" not in data, path
+
+
+# --------------------------------------------------------------------------------------
+# The demo cohort as DICOM, back through import-dicom
+# --------------------------------------------------------------------------------------
+
+def _flip_x(image: sitk.Image) -> sitk.Image:
+    """The same voxels in space, stored with index 0 at the largest x (as the demo's HMR centre)."""
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[:, :, ::-1].copy())
+    flipped.SetSpacing(image.GetSpacing())
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((image.GetSize()[0] - 1, 0, 0)))
+    flipped.SetDirection(tuple((direction * [-1, 1, 1]).ravel()))
+    return flipped
+
+
+@pytest.fixture(scope="module")
+def demo_pair(tmp_path_factory):
+    """A small NIfTI demo cohort (one case re-stored with a flipped x axis), as DICOM, imported back."""
+    from pipeline.demo_cohort import generate_demo_cohort
+
+    base = tmp_path_factory.mktemp("demo_dicom")
+    nifti = generate_demo_cohort(base / "nifti", n_cases=3, seed=3, workers=1, spacing_scale=2.0)
+    first = pd.read_csv(nifti / "hecktor2022_clinical_info_training.csv")["PatientID"].iloc[0]
+    for path in (nifti / "imagesTr" / f"{first}__CT.nii.gz", nifti / "labelsTr" / f"{first}.nii.gz"):
+        sitk.WriteImage(_flip_x(sitk.ReadImage(str(path))), str(path), True)
+    write_dicom_cohort(nifti, base / "dicom")
+    import_dicom(base / "dicom", base / "root", clinical=base / "dicom" / "clinical.csv")
+    return nifti, base / "dicom", base / "root"
+
+
+def _on_grid(path: Path, reference: Path) -> tuple[np.ndarray, np.ndarray]:
+    ref = sitk.ReadImage(str(reference))
+    got = sitk.Resample(sitk.ReadImage(str(path)), ref, sitk.Transform(), sitk.sitkNearestNeighbor, -12345.0)
+    return sitk.GetArrayFromImage(got).astype(np.float64), sitk.GetArrayFromImage(ref).astype(np.float64)
+
+
+def test_demo_dicom_imports_back_to_the_nifti_cohort(demo_pair):
+    nifti, _, root = demo_pair
+    ids = pd.read_csv(nifti / "hecktor2022_clinical_info_training.csv")["PatientID"]
+    assert sorted(p.name for p in (root / "labelsTr").iterdir()) == sorted(f"{c}.nii.gz" for c in ids)
+    for cid in ids:
+        got, want = _on_grid(root / "imagesTr" / f"{cid}__CT.nii.gz", nifti / "imagesTr" / f"{cid}__CT.nii.gz")
+        assert np.array_equal(got, want), f"{cid} CT"
+        got, want = _on_grid(root / "labelsTr" / f"{cid}.nii.gz", nifti / "labelsTr" / f"{cid}.nii.gz")
+        assert np.array_equal(got, want), f"{cid} label"
+        got, want = _on_grid(root / "imagesTr" / f"{cid}__PT.nii.gz", nifti / "imagesTr" / f"{cid}__PT.nii.gz")
+        half_slope = want.max(axis=(1, 2), keepdims=True) / 32767 / 2  # the writer's per-slice int16 rounding
+        assert np.all(np.abs(got - want) <= half_slope * 1.001 + 1e-7), f"{cid} PET"
+    flipped = sitk.ReadImage(str(root / "imagesTr" / f"{ids[0]}__CT.nii.gz"))
+    assert np.linalg.det(np.asarray(flipped.GetDirection()).reshape(3, 3)) == pytest.approx(1.0)
+
+
+def test_demo_dicom_root_builds_a_manifest_with_and_without_endpoints(demo_pair, tmp_path: Path):
+    nifti, dicom, root = demo_pair
+    table = build_manifest(root, tmp_path / "m.csv", progress=False)
+    assert table["has_endpoint"].sum() == 0 and table["relapse"].isna().all()
+    record = read_json(tmp_path / "m.json")
+    assert record["endpoint_csv_sha256"] is None and record["endpoints"].startswith("none:")
+    reference = build_manifest(nifti, tmp_path / "ref.csv", progress=False)
+    cols = ["case_id", "center_id", "gender", "age", "hpv_status", "has_gtvp", "has_gtvn"]
+    assert table[cols].equals(reference[cols])
+    import_dicom(dicom, tmp_path / "with", clinical=dicom / "clinical.csv", endpoint=dicom / "endpoint.csv")
+    table = build_manifest(tmp_path / "with", tmp_path / "w.csv", progress=False)
+    assert table[["case_id", "has_endpoint", "relapse", "rfs_days"]].equals(
+        reference[["case_id", "has_endpoint", "relapse", "rfs_days"]])
+
+
+def test_training_refuses_a_manifest_without_endpoints(demo_pair, tmp_path: Path):
+    from pipeline.cli.train import train_survival
+
+    _, _, root = demo_pair
+    build_manifest(root, tmp_path / "m.csv", progress=False)
+    (tmp_path / "cache").mkdir()
+    result = CliRunner().invoke(train_survival, ["--manifest", str(tmp_path / "m.csv"), "--cache",
+                                                 str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    assert "have no endpoint" in result.output and "predict-survival only" in result.output
+
+
+def test_make_demo_cohort_dicom_refuses_to_overwrite(tmp_path: Path):
+    from pipeline.cli.data import make_demo_cohort
+
+    args = ["--format", "dicom", "--out", str(tmp_path / "d"), "--n-cases", "2", "--spacing-scale", "3",
+            "--workers", "1"]
+    assert CliRunner().invoke(make_demo_cohort, args).exit_code == 0
+    assert {"clinical.csv", "endpoint.csv", "demo_dicom.json"} <= {p.name for p in (tmp_path / "d").iterdir()}
+    result = CliRunner().invoke(make_demo_cohort, args)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert not (tmp_path / "data_manifest.csv").exists()
+
+
+# --------------------------------------------------------------------------------------
+# The real case (../shared/data/sts_dicom against the independent conversion sts_petct)
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sts(tmp_path_factory):
+    if not (STS_DICOM / "CT").is_dir() or not (STS_NIFTI / "imagesTr" / "STS-001__CT.nii.gz").is_file():
+        pytest.skip(f"real DICOM case not found at {STS_DICOM} or its NIfTI at {STS_NIFTI} "
+                    "(a checkout on its own has no ../shared)")
+    out = tmp_path_factory.mktemp("sts") / "root"
+    records = import_dicom(STS_DICOM.parent, out, labels={1: "GTV_Mass_CT"}, center_id=9)
+    return out, records[0]
+
+
+def test_real_case_matches_the_independent_conversion(sts):
+    out, record = sts
+    cid = record["case_id"]
+    for kind, rel in (("CT", 0.0), ("PT", 1e-4)):
+        got = sitk.ReadImage(str(out / "imagesTr" / f"{cid}__{kind}.nii.gz"))
+        want = sitk.ReadImage(str(STS_NIFTI / "imagesTr" / f"STS-001__{kind}.nii.gz"))
+        assert got.GetSize() == want.GetSize()
+        assert np.allclose(got.GetOrigin(), want.GetOrigin(), atol=1e-4)
+        assert np.allclose(got.GetSpacing(), want.GetSpacing(), atol=1e-5)
+        a, b = sitk.GetArrayFromImage(got).astype(np.float64), sitk.GetArrayFromImage(want).astype(np.float64)
+        assert np.all(np.abs(a - b) <= rel * np.abs(b) + (1e-6 if rel else 0.0)), kind
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{cid}.nii.gz"))) > 0
+    want = sitk.GetArrayFromImage(sitk.ReadImage(str(STS_NIFTI / "labelsTr" / "STS-001.nii.gz"))) > 0
+    assert 2 * (got & want).sum() / (got.sum() + want.sum()) >= 0.97
+    assert record["labels"]["1"]["rois"] == ["GTV_Mass_CT"]
+    assert any("not in the CT series" in w for w in record["warnings"]), "stale references are a warning"
+
+
+@pytest.mark.parametrize("decay", ["START", "ADMIN"])
+def test_real_pet_re_expressed_in_bqml_gives_back_the_suv(sts, tmp_path: Path, decay: str):
+    out, record = sts
+    src = tmp_path / "src" / "STS-001"
+    shutil.copytree(STS_DICOM, src)
+    # by hand: 71 kg, 380 MBq at 10:35:00, series at 11:20:11 (2711 s later), F-18 half-life 6586.2 s
+    factor = 71_000 / (3.8e8 * (2 ** (-2711 / 6586.2) if decay == "START" else 1.0))
+    for path in (src / "PT").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.Units, ds.DecayCorrection, ds.PatientWeight = "BQML", decay, "71"
+        ds.SeriesTime = ds.AcquisitionTime = "112011"
+        info = ds.RadiopharmaceuticalInformationSequence[0]
+        info.RadionuclideTotalDose, info.RadionuclideHalfLife, info.RadiopharmaceuticalStartTime = \
+            "3.8e8", "6586.2", "103500"
+        ds.RescaleSlope = f"{float(ds.RescaleSlope) / factor:.12g}"  # same stored values, now Bq/ml
+        ds.save_as(path)
+    records = import_dicom(tmp_path / "src", tmp_path / "out", labels={1: "GTV_Mass_CT"}, center_id=9)
+    assert records[0]["pet"]["suv"]["factor"] == pytest.approx(factor, rel=1e-12)
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/imagesTr/STS_001__PT.nii.gz")))
+    want = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr/STS_001__PT.nii.gz")))
+    assert np.all(np.abs(got - want) <= 1e-4 * np.abs(want) + 1e-7)
+    start = datetime(2000, 9, 7, 10, 35)
+    assert datetime.fromisoformat(records[0]["pet"]["suv"]["scan_time"]) - start == timedelta(seconds=2711)
