@@ -23,10 +23,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 
 from pipeline.artefacts import atomic_path, code_version, utc_now, write_json_atomic
@@ -43,20 +43,14 @@ from pipeline.hecktor import (
 
 PROVENANCE_DIR = "dicom_import"
 RUN_RECORD = "dicom_import.json"
-#: gzip level of the NIfTI files (1: fastest; the files are read far more often than written).
-COMPRESSION_LEVEL = 1
-
-
 def _write_nifti(image: sitk.Image, path: Path) -> None:
-    sitk.WriteImage(image, str(path), True, COMPRESSION_LEVEL)
+    sitk.WriteImage(image, str(path), True)
 
 
 def _ct_image(case: CaseSeries) -> tuple[sitk.Image, Any]:
     where = f"patient {case.patient}, series {case.ct.uid} (CT)"
     geometry = slice_geometry(case.ct.headers, case.patient)
-    values, integral = read_pixels(case.ct.headers, geometry, where)
-    fits = integral and values.min() >= -32768 and values.max() <= 32767
-    return to_image(values, geometry, np.int16 if fits else np.float32), geometry
+    return to_image(read_pixels(case.ct.headers, geometry, where), geometry), geometry
 
 
 def _pet_image(case: CaseSeries) -> tuple[sitk.Image, dict[str, Any]]:
@@ -64,8 +58,7 @@ def _pet_image(case: CaseSeries) -> tuple[sitk.Image, dict[str, Any]]:
     inputs = suv_inputs(case.pet.headers, where)
     factor = suv_factor(inputs, where)
     geometry = slice_geometry(case.pet.headers, case.patient)
-    values, _ = read_pixels(case.pet.headers, geometry, where)
-    return to_image(values * factor, geometry, np.float32), {"factor": factor, **inputs}
+    return to_image(read_pixels(case.pet.headers, geometry, where, scale=factor), geometry), {"factor": factor, **inputs}
 
 
 def _stale_references(case: CaseSeries) -> list[str]:
@@ -88,16 +81,21 @@ def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Pa
                  labels: dict[int, str], chosen: set[str]) -> dict[str, Any]:
     """Write one patient's CT, PET and label into ``root``; return its provenance record."""
     case = choose_series(patient, series, chosen)
-    ct, geometry = _ct_image(case)
-    pet, suv = _pet_image(case)
     rois = [roi for s in case.structures for ds in s.headers for roi in read_rois(ds)]
     by_label = match_labels(rois, labels, patient)
-    warnings = _stale_references(case) + list(suv.pop("warnings"))
-    label = sitk.GetImageFromArray(label_mask(by_label, geometry, warnings))
-    label.CopyInformation(ct)
-    _write_nifti(ct, root / IMAGES_DIR / f"{case_id}__CT.nii.gz")
-    _write_nifti(pet, root / IMAGES_DIR / f"{case_id}__PT.nii.gz")
-    _write_nifti(label, root / LABELS_DIR / f"{case_id}.nii.gz")
+    # gzip dominates: each image is compressed in a thread (SimpleITK releases the GIL) while
+    # the next one is read.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ct, geometry = _ct_image(case)
+        writes = [pool.submit(_write_nifti, ct, root / IMAGES_DIR / f"{case_id}__CT.nii.gz")]
+        pet, suv = _pet_image(case)
+        writes.append(pool.submit(_write_nifti, pet, root / IMAGES_DIR / f"{case_id}__PT.nii.gz"))
+        warnings = _stale_references(case) + list(suv.pop("warnings"))
+        label = sitk.GetImageFromArray(label_mask(by_label, geometry, warnings))
+        label.CopyInformation(ct)
+        writes.append(pool.submit(_write_nifti, label, root / LABELS_DIR / f"{case_id}.nii.gz"))
+        for done in writes:
+            done.result()
     return {
         "case_id": case_id,
         "ct": {"series_uid": case.ct.uid, "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.ct.headers),
@@ -218,6 +216,10 @@ def import_dicom(src: str | os.PathLike, out: str | os.PathLike, *, labels: dict
               "clinical_csv": clinical is not None, "endpoint_csv": endpoint is not None}
     extra = _csv_by_patient(Path(clinical) if clinical else None, ("PatientID",))
     endpoints = _csv_by_patient(Path(endpoint), ENDPOINT_HEADER) if endpoint else None
+    no_centre = [p for p in sorted(patients) if center_id is None and not extra.get(p, {}).get("CenterID")]
+    if no_centre:
+        raise DicomImportError(f"patient {no_centre[0]}: no CenterID; give --center-id or a CenterID column in "
+                               f"--clinical ({len(no_centre)} patient(s) without one)")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -1,9 +1,10 @@
 """Find every DICOM file under a folder and group it by patient and series, by tags only.
 
 File and folder names carry no meaning: a file is DICOM if pydicom reads its header, and it
-belongs where its ``PatientID``, ``SeriesInstanceUID`` and ``Modality`` say. Headers are
-read without pixel data (``stop_before_pixels``); the pixels of the chosen series are read
-later by :mod:`pipeline.dicom.volume`.
+belongs where its ``PatientID``, ``SeriesInstanceUID`` and ``Modality`` say. Each file is
+parsed once, with its large values (pixel data, long contour lists) deferred: pydicom reads
+them from the file when first used, so the pixels of the chosen series are read once, by
+:mod:`pipeline.dicom.volume`, and released after use.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from pydicom.errors import InvalidDicomError
 from pipeline.dicom.errors import DicomImportError
 
 
+#: Values larger than this (bytes) are read from the file only when used.
+DEFER_SIZE = 4096
+
+
 @dataclass
 class Series:
     """The files of one series (one ``SeriesInstanceUID``) of one patient.
 
     Attributes:
         uid: SeriesInstanceUID. modality: its Modality (CT, PT, RTSTRUCT, SEG, ...).
-        headers: one pydicom dataset per file, without pixel data; ``filename`` is set.
+        headers: one pydicom dataset per file (large values deferred); ``filename`` is set.
     """
 
     uid: str
@@ -48,7 +53,7 @@ class Series:
 
 def _read_header(path: Path) -> pydicom.Dataset | None:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except (InvalidDicomError, EOFError, IsADirectoryError):
         return None
     except OSError as exc:

@@ -109,33 +109,41 @@ def _check_gaps(along: np.ndarray, files: list[str], where: str) -> None:
                            f"against a median of {step:.3f} mm (tolerance {tol:.3f} mm)")
 
 
-def read_pixels(headers: list[pydicom.Dataset], geometry: Geometry, where: str) -> tuple[np.ndarray, bool]:
-    """Stored values x RescaleSlope + RescaleIntercept per slice, as (z, y, x) float64.
+def read_pixels(headers: list[pydicom.Dataset], geometry: Geometry, where: str,
+                scale: float = 1.0) -> np.ndarray:
+    """``scale x (stored value x RescaleSlope + RescaleIntercept)`` per slice, as (z, y, x).
 
-    Returns:
-        ``(array, integral)``: ``integral`` is True when every slope and intercept is an
-        integer (then the values are whole numbers, e.g. CT in HU).
+    Whole-number slopes and intercepts with ``scale`` 1 (CT in HU) give int16 (float32 where a
+    value falls outside int16); anything else float32, computed per slice in float64. The
+    pixel data of each header is decoded once and then dropped from it, so a scanned folder
+    does not hold every image in memory.
     """
-    out = np.empty(geometry.size[::-1], dtype=np.float64)
-    integral = True
-    for z, i in enumerate(geometry.order):
+    slices = [headers[i] for i in geometry.order]
+    rescale = [(float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0))
+               for ds in slices]
+    integral = scale == 1.0 and all(a == round(a) and b == round(b) for a, b in rescale)
+    out = np.empty(geometry.size[::-1], dtype=np.int16 if integral else np.float32)
+    for z, (ds, (slope, intercept)) in enumerate(zip(slices, rescale)):
         try:
-            ds = pydicom.dcmread(headers[i].filename)
             stored = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds; name the file
-            raise DicomImportError(f"{where}: pixel data of {headers[i].filename} unreadable "
-                                   f"(transfer syntax {getattr(headers[i].get('file_meta'), 'TransferSyntaxUID', '?')}"
-                                   f"): {exc}") from None
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        integral &= slope == round(slope) and intercept == round(intercept)
-        out[z] = stored * slope + intercept
-    return out, integral
+            syntax = getattr(ds.get("file_meta"), "TransferSyntaxUID", "?")
+            raise DicomImportError(f"{where}: pixel data of {ds.filename} unreadable (transfer syntax "
+                                   f"{syntax}): {exc}") from None
+        if integral:
+            values = np.multiply(stored, int(slope), dtype=np.int32) + int(intercept)
+            if out.dtype == np.int16 and (values.min() < -32768 or values.max() > 32767):
+                out = out.astype(np.float32)
+            out[z] = values
+        else:
+            out[z] = (stored * slope + intercept) * scale
+        del ds.PixelData
+    return out
 
 
-def to_image(array: np.ndarray, geometry: Geometry, dtype: type) -> sitk.Image:
+def to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     """A SimpleITK image of ``array`` (z, y, x) on ``geometry``."""
-    image = sitk.GetImageFromArray(array.astype(dtype, copy=False))
+    image = sitk.GetImageFromArray(array)
     image.SetOrigin(tuple(float(v) for v in geometry.origin))
     image.SetSpacing(geometry.spacing)
     image.SetDirection(tuple(float(v) for v in geometry.direction.ravel()))
