@@ -280,7 +280,7 @@ def test_demo_dicom_imports_back_to_the_nifti_cohort(demo_pair):
 def test_demo_dicom_root_builds_a_manifest_with_and_without_endpoints(demo_pair, tmp_path: Path):
     nifti, dicom, root = demo_pair
     table = build_manifest(root, tmp_path / "m.csv", progress=False)
-    assert table["has_endpoint"].sum() == 0 and table["relapse"].isna().all()
+    assert table["has_endpoint"].sum() == 0 and table["relapse"].isna().all() and (table["task2"] == 0).all()
     record = read_json(tmp_path / "m.json")
     assert record["endpoint_csv_sha256"] is None and record["endpoints"].startswith("none:")
     reference = build_manifest(nifti, tmp_path / "ref.csv", progress=False)

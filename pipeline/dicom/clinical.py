@@ -4,9 +4,10 @@ From the headers (the CT's first slice): ``Age`` from ``PatientAge`` (``059Y``; 
 weeks and days as fractions of a year), else whole years between ``PatientBirthDate`` and
 ``StudyDate``; ``Gender`` from ``PatientSex`` (M/F, anything else empty); ``Weight`` from
 ``PatientWeight`` (kg, the PET's when the CT has none). ``Task 1`` is 1 (images and
-contours), ``Task 2`` 1 when the case has an endpoint row. The other HECKTOR columns are
-empty unless ``--clinical CSV`` (keyed by ``PatientID``, HECKTOR's column names) gives them;
-a value in that CSV wins over the header's. ``CenterID`` comes from the CSV or
+contours), ``Task 2`` 1 when the case has an endpoint row (both describe the written root,
+whatever ``--clinical`` says). The other HECKTOR columns are empty unless ``--clinical CSV``
+(keyed by ``PatientID``, HECKTOR's column names) gives them; a value in that CSV wins over
+the header's. ``CenterID`` comes from the CSV or
 ``--center-id``.
 
 Case ids: the ``PatientID`` as it is when it is a safe file name (letters, digits, ``.``,
@@ -28,6 +29,8 @@ from pipeline.dicom.errors import DicomImportError
 from pipeline.hecktor import CLINICAL_HEADER
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Columns ``--clinical`` may fill; Task 1 and Task 2 say what the written root holds.
+_MERGED = tuple(c for c in CLINICAL_HEADER[1:] if c not in ("Task 1", "Task 2"))
 _AGE_UNITS = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.2425}
 
 
@@ -93,7 +96,7 @@ def clinical_rows(headers: dict[str, dict[str, Any]], ids: dict[str, str], extra
         cells: dict[str, Any] = {"Task 1": 1, "Task 2": int(pid in endpoint_ids),
                                  "CenterID": center_id if center_id is not None else "", **headers[pid]}
         for col, value in extra.get(pid, {}).items():
-            if col in CLINICAL_HEADER[1:] and str(value).strip() not in ("", "NaN", "nan"):
+            if col in _MERGED and str(value).strip() not in ("", "NaN", "nan"):
                 cells[col] = str(value).strip()
         if cells["CenterID"] in ("", None):
             raise DicomImportError(f"patient {pid}: no CenterID; give --center-id or a CenterID column in --clinical")
