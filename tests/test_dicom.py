@@ -371,3 +371,28 @@ def test_real_pet_re_expressed_in_bqml_gives_back_the_suv(sts, tmp_path: Path, d
     assert np.all(np.abs(got - want) <= 1e-4 * np.abs(want) + 1e-7)
     start = datetime(2000, 9, 7, 10, 35)
     assert datetime.fromisoformat(records[0]["pet"]["suv"]["scan_time"]) - start == timedelta(seconds=2711)
+
+
+def test_cnts_needs_the_vendor_factor_and_other_units_are_refused(tmp_path: Path):
+    truth = _tiny_case(tmp_path / "src")
+    pet = _files(tmp_path / "src", "PT")
+    for path in pet:
+        _edit(path, Units="CNTS")
+    _refused(tmp_path, r"PAT-1, series .* \(PT\): Units CNTS needs the vendor's SUV scale factor \(7053,1000\)")
+    for path in pet:
+        ds = pydicom.dcmread(path)
+        ds.add_new((0x7053, 0x0010), "LO", "Philips PET Private Group")
+        ds.add_new((0x7053, 0x1000), "DS", f"{suv_per_bqml(70.0):.10g}")
+        ds.save_as(path)
+    import_dicom(tmp_path / "src", tmp_path / "out", center_id=9)
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/imagesTr/PAT-1__PT.nii.gz")))
+    assert np.allclose(got, truth["pet"], rtol=0, atol=9.0 / 32767)
+    shutil.rmtree(tmp_path / "out")
+    for path in pet:
+        _edit(path, Units="PROPCNTS")
+    _refused(tmp_path, r"Units 'PROPCNTS' is not supported")
+
+
+def test_unknown_series_uid_refused(tmp_path: Path):
+    _tiny_case(tmp_path / "src")
+    _refused(tmp_path, r"--series 1\.2\.3: no such SeriesInstanceUID", series=["1.2.3"])

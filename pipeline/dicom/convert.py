@@ -210,6 +210,9 @@ def import_dicom(src: str | os.PathLike, out: str | os.PathLike, *, labels: dict
     mapping = Path(mapping) if mapping is not None else None
     _check_destinations(out, mapping, pseudonymise, overwrite)
     patients = scan_folder(src)
+    unknown = set(series) - {uid for found in patients.values() for uid in found}
+    if unknown:
+        raise DicomImportError(f"--series {', '.join(sorted(unknown))}: no such SeriesInstanceUID under {src}")
     ids = case_ids(list(patients), pseudonymise)
     params = {"labels": {str(k): v for k, v in (labels or DEFAULT_LABELS).items()}, "series": sorted(series),
               "center_id": center_id, "pseudonymise": pseudonymise,

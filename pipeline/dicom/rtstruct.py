@@ -45,7 +45,13 @@ class Roi:
 
 
 def read_rois(ds: pydicom.Dataset) -> list[Roi]:
-    """Every ROI of an RTSTRUCT with its CLOSED_PLANAR contours (other types listed)."""
+    """Every ROI of an RTSTRUCT with its CLOSED_PLANAR contours (other types listed).
+
+    A header scanned with deferred values is read again in full first (one parse instead of
+    one file access per long contour).
+    """
+    if isinstance(getattr(ds, "filename", None), str):
+        ds = pydicom.dcmread(ds.filename)
     rois = {int(r.ROINumber): Roi(str(r.ROIName), int(r.ROINumber), str(ds.filename))
             for r in ds.get("StructureSetROISequence", [])}
     for item in ds.get("ROIContourSequence", []):
