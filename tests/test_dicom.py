@@ -396,3 +396,55 @@ def test_cnts_needs_the_vendor_factor_and_other_units_are_refused(tmp_path: Path
 def test_unknown_series_uid_refused(tmp_path: Path):
     _tiny_case(tmp_path / "src")
     _refused(tmp_path, r"--series 1\.2\.3: no such SeriesInstanceUID", series=["1.2.3"])
+
+
+# --------------------------------------------------------------------------------------
+# DICOM SEG instead of an RTSTRUCT
+# --------------------------------------------------------------------------------------
+
+def _write_seg(path: Path, label: np.ndarray, uids: dict, shift_x: int = 0) -> None:
+    """A BINARY SEG of label 1 ('GTVp') on the tiny case's CT planes, its grid shifted by ``shift_x`` voxels."""
+    from pydicom.pixels import pack_bits
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["seg"])
+    ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "SEG", "PAT-1", pydicom.uid.generate_uid(entropy_srcs=["sg"])
+    ds.FrameOfReferenceUID, ds.SegmentationType = uids["frame"], "BINARY"
+    segment = pydicom.Dataset()
+    segment.SegmentNumber, segment.SegmentLabel = 1, "GTVp"
+    ds.SegmentSequence = [segment]
+    planes = [k for k in range(label.shape[0]) if (label[k] == 1).any()]
+    frames = np.stack([np.roll(label[k] == 1, -shift_x, axis=1) for k in planes]).astype(np.uint8)
+    shared, orient, measures = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    orient.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    measures.PixelSpacing, measures.SliceThickness = ["1", "1"], "2"
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = [orient], [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k in planes:
+        item, pos, ident = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+        pos.ImagePositionPatient = [str(-5.0 + shift_x), "-4", str(10.0 + 2 * k)]
+        ident.ReferencedSegmentNumber = 1
+        item.PlanePositionSequence, item.SegmentIdentificationSequence = [pos], [ident]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.NumberOfFrames, (ds.Rows, ds.Columns) = len(planes), label.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.PixelData = pack_bits(frames)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("shift_x", [0, 1])
+def test_seg_instead_of_rtstruct_gives_the_label(tmp_path: Path, shift_x: int):
+    truth = _tiny_case(tmp_path / "src")
+    _files(tmp_path / "src", "RTSTRUCT")[0].unlink()
+    _refused(tmp_path, r"PAT-1: no RTSTRUCT or SEG in the CT's frame of reference")
+    _write_seg(tmp_path / "src" / "seg.dcm", truth["label"], truth["uids"], shift_x)
+    records = import_dicom(tmp_path / "src", tmp_path / "out", center_id=9)
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/labelsTr/PAT-1.nii.gz")))
+    assert np.array_equal(got, truth["label"])
+    assert records[0]["labels"]["1"]["rois"] == ["GTVp"] and records[0]["structures"][0]["modality"] == "SEG"

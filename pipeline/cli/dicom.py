@@ -67,7 +67,7 @@ def _labels(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 def import_dicom(src: Path, out: Path, labels: dict[int, str] | None, series: tuple[str, ...],
                  center_id: int | None, clinical: Path | None, endpoint: Path | None, pseudonymise: bool,
                  mapping: Path | None, overwrite: bool) -> None:
-    """Import every patient's CT, PET and RT Structure Set found under SRC (any folder layout;
+    """Import every patient's CT, PET and RT Structure Set (or DICOM SEG) found under SRC (any folder layout;
     files are identified by their tags) into a HECKTOR 2022 training root that build-manifest
     reads as it is. PET becomes body-weight SUV (QIBA); contours are filled at voxel centres
     (even-odd rule) on the CT grid. Any case that cannot be imported stops the command,

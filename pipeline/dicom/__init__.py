@@ -9,7 +9,9 @@ Modules, one step each:
 * :mod:`pipeline.dicom.suv`: body-weight SUV after the QIBA vendor-neutral calculation.
 * :mod:`pipeline.dicom.rtstruct`: RT Structure Set contours -> label mask on the CT grid
   (voxel centres inside the polygons, even-odd rule).
-* :mod:`pipeline.dicom.cases`: which series of a patient are its CT, PET and structure sets.
+* :mod:`pipeline.dicom.seg`: DICOM SEG segments -> masks on the CT grid (voxel centres in set
+  SEG pixels).
+* :mod:`pipeline.dicom.cases`: which series of a patient are its CT, PET and contours.
 * :mod:`pipeline.dicom.clinical`: clinical CSV rows from the headers, ``--clinical`` merge,
   pseudonyms.
 * :mod:`pipeline.dicom.convert`: the whole import (:func:`import_dicom`), written to a

@@ -4,8 +4,8 @@ CT candidates are the CT series that are not localizers; PET candidates the PT s
 attenuation-corrected ones preferred when both kinds are there. More than one candidate of a
 modality is refused, listing them, unless ``--series UID`` names one. The PET must share the
 CT's FrameOfReferenceUID (then the two grids are in one patient coordinate system); the
-structure sets (RTSTRUCT) are those of that frame of reference. DICOM SEG is not supported
-yet and is refused when it is the only contour source.
+structure sets (RTSTRUCT) and segmentations (SEG) are those of that frame of reference; a
+patient with neither is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class CaseSeries:
     ct: Series
     pet: Series
     structures: list[Series]
+    segmentations: list[Series]
 
 
 def _is_localizer(series: Series) -> bool:
@@ -63,15 +64,13 @@ def choose_series(patient: str, series: dict[str, Series], chosen: set[str]) -> 
     pet = _one(same_for, "PET", patient, chosen)
     structures = [s for s in series.values() if s.modality == "RTSTRUCT"
                   and _referenced_frames(s) & {ct.frame_of_reference}]
-    if not structures:
-        segs = [s.uid for s in series.values() if s.modality == "SEG"]
-        if segs:
-            raise DicomImportError(f"patient {patient}: contours only as DICOM SEG (series {', '.join(segs)}); "
-                                   "DICOM SEG is not supported yet, export an RT Structure Set")
-        others = [s.uid for s in series.values() if s.modality == "RTSTRUCT"]
-        raise DicomImportError(f"patient {patient}: no RTSTRUCT in the CT's frame of reference "
-                               f"{ct.frame_of_reference}" + (f" (other RTSTRUCT series: {others})" if others else ""))
-    return CaseSeries(patient, ct, pet, structures)
+    segmentations = [s for s in series.values() if s.modality == "SEG"
+                     and s.frame_of_reference == ct.frame_of_reference]
+    if not structures and not segmentations:
+        others = [s.uid for s in series.values() if s.modality in ("RTSTRUCT", "SEG")]
+        raise DicomImportError(f"patient {patient}: no RTSTRUCT or SEG in the CT's frame of reference "
+                               f"{ct.frame_of_reference}" + (f" (others: {others})" if others else ""))
+    return CaseSeries(patient, ct, pet, structures, segmentations)
 
 
 def _referenced_frames(series: Series) -> set[str]:

@@ -8,7 +8,8 @@ Output (the layout :func:`pipeline.hecktor.build_manifest` reads)::
     <out>/hecktor2022_clinical_info_training.csv
     <out>/hecktor2022_endpoint_training.csv     only with --endpoint
     <out>/dicom_import/<ID>.json       per-case provenance: series and SOP instance UIDs read,
-                                       SUV factor and its inputs, ROI names per label, warnings
+                                       SUV factor and its inputs, ROI / segment names per label,
+                                       warnings
     <out>/dicom_import.json            the run: parameters, cases, code version
 
 Everything is written to a temporary sibling folder and renamed onto ``<out>`` at the end: a
@@ -35,6 +36,7 @@ from pipeline.dicom.clinical import case_ids, clinical_rows, header_row
 from pipeline.dicom.errors import DicomImportError
 from pipeline.dicom.rtstruct import DEFAULT_LABELS, label_mask, match_labels, read_rois
 from pipeline.dicom.scan import Series, scan_folder
+from pipeline.dicom.seg import read_segments
 from pipeline.dicom.suv import suv_factor, suv_inputs
 from pipeline.dicom.volume import read_pixels, slice_geometry, to_image
 from pipeline.hecktor import (
@@ -82,6 +84,7 @@ def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Pa
     """Write one patient's CT, PET and label into ``root``; return its provenance record."""
     case = choose_series(patient, series, chosen)
     rois = [roi for s in case.structures for ds in s.headers for roi in read_rois(ds)]
+    rois += [seg for s in case.segmentations for ds in s.headers for seg in read_segments(ds)]
     by_label = match_labels(rois, labels, patient)
     # gzip dominates: each image is compressed in a thread (SimpleITK releases the GIL) while
     # the next one is read.
@@ -103,8 +106,9 @@ def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Pa
                "spacing_xyz_mm": list(ct.GetSpacing())},
         "pet": {"series_uid": case.pet.uid, "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.pet.headers),
                 "size_xyz": list(pet.GetSize()), "spacing_xyz_mm": list(pet.GetSpacing()), "suv": suv},
-        "structures": [{"series_uid": s.uid, "sop_instance_uids": [str(h.SOPInstanceUID) for h in s.headers]}
-                       for s in case.structures],
+        "structures": [{"series_uid": s.uid, "modality": s.modality,
+                        "sop_instance_uids": [str(h.SOPInstanceUID) for h in s.headers]}
+                       for s in case.structures + case.segmentations],
         "labels": {str(k): {"rule": labels[k], "rois": [r.name for r in v]} for k, v in by_label.items()},
         "rois_found": sorted({r.name for r in rois}),
         "warnings": warnings,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -42,6 +43,9 @@ class Roi:
     file: str
     contours: list[np.ndarray] = field(default_factory=list)
     skipped_types: list[str] = field(default_factory=list)
+
+    def mask(self, geometry: Geometry, warnings: list[str]) -> np.ndarray:
+        return roi_mask(self, geometry, warnings)
 
 
 def read_rois(ds: pydicom.Dataset) -> list[Roi]:
@@ -67,8 +71,9 @@ def read_rois(ds: pydicom.Dataset) -> list[Roi]:
     return list(rois.values())
 
 
-def match_labels(rois: list[Roi], rules: dict[int, str], patient: str) -> dict[int, list[Roi]]:
-    """ROIs per label by the rules (``re.search``, case-insensitive).
+def match_labels(rois: list[Any], rules: dict[int, str], patient: str) -> dict[int, list[Any]]:
+    """ROIs (or SEG segments: anything with ``name`` and ``mask``) per label by the rules
+    (``re.search``, case-insensitive).
 
     Raises:
         DicomImportError: no ROI matches any rule (the ROI names found are listed), or one
@@ -144,13 +149,14 @@ def roi_mask(roi: Roi, geometry: Geometry, warnings: list[str]) -> np.ndarray:
     return mask
 
 
-def label_mask(by_label: dict[int, list[Roi]], geometry: Geometry, warnings: list[str]) -> np.ndarray:
-    """uint8 label (z, y, x): each label's ROIs united; overlapping labels refused."""
+def label_mask(by_label: dict[int, list[Any]], geometry: Geometry, warnings: list[str]) -> np.ndarray:
+    """uint8 label (z, y, x): each label's ROIs (or segments) united; where labels overlap the
+    lower one keeps the voxels, with a warning."""
     nx, ny, nz = geometry.size
     label = np.zeros((nz, ny, nx), dtype=np.uint8)
     for value in sorted(by_label):
         for roi in by_label[value]:
-            mask = roi_mask(roi, geometry, warnings)
+            mask = roi.mask(geometry, warnings)
             clash = mask & (label != 0) & (label != value)
             if clash.any():
                 warnings.append(f"ROI {roi.name!r} (label {value}) overlaps an earlier label in "
