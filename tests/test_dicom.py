@@ -448,3 +448,12 @@ def test_seg_instead_of_rtstruct_gives_the_label(tmp_path: Path, shift_x: int):
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/labelsTr/PAT-1.nii.gz")))
     assert np.array_equal(got, truth["label"])
     assert records[0]["labels"]["1"]["rois"] == ["GTVp"] and records[0]["structures"][0]["modality"] == "SEG"
+
+
+def test_an_existing_mapping_is_not_replaced_without_overwrite(tmp_path: Path):
+    _tiny_case(tmp_path / "src")
+    (tmp_path / "ids.csv").write_text("case_id,PatientID\nP0001,Someone-else\n")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, pseudonymise=True, mapping=tmp_path / "ids.csv")
+    assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Someone-else\n"
+    assert not (tmp_path / "out").exists()

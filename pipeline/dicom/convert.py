@@ -141,6 +141,9 @@ def _check_destinations(out: Path, mapping: Path | None, pseudonymise: bool, ove
         if mapping.resolve().is_relative_to(out.resolve()):
             raise DicomImportError(f"--mapping {mapping} is inside --out {out}; keep the mapping apart from "
                                    "the pseudonymised data")
+        if mapping.exists() and not overwrite:
+            raise FileExistsError(f"--mapping {mapping} exists; pass --overwrite to replace it (the case ids it "
+                                  "maps may be in use elsewhere)")
     elif mapping is not None:
         raise DicomImportError("--mapping is only written with --pseudonymise")
 

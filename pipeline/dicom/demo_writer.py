@@ -223,7 +223,8 @@ def write_rtstruct(label: sitk.Image, ct: sitk.Image, ct_sops: list[str], path: 
 
 def _patient(row: pd.Series) -> dict[str, Any]:
     weight = float(row["Weight"]) if str(row["Weight"]).strip() not in ("", "NaN", "nan") else math.nan
-    return {"id": row["PatientID"], "age": f"{int(float(row['Age'])):03d}Y", "sex": row["Gender"],
+    age = float(row["Age"]) if str(row["Age"]).strip() not in ("", "NaN", "nan") else math.nan
+    return {"id": row["PatientID"], "age": f"{int(age):03d}Y" if math.isfinite(age) else "", "sex": row["Gender"],
             "weight": weight if math.isfinite(weight) and weight > 0 else DEFAULT_WEIGHT_KG}
 
 
