@@ -93,7 +93,8 @@ def build_manifest(root: Path, out: Path, overwrite: bool, no_checksums: bool,
 @click.command(name="make-demo-cohort", context_settings=_CONTEXT)
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_ROOT, show_default=True,
-              help="Folder to write the synthetic cohort to (HECKTOR 2022 layout).")
+              help="Folder to write the synthetic cohort to (HECKTOR 2022 layout; DICOM with "
+                   "--format dicom, which needs a folder of its own).")
 @click.option("--n-cases", type=click.IntRange(min=2), default=100, show_default=True,
               help="Number of cases.")
 @click.option("--seed", type=int, default=42, show_default=True,
