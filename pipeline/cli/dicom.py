@@ -39,7 +39,8 @@ def _labels(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 
 @click.command(name="import-dicom", context_settings=_CONTEXT, epilog=(
     "\b\nExamples:\n"
-    "  import-dicom /archive/export --out data/clinic --center-id 9 --label 1=GTV_Mass_CT   # not run: needs your DICOM"))
+    "  import-dicom /archive/export --out data/clinic --center-id 9 --label 1=GTV_Mass_CT"
+    "   # not run: needs your DICOM"))
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="HECKTOR 2022 training root to write (imagesTr/, labelsTr/, the clinical CSV, "

@@ -60,7 +60,8 @@ def _pet_image(case: CaseSeries) -> tuple[sitk.Image, dict[str, Any]]:
     inputs = suv_inputs(case.pet.headers, where)
     factor = suv_factor(inputs, where)
     geometry = slice_geometry(case.pet.headers, case.patient)
-    return to_image(read_pixels(case.pet.headers, geometry, where, scale=factor), geometry), {"factor": factor, **inputs}
+    image = to_image(read_pixels(case.pet.headers, geometry, where, scale=factor), geometry)
+    return image, {"factor": factor, **inputs}
 
 
 def _stale_references(case: CaseSeries) -> list[str]:
@@ -104,7 +105,8 @@ def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Pa
         "ct": {"series_uid": case.ct.uid, "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.ct.headers),
                "frame_of_reference_uid": case.ct.frame_of_reference, "size_xyz": list(ct.GetSize()),
                "spacing_xyz_mm": list(ct.GetSpacing())},
-        "pet": {"series_uid": case.pet.uid, "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.pet.headers),
+        "pet": {"series_uid": case.pet.uid,
+                "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.pet.headers),
                 "size_xyz": list(pet.GetSize()), "spacing_xyz_mm": list(pet.GetSpacing()), "suv": suv},
         "structures": [{"series_uid": s.uid, "modality": s.modality,
                         "sop_instance_uids": [str(h.SOPInstanceUID) for h in s.headers]}
