@@ -142,4 +142,5 @@ def _demo_dicom(out: Path, overwrite: bool, **cohort) -> None:
         root = generate_dicom_demo_cohort(out, overwrite=overwrite, **cohort)
     except (HecktorFormatError, ValueError, OSError) as exc:
         _fail(str(exc))
-    click.echo(f"{cohort['n_cases']} cases as DICOM -> {root} (import them with: import-dicom {out} --out ROOT)")
+    click.echo(f"{cohort['n_cases']} cases as DICOM -> {root} (import them with: import-dicom {out} --out ROOT "
+               f"--clinical {out / 'clinical.csv'})")
