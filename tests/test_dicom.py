@@ -457,3 +457,17 @@ def test_an_existing_mapping_is_not_replaced_without_overwrite(tmp_path: Path):
         import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, pseudonymise=True, mapping=tmp_path / "ids.csv")
     assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Someone-else\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_dicom_is_deterministic(demo_pair, tmp_path: Path):
+    nifti, dicom, _ = demo_pair
+    write_dicom_cohort(nifti, tmp_path / "again")
+    first = {p.relative_to(dicom): p.read_bytes() for p in dicom.rglob("*") if p.is_file()}
+    second = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()}
+    assert first.keys() == second.keys() and all(first[k] == second[k] for k in first)
+
+
+@pytest.mark.parametrize("rule", ["GTVp", "0=GTVp", "1=", "1=GTV(p"])
+def test_label_rules_are_checked(tmp_path: Path, rule: str):
+    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path), "--out", str(tmp_path / "out"), "--label", rule])
+    assert result.exit_code == 2 and "--label" in result.output and not (tmp_path / "out").exists()
