@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,10 +46,6 @@ from pipeline.hecktor import (
 
 PROVENANCE_DIR = "dicom_import"
 RUN_RECORD = "dicom_import.json"
-def _write_nifti(image: sitk.Image, path: Path) -> None:
-    sitk.WriteImage(image, str(path), True)
-
-
 def _ct_image(case: CaseSeries) -> tuple[sitk.Image, Any]:
     where = f"patient {case.patient}, series {case.ct.uid} (CT)"
     geometry = slice_geometry(case.ct.headers, case.patient)
@@ -80,26 +77,39 @@ def _stale_references(case: CaseSeries) -> list[str]:
             "FrameOfReferenceUID instead)"]
 
 
+class _Writer:
+    """gzip NIfTI writes in background threads (SimpleITK releases the GIL), so compression
+    overlaps the reading of the next image and the next case. At most ``backlog`` writes
+    wait, which bounds the images held in memory."""
+
+    def __init__(self, pool: ThreadPoolExecutor, backlog: int = 4):
+        self.pool, self.backlog, self.pending = pool, backlog, deque()
+
+    def write(self, image: sitk.Image, path: Path) -> None:
+        self.pending.append(self.pool.submit(sitk.WriteImage, image, str(path), True))
+        while len(self.pending) > self.backlog:
+            self.pending.popleft().result()
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+
 def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Path,
-                 labels: dict[int, str], chosen: set[str]) -> dict[str, Any]:
-    """Write one patient's CT, PET and label into ``root``; return its provenance record."""
+                 labels: dict[int, str], chosen: set[str], writer: _Writer) -> dict[str, Any]:
+    """Queue one patient's CT, PET and label for writing into ``root``; return its provenance record."""
     case = choose_series(patient, series, chosen)
     rois = [roi for s in case.structures for ds in s.headers for roi in read_rois(ds)]
     rois += [seg for s in case.segmentations for ds in s.headers for seg in read_segments(ds)]
     by_label = match_labels(rois, labels, patient)
-    # gzip dominates: each image is compressed in a thread (SimpleITK releases the GIL) while
-    # the next one is read.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        ct, geometry = _ct_image(case)
-        writes = [pool.submit(_write_nifti, ct, root / IMAGES_DIR / f"{case_id}__CT.nii.gz")]
-        pet, suv = _pet_image(case)
-        writes.append(pool.submit(_write_nifti, pet, root / IMAGES_DIR / f"{case_id}__PT.nii.gz"))
-        warnings = _stale_references(case) + list(suv.pop("warnings"))
-        label = sitk.GetImageFromArray(label_mask(by_label, geometry, warnings))
-        label.CopyInformation(ct)
-        writes.append(pool.submit(_write_nifti, label, root / LABELS_DIR / f"{case_id}.nii.gz"))
-        for done in writes:
-            done.result()
+    ct, geometry = _ct_image(case)
+    writer.write(ct, root / IMAGES_DIR / f"{case_id}__CT.nii.gz")
+    pet, suv = _pet_image(case)
+    writer.write(pet, root / IMAGES_DIR / f"{case_id}__PT.nii.gz")
+    warnings = _stale_references(case) + list(suv.pop("warnings"))
+    label = sitk.GetImageFromArray(label_mask(by_label, geometry, warnings))
+    label.CopyInformation(ct)
+    writer.write(label, root / LABELS_DIR / f"{case_id}.nii.gz")
     return {
         "case_id": case_id,
         "ct": {"series_uid": case.ct.uid, "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.ct.headers),
@@ -163,15 +173,18 @@ def _write_root(work: Path, patients: dict[str, dict[str, Series]], ids: dict[st
         (work / sub).mkdir(parents=True)
     labels = {int(k): v for k, v in params["labels"].items()}
     records, headers = [], {}
-    for pid in sorted(patients, key=lambda p: ids[p]):
-        record = convert_case(pid, patients[pid], ids[pid], work, labels, set(params["series"]))
-        case = patients[pid][record["ct"]["series_uid"]].headers[0]
-        pet = patients[pid][record["pet"]["series_uid"]].headers[0]
-        headers[pid] = header_row(case, pet)
-        if not params["pseudonymise"]:
-            record["patient_id"] = pid
-        write_json_atomic(work / PROVENANCE_DIR / f"{ids[pid]}.json", record)
-        records.append(record)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writer = _Writer(pool)
+        for pid in sorted(patients, key=lambda p: ids[p]):
+            record = convert_case(pid, patients[pid], ids[pid], work, labels, set(params["series"]), writer)
+            case = patients[pid][record["ct"]["series_uid"]].headers[0]
+            pet = patients[pid][record["pet"]["series_uid"]].headers[0]
+            headers[pid] = header_row(case, pet)
+            if not params["pseudonymise"]:
+                record["patient_id"] = pid
+            write_json_atomic(work / PROVENANCE_DIR / f"{ids[pid]}.json", record)
+            records.append(record)
+        writer.wait()
     rows = clinical_rows(headers, ids, clinical, set(endpoints or {}), params["center_id"])
     (work / CLINICAL_CSV).write_bytes(_crlf(rows, CLINICAL_HEADER))
     if endpoints is not None:
