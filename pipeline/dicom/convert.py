@@ -13,9 +13,10 @@ Output (the layout :func:`pipeline.hecktor.build_manifest` reads)::
     <out>/dicom_import.json            the run: parameters, cases, code version
 
 Everything is written to a temporary sibling folder and renamed onto ``<out>`` at the end: a
-refusal of any case leaves nothing behind. No patient name, birth date or other direct
-identifier is written; with ``pseudonymise`` the PatientID is not either (the mapping goes
-to the separate file named by ``mapping``).
+refusal of any case leaves nothing behind. No patient name, birth date or other identifying
+header is written except the PatientID (the case id); with ``pseudonymise`` not that either
+(the mapping goes to the separate file named by ``mapping``). Study, series and SOP instance
+UIDs are kept in the provenance: they link the output to the archive.
 """
 
 from __future__ import annotations
