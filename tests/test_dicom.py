@@ -471,3 +471,12 @@ def test_demo_dicom_is_deterministic(demo_pair, tmp_path: Path):
 def test_label_rules_are_checked(tmp_path: Path, rule: str):
     result = CliRunner().invoke(import_dicom_cli, [str(tmp_path), "--out", str(tmp_path / "out"), "--label", rule])
     assert result.exit_code == 2 and "--label" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_later_patient_failing_leaves_nothing_of_the_earlier_ones(tmp_path: Path):
+    _tiny_case(tmp_path / "src", "PAT-1")
+    _tiny_case(tmp_path / "src", "PAT-2")
+    for path in (tmp_path / "src" / "PAT-2").rglob("*.dcm"):
+        if pydicom.dcmread(path, stop_before_pixels=True).Modality == "PT":
+            _edit(path, PatientWeight=None)
+    _refused(tmp_path, r"patient PAT-2, series .* \(PT\): SUV needs tag PatientWeight")
