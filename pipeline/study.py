@@ -78,6 +78,7 @@ from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
 from pipeline.manifest import read_manifest, survival_cases
 from pipeline.peers import HeadConfig, fit_peer_run
 from pipeline.pool import Job, JobPool
+from pipeline.runtime import DEFAULT_THREADS
 from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, make_folds, save_folds
 
 # pipeline.train and pipeline.dataset import torch: this module imports them where a cell
@@ -567,7 +568,7 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
     info = {
         "cell": cell.key, "seconds": t_end - t0, "train_seconds": t_end - t_train,
         "load_seconds": t_train - t0, "epochs_run": record.get("epochs_run"),
-        "host": platform.node(), "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+        "host": platform.node(), "pid": os.getpid(), "torch_threads": cfg.threads,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "device": "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
         "finished": utc_now(), "code_version": code_version(),
@@ -943,7 +944,8 @@ def run_local(
 
     Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
     (round-robin), so with 8 GPUs and 8 workers each GPU trains one cell at a time. Torch
-    CPU threads per worker default to ``cores // workers`` (at least 1). A failing cell is
+    CPU threads per worker default to 1 outside training; a cell trains on its
+    configuration's ``threads`` (:mod:`pipeline.runtime`). A failing cell is
     reported in the outcome and the others continue.
 
     Args:
@@ -959,8 +961,7 @@ def run_local(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     gpus = list(visible_gpus() if gpus is None else gpus)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = threads_per_worker or max(1, cores // workers)
+    threads = threads_per_worker or DEFAULT_THREADS
     jobs = [Job(cell.key, run_cell, (spec, cell), ident={"cell": cell.key}) for cell in cells]
     return run_pool(jobs, workers, gpus=gpus, threads=threads, on_result=on_result, shown=shown)
 

@@ -65,6 +65,13 @@ from pipeline.metrics import (
     summarise,
     time_dependent_auc,
 )
+from pipeline.runtime import (
+    DEFAULT_THREADS,
+    check_threads,
+    compute_threads,
+    deterministic_kernels,
+    environment_record,
+)
 from pipeline.sampling import EventBalancedBatchSampler
 from pipeline.splits import inner_split, load_folds, make_folds, save_folds
 
@@ -105,6 +112,9 @@ class TrainConfig:
             (:data:`models.deepmts.PRESETS`). The input size always comes from the volumes.
         augment: augmentation ranges.
         device: "auto" (CUDA when present), "cpu" or "cuda".
+        threads: CPU threads the fold computes on (torch, OpenMP, BLAS), whatever the shell's
+            ``OMP_NUM_THREADS``; part of the result, since another count sums in another
+            order (:mod:`pipeline.runtime`). Parallelism comes from folds in processes.
     """
 
     epochs: int = 100
@@ -129,6 +139,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     device: str = "auto"
+    threads: int = DEFAULT_THREADS
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -148,6 +159,7 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.proj is not None and int(self.proj) < 1:
             raise ValueError(f"proj must be a positive size or None ('orig'), got {self.proj}")
+        self.threads = check_threads(self.threads)
         if self.tumour_input not in TUMOUR_INPUTS:
             raise ValueError(f"tumour_input must be one of {TUMOUR_INPUTS}, got {self.tumour_input!r}")
 
@@ -489,6 +501,15 @@ def train_fold(
         return read_json(layout.done(fold))
     layout.fold_dir(fold).mkdir(parents=True, exist_ok=True)
     times = times if times is not None else PartTimes()
+    # The fold's own thread count and deterministic kernels, whatever the caller's: the same
+    # numbers from train-survival, a study worker or a test.
+    with compute_threads(cfg.threads), deterministic_kernels():
+        return _run_fold(layout, cohort, folds, fold, cfg, progress, times)
+
+
+def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig,
+              progress: bool, times: PartTimes) -> dict[str, Any]:
+    """:func:`train_fold`'s work: set-up, epochs with evaluation and selection, outputs."""
     with times.part("set-up"):
         state = setup_fold(cohort, folds, fold, cfg)
     protocols = PROTOCOLS if len(state.data.inner) else ("paper",)
@@ -527,7 +548,7 @@ def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, sta
         pd.DataFrame(curves, columns=list(CURVES_COLUMNS)).to_csv(tmp, index=False)
     record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
                               "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
-                              "protocols": {}}
+                              "environment": environment_record(state.device, cfg.threads), "protocols": {}}
     oof = []
     for proto, sel in best.items():
         record["protocols"][proto] = protocol_record(cohort, data, sel, curves)

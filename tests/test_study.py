@@ -205,12 +205,12 @@ def test_local_pool_runs_only_pending_cells(inputs, tmp_path):
     assert [r["cell"] for r in seen] == ["baseline/fold_1"]
     assert marker.stat().st_mtime_ns == before
     assert study.cell_status(spec)["done"].all()
-    # The worker bounded its threads: 2 workers share the cores.
-    import os
-
-    cores = len(os.sched_getaffinity(0))
-    info = read_json(study.cell_dir(spec, study.Cell(study.Configuration(), 1)) / "cell.json")
-    assert info["torch_threads"] == max(1, cores // 2)
+    # The cell computed on the configuration's thread count (TrainConfig.threads, default 1),
+    # not on a share of the cores, and its record says so.
+    folder = study.cell_dir(spec, study.Cell(study.Configuration(), 1))
+    assert read_json(folder / "cell.json")["torch_threads"] == 1
+    env = read_json(folder / "done.json")["environment"]
+    assert env["threads"] == 1 and env["device"] == "cpu" and env["deterministic"] is True
 
 
 def test_local_pool_reports_a_failing_cell_and_continues(inputs, tmp_path):

@@ -28,6 +28,9 @@ TRAIN_SCALARS: dict[str, tuple[type, str]] = {
     "seed": (int, "Seed [paper: 42]."),
     "inner_val_fraction": (float, "Share of each training fold held out for unbiased model selection "
                                   "[0.2]; 0 = paper protocol only."),
+    "threads": (int, "CPU threads of each training process (torch, OpenMP, BLAS) [1], whatever "
+                     "OMP_NUM_THREADS says. Numbers depend on it (sums in another order), so it is one "
+                     "of the run's settings; run folds and cells side by side for speed instead."),
     "select_from_epoch": (int, "First epoch (0-based) model selection may choose [paper: 0; demo preset: "
                                f"{demo_train_options().get('select_from_epoch', 0)}]."),
 }

@@ -1,0 +1,159 @@
+"""How a process computes: its CPU threads, deterministic kernels, and the record of both.
+
+Same input, same output. A float reduction split over two threads adds its terms in another
+order than one thread does, so a training run's numbers depend on the thread count (a demo
+fold's C-index moved by 0.05 between one and two threads). The thread count is therefore a
+training setting with a fixed default (:data:`DEFAULT_THREADS`, ``TrainConfig.threads``),
+applied by the code that trains whatever ``OMP_NUM_THREADS`` the shell has, and recorded with
+everything else that can still change numbers (:func:`environment_record`: torch version,
+CPU kernels, device, CUDA/cuDNN, TF32, precision).
+
+One thread per training process is also the fast choice here: the networks this tool trains on
+CPU are narrow, so a second thread buys little alone and costs a great deal beside another busy
+process (OpenMP threads wait on each other at every parallel region). Parallelism comes from
+processes instead: folds and cells in a pool (:mod:`pipeline.pool`), one thread each.
+
+:func:`compute_threads` bounds torch's intra-op pool and, through threadpoolctl (the standard
+tool for it), the OpenMP and BLAS pools of numpy, scipy and scikit-learn, and restores them
+after. :func:`deterministic_kernels` asks torch for deterministic algorithms where it has them
+(on CUDA it warns where it has none; see ``models.deepmts`` for the pooling path).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from threadpoolctl import threadpool_limits
+
+#: CPU threads of one training (and fitting) process unless the user says otherwise.
+DEFAULT_THREADS = 1
+
+#: cuBLAS needs a fixed workspace for reproducible matrix products (set before CUDA starts).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def check_threads(threads: Any) -> int:
+    """``threads`` as an int >= 1, or ``ValueError`` naming the value."""
+    if isinstance(threads, bool) or int(threads) != threads or int(threads) < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    return int(threads)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's core count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def compute_threads(threads: int = DEFAULT_THREADS) -> Iterator[None]:
+    """Run the block on ``threads`` CPU threads: torch intra-op, OpenMP and BLAS pools.
+
+    Usable as a context manager or a decorator; the previous limits are restored after.
+    """
+    threads = check_threads(threads)
+    import torch  # local: keeps `--help` of the commands free of torch's import time
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Ask torch for deterministic algorithms in the block (warning where none exists).
+
+    On CPU the kernels used here are deterministic already; on CUDA this selects cuDNN's
+    deterministic convolutions, turns off its autotuner and fixes cuBLAS's workspace.
+    """
+    import torch  # local: see compute_threads
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (its instruction set picks oneDNN's kernels), or the platform's."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cuda_record(device: Any) -> dict[str, Any]:
+    """GPU name, CUDA/cuDNN versions and the TF32 switches (None where CUDA is absent)."""
+    import torch  # local: see compute_threads
+
+    on_cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
+    return {
+        "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+
+
+def environment_record(device: Any, threads: int, precision: str = "fp32") -> dict[str, Any]:
+    """Everything besides the inputs and settings that can change a run's numbers.
+
+    Args:
+        device: the resolved training device (``torch.device`` or its name).
+        threads: CPU threads the computation ran on.
+        precision: ``"fp32"`` or the autocast dtype's name.
+
+    Returns:
+        JSON-ready dict: versions (torch, numpy, Python), CPU model and torch's CPU kernel
+        level, threads, deterministic mode, device and the CUDA fields of :func:`_cuda_record`.
+    """
+    import numpy
+    import torch  # local: see compute_threads
+
+    return {
+        "device": str(device), "precision": precision, "threads": int(threads),
+        "deterministic": bool(torch.are_deterministic_algorithms_enabled()),
+        "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+        "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **_cuda_record(device),
+    }
+
+
+#: What :func:`environment_record` holds that may differ between runs and change numbers.
+ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "torch", "cpu_capability",
+                    "gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")
+
+
+def describe_environment(record: dict[str, Any]) -> str:
+    """One line naming an environment record's settings that can change numbers."""
+    parts = [f"torch {record.get('torch')}", f"{record.get('device')}"]
+    if record.get("gpu"):
+        parts.append(f"{record['gpu']} (CUDA {record.get('cuda')}, cuDNN {record.get('cudnn')}, "
+                     f"TF32 {'on' if record.get('tf32_matmul') or record.get('tf32_cudnn') else 'off'})")
+    parts += [f"{record.get('precision')}", f"{record.get('threads')} CPU thread(s)",
+              f"CPU kernels {record.get('cpu_capability')}",
+              "deterministic algorithms" if record.get("deterministic") else "non-deterministic algorithms allowed"]
+    return ", ".join(parts)
