@@ -21,10 +21,15 @@ torch/CUDA, OpenMP and ITK thread-pool state in the parent, and the only way a w
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import importlib
 import logging
 import multiprocessing as mp
+import os
 import pickle
+import signal
+import sys
+import threading
 import time
 import traceback
 import warnings
@@ -198,6 +203,40 @@ def _warning_class(name: str) -> type[Warning]:
 
 # --- the pool -----------------------------------------------------------------------------
 
+#: Linux prctl option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker end when ``parent`` does, however the parent ends (even SIGKILL).
+
+    On Linux the kernel sends SIGTERM when the parent goes (prctl PR_SET_PDEATHSIG); elsewhere,
+    and as a second line, a daemon thread checks every second that the parent is still ours.
+    A worker left behind would finish its queued jobs and then sit idle holding its memory.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the watch thread remains
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """A pool worker's first act: tie its life to the parent's, then the caller's initializer."""
+    _die_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 
 class JobPool:
     """Runs jobs here (``in_process``) or in ``workers`` worker processes; a context manager.
@@ -223,15 +262,29 @@ class JobPool:
 
     def __enter__(self) -> JobPool:
         if not self.in_process:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=self.context,
-                                                initializer=self._initializer,
-                                                initargs=self._initargs)
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=self.context, initializer=_start_worker,
+                initargs=(os.getpid(), self._initializer, self._initargs))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._pool is None:
+            return
+        if exc_type is not None:
+            # Interrupted (Ctrl-C, an error in the caller): stop the running jobs now rather
+            # than let the workers finish them. Jobs write atomically, so nothing is half-made.
+            self.terminate_workers()
+        self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
+        self._pool = None
+
+    def terminate_workers(self) -> None:
+        """Send SIGTERM to every live worker of the pool (no-op without a pool)."""
+        # The executor keeps its processes in a private dict; there is no public way to stop
+        # jobs that have started.
+        processes = getattr(self._pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            if process.is_alive():
+                process.terminate()
 
     def run(self, jobs: Sequence[Job], *, shown: set[tuple] | None = None, bar: str | None = None,
             unit: str = "job") -> Iterator[Done]:
