@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, report, report_render, study
+from pipeline import metrics, study
+from pipeline.report import analysis as report
+from pipeline.report import collect, figures, results, write_report
+from pipeline.report import render as report_render
 from pipeline.artefacts import read_json, write_json_atomic
 from pipeline.layout import PEER_FILE
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
@@ -121,7 +124,7 @@ def finished_study(tmp_path_factory):
 
 def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_study, tmp_path):
     spec = finished_study
-    md_path = report.write_report(spec.study_dir, tmp_path / "rep")
+    md_path = write_report(spec.study_dir, tmp_path / "rep")
     out = md_path.parent
     md = md_path.read_text()
     for name in ("report.html", "results.csv", "results.json", "figure2_c_index.png", "figure3_auc_1y.png"):
@@ -149,7 +152,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     row = res[(res.config == "baseline") & (res.fold == 1) & (res.protocol == "paper")].iloc[0]
     assert row["c_index"] == pytest.approx(done["protocols"]["paper"]["c_index"])
     # The ablation table marks the partial and the pending configuration.
-    summary = report.summarise_records(report.collect_records(spec), spec.n_folds)
+    summary = report.summarise_records(collect.collect_records(spec), spec.n_folds)
     s = summary.set_index(["protocol", "config"])
     assert s.loc[("paper", "ct-d64"), "n_done"] == 1 and s.loc[("paper", "ctpet-dorig"), "n_done"] == 0
     assert "| DeepMTS+DAFT | CT | 64 | 1/2 |" in md and "| DeepMTS+DAFT | CT+PET | orig | 0/2 | pending |" in md
@@ -321,7 +324,7 @@ def fake(tmp_path_factory):
     """A hand-made finished study (one cell pending, one in the old format) and its report."""
     root = tmp_path_factory.mktemp("fake")
     spec = make_fake_study(root, pending=("ctpet-dorig/fold_2",), old_format=("pet-d256/fold_0",))
-    md = report.write_report(spec.study_dir, root / "report")
+    md = write_report(spec.study_dir, root / "report")
     return {"spec": spec, "md": md, "text": md.read_text(), "js": read_json(md.parent / "results.json")}
 
 
@@ -357,11 +360,11 @@ def test_report_opens_with_the_headline_and_its_values_equal_the_full_tables(fak
             c = head.loc[row["label"], f"C-index ({short})"]
             assert c == t1.loc[label, "C-index"]
             full = ablation[ablation["d"].str.split(" = ").apply(lambda ds, d=row["d"]: d in ds)
-                            & ablation["model"].eq(report_render._model_label(row["group"]))
-                            & ablation["embeddings"].eq(report_render._emb_label(row["group"]))]
+                            & ablation["model"].eq(report_render.model_label(row["group"]))
+                            & ablation["embeddings"].eq(report_render.embedding_label(row["group"]))]
             assert full[f"C-index ({short})"].tolist() == [c]
             if row["group"] != "baseline":
-                label = next(m.label for m in report.study_models(fake["spec"]) if m.name == row["config"])
+                label = next(m.label for m in collect.study_models(fake["spec"]) if m.name == row["config"])
                 stem, _, d = label.partition(", d = ")
                 match = [k for k in paired.index if k.partition(", d = ")[0] == stem
                          and (not d or d in k.partition(", d = ")[2].split(" = "))]
@@ -458,8 +461,8 @@ def _red_pixels(png: Path, rows: slice) -> int:
 def test_every_figure_carries_the_stamp_and_a_real_study_none(fake, tmp_path):
     out = fake["md"].parent
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == sorted([*report_render.FIGURES.values(), report_render.FIGURE_CALIBRATION, report_render.FIGURE_KM,
-                            report_render.FIGURE_PAIRED, report_render.FIGURE_CURVES])
+    assert names == sorted([*figures.FIGURES.values(), figures.FIGURE_CALIBRATION, figures.FIGURE_KM,
+                            figures.FIGURE_PAIRED, figures.FIGURE_CURVES])
     assert fake["js"]["stamp"].startswith("RANDOM-INIT ENCODERS + SYNTHETIC COHORT")
     clean = dict(fake["js"], stamp=None)
     report_render.render_report(clean, tmp_path)
@@ -471,7 +474,7 @@ def test_every_figure_carries_the_stamp_and_a_real_study_none(fake, tmp_path):
 
 def test_report_renders_from_results_json_alone(fake, tmp_path):
     js = json.loads((fake["md"].parent / "results.json").read_text())
-    assert js["schema"] == report.RESULTS_SCHEMA
+    assert js["schema"] == results.RESULTS_SCHEMA
     md = report_render.render_report(js, tmp_path)
     assert md.read_text() == fake["text"]
     for key in ("headline", "summary", "table1", "paired_vs_baseline", "loco", "survival", "training", "identical"):
@@ -518,10 +521,10 @@ def test_undefined_fold_metrics_are_counted_by_reason_and_worded():
 
 def test_c_index_reason_of_runs_written_before_the_reason_was_kept():
     held = pd.DataFrame({"time": [100.0, 200.0, 300.0], "event": [0, 0, 0]})
-    assert report.c_undefined_reason(held) == "no_events"
-    assert report.c_undefined_reason(held.assign(event=[1, 1, 1], time=[5.0, 5.0, 5.0])) == "no_comparable_pair"
-    assert report.c_undefined_reason(held.assign(event=[1, 0, 1])) == "no valid epoch"
-    assert report.c_undefined_reason(held.iloc[:0]) == "unknown"
+    assert collect.c_undefined_reason(held) == "no_events"
+    assert collect.c_undefined_reason(held.assign(event=[1, 1, 1], time=[5.0, 5.0, 5.0])) == "no_comparable_pair"
+    assert collect.c_undefined_reason(held.assign(event=[1, 0, 1])) == "no valid epoch"
+    assert collect.c_undefined_reason(held.iloc[:0]) == "unknown"
 
 
 def test_fold_ibs_reports_undefined_folds_by_reason_code():
