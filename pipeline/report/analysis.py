@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import code_version, utc_now
+from pipeline.embedding_sets import EMBEDDING_SETS
 from pipeline.layout import EVAL_COLUMNS
 from pipeline.metrics import TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
 from pipeline.stats import (
@@ -41,7 +42,7 @@ from pipeline.report.labels import (
     group_label,
 )
 from pipeline.report.results import RESULTS_SCHEMA, CellCount, Results, SurvivalSection, TrainingSection
-from pipeline.study import BASELINE, FIRST_SPLIT, LOCO, MODALITY_LABELS, StudySpec, grid
+from pipeline.study import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
 
 # --- 2. analyses: frames -> plain data ---------------------------------------------------------
 
@@ -592,7 +593,7 @@ def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: s
     fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("paired_status") == "done"]
     if not fm:
         return text + "; no configuration with FM embeddings has a paired comparison yet."
-    parts = [f"{MODALITY_LABELS[r['group']]} (d = {r['d']}) {_delta_text(r)}" for r in fm]
+    parts = [f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}) {_delta_text(r)}" for r in fm]
     return text + "; adding FM embeddings changes it by " + ", ".join(parts) + " (paired Δ, 95 % CI)."
 
 

@@ -15,13 +15,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import read_json
+from pipeline.embedding_sets import EMBEDDING_SETS
 from pipeline.layout import EVAL_COLUMNS, PROTOCOLS, PeerRunLayout, RunLayout
 from pipeline.manifest import read_manifest, survival_cases
 from pipeline.metrics import NO_VALID_EPOCH, c_index_value
+from pipeline.report.labels import PRED_COLUMNS, PROTOCOL_LABELS, as_float
+from pipeline.splits import load_folds
 from pipeline.study import (
     BASELINE,
     LOCO,
-    MODALITY_LABELS,
     Cell,
     Configuration,
     StudySpec,
@@ -33,9 +35,7 @@ from pipeline.study import (
     proj_label,
     split_n_folds,
 )
-from pipeline.splits import load_folds
 
-from pipeline.report.labels import PRED_COLUMNS, PROTOCOL_LABELS, as_float
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -58,7 +58,7 @@ def study_models(spec: StudySpec) -> list[ModelRef]:
     out = []
     for c in spec.configurations():
         label = "DeepMTS+DAFT baseline" if c.modality is None else \
-            f"DeepMTS+DAFT + {MODALITY_LABELS[c.modality]}, d = {c.d_label}"
+            f"DeepMTS+DAFT + {EMBEDDING_SETS[c.modality].label}, d = {c.d_label}"
         out.append(ModelRef(c.name, "cnn", label))
     out += [ModelRef(p.name, "peer", p.label) for p in spec.peer_list()]
     return out

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import atomic_path
+from pipeline.embedding_sets import EMBEDDING_SETS, SET_NAMES
 from pipeline.layout import EVAL_COLUMNS
 from pipeline.report.format import fmt_p, merged_rows, relabel, short_label
 from pipeline.report.labels import (
@@ -24,7 +25,7 @@ from pipeline.report.labels import (
     PROTOCOL_ORDER,
     finite,
 )
-from pipeline.study import BASELINE, MODALITY_LABELS, PROJ_SIZES, proj_label
+from pipeline.study import BASELINE, PROJ_SIZES, proj_label
 
 FIGURES = {"c_index": "figure2_c_index.png", "auc_1y": "figure3_auc_1y.png"}
 FIGURE_CALIBRATION = "figure4_calibration_1y.png"
@@ -110,7 +111,7 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
 def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
     """One protocol's panel of :func:`plot_figure`."""
     width = 0.8 / len(D_LABELS)
-    groups = ["ct", "pet", "ctpet"]
+    groups = list(SET_NAMES)
     if BASELINE in s.index and finite(s.loc[BASELINE, f"{pre}_mean"]):
         m, sd = float(s.loc[BASELINE, f"{pre}_mean"]), s.loc[BASELINE, f"{pre}_sd"]
         ax.axhline(m, ls="--", color="black", lw=1.2, zorder=3)
@@ -133,7 +134,7 @@ def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
             if n_done < n_folds:
                 ax.text(x, y_low + 0.01, f"{n_done}/{n_folds}", ha="center", va="bottom", fontsize=6,
                         color="white", rotation=90, zorder=4)
-    ax.set_xticks(range(len(groups)), [MODALITY_LABELS[g] for g in groups])
+    ax.set_xticks(range(len(groups)), [EMBEDDING_SETS[g].label for g in groups])
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_ylim(y_low, 1.0)
     ax.grid(axis="y", alpha=0.3, zorder=0)
@@ -248,7 +249,7 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
 
     cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
     fig, axes = _grid_axes(len(cols), width=3.6, height=2.9, cols=3)
-    colours = {BASELINE: "black", "ct": "tab:blue", "pet": "tab:red", "ctpet": "tab:green"}
+    colours = {BASELINE: "black", **{n: s.colour for n, s in EMBEDDING_SETS.items()}}
     styles = dict(zip(D_LABELS, ("-", "--", "-.", ":")))
     for ax, col in zip(axes.ravel(), cols):
         for c in curves["configs"]:

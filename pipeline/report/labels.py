@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.study import BASELINE, MODALITY_LABELS
+from pipeline.embedding_sets import EMBEDDING_SETS, SET_NAMES
+from pipeline.study import BASELINE
 
 PROTOCOL_LABELS = {"paper": "paper protocol (optimistic)", "inner": "unbiased inner selection"}
 #: Protocols in the order the report shows them: the one to trust first.
 PROTOCOL_ORDER = ("inner", "paper")
 #: Table 1 rows: the CNN's four (always listed, pending when missing), then the peers'.
-TABLE1_CNN = (BASELINE, "ct", "pet", "ctpet")
-TABLE1_PEERS = ("clinical", "radiomics", "head-ct", "head-pet", "head-ctpet")
+TABLE1_CNN = (BASELINE, *SET_NAMES)
+TABLE1_PEERS = ("clinical", "radiomics", *(f"head-{n}" for n in SET_NAMES))
 PEER_GROUP_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox",
-                     "head-ct": "peer: CT embedding head", "head-pet": "peer: PET embedding head",
-                     "head-ctpet": "peer: CT+PET embedding head"}
+                     **{f"head-{n}": f"peer: {s.label} embedding head" for n, s in EMBEDDING_SETS.items()}}
 #: Range of the bounded metrics: their t-intervals are clipped to it (and say so).
 UNIT_RANGE = (0.0, 1.0)
 HORIZON = 365.0
@@ -76,7 +76,7 @@ def group_label(modality: str) -> str:
     if modality == BASELINE:
         return "DeepMTS+DAFT baseline"
     if modality in TABLE1_CNN:
-        return f"DeepMTS+DAFT + {MODALITY_LABELS[modality]}"
+        return f"DeepMTS+DAFT + {EMBEDDING_SETS[modality].label}"
     return PEER_GROUP_LABELS.get(modality, modality)
 
 
@@ -85,8 +85,8 @@ def model_label(modality: str) -> str:
 
 
 def embedding_label(modality: str) -> str:
-    if modality in MODALITY_LABELS:
-        return MODALITY_LABELS[modality]
+    if modality in EMBEDDING_SETS:
+        return EMBEDDING_SETS[modality].label
     if modality.startswith("head-"):
-        return MODALITY_LABELS[modality[5:]]
+        return EMBEDDING_SETS[modality[5:]].label
     return "none (baseline)" if modality == BASELINE else "-"

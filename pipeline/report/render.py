@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import pandas as pd
 
 from pipeline.artefacts import atomic_path
+from pipeline.embedding_sets import EMBEDDING_SETS
 from pipeline.metrics import reason_text
 from pipeline.report.figures import (
     FIGURE_CALIBRATION,
@@ -68,7 +69,7 @@ from pipeline.report.labels import (
     model_label,
 )
 from pipeline.report.results import Results
-from pipeline.study import BASELINE, MODALITY_LABELS
+from pipeline.study import BASELINE
 
 #: The seed paper's Table 1 (C-index, 1-year AUROC; mean, SD), for side-by-side reading.
 PAPER_TABLE1 = {
@@ -118,7 +119,7 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
     for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1):
         mod = r["modality"]
         label = "DeepMTS+DAFT baseline" if mod == BASELINE else (
-            f"+ {MODALITY_LABELS[mod]}" if mod in TABLE1_CNN else PEER_GROUP_LABELS[mod])
+            f"+ {EMBEDDING_SETS[mod].label}" if mod in TABLE1_CNN else PEER_GROUP_LABELS[mod])
         paper = PAPER_TABLE1.get(mod)
         ref = f"d={paper[0]}: {paper[1][0]:.3f} / {paper[2][0]:.3f}" if paper else "-"
         if r["status"] == "pending":
