@@ -163,8 +163,14 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     js = read_json(out / "results.json")
     assert js["cells"] == {"total": 6, "done": 3}
     assert js["study"]["embeddings"]["random_init"] is True
-    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "pet", "ctpet", "clinical",
+    # PET was not requested: no Table 1 row says "pending" for it, the text names it as not part of the study.
+    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "ctpet", "clinical",
                                                               "radiomics", "head-ct", "head-ctpet"}
+    assert "| DeepMTS+DAFT + PET |" not in md and "| + PET |" not in md
+    assert "Not part of this study: + PET" in md
+    # Integers, not "2.0 of 2.0 folds"; a baseline of 2 epochs x 2 steps is called barely trained.
+    assert not re.search(r"\d\.0 of \d\.0 folds", md)
+    assert "the baseline barely trained (mean train C-index" in md and "after 4 optimiser steps" in md
     assert {r["status"] for r in js["table1"]["paper"] if r["modality"].startswith(("head", "clin", "rad"))} \
         == {"pending"}
 

@@ -93,13 +93,14 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
 
     The best d maximises the mean outer C-index under the ``paper`` protocol and the mean
     inner-validation C-index (``sel_mean``) under ``inner``. Only configurations with all
-    folds finished compete; an embedding set without one is listed as pending. The peers
+    folds finished compete; an embedding set without one is listed as pending, one the study
+    did not request (no row in ``summary``) is left out. The peers
     follow (clinical Cox, radiomics-lite Cox, and per embedding set the embedding head
     whose PCA size is chosen the same way, by the inner-CV C-index of its penalty choice
     under ``inner``); a peer family that did not run is left out.
 
     Returns:
-        Rows ``baseline, ct, pet, ctpet`` [, peers] with ``modality, config, d, c_mean,
+        Rows ``baseline, ct, pet, ctpet`` (those requested) [, peers] with ``modality, config, d, c_mean,
         c_sd, auc_mean, auc_sd, c_n, auc_n, delta_c, delta_auc, status`` (deltas are
         differences of means vs the CNN baseline; NaN when either side is missing).
     """
@@ -119,7 +120,8 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
                     rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
                 continue
         if cand.empty:
-            rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
+            if len(s[s["modality"] == modality]):  # requested, not finished; not requested: left out
+                rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
             continue
         best = cand.loc[cand[key].idxmax()] if cand[key].notna().any() else cand.iloc[0]
         row = {k: best[k] for k in ("modality", "config", "d", "c_mean", "c_sd", "auc_mean",
@@ -402,7 +404,8 @@ def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = Non
             if len(configs) > 1:
                 d = [str(g.loc[g["config"] == c, "d"].iloc[0]) for c in configs]
                 out.append({"modality": modality, "configs": configs, "d": d, "shown": configs[0],
-                            "reason": _identical_reason(configs, d, peer_fits)})
+                            "reason": _identical_reason(configs, d, peer_fits,
+                                                        g.loc[g["config"].isin(configs), "c_index"])})
     return out
 
 
@@ -413,18 +416,25 @@ def _fingerprint(rows: pd.DataFrame) -> tuple:
                  .itertuples(index=False))
 
 
-def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame | None) -> str:
+def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame | None,
+                      c_index: pd.Series | None = None) -> str:
+    """Why a group of configurations gave identical results: capped PCA sizes (embedding heads),
+    a constant risk (every C-index 0.5), or, when neither is recorded, a plain statement."""
     same = f"d = {', '.join(d)}"
-    if peer_fits is None or peer_fits.empty:
-        return f"identical per-fold results of {same} (no recorded cause)"
-    fits = peer_fits[peer_fits["peer"].isin(configs)]
+    c = pd.to_numeric(c_index, errors="coerce").dropna() if c_index is not None else pd.Series(dtype=float)
+    unexplained = (f"{same} gave the same C-index and 1-year AUROC on every fold; the runs record nothing "
+                   "that explains it (the projection size made no difference to these predictions)")
+    if len(c) and bool(np.allclose(c, 0.5)):
+        unexplained = (f"every fold of {same} has C-index 0.500: the predicted risk was constant, so d "
+                       "could not change the ranking")
+    fits = peer_fits[peer_fits["peer"].isin(configs)] if peer_fits is not None and len(peer_fits) else pd.DataFrame()
     cols = [c for c in fits.columns if c.endswith("_pca_components") and fits[c].notna().any()]
     if fits.empty or not cols:
-        return f"identical per-fold results of {same} (no recorded cause)"
+        return unexplained
     sizes = {c: [tuple(r) for r in g.sort_values(["split", "fold"])[cols].itertuples(index=False)]
              for c, g in fits.groupby("peer")}
     if len(set(map(tuple, sizes.values()))) != 1:
-        return f"identical per-fold results of {same} (no recorded cause)"
+        return unexplained
     kept = pd.to_numeric(fits[cols].stack(), errors="coerce").dropna().astype(int)
     k = f"{kept.min()}" if kept.min() == kept.max() else f"{kept.min()}-{kept.max()}"
     return (f"PCA is capped at the training-fold size (n_train - 1): every fold keeps {k} components "
@@ -588,13 +598,17 @@ def _delta_text(r: dict[str, Any]) -> str:
 def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: str) -> str:
     text = f"Under {PROTOCOL_LABELS[proto]} the DeepMTS+DAFT baseline reaches a C-index of {base['c_mean']:.3f}"
     if finite(base.get("auc_mean")):
-        text += (f" (1-year AUROC {base['auc_mean']:.3f}, defined in {base.get('auc_n')} of "
-                 f"{base.get('n_folds')} folds)")
+        text += f" (1-year AUROC {base['auc_mean']:.3f}, defined in {_count(base.get('auc_n'))} of {_count(base.get('n_folds'))} folds)"
     fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("paired_status") == "done"]
     if not fm:
         return text + "; no configuration with FM embeddings has a paired comparison yet."
     parts = [f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}) {_delta_text(r)}" for r in fm]
     return text + "; adding FM embeddings changes it by " + ", ".join(parts) + " (paired Δ, 95 % CI)."
+
+
+def _count(x: Any) -> str:
+    """A fold count as an integer (``2.0`` -> ``"2"``), ``?`` when unknown."""
+    return str(int(x)) if finite(x) else "?"
 
 
 def _sentence_peers(rows: dict[str, dict[str, Any]], oracle: float | None) -> str:
@@ -641,8 +655,22 @@ def _caveats(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> list[str
         outside = [f"{_row_name(r)} ({'below' if r['delta'] < 0 else 'above'} the baseline)"
                    for r in done if not r["ci_low"] <= 0 <= r["ci_high"]]
         out.append("every difference from the baseline lies inside its 95 % CI, so none is resolved" if not outside
-                   else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}")
+                   else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}"
+                   + (", but against a baseline that barely trained" if facts.get("baseline_barely_trained") else ""))
+    if facts.get("baseline_barely_trained"):
+        out.append("the baseline barely trained (" + _baseline_training_text(facts) + "), so a difference from it "
+                   "says little about what the embeddings add; train longer before reading the Δ column")
     return out
+
+
+def _baseline_training_text(facts: dict[str, Any]) -> str:
+    """``train C-index 0.503 after 8 optimiser steps`` (either part when only it is known)."""
+    parts = []
+    if finite(facts.get("baseline_train_c")):
+        parts.append(f"mean train C-index {facts['baseline_train_c']:.3f}")
+    if facts.get("baseline_steps") is not None:
+        parts.append(f"{'after' if parts else 'only'} {facts['baseline_steps']} optimiser steps")
+    return " ".join(parts)
 
 
 def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
@@ -669,6 +697,29 @@ def study_facts(study: dict[str, Any]) -> dict[str, Any]:
     return {"random_init": bool((study.get("embeddings") or {}).get("random_init")),
             "synthetic": bool(info.get("synthetic")), "n_cases": cohort.get("n_cases"),
             "n_events": cohort.get("n_events"), "n_folds": spec.get("n_folds")}
+
+
+#: A baseline whose mean train C-index ended below this, or that ran fewer optimiser steps
+#: than :data:`MIN_BASELINE_STEPS`, "barely trained": a difference from it is called out as such.
+MIN_BASELINE_TRAIN_C = 0.55
+MIN_BASELINE_STEPS = 50
+
+
+def baseline_training(cells: list[dict[str, Any]], train: dict[str, Any]) -> dict[str, Any]:
+    """How far the baseline trained: ``baseline_train_c`` (mean train C-index after the last
+    epoch over its finished cells), ``baseline_steps`` (fewest optimiser steps of a cell:
+    epochs run x ``steps_per_epoch``) and ``baseline_barely_trained`` (either below its floor,
+    :data:`MIN_BASELINE_TRAIN_C` / :data:`MIN_BASELINE_STEPS`). Empty without a finished cell."""
+    base = [c for c in cells if c["config"] == BASELINE]
+    if not base:
+        return {}
+    c_end = [float(c["train_c_end"]) for c in base if finite(c.get("train_c_end"))]
+    per_epoch = train.get("steps_per_epoch")
+    steps = [int(c["epochs_run"]) * int(per_epoch) for c in base if finite(c.get("epochs_run")) and finite(per_epoch)]
+    train_c = float(np.mean(c_end)) if c_end else None
+    fewest = min(steps) if steps else None
+    barely = (train_c is not None and train_c < MIN_BASELINE_TRAIN_C) or (fewest is not None and fewest < MIN_BASELINE_STEPS)
+    return {"baseline_train_c": train_c, "baseline_steps": fewest, "baseline_barely_trained": bool(barely)}
 
 
 def stamp_text(facts: dict[str, Any]) -> str | None:
@@ -786,9 +837,10 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
     facts = study_facts(study)
     base = summary[(summary["protocol"] == protocols[0]) & (summary["config"] == BASELINE)]
     facts["baseline_sd"] = float(base["c_sd"].iloc[0]) if len(base) else None
+    cells = cell_training(data.cells, data.curves, records) if len(data.cells) else []
+    facts |= baseline_training(cells, spec.train)
     head = headline(t1, paired, study.get("info", {}).get("oracle_c_index"))
     head["sentences"] = headline_sentences(head, facts)
-    cells = cell_training(data.cells, data.curves, records) if len(data.cells) else []
     centres = loco_centre_table(data.folds, data.survival, data.centres)
     survival = [survival_analysis(data.predictions, m, sel, cv, spec.n_folds)
                 for m in selected_models(data.models, t1[sel])]

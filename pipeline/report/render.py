@@ -136,6 +136,13 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
     return pd.DataFrame(rows)
 
 
+def not_requested(t1: pd.DataFrame | list[dict[str, Any]]) -> list[str]:
+    """Table 1 labels of the CNN rows the study did not request (Table 1 leaves them out)."""
+    present = {r["modality"] for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1)}
+    return ["DeepMTS+DAFT baseline" if m == BASELINE else f"+ {EMBEDDING_SETS[m].label}"
+            for m in TABLE1_CNN if m not in present]
+
+
 def _summary_rows(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[dict[str, Any]]):
     """(config, first row, rows by protocol, d label) per shown configuration of a summary."""
     df = summary if isinstance(summary, pd.DataFrame) else pd.DataFrame(summary)
@@ -421,6 +428,9 @@ def _table_blocks(results: Results, out: Path) -> list[Block]:
                             "means over every repeat they ran, which may be more than the CNN's: for a like-for-like "
                             "difference read the paired comparisons below."))
         b.append(Block("table", table1_display(results.table1[proto], proto, results.identical)))
+        missing = not_requested(results.table1[proto])
+        if missing:
+            b.append(Block("p", "Not part of this study: " + ", ".join(missing) + " (not requested, so not run)."))
     identical = results.identical
     b.append(Block("h2", "Full projection ablation (both protocols)"))
     b.append(Block("p", "Rows marked `peer:` are classical models fitted on the same folds files as the CNN "
