@@ -27,11 +27,14 @@ from pipeline.report.labels import (
 )
 from pipeline.study import BASELINE, PROJ_SIZES, proj_label
 
+#: Figure files, numbered in the order the report shows them (Figures 2-3 as in the paper).
 FIGURES = {"c_index": "figure2_c_index.png", "auc_1y": "figure3_auc_1y.png"}
-FIGURE_CALIBRATION = "figure4_calibration_1y.png"
-FIGURE_KM = "figure5_km_risk_groups.png"
-FIGURE_PAIRED = "figure6_paired_delta_c.png"
-FIGURE_CURVES = "figure7_learning_curves.png"
+FIGURE_CURVES = "figure4_learning_curves.png"
+FIGURE_PAIRED = "figure5_paired_delta_c.png"
+FIGURE_CALIBRATION = "figure6_calibration_1y.png"
+FIGURE_KM = "figure7_km_risk_groups.png"
+#: The first CV split: its folds are pooled for calibration and risk groups.
+FIRST_SPLIT_TEXT = "first CV split (cv0), its folds pooled"
 D_LABELS = tuple(proj_label(p) for p in PROJ_SIZES)
 CURVE_TITLES = {"dice": "training loss: Dice part", "cox": "training loss: Cox part",
                 "train_c_index": "train C-index (fit rows)", "val_c_index_inner": "validation C-index, inner",
@@ -47,16 +50,19 @@ def _pyplot():
     return plt
 
 
+def figure_label(name: str) -> str:
+    """``"figure6_calibration_1y.png"`` -> ``"Figure 6"``: titles and captions read the number
+    from the file name, so they cannot disagree with it."""
+    return "Figure " + name.split("_", 1)[0].removeprefix("figure")
+
+
 def stamp(fig, text: str | None) -> None:
-    """Draw the random-init / synthetic warning into the figure: a red footer and a faint
-    watermark on every panel, so a cropped or copied figure keeps it."""
+    """Draw the random-init / synthetic warning into the figure: a red footer in the bottom band
+    under the plots (each figure leaves that band free), so a copied figure keeps the warning
+    and no panel's data is covered."""
     if not text:
         return
     fig.text(0.5, 0.004, text, ha="center", va="bottom", fontsize=8, color="#b00000", weight="bold")
-    for ax in fig.axes:
-        if ax.axison:
-            ax.text(0.5, 0.5, text.split(":")[0].replace(" + ", "\n"), transform=ax.transAxes, ha="center",
-                    va="center", fontsize=8, color="#b00000", alpha=0.18, rotation=20, weight="bold", zorder=0)
 
 
 def _save(fig, path: str | os.PathLike, text: str | None) -> Path:
@@ -161,26 +167,45 @@ def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike
                      stamp_text: str | None = None, identical: Sequence[dict[str, Any]] = ()) -> Path:
     """One panel per model: predicted vs KM-observed 1-year event probability (95 % CI)."""
     done = [(t, a) for t, a in _titled(analyses, identical) if a.get("status") == "done"]
+    top = calibration_limit([a["calibration"] for _, a in done])
     fig, axes = _grid_axes(len(done))
     for ax, (title, a) in zip(axes.ravel(), done):
         g = pd.DataFrame(a["calibration"]["groups"])
         g = g[g["followed_to_horizon"].astype(bool)]
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
         if len(g):
             obs, lo, hi = (g[c].astype(float) for c in ("observed", "observed_low", "observed_high"))
             ax.errorbar(g["pred_mean"], obs, yerr=np.clip(np.vstack([obs - lo, hi - obs]), 0, None), fmt="o", capsize=3)
         ov = a["calibration"]["overall"]
         obs = f"{ov['observed']:.2f}" if finite(ov.get("observed")) else "n/a"
         ax.set_title(f"{title}\npred {ov['pred_mean']:.2f} / KM {obs}", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.plot([0, top], [0, top], ls="--", color="grey", lw=1)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
         ax.set_xlabel("predicted P(relapse by 1 y)", fontsize=7)
         ax.set_ylabel("observed (1 - KM)", fontsize=7)
         ax.tick_params(labelsize=7)
-    fig.suptitle("Figure 4: 1-year calibration (Breslow baseline of each training fold; cv0, pooled folds)",
-                 fontsize=10)
+    fig.suptitle(f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration (Breslow baseline of each training fold; "
+                 f"{FIRST_SPLIT_TEXT}; axes 0-{top:g})", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path, stamp_text)
+
+
+def calibration_limit(calibrations: Sequence[dict[str, Any]]) -> float:
+    """Shared upper limit of the calibration axes: the largest predicted or observed value
+    (CI included) rounded up to the next 0.1 with a margin, at most 1, so points all below
+    0.3 are not squeezed into a corner of a 0-1 square."""
+    values = []
+    for cal in calibrations:
+        g = pd.DataFrame(cal.get("groups") or [])
+        if len(g):
+            g = g[g["followed_to_horizon"].astype(bool)]
+            values += [float(v) for c in ("pred_mean", "observed", "observed_high") if c in g
+                       for v in g[c] if finite(v)]
+        values += [float(v) for v in (cal.get("overall") or {}).values() if isinstance(v, float) and finite(v)
+                   and 0 <= v <= 1]
+    if not values:
+        return 1.0
+    return float(min(1.0, math.ceil(max(values) * 1.1 * 10) / 10))
 
 
 def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike, stamp_text: str | None = None,
@@ -202,7 +227,8 @@ def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike, stamp_t
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="lower left", frameon=False)
     axes[0][0].set_ylabel("relapse-free survival", fontsize=7)
-    fig.suptitle("Figure 5: Kaplan-Meier by risk group (cut-off = training-fold median risk; cv0, pooled folds)",
+    fig.suptitle(f"{figure_label(FIGURE_KM)}: Kaplan-Meier by risk group (cut-off = training-fold median risk; "
+                 f"{FIRST_SPLIT_TEXT})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path, stamp_text)
@@ -216,64 +242,83 @@ def plot_paired(paired: dict[str, list[dict[str, Any]]], path: str | os.PathLike
     protos = [p for p in PROTOCOL_ORDER if p in paired]
     shown = {p: [r for r in paired[p] if r["model"] not in hidden] for p in protos}
     n_rows = max([len(shown[p]) for p in protos] + [1])
-    fig, axes = plt.subplots(1, max(1, len(protos)), figsize=(5.5 * max(1, len(protos)), 0.28 * n_rows + 1.9),
+    fig, axes = plt.subplots(1, max(1, len(protos)), figsize=(6.5 * max(1, len(protos)), 0.36 * n_rows + 2.0),
                              squeeze=False, sharey=True)
     for ax, proto in zip(axes[0], protos):
         rows = shown[proto]
         for i, r in enumerate(rows):
             if r["status"] != "done":
-                ax.text(0, i, r["status"], fontsize=6, va="center", ha="center", color="dimgrey")
+                ax.text(0, i, r["status"], fontsize=8, va="center", ha="center", color="dimgrey")
                 continue
             colour = "tab:blue" if r["kind"] == "cnn" else "tab:orange"
             ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]],
-                        fmt="o", color=colour, capsize=2, ms=3)
+                        fmt="o", color=colour, capsize=3, ms=4)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(rows)), [short_label(relabel(r["label"], r["model"], d_merged)) for r in rows],
-                      fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("Δ C-index vs DeepMTS+DAFT baseline (95 % CI)", fontsize=7)
+                      fontsize=9)
+        ax.set_xlabel("Δ C-index vs DeepMTS+DAFT baseline (95 % CI)", fontsize=9)
         ax.set_title(PROTOCOL_LABELS[proto], fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Figure 6: paired differences on identical folds (blue: CNN, orange: peers)", fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].invert_yaxis()  # once: the panels share the y axis, a second call would undo it
+    fig.suptitle(f"{figure_label(FIGURE_PAIRED)}: paired differences on identical folds (blue: CNN, orange: peers)",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, path, stamp_text)
 
 
 def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_text: str | None = None) -> Path:
-    """One panel per curve column, one line per configuration (fold mean); x = epochs completed.
-
-    Colour = embedding set (baseline black), line style = projection size, so 13 lines stay
-    readable. Loss parts start at epoch 1; scores at 0 (before the first step).
-    """
+    """Small multiples: one row per curve column, one column per embedding set; in each panel
+    one line per projection size (colour = d, as in Figures 2-3) and the baseline (black,
+    dashed) for reference. Fold means; x = epochs completed (loss parts start at epoch 1,
+    scores at 0, before the first step)."""
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator  # local: matplotlib, as in _pyplot
 
     cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
-    fig, axes = _grid_axes(len(cols), width=3.6, height=2.9, cols=3)
-    colours = {BASELINE: "black", **{n: s.colour for n, s in EMBEDDING_SETS.items()}}
-    styles = dict(zip(D_LABELS, ("-", "--", "-.", ":")))
-    for ax, col in zip(axes.ravel(), cols):
-        for c in curves["configs"]:
-            modality, _, d = c["config"].partition("-d")
-            y = np.array([np.nan if v is None else v for v in c.get(col, [])], dtype=float)
-            if np.isfinite(y).any():
-                ax.plot(c["x"], y, color=colours.get(modality, "grey"), ls=styles.get(d, "-"), lw=1.2,
-                        marker="o", ms=2.5, label=c["config"])
-        ax.set_title(CURVE_TITLES.get(col, col), fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_set = _curves_by_set(curves["configs"])
+    sets = [n for n in SET_NAMES if n in by_set] or [BASELINE]
+    fig, axes = plt.subplots(len(cols), len(sets), figsize=(3.4 * len(sets) + 0.6, 2.3 * len(cols) + 1.0),
+                             squeeze=False, sharex=True)
+    colours = dict(zip(D_LABELS, plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))))
+    for j, name in enumerate(sets):
+        axes[0][j].set_title(EMBEDDING_SETS[name].label if name in EMBEDDING_SETS else "baseline", fontsize=10)
+        for i, col in enumerate(cols):
+            ax = axes[i][j]
+            for c in by_set.get(BASELINE, []):
+                _curve(ax, c, col, color="black", ls="--", label="baseline")
+            for c in by_set.get(name, []) if name != BASELINE else []:
+                d = c["config"].partition("-d")[2]
+                _curve(ax, c, col, color=colours.get(d, "grey"), ls="-", label=f"d = {d}")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(CURVE_TITLES.get(col, col).replace(": ", ":\n", 1), fontsize=8)
+    for ax in axes[-1]:
         ax.set_xlabel("epochs completed (0 = before training)", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    for ax in axes.ravel()[1:]:
-        h, lab = ax.get_legend_handles_labels()
-        handles += [x for x, y in zip(h, lab) if y not in labels]
-        labels += [y for y in lab if y not in labels]
-    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.03), ncol=min(7, max(1, len(labels))),
-               fontsize=7, frameon=False)
-    fig.suptitle(f"Figure 7: learning curves ({curves['split']}, mean over folds; colour = embeddings, "
-                 "line style = d)", fontsize=10)
-    n_legend_rows = math.ceil(len(labels) / 7) if labels else 0
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * n_legend_rows, 1, 1))
+    handles, labels = [], []
+    for ax in axes.ravel():
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.025), ncol=max(1, len(labels)),
+               fontsize=8, frameon=False)
+    fig.suptitle(f"{figure_label(FIGURE_CURVES)}: learning curves ({curves['split']}, mean over folds; one column "
+                 "per embedding set, colour = d, baseline dashed)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.985))
     return _save(fig, path, stamp_text)
 
 
+def _curves_by_set(configs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Learning-curve rows grouped by embedding set (``baseline`` for the baseline)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in configs:
+        out.setdefault(c["config"].partition("-d")[0], []).append(c)
+    return out
+
+
+def _curve(ax, c: dict[str, Any], col: str, **style: Any) -> None:
+    y = np.array([np.nan if v is None else v for v in c.get(col, [])], dtype=float)
+    if np.isfinite(y).any():
+        ax.plot(c["x"], y, lw=1.2, marker="o", ms=2.5, **style)

@@ -10,10 +10,12 @@
 * ``figure2_c_index.png``, ``figure3_auc_1y.png``: grouped bars of mean +- SD per projection
   size for CT, PET and CT+PET, with the baseline mean (dashed) and its +- SD band, one
   panel per model-selection protocol;
-* ``figure4_calibration_1y.png``, ``figure5_km_risk_groups.png``,
-  ``figure6_paired_delta_c.png``: calibration, risk-group Kaplan-Meier, paired differences;
-* ``figure7_learning_curves.png``: loss parts, train / validation C-index and validation
-  Dice per epoch, one line per configuration, folds averaged.
+* ``figure4_learning_curves.png``: loss parts, train / validation C-index and validation
+  Dice per epoch, one column per embedding set, one line per d, folds averaged;
+* ``figure5_paired_delta_c.png``, ``figure6_calibration_1y.png``, ``figure7_km_risk_groups.png``:
+  paired differences, calibration, risk-group Kaplan-Meier.
+
+Figures are numbered in the order the report shows them.
 
 Every figure carries the random-init / synthetic stamp (:mod:`pipeline.report.figures`), so a copied figure keeps
 the warning. Rows that are identical for a stated reason (:func:`pipeline.report.analysis.identical_groups`)
@@ -40,6 +42,7 @@ from pipeline.report.figures import (
     FIGURE_KM,
     FIGURE_PAIRED,
     FIGURES,
+    figure_label,
     plot_calibration,
     plot_figure,
     plot_km,
@@ -445,7 +448,7 @@ def _table_blocks(results: Results, out: Path) -> list[Block]:
     summary, cells = pd.DataFrame(results.summary), results.cells
     b.append(Block("h2", "Figures"))
     for metric, fname in FIGURES.items():
-        num = "Figure 2" if metric == "c_index" else "Figure 3"
+        num = figure_label(fname)
         path = plot_figure(summary, metric, out / fname, stamp_text=results.stamp,
                            title=f"{num}: {METRIC_LABELS[metric]} by FM projection size "
                                  f"({cells.done}/{cells.total} cells finished)")
@@ -454,14 +457,14 @@ def _table_blocks(results: Results, out: Path) -> list[Block]:
 
 
 def _training_blocks(results: Results, out: Path) -> list[Block]:
-    """Learning curves (Figure 7), per-cell Dice at start and end, and what they say."""
+    """Learning curves (Figure 4), per-cell Dice at start and end, and what they say."""
     curves, cells, summ = results.training.curves, results.training.cells, results.training.summary
     b = [Block("h2", "Training: did it converge?")]
     if not curves.get("configs"):
         return b + [Block("p", "No learning curves yet (no finished cell with `curves.csv`).")]
     b.append(Block("p", _training_text(summ)))
     b.append(Block("img", plot_learning_curves(curves, out / FIGURE_CURVES, results.stamp),
-                   "Figure 7: learning curves per configuration (mean over folds)"))
+                   f"{figure_label(FIGURE_CURVES)}: learning curves per embedding set (mean over folds)"))
     if cells:
         b.append(Block("p", "Outer-validation segmentation Dice (mean per-case hard Dice on cases with a tumour) "
                             "before the first step → after the last epoch, per cell, with the epochs run. "
@@ -492,15 +495,16 @@ def _beyond_blocks(results: Results, out: Path) -> list[Block]:
     """Sections beyond the paper: analyses run, repeated CV, paired tests, LOCO, IBS/calibration/KM."""
     spec = results.study["spec"]
     identical, stamp_text = results.identical, results.stamp
-    b = [Block("h2", "Which analyses ran on which models"), Block("table", pd.DataFrame([
-        {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
-         "peer splits": ", ".join(r["peers"]) or "not run"} for r in results.analyses]))]
     repeats, seed = int(spec.get("repeats", 1)), int(spec.get("folds_seed", 42))
-    cvs = "cv0 is" if repeats == 1 else f"cv0..cv{repeats - 1} are"
+    cvs = "cv0 (the first CV split) is" if repeats == 1 else f"cv0..cv{repeats - 1} (one per CV repeat; cv0 the first) are"
     seeds = f"{seed}" if repeats == 1 else f"{seed}..{seed + repeats - 1}"
-    b.append(Block("p", f"Splits: {cvs} stratified {spec['n_folds']}-fold CV with split seed(s) {seeds} (one shared "
-                        "folds file per repeat, identical for every model)"
-                        + ("; loco holds out one centre per fold." if spec.get("loco") else ".")))
+    b = [Block("h2", "Which analyses ran on which models"),
+         Block("p", f"Splits: {cvs} stratified {spec['n_folds']}-fold CV with split seed(s) {seeds} (one shared "
+                    "folds file per repeat, identical for every model)"
+                    + ("; loco holds out one centre per fold." if spec.get("loco") else ".")),
+         Block("table", pd.DataFrame([
+             {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
+              "peer splits": ", ".join(r["peers"]) or "not run"} for r in results.analyses]))]
     b.append(Block("h2", "Repeated cross-validation: mean and 95 % CI"))
     b.append(Block("p", "Mean over every finished fold of every repeat with a Student-t 95 % interval "
                         "(`pipeline.stats.mean_ci`). Folds share training cases, so these intervals are too narrow "
@@ -516,13 +520,14 @@ def _beyond_blocks(results: Results, out: Path) -> list[Block]:
                         "on the training fold's risks (`train_risk_*.csv`) and turns held-out risks into survival "
                         "curves. IBS: mean over every finished CV fold (50-point grid where the score is defined), "
                         "beside the no-covariate reference on the same folds. Calibration at 365 d: predicted vs "
-                        "Kaplan-Meier observed event probability, all cv0 folds pooled (quintiles in Figure 4). "
+                        "Kaplan-Meier observed event probability, all folds of the first CV split (cv0) pooled (quintiles in "
+                        f"{figure_label(FIGURE_CALIBRATION)}). "
                         "Risk groups: above / below the training fold's median risk, cv0 folds pooled, log-rank test."))
     b.append(Block("table", survival_display(analyses, results.identical)))
     b.append(Block("img", plot_calibration(analyses, out / FIGURE_CALIBRATION, stamp_text, identical),
-                   "Figure 4: 1-year calibration"))
+                   f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration"))
     b.append(Block("img", plot_km(analyses, out / FIGURE_KM, stamp_text, identical),
-                   "Figure 5: Kaplan-Meier curves of risk groups"))
+                   f"{figure_label(FIGURE_KM)}: Kaplan-Meier curves of risk groups"))
     return b
 
 
@@ -543,7 +548,7 @@ def _paired_blocks(results: Results, out: Path) -> list[Block]:
             b.append(Block("h3", PROTOCOL_LABELS[proto]))
             b.append(Block("table", paired_display(paired[proto], identical)))
         b.append(Block("img", plot_paired(paired, out / FIGURE_PAIRED, identical, results.stamp),
-                       "Figure 6: Δ C-index vs the baseline"))
+                       f"{figure_label(FIGURE_PAIRED)}: Δ C-index vs the baseline"))
     if vs_clinical:
         b.append(Block("h2", "Do the embeddings help a Cox model? Peers against the clinical Cox"))
         b.append(Block("p", "Same statistics, reference = the clinical-only Cox peer, over every CV repeat: an "
@@ -574,9 +579,43 @@ def _closing_blocks(results: Results) -> list[Block]:
         b.append(Block("p", f"Compute: {comp['n_cnn_cells']} CNN cells trained here, {comp['cnn_minutes']:.1f} min of "
                             f"cell time (median {comp['median_cell_seconds']:.1f} s per cell); peers "
                             f"{comp['peer_minutes']:.1f} min in all."))
+    b += environment_blocks(results.environment)
     b.append(Block("h2", "Provenance"))
     b.append(Block("table", _kv_table(results.provenance)))
     return b
+
+
+#: Environment fields shown first, in this order; any others the runs recorded follow.
+ENVIRONMENT_ORDER = ("torch", "torch_version", "device", "device_name", "threads", "torch_threads",
+                     "deterministic", "cuda", "cuda_version", "cudnn", "cudnn_version", "tf32", "precision")
+
+
+def environment_blocks(environments: Sequence[dict[str, Any]]) -> list[Block]:
+    """"What can still change these numbers": the distinct environments the runs recorded."""
+    b = [Block("h2", "What can still change these numbers")]
+    if not environments:
+        return b + [Block("p", "The runs recorded no environment (runs written before it was recorded): the torch "
+                               "version, device and thread count behind these numbers are unknown. Same inputs and "
+                               "settings give the same numbers only on the same software and hardware.")]
+    b.append(Block("p", "Same inputs and settings give the same numbers only in the same environment. A different "
+                        "torch version, device (CPU or GPU model), thread count, deterministic mode, TF32 or "
+                        "precision changes the floating-point sums, which moves the last digits of every metric "
+                        "and, through the checkpoint choice, sometimes more. "
+                        + ("All runs recorded one environment:" if len(environments) == 1 else
+                           f"The runs recorded {len(environments)} different environments:")))
+    return b + [Block("table", environment_table(environments))]
+
+
+def environment_table(environments: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per environment field, one column per distinct environment (with its run count)."""
+    keys = [k for k in ENVIRONMENT_ORDER if any(k in e["environment"] for e in environments)]
+    keys += sorted({k for e in environments for k in e["environment"]} - set(keys))
+    cols = {}
+    for i, e in enumerate(environments, 1):
+        n = len(e["runs"])
+        name = f"environment {i} ({n} run{'s' if n != 1 else ''})" if len(environments) > 1 else f"{n} run{'s' if n != 1 else ''}"
+        cols[name] = ["-" if e["environment"].get(k) is None else str(e["environment"][k]) for k in keys]
+    return pd.DataFrame({"field": keys, **cols})
 
 
 def report_blocks(results: Results, out: Path) -> list[Block]:
