@@ -545,3 +545,100 @@ def test_fold_ibs_reports_undefined_folds_by_reason_code():
     assert metrics.reason_text(no_event["reason"]) == "no event in the training fold"
     with pytest.raises(ValueError, match="NaN or infinite"):  # malformed input still raises, not a reason
         report._fold_ibs("cv0", 0, held_out, train.assign(time=[100.0, 200, 300, float("nan")]))
+
+
+# --- small-study wording, figures, environments -----------------------------------------------------
+
+
+def test_a_difference_from_a_baseline_that_barely_trained_says_so():
+    cells = [{"config": "baseline", "train_c_end": 0.50, "epochs_run": 2.0},
+             {"config": "baseline", "train_c_end": 0.506, "epochs_run": 3.0},
+             {"config": "ct-d64", "train_c_end": 0.9, "epochs_run": 1.0}]
+    barely = report.baseline_training(cells, {"steps_per_epoch": 4})
+    assert barely == {"baseline_train_c": pytest.approx(0.503), "baseline_steps": 8, "baseline_barely_trained": True}
+    trained = report.baseline_training([{"config": "baseline", "train_c_end": 0.7, "epochs_run": 10.0}],
+                                       {"steps_per_epoch": 15})
+    assert trained["baseline_barely_trained"] is False and trained["baseline_steps"] == 150
+    # Few steps alone, or a flat train C-index alone, is enough.
+    assert report.baseline_training([{"config": "baseline", "train_c_end": 0.8, "epochs_run": 2.0}],
+                                    {"steps_per_epoch": 4})["baseline_barely_trained"] is True
+    assert report.baseline_training([{"config": "baseline", "train_c_end": 0.52, "epochs_run": 50.0}],
+                                    {"steps_per_epoch": 15})["baseline_barely_trained"] is True
+    assert report.baseline_training([c for c in cells if c["config"] != "baseline"], {}) == {}
+
+    base = {"group": "baseline", "label": "DeepMTS+DAFT baseline", "status": "done", "c_mean": 0.503,
+            "paired_status": "reference"}
+    ct = {"group": "ct", "label": report.group_label("ct"), "status": "done", "d": "64", "c_mean": 0.6,
+          "paired_status": "done", "delta": 0.1, "ci_low": 0.02, "ci_high": 0.18}
+    head = {"protocols": ["inner"], "oracle_c_index": None, "rows": {"inner": [base, ct]}}
+    facts = {"n_cases": 500, "n_events": 400, "n_folds": 5}
+    flagged = " ".join(report.headline_sentences(head, facts | barely))
+    assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline), but against a baseline that " \
+           "barely trained" in flagged
+    assert "the baseline barely trained (mean train C-index 0.503 after 8 optimiser steps)" in flagged
+    plain = " ".join(report.headline_sentences(head, facts | trained))
+    assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline)." in plain and "barely" not in plain
+
+
+def test_identical_rows_name_a_cause_or_say_plainly_that_none_is_recorded():
+    constant = report._identical_reason(["ct-d64", "ct-d128"], ["64", "128"], None, pd.Series([0.5, 0.5, 0.5]))
+    assert "C-index 0.500" in constant and "predicted risk was constant" in constant
+    other = report._identical_reason(["ct-d64", "ct-d128"], ["64", "128"], None, pd.Series([0.61, 0.58]))
+    assert "d = 64, 128 gave the same C-index and 1-year AUROC on every fold" in other
+    assert "no recorded cause" not in other and "constant" not in other
+
+
+def test_calibration_axes_fit_the_data():
+    def cal(*high):
+        return {"groups": [{"followed_to_horizon": True, "pred_mean": 0.1, "observed": 0.15, "observed_high": h}
+                           for h in high], "overall": {"pred_mean": 0.12, "observed": 0.14}}
+
+    assert figures.calibration_limit([cal(0.2, 0.26)]) == pytest.approx(0.3)  # 0.26 * 1.1 -> 0.3
+    assert figures.calibration_limit([cal(0.2), cal(0.55)]) == pytest.approx(0.7)  # shared by every panel
+    assert figures.calibration_limit([cal(0.95)]) == 1.0
+    assert figures.calibration_limit([]) == 1.0
+
+
+def test_figures_are_numbered_in_reading_order_and_the_stamp_leaves_the_panels_free(fake):
+    text, out = fake["text"], fake["md"].parent
+    links = re.findall(r"!\[(Figure (\d+)[^\]]*)\]\((figure(\d+)_[^)]+\.png)\)", text)
+    assert [int(n) for _, n, _, _ in links] == [2, 3, 4, 5, 6, 7]
+    assert all(caption_n == file_n for _, caption_n, _, file_n in links)
+    for name in ("figure2_c_index.png", figures.FIGURE_CALIBRATION, figures.FIGURE_CURVES):
+        # Red, even faint (a translucent watermark), only in the footer band: none over the data.
+        assert _reddish_pixels(out / name, slice(None, -30)) == 0, name
+    # cv0 is explained where it first appears.
+    assert text.index("cv0") == text.index("cv0..cv1 (one per CV repeat; cv0 the first)")
+
+
+def _reddish_pixels(png: Path, rows: slice) -> int:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)[rows, :, :3]
+    return int(((img[..., 0] - img[..., 1] > 0.08) & (img[..., 0] - img[..., 2] > 0.08)).sum())
+
+
+def test_runs_environments_are_gathered_and_named(finished_study, tmp_path):
+    spec = finished_study
+    paths = {name: study.cell_layout(spec, study.Cell(cfg, 0)).run_json
+             for name, cfg in (("baseline", study.Configuration()), ("ct-d64", study.Configuration("ct", 64)))}
+    before = {name: p.read_text() for name, p in paths.items()}
+    env = {"torch_version": "2.5.1", "device": "cpu", "threads": 2, "deterministic": True, "precision": "fp32"}
+    md = write_report(spec.study_dir, tmp_path / "none").read_text()
+    assert "## What can still change these numbers" in md and "recorded no environment" in md
+    try:
+        for name, threads in (("baseline", 2), ("ct-d64", 8)):
+            write_json_atomic(paths[name], read_json(paths[name]) | {"environment": env | {"threads": threads}})
+        assert collect.collect_environments(spec) == [
+            {"environment": env | {"threads": 2}, "runs": ["cv0/baseline"]},
+            {"environment": env | {"threads": 8}, "runs": ["cv0/ct-d64"]}]
+        md_path = write_report(spec.study_dir, tmp_path / "envs")
+        js = read_json(md_path.parent / "results.json")
+        assert [e["environment"]["threads"] for e in js["environment"]] == [2, 8]
+        table = _md_table(md_path.read_text(), "## What can still change these numbers").set_index("field")
+        assert table.loc["torch_version"].tolist() == ["2.5.1", "2.5.1"]
+        assert table.loc["threads"].tolist() == ["2", "8"]
+        assert list(table.columns) == ["environment 1 (1 run)", "environment 2 (1 run)"]
+    finally:
+        for name, p in paths.items():
+            p.write_text(before[name])
