@@ -103,7 +103,8 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
     for ax, proto in zip(axes[0], protocols):
         _bars(ax, summary[summary["protocol"] == proto].set_index("config"), pre, y_low, colours)
         ax.set_title(PROTOCOL_LABELS[proto], fontsize=10)
-    handles = [Patch(color=colours[j], label=f"d = {d}") for j, d in enumerate(D_LABELS)]
+    shown_d = {c.partition("-d")[2] for c in summary["config"]}
+    handles = [Patch(color=colours[j], label=f"d = {d}") for j, d in enumerate(D_LABELS) if d in shown_d]
     handles += [plt.Line2D([], [], ls="--", color="black", label="baseline mean"),
                 Patch(color="grey", alpha=0.2, label="baseline ± SD")]
     axes[0][0].set_ylabel(f"{METRIC_LABELS[metric]} (mean ± SD over folds)")
@@ -117,7 +118,8 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
 def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
     """One protocol's panel of :func:`plot_figure`."""
     width = 0.8 / len(D_LABELS)
-    groups = list(SET_NAMES)
+    # Embedding sets the study did not request get no empty slot.
+    groups = [g for g in SET_NAMES if any(f"{g}-d{d}" in s.index for d in D_LABELS)] or list(SET_NAMES)
     if BASELINE in s.index and finite(s.loc[BASELINE, f"{pre}_mean"]):
         m, sd = float(s.loc[BASELINE, f"{pre}_mean"]), s.loc[BASELINE, f"{pre}_sd"]
         ax.axhline(m, ls="--", color="black", lw=1.2, zorder=3)
@@ -277,7 +279,7 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
     cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
     by_set = _curves_by_set(curves["configs"])
     sets = [n for n in SET_NAMES if n in by_set] or [BASELINE]
-    fig, axes = plt.subplots(len(cols), len(sets), figsize=(3.4 * len(sets) + 0.6, 2.3 * len(cols) + 1.0),
+    fig, axes = plt.subplots(len(cols), len(sets), figsize=(max(3.4 * len(sets) + 0.6, 8.0), 2.3 * len(cols) + 1.2),
                              squeeze=False, sharex=True)
     colours = dict(zip(D_LABELS, plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))))
     for j, name in enumerate(sets):
@@ -304,8 +306,8 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.025), ncol=max(1, len(labels)),
                fontsize=8, frameon=False)
-    fig.suptitle(f"{figure_label(FIGURE_CURVES)}: learning curves ({curves['split']}, mean over folds; one column "
-                 "per embedding set, colour = d, baseline dashed)", fontsize=10)
+    fig.suptitle(f"{figure_label(FIGURE_CURVES)}: learning curves ({curves['split']}, mean over folds)\n"
+                 "one column per embedding set, colour = d, baseline dashed", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.985))
     return _save(fig, path, stamp_text)
 

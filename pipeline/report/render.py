@@ -142,8 +142,7 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
 def not_requested(t1: pd.DataFrame | list[dict[str, Any]]) -> list[str]:
     """Table 1 labels of the CNN rows the study did not request (Table 1 leaves them out)."""
     present = {r["modality"] for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1)}
-    return ["DeepMTS+DAFT baseline" if m == BASELINE else f"+ {EMBEDDING_SETS[m].label}"
-            for m in TABLE1_CNN if m not in present]
+    return [group_label(m) for m in TABLE1_CNN if m not in present]
 
 
 def _summary_rows(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[dict[str, Any]]):
@@ -389,6 +388,9 @@ def _opening_blocks(results: Results) -> list[Block]:
                         "fewer repeats than its C-index."))
     if head["protocols"]:
         b.append(Block("table", headline_display(head, results.identical)))
+        missing = not_requested(results.table1[head["protocols"][0]])
+        if missing:
+            b.append(Block("p", "Not part of this study: " + ", ".join(missing) + " (not requested, so not run)."))
     b.append(Block("p", " ".join(head.get("sentences", []))))
     return b
 
