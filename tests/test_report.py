@@ -642,3 +642,14 @@ def test_runs_environments_are_gathered_and_named(finished_study, tmp_path):
     finally:
         for name, p in paths.items():
             p.write_text(before[name])
+
+
+def test_results_round_trip_through_json_and_refuse_a_foreign_file(fake):
+    js = fake["js"]
+    typed = results.Results.from_json(js)
+    assert typed.cells.done < typed.cells.total and typed.survival.protocol == "inner"
+    assert typed.to_json() == js  # results.json is exactly the typed object's JSON
+    old = {k: v for k, v in js.items() if k != "environment"}  # written before environments were recorded
+    assert results.Results.from_json(old).environment == []
+    with pytest.raises(ValueError, match="not a report results object: missing \\['analyses'"):
+        results.Results.from_json({"schema": 2})

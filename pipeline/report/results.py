@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.report.labels import clean
 
-#: Version of the results layout; 2: typed sections, ``environment`` added (absent = unknown).
+#: Version of the results layout. ``environment`` is optional: results written before it lack it.
 RESULTS_SCHEMA = 2
 
 
