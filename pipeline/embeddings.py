@@ -98,13 +98,15 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.cache import COHORT_FILE, PreprocessedCache
+from pipeline.embedding_sets import EMBEDDING_SETS
 
 # torch, and models.checkpoints which imports it, are imported in the functions that run
 # the encoders: reading an embeddings file (reports, studies, peers, the CLIs' --help)
 # does not load torch.
 
 SCHEMA_VERSION = 1
-MODALITIES: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
+#: Embedding set name -> datasets it reads (:mod:`pipeline.embedding_sets`, the one registry).
+MODALITIES: dict[str, tuple[str, ...]] = {name: s.datasets for name, s in EMBEDDING_SETS.items()}
 INPUT_KEYS: dict[str, str] = {"ct": "ctfm/ct", "pet": "petfm/pet"}
 POOLING: dict[str, str] = {"ct": "gap_last_feature_map", "pet": "mean_tokens_pre_neck"}
 WEIGHTS_ENV: dict[str, str] = {"ct": "HNFM_CT_FM_WEIGHTS", "pet": "HNFM_PET_FM_WEIGHTS"}

@@ -28,6 +28,7 @@ import torch
 from pipeline.artefacts import ProvenanceError, atomic_path, check_match, code_version, read_json, write_json_atomic
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
+from pipeline.embedding_sets import DATASET_ENCODERS, set_of_datasets
 from pipeline.dataset import SurvivalCohort, load_cohort
 from pipeline.embeddings import extract_embeddings, read_embeddings
 from pipeline.layout import RunLayout
@@ -54,13 +55,13 @@ def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path
     """Compute the new cases' embeddings with the training run's encoders, or refuse."""
     trained = run["embeddings"]["modalities"]
     mods = sorted(trained)
-    unknown = [m for m in mods if m not in ("ct", "pet")]
+    unknown = [m for m in mods if m not in DATASET_ENCODERS]
     if unknown:
         raise ValueError(
             f"the run used imported features {unknown}: import them for the new cases with "
             "`import-features` and pass the file with --embeddings"
         )
-    key = "ctpet" if mods == ["ct", "pet"] else mods[0]
+    key = set_of_datasets(mods)
     random_init = run_is_random_init(run)
     seeds = {trained[m].get("random_init_seed") for m in mods} - {None, ""}
     encoder_kwargs = {m: json.loads(trained[m]["encoder_config"]) for m in mods if trained[m].get("encoder_config")}

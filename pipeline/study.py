@@ -73,6 +73,7 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.cache import PreprocessedCache
+from pipeline.embedding_sets import EMBEDDING_SETS, SET_NAMES
 from pipeline.embeddings import RANDOM_INIT, RandomInitWarning, read_embeddings
 from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
 from pipeline.manifest import read_manifest, survival_cases
@@ -85,10 +86,10 @@ from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, m
 # trains, so that status listings and reports load without torch, and a pool worker sets
 # CUDA_VISIBLE_DEVICES before torch is loaded (_worker_init).
 
-#: Embedding set name -> modalities read from the embeddings file.
-MODALITY_SETS: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
-#: Display labels, as in the paper's figures.
-MODALITY_LABELS: dict[str, str] = {"ct": "CT", "pet": "PET", "ctpet": "CT+PET"}
+#: Embedding set name -> datasets read from the embeddings file (:mod:`pipeline.embedding_sets`).
+MODALITY_SETS: dict[str, tuple[str, ...]] = {name: s.datasets for name, s in EMBEDDING_SETS.items()}
+#: Display labels, as in the paper's figures (:mod:`pipeline.embedding_sets`).
+MODALITY_LABELS: dict[str, str] = {name: s.label for name, s in EMBEDDING_SETS.items()}
 #: Projection sizes of the ablation; ``None`` = native size ("orig": 512 CT, 768 PET).
 PROJ_SIZES: tuple[int | None, ...] = (64, 128, 256, None)
 BASELINE = "baseline"
@@ -179,7 +180,7 @@ class Configuration:
 
 
 def configurations(
-    modalities: Sequence[str] = ("ct", "pet", "ctpet"),
+    modalities: Sequence[str] = SET_NAMES,
     projections: Sequence[int | None] = PROJ_SIZES,
     *,
     baseline: bool = True,

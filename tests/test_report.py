@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, report, report_render, study
+from pipeline import metrics, study
+from pipeline.report import analysis as report
+from pipeline.report import collect, figures, results, write_report
+from pipeline.report import render as report_render
 from pipeline.artefacts import read_json, write_json_atomic
 from pipeline.layout import PEER_FILE
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
@@ -121,7 +124,7 @@ def finished_study(tmp_path_factory):
 
 def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_study, tmp_path):
     spec = finished_study
-    md_path = report.write_report(spec.study_dir, tmp_path / "rep")
+    md_path = write_report(spec.study_dir, tmp_path / "rep")
     out = md_path.parent
     md = md_path.read_text()
     for name in ("report.html", "results.csv", "results.json", "figure2_c_index.png", "figure3_auc_1y.png"):
@@ -149,7 +152,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     row = res[(res.config == "baseline") & (res.fold == 1) & (res.protocol == "paper")].iloc[0]
     assert row["c_index"] == pytest.approx(done["protocols"]["paper"]["c_index"])
     # The ablation table marks the partial and the pending configuration.
-    summary = report.summarise_records(report.collect_records(spec), spec.n_folds)
+    summary = report.summarise_records(collect.collect_records(spec), spec.n_folds)
     s = summary.set_index(["protocol", "config"])
     assert s.loc[("paper", "ct-d64"), "n_done"] == 1 and s.loc[("paper", "ctpet-dorig"), "n_done"] == 0
     assert "| DeepMTS+DAFT | CT | 64 | 1/2 |" in md and "| DeepMTS+DAFT | CT+PET | orig | 0/2 | pending |" in md
@@ -160,8 +163,14 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     js = read_json(out / "results.json")
     assert js["cells"] == {"total": 6, "done": 3}
     assert js["study"]["embeddings"]["random_init"] is True
-    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "pet", "ctpet", "clinical",
+    # PET was not requested: no Table 1 row says "pending" for it, the text names it as not part of the study.
+    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "ctpet", "clinical",
                                                               "radiomics", "head-ct", "head-ctpet"}
+    assert "| DeepMTS+DAFT + PET |" not in md and "| + PET |" not in md
+    assert md.count("Not part of this study: DeepMTS+DAFT + PET (not requested") == 3  # headline, Table 1 x2
+    # Integers, not "2.0 of 2.0 folds"; a baseline of 2 epochs x 2 steps is called barely trained.
+    assert not re.search(r"\d\.0 of \d\.0 folds", md)
+    assert "the baseline barely trained (mean train C-index" in md and "after 4 optimiser steps" in md
     assert {r["status"] for r in js["table1"]["paper"] if r["modality"].startswith(("head", "clin", "rad"))} \
         == {"pending"}
 
@@ -321,7 +330,7 @@ def fake(tmp_path_factory):
     """A hand-made finished study (one cell pending, one in the old format) and its report."""
     root = tmp_path_factory.mktemp("fake")
     spec = make_fake_study(root, pending=("ctpet-dorig/fold_2",), old_format=("pet-d256/fold_0",))
-    md = report.write_report(spec.study_dir, root / "report")
+    md = write_report(spec.study_dir, root / "report")
     return {"spec": spec, "md": md, "text": md.read_text(), "js": read_json(md.parent / "results.json")}
 
 
@@ -357,11 +366,11 @@ def test_report_opens_with_the_headline_and_its_values_equal_the_full_tables(fak
             c = head.loc[row["label"], f"C-index ({short})"]
             assert c == t1.loc[label, "C-index"]
             full = ablation[ablation["d"].str.split(" = ").apply(lambda ds, d=row["d"]: d in ds)
-                            & ablation["model"].eq(report_render._model_label(row["group"]))
-                            & ablation["embeddings"].eq(report_render._emb_label(row["group"]))]
+                            & ablation["model"].eq(report_render.model_label(row["group"]))
+                            & ablation["embeddings"].eq(report_render.embedding_label(row["group"]))]
             assert full[f"C-index ({short})"].tolist() == [c]
             if row["group"] != "baseline":
-                label = next(m.label for m in report.study_models(fake["spec"]) if m.name == row["config"])
+                label = next(m.label for m in collect.study_models(fake["spec"]) if m.name == row["config"])
                 stem, _, d = label.partition(", d = ")
                 match = [k for k in paired.index if k.partition(", d = ")[0] == stem
                          and (not d or d in k.partition(", d = ")[2].split(" = "))]
@@ -458,8 +467,8 @@ def _red_pixels(png: Path, rows: slice) -> int:
 def test_every_figure_carries_the_stamp_and_a_real_study_none(fake, tmp_path):
     out = fake["md"].parent
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == sorted([*report_render.FIGURES.values(), report_render.FIGURE_CALIBRATION, report_render.FIGURE_KM,
-                            report_render.FIGURE_PAIRED, report_render.FIGURE_CURVES])
+    assert names == sorted([*figures.FIGURES.values(), figures.FIGURE_CALIBRATION, figures.FIGURE_KM,
+                            figures.FIGURE_PAIRED, figures.FIGURE_CURVES])
     assert fake["js"]["stamp"].startswith("RANDOM-INIT ENCODERS + SYNTHETIC COHORT")
     clean = dict(fake["js"], stamp=None)
     report_render.render_report(clean, tmp_path)
@@ -471,7 +480,7 @@ def test_every_figure_carries_the_stamp_and_a_real_study_none(fake, tmp_path):
 
 def test_report_renders_from_results_json_alone(fake, tmp_path):
     js = json.loads((fake["md"].parent / "results.json").read_text())
-    assert js["schema"] == report.RESULTS_SCHEMA
+    assert js["schema"] == results.RESULTS_SCHEMA
     md = report_render.render_report(js, tmp_path)
     assert md.read_text() == fake["text"]
     for key in ("headline", "summary", "table1", "paired_vs_baseline", "loco", "survival", "training", "identical"):
@@ -518,10 +527,10 @@ def test_undefined_fold_metrics_are_counted_by_reason_and_worded():
 
 def test_c_index_reason_of_runs_written_before_the_reason_was_kept():
     held = pd.DataFrame({"time": [100.0, 200.0, 300.0], "event": [0, 0, 0]})
-    assert report.c_undefined_reason(held) == "no_events"
-    assert report.c_undefined_reason(held.assign(event=[1, 1, 1], time=[5.0, 5.0, 5.0])) == "no_comparable_pair"
-    assert report.c_undefined_reason(held.assign(event=[1, 0, 1])) == "no valid epoch"
-    assert report.c_undefined_reason(held.iloc[:0]) == "unknown"
+    assert collect.c_undefined_reason(held) == "no_events"
+    assert collect.c_undefined_reason(held.assign(event=[1, 1, 1], time=[5.0, 5.0, 5.0])) == "no_comparable_pair"
+    assert collect.c_undefined_reason(held.assign(event=[1, 0, 1])) == "no valid epoch"
+    assert collect.c_undefined_reason(held.iloc[:0]) == "unknown"
 
 
 def test_fold_ibs_reports_undefined_folds_by_reason_code():
@@ -536,3 +545,111 @@ def test_fold_ibs_reports_undefined_folds_by_reason_code():
     assert metrics.reason_text(no_event["reason"]) == "no event in the training fold"
     with pytest.raises(ValueError, match="NaN or infinite"):  # malformed input still raises, not a reason
         report._fold_ibs("cv0", 0, held_out, train.assign(time=[100.0, 200, 300, float("nan")]))
+
+
+# --- small-study wording, figures, environments -----------------------------------------------------
+
+
+def test_a_difference_from_a_baseline_that_barely_trained_says_so():
+    cells = [{"config": "baseline", "train_c_end": 0.50, "epochs_run": 2.0},
+             {"config": "baseline", "train_c_end": 0.506, "epochs_run": 3.0},
+             {"config": "ct-d64", "train_c_end": 0.9, "epochs_run": 1.0}]
+    barely = report.baseline_training(cells, {"steps_per_epoch": 4})
+    assert barely == {"baseline_train_c": pytest.approx(0.503), "baseline_steps": 8, "baseline_barely_trained": True}
+    trained = report.baseline_training([{"config": "baseline", "train_c_end": 0.7, "epochs_run": 10.0}],
+                                       {"steps_per_epoch": 15})
+    assert trained["baseline_barely_trained"] is False and trained["baseline_steps"] == 150
+    # Few steps alone, or a flat train C-index alone, is enough.
+    assert report.baseline_training([{"config": "baseline", "train_c_end": 0.8, "epochs_run": 2.0}],
+                                    {"steps_per_epoch": 4})["baseline_barely_trained"] is True
+    assert report.baseline_training([{"config": "baseline", "train_c_end": 0.52, "epochs_run": 50.0}],
+                                    {"steps_per_epoch": 15})["baseline_barely_trained"] is True
+    assert report.baseline_training([c for c in cells if c["config"] != "baseline"], {}) == {}
+
+    base = {"group": "baseline", "label": "DeepMTS+DAFT baseline", "status": "done", "c_mean": 0.503,
+            "paired_status": "reference"}
+    ct = {"group": "ct", "label": report.group_label("ct"), "status": "done", "d": "64", "c_mean": 0.6,
+          "paired_status": "done", "delta": 0.1, "ci_low": 0.02, "ci_high": 0.18}
+    head = {"protocols": ["inner"], "oracle_c_index": None, "rows": {"inner": [base, ct]}}
+    facts = {"n_cases": 500, "n_events": 400, "n_folds": 5}
+    flagged = " ".join(report.headline_sentences(head, facts | barely))
+    assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline), but against a baseline that " \
+           "barely trained" in flagged
+    assert "the baseline barely trained (mean train C-index 0.503 after 8 optimiser steps)" in flagged
+    plain = " ".join(report.headline_sentences(head, facts | trained))
+    assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline)." in plain and "barely" not in plain
+
+
+def test_identical_rows_name_a_cause_or_say_plainly_that_none_is_recorded():
+    constant = report._identical_reason(["ct-d64", "ct-d128"], ["64", "128"], None, pd.Series([0.5, 0.5, 0.5]))
+    assert "C-index 0.500" in constant and "predicted risk was constant" in constant
+    other = report._identical_reason(["ct-d64", "ct-d128"], ["64", "128"], None, pd.Series([0.61, 0.58]))
+    assert "d = 64, 128 gave the same C-index and 1-year AUROC on every fold" in other
+    assert "no recorded cause" not in other and "constant" not in other
+
+
+def test_calibration_axes_fit_the_data():
+    def cal(*high):
+        return {"groups": [{"followed_to_horizon": True, "pred_mean": 0.1, "observed": 0.15, "observed_high": h}
+                           for h in high], "overall": {"pred_mean": 0.12, "observed": 0.14}}
+
+    assert figures.calibration_limit([cal(0.2, 0.26)]) == pytest.approx(0.3)  # 0.26 * 1.1 -> 0.3
+    assert figures.calibration_limit([cal(0.2), cal(0.55)]) == pytest.approx(0.7)  # shared by every panel
+    assert figures.calibration_limit([cal(0.95)]) == 1.0
+    assert figures.calibration_limit([]) == 1.0
+
+
+def test_figures_are_numbered_in_reading_order_and_the_stamp_leaves_the_panels_free(fake):
+    text, out = fake["text"], fake["md"].parent
+    links = re.findall(r"!\[(Figure (\d+)[^\]]*)\]\((figure(\d+)_[^)]+\.png)\)", text)
+    assert [int(n) for _, n, _, _ in links] == [2, 3, 4, 5, 6, 7]
+    assert all(caption_n == file_n for _, caption_n, _, file_n in links)
+    for name in ("figure2_c_index.png", figures.FIGURE_CALIBRATION, figures.FIGURE_CURVES):
+        # Red, even faint (a translucent watermark), only in the footer band: none over the data.
+        assert _reddish_pixels(out / name, slice(None, -30)) == 0, name
+    # cv0 is explained where it first appears.
+    assert text.index("cv0") == text.index("cv0..cv1 (one per CV repeat; cv0 the first)")
+
+
+def _reddish_pixels(png: Path, rows: slice) -> int:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)[rows, :, :3]
+    return int(((img[..., 0] - img[..., 1] > 0.08) & (img[..., 0] - img[..., 2] > 0.08)).sum())
+
+
+def test_runs_environments_are_gathered_and_named(finished_study, tmp_path):
+    spec = finished_study
+    paths = {name: study.cell_layout(spec, study.Cell(cfg, 0)).run_json
+             for name, cfg in (("baseline", study.Configuration()), ("ct-d64", study.Configuration("ct", 64)))}
+    before = {name: p.read_text() for name, p in paths.items()}
+    env = {"torch_version": "2.5.1", "device": "cpu", "threads": 2, "deterministic": True, "precision": "fp32"}
+    md = write_report(spec.study_dir, tmp_path / "none").read_text()
+    assert "## What can still change these numbers" in md and "recorded no environment" in md
+    try:
+        for name, threads in (("baseline", 2), ("ct-d64", 8)):
+            write_json_atomic(paths[name], read_json(paths[name]) | {"environment": env | {"threads": threads}})
+        assert collect.collect_environments(spec) == [
+            {"environment": env | {"threads": 2}, "runs": ["cv0/baseline"]},
+            {"environment": env | {"threads": 8}, "runs": ["cv0/ct-d64"]}]
+        md_path = write_report(spec.study_dir, tmp_path / "envs")
+        js = read_json(md_path.parent / "results.json")
+        assert [e["environment"]["threads"] for e in js["environment"]] == [2, 8]
+        table = _md_table(md_path.read_text(), "## What can still change these numbers").set_index("field")
+        assert table.loc["torch_version"].tolist() == ["2.5.1", "2.5.1"]
+        assert table.loc["threads"].tolist() == ["2", "8"]
+        assert list(table.columns) == ["environment 1 (1 run)", "environment 2 (1 run)"]
+    finally:
+        for name, p in paths.items():
+            p.write_text(before[name])
+
+
+def test_results_round_trip_through_json_and_refuse_a_foreign_file(fake):
+    js = fake["js"]
+    typed = results.Results.from_json(js)
+    assert typed.cells.done < typed.cells.total and typed.survival.protocol == "inner"
+    assert typed.to_json() == js  # results.json is exactly the typed object's JSON
+    old = {k: v for k, v in js.items() if k != "environment"}  # written before environments were recorded
+    assert results.Results.from_json(old).environment == []
+    with pytest.raises(ValueError, match="not a report results object: missing \\['analyses'"):
+        results.Results.from_json({"schema": 2})

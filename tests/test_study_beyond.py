@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import report, report_render, study
+from pipeline import study
+from pipeline.report import analysis as report
+from pipeline.report import collect, figures, results, write_report
+from pipeline.report import render as report_render
 from pipeline.artefacts import read_json
 from pipeline.splits import load_folds, make_folds
 from pipeline.stats import (
@@ -41,7 +44,7 @@ def beyond(tmp_path_factory):
     assert peers.ok, peers.failed
     for cell in study.grid(spec):  # in-process: the cohort is loaded once
         study.run_cell(spec, cell)
-    md = report.write_report(spec.study_dir, root / "report")
+    md = write_report(spec.study_dir, root / "report")
     return {"spec": spec, "md": md, "js": read_json(md.parent / "results.json"), "peers": peers}
 
 
@@ -71,7 +74,7 @@ def test_repeats_and_loco_have_their_own_shared_folds_and_cells(beyond):
     assert set(f0["case_id"]) == set(f1["case_id"])
     assert not (f0.set_index("case_id")["fold"] == f1.set_index("case_id")["fold"]).all()  # a new split
     # Repeat r uses seed + r, as pipeline.splits.repeated_folds does.
-    surv = report.read_survival(spec)
+    surv = collect.read_survival(spec)
     ids = sorted(surv.index)
     ref = make_folds(ids, surv.loc[ids, "time"], surv.loc[ids, "event"], n_splits=2, seed=43)
     assert f1.set_index("case_id")["fold"].to_dict() == ref.set_index("case_id")["fold"].to_dict()
@@ -219,8 +222,8 @@ def test_peers_are_in_every_table_and_every_figure_is_written(beyond):
     for head, label in wanted.items():
         sec = next(s for s in sections if s.startswith(head))
         assert label in sec, head
-    for name in ("figure2_c_index.png", "figure3_auc_1y.png", report_render.FIGURE_CALIBRATION,
-                 report_render.FIGURE_KM, report_render.FIGURE_PAIRED, report_render.FIGURE_CURVES):
+    for name in ("figure2_c_index.png", "figure3_auc_1y.png", figures.FIGURE_CALIBRATION,
+                 figures.FIGURE_KM, figures.FIGURE_PAIRED, figures.FIGURE_CURVES):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert f"]({name})" in md

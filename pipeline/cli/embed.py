@@ -9,6 +9,7 @@ import warnings
 import click
 
 from pipeline.artefacts import ProvenanceError
+from pipeline.embedding_sets import SET_NAMES, set_help
 from pipeline.embeddings import ExtractionLockedError, RandomInitWarning, run_extraction
 
 
@@ -33,8 +34,8 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
     "  # needs the FM weights\n"
     "  extract-embeddings --modality pet --random-init   # no weights: tests the pipeline as the demo does",
 )
-@click.option("--modality", type=click.Choice(["ct", "pet", "ctpet"]), required=True,
-              help="Which encoder(s): ct = CT-FM (512-d), pet = PET-FM (768-d), ctpet = both "
+@click.option("--modality", type=click.Choice(list(SET_NAMES)), required=True,
+              help=f"Which embedding set (encoders): {set_help()} "
                    "(reuses embeddings already computed by ct / pet runs with the same provenance).")
 @click.option("--cache", "cache_root", default="cache/preprocessed", show_default=True,
               type=click.Path(file_okay=False),

@@ -239,7 +239,7 @@ def _report(study_dir: Path, report_dir: Path, t_start: float) -> None:
     """Write the report, then print its headline numbers and, last, its path."""
     # local: the report modules load the study's and matplotlib's; --help stays fast
     from pipeline.report import write_report
-    from pipeline.report_render import headline_text
+    from pipeline.report.render import headline_text
 
     t0 = _step(f"report into {report_dir}")
     path = write_report(study_dir, report_dir)

@@ -15,6 +15,7 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.clinical import ClinicalTransform
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
+from pipeline.embedding_sets import set_of_datasets
 from pipeline.embeddings import RandomInitWarning
 from pipeline.layout import RunLayout
 from pipeline.manifest import read_manifest, survival_cases
@@ -35,13 +36,17 @@ def default_run_name(modalities: list[str] | tuple[str, ...], proj: int | None) 
 
     Args:
         modalities: the embedding modalities the run uses (empty for the baseline);
-            ``ct`` + ``pet`` is ``ctpet``, other sets are joined with ``+``.
+            named by the embedding set that reads them (:mod:`pipeline.embedding_sets`),
+            other combinations joined with ``+``.
         proj: projection size, None for the native size ("orig").
     """
     if not modalities:
         return "baseline"
     mods = sorted(modalities)
-    key = "ctpet" if mods == ["ct", "pet"] else "+".join(mods)
+    try:
+        key = set_of_datasets(mods)
+    except ValueError:
+        key = "+".join(mods)
     return f"{key}-d{proj if proj is not None else 'orig'}"
 
 

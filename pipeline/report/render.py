@@ -1,4 +1,4 @@
-"""Rendering of the study report from the results object of :func:`pipeline.report.analyse` alone.
+"""Rendering of the study report from the results object of :func:`pipeline.report.analysis.analyse` alone.
 
 :func:`render_report` writes into one folder:
 
@@ -10,13 +10,15 @@
 * ``figure2_c_index.png``, ``figure3_auc_1y.png``: grouped bars of mean +- SD per projection
   size for CT, PET and CT+PET, with the baseline mean (dashed) and its +- SD band, one
   panel per model-selection protocol;
-* ``figure4_calibration_1y.png``, ``figure5_km_risk_groups.png``,
-  ``figure6_paired_delta_c.png``: calibration, risk-group Kaplan-Meier, paired differences;
-* ``figure7_learning_curves.png``: loss parts, train / validation C-index and validation
-  Dice per epoch, one line per configuration, folds averaged.
+* ``figure4_learning_curves.png``: loss parts, train / validation C-index and validation
+  Dice per epoch, one column per embedding set, one line per d, folds averaged;
+* ``figure5_paired_delta_c.png``, ``figure6_calibration_1y.png``, ``figure7_km_risk_groups.png``:
+  paired differences, calibration, risk-group Kaplan-Meier.
 
-Every figure carries the random-init / synthetic stamp drawn in it, so a copied figure keeps
-the warning. Rows that are identical for a stated reason (:func:`pipeline.report.identical_groups`)
+Figures are numbered in the order the report shows them.
+
+Every figure carries the random-init / synthetic stamp (:mod:`pipeline.report.figures`), so a copied figure keeps
+the warning. Rows that are identical for a stated reason (:func:`pipeline.report.analysis.identical_groups`)
 are shown once, with the reason under the table.
 """
 
@@ -24,136 +26,63 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import atomic_path
-from pipeline.layout import EVAL_COLUMNS
+from pipeline.embedding_sets import EMBEDDING_SETS
 from pipeline.metrics import reason_text
-from pipeline.report import (
-    BASELINE,
-    LOSS_COLUMNS,
-    N_BOOT,
-    PAPER_TABLE1,
+from pipeline.report.figures import (
+    FIGURE_CALIBRATION,
+    FIGURE_CURVES,
+    FIGURE_KM,
+    FIGURE_PAIRED,
+    FIGURES,
+    figure_label,
+    plot_calibration,
+    plot_figure,
+    plot_km,
+    plot_learning_curves,
+    plot_paired,
+)
+from pipeline.report.format import (
+    fmt_ci,
+    fmt_delta,
+    fmt_mean_sd,
+    fmt_p,
+    fmt_signed,
+    identical_notes,
+    merged_rows,
+    relabel,
+    undefined_text,
+)
+from pipeline.report.labels import (
+    METRIC_LABELS,
     PEER_GROUP_LABELS,
     PROTOCOL_LABELS,
     PROTOCOL_ORDER,
     TABLE1_CNN,
+    embedding_label,
+    finite,
     group_label,
+    model_label,
 )
-from pipeline.study import MODALITY_LABELS, PROJ_SIZES, proj_label
+from pipeline.report.results import Results
+from pipeline.study import BASELINE
 
-METRIC_LABELS = {"c_index": "C-index", "auc_1y": "1-year AUROC"}
-FIGURES = {"c_index": "figure2_c_index.png", "auc_1y": "figure3_auc_1y.png"}
-FIGURE_CALIBRATION = "figure4_calibration_1y.png"
-FIGURE_KM = "figure5_km_risk_groups.png"
-FIGURE_PAIRED = "figure6_paired_delta_c.png"
-FIGURE_CURVES = "figure7_learning_curves.png"
-D_LABELS = tuple(proj_label(p) for p in PROJ_SIZES)
+#: The seed paper's Table 1 (C-index, 1-year AUROC; mean, SD), for side-by-side reading.
+PAPER_TABLE1 = {
+    BASELINE: ("-", (0.616, 0.082), (0.671, 0.158)),
+    "ct": ("orig", (0.715, 0.075), (0.710, 0.083)),
+    "pet": ("128", (0.736, 0.060), (0.712, 0.100)),
+    "ctpet": ("256", (0.743, 0.067), (0.744, 0.094)),
+}
 SHORT_PROTOCOL = {"paper": "paper", "inner": "unbiased"}
-CURVE_TITLES = {"dice": "training loss: Dice part", "cox": "training loss: Cox part",
-                "train_c_index": "train C-index (fit rows)", "val_c_index_inner": "validation C-index, inner",
-                "val_c_index_outer": "validation C-index, outer", "val_dice_outer": "validation Dice, outer"}
 CLIP_NOTE = "† the t-interval left [0, 1] and is clipped to it."
-
-
-# --- formatting ----------------------------------------------------------------------------------
-
-
-def _finite(x: Any) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x)) and math.isfinite(float(x))
-
-
-def fmt_mean_sd(mean: Any, sd: Any, n: Any = None, total: Any = None) -> str:
-    """``0.712 ± 0.100`` (+ `` (4/5)`` when some folds are undefined or pending)."""
-    if not _finite(mean):
-        return "pending" if not n else "undefined"
-    text = f"{float(mean):.3f} ± {float(sd):.3f}" if _finite(sd) else f"{float(mean):.3f} ± n/a"
-    if _finite(n) and _finite(total) and int(n) != int(total):
-        text += f" ({int(n)}/{int(total)})"
-    return text
-
-
-def fmt_ci(mean: Any, low: Any, high: Any, n: Any, total: Any, clipped: Any = False) -> str:
-    """``0.712 [0.650, 0.774]`` (``†`` when clipped to [0, 1], `` (4/5)`` when folds are missing)."""
-    if not _finite(mean):
-        return "pending" if not n else "undefined"
-    text = f"{float(mean):.3f} [{float(low):.3f}, {float(high):.3f}]" if _finite(low) else f"{float(mean):.3f} [n/a]"
-    if _finite(clipped) and bool(clipped):
-        text += " †"
-    if _finite(n) and _finite(total) and int(n) != int(total):
-        text += f" ({int(n)}/{int(total)})"
-    return text
-
-
-def fmt_delta(row: dict[str, Any]) -> str:
-    """``+0.021 [-0.030, +0.070]`` of a paired comparison, or its status."""
-    status = row.get("paired_status", row.get("status"))
-    if status != "done":
-        return "-" if status in (None, "reference") else status
-    return f"{row['delta']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
-
-
-def _signed(x: Any) -> str:
-    return f"{float(x):+.3f}" if _finite(x) else "-"
-
-
-def _p(x: Any) -> str:
-    if not _finite(x):
-        return "-"
-    return "<0.001" if float(x) < 0.001 else f"{float(x):.3f}"
-
-
-def undefined_text(reason: str | None) -> str:
-    """``"no_event_before_horizon"`` -> ``"undefined: no event before 365 d"``."""
-    return "undefined: " + reason_text(reason)
-
-
-def _short(label: str) -> str:
-    return label.replace("DeepMTS+DAFT", "CNN").replace("embedding head", "head").replace("peer: ", "")
-
-
-def _model_label(modality: str) -> str:
-    return "DeepMTS+DAFT" if modality in TABLE1_CNN else PEER_GROUP_LABELS.get(modality, modality)
-
-
-def _emb_label(modality: str) -> str:
-    if modality in MODALITY_LABELS:
-        return MODALITY_LABELS[modality]
-    if modality.startswith("head-"):
-        return MODALITY_LABELS[modality[5:]]
-    return "none (baseline)" if modality == BASELINE else "-"
-
-
-# --- rows identical for a stated reason ----------------------------------------------------------
-
-
-def merged_rows(identical: Sequence[dict[str, Any]]) -> tuple[set[str], dict[str, str]]:
-    """Configurations to hide (all but the first of each group), and the merged d label
-    (``64 = 128``) of every configuration in a group."""
-    hidden = {c for g in identical for c in g["configs"][1:]}
-    return hidden, {c: " = ".join(g["d"]) for g in identical for c in g["configs"]}
-
-
-def _relabel(label: str, config: str | None, d_merged: dict[str, str]) -> str:
-    """``"..., d = 128"`` -> ``"..., d = 64 = 128"`` for a configuration of a merged group."""
-    stem, sep, _ = label.partition(", d = ")
-    return f"{stem}, d = {d_merged[config]}" if sep and config in d_merged else label
-
-
-def identical_notes(identical: Sequence[dict[str, Any]]) -> str:
-    """One line per group of identical rows: which, and why."""
-    return " ".join(f"{_model_label(g['modality'])} ({_emb_label(g['modality'])}), d = {' = '.join(g['d'])}: "
-                    f"{g['reason']}." for g in identical)
-
-
-# --- display tables -----------------------------------------------------------------------------
 
 
 def headline_display(head: dict[str, Any], identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
@@ -176,7 +105,7 @@ def headline_display(head: dict[str, Any], identical: Sequence[dict[str, Any]] =
             row[f"1-y AUROC ({short})"] = fmt_mean_sd(r.get("auc_mean"), r.get("auc_sd"), r.get("auc_n"),
                                                       r.get("n_folds")) if done else "pending"
         rows.append(row)
-    if _finite(head.get("oracle_c_index")):
+    if finite(head.get("oracle_c_index")):
         oracle = {k: "-" for k in rows[0]} if rows else {}
         oracle["model"] = "oracle: true risk of the synthetic cohort"
         for p in protos:
@@ -193,7 +122,7 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
     for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1):
         mod = r["modality"]
         label = "DeepMTS+DAFT baseline" if mod == BASELINE else (
-            f"+ {MODALITY_LABELS[mod]}" if mod in TABLE1_CNN else PEER_GROUP_LABELS[mod])
+            f"+ {EMBEDDING_SETS[mod].label}" if mod in TABLE1_CNN else PEER_GROUP_LABELS[mod])
         paper = PAPER_TABLE1.get(mod)
         ref = f"d={paper[0]}: {paper[1][0]:.3f} / {paper[2][0]:.3f}" if paper else "-"
         if r["status"] == "pending":
@@ -204,10 +133,16 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
             "configuration": label, "best d": d_merged.get(r["config"], r["d"]),
             "C-index": fmt_mean_sd(r["c_mean"], r["c_sd"], r["c_n"], r["n_folds"]),
             "1-year AUROC": fmt_mean_sd(r["auc_mean"], r["auc_sd"], r["auc_n"], r["n_folds"]),
-            "Δ C-index": _signed(r.get("delta_c")), "Δ AUROC": _signed(r.get("delta_auc")),
+            "Δ C-index": fmt_signed(r.get("delta_c")), "Δ AUROC": fmt_signed(r.get("delta_auc")),
             "paper (C / AUROC)": ref,
         })
     return pd.DataFrame(rows)
+
+
+def not_requested(t1: pd.DataFrame | list[dict[str, Any]]) -> list[str]:
+    """Table 1 labels of the CNN rows the study did not request (Table 1 leaves them out)."""
+    present = {r["modality"] for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1)}
+    return [group_label(m) for m in TABLE1_CNN if m not in present]
 
 
 def _summary_rows(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[dict[str, Any]]):
@@ -227,7 +162,7 @@ def ablation_table(summary: pd.DataFrame | list[dict[str, Any]],
     """One row per configuration (CNN, then peers), both protocols (unbiased first)."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
-        row = {"model": _model_label(first["modality"]), "embeddings": _emb_label(first["modality"]),
+        row = {"model": model_label(first["modality"]), "embeddings": embedding_label(first["modality"]),
                "d": d, "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
             r, short = g.loc[proto], SHORT_PROTOCOL[proto]
@@ -241,7 +176,7 @@ def ci_table(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[d
     """Repeated-CV table: mean [95 % t-interval, clipped to [0, 1]] per model."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
-        row = {"model": _model_label(first["modality"]), "embeddings": _emb_label(first["modality"]),
+        row = {"model": model_label(first["modality"]), "embeddings": embedding_label(first["modality"]),
                "d": d, "repeats": int(first.get("n_splits", 1)),
                "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
@@ -260,7 +195,7 @@ def _shown(items: Sequence[dict[str, Any]], identical: Sequence[dict[str, Any]])
     hidden, d_merged = merged_rows(identical)
     for item in items:
         if item["model"] not in hidden:
-            yield item, _relabel(item["label"], item["model"], d_merged)
+            yield item, relabel(item["label"], item["model"], d_merged)
 
 
 def paired_display(rows: list[dict[str, Any]], identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
@@ -278,8 +213,8 @@ def paired_display(rows: list[dict[str, Any]], identical: Sequence[dict[str, Any
                 "J folds": r["n_groups"],
                 "C-index (model / reference)": f"{r['b']:.3f} / {r['a']:.3f}",
                 "Δ C-index [95 % CI]": fmt_delta(r),
-                "bootstrap p": _p(r["p_value"]),
-                "corrected t-test p": _p(ft.get("p_value")) if ft else "-",
+                "bootstrap p": fmt_p(r["p_value"]),
+                "corrected t-test p": fmt_p(ft.get("p_value")) if ft else "-",
             })
         out.append(row)
     return pd.DataFrame(out)
@@ -312,20 +247,20 @@ def survival_display(analyses: Sequence[dict[str, Any]], identical: Sequence[dic
     rows = []
     for a in analyses:
         ibs, null = a["ibs"]["mean"], a["ibs"]["null_mean"]
-        row = {"model": _relabel(a["label"], a["model"], d_merged),
+        row = {"model": relabel(a["label"], a["model"], d_merged),
                "IBS (lower = better)":
                    f"{ibs['mean']:.3f} ({ibs['n']} folds)" if ibs["mean"] is not None else "pending",
                "IBS, no-covariate reference": f"{null['mean']:.3f}" if null["mean"] is not None else "-"}
         if a.get("status") == "done":
             ov = a["calibration"]["overall"]
             row["1-y predicted / KM observed"] = (f"{ov['pred_mean']:.3f} / "
-                                                  + (f"{ov['observed']:.3f}" if _finite(ov.get("observed")) else "n/a"))
+                                                  + (f"{ov['observed']:.3f}" if finite(ov.get("observed")) else "n/a"))
             km = a["km"]
             if km.get("status") == "done":
                 g = km["groups"]
                 row["risk groups high / low (n, events)"] = " / ".join(
                     f"{g[k]['n']}, {g[k]['events']}" for k in ("high", "low") if k in g)
-                row["log-rank p"] = _p(km["p_value"])
+                row["log-rank p"] = fmt_p(km["p_value"])
             else:
                 row["risk groups high / low (n, events)"] = f"undefined: {km.get('reason')}"
                 row["log-rank p"] = "-"
@@ -350,258 +285,15 @@ def dice_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows).fillna("pending")
 
+def _epochs(r: dict[str, Any]) -> str:
+    return f"{int(r['epochs_run'])} ep" if finite(r.get("epochs_run")) else "? ep"
+
 
 def _f2(x: Any) -> str:
-    return f"{float(x):.2f}" if _finite(x) else "n/a"
+    return f"{float(x):.2f}" if finite(x) else "n/a"
 
 
-def _epochs(r: dict[str, Any]) -> str:
-    return f"{int(r['epochs_run'])} ep" if _finite(r.get("epochs_run")) else "? ep"
 
-
-# --- figures ---------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib  # local: heavy, and only the figures need it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def stamp(fig, text: str | None) -> None:
-    """Draw the random-init / synthetic warning into the figure: a red footer and a faint
-    watermark on every panel, so a cropped or copied figure keeps it."""
-    if not text:
-        return
-    fig.text(0.5, 0.004, text, ha="center", va="bottom", fontsize=8, color="#b00000", weight="bold")
-    for ax in fig.axes:
-        if ax.axison:
-            ax.text(0.5, 0.5, text.split(":")[0].replace(" + ", "\n"), transform=ax.transAxes, ha="center",
-                    va="center", fontsize=8, color="#b00000", alpha=0.18, rotation=20, weight="bold", zorder=0)
-
-
-def _save(fig, path: str | os.PathLike, text: str | None) -> Path:
-    plt = _pyplot()
-    stamp(fig, text)
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, title: str,
-                stamp_text: str | None = None) -> Path:
-    """Grouped bars (CT, PET, CT+PET x d) of mean +- SD, baseline dashed with +- SD band.
-
-    One panel per model-selection protocol (unbiased first). Configurations without a
-    finished fold are marked "pending" at their bar position.
-
-    Args:
-        summary: :func:`pipeline.report.summarise_records` rows.
-        metric: ``"c_index"`` (Figure 2) or ``"auc_1y"`` (Figure 3).
-        path: PNG destination (written atomically).
-        title: figure title.
-        stamp_text: warning drawn in the figure (:func:`stamp`).
-    """
-    plt = _pyplot()
-    from matplotlib.patches import Patch  # local: matplotlib, as in _pyplot
-
-    pre = "c" if metric == "c_index" else "auc"
-    summary = summary[summary["kind"] == "cnn"] if "kind" in summary else summary
-    protocols = [p for p in PROTOCOL_ORDER if p in set(summary["protocol"])]
-    fig, axes = plt.subplots(1, max(1, len(protocols)), figsize=(6.2 * max(1, len(protocols)), 4.6),
-                             sharey=True, squeeze=False)
-    colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))
-    lows = (summary[f"{pre}_mean"].astype(float) - summary[f"{pre}_sd"].astype(float).fillna(0)).dropna()
-    y_low = min(0.5, math.floor(float(lows.min()) * 10) / 10) if len(lows) else 0.5
-    for ax, proto in zip(axes[0], protocols):
-        _bars(ax, summary[summary["protocol"] == proto].set_index("config"), pre, y_low, colours)
-        ax.set_title(PROTOCOL_LABELS[proto], fontsize=10)
-    handles = [Patch(color=colours[j], label=f"d = {d}") for j, d in enumerate(D_LABELS)]
-    handles += [plt.Line2D([], [], ls="--", color="black", label="baseline mean"),
-                Patch(color="grey", alpha=0.2, label="baseline ± SD")]
-    axes[0][0].set_ylabel(f"{METRIC_LABELS[metric]} (mean ± SD over folds)")
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.04), ncol=len(handles), fontsize=8,
-               frameon=False)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    return _save(fig, path, stamp_text)
-
-
-def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
-    """One protocol's panel of :func:`plot_figure`."""
-    width = 0.8 / len(D_LABELS)
-    groups = ["ct", "pet", "ctpet"]
-    if BASELINE in s.index and _finite(s.loc[BASELINE, f"{pre}_mean"]):
-        m, sd = float(s.loc[BASELINE, f"{pre}_mean"]), s.loc[BASELINE, f"{pre}_sd"]
-        ax.axhline(m, ls="--", color="black", lw=1.2, zorder=3)
-        if _finite(sd):
-            ax.axhspan(m - float(sd), m + float(sd), color="grey", alpha=0.2, lw=0, zorder=0)
-    for j, d in enumerate(D_LABELS):
-        for i, mod in enumerate(groups):
-            name = f"{mod}-d{d}"
-            if name not in s.index:
-                continue  # not part of this study's grid
-            x = i + (j - (len(D_LABELS) - 1) / 2) * width
-            mean, sd = s.loc[name, f"{pre}_mean"], s.loc[name, f"{pre}_sd"]
-            if not _finite(mean):
-                ax.text(x, y_low + 0.01, "pending", rotation=90, ha="center", va="bottom", fontsize=7,
-                        color="dimgrey")
-                continue
-            ax.bar(x, float(mean) - y_low, width * 0.92, bottom=y_low, color=colours[j], zorder=2,
-                   yerr=float(sd) if _finite(sd) else None, capsize=3, error_kw={"lw": 1})
-            n_done, n_folds = int(s.loc[name, "n_done"]), int(s.loc[name, "n_folds"])
-            if n_done < n_folds:
-                ax.text(x, y_low + 0.01, f"{n_done}/{n_folds}", ha="center", va="bottom", fontsize=6,
-                        color="white", rotation=90, zorder=4)
-    ax.set_xticks(range(len(groups)), [MODALITY_LABELS[g] for g in groups])
-    ax.set_xlim(-0.5, len(groups) - 0.5)
-    ax.set_ylim(y_low, 1.0)
-    ax.grid(axis="y", alpha=0.3, zorder=0)
-
-
-def _grid_axes(n: int, width: float = 3.2, height: float = 3.2, cols: int = 4, **kw):
-    plt = _pyplot()
-    n = max(1, n)
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.3), squeeze=False, **kw)
-    for ax in axes.ravel()[n:]:
-        ax.axis("off")
-    return fig, axes
-
-
-def _titled(analyses: Sequence[dict[str, Any]], identical: Sequence[dict[str, Any]]) -> list[tuple[str, dict]]:
-    """(short panel title, analysis) per model, merged d labels included."""
-    _, d_merged = merged_rows(identical)
-    return [(_short(_relabel(a["label"], a["model"], d_merged)), a) for a in analyses]
-
-
-def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike,
-                     stamp_text: str | None = None, identical: Sequence[dict[str, Any]] = ()) -> Path:
-    """One panel per model: predicted vs KM-observed 1-year event probability (95 % CI)."""
-    done = [(t, a) for t, a in _titled(analyses, identical) if a.get("status") == "done"]
-    fig, axes = _grid_axes(len(done))
-    for ax, (title, a) in zip(axes.ravel(), done):
-        g = pd.DataFrame(a["calibration"]["groups"])
-        g = g[g["followed_to_horizon"].astype(bool)]
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-        if len(g):
-            obs, lo, hi = (g[c].astype(float) for c in ("observed", "observed_low", "observed_high"))
-            ax.errorbar(g["pred_mean"], obs, yerr=np.clip(np.vstack([obs - lo, hi - obs]), 0, None), fmt="o", capsize=3)
-        ov = a["calibration"]["overall"]
-        obs = f"{ov['observed']:.2f}" if _finite(ov.get("observed")) else "n/a"
-        ax.set_title(f"{title}\npred {ov['pred_mean']:.2f} / KM {obs}", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("predicted P(relapse by 1 y)", fontsize=7)
-        ax.set_ylabel("observed (1 - KM)", fontsize=7)
-        ax.tick_params(labelsize=7)
-    fig.suptitle("Figure 4: 1-year calibration (Breslow baseline of each training fold; cv0, pooled folds)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return _save(fig, path, stamp_text)
-
-
-def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike, stamp_text: str | None = None,
-            identical: Sequence[dict[str, Any]] = ()) -> Path:
-    """One panel per model: KM curves of the high / low risk groups with the log-rank p."""
-    done = [(t, a) for t, a in _titled(analyses, identical)
-            if a.get("status") == "done" and a["km"].get("status") == "done"]
-    fig, axes = _grid_axes(len(done), height=3.0, sharey=True)
-    colours = {"low": "tab:blue", "high": "tab:red"}
-    for ax, (title, a) in zip(axes.ravel(), done):
-        for name, g in a["km"]["groups"].items():
-            ax.step(g["timeline"], g["survival"], where="post", color=colours.get(name), lw=1.4,
-                    label=f"{name} risk (n={g['n']}, ev={g['events']})")
-            ax.fill_between(g["timeline"], g["ci_low"], g["ci_high"], step="post", alpha=0.15,
-                            color=colours.get(name), lw=0)
-        ax.set_title(f"{title}\nlog-rank p = {_p(a['km']['p_value'])}", fontsize=8)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("days", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="lower left", frameon=False)
-    axes[0][0].set_ylabel("relapse-free survival", fontsize=7)
-    fig.suptitle("Figure 5: Kaplan-Meier by risk group (cut-off = training-fold median risk; cv0, pooled folds)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return _save(fig, path, stamp_text)
-
-
-def plot_paired(paired: dict[str, list[dict[str, Any]]], path: str | os.PathLike,
-                identical: Sequence[dict[str, Any]] = (), stamp_text: str | None = None) -> Path:
-    """Forest plot: Δ C-index vs the CNN baseline with 95 % bootstrap CI, one panel per protocol."""
-    plt = _pyplot()
-    hidden, d_merged = merged_rows(identical)
-    protos = [p for p in PROTOCOL_ORDER if p in paired]
-    shown = {p: [r for r in paired[p] if r["model"] not in hidden] for p in protos}
-    n_rows = max([len(shown[p]) for p in protos] + [1])
-    fig, axes = plt.subplots(1, max(1, len(protos)), figsize=(5.5 * max(1, len(protos)), 0.28 * n_rows + 1.9),
-                             squeeze=False, sharey=True)
-    for ax, proto in zip(axes[0], protos):
-        rows = shown[proto]
-        for i, r in enumerate(rows):
-            if r["status"] != "done":
-                ax.text(0, i, r["status"], fontsize=6, va="center", ha="center", color="dimgrey")
-                continue
-            colour = "tab:blue" if r["kind"] == "cnn" else "tab:orange"
-            ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]],
-                        fmt="o", color=colour, capsize=2, ms=3)
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [_short(_relabel(r["label"], r["model"], d_merged)) for r in rows],
-                      fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("Δ C-index vs DeepMTS+DAFT baseline (95 % CI)", fontsize=7)
-        ax.set_title(PROTOCOL_LABELS[proto], fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Figure 6: paired differences on identical folds (blue: CNN, orange: peers)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return _save(fig, path, stamp_text)
-
-
-def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_text: str | None = None) -> Path:
-    """One panel per curve column, one line per configuration (fold mean); x = epochs completed.
-
-    Colour = embedding set (baseline black), line style = projection size, so 13 lines stay
-    readable. Loss parts start at epoch 1; scores at 0 (before the first step).
-    """
-    from matplotlib.ticker import MaxNLocator  # local: matplotlib, as in _pyplot
-
-    cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
-    fig, axes = _grid_axes(len(cols), width=3.6, height=2.9, cols=3)
-    colours = {BASELINE: "black", "ct": "tab:blue", "pet": "tab:red", "ctpet": "tab:green"}
-    styles = dict(zip(D_LABELS, ("-", "--", "-.", ":")))
-    for ax, col in zip(axes.ravel(), cols):
-        for c in curves["configs"]:
-            modality, _, d = c["config"].partition("-d")
-            y = np.array([np.nan if v is None else v for v in c.get(col, [])], dtype=float)
-            if np.isfinite(y).any():
-                ax.plot(c["x"], y, color=colours.get(modality, "grey"), ls=styles.get(d, "-"), lw=1.2,
-                        marker="o", ms=2.5, label=c["config"])
-        ax.set_title(CURVE_TITLES.get(col, col), fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epochs completed (0 = before training)", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    for ax in axes.ravel()[1:]:
-        h, lab = ax.get_legend_handles_labels()
-        handles += [x for x, y in zip(h, lab) if y not in labels]
-        labels += [y for y in lab if y not in labels]
-    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.03), ncol=min(7, max(1, len(labels))),
-               fontsize=7, frameon=False)
-    fig.suptitle(f"Figure 7: learning curves ({curves['split']}, mean over folds; colour = embeddings, "
-                 "line style = d)", fontsize=10)
-    n_legend_rows = math.ceil(len(labels) / 7) if labels else 0
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * n_legend_rows, 1, 1))
-    return _save(fig, path, stamp_text)
-
-
-# --- document --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -672,9 +364,9 @@ def _kv_table(rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
     return pd.DataFrame([[str(k), "-" if v is None else str(v)] for k, v in rows], columns=["item", "value"])
 
 
-def _opening_blocks(results: dict[str, Any]) -> list[Block]:
+def _opening_blocks(results: Results) -> list[Block]:
     """Title, warnings, status and the headline: the first screen."""
-    study, cells, head = results["study"], results["cells"], results["headline"]
+    study, cells, head = results.study, results.cells, results.headline
     emb = study.get("embeddings") or {}
     b = [Block("h1", "Projection ablation: DeepMTS+DAFT with frozen CT/PET foundation-model embeddings")]
     if emb.get("random_init"):
@@ -683,8 +375,8 @@ def _opening_blocks(results: dict[str, Any]) -> list[Block]:
                                "These numbers test the pipeline; they say nothing about CT-FM or PET-FM."))
     if study.get("info", {}).get("synthetic"):
         b.append(Block("warn", "the data are a SYNTHETIC demo cohort, not HECKTOR 2022."))
-    if cells["done"] < cells["total"]:
-        b.append(Block("p", f"Status: {cells['done']} of {cells['total']} cells finished; the rest are shown as "
+    if cells.done < cells.total:
+        b.append(Block("p", f"Status: {cells.done} of {cells.total} cells finished; the rest are shown as "
                             "pending. Rerun `run-study` (finished cells are skipped) or `run-study --report-only` "
                             "to refresh."))
     b.append(Block("h2", "Headline"))
@@ -695,14 +387,17 @@ def _opening_blocks(results: dict[str, Any]) -> list[Block]:
                         "and is optimistic. Δ uses the CV repeats both models finished, so a peer's Δ may cover "
                         "fewer repeats than its C-index."))
     if head["protocols"]:
-        b.append(Block("table", headline_display(head, results.get("identical", []))))
+        b.append(Block("table", headline_display(head, results.identical)))
+        missing = not_requested(results.table1[head["protocols"][0]])
+        if missing:
+            b.append(Block("p", "Not part of this study: " + ", ".join(missing) + " (not requested, so not run)."))
     b.append(Block("p", " ".join(head.get("sentences", []))))
     return b
 
 
-def _settings_blocks(results: dict[str, Any]) -> list[Block]:
+def _settings_blocks(results: Results) -> list[Block]:
     blocks = [
-        Block("h2", "Data and settings"), Block("table", _kv_table(results["settings"])),
+        Block("h2", "Data and settings"), Block("table", _kv_table(results.settings)),
         Block("p", "Metrics are computed on each outer validation fold and summarised as mean ± SD "
                    "(sample SD) over folds; `(k/n)` marks folds where the metric is undefined or pending "
                    "(a fold without an event before 365 days has no 1-year AUROC; it is never counted as 0.5). "
@@ -710,7 +405,7 @@ def _settings_blocks(results: dict[str, Any]) -> list[Block]:
                    "as in the paper. Unbiased inner selection: selected on an inner split of the training fold; "
                    "the outer fold is scored once."),
     ]
-    text = undefined_sentence(results.get("undefined", []))
+    text = undefined_sentence(results.undefined)
     return blocks + ([Block("p", text)] if text else [])
 
 
@@ -726,10 +421,10 @@ def undefined_sentence(undefined: Sequence[dict[str, Any]]) -> str:
             + ", ".join(parts) + ".")
 
 
-def _table_blocks(results: dict[str, Any], out: Path) -> list[Block]:
+def _table_blocks(results: Results, out: Path) -> list[Block]:
     """Table 1 per protocol, the full ablation table and Figures 2-3."""
     b: list[Block] = []
-    for proto in results["protocols"]:
+    for proto in results.protocols:
         how = ("best d by mean outer validation C-index, as in the paper" if proto == "paper"
                else "best d by mean inner-validation C-index; the outer folds play no part in the choice")
         b.append(Block("h2", f"Table 1 - {PROTOCOL_LABELS[proto]}"))
@@ -737,8 +432,11 @@ def _table_blocks(results: dict[str, Any], out: Path) -> list[Block]:
                             "baseline. The last column repeats the paper's reported values for reference. Peers are "
                             "means over every repeat they ran, which may be more than the CNN's: for a like-for-like "
                             "difference read the paired comparisons below."))
-        b.append(Block("table", table1_display(results["table1"][proto], proto, results.get("identical", []))))
-    identical = results.get("identical", [])
+        b.append(Block("table", table1_display(results.table1[proto], proto, results.identical)))
+        missing = not_requested(results.table1[proto])
+        if missing:
+            b.append(Block("p", "Not part of this study: " + ", ".join(missing) + " (not requested, so not run)."))
+    identical = results.identical
     b.append(Block("h2", "Full projection ablation (both protocols)"))
     b.append(Block("p", "Rows marked `peer:` are classical models fitted on the same folds files as the CNN "
                         "(no checkpoint selection, so both protocol columns hold the same numbers): ridge Cox on "
@@ -746,30 +444,29 @@ def _table_blocks(results: dict[str, Any], out: Path) -> list[Block]:
                         "SUVmean, log TLG from the preprocessed mask), and elastic-net Cox heads on the cached "
                         "embeddings + clinical covariates with the CNN's projection sizes (per-modality PCA to d "
                         "components fitted on the training fold; orig = no projection), penalty by inner CV."))
-    b.append(Block("table", ablation_table(results["summary"], identical)))
+    b.append(Block("table", ablation_table(results.summary, identical)))
     if identical:
         b.append(Block("p", "Rows shown once (`d = a = b`): " + identical_notes(identical)))
-    summary, cells = pd.DataFrame(results["summary"]), results["cells"]
+    summary, cells = pd.DataFrame(results.summary), results.cells
     b.append(Block("h2", "Figures"))
     for metric, fname in FIGURES.items():
-        num = "Figure 2" if metric == "c_index" else "Figure 3"
-        path = plot_figure(summary, metric, out / fname, stamp_text=results.get("stamp"),
+        num = figure_label(fname)
+        path = plot_figure(summary, metric, out / fname, stamp_text=results.stamp,
                            title=f"{num}: {METRIC_LABELS[metric]} by FM projection size "
-                                 f"({cells['done']}/{cells['total']} cells finished)")
+                                 f"({cells.done}/{cells.total} cells finished)")
         b.append(Block("img", path, f"{num}: {METRIC_LABELS[metric]} by projection size"))
     return b
 
 
-def _training_blocks(results: dict[str, Any], out: Path) -> list[Block]:
-    """Learning curves (Figure 7), per-cell Dice at start and end, and what they say."""
-    tr = results.get("training") or {}
-    curves, cells, summ = tr.get("curves") or {}, tr.get("cells") or [], tr.get("summary") or {}
+def _training_blocks(results: Results, out: Path) -> list[Block]:
+    """Learning curves (Figure 4), per-cell Dice at start and end, and what they say."""
+    curves, cells, summ = results.training.curves, results.training.cells, results.training.summary
     b = [Block("h2", "Training: did it converge?")]
     if not curves.get("configs"):
         return b + [Block("p", "No learning curves yet (no finished cell with `curves.csv`).")]
     b.append(Block("p", _training_text(summ)))
-    b.append(Block("img", plot_learning_curves(curves, out / FIGURE_CURVES, results.get("stamp")),
-                   "Figure 7: learning curves per configuration (mean over folds)"))
+    b.append(Block("img", plot_learning_curves(curves, out / FIGURE_CURVES, results.stamp),
+                   f"{figure_label(FIGURE_CURVES)}: learning curves per embedding set (mean over folds)"))
     if cells:
         b.append(Block("p", "Outer-validation segmentation Dice (mean per-case hard Dice on cases with a tumour) "
                             "before the first step → after the last epoch, per cell, with the epochs run. "
@@ -781,10 +478,10 @@ def _training_blocks(results: dict[str, Any], out: Path) -> list[Block]:
 def _training_text(s: dict[str, Any]) -> str:
     """A sentence or two from :func:`pipeline.report.training_summary`."""
     parts = []
-    if _finite(s.get("train_c_start")) and _finite(s.get("train_c_end")):
+    if finite(s.get("train_c_start")) and finite(s.get("train_c_end")):
         parts.append(f"mean train C-index {s['train_c_start']:.3f} before training → {s['train_c_end']:.3f} "
                      "after the last epoch")
-    if _finite(s.get("dice_start")) and _finite(s.get("dice_end")):
+    if finite(s.get("dice_start")) and finite(s.get("dice_end")):
         parts.append(f"mean outer validation Dice {s['dice_start']:.2f} → {s['dice_end']:.2f}")
     text = f"Over {s.get('n_cells', 0)} finished cells: " + ("; ".join(parts) if parts else
                                                              "start / end values not recorded") + "."
@@ -796,53 +493,55 @@ def _training_text(s: dict[str, Any]) -> str:
     return text
 
 
-def _beyond_blocks(results: dict[str, Any], out: Path) -> list[Block]:
+def _beyond_blocks(results: Results, out: Path) -> list[Block]:
     """Sections beyond the paper: analyses run, repeated CV, paired tests, LOCO, IBS/calibration/KM."""
-    spec = results["study"]["spec"]
-    identical, stamp_text = results.get("identical", []), results.get("stamp")
-    b = [Block("h2", "Which analyses ran on which models"), Block("table", pd.DataFrame([
-        {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
-         "peer splits": ", ".join(r["peers"]) or "not run"} for r in results["analyses"]]))]
+    spec = results.study["spec"]
+    identical, stamp_text = results.identical, results.stamp
     repeats, seed = int(spec.get("repeats", 1)), int(spec.get("folds_seed", 42))
-    cvs = "cv0 is" if repeats == 1 else f"cv0..cv{repeats - 1} are"
+    cvs = "cv0 (the first CV split) is" if repeats == 1 else f"cv0..cv{repeats - 1} (one per CV repeat; cv0 the first) are"
     seeds = f"{seed}" if repeats == 1 else f"{seed}..{seed + repeats - 1}"
-    b.append(Block("p", f"Splits: {cvs} stratified {spec['n_folds']}-fold CV with split seed(s) {seeds} (one shared "
-                        "folds file per repeat, identical for every model)"
-                        + ("; loco holds out one centre per fold." if spec.get("loco") else ".")))
+    b = [Block("h2", "Which analyses ran on which models"),
+         Block("p", f"Splits: {cvs} stratified {spec['n_folds']}-fold CV with split seed(s) {seeds} (one shared "
+                    "folds file per repeat, identical for every model)"
+                    + ("; loco holds out one centre per fold." if spec.get("loco") else ".")),
+         Block("table", pd.DataFrame([
+             {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
+              "peer splits": ", ".join(r["peers"]) or "not run"} for r in results.analyses]))]
     b.append(Block("h2", "Repeated cross-validation: mean and 95 % CI"))
     b.append(Block("p", "Mean over every finished fold of every repeat with a Student-t 95 % interval "
                         "(`pipeline.stats.mean_ci`). Folds share training cases, so these intervals are too narrow "
                         f"for comparing models; use the paired comparisons below for that. {CLIP_NOTE}"))
-    b.append(Block("table", ci_table(results["summary"], identical)))
+    b.append(Block("table", ci_table(results.summary, identical)))
     b += _paired_blocks(results, out)
     b += _loco_blocks(results, spec)
-    sel = results["survival"]["protocol"]
-    analyses = results["survival"]["models"]
+    sel = results.survival.protocol
+    analyses = results.survival.models
     b.append(Block("h2", "Beyond ranking: integrated Brier score, calibration, risk groups"))
     b.append(Block("p", f"Models: the baseline, the Table 1 choice of each embedding set and the Table 1 peers "
                         f"({PROTOCOL_LABELS[sel]} for the CNN). Per fold the Breslow baseline hazard is fitted "
                         "on the training fold's risks (`train_risk_*.csv`) and turns held-out risks into survival "
                         "curves. IBS: mean over every finished CV fold (50-point grid where the score is defined), "
                         "beside the no-covariate reference on the same folds. Calibration at 365 d: predicted vs "
-                        "Kaplan-Meier observed event probability, all cv0 folds pooled (quintiles in Figure 4). "
+                        "Kaplan-Meier observed event probability, all folds of the first CV split (cv0) pooled (quintiles in "
+                        f"{figure_label(FIGURE_CALIBRATION)}). "
                         "Risk groups: above / below the training fold's median risk, cv0 folds pooled, log-rank test."))
-    b.append(Block("table", survival_display(analyses, results.get("identical", []))))
+    b.append(Block("table", survival_display(analyses, results.identical)))
     b.append(Block("img", plot_calibration(analyses, out / FIGURE_CALIBRATION, stamp_text, identical),
-                   "Figure 4: 1-year calibration"))
+                   f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration"))
     b.append(Block("img", plot_km(analyses, out / FIGURE_KM, stamp_text, identical),
-                   "Figure 5: Kaplan-Meier curves of risk groups"))
+                   f"{figure_label(FIGURE_KM)}: Kaplan-Meier curves of risk groups"))
     return b
 
 
-def _paired_blocks(results: dict[str, Any], out: Path) -> list[Block]:
-    paired, vs_clinical = results["paired_vs_baseline"], results["paired_vs_clinical_cox"]
-    identical = results.get("identical", [])
+def _paired_blocks(results: Results, out: Path) -> list[Block]:
+    paired, vs_clinical = results.paired_vs_baseline, results.paired_vs_clinical_cox
+    identical = results.identical
     b: list[Block] = []
     if paired:
         b.append(Block("h2", "Paired comparisons against the DeepMTS+DAFT baseline"))
         b.append(Block("p", "Each model minus the baseline on identical folds (every CV repeat both have finished). "
                             "Δ = difference of the mean per-fold C-index; 95 % CI and p from a paired patient "
-                            f"bootstrap within each fold ({results.get('n_boot', N_BOOT)} draws, "
+                            f"bootstrap within each fold ({results.n_boot} draws, "
                             "`paired_bootstrap_delta`); 'corrected "
                             "t-test' is the Nadeau-Bengio corrected resampled t-test over the J per-fold deltas "
                             "(folds x repeats). The unbiased protocol is the one to trust; the paper protocol "
@@ -850,8 +549,8 @@ def _paired_blocks(results: dict[str, Any], out: Path) -> list[Block]:
         for proto in [p for p in PROTOCOL_ORDER if p in paired]:
             b.append(Block("h3", PROTOCOL_LABELS[proto]))
             b.append(Block("table", paired_display(paired[proto], identical)))
-        b.append(Block("img", plot_paired(paired, out / FIGURE_PAIRED, identical, results.get("stamp")),
-                       "Figure 6: Δ C-index vs the baseline"))
+        b.append(Block("img", plot_paired(paired, out / FIGURE_PAIRED, identical, results.stamp),
+                       f"{figure_label(FIGURE_PAIRED)}: Δ C-index vs the baseline"))
     if vs_clinical:
         b.append(Block("h2", "Do the embeddings help a Cox model? Peers against the clinical Cox"))
         b.append(Block("p", "Same statistics, reference = the clinical-only Cox peer, over every CV repeat: an "
@@ -861,44 +560,78 @@ def _paired_blocks(results: dict[str, Any], out: Path) -> list[Block]:
     return b
 
 
-def _loco_blocks(results: dict[str, Any], spec: dict[str, Any]) -> list[Block]:
-    loco = results["loco"]
+def _loco_blocks(results: Results, spec: dict[str, Any]) -> list[Block]:
+    loco = results.loco
     if loco:
         return [Block("h2", "Leave-one-centre-out"),
                 Block("p", "Each column holds out one centre (n cases, ev events) and trains on the others. A "
                            "metric that does not exist for a centre is reported with its reason, never as a number. "
                            "Mean over centres uses the centres where the metric is defined (count in brackets); "
                            "pooled C = Harrell's C over all held-out predictions together."),
-                Block("table", loco_display(loco, results.get("identical", [])))]
+                Block("table", loco_display(loco, results.identical))]
     if spec.get("loco"):
         return [Block("h2", "Leave-one-centre-out"), Block("p", "pending: the LOCO folds file is not written yet.")]
     return []
 
 
-def _closing_blocks(results: dict[str, Any]) -> list[Block]:
+def _closing_blocks(results: Results) -> list[Block]:
     b: list[Block] = []
-    comp = results.get("compute") or {}
+    comp = results.compute or {}
     if comp.get("n_cnn_cells"):
         b.append(Block("p", f"Compute: {comp['n_cnn_cells']} CNN cells trained here, {comp['cnn_minutes']:.1f} min of "
                             f"cell time (median {comp['median_cell_seconds']:.1f} s per cell); peers "
                             f"{comp['peer_minutes']:.1f} min in all."))
+    b += environment_blocks(results.environment)
     b.append(Block("h2", "Provenance"))
-    b.append(Block("table", _kv_table(results["provenance"])))
+    b.append(Block("table", _kv_table(results.provenance)))
     return b
 
 
-def report_blocks(results: dict[str, Any], out: Path) -> list[Block]:
+#: Environment fields shown first, in this order; any others the runs recorded follow.
+ENVIRONMENT_ORDER = ("torch", "torch_version", "device", "device_name", "threads", "torch_threads",
+                     "deterministic", "cuda", "cuda_version", "cudnn", "cudnn_version", "tf32", "precision")
+
+
+def environment_blocks(environments: Sequence[dict[str, Any]]) -> list[Block]:
+    """"What can still change these numbers": the distinct environments the runs recorded."""
+    b = [Block("h2", "What can still change these numbers")]
+    if not environments:
+        return b + [Block("p", "The runs recorded no environment (runs written before it was recorded): the torch "
+                               "version, device and thread count behind these numbers are unknown. Same inputs and "
+                               "settings give the same numbers only on the same software and hardware.")]
+    b.append(Block("p", "Same inputs and settings give the same numbers only in the same environment. A different "
+                        "torch version, device (CPU or GPU model), thread count, deterministic mode, TF32 or "
+                        "precision changes the floating-point sums, which moves the last digits of every metric "
+                        "and, through the checkpoint choice, sometimes more. "
+                        + ("All runs recorded one environment:" if len(environments) == 1 else
+                           f"The runs recorded {len(environments)} different environments:")))
+    return b + [Block("table", environment_table(environments))]
+
+
+def environment_table(environments: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per environment field, one column per distinct environment (with its run count)."""
+    keys = [k for k in ENVIRONMENT_ORDER if any(k in e["environment"] for e in environments)]
+    keys += sorted({k for e in environments for k in e["environment"]} - set(keys))
+    cols = {}
+    for i, e in enumerate(environments, 1):
+        n = len(e["runs"])
+        name = f"environment {i} ({n} run{'s' if n != 1 else ''})" if len(environments) > 1 else f"{n} run{'s' if n != 1 else ''}"
+        cols[name] = ["-" if e["environment"].get(k) is None else str(e["environment"][k]) for k in keys]
+    return pd.DataFrame({"field": keys, **cols})
+
+
+def report_blocks(results: Results, out: Path) -> list[Block]:
     """The whole document, drawing the figures into ``out`` on the way."""
     return (_opening_blocks(results) + _settings_blocks(results) + _table_blocks(results, out)
             + _training_blocks(results, out) + _beyond_blocks(results, out) + _closing_blocks(results))
 
 
-def render_report(results: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+def render_report(results: Results | dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write ``report.md``, ``report.html`` and the figures from a results object alone.
 
     Args:
-        results: :func:`pipeline.report.analyse` output made JSON-safe
-            (:func:`pipeline.report.clean`), or a loaded ``results.json``.
+        results: a JSON-safe :class:`~pipeline.report.results.Results`
+            (:meth:`~pipeline.report.results.Results.clean`), or a loaded ``results.json``.
         out_dir: destination folder.
 
     Returns:
@@ -906,6 +639,8 @@ def render_report(results: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(results, Results):
+        results = Results.from_json(results)
     blocks = report_blocks(results, out)
     md_path = out / "report.md"
     with atomic_path(md_path, suffix=".md") as tmp:
@@ -915,9 +650,9 @@ def render_report(results: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     return md_path
 
 
-def headline_text(results: dict[str, Any]) -> str:
+def headline_text(results: Results | dict[str, Any]) -> str:
     """The headline for a console: one line per row, unbiased protocol, then the sentences."""
-    head = results["headline"]
+    head = (results if isinstance(results, Results) else Results.from_json(results)).headline
     if not head["protocols"]:
         return "headline: no configuration finished yet"
     proto = head["protocols"][0]
@@ -931,6 +666,6 @@ def headline_text(results: dict[str, Any]) -> str:
         auc = fmt_mean_sd(r.get("auc_mean"), r.get("auc_sd"), r.get("auc_n"), r.get("n_folds")) if done else "-"
         delta = fmt_delta(r) if done else "-"
         lines.append(f"  {name:<44} {c:<22} {auc:<22} {'' if delta == '-' else delta}".rstrip())
-    if _finite(head.get("oracle_c_index")):
+    if finite(head.get("oracle_c_index")):
         lines.append(f"  {'oracle: true risk (synthetic cohort)':<44} {head['oracle_c_index']:.3f}")
     return "\n".join(lines + [""] + head.get("sentences", []))

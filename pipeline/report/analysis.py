@@ -1,46 +1,20 @@
-"""The study report, in three steps: collect -> analyse -> render.
+"""Step 2 of the report: frames (:class:`pipeline.report.collect.StudyData`) -> the typed
+results object (:class:`pipeline.report.results.Results`).
 
-:func:`write_report` can run at any time, during or after a study: finished cells
-(``done.json``) and peer runs are read, missing ones are shown as pending.
-
-1. :func:`collect_study` reads the study folder once into frames (:class:`StudyData`): per-fold
-   records, out-of-fold and training-fold predictions, folds, endpoints, learning curves and
-   per-cell training facts. Only this step touches files.
-2. :func:`analyse` turns those frames into one plain-data results object (JSON-able dicts
-   and lists): the headline, the tables, paired comparisons, LOCO, IBS / calibration / KM,
-   learning curves and rows that are identical for a stated reason. Each analysis is a
-   function of arrays or frames, so it is tested on hand-made predictions.
-3. :func:`pipeline.report_render.render_report` draws ``report.md``, ``report.html`` and
-   the figures from that object alone (it can re-render a saved ``results.json``).
-
-Files: ``results.json`` (the results object), ``results.csv`` (one row per cell or peer
-fold x protocol, pending rows included), ``report.md`` / ``report.html`` and the figures
-(see :mod:`pipeline.report_render`).
-
-Model-selection protocols (see :mod:`pipeline.train`): "paper protocol (optimistic)" selects
-the checkpoint on the outer fold it reports; "unbiased inner selection" selects on an inner
-split of the training fold. Table 1 picks the best d per embedding set the same way: by the
-mean outer C-index under the paper protocol (as the paper did), and by the mean **inner**
-validation C-index under the unbiased protocol, so no outer-fold number leaks into that
-choice either. The headline repeats Table 1's rows, unbiased protocol first, with each
-row's paired difference from the baseline.
+Each analysis is a function of arrays or frames, so it is tested on hand-made predictions.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from pipeline.artefacts import code_version, read_json, utc_now, write_json_atomic, atomic_path
-from pipeline.layout import EVAL_COLUMNS, PROTOCOLS, PeerRunLayout, RunLayout
-from pipeline.manifest import read_manifest, survival_cases
-from pipeline.metrics import NO_VALID_EPOCH, TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
+from pipeline.artefacts import code_version, utc_now
+from pipeline.embedding_sets import EMBEDDING_SETS
+from pipeline.layout import EVAL_COLUMNS
+from pipeline.metrics import TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
 from pipeline.stats import (
     breslow_survival,
     calibration_at,
@@ -51,382 +25,24 @@ from pipeline.stats import (
     paired_bootstrap_delta,
     risk_groups,
 )
-from pipeline.study import (
-    BASELINE,
-    FIRST_SPLIT,
-    LOCO,
-    MODALITY_LABELS,
-    Cell,
-    Configuration,
-    StudySpec,
-    cell_layout,
-    grid,
-    load_study,
-    loco_centres,
-    peer_done,
-    proj_label,
-    split_n_folds,
+from pipeline.report.collect import ModelRef, StudyData, held_out
+from pipeline.report.labels import (
+    HORIZON,
+    LOSS_COLUMNS,
+    N_BOOT,
+    PROTOCOL_LABELS,
+    PROTOCOL_ORDER,
+    TABLE1_CNN,
+    TABLE1_PEERS,
+    UNIT_RANGE,
+    clean,
+    difference,
+    finite,
+    float_or_none,
+    group_label,
 )
-from pipeline.splits import load_folds
-
-RESULTS_SCHEMA = 2
-PROTOCOL_LABELS = {"paper": "paper protocol (optimistic)", "inner": "unbiased inner selection"}
-#: Protocols in the order the report shows them: the one to trust first.
-PROTOCOL_ORDER = ("inner", "paper")
-#: The seed paper's Table 1 (C-index, 1-year AUROC; mean, SD), for side-by-side reading.
-PAPER_TABLE1 = {
-    BASELINE: ("-", (0.616, 0.082), (0.671, 0.158)),
-    "ct": ("orig", (0.715, 0.075), (0.710, 0.083)),
-    "pet": ("128", (0.736, 0.060), (0.712, 0.100)),
-    "ctpet": ("256", (0.743, 0.067), (0.744, 0.094)),
-}
-#: Table 1 rows: the CNN's four (always listed, pending when missing), then the peers'.
-TABLE1_CNN = (BASELINE, "ct", "pet", "ctpet")
-TABLE1_PEERS = ("clinical", "radiomics", "head-ct", "head-pet", "head-ctpet")
-PEER_GROUP_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox",
-                     "head-ct": "peer: CT embedding head", "head-pet": "peer: PET embedding head",
-                     "head-ctpet": "peer: CT+PET embedding head"}
-#: Range of the bounded metrics: their t-intervals are clipped to it (and say so).
-UNIT_RANGE = (0.0, 1.0)
-HORIZON = 365.0
-N_BOOT = 2000
-#: Learning-curve columns of ``curves.csv`` drawn (any may be missing in older runs), with
-#: :data:`pipeline.layout.EVAL_COLUMNS`.
-LOSS_COLUMNS = ("dice", "cox")
-PRED_COLUMNS = ["model", "kind", "split", "protocol", "fold", "role", "case_id", "risk", "time", "event"]
-
-
-# --- small helpers ---------------------------------------------------------------------------
-
-
-def _num(x: Any) -> float:
-    return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
-
-
-def _finite(x: Any) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x)) and math.isfinite(float(x))
-
-
-def _none(x: Any) -> float | None:
-    return float(x) if _finite(x) else None
-
-
-def _diff(a: Any, b: Any) -> float:
-    return float(a) - float(b) if _finite(a) and _finite(b) else float("nan")
-
-
-def clean(x: Any) -> Any:
-    """JSON-safe copy: NaN / inf -> None, numpy scalars -> Python numbers, frames -> records."""
-    if isinstance(x, pd.DataFrame):
-        return clean(x.to_dict("records"))
-    if isinstance(x, dict):
-        return {str(k): clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-# --- 1. collection: the study folder -> frames ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model of the study: a CNN configuration or a peer (:class:`pipeline.study.Peer`).
-
-    ``oof_protocol(protocol)`` is the protocol of its OOF rows: the CNN's own, or
-    ``"fit"`` for a peer (no checkpoint selection).
-    """
-
-    name: str
-    kind: str  # "cnn" | "peer"
-    label: str
-
-    def oof_protocol(self, protocol: str) -> str:
-        return protocol if self.kind == "cnn" else "fit"
-
-
-def study_models(spec: StudySpec) -> list[ModelRef]:
-    """The CNN configurations, then the peers, as :class:`ModelRef`."""
-    out = []
-    for c in spec.configurations():
-        label = "DeepMTS+DAFT baseline" if c.modality is None else \
-            f"DeepMTS+DAFT + {MODALITY_LABELS[c.modality]}, d = {c.d_label}"
-        out.append(ModelRef(c.name, "cnn", label))
-    out += [ModelRef(p.name, "peer", p.label) for p in spec.peer_list()]
-    return out
-
-
-@dataclass
-class StudyData:
-    """Everything the analyses need, read once from a study folder (frames, no paths).
-
-    Attributes:
-        spec, study: the spec and the ``study.json`` record.
-        records: per-fold metrics of CNN cells and peers (:func:`collect_records`,
-            :func:`collect_peer_records`), pending rows included.
-        predictions: :data:`PRED_COLUMNS`; ``role`` is ``oof`` (held-out fold) or ``train``
-            (the fold's training rows, for Breslow baselines and risk cut-offs).
-        folds: ``split, fold, case_id`` of every split whose folds file exists.
-        survival: ``time, event`` indexed by ``case_id``.
-        curves: ``split, config, fold, epoch`` + the ``curves.csv`` columns present.
-        cells: one row per CNN cell: ``split, config, fold, done, epochs_run, seconds``,
-            ``start_<score>`` (before the first step) and ``val_dice_<protocol>``.
-        peer_fits: one row per peer fold: ``split, peer, fold, n_train`` and
-            ``<block>_pca_components`` where a PCA was fitted.
-        models: the study's models.
-        centres: held-out centre name per LOCO fold (empty without LOCO).
-    """
-
-    spec: StudySpec
-    study: dict[str, Any]
-    records: pd.DataFrame
-    predictions: pd.DataFrame
-    folds: pd.DataFrame
-    survival: pd.DataFrame
-    curves: pd.DataFrame
-    cells: pd.DataFrame
-    peer_fits: pd.DataFrame
-    models: list[ModelRef]
-    centres: list[str]
-
-
-def collect_study(study_dir: str | os.PathLike) -> StudyData:
-    """Read a study folder (prepared by :func:`pipeline.study.prepare_study`) into frames."""
-    spec, study = load_study(study_dir)
-    survival = read_survival(spec)
-    folds = read_folds(spec)
-    cnn = collect_records(spec, survival=survival, folds=folds)
-    protocols = [p for p in PROTOCOL_LABELS if p in set(cnn["protocol"])] if len(cnn) else list(PROTOCOL_LABELS)
-    peers = collect_peer_records(spec, protocols)
-    records = pd.DataFrame(cnn.to_dict("records") + peers.to_dict("records"))
-    models = study_models(spec)
-    curves, cells = collect_training(spec)
-    return StudyData(spec=spec, study=study, records=records, predictions=collect_predictions(spec, models),
-                     folds=folds, survival=survival, curves=curves, cells=cells,
-                     peer_fits=collect_peer_fits(spec), models=models,
-                     centres=loco_centres(spec) if (folds["split"] == LOCO).any() else [])
-
-
-def read_survival(spec: StudySpec) -> pd.DataFrame:
-    """``time, event`` indexed by ``case_id``: the manifest's cases with an endpoint."""
-    m = survival_cases(read_manifest(spec.manifest))
-    return pd.DataFrame({"time": m["rfs_days"].astype(float).to_numpy(), "event": m["relapse"].astype(int).to_numpy()},
-                        index=pd.Index(m["case_id"].astype(str), name="case_id"))
-
-
-def read_folds(spec: StudySpec) -> pd.DataFrame:
-    """``split, fold, case_id`` of every split whose shared folds file exists."""
-    frames = []
-    for split in spec.splits():
-        path = spec.folds_path_of(split)
-        if path.is_file():
-            f = load_folds(path)
-            frames.append(pd.DataFrame({"split": split, "fold": f["fold"].astype(int).to_numpy(),
-                                        "case_id": f["case_id"].astype(str).to_numpy()}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["split", "fold", "case_id"])
-
-
-def held_out(folds: pd.DataFrame, survival: pd.DataFrame, split: str, fold: int) -> pd.DataFrame:
-    """``case_id, time, event`` of one held-out fold."""
-    ids = folds.loc[(folds["split"] == split) & (folds["fold"] == fold), "case_id"]
-    return survival.loc[ids].reset_index()
-
-
-def c_undefined_reason(held: pd.DataFrame) -> str:
-    """Why a held-out fold has no C-index, for runs written before the training record kept
-    the reason: no event, no comparable pair, else no valid epoch.
-
-    Args:
-        held: the fold's ``time``, ``event`` (:func:`held_out`).
-    """
-    if held.empty:
-        return "unknown"
-    t, e = held["time"].to_numpy(float), held["event"].to_numpy(int)
-    return c_index_value(t, e, np.zeros(len(t))).reason or NO_VALID_EPOCH
-
-
-def _cell_records(spec: StudySpec, cell: Cell) -> tuple[bool, dict[str, Any], dict[str, Any]]:
-    """``(done, done.json record, cell.json record)`` of one CNN cell; ``{}`` for a missing file."""
-    layout = cell_layout(spec, cell)
-    done = layout.is_done(cell.fold)
-    rec = read_json(layout.done(cell.fold)) if done else {}
-    info = read_json(layout.cell(cell.fold)) if layout.cell(cell.fold).is_file() else {}
-    return done, rec, info
-
-
-def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
-                    folds: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per CNN cell x protocol from the finished cells; pending cells give NaN rows.
-
-    Covers every split the CNN trains on. Columns: ``split, kind, config, modality, d,
-    fold, protocol, done, c_index, c_index_reason, auc_1y, auc_1y_reason,
-    selection_c_index, selected_epoch, val_dice, epochs_run, seconds``. ``kind`` is
-    ``"cnn"``, ``modality`` is ``"baseline"`` for the baseline, ``d`` is ``"-"`` there. An
-    undefined C-index (e.g. a LOCO centre without an event) is NaN with its reason code.
-
-    Args:
-        spec: the study.
-        survival, folds: :func:`read_survival` / :func:`read_folds` (read when omitted).
-    """
-    survival = read_survival(spec) if survival is None else survival
-    folds = read_folds(spec) if folds is None else folds
-    rows = []
-    for cell in grid(spec):
-        base = {"split": cell.split, "kind": "cnn", "config": cell.config.name,
-                "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold}
-        done, rec, info = _cell_records(spec, cell)
-        for proto in PROTOCOLS:
-            res = rec.get("protocols", {}).get(proto) if done else None
-            if done and res is None:
-                continue  # e.g. inner_val_fraction = 0: only the paper protocol exists
-            res = res or {}
-            c = _num(res.get("c_index"))
-            reason = None
-            if done and math.isnan(c):
-                reason = res.get("c_index_undefined_reason") or c_undefined_reason(
-                    held_out(folds, survival, cell.split, cell.fold))
-            rows.append(base | {
-                "protocol": proto, "done": done, "c_index": c, "c_index_reason": reason,
-                "auc_1y": _num(res.get("auc_1y")), "auc_1y_reason": res.get("auc_1y_undefined_reason"),
-                "selection_c_index": _num(res.get("selection_c_index")),
-                "selected_epoch": res.get("selected_epoch"), "val_dice": _num(res.get("val_dice")),
-                "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds"),
-            })
-    return pd.DataFrame(rows)
-
-
-def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "inner")) -> pd.DataFrame:
-    """The peers' per-fold metrics on every split, in the layout of :func:`collect_records`.
-
-    A peer has no checkpoint selection (``protocol = "fit"`` in its OOF file); its rows
-    are repeated under each CNN protocol so every table can put it beside the CNN.
-    ``selection_c_index`` is the mean inner-CV C-index of the penalty choice (embedding
-    heads), used to pick a head's projection size without the outer folds. ``kind`` is
-    ``"peer"``; ``modality`` is ``clinical``, ``radiomics`` or ``head-<set>``.
-    """
-    rows = []
-    for split in spec.splits():
-        n_folds = split_n_folds(spec, split)
-        for peer in spec.peer_list():
-            done = peer_done(spec, peer, split)
-            layout = PeerRunLayout(spec.peer_dir(peer, split))
-            summ = read_json(layout.summary) if done else {}
-            per_fold = {int(r["fold"]): r for r in summ.get("per_fold", [])}
-            fits = {int(r["fold"]): r for r in summ.get("fit", [])}
-            seconds = read_json(layout.marker).get("seconds") if done else None
-            base = {"split": split, "kind": "peer", "config": peer.name,
-                    "modality": f"head-{peer.modality}" if peer.kind == "embeddings" else peer.kind,
-                    "d": proj_label(peer.proj) if peer.kind == "embeddings" else "-"}
-            for k in range(n_folds):
-                r, f = per_fold.get(k, {}), fits.get(k, {})
-                for proto in protocols:
-                    rows.append(base | {
-                        "fold": k, "protocol": proto, "done": done and bool(r),
-                        "c_index": _num(r.get("c_index")), "c_index_reason": r.get("c_index_reason"),
-                        "auc_1y": _num(r.get("auroc")), "auc_1y_reason": r.get("auroc_reason"),
-                        "selection_c_index": _num(f.get("inner_c_index")), "selected_epoch": None,
-                        "val_dice": float("nan"), "epochs_run": None,
-                        "seconds": seconds / n_folds if seconds else None,
-                    })
-    return pd.DataFrame(rows)
-
-
-def collect_predictions(spec: StudySpec, models: Sequence[ModelRef]) -> pd.DataFrame:
-    """Saved held-out and training-fold risks of every finished fold (:data:`PRED_COLUMNS`).
-
-    CNN: ``fold_<k>/oof.csv`` and ``fold_<k>/train_risk_<protocol>.csv`` (the selected
-    checkpoint's risks on its training rows). Peer: ``oof_predictions.csv`` and
-    ``train_risk.csv`` of each split's run (protocol ``fit``).
-    """
-    frames = []
-    for m in models:
-        for split in (spec.cnn_splits() if m.kind == "cnn" else spec.splits()):
-            frames += _cnn_predictions(spec, m, split) if m.kind == "cnn" else _peer_predictions(spec, m, split)
-    if not frames:
-        return pd.DataFrame(columns=PRED_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[PRED_COLUMNS]
-
-
-def _pred_frame(df: pd.DataFrame, model: ModelRef, split: str, role: str, **fixed: Any) -> pd.DataFrame:
-    out = df.assign(model=model.name, kind=model.kind, split=split, role=role, **fixed)
-    return out.assign(case_id=out["case_id"].astype(str))[PRED_COLUMNS]
-
-
-def _cnn_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.DataFrame]:
-    layout = RunLayout(spec.run_dir(Configuration.from_name(model.name), split))
-    frames = []
-    for k in range(split_n_folds(spec, split)):
-        if not layout.is_done(k) or not layout.oof(k).is_file():
-            continue
-        oof = pd.read_csv(layout.oof(k), dtype={"case_id": str})
-        frames.append(_pred_frame(oof, model, split, "oof"))
-        for proto in oof["protocol"].unique():
-            path = layout.train_risk(k, proto)
-            if path.is_file():
-                tr = pd.read_csv(path, dtype={"case_id": str})
-                frames.append(_pred_frame(tr, model, split, "train", protocol=proto, fold=k))
-    return frames
-
-
-def _peer_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.DataFrame]:
-    peer = {p.name: p for p in spec.peer_list()}[model.name]
-    if not peer_done(spec, peer, split):
-        return []
-    layout = PeerRunLayout(spec.peer_dir(peer, split))
-    frames = [_pred_frame(pd.read_csv(layout.oof_predictions, dtype={"case_id": str}),
-                          model, split, "oof", protocol="fit")]
-    if layout.train_risk.is_file():
-        frames.append(_pred_frame(pd.read_csv(layout.train_risk, dtype={"case_id": str}),
-                                  model, split, "train", protocol="fit"))
-    return frames
-
-
-def collect_training(spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Learning curves (``curves.csv``) and per-cell training facts (``done.json``).
-
-    Columns missing in older runs are simply absent (curves) or NaN (cells).
-
-    Returns:
-        ``(curves, cells)``: curves ``split, config, fold, epoch`` + the ``curves.csv``
-        columns; cells ``split, config, fold, done, epochs_run, seconds, start_<score>``
-        (:data:`EVAL_COLUMNS` before the first step) and ``val_dice_<protocol>`` (outer
-        Dice at the selected epoch).
-    """
-    curves, cells = [], []
-    for cell in grid(spec):
-        key = {"split": cell.split, "config": cell.config.name, "fold": cell.fold}
-        done, rec, info = _cell_records(spec, cell)
-        start = rec.get("start") or {}
-        row = key | {"done": done, "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds")}
-        row |= {f"start_{c}": _num(start.get(c)) for c in EVAL_COLUMNS}
-        row |= {f"val_dice_{p}": _num((rec.get("protocols", {}).get(p) or {}).get("val_dice")) for p in PROTOCOLS}
-        cells.append(row)
-        curves_path = cell_layout(spec, cell).curves(cell.fold)
-        if done and curves_path.is_file():
-            curves.append(pd.read_csv(curves_path).assign(**key))
-    curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=["split", "config", "fold", "epoch"])
-    return curve_frame, pd.DataFrame(cells)
-
-
-def collect_peer_fits(spec: StudySpec) -> pd.DataFrame:
-    """Per peer fold: ``split, peer, fold, n_train`` and every ``<block>_pca_components``."""
-    rows = []
-    for split in spec.splits():
-        for peer in spec.peer_list():
-            if not peer_done(spec, peer, split):
-                continue
-            for f in read_json(PeerRunLayout(spec.peer_dir(peer, split)).summary).get("fit", []):
-                rows.append({"split": split, "peer": peer.name, "fold": int(f["fold"]), "n_train": f.get("n_train")}
-                            | {k: v for k, v in f.items() if k.endswith("_pca_components")})
-    return pd.DataFrame(rows, columns=None if rows else ["split", "peer", "fold", "n_train"])
-
+from pipeline.report.results import RESULTS_SCHEMA, CellCount, Results, SurvivalSection, TrainingSection
+from pipeline.study import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
 
 # --- 2. analyses: frames -> plain data ---------------------------------------------------------
 
@@ -477,13 +93,14 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
 
     The best d maximises the mean outer C-index under the ``paper`` protocol and the mean
     inner-validation C-index (``sel_mean``) under ``inner``. Only configurations with all
-    folds finished compete; an embedding set without one is listed as pending. The peers
+    folds finished compete; an embedding set without one is listed as pending, one the study
+    did not request (no row in ``summary``) is left out. The peers
     follow (clinical Cox, radiomics-lite Cox, and per embedding set the embedding head
     whose PCA size is chosen the same way, by the inner-CV C-index of its penalty choice
     under ``inner``); a peer family that did not run is left out.
 
     Returns:
-        Rows ``baseline, ct, pet, ctpet`` [, peers] with ``modality, config, d, c_mean,
+        Rows ``baseline, ct, pet, ctpet`` (those requested) [, peers] with ``modality, config, d, c_mean,
         c_sd, auc_mean, auc_sd, c_n, auc_n, delta_c, delta_auc, status`` (deltas are
         differences of means vs the CNN baseline; NaN when either side is missing).
     """
@@ -503,7 +120,8 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
                     rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
                 continue
         if cand.empty:
-            rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
+            if len(s[s["modality"] == modality]):  # requested, not finished; not requested: left out
+                rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
             continue
         best = cand.loc[cand[key].idxmax()] if cand[key].notna().any() else cand.iloc[0]
         row = {k: best[k] for k in ("modality", "config", "d", "c_mean", "c_sd", "auc_mean",
@@ -511,19 +129,12 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
         row["selected_by"] = key if len(cand) > 1 else "-"
         row["status"] = "done"
         if base_row is not None and modality != BASELINE:
-            row["delta_c"] = _diff(best["c_mean"], base_row["c_mean"])
-            row["delta_auc"] = _diff(best["auc_mean"], base_row["auc_mean"])
+            row["delta_c"] = difference(best["c_mean"], base_row["c_mean"])
+            row["delta_auc"] = difference(best["auc_mean"], base_row["auc_mean"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def group_label(modality: str) -> str:
-    """Row label of a Table 1 / headline group: ``baseline``, ``ct`` ... ``head-ctpet``."""
-    if modality == BASELINE:
-        return "DeepMTS+DAFT baseline"
-    if modality in TABLE1_CNN:
-        return f"DeepMTS+DAFT + {MODALITY_LABELS[modality]}"
-    return PEER_GROUP_LABELS.get(modality, modality)
 
 
 def fold_predictions(predictions: pd.DataFrame, model: str, split: str,
@@ -660,10 +271,10 @@ def loco_results(records: pd.DataFrame, predictions: pd.DataFrame, centres: list
 def _loco_cell(r: pd.Series | None, centre: dict[str, Any]) -> dict[str, Any]:
     done = bool(r is not None and r["done"])
     return {"fold": centre["fold"], "centre": centre["centre"], "done": done,
-            "c_index": _none(r["c_index"]) if done else None,
-            "c_index_reason": (r["c_index_reason"] or None) if done and not _finite(r["c_index"]) else None,
-            "auc_1y": _none(r["auc_1y"]) if done else None,
-            "auc_1y_reason": (r["auc_1y_reason"] or None) if done and not _finite(r["auc_1y"]) else None}
+            "c_index": float_or_none(r["c_index"]) if done else None,
+            "c_index_reason": (r["c_index_reason"] or None) if done and not finite(r["c_index"]) else None,
+            "auc_1y": float_or_none(r["auc_1y"]) if done else None,
+            "auc_1y_reason": (r["auc_1y_reason"] or None) if done and not finite(r["auc_1y"]) else None}
 
 
 def _pooled_c(oof: pd.DataFrame | None) -> float | None:
@@ -793,29 +404,37 @@ def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = Non
             if len(configs) > 1:
                 d = [str(g.loc[g["config"] == c, "d"].iloc[0]) for c in configs]
                 out.append({"modality": modality, "configs": configs, "d": d, "shown": configs[0],
-                            "reason": _identical_reason(configs, d, peer_fits)})
+                            "reason": _identical_reason(configs, d, peer_fits,
+                                                        g.loc[g["config"].isin(configs), "c_index"])})
     return out
 
 
 def _fingerprint(rows: pd.DataFrame) -> tuple:
     r = rows.sort_values(["split", "protocol", "fold"])
-    return tuple((s, p, int(k), bool(done), *(round(float(v), 12) if _finite(v) else None for v in (c, a)))
+    return tuple((s, p, int(k), bool(done), *(round(float(v), 12) if finite(v) else None for v in (c, a)))
                  for s, p, k, done, c, a in r[["split", "protocol", "fold", "done", "c_index", "auc_1y"]]
                  .itertuples(index=False))
 
 
-def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame | None) -> str:
+def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame | None,
+                      c_index: pd.Series | None = None) -> str:
+    """Why a group of configurations gave identical results: capped PCA sizes (embedding heads),
+    a constant risk (every C-index 0.5), or, when neither is recorded, a plain statement."""
     same = f"d = {', '.join(d)}"
-    if peer_fits is None or peer_fits.empty:
-        return f"identical per-fold results of {same} (no recorded cause)"
-    fits = peer_fits[peer_fits["peer"].isin(configs)]
+    c = pd.to_numeric(c_index, errors="coerce").dropna() if c_index is not None else pd.Series(dtype=float)
+    unexplained = (f"{same} gave the same C-index and 1-year AUROC on every fold; the runs record nothing "
+                   "that explains it (the projection size made no difference to these predictions)")
+    if len(c) and bool(np.allclose(c, 0.5)):
+        unexplained = (f"every fold of {same} has C-index 0.500: the predicted risk was constant, so d "
+                       "could not change the ranking")
+    fits = peer_fits[peer_fits["peer"].isin(configs)] if peer_fits is not None and len(peer_fits) else pd.DataFrame()
     cols = [c for c in fits.columns if c.endswith("_pca_components") and fits[c].notna().any()]
     if fits.empty or not cols:
-        return f"identical per-fold results of {same} (no recorded cause)"
+        return unexplained
     sizes = {c: [tuple(r) for r in g.sort_values(["split", "fold"])[cols].itertuples(index=False)]
              for c, g in fits.groupby("peer")}
     if len(set(map(tuple, sizes.values()))) != 1:
-        return f"identical per-fold results of {same} (no recorded cause)"
+        return unexplained
     kept = pd.to_numeric(fits[cols].stack(), errors="coerce").dropna().astype(int)
     k = f"{kept.min()}" if kept.min() == kept.max() else f"{kept.min()}-{kept.max()}"
     return (f"PCA is capped at the training-fold size (n_train - 1): every fold keeps {k} components "
@@ -876,15 +495,15 @@ def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFra
         out.append({
             "split": row["split"], "config": row["config"], "fold": int(row["fold"]),
             "epochs_run": row["epochs_run"],
-            "dice_start": _none(row.get("start_val_dice_outer")), "dice_end": _none(last.get("val_dice_outer")),
-            "train_c_start": _none(row.get("start_train_c_index")), "train_c_end": _none(last.get("train_c_index")),
+            "dice_start": float_or_none(row.get("start_val_dice_outer")), "dice_end": float_or_none(last.get("val_dice_outer")),
+            "train_c_start": float_or_none(row.get("start_train_c_index")), "train_c_end": float_or_none(last.get("train_c_index")),
             **{f"selected_epoch_{p}": _int_or_none(v) for p, v in zip(rec["protocol"], rec["selected_epoch"])},
         })
     return out
 
 
 def _int_or_none(x: Any) -> int | None:
-    return int(x) if _finite(x) else None
+    return int(x) if finite(x) else None
 
 
 def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -895,7 +514,7 @@ def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     if df.empty:
         return out
     for col in ("dice_start", "dice_end", "train_c_start", "train_c_end"):
-        out[col] = _none(pd.to_numeric(df[col], errors="coerce").mean())
+        out[col] = float_or_none(pd.to_numeric(df[col], errors="coerce").mean())
     for proto in PROTOCOL_ORDER:
         col = f"selected_epoch_{proto}"
         if col in df:
@@ -929,7 +548,7 @@ def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]
     for proto in protocols:
         pmap = {r["model"]: r for r in paired.get(proto, [])}
         rows[proto] = [_headline_row(r, pmap.get(r.get("config"))) for r in t1[proto].to_dict("records")]
-    return {"protocols": protocols, "rows": rows, "oracle_c_index": _none(oracle_c_index)}
+    return {"protocols": protocols, "rows": rows, "oracle_c_index": float_or_none(oracle_c_index)}
 
 
 def _headline_row(t: dict[str, Any], p: dict[str, Any] | None) -> dict[str, Any]:
@@ -978,25 +597,29 @@ def _delta_text(r: dict[str, Any]) -> str:
 
 def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: str) -> str:
     text = f"Under {PROTOCOL_LABELS[proto]} the DeepMTS+DAFT baseline reaches a C-index of {base['c_mean']:.3f}"
-    if _finite(base.get("auc_mean")):
-        text += (f" (1-year AUROC {base['auc_mean']:.3f}, defined in {base.get('auc_n')} of "
-                 f"{base.get('n_folds')} folds)")
+    if finite(base.get("auc_mean")):
+        text += f" (1-year AUROC {base['auc_mean']:.3f}, defined in {_count(base.get('auc_n'))} of {_count(base.get('n_folds'))} folds)"
     fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("paired_status") == "done"]
     if not fm:
         return text + "; no configuration with FM embeddings has a paired comparison yet."
-    parts = [f"{MODALITY_LABELS[r['group']]} (d = {r['d']}) {_delta_text(r)}" for r in fm]
+    parts = [f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}) {_delta_text(r)}" for r in fm]
     return text + "; adding FM embeddings changes it by " + ", ".join(parts) + " (paired Δ, 95 % CI)."
 
 
+def _count(x: Any) -> str:
+    """A fold count as an integer (``2.0`` -> ``"2"``), ``?`` when unknown."""
+    return str(int(x)) if finite(x) else "?"
+
+
 def _sentence_peers(rows: dict[str, dict[str, Any]], oracle: float | None) -> str:
-    peers = [rows[g] for g in TABLE1_PEERS if g in rows and rows[g]["status"] == "done" and _finite(rows[g]["c_mean"])]
+    peers = [rows[g] for g in TABLE1_PEERS if g in rows and rows[g]["status"] == "done" and finite(rows[g]["c_mean"])]
     parts = []
     if peers:
         lo, hi = min(peers, key=lambda r: r["c_mean"]), max(peers, key=lambda r: r["c_mean"])
         parts.append(f"the classical peers reach {lo['c_mean']:.3f} ({_peer_name(lo)}) to "
                      f"{hi['c_mean']:.3f} ({_peer_name(hi)})" if lo is not hi
                      else f"the classical peer reaches {lo['c_mean']:.3f} ({_peer_name(lo)})")
-    if _finite(oracle):
+    if finite(oracle):
         parts.append(f"the true risk of this synthetic cohort would reach {oracle:.3f}")
     if not parts:
         return ""
@@ -1026,14 +649,28 @@ def _caveats(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> list[str
     if n_folds and n_cases and n_events is not None and n_events / n_folds < 50:
         sd = facts.get("baseline_sd")
         out.append(f"a held-out fold has about {n_cases / n_folds:.0f} cases and {n_events / n_folds:.0f} events, "
-                   "too few for a precise C-index" + (f" (fold SD of the baseline {sd:.3f})" if _finite(sd) else ""))
+                   "too few for a precise C-index" + (f" (fold SD of the baseline {sd:.3f})" if finite(sd) else ""))
     done = [r for r in rows.values() if r.get("paired_status") == "done"]
     if done:
         outside = [f"{_row_name(r)} ({'below' if r['delta'] < 0 else 'above'} the baseline)"
                    for r in done if not r["ci_low"] <= 0 <= r["ci_high"]]
         out.append("every difference from the baseline lies inside its 95 % CI, so none is resolved" if not outside
-                   else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}")
+                   else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}"
+                   + (", but against a baseline that barely trained" if facts.get("baseline_barely_trained") else ""))
+    if facts.get("baseline_barely_trained"):
+        out.append("the baseline barely trained (" + _baseline_training_text(facts) + "), so a difference from it "
+                   "says little about what the embeddings add; train longer before reading the Δ column")
     return out
+
+
+def _baseline_training_text(facts: dict[str, Any]) -> str:
+    """``train C-index 0.503 after 8 optimiser steps`` (either part when only it is known)."""
+    parts = []
+    if finite(facts.get("baseline_train_c")):
+        parts.append(f"mean train C-index {facts['baseline_train_c']:.3f}")
+    if facts.get("baseline_steps") is not None:
+        parts.append(f"{'after' if parts else 'only'} {facts['baseline_steps']} optimiser steps")
+    return " ".join(parts)
 
 
 def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
@@ -1062,6 +699,29 @@ def study_facts(study: dict[str, Any]) -> dict[str, Any]:
             "n_events": cohort.get("n_events"), "n_folds": spec.get("n_folds")}
 
 
+#: A baseline whose mean train C-index ended below this, or that ran fewer optimiser steps
+#: than :data:`MIN_BASELINE_STEPS`, "barely trained": a difference from it is called out as such.
+MIN_BASELINE_TRAIN_C = 0.55
+MIN_BASELINE_STEPS = 50
+
+
+def baseline_training(cells: list[dict[str, Any]], train: dict[str, Any]) -> dict[str, Any]:
+    """How far the baseline trained: ``baseline_train_c`` (mean train C-index after the last
+    epoch over its finished cells), ``baseline_steps`` (fewest optimiser steps of a cell:
+    epochs run x ``steps_per_epoch``) and ``baseline_barely_trained`` (either below its floor,
+    :data:`MIN_BASELINE_TRAIN_C` / :data:`MIN_BASELINE_STEPS`). Empty without a finished cell."""
+    base = [c for c in cells if c["config"] == BASELINE]
+    if not base:
+        return {}
+    c_end = [float(c["train_c_end"]) for c in base if finite(c.get("train_c_end"))]
+    per_epoch = train.get("steps_per_epoch")
+    steps = [int(c["epochs_run"]) * int(per_epoch) for c in base if finite(c.get("epochs_run")) and finite(per_epoch)]
+    train_c = float(np.mean(c_end)) if c_end else None
+    fewest = min(steps) if steps else None
+    barely = (train_c is not None and train_c < MIN_BASELINE_TRAIN_C) or (fewest is not None and fewest < MIN_BASELINE_STEPS)
+    return {"baseline_train_c": train_c, "baseline_steps": fewest, "baseline_barely_trained": bool(barely)}
+
+
 def stamp_text(facts: dict[str, Any]) -> str | None:
     """The warning every figure carries, or None for pretrained encoders on real data."""
     parts = (["RANDOM-INIT ENCODERS"] if facts.get("random_init") else []) + \
@@ -1079,7 +739,7 @@ def settings_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[str]]:
                            f"({100 * cohort['n_events'] / max(1, cohort['n_cases']):.0f} % events), "
                            f"{cohort.get('n_centres', '?')} centre(s)"],
         ["oracle C-index (true risk of the synthetic cohort)",
-         f"{oracle:.3f}" if _finite(oracle) else "n/a (no truth file)"],
+         f"{oracle:.3f}" if finite(oracle) else "n/a (no truth file)"],
         ["embeddings", "none" if not emb else
          f"{emb['path']} (sha256 {emb['sha256'][:16]}…; "
          + ", ".join(f"{m}: {a.get('encoder', '?')}, weights {str(a.get('weights_sha256', '?'))[:16]}"
@@ -1129,7 +789,7 @@ def undefined_metrics(records: pd.DataFrame) -> list[dict[str, Any]]:
     done = done.drop_duplicates(["kind", "split", "config", "fold", "_proto"])
     out = []
     for metric in ("c_index", "auc_1y"):
-        bad = done[~done[metric].map(_finite)]
+        bad = done[~done[metric].map(finite)]
         reasons = bad[f"{metric}_reason"].map(lambda r: r if isinstance(r, str) and r else "unknown")
         out.append({"metric": metric, "n_results": len(done), "n_undefined": len(bad),
                     "reasons": {str(k): int(v) for k, v in reasons.value_counts().items()}})
@@ -1148,18 +808,16 @@ def compute_summary(records: pd.DataFrame) -> dict[str, Any]:
             "peer_minutes": float(peer.sum() / 60)}
 
 
-def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> dict[str, Any]:
-    """The results object of a study: every number the report shows, as plain data.
+def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
+    """The results object of a study: every number the report shows (:class:`Results`).
 
     Args:
-        data: :func:`collect_study`.
+        data: :func:`pipeline.report.collect.collect_study`.
         n_boot: bootstrap draws of the paired comparisons.
 
     Returns:
-        A dict (NaN left as NaN; :func:`clean` makes it JSON-safe) with ``schema, study,
-        cells, protocols, n_boot, facts, stamp, settings, provenance, analyses, headline, summary,
-        table1, identical, paired_vs_baseline, paired_vs_clinical_cox, loco, survival,
-        training, compute, undefined, records``.
+        A :class:`Results` (NaN left as NaN, frames as frames; :meth:`Results.clean` makes
+        it JSON-safe).
     """
     spec, study, records = data.spec, data.study, data.records
     cnn = records[records["kind"] == "cnn"] if len(records) else records
@@ -1179,50 +837,26 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> dict[str, Any]:
     facts = study_facts(study)
     base = summary[(summary["protocol"] == protocols[0]) & (summary["config"] == BASELINE)]
     facts["baseline_sd"] = float(base["c_sd"].iloc[0]) if len(base) else None
+    cells = cell_training(data.cells, data.curves, records) if len(data.cells) else []
+    facts |= baseline_training(cells, spec.train)
     head = headline(t1, paired, study.get("info", {}).get("oracle_c_index"))
     head["sentences"] = headline_sentences(head, facts)
-    cells = cell_training(data.cells, data.curves, records) if len(data.cells) else []
     centres = loco_centre_table(data.folds, data.survival, data.centres)
     survival = [survival_analysis(data.predictions, m, sel, cv, spec.n_folds)
                 for m in selected_models(data.models, t1[sel])]
     n_done = int(data.cells["done"].sum()) if len(data.cells) else 0
-    return {
-        "schema": RESULTS_SCHEMA, "generated": utc_now(), "report_code_version": code_version(), "study": study,
-        "cells": {"total": len(grid(spec)), "done": n_done}, "protocols": protocols,
-        "protocol_labels": PROTOCOL_LABELS, "n_boot": n_boot, "facts": facts, "stamp": stamp_text(facts),
-        "settings": settings_rows(spec, study), "provenance": provenance_rows(spec, study),
-        "analyses": analyses_run(spec), "headline": head, "summary": summary, "table1": t1,
-        "identical": identical_groups(records, data.peer_fits),
-        "paired_vs_baseline": paired, "paired_vs_clinical_cox": vs_clinical,
-        "loco": loco_results(records, data.predictions, centres, data.models, protocols),
-        "survival": {"protocol": sel, "horizon_days": HORIZON, "models": survival},
-        "training": {"curves": learning_curves(data.curves, data.cells), "cells": cells,
-                     "summary": training_summary(cells)},
-        "compute": compute_summary(records), "undefined": undefined_metrics(records), "records": records,
-    }
-
-
-# --- 3. writing ----------------------------------------------------------------------------------
-
-
-def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 n_boot: int = N_BOOT) -> Path:
-    """collect -> analyse -> render: ``results.json`` / ``results.csv``, then the report from them.
-
-    Args:
-        study_dir: a folder prepared by :func:`pipeline.study.prepare_study`.
-        out_dir: destination; default ``<study_dir>/report``.
-        n_boot: bootstrap draws of the paired comparisons.
-
-    Returns:
-        The path of ``report.md``.
-    """
-    from pipeline.report_render import render_report  # local: the renderer imports this module
-
-    out = Path(out_dir) if out_dir else Path(study_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    results = clean(analyse(collect_study(study_dir), n_boot=n_boot))
-    write_json_atomic(out / "results.json", results)
-    with atomic_path(out / "results.csv", suffix=".csv") as tmp:
-        pd.DataFrame(results["records"]).to_csv(tmp, index=False)
-    return render_report(results, out)
+    return Results(
+        schema=RESULTS_SCHEMA, generated=utc_now(), report_code_version=code_version(), study=study,
+        cells=CellCount(total=len(grid(spec)), done=n_done), protocols=protocols,
+        protocol_labels=PROTOCOL_LABELS, n_boot=n_boot, facts=facts, stamp=stamp_text(facts),
+        settings=settings_rows(spec, study), provenance=provenance_rows(spec, study),
+        analyses=analyses_run(spec), headline=head, summary=summary, table1=t1,
+        identical=identical_groups(records, data.peer_fits),
+        paired_vs_baseline=paired, paired_vs_clinical_cox=vs_clinical,
+        loco=loco_results(records, data.predictions, centres, data.models, protocols),
+        survival=SurvivalSection(protocol=sel, horizon_days=HORIZON, models=survival),
+        training=TrainingSection(curves=learning_curves(data.curves, data.cells), cells=cells,
+                                 summary=training_summary(cells)),
+        compute=compute_summary(records), undefined=undefined_metrics(records), records=records,
+        environment=data.environments,
+    )
