@@ -619,29 +619,31 @@ def _reddish_pixels(png: Path, rows: slice) -> int:
 
 
 def test_runs_environments_are_gathered_and_named(finished_study, tmp_path):
+    import torch
+
     spec = finished_study
-    paths = {name: study.cell_layout(spec, study.Cell(cfg, 0)).run_json
-             for name, cfg in (("baseline", study.Configuration()), ("ct-d64", study.Configuration("ct", 64)))}
-    before = {name: p.read_text() for name, p in paths.items()}
-    env = {"torch_version": "2.5.1", "device": "cpu", "threads": 2, "deterministic": True, "precision": "fp32"}
-    md = write_report(spec.study_dir, tmp_path / "none").read_text()
-    assert "## What can still change these numbers" in md and "recorded no environment" in md
+    # Every finished cell records its environment in done.json: one environment here.
+    md_path = write_report(spec.study_dir, tmp_path / "one")
+    table = _md_table(md_path.read_text(), "## What can still change these numbers").set_index("field")
+    assert table.loc["torch"].tolist() == [torch.__version__]
+    assert table.loc["threads"].tolist() == ["1"] and table.loc["deterministic"].tolist() == ["True"]
+    assert list(table.columns) == ["2 runs"]  # cv0/baseline (2 folds) and cv0/ct-d64
+    # A fold finished elsewhere (another thread count) is named as a second environment.
+    done = study.cell_layout(spec, study.Cell(study.Configuration("ct", 64), 0)).done(0)
+    before = done.read_text()
     try:
-        for name, threads in (("baseline", 2), ("ct-d64", 8)):
-            write_json_atomic(paths[name], read_json(paths[name]) | {"environment": env | {"threads": threads}})
-        assert collect.collect_environments(spec) == [
-            {"environment": env | {"threads": 2}, "runs": ["cv0/baseline"]},
-            {"environment": env | {"threads": 8}, "runs": ["cv0/ct-d64"]}]
-        md_path = write_report(spec.study_dir, tmp_path / "envs")
+        record = read_json(done)
+        write_json_atomic(done, record | {"environment": record["environment"] | {"threads": 8}})
+        envs = collect.collect_environments(spec)
+        assert [(e["environment"]["threads"], e["runs"]) for e in envs] == [(1, ["cv0/baseline"]), (8, ["cv0/ct-d64"])]
+        md_path = write_report(spec.study_dir, tmp_path / "two")
         js = read_json(md_path.parent / "results.json")
-        assert [e["environment"]["threads"] for e in js["environment"]] == [2, 8]
+        assert [e["environment"]["threads"] for e in js["environment"]] == [1, 8]
         table = _md_table(md_path.read_text(), "## What can still change these numbers").set_index("field")
-        assert table.loc["torch_version"].tolist() == ["2.5.1", "2.5.1"]
-        assert table.loc["threads"].tolist() == ["2", "8"]
+        assert table.loc["threads"].tolist() == ["1", "8"]
         assert list(table.columns) == ["environment 1 (1 run)", "environment 2 (1 run)"]
     finally:
-        for name, p in paths.items():
-            p.write_text(before[name])
+        done.write_text(before)
 
 
 def test_results_round_trip_through_json_and_refuse_a_foreign_file(fake):

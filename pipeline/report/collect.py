@@ -120,25 +120,26 @@ def collect_study(study_dir: str | os.PathLike) -> StudyData:
 
 
 def collect_environments(spec: StudySpec) -> list[dict[str, Any]]:
-    """The distinct environments the CNN runs recorded, each with the runs that share it.
+    """The distinct environments the CNN cells recorded, each with the runs that share it.
 
-    Read from ``run.json["environment"]`` (torch version, threads, determinism, device,
-    CUDA / cuDNN, TF32, precision); runs whose record has no such key (older runs) are left
-    out. Returns ``[{"environment": {...}, "runs": ["split/config", ...]}, ...]`` in the
-    order first met.
+    Read from each finished fold's ``done.json["environment"]`` (:func:`pipeline.runtime.
+    environment_record`: torch version, threads, determinism, device, CUDA / cuDNN, TF32,
+    precision; per fold, since a resumed run may finish on another machine); folds without
+    the key (older runs) are left out. Returns ``[{"environment": {...}, "runs":
+    ["split/config", ...]}, ...]`` in the order first met.
     """
     groups: dict[str, dict[str, Any]] = {}
-    seen: set[str] = set()
     for cell in grid(spec):
         layout = cell_layout(spec, cell)
-        name = f"{cell.split}/{cell.config.name}"
-        if name in seen or not layout.run_json.is_file():
+        if not layout.is_done(cell.fold):
             continue
-        seen.add(name)
-        env = read_json(layout.run_json).get("environment")
+        env = read_json(layout.done(cell.fold)).get("environment")
         if isinstance(env, dict) and env:
             key = json.dumps(env, sort_keys=True, default=str)
-            groups.setdefault(key, {"environment": env, "runs": []})["runs"].append(name)
+            runs = groups.setdefault(key, {"environment": env, "runs": []})["runs"]
+            name = f"{cell.split}/{cell.config.name}"
+            if name not in runs:
+                runs.append(name)
     return list(groups.values())
 
 

@@ -72,6 +72,7 @@ from pipeline.report.labels import (
     model_label,
 )
 from pipeline.report.results import Results
+from pipeline.runtime import ENVIRONMENT_KEYS
 from pipeline.study import BASELINE
 
 #: The seed paper's Table 1 (C-index, 1-year AUROC; mean, SD), for side-by-side reading.
@@ -588,8 +589,7 @@ def _closing_blocks(results: Results) -> list[Block]:
 
 
 #: Environment fields shown first, in this order; any others the runs recorded follow.
-ENVIRONMENT_ORDER = ("torch", "torch_version", "device", "device_name", "threads", "torch_threads",
-                     "deterministic", "cuda", "cuda_version", "cudnn", "cudnn_version", "tf32", "precision")
+ENVIRONMENT_ORDER = ENVIRONMENT_KEYS
 
 
 def environment_blocks(environments: Sequence[dict[str, Any]]) -> list[Block]:
