@@ -81,6 +81,7 @@ from pipeline.embeddings import (
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
 from pipeline.metrics import c_index_value, fold_metrics, summarise_folds
+from pipeline.runtime import DEFAULT_THREADS, compute_threads
 from pipeline.splits import load_folds
 from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score, mean_ci
 
@@ -489,6 +490,7 @@ def _fold_groups(folds: pd.DataFrame):
         yield None, folds
 
 
+@compute_threads(DEFAULT_THREADS)  # small dense algebra: one thread is fastest, alone and beside other work
 def run_head(
     survival: pd.DataFrame,
     folds: pd.DataFrame,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,15 +58,18 @@ def compute_threads(threads: int = DEFAULT_THREADS) -> Iterator[None]:
     Usable as a context manager or a decorator; the previous limits are restored after.
     """
     threads = check_threads(threads)
-    import torch  # local: keeps `--help` of the commands free of torch's import time
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    # torch's pool only where torch is loaded already: a block that computes with it has
+    # imported it, and numpy-only work (the classical peers) need not pay its import.
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(threads)
     try:
         with threadpool_limits(limits=threads):
             yield
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
 
 
 @contextmanager

@@ -1,0 +1,80 @@
+"""Same settings, same numbers: a cell's outputs do not depend on the route that trained it
+(train-survival or run-study), the pool's worker count, a resume, or the shell's
+OMP_NUM_THREADS. Each route runs the real code in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import study
+from pipeline.artefacts import read_json
+from pipeline.layout import RunLayout
+from pipeline.runtime import ENVIRONMENT_KEYS
+from test_study import make_spec, make_study_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FOLDS = (0, 1)
+
+
+def _train_survival(inputs: dict, cfg_json: Path, folds: Path, out: Path, fold_args: list[str],
+                    omp_threads: str) -> None:
+    """``train-survival`` as a user types it, in a shell whose OMP_NUM_THREADS is ``omp_threads``."""
+    cmd = [str(BIN / "train-survival"), "--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]),
+           "--config", str(cfg_json), "--folds", str(folds), "--n-folds", str(len(FOLDS)), "--out", str(out), "--quiet", *fold_args]
+    env = {**os.environ, "OMP_NUM_THREADS": omp_threads, "MKL_NUM_THREADS": omp_threads}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _outputs(run_dir: Path) -> dict[str, object]:
+    """Everything a fold computed: curves (less wall times), OOF risks, record, fold state."""
+    layout = RunLayout(run_dir)
+    out: dict[str, object] = {}
+    for k in FOLDS:
+        curves = pd.read_csv(layout.curves(k)).drop(columns=["seconds"])
+        out[f"curves{k}"] = curves.to_csv(index=False)
+        out[f"oof{k}"] = layout.oof(k).read_bytes()
+        out[f"done{k}"] = read_json(layout.done(k))
+        out[f"state{k}"] = read_json(layout.fold_state(k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def routes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    inputs = make_study_inputs(root / "inputs")
+    spec = make_spec(inputs, root / "study", configs=("baseline",), n_folds=len(FOLDS))
+    study.prepare_study(spec)
+    # Route 1: run-study's local pool, two workers (one cell each).
+    outcome = study.run_study(spec, executor="local", workers=2)
+    assert outcome.ok, outcome.failed
+    cfg_json = root / "train.json"
+    cell_run = study.cell_layout(spec, study.Cell(study.Configuration(), 0)).root
+    cfg_json.write_text(json.dumps(read_json(RunLayout(cell_run).run_json)["config"]))  # the same settings
+    # Route 2: train-survival, both folds in one go, in a shell with OMP_NUM_THREADS=2.
+    _train_survival(inputs, cfg_json, spec.folds_path, root / "cli2", ["--fold", "0", "--fold", "1"], "2")
+    # Route 3: train-survival with OMP_NUM_THREADS=1, one fold, then the other as a resume.
+    _train_survival(inputs, cfg_json, spec.folds_path, root / "cli1", ["--fold", "0"], "1")
+    _train_survival(inputs, cfg_json, spec.folds_path, root / "cli1", ["--fold", "1"], "1")
+    return {"study": cell_run, "cli2": root / "cli2", "cli1": root / "cli1"}
+
+
+@pytest.mark.slow
+def test_a_cell_is_the_same_whatever_route_workers_threads_or_resume(routes):
+    ref = _outputs(routes["study"])
+    for name in ("cli2", "cli1"):
+        got = _outputs(routes[name])
+        differs = [key for key in ref if got[key] != ref[key]]
+        assert not differs, f"{name} differs from the run-study cell in {differs}"
+    # The record says on what the numbers were computed, identically for every route.
+    env = ref["done0"]["environment"]
+    assert env["threads"] == 1 and env["deterministic"] is True and env["device"] == "cpu"
+    assert set(ENVIRONMENT_KEYS) <= set(env)
