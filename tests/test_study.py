@@ -328,3 +328,51 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     assert {k for k in lines if k.startswith("peers/")} == {
         "peers/cv0/clinical-cox", "peers/cv0/radiomics-cox", "peers/cv0/head-ct-d64"}
     assert "4 cells: 1 done, 3 pending; 3 peer runs: 0 done" in res.output
+
+
+# The owner of a study: the local pool, two workers, every cell of the spec in the file given.
+STUDY_OWNER = """
+import json, sys
+from pipeline import study
+spec = study.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
+study.run_study(spec, executor="local", workers=2)
+"""
+
+
+@pytest.mark.slow
+def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_pool_orphans import _alive, _children, _wait
+
+    # Cells long enough (a few seconds each) that the kill lands while the pool works.
+    spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=4)
+    spec = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 12, "patience": 12}})
+    study.prepare_study(spec)
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
+    owner = subprocess.Popen([sys.executable, "-c", STUDY_OWNER, str(tmp_path / "spec.json")],
+                             cwd=Path(__file__).resolve().parent.parent,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cells = list(study.grid(spec))
+    done = lambda: [c for c in cells if study.cell_layout(spec, c).is_done(c.fold)]  # noqa: E731
+    try:
+        assert _wait(lambda: len(done()) >= 1, 240), "no cell finished"
+        workers = _children(owner.pid)
+        assert workers, "the study's pool workers were not found"
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(timeout=30)
+        assert _wait(lambda: not any(_alive(w) for w in workers), 10), "a worker outlived the killed study"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    finished = done()
+    assert len(finished) < len(cells), "every cell finished before the kill: nothing to resume"
+    stamps = {c.key: study.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns for c in finished}
+    outcome = study.run_study(spec, executor="local", workers=2)
+    assert outcome.ok, outcome.failed
+    assert sorted(outcome.skipped) == sorted(stamps) and len(outcome.ran) == len(cells) - len(stamps)
+    assert {k: study.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns
+            for c in cells if (k := c.key) in stamps} == stamps
