@@ -280,6 +280,13 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert history[-1]["total"] < 0.6 * history[0]["total"]
     assert history[-1]["dice"] < history[0]["dice"] - 0.03
     assert history[-1]["cox"] < 0.5 * history[0]["cox"]
+    # The risk ranks the cases as the outcome does: the earliest event (case 1, t=1) above the
+    # later event (case 0, t=5) and above the case censored at t=3. A Cox loss with its sign
+    # flipped also falls, but by ranking them the wrong way round.
+    model.eval()
+    with torch.no_grad():
+        risk = model(image, clinical)["risk"]
+    assert float(risk[1]) > float(risk[0]) and float(risk[1]) > float(risk[2])
 
 
 # --- the image reaches the risk -------------------------------------------------------------
@@ -323,3 +330,30 @@ def test_initial_risk_is_constant_and_daft_starts_as_the_identity():
     torch.testing.assert_close(model.densenet.daft(x, clinical), x)
     with pytest.raises(ValueError, match="identity_init"):
         DAFTBlock(8, 3, scale_activation="sigmoid", identity_init=True)
+
+
+def test_daft_conditions_the_densenet_on_the_clinical_vector_and_learns():
+    """With a non-identity DAFT transform, the survival DenseNet's taps change when only the
+    clinical vector changes, and the Cox loss passes gradient to DAFT's parameters. A network
+    that bypasses its DAFT block would fail both (the clinical vector still reaches the risk
+    head directly, so the test reads the DenseNet taps, which see it only through DAFT)."""
+    torch.manual_seed(0)
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, zero_init_risk=False)).eval()
+    daft = model.densenet.daft
+    assert daft is not None
+    with torch.no_grad():
+        nn.init.normal_(daft.aux.aux_out.weight, std=0.5)
+    image, _ = _batch(b=2, seed=9)
+    image = image[:1].expand(2, *image.shape[1:])  # one image, two clinical vectors
+    clinical = torch.randn(2, N_CLIN, generator=torch.Generator().manual_seed(3))
+    prob = torch.full((2, 1, *TINY), 0.5)
+    x = model.tumour_map_input(image, prob)
+    with torch.no_grad():
+        taps = model.densenet(x, clinical)
+    assert float((taps[0] - taps[1]).abs().max()) > 1e-4
+
+    model.train()
+    out = model(image, clinical)
+    cox_ph_loss(out["risk"], torch.tensor([1.0, 2.0]), torch.tensor([1, 1])).backward()
+    for name, param in daft.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, name

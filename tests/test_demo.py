@@ -18,6 +18,9 @@ from pipeline.demo import (
 from pipeline.manifest import read_manifest
 from pipeline.study import StudySpec
 from pipeline.train import TrainConfig
+import pytest
+
+pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,8 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
 from pipeline.cli.train import train_survival
 
+pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
+
 # Narrow random-init encoders for the 32^3 / 32x32x16 FM inputs of the tiny cache.
 TINY_ENCODERS = {"ct": {"init_filters": 2, "blocks_down": [1, 1, 1, 1, 1]},
                  "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,

@@ -655,3 +655,30 @@ def test_results_round_trip_through_json_and_refuse_a_foreign_file(fake):
     assert results.Results.from_json(old).environment == []
     with pytest.raises(ValueError, match="not a report results object: missing \\['analyses'"):
         results.Results.from_json({"schema": 2})
+
+
+def test_table1_rows_read_their_own_protocol_out_of_fold_risks(fake):
+    """Each protocol's Table 1 baseline row equals the mean over folds of the C-index (Harrell,
+    lifelines) and 1-year AUROC of that protocol's own out-of-fold risks, read from oof.csv; the
+    fake study gives the two protocols different risks, so a row filled from the other protocol
+    (e.g. the unbiased row carrying the paper protocol's 0.681 instead of its own 0.559) fails."""
+    from lifelines.utils import concordance_index
+
+    from pipeline.metrics import fold_metrics
+
+    runs = Path(fake["spec"].study_dir) / "runs" / "baseline"
+    oof = pd.concat(pd.read_csv(runs / f"fold_{k}" / "oof.csv") for k in range(3))
+    expected = {}
+    for proto in ("paper", "inner"):
+        c, auc = [], []
+        for k in range(3):
+            held = oof[(oof["protocol"] == proto) & (oof["fold"] == k)]
+            c.append(concordance_index(held["time"], -held["risk"], held["event"]))
+            train = pd.read_csv(runs / f"fold_{k}" / f"train_risk_{proto}.csv")
+            auc.append(fold_metrics(held[["case_id", "fold", "risk", "time", "event"]],
+                                    train_survival={k: (train["time"], train["event"])}).iloc[0]["auroc"])
+        expected[proto] = (np.mean(c), np.nanmean(auc))
+        row = next(r for r in fake["js"]["table1"][proto] if r["modality"] == "baseline")
+        assert row["c_mean"] == pytest.approx(expected[proto][0], abs=1e-9), proto
+        assert row["auc_mean"] == pytest.approx(expected[proto][1], abs=1e-9), proto
+    assert abs(expected["inner"][0] - expected["paper"][0]) > 0.05  # the test can tell them apart

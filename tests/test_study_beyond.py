@@ -26,6 +26,8 @@ from pipeline.stats import (
 )
 from test_study import TINY_TRAIN, make_study_inputs
 
+pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
+
 CENSORED_CENTRE = "HGJ"  # every HGJ case is censored: its LOCO fold has no event
 CONFIGS = ("baseline", "ct-d64")
 
