@@ -310,7 +310,7 @@ def random_pet_fm(seed: int, **kwargs: Any) -> PETFMEncoder:
 def _seeded(seed: int, build: Callable[[], nn.Module], draw: Callable[[nn.Module], None]) -> nn.Module:
     """``build()`` then ``draw(model)`` from ``seed`` alone, in eval mode; the global RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA RNGs untouched
         model = build()
         with torch.no_grad():
             draw(model)
