@@ -1007,13 +1007,13 @@ def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int,
 
 
 def _warn_random(message: str) -> None:
-    # Loud on stderr as well, unless the caller filtered the warning (a study states it once).
+    # Shown once, unless the caller filtered it (a study states it once): through
+    # warnings.showwarning, so recorders (pytest.warns, logging) get it; on a console, one line
+    # (the source line that the default format adds is left out).
     with warnings.catch_warnings(record=True) as shown:
         warnings.warn(message, RandomInitWarning, stacklevel=3)
     for w in shown:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    if shown:
-        print(f"WARNING: {message}", file=sys.stderr)
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, line="")
 
 
 @dataclass

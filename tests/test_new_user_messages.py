@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -62,3 +64,18 @@ def test_embeddings_of_another_cache_name_both_caches_and_the_differing_paramete
     assert str(made.root.resolve()) in msg and str(other.root.resolve()) in msg
     assert "spacing: 1.0 there, 2.0 here" in msg and "variant" not in msg
 
+
+def test_the_random_init_warning_is_said_once(tmp_path, capsys):
+    cache = make_cache(tmp_path / "c")
+    out = tmp_path / "ct.h5"
+    run(cache, "ct", out)
+    # A console (a fresh interpreter, no warning recorder): one stderr line.
+    code = ("from pipeline.embeddings import read_embeddings; "
+            f"read_embeddings({str(out)!r}, cache={str(cache.root)!r})")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.count("randomly initialised") == 1 and len(err.strip().splitlines()) == 1, err
+    # A recorder: it gets the warning once, and nothing is printed besides.
+    with pytest.warns(emb.RandomInitWarning) as record:
+        emb.read_embeddings(out, cache=cache)
+    assert len([w for w in record if w.category is emb.RandomInitWarning]) == 1
+    assert "randomly initialised" not in capsys.readouterr().err
