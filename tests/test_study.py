@@ -297,6 +297,18 @@ def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_p
     assert study.cell_status(spec).set_index("cell")["done"].sum() == 1
 
 
+def test_submitit_local_cluster_refuses_gpu_cells(inputs, tmp_path, monkeypatch):
+    """Its local cluster would start every GPU cell at once on GPU 0: refused before submitting."""
+    spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
+    study.prepare_study(spec)
+    cell = study.Cell(study.Configuration("pet", 128), 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError, match="--executor local --workers 2"):
+        study.run_submitit(spec, [cell], cluster="local", options=study.SlurmOptions(time_min=10, gpus_per_node=1))
+    assert not (spec.root / "submitit").exists()
+    assert not (study.cell_dir(spec, cell) / "done.json").exists()
+
+
 def test_slurm_options_map_to_submitit_parameters():
     opts = study.SlurmOptions(partition="gpu", time_min=90, gpus_per_node=1, mem_gb=48, cpus_per_task=8)
     p = opts.parameters("slurm")
@@ -328,3 +340,16 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     assert {k for k in lines if k.startswith("peers/")} == {
         "peers/cv0/clinical-cox", "peers/cv0/radiomics-cox", "peers/cv0/head-ct-d64"}
     assert "4 cells: 1 done, 3 pending; 3 peer runs: 0 done" in res.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal of cuda on a CPU host")
+def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, monkeypatch):
+    """`run-study --device` sets the encoders' device (and so their precision), not only training's."""
+    import pipeline.demo as demo
+
+    monkeypatch.setattr(demo, "preprocess_cohort", lambda *a, **k: None)  # the cache is complete already
+    spec = study.StudySpec.create(inputs["manifest"], inputs["cache"], tmp_path / "ctpet.h5", tmp_path / "s",
+                                  train=json.loads(json.dumps(TINY_TRAIN)), configs=("pet-d128",))
+    with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
+        demo.prepare_inputs(spec, random_init=True, progress=False, device="cuda")
+    assert not (tmp_path / "ctpet.h5").exists()
