@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import sys
@@ -510,7 +511,13 @@ def _forward(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarr
 def _forward_halving(
     model: Any, x: np.ndarray, device: Any, precision: str
 ) -> np.ndarray:
-    """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case)."""
+    """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case).
+
+    The retry runs after the ``except`` block has been left: inside it the exception's
+    traceback still holds the failed forward's frames and their tensors, so the cache could
+    not release them. ``x`` is the host array; the device copy of the failed batch lives only
+    in :func:`_forward`'s frame, dropped with the traceback.
+    """
     import torch  # local: see the note on imports
 
     try:
@@ -518,17 +525,19 @@ def _forward_halving(
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] == 1:
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = x.shape[0] // 2
-        print(
-            f"out of memory on a batch of {x.shape[0]}; retrying as {half} + {x.shape[0] - half}",
-            file=sys.stderr,
-        )
-        return np.concatenate(
-            [_forward_halving(model, x[:half], device, precision),
-             _forward_halving(model, x[half:], device, precision)]
-        )
+    # Out of the except block: the exception and its traceback (the failed batch's tensors) are gone.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    print(
+        f"out of memory on a batch of {x.shape[0]}; retrying as {half} + {x.shape[0] - half}",
+        file=sys.stderr,
+    )
+    return np.concatenate(
+        [_forward_halving(model, x[:half], device, precision),
+         _forward_halving(model, x[half:], device, precision)]
+    )
 
 
 def _embed_modality(
