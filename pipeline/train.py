@@ -21,6 +21,7 @@ With ``inner_val_fraction=0`` the network is fitted on the whole training fold a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time as _time
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, _group_tensors_by_device_and_dtype, get_ema_multi_avg_fn
 from sksurv.linear_model.coxph import BreslowEstimator
 from tqdm.auto import tqdm
 
@@ -339,13 +340,48 @@ def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) ->
 # --- one fold, in parts: set-up, one epoch, evaluation, selection, outputs --------------------
 
 
+class DeviceEMA(AveragedModel):
+    """The weights' exponential moving average (``AveragedModel`` over parameters and buffers
+    with ``get_ema_multi_avg_fn(decay)``) whose update never waits for the device.
+
+    torch's ``update_parameters`` branches on its device counter (``n_averaged == 0``,
+    ``n_averaged > 0``): two host syncs per step on CUDA. Here the branch reads a Python
+    count of the updates; the arithmetic is torch's, so the averages are identical.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._updates: int | None = 0
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().load_state_dict(*args, **kwargs)
+        self._updates = None  # read from the loaded counter at the next update (once)
+        return result
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        if self._updates is None:
+            self._updates = int(self.n_averaged)
+        mine = [p.detach() for p in itertools.chain(self.module.parameters(), self.module.buffers())]
+        theirs = [p.detach().to(a.device) for a, p in
+                  zip(mine, itertools.chain(model.parameters(), model.buffers()), strict=True)]
+        if self._updates == 0:
+            for averaged, current in zip(mine, theirs):
+                averaged.copy_(current)
+        else:
+            for ([averaged, current], _) in _group_tensors_by_device_and_dtype([mine, theirs]).values():
+                # The EMA's multi_avg_fn ignores the count; the CPU counter is not copied over.
+                self.multi_avg_fn(averaged, current, self.n_averaged)
+        self.n_averaged += 1
+        self._updates += 1
+
+
 @dataclass
 class FoldTraining:
     """What one fold's training holds between epochs (see :func:`setup_fold`)."""
 
     data: FoldData
     model: DeepMTS
-    ema: AveragedModel
+    ema: DeviceEMA
     optimiser: torch.optim.Optimizer
     base_lrs: list[float]
     sampler: EventBalancedBatchSampler
@@ -361,7 +397,7 @@ def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Trai
     torch.manual_seed(cfg.seed + fold)
     data = prepare_fold(cohort, folds, fold, cfg)
     model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = DeviceEMA(model, cfg.ema_decay)
     optimiser = make_optimiser(model, cfg)
     sampler = EventBalancedBatchSampler(
         cohort.event[data.fit], batch_size=cfg.batch_size,
