@@ -15,6 +15,12 @@ import torch
 __all__ = ["cox_ph_loss", "soft_dice_loss", "deepmts_loss"]
 
 
+#: Devices on which :func:`cox_ph_loss` checks the batch has an event and selects event rows by
+#: boolean indexing (reads that cost nothing on the host); elsewhere it uses masked ops that
+#: never wait for the device. Same value either way, up to the order of the float sum.
+HOST_CHECKED_DEVICES = ("cpu",)
+
+
 def cox_ph_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
     """Negative Cox partial log-likelihood with Breslow ties, averaged over events.
 
@@ -47,7 +53,7 @@ def cox_ph_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor)
             f"time and event must have shape [{n}] like log_risk, got {tuple(time.shape)} and {tuple(event.shape)}"
         )
     event = event.to(device=log_risk.device).bool()
-    on_host = log_risk.device.type == "cpu"
+    on_host = log_risk.device.type in HOST_CHECKED_DEVICES
     if on_host:
         n_events = int(event.sum())
         if n_events == 0:

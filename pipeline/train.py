@@ -437,9 +437,12 @@ def train_step(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tens
     detached loss parts as tensors on the device: nothing here waits for the device."""
     img, msk = augment_batch(on["images"][idx], on["masks"][idx], cfg.augment, state.generator)
     fm = {k[3:]: v[idx] for k, v in on.items() if k.startswith("fm:")} or None
-    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-autocast"):
+    bf16 = cfg.precision == "bf16-autocast"
+    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
         res = state.model(to_model_layout(img, state.device), on["clinical"][idx], fm)
-        loss, parts = deepmts_loss(res, msk, on["time"][idx], on["event"][idx], cox_weight=cfg.cox_weight)
+    if bf16:  # the losses in fp32: Dice's voxel sums and the Cox risk sets lose too much in bf16
+        res = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in res.items()}
+    loss, parts = deepmts_loss(res, msk, on["time"][idx], on["event"][idx], cox_weight=cfg.cox_weight)
     state.optimiser.zero_grad(set_to_none=True)
     loss.backward()
     state.optimiser.step()
