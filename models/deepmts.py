@@ -66,6 +66,7 @@ from torch import nn
 
 from models.daft import DAFTBlock
 from models.fusion import FMProjection
+from models.pooling import AvgPool3d, MaxPool3d
 
 __all__ = [
     "DeepMTS",
@@ -320,7 +321,7 @@ class SegmentationUNet(nn.Module):
         for filters, n_convs in zip(f, config.seg_encoder_convs):
             self.encoder.append(ResidualStage(in_ch, filters, n_convs))
             in_ch = filters
-        self.pool = nn.MaxPool3d(2)
+        self.pool = MaxPool3d(2)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.decoder = nn.ModuleList()
         for level, n_convs in zip(range(len(f) - 2, -1, -1), config.seg_decoder_convs):
@@ -378,7 +379,7 @@ class SurvivalDenseNet(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv3d(in_channels, config.dense_stem_filters, 3, stride=2, padding=0),
             nn.Dropout(p),
-            nn.MaxPool3d(3, stride=2, padding=0),
+            MaxPool3d(3, stride=2, padding=0),
         )
         ch = config.dense_stem_filters
         self.blocks = nn.ModuleList()
@@ -402,7 +403,7 @@ class SurvivalDenseNet(nn.Module):
                       identity_init=config.daft_identity_init)
             if config.use_daft else None
         )
-        self.pool = nn.AvgPool3d(2, stride=2)
+        self.pool = AvgPool3d(2, stride=2)
 
     def forward(self, x: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -15,6 +15,12 @@ import torch
 __all__ = ["cox_ph_loss", "soft_dice_loss", "deepmts_loss"]
 
 
+#: Devices on which :func:`cox_ph_loss` checks the batch has an event and selects event rows by
+#: boolean indexing (reads that cost nothing on the host); elsewhere it uses masked ops that
+#: never wait for the device. Same value either way, up to the order of the float sum.
+HOST_CHECKED_DEVICES = ("cpu",)
+
+
 def cox_ph_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
     """Negative Cox partial log-likelihood with Breslow ties, averaged over events.
 
@@ -33,8 +39,9 @@ def cox_ph_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor)
         Scalar tensor (differentiable w.r.t. ``log_risk``).
 
     Raises:
-        ValueError: on shape mismatch, or when the batch has no event (no partial
-            likelihood exists; the batch sampler must guarantee at least one event).
+        ValueError: on shape mismatch, or (on CPU) when the batch has no event (no partial
+            likelihood exists; the batch sampler must guarantee at least one event). On an
+            accelerator such a batch gives NaN instead: checking would wait for the device.
     """
     if log_risk.dim() == 2 and log_risk.shape[1] == 1:
         log_risk = log_risk[:, 0]
@@ -46,16 +53,22 @@ def cox_ph_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor)
             f"time and event must have shape [{n}] like log_risk, got {tuple(time.shape)} and {tuple(event.shape)}"
         )
     event = event.to(device=log_risk.device).bool()
-    n_events = int(event.sum())
-    if n_events == 0:
-        raise ValueError(f"Cox partial likelihood undefined: batch of {n} samples has no event (all censored)")
+    on_host = log_risk.device.type in HOST_CHECKED_DEVICES
+    if on_host:
+        n_events = int(event.sum())
+        if n_events == 0:
+            raise ValueError(f"Cox partial likelihood undefined: batch of {n} samples has no event (all censored)")
     time = time.to(device=log_risk.device)
     # at_risk[i, j] = t_j >= t_i; row i is the risk set of subject i.
     at_risk = time[None, :] >= time[:, None]
     masked = log_risk[None, :].masked_fill(~at_risk, float("-inf"))
     log_denominator = torch.logsumexp(masked, dim=1)
     per_subject = log_denominator - log_risk
-    return per_subject[event].sum() / n_events
+    if on_host:
+        return per_subject[event].sum() / n_events
+    # On an accelerator, masked ops: no host sync (boolean indexing and int() wait for the
+    # device). An event-free batch gives NaN here (0 / 0); the training sampler never draws one.
+    return torch.where(event, per_subject, torch.zeros_like(per_subject)).sum() / event.sum()
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

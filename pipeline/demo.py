@@ -127,6 +127,7 @@ def prepare_inputs(
     workers: int = 2,
     progress: bool = True,
     say: Callable[[str, str], None] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """A study's inputs, each made only when missing or incomplete: the data (a demo
     cohort's files regenerated when absent), the preprocessed cache, and the ``ctpet``
@@ -140,6 +141,9 @@ def prepare_inputs(
         random_init: randomly initialised encoders (implied by ``demo`` without both weights).
         workers: processes for cohort generation and preprocessing.
         progress: tqdm bars.
+        device: where the encoders run (``run-study --device``); its precision (fp32 on CPU,
+            bf16 autocast on CUDA) is part of the embeddings' provenance, so an fp32 file
+            made on a CPU is reused on a GPU host with ``cpu``.
         say: receives ``(kind, text)`` as the steps go: ``"step"`` (a step starts),
             ``"line"`` (a result of a step, its duration) and ``"warning"`` (random-init
             embeddings, stated before they are made). Default: nothing is said.
@@ -178,6 +182,7 @@ def prepare_inputs(
             res = run_extraction(spec.cache_root, "ctpet", spec.embeddings,
                                  ct_weights=None if random else ct_weights,
                                  pet_weights=None if random else pet_weights, random_init=random,
-                                 encoder_kwargs=DEMO_ENCODERS if demo else None, progress=progress)
+                                 encoder_kwargs=DEMO_ENCODERS if demo else None, progress=progress,
+                                 device=device)
             say("line", res.summary())
     return info

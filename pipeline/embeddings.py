@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import sys
@@ -299,8 +300,17 @@ def _weights_advice(modality: str, path: Path, how: str) -> str:
     )
 
 
-def _resolve_device(device: str) -> tuple[Any, str]:
+PRECISIONS = ("fp32", "bf16-autocast")
+
+
+def _resolve_device(device: str, precision: str | None = None) -> tuple[Any, str]:
+    """The torch device and the encoders' precision: ``precision`` when given (a run's recorded
+    precision, so new patients are embedded as the run's cohort was), else bf16 autocast on CUDA
+    and fp32 on CPU."""
     import torch  # local: see the note on imports
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -308,7 +318,8 @@ def _resolve_device(device: str) -> tuple[Any, str]:
         raise ValueError(f"device {device!r}: expected 'auto', 'cpu' or 'cuda'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-    precision = "bf16-autocast" if device.startswith("cuda") else "fp32"
+    if precision is None:
+        precision = "bf16-autocast" if device.startswith("cuda") else "fp32"
     return torch.device(device), precision
 
 
@@ -493,7 +504,7 @@ def _forward(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarr
     with torch.inference_mode():
         t = torch.from_numpy(x).to(device)
         if precision == "bf16-autocast":
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            with torch.autocast(device_type=t.device.type, dtype=torch.bfloat16):
                 out = model(t)
         else:
             out = model(t)
@@ -503,7 +514,13 @@ def _forward(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarr
 def _forward_halving(
     model: Any, x: np.ndarray, device: Any, precision: str
 ) -> np.ndarray:
-    """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case)."""
+    """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case).
+
+    The retry runs after the ``except`` block has been left: inside it the exception's
+    traceback still holds the failed forward's frames and their tensors, so the cache could
+    not release them. ``x`` is the host array; the device copy of the failed batch lives only
+    in :func:`_forward`'s frame, dropped with the traceback.
+    """
     import torch  # local: see the note on imports
 
     try:
@@ -511,17 +528,19 @@ def _forward_halving(
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] == 1:
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = x.shape[0] // 2
-        print(
-            f"out of memory on a batch of {x.shape[0]}; retrying as {half} + {x.shape[0] - half}",
-            file=sys.stderr,
-        )
-        return np.concatenate(
-            [_forward_halving(model, x[:half], device, precision),
-             _forward_halving(model, x[half:], device, precision)]
-        )
+    # Out of the except block: the exception and its traceback (the failed batch's tensors) are gone.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    print(
+        f"out of memory on a batch of {x.shape[0]}; retrying as {half} + {x.shape[0] - half}",
+        file=sys.stderr,
+    )
+    return np.concatenate(
+        [_forward_halving(model, x[:half], device, precision),
+         _forward_halving(model, x[half:], device, precision)]
+    )
 
 
 def _embed_modality(
@@ -736,6 +755,7 @@ def run_extraction(
     progress: bool = True,
     overwrite: bool = False,
     shard_dir: str | os.PathLike | None = None,
+    precision: str | None = None,
 ) -> ExtractionResult:
     """Compute (or reuse) embeddings of every cached case and write the ``.h5``; see module doc.
 
@@ -757,6 +777,8 @@ def run_extraction(
         progress: show a tqdm bar (cases/s) on stderr.
         overwrite: replace an existing output made with other provenance.
         shard_dir: shard store root; default ``<out folder>/.shards``.
+        precision: ``"fp32"`` or ``"bf16-autocast"`` (part of the provenance); default bf16
+            autocast on CUDA, fp32 on CPU. Prediction passes the training run's precision.
 
     Returns:
         :class:`ExtractionResult`.
@@ -779,7 +801,7 @@ def run_extraction(
     out = Path(out_path) if out_path is not None else Path("embeddings") / f"{modality}.h5"
     shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
     cache = open_cache(cache_root)
-    torch_device, precision = _resolve_device(device)
+    torch_device, precision = _resolve_device(device, precision)
     mods = MODALITIES[modality]
     if "pet" in mods:
         encoder_kwargs["pet"] = pet_encoder_config(cache, encoder_kwargs.get("pet", {}))

@@ -35,8 +35,10 @@ from pipeline.layout import RunLayout
 from pipeline.preprocess import preprocess_cohort
 from pipeline.train import FoldData, TrainConfig, apply_fm_stats, build_model, model_to_layout, predict, resolve_device
 
-#: Embedding fields that must match between training and new patients (precision may differ).
-_EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key")
+#: Embedding fields that must match between training and new patients. Precision is one of
+#: them: bf16-autocast embeddings differ from fp32 ones by more than the heads tolerate.
+_EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key",
+                       "precision")
 
 
 def run_is_random_init(run: dict[str, Any]) -> bool:
@@ -65,10 +67,15 @@ def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path
     random_init = run_is_random_init(run)
     seeds = {trained[m].get("random_init_seed") for m in mods} - {None, ""}
     encoder_kwargs = {m: json.loads(trained[m]["encoder_config"]) for m in mods if trained[m].get("encoder_config")}
+    precisions = {trained[m].get("precision") for m in mods} - {None}
+    if len(precisions) > 1:
+        raise ProvenanceError(f"the run's encoders used different precisions {sorted(precisions)}: embed the new "
+                              "cases per modality and pass the file with --embeddings")
     path = extract_embeddings(
         cache.root, key, out_dir / f"{key}.h5", ct_weights=ct_weights, pet_weights=pet_weights,
         random_init=random_init, seed=int(seeds.pop()) if seeds else 0, device=device,
         encoder_kwargs=encoder_kwargs or None, progress=progress, shard_dir=out_dir / ".shards",
+        precision=precisions.pop() if precisions else None,
     )
     check_embeddings(run, path)
     return path

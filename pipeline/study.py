@@ -1001,6 +1001,20 @@ class SlurmOptions:
         return params
 
 
+def _refuse_local_gpu_cells(options: SlurmOptions) -> None:
+    """Refuse GPU cells on submitit's local cluster: it starts every task at once (no
+    array-parallelism cap) and pins GPUs through ``CUDA_AVAILABLE_DEVICES``, which CUDA does
+    not read, so every cell would land on GPU 0 together. The local pool pins one cell per GPU
+    through ``CUDA_VISIBLE_DEVICES``."""
+    gpus = visible_gpus()
+    if int(options.gpus_per_node) > 0 and gpus:
+        raise ValueError(
+            f"submitit's local cluster cannot place GPU cells (gpus_per_node={options.gpus_per_node}, "
+            f"GPUs {gpus}): it runs every cell at once on GPU 0. Use the local pool "
+            f"(`run-study --executor local --workers {len(gpus)}`: one cell per GPU), or "
+            "--gpus-per-node 0 to run the local cluster's cells on the CPU")
+
+
 def run_submitit(
     spec: StudySpec,
     cells: Sequence[Cell],
@@ -1022,8 +1036,12 @@ def run_submitit(
             job ids right after submission (rerun the study later to build the report).
         log_dir: submitit folder; default ``<study>/submitit``.
     """
+    if cluster == "local":
+        _refuse_local_gpu_cells(options)
     folder = Path(log_dir) if log_dir else spec.root / "submitit"
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    if executor.cluster == "local":
+        _refuse_local_gpu_cells(options)
     executor.update_parameters(name="hnfm-study", **options.parameters(executor.cluster))
     outcome = StudyOutcome()
     if not cells:

@@ -21,6 +21,7 @@ With ``inner_val_fraction=0`` the network is fitted on the whole training fold a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time as _time
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, _group_tensors_by_device_and_dtype, get_ema_multi_avg_fn
 from sksurv.linear_model.coxph import BreslowEstimator
 from tqdm.auto import tqdm
 
@@ -78,6 +79,10 @@ from pipeline.splits import inner_split, load_folds, make_folds, save_folds
 CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
 
 
+#: Training arithmetic (:attr:`TrainConfig.precision`).
+TRAIN_PRECISIONS = ("fp32", "bf16-autocast")
+
+
 @dataclass
 class TrainConfig:
     """Training protocol; defaults are the seed paper's settings.
@@ -115,6 +120,9 @@ class TrainConfig:
         threads: CPU threads the fold computes on (torch, OpenMP, BLAS), whatever the shell's
             ``OMP_NUM_THREADS``; part of the result, since another count sums in another
             order (:mod:`pipeline.runtime`). Parallelism comes from folds in processes.
+        precision: training arithmetic: "fp32" (default) or "bf16-autocast" (forward and loss
+            under bfloat16 autocast; no gradient scaler needed; the Cox loss's logsumexp runs
+            in fp32 under autocast). Works on CPU too, where it is slower.
     """
 
     epochs: int = 100
@@ -140,6 +148,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     device: str = "auto"
     threads: int = DEFAULT_THREADS
+    precision: str = "fp32"
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -160,6 +169,8 @@ class TrainConfig:
         if self.proj is not None and int(self.proj) < 1:
             raise ValueError(f"proj must be a positive size or None ('orig'), got {self.proj}")
         self.threads = check_threads(self.threads)
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
         if self.tumour_input not in TUMOUR_INPUTS:
             raise ValueError(f"tumour_input must be one of {TUMOUR_INPUTS}, got {self.tumour_input!r}")
 
@@ -265,19 +276,24 @@ def build_model(cohort: SurvivalCohort, n_clinical: int, cfg: TrainConfig) -> De
     return DeepMTS(DeepMTSConfig.from_preset(preset, n_clinical, **overrides))
 
 
-def to_model_layout(volume: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A ``[B, C, D, H, W]`` batch on ``device`` in the channels-last 3D memory layout.
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The 5-D memory layout for ``device``: channels-last 3D on CPU, where oneDNN's
+    convolutions run ~2x faster in it at the demo's few channels per level (measured);
+    contiguous elsewhere (cuDNN's 3-D convolutions are not measured faster channels-last)."""
+    return torch.channels_last_3d if torch.device(device).type == "cpu" else torch.contiguous_format
 
-    Same shape and values; only the strides change (channels innermost), which oneDNN's CPU
-    convolutions run ~2x faster than the default layout at the demo's few channels per level.
-    Pair with :func:`model_to_layout` on the network.
+
+def to_model_layout(volume: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A ``[B, C, D, H, W]`` batch on ``device`` in its :func:`memory_format`.
+
+    Same shape and values; only the strides change. Pair with :func:`model_to_layout`.
     """
-    return volume.to(device).contiguous(memory_format=torch.channels_last_3d)
+    return volume.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
 
 
 def model_to_layout(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The network on ``device`` with its 5-D conv weights in channels-last 3D layout."""
-    return model.to(device).to(memory_format=torch.channels_last_3d)
+    """The network on ``device`` with its 5-D conv weights in the :func:`memory_format`."""
+    return model.to(device).to(memory_format=memory_format(device))
 
 
 @torch.inference_mode()
@@ -304,20 +320,28 @@ def evaluate_rows(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarr
         idx = torch.as_tensor(rows[start:start + batch_size])
         fm = {k: v[idx].to(device) for k, v in data.fm.items()} or None
         res = model(to_model_layout(cohort.images[idx], device), data.clinical[idx].to(device), fm)
-        risks.append(res["risk"].float().cpu().numpy())
-        dices.append(hard_dice(res["seg_prob"].float().cpu() > threshold, cohort.masks[idx] > 0.5))
+        risks.append(res["risk"].float())
+        # Dice on the device: only [B] values leave it, not the segmentation volumes.
+        dices.append(dice_per_sample(res["seg_prob"].float() > threshold,
+                                     cohort.masks[idx].to(device, non_blocking=True) > 0.5))
     if not risks:
         return np.empty(0), np.empty(0)
-    return np.concatenate(risks), np.concatenate(dices)
+    return torch.cat(risks).cpu().numpy(), torch.cat(dices).cpu().numpy()
+
+
+def dice_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """float64 Dice per sample of two boolean ``[B, 1, D, H, W]`` maps on their device; NaN
+    where the target is empty."""
+    dims = tuple(range(1, pred.dim()))
+    inter = (pred & target).sum(dims).double()
+    target_sum = target.sum(dims).double()
+    dice = 2 * inter / (pred.sum(dims).double() + target_sum).clamp(min=1)
+    return torch.where(target_sum > 0, dice, torch.full_like(dice, float("nan")))
 
 
 def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """Dice per sample of two boolean ``[B, 1, D, H, W]`` maps; NaN where the target is empty."""
-    dims = tuple(range(1, pred.dim()))
-    inter = (pred & target).sum(dims).double()
-    total = pred.sum(dims).double() + target.sum(dims).double()
-    dice = (2 * inter / total.clamp(min=1)).numpy()
-    return np.where(target.sum(dims).numpy() > 0, dice, np.nan)
+    return dice_per_sample(pred, target).cpu().numpy()
 
 
 def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) -> float:
@@ -328,18 +352,55 @@ def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) ->
 # --- one fold, in parts: set-up, one epoch, evaluation, selection, outputs --------------------
 
 
+class DeviceEMA(AveragedModel):
+    """The weights' exponential moving average (``AveragedModel`` over parameters and buffers
+    with ``get_ema_multi_avg_fn(decay)``) whose update never waits for the device.
+
+    torch's ``update_parameters`` branches on its device counter (``n_averaged == 0``,
+    ``n_averaged > 0``): two host syncs per step on CUDA. Here the branch reads a Python
+    count of the updates; the arithmetic is torch's, so the averages are identical.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._updates: int | None = 0
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().load_state_dict(*args, **kwargs)
+        self._updates = None  # read from the loaded counter at the next update (once)
+        return result
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        if self._updates is None:
+            self._updates = int(self.n_averaged)
+        mine = [p.detach() for p in itertools.chain(self.module.parameters(), self.module.buffers())]
+        theirs = [p.detach().to(a.device) for a, p in
+                  zip(mine, itertools.chain(model.parameters(), model.buffers()), strict=True)]
+        if self._updates == 0:
+            for averaged, current in zip(mine, theirs):
+                averaged.copy_(current)
+        else:
+            for ([averaged, current], _) in _group_tensors_by_device_and_dtype([mine, theirs]).values():
+                # The EMA's multi_avg_fn ignores the count; the CPU counter is not copied over.
+                self.multi_avg_fn(averaged, current, self.n_averaged)
+        self.n_averaged += 1
+        self._updates += 1
+
+
 @dataclass
 class FoldTraining:
     """What one fold's training holds between epochs (see :func:`setup_fold`)."""
 
     data: FoldData
     model: DeepMTS
-    ema: AveragedModel
+    ema: DeviceEMA
     optimiser: torch.optim.Optimizer
     base_lrs: list[float]
     sampler: EventBalancedBatchSampler
     generator: torch.Generator
     device: torch.device
+    #: The cohort's training tensors on ``device``, made once (:func:`cohort_on_device`).
+    on_device: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldTraining:
@@ -348,7 +409,7 @@ def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Trai
     torch.manual_seed(cfg.seed + fold)
     data = prepare_fold(cohort, folds, fold, cfg)
     model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = DeviceEMA(model, cfg.ema_decay)
     optimiser = make_optimiser(model, cfg)
     sampler = EventBalancedBatchSampler(
         cohort.event[data.fit], batch_size=cfg.batch_size,
@@ -369,29 +430,56 @@ def make_optimiser(model: DeepMTS, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def cohort_on_device(state: FoldTraining, cohort: SurvivalCohort) -> dict[str, torch.Tensor]:
+    """The tensors a training step indexes, on the training device, moved once per fold (the
+    paper cohort is ~1.8 GB): ``images``, ``masks``, ``time``, ``event``, ``clinical`` and
+    ``fm:<name>``. On CPU they are the cohort's own tensors (no copy)."""
+    if not state.on_device:
+        dev = state.device
+        state.on_device.update(
+            images=cohort.images.to(dev), masks=cohort.masks.to(dev), time=torch.as_tensor(cohort.time).to(dev),
+            event=torch.as_tensor(cohort.event).to(dev), clinical=state.data.clinical.to(dev),
+            **{f"fm:{k}": v.to(dev) for k, v in state.data.fm.items()})
+    return state.on_device
+
+
+def train_step(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor,
+               cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """One optimisation step on the rows ``idx`` (a tensor on the training device); returns the
+    detached loss parts as tensors on the device: nothing here waits for the device."""
+    img, msk = augment_batch(on["images"][idx], on["masks"][idx], cfg.augment, state.generator)
+    fm = {k[3:]: v[idx] for k, v in on.items() if k.startswith("fm:")} or None
+    bf16 = cfg.precision == "bf16-autocast"
+    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
+        res = state.model(to_model_layout(img, state.device), on["clinical"][idx], fm)
+    if bf16:  # the losses in fp32: Dice's voxel sums and the Cox risk sets lose too much in bf16
+        res = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in res.items()}
+    loss, parts = deepmts_loss(res, msk, on["time"][idx], on["event"][idx], cox_weight=cfg.cox_weight)
+    state.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimiser.step()
+    state.ema.update_parameters(state.model)
+    return dict(parts) | {"loss": loss.detach()}
+
+
 def train_epoch(state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig, epoch: int) -> dict[str, float]:
-    """One epoch of event-balanced, augmented optimisation steps; returns the mean loss parts."""
+    """One epoch of event-balanced, augmented optimisation steps; returns the mean loss parts.
+
+    The losses stay on the device until the epoch ends (one read per epoch, not per step).
+    """
     for group, lr in zip(state.optimiser.param_groups, state.base_lrs):
         group["lr"] = lr * lr_factor(epoch, cfg)
+    if state.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     state.sampler.set_epoch(epoch)
     state.model.train()
-    device, fit_rows = state.device, torch.as_tensor(state.data.fit)
-    losses = []
-    for batch in state.sampler:
-        idx = fit_rows[torch.as_tensor(batch)]
-        img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], cfg.augment, state.generator)
-        fm = {k: v[idx].to(device) for k, v in state.data.fm.items()} or None
-        res = state.model(to_model_layout(img, device), state.data.clinical[idx].to(device), fm)
-        loss, parts = deepmts_loss(
-            res, msk.to(device), torch.as_tensor(cohort.time[idx.numpy()], device=device),
-            torch.as_tensor(cohort.event[idx.numpy()], device=device), cox_weight=cfg.cox_weight,
-        )
-        state.optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimiser.step()
-        state.ema.update_parameters(state.model)
-        losses.append({k: float(v) for k, v in parts.items()} | {"loss": float(loss.detach())})
-    return {k: float(np.mean([entry[k] for entry in losses])) for k in losses[0]}
+    on = cohort_on_device(state, cohort)
+    fit_rows = torch.as_tensor(state.data.fit).to(state.device)
+    losses = [train_step(state, on, fit_rows[torch.as_tensor(batch).to(state.device, non_blocking=True)], cfg)
+              for batch in state.sampler]
+    # float64 means of the float32 values, as np.mean of float() per step gave them.
+    return {k: float(np.mean(torch.stack([entry[k] for entry in losses]).cpu().double().numpy()))
+            for k in losses[0]}
 
 
 @dataclass
@@ -548,7 +636,8 @@ def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, sta
         pd.DataFrame(curves, columns=list(CURVES_COLUMNS)).to_csv(tmp, index=False)
     record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
                               "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
-                              "environment": environment_record(state.device, cfg.threads), "protocols": {}}
+                              "environment": environment_record(state.device, cfg.threads, cfg.precision),
+                              "protocols": {}}
     oof = []
     for proto, sel in best.items():
         record["protocols"][proto] = protocol_record(cohort, data, sel, curves)

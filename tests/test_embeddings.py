@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import h5py
@@ -392,6 +393,39 @@ def test_cuda_oom_halves_the_batch():
     out = emb._forward_halving(m, x, torch.device("cpu"), "fp32")
     np.testing.assert_array_equal(out, x.reshape(3, -1)[:, :3] * 2)
     assert m.sizes == [3, 1, 2, 1, 1]
+
+
+def test_oom_retry_releases_the_failed_batch_before_retrying():
+    """A real encoder runs out of memory above 2 cases: the retry gives the full-batch result,
+    and when it starts, the failed batch's input and activations are no longer referenced."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten()).eval()
+
+    class OutOfMemoryAbove(torch.nn.Module):
+        def __init__(self, inner, k):
+            super().__init__()
+            self.inner, self.k, self.sizes, self.failed = inner, k, [], []
+
+        def forward(self, x):
+            # Each call first checks that the tensors of every earlier failed batch are freed.
+            self.sizes.append((x.shape[0], [ref() is None for ref in self.failed]))
+            h = self.inner[0](x)
+            if x.shape[0] > self.k:
+                self.failed += [weakref.ref(x), weakref.ref(h)]
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected above the cap)")
+            return self.inner[1:](h)
+
+    x = np.random.default_rng(0).normal(size=(5, 1, 6, 6, 6)).astype(np.float32)
+    with torch.inference_mode():
+        expected = encoder(torch.from_numpy(x)).numpy()
+    wrapped = OutOfMemoryAbove(encoder, k=2)
+    out = emb._forward_halving(wrapped, x, torch.device("cpu"), "fp32")
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    assert [n for n, _ in wrapped.sizes] == [5, 2, 3, 1, 2]
+    # Every call after a failure saw the failed batches' tensors already released.
+    assert all(all(freed) for _, freed in wrapped.sizes)
+    assert len(wrapped.failed) == 4
 
 
 # ----------------------------------------------------------------------------- PET-FM size

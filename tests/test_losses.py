@@ -146,3 +146,23 @@ def test_deepmts_loss_weights_cox_twice():
     assert parts["dice"].item() == pytest.approx(dice.item()) and parts["cox"].item() == pytest.approx(cox.item())
     total1, _ = deepmts_loss(out, mask, time, event, cox_weight=1.0)
     assert total1.item() == pytest.approx((dice + cox).item(), abs=1e-6)
+
+
+def test_cox_loss_accelerator_path_equals_the_host_path(monkeypatch):
+    """The masked, sync-free form used off the CPU gives the indexed form's value and gradient."""
+    from models import losses
+
+    g = torch.Generator().manual_seed(3)
+    risk = torch.randn(9, generator=g, dtype=torch.float64)
+    time = torch.randint(1, 5, (9,), generator=g).double()  # ties in time
+    event = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1])
+    a, b = risk.clone().requires_grad_(), risk.clone().requires_grad_()
+    host = losses.cox_ph_loss(a, time, event)
+    monkeypatch.setattr(losses, "HOST_CHECKED_DEVICES", ())
+    masked = losses.cox_ph_loss(b, time, event)
+    host.backward()
+    masked.backward()
+    torch.testing.assert_close(masked, host, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)
+    # Off the CPU an event-free batch is not checked (that would wait for the device): NaN.
+    assert torch.isnan(losses.cox_ph_loss(risk, time, torch.zeros(9)))

@@ -153,3 +153,34 @@ def test_a_cache_other_than_the_runs_is_refused(trained, tmp_path):
     assert result.exit_code == 1
     assert "preprocessing params_hash mismatch" in result.output
     assert not (tmp_path / "pred.csv").exists()
+
+
+def test_precision_is_part_of_the_embedding_identity(trained):
+    """A run embedded in bf16 refuses fp32 embeddings of new patients (and the reverse)."""
+    from pipeline.artefacts import ProvenanceError, read_json
+    from pipeline.predict import check_embeddings
+
+    run = read_json(trained["run"] / "run.json")
+    check_embeddings(run, trained["out"] / "ctpet.h5")  # same precision: accepted
+    for attrs in run["embeddings"]["modalities"].values():
+        assert attrs["precision"] == "fp32"
+        attrs["precision"] = "bf16-autocast"
+    with pytest.raises(ProvenanceError, match="precision"):
+        check_embeddings(run, trained["out"] / "ctpet.h5")
+
+
+def test_new_cases_are_embedded_at_the_runs_recorded_precision(trained, tmp_path):
+    """Not at the device's default: a bf16 run embeds new patients in bf16 even on this CPU."""
+    from pipeline.artefacts import read_json
+    from pipeline.embeddings import open_cache, read_embeddings
+    from pipeline.predict import embed_new_cases
+
+    run = read_json(trained["run"] / "run.json")
+    for attrs in run["embeddings"]["modalities"].values():
+        attrs["precision"] = "bf16-autocast"
+    path = embed_new_cases(run, open_cache(trained["cache"]), tmp_path, device="cpu", progress=False)
+    found = read_embeddings(path).modality_attrs
+    assert {a["precision"] for a in found.values()} == {"bf16-autocast"}
+    fp32 = read_embeddings(trained["out"] / "ctpet.h5")
+    bf16 = read_embeddings(path)
+    assert not np.array_equal(bf16.matrix("ct"), fp32.matrix("ct"))

@@ -297,6 +297,18 @@ def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_p
     assert study.cell_status(spec).set_index("cell")["done"].sum() == 1
 
 
+def test_submitit_local_cluster_refuses_gpu_cells(inputs, tmp_path, monkeypatch):
+    """Its local cluster would start every GPU cell at once on GPU 0: refused before submitting."""
+    spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
+    study.prepare_study(spec)
+    cell = study.Cell(study.Configuration("pet", 128), 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError, match="--executor local --workers 2"):
+        study.run_submitit(spec, [cell], cluster="local", options=study.SlurmOptions(time_min=10, gpus_per_node=1))
+    assert not (spec.root / "submitit").exists()
+    assert not (study.cell_dir(spec, cell) / "done.json").exists()
+
+
 def test_slurm_options_map_to_submitit_parameters():
     opts = study.SlurmOptions(partition="gpu", time_min=90, gpus_per_node=1, mem_gb=48, cpus_per_task=8)
     p = opts.parameters("slurm")
@@ -376,3 +388,16 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
     assert sorted(outcome.skipped) == sorted(stamps) and len(outcome.ran) == len(cells) - len(stamps)
     assert {k: study.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns
             for c in cells if (k := c.key) in stamps} == stamps
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal of cuda on a CPU host")
+def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, monkeypatch):
+    """`run-study --device` sets the encoders' device (and so their precision), not only training's."""
+    import pipeline.demo as demo
+
+    monkeypatch.setattr(demo, "preprocess_cohort", lambda *a, **k: None)  # the cache is complete already
+    spec = study.StudySpec.create(inputs["manifest"], inputs["cache"], tmp_path / "ctpet.h5", tmp_path / "s",
+                                  train=json.loads(json.dumps(TINY_TRAIN)), configs=("pet-d128",))
+    with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
+        demo.prepare_inputs(spec, random_init=True, progress=False, device="cuda")
+    assert not (tmp_path / "ctpet.h5").exists()

@@ -80,7 +80,8 @@ def _csv(value: str | None) -> list[str] | None:
               help="JSON of TrainConfig options for every configuration (replaces the paper/demo defaults).")
 @train_scalar_options(STUDY_TRAIN_SCALARS)
 @click.option("--model-config", default=None, help="JSON of DeepMTSConfig overrides (e.g. narrow widths).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help=("Device for the embedding extraction and the training (default: the training "
+              "config's, auto). The encoders' precision follows it: fp32 on cpu, bf16 autocast on cuda."))
 @click.option("--prep-workers", default=2, type=click.IntRange(min=1),
               help="Processes for cohort generation and preprocessing.")
 @click.option("--dry-run", is_flag=True, help="List the cells and which are done; run nothing.")
@@ -135,7 +136,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                            train_config_file, model_config, device, overrides, extra)
         info = prepare_inputs(spec, demo=demo, ct_weights=ct_weights, pet_weights=pet_weights,
-                              random_init=random_init, workers=prep_workers, say=_say)
+                              random_init=random_init, workers=prep_workers, say=_say, device=device or "auto")
         outcome = _run_grid(spec, info, executor, workers, cluster, no_wait,
                             SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
                                          mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
