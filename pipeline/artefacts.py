@@ -143,27 +143,3 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as handle:
         return json.load(handle)
-
-
-def missing_path(path: str | os.PathLike, what: str, pattern: str = "*", *,
-                 look_in: str | os.PathLike | None = None, hint: str = "") -> str:
-    """A message for a path that does not exist: say so, and list what exists nearby.
-
-    Args:
-        path: the path given (e.g. a mistyped ``--embeddings`` file).
-        what: what it should have been, e.g. ``"embedding file"``.
-        pattern: glob of the candidates to list, e.g. ``"*.h5"``.
-        look_in: the folder to list; default: the path's parent (or its nearest existing
-            ancestor).
-        hint: how to make one, appended last (e.g. the command that writes it).
-    """
-    path = Path(path)
-    folder = Path(look_in) if look_in is not None else path.parent
-    while not folder.is_dir() and folder != folder.parent:
-        folder = folder.parent
-    found = sorted(str(p.relative_to(folder)) for p in folder.glob(pattern)) if folder.is_dir() else []
-    shown = ", ".join(found[:12]) + (f", ... ({len(found)} in all)" if len(found) > 12 else "")
-    nearby = (f"{folder} holds: {shown}" if found
-              else f"{folder} holds no {pattern}" if folder.is_dir() else "")
-    parts = [f"{path}: no such {what} (the path does not exist)", nearby, hint]
-    return "; ".join(p for p in parts if p)

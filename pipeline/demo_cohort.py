@@ -64,7 +64,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods
 from pathlib import Path
@@ -793,7 +793,7 @@ class DemoCohortMismatchError(ProvenanceError):
 
 
 def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
-                       *, workers: int = 2, say: Callable[[str], Any] | None = None) -> pd.DataFrame:
+                       *, workers: int = 2) -> pd.DataFrame:
     """Make sure the demo cohort a committed manifest describes is on disk, byte for byte.
 
     The manifest's sidecar (:func:`pipeline.hecktor.manifest_sidecar_path`, written by
@@ -805,7 +805,6 @@ def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
     Args:
         manifest_path: the committed manifest (default: ``data_manifest.csv`` in the cwd).
         workers: processes used if the cohort must be regenerated.
-        say: where to report what was done in one line (e.g. ``print``); ``None``: silent.
 
     Returns:
         ``read_manifest(manifest_path)`` (absolute paths, indexed by ``case_id``).
@@ -866,7 +865,4 @@ def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
         if record.get(key) and found != record[key]:
             raise DemoCohortMismatchError(f"{root / name}: sha256 {found} differs from "
                                           f"{sidecar}'s {record[key]} ({hint})")
-    if say is not None:
-        say(f"{root}: {len(manifest)} demo cases, {len(absent)} file(s) regenerated, every "
-            f"file matching {manifest_path}'s SHA-256")
     return manifest

@@ -92,7 +92,6 @@ from pipeline.artefacts import (
     atomic_path,
     canonical_json,
     code_version,
-    missing_path,
     params_hash,
     read_json,
     sha256_file,
@@ -646,10 +645,6 @@ def open_cache(root: str | os.PathLike) -> PreprocessedCache:
     root = Path(root)
     if (root / COHORT_FILE).is_file():
         return PreprocessedCache(root)
-    if not root.exists():
-        raise FileNotFoundError(missing_path(
-            root, "preprocessed cache folder", f"*/{COHORT_FILE}", look_in=root.parent,
-            hint="pass --cache with one of these folders, or make one with `preprocess`"))
     if (root / "cases").is_dir():
         raise FileNotFoundError(
             f"{root}: preprocessing has not finished (cases/ but no {COHORT_FILE}); rerun the "
@@ -875,25 +870,6 @@ def extract_embeddings(*args: Any, **kwargs: Any) -> Path:
     return run_extraction(*args, **kwargs).path
 
 
-def _other_cache_message(path: Path, attrs: dict[str, Any], cache: PreprocessedCache) -> str:
-    """Say which cache an embedding file was made from, this one, and the preprocessing
-    parameters that differ (read from the other cache's ``cohort.json`` while it exists)."""
-    made_from = str(attrs.get("cache_path") or "") or "(not recorded)"
-    text = (f"{path}: made from the cache {made_from} (preprocessing params_hash "
-            f"{attrs['params_hash']!r}), but the cache given is {cache.root.resolve()} "
-            f"({cache.params_hash!r})")
-    other = Path(made_from) / COHORT_FILE
-    if other.is_file():
-        theirs = dict(read_json(other).get("params", {}))
-        ours = dict(cache.cohort.get("params", {}))
-        diffs = [f"{k}: {canonical_json(theirs.get(k))} there, {canonical_json(ours.get(k))} here"
-                 for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-        text += "; parameters that differ: " + ("; ".join(diffs) or "none recorded")
-    else:
-        text += "; that cache no longer exists, so the differing parameters cannot be named"
-    return text + "; pass the cache the file was made from, or re-run `extract-embeddings` on this one"
-
-
 def _provenance_mismatch(
     existing: dict[str, Any], modality: str, params_hash_: str, expected: dict[str, Any]
 ) -> str:
@@ -1031,13 +1007,13 @@ def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int,
 
 
 def _warn_random(message: str) -> None:
-    # Shown once, unless the caller filtered it (a study states it once): through
-    # warnings.showwarning, so recorders (pytest.warns, logging) get it; on a console, one line
-    # (the source line that the default format adds is left out).
+    # Loud on stderr as well, unless the caller filtered the warning (a study states it once).
     with warnings.catch_warnings(record=True) as shown:
         warnings.warn(message, RandomInitWarning, stacklevel=3)
     for w in shown:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno, line="")
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if shown:
+        print(f"WARNING: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -1120,9 +1096,7 @@ def read_embeddings(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(missing_path(
-            path, "embedding file", "*.h5",
-            hint="pass one of these, or make one with `extract-embeddings`"))
+        raise FileNotFoundError(f"{path}: no embedding file; run `extract-embeddings` first")
     with h5py.File(path, "r") as h5:
         found = int(h5.attrs.get("schema_version", -1))
         if found != SCHEMA_VERSION:
@@ -1164,7 +1138,10 @@ def read_embeddings(
     if cache is not None and bool(attrs.get("cache_bound", True)):
         cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
         if attrs["params_hash"] != cache.params_hash:
-            raise ProvenanceError(_other_cache_message(path, attrs, cache))
+            raise ProvenanceError(
+                f"{path}: made from preprocessing params_hash {attrs['params_hash']!r}, but the "
+                f"cache {cache.root} has {cache.params_hash!r}; re-run `extract-embeddings` on it"
+            )
         in_cache = set(cache.case_ids)
         not_cached = [c for c in wanted if c not in in_cache]
         if not_cached:

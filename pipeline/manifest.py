@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.artefacts import atomic_path, missing_path
+from pipeline.artefacts import atomic_path
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "case_id", "center_id", "center",
@@ -74,10 +74,7 @@ def center_name(center_id: int) -> str:
 def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"{what}: not a manifest, missing columns {missing}; the columns are listed in "
-            "pipeline/manifest.py (module docstring, MANIFEST_COLUMNS); `build-manifest` "
-            "(from a HECKTOR root) or `make-demo-cohort` writes a manifest")
+        raise ValueError(f"{what}: not a manifest, missing columns {missing}")
     dup = df["case_id"][df["case_id"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{what}: duplicate case ids {dup}")
@@ -107,9 +104,7 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(missing_path(
-            path, "manifest", "*.csv",
-            hint="`build-manifest` or `make-demo-cohort` writes one"))
+        raise FileNotFoundError(f"manifest not found: {path}")
     df = pd.read_csv(path, dtype={"case_id": str, "gender": str, "center": str,
                                   "ct_sha256": str, "pet_sha256": str, "label_sha256": str},
                      keep_default_na=True)

@@ -177,8 +177,6 @@ def predict_patients(
         highs.append(risk > cal["train_risk_median"])
 
     risks, probs, highs = np.stack(risks), np.stack(probs), np.stack(highs)
-    # Cases whose tumour needed a larger crop than the run's G: scored on a cut tumour.
-    cut = sorted(set(new_cache.cohort.get("cases_exceeding_crop", [])) & set(cohort.case_ids))
     out = pd.DataFrame({
         "case_id": cohort.case_ids,
         "risk": risks.mean(axis=0),
@@ -188,7 +186,6 @@ def predict_patients(
         "n_folds": len(folds),
         "protocol": protocol,
         "random_init_embeddings": run_is_random_init(run),
-        "tumour_cut_at_crop_border": np.isin(cohort.case_ids, cut),
     })
     with atomic_path(out_csv, suffix=".csv") as tmp:
         out.to_csv(tmp, index=False)
@@ -198,7 +195,5 @@ def predict_patients(
         "reference_cache": str(train.root.resolve()), "embeddings": str(emb_path) if emb_path else None,
         "random_init_embeddings": run_is_random_init(run),
         "manifest": str(Path(manifest_path).resolve()), "code_version": code_version(),
-        "warnings": {c: f"tumour larger than the crop of {new_cache.cohort['crop_size_vox_xyz']} "
-                        "voxels: cut at the crop border, its prediction sees part of it" for c in cut},
     })
     return out

@@ -71,20 +71,6 @@ def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trai
     assert "RANDOMLY INITIALISED" in result.output
 
 
-def test_a_new_patient_whose_tumour_is_cut_at_the_crop_border_is_flagged(trained):
-    out = trained["out"]
-    result = _predict(trained, out / "new.csv", out / "cut.csv")
-    assert result.exit_code == 0, result.output
-    # The new draw has a tumour larger than the training crop (the cache records which).
-    cut = PreprocessedCache(out / "cut" / "preprocessed").cohort["cases_exceeding_crop"]
-    assert cut, "the new draw no longer has a case beyond the training crop"
-    pred = pd.read_csv(out / "cut.csv").set_index("case_id")
-    assert pred["tumour_cut_at_crop_border"].to_dict() == {c: c in cut for c in pred.index}
-    warnings_ = json.loads((out / "cut.json").read_text())["warnings"]
-    assert sorted(warnings_) == sorted(cut) and all("crop border" in w for w in warnings_.values())
-    assert all(f"{c}: tumour cut at the crop border" in result.output for c in cut)
-
-
 def _fold_risks(run, protocol: str) -> tuple[pd.DataFrame, list[dict]]:
     """Per-case log-risk of every fold's selected model, read from the fold files alone.
 

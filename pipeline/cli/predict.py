@@ -21,8 +21,7 @@ from pipeline.embeddings import RandomInitWarning
               help="The preprocessed cache the run was trained on: its crop size G and parameters are reused.")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False),
               help="Output CSV: case_id, risk, risk_sd_over_folds, risk_group, p_relapse_1y, n_folds, protocol, "
-                   "random_init_embeddings, tumour_cut_at_crop_border (+ .json provenance beside it, with a "
-                   "warning per patient whose tumour is cut at the crop border).")
+                   "random_init_embeddings (+ .json provenance beside it).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the new cases' preprocessed cache and embeddings [default: beside --out].")
 @click.option("--protocol", type=click.Choice(["inner", "paper"]), default="inner",
@@ -65,9 +64,6 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
     if out["random_init_embeddings"].any():
         click.secho("WARNING: the run's embeddings come from RANDOMLY INITIALISED encoders, not the "
                     "foundation models: these predictions only test the pipeline.", fg="red", err=True)
-    for cid in out.loc[out["tumour_cut_at_crop_border"], "case_id"]:
-        click.secho(f"WARNING: {cid}: tumour cut at the crop border (larger than the run's crop); "
-                    f"flagged in {out_csv}", fg="yellow", err=True)
     counts = out["risk_group"].value_counts().to_dict()
     click.echo(f"{len(out)} patients scored by {int(out['n_folds'].iloc[0])} folds "
                f"({counts.get('high', 0)} high risk, {counts.get('low', 0)} low); predictions: {out_csv}")
