@@ -91,6 +91,7 @@ from pipeline.artefacts import (
     atomic_path,
     canonical_json,
     code_version,
+    missing_path_message,
     params_hash,
     read_json,
     sha256_file,
@@ -631,6 +632,11 @@ def open_cache(root: str | os.PathLike) -> PreprocessedCache:
             f"{root}: preprocessing has not finished (cases/ but no {COHORT_FILE}); rerun the "
             f"same `preprocess ... --out {root}` command to finish it"
         )
+    if not root.exists():
+        raise FileNotFoundError(
+            missing_path_message(root, "preprocessed cache", f"*/{COHORT_FILE}")
+            + "; to make one: `preprocess --manifest data_manifest.csv --out PATH`, or `run-study "
+            "--demo`, which writes the demo's cache to cache/preprocessed")
     raise FileNotFoundError(
         f"{root}: no preprocessed cache (no {COHORT_FILE}). Make one with "
         f"`preprocess --manifest data_manifest.csv --out {root}`, or run `run-study --demo`, "
@@ -1074,7 +1080,9 @@ def read_embeddings(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embedding file; run `extract-embeddings` first")
+        if path.exists():
+            raise FileNotFoundError(f"{path}: not an embedding file (a folder)")
+        raise FileNotFoundError(missing_path_message(path, "embedding file", "*.h5"))
     with h5py.File(path, "r") as h5:
         found = int(h5.attrs.get("schema_version", -1))
         if found != SCHEMA_VERSION:

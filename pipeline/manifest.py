@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.artefacts import atomic_path
+from pipeline.artefacts import atomic_path, missing_path_message
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "case_id", "center_id", "center",
@@ -104,7 +104,9 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        if path.exists():
+            raise FileNotFoundError(f"{path}: not a manifest CSV (a folder)")
+        raise FileNotFoundError(missing_path_message(path, "manifest", "*.csv"))
     df = pd.read_csv(path, dtype={"case_id": str, "gender": str, "center": str,
                                   "ct_sha256": str, "pet_sha256": str, "label_sha256": str},
                      keep_default_na=True)

@@ -416,7 +416,7 @@ def test_import_without_a_cache_is_recorded_and_skips_cache_checks(tmp_path, mon
         assert not h5.attrs["cache_bound"]
     r = runner.invoke(import_features, ["radiomics.csv", "--out", "x3.h5", "--id-column", "Patient_ID",
                                         "--cache", "elsewhere"])
-    assert r.exit_code == 1 and r.output.startswith("error: elsewhere: no preprocessed cache")
+    assert r.exit_code == 1 and r.output.startswith("error: elsewhere: no such preprocessed cache (path does not exist)")
     assert "--no-cache" in r.output and not (tmp_path / "x3.h5").exists()
     r = runner.invoke(import_features, ["radiomics.csv", "--out", "x4.h5", "--id-column", "Patient_ID",
                                         "--cache", str(cache.root), "--no-cache"])

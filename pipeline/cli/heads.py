@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from pipeline.artefacts import ProvenanceError
+from pipeline.artefacts import ProvenanceError, missing_path_message
 from pipeline.cache import COHORT_FILE
 from pipeline.embeddings import MissingCasesError, embedding_dims
 from pipeline.manifest import read_manifest
@@ -164,6 +164,9 @@ def _import_cache(cache_root: str, no_cache: bool) -> str | None:
                    "cache_bound attribute is false and cache checks do not apply to it")
         return None
     if not (Path(cache_root) / COHORT_FILE).is_file():
+        if not _is_default("cache_root") and not Path(cache_root).exists():
+            _fail(missing_path_message(cache_root, "preprocessed cache", f"*/{COHORT_FILE}")
+                  + "; pass the right --cache PATH, or --no-cache to import without one")
         if not _is_default("cache_root"):
             _fail(f"{cache_root}: no preprocessed cache there (no {COHORT_FILE}); pass the right "
                   "--cache PATH, or --no-cache to import without one")
@@ -181,7 +184,7 @@ def _manifest_cases(manifest: str) -> list[str] | None:
         except ValueError as exc:
             _fail(f"{exc} (--manifest)")
     if not _is_default("manifest"):
-        _fail(f"no manifest {manifest}; pass the right --manifest PATH")
+        _fail(f"{missing_path_message(manifest, 'manifest', '*.csv')}; pass the right --manifest PATH")
     click.echo(f"no manifest at {manifest}: the table's coverage is not checked (pass --manifest PATH)")
     return None
 
