@@ -618,6 +618,33 @@ def _make_specs(
     return specs
 
 
+def _other_preprocessing_message(path: Path, attrs: dict[str, Any], cache: PreprocessedCache) -> str:
+    """Why an embedding file does not fit ``cache``: the cache it was made from (its
+    ``cache_path`` attribute) and, where that cache's ``cohort.json`` is still there, the
+    preprocessing parameters that differ; else the crop sizes both record."""
+    made_from = str(attrs.get("cache_path") or "") or "(not recorded)"
+    head = (f"{path}: made from the preprocessed cache {made_from} (params_hash "
+            f"{attrs['params_hash']!r}), but the cache {cache.root} has {cache.params_hash!r}")
+    fix = f"re-run `extract-embeddings --cache {cache.root}`, or pass the cache the file was made from"
+    if attrs.get("cache_path") and Path(made_from) == cache.root.resolve():
+        return f"{head}: the cache was preprocessed again since the file was made; {fix}"
+    try:
+        theirs = PreprocessedCache(made_from).params if attrs.get("cache_path") else None
+    except (FileNotFoundError, ProvenanceError, ValueError, KeyError):
+        theirs = None
+    if theirs is not None and theirs != cache.params:
+        keys = sorted(set(theirs) | set(cache.params), key=str)
+        diff = [f"{k}: {theirs.get(k)!r} there, {cache.params.get(k)!r} here"
+                for k in keys if theirs.get(k) != cache.params.get(k)]
+        return f"{head}; differing preprocessing parameters: {'; '.join(diff)}; {fix}"
+    crop = plain_value(attrs.get("crop_size_vox_xyz"))
+    if crop is not None and list(crop) != list(cache.crop_size_vox_xyz):
+        head += f"; crop size G {list(crop)} there, {list(cache.crop_size_vox_xyz)} here (x, y, z voxels)"
+    gone = "" if theirs is not None or not attrs.get("cache_path") else \
+        f" ({made_from} is gone or unreadable: parameters not compared)"
+    return f"{head}{gone}; {fix}"
+
+
 def open_cache(root: str | os.PathLike) -> PreprocessedCache:
     """Open the preprocessed cache at ``root``, saying how to make one when there is none.
 
@@ -1124,10 +1151,7 @@ def read_embeddings(
     if cache is not None and bool(attrs.get("cache_bound", True)):
         cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
         if attrs["params_hash"] != cache.params_hash:
-            raise ProvenanceError(
-                f"{path}: made from preprocessing params_hash {attrs['params_hash']!r}, but the "
-                f"cache {cache.root} has {cache.params_hash!r}; re-run `extract-embeddings` on it"
-            )
+            raise ProvenanceError(_other_preprocessing_message(path, attrs, cache))
         in_cache = set(cache.case_ids)
         not_cached = [c for c in wanted if c not in in_cache]
         if not_cached:
