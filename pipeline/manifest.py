@@ -74,7 +74,11 @@ def center_name(center_id: int) -> str:
 def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: not a manifest, missing columns {missing}")
+        raise ValueError(
+            f"{what}: not a manifest, missing columns {missing}. The columns are "
+            "pipeline.manifest.MANIFEST_COLUMNS (README, section \"Data: HECKTOR 2022 reader and the demo "
+            "cohort\"); write a manifest with `build-manifest HECKTOR_ROOT --out data_manifest.csv` or "
+            "`make-demo-cohort`")
     dup = df["case_id"][df["case_id"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{what}: duplicate case ids {dup}")
