@@ -67,6 +67,39 @@ def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trai
     # The run's embeddings were random-init: every row, the record and the console say so.
     assert pred["random_init_embeddings"].all() and prov["random_init_embeddings"] is True
     assert "RANDOMLY INITIALISED" in result.output
+    # A tumour larger than the training crop G (cut at its border) is flagged in its row, in the
+    # record and on the console: here one case of the four, as the cache records it.
+    cut = pred.loc[pred["tumour_cut_at_border"], "case_id"].astype(str).tolist()
+    assert cut == new_cache.cohort["cases_exceeding_crop"] and 0 < len(cut) < len(pred)
+    assert [w["case_id"] for w in prov["warnings"]] == cut
+    assert f"{len(cut)} patient(s) with the tumour cut at the crop border" in result.output
+
+
+def test_a_tumour_cut_at_the_crop_border_is_flagged_in_its_row_and_the_record(trained, tmp_path):
+    import SimpleITK as sitk
+
+    from pipeline.demo_cohort import generate_demo_cohort
+    from pipeline.hecktor import build_manifest
+
+    root = generate_demo_cohort(tmp_path / "cohort", n_cases=2, seed=98, workers=1)
+    # CHUP-001's tumour grown to a box wider than any training tumour (inside its PET field).
+    label_path = root / "labelsTr" / "CHUP-001.nii.gz"
+    label = sitk.ReadImage(str(label_path))
+    arr = sitk.GetArrayFromImage(label)  # (z, y, x)
+    arr[5:50, 15:165, 15:165] = 1
+    big = sitk.GetImageFromArray(arr)
+    big.CopyInformation(label)
+    sitk.WriteImage(big, str(label_path))
+    build_manifest(root, tmp_path / "new.csv", progress=False)
+    result = _predict(trained, tmp_path / "new.csv", tmp_path / "pred.csv")
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"case_id": str}).set_index("case_id")
+    assert pred.loc["CHUP-001", "tumour_cut_at_border"]
+    cut = pred.index[pred["tumour_cut_at_border"]].tolist()
+    prov = json.loads((tmp_path / "pred.json").read_text())
+    assert [w["case_id"] for w in prov["warnings"]] == cut
+    assert all("cut at the crop border" in w["warning"] for w in prov["warnings"])
+    assert "CHUP-001" in result.output
 
 
 def _fold_risks(run, protocol: str) -> tuple[pd.DataFrame, list[dict]]:

@@ -67,3 +67,7 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
     counts = out["risk_group"].value_counts().to_dict()
     click.echo(f"{len(out)} patients scored by {int(out['n_folds'].iloc[0])} folds "
                f"({counts.get('high', 0)} high risk, {counts.get('low', 0)} low); predictions: {out_csv}")
+    cut = out.loc[out["tumour_cut_at_border"], "case_id"].tolist()
+    if cut:
+        click.secho(f"WARNING: {len(cut)} patient(s) with the tumour cut at the crop border (larger than the "
+                    f"training crop G; column tumour_cut_at_border): {cut}", fg="red", err=True)
