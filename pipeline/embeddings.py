@@ -1007,6 +1007,13 @@ def embedding_dims(path: str | os.PathLike) -> dict[str, int]:
         return {m: int(h5[m].shape[1]) for m in names if m in h5}
 
 
+def random_init_modalities(path: str | os.PathLike) -> list[str]:
+    """Datasets of a file made with randomly initialised encoders (read without warning)."""
+    with h5py.File(path, "r") as h5:
+        return [m for m in embedding_dims(path)
+                if plain_value(h5[m].attrs.get("weights_sha256", "")) == RANDOM_INIT]
+
+
 def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int, ...]:
     with h5py.File(cache.path(case_id), "r") as h5:
         return tuple(int(v) for v in h5[key].shape)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ from click.core import ParameterSource
 
 from pipeline.artefacts import ProvenanceError, missing_path_message
 from pipeline.cache import COHORT_FILE
-from pipeline.embeddings import MissingCasesError, embedding_dims
+from pipeline.embeddings import MissingCasesError, RandomInitWarning, embedding_dims, random_init_modalities
 from pipeline.manifest import read_manifest
 from pipeline.peers import HeadConfig, fit_peer_run, import_feature_table, projection_excess
 
@@ -82,6 +83,8 @@ def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_
     size = None if proj == "orig" else int(proj)
     if peer == "embeddings" and size is not None and Path(features_path).is_file():
         _check_projection(features_path, size, mods)
+    # The library warns on every read (and Python shows it besides): said once below.
+    warnings.simplefilter("ignore", RandomInitWarning)
     try:
         cfg = HeadConfig(model=model, ridge_alpha=ridge_alpha, with_clinical=with_clinical, proj=size,
                          l1_ratio=l1_ratio, inner_folds=inner_folds, seed=seed)
@@ -92,6 +95,10 @@ def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_
         _fail(exc)
     except KeyError as exc:
         _fail(exc.args[0] if exc.args else exc)
+    random = random_init_modalities(features_path) if peer == "embeddings" else []
+    if random:
+        click.secho(f"WARNING: {features_path}: {random} embeddings come from RANDOMLY INITIALISED encoders, "
+                    "not the foundation models; fine for a demo, meaningless for results", fg="red", err=True)
     ci, auc = summary["c_index"], summary["auc_1y"]
 
     def fmt(s):
