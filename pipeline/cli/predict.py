@@ -21,7 +21,8 @@ from pipeline.embeddings import RandomInitWarning
               help="The preprocessed cache the run was trained on: its crop size G and parameters are reused.")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False),
               help="Output CSV: case_id, risk, risk_sd_over_folds, risk_group, p_relapse_1y, n_folds, protocol, "
-                   "random_init_embeddings (+ .json provenance beside it).")
+                   "random_init_embeddings, tumour_cut_at_border (+ .json provenance beside it, "
+                   "with per-patient warnings).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the new cases' preprocessed cache and embeddings [default: beside --out].")
 @click.option("--protocol", type=click.Choice(["inner", "paper"]), default="inner",
