@@ -170,3 +170,26 @@ def test_a_cache_other_than_the_runs_is_refused(trained, tmp_path):
     assert result.exit_code == 1
     assert "preprocessing params_hash mismatch" in result.output
     assert not (tmp_path / "pred.csv").exists()
+
+
+def test_mistyped_paths_are_refused_naming_what_exists_nearby(tmp_path):
+    (tmp_path / "new_patients.csv").write_text("")
+    (tmp_path / "cache" / "preprocessed").mkdir(parents=True)
+    (tmp_path / "cache" / "preprocessed" / "cohort.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    base = {"--manifest": str(tmp_path / "new_patients.csv"), "--run": str(tmp_path / "run"),
+            "--train-cache": str(tmp_path / "cache" / "preprocessed"), "--out": str(tmp_path / "p.csv")}
+
+    def run(option, value):
+        args = [x for k, v in {**base, option: value}.items() for x in (k, v)]
+        result = CliRunner().invoke(predict_survival, args)
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+        return " ".join(result.output.split())
+
+    out = run("--manifest", str(tmp_path / "new_patient.csv"))
+    assert "new_patient.csv: no such manifest (path does not exist); *.csv in" in out and "new_patients.csv" in out
+    out = run("--train-cache", str(tmp_path / "cache" / "preprocesed"))
+    assert "no such preprocessed cache (path does not exist); folders holding cohort.json in" in out
+    assert out.endswith("preprocessed")
+    out = run("--embeddings", str(tmp_path / "ctpet.h5"))
+    assert "ctpet.h5: no such embedding file (path does not exist); no *.h5 in" in out
