@@ -143,3 +143,41 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as handle:
         return json.load(handle)
+
+
+#: Most entries :func:`missing_path_message` lists.
+NEARBY_LIMIT = 12
+
+
+def missing_path_message(path: str | os.PathLike, what: str, pattern: str) -> str:
+    """Message for a path that does not exist, listing what exists nearby.
+
+    Looks in the nearest existing folder above ``path`` for entries matching ``pattern``
+    (a glob relative to that folder, e.g. ``"*.h5"``, ``"*.csv"``, or ``"*/cohort.json"``
+    where a fixed last part names the folders that hold such a file).
+
+    Args:
+        path: the path given (absent).
+        what: what it should be, e.g. ``"embedding file"``.
+        pattern: what counts as one nearby.
+
+    Returns:
+        e.g. ``"cache/ct.h55: no such embedding file (path does not exist); *.h5 in cache/:
+        ct.h5, pet.h5"``.
+    """
+    path = Path(path)
+    where = path.parent
+    while not where.is_dir() and where != where.parent:
+        where = where.parent
+    shown_where = "." if str(where) in ("", ".") else str(where)
+    last = Path(pattern).name
+    marker = not any(ch in last for ch in "*?[")  # a fixed name: list the folders holding it
+    found = sorted(str((m.parent if marker else m).relative_to(where)) for m in where.glob(pattern))
+    head = f"{path}: no such {what} (path does not exist)"
+    if where != path.parent:
+        head += f"; neither does {path.parent}"
+    kind = f"folders holding {last}" if marker else pattern
+    if not found:
+        return f"{head}; no {kind} in {shown_where}/"
+    more = f" (and {len(found) - NEARBY_LIMIT} more)" if len(found) > NEARBY_LIMIT else ""
+    return f"{head}; {kind} in {shown_where}/: {', '.join(found[:NEARBY_LIMIT])}{more}"

@@ -44,7 +44,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.artefacts import ProvenanceError, atomic_path, plain_value, read_json, write_json_atomic
+from pipeline.artefacts import (
+    ProvenanceError,
+    atomic_path,
+    missing_path_message,
+    plain_value,
+    read_json,
+    write_json_atomic,
+)
 
 CACHE_SCHEMA_VERSION = 1
 GROUPS = ("survival", "ctfm", "petfm")
@@ -143,6 +150,8 @@ class PreprocessedCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         cohort_path = self.root / COHORT_FILE
+        if not self.root.exists():
+            raise FileNotFoundError(missing_path_message(self.root, "preprocessed cache", f"*/{COHORT_FILE}"))
         if not cohort_path.is_file():
             raise FileNotFoundError(
                 f"{self.root}: no {COHORT_FILE}; this is not a complete preprocessed cache "

@@ -806,6 +806,8 @@ def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
         manifest_path: the committed manifest (default: ``data_manifest.csv`` in the cwd).
         workers: processes used if the cohort must be regenerated.
 
+    Prints one line: the cohort's folder, how many files were regenerated and checked.
+
     Returns:
         ``read_manifest(manifest_path)`` (absolute paths, indexed by ``case_id``).
 
@@ -865,4 +867,6 @@ def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
         if record.get(key) and found != record[key]:
             raise DemoCohortMismatchError(f"{root / name}: sha256 {found} differs from "
                                           f"{sidecar}'s {record[key]} ({hint})")
+    print(f"demo cohort {root}: {len(absent)} of {len(wanted)} files regenerated; all {len(wanted)} "
+          f"match {manifest_path} and {sidecar.name} (SHA-256)", flush=True)
     return manifest

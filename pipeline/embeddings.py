@@ -92,6 +92,7 @@ from pipeline.artefacts import (
     atomic_path,
     canonical_json,
     code_version,
+    missing_path_message,
     params_hash,
     read_json,
     sha256_file,
@@ -636,6 +637,33 @@ def _make_specs(
     return specs
 
 
+def _other_preprocessing_message(path: Path, attrs: dict[str, Any], cache: PreprocessedCache) -> str:
+    """Why an embedding file does not fit ``cache``: the cache it was made from (its
+    ``cache_path`` attribute) and, where that cache's ``cohort.json`` is still there, the
+    preprocessing parameters that differ; else the crop sizes both record."""
+    made_from = str(attrs.get("cache_path") or "") or "(not recorded)"
+    head = (f"{path}: made from the preprocessed cache {made_from} (params_hash "
+            f"{attrs['params_hash']!r}), but the cache {cache.root} has {cache.params_hash!r}")
+    fix = f"re-run `extract-embeddings --cache {cache.root}`, or pass the cache the file was made from"
+    if attrs.get("cache_path") and Path(made_from) == cache.root.resolve():
+        return f"{head}: the cache was preprocessed again since the file was made; {fix}"
+    try:
+        theirs = PreprocessedCache(made_from).params if attrs.get("cache_path") else None
+    except (FileNotFoundError, ProvenanceError, ValueError, KeyError):
+        theirs = None
+    if theirs is not None and theirs != cache.params:
+        keys = sorted(set(theirs) | set(cache.params), key=str)
+        diff = [f"{k}: {theirs.get(k)!r} there, {cache.params.get(k)!r} here"
+                for k in keys if theirs.get(k) != cache.params.get(k)]
+        return f"{head}; differing preprocessing parameters: {'; '.join(diff)}; {fix}"
+    crop = plain_value(attrs.get("crop_size_vox_xyz"))
+    if crop is not None and list(crop) != list(cache.crop_size_vox_xyz):
+        head += f"; crop size G {list(crop)} there, {list(cache.crop_size_vox_xyz)} here (x, y, z voxels)"
+    gone = "" if theirs is not None or not attrs.get("cache_path") else \
+        f" ({made_from} is gone or unreadable: parameters not compared)"
+    return f"{head}{gone}; {fix}"
+
+
 def open_cache(root: str | os.PathLike) -> PreprocessedCache:
     """Open the preprocessed cache at ``root``, saying how to make one when there is none.
 
@@ -650,6 +678,11 @@ def open_cache(root: str | os.PathLike) -> PreprocessedCache:
             f"{root}: preprocessing has not finished (cases/ but no {COHORT_FILE}); rerun the "
             f"same `preprocess ... --out {root}` command to finish it"
         )
+    if not root.exists():
+        raise FileNotFoundError(
+            missing_path_message(root, "preprocessed cache", f"*/{COHORT_FILE}")
+            + "; to make one: `preprocess --manifest data_manifest.csv --out PATH`, or `run-study "
+            "--demo`, which writes the demo's cache to cache/preprocessed")
     raise FileNotFoundError(
         f"{root}: no preprocessed cache (no {COHORT_FILE}). Make one with "
         f"`preprocess --manifest data_manifest.csv --out {root}`, or run `run-study --demo`, "
@@ -996,6 +1029,13 @@ def embedding_dims(path: str | os.PathLike) -> dict[str, int]:
         return {m: int(h5[m].shape[1]) for m in names if m in h5}
 
 
+def random_init_modalities(path: str | os.PathLike) -> list[str]:
+    """Datasets of a file made with randomly initialised encoders (read without warning)."""
+    with h5py.File(path, "r") as h5:
+        return [m for m in embedding_dims(path)
+                if plain_value(h5[m].attrs.get("weights_sha256", "")) == RANDOM_INIT]
+
+
 def _input_shape(cache: PreprocessedCache, case_id: str, key: str) -> tuple[int, ...]:
     with h5py.File(cache.path(case_id), "r") as h5:
         return tuple(int(v) for v in h5[key].shape)
@@ -1096,7 +1136,9 @@ def read_embeddings(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embedding file; run `extract-embeddings` first")
+        if path.exists():
+            raise FileNotFoundError(f"{path}: not an embedding file (a folder)")
+        raise FileNotFoundError(missing_path_message(path, "embedding file", "*.h5"))
     with h5py.File(path, "r") as h5:
         found = int(h5.attrs.get("schema_version", -1))
         if found != SCHEMA_VERSION:
@@ -1138,10 +1180,7 @@ def read_embeddings(
     if cache is not None and bool(attrs.get("cache_bound", True)):
         cache = cache if isinstance(cache, PreprocessedCache) else PreprocessedCache(cache)
         if attrs["params_hash"] != cache.params_hash:
-            raise ProvenanceError(
-                f"{path}: made from preprocessing params_hash {attrs['params_hash']!r}, but the "
-                f"cache {cache.root} has {cache.params_hash!r}; re-run `extract-embeddings` on it"
-            )
+            raise ProvenanceError(_other_preprocessing_message(path, attrs, cache))
         in_cache = set(cache.case_ids)
         not_cached = [c for c in wanted if c not in in_cache]
         if not_cached:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.artefacts import atomic_path
+from pipeline.artefacts import atomic_path, missing_path_message
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "case_id", "center_id", "center",
@@ -74,7 +74,11 @@ def center_name(center_id: int) -> str:
 def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: not a manifest, missing columns {missing}")
+        raise ValueError(
+            f"{what}: not a manifest, missing columns {missing}. The columns are "
+            "pipeline.manifest.MANIFEST_COLUMNS (README, section \"Data: HECKTOR 2022 reader and the demo "
+            "cohort\"); write a manifest with `build-manifest HECKTOR_ROOT --out data_manifest.csv` or "
+            "`make-demo-cohort`")
     dup = df["case_id"][df["case_id"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{what}: duplicate case ids {dup}")
@@ -104,7 +108,9 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        if path.exists():
+            raise FileNotFoundError(f"{path}: not a manifest CSV (a folder)")
+        raise FileNotFoundError(missing_path_message(path, "manifest", "*.csv"))
     df = pd.read_csv(path, dtype={"case_id": str, "gender": str, "center": str,
                                   "ct_sha256": str, "pet_sha256": str, "label_sha256": str},
                      keep_default_na=True)

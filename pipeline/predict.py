@@ -11,7 +11,9 @@ the risk group (``high`` when most folds put the patient above their training me
 and the 1-year relapse probability ``1 - exp(-H0(365) exp(risk))`` averaged over folds,
 with each fold's Breslow baseline hazard ``H0`` fitted on its training part. When the run's
 embeddings come from randomly initialised encoders (the demo), every row says so
-(``random_init_embeddings``), as does the ``.json`` provenance record beside the CSV.
+(``random_init_embeddings``), as does the ``.json`` provenance record beside the CSV. A
+patient whose tumour is larger than G (cut at the crop border) is flagged in its row
+(``tumour_cut_at_border``) and in the record's ``warnings``.
 """
 
 from __future__ import annotations
@@ -89,6 +91,16 @@ def check_embeddings(run: dict[str, Any], path: str | os.PathLike) -> None:
             raise ProvenanceError(f"{path}: has no {m!r} embeddings; the model was trained with them")
         for field in _EMBEDDING_IDENTITY:
             check_match(f"{m} {field}", attrs.get(field), found[m].get(field), artefact=path)
+
+
+def border_warnings(cache: PreprocessedCache) -> list[dict[str, str]]:
+    """One ``{"case_id", "warning"}`` per case whose tumour is cut at the crop border (its
+    tumour needs a larger crop than the cache's G, e.g. a new patient cropped with the
+    training cohort's G): its prediction saw only part of the tumour."""
+    g = " x ".join(str(v) for v in cache.crop_size_vox_xyz)
+    return [{"case_id": c, "warning": f"tumour larger than the crop G = {g} voxels (x, y, z): cut at the "
+             "crop border, so the prediction saw only part of it"}
+            for c in cache.cohort.get("cases_exceeding_crop", [])]
 
 
 def _fold_data(cohort: SurvivalCohort, state: dict[str, Any]) -> FoldData:
@@ -186,6 +198,7 @@ def predict_patients(
         "n_folds": len(folds),
         "protocol": protocol,
         "random_init_embeddings": run_is_random_init(run),
+        "tumour_cut_at_border": np.isin(cohort.case_ids, new_cache.cohort.get("cases_exceeding_crop", [])),
     })
     with atomic_path(out_csv, suffix=".csv") as tmp:
         out.to_csv(tmp, index=False)
@@ -193,7 +206,7 @@ def predict_patients(
         "run": str(run_dir.resolve()), "run_config_hash": run["config_hash"], "folds": folds,
         "protocol": protocol, "preprocessing_params_hash": new_cache.params_hash,
         "reference_cache": str(train.root.resolve()), "embeddings": str(emb_path) if emb_path else None,
-        "random_init_embeddings": run_is_random_init(run),
+        "random_init_embeddings": run_is_random_init(run), "warnings": border_warnings(new_cache),
         "manifest": str(Path(manifest_path).resolve()), "code_version": code_version(),
     })
     return out

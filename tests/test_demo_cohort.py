@@ -227,20 +227,28 @@ def committed_like(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_ensure_regenerates_missing_files_identically(committed_like: Path):
+def test_ensure_regenerates_missing_files_identically(committed_like: Path, capsys):
     manifest = committed_like / "data_manifest.csv"
     raw = pd.read_csv(manifest)
     assert raw.loc[0, "ct_path"].startswith("data/demo_cohort/imagesTr/")
     root = committed_like / "data" / "demo_cohort"
     before = _files(root)
+    n_files = 3 * len(raw) + 2  # CT, PET, label per case; the clinical and endpoint CSVs
+    capsys.readouterr()
     (root / "imagesTr" / raw.loc[1, "ct_path"].split("/")[-1]).unlink()
     (root / CLINICAL_CSV).unlink()
     m = ensure_demo_cohort(manifest, workers=1)
     assert _files(root) == before
     assert m.equals(read_manifest(manifest))
+    # One line says what it did, and where.
+    assert capsys.readouterr().out == (f"demo cohort {root.resolve()}: 2 of {n_files} files regenerated; all "
+                                       f"{n_files} match {manifest} and data_manifest.json (SHA-256)\n")
+    ensure_demo_cohort(manifest, workers=1)
+    assert f": 0 of {n_files} files regenerated" in capsys.readouterr().out
     shutil.rmtree(committed_like / "data")  # a fresh checkout: nothing there at all
     ensure_demo_cohort(manifest, workers=1)
     assert _files(root) == before
+    assert f": {n_files} of {n_files} files regenerated" in capsys.readouterr().out
 
 
 def test_ensure_detects_tampered_file(committed_like: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 import weakref
 from pathlib import Path
@@ -241,7 +242,11 @@ def test_loader_refuses_other_preprocessing_and_lists_missing_cases(cache, tmp_p
     other = make_cache(tmp_path / "other", params={"spacing": 2.0, "variant": "b"})
     with pytest.raises(ProvenanceError) as err:
         emb.load_embeddings(out, cache=other)
-    assert cache.params_hash in str(err.value) and other.params_hash in str(err.value)
+    msg = str(err.value)
+    assert cache.params_hash in msg and other.params_hash in msg
+    # The message names the cache the file was made from and the parameters that differ.
+    assert f"made from the preprocessed cache {cache.root.resolve()}" in msg
+    assert "spacing: 1.0 there, 2.0 here; variant: 'a' there, 'b' here" in msg
 
     # Same params, but one case's source changed: its fingerprint no longer matches.
     bumped = make_cache(tmp_path / "bumped", bump=("MDA-003",))
@@ -261,6 +266,21 @@ def test_loader_refuses_other_preprocessing_and_lists_missing_cases(cache, tmp_p
     assert err.value.missing == ["CHUS-010", "HMR-011"] and "CHUS-010" in str(err.value)
     with pytest.raises(ProvenanceError, match="pet"):
         emb.load_embeddings(out, modalities=["pet"])
+
+    # The same folder preprocessed again: said so.
+    shutil.rmtree(cache.root)
+    again = make_cache(cache.root, params={"spacing": 3.0, "variant": "a"})
+    with pytest.raises(ProvenanceError, match="the cache was preprocessed again since the file was made"):
+        emb.load_embeddings(out, cache=again)
+    # The recorded cache gone: the crop sizes are compared instead of the parameters.
+    moved = cache.root.with_name("moved")
+    cache.root.rename(moved)
+    smaller = make_cache(tmp_path / "smaller", params={"spacing": 2.0, "variant": "a"})
+    smaller.cohort["crop_size_vox_xyz"] = [48, 48, 32]
+    with pytest.raises(ProvenanceError) as err:
+        emb.load_embeddings(out, cache=smaller)
+    assert "is gone or unreadable: parameters not compared" in str(err.value)
+    assert "crop size G [64, 64, 32] there, [48, 48, 32] here" in str(err.value)
 
 
 def test_random_init_warns_on_every_read(cache, tmp_path, capsys):

@@ -377,3 +377,19 @@ def test_existing_manifest_is_kept_unless_overwrite(root: Path, tmp_path: Path, 
 def test_short_help_option(command):
     res = CliRunner().invoke(command, ["-h"])
     assert res.exit_code == 0 and "--overwrite" in res.output
+
+
+def test_manifest_missing_a_column_says_where_the_schema_is_and_what_writes_one(tmp_path: Path):
+    table = pd.DataFrame([{c: "1" for c in MANIFEST_COLUMNS}]).drop(columns=["rfs_days", "center"])
+    table.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError) as err:
+        read_manifest(tmp_path / "m.csv")
+    msg = str(err.value)
+    assert f"{tmp_path / 'm.csv'}: not a manifest, missing columns ['center', 'rfs_days']" in msg
+    assert "pipeline.manifest.MANIFEST_COLUMNS" in msg and "`build-manifest" in msg and "`make-demo-cohort`" in msg
+    # The places named exist: the README section and both commands.
+    section = msg.split('section "')[1].split('"')[0]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"## {section}\n" in readme
+    scripts = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert "build-manifest =" in scripts and "make-demo-cohort =" in scripts

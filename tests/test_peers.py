@@ -416,7 +416,7 @@ def test_import_without_a_cache_is_recorded_and_skips_cache_checks(tmp_path, mon
         assert not h5.attrs["cache_bound"]
     r = runner.invoke(import_features, ["radiomics.csv", "--out", "x3.h5", "--id-column", "Patient_ID",
                                         "--cache", "elsewhere"])
-    assert r.exit_code == 1 and r.output.startswith("error: elsewhere: no preprocessed cache")
+    assert r.exit_code == 1 and r.output.startswith("error: elsewhere: no such preprocessed cache (path does not exist)")
     assert "--no-cache" in r.output and not (tmp_path / "x3.h5").exists()
     r = runner.invoke(import_features, ["radiomics.csv", "--out", "x4.h5", "--id-column", "Patient_ID",
                                         "--cache", str(cache.root), "--no-cache"])
@@ -488,3 +488,31 @@ def test_fit_heads_defaults_to_the_shared_folds_json_and_refuses_a_projection_ab
     with pytest.warns(UserWarning, match="proj 64 exceeds the 2 features of 't'"):
         peers.embedding_head(df, _folds(df, 3), load_embeddings("t.h5"),
                              peers.HeadConfig(model="ridge", proj=64, with_clinical=False))
+
+
+def test_fit_heads_on_random_init_embeddings_warns_once(tmp_path):
+    """As a user runs it (a fresh process, Python's default warning display): one warning line."""
+    import subprocess
+    import sys
+
+    from pipeline.embeddings import RANDOM_INIT, write_embedding_file
+
+    df = _manifest(40, 21)
+    emb, factor = _embeddings(df, 22)
+    df = _endpoints(df, factor, seed=23)
+    write_manifest(df, tmp_path / "manifest.csv")
+    save_folds(_folds(df), tmp_path / "folds.json")
+    ct = emb.filter(like="ct_").to_numpy()
+    attrs = {"encoder": "ct_fm_segresencoder", "weights_sha256": RANDOM_INIT, "random_init_seed": 0}
+    write_embedding_file(tmp_path / "ct.h5", modality="ct", case_ids=df.case_id.tolist(),
+                         datasets={"ct": (ct, attrs, {"encoder": "ct_fm_segresencoder", "seed": 0})},
+                         cache=None, random_init=True)
+    code = "from pipeline.cli.heads import fit_heads; fit_heads()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--manifest", "manifest.csv", "--folds", "folds.json",
+         "--embeddings", "ct.h5", "--proj", "orig", "--out", "run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = (proc.stdout + proc.stderr).lower().count("randomly initialised encoders")
+    assert said == 1, proc.stdout + proc.stderr
+    assert "WARNING" in proc.stderr and "embeddings: C-index" in proc.stdout

@@ -69,6 +69,39 @@ def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trai
     # The run's embeddings were random-init: every row, the record and the console say so.
     assert pred["random_init_embeddings"].all() and prov["random_init_embeddings"] is True
     assert "RANDOMLY INITIALISED" in result.output
+    # A tumour larger than the training crop G (cut at its border) is flagged in its row, in the
+    # record and on the console: here one case of the four, as the cache records it.
+    cut = pred.loc[pred["tumour_cut_at_border"], "case_id"].astype(str).tolist()
+    assert cut == new_cache.cohort["cases_exceeding_crop"] and 0 < len(cut) < len(pred)
+    assert [w["case_id"] for w in prov["warnings"]] == cut
+    assert f"{len(cut)} patient(s) with the tumour cut at the crop border" in result.output
+
+
+def test_a_tumour_cut_at_the_crop_border_is_flagged_in_its_row_and_the_record(trained, tmp_path):
+    import SimpleITK as sitk
+
+    from pipeline.demo_cohort import generate_demo_cohort
+    from pipeline.hecktor import build_manifest
+
+    root = generate_demo_cohort(tmp_path / "cohort", n_cases=2, seed=98, workers=1)
+    # CHUP-001's tumour grown to a box wider than any training tumour (inside its PET field).
+    label_path = root / "labelsTr" / "CHUP-001.nii.gz"
+    label = sitk.ReadImage(str(label_path))
+    arr = sitk.GetArrayFromImage(label)  # (z, y, x)
+    arr[5:50, 15:165, 15:165] = 1
+    big = sitk.GetImageFromArray(arr)
+    big.CopyInformation(label)
+    sitk.WriteImage(big, str(label_path))
+    build_manifest(root, tmp_path / "new.csv", progress=False)
+    result = _predict(trained, tmp_path / "new.csv", tmp_path / "pred.csv")
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"case_id": str}).set_index("case_id")
+    assert pred.loc["CHUP-001", "tumour_cut_at_border"]
+    cut = pred.index[pred["tumour_cut_at_border"]].tolist()
+    prov = json.loads((tmp_path / "pred.json").read_text())
+    assert [w["case_id"] for w in prov["warnings"]] == cut
+    assert all("cut at the crop border" in w["warning"] for w in prov["warnings"])
+    assert "CHUP-001" in result.output
 
 
 def _fold_risks(run, protocol: str) -> tuple[pd.DataFrame, list[dict]]:
@@ -170,3 +203,26 @@ def test_new_cases_are_embedded_at_the_runs_recorded_precision(trained, tmp_path
     fp32 = read_embeddings(trained["out"] / "ctpet.h5")
     bf16 = read_embeddings(path)
     assert not np.array_equal(bf16.matrix("ct"), fp32.matrix("ct"))
+
+
+def test_mistyped_paths_are_refused_naming_what_exists_nearby(tmp_path):
+    (tmp_path / "new_patients.csv").write_text("")
+    (tmp_path / "cache" / "preprocessed").mkdir(parents=True)
+    (tmp_path / "cache" / "preprocessed" / "cohort.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    base = {"--manifest": str(tmp_path / "new_patients.csv"), "--run": str(tmp_path / "run"),
+            "--train-cache": str(tmp_path / "cache" / "preprocessed"), "--out": str(tmp_path / "p.csv")}
+
+    def run(option, value):
+        args = [x for k, v in {**base, option: value}.items() for x in (k, v)]
+        result = CliRunner().invoke(predict_survival, args)
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+        return " ".join(result.output.split())
+
+    out = run("--manifest", str(tmp_path / "new_patient.csv"))
+    assert "new_patient.csv: no such manifest (path does not exist); *.csv in" in out and "new_patients.csv" in out
+    out = run("--train-cache", str(tmp_path / "cache" / "preprocesed"))
+    assert "no such preprocessed cache (path does not exist); folders holding cohort.json in" in out
+    assert out.endswith("preprocessed")
+    out = run("--embeddings", str(tmp_path / "ctpet.h5"))
+    assert "ctpet.h5: no such embedding file (path does not exist); no *.h5 in" in out

@@ -685,7 +685,7 @@ def test_cli_summary_and_clean_errors(cohort, tmp_path):
     assert "Traceback" not in bad.output
     missing = runner.invoke(preprocess_cli, ["--manifest", str(tmp_path / "nope.csv"),
                                              "--out", str(tmp_path / "e")])
-    assert missing.exit_code == 1 and "manifest not found" in missing.output
+    assert missing.exit_code == 1 and "nope.csv: no such manifest (path does not exist)" in missing.output
     assert "Traceback" not in missing.output
 
 

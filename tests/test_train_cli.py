@@ -65,3 +65,41 @@ def test_run_folders_take_the_study_configuration_names():
     assert default_run_name(["pet", "ct"], 256) == "ctpet-d256"
     assert default_run_name(["pet"], None) == "pet-dorig"
     assert default_run_name(["radiomics"], 64) == "radiomics-d64"
+
+
+def test_mistyped_paths_say_they_do_not_exist_and_list_what_is_nearby(tiny_study, tmp_path):
+    """A wrong --manifest, --cache or --embeddings names the absent path and what exists beside it,
+    and suggests no command that would build something at the mistyped path."""
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    for name in ("ctpet.h5", "pet.h5", "notes.txt"):
+        (emb / name).write_text("")
+    runner = CliRunner()
+
+    def run(*swap):
+        args = _args(tiny_study, tiny_study["cache"], tmp_path)
+        for option, value in zip(swap[::2], swap[1::2]):
+            args[args.index(option) + 1] = value
+        res = runner.invoke(train_survival, args)
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        return res.output
+
+    manifest = tiny_study["manifest"]
+    out = run("--manifest", str(manifest.with_name("manifst.csv")))
+    assert f"{manifest.with_name('manifst.csv')}: no such manifest (path does not exist)" in out
+    assert f"*.csv in {manifest.parent}/: manifest.csv" in out
+
+    cache = tiny_study["cache"]
+    out = run("--cache", str(cache.with_name("cashe")))
+    assert f"{cache.with_name('cashe')}: no such preprocessed cache (path does not exist)" in out
+    assert f"folders holding cohort.json in {cache.parent}/: cache" in out
+    assert f"--out {cache.with_name('cashe')}" not in out
+
+    args = _args(tiny_study, cache, tmp_path, "--embeddings", str(emb / "ctpet.h55"))
+    out = runner.invoke(train_survival, args).output
+    assert f"{emb / 'ctpet.h55'}: no such embedding file (path does not exist); *.h5 in {emb}/: ctpet.h5, pet.h5" in out
+    assert "notes.txt" not in out and "run `extract-embeddings` first" not in out
+    # A missing parent folder is said too; the listing comes from the nearest folder that exists.
+    args = _args(tiny_study, cache, tmp_path, "--embeddings", str(emb / "sub" / "deeper" / "ctpet.h5"))
+    out = runner.invoke(train_survival, args).output
+    assert f"neither does {emb / 'sub' / 'deeper'}" in out and f"*.h5 in {emb}/: ctpet.h5, pet.h5" in out

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from pipeline.artefacts import ProvenanceError
+from pipeline.artefacts import ProvenanceError, missing_path_message
 from pipeline.cache import COHORT_FILE
-from pipeline.embeddings import MissingCasesError, embedding_dims
+from pipeline.embeddings import MissingCasesError, RandomInitWarning, embedding_dims, random_init_modalities
 from pipeline.manifest import read_manifest
 from pipeline.peers import HeadConfig, fit_peer_run, import_feature_table, projection_excess
 
@@ -82,6 +83,8 @@ def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_
     size = None if proj == "orig" else int(proj)
     if peer == "embeddings" and size is not None and Path(features_path).is_file():
         _check_projection(features_path, size, mods)
+    # The library warns on every read (and Python shows it besides): said once below.
+    warnings.simplefilter("ignore", RandomInitWarning)
     try:
         cfg = HeadConfig(model=model, ridge_alpha=ridge_alpha, with_clinical=with_clinical, proj=size,
                          l1_ratio=l1_ratio, inner_folds=inner_folds, seed=seed)
@@ -92,6 +95,10 @@ def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_
         _fail(exc)
     except KeyError as exc:
         _fail(exc.args[0] if exc.args else exc)
+    random = random_init_modalities(features_path) if peer == "embeddings" else []
+    if random:
+        click.secho(f"WARNING: {features_path}: {random} embeddings come from RANDOMLY INITIALISED encoders, "
+                    "not the foundation models; fine for a demo, meaningless for results", fg="red", err=True)
     ci, auc = summary["c_index"], summary["auc_1y"]
 
     def fmt(s):
@@ -164,6 +171,9 @@ def _import_cache(cache_root: str, no_cache: bool) -> str | None:
                    "cache_bound attribute is false and cache checks do not apply to it")
         return None
     if not (Path(cache_root) / COHORT_FILE).is_file():
+        if not _is_default("cache_root") and not Path(cache_root).exists():
+            _fail(missing_path_message(cache_root, "preprocessed cache", f"*/{COHORT_FILE}")
+                  + "; pass the right --cache PATH, or --no-cache to import without one")
         if not _is_default("cache_root"):
             _fail(f"{cache_root}: no preprocessed cache there (no {COHORT_FILE}); pass the right "
                   "--cache PATH, or --no-cache to import without one")
@@ -181,7 +191,7 @@ def _manifest_cases(manifest: str) -> list[str] | None:
         except ValueError as exc:
             _fail(f"{exc} (--manifest)")
     if not _is_default("manifest"):
-        _fail(f"no manifest {manifest}; pass the right --manifest PATH")
+        _fail(f"{missing_path_message(manifest, 'manifest', '*.csv')}; pass the right --manifest PATH")
     click.echo(f"no manifest at {manifest}: the table's coverage is not checked (pass --manifest PATH)")
     return None
 

@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
-from pipeline.artefacts import ProvenanceError
+from pipeline.artefacts import ProvenanceError, missing_path_message
 from pipeline.embeddings import RandomInitWarning
+
+
+def _must_exist(what: str, pattern: str):
+    """Option callback: an absent path is refused naming what exists nearby (not click's bare
+    "does not exist"), as the library does for the other commands."""
+    def check(ctx, param, value):
+        if value is not None and not Path(value).exists():
+            raise click.BadParameter(missing_path_message(value, what, pattern))
+        return value
+    return check
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
-@click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False), callback=_must_exist("manifest", "*.csv"),
               help="Manifest of the new cases (`build-manifest`); endpoints are not needed.")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A finished `train-survival` run folder (its folds form the ensemble).")
-@click.option("--train-cache", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--train-cache", required=True, type=click.Path(file_okay=False),
+              callback=_must_exist("preprocessed cache", "*/cohort.json"),
               help="The preprocessed cache the run was trained on: its crop size G and parameters are reused.")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False),
               help="Output CSV: case_id, risk, risk_sd_over_folds, risk_group, p_relapse_1y, n_folds, protocol, "
-                   "random_init_embeddings (+ .json provenance beside it).")
+                   "random_init_embeddings, tumour_cut_at_border (+ .json provenance beside it, "
+                   "with per-patient warnings).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the new cases' preprocessed cache and embeddings [default: beside --out].")
 @click.option("--protocol", type=click.Choice(["inner", "paper"]), default="inner",
               help="Checkpoint per fold: selected on the inner split (unbiased) or on the outer fold (paper).")
-@click.option("--embeddings", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
+              callback=_must_exist("embedding file", "*.h5"),
               help="Precomputed embeddings of the new cases; checked against the run's encoders and weights.")
 @click.option("--ct-weights", default=None, type=click.Path(exists=True, dir_okay=False),
               help="CT-FM weights; their sha256 must equal the training run's.")
@@ -67,3 +81,7 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
     counts = out["risk_group"].value_counts().to_dict()
     click.echo(f"{len(out)} patients scored by {int(out['n_folds'].iloc[0])} folds "
                f"({counts.get('high', 0)} high risk, {counts.get('low', 0)} low); predictions: {out_csv}")
+    cut = out.loc[out["tumour_cut_at_border"], "case_id"].tolist()
+    if cut:
+        click.secho(f"WARNING: {len(cut)} patient(s) with the tumour cut at the crop border (larger than the "
+                    f"training crop G; column tumour_cut_at_border): {cut}", fg="red", err=True)

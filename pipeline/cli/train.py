@@ -135,6 +135,8 @@ def cache_survival_size(cache_root: str, manifest: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in PreprocessedCache(cache_root).params["survival_size_xyz"])
     except FileNotFoundError as exc:
+        if not Path(cache_root).exists():
+            raise  # a mistyped path: the message lists the caches nearby
         raise FileNotFoundError(
             f"{exc}. Make it with `preprocess --manifest {manifest} --out {cache_root}` (add --demo for "
             "the demo's sizes), or `run-study --demo` for the whole demo") from None
