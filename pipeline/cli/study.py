@@ -16,7 +16,7 @@ from pipeline.pool import format_progress
 
 #: The TrainConfig fields run-study sets from options (for every configuration).
 STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "lr", "ema_decay",
-                       "patience", "inner_val_fraction", "seed", "threads")
+                       "patience", "inner_val_fraction", "seed", "threads", "precision")
 
 
 def _csv(value: str | None) -> list[str] | None:
