@@ -146,8 +146,8 @@ class ExtractionLockedError(RuntimeError):
 def training_fill(train: np.ndarray) -> np.ndarray:
     """Per-feature fill value of missing entries: the mean of the training rows.
 
-    The one missing-value policy for embeddings and imported features, used by the CNN
-    (:func:`pipeline.train.fit_fm_stats`) and the Cox heads (:mod:`pipeline.peers`) alike: a
+    The one missing-value policy for embeddings and imported features, called by the CNN's
+    :func:`pipeline.train.fit_fm_stats` and the Cox heads' :mod:`pipeline.peers` alike: a
     training-fold mean is what z-scoring with training statistics maps to 0, so a missing
     value carries no signal. A column missing in every training row is filled with 0.
 
@@ -163,6 +163,16 @@ def training_fill(train: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for all-NaN columns
         return np.nan_to_num(np.nanmean(train, axis=0))
+
+
+#: A feature whose training SD is at most this is constant: it is scaled by 1, not its SD.
+SD_FLOOR = 1e-8
+
+
+def training_scale(filled: np.ndarray) -> np.ndarray:
+    """Per-feature SD of filled training rows ``[N, F]``, 1 where at most :data:`SD_FLOOR`."""
+    sd = np.asarray(filled).std(axis=0)
+    return np.where(sd > SD_FLOOR, sd, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

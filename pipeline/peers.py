@@ -9,7 +9,7 @@ Every peer returns out-of-fold (OOF) predictions with the CNN's columns
 
 Per fold, everything that is learnt is learnt on the training part only: the clinical
 transform (:class:`pipeline.clinical.ClinicalTransform`), the imputation (training-fold
-mean, :func:`pipeline.embeddings.training_fill`, as the CNN does) and standardisation of
+mean, :func:`pipeline.embeddings.training_fill`, which the CNN calls too) and standardisation of
 numeric features, the PCA projection of embeddings, the Cox coefficients and the penalty
 (inner CV on the training part).
 
@@ -76,6 +76,7 @@ from pipeline.embeddings import (
     MissingCasesError,
     load_embeddings,
     training_fill,
+    training_scale,
     write_embedding_file,
 )
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
@@ -250,12 +251,11 @@ class _FoldFeatures:
         self.fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
         for name, df in self.blocks.items():
             x = df.loc[ids].to_numpy(dtype=np.float64)
-            # The training-fold mean, as the CNN fills embeddings (pipeline.train.fit_fm_stats):
+            # The training-fold mean, as pipeline.train.fit_fm_stats fills the CNN's embeddings:
             # the z-scoring below maps it to 0, so a missing value carries no signal.
             fill = training_fill(x)
             x = np.where(np.isnan(x), fill, x)
-            mean, sd = x.mean(axis=0), x.std(axis=0)
-            sd = np.where(sd > 1e-12, sd, 1.0)
+            mean, sd = x.mean(axis=0), training_scale(x)
             z = (x - mean) / sd
             pca = None
             d = self.project.get(name)
