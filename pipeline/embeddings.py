@@ -97,7 +97,7 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.cache import COHORT_FILE, PreprocessedCache
+from pipeline.cache import COHORT_FILE, CTFM_CT, PETFM_PET, PreprocessedCache
 
 # torch, and models.checkpoints which imports it, are imported in the functions that run
 # the encoders: reading an embeddings file (reports, studies, peers, the CLIs' --help)
@@ -105,7 +105,7 @@ from pipeline.cache import COHORT_FILE, PreprocessedCache
 
 SCHEMA_VERSION = 1
 MODALITIES: dict[str, tuple[str, ...]] = {"ct": ("ct",), "pet": ("pet",), "ctpet": ("ct", "pet")}
-INPUT_KEYS: dict[str, str] = {"ct": "ctfm/ct", "pet": "petfm/pet"}
+INPUT_KEYS: dict[str, str] = {"ct": CTFM_CT, "pet": PETFM_PET}
 POOLING: dict[str, str] = {"ct": "gap_last_feature_map", "pet": "mean_tokens_pre_neck"}
 WEIGHTS_ENV: dict[str, str] = {"ct": "HNFM_CT_FM_WEIGHTS", "pet": "HNFM_PET_FM_WEIGHTS"}
 #: Where the weights are looked for when neither an argument nor the env var names them.

@@ -69,7 +69,7 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.cache import PreprocessedCache
+from pipeline.cache import SURVIVAL_MASK, SURVIVAL_PET, PreprocessedCache
 from pipeline.clinical import ClinicalTransform
 from pipeline.embeddings import (
     FEATURE_TABLE_SOURCE,
@@ -126,12 +126,12 @@ def radiomics_lite_features(cache: PreprocessedCache | str | os.PathLike, case_i
     cache.require(list(case_ids))
     rows = []
     for cid in case_ids:
-        arrs = cache.read(cid, ("survival/mask", "survival/pet"))
-        mask, pet = arrs["survival/mask"] > 0, arrs["survival/pet"]
+        arrs = cache.read(cid, (SURVIVAL_MASK, SURVIVAL_PET))
+        mask, pet = arrs[SURVIVAL_MASK] > 0, arrs[SURVIVAL_PET]
         if mask.shape != pet.shape:
             raise ValueError(
-                f"{cache.path(cid)}: case {cid!r} has survival/mask {list(mask.shape)} but "
-                f"survival/pet {list(pet.shape)}"
+                f"{cache.path(cid)}: case {cid!r} has {SURVIVAL_MASK} {list(mask.shape)} but "
+                f"{SURVIVAL_PET} {list(pet.shape)}"
             )
         spacing = cache.geometry(cid, "survival").spacing_xyz
         voxel_ml = float(np.prod(spacing)) / 1000.0
