@@ -312,6 +312,38 @@ def run_preprocessing(
         ValueError: bad arguments, or parameters that contradict ``reference_cache``.
     """
     t0 = time.perf_counter()
+    limits = _run_limits(backend, device, workers, min_tumour_coverage, min_crop_coverage)
+    manifest_path, cache_root = Path(manifest_path), Path(cache_root)
+    manifest = _selected_cases(manifest_path, case_ids)
+    with _case_pool(workers, len(manifest)) as pool:
+        if reference_cache is not None:
+            params, source = _reference_params(reference_cache, cache_root, params)
+        else:
+            params, source = _cohort_params(manifest, params, workers, progress, pool)
+        # The cache is incomplete from now until every case is written.
+        with contextlib.suppress(FileNotFoundError):
+            (cache_root / COHORT_FILE).unlink()
+        tasks = _tasks_from_manifest(manifest)
+        pdict, phash, version = params.as_dict(), params.hash(), code_version()
+        for t in tasks:
+            t.update(params=pdict, params_hash=phash,
+                     cache_root=str(cache_root), backend=backend, device=str(device),
+                     code_version=version, **limits)
+        processed, skipped, exceeding = _write_cases(pool, tasks, params, progress)
+    exceeding += _skipped_exceeding(cache_root, skipped)
+    write_cohort_record(cache_root, _cohort_record(
+        params, source, manifest_path, version, [t["case_id"] for t in tasks], backend,
+        exceeding, limits))
+    return PreprocessReport(
+        cache=PreprocessedCache(cache_root), processed=processed, skipped=skipped,
+        crop_size_vox_xyz=params.crop_size_vox_xyz, crop_size_source=source,
+        exceeding_crop=sorted(exceeding), seconds=time.perf_counter() - t0,
+    )
+
+
+def _run_limits(backend: str, device: str, workers: int, min_tumour_coverage: float,
+                min_crop_coverage: float) -> dict[str, float]:
+    """Check the run's arguments; return the input checks' limits."""
     limits = {"min_tumour_coverage": _check_share(min_tumour_coverage, "min_tumour_coverage"),
               "min_crop_coverage": _check_share(min_crop_coverage, "min_crop_coverage")}
     if backend not in BACKENDS:
@@ -320,8 +352,11 @@ def run_preprocessing(
         raise ValueError(f"device {device!r} needs backend 'torch' (SimpleITK runs on the CPU)")
     if int(workers) < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    manifest_path = Path(manifest_path)
-    cache_root = Path(cache_root)
+    return limits
+
+
+def _selected_cases(manifest_path: Path, case_ids: Sequence[str] | None) -> pd.DataFrame:
+    """The manifest's rows to preprocess (all, or ``case_ids``); never empty."""
     manifest = read_manifest(manifest_path)
     if case_ids is not None:
         missing = [c for c in case_ids if c not in manifest.index]
@@ -330,64 +365,73 @@ def run_preprocessing(
         manifest = manifest.loc[list(case_ids)]
     if len(manifest) == 0:
         raise ValueError(f"{manifest_path}: no case to preprocess")
+    return manifest
 
-    with _case_pool(workers, len(manifest)) as pool:
-        if reference_cache is not None:
-            if Path(reference_cache).resolve() == cache_root.resolve():
-                raise ValueError(
-                    f"reference cache {reference_cache} is the output folder; write new "
-                    "cases to another folder (the reference must stay as it was trained on)"
-                )
-            ref = PreprocessedCache(reference_cache)
-            ref_params = PreprocessParams.from_dict(ref.params)
-            if ref_params.crop_size_vox_xyz is None:
-                raise ValueError(f"reference cache {reference_cache} records no crop size G")
-            if params is not None:
-                mine = replace(params, crop_size_vox_xyz=ref_params.crop_size_vox_xyz).as_dict()
-                diff = sorted(k for k, v in ref_params.as_dict().items() if mine[k] != v)
-                if diff:
-                    raise ValueError(
-                        f"parameters {diff} differ from reference cache {reference_cache}; "
-                        "a new case must be preprocessed exactly like the training cohort"
-                    )
-            params = ref_params
-            source = str(Path(reference_cache).resolve())
-        else:
-            params = params or PreprocessParams()
-            if params.crop_size_vox_xyz is not None:
-                source = "given"
-            else:
-                g = compute_crop_size(manifest, params, workers, progress=progress, _pool=pool)
-                params = replace(params, crop_size_vox_xyz=g)
-                source = "cohort"
-        phash = params.hash()
 
-        # The cache is incomplete from now until every case is written.
-        with contextlib.suppress(FileNotFoundError):
-            (cache_root / COHORT_FILE).unlink()
+def _reference_params(reference_cache: str | os.PathLike, cache_root: Path,
+                      params: PreprocessParams | None) -> tuple[PreprocessParams, str]:
+    """A reference cache's parameters (G included) and its path, refusing other ``params``."""
+    if Path(reference_cache).resolve() == cache_root.resolve():
+        raise ValueError(
+            f"reference cache {reference_cache} is the output folder; write new "
+            "cases to another folder (the reference must stay as it was trained on)"
+        )
+    ref = PreprocessedCache(reference_cache)
+    ref_params = PreprocessParams.from_dict(ref.params)
+    if ref_params.crop_size_vox_xyz is None:
+        raise ValueError(f"reference cache {reference_cache} records no crop size G")
+    if params is not None:
+        mine = replace(params, crop_size_vox_xyz=ref_params.crop_size_vox_xyz).as_dict()
+        diff = sorted(k for k, v in ref_params.as_dict().items() if mine[k] != v)
+        if diff:
+            raise ValueError(
+                f"parameters {diff} differ from reference cache {reference_cache}; "
+                "a new case must be preprocessed exactly like the training cohort"
+            )
+    return ref_params, str(Path(reference_cache).resolve())
 
-        tasks = _tasks_from_manifest(manifest)
-        pdict, version = params.as_dict(), code_version()
-        for t in tasks:
-            t.update(params=pdict, params_hash=phash, cache_root=str(cache_root),
-                     backend=backend, device=str(device), code_version=version, **limits)
-        processed, skipped, exceeding = [], [], []
-        for res in _run_cases(pool, _process_task, tasks, "preprocess", progress):
-            (processed if res["status"] == "done" else skipped).append(res["case_id"])
-            if res["status"] == "done" and not res["fits"]:
-                exceeding.append(res["case_id"])
-                log.warning("case %s: tumour needs a crop of %s voxels, larger than G = %s; "
-                            "its tumour is cut at the crop border", res["case_id"],
-                            res["needed"], params.crop_size_vox_xyz)
-        ids = [t["case_id"] for t in tasks]
-        # Cases skipped now may have exceeded the crop in an earlier run: read it back.
-        for cid in skipped:
-            with h5py.File(case_file(cache_root, cid), "r") as h5:
-                if not bool(h5.attrs.get("tumour_fits_crop", True)):
-                    exceeding.append(cid)
-    write_cohort_record(cache_root, {
-        "params": pdict,
-        "params_hash": phash,
+
+def _cohort_params(manifest: pd.DataFrame, params: PreprocessParams | None, workers: int,
+                   progress: bool, pool: JobPool) -> tuple[PreprocessParams, str]:
+    """``params`` (default :class:`PreprocessParams`) with G given or measured (pass 1)."""
+    params = params or PreprocessParams()
+    if params.crop_size_vox_xyz is not None:
+        return params, "given"
+    g = compute_crop_size(manifest, params, workers, progress=progress, _pool=pool)
+    return replace(params, crop_size_vox_xyz=g), "cohort"
+
+
+def _write_cases(pool: JobPool, tasks: list[dict[str, Any]], params: PreprocessParams,
+                 progress: bool) -> tuple[list[str], list[str], list[str]]:
+    """Pass 2: the cases processed, skipped (already done) and processed exceeding G."""
+    processed, skipped, exceeding = [], [], []
+    for res in _run_cases(pool, _process_task, tasks, "preprocess", progress):
+        (processed if res["status"] == "done" else skipped).append(res["case_id"])
+        if res["status"] == "done" and not res["fits"]:
+            exceeding.append(res["case_id"])
+            log.warning("case %s: tumour needs a crop of %s voxels, larger than G = %s; "
+                        "its tumour is cut at the crop border", res["case_id"],
+                        res["needed"], params.crop_size_vox_xyz)
+    return processed, skipped, exceeding
+
+
+def _skipped_exceeding(cache_root: Path, skipped: list[str]) -> list[str]:
+    """Cases skipped now may have exceeded the crop in an earlier run: read it back."""
+    exceeding = []
+    for cid in skipped:
+        with h5py.File(case_file(cache_root, cid), "r") as h5:
+            if not bool(h5.attrs.get("tumour_fits_crop", True)):
+                exceeding.append(cid)
+    return exceeding
+
+
+def _cohort_record(params: PreprocessParams, source: str, manifest_path: Path, version: str,
+                   ids: list[str], backend: str, exceeding: list[str],
+                   limits: dict[str, float]) -> dict[str, Any]:
+    """The content of ``cohort.json`` (:func:`pipeline.cache.write_cohort_record`)."""
+    return {
+        "params": params.as_dict(),
+        "params_hash": params.hash(),
         "crop_size_vox_xyz": list(params.crop_size_vox_xyz),
         "spacing_mm_xyz": list(params.spacing_mm_xyz),
         "crop_size_source": source,
@@ -401,12 +445,7 @@ def run_preprocessing(
         "survival_channels": list(SURVIVAL_CHANNELS),
         # Accept/refuse limits, not part of params: they never change a written array.
         "input_checks": limits,
-    })
-    return PreprocessReport(
-        cache=PreprocessedCache(cache_root), processed=processed, skipped=skipped,
-        crop_size_vox_xyz=params.crop_size_vox_xyz, crop_size_source=source,
-        exceeding_crop=sorted(exceeding), seconds=time.perf_counter() - t0,
-    )
+    }
 
 
 def preprocess_cohort(*args: Any, **kwargs: Any) -> PreprocessedCache:
