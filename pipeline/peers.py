@@ -81,9 +81,15 @@ from pipeline.embeddings import (
 )
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
-from pipeline.metrics import c_index_value, fold_metrics, summarise_folds
+from pipeline.metrics import (
+    c_index_value,
+    fold_metrics,
+    ibs_time_grid,
+    integrated_brier_score,
+    summarise_folds,
+)
 from pipeline.splits import load_folds
-from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score, mean_ci
+from pipeline.stats import breslow_survival, mean_ci
 
 PEERS = ("clinical", "radiomics", "embeddings")
 PROTOCOL = "fit"
