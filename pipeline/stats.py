@@ -354,7 +354,6 @@ def paired_bootstrap_delta(
     df = _align_oof(oof_a, oof_b, protocol)
     group_cols = (["repeat"] if "repeat" in df.columns else []) + ["fold"]
     rng = np.random.default_rng(seed)
-    n_total = len(df)
     boot_a, boot_b, per_fold, sizes = [], [], [], []
     for key, g in df.groupby(group_cols, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -386,20 +385,24 @@ def paired_bootstrap_delta(
     lo, hi = np.quantile(d_boot, [alpha / 2, 1 - alpha / 2])
     nb = d_boot.shape[0]
     p = min(1.0, 2.0 * min((np.sum(d_boot <= 0) + 1) / (nb + 1), (np.sum(d_boot >= 0) + 1) / (nb + 1)))
-    ftest = None
-    if len(per_fold) >= 2:
-        n_test = float(np.mean(sizes))
-        # Within one repeat the training part of a fold is every other case of that repeat.
-        n_train = float(n_total / (df["repeat"].nunique() if "repeat" in df.columns else 1)) - n_test
-        ftest = paired_fold_test(
-            [r["a"] for r in per_fold], [r["b"] for r in per_fold], method=fold_test,
-            test_train_ratio=n_test / n_train if n_train > 0 else None,
-        )
+    ftest = _per_fold_test(df, per_fold, sizes, fold_test) if len(per_fold) >= 2 else None
     return PairedComparison(
         metric=metric, a=a_hat, b=b_hat, delta=b_hat - a_hat, ci_low=float(lo), ci_high=float(hi),
         level=level, p_value=float(p), n_boot=int(nb), n_boot_dropped=int(n_boot - nb),
         n_cases=int(df["case_id"].nunique()), n_groups=len(per_fold), seed=seed,
         per_fold=per_fold, fold_test=ftest,
+    )
+
+
+def _per_fold_test(df: pd.DataFrame, per_fold: list[dict[str, Any]], sizes: list[int],
+                   fold_test: str) -> FoldTest:
+    """:func:`paired_fold_test` of the per-fold C-indices, with the folds' test/train ratio."""
+    n_test = float(np.mean(sizes))
+    # Within one repeat the training part of a fold is every other case of that repeat.
+    n_train = float(len(df) / (df["repeat"].nunique() if "repeat" in df.columns else 1)) - n_test
+    return paired_fold_test(
+        [r["a"] for r in per_fold], [r["b"] for r in per_fold], method=fold_test,
+        test_train_ratio=n_test / n_train if n_train > 0 else None,
     )
 
 
