@@ -568,15 +568,7 @@ def build_manifest(
     clinical, errors = parse_clinical(clinical_file)
     endpoint, endpoint_errors = parse_endpoint(endpoint_file)
     errors += endpoint_errors
-    # Ids with a problem in either CSV are out, even if the other CSV is fine.
-    bad = {e.case_id for e in errors if e.case_id}
-    for cid in endpoint.index.difference(clinical.index):
-        if cid in bad:
-            continue
-        missing = [str(p) for p in case_paths(root, cid).values() if not p.is_file()]
-        what = f"endpoint row has no images (missing {missing[0]})" if missing else \
-            "endpoint row has no clinical row"
-        errors.append(CaseProblem(cid, str(endpoint_file), what))
+    errors += _endpoint_without_clinical(root, endpoint_file, clinical, endpoint, errors)
     if errors and not continue_on_error:
         raise HecktorFormatError(_format_errors(errors), errors)
 
@@ -587,34 +579,13 @@ def build_manifest(
         log.warning("%d image set(s) without a clinical row are ignored: %s%s", len(orphans),
                     ", ".join(orphans[:5]), " ..." if len(orphans) > 5 else "")
 
-    def work(cid: str) -> tuple[str, dict[str, Any], list[CaseProblem]]:
-        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums,
-                                  min_tumour_coverage=min_tumour_coverage)
-        return cid, info, errs
-
-    infos: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for cid, info, errs in tqdm(pool.map(work, case_ids), total=len(case_ids),
-                                    desc="reading cases", unit="case", disable=not progress):
-            if errs:
-                errors += errs
-            else:
-                infos[cid] = info
+    infos = _inspect_cases(root, case_ids, errors, checksums=checksums, workers=workers,
+                           progress=progress, min_tumour_coverage=min_tumour_coverage)
     if errors and not continue_on_error:
         raise HecktorFormatError(_format_errors(errors), errors)
 
     good = [cid for cid in case_ids if cid in infos]
-    # Harmless inconsistencies of real releases (489 Task 2 cases, 488 endpoint rows): keep
-    # the endpoint CSV as the truth for has_endpoint, but say so.
-    task2 = clinical.loc[good, "task2"] == 1
-    no_endpoint = [cid for cid in task2[task2].index if cid not in endpoint.index]
-    not_task2 = [cid for cid in task2[~task2].index if cid in endpoint.index]
-    if no_endpoint:
-        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint),
-                    ", ".join(no_endpoint[:5]))
-    if not_task2:
-        log.warning("%d case(s) with an endpoint row are not flagged Task 2: %s",
-                    len(not_task2), ", ".join(not_task2[:5]))
+    _warn_task2_mismatch(clinical, endpoint, good)
     if not good:
         if continue_on_error:
             _write_report(errors, error_report, manifest_path)
@@ -629,6 +600,63 @@ def build_manifest(
                    min_tumour_coverage=min_tumour_coverage)
     log.info("manifest %s: %d cases, %d problem(s)", manifest_path, len(manifest), len(errors))
     return manifest
+
+
+def _endpoint_without_clinical(root: Path, endpoint_file: Path, clinical: pd.DataFrame,
+                               endpoint: pd.DataFrame,
+                               errors: Sequence[CaseProblem]) -> list[CaseProblem]:
+    """A problem for each endpoint row without a clinical row (ids already bad excepted).
+
+    Ids with a problem in either CSV are out, even if the other CSV is fine.
+    """
+    bad = {e.case_id for e in errors if e.case_id}
+    out = []
+    for cid in endpoint.index.difference(clinical.index):
+        if cid in bad:
+            continue
+        missing = [str(p) for p in case_paths(root, cid).values() if not p.is_file()]
+        what = f"endpoint row has no images (missing {missing[0]})" if missing else \
+            "endpoint row has no clinical row"
+        out.append(CaseProblem(cid, str(endpoint_file), what))
+    return out
+
+
+def _inspect_cases(root: Path, case_ids: Sequence[str], errors: list[CaseProblem], *,
+                   checksums: bool, workers: int, progress: bool,
+                   min_tumour_coverage: float) -> dict[str, dict[str, Any]]:
+    """:func:`inspect_case` of every case in threads: the good cases' information.
+
+    The problems found are appended to ``errors``.
+    """
+    def work(cid: str) -> tuple[str, dict[str, Any], list[CaseProblem]]:
+        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums,
+                                  min_tumour_coverage=min_tumour_coverage)
+        return cid, info, errs
+
+    infos: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for cid, info, errs in tqdm(pool.map(work, case_ids), total=len(case_ids),
+                                    desc="reading cases", unit="case", disable=not progress):
+            if errs:
+                errors += errs
+            else:
+                infos[cid] = info
+    return infos
+
+
+def _warn_task2_mismatch(clinical: pd.DataFrame, endpoint: pd.DataFrame,
+                         good: Sequence[str]) -> None:
+    """Harmless inconsistencies of real releases (489 Task 2 cases, 488 endpoint rows): keep
+    the endpoint CSV as the truth for has_endpoint, but say so."""
+    task2 = clinical.loc[good, "task2"] == 1
+    no_endpoint = [cid for cid in task2[task2].index if cid not in endpoint.index]
+    not_task2 = [cid for cid in task2[~task2].index if cid in endpoint.index]
+    if no_endpoint:
+        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint),
+                    ", ".join(no_endpoint[:5]))
+    if not_task2:
+        log.warning("%d case(s) with an endpoint row are not flagged Task 2: %s",
+                    len(not_task2), ", ".join(not_task2[:5]))
 
 
 def _write_report(errors: Sequence[CaseProblem], error_report: str | os.PathLike | None,
