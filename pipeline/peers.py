@@ -529,21 +529,7 @@ def run_head(
     cfg = config or HeadConfig()
     blocks = dict(blocks or {})
     clin = clinical if cfg.with_clinical else None
-    if not blocks and clin is None:
-        raise ValueError("run_head: no features (no blocks and with_clinical is False or no clinical frame)")
-    for c in ("case_id", "fold"):
-        if c not in folds.columns:
-            raise ValueError(f"run_head: folds frame lacks column {c!r}")
-    ids_all = sorted(set(folds["case_id"].astype(str)))
-    for what, frame in [("survival", survival), ("clinical", clin), *blocks.items()]:
-        if frame is None:
-            continue
-        missing = [c for c in ids_all if c not in frame.index]
-        if missing:
-            raise ValueError(f"run_head: {what} data lacks {len(missing)} case(s) of the folds: {missing[:20]}")
-    for c in ("time", "event"):
-        if c not in survival.columns:
-            raise ValueError(f"run_head: survival frame lacks column {c!r}")
+    _check_head_inputs(survival, folds, blocks, clin)
     project_map = {b: (cfg.proj if b in project else None) for b in blocks}
 
     frames, train_frames, per_fold = [], [], []
@@ -594,6 +580,26 @@ def run_head(
             "clinical_columns": list(CLINICAL_COLUMNS) if clin is not None else []}
     return PeerResult(oof=oof, per_fold=per_fold, config=conf, seconds=_time.perf_counter() - t0,
                       train_risk=pd.concat(train_frames, ignore_index=True))
+
+
+def _check_head_inputs(survival: pd.DataFrame, folds: pd.DataFrame,
+                       blocks: Mapping[str, pd.DataFrame], clin: pd.DataFrame | None) -> None:
+    """:func:`run_head`'s inputs: some features, the columns it reads, every fold case present."""
+    if not blocks and clin is None:
+        raise ValueError("run_head: no features (no blocks and with_clinical is False or no clinical frame)")
+    for c in ("case_id", "fold"):
+        if c not in folds.columns:
+            raise ValueError(f"run_head: folds frame lacks column {c!r}")
+    ids_all = sorted(set(folds["case_id"].astype(str)))
+    for what, frame in [("survival", survival), ("clinical", clin), *blocks.items()]:
+        if frame is None:
+            continue
+        missing = [c for c in ids_all if c not in frame.index]
+        if missing:
+            raise ValueError(f"run_head: {what} data lacks {len(missing)} case(s) of the folds: {missing[:20]}")
+    for c in ("time", "event"):
+        if c not in survival.columns:
+            raise ValueError(f"run_head: survival frame lacks column {c!r}")
 
 
 def survival_frame(manifest: pd.DataFrame) -> pd.DataFrame:
