@@ -771,14 +771,7 @@ def run_extraction(
         ExtractionLockedError: another run is writing the same output or store.
     """
     t0 = time.perf_counter()
-    if modality not in MODALITIES:
-        raise ValueError(f"modality {modality!r}: expected one of {sorted(MODALITIES)}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size {batch_size!r}: expected >= 1")
-    encoder_kwargs = dict(encoder_kwargs or {})
-    unknown = sorted(set(encoder_kwargs) - {"ct", "pet"})
-    if unknown:
-        raise ValueError(f"encoder_kwargs keys {unknown}: expected 'ct' and/or 'pet'")
+    encoder_kwargs = _check_extraction_args(modality, batch_size, encoder_kwargs)
     out = Path(out_path) if out_path is not None else Path("embeddings") / f"{modality}.h5"
     shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
     cache = open_cache(cache_root)
@@ -821,6 +814,20 @@ def run_extraction(
         raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_extraction_args(modality: str, batch_size: int,
+                           encoder_kwargs: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """:func:`run_extraction`'s checked arguments: a copy of ``encoder_kwargs`` (``{}`` for None)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality {modality!r}: expected one of {sorted(MODALITIES)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected >= 1")
+    encoder_kwargs = dict(encoder_kwargs or {})
+    unknown = sorted(set(encoder_kwargs) - {"ct", "pet"})
+    if unknown:
+        raise ValueError(f"encoder_kwargs keys {unknown}: expected 'ct' and/or 'pet'")
+    return encoder_kwargs
 
 
 def _up_to_date(
@@ -1083,42 +1090,8 @@ def read_embeddings(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no embedding file; run `extract-embeddings` first")
-    with h5py.File(path, "r") as h5:
-        found = int(h5.attrs.get("schema_version", -1))
-        if found != SCHEMA_VERSION:
-            raise ProvenanceError(
-                f"{path}: embedding schema_version {found}, this code reads {SCHEMA_VERSION}; "
-                "re-run `extract-embeddings`"
-            )
-        attrs = {k: plain_value(v) for k, v in h5.attrs.items()}
-        file_ids = list(h5["case_ids"].asstr()[()])
-        file_fps = list(h5["fingerprints"].asstr()[()])
-        # Extracted files hold ct/pet; imported feature tables hold their own named modality.
-        listed = json.loads(attrs.get("modalities", "[]")) if isinstance(attrs.get("modalities"), str) else []
-        present = [m for m in (listed or ["ct", "pet"]) if m in h5]
-        mods = list(modalities) if modalities is not None else present
-        absent = [m for m in mods if m not in present]
-        if absent:
-            raise ProvenanceError(f"{path}: holds {present} embeddings, {absent} requested")
-        mats = {m: h5[m][()] for m in mods}
-        mattrs = {m: {k: plain_value(v) for k, v in h5[m].attrs.items()} for m in mods}
-
-    if case_ids is None:
-        rows = list(range(len(file_ids)))
-        wanted = file_ids
-    else:
-        wanted = list(case_ids)
-        pos = {c: i for i, c in enumerate(file_ids)}
-        missing = [c for c in wanted if c not in pos]
-        if missing:
-            if attrs.get("source") == FEATURE_TABLE_SOURCE:
-                fix = ("import a table with rows for them: `import-features TABLE.csv --out "
-                       f"{path}` (NaN where a feature is unknown)")
-            else:
-                fix = "re-run `extract-embeddings` on a cache holding them"
-            raise MissingCasesError(
-                f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
-        rows = [pos[c] for c in wanted]
+    attrs, file_ids, file_fps, mods, mats, mattrs = _read_embedding_file(path, modalities)
+    wanted, rows = _select_rows(path, attrs, file_ids, case_ids)
 
     # A table imported without a cache has no fingerprints to check (attribute cache_bound).
     if cache is not None and bool(attrs.get("cache_bound", True)):
@@ -1161,6 +1134,51 @@ def read_embeddings(
         modality_attrs=mattrs,
         sha256=sha256_file(path),
     )
+
+
+def _read_embedding_file(path: Path, modalities: Sequence[str] | None) -> tuple[
+        dict[str, Any], list[str], list[str], list[str], dict[str, np.ndarray],
+        dict[str, dict[str, Any]]]:
+    """File attributes, case ids, fingerprints, modalities read, their matrices and attributes."""
+    with h5py.File(path, "r") as h5:
+        found = int(h5.attrs.get("schema_version", -1))
+        if found != SCHEMA_VERSION:
+            raise ProvenanceError(
+                f"{path}: embedding schema_version {found}, this code reads {SCHEMA_VERSION}; "
+                "re-run `extract-embeddings`"
+            )
+        attrs = {k: plain_value(v) for k, v in h5.attrs.items()}
+        file_ids = list(h5["case_ids"].asstr()[()])
+        file_fps = list(h5["fingerprints"].asstr()[()])
+        # Extracted files hold ct/pet; imported feature tables hold their own named modality.
+        listed = json.loads(attrs.get("modalities", "[]")) if isinstance(attrs.get("modalities"), str) else []
+        present = [m for m in (listed or ["ct", "pet"]) if m in h5]
+        mods = list(modalities) if modalities is not None else present
+        absent = [m for m in mods if m not in present]
+        if absent:
+            raise ProvenanceError(f"{path}: holds {present} embeddings, {absent} requested")
+        mats = {m: h5[m][()] for m in mods}
+        mattrs = {m: {k: plain_value(v) for k, v in h5[m].attrs.items()} for m in mods}
+    return attrs, file_ids, file_fps, mods, mats, mattrs
+
+
+def _select_rows(path: Path, attrs: dict[str, Any], file_ids: list[str],
+                 case_ids: Sequence[str] | None) -> tuple[list[str], list[int]]:
+    """The cases to return (``case_ids``, default every case in file order) and their rows."""
+    if case_ids is None:
+        return file_ids, list(range(len(file_ids)))
+    wanted = list(case_ids)
+    pos = {c: i for i, c in enumerate(file_ids)}
+    missing = [c for c in wanted if c not in pos]
+    if missing:
+        if attrs.get("source") == FEATURE_TABLE_SOURCE:
+            fix = ("import a table with rows for them: `import-features TABLE.csv --out "
+                   f"{path}` (NaN where a feature is unknown)")
+        else:
+            fix = "re-run `extract-embeddings` on a cache holding them"
+        raise MissingCasesError(
+            f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
+    return wanted, [pos[c] for c in wanted]
 
 
 def load_embeddings(
