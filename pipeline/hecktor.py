@@ -62,7 +62,7 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.manifest import CENTERS, MANIFEST_COLUMNS, center_name, write_manifest
-from pipeline.preprocess import (
+from pipeline.preprocess.checks import (
     MIN_TUMOUR_COVERAGE,
     InputCheckError,
     check_tumour_coverage,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from functools import partial
 
 from pipeline.cache import (
     CASE_DATASETS,
@@ -22,7 +22,7 @@ from pipeline.cache import (
 from pipeline.preprocess.checks import (
     MIN_CROP_COVERAGE,
     MIN_TUMOUR_COVERAGE,
-    _check_share,
+    check_share,
     check_crop_coverage,
     check_finite,
     check_tumour_coverage,
@@ -107,8 +107,8 @@ def preprocess_case(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if params.crop_size_vox_xyz is None:
         raise ValueError("preprocess_case: params.crop_size_vox_xyz (G) is not set")
-    min_tumour_coverage = _check_share(min_tumour_coverage, "min_tumour_coverage")
-    min_crop_coverage = _check_share(min_crop_coverage, "min_crop_coverage")
+    min_tumour_coverage = check_share(min_tumour_coverage, "min_tumour_coverage")
+    min_crop_coverage = check_share(min_crop_coverage, "min_crop_coverage")
     check_finite(ct, "CT")
     check_finite(pet, "PET")
     loc = locate_tumour(label, ct.GetDirection(), params, case_id=case_id, label_path=label_path)

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.cache import GridGeometry
-from pipeline.preprocess.grid import _matrix
+from pipeline.preprocess.grid import direction_scale_matrix
 from pipeline.preprocess.locate import _tumour_points
 
 # --------------------------------------------------------------------------- input checks
@@ -39,14 +39,14 @@ def _geometry(image: Any) -> GridGeometry:
 def grid_points_mm(geom: GridGeometry) -> np.ndarray:
     """Physical centres of every voxel of a grid, ``[N, 3]`` (x, y, z) millimetres."""
     idx = np.indices(tuple(int(v) for v in geom.size_xyz), dtype=np.float64).reshape(3, -1).T
-    return idx @ _matrix(geom).T + np.asarray(geom.origin_xyz, np.float64)
+    return idx @ direction_scale_matrix(geom).T + np.asarray(geom.origin_xyz, np.float64)
 
 
 def tumour_points_mm(label: sitk.Image, labels: Sequence[int]) -> np.ndarray:
     """Physical centres of the tumour voxels (values ``labels``) of a label, ``[N, 3]``."""
     idx, _, _ = _tumour_points(label, labels)
     geom = _geometry(label)
-    return idx @ _matrix(geom).T + np.asarray(geom.origin_xyz, np.float64)
+    return idx @ direction_scale_matrix(geom).T + np.asarray(geom.origin_xyz, np.float64)
 
 
 def fov_share(image: Any, points_mm: np.ndarray) -> float:
@@ -66,7 +66,7 @@ def fov_share(image: Any, points_mm: np.ndarray) -> float:
         return 1.0
     geom = _geometry(image)
     cont = (np.asarray(points_mm, np.float64) - np.asarray(geom.origin_xyz, np.float64)) \
-        @ np.linalg.inv(_matrix(geom)).T
+        @ np.linalg.inv(direction_scale_matrix(geom)).T
     size = np.asarray(geom.size_xyz, np.float64)
     return float(np.all((cont >= -0.5) & (cont < size - 0.5), axis=1).mean())
 
@@ -83,7 +83,7 @@ def fov_box_mm(image: Any) -> str:
     size = np.asarray(geom.size_xyz, np.float64)
     corners = np.array([[x, y, z] for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5)
                         for z in (-0.5, size[2] - 0.5)])
-    return box_mm(corners @ _matrix(geom).T + np.asarray(geom.origin_xyz, np.float64))
+    return box_mm(corners @ direction_scale_matrix(geom).T + np.asarray(geom.origin_xyz, np.float64))
 
 
 #: NIfTI datatype codes of floating-point data (the only ones that can hold NaN or inf).
@@ -206,7 +206,8 @@ def nonfinite_message(role: str, n_nan: int, n_inf: int) -> str:
             "the case out")
 
 
-def _is_nifti(path: str | os.PathLike) -> bool:
+def is_nifti(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a NIfTI file (its voxels can be checked on the file's bytes)."""
     return str(path).endswith((".nii", ".nii.gz"))
 
 
@@ -275,7 +276,8 @@ def check_crop_coverage(image: Any, crop: GridGeometry, role: str, minimum: floa
     return share
 
 
-def _check_share(value: float, name: str) -> float:
+def check_share(value: float, name: str) -> float:
+    """``value`` as a float share in [0, 1]; a ValueError naming ``name`` otherwise."""
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a share in [0, 1], got {value}")

@@ -29,7 +29,7 @@ def geometry_of(image: sitk.Image) -> GridGeometry:
     )
 
 
-def _matrix(geom: GridGeometry) -> np.ndarray:
+def direction_scale_matrix(geom: GridGeometry) -> np.ndarray:
     """Index (x, y, z) -> physical offset: ``direction @ diag(spacing)``."""
     d = np.asarray(geom.direction, dtype=np.float64).reshape(3, 3)
     return d @ np.diag(np.asarray(geom.spacing_xyz, dtype=np.float64))

@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.cache import GridGeometry
-from pipeline.preprocess.grid import _matrix, centred_grid, even_ceil, geometry_of
+from pipeline.preprocess.grid import direction_scale_matrix, centred_grid, even_ceil, geometry_of
 from pipeline.preprocess.params import PreprocessParams
 from pipeline.preprocess.resample import sitk_resample
 
@@ -73,7 +73,7 @@ def _centre_of(
     idx: np.ndarray, mask: np.ndarray, offset: np.ndarray, geom: GridGeometry
 ) -> tuple[np.ndarray, str]:
     """Centroid of tumour voxels, or bbox centre when the centroid's voxel is not tumour."""
-    m = _matrix(geom)
+    m = direction_scale_matrix(geom)
     origin = np.asarray(geom.origin_xyz, np.float64)
     centroid_idx = idx.mean(axis=0)
     nearest = np.floor(centroid_idx + 0.5).astype(np.int64) - offset
@@ -92,7 +92,7 @@ def _extent_vox(
     """2 x max distance from ``centre`` to a tumour voxel's far edge, per axis of
     ``direction``, in voxels of ``spacing_xyz``."""
     d = np.asarray(direction, np.float64).reshape(3, 3)
-    m = _matrix(geom)
+    m = direction_scale_matrix(geom)
     r = np.abs(d.T @ m)
     if np.all((r > 1e-9 * r.max()).sum(axis=1) == 1):
         # Label axes parallel to the crop axes: the extremes lie on the index bbox corners.

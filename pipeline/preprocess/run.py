@@ -32,8 +32,8 @@ from pipeline.preprocess.checks import (
     MIN_CROP_COVERAGE,
     MIN_TUMOUR_COVERAGE,
     InputCheckError,
-    _check_share,
-    _is_nifti,
+    check_share,
+    is_nifti,
     check_file_finite,
 )
 from pipeline.preprocess.locate import TumourLocation, locate_tumour
@@ -99,7 +99,7 @@ def _process_task(task: dict[str, Any]) -> dict[str, Any]:
         label = _read(task["label_path"], cid, "label")
         for role in ("CT", "PET"):
             image_path = task[f"{role.lower()}_path"]
-            if _is_nifti(image_path):  # other formats: checked on the read image
+            if is_nifti(image_path):  # other formats: checked on the read image
                 check_file_finite(image_path, role)
         result = preprocess_case(ct, pet, label, params, case_id=cid,
                                  label_path=task["label_path"], backend=task["backend"],
@@ -344,8 +344,8 @@ def run_preprocessing(
 def _run_limits(backend: str, device: str, workers: int, min_tumour_coverage: float,
                 min_crop_coverage: float) -> dict[str, float]:
     """Check the run's arguments; return the input checks' limits."""
-    limits = {"min_tumour_coverage": _check_share(min_tumour_coverage, "min_tumour_coverage"),
-              "min_crop_coverage": _check_share(min_crop_coverage, "min_crop_coverage")}
+    limits = {"min_tumour_coverage": check_share(min_tumour_coverage, "min_tumour_coverage"),
+              "min_crop_coverage": check_share(min_crop_coverage, "min_crop_coverage")}
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "sitk" and str(device) != "cpu":
