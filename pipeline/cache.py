@@ -58,6 +58,15 @@ GROUPS = ("survival", "ctfm", "petfm")
 COHORT_FILE = "cohort.json"
 CASES_DIR = "cases"
 
+#: The datasets of one case file (table above), the one spelling of their names.
+SURVIVAL_PET = "survival/pet"
+SURVIVAL_CT = "survival/ct"
+SURVIVAL_MASK = "survival/mask"
+CTFM_CT = "ctfm/ct"
+PETFM_PET = "petfm/pet"
+#: Every dataset of a case file, in write order.
+CASE_DATASETS: tuple[str, ...] = (SURVIVAL_PET, SURVIVAL_CT, SURVIVAL_MASK, CTFM_CT, PETFM_PET)
+
 
 @dataclass(frozen=True)
 class GridGeometry:

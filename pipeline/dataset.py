@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import PreprocessedCache
+from pipeline.cache import SURVIVAL_CT, SURVIVAL_MASK, SURVIVAL_PET, PreprocessedCache
 from pipeline.embeddings import read_embeddings
 from pipeline.manifest import read_manifest, survival_cases
 from pipeline.preprocess import PreprocessParams, survival_input
@@ -96,9 +96,9 @@ def load_cohort(
 
     images, masks = [], []
     for cid in ids:
-        arrays = cache.read(cid, ("survival/pet", "survival/ct", "survival/mask"))
+        arrays = cache.read(cid, (SURVIVAL_PET, SURVIVAL_CT, SURVIVAL_MASK))
         images.append(survival_input(arrays, params))
-        masks.append(arrays["survival/mask"][None].astype(np.float32))
+        masks.append(arrays[SURVIVAL_MASK][None].astype(np.float32))
 
     embeddings: dict[str, np.ndarray] = {}
     attrs: dict = {}

@@ -270,6 +270,39 @@ def _grid(rng: np.random.Generator, center: np.ndarray, extent: np.ndarray,
     return tuple(float(v) for v in np.round(origin, 4)), tuple(int(v) for v in size)
 
 
+def _draw_lesions(rng: np.random.Generator, centre: np.ndarray, body_a: float, body_b: float
+                  ) -> tuple[list[Lesion], bool, int]:
+    """Lesions of one case, whether it has a primary, and its number of nodes.
+
+    Primary beside the airway (oropharynx), nodes in the lateral neck.
+    """
+    lesions: list[Lesion] = []
+    primary = rng.random() >= 0.10
+    k_nodes = int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15]))
+    if not primary:
+        k_nodes = max(k_nodes, 1)
+    if primary:
+        vol = float(np.clip(np.exp(rng.normal(math.log(14), 0.85)), 1.5, 110))
+        side = rng.choice([-1, 1])
+        pos = centre + [side * rng.uniform(8, 18), -12 + rng.uniform(-10, 6),
+                        rng.uniform(-10, 30)]
+        lesions.append(_lesion(rng, 1, pos, _semi_axes(rng, vol),
+                               float(np.clip(np.exp(rng.normal(math.log(10), 0.45)), 3, 25))))
+    for _ in range(k_nodes):
+        vol = float(np.clip(np.exp(rng.normal(math.log(4), 0.9)), 0.4, 45))
+        uptake = float(np.clip(np.exp(rng.normal(math.log(7), 0.45)), 3, 25))
+        axes = _semi_axes(rng, vol)
+        for _attempt in range(50):  # keep lesions apart (rarely impossible: then touching)
+            side = rng.choice([-1, 1])
+            pos = centre + [side * body_a * rng.uniform(0.45, 0.62),
+                            body_b * rng.uniform(-0.35, 0.15), rng.uniform(-40, 35)]
+            if all(np.linalg.norm(pos - np.array(o.center)) > 1.25 * (max(o.semi_axes)
+                   + max(axes)) + 2 for o in lesions):
+                break
+        lesions.append(_lesion(rng, 2, pos, axes, uptake))
+    return lesions, primary, k_nodes
+
+
 def design_cohort(n_cases: int, seed: int, spacing_scale: float = 1.0
                   ) -> tuple[list[CaseDesign], pd.DataFrame, pd.DataFrame]:
     """Draw every random quantity of the cohort (no image is rendered here).
@@ -320,31 +353,7 @@ def design_cohort(n_cases: int, seed: int, spacing_scale: float = 1.0
         pet_origin, pet_size = _grid(rng, ct_mid + rng.uniform(-6, 6, 3), pet_extent,
                                      pet_spacing, False)
 
-        # Lesions. Primary beside the airway (oropharynx), nodes in the lateral neck.
-        lesions: list[Lesion] = []
-        primary = rng.random() >= 0.10
-        k_nodes = int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15]))
-        if not primary:
-            k_nodes = max(k_nodes, 1)
-        if primary:
-            vol = float(np.clip(np.exp(rng.normal(math.log(14), 0.85)), 1.5, 110))
-            side = rng.choice([-1, 1])
-            pos = centre + [side * rng.uniform(8, 18), -12 + rng.uniform(-10, 6),
-                            rng.uniform(-10, 30)]
-            lesions.append(_lesion(rng, 1, pos, _semi_axes(rng, vol),
-                                   float(np.clip(np.exp(rng.normal(math.log(10), 0.45)), 3, 25))))
-        for _ in range(k_nodes):
-            vol = float(np.clip(np.exp(rng.normal(math.log(4), 0.9)), 0.4, 45))
-            uptake = float(np.clip(np.exp(rng.normal(math.log(7), 0.45)), 3, 25))
-            axes = _semi_axes(rng, vol)
-            for _attempt in range(50):  # keep lesions apart (rarely impossible: then touching)
-                side = rng.choice([-1, 1])
-                pos = centre + [side * body_a * rng.uniform(0.45, 0.62),
-                                body_b * rng.uniform(-0.35, 0.15), rng.uniform(-40, 35)]
-                if all(np.linalg.norm(pos - np.array(o.center)) > 1.25 * (max(o.semi_axes)
-                       + max(axes)) + 2 for o in lesions):
-                    break
-            lesions.append(_lesion(rng, 2, pos, axes, uptake))
+        lesions, primary, k_nodes = _draw_lesions(rng, centre, body_a, body_b)
         vol_total.append(sum(les.volume_ml for les in lesions))
         suv_max.append(max(les.uptake for les in lesions))
         n_nodes.append(k_nodes)

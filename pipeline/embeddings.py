@@ -99,7 +99,7 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.cache import COHORT_FILE, PreprocessedCache
+from pipeline.cache import COHORT_FILE, CTFM_CT, PETFM_PET, PreprocessedCache
 from pipeline.embedding_sets import EMBEDDING_SETS
 
 # torch, and models.checkpoints which imports it, are imported in the functions that run
@@ -109,7 +109,7 @@ from pipeline.embedding_sets import EMBEDDING_SETS
 SCHEMA_VERSION = 1
 #: Embedding set name -> datasets it reads (:mod:`pipeline.embedding_sets`, the one registry).
 MODALITIES: dict[str, tuple[str, ...]] = {name: s.datasets for name, s in EMBEDDING_SETS.items()}
-INPUT_KEYS: dict[str, str] = {"ct": "ctfm/ct", "pet": "petfm/pet"}
+INPUT_KEYS: dict[str, str] = {"ct": CTFM_CT, "pet": PETFM_PET}
 POOLING: dict[str, str] = {"ct": "gap_last_feature_map", "pet": "mean_tokens_pre_neck"}
 WEIGHTS_ENV: dict[str, str] = {"ct": "HNFM_CT_FM_WEIGHTS", "pet": "HNFM_PET_FM_WEIGHTS"}
 #: Where the weights are looked for when neither an argument nor the env var names them.
@@ -150,8 +150,8 @@ class ExtractionLockedError(RuntimeError):
 def training_fill(train: np.ndarray) -> np.ndarray:
     """Per-feature fill value of missing entries: the mean of the training rows.
 
-    The one missing-value policy for embeddings and imported features, used by the CNN
-    (:func:`pipeline.train.fit_fm_stats`) and the Cox heads (:mod:`pipeline.peers`) alike: a
+    The one missing-value policy for embeddings and imported features, called by the CNN's
+    :func:`pipeline.train.fit_fm_stats` and the Cox heads' :mod:`pipeline.peers` alike: a
     training-fold mean is what z-scoring with training statistics maps to 0, so a missing
     value carries no signal. A column missing in every training row is filled with 0.
 
@@ -167,6 +167,16 @@ def training_fill(train: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for all-NaN columns
         return np.nan_to_num(np.nanmean(train, axis=0))
+
+
+#: A feature whose training SD is at most this is constant: it is scaled by 1, not its SD.
+SD_FLOOR = 1e-8
+
+
+def training_scale(filled: np.ndarray) -> np.ndarray:
+    """Per-feature SD of filled training rows ``[N, F]``, 1 where at most :data:`SD_FLOOR`."""
+    sd = np.asarray(filled).std(axis=0)
+    return np.where(sd > SD_FLOOR, sd, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -818,14 +828,7 @@ def run_extraction(
         ExtractionLockedError: another run is writing the same output or store.
     """
     t0 = time.perf_counter()
-    if modality not in MODALITIES:
-        raise ValueError(f"modality {modality!r}: expected one of {sorted(MODALITIES)}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size {batch_size!r}: expected >= 1")
-    encoder_kwargs = dict(encoder_kwargs or {})
-    unknown = sorted(set(encoder_kwargs) - {"ct", "pet"})
-    if unknown:
-        raise ValueError(f"encoder_kwargs keys {unknown}: expected 'ct' and/or 'pet'")
+    encoder_kwargs = _check_extraction_args(modality, batch_size, encoder_kwargs)
     out = Path(out_path) if out_path is not None else Path("embeddings") / f"{modality}.h5"
     shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
     cache = open_cache(cache_root)
@@ -868,6 +871,20 @@ def run_extraction(
         raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_extraction_args(modality: str, batch_size: int,
+                           encoder_kwargs: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """:func:`run_extraction`'s checked arguments: a copy of ``encoder_kwargs`` (``{}`` for None)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality {modality!r}: expected one of {sorted(MODALITIES)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected >= 1")
+    encoder_kwargs = dict(encoder_kwargs or {})
+    unknown = sorted(set(encoder_kwargs) - {"ct", "pet"})
+    if unknown:
+        raise ValueError(f"encoder_kwargs keys {unknown}: expected 'ct' and/or 'pet'")
+    return encoder_kwargs
 
 
 def _up_to_date(
@@ -1139,42 +1156,8 @@ def read_embeddings(
         if path.exists():
             raise FileNotFoundError(f"{path}: not an embedding file (a folder)")
         raise FileNotFoundError(missing_path_message(path, "embedding file", "*.h5"))
-    with h5py.File(path, "r") as h5:
-        found = int(h5.attrs.get("schema_version", -1))
-        if found != SCHEMA_VERSION:
-            raise ProvenanceError(
-                f"{path}: embedding schema_version {found}, this code reads {SCHEMA_VERSION}; "
-                "re-run `extract-embeddings`"
-            )
-        attrs = {k: plain_value(v) for k, v in h5.attrs.items()}
-        file_ids = list(h5["case_ids"].asstr()[()])
-        file_fps = list(h5["fingerprints"].asstr()[()])
-        # Extracted files hold ct/pet; imported feature tables hold their own named modality.
-        listed = json.loads(attrs.get("modalities", "[]")) if isinstance(attrs.get("modalities"), str) else []
-        present = [m for m in (listed or ["ct", "pet"]) if m in h5]
-        mods = list(modalities) if modalities is not None else present
-        absent = [m for m in mods if m not in present]
-        if absent:
-            raise ProvenanceError(f"{path}: holds {present} embeddings, {absent} requested")
-        mats = {m: h5[m][()] for m in mods}
-        mattrs = {m: {k: plain_value(v) for k, v in h5[m].attrs.items()} for m in mods}
-
-    if case_ids is None:
-        rows = list(range(len(file_ids)))
-        wanted = file_ids
-    else:
-        wanted = list(case_ids)
-        pos = {c: i for i, c in enumerate(file_ids)}
-        missing = [c for c in wanted if c not in pos]
-        if missing:
-            if attrs.get("source") == FEATURE_TABLE_SOURCE:
-                fix = ("import a table with rows for them: `import-features TABLE.csv --out "
-                       f"{path}` (NaN where a feature is unknown)")
-            else:
-                fix = "re-run `extract-embeddings` on a cache holding them"
-            raise MissingCasesError(
-                f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
-        rows = [pos[c] for c in wanted]
+    attrs, file_ids, file_fps, mods, mats, mattrs = _read_embedding_file(path, modalities)
+    wanted, rows = _select_rows(path, attrs, file_ids, case_ids)
 
     # A table imported without a cache has no fingerprints to check (attribute cache_bound).
     if cache is not None and bool(attrs.get("cache_bound", True)):
@@ -1214,6 +1197,51 @@ def read_embeddings(
         modality_attrs=mattrs,
         sha256=sha256_file(path),
     )
+
+
+def _read_embedding_file(path: Path, modalities: Sequence[str] | None) -> tuple[
+        dict[str, Any], list[str], list[str], list[str], dict[str, np.ndarray],
+        dict[str, dict[str, Any]]]:
+    """File attributes, case ids, fingerprints, modalities read, their matrices and attributes."""
+    with h5py.File(path, "r") as h5:
+        found = int(h5.attrs.get("schema_version", -1))
+        if found != SCHEMA_VERSION:
+            raise ProvenanceError(
+                f"{path}: embedding schema_version {found}, this code reads {SCHEMA_VERSION}; "
+                "re-run `extract-embeddings`"
+            )
+        attrs = {k: plain_value(v) for k, v in h5.attrs.items()}
+        file_ids = list(h5["case_ids"].asstr()[()])
+        file_fps = list(h5["fingerprints"].asstr()[()])
+        # Extracted files hold ct/pet; imported feature tables hold their own named modality.
+        listed = json.loads(attrs.get("modalities", "[]")) if isinstance(attrs.get("modalities"), str) else []
+        present = [m for m in (listed or ["ct", "pet"]) if m in h5]
+        mods = list(modalities) if modalities is not None else present
+        absent = [m for m in mods if m not in present]
+        if absent:
+            raise ProvenanceError(f"{path}: holds {present} embeddings, {absent} requested")
+        mats = {m: h5[m][()] for m in mods}
+        mattrs = {m: {k: plain_value(v) for k, v in h5[m].attrs.items()} for m in mods}
+    return attrs, file_ids, file_fps, mods, mats, mattrs
+
+
+def _select_rows(path: Path, attrs: dict[str, Any], file_ids: list[str],
+                 case_ids: Sequence[str] | None) -> tuple[list[str], list[int]]:
+    """The cases to return (``case_ids``, default every case in file order) and their rows."""
+    if case_ids is None:
+        return file_ids, list(range(len(file_ids)))
+    wanted = list(case_ids)
+    pos = {c: i for i, c in enumerate(file_ids)}
+    missing = [c for c in wanted if c not in pos]
+    if missing:
+        if attrs.get("source") == FEATURE_TABLE_SOURCE:
+            fix = ("import a table with rows for them: `import-features TABLE.csv --out "
+                   f"{path}` (NaN where a feature is unknown)")
+        else:
+            fix = "re-run `extract-embeddings` on a cache holding them"
+        raise MissingCasesError(
+            f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
+    return wanted, [pos[c] for c in wanted]
 
 
 def load_embeddings(

@@ -13,7 +13,7 @@ UTF-8 byte-order mark, empty cells and whitespace around ids are accepted too. T
 CSV must hold every column of :data:`CLINICAL_HEADER`, the endpoint CSV every column of
 :data:`ENDPOINT_HEADER`; extra columns are ignored.
 
-Validation never modifies the inputs. A problem is a :class:`CaseError` (case id, file,
+Validation never modifies the inputs. A problem is a :class:`CaseProblem` (case id, file,
 message). By default the first problems are raised together as one :class:`HecktorFormatError`
 and nothing is written; with ``continue_on_error=True`` the bad cases are left out and listed
 in a per-case error report CSV (``case_id,file,error``) beside the manifest. Problems with a
@@ -62,7 +62,7 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.manifest import CENTERS, MANIFEST_COLUMNS, center_name, write_manifest
-from pipeline.preprocess import (
+from pipeline.preprocess.checks import (
     MIN_TUMOUR_COVERAGE,
     InputCheckError,
     check_tumour_coverage,
@@ -107,16 +107,16 @@ class HecktorFormatError(ValueError):
     """The HECKTOR root breaks the expected format; the message names case and file.
 
     Attributes:
-        errors: every :class:`CaseError` found (the message lists the first few).
+        errors: every :class:`CaseProblem` found (the message lists the first few).
     """
 
-    def __init__(self, message: str, errors: Sequence[CaseError] = ()):
+    def __init__(self, message: str, errors: Sequence[CaseProblem] = ()):
         super().__init__(message)
         self.errors = list(errors)
 
 
 @dataclass(frozen=True)
-class CaseError:
+class CaseProblem:
     """One problem with one case (``case_id`` is ``""`` for a whole-file problem)."""
 
     case_id: str
@@ -188,54 +188,54 @@ def read_hecktor_csv(path: str | os.PathLike, header: Sequence[str]) -> pd.DataF
 
 
 def _parse_number(value: str, *, case_id: str, column: str, file: Path,
-                  errors: list[CaseError], allowed: Iterable[float] | None = None,
+                  errors: list[CaseProblem], allowed: Iterable[float] | None = None,
                   minimum: float | None = None, required: bool = False) -> float:
-    """Parse one cell; append a :class:`CaseError` and return NaN when invalid."""
+    """Parse one cell; append a :class:`CaseProblem` and return NaN when invalid."""
     if value.lower() in _MISSING_TOKENS:
         if required:
-            errors.append(CaseError(case_id, str(file), f"column {column!r} is missing"))
+            errors.append(CaseProblem(case_id, str(file), f"column {column!r} is missing"))
         return math.nan
     try:
         number = float(value)
     except ValueError:
-        errors.append(CaseError(case_id, str(file),
+        errors.append(CaseProblem(case_id, str(file),
                                 f"column {column!r}: non-numeric value {value!r}"))
         return math.nan
     if not math.isfinite(number):
-        errors.append(CaseError(case_id, str(file), f"column {column!r}: value {value!r}"))
+        errors.append(CaseProblem(case_id, str(file), f"column {column!r}: value {value!r}"))
         return math.nan
     if allowed is not None and number not in set(allowed):
         choices = ", ".join(f"{a:g}" for a in sorted(allowed))
-        errors.append(CaseError(case_id, str(file),
+        errors.append(CaseProblem(case_id, str(file),
                                 f"column {column!r}: value {value!r} not in {{{choices}}}"))
         return math.nan
     if minimum is not None and number < minimum:
-        errors.append(CaseError(case_id, str(file),
+        errors.append(CaseProblem(case_id, str(file),
                                 f"column {column!r}: value {value!r} is below {minimum:g}"))
         return math.nan
     return number
 
 
-def _duplicates(ids: pd.Series, file: Path) -> list[CaseError]:
+def _duplicates(ids: pd.Series, file: Path) -> list[CaseProblem]:
     dup = sorted(set(ids[ids.duplicated(keep=False)]))
-    return [CaseError(cid, str(file), f"duplicate PatientID {cid!r} "
+    return [CaseProblem(cid, str(file), f"duplicate PatientID {cid!r} "
                       f"({int((ids == cid).sum())} rows)") for cid in dup]
 
 
-def _read_with_ids(path: Path, header: Sequence[str]) -> tuple[pd.DataFrame, list[CaseError], set[str]]:
+def _read_with_ids(path: Path, header: Sequence[str]) -> tuple[pd.DataFrame, list[CaseProblem], set[str]]:
     """Read a HECKTOR CSV; report empty and duplicate PatientIDs, which every row check skips."""
     raw = read_hecktor_csv(path, header)
-    errors: list[CaseError] = []
+    errors: list[CaseProblem] = []
     ids = raw["PatientID"]
     for i in np.flatnonzero((ids == "").to_numpy()):
-        errors.append(CaseError("", str(path), f"row {i + 2}: empty PatientID"))
+        errors.append(CaseProblem("", str(path), f"row {i + 2}: empty PatientID"))
     dups = _duplicates(ids[ids != ""], path)
     errors += dups
     return raw, errors, {e.case_id for e in dups} | {""}
 
 
 def _parse_rows(path: Path, header: Sequence[str], parse_row: Callable[..., dict[str, Any]]
-                ) -> tuple[list[dict[str, Any]], list[CaseError]]:
+                ) -> tuple[list[dict[str, Any]], list[CaseProblem]]:
     """Read a HECKTOR CSV and parse every row whose PatientID is neither empty nor repeated.
 
     Args:
@@ -252,7 +252,7 @@ def _parse_rows(path: Path, header: Sequence[str], parse_row: Callable[..., dict
         cid = rec["PatientID"]
         if cid in bad_ids:
             continue
-        case_errors: list[CaseError] = []
+        case_errors: list[CaseProblem] = []
         out = parse_row(cid, rec, path, case_errors)
         if case_errors:
             errors += case_errors
@@ -261,7 +261,7 @@ def _parse_rows(path: Path, header: Sequence[str], parse_row: Callable[..., dict
     return rows, errors
 
 
-def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError]) -> dict[str, Any]:
+def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseProblem]) -> dict[str, Any]:
     """Manifest fields of one clinical row (see :func:`parse_clinical`)."""
     out: dict[str, Any] = {"case_id": cid}
     for col in CLINICAL_HEADER[1:]:
@@ -274,7 +274,7 @@ def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError])
             elif g in ("M", "F"):
                 out[key] = g
             else:
-                errors.append(CaseError(cid, str(path),
+                errors.append(CaseProblem(cid, str(path),
                                         f"column 'Gender': value {value!r} not M/F"))
             continue
         kwargs: dict[str, Any] = {"required": col in _REQUIRED}
@@ -287,7 +287,7 @@ def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError])
         out[key] = _parse_number(value, case_id=cid, column=col, file=path, errors=errors, **kwargs)
     center = out.get("center_id", math.nan)
     if not math.isnan(center) and center != round(center):
-        errors.append(CaseError(cid, str(path), f"column 'CenterID': value "
+        errors.append(CaseProblem(cid, str(path), f"column 'CenterID': value "
                                 f"{rec['CenterID']!r} is not an integer"))
     if not errors:
         out["center_id"] = int(out["center_id"])
@@ -295,7 +295,7 @@ def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError])
     return out
 
 
-def _endpoint_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError]) -> dict[str, Any]:
+def _endpoint_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseProblem]) -> dict[str, Any]:
     """Fields of one endpoint row (see :func:`parse_endpoint`)."""
     relapse = _parse_number(rec["Relapse"], case_id=cid, column="Relapse", file=path,
                             errors=errors, allowed=(0.0, 1.0), required=True)
@@ -304,7 +304,7 @@ def _endpoint_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseError])
     return {"case_id": cid, "relapse": relapse, "rfs_days": rfs}
 
 
-def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
+def parse_clinical(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseProblem]]:
     """Parse the clinical CSV into manifest columns.
 
     Returns:
@@ -334,7 +334,7 @@ def _warn_new_centres(table: pd.DataFrame, path: Path) -> None:
                     "centres", path, listed)
 
 
-def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseError]]:
+def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseProblem]]:
     """Parse the endpoint CSV.
 
     Returns:
@@ -398,7 +398,7 @@ def _grid_matches(a: Any, b: Any) -> str | None:
 
 def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True,
                  min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
-                 ) -> tuple[dict[str, Any], list[CaseError]]:
+                 ) -> tuple[dict[str, Any], list[CaseProblem]]:
     """Validate one case's three NIfTI files and summarise them.
 
     Args:
@@ -412,13 +412,13 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
         ``(info, errors)``; ``info`` holds ``ct_sha256, pet_sha256, label_sha256`` ("" when
         skipped), ``has_gtvp``, ``has_gtvn`` and is only meaningful when ``errors`` is empty.
     """
-    errors: list[CaseError] = []
+    errors: list[CaseProblem] = []
     info: dict[str, Any] = {}
     readers: dict[str, sitk.ImageFileReader] = {}
     for kind in ("ct", "pet", "label"):
         path = paths[kind]
         if not path.is_file():
-            errors.append(CaseError(case_id, str(path), f"{kind} file not found"))
+            errors.append(CaseProblem(case_id, str(path), f"{kind} file not found"))
             continue
         try:
             # One pass over the bytes: whole gzip stream (a truncated download) and the
@@ -427,15 +427,15 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
             readers[kind] = _read_info(path)
         except (OSError, RuntimeError, zlib.error) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            errors.append(CaseError(case_id, str(path), f"unreadable NIfTI ({first})"))
+            errors.append(CaseProblem(case_id, str(path), f"unreadable NIfTI ({first})"))
             continue
         if readers[kind].GetDimension() != 3:
-            errors.append(CaseError(case_id, str(path),
+            errors.append(CaseProblem(case_id, str(path),
                                     f"expected a 3D image, found {readers[kind].GetDimension()}D"))
             continue
         if n_nan or n_inf:
             role = kind if kind == "label" else kind.upper()
-            errors.append(CaseError(case_id, str(path), nonfinite_message(role, n_nan, n_inf)))
+            errors.append(CaseProblem(case_id, str(path), nonfinite_message(role, n_nan, n_inf)))
             continue
         info[f"{kind}_sha256"] = sha256_file(path) if checksums else ""
     if errors:
@@ -443,20 +443,20 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
     label_path = paths["label"]
     mismatch = _grid_matches(readers["ct"], readers["label"])
     if mismatch:
-        return info, [CaseError(case_id, str(label_path), f"label is not on the CT grid: {mismatch}")]
+        return info, [CaseProblem(case_id, str(label_path), f"label is not on the CT grid: {mismatch}")]
     try:
         label_img = sitk.ReadImage(str(label_path))
     except RuntimeError as exc:
-        return info, [CaseError(case_id, str(label_path), f"unreadable NIfTI ({exc})")]
+        return info, [CaseProblem(case_id, str(label_path), f"unreadable NIfTI ({exc})")]
     # A view shares the image's buffer: label_img must stay alive while it is used.
     label = sitk.GetArrayViewFromImage(label_img)  # numpy [D, H, W] = (z, y, x)
     if np.issubdtype(label.dtype, np.floating):
         if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
-            return info, [CaseError(case_id, str(label_path), "label holds non-integer values")]
+            return info, [CaseProblem(case_id, str(label_path), "label holds non-integer values")]
     if label.min() < 0 or label.max() > max(LABEL_VALUES):
         values = np.unique(label)
         bad = [v for v in values.tolist() if v not in LABEL_VALUES]
-        return info, [CaseError(case_id, str(label_path),
+        return info, [CaseProblem(case_id, str(label_path),
                                 f"label values {bad[:5]} outside {list(LABEL_VALUES)}")]
     counts = np.bincount(label.astype(np.int64, copy=False).ravel(), minlength=3)
     info["has_gtvp"] = int(counts[1] > 0)
@@ -466,7 +466,7 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
     try:
         check_tumour_coverage(readers["pet"], tumour, "PET", min_tumour_coverage)
     except InputCheckError as exc:
-        return info, [CaseError(case_id, str(paths["pet"]), f"{exc} (label {label_path})")]
+        return info, [CaseProblem(case_id, str(paths["pet"]), f"{exc} (label {label_path})")]
     return info, []
 
 
@@ -487,7 +487,7 @@ def _int_column(values: pd.Series) -> pd.Series:
     return numeric
 
 
-def _format_errors(errors: Sequence[CaseError]) -> str:
+def _format_errors(errors: Sequence[CaseProblem]) -> str:
     lines = [str(e) for e in errors[:_MAX_LISTED]]
     more = len(errors) - len(lines)
     tail = f"\n... and {more} more problem(s)" if more > 0 else ""
@@ -495,7 +495,7 @@ def _format_errors(errors: Sequence[CaseError]) -> str:
     return "\n".join(lines) + tail + hint
 
 
-def write_error_report(errors: Sequence[CaseError], path: str | os.PathLike) -> None:
+def write_error_report(errors: Sequence[CaseProblem], path: str | os.PathLike) -> None:
     """Write ``errors`` as a CSV with columns ``case_id,file,error`` (atomically)."""
     table = pd.DataFrame([(e.case_id, e.file, e.error) for e in errors],
                          columns=list(ERROR_REPORT_COLUMNS))
@@ -582,15 +582,7 @@ def build_manifest(
     clinical, errors = parse_clinical(clinical_file)
     endpoint, endpoint_errors = parse_endpoint_if_present(endpoint_file)
     errors += endpoint_errors
-    # Ids with a problem in either CSV are out, even if the other CSV is fine.
-    bad = {e.case_id for e in errors if e.case_id}
-    for cid in endpoint.index.difference(clinical.index):
-        if cid in bad:
-            continue
-        missing = [str(p) for p in case_paths(root, cid).values() if not p.is_file()]
-        what = f"endpoint row has no images (missing {missing[0]})" if missing else \
-            "endpoint row has no clinical row"
-        errors.append(CaseError(cid, str(endpoint_file), what))
+    errors += _endpoint_without_clinical(root, endpoint_file, clinical, endpoint, errors)
     if errors and not continue_on_error:
         raise HecktorFormatError(_format_errors(errors), errors)
 
@@ -601,34 +593,13 @@ def build_manifest(
         log.warning("%d image set(s) without a clinical row are ignored: %s%s", len(orphans),
                     ", ".join(orphans[:5]), " ..." if len(orphans) > 5 else "")
 
-    def work(cid: str) -> tuple[str, dict[str, Any], list[CaseError]]:
-        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums,
-                                  min_tumour_coverage=min_tumour_coverage)
-        return cid, info, errs
-
-    infos: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for cid, info, errs in tqdm(pool.map(work, case_ids), total=len(case_ids),
-                                    desc="reading cases", unit="case", disable=not progress):
-            if errs:
-                errors += errs
-            else:
-                infos[cid] = info
+    infos = _inspect_cases(root, case_ids, errors, checksums=checksums, workers=workers,
+                           progress=progress, min_tumour_coverage=min_tumour_coverage)
     if errors and not continue_on_error:
         raise HecktorFormatError(_format_errors(errors), errors)
 
     good = [cid for cid in case_ids if cid in infos]
-    # Harmless inconsistencies of real releases (489 Task 2 cases, 488 endpoint rows): keep
-    # the endpoint CSV as the truth for has_endpoint, but say so.
-    task2 = clinical.loc[good, "task2"] == 1
-    no_endpoint = [cid for cid in task2[task2].index if cid not in endpoint.index]
-    not_task2 = [cid for cid in task2[~task2].index if cid in endpoint.index]
-    if no_endpoint:
-        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint),
-                    ", ".join(no_endpoint[:5]))
-    if not_task2:
-        log.warning("%d case(s) with an endpoint row are not flagged Task 2: %s",
-                    len(not_task2), ", ".join(not_task2[:5]))
+    _warn_task2_mismatch(clinical, endpoint, good)
     if not good:
         if continue_on_error:
             _write_report(errors, error_report, manifest_path)
@@ -645,7 +616,64 @@ def build_manifest(
     return manifest
 
 
-def _write_report(errors: Sequence[CaseError], error_report: str | os.PathLike | None,
+def _endpoint_without_clinical(root: Path, endpoint_file: Path, clinical: pd.DataFrame,
+                               endpoint: pd.DataFrame,
+                               errors: Sequence[CaseProblem]) -> list[CaseProblem]:
+    """A problem for each endpoint row without a clinical row (ids already bad excepted).
+
+    Ids with a problem in either CSV are out, even if the other CSV is fine.
+    """
+    bad = {e.case_id for e in errors if e.case_id}
+    out = []
+    for cid in endpoint.index.difference(clinical.index):
+        if cid in bad:
+            continue
+        missing = [str(p) for p in case_paths(root, cid).values() if not p.is_file()]
+        what = f"endpoint row has no images (missing {missing[0]})" if missing else \
+            "endpoint row has no clinical row"
+        out.append(CaseProblem(cid, str(endpoint_file), what))
+    return out
+
+
+def _inspect_cases(root: Path, case_ids: Sequence[str], errors: list[CaseProblem], *,
+                   checksums: bool, workers: int, progress: bool,
+                   min_tumour_coverage: float) -> dict[str, dict[str, Any]]:
+    """:func:`inspect_case` of every case in threads: the good cases' information.
+
+    The problems found are appended to ``errors``.
+    """
+    def work(cid: str) -> tuple[str, dict[str, Any], list[CaseProblem]]:
+        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums,
+                                  min_tumour_coverage=min_tumour_coverage)
+        return cid, info, errs
+
+    infos: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for cid, info, errs in tqdm(pool.map(work, case_ids), total=len(case_ids),
+                                    desc="reading cases", unit="case", disable=not progress):
+            if errs:
+                errors += errs
+            else:
+                infos[cid] = info
+    return infos
+
+
+def _warn_task2_mismatch(clinical: pd.DataFrame, endpoint: pd.DataFrame,
+                         good: Sequence[str]) -> None:
+    """Harmless inconsistencies of real releases (489 Task 2 cases, 488 endpoint rows): keep
+    the endpoint CSV as the truth for has_endpoint, but say so."""
+    task2 = clinical.loc[good, "task2"] == 1
+    no_endpoint = [cid for cid in task2[task2].index if cid not in endpoint.index]
+    not_task2 = [cid for cid in task2[~task2].index if cid in endpoint.index]
+    if no_endpoint:
+        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint),
+                    ", ".join(no_endpoint[:5]))
+    if not_task2:
+        log.warning("%d case(s) with an endpoint row are not flagged Task 2: %s",
+                    len(not_task2), ", ".join(not_task2[:5]))
+
+
+def _write_report(errors: Sequence[CaseProblem], error_report: str | os.PathLike | None,
                   manifest_path: Path) -> None:
     path = Path(error_report) if error_report else default_error_report(manifest_path)
     write_error_report(errors, path)

@@ -1,4 +1,5 @@
-"""Survival metrics for cross-validation: Harrell's C-index and time-dependent AUROC.
+"""Survival metrics for cross-validation: Harrell's C-index, time-dependent AUROC and the
+integrated Brier score (:func:`integrated_brier_score` on the grid of :func:`ibs_time_grid`).
 
 Conventions used throughout:
 
@@ -39,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 from sksurv.metrics import concordance_index_censored, cumulative_dynamic_auc
+from sksurv.metrics import integrated_brier_score as sk_ibs
 from sksurv.util import Surv
 
 #: Default horizon of the time-dependent AUROC: one year, in days.
@@ -349,6 +351,86 @@ def time_dependent_auc(
     if not math.isfinite(value):
         return MetricValue.undefined(CENSORING_UNDEFINED, f"scikit-survival returned {value!r}")
     return MetricValue(value)
+
+
+def ibs_time_grid(train_time: Any, test_time: Any, times: Any | None = None, n: int = 100) -> np.ndarray:
+    """Time points at which the IPCW Brier score is defined for this train/test pair.
+
+    Keeps ``min(test_time) <= t < min(max(test_time), max(train_time))``: scikit-survival
+    requires times inside the test follow-up, and beyond the last training time the
+    training censoring survival may be 0 (scikit-survival would then silently give those
+    cases zero weight).
+
+    Args:
+        train_time, test_time: follow-up times, shapes [N_train], [N_test].
+        times: candidate grid; default ``n`` points evenly spread over the valid range.
+        n: size of the default grid.
+
+    Returns:
+        Sorted unique valid times, shape [T'].
+    """
+    tr = np.asarray(train_time, dtype=float)
+    te = np.asarray(test_time, dtype=float)
+    lo, hi = float(te.min()), float(min(te.max(), tr.max()))
+    if times is None:
+        if not hi > lo:
+            return np.empty(0)
+        grid = np.linspace(lo, hi, n + 1)[:-1]
+    else:
+        grid = np.unique(np.asarray(times, dtype=float))
+    return grid[(grid >= lo) & (grid < hi)]
+
+
+def integrated_brier_score(
+    train_time: Any, train_event: Any, test_time: Any, test_event: Any, surv_prob_matrix: Any, times: Any
+) -> float:
+    """Integrated Brier score (``sksurv.metrics.integrated_brier_score``) on a safe time grid.
+
+    Columns of ``surv_prob_matrix`` whose time lies outside the range where the score is
+    defined (:func:`ibs_time_grid`) are dropped before calling scikit-survival; the IBS is
+    the trapezoidal integral of the Brier score over the remaining times divided by their
+    span. Lower is better; 0.25 is what a constant S = 0.5 scores.
+
+    Args:
+        train_time, train_event: training fold (censoring distribution), shape [N_train].
+        test_time, test_event: test fold, shape [N_test].
+        surv_prob_matrix: predicted S(t | x) of the test cases, shape [N_test, T].
+        times: time points of the columns, shape [T].
+
+    Returns:
+        The IBS over the kept times.
+
+    Raises:
+        ValueError: on malformed inputs or when fewer than two valid times remain.
+    """
+    tr_t, tr_e = check_survival(train_time, train_event, "integrated_brier_score (training fold)")
+    te_t, te_e = check_survival(test_time, test_event, "integrated_brier_score (test fold)")
+    grid = np.asarray(times, dtype=float)
+    est = np.asarray(surv_prob_matrix, dtype=float)
+    if grid.ndim != 1 or est.shape != (te_t.shape[0], grid.shape[0]):
+        raise ValueError(
+            f"integrated_brier_score: surv_prob_matrix must be [N_test, T] = "
+            f"[{te_t.shape[0]}, {grid.shape[0]}], got {list(est.shape)}"
+        )
+    if np.unique(grid).shape[0] != grid.shape[0]:
+        raise ValueError("integrated_brier_score: times must be unique")
+    valid = ibs_time_grid(tr_t, te_t, grid)
+    if valid.shape[0] < 2:
+        raise MetricUndefined(
+            TOO_FEW_VALID_TIMES,
+            f"integrated_brier_score: fewer than 2 of the {grid.shape[0]} times lie in the valid range "
+            f"[{te_t.min():g}, {min(te_t.max(), tr_t.max()):g}) d (test follow-up, training follow-up)",
+        )
+    if not np.all(np.isfinite(est)) or est.min() < 0 or est.max() > 1:
+        raise ValueError("integrated_brier_score: survival probabilities must lie in [0, 1]")
+    cols = np.searchsorted(np.sort(grid), valid)
+    order = np.argsort(grid)
+    est = est[:, order][:, cols]
+    try:
+        return float(sk_ibs(Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(te_e, te_t), est, valid))
+    except ValueError as exc:  # inputs are checked above: what is left is scikit-survival's IPCW
+        # censoring estimate, undefined e.g. where test times pass the last training time.
+        raise MetricUndefined(CENSORING_UNDEFINED, f"integrated_brier_score: {exc}") from exc
 
 
 def summarise(values: Iterable[MetricValue | float | None]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Every peer returns out-of-fold (OOF) predictions with the CNN's columns
 
 Per fold, everything that is learnt is learnt on the training part only: the clinical
 transform (:class:`pipeline.clinical.ClinicalTransform`), the imputation (training-fold
-mean, :func:`pipeline.embeddings.training_fill`, as the CNN does) and standardisation of
+mean, :func:`pipeline.embeddings.training_fill`, which the CNN calls too) and standardisation of
 numeric features, the PCA projection of embeddings, the Cox coefficients and the penalty
 (inner CV on the training part).
 
@@ -69,21 +69,28 @@ from pipeline.artefacts import (
     utc_now,
     write_json_atomic,
 )
-from pipeline.cache import PreprocessedCache
+from pipeline.cache import SURVIVAL_MASK, SURVIVAL_PET, PreprocessedCache
 from pipeline.clinical import ClinicalTransform
 from pipeline.embeddings import (
     FEATURE_TABLE_SOURCE,
     MissingCasesError,
     load_embeddings,
     training_fill,
+    training_scale,
     write_embedding_file,
 )
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
-from pipeline.metrics import c_index_value, fold_metrics, summarise_folds
+from pipeline.metrics import (
+    c_index_value,
+    fold_metrics,
+    ibs_time_grid,
+    integrated_brier_score,
+    summarise_folds,
+)
 from pipeline.runtime import DEFAULT_THREADS, compute_threads
 from pipeline.splits import load_folds
-from pipeline.stats import breslow_survival, ibs_time_grid, integrated_brier_score, mean_ci
+from pipeline.stats import breslow_survival, mean_ci
 
 PEERS = ("clinical", "radiomics", "embeddings")
 PROTOCOL = "fit"
@@ -126,12 +133,12 @@ def radiomics_lite_features(cache: PreprocessedCache | str | os.PathLike, case_i
     cache.require(list(case_ids))
     rows = []
     for cid in case_ids:
-        arrs = cache.read(cid, ("survival/mask", "survival/pet"))
-        mask, pet = arrs["survival/mask"] > 0, arrs["survival/pet"]
+        arrs = cache.read(cid, (SURVIVAL_MASK, SURVIVAL_PET))
+        mask, pet = arrs[SURVIVAL_MASK] > 0, arrs[SURVIVAL_PET]
         if mask.shape != pet.shape:
             raise ValueError(
-                f"{cache.path(cid)}: case {cid!r} has survival/mask {list(mask.shape)} but "
-                f"survival/pet {list(pet.shape)}"
+                f"{cache.path(cid)}: case {cid!r} has {SURVIVAL_MASK} {list(mask.shape)} but "
+                f"{SURVIVAL_PET} {list(pet.shape)}"
             )
         spacing = cache.geometry(cid, "survival").spacing_xyz
         voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -251,12 +258,11 @@ class _FoldFeatures:
         self.fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = {}
         for name, df in self.blocks.items():
             x = df.loc[ids].to_numpy(dtype=np.float64)
-            # The training-fold mean, as the CNN fills embeddings (pipeline.train.fit_fm_stats):
+            # The training-fold mean, as pipeline.train.fit_fm_stats fills the CNN's embeddings:
             # the z-scoring below maps it to 0, so a missing value carries no signal.
             fill = training_fill(x)
             x = np.where(np.isnan(x), fill, x)
-            mean, sd = x.mean(axis=0), x.std(axis=0)
-            sd = np.where(sd > 1e-12, sd, 1.0)
+            mean, sd = x.mean(axis=0), training_scale(x)
             z = (x - mean) / sd
             pca = None
             d = self.project.get(name)
@@ -525,21 +531,7 @@ def run_head(
     cfg = config or HeadConfig()
     blocks = dict(blocks or {})
     clin = clinical if cfg.with_clinical else None
-    if not blocks and clin is None:
-        raise ValueError("run_head: no features (no blocks and with_clinical is False or no clinical frame)")
-    for c in ("case_id", "fold"):
-        if c not in folds.columns:
-            raise ValueError(f"run_head: folds frame lacks column {c!r}")
-    ids_all = sorted(set(folds["case_id"].astype(str)))
-    for what, frame in [("survival", survival), ("clinical", clin), *blocks.items()]:
-        if frame is None:
-            continue
-        missing = [c for c in ids_all if c not in frame.index]
-        if missing:
-            raise ValueError(f"run_head: {what} data lacks {len(missing)} case(s) of the folds: {missing[:20]}")
-    for c in ("time", "event"):
-        if c not in survival.columns:
-            raise ValueError(f"run_head: survival frame lacks column {c!r}")
+    _check_head_inputs(survival, folds, blocks, clin)
     project_map = {b: (cfg.proj if b in project else None) for b in blocks}
 
     frames, train_frames, per_fold = [], [], []
@@ -590,6 +582,26 @@ def run_head(
             "clinical_columns": list(CLINICAL_COLUMNS) if clin is not None else []}
     return PeerResult(oof=oof, per_fold=per_fold, config=conf, seconds=_time.perf_counter() - t0,
                       train_risk=pd.concat(train_frames, ignore_index=True))
+
+
+def _check_head_inputs(survival: pd.DataFrame, folds: pd.DataFrame,
+                       blocks: Mapping[str, pd.DataFrame], clin: pd.DataFrame | None) -> None:
+    """:func:`run_head`'s inputs: some features, the columns it reads, every fold case present."""
+    if not blocks and clin is None:
+        raise ValueError("run_head: no features (no blocks and with_clinical is False or no clinical frame)")
+    for c in ("case_id", "fold"):
+        if c not in folds.columns:
+            raise ValueError(f"run_head: folds frame lacks column {c!r}")
+    ids_all = sorted(set(folds["case_id"].astype(str)))
+    for what, frame in [("survival", survival), ("clinical", clin), *blocks.items()]:
+        if frame is None:
+            continue
+        missing = [c for c in ids_all if c not in frame.index]
+        if missing:
+            raise ValueError(f"run_head: {what} data lacks {len(missing)} case(s) of the folds: {missing[:20]}")
+    for c in ("time", "event"):
+        if c not in survival.columns:
+            raise ValueError(f"run_head: survival frame lacks column {c!r}")
 
 
 def survival_frame(manifest: pd.DataFrame) -> pd.DataFrame:

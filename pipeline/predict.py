@@ -171,24 +171,8 @@ def predict_patients(
     cohort = load_cohort(manifest_path, new_cache.root, emb_path, tuple(run["modalities"]) or None,
                          require_endpoint=False)
 
-    dev = resolve_device(device)
-    risks, probs, highs = [], [], []
-    for k in folds:
-        record = read_json(layout.done(k))["protocols"].get(protocol)
-        if record is None or record.get("selected_epoch") is None:
-            raise ValueError(f"{layout.fold_dir(k)}: no {protocol!r} checkpoint (run trained with other "
-                             "selection settings)")
-        data = _fold_data(cohort, read_json(layout.fold_state(k)))
-        model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), dev)
-        model.load_state_dict(torch.load(layout.best(k, protocol), map_location=dev, weights_only=True))
-        risk = predict(model, cohort, data.outer, data, cfg.eval_batch_size, dev).astype(np.float64)
-        cal = record["calibration"]
-        h0 = cal["baseline_cum_hazard"].get("365")
-        risks.append(risk)
-        probs.append(1.0 - np.exp(-h0 * np.exp(risk)) if h0 is not None else np.full(len(risk), np.nan))
-        highs.append(risk > cal["train_risk_median"])
-
-    risks, probs, highs = np.stack(risks), np.stack(probs), np.stack(highs)
+    risks, probs, highs = _fold_predictions(cohort, layout, folds, protocol, cfg,
+                                            resolve_device(device))
     out = pd.DataFrame({
         "case_id": cohort.case_ids,
         "risk": risks.mean(axis=0),
@@ -210,3 +194,24 @@ def predict_patients(
         "manifest": str(Path(manifest_path).resolve()), "code_version": code_version(),
     })
     return out
+
+
+def _fold_predictions(cohort: SurvivalCohort, layout: RunLayout, folds: list[int], protocol: str,
+                      cfg: TrainConfig, dev: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each fold model's risk, 1-year relapse probability and high-risk flag, ``[K, N]``."""
+    risks, probs, highs = [], [], []
+    for k in folds:
+        record = read_json(layout.done(k))["protocols"].get(protocol)
+        if record is None or record.get("selected_epoch") is None:
+            raise ValueError(f"{layout.fold_dir(k)}: no {protocol!r} checkpoint (run trained with other "
+                             "selection settings)")
+        data = _fold_data(cohort, read_json(layout.fold_state(k)))
+        model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), dev)
+        model.load_state_dict(torch.load(layout.best(k, protocol), map_location=dev, weights_only=True))
+        risk = predict(model, cohort, data.outer, data, cfg.eval_batch_size, dev).astype(np.float64)
+        cal = record["calibration"]
+        h0 = cal["baseline_cum_hazard"].get("365")
+        risks.append(risk)
+        probs.append(1.0 - np.exp(-h0 * np.exp(risk)) if h0 is not None else np.full(len(risk), np.nan))
+        highs.append(risk > cal["train_risk_median"])
+    return np.stack(risks), np.stack(probs), np.stack(highs)

@@ -112,6 +112,45 @@ def _apply_affine_torch(
     return (cz[:, None, None, :] + cy[None, :, None, :]) + cx[None, None, :, :]  # [nz, ny, nx, 3]
 
 
+def _touched_block(a: np.ndarray, b: np.ndarray, dst_size_xyz: Sequence[int],
+                   size_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Input block the output touches (x, y, z): linear needs floor(c) and floor(c) + 1.
+
+    Returns the output corners' continuous input indices ``c`` ``[8, 3]`` and the block's
+    first and last input index ``lo``, ``hi`` (each ``[3]``, clipped to the image).
+    """
+    corners = np.array(
+        [[ix, iy, iz] for ix in (0, dst_size_xyz[0] - 1) for iy in (0, dst_size_xyz[1] - 1)
+         for iz in (0, dst_size_xyz[2] - 1)], dtype=np.float64,
+    )
+    c = corners @ a.T + b
+    lo = np.clip(np.floor(c.min(axis=0)).astype(np.int64), 0, size_xyz - 1)
+    hi = np.clip(np.floor(c.max(axis=0)).astype(np.int64) + 1, 0, size_xyz - 1)
+    return c, lo, hi
+
+
+def _linear_block(block: torch.Tensor, a: np.ndarray, b: np.ndarray, lo: np.ndarray,
+                  dst_size_xyz: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Trilinear samples ``[z, y, x]`` (float32) of ``block`` (starting at input index ``lo``).
+
+    ``padding_mode="border"`` clamps a coordinate in the outer half voxel
+    ([-0.5, 0) or (n - 1, n - 0.5)) to the edge voxel: ITK's edge behaviour, no padding
+    copy needed. The caller replaces coordinates further out by the default value.
+    """
+    vol = block.to(torch.float32)[None, None]
+    # Normalised block coordinate of output voxel i (align_corners=True: -1/+1 = first/last
+    # voxel centre): g = 2 (A i + b - lo) / (n_block - 1) - 1, composed in float64 per axis,
+    # summed in float32 by broadcasting (cheaper than affine_grid on CPU; |g| <= ~1, so
+    # float32 costs < 1e-6 x block size in index). A 1-voxel axis has g = 0 everywhere.
+    n_blk = np.asarray(vol.shape[:1:-1], np.float64)  # x, y, z
+    scale = np.where(n_blk > 1, 2.0 / np.maximum(n_blk - 1.0, 1.0), 0.0)
+    sa = np.diag(scale) @ a
+    t = np.where(n_blk > 1, scale * (b - lo) - 1.0, 0.0)
+    grid = _apply_affine_torch(sa, t, dst_size_xyz, device, torch.float32)[None]
+    out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out[0, 0]
+
+
 def resample_to_grid(
     image: np.ndarray | torch.Tensor,
     src: GridGeometry | SourceGrid,
@@ -155,14 +194,7 @@ def resample_to_grid(
     a, b = _affine(src, dst)
     out_zyx = tuple(int(v) for v in dst.size_xyz[::-1])
 
-    # Input block the output touches (x, y, z): linear needs floor(c) and floor(c) + 1.
-    corners = np.array(
-        [[ix, iy, iz] for ix in (0, dst.size_xyz[0] - 1) for iy in (0, dst.size_xyz[1] - 1)
-         for iz in (0, dst.size_xyz[2] - 1)], dtype=np.float64,
-    )
-    c = corners @ a.T + b
-    lo = np.clip(np.floor(c.min(axis=0)).astype(np.int64), 0, size_xyz - 1)
-    hi = np.clip(np.floor(c.max(axis=0)).astype(np.int64) + 1, 0, size_xyz - 1)
+    c, lo, hi = _touched_block(a, b, dst.size_xyz, size_xyz)
     if out_dtype is None:
         out_dtype = torch.float32 if mode == "linear" else _torch_dtype(image)
     if np.any(c.max(axis=0) < -0.5) or np.any(c.min(axis=0) >= size_xyz - 0.5):
@@ -191,21 +223,7 @@ def resample_to_grid(
         vals = block[idx[..., 2], idx[..., 1], idx[..., 0]].to(out_dtype)
         return vals if all_inside else torch.where(inside_mask(ci), vals, fill)
 
-    # Linear. padding_mode="border" clamps a coordinate in the outer half voxel
-    # ([-0.5, 0) or (n - 1, n - 0.5)) to the edge voxel: ITK's edge behaviour, no padding
-    # copy needed. Coordinates further out are replaced by the default value below.
-    vol = block.to(torch.float32)[None, None]
-    # Normalised block coordinate of output voxel i (align_corners=True: -1/+1 = first/last
-    # voxel centre): g = 2 (A i + b - lo) / (n_block - 1) - 1, composed in float64 per axis,
-    # summed in float32 by broadcasting (cheaper than affine_grid on CPU; |g| <= ~1, so
-    # float32 costs < 1e-6 x block size in index). A 1-voxel axis has g = 0 everywhere.
-    n_blk = np.asarray(vol.shape[:1:-1], np.float64)  # x, y, z
-    scale = np.where(n_blk > 1, 2.0 / np.maximum(n_blk - 1.0, 1.0), 0.0)
-    sa = np.diag(scale) @ a
-    t = np.where(n_blk > 1, scale * (b - lo) - 1.0, 0.0)
-    grid = _apply_affine_torch(sa, t, dst.size_xyz, device, torch.float32)[None]
-    out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    out = out[0, 0].to(out_dtype)
+    out = _linear_block(block, a, b, lo, dst.size_xyz, device).to(out_dtype)
     if all_inside:
         return out
     return torch.where(inside_mask(_apply_affine_torch(a, b, dst.size_xyz, device)), out, fill)

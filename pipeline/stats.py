@@ -10,8 +10,8 @@ The paper's configurations differ by 0.02-0.03 C-index while the fold SDs are 0.
 * :func:`mean_ci`: t-interval of a mean over folds / repeats (clipped to a metric's range
   when asked).
 * Calibration and overall accuracy: :func:`breslow_survival` (Breslow baseline hazard fitted
-  on the training fold turns a risk score into S(t | x)), :func:`integrated_brier_score`
-  (scikit-survival, on a time grid restricted to where it is defined),
+  on the training fold turns a risk score into S(t | x)), the integrated Brier score
+  (:func:`pipeline.metrics.integrated_brier_score`, kept importable from here),
   :func:`calibration_at` (predicted vs Kaplan-Meier observed event probability per risk
   group at a horizon).
 * :func:`risk_groups` and :func:`km_logrank`: median split at the TRAINING fold's median
@@ -46,17 +46,15 @@ from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test, multivariate_logrank_test
 from scipy import stats as sps
 from sksurv.linear_model.coxph import BreslowEstimator
-from sksurv.metrics import integrated_brier_score as sk_ibs
-from sksurv.util import Surv
 
 from pipeline.metrics import (
-    CENSORING_UNDEFINED,
     NO_TRAINING_EVENT,
-    TOO_FEW_VALID_TIMES,
     MetricUndefined,
     c_index,
     check_risk,
     check_survival,
+    ibs_time_grid,
+    integrated_brier_score,
 )
 
 #: Two risks closer than this count as tied, as in ``sksurv.metrics.concordance_index_censored``.
@@ -356,7 +354,6 @@ def paired_bootstrap_delta(
     df = _align_oof(oof_a, oof_b, protocol)
     group_cols = (["repeat"] if "repeat" in df.columns else []) + ["fold"]
     rng = np.random.default_rng(seed)
-    n_total = len(df)
     boot_a, boot_b, per_fold, sizes = [], [], [], []
     for key, g in df.groupby(group_cols, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -388,20 +385,24 @@ def paired_bootstrap_delta(
     lo, hi = np.quantile(d_boot, [alpha / 2, 1 - alpha / 2])
     nb = d_boot.shape[0]
     p = min(1.0, 2.0 * min((np.sum(d_boot <= 0) + 1) / (nb + 1), (np.sum(d_boot >= 0) + 1) / (nb + 1)))
-    ftest = None
-    if len(per_fold) >= 2:
-        n_test = float(np.mean(sizes))
-        # Within one repeat the training part of a fold is every other case of that repeat.
-        n_train = float(n_total / (df["repeat"].nunique() if "repeat" in df.columns else 1)) - n_test
-        ftest = paired_fold_test(
-            [r["a"] for r in per_fold], [r["b"] for r in per_fold], method=fold_test,
-            test_train_ratio=n_test / n_train if n_train > 0 else None,
-        )
+    ftest = _per_fold_test(df, per_fold, sizes, fold_test) if len(per_fold) >= 2 else None
     return PairedComparison(
         metric=metric, a=a_hat, b=b_hat, delta=b_hat - a_hat, ci_low=float(lo), ci_high=float(hi),
         level=level, p_value=float(p), n_boot=int(nb), n_boot_dropped=int(n_boot - nb),
         n_cases=int(df["case_id"].nunique()), n_groups=len(per_fold), seed=seed,
         per_fold=per_fold, fold_test=ftest,
+    )
+
+
+def _per_fold_test(df: pd.DataFrame, per_fold: list[dict[str, Any]], sizes: list[int],
+                   fold_test: str) -> FoldTest:
+    """:func:`paired_fold_test` of the per-fold C-indices, with the folds' test/train ratio."""
+    n_test = float(np.mean(sizes))
+    # Within one repeat the training part of a fold is every other case of that repeat.
+    n_train = float(len(df) / (df["repeat"].nunique() if "repeat" in df.columns else 1)) - n_test
+    return paired_fold_test(
+        [r["a"] for r in per_fold], [r["b"] for r in per_fold], method=fold_test,
+        test_train_ratio=n_test / n_train if n_train > 0 else None,
     )
 
 
@@ -482,86 +483,6 @@ def breslow_survival(train_risk: Any, train_time: Any, train_event: Any, test_ri
     x = np.clip(grid, h0.x[0], h0.x[-1])
     cum = np.where(grid < h0.x[0], 0.0, h0(x))
     return np.exp(-np.outer(np.exp(rt), cum))
-
-
-def ibs_time_grid(train_time: Any, test_time: Any, times: Any | None = None, n: int = 100) -> np.ndarray:
-    """Time points at which the IPCW Brier score is defined for this train/test pair.
-
-    Keeps ``min(test_time) <= t < min(max(test_time), max(train_time))``: scikit-survival
-    requires times inside the test follow-up, and beyond the last training time the
-    training censoring survival may be 0 (scikit-survival would then silently give those
-    cases zero weight).
-
-    Args:
-        train_time, test_time: follow-up times, shapes [N_train], [N_test].
-        times: candidate grid; default ``n`` points evenly spread over the valid range.
-        n: size of the default grid.
-
-    Returns:
-        Sorted unique valid times, shape [T'].
-    """
-    tr = np.asarray(train_time, dtype=float)
-    te = np.asarray(test_time, dtype=float)
-    lo, hi = float(te.min()), float(min(te.max(), tr.max()))
-    if times is None:
-        if not hi > lo:
-            return np.empty(0)
-        grid = np.linspace(lo, hi, n + 1)[:-1]
-    else:
-        grid = np.unique(np.asarray(times, dtype=float))
-    return grid[(grid >= lo) & (grid < hi)]
-
-
-def integrated_brier_score(
-    train_time: Any, train_event: Any, test_time: Any, test_event: Any, surv_prob_matrix: Any, times: Any
-) -> float:
-    """Integrated Brier score (``sksurv.metrics.integrated_brier_score``) on a safe time grid.
-
-    Columns of ``surv_prob_matrix`` whose time lies outside the range where the score is
-    defined (:func:`ibs_time_grid`) are dropped before calling scikit-survival; the IBS is
-    the trapezoidal integral of the Brier score over the remaining times divided by their
-    span. Lower is better; 0.25 is what a constant S = 0.5 scores.
-
-    Args:
-        train_time, train_event: training fold (censoring distribution), shape [N_train].
-        test_time, test_event: test fold, shape [N_test].
-        surv_prob_matrix: predicted S(t | x) of the test cases, shape [N_test, T].
-        times: time points of the columns, shape [T].
-
-    Returns:
-        The IBS over the kept times.
-
-    Raises:
-        ValueError: on malformed inputs or when fewer than two valid times remain.
-    """
-    tr_t, tr_e = check_survival(train_time, train_event, "integrated_brier_score (training fold)")
-    te_t, te_e = check_survival(test_time, test_event, "integrated_brier_score (test fold)")
-    grid = np.asarray(times, dtype=float)
-    est = np.asarray(surv_prob_matrix, dtype=float)
-    if grid.ndim != 1 or est.shape != (te_t.shape[0], grid.shape[0]):
-        raise ValueError(
-            f"integrated_brier_score: surv_prob_matrix must be [N_test, T] = "
-            f"[{te_t.shape[0]}, {grid.shape[0]}], got {list(est.shape)}"
-        )
-    if np.unique(grid).shape[0] != grid.shape[0]:
-        raise ValueError("integrated_brier_score: times must be unique")
-    valid = ibs_time_grid(tr_t, te_t, grid)
-    if valid.shape[0] < 2:
-        raise MetricUndefined(
-            TOO_FEW_VALID_TIMES,
-            f"integrated_brier_score: fewer than 2 of the {grid.shape[0]} times lie in the valid range "
-            f"[{te_t.min():g}, {min(te_t.max(), tr_t.max()):g}) d (test follow-up, training follow-up)",
-        )
-    if not np.all(np.isfinite(est)) or est.min() < 0 or est.max() > 1:
-        raise ValueError("integrated_brier_score: survival probabilities must lie in [0, 1]")
-    cols = np.searchsorted(np.sort(grid), valid)
-    order = np.argsort(grid)
-    est = est[:, order][:, cols]
-    try:
-        return float(sk_ibs(Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(te_e, te_t), est, valid))
-    except ValueError as exc:  # inputs are checked above: what is left is scikit-survival's IPCW
-        # censoring estimate, undefined e.g. where test times pass the last training time.
-        raise MetricUndefined(CENSORING_UNDEFINED, f"integrated_brier_score: {exc}") from exc
 
 
 def _km_at(time: np.ndarray, event: np.ndarray, horizon: float, level: float) -> tuple[float, float, float]:
@@ -722,6 +643,7 @@ def predicted_event_prob(surv: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(surv, dtype=float)
 
 
+# ibs_time_grid and integrated_brier_score live in pipeline.metrics; re-exported for old imports.
 __all__: Sequence[str] = (
     "FoldTest", "KMResult", "PairedComparison", "breslow_survival", "calibration_at",
     "corrected_resampled_ttest", "ibs_time_grid", "integrated_brier_score", "km_logrank",

@@ -50,6 +50,7 @@ from pipeline.artefacts import (
 )
 from pipeline.clinical import ClinicalTransform
 from pipeline.dataset import AugmentConfig, SurvivalCohort, augment_batch
+from pipeline.embeddings import training_fill, training_scale
 from pipeline.layout import (
     CURVES_COLUMNS,
     OOF_COLUMNS,
@@ -220,12 +221,11 @@ def fit_fm_stats(train: np.ndarray, standardise: bool) -> dict[str, list[float]]
     ``fill`` (the training mean) replaces missing values, which imported feature tables may
     hold; ``mean``/``sd`` z-score the features when ``standardise``, else they are 0 and 1.
     """
-    with np.errstate(invalid="ignore"):
-        fill = np.nan_to_num(np.nanmean(train, axis=0)) if np.isnan(train).any() else train.mean(axis=0)
+    fill = training_fill(train)
     if not standardise:
         return {"fill": fill.tolist(), "mean": [0.0] * len(fill), "sd": [1.0] * len(fill)}
-    sd = np.where(np.isnan(train), fill, train).std(axis=0)
-    return {"fill": fill.tolist(), "mean": fill.tolist(), "sd": np.where(sd > 1e-8, sd, 1.0).tolist()}
+    sd = training_scale(np.where(np.isnan(train), fill, train))
+    return {"fill": fill.tolist(), "mean": fill.tolist(), "sd": sd.tolist()}
 
 
 def apply_fm_stats(mat: np.ndarray, stats: dict[str, list[float]]) -> torch.Tensor:

@@ -15,11 +15,10 @@ from pipeline.report import collect, figures, results, write_report
 from pipeline.report import render as report_render
 from pipeline.artefacts import read_json
 from pipeline.splits import load_folds, make_folds
+from pipeline.metrics import ibs_time_grid, integrated_brier_score
 from pipeline.stats import (
     breslow_survival,
     calibration_at,
-    ibs_time_grid,
-    integrated_brier_score,
     km_logrank,
     paired_bootstrap_delta,
     risk_groups,

@@ -19,16 +19,11 @@ from pipeline.embedding_sets import set_of_datasets
 from pipeline.embeddings import RandomInitWarning
 from pipeline.layout import RunLayout
 from pipeline.manifest import read_manifest, survival_cases
+from pipeline.study import parse_proj_label
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
 PRESETS = ("auto", "paper", "demo")
 _DEMO_SIZE = " x ".join(map(str, DEMO_SURVIVAL_SIZE_XYZ))  # (x, y, z)
-
-
-def parse_proj(value: str | None) -> int | None:
-    if value is None or value == "orig":
-        return None
-    return int(value)
 
 
 def default_run_name(modalities: list[str] | tuple[str, ...], proj: int | None) -> str:
@@ -104,7 +99,7 @@ def training_options(preset: str, config_file: str | None, scalars: dict[str, An
         options["device"] = device
     if no_fm_standardise:
         options["fm_standardise"] = False
-    options["proj"] = parse_proj(proj)
+    options["proj"] = None if proj is None else parse_proj_label(proj)
     return options, notes
 
 
