@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -126,6 +127,19 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def replace_folder(work: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a finished folder ``work`` to ``final``, replacing any old one only once the new
+    one is in place (the old one is moved aside, then removed)."""
+    work, final = Path(work), Path(final)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "previous")
+        os.replace(work, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, final)
 
 
 def _current_umask() -> int:

@@ -74,7 +74,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from pipeline.artefacts import ProvenanceError, atomic_path, read_json, sha256_file
+from pipeline.artefacts import ProvenanceError, atomic_path, read_json, replace_folder, sha256_file
 from pipeline.hecktor import (
     CLINICAL_CSV,
     CLINICAL_HEADER,
@@ -717,13 +717,7 @@ def generate_demo_cohort(out_root: str | os.PathLike, n_cases: int = 100, seed: 
     work = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.partial-", dir=out_root.parent))
     try:
         _generate_into(work, n_cases, seed, workers, spacing_scale)
-        if out_root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.old-", dir=out_root.parent))
-            os.replace(out_root, old / "cohort")
-            os.replace(work, out_root)
-            shutil.rmtree(old)
-        else:
-            os.replace(work, out_root)
+        replace_folder(work, out_root)
     finally:
         if work.exists():
             shutil.rmtree(work)

@@ -32,7 +32,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from pipeline.artefacts import atomic_path, code_version, utc_now, write_json_atomic
+from pipeline.artefacts import atomic_path, code_version, replace_folder, utc_now, write_json_atomic
 from pipeline.dicom.cases import CaseSeries, choose_series
 from pipeline.dicom.clinical import case_ids, clinical_rows, header_row
 from pipeline.dicom.errors import DicomImportError
@@ -193,16 +193,6 @@ def _write_root(work: Path, patients: dict[str, dict[str, Series]], ids: dict[st
     return records
 
 
-def _replace(work: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "root")
-        os.replace(work, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out)
-
-
 def import_dicom(src: str | os.PathLike, out: str | os.PathLike, *, labels: dict[int, str] | None = None,
                  series: Iterable[str] = (), clinical: str | os.PathLike | None = None,
                  endpoint: str | os.PathLike | None = None, center_id: int | None = None,
@@ -257,7 +247,7 @@ def import_dicom(src: str | os.PathLike, out: str | os.PathLike, *, labels: dict
         if pseudonymise:
             with atomic_path(mapping) as tmp:
                 tmp.write_text("case_id,PatientID\n" + "".join(f"{ids[p]},{p}\n" for p in sorted(ids, key=ids.get)))
-        _replace(work, out)
+        replace_folder(work, out)
     finally:
         if work.exists():
             shutil.rmtree(work)
