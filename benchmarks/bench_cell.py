@@ -15,11 +15,14 @@ Usage::
 
     python benchmarks/bench_cell.py --size demo [--cache cache/preprocessed] [--threads 1] [--device auto]
     python benchmarks/bench_cell.py --size paper --steps 2 --threads 2
+    python benchmarks/bench_cell.py --size paper-fold --device cuda --epochs 2 --steps 20   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -28,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.deepmts import DeepMTS, DeepMTSConfig
 from models.losses import deepmts_loss
 from pipeline.dataset import AugmentConfig, augment_batch, load_cohort
 from pipeline.demo import demo_train_options
+from pipeline.runtime import environment_record
 from pipeline.train import (
     PartTimes,
     TrainConfig,
@@ -70,6 +75,18 @@ def floor_per_step(model: DeepMTS, cfg: TrainConfig, batch: dict, steps: int, de
     return float(np.median(times))
 
 
+def fold_floor(state, cohort, cfg: TrainConfig, steps: int) -> float:
+    """The floor of a fold's steps: the same network, in the same layout, on one fixed,
+    already augmented batch of its training rows."""
+    idx = torch.as_tensor(state.data.fit[:cfg.batch_size])
+    img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], cfg.augment, torch.Generator())
+    batch = {"image": to_model_layout(img, state.device), "mask": msk.to(state.device),
+             "clinical": state.data.clinical[idx].to(state.device),
+             "time": torch.as_tensor(cohort.time[idx.numpy()], device=state.device),
+             "event": torch.ones(len(idx), dtype=torch.bool, device=state.device)}
+    return floor_per_step(state.model, cfg, batch, steps, state.device)
+
+
 def bench_demo(cache: str, manifest: str, fold: int, device: str) -> dict[str, float]:
     t_start = time.perf_counter()
     cohort = load_cohort(manifest, cache)
@@ -85,14 +102,7 @@ def bench_demo(cache: str, manifest: str, fold: int, device: str) -> dict[str, f
         t_warm = time.perf_counter() - t0
         times = PartTimes()
         train_fold(cohort, folds, fold, cfg, work / "run", progress=False, times=times)
-        # Floor: the same network, in the same layout, on one fixed, already augmented batch.
-        idx = torch.as_tensor(state.data.fit[:cfg.batch_size])
-        img, msk = augment_batch(cohort.images[idx], cohort.masks[idx], cfg.augment, torch.Generator())
-        batch = {"image": to_model_layout(img, state.device), "mask": msk.to(state.device),
-                 "clinical": state.data.clinical[idx].to(state.device),
-                 "time": torch.as_tensor(cohort.time[idx.numpy()], device=state.device),
-                 "event": torch.ones(len(idx), dtype=torch.bool, device=state.device)}
-        floor = floor_per_step(state.model, cfg, batch, 10, state.device)
+        floor = fold_floor(state, cohort, cfg, 10)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steps = cfg.epochs * cfg.steps_per_epoch
@@ -145,13 +155,64 @@ def bench_paper(steps: int, device: torch.device) -> None:
           f"= {cell / (steps_total * floor):.2f} x its steps' floor")
 
 
+PAPER_DHW = (48, 80, 80)  # the paper's survival input, [D, H, W]
+PAPER_EPOCHS, PAPER_STEPS, PAPER_CASES, GRID_CELLS = 100, 50, 488, 65
+
+
+def paper_size_cohort(cache: str, manifest: str, n_cases: int | None):
+    """The demo cohort's cases (their clinical rows, outcomes and tumours) resampled to the
+    paper's survival input, ``[N, 2, 48, 80, 80]``: a real fold at the paper's size."""
+    cohort = load_cohort(manifest, cache)
+    keep = slice(None, n_cases)
+    images = F.interpolate(cohort.images[keep], size=PAPER_DHW, mode="trilinear", align_corners=False)
+    masks = (F.interpolate(cohort.masks[keep], size=PAPER_DHW, mode="trilinear", align_corners=False) > 0.5).float()
+    return dataclasses.replace(cohort, case_ids=cohort.case_ids[keep], images=images, masks=masks,
+                               time=cohort.time[keep], event=cohort.event[keep], centre=cohort.centre[keep])
+
+
+def bench_paper_fold(args: argparse.Namespace, device: str) -> None:
+    """``train_fold`` itself at the paper's size and settings, a short schedule, each part
+    timed by its PartTimes; projected onto the paper's protocol and the 65-cell grid."""
+    cohort = paper_size_cohort(args.cache, args.manifest, args.cases)
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, warmup_epochs=1, device=device,
+                      precision=args.precision, threads=args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_paper_fold_"))
+    try:
+        folds = get_folds(work / "folds.json", cohort)
+        state = setup_fold(cohort, folds, 0, cfg)  # a worker's one-off set-up and the floor's network
+        times = PartTimes()
+        train_fold(cohort, folds, 0, cfg, work / "run", progress=False, times=times)
+        floor = fold_floor(state, cohort, cfg, 5)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    env = environment_record(state.device, cfg.threads, cfg.precision)
+    print(f"device {env['device']} ({env['gpu'] or env['cpu']}), CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+          f"precision {env['precision']}, TF32 matmul {env['tf32_matmul']} / cuDNN {env['tf32_cudnn']}, "
+          f"deterministic {env['deterministic']}")
+    n_steps, n_evals = cfg.epochs * cfg.steps_per_epoch, (cfg.epochs + 1) * len(cohort)
+    step_s, eval_case_s = times.seconds["steps"] / n_steps, times.seconds["evaluation"] / n_evals
+    other = sum(v for k, v in times.seconds.items() if k not in ("steps", "evaluation"))
+    print(f"measured: {n_steps} steps at {step_s:.3f} s (floor {floor:.3f} s), evaluation "
+          f"{eval_case_s * 1000:.1f} ms/case over {cfg.epochs + 1} passes of {len(cohort)} cases, other {other:.1f} s")
+    cell = PAPER_EPOCHS * PAPER_STEPS * step_s + (PAPER_EPOCHS + 1) * PAPER_CASES * eval_case_s + other
+    print(f"projected paper cell ({PAPER_EPOCHS} x {PAPER_STEPS} steps, {PAPER_EPOCHS + 1} evaluations of "
+          f"{PAPER_CASES} cases): {cell / 60:.1f} min = {cell / (PAPER_EPOCHS * PAPER_STEPS * floor):.2f} x its steps' floor")
+    for gpus in (1, 8):
+        print(f"65-cell grid on {gpus} GPU(s), one cell per GPU at a time: "
+              f"{math.ceil(GRID_CELLS / gpus) * cell / 3600:.2f} h")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["demo", "paper"], default="demo")
+    ap.add_argument("--size", choices=["demo", "paper", "paper-fold"], default="demo",
+                    help="paper-fold: train_fold itself at the paper's size (demo cases resampled)")
+    ap.add_argument("--cases", type=int, default=None, help="paper-fold: first N demo cases (default all)")
+    ap.add_argument("--epochs", type=int, default=2, help="paper-fold: epochs timed")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast"], help="paper-fold")
     ap.add_argument("--cache", default="cache/preprocessed", help="demo-size preprocessed cache")
     ap.add_argument("--manifest", default="data_manifest.csv")
     ap.add_argument("--fold", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3, help="paper size: steps timed for the floor")
+    ap.add_argument("--steps", type=int, default=3, help="paper: steps timed for the floor; paper-fold: steps per epoch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo runs 1 per worker)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args()
@@ -161,6 +222,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     if args.size == "demo":
         _report_demo(bench_demo(args.cache, args.manifest, args.fold, device))
+    elif args.size == "paper-fold":
+        bench_paper_fold(args, device)
     else:
         bench_paper(args.steps, torch.device(device))
 

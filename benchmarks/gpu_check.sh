@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One check on a CUDA host (a few minutes of device time): versions, the tests marked `cuda`,
-# and the paper-size step benchmark. Usage: benchmarks/gpu_check.sh [cuda|cpu] [steps]
+# and train_fold itself at the paper's size (needs the demo cache: `make demo` first). Usage: benchmarks/gpu_check.sh [cuda|cpu] [steps]
 # (cpu with few steps only checks this script's logic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +16,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backe
 PYEOF
 echo "== tests marked cuda (skipped without a GPU)"
 "$PY" -m pytest -q -m cuda -rs tests/test_pooling.py
-echo "== paper-size step benchmark on $DEVICE ($STEPS steps, fp32)"
-"$PY" benchmarks/bench_cell.py --size paper --device "$DEVICE" --steps "$STEPS"
+echo "== the production step: train_fold at the paper's size on $DEVICE, 2 epochs x $STEPS steps, fp32 then bf16"
+if [ ! -f cache/preprocessed/cohort.json ]; then echo "no demo cache at cache/preprocessed: run \`make demo\` first" >&2; exit 1; fi
+"$PY" benchmarks/bench_cell.py --size paper-fold --device "$DEVICE" --epochs 2 --steps "$STEPS"
+"$PY" benchmarks/bench_cell.py --size paper-fold --device "$DEVICE" --epochs 2 --steps "$STEPS" --precision bf16-autocast
