@@ -259,19 +259,6 @@ def leave_one_centre_out(case_ids: Sequence[Any], centre: Sequence[Any]) -> pd.D
     return df
 
 
-def fold_ids(folds: pd.DataFrame, fold: int, repeat: int | None = None) -> tuple[list[str], list[str]]:
-    """``(train_ids, val_ids)`` of one fold (and repeat, for repeated CV), each sorted."""
-    df = folds
-    if "repeat" in df.columns:
-        if repeat is None:
-            raise ValueError("fold_ids: the folds have repeats; pass repeat=")
-        df = df[df["repeat"] == repeat]
-    if not (df["fold"] == fold).any():
-        raise ValueError(f"fold_ids: no fold {fold!r} (folds: {sorted(df['fold'].unique().tolist())})")
-    val = df["fold"] == fold
-    return sorted(df.loc[~val, "case_id"].tolist()), sorted(df.loc[val, "case_id"].tolist())
-
-
 def case_set_sha256(case_ids: Sequence[Any]) -> str:
     """SHA-256 of the sorted, newline-joined case ids (order-independent)."""
     return hashlib.sha256("\n".join(sorted(str(c) for c in case_ids)).encode()).hexdigest()

@@ -9,7 +9,6 @@ import pytest
 from pipeline.artefacts import ProvenanceError
 from pipeline.splits import (
     case_set_sha256,
-    fold_ids,
     inner_split,
     leave_one_centre_out,
     load_folds,
@@ -144,10 +143,9 @@ def test_repeated_folds_use_seed_plus_r(tmp_path):
     save_folds(r, tmp_path / "rep.json")
     back = load_folds(tmp_path / "rep.json", expected_case_ids=ids)
     pd.testing.assert_frame_equal(r, back)
-    tr, va = fold_ids(back, 2, repeat=1)
-    assert set(tr).isdisjoint(va) and len(tr) + len(va) == 100
-    with pytest.raises(ValueError, match="pass repeat="):
-        fold_ids(back, 2)
+    for k in range(3):  # every repeat is a partition of the cohort into 5 folds
+        rep = back[back.repeat == k]
+        assert sorted(rep["case_id"]) == sorted(ids) and set(rep["fold"]) == set(range(5))
 
 
 def test_inner_split_stratified_disjoint_deterministic():
