@@ -310,6 +310,29 @@ def test_risk_depends_on_the_image_through_the_survival_densenet(mode):
         assert float(outside.abs().sum()) == 0
 
 
+def test_daft_carries_the_clinical_vector_into_the_risk():
+    """DAFT away from the identity and the risk head's direct clinical inputs zeroed, so the
+    clinical vector can reach the risk only through DAFT: same image, different clinical
+    vectors give different risks, and every DAFT weight gets a gradient from the risk (a
+    network that skips DAFT fails both)."""
+    torch.manual_seed(0)
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, zero_init_risk=False)).eval()
+    daft, h = model.densenet.daft, model.config.head_units
+    with torch.no_grad():
+        nn.init.normal_(daft.aux.aux_out.weight, std=0.5)
+        model.risk_head[1].weight[:, 2 * h:2 * h + N_CLIN] = 0.0
+    image, _ = _batch(b=1, seed=8)
+    image = image.expand(2, *image.shape[1:])
+    clinical = torch.randn(2, N_CLIN, generator=torch.Generator().manual_seed(9))
+    risk = model(image, clinical)["risk"]
+    assert abs(float(risk[0] - risk[1])) > 1e-4
+    same = model(image, clinical[:1].expand(2, N_CLIN))["risk"]
+    torch.testing.assert_close(same[0], same[1])  # the difference above is the clinical vector's
+    risk.sum().backward()
+    for name, p in daft.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
 def test_initial_risk_is_constant_and_daft_starts_as_the_identity():
     """Zero-initialised risk layer: no initial ranking; identity DAFT: no random rescaling."""
     torch.manual_seed(0)
