@@ -17,6 +17,7 @@ from models.deepmts import (
 )
 from models.fusion import FMProjection
 from models.losses import cox_ph_loss, deepmts_loss, soft_dice_loss
+from sksurv.metrics import concordance_index_censored
 
 N_CLIN = 5
 TINY = (32, 32, 32)
@@ -279,7 +280,14 @@ def test_tiny_model_overfits_a_tiny_batch():
         history.append(parts)
     assert history[-1]["total"] < 0.6 * history[0]["total"]
     assert history[-1]["dice"] < history[0]["dice"] - 0.03
-    assert history[-1]["cox"] < 0.5 * history[0]["cox"]
+    # A partial-likelihood loss is > 0; a flipped sign would also "decrease" (towards -inf).
+    assert 0 < history[-1]["cox"] < 0.5 * history[0]["cox"]
+    # The trained risk orders the batch: case 1 (relapse at 1) above cases 0 (relapse at 5) and
+    # 2 (censored at 3), the only two comparable pairs; a Cox loss of the wrong sign reverses them.
+    with torch.no_grad():
+        risk = model(image, clinical)["risk"].double().numpy()
+    c = concordance_index_censored(event.bool().numpy(), time.double().numpy(), risk)[0]
+    assert c > 0.9, risk
 
 
 # --- the image reaches the risk -------------------------------------------------------------
