@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
+from pipeline.predict import run_is_random_init
 from pipeline.cli.train import train_survival
 
 # Narrow random-init encoders for the 32^3 / 32x32x16 FM inputs of the tiny cache.
@@ -67,6 +69,14 @@ def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trai
     # The run's embeddings were random-init: every row, the record and the console say so.
     assert pred["random_init_embeddings"].all() and prov["random_init_embeddings"] is True
     assert "RANDOMLY INITIALISED" in result.output
+    # ... because the run's record says so: the same record with real weights reads as not random-init.
+    run = json.loads((trained["run"] / "run.json").read_text())
+    assert run_is_random_init(run)
+    real = copy.deepcopy(run)
+    real["embeddings"]["random_init"] = False
+    for attrs in real["embeddings"]["modalities"].values():
+        attrs["weights_sha256"] = "ab" * 32
+    assert set(real["embeddings"]["modalities"]) == {"ct", "pet"} and not run_is_random_init(real)
 
 
 def _fold_risks(run, protocol: str) -> tuple[pd.DataFrame, list[dict]]:
