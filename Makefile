@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test test-fast clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Unit tests only (no end-to-end training, study or subprocess runs: marker `slow`), for the working loop.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean-demo:
 	rm -rf data/demo_cohort cache runs reports predictions embeddings/*.h5 embeddings/.shards
