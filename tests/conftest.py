@@ -54,9 +54,6 @@ SLOW_FIXTURES = frozenset({
     "finished_study",   # test_report: real tiny cells trained
     "inputs",           # test_study: cohort, cache and embeddings of a tiny study
     "beyond",           # test_study_beyond: a study run over several splits
-    "fake",             # test_report: a hand-made study and its full report
-    "cohort",           # test_demo_cohort / test_preprocess: realistic-size cases generated or preprocessed
-    "demo_pair",        # test_dicom: a demo cohort written as DICOM and imported back
 })
 
 
