@@ -143,6 +143,7 @@ def test_forward_shapes_tiny(mode):
     assert torch.isfinite(out["risk"]).all()
 
 
+@pytest.mark.slow  # a full-size forward: seconds of CPU
 def test_forward_full_size_paper_widths():
     torch.manual_seed(0)
     model = DeepMTS(DeepMTSConfig(n_clinical=N_CLIN)).eval()
