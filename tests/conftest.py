@@ -44,3 +44,20 @@ def tiny_study(tmp_path_factory):
     cache = base / "cache"
     preprocess_cohort(manifest, cache, params, workers=2, progress=False)
     return {"root": root, "manifest": manifest, "cache": cache}
+
+
+#: Fixtures that build a cohort and cache, train, or run a study or subprocesses: a test using one
+#: (directly or through another fixture) is end-to-end and gets the ``slow`` marker, so
+#: ``make test-fast`` (``-m "not slow"``) leaves it to the full suite.
+SLOW_FIXTURES = frozenset({
+    "tiny_study",       # conftest: 24 cases generated and preprocessed
+    "finished_study",   # test_report: real tiny cells trained
+    "inputs",           # test_study: cohort, cache and embeddings of a tiny study
+    "beyond",           # test_study_beyond: a study run over several splits
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -81,6 +81,7 @@ def _full_size_state(model_cls) -> dict[str, torch.Tensor]:
             for k, (s, d) in shapes.items()}
 
 
+@pytest.mark.slow  # full-size checkpoint: seconds of CPU
 def test_ct_full_size_release_layout(tmp_path):
     """The real key set at the real size: flat keys, no num_batches_tracked stored."""
     from models.ct_fm import CTFMEncoder
@@ -167,6 +168,7 @@ def test_pet_bare_encoder_state_dict(tmp_path):
         torch.testing.assert_close(loaded(_pet_input()), model(_pet_input()), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # full-size checkpoint: seconds of CPU
 def test_pet_full_size_whole_model(tmp_path):
     from models.pet_fm import PETFMEncoder
 

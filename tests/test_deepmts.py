@@ -17,6 +17,7 @@ from models.deepmts import (
 )
 from models.fusion import FMProjection
 from models.losses import cox_ph_loss, deepmts_loss, soft_dice_loss
+from sksurv.metrics import concordance_index_censored
 
 N_CLIN = 5
 TINY = (32, 32, 32)
@@ -142,6 +143,7 @@ def test_forward_shapes_tiny(mode):
     assert torch.isfinite(out["risk"]).all()
 
 
+@pytest.mark.slow  # a full-size forward: seconds of CPU
 def test_forward_full_size_paper_widths():
     torch.manual_seed(0)
     model = DeepMTS(DeepMTSConfig(n_clinical=N_CLIN)).eval()
@@ -279,14 +281,14 @@ def test_tiny_model_overfits_a_tiny_batch():
         history.append(parts)
     assert history[-1]["total"] < 0.6 * history[0]["total"]
     assert history[-1]["dice"] < history[0]["dice"] - 0.03
-    assert history[-1]["cox"] < 0.5 * history[0]["cox"]
-    # The risk ranks the cases as the outcome does: the earliest event (case 1, t=1) above the
-    # later event (case 0, t=5) and above the case censored at t=3. A Cox loss with its sign
-    # flipped also falls, but by ranking them the wrong way round.
-    model.eval()
+    # A partial-likelihood loss is > 0; a flipped sign would also "decrease" (towards -inf).
+    assert 0 < history[-1]["cox"] < 0.5 * history[0]["cox"]
+    # The trained risk orders the batch: case 1 (relapse at 1) above cases 0 (relapse at 5) and
+    # 2 (censored at 3), the only two comparable pairs; a Cox loss of the wrong sign reverses them.
     with torch.no_grad():
-        risk = model(image, clinical)["risk"]
-    assert float(risk[1]) > float(risk[0]) and float(risk[1]) > float(risk[2])
+        risk = model(image, clinical)["risk"].double().numpy()
+    c = concordance_index_censored(event.bool().numpy(), time.double().numpy(), risk)[0]
+    assert c > 0.9, risk
 
 
 # --- the image reaches the risk -------------------------------------------------------------
@@ -315,6 +317,29 @@ def test_risk_depends_on_the_image_through_the_survival_densenet(mode):
         outside = image.grad.clone()
         outside[:, :, 8:24, 8:24, 8:24] = 0
         assert float(outside.abs().sum()) == 0
+
+
+def test_daft_carries_the_clinical_vector_into_the_risk():
+    """DAFT away from the identity and the risk head's direct clinical inputs zeroed, so the
+    clinical vector can reach the risk only through DAFT: same image, different clinical
+    vectors give different risks, and every DAFT weight gets a gradient from the risk (a
+    network that skips DAFT fails both)."""
+    torch.manual_seed(0)
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, zero_init_risk=False)).eval()
+    daft, h = model.densenet.daft, model.config.head_units
+    with torch.no_grad():
+        nn.init.normal_(daft.aux.aux_out.weight, std=0.5)
+        model.risk_head[1].weight[:, 2 * h:2 * h + N_CLIN] = 0.0
+    image, _ = _batch(b=1, seed=8)
+    image = image.expand(2, *image.shape[1:])
+    clinical = torch.randn(2, N_CLIN, generator=torch.Generator().manual_seed(9))
+    risk = model(image, clinical)["risk"]
+    assert abs(float(risk[0] - risk[1])) > 1e-4
+    same = model(image, clinical[:1].expand(2, N_CLIN))["risk"]
+    torch.testing.assert_close(same[0], same[1])  # the difference above is the clinical vector's
+    risk.sum().backward()
+    for name, p in daft.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
 def test_initial_risk_is_constant_and_daft_starts_as_the_identity():

@@ -171,6 +171,7 @@ def test_shapes_eval_only_and_input_validation():
         PETFMEncoder(img_size=30, patch_size=8)
 
 
+@pytest.mark.slow  # a full-size forward: ~10 s of CPU
 def test_full_size_fast_forward_runs_on_the_real_grid():
     """One real-size forward (fast path, 8^3 grid padded to 14): 128^3 input -> 768-d."""
     from models.checkpoints import random_pet_fm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
+from pipeline.predict import run_is_random_init
 from pipeline.cli.train import train_survival
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
@@ -69,6 +71,14 @@ def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trai
     # The run's embeddings were random-init: every row, the record and the console say so.
     assert pred["random_init_embeddings"].all() and prov["random_init_embeddings"] is True
     assert "RANDOMLY INITIALISED" in result.output
+    # ... because the run's record says so: the same record with real weights reads as not random-init.
+    run = json.loads((trained["run"] / "run.json").read_text())
+    assert run_is_random_init(run)
+    real = copy.deepcopy(run)
+    real["embeddings"]["random_init"] = False
+    for attrs in real["embeddings"]["modalities"].values():
+        attrs["weights_sha256"] = "ab" * 32
+    assert set(real["embeddings"]["modalities"]) == {"ct", "pet"} and not run_is_random_init(real)
     # A tumour larger than the training crop G (cut at its border) is flagged in its row, in the
     # record and on the console: here one case of the four, as the cache records it.
     cut = pred.loc[pred["tumour_cut_at_border"], "case_id"].astype(str).tolist()

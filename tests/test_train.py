@@ -65,9 +65,12 @@ def test_oof_covers_each_case_once_per_protocol_in_its_own_fold(baseline_run):
         assert part["case_id"].is_unique, proto
         assert set(part["case_id"]) == set(folds.index), proto
         assert (part.set_index("case_id")["fold"] == folds.loc[part["case_id"]].to_numpy()).all()
-        state = json.loads((run / "fold_0" / "fold_state.json").read_text())
-        fit_inner = set(state["fit_case_ids"]) | set(state["inner_case_ids"])
-        assert fit_inner.isdisjoint(set(part[part["fold"] == 0]["case_id"]))
+    for k in sorted(folds.unique()):  # every fold: fit, inner and validation partition the cohort
+        state = json.loads((run / f"fold_{k}" / "fold_state.json").read_text())
+        fit, inner = set(state["fit_case_ids"]), set(state["inner_case_ids"])
+        val = set(folds.index[folds == k])
+        assert fit.isdisjoint(inner) and fit.isdisjoint(val) and inner.isdisjoint(val), k
+        assert fit | inner | val == set(folds.index), k
 
 
 def test_summary_equals_scikit_survival_and_lifelines_on_saved_predictions(baseline_run):
