@@ -37,7 +37,8 @@ from models.deepmts import DeepMTS, DeepMTSConfig
 from models.losses import deepmts_loss
 from pipeline.dataset import AugmentConfig, augment_batch, load_cohort
 from pipeline.demo import demo_train_options
-from pipeline.runtime import environment_record
+from pipeline.artefacts import read_json
+from pipeline.layout import RunLayout
 from pipeline.train import (
     PartTimes,
     TrainConfig,
@@ -183,9 +184,9 @@ def bench_paper_fold(args: argparse.Namespace, device: str) -> None:
         times = PartTimes()
         train_fold(cohort, folds, 0, cfg, work / "run", progress=False, times=times)
         floor = fold_floor(state, cohort, cfg, 5)
+        env = read_json(RunLayout(work / "run").done(0))["environment"]  # as the fold ran
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    env = environment_record(state.device, cfg.threads, cfg.precision)
     print(f"device {env['device']} ({env['gpu'] or env['cpu']}), CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
           f"precision {env['precision']}, TF32 matmul {env['tf32_matmul']} / cuDNN {env['tf32_cudnn']}, "
           f"deterministic {env['deterministic']}")

@@ -78,6 +78,9 @@ def main() -> int:
         print("bench_encoders_gpu: CUDA is not available on this machine; nothing to measure "
               "(run it on a CUDA host; the CPU benchmark is benchmarks/bench_encoders.py).")
         return 0
+    # "fp32" means fp32: without this, matmuls and convolutions may run in TF32 on Ampere+.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
     from models.checkpoints import random_ct_fm, random_pet_fm
 
