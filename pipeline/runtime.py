@@ -44,13 +44,6 @@ def check_threads(threads: Any) -> int:
     return int(threads)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's core count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 @contextmanager
 def compute_threads(threads: int = DEFAULT_THREADS) -> Iterator[None]:
     """Run the block on ``threads`` CPU threads: torch intra-op, OpenMP and BLAS pools.
@@ -149,15 +142,3 @@ def environment_record(device: Any, threads: int, precision: str = "fp32") -> di
 #: What :func:`environment_record` holds that may differ between runs and change numbers.
 ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "torch", "cpu_capability",
                     "gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")
-
-
-def describe_environment(record: dict[str, Any]) -> str:
-    """One line naming an environment record's settings that can change numbers."""
-    parts = [f"torch {record.get('torch')}", f"{record.get('device')}"]
-    if record.get("gpu"):
-        parts.append(f"{record['gpu']} (CUDA {record.get('cuda')}, cuDNN {record.get('cudnn')}, "
-                     f"TF32 {'on' if record.get('tf32_matmul') or record.get('tf32_cudnn') else 'off'})")
-    parts += [f"{record.get('precision')}", f"{record.get('threads')} CPU thread(s)",
-              f"CPU kernels {record.get('cpu_capability')}",
-              "deterministic algorithms" if record.get("deterministic") else "non-deterministic algorithms allowed"]
-    return ", ".join(parts)

@@ -339,11 +339,6 @@ def dice_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(target_sum > 0, dice, torch.full_like(dice, float("nan")))
 
 
-def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """Dice per sample of two boolean ``[B, 1, D, H, W]`` maps; NaN where the target is empty."""
-    return dice_per_sample(pred, target).cpu().numpy()
-
-
 def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) -> float:
     """C-index of ``rows``; NaN when undefined (curves, epoch selection)."""
     return float(c_index_value(cohort.time[rows], cohort.event[rows], risk))
@@ -469,8 +464,6 @@ def train_epoch(state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig, e
     """
     for group, lr in zip(state.optimiser.param_groups, state.base_lrs):
         group["lr"] = lr * lr_factor(epoch, cfg)
-    if state.device.type == "cuda":
-        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     state.sampler.set_epoch(epoch)
     state.model.train()
     on = cohort_on_device(state, cohort)
