@@ -61,8 +61,11 @@ def _wait(condition, seconds: float) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the workers")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_killing_the_owner_stops_its_workers_within_seconds(sig):
+    # As from a terminal: SIGINT at its default, whatever this process inherited (a shell's
+    # background job ignores SIGINT, and Python then never raises KeyboardInterrupt).
     owner = subprocess.Popen([sys.executable, "-c", OWNER], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _wait(lambda: len(_children(owner.pid)) == 2, 60), "the pool's workers never started"
         workers = _children(owner.pid)
