@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline import study
 from pipeline.artefacts import read_json
 from pipeline.layout import RunLayout
 from pipeline.runtime import ENVIRONMENT_KEYS
-from test_study import make_spec, make_study_inputs
+from test_study import TINY_TRAIN, make_spec, make_study_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -25,13 +26,15 @@ FOLDS = (0, 1)
 
 
 def _train_survival(inputs: dict, cfg_json: Path, folds: Path, out: Path, fold_args: list[str],
-                    omp_threads: str) -> None:
-    """``train-survival`` as a user types it, in a shell whose OMP_NUM_THREADS is ``omp_threads``."""
+                    omp_threads: str) -> str:
+    """``train-survival`` as a user types it, in a shell whose OMP_NUM_THREADS is ``omp_threads``;
+    returns its standard error (where torch's warnings go)."""
     cmd = [str(BIN / "train-survival"), "--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]),
            "--config", str(cfg_json), "--folds", str(folds), "--n-folds", str(len(FOLDS)), "--out", str(out), "--quiet", *fold_args]
     env = {**os.environ, "OMP_NUM_THREADS": omp_threads, "MKL_NUM_THREADS": omp_threads}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+    return res.stderr
 
 
 def _outputs(run_dir: Path) -> dict[str, object]:
@@ -78,3 +81,23 @@ def test_a_cell_is_the_same_whatever_route_workers_threads_or_resume(routes):
     env = ref["done0"]["environment"]
     assert env["threads"] == 1 and env["deterministic"] is True and env["device"] == "cpu"
     assert set(ENVIRONMENT_KEYS) <= set(env)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_a_cuda_cell_is_the_same_twice_and_uses_only_deterministic_kernels(tmp_path):
+    """On CUDA, deterministic algorithms (and the pooling path built for them) make a cell repeat
+    exactly; torch warns for any op without a deterministic kernel, and none may warn."""
+    inputs = make_study_inputs(tmp_path / "inputs")
+    cfg_json = tmp_path / "train.json"
+    cfg_json.write_text(json.dumps({k: v for k, v in TINY_TRAIN.items() if k != "device"}))
+    folds = tmp_path / "folds.json"
+    runs = {}
+    for name in ("a", "b"):
+        err = _train_survival(inputs, cfg_json, folds, tmp_path / name, ["--device", "cuda"], "1")
+        assert "deterministic implementation" not in err, err
+        runs[name] = _outputs(tmp_path / name)
+    differs = [key for key in runs["a"] if runs["a"][key] != runs["b"][key]]
+    assert not differs, f"two CUDA runs differ in {differs}"
+    env = runs["a"]["done0"]["environment"]
+    assert env["device"].startswith("cuda") and env["gpu"] and env["deterministic"] is True

@@ -128,6 +128,7 @@ def test_accepts_tensor_input_and_rejects_bad_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     arr, img = _smooth_image()
     for dst in GRIDS:
