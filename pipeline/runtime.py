@@ -37,6 +37,24 @@ DEFAULT_THREADS = 1
 CUBLAS_WORKSPACE = ":4096:8"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a cluster job or
+    ``taskset`` narrows), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+def default_workers(jobs: int, threads: int, on_gpu: bool) -> int:
+    """Processes to run ``jobs`` independent trainings in at once: as many as the usable CPUs
+    hold at ``threads`` each (at least one, at most ``jobs``); one on a GPU, which a second
+    training would share."""
+    if on_gpu:
+        return 1
+    return max(1, min(jobs, usable_cpus() // check_threads(threads)))
+
+
 def check_threads(threads: Any) -> int:
     """``threads`` as an int >= 1, or ``ValueError`` naming the value."""
     if isinstance(threads, bool) or int(threads) != threads or int(threads) < 1:

@@ -778,30 +778,60 @@ def train_survival(
     cache_params_hash: str,
     only_folds: list[int] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train every fold (or ``only_folds``) of one configuration, skipping finished folds.
 
     Writes ``run.json`` (config and provenance), ``folds.csv``, ``fold_<k>/`` per fold,
-    ``summary.json`` and ``oof_predictions.csv``; returns the summary.
+    ``summary.json`` and ``oof_predictions.csv``; returns the summary. With ``workers`` > 1
+    the folds train at once, each in its own process (:class:`pipeline.pool.JobPool`) on
+    ``cfg.threads`` threads: the same numbers as one after the other (each fold computes
+    alone on its own thread count, :func:`train_fold`).
     """
+    resolve_device(cfg.device)  # an unusable device fails here, before any fold starts
     layout = RunLayout(run_dir)
     n_folds = int(folds["fold"].nunique())
     start_run(layout.root, run_provenance(cohort, cfg, folds_hash(folds), cache_params_hash))
     if not layout.folds_csv.is_file():
         with atomic_path(layout.folds_csv, suffix=".csv") as tmp:
             folds.to_csv(tmp, index=False)
+    todo = []
     for k in (only_folds if only_folds is not None else range(n_folds)):
-        # One line per fold whatever the progress setting: these are results, not progress.
         if layout.is_done(k):
             print(f"fold {k}: already done, skipped")
-            continue
-        rec = train_fold(cohort, folds, k, cfg, layout.root, progress=progress)
-        parts = ", ".join(
-            f"{p}: C={_fmt_metric(r, 'c_index')} AUC1y={_fmt_metric(r, 'auc_1y')} (epoch {r['selected_epoch']})"
-            for p, r in rec["protocols"].items()
-        )
-        print(f"fold {k}: {parts}")
+        else:
+            todo.append(k)
+    if workers <= 1 or len(todo) <= 1:
+        for k in todo:
+            _print_fold(k, train_fold(cohort, folds, k, cfg, layout.root, progress=progress))
+    else:
+        _train_folds_in_pool(cohort, folds, todo, cfg, layout, workers, progress)
     return summarise_run(layout.root, n_folds)
+
+
+def _train_folds_in_pool(cohort: SurvivalCohort, folds: pd.DataFrame, todo: list[int], cfg: TrainConfig,
+                         layout: RunLayout, workers: int, progress: bool) -> None:
+    """Folds ``todo`` in ``workers`` processes; the cohort's tensors travel through shared
+    memory (torch's pickling), not as copies. A failing fold stops the others and raises
+    its original error, as it would one after the other."""
+    from pipeline.pool import Job, JobPool
+
+    jobs = [Job(f"fold {k}", train_fold, (cohort, folds, k, cfg, layout.root), {"progress": False},
+                ident={"fold": k}) for k in todo]
+    with JobPool(min(workers, len(jobs))) as pool:
+        for done in pool.run(jobs, bar="folds" if progress else None, unit="fold"):
+            if not done.ok and isinstance(done.failed.original, Exception):
+                raise done.failed.original
+            _print_fold(done.job.ident["fold"], done.result())
+
+
+def _print_fold(k: int, rec: dict[str, Any]) -> None:
+    """One line per fold whatever the progress setting: these are results, not progress."""
+    parts = ", ".join(
+        f"{p}: C={_fmt_metric(r, 'c_index')} AUC1y={_fmt_metric(r, 'auc_1y')} (epoch {r['selected_epoch']})"
+        for p, r in rec["protocols"].items()
+    )
+    print(f"fold {k}: {parts}")
 
 
 def _fmt_metric(record: dict[str, Any], key: str) -> str:

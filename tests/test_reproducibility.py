@@ -1,6 +1,6 @@
 """Same settings, same numbers: a cell's outputs do not depend on the route that trained it
-(train-survival or run-study), the pool's worker count, a resume, or the shell's
-OMP_NUM_THREADS. Each route runs the real code in its own process."""
+(train-survival or run-study), the worker count (run-study's pool, train-survival --workers),
+a resume, or the shell's OMP_NUM_THREADS. Each route runs the real code in its own process."""
 
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def routes(tmp_path_factory):
     cfg_json = root / "train.json"
     cell_run = study.cell_layout(spec, study.Cell(study.Configuration(), 0)).root
     cfg_json.write_text(json.dumps(read_json(RunLayout(cell_run).run_json)["config"]))  # the same settings
-    # Route 2: train-survival, both folds in one go, in a shell with OMP_NUM_THREADS=2.
-    _train_survival(inputs, cfg_json, spec.folds_path, root / "cli2", ["--fold", "0", "--fold", "1"], "2")
+    # Route 2: train-survival, both folds at once in two processes, OMP_NUM_THREADS=2.
+    _train_survival(inputs, cfg_json, spec.folds_path, root / "cli2", ["--fold", "0", "--fold", "1", "--workers", "2"], "2")
     # Route 3: train-survival with OMP_NUM_THREADS=1, one fold, then the other as a resume.
     _train_survival(inputs, cfg_json, spec.folds_path, root / "cli1", ["--fold", "0"], "1")
     _train_survival(inputs, cfg_json, spec.folds_path, root / "cli1", ["--fold", "1"], "1")

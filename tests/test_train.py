@@ -149,3 +149,15 @@ def test_embeddings_missing_a_case_are_refused_naming_it(tiny_study, tmp_path):
                    "--folds", str(tmp_path / "folds.json"), *TINY])
     assert result.exit_code == 1
     assert ids[0] in result.output
+
+
+def test_a_fold_failing_in_a_worker_fails_the_run_as_it_would_in_process(tiny_study, tmp_path):
+    """--workers 2: the failing fold's own error reaches the user (not a pool error) and the
+    run stops without a summary."""
+    args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
+            "--out", str(tmp_path / "run"), "--folds", str(tmp_path / "folds.json"), *TINY,
+            "--fold", "0", "--fold", "7", "--workers", "2"]
+    result = CliRunner().invoke(train_survival, args)
+    assert result.exit_code == 1, result.output
+    assert "error: fold 7 has no validation case" in result.output
+    assert not (tmp_path / "run" / "summary.json").exists()

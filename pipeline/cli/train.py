@@ -194,9 +194,14 @@ def undefined_metric_lines(run_dir: Path) -> list[str]:
               help="Do not z-score FM embeddings with training-fold statistics before projection.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="auto = CUDA when present, else CPU.")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Folds trained at once, each in its own process on --threads threads; the numbers do "
+                   "not depend on it. [default: as many as the CPUs this process may use hold, up to the "
+                   "folds left; 1 on a GPU]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, out, folds_path, n_folds,
-                   only_folds, config_file, model_config, no_fm_standardise, device, quiet, tumour_input, **scalars):
+                   only_folds, config_file, model_config, no_fm_standardise, device, workers, quiet, tumour_input,
+                   **scalars):
     """Train DeepMTS+DAFT by stratified K-fold CV, optionally with cached FM embeddings.
 
     Without --embeddings this trains the baseline; `--embeddings embeddings/ctpet.h5
@@ -213,7 +218,8 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
     """
     # local: torch and the network, imported when training, so --help stays quick
     from pipeline.dataset import load_cohort
-    from pipeline.train import TrainConfig, format_summary, get_folds, train_survival as run
+    from pipeline.runtime import default_workers
+    from pipeline.train import TrainConfig, format_summary, get_folds, resolve_device, train_survival as run
 
     # Loading the embeddings would repeat the random-init warning: said once below.
     warnings.simplefilter("ignore", RandomInitWarning)
@@ -240,9 +246,11 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
         click.echo(f"{len(cohort)} cases, {int(cohort.event.sum())} events, "
                    f"embeddings: {', '.join(f'{k} [{v.shape[1]}]' for k, v in cohort.embeddings.items()) or 'none'}, "
                    f"proj: {proj}; run folder {run_dir}")
+        wanted = list(only_folds) or sorted(folds["fold"].unique().tolist())
+        workers = workers or default_workers(len(wanted), cfg.threads, on_gpu=resolve_device(cfg.device).type == "cuda")
         summary = run(cohort, cfg, run_dir, folds,
                       cache_params_hash=PreprocessedCache(cache_root).params_hash,
-                      only_folds=list(only_folds) or None, progress=not quiet)
+                      only_folds=list(only_folds) or None, progress=not quiet, workers=workers)
     except (ValueError, KeyError, FileNotFoundError, ProvenanceError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         click.secho(f"error: {msg}", fg="red", err=True)
