@@ -154,6 +154,7 @@ def test_precision_is_validated():
 
 def test_memory_layout_is_chosen_per_device():
     assert train.memory_format(torch.device("cpu")) is torch.channels_last_3d
-    assert train.memory_format(torch.device("cuda")) is torch.contiguous_format
+    assert train.memory_format(torch.device("cuda")) is torch.channels_last_3d
+    assert train.memory_format(torch.device("meta")) is torch.contiguous_format
     x = train.to_model_layout(torch.zeros(1, 2, 4, 4, 4), torch.device("cpu"))
     assert x.is_contiguous(memory_format=torch.channels_last_3d)
