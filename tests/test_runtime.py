@@ -26,3 +26,26 @@ def test_usable_cpus_is_the_affinity_mask_not_the_machine():
 def test_thread_counts_are_checked_naming_the_value(bad):
     with pytest.raises((ValueError, TypeError), match=repr(bad) if not isinstance(bad, str) else None):
         runtime.check_threads(bad)
+
+
+def test_embeddings_do_not_depend_on_the_thread_count():
+    """The extraction keeps torch's default threads and leaves the count out of an embedding
+    file's provenance; that holds only while both encoders give the same bits on any count
+    (checked at the demo's input sizes, random-init weights)."""
+    import numpy as np
+    import torch
+
+    from pipeline import embeddings as E
+
+    rng = np.random.default_rng(0)
+    sizes = {"ct": ((16, 64, 64), {}), "pet": ((64, 64, 64), {"img_size": 64, "window_size": 4})}
+    for modality, (dhw, config) in sizes.items():
+        spec = E._make_spec(modality, weights=None, random_init=True, seed=0, encoder_config=config,
+                            precision="fp32")
+        model = E._build_encoder(spec)
+        x = rng.random((2, 1, *dhw), dtype=np.float32)
+        outs = []
+        for threads in (1, 2):
+            with runtime.compute_threads(threads):
+                outs.append(E._forward(model, x, torch.device("cpu"), "fp32"))
+        assert np.array_equal(outs[0], outs[1]), modality
