@@ -142,7 +142,10 @@ def test_bf16_autocast_curves_track_fp32(fold_state):
         state = setup_fold(cohort, folds, 0, cfg)
         curves[precision] = [train_epoch(state, cohort, cfg, e)["loss"] for e in range(cfg.epochs)]
     fp32, bf16 = np.array(curves["fp32"]), np.array(curves["bf16-autocast"])
-    assert np.all(np.isfinite(bf16))
+    assert np.all(np.isfinite(bf16)), (
+        f"bf16 losses {bf16} (fp32 {fp32}); torch threads {torch.get_num_threads()}, deterministic "
+        f"{torch.are_deterministic_algorithms_enabled()}, default dtype {torch.get_default_dtype()}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     assert not np.array_equal(fp32, bf16)  # autocast did run in bf16
     np.testing.assert_allclose(bf16, fp32, rtol=0.05)
 
