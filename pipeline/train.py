@@ -123,7 +123,7 @@ class TrainConfig:
             order (:mod:`pipeline.runtime`). Parallelism comes from folds in processes.
         precision: training arithmetic: "fp32" (default) or "bf16-autocast" (forward and loss
             under bfloat16 autocast; no gradient scaler needed; the Cox loss's logsumexp runs
-            in fp32 under autocast). Works on CPU too, where it is slower.
+            in fp32 under autocast). CUDA only: refused on CPU (:func:`training_device`).
     """
 
     epochs: int = 100
@@ -400,9 +400,27 @@ class FoldTraining:
     on_device: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device a fold trains on; bf16 autocast is refused on CPU, where it is slower than fp32
+    and gave non-finite losses at random in this project's tests (the same fold, runs apart)."""
+    device = resolve_device(cfg.device)
+    if cfg.precision == "bf16-autocast" and device.type == "cpu":
+        raise ValueError("precision 'bf16-autocast' is for CUDA: on CPU it is slower than fp32 and gave "
+                         "non-finite losses at random; train on CPU with --precision fp32")
+    return device
+
+
+def _check_finite(losses: dict[str, float], fold: int, epoch: int, cfg: TrainConfig) -> None:
+    """Stop a fold whose training loss is no longer finite, naming where, rather than go on."""
+    bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"fold {fold}, epoch {epoch}: non-finite training loss {bad} "
+                                 f"(precision {cfg.precision}, lr {cfg.lr}); the fold is not marked done")
+
+
 def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldTraining:
     """Fit the fold's transforms and build the model, its EMA, the optimiser and the sampler."""
-    device = resolve_device(cfg.device)
+    device = training_device(cfg)
     torch.manual_seed(cfg.seed + fold)
     data = prepare_fold(cohort, folds, fold, cfg)
     model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), device)
@@ -605,6 +623,7 @@ def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fo
         t0 = _time.perf_counter()
         with times.part("steps"):
             losses = train_epoch(state, cohort, cfg, epoch)
+        _check_finite(losses, fold, epoch, cfg)
         with times.part("evaluation"):
             evaluation = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device)
         if epoch >= cfg.select_from_epoch:
@@ -790,7 +809,7 @@ def train_survival(
     ``cfg.threads`` threads: the same numbers as one after the other (each fold computes
     alone on its own thread count, :func:`train_fold`).
     """
-    resolve_device(cfg.device)  # an unusable device fails here, before any fold starts
+    training_device(cfg)  # an unusable device or precision fails here, before any fold starts
     layout = RunLayout(run_dir)
     n_folds = int(folds["fold"].nunique())
     start_run(layout.root, run_provenance(cohort, cfg, folds_hash(folds), cache_params_hash))

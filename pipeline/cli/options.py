@@ -32,7 +32,7 @@ TRAIN_SCALARS: dict[str, tuple[type, str]] = {
                      "OMP_NUM_THREADS says. Numbers depend on it (sums in another order), so it is one "
                      "of the run's settings; run folds and cells side by side for speed instead."),
     "precision": (str, "Training arithmetic: fp32 or bf16-autocast (forward pass under bfloat16 autocast, "
-                       "losses in fp32; for GPUs) [fp32]."),
+                       "losses in fp32; CUDA only: refused on CPU, where it gave non-finite losses at random) [fp32]."),
     "select_from_epoch": (int, "First epoch (0-based) model selection may choose [paper: 0; demo preset: "
                                f"{demo_train_options().get('select_from_epoch', 0)}]."),
 }
