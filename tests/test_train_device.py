@@ -47,8 +47,8 @@ def count_host_reads(device: torch.device):
 
 
 def _config(**kw) -> TrainConfig:
-    return TrainConfig(epochs=3, steps_per_epoch=3, batch_size=4, eval_batch_size=8, ema_decay=0.5,
-                       model={"preset": "tiny"}, device="cpu", warmup_epochs=0, **kw)
+    return TrainConfig(**({"epochs": 3, "steps_per_epoch": 3, "batch_size": 4, "eval_batch_size": 8, "ema_decay": 0.5,
+                           "model": {"preset": "tiny"}, "device": "cpu", "warmup_epochs": 0} | kw))
 
 
 @pytest.fixture(scope="module")
