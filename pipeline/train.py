@@ -71,6 +71,7 @@ from pipeline.runtime import (
     DEFAULT_THREADS,
     check_threads,
     compute_threads,
+    default_workers,
     deterministic_kernels,
     environment_record,
 )
@@ -799,7 +800,7 @@ def train_survival(
     cache_params_hash: str,
     only_folds: list[int] | None = None,
     progress: bool = True,
-    workers: int = 1,
+    workers: int | None = 1,
 ) -> dict[str, Any]:
     """Train every fold (or ``only_folds``) of one configuration, skipping finished folds.
 
@@ -807,9 +808,10 @@ def train_survival(
     ``summary.json`` and ``oof_predictions.csv``; returns the summary. With ``workers`` > 1
     the folds train at once, each in its own process (:class:`pipeline.pool.JobPool`) on
     ``cfg.threads`` threads: the same numbers as one after the other (each fold computes
-    alone on its own thread count, :func:`train_fold`).
+    alone on its own thread count, :func:`train_fold`). ``workers=None``: as many as the
+    usable CPUs hold (:func:`pipeline.runtime.default_workers`).
     """
-    training_device(cfg)  # an unusable device or precision fails here, before any fold starts
+    device = training_device(cfg)  # an unusable device or precision fails here, before any fold starts
     layout = RunLayout(run_dir)
     n_folds = int(folds["fold"].nunique())
     start_run(layout.root, run_provenance(cohort, cfg, folds_hash(folds), cache_params_hash))
@@ -822,6 +824,8 @@ def train_survival(
             print(f"fold {k}: already done, skipped")
         else:
             todo.append(k)
+    if workers is None:
+        workers = default_workers(len(todo), cfg.threads, on_gpu=device.type == "cuda")
     if workers <= 1 or len(todo) <= 1:
         for k in todo:
             _print_fold(k, train_fold(cohort, folds, k, cfg, layout.root, progress=progress))

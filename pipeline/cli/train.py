@@ -218,8 +218,7 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
     """
     # local: torch and the network, imported when training, so --help stays quick
     from pipeline.dataset import load_cohort
-    from pipeline.runtime import default_workers
-    from pipeline.train import TrainConfig, format_summary, get_folds, resolve_device, train_survival as run
+    from pipeline.train import TrainConfig, format_summary, get_folds, train_survival as run
 
     # Loading the embeddings would repeat the random-init warning: said once below.
     warnings.simplefilter("ignore", RandomInitWarning)
@@ -246,8 +245,6 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
         click.echo(f"{len(cohort)} cases, {int(cohort.event.sum())} events, "
                    f"embeddings: {', '.join(f'{k} [{v.shape[1]}]' for k, v in cohort.embeddings.items()) or 'none'}, "
                    f"proj: {proj}; run folder {run_dir}")
-        wanted = list(only_folds) or sorted(folds["fold"].unique().tolist())
-        workers = workers or default_workers(len(wanted), cfg.threads, on_gpu=resolve_device(cfg.device).type == "cuda")
         summary = run(cohort, cfg, run_dir, folds,
                       cache_params_hash=PreprocessedCache(cache_root).params_hash,
                       only_folds=list(only_folds) or None, progress=not quiet, workers=workers)
