@@ -96,13 +96,28 @@ def deterministic_kernels() -> Iterator[None]:
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _use_deterministic_algorithms(torch, True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        _use_deterministic_algorithms(torch, before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def _use_deterministic_algorithms(torch: Any, mode: bool, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms`` without its import of the compiler.
+
+    The public call also sets ``torch._inductor.config.deterministic``, importing TorchDynamo
+    and Inductor to do so: ~1.1 s in every training process, for a flag that only compiled
+    code reads, and nothing here compiles. Where the compiler is loaded already (a caller
+    compiles), or torch lacks the kernel switch, the public call is made.
+    """
+    switch = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if switch is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        switch(mode, warn_only=warn_only)
 
 
 def _cpu_model() -> str:

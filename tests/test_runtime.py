@@ -49,3 +49,24 @@ def test_embeddings_do_not_depend_on_the_thread_count():
             with runtime.compute_threads(threads):
                 outs.append(E._forward(model, x, torch.device("cpu"), "fp32"))
         assert np.array_equal(outs[0], outs[1]), modality
+
+
+def test_deterministic_kernels_switch_torch_and_restore_it_without_loading_the_compiler():
+    """In a fresh interpreter (the suite may have loaded the compiler): the block runs with
+    deterministic algorithms in warn-only mode, the previous mode comes back after it, and
+    torch's compiler (1 s of imports per training process) stays unloaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from pipeline.runtime import deterministic_kernels\n"
+        "with deterministic_kernels():\n"
+        "    inside = (torch.are_deterministic_algorithms_enabled(),"
+        " torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic)\n"
+        "after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)\n"
+        "print(inside, after, 'torch._inductor' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(True,", "True,", "True)", "(False,", "False)", "False"], out.stdout
