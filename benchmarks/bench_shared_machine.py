@@ -6,9 +6,13 @@ variable; the commands choose their own threads), and prints wall times and rati
 * a demo fold: ``train-survival --fold 0`` on the demo cache (``make demo`` leaves it);
 * the ridge head: :func:`pipeline.peers.run_head` on a 488 x 428 table
   (``benchmarks/bench_peers.py``'s synthetic radiomics-sized table), in its own process;
+* CT embeddings: ``extract-embeddings --modality ct --random-init`` on the demo cache (100
+  cases, torch's default threads: its embeddings do not depend on them);
 
 each (a) alone, (b) beside one CPU-bound process (``python3 -c "while True: pass"``), and for
-the fold (c) two of them side by side. Aims (2 cores): (b) and (c) at most 1.3x (a).
+the fold (c) two of them side by side. Aims (2 cores): (b) and (c) at most 1.3x (a) for the
+fold and the head; the extraction uses both cores alone, so beside a busy process it can at
+best keep one (2x).
 
 Usage::
 
@@ -38,6 +42,10 @@ RIDGE = (
 
 def fold_command(out: Path) -> list[str]:
     return [str(BIN / "train-survival"), "--fold", "0", "--out", str(out), "--quiet"]
+
+
+def extract_command(out: Path) -> list[str]:
+    return [str(BIN / "extract-embeddings"), "--modality", "ct", "--random-init", "--out", str(out / "ct.h5")]
 
 
 def ridge_command(_: Path) -> list[str]:
@@ -90,6 +98,8 @@ def main() -> None:
             timed([fold_command(work / "warm")])  # first run pays one-off file-cache warm-up
             rows += measure("demo fold (train-survival --fold 0)", fold_command, work, pair=True)
         rows += measure("ridge head, 488 x 428", ridge_command, work, pair=False)
+        if not args.skip_fold:
+            rows += measure("CT embeddings (extract-embeddings --modality ct)", extract_command, work, pair=False)
     print(f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"load average before {os.getloadavg()[0]:.1f}")
     print("\n".join(rows))

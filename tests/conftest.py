@@ -3,7 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+
+import pipeline  # noqa: F401  (first: sets OpenMP's passive wait before torch loads it)
+import torch  # noqa: E402
 
 # Two cores here and in CI: keep intra-op threads bounded so parallel helpers don't thrash.
 torch.set_num_threads(2)

@@ -70,3 +70,21 @@ def test_deterministic_kernels_switch_torch_and_restore_it_without_loading_the_c
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["(True,", "True,", "True)", "(False,", "False)", "False"], out.stdout
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_waits_passively_unless_the_user_chose(preset, expected):
+    """`import pipeline` before torch leaves OMP_WAIT_POLICY at the user's value, or sets it
+    to PASSIVE, where torch's OpenMP runtime (loaded after it) and child processes read it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import pipeline, os, subprocess, sys, torch\n"
+            "print(os.environ['OMP_WAIT_POLICY'], subprocess.run([sys.executable, '-c', "
+            "'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], capture_output=True, text=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected, expected]
