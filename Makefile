@@ -21,12 +21,14 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/run-study --demo
 
+# Two pytest workers, one test file each at a time (--dist loadfile): the documented examples
+# run in order in one of them while the other takes the rest of the suite.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The working loop: unit tests only (end-to-end tests are marked `slow`); CI runs `make test`.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 clean-demo:
 	rm -rf data/demo_cohort cache runs reports predictions embeddings/*.h5 embeddings/.shards

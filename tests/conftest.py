@@ -14,6 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 STS_ROOT = REPO.parent / "shared" / "data" / "sts_petct"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, controller side: tell each worker the distribution mode (a worker's own
+    options say "no"), so tests that must share a process can check it."""
+    node.workerinput["dist"] = node.config.getoption("dist")
+
+
 @pytest.fixture
 def sts_root() -> Path:
     """The real PET/CT case in HECKTOR layout, or skip when this checkout lacks it."""

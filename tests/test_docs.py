@@ -164,12 +164,13 @@ EXAMPLES = readme_examples() + help_examples()
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, pytestconfig):
     """A scratch folder holding the committed demo manifest, and the environment to run in.
 
     HOME points into it and the weights variables are unset, so no user weights are found.
     Prints the wall and CPU seconds of every example at the end (seen with ``pytest -s``).
     """
+    _check_one_worker_runs_them_all(pytestconfig)
     root = tmp_path_factory.mktemp("docs")
     for name in ("data_manifest.csv", "data_manifest.json"):
         shutil.copy2(REPO / name, root / name)
@@ -182,6 +183,16 @@ def workspace(tmp_path_factory):
     rows = [f"{wall:7.1f} {cpu:7.1f}  {source}" for source, wall, cpu in ws["timings"]]
     total_wall, total_cpu = (sum(t[i] for t in ws["timings"]) for i in (1, 2))
     print("\n   wall s   CPU s  example\n" + "\n".join(rows) + f"\n{total_wall:7.1f} {total_cpu:7.1f}  total")
+
+
+def _check_one_worker_runs_them_all(config) -> None:
+    """The examples build on each other's files, so they run in order in one process: under
+    pytest-xdist only a mode that keeps a file on one worker does (``make test``'s loadfile)."""
+    worker = getattr(config, "workerinput", None)  # set on a pytest-xdist worker only
+    dist = worker.get("dist") if worker is not None else None
+    if worker is not None and dist not in ("loadfile", "loadscope"):
+        pytest.fail(f"the documentation examples build on each other: with -n, pass --dist loadfile "
+                    f"(not --dist {dist}), as `make test` does", pytrace=False)
 
 
 def _cpu_seconds() -> float:
