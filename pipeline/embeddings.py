@@ -101,6 +101,7 @@ from pipeline.artefacts import (
 )
 from pipeline.cache import COHORT_FILE, CTFM_CT, PETFM_PET, PreprocessedCache
 from pipeline.embedding_sets import EMBEDDING_SETS
+from pipeline.runtime import check_threads, compute_threads, usable_cpus
 
 # torch, and models.checkpoints which imports it, are imported in the functions that run
 # the encoders: reading an embeddings file (reports, studies, peers, the CLIs' --help)
@@ -240,10 +241,16 @@ class _EncoderSpec:
     weights_path: str
     encoder_config: dict[str, Any]
     precision: str
+    compute: dict[str, Any] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
-        """The fields that decide the numbers (``weights_path`` is only informational)."""
+        """The fields that decide the numbers (``weights_path`` is only informational).
+
+        ``compute`` is the device and, on CPU, the thread count: on some CPUs the count moves
+        the last bits (the PET-FM on a 16-core x86 host: ~1e-7 between one and two threads),
+        so rows computed on other counts are never mixed into one file or store."""
         return {
+            "compute": self.compute,
             "modality": self.modality,
             "encoder": self.encoder,
             "weights_sha256": self.weights_sha256,
@@ -618,28 +625,31 @@ def _make_spec(
     seed: int,
     encoder_config: dict[str, Any],
     precision: str,
+    compute: dict[str, Any] | None = None,
 ) -> _EncoderSpec:
     from models import checkpoints  # local: torch (see the note on imports)
 
     name = checkpoints.CT_FM_NAME if modality == "ct" else checkpoints.PET_FM_NAME
+    compute = dict(compute or {})
     if random_init:
-        return _EncoderSpec(modality, name, RANDOM_INIT, int(seed), "", dict(encoder_config), precision)
+        return _EncoderSpec(modality, name, RANDOM_INIT, int(seed), "", dict(encoder_config), precision, compute)
     path = resolve_weights(modality, weights)
     return _EncoderSpec(
-        modality, name, sha256_file(path), -1, str(path.resolve()), dict(encoder_config), precision
+        modality, name, sha256_file(path), -1, str(path.resolve()), dict(encoder_config), precision, compute
     )
 
 
 def _make_specs(
     mods: Sequence[str], *, weights: dict[str, Any], random_init: bool, seed: int,
-    encoder_kwargs: dict[str, dict[str, Any]], precision: str,
+    encoder_kwargs: dict[str, dict[str, Any]], precision: str, compute: dict[str, Any],
 ) -> dict[str, _EncoderSpec]:
     """One spec per modality; missing weights of every modality are reported together."""
     specs, missing = {}, []
     for m in mods:
         try:
             specs[m] = _make_spec(m, weights=weights[m], random_init=random_init, seed=seed,
-                                  encoder_config=encoder_kwargs.get(m, {}), precision=precision)
+                                  encoder_config=encoder_kwargs.get(m, {}), precision=precision,
+                                  compute=compute)
         except WeightsNotFoundError as exc:
             missing.append(str(exc))
     if missing:
@@ -794,6 +804,7 @@ def run_extraction(
     overwrite: bool = False,
     shard_dir: str | os.PathLike | None = None,
     precision: str | None = None,
+    threads: int | None = None,
 ) -> ExtractionResult:
     """Compute (or reuse) embeddings of every cached case and write the ``.h5``; see module doc.
 
@@ -817,6 +828,9 @@ def run_extraction(
         shard_dir: shard store root; default ``<out folder>/.shards``.
         precision: ``"fp32"`` or ``"bf16-autocast"`` (part of the provenance); default bf16
             autocast on CUDA, fp32 on CPU. Prediction passes the training run's precision.
+        threads: CPU threads of the encoders on CPU; default the CPUs this process may use
+            (:func:`pipeline.runtime.usable_cpus`, whatever ``OMP_NUM_THREADS`` says). Part
+            of the provenance with the device (see :meth:`_EncoderSpec.provenance`).
 
     Returns:
         :class:`ExtractionResult`.
@@ -833,12 +847,13 @@ def run_extraction(
     shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
     cache = open_cache(cache_root)
     torch_device, precision = _resolve_device(device, precision)
+    compute = compute_record(torch_device, threads)
     mods = MODALITIES[modality]
     if "pet" in mods:
         encoder_kwargs["pet"] = pet_encoder_config(cache, encoder_kwargs.get("pet", {}))
     specs = _make_specs(mods, weights={"ct": ct_weights, "pet": pet_weights},
                         random_init=random_init, seed=seed, encoder_kwargs=encoder_kwargs,
-                        precision=precision)
+                        precision=precision, compute=compute)
     case_ids = cache.case_ids
     fingerprints = [cache.case_fingerprint(c) for c in case_ids]
     expected_prov = {m: json.loads(canonical_json(s.provenance())) for m, s in specs.items()}
@@ -861,16 +876,33 @@ def run_extraction(
                 stack.push(_forget_store_if_unused(store))
                 _prepare_store(store, specs[m])
                 _remove_stale_temps(store)
-                matrices[m], result.per_modality[m] = _embed_modality(
-                    cache, specs[m], store, case_ids, fingerprints,
-                    device=torch_device, batch_size=int(batch_size), progress=progress,
-                )
+                with compute_threads(compute.get("threads", torch_threads())):
+                    matrices[m], result.per_modality[m] = _embed_modality(
+                        cache, specs[m], store, case_ids, fingerprints,
+                        device=torch_device, batch_size=int(batch_size), progress=progress,
+                    )
             _write_h5(out, cache, modality, specs, matrices, case_ids, fingerprints)
     except BaseException:
         _remove_empty_dirs([*stores, shard_root, *made])
         raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def compute_record(device: Any, threads: int | None) -> dict[str, Any]:
+    """Where the encoders compute: ``{"device": "cpu", "threads": n}`` (``threads`` checked,
+    default :func:`pipeline.runtime.usable_cpus`) or ``{"device": "cuda"}`` (CPU threads do
+    not touch a GPU's kernels)."""
+    if device.type != "cpu":
+        return {"device": device.type}
+    return {"device": "cpu", "threads": check_threads(threads) if threads is not None else usable_cpus()}
+
+
+def torch_threads() -> int:
+    """torch's current intra-op thread count (kept as it is where the encoders run on a GPU)."""
+    import torch  # local: see the note on imports
+
+    return torch.get_num_threads()
 
 
 def _check_extraction_args(modality: str, batch_size: int,
@@ -959,8 +991,9 @@ def _write_h5(
     datasets = {}
     for m, spec in specs.items():
         shape = _input_shape(cache, case_ids[0], INPUT_KEYS[m]) if case_ids else ()
-        attrs = {k: v for k, v in spec.provenance().items() if k != "encoder_config"}
-        attrs.update(encoder_config=canonical_json(spec.encoder_config), weights_path=spec.weights_path,
+        attrs = {k: v for k, v in spec.provenance().items() if k not in ("encoder_config", "compute")}
+        attrs.update(encoder_config=canonical_json(spec.encoder_config), compute=canonical_json(spec.compute),
+                     weights_path=spec.weights_path,
                      input_shape=np.asarray(shape, dtype=np.int64))
         datasets[m] = (matrices[m], attrs, spec.provenance())
     write_embedding_file(

@@ -234,6 +234,28 @@ def test_other_provenance_is_refused_not_mixed(cache, tmp_path):
     assert len(stores) == 2 and any("seed0" in s for s in stores) and any("seed1" in s for s in stores)
 
 
+def test_cpu_thread_count_is_recorded_and_another_count_is_not_mixed(cache, tmp_path):
+    """On some CPUs the thread count moves an embedding's last bits (the PET-FM on a 16-core
+    x86 host), so it is part of the provenance: recorded in the file, refused on a rerun with
+    another count, computed in its own shard store when asked with --overwrite."""
+    out = tmp_path / "emb" / "ct.h5"
+    run(cache, "ct", out, threads=1)
+    with h5py.File(out) as h5:
+        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "threads": 1}
+        assert json.loads(h5["ct"].attrs["provenance"])["compute"] == {"device": "cpu", "threads": 1}
+    original = out.read_bytes()
+    with pytest.raises(ProvenanceError, match="compute") as err:
+        run(cache, "ct", out, threads=2)
+    assert "--overwrite" in str(err.value) and out.read_bytes() == original
+    res = run(cache, "ct", out, threads=2, overwrite=True)
+    assert res.per_modality["ct"].computed == len(CASES)  # nothing reused from the 1-thread store
+    with h5py.File(out) as h5:
+        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "threads": 2}
+    default = emb.compute_record(torch.device("cpu"), None)
+    assert default == {"device": "cpu", "threads": len(os.sched_getaffinity(0))}
+    assert emb.compute_record(torch.device("cuda"), 4) == {"device": "cuda"}
+
+
 def test_loader_refuses_other_preprocessing_and_lists_missing_cases(cache, tmp_path):
     out = tmp_path / "emb" / "ct.h5"
     run(cache, "ct", out)

@@ -28,10 +28,10 @@ def test_thread_counts_are_checked_naming_the_value(bad):
         runtime.check_threads(bad)
 
 
-def test_embeddings_do_not_depend_on_the_thread_count():
-    """The extraction keeps torch's default threads and leaves the count out of an embedding
-    file's provenance; that holds only while both encoders give the same bits on any count
-    (checked at the demo's input sizes, random-init weights)."""
+def test_embeddings_on_other_thread_counts_agree_to_float_rounding():
+    """The extraction records its CPU thread count in the provenance (on a 16-core x86 host the
+    PET-FM's last bits moved between one and two threads; here they may not): whatever the
+    count, both encoders agree to float32 rounding (demo input sizes, random-init weights)."""
     import numpy as np
     import torch
 
@@ -48,7 +48,7 @@ def test_embeddings_do_not_depend_on_the_thread_count():
         for threads in (1, 2):
             with runtime.compute_threads(threads):
                 outs.append(E._forward(model, x, torch.device("cpu"), "fp32"))
-        assert np.array_equal(outs[0], outs[1]), modality
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6, err_msg=modality)
 
 
 def test_deterministic_kernels_switch_torch_and_restore_it_without_loading_the_compiler():

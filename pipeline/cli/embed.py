@@ -58,6 +58,11 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
               help="auto = CUDA with bf16 autocast when present, else CPU in fp32.")
 @click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1),
               help="Cases per forward pass; halved automatically on CUDA out-of-memory.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads of the encoders on CPU [default: the CPUs this process may use, "
+                   "whatever OMP_NUM_THREADS says]. Recorded with the device in the file's "
+                   "provenance: on some CPUs the count moves the last bits, so a rerun with another "
+                   "count is refused, not mixed.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing output made with other weights or preprocessing "
                    "(without it such a run is refused; rows are never mixed).")
@@ -70,7 +75,7 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
                    "leave unset for the published architectures. The PET-FM img_size (and a "
                    "window that fits it) always come from the cache's PET-FM input size.")
 def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, random_init, seed,
-                       device, batch_size, overwrite, shard_dir, no_progress, encoder_config):
+                       device, batch_size, threads, overwrite, shard_dir, no_progress, encoder_config):
     """Compute frozen CT-FM / PET-FM embeddings of every preprocessed case into one HDF5.
 
     Safe to kill and rerun: finished cases are kept as per-case shards and never recomputed,
@@ -86,7 +91,7 @@ def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, 
             cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
             random_init=random_init, seed=seed, device=device, batch_size=batch_size,
             encoder_kwargs=encoder_config, progress=not no_progress, overwrite=overwrite,
-            shard_dir=shard_dir,
+            shard_dir=shard_dir, threads=threads,
         )
     except (ProvenanceError, ValueError, KeyError, FileNotFoundError, ExtractionLockedError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
