@@ -847,13 +847,12 @@ def run_extraction(
     shard_root = Path(shard_dir) if shard_dir is not None else out.parent / SHARD_DIR_NAME
     cache = open_cache(cache_root)
     torch_device, precision = _resolve_device(device, precision)
-    compute = compute_record(torch_device, threads)
     mods = MODALITIES[modality]
     if "pet" in mods:
         encoder_kwargs["pet"] = pet_encoder_config(cache, encoder_kwargs.get("pet", {}))
     specs = _make_specs(mods, weights={"ct": ct_weights, "pet": pet_weights},
                         random_init=random_init, seed=seed, encoder_kwargs=encoder_kwargs,
-                        precision=precision, compute=compute)
+                        precision=precision, compute=compute_record(torch_device, threads))
     case_ids = cache.case_ids
     fingerprints = [cache.case_fingerprint(c) for c in case_ids]
     expected_prov = {m: json.loads(canonical_json(s.provenance())) for m, s in specs.items()}
@@ -876,7 +875,7 @@ def run_extraction(
                 stack.push(_forget_store_if_unused(store))
                 _prepare_store(store, specs[m])
                 _remove_stale_temps(store)
-                with compute_threads(compute.get("threads", torch_threads())):
+                with compute_threads(specs[m].compute.get("threads", torch_threads())):
                     matrices[m], result.per_modality[m] = _embed_modality(
                         cache, specs[m], store, case_ids, fingerprints,
                         device=torch_device, batch_size=int(batch_size), progress=progress,
