@@ -70,3 +70,23 @@ def test_the_demo_chain_runs_from_python_and_reuses_what_it_made(tiny_study, tmp
     written = {p: p.stat().st_mtime_ns for p in Path(spec.cache_root).rglob("*.h5")}
     again = prepare_inputs(spec, demo=True, workers=1, progress=False)
     assert again == info and {p: p.stat().st_mtime_ns for p in written} == written
+
+
+@pytest.mark.parametrize("demo", [True, False])
+def test_run_study_names_make_clean_demo_when_the_demos_own_outputs_are_refused(tmp_path, monkeypatch, demo):
+    """An input made by another version (here an embedding file refused for its provenance)
+    stops `run-study` with the refusal; for the demo the message adds how to start afresh."""
+    from click.testing import CliRunner
+
+    from pipeline.artefacts import ProvenanceError
+    from pipeline.cli import study as cli
+
+    def refuse(*args, **kwargs):
+        raise ProvenanceError("embeddings/ctpet.h5: exists with other provenance; refusing to mix")
+
+    monkeypatch.setattr(cli, "prepare_inputs", refuse)
+    args = ["--demo"] if demo else []
+    res = CliRunner().invoke(cli.run_study, [*args, "--out", str(tmp_path / "study")])
+    assert res.exit_code == 1
+    assert "error: embeddings/ctpet.h5: exists with other provenance" in res.output
+    assert ("make clean-demo" in res.output) == demo

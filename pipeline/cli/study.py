@@ -145,6 +145,8 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
             sys.exit(1)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ProvenanceError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if demo and isinstance(exc, ProvenanceError):  # the demo's own outputs, from another version
+            msg = f"{msg}\nThe demo's outputs were made with other settings or code: `make clean-demo` removes them."
         click.secho(f"error: {msg}", fg="red", err=True)
         sys.exit(1)
 
