@@ -7,7 +7,7 @@ variable; the commands choose their own threads), and prints wall times and rati
 * the ridge head: :func:`pipeline.peers.run_head` on a 488 x 428 table
   (``benchmarks/bench_peers.py``'s synthetic radiomics-sized table), in its own process;
 * CT embeddings: ``extract-embeddings --modality ct --random-init`` on the demo cache (100
-  cases, torch's default threads: its embeddings do not depend on them);
+  cases, on the usable CPUs, its default);
 
 each (a) alone, (b) beside one CPU-bound process (``python3 -c "while True: pass"``), and for
 the fold (c) two of them side by side. Aims (2 cores): (b) and (c) at most 1.3x (a) for the

@@ -875,7 +875,7 @@ def run_extraction(
                 stack.push(_forget_store_if_unused(store))
                 _prepare_store(store, specs[m])
                 _remove_stale_temps(store)
-                with compute_threads(specs[m].compute.get("threads", torch_threads())):
+                with _encoder_threads(specs[m]):
                     matrices[m], result.per_modality[m] = _embed_modality(
                         cache, specs[m], store, case_ids, fingerprints,
                         device=torch_device, batch_size=int(batch_size), progress=progress,
@@ -897,11 +897,11 @@ def compute_record(device: Any, threads: int | None) -> dict[str, Any]:
     return {"device": "cpu", "threads": check_threads(threads) if threads is not None else usable_cpus()}
 
 
-def torch_threads() -> int:
-    """torch's current intra-op thread count (kept as it is where the encoders run on a GPU)."""
-    import torch  # local: see the note on imports
-
-    return torch.get_num_threads()
+def _encoder_threads(spec: _EncoderSpec) -> contextlib.AbstractContextManager:
+    """The CPU threads ``spec`` records (:func:`pipeline.runtime.compute_threads`); on a GPU
+    the threads are left as they are."""
+    threads = spec.compute.get("threads")
+    return compute_threads(threads) if threads is not None else contextlib.nullcontext()
 
 
 def _check_extraction_args(modality: str, batch_size: int,
@@ -990,10 +990,9 @@ def _write_h5(
     datasets = {}
     for m, spec in specs.items():
         shape = _input_shape(cache, case_ids[0], INPUT_KEYS[m]) if case_ids else ()
-        attrs = {k: v for k, v in spec.provenance().items() if k not in ("encoder_config", "compute")}
-        attrs.update(encoder_config=canonical_json(spec.encoder_config), compute=canonical_json(spec.compute),
-                     weights_path=spec.weights_path,
-                     input_shape=np.asarray(shape, dtype=np.int64))
+        # HDF5 attributes hold no dicts: those (encoder_config, compute) are stored as JSON.
+        attrs = {k: canonical_json(v) if isinstance(v, dict) else v for k, v in spec.provenance().items()}
+        attrs.update(weights_path=spec.weights_path, input_shape=np.asarray(shape, dtype=np.int64))
         datasets[m] = (matrices[m], attrs, spec.provenance())
     write_embedding_file(
         out, modality=modality, case_ids=case_ids, datasets=datasets, cache=cache,
