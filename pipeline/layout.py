@@ -40,6 +40,9 @@ from pipeline.artefacts import params_hash
 
 #: Model-selection protocols of a training run (see :mod:`pipeline.train`).
 PROTOCOLS = ("paper", "inner")
+#: The ``curves.csv`` score each selection protocol maximises (:func:`pipeline.train.select`;
+#: of equal scores the later epoch is kept).
+SELECTION_SCORE = {"paper": "val_c_index_outer", "inner": "val_c_index_inner"}
 
 RUN_FILE = "run.json"
 FOLDS_FILE = "folds.csv"

@@ -27,6 +27,12 @@ radiomics-lite Cox and one penalised-Cox embedding head per FM configuration, wi
 modality set and projection size) take seconds and always run on every split, on the same
 folds files as the CNN.
 
+Training noise is measured by *seeds* (``seeds = S``): on ``cv0``, seed index ``s`` trains
+each configuration of ``seed_configs`` (default all) with training seed ``train.seed + s``
+on the same outer folds and the same inner split (``TrainConfig.split_seed`` stays), so the
+spread over seeds is the training noise alone. Seed 0 is the study's ordinary cell, in its
+ordinary folder; seeds ``s >= 1`` are resumable cells of their own (:meth:`StudySpec.seed_root`).
+
 Layout of a study folder::
 
     <study>/study.json                 spec, cohort summary, provenance (see prepare_study)
@@ -35,6 +41,7 @@ Layout of a study folder::
                                        fold_<k>/ with train_fold's outputs, done.json, cell.json
     <study>/peers/<peer>/              a peer run folder (pipeline.layout.PeerRunLayout)
     <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
+    <study>/seeds/<s>/runs/<config>/   training seed index s >= 1 of cv0 (StudySpec.seed_root)
     <study>/submitit/                  logs of cluster jobs (when that executor is used)
 
 Executors: a local process pool (:func:`run_pool` on :class:`pipeline.pool.JobPool`, shared
@@ -196,15 +203,19 @@ def configurations(
 
 @dataclass(frozen=True)
 class Cell:
-    """One job: a configuration on one outer fold of one split (``cv<r>`` or ``loco``)."""
+    """One job: a configuration on one outer fold of one split (``cv<r>`` or ``loco``),
+    trained with seed index ``seed`` (0 = the study's training seed, s = that seed + s)."""
 
     config: Configuration
     fold: int
     split: str = FIRST_SPLIT
+    seed: int = 0
 
     @property
     def key(self) -> str:
+        """``baseline/fold_0``, ``cv1/baseline/fold_0``, ``seed1/baseline/fold_0``."""
         head = "" if self.split == FIRST_SPLIT else f"{self.split}/"
+        head += f"seed{self.seed}/" if self.seed else ""
         return f"{head}{self.config.name}/fold_{self.fold}"
 
 
@@ -278,6 +289,11 @@ class StudySpec:
         peers: peer families to fit (subset of :data:`PEER_FAMILIES`); ``heads`` adds one
             embedding head per FM configuration of the grid.
         head: :class:`pipeline.peers.HeadConfig` overrides of the embedding heads.
+        seeds: training seeds S per configuration of ``seed_configs`` on ``cv0``: seed index
+            s trains with ``TrainConfig.seed = train seed + s`` and the same inner split
+            (``split_seed`` unchanged); 1 = the study's single seed.
+        seed_configs: configuration names trained with every seed; ``None`` = all of
+            ``configs`` (names outside ``configs`` are not trained).
     """
 
     manifest: str
@@ -293,12 +309,21 @@ class StudySpec:
     cnn_extra_splits: bool = True
     peers: tuple[str, ...] = PEER_FAMILIES
     head: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 1
+    seed_configs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
             raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
         if int(self.repeats) < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if int(self.seeds) < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.seed_configs is not None:
+            for name in self.seed_configs:
+                Configuration.from_name(name)  # names a bad one
+            if len(set(self.seed_configs)) != len(self.seed_configs):
+                raise ValueError(f"duplicate configurations in seed_configs {self.seed_configs}")
         bad = [p for p in self.peers if p not in PEER_FAMILIES]
         if bad:
             raise ValueError(f"unknown peer families {bad}; choose from {list(PEER_FAMILIES)}")
@@ -344,8 +369,24 @@ class StudySpec:
     def configurations(self) -> list[Configuration]:
         return [Configuration.from_name(n) for n in self.configs]
 
-    def run_dir(self, config: Configuration, split: str = FIRST_SPLIT) -> Path:
-        return self.split_root(split) / "runs" / config.name
+    def seed_indices(self, config: Configuration, split: str = FIRST_SPLIT) -> range:
+        """The seed indices a configuration trains on a split: ``0 .. seeds-1`` on ``cv0`` for
+        the configurations of ``seed_configs``, else only 0."""
+        extra = split == FIRST_SPLIT and (self.seed_configs is None or config.name in self.seed_configs)
+        return range(int(self.seeds) if extra else 1)
+
+    def seed_configurations(self) -> list[Configuration]:
+        """The configurations of the grid trained with more than one seed."""
+        return [c for c in self.configurations() if len(self.seed_indices(c)) > 1]
+
+    def seed_root(self, split: str = FIRST_SPLIT, seed: int = 0) -> Path:
+        """Where seed index ``seed`` of a split keeps its runs: the split's own folder for
+        seed 0 (the study's ordinary layout), ``<split root>/seeds/<seed>`` otherwise."""
+        root = self.split_root(split)
+        return root if int(seed) == 0 else root / "seeds" / str(int(seed))
+
+    def run_dir(self, config: Configuration, split: str = FIRST_SPLIT, seed: int = 0) -> Path:
+        return self.seed_root(split, seed) / "runs" / config.name
 
     def peer_list(self) -> list[Peer]:
         """Clinical and radiomics peers, then one head per FM configuration of the grid."""
@@ -357,13 +398,15 @@ class StudySpec:
     def peer_dir(self, peer: Peer, split: str = FIRST_SPLIT) -> Path:
         return self.split_root(split) / "peers" / peer.name
 
-    def train_config(self, config: Configuration, input_size: Sequence[int] | None = None):
+    def train_config(self, config: Configuration, input_size: Sequence[int] | None = None, seed: int = 0):
         """The :class:`pipeline.train.TrainConfig` of one configuration.
 
         Args:
             config: the grid row; sets ``proj``.
             input_size: ``(D, H, W)`` of the cached survival volumes; written into the
                 model overrides when they do not set it, so reduced-size caches work.
+            seed: seed index; s >= 1 trains with ``seed + s`` and keeps the inner split of
+                seed 0 (``split_seed`` = the study's), s = 0 is the study's config unchanged.
         """
         from pipeline.train import TrainConfig  # local: torch (see the note on imports)
 
@@ -371,12 +414,18 @@ class StudySpec:
         if input_size is not None:
             options.setdefault("model", {}).setdefault("input_size", [int(s) for s in input_size])
         options["proj"] = config.proj
+        if seed:
+            base = int(options.get("seed", TrainConfig.seed))
+            if options.get("split_seed") is None:
+                options["split_seed"] = base
+            options["seed"] = base + int(seed)
         return TrainConfig.from_dict(options)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["configs"] = list(self.configs)
         d["peers"] = list(self.peers)
+        d["seed_configs"] = None if self.seed_configs is None else list(self.seed_configs)
         return d
 
     @classmethod
@@ -385,17 +434,23 @@ class StudySpec:
         d["configs"] = tuple(d.get("configs", ()))
         if "peers" in d:
             d["peers"] = tuple(d["peers"])
+        if d.get("seed_configs") is not None:
+            d["seed_configs"] = tuple(d["seed_configs"])
         return cls(**d)
 
     @property
     def hash(self) -> str:
         """Hash of what determines the CNN cells' results (not the output folder).
 
-        Growing the study later (more configurations, repeats, LOCO, peers) keeps
-        finished cells valid; peer settings are checked per peer run (``peer.json``).
+        Growing the study later (more configurations, repeats, LOCO, peers, seeds) keeps
+        finished cells valid; peer settings are checked per peer run (``peer.json``), a seed's
+        training seed per run (``run.json``). The seed settings are recorded with the spec in
+        ``study.json``; like the repeats they are left out of the hash, which is then the hash
+        of a study made before seeds existed.
         """
         d = self.to_dict()
-        for key in ("study_dir", "configs", "repeats", "loco", "cnn_extra_splits", "peers", "head"):
+        for key in ("study_dir", "configs", "repeats", "loco", "cnn_extra_splits", "peers", "head", "seeds",
+                    "seed_configs"):
             d.pop(key)
         return params_hash(d)
 
@@ -417,17 +472,21 @@ def split_n_folds(spec: StudySpec, split: str) -> int:
 
 
 def grid(spec: StudySpec) -> list[Cell]:
-    """Every CNN cell of the study: split-major, then configuration-major (baseline first).
+    """Every CNN cell of the study: split-major, then configuration-major (baseline first),
+    then the extra training seeds (seed-major: every cell of seed 1, then of seed 2, ...).
 
-    With one repeat and no LOCO this is the paper's grid (configurations x folds).
+    With one repeat, no LOCO and one seed this is the paper's grid (configurations x folds).
     """
-    return [Cell(c, k, split) for split in spec.cnn_splits() for c in spec.configurations()
-            for k in range(split_n_folds(spec, split))]
+    cells = [Cell(c, k, split) for split in spec.cnn_splits() for c in spec.configurations()
+             for k in range(split_n_folds(spec, split))]
+    return cells + [Cell(c, k, split, s) for s in range(1, int(spec.seeds)) for split in spec.cnn_splits()
+                    for c in spec.configurations() if s in spec.seed_indices(c, split)
+                    for k in range(split_n_folds(spec, split))]
 
 
 def cell_layout(spec: StudySpec, cell: Cell) -> RunLayout:
-    """The run folder of the cell's configuration on its split."""
-    return RunLayout(spec.run_dir(cell.config, cell.split))
+    """The run folder of the cell's configuration on its split and seed."""
+    return RunLayout(spec.run_dir(cell.config, cell.split, cell.seed))
 
 
 def cell_dir(spec: StudySpec, cell: Cell) -> Path:
@@ -439,13 +498,13 @@ def cell_done(spec: StudySpec, cell: Cell) -> bool:
 
 
 def cell_status(spec: StudySpec) -> pd.DataFrame:
-    """One row per cell: ``cell, split, config, modality, d, fold, done, seconds, path``."""
+    """One row per cell: ``cell, split, seed, config, modality, d, fold, done, seconds, path``."""
     rows = []
     for cell in grid(spec):
         info_path = cell_layout(spec, cell).cell(cell.fold)
         seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
         rows.append({
-            "cell": cell.key, "split": cell.split, "config": cell.config.name,
+            "cell": cell.key, "split": cell.split, "seed": cell.seed, "config": cell.config.name,
             "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold,
             "done": cell_done(spec, cell), "seconds": seconds, "path": str(cell_dir(spec, cell)),
         })
@@ -520,12 +579,13 @@ def _cache_params_hash(spec: StudySpec) -> str:
     return PreprocessedCache(spec.cache_root).params_hash
 
 
-def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame) -> tuple[Any, dict]:
+def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame,
+                       seed: int = 0) -> tuple[Any, dict]:
     from pipeline.train import run_provenance  # local: torch (see the note on imports)
 
-    cfg = spec.train_config(config, tuple(cohort.images.shape[2:]))
+    cfg = spec.train_config(config, tuple(cohort.images.shape[2:]), seed)
     prov = run_provenance(cohort, cfg, folds_hash(folds), _cache_params_hash(spec))
-    return cfg, prov | {"study": spec.hash, "configuration": config.name}
+    return cfg, prov | {"study": spec.hash, "configuration": config.name} | ({"seed_index": seed} if seed else {})
 
 
 # --- the unit of work ---------------------------------------------------------------------
@@ -559,7 +619,7 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
     t0 = time.perf_counter()
     cohort = load_study_cohort(spec, cell.config.modalities)
     folds = load_folds(spec.folds_path_of(cell.split), expected_case_ids=cohort.case_ids)
-    cfg, prov = _config_provenance(spec, cohort, cell.config, folds)
+    cfg, prov = _config_provenance(spec, cohort, cell.config, folds, cell.seed)
     start_run(layout.root, prov)
     t_train = time.perf_counter()
     record = train_fold(cohort, folds, cell.fold, cfg, layout.root, progress=progress)
@@ -625,7 +685,7 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
     Loads the cohort with every modality the grid uses (so a missing or mismatched
     embedding row fails here, once, not in 52 jobs), creates or reuses the shared folds of
     every split (:func:`split_folds`), writes ``run.json`` of every configuration on every
-    CNN split, and writes ``study.json``: the spec, the
+    CNN split and seed, and writes ``study.json``: the spec, the
     cohort summary (cases, events, case-set hash), the cache's params hash, the embedding
     file's sha256 and attributes (random-init or real weights), the code version and
     ``info`` (free-form: data source, settings label, oracle C-index, ...).
@@ -654,8 +714,9 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
     for split in spec.cnn_splits():
         for config in spec.configurations():
             sub = load_study_cohort(spec, config.modalities)
-            _, prov = _config_provenance(spec, sub, config, all_folds[split])
-            start_run(spec.run_dir(config, split), prov)
+            for seed in spec.seed_indices(config, split):
+                _, prov = _config_provenance(spec, sub, config, all_folds[split], seed)
+                start_run(spec.run_dir(config, split, seed), prov)
 
     emb_record = None
     if spec.embeddings is not None:

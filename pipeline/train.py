@@ -55,6 +55,7 @@ from pipeline.layout import (
     CURVES_COLUMNS,
     OOF_COLUMNS,
     PROTOCOLS,
+    SELECTION_SCORE,
     TRAIN_RISK_COLUMNS,
     RunLayout,
     folds_hash,
@@ -103,7 +104,15 @@ class TrainConfig:
         wd_densenet: weight decay on the survival DenseNet.
         patience: early stopping after this many epochs without a better validation C-index.
         cox_weight: weight of the Cox loss in ``L = L_dice + cox_weight * L_cox``.
-        seed: seed for initialisation, sampling and augmentation.
+        seed: seed of the training randomness: initialisation and dropout (torch's global
+            generator), batch order and augmentation, each offset by the fold.
+            ``run-study --seeds S`` trains seed index s with ``seed + s`` to measure the
+            training noise.
+        split_seed: seed of the inner selection split (:func:`pipeline.splits.inner_split`,
+            ``split_seed + fold``); ``None`` = ``seed``, which is what every run did before
+            the two were separate (so such a run's numbers and ``config_hash`` are
+            unchanged). Fixing it while ``seed`` varies keeps the same inner split, so the
+            spread over seeds is training noise alone.
         inner_val_fraction: fraction of the training fold held out for the unbiased
             selection; 0 reproduces the paper's protocol only.
         select_from_epoch: first epoch (0-based) a selection protocol may choose; earlier
@@ -141,6 +150,7 @@ class TrainConfig:
     patience: int = 40
     cox_weight: float = 2.0
     seed: int = 42
+    split_seed: int | None = None
     inner_val_fraction: float = 0.2
     select_from_epoch: int = 0
     proj: int | None = None
@@ -153,6 +163,8 @@ class TrainConfig:
     precision: str = "fp32"
 
     def __post_init__(self):
+        if self.split_seed is None:
+            self.split_seed = self.seed
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         for name in ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "patience"):
@@ -239,7 +251,9 @@ def apply_fm_stats(mat: np.ndarray, stats: dict[str, list[float]]) -> torch.Tens
 def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldData:
     """Split rows and fit the clinical transform and FM standardisation on the fit rows.
 
-    Validation rows (inner and outer) never influence any fitted statistic.
+    The inner split is seeded by ``cfg.split_seed + fold`` (not by the training seed), so
+    runs that differ only in ``cfg.seed`` select on identical inner cases. Validation rows
+    (inner and outer) never influence any fitted statistic.
     """
     fold_of = folds.set_index("case_id").loc[cohort.case_ids, "fold"].to_numpy()
     outer = np.flatnonzero(fold_of == fold)
@@ -250,7 +264,7 @@ def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Tr
         train_ids = [cohort.case_ids[i] for i in train]
         fit_ids, inner_ids = inner_split(
             train_ids, cohort.time[train], cohort.event[train],
-            val_fraction=cfg.inner_val_fraction, seed=cfg.seed + fold,
+            val_fraction=cfg.inner_val_fraction, seed=cfg.split_seed + fold,
         )
         fit, inner = cohort.indices(fit_ids), cohort.indices(inner_ids)
     else:
@@ -527,10 +541,6 @@ def evaluate_fold(model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData
     return Evaluation(risk, scores)
 
 
-#: Which evaluation score each selection protocol maximises.
-SELECTION_SCORE = {"paper": "val_c_index_outer", "inner": "val_c_index_inner"}
-
-
 @dataclass
 class Selected:
     """The best epoch so far of one selection protocol."""
@@ -546,6 +556,8 @@ def select(best: dict[str, Selected], epoch: int, evaluation: Evaluation, model:
 
     Of equally scoring epochs the later one is kept: it has trained longer and, on the small
     validation splits where ties happen, a tie says nothing about which generalises better.
+    The study report counts the cells where such a tie decided the checkpoint
+    (:func:`pipeline.report.noise.selection_ties`, from ``curves.csv``).
 
     Returns:
         True when any protocol improved or tied (resets early stopping).
@@ -722,13 +734,25 @@ def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndar
     }
 
 
+def config_hash(config: dict[str, Any]) -> str:
+    """The ``config_hash`` of a run's :meth:`TrainConfig.to_dict`.
+
+    A ``split_seed`` equal to ``seed`` is left out of the hash: such a run is the run made
+    before the two seeds were separate (its ``run.json`` has no ``split_seed``), so old
+    run folders keep their hash and resume.
+    """
+    if config.get("split_seed", config.get("seed")) == config.get("seed"):
+        config = {k: v for k, v in config.items() if k != "split_seed"}
+    return params_hash(config)
+
+
 def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str,
                    cache_params_hash: str) -> dict[str, Any]:
     """What a run was made from; a resumed run must match it exactly."""
     emb = {k: v for k, v in cohort.embedding_attrs.items() if k != "created"}
     return {
         "config": cfg.to_dict(),
-        "config_hash": params_hash(cfg.to_dict()),
+        "config_hash": config_hash(cfg.to_dict()),
         "folds_hash": folds_hash,
         "preprocessing_params_hash": cache_params_hash,
         "embeddings": emb,

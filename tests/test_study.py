@@ -139,6 +139,32 @@ def test_spec_round_trips_and_hash_ignores_folder_and_grid_size():
     assert a.train_config(study.Configuration("ct", None)).proj is None
 
 
+def test_seeds_add_cells_in_their_own_folders_and_leave_the_hash_and_seed_0_alone():
+    one = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"))
+    three = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"), seeds=3,
+                            seed_configs=("baseline",))
+    assert three.hash == one.hash  # growing the seeds keeps finished cells valid, as repeats do
+    assert study.StudySpec.from_dict(json.loads(json.dumps(three.to_dict()))) == three
+    cells = study.grid(three)
+    assert cells[:10] == study.grid(one)  # today's cells first, unchanged
+    assert [c.key for c in cells[10:]] == [f"seed{s}/baseline/fold_{k}" for s in (1, 2) for k in range(5)]
+    base = study.Configuration()
+    assert three.run_dir(base) == one.run_dir(base) == Path("/tmp/s/runs/baseline")
+    assert three.run_dir(base, seed=2) == Path("/tmp/s/seeds/2/runs/baseline")
+    assert [c.name for c in three.seed_configurations()] == ["baseline"]
+    assert len(study.grid(study.StudySpec.from_dict(three.to_dict() | {"seed_configs": None}))) == 30
+    # Seed s trains with seed + s on seed 0's inner split; seed 0 is the study's config unchanged.
+    assert three.train_config(base) == one.train_config(base)
+    cfg = three.train_config(base, seed=2)
+    assert (cfg.seed, cfg.split_seed) == (44, 42)
+    own = study.StudySpec("m.csv", "c", None, "/tmp/s", configs=("baseline",), train={"seed": 7}, seeds=2)
+    assert (own.train_config(base, seed=1).seed, own.train_config(base, seed=1).split_seed) == (8, 7)
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", seeds=0)
+    with pytest.raises(ValueError, match="'basline'"):
+        study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", seeds=2, seed_configs=("basline",))
+
+
 # --- preparation, dry run, resume ----------------------------------------------------------------
 
 
@@ -325,7 +351,7 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     assert res.exit_code == 0
     for opt in ("--demo", "--workers", "--executor", "--partition", "--time", "--gpus-per-node", "--mem",
                 "--cpus", "--dry-run", "--ct-weights", "--pet-weights", "--report-only", "--repeats", "--loco",
-                "--cnn-splits", "--peers"):
+                "--cnn-splits", "--peers", "--seeds", "--seed-configs", "--seed", "--split-seed"):
         assert opt in res.output
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ct-d64"), n_folds=2)
     study.prepare_study(spec)
@@ -401,3 +427,62 @@ def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, mon
     with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
         demo.prepare_inputs(spec, random_init=True, progress=False, device="cuda")
     assert not (tmp_path / "ctpet.h5").exists()
+
+
+def test_the_inner_split_follows_split_seed_not_the_training_seed(inputs):
+    from pipeline.dataset import load_cohort
+    from pipeline.train import TrainConfig, prepare_fold
+    from pipeline.splits import make_folds
+
+    cohort = load_cohort(inputs["manifest"], inputs["cache"])
+    folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=2, seed=42)
+    inner = {(seed, split): prepare_fold(cohort, folds, 0, TrainConfig(seed=seed, split_seed=split)).inner.tolist()
+             for seed, split in ((42, None), (43, 42), (44, 42), (43, None))}
+    assert inner[(42, None)] == inner[(43, 42)] == inner[(44, 42)]  # the training seed leaves it alone
+    assert inner[(43, None)] != inner[(42, None)]  # split_seed follows seed when not set (older runs)
+
+
+def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_identical(inputs, tmp_path):
+    from pipeline.cli.study import run_study
+
+    # The CLI builds the seed settings into the spec (dry run: no training).
+    res = CliRunner().invoke(run_study, [
+        "--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]), "--embeddings",
+        str(inputs["embeddings"]), "--out", str(tmp_path / "dry"), "--configs", "baseline,ct-d64", "--n-folds", "2",
+        "--seeds", "3", "--seed-configs", "baseline", "--peers", "none", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "seed2/baseline/fold_1" in res.output and "seed1/ct-d64" not in res.output
+    assert "8 cells: 0 done, 8 pending" in res.output
+
+    spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2, seeds=2, peers=())
+    outcome = study.run_study(spec, executor="local", workers=2)
+    keys = ["baseline/fold_0", "baseline/fold_1", "seed1/baseline/fold_0", "seed1/baseline/fold_1"]
+    assert outcome.ok, outcome.failed
+    assert sorted(outcome.ran) == sorted(keys) and [c.key for c in study.grid(spec)] == keys
+    run0, run1 = spec.run_dir(study.Configuration()), spec.root / "seeds" / "1" / "runs" / "baseline"
+    prov = read_json(run1 / "run.json")
+    assert (prov["config"]["seed"], prov["config"]["split_seed"], prov["seed_index"]) == (43, 42, 1)
+    for k in range(2):
+        state0, state1 = (read_json(r / f"fold_{k}" / "fold_state.json") for r in (run0, run1))
+        # Same outer fold and inner split for every seed; the training (init, batches, augmentation) differs.
+        assert state0["inner_case_ids"] == state1["inner_case_ids"] and state0["fit_case_ids"] == state1["fit_case_ids"]
+    oofs = [pd.read_csv(r / "fold_0" / "oof.csv") for r in (run0, run1)]
+    assert (oofs[0]["case_id"] == oofs[1]["case_id"]).all() and not np.allclose(oofs[0]["risk"], oofs[1]["risk"])
+    status = study.cell_status(spec)
+    assert status["done"].all() and status.set_index("cell").loc["seed1/baseline/fold_1", "seed"] == 1
+    # A rerun skips every cell, the extra seeds included.
+    stamp = (run1 / "fold_1" / "done.json").stat().st_mtime_ns
+    again = study.run_study(spec, executor="local", workers=2)
+    assert again.ran == [] and sorted(again.skipped) == sorted(keys)
+    assert (run1 / "fold_1" / "done.json").stat().st_mtime_ns == stamp
+    # Seed 0 of a seeded study is the cell of a one-seed study, bit for bit.
+    single = make_spec(inputs, tmp_path / "one", configs=("baseline",), n_folds=2, peers=())
+    study.prepare_study(single)
+    study.run_cell(single, study.Cell(study.Configuration(), 0))
+    alone = single.run_dir(study.Configuration()) / "fold_0"
+    for name in ("oof.csv", "fold_state.json", "train_risk_inner.csv", "train_risk_paper.csv"):
+        assert (alone / name).read_bytes() == (run0 / "fold_0" / name).read_bytes(), name
+    curves = [pd.read_csv(f / "curves.csv").drop(columns="seconds") for f in (alone, run0 / "fold_0")]
+    pd.testing.assert_frame_equal(*curves)
+    assert read_json(single.run_dir(study.Configuration()) / "run.json")["config_hash"] == \
+        read_json(run0 / "run.json")["config_hash"]

@@ -90,6 +90,19 @@ def test_train_config_round_trip_and_unknown_option():
         TrainConfig.from_dict({"epochz": 3})
 
 
+def test_split_seed_follows_the_seed_unless_set_and_old_run_configs_keep_their_hash():
+    from pipeline.artefacts import params_hash
+    from pipeline.train import config_hash
+
+    assert TrainConfig().split_seed == 42 and TrainConfig(seed=7).split_seed == 7
+    assert TrainConfig.from_dict({"seed": 7}).split_seed == 7  # a config written before the field
+    assert TrainConfig(seed=43, split_seed=42).split_seed == 42
+    # A run.json written before split_seed existed hashed the config without it: that hash stays.
+    old = {k: v for k, v in TrainConfig(seed=7).to_dict().items() if k != "split_seed"}
+    assert config_hash(TrainConfig(seed=7).to_dict()) == params_hash(old) == config_hash(old)
+    assert config_hash(TrainConfig(seed=8, split_seed=7).to_dict()) != config_hash(TrainConfig(seed=8).to_dict())
+
+
 def test_model_presets_name_errors_and_demo_size_runs():
     from models.deepmts import DeepMTS, DeepMTSConfig
 

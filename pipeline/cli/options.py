@@ -25,7 +25,10 @@ TRAIN_SCALARS: dict[str, tuple[type, str]] = {
     "wd_densenet": (float, "Weight decay of the survival DenseNet [paper: 1e-4]."),
     "patience": (int, "Early-stopping patience on validation C-index [paper: 40]."),
     "cox_weight": (float, "L = L_dice + w * L_cox [paper: 2]."),
-    "seed": (int, "Seed [paper: 42]."),
+    "seed": (int, "Seed of the training randomness: initialisation, dropout, batch order, augmentation "
+                  "[paper: 42]; also of the inner selection split unless --split-seed is given."),
+    "split_seed": (int, "Seed of the inner selection split [default: --seed, as before the two were "
+                        "separate]; fix it to vary --seed over the same inner split."),
     "inner_val_fraction": (float, "Share of each training fold held out for unbiased model selection "
                                   "[0.2]; 0 = paper protocol only."),
     "threads": (int, "CPU threads of each training process (torch, OpenMP, BLAS) [1], whatever "

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,7 +17,7 @@ from pipeline.pool import format_progress
 
 #: The TrainConfig fields run-study sets from options (for every configuration).
 STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "lr", "ema_decay",
-                       "patience", "inner_val_fraction", "seed", "threads", "precision")
+                       "patience", "inner_val_fraction", "seed", "split_seed", "threads", "precision")
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -58,6 +59,13 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--cnn-splits", type=click.Choice(["all", "first"]), default=None,
               help="Train the CNN grid on every split (all) or only on repeat 0 (first; peers and heads "
                    "still run on every split) [default all, demo first].")
+@click.option("--seeds", default=None, type=click.IntRange(min=1),
+              help="Training seeds per configuration on the first split (cv0): seed s trains with --seed + s on "
+                   "the same folds and inner split, so the spread is training noise alone; s >= 1 in "
+                   "<out>/seeds/<s>/ [default 1; the demo preset may set more].")
+@click.option("--seed-configs", default=None,
+              help="Comma list of the configurations trained with every --seeds seed, e.g. 'baseline' "
+                   "[default: all configurations of the study; the demo preset may name fewer].")
 @click.option("--peers", "peer_families", default=None,
               help="Comma list of classical peers fitted on the same folds: clinical, radiomics, heads "
                    "(one embedding head per FM configuration), or 'none' [default: all three].")
@@ -87,7 +95,8 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--dry-run", is_flag=True, help="List the cells and which are done; run nothing.")
 @click.option("--report-only", is_flag=True, help="Rebuild the report from the finished cells; train nothing.")
 def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, random_init, study_dir,
-              report_dir, configs, n_folds, folds_seed, repeats, loco, cnn_splits, peer_families, executor,
+              report_dir, configs, n_folds, folds_seed, repeats, loco, cnn_splits, seeds, seed_configs,
+              peer_families, executor,
               workers, cluster, partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism, no_wait,
               train_config_file, model_config, device, prep_workers, dry_run, report_only, **overrides):
     """Run the projection ablation (baseline + {CT, PET, CT+PET} x d in {64, 128, 256, orig},
@@ -100,6 +109,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
     \b
       run-study --demo                                   # needs a few minutes: the whole demo (= make demo)
       run-study ... --repeats 3 --loco                   # 3 x 5-fold CV + leave-one-centre-out
+      run-study ... --seeds 3 --seed-configs baseline    # training noise: the baseline with 3 seeds
       run-study --manifest hecktor.csv --ct-weights model.safetensors --pet-weights seganypet_v1.pth  # needs HECKTOR data, FM weights
       run-study ... --executor submitit --partition gpu --time 90 --gpus-per-node 1
       run-study --out runs/study --dry-run               # which cells are done
@@ -117,6 +127,8 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
         "cnn_extra_splits": cnn_splits == "all" if cnn_splits else preset.get("cnn_extra_splits", True),
         "peers": tuple(p for p in (_csv(peer_families) or ["clinical", "radiomics", "heads"]) if p != "none"),
         "head": preset.get("head", {}),
+        "seeds": seeds or preset.get("seeds", 1),
+        "seed_configs": _seed_configs(seed_configs, preset.get("seed_configs")),
     }
     study_dir = Path(study_dir or ("runs/demo_study" if demo else "runs/study"))
     report_dir = Path(report_dir or ("reports/demo" if demo else "reports/study"))
@@ -149,6 +161,12 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
             msg = f"{msg}\nThe demo's outputs were made with other settings or code: `make clean-demo` removes them."
         click.secho(f"error: {msg}", fg="red", err=True)
         sys.exit(1)
+
+
+def _seed_configs(option: str | None, preset: Any) -> tuple[str, ...] | None:
+    """``--seed-configs``: the given names, else the preset's, else None (every configuration)."""
+    names = _csv(option) if option else preset
+    return None if names is None else tuple(names)
 
 
 def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
