@@ -7,6 +7,8 @@ The paper's configurations differ by 0.02-0.03 C-index while the fold SDs are 0.
   evaluated on the SAME folds, with a patient-level paired bootstrap (95 % percentile CI,
   two-sided bootstrap p) and a paired test over the per-fold deltas
   (:func:`paired_fold_test`, Nadeau-Bengio corrected resampled t-test by default).
+  :func:`paired_bootstrap_delta_seeds` does the same for arms trained with several seeds,
+  drawing a seed per arm in each replicate, so the CI also holds the training noise.
 * :func:`mean_ci`: t-interval of a mean over folds / repeats (clipped to a metric's range
   when asked).
 * Calibration and overall accuracy: :func:`breslow_survival` (Breslow baseline hazard fitted
@@ -233,8 +235,12 @@ class PairedComparison:
         n_boot: bootstrap draws used (draws where a fold had no comparable pair are
             dropped; ``n_boot_dropped`` counts them).
         n_cases, n_groups: patients and (repeat, fold) groups compared.
-        per_fold: ``[{"repeat"?, "fold", "n", "a", "b", "delta"}, ...]``.
+        per_fold: ``[{"repeat"?, "fold", "n", "a", "b", "delta"}, ...]`` (with several
+            training seeds, ``a`` / ``b`` are the fold's means over the arm's seeds).
         fold_test: paired test over the per-fold deltas (:func:`paired_fold_test`).
+        n_seeds_a, n_seeds_b: training seeds of each arm
+            (:func:`paired_bootstrap_delta_seeds`; 1 for :func:`paired_bootstrap_delta`).
+        seed_means_a, seed_means_b: each seed's mean per-fold C-index, per arm.
     """
 
     metric: str
@@ -252,6 +258,10 @@ class PairedComparison:
     seed: int
     per_fold: list[dict[str, Any]] = field(default_factory=list)
     fold_test: FoldTest | None = None
+    n_seeds_a: int = 1
+    n_seeds_b: int = 1
+    seed_means_a: list[float] = field(default_factory=list)
+    seed_means_b: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -345,36 +355,83 @@ def paired_bootstrap_delta(
         ValueError: when the frames cover other cases or folds, disagree on time/event,
             mix protocols, or a fold has no comparable pair.
     """
+    return paired_bootstrap_delta_seeds([oof_a], [oof_b], metric, n_boot, seed, level=level, protocol=protocol,
+                                        fold_test=fold_test)
+
+
+def paired_bootstrap_delta_seeds(
+    oofs_a: Sequence[pd.DataFrame],
+    oofs_b: Sequence[pd.DataFrame],
+    metric: str = "c_index",
+    n_boot: int = 2000,
+    seed: int = 0,
+    *,
+    level: float = 0.95,
+    protocol: str | None = None,
+    fold_test: str = "nadeau_bengio",
+) -> PairedComparison:
+    """:func:`paired_bootstrap_delta` whose CI also holds each arm's training noise.
+
+    Each arm is given as one OOF frame per training seed (runs that differ only in the
+    training seed: same cases, folds and endpoints). The statistic is the difference of
+    the seed means of the mean per-fold C-index (per fold: the mean over the arm's seeds).
+    One bootstrap replicate resamples patients within each (repeat,) fold, the same draw
+    for both arms and every seed (paired), and draws, independently per arm, one of that
+    arm's seeds uniformly; the replicate's delta is the resampled fold mean of b's drawn
+    seed minus that of a's. The CI so contains the patients' sampling and the seed-to-seed
+    spread of each arm that has several seeds; an arm with one seed adds no training noise
+    (it is not measured), so against such an arm the CI is still too narrow by that arm's
+    noise.
+
+    With one frame per arm this is :func:`paired_bootstrap_delta` exactly: the seed draws
+    come from their own generator, so the patient draws are the same; with identical
+    frames per seed the deltas, CI and p are those of one seed too.
+
+    Args:
+        oofs_a, oofs_b: per arm, one OOF frame per training seed (at least one).
+        metric, n_boot, seed, level, protocol, fold_test: as :func:`paired_bootstrap_delta`.
+
+    Returns:
+        :class:`PairedComparison` with ``n_seeds_a``, ``n_seeds_b`` and the per-seed fold
+        means ``seed_means_a``, ``seed_means_b``.
+    """
     if metric != "c_index":
         raise ValueError(f"paired_bootstrap_delta: metric {metric!r} not supported; use 'c_index'")
     if n_boot < 1:
         raise ValueError(f"paired_bootstrap_delta: n_boot must be >= 1, got {n_boot}")
     if not 0 < level < 1:
         raise ValueError(f"paired_bootstrap_delta: level must lie in (0, 1), got {level}")
-    df = _align_oof(oof_a, oof_b, protocol)
+    if not len(oofs_a) or not len(oofs_b):
+        raise ValueError("paired_bootstrap_delta: each arm needs at least one OOF frame (one per training seed)")
+    df = _align_oof(oofs_a[0], oofs_b[0], protocol).reset_index(drop=True)
+    risks_a = [df["risk_a"].to_numpy(float)] + [_seed_risk(df, x, oofs_b[0], protocol, "risk_a") for x in oofs_a[1:]]
+    risks_b = [df["risk_b"].to_numpy(float)] + [_seed_risk(df, oofs_a[0], x, protocol, "risk_b") for x in oofs_b[1:]]
     group_cols = (["repeat"] if "repeat" in df.columns else []) + ["fold"]
     rng = np.random.default_rng(seed)
-    boot_a, boot_b, per_fold, sizes = [], [], [], []
+    boot_a, boot_b, per_fold, sizes, seed_c = [], [], [], [], []
     for key, g in df.groupby(group_cols, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         label = ", ".join(f"{c} {k}" for c, k in zip(group_cols, key))
+        pos = g.index.to_numpy()
         t = g["time"].to_numpy(float)
         e = g["event"].to_numpy(float)
         try:
-            ca = c_index(t, e, g["risk_a"].to_numpy(float))
-            cb = c_index(t, e, g["risk_b"].to_numpy(float))
+            ca = [c_index(t, e, r[pos]) for r in risks_a]
+            cb = [c_index(t, e, r[pos]) for r in risks_b]
         except ValueError as exc:
             raise ValueError(f"paired_bootstrap_delta ({label}): {exc}") from exc
         n = len(g)
         # Multiplicities of a uniform resample of n patients: multinomial counts.
         w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
-        boot_a.append(weighted_c_index(t, e, g["risk_a"].to_numpy(float), w))
-        boot_b.append(weighted_c_index(t, e, g["risk_b"].to_numpy(float), w))
+        boot_a.append([weighted_c_index(t, e, r[pos], w) for r in risks_a])
+        boot_b.append([weighted_c_index(t, e, r[pos], w) for r in risks_b])
         row = dict(zip(group_cols, (k.item() if hasattr(k, "item") else k for k in key)))
-        row.update(n=n, a=ca, b=cb, delta=cb - ca)
+        a_k, b_k = (ca[0], cb[0]) if len(ca) == len(cb) == 1 else (float(np.mean(ca)), float(np.mean(cb)))
+        row.update(n=n, a=a_k, b=b_k, delta=b_k - a_k)
         per_fold.append(row)
         sizes.append(n)
-    ba, bb = np.vstack(boot_a), np.vstack(boot_b)  # [G, B]
+        seed_c.append((ca, cb))
+    ba, bb = _seed_draws(boot_a, boot_b, n_boot, seed)  # [G, B] each: the drawn seed's resampled C
     ok = np.all(np.isfinite(ba) & np.isfinite(bb), axis=0)
     if not ok.any():
         raise ValueError("paired_bootstrap_delta: no bootstrap draw left every fold with a comparable pair")
@@ -390,8 +447,43 @@ def paired_bootstrap_delta(
         metric=metric, a=a_hat, b=b_hat, delta=b_hat - a_hat, ci_low=float(lo), ci_high=float(hi),
         level=level, p_value=float(p), n_boot=int(nb), n_boot_dropped=int(n_boot - nb),
         n_cases=int(df["case_id"].nunique()), n_groups=len(per_fold), seed=seed,
-        per_fold=per_fold, fold_test=ftest,
+        per_fold=per_fold, fold_test=ftest, n_seeds_a=len(risks_a), n_seeds_b=len(risks_b),
+        seed_means_a=[float(np.mean([c[0][s] for c in seed_c])) for s in range(len(risks_a))],
+        seed_means_b=[float(np.mean([c[1][s] for c in seed_c])) for s in range(len(risks_b))],
     )
+
+
+def _seed_risk(df: pd.DataFrame, oof_a: pd.DataFrame, oof_b: pd.DataFrame, protocol: str | None,
+               column: str) -> np.ndarray:
+    """``column`` (``risk_a`` / ``risk_b``) of another seed's pair of frames, in the row order of
+    ``df`` (:func:`_align_oof` of the first seeds); the alignment checks cases, folds, endpoints."""
+    other = _align_oof(oof_a, oof_b, protocol)
+    key = (["repeat"] if "repeat" in df.columns else []) + ["case_id"]
+    if ("repeat" in other.columns) != ("repeat" in df.columns):
+        raise ValueError("paired_bootstrap_delta: the seeds' OOF frames disagree on the 'repeat' column")
+    folds = df[key + ["fold"]].merge(other[key + ["fold", column]], on=key, how="left", suffixes=("", "_seed"))
+    if folds[column].isna().any() or not np.array_equal(folds["fold"].to_numpy(), folds["fold_seed"].to_numpy()):
+        raise ValueError("paired_bootstrap_delta: the seeds of an arm cover other cases or folds; "
+                         "seeds are runs on identical folds")
+    return folds[column].to_numpy(float)
+
+
+def _seed_draws(boot_a: list[list[np.ndarray]], boot_b: list[list[np.ndarray]], n_boot: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per replicate, one seed per arm drawn uniformly: the resampled C-indices ``[G, B]`` of
+    the drawn seeds (``boot_x[g][s]`` = group g, seed s). An arm with one seed draws nothing,
+    and the draws use a generator of their own, so the patient draws never change."""
+    pick = np.random.default_rng([seed, 1])
+    out = []
+    for boot in (boot_a, boot_b):
+        n_seeds = len(boot[0])
+        if n_seeds == 1:
+            out.append(np.vstack([g[0] for g in boot]))
+            continue
+        stacked = np.stack([np.vstack([g[s] for g in boot]) for s in range(n_seeds)])  # [S, G, B]
+        drawn = pick.integers(n_seeds, size=n_boot)
+        out.append(np.ascontiguousarray(stacked[drawn, :, np.arange(n_boot)].T))
+    return out[0], out[1]
 
 
 def _per_fold_test(df: pd.DataFrame, per_fold: list[dict[str, Any]], sizes: list[int],
@@ -647,6 +739,6 @@ def predicted_event_prob(surv: np.ndarray) -> np.ndarray:
 __all__: Sequence[str] = (
     "FoldTest", "KMResult", "PairedComparison", "breslow_survival", "calibration_at",
     "corrected_resampled_ttest", "ibs_time_grid", "integrated_brier_score", "km_logrank",
-    "mean_ci", "paired_bootstrap_delta", "paired_fold_test", "predicted_event_prob",
+    "mean_ci", "paired_bootstrap_delta", "paired_bootstrap_delta_seeds", "paired_fold_test", "predicted_event_prob",
     "risk_groups", "weighted_c_index",
 )

@@ -286,18 +286,20 @@ def _write_peer(spec, peer, split: str, cases, folds, *, n_components: int | Non
 
 def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_folds: int = 3, repeats: int = 2,
                     loco: bool = True, pending=(), old_format=(), epochs: int = 4, synthetic: bool = True,
-                    random_init: bool = True) -> study.StudySpec:
+                    random_init: bool = True, seeds: int = 1, seed_configs=None) -> study.StudySpec:
     """A finished study folder written by hand (seconds, no training).
 
     CNN on ``cv0`` only, peers (clinical, radiomics, one head per FM configuration) on
     every split; heads whose d exceeds the training size are capped and identical.
     ``pending``: cell keys left unfinished; ``old_format``: cell keys written without the
-    new curve columns and ``start`` record.
+    new curve columns and ``start`` record; ``seeds``, ``seed_configs``: training seeds (a
+    seed's risks carry noise of its own, so the seeds differ).
     """
     cases = _fake_manifest(root, n_cases, seed=3)
     spec = study.StudySpec.create(root / "manifest.csv", root / "cache", root / "ctpet.h5", root / "study",
                                   n_folds=n_folds, configs=tuple(configs), repeats=repeats, loco=loco,
-                                  cnn_extra_splits=False, train={"epochs": epochs})
+                                  cnn_extra_splits=False, train={"epochs": epochs}, seeds=seeds,
+                                  seed_configs=seed_configs)
     all_folds = {}
     for split in spec.splits():
         r = study.split_repeat(split)
@@ -307,7 +309,8 @@ def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_fo
         all_folds[split] = f
     for cell in study.grid(spec):
         if cell.key not in pending:
-            _write_cell(study.cell_dir(spec, cell), cases, all_folds[cell.split], cell.fold, cell.config.name,
+            _write_cell(study.cell_dir(spec, cell), cases, all_folds[cell.split], cell.fold,
+                        cell.config.name + (f"#seed{cell.seed}" if cell.seed else ""),
                         epochs=epochs, new_format=cell.key not in old_format)
     n_train = min(int((all_folds["cv0"]["fold"] != k).sum()) for k in range(n_folds))
     for split in spec.splits():
@@ -713,3 +716,91 @@ def test_table1_rows_read_their_own_protocol_out_of_fold_risks(fake):
         assert row["c_mean"] == pytest.approx(expected[proto][0], abs=1e-9), proto
         assert row["auc_mean"] == pytest.approx(expected[proto][1], abs=1e-9), proto
     assert abs(expected["inner"][0] - expected["paper"][0]) > 0.05  # the test can tell them apart
+
+
+# --- training noise (seeds) and checkpoint ties -----------------------------------------------------
+
+
+def test_a_tie_decides_the_checkpoint_only_against_an_earlier_selectable_epoch():
+    from pipeline.report.noise import selection_ties, tie_decided
+
+    nan = float("nan")
+    assert tie_decided([0, 1, 2], [0.5, 0.6, 0.6], selected=2)
+    assert not tie_decided([0, 1, 2], [0.5, 0.6, 0.6], selected=2, select_from=2)  # epoch 1 not selectable
+    assert tie_decided([0, 1, 2], [0.6, 0.5, 0.6], selected=2) and not tie_decided([0, 1, 2], [0.6, 0.5, 0.6], 2, 1)
+    assert not tie_decided([0, 1, 2, 3], [0.5, 0.7, 0.6, 0.7], selected=1)  # the later tie came after
+    assert not tie_decided([0, 1, 2], [nan, 0.5, 0.6], selected=2) and not tie_decided([0, 1], [0.5, nan], 1)
+    # Two cells of two seeds: the inner score ties in the seed-1 cell only, the outer in neither.
+    curves = pd.DataFrame({
+        "split": "cv0", "seed": [0] * 3 + [1] * 3, "config": "baseline", "fold": 0, "epoch": [0, 1, 2] * 2,
+        "val_c_index_inner": [0.5, 0.7, 0.6, 0.7, 0.6, 0.7], "val_c_index_outer": [0.4, 0.5, 0.6, 0.6, 0.6, 0.7]})
+    cells = pd.DataFrame({"split": "cv0", "seed": [0, 1, 1], "config": "baseline", "fold": [0, 0, 1],
+                          "done": [True, True, False], "selected_epoch_inner": [1, 2, None],
+                          "selected_epoch_paper": [2, 2, None]})
+    ties = selection_ties(curves, cells)
+    assert list(ties) == ["inner", "paper"]
+    assert ties["inner"] == {"n_cells": 2, "n_ties": 1, "cells": ["seed1/baseline/fold_0"]}
+    assert ties["paper"] == {"n_cells": 2, "n_ties": 0, "cells": []}
+    assert selection_ties(curves, cells, select_from_epoch=1)["inner"]["n_ties"] == 0
+
+
+def test_one_seed_reports_no_noise_and_states_the_tie_rule_with_its_count(fake):
+    js, text = fake["js"], fake["text"]
+    assert js["seeds"]["n_seeds"] == 1 and js["seeds"]["noise"] == [] and js["seeds"]["paired_vs_baseline"] == {}
+    assert "training noise (seed-to-seed spread) is not measured" in text and "## Training noise" not in text
+    # The fixture's selection scores rise every epoch: no tie decided a checkpoint, in 14 finished cells.
+    ties = js["selection"]["ties"]
+    assert {p: (t["n_cells"], t["n_ties"]) for p, t in ties.items()} == {"inner": (14, 0), "paper": (14, 0)}
+    assert "the later one is kept" in text and "in 0 of 14 cells under unbiased inner selection" in text
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """The ``fake`` study with the baseline trained with 3 seeds."""
+    root = tmp_path_factory.mktemp("seeded")
+    spec = make_fake_study(root, pending=("ctpet-dorig/fold_2",), old_format=("pet-d256/fold_0",), seeds=3,
+                           seed_configs=("baseline",))
+    md = write_report(spec.study_dir, root / "report", n_boot=300)
+    return {"spec": spec, "text": md.read_text(), "js": read_json(md.parent / "results.json")}
+
+
+def test_seeds_report_mean_and_sd_over_seeds_and_a_delta_ci_with_the_seed_variance(seeded, fake):
+    from lifelines.utils import concordance_index
+
+    from pipeline.report.noise import NOISE_SD_MULTIPLE
+
+    spec, js, text = seeded["spec"], seeded["js"], seeded["text"]
+    assert js["cells"] == {"total": 15 + 2 * 3, "done": 14 + 2 * 3}
+    # Every table but the training-noise one reads seed 0: the same as the one-seed study.
+    assert js["table1"] == fake["js"]["table1"] and js["summary"] == fake["js"]["summary"]
+    assert js["records"] == fake["js"]["records"]
+    noise = {r["protocol"]: r for r in js["seeds"]["noise"]}
+    assert set(noise) == {"inner", "paper"} and {r["config"] for r in js["seeds"]["noise"]} == {"baseline"}
+    for proto, r in noise.items():
+        means = []
+        for s in range(3):
+            c = []
+            for k in range(spec.n_folds):
+                oof = pd.read_csv(study.cell_dir(spec, study.Cell(study.Configuration(), k, seed=s)) / "oof.csv")
+                part = oof[oof["protocol"] == proto]
+                c.append(concordance_index(part["time"], -part["risk"], part["event"]))
+            means.append(np.mean(c))
+        assert r["n_seeds"] == 3 and r["seeds"] == [0, 1, 2]
+        np.testing.assert_allclose(r["seed_means"], means)
+        assert r["mean"] == pytest.approx(np.mean(means)) and r["sd"] == pytest.approx(np.std(means, ddof=1))
+        assert js["headline"]["training_noise"][proto]["sd"] == pytest.approx(r["sd"])
+    # Δ of every CNN configuration vs the 3-seed baseline, with the seeds' variance in its CI.
+    paired = {r["model"]: r for r in js["seeds"]["paired_vs_baseline"]["inner"]}
+    assert set(paired) == {"ct-d64", "ct-d128", "pet-d256", "ctpet-dorig"}
+    assert paired["ctpet-dorig"]["status"] == "pending"  # a fold of its only seed is pending
+    done = paired["ct-d64"]
+    assert (done["n_seeds"], done["n_seeds_reference"]) == (1, 3)
+    np.testing.assert_allclose(done["seed_means_a"], noise["inner"]["seed_means"])
+    assert done["within_baseline_noise"] == (abs(done["delta"]) <= NOISE_SD_MULTIPLE * noise["inner"]["sd"])
+    for row in js["headline"]["rows"]["inner"]:
+        if row["group"] in ("ct", "pet") and row.get("paired_status") == "done":
+            assert row["within_baseline_noise"] == (abs(row["delta"]) <= NOISE_SD_MULTIPLE * noise["inner"]["sd"])
+    assert "training seeds the baseline's fold-mean C-index is" in " ".join(js["headline"]["sentences"])
+    assert "## Training noise: training seeds" in text and "| 1 / 3 |" in text
+    assert f"{noise['inner']['mean']:.3f} ± {noise['inner']['sd']:.3f} (3 seeds)" in text
+    assert "|Δ| ≤ 2 × the baseline's seed SD" in text

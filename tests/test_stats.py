@@ -142,6 +142,37 @@ def test_bootstrap_with_repeats_uses_every_fold_and_repeat():
     assert res.fold_test.test_train_ratio == pytest.approx(30 / 120)
 
 
+def test_seed_bootstrap_ci_widens_with_planted_seed_noise_and_reduces_to_one_seed():
+    """Extra training seeds whose risks carry noise of growing size widen the CI of Δ; seeds
+    identical to the first give the one-seed CI (same patient draws), and one seed per arm is
+    paired_bootstrap_delta itself."""
+    a, b = _pair(300, 0, 1.0, 0.8)
+    rng = np.random.default_rng(10)
+    noise_a = [rng.normal(size=len(a)) for _ in range(3)]
+    noise_b = [rng.normal(size=len(b)) for _ in range(3)]
+    one = stats.paired_bootstrap_delta(a, b, n_boot=300, seed=1)
+    assert stats.paired_bootstrap_delta_seeds([a], [b], n_boot=300, seed=1).to_dict() == one.to_dict()
+    assert (one.n_seeds_a, one.n_seeds_b) == (1, 1)
+    widths = []
+    for scale in (0.0, 0.5, 1.5):
+        seeds_a = [a] + [a.assign(risk=a["risk"] + scale * n) for n in noise_a]
+        seeds_b = [b] + [b.assign(risk=b["risk"] + scale * n) for n in noise_b]
+        res = stats.paired_bootstrap_delta_seeds(seeds_a, seeds_b, n_boot=300, seed=1)
+        assert (res.n_seeds_a, res.n_seeds_b) == (4, 4) and len(res.seed_means_b) == 4
+        # The point estimate is the difference of the seed means of the fold means.
+        assert res.delta == pytest.approx(np.mean(res.seed_means_b) - np.mean(res.seed_means_a))
+        widths.append(res.ci_high - res.ci_low)
+        if scale == 0.0:
+            assert (res.ci_low, res.ci_high, res.p_value, res.n_boot) == (one.ci_low, one.ci_high, one.p_value,
+                                                                           one.n_boot)
+            assert res.delta == pytest.approx(one.delta, abs=1e-12)
+    assert widths[0] < widths[1] < widths[2]
+    assert widths[2] > 1.5 * widths[0]
+    # Seeds of one arm are runs on identical folds: other folds are refused.
+    with pytest.raises(ValueError, match="folds differ"):
+        stats.paired_bootstrap_delta_seeds([a, a.assign(fold=(a.fold + 1) % 5)], [b], n_boot=10)
+
+
 # ----------------------------------------------------------------------------- fold tests, mean CI
 
 

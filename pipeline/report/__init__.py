@@ -10,15 +10,16 @@
 2. :mod:`pipeline.report.analysis` turns those frames into one typed results object
    (:class:`~pipeline.report.results.Results`): the headline, the tables, paired comparisons,
    LOCO, IBS / calibration / KM, learning curves and rows that are identical for a stated
-   reason. Each analysis is a function of arrays or frames, so it is tested on hand-made
-   predictions.
+   reason; :mod:`pipeline.report.noise` adds the training noise of studies run with several
+   training seeds and the count of checkpoints a selection tie decided. Each analysis is a
+   function of arrays or frames, so it is tested on hand-made predictions.
 3. :mod:`pipeline.report.render` draws ``report.md``, ``report.html`` and, through
    :mod:`pipeline.report.figures`, the figures from that object alone (it can re-render a
    saved ``results.json``).
 
 Shared names, labels and value helpers live in :mod:`pipeline.report.labels`, text formatting
 in :mod:`pipeline.report.format`; the modules import in that one direction (labels <- format
-<- figures <- render; labels <- collect <- analysis), so there is no import circle.
+<- figures <- render; labels <- collect <- noise <- analysis), so there is no import circle.
 
 Files: ``results.json`` (the results object), ``results.csv`` (one row per cell or peer
 fold x protocol, pending rows included), ``report.md`` / ``report.html`` and the figures.

@@ -41,6 +41,15 @@ from pipeline.report.labels import (
     float_or_none,
     group_label,
 )
+from pipeline.report.noise import (
+    NOISE_RULE,
+    NOISE_SD_MULTIPLE,
+    TIE_RULE,
+    seed_noise,
+    seed_paired_comparisons,
+    selection_ties,
+    within_training_noise,
+)
 from pipeline.report.results import RESULTS_SCHEMA, CellCount, Results, SurvivalSection, TrainingSection
 from pipeline.study import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
 
@@ -526,7 +535,8 @@ def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]],
-             oracle_c_index: float | None = None) -> dict[str, Any]:
+             oracle_c_index: float | None = None,
+             noise: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The first screen: Table 1's rows (baseline, best d per embedding set, peers) per
     protocol, unbiased first, each with its paired Δ C-index vs the baseline and 95 % CI.
 
@@ -537,21 +547,32 @@ def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]
         t1: :func:`table1` per protocol.
         paired: :func:`paired_comparisons` vs the baseline per protocol.
         oracle_c_index: C-index of the true risk (synthetic cohort), when known.
+        noise: the baseline's :func:`pipeline.report.noise.seed_noise` row per protocol,
+            where it has several training seeds.
 
     Returns:
-        ``{"protocols", "rows": {protocol: [...]}, "oracle_c_index"}``; a row holds
-        ``group, label, config, d, status, c_mean, c_sd, c_n, n_folds, auc_mean, auc_sd,
-        auc_n`` and ``paired_status, delta, ci_low, ci_high, p_value, paired_splits``.
+        ``{"protocols", "rows": {protocol: [...]}, "oracle_c_index", "training_noise"}``; a
+        row holds ``group, label, config, d, status, c_mean, c_sd, c_n, n_folds, auc_mean,
+        auc_sd, auc_n`` and ``paired_status, delta, ci_low, ci_high, p_value, paired_splits``
+        and, where the baseline's training noise is measured, ``within_baseline_noise``
+        (:func:`pipeline.report.noise.within_training_noise` of its Δ). ``training_noise``:
+        per protocol with a measured noise, ``n_seeds, mean, sd, threshold`` (the largest
+        |Δ| within it).
     """
     protocols = [p for p in PROTOCOL_ORDER if p in t1]
+    noise = {p: n for p, n in (noise or {}).items() if p in protocols and finite(n.get("sd"))}
     rows: dict[str, list[dict[str, Any]]] = {}
     for proto in protocols:
         pmap = {r["model"]: r for r in paired.get(proto, [])}
-        rows[proto] = [_headline_row(r, pmap.get(r.get("config"))) for r in t1[proto].to_dict("records")]
-    return {"protocols": protocols, "rows": rows, "oracle_c_index": float_or_none(oracle_c_index)}
+        rows[proto] = [_headline_row(r, pmap.get(r.get("config")), (noise.get(proto) or {}).get("sd"))
+                       for r in t1[proto].to_dict("records")]
+    training_noise = {p: {"n_seeds": n["n_seeds"], "mean": n["mean"], "sd": n["sd"],
+                          "threshold": NOISE_SD_MULTIPLE * n["sd"]} for p, n in noise.items()}
+    return {"protocols": protocols, "rows": rows, "oracle_c_index": float_or_none(oracle_c_index),
+            "training_noise": training_noise}
 
 
-def _headline_row(t: dict[str, Any], p: dict[str, Any] | None) -> dict[str, Any]:
+def _headline_row(t: dict[str, Any], p: dict[str, Any] | None, noise_sd: float | None = None) -> dict[str, Any]:
     row = {"group": t["modality"], "label": group_label(t["modality"]), "config": t.get("config"),
            "d": t.get("d"), "status": t["status"]}
     row |= {k: t.get(k) for k in ("c_mean", "c_sd", "c_n", "n_folds", "auc_mean", "auc_sd", "auc_n")}
@@ -562,6 +583,8 @@ def _headline_row(t: dict[str, Any], p: dict[str, Any] | None) -> dict[str, Any]
     row["paired_status"] = p["status"]
     if p["status"] == "done":
         row |= {k: p[k] for k in ("delta", "ci_low", "ci_high", "p_value")} | {"paired_splits": p["splits"]}
+        if noise_sd is not None:
+            row["within_baseline_noise"] = within_training_noise(p["delta"], noise_sd)
     return row
 
 
@@ -582,6 +605,9 @@ def headline_sentences(head: dict[str, Any], facts: dict[str, Any]) -> list[str]
         out = ["The DeepMTS+DAFT baseline has not finished all folds yet, so no difference from it can be stated."]
     else:
         out = [_sentence_fm(base, rows, proto)]
+        noise = _sentence_noise(rows, (head.get("training_noise") or {}).get(proto))
+        if noise:
+            out.append(noise)
         peers = _sentence_peers(rows, head.get("oracle_c_index"))
         if peers:
             out.append(peers)
@@ -604,6 +630,28 @@ def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: s
         return text + "; no configuration with FM embeddings has a paired comparison yet."
     parts = [f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}) {_delta_text(r)}" for r in fm]
     return text + "; adding FM embeddings changes it by " + ", ".join(parts) + " (paired Δ, 95 % CI)."
+
+
+def _sentence_noise(rows: dict[str, dict[str, Any]], noise: dict[str, Any] | None) -> str:
+    """The baseline's training noise and, by :data:`pipeline.report.noise.NOISE_RULE`, which FM
+    rows' headline Δ lies within it; empty when the noise is not measured."""
+    if not noise:
+        return ""
+    text = (f"Over {noise['n_seeds']} training seeds the baseline's fold-mean C-index is {noise['mean']:.3f} "
+            f"± {noise['sd']:.3f} (SD over seeds: its training noise)")
+    fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("within_baseline_noise") is not None]
+    if not fm:
+        return text + "; no FM configuration has a paired Δ to hold against it yet."
+
+    def names(within: bool) -> str:
+        return ", ".join(f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}, {r['delta']:+.3f})"
+                         for r in fm if r["within_baseline_noise"] == within)
+
+    parts = [f"{side} it for {names(within)}" for side, within in (("within", True), ("beyond", False))
+             if names(within)]
+    return (text + f"; by the rule |Δ| ≤ {NOISE_SD_MULTIPLE:g} × SD = {noise['threshold']:.3f}, the Δ above lies "
+            + " and ".join(parts)
+            + " (\"Training noise\" repeats each Δ over the baseline's seeds, its CI holding their variance).")
 
 
 def _count(x: Any) -> str:
@@ -688,7 +736,9 @@ def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
         {"analysis": "peers vs clinical Cox (paired)", "cnn": [], "peers": cv_all if "clinical-cox" in peers else []},
         {"analysis": "IBS (every CV fold), calibration and KM risk groups (cv0)", "cnn": cv_cnn,
          "peers": cv_all if peers else []},
-    ]
+    ] + ([{"analysis": f"training noise: {spec.seeds} training seeds of "
+                       + ", ".join(c.name for c in spec.seed_configurations()),
+           "cnn": [FIRST_SPLIT], "peers": []}] if spec.seed_configurations() else [])
 
 
 def study_facts(study: dict[str, Any]) -> dict[str, Any]:
@@ -837,9 +887,12 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
     facts = study_facts(study)
     base = summary[(summary["protocol"] == protocols[0]) & (summary["config"] == BASELINE)]
     facts["baseline_sd"] = float(base["c_sd"].iloc[0]) if len(base) else None
-    cells = cell_training(data.cells, data.curves, records) if len(data.cells) else []
+    cells0, curves0 = _seed_zero(data.cells), _seed_zero(data.curves)  # one run per configuration and fold
+    cells = cell_training(cells0, curves0, records) if len(cells0) else []
     facts |= baseline_training(cells, spec.train)
-    head = headline(t1, paired, study.get("info", {}).get("oracle_c_index"))
+    seeds = seeds_section(data, protocols, n_boot)
+    noise = {r["protocol"]: r for r in seeds["noise"] if r["config"] == BASELINE}
+    head = headline(t1, paired, study.get("info", {}).get("oracle_c_index"), noise)
     head["sentences"] = headline_sentences(head, facts)
     centres = loco_centre_table(data.folds, data.survival, data.centres)
     survival = [survival_analysis(data.predictions, m, sel, cv, spec.n_folds)
@@ -855,8 +908,55 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
         paired_vs_baseline=paired, paired_vs_clinical_cox=vs_clinical,
         loco=loco_results(records, data.predictions, centres, data.models, protocols),
         survival=SurvivalSection(protocol=sel, horizon_days=HORIZON, models=survival),
-        training=TrainingSection(curves=learning_curves(data.curves, data.cells), cells=cells,
+        training=TrainingSection(curves=learning_curves(curves0, cells0), cells=cells,
                                  summary=training_summary(cells)),
         compute=compute_summary(records), undefined=undefined_metrics(records), records=records,
-        environment=data.environments,
+        environment=data.environments, seeds=seeds,
+        selection=selection_section(data.curves, data.cells, int(spec.train.get("select_from_epoch", 0))),
     )
+
+
+def _seed_zero(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the study's own training seed (seed index 0) of a cells / curves frame."""
+    return frame[frame["seed"] == 0] if "seed" in frame.columns else frame
+
+
+def seeds_section(data: StudyData, protocols: Sequence[str], n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The training-noise section of the results (``results.json["seeds"]``).
+
+    Returns:
+        ``{"n_seeds", "seed_configs", "noise_rule", "noise_sd_multiple", "noise",
+        "paired_vs_baseline"}``: ``noise`` the :func:`pipeline.report.noise.seed_noise` rows
+        (mean over seeds of the fold-mean C-index, seed SD, number of seeds per
+        configuration and protocol), ``paired_vs_baseline`` per protocol the
+        :func:`pipeline.report.noise.seed_paired_comparisons` on ``cv0``, each done one with
+        ``within_baseline_noise`` (:func:`pipeline.report.noise.within_training_noise`).
+    """
+    spec = data.spec
+    out: dict[str, Any] = {"n_seeds": int(spec.seeds), "seed_configs": [c.name for c in spec.seed_configurations()],
+                           "noise_rule": NOISE_RULE, "noise_sd_multiple": NOISE_SD_MULTIPLE,
+                           "noise": seed_noise(data.seed_records, spec.n_folds), "paired_vs_baseline": {}}
+    by_name = {m.name: m for m in data.models}
+    if data.seed_predictions.empty or BASELINE not in by_name:
+        return out
+    # Every seed of the configurations trained with several, seed 0 of the others.
+    seeded = set(data.seed_predictions["model"])
+    first = data.predictions[(data.predictions["split"] == FIRST_SPLIT) & (data.predictions["role"] == "oof")
+                             & (data.predictions["kind"] == "cnn") & ~data.predictions["model"].isin(seeded)]
+    frame = pd.concat([data.seed_predictions, first.assign(seed=0)], ignore_index=True)
+    base_sd = {r["protocol"]: r["sd"] for r in out["noise"] if r["config"] == BASELINE}
+    for proto in protocols:
+        rows = seed_paired_comparisons(frame, data.models, by_name[BASELINE], proto, spec.n_folds, n_boot=n_boot)
+        for r in rows:
+            if r["status"] == "done":
+                r["within_baseline_noise"] = within_training_noise(r["delta"], base_sd.get(proto))
+        out["paired_vs_baseline"][proto] = rows
+    return out
+
+
+def selection_section(curves: pd.DataFrame, cells: pd.DataFrame, select_from_epoch: int) -> dict[str, Any]:
+    """The checkpoint-selection rule and how often a tie decided it (``results.json["selection"]``):
+    ``{"rule", "select_from_epoch", "ties": {protocol: {"n_cells", "n_ties", "cells"}}}`` over
+    every finished cell of the study, every seed included (:func:`pipeline.report.noise.selection_ties`)."""
+    return {"rule": TIE_RULE, "select_from_epoch": select_from_epoch,
+            "ties": selection_ties(curves, cells, select_from_epoch)}

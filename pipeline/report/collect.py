@@ -23,6 +23,7 @@ from pipeline.report.labels import PRED_COLUMNS, PROTOCOL_LABELS, as_float
 from pipeline.splits import load_folds
 from pipeline.study import (
     BASELINE,
+    FIRST_SPLIT,
     LOCO,
     Cell,
     Configuration,
@@ -76,15 +77,23 @@ class StudyData:
             (the fold's training rows, for Breslow baselines and risk cut-offs).
         folds: ``split, fold, case_id`` of every split whose folds file exists.
         survival: ``time, event`` indexed by ``case_id``.
-        curves: ``split, config, fold, epoch`` + the ``curves.csv`` columns present.
-        cells: one row per CNN cell: ``split, config, fold, done, epochs_run, seconds``,
-            ``start_<score>`` (before the first step) and ``val_dice_<protocol>``.
+        curves: ``split, seed, config, fold, epoch`` + the ``curves.csv`` columns present, of
+            every cell (every training seed).
+        cells: one row per CNN cell (every training seed): ``split, seed, config, fold, done,
+            epochs_run, seconds``, ``start_<score>`` (before the first step),
+            ``val_dice_<protocol>`` and ``selected_epoch_<protocol>``.
         peer_fits: one row per peer fold: ``split, peer, fold, n_train`` and
             ``<block>_pca_components`` where a PCA was fitted.
         models: the study's models.
         centres: held-out centre name per LOCO fold (empty without LOCO).
         environments: the distinct ``run.json["environment"]`` records of the CNN runs
             (:func:`collect_environments`).
+        seed_records: :func:`collect_seed_records`: the ``cv0`` records of every seed of the
+            configurations trained with several seeds (``seed`` column); empty without.
+        seed_predictions: :func:`collect_seed_predictions`: their held-out risks.
+
+    ``records`` and ``predictions`` hold the study's own training seed (seed index 0) only,
+    so every table but the training-noise one reads one run per configuration and fold.
     """
 
     spec: StudySpec
@@ -99,6 +108,8 @@ class StudyData:
     models: list[ModelRef]
     centres: list[str]
     environments: list[dict[str, Any]] = field(default_factory=list)
+    seed_records: pd.DataFrame = field(default_factory=pd.DataFrame)
+    seed_predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def collect_study(study_dir: str | os.PathLike) -> StudyData:
@@ -116,7 +127,21 @@ def collect_study(study_dir: str | os.PathLike) -> StudyData:
                      folds=folds, survival=survival, curves=curves, cells=cells,
                      peer_fits=collect_peer_fits(spec), models=models,
                      centres=loco_centres(spec) if (folds["split"] == LOCO).any() else [],
-                     environments=collect_environments(spec))
+                     environments=collect_environments(spec),
+                     seed_records=collect_seed_records(spec, survival=survival, folds=folds),
+                     seed_predictions=collect_seed_predictions(spec, models))
+
+
+def primary_cells(spec: StudySpec) -> list[Cell]:
+    """The cells of the study's own training seed (seed index 0): one run per configuration
+    and fold, what every table but the training-noise one reads."""
+    return [c for c in grid(spec) if c.seed == 0]
+
+
+def seed_cells(spec: StudySpec) -> list[Cell]:
+    """Every seed's cells (seed 0 included) of the configurations trained with several seeds."""
+    names = {c.name for c in spec.seed_configurations()}
+    return [c for c in grid(spec) if c.split == FIRST_SPLIT and c.config.name in names]
 
 
 def collect_environments(spec: StudySpec) -> list[dict[str, Any]]:
@@ -137,7 +162,7 @@ def collect_environments(spec: StudySpec) -> list[dict[str, Any]]:
         if isinstance(env, dict) and env:
             key = json.dumps(env, sort_keys=True, default=str)
             runs = groups.setdefault(key, {"environment": env, "runs": []})["runs"]
-            name = f"{cell.split}/{cell.config.name}"
+            name = f"{cell.split}/{cell.config.name}" + (f" (seed {cell.seed})" if cell.seed else "")
             if name not in runs:
                 runs.append(name)
     return list(groups.values())
@@ -194,8 +219,9 @@ def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
                     folds: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per CNN cell x protocol from the finished cells; pending cells give NaN rows.
 
-    Covers every split the CNN trains on. Columns: ``split, kind, config, modality, d,
-    fold, protocol, done, c_index, c_index_reason, auc_1y, auc_1y_reason,
+    Covers every split the CNN trains on, with the study's own training seed (seed index 0;
+    :func:`collect_seed_records` reads the others). Columns: ``split, kind, config, modality,
+    d, fold, protocol, done, c_index, c_index_reason, auc_1y, auc_1y_reason,
     selection_c_index, selected_epoch, val_dice, epochs_run, seconds``. ``kind`` is
     ``"cnn"``, ``modality`` is ``"baseline"`` for the baseline, ``d`` is ``"-"`` there. An
     undefined C-index (e.g. a LOCO centre without an event) is NaN with its reason code.
@@ -206,29 +232,46 @@ def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
     """
     survival = read_survival(spec) if survival is None else survival
     folds = read_folds(spec) if folds is None else folds
+    return pd.DataFrame([row for cell in primary_cells(spec) for row in _record_rows(spec, cell, survival, folds)])
+
+
+def collect_seed_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
+                         folds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """:func:`collect_records` rows of every training seed of the configurations trained with
+    several seeds (``cv0`` only, seed 0 included), with a ``seed`` column; empty without."""
+    cells = seed_cells(spec)
+    if not cells:
+        return pd.DataFrame()
+    survival = read_survival(spec) if survival is None else survival
+    folds = read_folds(spec) if folds is None else folds
+    return pd.DataFrame([row | {"seed": cell.seed} for cell in cells
+                         for row in _record_rows(spec, cell, survival, folds)])
+
+
+def _record_rows(spec: StudySpec, cell: Cell, survival: pd.DataFrame, folds: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of one CNN cell, one per protocol (see :func:`collect_records`)."""
+    base = {"split": cell.split, "kind": "cnn", "config": cell.config.name,
+            "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold}
+    done, rec, info = _cell_records(spec, cell)
     rows = []
-    for cell in grid(spec):
-        base = {"split": cell.split, "kind": "cnn", "config": cell.config.name,
-                "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold}
-        done, rec, info = _cell_records(spec, cell)
-        for proto in PROTOCOLS:
-            res = rec.get("protocols", {}).get(proto) if done else None
-            if done and res is None:
-                continue  # e.g. inner_val_fraction = 0: only the paper protocol exists
-            res = res or {}
-            c = as_float(res.get("c_index"))
-            reason = None
-            if done and math.isnan(c):
-                reason = res.get("c_index_undefined_reason") or c_undefined_reason(
-                    held_out(folds, survival, cell.split, cell.fold))
-            rows.append(base | {
-                "protocol": proto, "done": done, "c_index": c, "c_index_reason": reason,
-                "auc_1y": as_float(res.get("auc_1y")), "auc_1y_reason": res.get("auc_1y_undefined_reason"),
-                "selection_c_index": as_float(res.get("selection_c_index")),
-                "selected_epoch": res.get("selected_epoch"), "val_dice": as_float(res.get("val_dice")),
-                "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds"),
-            })
-    return pd.DataFrame(rows)
+    for proto in PROTOCOLS:
+        res = rec.get("protocols", {}).get(proto) if done else None
+        if done and res is None:
+            continue  # e.g. inner_val_fraction = 0: only the paper protocol exists
+        res = res or {}
+        c = as_float(res.get("c_index"))
+        reason = None
+        if done and math.isnan(c):
+            reason = res.get("c_index_undefined_reason") or c_undefined_reason(
+                held_out(folds, survival, cell.split, cell.fold))
+        rows.append(base | {
+            "protocol": proto, "done": done, "c_index": c, "c_index_reason": reason,
+            "auc_1y": as_float(res.get("auc_1y")), "auc_1y_reason": res.get("auc_1y_undefined_reason"),
+            "selection_c_index": as_float(res.get("selection_c_index")),
+            "selected_epoch": res.get("selected_epoch"), "val_dice": as_float(res.get("val_dice")),
+            "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds"),
+        })
+    return rows
 
 
 def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "inner")) -> pd.DataFrame:
@@ -288,8 +331,18 @@ def _pred_frame(df: pd.DataFrame, model: ModelRef, split: str, role: str, **fixe
     return out.assign(case_id=out["case_id"].astype(str))[PRED_COLUMNS]
 
 
-def _cnn_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.DataFrame]:
-    layout = RunLayout(spec.run_dir(Configuration.from_name(model.name), split))
+def collect_seed_predictions(spec: StudySpec, models: Sequence[ModelRef]) -> pd.DataFrame:
+    """Held-out risks (``role = oof``) of every training seed of the configurations trained
+    with several seeds, on ``cv0``: :data:`PRED_COLUMNS` + ``seed``; empty without."""
+    names = {c.name for c in spec.seed_configurations()}
+    frames = [f.assign(seed=s) for m in models if m.name in names
+              for s in spec.seed_indices(Configuration.from_name(m.name))
+              for f in _cnn_predictions(spec, m, FIRST_SPLIT, s) if (f["role"] == "oof").all()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*PRED_COLUMNS, "seed"])
+
+
+def _cnn_predictions(spec: StudySpec, model: ModelRef, split: str, seed: int = 0) -> list[pd.DataFrame]:
+    layout = RunLayout(spec.run_dir(Configuration.from_name(model.name), split, seed))
     frames = []
     for k in range(split_n_folds(spec, split)):
         if not layout.is_done(k) or not layout.oof(k).is_file():
@@ -322,26 +375,30 @@ def collect_training(spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Columns missing in older runs are simply absent (curves) or NaN (cells).
 
+    Every cell of the grid, each training seed included (``seed`` column).
+
     Returns:
-        ``(curves, cells)``: curves ``split, config, fold, epoch`` + the ``curves.csv``
-        columns; cells ``split, config, fold, done, epochs_run, seconds, start_<score>``
-        (:data:`EVAL_COLUMNS` before the first step) and ``val_dice_<protocol>`` (outer
-        Dice at the selected epoch).
+        ``(curves, cells)``: curves ``split, seed, config, fold, epoch`` + the ``curves.csv``
+        columns; cells ``split, seed, config, fold, done, epochs_run, seconds, start_<score>``
+        (:data:`EVAL_COLUMNS` before the first step), ``val_dice_<protocol>`` (outer Dice at
+        the selected epoch) and ``selected_epoch_<protocol>``.
     """
     curves, cells = [], []
     for cell in grid(spec):
-        key = {"split": cell.split, "config": cell.config.name, "fold": cell.fold}
+        key = {"split": cell.split, "seed": cell.seed, "config": cell.config.name, "fold": cell.fold}
         done, rec, info = _cell_records(spec, cell)
         start = rec.get("start") or {}
         row = key | {"done": done, "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds")}
         row |= {f"start_{c}": as_float(start.get(c)) for c in EVAL_COLUMNS}
-        row |= {f"val_dice_{p}": as_float((rec.get("protocols", {}).get(p) or {}).get("val_dice")) for p in PROTOCOLS}
+        protos = {p: rec.get("protocols", {}).get(p) or {} for p in PROTOCOLS}
+        row |= {f"val_dice_{p}": as_float(r.get("val_dice")) for p, r in protos.items()}
+        row |= {f"selected_epoch_{p}": r.get("selected_epoch") for p, r in protos.items()}
         cells.append(row)
         curves_path = cell_layout(spec, cell).curves(cell.fold)
         if done and curves_path.is_file():
             curves.append(pd.read_csv(curves_path).assign(**key))
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=["split", "config", "fold", "epoch"])
+        columns=["split", "seed", "config", "fold", "epoch"])
     return curve_frame, pd.DataFrame(cells)
 
 

@@ -404,10 +404,40 @@ def _settings_blocks(results: Results) -> list[Block]:
                    "(a fold without an event before 365 days has no 1-year AUROC; it is never counted as 0.5). "
                    "Paper protocol (optimistic): the checkpoint is selected on the outer fold it is scored on, "
                    "as in the paper. Unbiased inner selection: selected on an inner split of the training fold; "
-                   "the outer fold is scored once."),
+                   "the outer fold is scored once." + selection_sentence(results.selection)
+                   + seeds_sentence(results.seeds)),
     ]
     text = undefined_sentence(results.undefined)
     return blocks + ([Block("p", text)] if text else [])
+
+
+def selection_sentence(selection: dict[str, Any]) -> str:
+    """`` Of epochs with equal selection scores ...; a tie decided the checkpoint in 2 of 10 cells ...``:
+    the stated selection rule and its tie count (:func:`pipeline.report.analysis.selection_section`);
+    empty for results written before it."""
+    if not selection:
+        return ""
+    text = f" Both protocols: {selection['rule']}"
+    first = selection.get("select_from_epoch") or 0
+    text += f"; epochs before epoch {first} (0-based) are trained but not selectable." if first else "."
+    ties = selection.get("ties") or {}
+    parts = [f"{t['n_ties']} of {t['n_cells']} cells under {PROTOCOL_LABELS[p]}" for p, t in ties.items()
+             if p in PROTOCOL_LABELS]
+    if parts:
+        text += (" In this study an earlier selectable epoch had exactly the selected epoch's score, so the tie "
+                 "rule chose the checkpoint, in " + " and ".join(parts) + ".")
+    return text
+
+
+def seeds_sentence(seeds: dict[str, Any]) -> str:
+    """Whether the training noise is measured (``run-study --seeds``); empty for older results."""
+    if not seeds:
+        return ""
+    if not seeds.get("seed_configs"):
+        return (" Each configuration is trained with one training seed, so the training noise (seed-to-seed "
+                "spread) is not measured here (`run-study --seeds S`).")
+    return (f" Trained with {seeds['n_seeds']} training seeds on cv0: {', '.join(seeds['seed_configs'])} (see "
+            "\"Training noise\"); every other table reads the study's own training seed (seed index 0).")
 
 
 def undefined_sentence(undefined: Sequence[dict[str, Any]]) -> str:
@@ -514,6 +544,7 @@ def _beyond_blocks(results: Results, out: Path) -> list[Block]:
                         f"for comparing models; use the paired comparisons below for that. {CLIP_NOTE}"))
     b.append(Block("table", ci_table(results.summary, identical)))
     b += _paired_blocks(results, out)
+    b += seed_blocks(results)
     b += _loco_blocks(results, spec)
     sel = results.survival.protocol
     analyses = results.survival.models
@@ -559,6 +590,72 @@ def _paired_blocks(results: Results, out: Path) -> list[Block]:
                             "isolates what the embeddings add."))
         b.append(Block("table", paired_display(vs_clinical, identical)))
     return b
+
+
+def seed_blocks(results: Results) -> list[Block]:
+    """"Training noise": each seeded configuration's mean and SD over seeds, and Δ vs the
+    baseline with a CI holding the seeds' variance (empty when no configuration has seeds)."""
+    seeds = results.seeds or {}
+    if not seeds.get("seed_configs"):
+        return []
+    b = [Block("h2", "Training noise: training seeds"),
+         Block("p", f"Trained with {seeds['n_seeds']} training seeds on the first CV split (cv0): "
+                    f"{', '.join(seeds['seed_configs'])}. Seed index s trains with the study's training seed + s "
+                    "(initialisation, dropout, batch order, augmentation) on the same outer folds and the same "
+                    "inner selection split, so the spread over seeds is training noise alone. Per configuration: "
+                    "the mean over seeds of its fold-mean C-index (Table 1's statistic), the SD over seeds (the "
+                    "training noise of that mean) and the per-seed means. Rule: "
+                    f"{seeds['noise_rule']}.")]
+    if seeds.get("noise"):
+        b.append(Block("table", noise_display(seeds["noise"])))
+    paired = seeds.get("paired_vs_baseline") or {}
+    if any(paired.values()):
+        b.append(Block("p", "Δ vs the baseline on cv0 (model minus baseline, each the mean over its seeds): paired "
+                            f"patient bootstrap within each fold ({results.n_boot} draws) in which every replicate "
+                            "also draws one training seed per model among its seeds "
+                            "(`paired_bootstrap_delta_seeds`), so the 95 % CI holds the seeds' variance as well as "
+                            "the patients'. A model trained with one seed adds no training noise of its own (it is "
+                            "not measured), so its CI is still too narrow by that much. With one seed per model this "
+                            "is the paired comparison above."))
+        for proto in [p for p in PROTOCOL_ORDER if paired.get(p)]:
+            b.append(Block("h3", f"{PROTOCOL_LABELS[proto]} (cv0, seeds)"))
+            b.append(Block("table", seed_paired_display(paired[proto])))
+    return b
+
+
+def noise_display(noise: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per seeded configuration: mean ± seed SD (seeds) and the per-seed means, per protocol."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in sorted(noise, key=lambda r: PROTOCOL_ORDER.index(r["protocol"])):  # unbiased columns first
+        row = rows.setdefault(r["config"], {"model": _config_label(r["modality"], r["d"])})
+        short = SHORT_PROTOCOL[r["protocol"]]
+        row[f"C-index, mean over seeds ± seed SD ({short})"] = (
+            "pending" if r["mean"] is None else
+            f"{r['mean']:.3f} ± " + (f"{r['sd']:.3f}" if r["sd"] is not None else "n/a") + f" ({r['n_seeds']} seeds)")
+        row[f"per seed ({short})"] = ", ".join(f"{m:.3f}" for m in r["seed_means"]) or "-"
+    return pd.DataFrame(list(rows.values()))
+
+
+def seed_paired_display(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Δ vs the baseline with the seed-aware CI, and whether it lies within the baseline's noise."""
+    out = []
+    for r in rows:
+        row = {"model": r["label"], "seeds (model / baseline)": f"{r['n_seeds']} / {r['n_seeds_reference']}"}
+        if r["status"] != "done":
+            row.update({"Δ C-index [95 % CI, patients + seeds]": r["status"] if r["status"] == "pending" else
+                        f"undefined: {r.get('reason', '')}", "bootstrap p": "-", "within the baseline's noise": "-"})
+        else:
+            within = r.get("within_baseline_noise")
+            row.update({"Δ C-index [95 % CI, patients + seeds]": fmt_delta(r), "bootstrap p": fmt_p(r["p_value"]),
+                        "within the baseline's noise": "n/a (baseline has one seed)" if within is None else
+                        ("yes" if within else "no")})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _config_label(modality: str, d: Any) -> str:
+    """``DeepMTS+DAFT baseline`` / ``DeepMTS+DAFT + CT, d = 64``."""
+    return group_label(modality) + ("" if modality == BASELINE else f", d = {d}")
 
 
 def _loco_blocks(results: Results, spec: dict[str, Any]) -> list[Block]:

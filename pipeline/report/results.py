@@ -18,8 +18,9 @@ import pandas as pd
 
 from pipeline.report.labels import clean
 
-#: Version of the results layout. ``environment`` is optional: results written before it lack it.
-RESULTS_SCHEMA = 2
+#: Version of the results layout. ``environment``, ``seeds`` and ``selection`` are optional:
+#: results written before them lack them.
+RESULTS_SCHEMA = 3
 
 
 @dataclass
@@ -81,6 +82,13 @@ class Results:
         environment: the distinct software / hardware environments the runs recorded
             (``run.json["environment"]``), each with the runs that share it; empty when no run
             recorded one.
+        seeds: training noise (:func:`pipeline.report.analysis.seeds_section`): ``n_seeds``,
+            ``seed_configs``, ``noise_rule``, ``noise_sd_multiple``, ``noise`` (per configuration
+            with several seeds and protocol: ``n_seeds``, ``seed_means``, ``mean``, ``sd``) and
+            ``paired_vs_baseline`` (per protocol: Δ with a CI holding patients and seeds).
+        selection: the checkpoint-selection tie rule and how often a tie decided the checkpoint
+            (:func:`pipeline.report.analysis.selection_section`: ``rule``, ``select_from_epoch``,
+            ``ties`` per protocol ``{n_cells, n_ties, cells}``).
     """
 
     schema: int
@@ -109,6 +117,8 @@ class Results:
     undefined: list[dict[str, Any]]
     records: Any
     environment: list[dict[str, Any]] = field(default_factory=list)
+    seeds: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict (the ``results.json`` content): NaN -> None, frames -> records."""
