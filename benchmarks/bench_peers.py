@@ -19,6 +19,8 @@ Usage::
 
 from __future__ import annotations
 
+import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
+
 import argparse
 import os
 import platform

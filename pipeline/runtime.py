@@ -30,6 +30,8 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from pipeline.numerics import numerics_record, warn_if_not_in_force
+
 #: CPU threads of one training (and fitting) process unless the user says otherwise.
 DEFAULT_THREADS = 1
 
@@ -133,18 +135,6 @@ def _use_deterministic_algorithms(torch: Any, mode: bool, warn_only: bool) -> No
         switch(mode, warn_only=warn_only)
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (its instruction set picks oneDNN's kernels), or the platform's."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cuda_record(device: Any) -> dict[str, Any]:
     """GPU name, CUDA/cuDNN versions and the TF32 switches (None where CUDA is absent)."""
     import torch  # local: see compute_threads
@@ -170,21 +160,28 @@ def environment_record(device: Any, threads: int, precision: str = "fp32") -> di
         precision: ``"fp32"`` or the autocast dtype's name.
 
     Returns:
-        JSON-ready dict: versions (torch, numpy, Python), CPU model and torch's CPU kernel
-        level, threads, deterministic mode, device and the CUDA fields of :func:`_cuda_record`.
+        JSON-ready dict: device, precision, threads, deterministic mode, torch and Python
+        versions, what decides the CPU kernels (:func:`pipeline.numerics.numerics_record`:
+        numerics mode and whether it is in force, the pins, the kernel levels of ATen, oneDNN,
+        OpenBLAS and numpy, the MKL and oneDNN versions, the CPU's vendor, family/model/stepping,
+        flags and caches) and the CUDA fields of :func:`_cuda_record`.
     """
-    import numpy
     import torch  # local: see compute_threads
 
-    return {
+    record = {
         "device": str(device), "precision": precision, "threads": int(threads),
         "deterministic": bool(torch.are_deterministic_algorithms_enabled()),
-        "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-        "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        **numerics_record(),
         **_cuda_record(device),
     }
+    warn_if_not_in_force(record)
+    return record
 
 
-#: What :func:`environment_record` holds that may differ between runs and change numbers.
-ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "torch", "cpu_capability",
-                    "gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")
+#: What :func:`environment_record` holds that may differ between runs and change numbers, in
+#: the order the report shows them: the mode and kernels first, then the machine.
+ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "numerics", "numerics_in_force",
+                    "torch", "cpu_capability", "onednn", "onednn_isa", "mkl", "openblas", "numpy",
+                    "numpy_dispatch", "pins", "cpu", "cpu_vendor", "cpu_family_model_stepping",
+                    "cpu_flags", "cpu_caches", "gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")

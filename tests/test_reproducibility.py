@@ -17,6 +17,7 @@ import torch
 from pipeline import study
 from pipeline.artefacts import read_json
 from pipeline.layout import RunLayout
+from pipeline.numerics import NUMERICS_ENV, PORTABLE_PINS
 from pipeline.runtime import ENVIRONMENT_KEYS
 from test_study import TINY_TRAIN, make_spec, make_study_inputs
 
@@ -26,12 +27,16 @@ FOLDS = (0, 1)
 
 
 def _train_survival(inputs: dict, cfg_json: Path, folds: Path, out: Path, fold_args: list[str],
-                    omp_threads: str) -> str:
-    """``train-survival`` as a user types it, in a shell whose OMP_NUM_THREADS is ``omp_threads``;
-    returns its standard error (where torch's warnings go)."""
+                    omp_threads: str, shell: dict[str, str] | None = None) -> str:
+    """``train-survival`` as a user types it, in a shell whose OMP_NUM_THREADS is ``omp_threads``
+    and, when ``shell`` is given, whose kernel variables are only those ``shell`` sets (this test
+    process has the portable pins in its environment); returns its standard error (where
+    torch's warnings go)."""
     cmd = [str(BIN / "train-survival"), "--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]),
            "--config", str(cfg_json), "--folds", str(folds), "--n-folds", str(len(FOLDS)), "--out", str(out), "--quiet", *fold_args]
     env = {**os.environ, "OMP_NUM_THREADS": omp_threads, "MKL_NUM_THREADS": omp_threads}
+    if shell is not None:
+        env = {k: v for k, v in env.items() if k not in (NUMERICS_ENV, *PORTABLE_PINS)} | shell
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stderr
@@ -81,6 +86,41 @@ def test_a_cell_is_the_same_whatever_route_workers_threads_or_resume(routes):
     env = ref["done0"]["environment"]
     assert env["threads"] == 1 and env["deterministic"] is True and env["device"] == "cpu"
     assert set(ENVIRONMENT_KEYS) <= set(env)
+
+
+#: Shells that ask the CPU libraries for other kernels than the portable pins: the machine's
+#: own choice, oneDNN at AVX2 only, ATen's scalar kernels. On an AVX-512 machine each of them
+#: alone moved a demo fold's C-index (0.667, 0.712, 0.727) before the pins.
+KERNEL_SHELLS = {"none": {}, "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+                 "aten-default": {"ATEN_CPU_CAPABILITY": "default"}}
+
+
+@pytest.fixture(scope="module")
+def kernel_shells(tmp_path_factory):
+    """One fold of the demo's network trained once per shell of :data:`KERNEL_SHELLS`, each in
+    its own process (a library reads these variables once, when it loads)."""
+    root = tmp_path_factory.mktemp("kernels")
+    inputs = make_study_inputs(root / "inputs")
+    cfg_json = root / "train.json"
+    cfg_json.write_text(json.dumps({k: v for k, v in TINY_TRAIN.items() if k != "device"}))
+    folds = root / "folds.json"
+    for name, shell in KERNEL_SHELLS.items():
+        _train_survival(inputs, cfg_json, folds, root / name, ["--fold", "0", "--fold", "1"], "1", shell)
+    return root
+
+
+@pytest.mark.slow
+def test_a_fold_is_the_same_whatever_kernels_the_shell_asks_for(kernel_shells):
+    runs = {name: _outputs(kernel_shells / name) for name in KERNEL_SHELLS}
+    envs = {name: [runs[name].pop(f"done{k}").pop("environment") for k in FOLDS] for name in runs}
+    for name in ("onednn-avx2", "aten-default"):
+        differs = [key for key in runs["none"] if runs[name][key] != runs["none"][key]]
+        assert not differs, f"the shell {KERNEL_SHELLS[name]} changed {differs}"
+    # What decided the bits is recorded, and is the portable path in every process.
+    for name, (env, _) in envs.items():
+        assert env["numerics"] == "portable" and env["numerics_in_force"] is True, (name, env)
+        assert env["cpu_capability"] == "AVX2" and env["pins"]["ONEDNN_MAX_CPU_ISA"] == "AVX2", (name, env)
+        assert env["onednn_isa"] in (None, "Intel AVX2"), (name, env["onednn_isa"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
