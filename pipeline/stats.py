@@ -359,6 +359,18 @@ def paired_bootstrap_delta(
                                         fold_test=fold_test)
 
 
+def _check_paired_args(metric: str, n_boot: int, level: float, n_a: int, n_b: int) -> None:
+    """``ValueError`` naming the bad argument of :func:`paired_bootstrap_delta_seeds`."""
+    if metric != "c_index":
+        raise ValueError(f"paired_bootstrap_delta: metric {metric!r} not supported; use 'c_index'")
+    if n_boot < 1:
+        raise ValueError(f"paired_bootstrap_delta: n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_bootstrap_delta: level must lie in (0, 1), got {level}")
+    if not n_a or not n_b:
+        raise ValueError("paired_bootstrap_delta: each arm needs at least one OOF frame (one per training seed)")
+
+
 def paired_bootstrap_delta_seeds(
     oofs_a: Sequence[pd.DataFrame],
     oofs_b: Sequence[pd.DataFrame],
@@ -395,14 +407,7 @@ def paired_bootstrap_delta_seeds(
         :class:`PairedComparison` with ``n_seeds_a``, ``n_seeds_b`` and the per-seed fold
         means ``seed_means_a``, ``seed_means_b``.
     """
-    if metric != "c_index":
-        raise ValueError(f"paired_bootstrap_delta: metric {metric!r} not supported; use 'c_index'")
-    if n_boot < 1:
-        raise ValueError(f"paired_bootstrap_delta: n_boot must be >= 1, got {n_boot}")
-    if not 0 < level < 1:
-        raise ValueError(f"paired_bootstrap_delta: level must lie in (0, 1), got {level}")
-    if not len(oofs_a) or not len(oofs_b):
-        raise ValueError("paired_bootstrap_delta: each arm needs at least one OOF frame (one per training seed)")
+    _check_paired_args(metric, n_boot, level, len(oofs_a), len(oofs_b))
     df = _align_oof(oofs_a[0], oofs_b[0], protocol).reset_index(drop=True)
     risks_a = [df["risk_a"].to_numpy(float)] + [_seed_risk(df, x, oofs_b[0], protocol, "risk_a") for x in oofs_a[1:]]
     risks_b = [df["risk_b"].to_numpy(float)] + [_seed_risk(df, oofs_a[0], x, protocol, "risk_b") for x in oofs_b[1:]]
