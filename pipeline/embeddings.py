@@ -101,6 +101,7 @@ from pipeline.artefacts import (
 )
 from pipeline.cache import COHORT_FILE, CTFM_CT, PETFM_PET, PreprocessedCache
 from pipeline.embedding_sets import EMBEDDING_SETS
+from pipeline.numerics import numerics_mode, numerics_record
 from pipeline.runtime import check_threads, compute_threads, usable_cpus
 
 # torch, and models.checkpoints which imports it, are imported in the functions that run
@@ -246,11 +247,15 @@ class _EncoderSpec:
     def provenance(self) -> dict[str, Any]:
         """The fields that decide the numbers (``weights_path`` is only informational).
 
-        ``compute`` is the device and, on CPU, the thread count: on some CPUs the count moves
-        the last bits (the PET-FM on a 16-core x86 host: ~1e-7 between one and two threads),
-        so rows computed on other counts are never mixed into one file or store."""
+        ``compute`` is the device and, on CPU, the numerics mode (:mod:`pipeline.numerics`)
+        and, under native numerics only, the thread count: there the count moved the last
+        bits on some CPUs (the PET-FM on a 16-core x86 host: ~1e-7 between one and two
+        threads), so rows computed on other counts are never mixed into one file or store.
+        Under portable numerics both encoders give the same bytes on any count (1 to 16
+        threads, ``tests/test_runtime.py``), so the count is recorded in the file's
+        ``environment`` but decides nothing."""
         return {
-            "compute": self.compute,
+            "compute": compute_identity(self.compute),
             "modality": self.modality,
             "encoder": self.encoder,
             "weights_sha256": self.weights_sha256,
@@ -889,12 +894,22 @@ def run_extraction(
 
 
 def compute_record(device: Any, threads: int | None) -> dict[str, Any]:
-    """Where the encoders compute: ``{"device": "cpu", "threads": n}`` (``threads`` checked,
-    default :func:`pipeline.runtime.usable_cpus`) or ``{"device": "cuda"}`` (CPU threads do
-    not touch a GPU's kernels)."""
+    """Where the encoders compute: ``{"device": "cpu", "numerics": mode, "threads": n}``
+    (``threads`` checked, default :func:`pipeline.runtime.usable_cpus`; ``mode`` from
+    :func:`pipeline.numerics.numerics_mode`) or ``{"device": "cuda"}`` (CPU threads and
+    pins do not touch a GPU's kernels)."""
     if device.type != "cpu":
         return {"device": device.type}
-    return {"device": "cpu", "threads": check_threads(threads) if threads is not None else usable_cpus()}
+    return {"device": "cpu", "numerics": numerics_mode(),
+            "threads": check_threads(threads) if threads is not None else usable_cpus()}
+
+
+def compute_identity(compute: dict[str, Any]) -> dict[str, Any]:
+    """The part of :func:`compute_record` that decides the embeddings' bits: all of it,
+    except the thread count under portable numerics."""
+    if compute.get("numerics") == "portable":
+        return {k: v for k, v in compute.items() if k != "threads"}
+    return dict(compute)
 
 
 def _encoder_threads(spec: _EncoderSpec) -> contextlib.AbstractContextManager:
@@ -994,11 +1009,19 @@ def _write_h5(
         attrs = {k: canonical_json(v) if isinstance(v, dict) else v for k, v in spec.provenance().items()}
         attrs.update(weights_path=spec.weights_path, input_shape=np.asarray(shape, dtype=np.int64))
         datasets[m] = (matrices[m], attrs, spec.provenance())
+    compute = next(iter(specs.values())).compute if specs else {}
     write_embedding_file(
         out, modality=modality, case_ids=case_ids, datasets=datasets, cache=cache,
         fingerprints=fingerprints,
         random_init=any(s.weights_sha256 == RANDOM_INIT for s in specs.values()),
+        file_attrs={"environment": canonical_json(_environment(compute))},
     )
+
+
+def _environment(compute: dict[str, Any]) -> dict[str, Any]:
+    """What the file's rows were computed on, for the record (decides nothing by itself):
+    the device, the CPU thread count and :func:`pipeline.numerics.numerics_record`."""
+    return {**compute, **numerics_record()}
 
 
 def write_embedding_file(

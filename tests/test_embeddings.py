@@ -234,15 +234,32 @@ def test_other_provenance_is_refused_not_mixed(cache, tmp_path):
     assert len(stores) == 2 and any("seed0" in s for s in stores) and any("seed1" in s for s in stores)
 
 
-def test_cpu_thread_count_is_recorded_and_another_count_is_not_mixed(cache, tmp_path):
-    """On some CPUs the thread count moves an embedding's last bits (the PET-FM on a 16-core
-    x86 host), so it is part of the provenance: recorded in the file, refused on a rerun with
-    another count, computed in its own shard store when asked with --overwrite."""
+def test_thread_count_decides_nothing_under_portable_numerics_and_is_recorded(cache, tmp_path):
+    """Under portable numerics (the default) the encoders give the same bytes on any thread
+    count, so a rerun on another count is up to date and reuses every row; the count and the
+    numerics in force are recorded in the file's environment."""
     out = tmp_path / "emb" / "ct.h5"
     run(cache, "ct", out, threads=1)
     with h5py.File(out) as h5:
-        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "threads": 1}
-        assert json.loads(h5["ct"].attrs["provenance"])["compute"] == {"device": "cpu", "threads": 1}
+        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "numerics": "portable"}
+        assert json.loads(h5["ct"].attrs["provenance"])["compute"] == {"device": "cpu", "numerics": "portable"}
+        env = json.loads(h5.attrs["environment"])
+    assert env["threads"] == 1 and env["numerics"] == "portable" and env["numerics_in_force"] is True
+    assert env["cpu_capability"] == "AVX2" and env["pins"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    original = out.read_bytes()
+    res = run(cache, "ct", out, threads=2)
+    assert res.up_to_date and out.read_bytes() == original
+
+
+def test_thread_count_is_provenance_under_native_numerics(cache, tmp_path, monkeypatch):
+    """Under native numerics the thread count moved the last bits on some CPUs (the PET-FM on a
+    16-core x86 host), so it is part of the provenance: refused on a rerun with another count,
+    computed in its own shard store when asked with --overwrite."""
+    monkeypatch.setenv("HNFM_NUMERICS", "native")
+    out = tmp_path / "emb" / "ct.h5"
+    run(cache, "ct", out, threads=1)
+    with h5py.File(out) as h5:
+        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "numerics": "native", "threads": 1}
     original = out.read_bytes()
     with pytest.raises(ProvenanceError, match="compute") as err:
         run(cache, "ct", out, threads=2)
@@ -250,9 +267,9 @@ def test_cpu_thread_count_is_recorded_and_another_count_is_not_mixed(cache, tmp_
     res = run(cache, "ct", out, threads=2, overwrite=True)
     assert res.per_modality["ct"].computed == len(CASES)  # nothing reused from the 1-thread store
     with h5py.File(out) as h5:
-        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "threads": 2}
+        assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "numerics": "native", "threads": 2}
     default = emb.compute_record(torch.device("cpu"), None)
-    assert default == {"device": "cpu", "threads": len(os.sched_getaffinity(0))}
+    assert default == {"device": "cpu", "numerics": "native", "threads": len(os.sched_getaffinity(0))}
     assert emb.compute_record(torch.device("cuda"), 4) == {"device": "cuda"}
 
 

@@ -28,10 +28,11 @@ def test_thread_counts_are_checked_naming_the_value(bad):
         runtime.check_threads(bad)
 
 
-def test_embeddings_on_other_thread_counts_agree_to_float_rounding():
-    """The extraction records its CPU thread count in the provenance (on a 16-core x86 host the
-    PET-FM's last bits moved between one and two threads; here they may not): whatever the
-    count, both encoders agree to float32 rounding (demo input sizes, random-init weights)."""
+def test_embeddings_are_the_same_bytes_on_any_thread_count():
+    """Under portable numerics both encoders give identical bytes on 1, 2, 3, 4 and 16 threads
+    (demo input sizes, random-init weights), so an extraction's thread count decides nothing
+    (on a 16-core x86 host the PET-FM's last bits had moved between one and two threads with
+    each library's own kernels)."""
     import numpy as np
     import torch
 
@@ -44,11 +45,12 @@ def test_embeddings_on_other_thread_counts_agree_to_float_rounding():
                             precision="fp32")
         model = E._build_encoder(spec)
         x = rng.random((2, 1, *dhw), dtype=np.float32)
-        outs = []
-        for threads in (1, 2):
+        outs = {}
+        for threads in (1, 2, 3, 4, 16):
             with runtime.compute_threads(threads):
-                outs.append(E._forward(model, x, torch.device("cpu"), "fp32"))
-        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6, err_msg=modality)
+                outs[threads] = E._forward(model, x, torch.device("cpu"), "fp32")
+        differ = [n for n, out in outs.items() if out.tobytes() != outs[1].tobytes()]
+        assert not differ, f"{modality}: {differ} threads differ from one thread"
 
 
 def test_deterministic_kernels_switch_torch_and_restore_it_without_loading_the_compiler():
