@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo demo-reference test test-fast clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/run-study --demo
+
+# Maintainers: after `make clean-demo demo` under portable numerics on a clean tree, make the
+# finished demo the committed reference (pipeline/demo_reference.json) that every demo
+# compares itself with; it prints the README's demo table.
+demo-reference:
+	$(BIN)/python -m pipeline.demo_check --write
 
 # Two pytest workers, one test file each at a time (--dist loadfile): the documented examples
 # run in order in one of them while the other takes the rest of the suite.

@@ -804,3 +804,60 @@ def test_seeds_report_mean_and_sd_over_seeds_and_a_delta_ci_with_the_seed_varian
     assert "## Training noise: training seeds" in text and "| 1 / 3 |" in text
     assert f"{noise['inner']['mean']:.3f} ± {noise['inner']['sd']:.3f} (3 seeds)" in text
     assert "|Δ| ≤ 2 × the baseline's seed SD" in text
+
+
+# --- the demo's check against its reference -----------------------------------------------------
+
+
+def test_demo_check_says_identical_names_differing_cells_and_refuses_to_compare_other_settings(
+        finished_study, tmp_path):
+    from pipeline import demo_check
+
+    spec = finished_study
+    report_dir = tmp_path / "rep"
+    write_report(spec.study_dir, report_dir)
+    ref_path = tmp_path / "reference.json"
+    reference = demo_check.write_reference(spec.study_dir, report_dir, ref_path)
+    assert set(reference["cells"]) == {"baseline/fold_0", "baseline/fold_1", "ct-d64/fold_0"}
+    assert reference["environment"]["numerics"] == "portable" and reference["environment"]["cpu_capability"] == "AVX2"
+    line = demo_check.check_demo(spec.study_dir, report_dir, ref_path)
+    assert line.startswith("demo check: identical to the reference (3 cells"), line
+    # One cell computed other bytes on another machine: named, with the fields that differ.
+    other = json.loads(json.dumps(reference))
+    other["cells"]["ct-d64/fold_0"] = "0" * 64
+    other["environment"]["cpu_family_model_stepping"] = "6/60/3"
+    write_json_atomic(ref_path, other)
+    line = demo_check.check_demo(spec.study_dir, report_dir, ref_path)
+    assert "DIFFERENT" in line and "1 of 3 cells differ (ct-d64/fold_0)" in line, line
+    assert "environment fields that differ from the reference's: cpu_family_model_stepping" in line, line
+    # Other settings, a GPU, or native numerics: said, not compared.
+    for key, value, says in (("settings_hash", "other", "other settings"),):
+        write_json_atomic(ref_path, reference | {key: value})
+        assert says in demo_check.check_demo(spec.study_dir, report_dir, ref_path)
+    digest = demo_check.demo_digest(spec.study_dir, report_dir)
+    for env, says in (({"device": "cuda:0"}, "trained on cuda:0"), ({"numerics": "native"}, "native numerics")):
+        d = digest | {"environment": digest["environment"] | env}
+        line = demo_check.compare(d, reference)
+        assert line.startswith("demo check: not compared") and says in line, line
+    # A reference is made only under portable numerics on a CPU.
+    done = study.cell_layout(spec, study.Cell(study.Configuration(), 0)).done(0)
+    before = done.read_text()
+    try:
+        record = read_json(done)
+        write_json_atomic(done, record | {"environment": record["environment"] | {"numerics": "native"}})
+        with pytest.raises(ValueError, match="portable numerics"):
+            demo_check.write_reference(spec.study_dir, report_dir, tmp_path / "refused.json")
+        assert not (tmp_path / "refused.json").exists()
+    finally:
+        done.write_text(before)
+
+
+def test_readme_demo_figures_are_the_reference_run():
+    """Every demo figure the README quotes comes from the committed reference run: the block
+    between the demo-reference markers is exactly what the reference renders."""
+    from pipeline import demo_check
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"<!-- demo-reference: begin[^>]*-->\n(.*?)\n<!-- demo-reference: end -->", readme, re.S)
+    assert found, "README.md has no demo-reference block"
+    assert found.group(1) == demo_check.readme_block(read_json(demo_check.REFERENCE))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
             if dry_run:
                 click.echo(format_status(cell_status(spec), peer_status(spec)))
                 return
-            _report(study_dir, report_dir, t_start)
+            _report(study_dir, report_dir, t_start, demo)
             return
 
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
@@ -152,8 +153,9 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
         outcome = _run_grid(spec, info, executor, workers, cluster, no_wait,
                             SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
                                          mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
-        _report(study_dir, report_dir, t_start)
+        _report(study_dir, report_dir, t_start, demo and outcome.ok)
         if not outcome.ok:
+            click.secho(f"resume with: {resume_command()}", fg="red", err=True)
             sys.exit(1)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ProvenanceError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -242,8 +244,15 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
     if outcome.job_ids:
         click.echo(f"    submitted array job {outcome.job_ids[0].split('_')[0]} ({len(outcome.job_ids)} tasks)")
     for key, err in outcome.failed.items():
-        if executor != "local":
+        if executor != "local" and key.startswith("peers:"):
             click.secho(f"    {key}: FAILED {err}", fg="red", err=True)
+    for key, holder in outcome.waited.items():
+        click.echo(f"    {key}: waited for {holder}, which held it")
+    if outcome.cancelled:
+        click.secho(f"    cancelled (their Slurm tasks ended without a result): {', '.join(outcome.cancelled)}",
+                    fg="red", err=True)
+    for key, log in outcome.logs.items():
+        click.secho(f"    {key}: log {log}", err=True)
     click.echo(f"    ran {len(outcome.ran)}, skipped {len(outcome.skipped)}, failed {len(outcome.failed)}")
     _done(t0)
     if outcome.failed:
@@ -252,13 +261,21 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
     return outcome
 
 
+def resume_command() -> str:
+    """The command line of this run, to type again: it skips what is done and runs the rest."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def _f(x) -> str:
     return "undef" if x is None else f"{x:.3f}"
 
 
-def _report(study_dir: Path, report_dir: Path, t_start: float) -> None:
-    """Write the report, then print its headline numbers and, last, its path."""
+def _report(study_dir: Path, report_dir: Path, t_start: float, check: bool = False) -> None:
+    """Write the report, then print its headline numbers, the demo's comparison with its
+    committed reference (``check``: a finished demo, :mod:`pipeline.demo_check`) and, last,
+    the report's path."""
     # local: the report modules load the study's and matplotlib's; --help stays fast
+    from pipeline.demo_check import check_demo
     from pipeline.report import write_report
     from pipeline.report.render import headline_text
 
@@ -266,6 +283,8 @@ def _report(study_dir: Path, report_dir: Path, t_start: float) -> None:
     path = write_report(study_dir, report_dir)
     _done(t0)
     click.echo(headline_text(read_json(path.parent / "results.json")))
+    if check:
+        click.echo(check_demo(study_dir, report_dir))
     click.echo(f"total {time.perf_counter() - t_start:.0f} s")
     click.echo(f"report: {path}")
 

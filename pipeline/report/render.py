@@ -696,10 +696,15 @@ def environment_blocks(environments: Sequence[dict[str, Any]]) -> list[Block]:
         return b + [Block("p", "The runs recorded no environment (runs written before it was recorded): the torch "
                                "version, device and thread count behind these numbers are unknown. Same inputs and "
                                "settings give the same numbers only on the same software and hardware.")]
-    b.append(Block("p", "Same inputs and settings give the same numbers only in the same environment. A different "
-                        "torch version, device (CPU or GPU model), thread count, deterministic mode, TF32 or "
-                        "precision changes the floating-point sums, which moves the last digits of every metric "
-                        "and, through the checkpoint choice, sometimes more. "
+    b.append(Block("p", "Same inputs and settings give the same numbers wherever the fields below agree. On a "
+                        "CPU, portable numerics (the default) pin every library's kernels to the AVX2 path, so "
+                        "any x86-64 CPU with AVX2 computes the same bytes whatever its model, caches or core "
+                        "count: the CPU fields below then say where the runs ran, not why they differ. What "
+                        "still changes the floating-point sums: native numerics (HNFM_NUMERICS=native) or "
+                        "pins not in force, other kernel levels (ATen, oneDNN, OpenBLAS, numpy) or library "
+                        "versions (torch, oneDNN, MKL, numpy), a thread count, deterministic mode, a GPU (its "
+                        "model, CUDA, cuDNN, TF32), or the precision; that moves the last digits of every "
+                        "metric and, through the checkpoint choice, sometimes more. "
                         + ("All runs recorded one environment:" if len(environments) == 1 else
                            f"The runs recorded {len(environments)} different environments:")))
     return b + [Block("table", environment_table(environments))]
@@ -713,8 +718,19 @@ def environment_table(environments: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for i, e in enumerate(environments, 1):
         n = len(e["runs"])
         name = f"environment {i} ({n} run{'s' if n != 1 else ''})" if len(environments) > 1 else f"{n} run{'s' if n != 1 else ''}"
-        cols[name] = ["-" if e["environment"].get(k) is None else str(e["environment"][k]) for k in keys]
+        cols[name] = [_environment_value(e["environment"].get(k)) for k in keys]
     return pd.DataFrame({"field": keys, **cols})
+
+
+def _environment_value(value: Any) -> str:
+    """One cell of the environment table: dicts as ``key=value`` pairs, lists joined, None as -."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}={_environment_value(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_environment_value(v) for v in value)
+    return str(value)
 
 
 def report_blocks(results: Results, out: Path) -> list[Block]:
