@@ -32,6 +32,16 @@ demo-reference:
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
+# CI only (root, Debian): install the real parts that the tests marked `slurm` and `browser`
+# drive (Debian's Slurm and Chromium), then run the suite with a one-node Slurm cluster started
+# for the run (tests/conftest.py) and stopped after it. `make test` does neither.
+.PHONY: test-parts test-ci
+test-parts:
+	bash scripts/install_test_parts.sh
+
+test-ci: install test-parts
+	HNFM_SLURM_CLUSTER=start $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
 # The working loop: unit tests only (end-to-end tests are marked `slow`); CI runs `make test`.
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests

@@ -43,6 +43,7 @@ Layout of a study folder::
     <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
     <study>/seeds/<s>/runs/<config>/   training seed index s >= 1 of cv0 (StudySpec.seed_root)
     <study>/submitit/                  logs of cluster jobs (when that executor is used)
+    <study>/.claims/<cell key>.lock    the claim a cell's trainer holds (claim_cell), and .log
 
 Executors: a local process pool (:func:`run_pool` on :class:`pipeline.pool.JobPool`, shared
 by cells and peers: ``workers`` processes, each pinned round-robin to one GPU through
@@ -588,6 +589,84 @@ def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd
     return cfg, prov | {"study": spec.hash, "configuration": config.name} | ({"seed_index": seed} if seed else {})
 
 
+# --- claims: one trainer per cell --------------------------------------------------------
+
+#: Folder of the cells' claim files, under the study folder (outside the run folders).
+CLAIMS_DIR = ".claims"
+
+
+def claim_path(spec: StudySpec, cell: Cell) -> Path:
+    """``<study>/.claims/<cell key>.lock``; its ``.log`` sibling keeps the claim history."""
+    return spec.root / CLAIMS_DIR / f"{cell.key}.lock"
+
+
+def _claimant() -> dict[str, Any]:
+    """Who claims: host, pid and, in a Slurm task, the job and array task ids."""
+    who: dict[str, Any] = {"host": platform.node(), "pid": os.getpid()}
+    if os.environ.get("SLURM_JOB_ID"):
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        who["slurm_job"] = f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
+    return who
+
+
+def describe_claimant(who: dict[str, Any] | None) -> str:
+    """``"host:pid (Slurm job 12_3)"`` of a claim record; ``"another process"`` without one."""
+    if not who:
+        return "another process"
+    text = f"{who.get('host', '?')}:{who.get('pid', '?')}"
+    return text + (f" (Slurm job {who['slurm_job']})" if who.get("slurm_job") else "")
+
+
+def _log_claim(path: Path, event: str, who: dict[str, Any], **extra: Any) -> None:
+    with open(path.with_suffix(".log"), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"event": event, "time": utc_now(), **who, **extra}) + "\n")
+
+
+@contextlib.contextmanager
+def claim_cell(spec: StudySpec, cell: Cell) -> Iterator[dict[str, Any]]:
+    """Hold the cell's claim for the block: an exclusive ``flock`` on its claim file.
+
+    The kernel drops the lock when its holder's process ends, however it ends (SIGKILL, a
+    cancelled or requeued Slurm task, a dead node's NFS lease), so a dead owner never holds
+    a cell for good and no stale lock needs breaking by hand. While the claim is held by
+    another process, this one prints who holds it (host, pid, Slurm job, as the holder wrote
+    in the file) and waits. Each claim, wait and release is appended to ``<key>.log``.
+
+    Yields:
+        ``{"waited_for": holder description or None, "waited_s": seconds waited}``.
+    """
+    import fcntl  # local: POSIX only, like the clusters this serves
+
+    path = claim_path(spec, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    who = _claimant()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waited_for, t0 = None, time.monotonic()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+            except (ValueError, UnicodeDecodeError):
+                holder = None
+            waited_for = describe_claimant(holder)
+            print(f"cell {cell.key} is being trained by {waited_for}; waiting for it to finish or end",
+                  file=sys.stderr, flush=True)
+            _log_claim(path, "waiting", who, holder=holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(who | {"since": utc_now()}).encode(), 0)
+        _log_claim(path, "claimed", who)
+        try:
+            yield {"waited_for": waited_for, "waited_s": time.monotonic() - t0}
+        finally:
+            _log_claim(path, "released", who)
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # --- the unit of work ---------------------------------------------------------------------
 
 
@@ -610,12 +689,26 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
     Raises:
         ProvenanceError: the configuration folder was made with other settings or folds.
         FileNotFoundError: :func:`prepare_study` has not written the folds file yet.
-    """
-    from pipeline.train import start_run, train_fold  # local: torch (see the note on imports)
 
+    A cell is claimed before it trains (:func:`claim_cell`): when another process, of this
+    study or of another on the same folder, holds it, this one says so on stderr, waits,
+    and then skips the cell that the other finished (the result names whom it waited for).
+    """
     layout = cell_layout(spec, cell)
     if layout.is_done(cell.fold):
         return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(layout.done(cell.fold))}
+    with claim_cell(spec, cell) as claim:
+        if layout.is_done(cell.fold):  # the owner we waited for finished it
+            return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(layout.done(cell.fold)),
+                    "waited_for": claim["waited_for"], "waited_s": claim["waited_s"]}
+        res = _train_cell(spec, cell, layout, progress)
+    return res | ({"waited_for": claim["waited_for"], "waited_s": claim["waited_s"]} if claim["waited_for"] else {})
+
+
+def _train_cell(spec: StudySpec, cell: Cell, layout: RunLayout, progress: bool) -> dict[str, Any]:
+    """:func:`run_cell`'s training, under the cell's claim."""
+    from pipeline.train import start_run, train_fold  # local: torch (see the note on imports)
+
     t0 = time.perf_counter()
     cohort = load_study_cohort(spec, cell.config.modalities)
     folds = load_folds(spec.folds_path_of(cell.split), expected_case_ids=cohort.case_ids)
@@ -920,6 +1013,12 @@ class StudyOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     job_ids: list[str] = field(default_factory=list)
+    #: Cells whose cluster task ended without a result (cancelled, requeued away, killed).
+    cancelled: list[str] = field(default_factory=list)
+    #: Cell key -> log file of its cluster task, for the failed and cancelled ones.
+    logs: dict[str, str] = field(default_factory=dict)
+    #: Cell key -> the process whose claim on the cell this run waited for (:func:`claim_cell`).
+    waited: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -927,6 +1026,8 @@ class StudyOutcome:
 
     def add(self, key: str, res: dict[str, Any]) -> None:
         """File one job result under ran, skipped or failed."""
+        if res.get("waited_for"):
+            self.waited[key] = res["waited_for"]
         if "error" in res:
             self.failed[key] = res["error"]
         elif res.get("skipped"):
@@ -1084,8 +1185,13 @@ def run_submitit(
     options: SlurmOptions = SlurmOptions(),
     wait: bool = True,
     log_dir: str | os.PathLike | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> StudyOutcome:
     """Submit the cells as one submitit array job (``executor.map_array``).
+
+    On Slurm the wait follows the tasks with ``squeue`` and ``scontrol``, not ``sacct``
+    (:func:`wait_slurm_tasks`): a cluster without accounting is common, and a cancelled task
+    is then noticed within a minute instead of being polled for good.
 
     Args:
         spec: the study (prepared).
@@ -1096,6 +1202,8 @@ def run_submitit(
         wait: block until every task finishes and collect results; otherwise return the
             job ids right after submission (rerun the study later to build the report).
         log_dir: submitit folder; default ``<study>/submitit``.
+        on_result: Slurm only: called with each task's result as it is collected (a failed or
+            cancelled one has ``error`` and ``log``).
     """
     if cluster == "local":
         _refuse_local_gpu_cells(options)
@@ -1110,7 +1218,9 @@ def run_submitit(
     t0 = time.perf_counter()
     jobs = executor.map_array(run_cell, [spec] * len(cells), list(cells))
     outcome.job_ids = [j.job_id for j in jobs]
-    if wait:
+    if wait and executor.cluster == "slurm":
+        wait_slurm_tasks(cells, jobs, outcome, on_result=on_result)
+    elif wait:
         for cell, job in zip(cells, jobs):
             try:
                 outcome.add(cell.key, job.result())
@@ -1118,6 +1228,111 @@ def run_submitit(
                 outcome.failed[cell.key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+#: Seconds between two looks at the Slurm queue (HNFM_SLURM_POLL_S overrides).
+SLURM_POLL_S = 10.0
+#: Slurm states of a task that is still queued or running (it may yet write its result).
+_SLURM_LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
+                         "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED",
+                         "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+
+
+def _slurm_queue(array_ids: set[str]) -> dict[str, str] | None:
+    """``{"<array>_<task>": state}`` of the queued tasks of these array jobs (``squeue -r``);
+    None when squeue fails (the controller is unreachable: nothing can be concluded)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted(array_ids)), "-o", "%i %T"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        # squeue refuses ids it no longer knows ("Invalid job id specified"): all have left.
+        return {} if "Invalid job id" in out.stderr else None
+    return dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
+
+
+def _slurm_task_state(task_id: str) -> str | None:
+    """``scontrol show job``'s JobState of one task (kept for MinJobAge after it ends); None
+    when the controller no longer knows it."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", task_id], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for word in out.stdout.split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def wait_slurm_tasks(cells: Sequence[Cell], jobs: Sequence[Any], outcome: StudyOutcome, *,
+                     poll_s: float | None = None,
+                     on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Collect the array's results as they come, without ``sacct``.
+
+    A task's result is its submitit result file. A task that is no longer queued or running
+    (``squeue``; ``scontrol`` for the state of one that left) and has written no result, on
+    two looks in a row, ended without one: it is filed under ``failed`` and ``cancelled``
+    with its state and its log, and the others are still awaited. A task that failed (an
+    error in the cell) is filed under ``failed`` with its error's last line and its log.
+    """
+    poll = float(os.environ.get("HNFM_SLURM_POLL_S", poll_s or SLURM_POLL_S))
+    pending = {i: (cell, job) for i, (cell, job) in enumerate(zip(cells, jobs))}
+    gone: dict[int, int] = {}
+    total, t0 = len(pending), time.perf_counter()
+
+    def file(i: int, res: dict[str, Any]) -> None:
+        cell, job = pending.pop(i)
+        outcome.add(cell.key, res)
+        if "error" in res:
+            outcome.logs[cell.key] = res["log"]
+        if on_result is not None:
+            on_result(res | {"progress": {"done": total - len(pending), "total": total,
+                                          "elapsed_s": time.perf_counter() - t0, "remaining_s": None}})
+
+    while pending:
+        for i, (cell, job) in list(pending.items()):
+            if job.paths.result_pickle.exists():
+                file(i, _slurm_result(cell, job))
+        if not pending:
+            break
+        queue = _slurm_queue({str(job.job_id).split("_")[0] for _, job in pending.values()})
+        for i, (cell, job) in list(pending.items()):
+            if queue is None or str(job.job_id) in queue:
+                gone.pop(i, None)
+                continue
+            state = _slurm_task_state(str(job.job_id))
+            if state in _SLURM_LIVE:
+                gone.pop(i, None)
+                continue
+            gone[i] = gone.get(i, 0) + 1
+            if gone[i] >= 2 and not job.paths.result_pickle.exists():
+                outcome.cancelled.append(cell.key)
+                file(i, {"cell": cell.key, "key": cell.key, "log": str(job.paths.stderr),
+                         "error": f"Slurm task {job.job_id} ended without a result "
+                                  f"({state or 'no longer known to Slurm'}; cancelled or killed?)"})
+        if pending:
+            time.sleep(poll)
+
+
+def _slurm_result(cell: Cell, job: Any) -> dict[str, Any]:
+    """The result of a task that wrote its result file; a failure names its log."""
+    try:
+        return dict(job.result()) | {"key": cell.key}
+    except Exception as exc:  # noqa: BLE001 - one failed task must not hide the others
+        # submitit's FailedJobError: "... with trace:\n----\n<traceback>\n----\n<log paths>";
+        # the traceback's last line is the cell's own error.
+        text = str(exc)
+        parts = [p for p in text.split("-" * 22) if p.strip()]
+        trace = parts[1] if len(parts) >= 3 else text
+        lines = [ln.strip("-").strip() for ln in trace.strip().splitlines() if ln.strip("-").strip()]
+        return {"cell": cell.key, "key": cell.key, "log": str(job.paths.stderr), "traceback": trace.strip(),
+                "error": lines[-1] if lines else type(exc).__name__}
 
 
 def run_study(
@@ -1150,7 +1365,7 @@ def run_study(
         cluster: submitit cluster (``None`` auto, ``"slurm"``, ``"local"``, ``"debug"``).
         wait: submitit only: wait for the array to finish.
         info: free-form record stored in ``study.json`` (data source, settings, ...).
-        on_result: local pool only: callback per finished cell (with ``progress``).
+        on_result: callback per finished cell (with ``progress``): local pool and Slurm.
         on_peer: callback per fitted (or skipped) peer.
         peer_workers: processes fitting peers; default ``workers`` (local executor) or 1.
         announce: state random-init embeddings here; False when the caller already did.
@@ -1169,7 +1384,7 @@ def run_study(
         if executor == "local":
             outcome = run_local(spec, pending, workers, on_result=on_result, shown=shown) if pending else StudyOutcome()
         else:
-            outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait)
+            outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait, on_result=on_result)
     outcome.skipped = done + outcome.skipped
     outcome.failed.update({f"peers:{k}": v for k, v in peers.failed.items()})
     return outcome
