@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -335,18 +336,58 @@ def render_md(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def section_ids(blocks: Sequence[Block]) -> dict[int, str]:
+    """An HTML id per ``h2``/``h3`` block (index -> id): its words in lower case, joined by
+    hyphens, numbered on a repeat (``table-1-unbiased``, ``figure-2-2``)."""
+    ids: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for i, b in enumerate(blocks):
+        if b.kind in ("h2", "h3"):
+            slug = "-".join(re.findall(r"[a-z0-9]+", str(b.content).lower()))[:60].strip("-") or "section"
+            seen[slug] = seen.get(slug, 0) + 1
+            ids[i] = slug if seen[slug] == 1 else f"{slug}-{seen[slug]}"
+    return ids
+
+
+def contents_html(blocks: Sequence[Block], ids: dict[int, str]) -> str:
+    """The report's contents list: a link per ``h2`` section, its ``h3`` subsections nested."""
+    out: list[str] = []
+    in_section = in_sub = False
+    for i, b in enumerate(blocks):
+        if i not in ids:
+            continue
+        link = f'<a href="#{ids[i]}">{html.escape(str(b.content))}</a>'
+        if b.kind == "h3" and in_section:
+            out.append(("" if in_sub else "<ul>") + f"<li>{link}</li>")
+            in_sub = True
+            continue
+        out.append(("</ul>" if in_sub else "") + ("</li>" if in_section else "") + f"<li>{link}")
+        in_section, in_sub = True, False
+    out.append(("</ul>" if in_sub else "") + ("</li>" if in_section else ""))
+    return ('<nav class="contents" aria-label="Contents"><p><strong>Contents</strong></p><ul>'
+            + "".join(out) + "</ul></nav>")
+
+
 def render_html(blocks: list[Block], title: str) -> str:
-    """Self-contained HTML of the blocks (figures embedded as base64 PNG)."""
+    """Self-contained HTML of the blocks (figures embedded as base64 PNG), with a contents
+    list after the title that links to every section; wide tables scroll inside their box,
+    never the page."""
     body = []
-    for b in blocks:
+    ids = section_ids(blocks)
+    placed = False
+    for i, b in enumerate(blocks):
+        if b.kind in ("h2", "h3") and not placed:
+            body.append(contents_html(blocks, ids))
+            placed = True
         if b.kind in ("h1", "h2", "h3"):
-            body.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
+            anchor = f' id="{ids[i]}"' if i in ids else ""
+            body.append(f"<{b.kind}{anchor}>{html.escape(b.content)}</{b.kind}>")
         elif b.kind == "p":
             body.append(f"<p>{html.escape(b.content)}</p>")
         elif b.kind == "warn":
             body.append(f'<p class="warn">WARNING: {html.escape(b.content)}</p>')
         elif b.kind == "table":
-            body.append(b.content.to_html(index=False, escape=True, border=0))
+            body.append('<div class="wide">' + b.content.to_html(index=False, escape=True, border=0) + "</div>")
         elif b.kind == "img":
             data = base64.b64encode(Path(b.content).read_bytes()).decode()
             body.append(f'<figure><img alt="{html.escape(b.extra)}" src="data:image/png;base64,{data}">'
@@ -356,7 +397,9 @@ def render_html(blocks: list[Block], title: str) -> str:
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
              ".warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}"
-             "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}")
+             "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}"
+             ".wide{overflow-x:auto;max-width:100%}.contents ul{margin:.2em 0}"
+             "@media print{.wide{overflow:visible}}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
