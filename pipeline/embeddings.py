@@ -284,7 +284,12 @@ class _EncoderSpec:
 
 
 def resolve_weights(modality: str, weights: str | os.PathLike | None) -> Path:
-    """Find the weights file of ``modality``: argument, else env var, else default path.
+    """Find the weights file of ``modality``, in this order: the argument, the env var, the
+    default path, the Hugging Face Hub's cache, and where the network allows a download with
+    the Hub's client (:mod:`pipeline.hub_weights`: the sha256 checked against the Hub's record).
+
+    A path given (argument or env var) must exist: it is never replaced by another file.
+    Random-init encoders are never a fallback (``random_init=True`` does not call this).
 
     Args:
         modality: ``"ct"`` or ``"pet"``.
@@ -294,7 +299,8 @@ def resolve_weights(modality: str, weights: str | os.PathLike | None) -> Path:
         An existing file.
 
     Raises:
-        WeightsNotFoundError: naming where the public weights live and every way to pass them.
+        WeightsNotFoundError: naming where the public weights live (repository, file,
+            revision) and every way to pass them; offline, where to put the file.
     """
     env = WEIGHTS_ENV[modality]
     if weights is not None:
@@ -305,7 +311,15 @@ def resolve_weights(modality: str, weights: str | os.PathLike | None) -> Path:
         path, how = DEFAULT_WEIGHTS[modality].expanduser(), "the default location"
     if path.is_file():
         return path
-    raise WeightsNotFoundError(_weights_advice(modality, path, how))
+    if how != "the default location":
+        raise WeightsNotFoundError(_weights_advice(modality, path, how))
+    from pipeline import hub_weights  # local: huggingface_hub loads only when the weights are looked for
+
+    try:
+        return hub_weights.fetch_weights(modality)
+    except hub_weights.HubWeightsError as exc:
+        raise WeightsNotFoundError(f"{_weights_advice(modality, path, how)} From the Hub: {exc}. "
+                                   f"{hub_weights.offline_advice(modality, DEFAULT_WEIGHTS[modality], env)}") from None
 
 
 def _weights_advice(modality: str, path: Path, how: str) -> str:
@@ -640,7 +654,9 @@ def _make_spec(
         return _EncoderSpec(modality, name, RANDOM_INIT, int(seed), "", dict(encoder_config), precision, compute)
     path = resolve_weights(modality, weights)
     return _EncoderSpec(
-        modality, name, sha256_file(path), -1, str(path.resolve()), dict(encoder_config), precision, compute
+        # The folder resolved, not the file: a Hub cache's snapshot link keeps its commit in the path.
+        modality, name, sha256_file(path), -1, str(path.parent.resolve() / path.name), dict(encoder_config),
+        precision, compute,
     )
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import pipeline  # noqa: F401  (first: sets OpenMP's passive wait before torch loads it)
+# The Hub's client reads these when imported: the suite never reaches the network for weights
+# nor reads the user's Hub cache (the `hub` tests run the client in subprocesses against a
+# local server). Subprocesses inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+_HF_HOME = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hnfm-tests-hf-")
+os.environ.pop("HF_HUB_CACHE", None)
+
+import pipeline  # noqa: E402, F401  (first: sets OpenMP's passive wait before torch loads it)
 import torch  # noqa: E402
 
 # Two cores here and in CI: keep intra-op threads bounded so parallel helpers don't thrash.
@@ -101,7 +108,9 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """Stop the daemons this run started (their pid files), and only those."""
+    """Stop the daemons this run started (their pid files), and only those; remove this
+    process's Hub cache."""
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
     folder = getattr(config, "_hnfm_slurm", None)
     if folder:
         subprocess.run(["bash", str(SLURM_SCRIPT), "stop", folder], capture_output=True, text=True)

@@ -44,10 +44,12 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
               help="Output HDF5 file [default: embeddings/<modality>.h5].")
 @click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
               help="CT-FM model.safetensors (Hugging Face project-lighter/ct_fm_feature_extractor). "
-                   "Else $HNFM_CT_FM_WEIGHTS, else ~/.cache/hnfm/ct_fm/model.safetensors.")
+                   "Else $HNFM_CT_FM_WEIGHTS, else ~/.cache/hnfm/ct_fm/model.safetensors, else the Hub's cache, "
+                   "else downloaded from the Hub (sha256 checked) where the network allows.")
 @click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
               help="PET-FM seganypet_v1.pth (SegAnyPET). Else $HNFM_PET_FM_WEIGHTS, else "
-                   "~/.cache/hnfm/pet_fm/seganypet_v1.pth.")
+                   "~/.cache/hnfm/pet_fm/seganypet_v1.pth, else the Hub's cache, else downloaded from the Hub "
+                   "(YichiZhang98/SegAnyPET; sha256 checked) where the network allows.")
 @click.option("--random-init", is_flag=True,
               help="Demo only: randomly initialised encoders instead of weights. Recorded in the "
                    "file (weights_sha256 = random-init) and warned about on every read.")

@@ -38,9 +38,11 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
               help="ctpet embeddings HDF5; extracted when needed [default: embeddings/ctpet.h5, the demo's too].")
 @click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
-              help="CT-FM model.safetensors (also $HNFM_CT_FM_WEIGHTS, ~/.cache/hnfm/ct_fm/).")
+              help="CT-FM model.safetensors (also $HNFM_CT_FM_WEIGHTS, ~/.cache/hnfm/ct_fm/, the Hub's cache, "
+                   "then a download from the Hugging Face Hub).")
 @click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
-              help="PET-FM seganypet_v1.pth (also $HNFM_PET_FM_WEIGHTS, ~/.cache/hnfm/pet_fm/).")
+              help="PET-FM seganypet_v1.pth (also $HNFM_PET_FM_WEIGHTS, ~/.cache/hnfm/pet_fm/, the Hub's cache, "
+                   "then a download from the Hugging Face Hub).")
 @click.option("--random-init", is_flag=True,
               help="Randomly initialised encoders instead of weights (implied by --demo without weights). "
                    "Stated loudly in the output and the report.")
