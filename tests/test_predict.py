@@ -47,20 +47,34 @@ def trained(tiny_study, tmp_path_factory):
 
 
 def _predict(trained, manifest, out_csv, *extra):
+    pictures = "--pictures" in extra  # a picture per patient costs a second or two: one test draws them
+    extra = [e for e in extra if e != "--pictures"] + ([] if pictures else ["--no-pictures"])
     return CliRunner().invoke(predict_survival, [
         "--manifest", str(manifest), "--run", str(trained["run"]), "--train-cache", str(trained["cache"]),
         "--out", str(out_csv), "--quiet", "--workers", "1", *extra], catch_exceptions=False)
 
 
 def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trained):
+    from pipeline.predict import PREDICTION_COLUMNS, RISK_GROUP_RULE
+
     out = trained["out"]
-    result = _predict(trained, out / "new.csv", out / "pred.csv")
+    result = _predict(trained, out / "new.csv", out / "pred.csv", "--pictures")
     assert result.exit_code == 0, result.output
-    pred = pd.read_csv(out / "pred.csv")
+    pred = pd.read_csv(out / "pred.csv", keep_default_na=False, na_values=[""], dtype={"covariates_filled": str})
+    assert tuple(pred.columns) == PREDICTION_COLUMNS
     assert len(pred) == 4 and pred["n_folds"].eq(N_FOLDS).all()
-    assert np.isfinite(pred["risk"]).all()
-    assert set(pred["risk_group"]) <= {"high", "low"}
-    assert pred["p_relapse_1y"].between(0, 1).all()
+    assert np.isfinite(pred["log_relative_hazard"]).all()
+    assert set(pred["risk_group"]) <= {"high", "low"} and (pred["risk_group_rule"] == RISK_GROUP_RULE).all()
+    assert "50th percentile" in RISK_GROUP_RULE and f"risk group: {RISK_GROUP_RULE}" in result.output
+    assert pred["relapse_probability_1y_percent"].between(0, 100).all()
+    assert pred["percentile_among_training"].between(0, 100).all()
+    # One picture per patient and an index of them, named in the rows and on the console.
+    pictures = out / "pred_pictures"
+    assert sorted(pred["picture"]) == sorted(f"pred_pictures/{c}.png" for c in pred["case_id"])
+    for name in pred["picture"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = (pictures / "index.html").read_text()
+    assert all(f"{c}.png" in index for c in pred["case_id"]) and "index.html" in result.output
     # The new cases were cropped with the training cohort's G, not a recomputed one.
     new_cache = PreprocessedCache(out / "pred" / "preprocessed")
     train_cache = PreprocessedCache(trained["cache"])
@@ -112,6 +126,39 @@ def test_a_tumour_cut_at_the_crop_border_is_flagged_in_its_row_and_the_record(tr
     assert [w["case_id"] for w in prov["warnings"]] == cut
     assert all("cut at the crop border" in w["warning"] for w in prov["warnings"])
     assert "CHUP-001" in result.output
+    # ... and outside what the model was trained on: its volume, with the training range.
+    lo, hi = prov["training_reference"]["tumour_volume_ml"]
+    assert pred.loc["CHUP-001", "out_of_distribution"]
+    assert f"outside the training range {lo:.1f}-{hi:.1f} ml" in pred.loc["CHUP-001", "out_of_distribution_reasons"]
+    assert "OUTSIDE THE TRAINING DATA: tumour volume" in result.output
+
+
+def test_filled_covariates_and_values_outside_the_training_range_are_named_per_patient(trained, tmp_path):
+    """A patient missing six covariates is told which were filled, with the folds' training medians,
+    and is flagged; an age beyond the training ages is flagged with the range."""
+    from pipeline.artefacts import read_json
+
+    table = pd.read_csv(trained["out"] / "new.csv", dtype=str, keep_default_na=False)
+    gone = ["weight", "tobacco", "alcohol", "performance_status", "hpv_status", "surgery"]
+    table.loc[0, gone] = ""
+    table.loc[1, "age"] = "130"
+    for col in ("ct_path", "pet_path", "label_path"):  # the images stay where the original manifest has them
+        table[col] = [str((trained["out"] / v).resolve()) for v in table[col]]
+    table.to_csv(tmp_path / "new.csv", index=False)
+    result = _predict(trained, tmp_path / "new.csv", tmp_path / "pred.csv")
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"case_id": str}, keep_default_na=False).set_index("case_id")
+    first, second = table["case_id"].iloc[0], table["case_id"].iloc[1]
+    fills = [read_json(trained["run"] / f"fold_{k}" / "fold_state.json")["clinical_transform"]["params"]
+             for k in range(N_FOLDS)]
+    hpv = "/".join(f"{v:g}" for v in sorted({f["hpv_status"]["fill"] for f in fills}))
+    assert pred.loc[first, "n_covariates_missing"] == 6
+    assert f"hpv_status={hpv}" in pred.loc[first, "covariates_filled"]
+    assert "training medians" in pred.loc[first, "covariates_filled"]
+    assert "6 of 9 covariates missing" in pred.loc[first, "out_of_distribution_reasons"]
+    assert f"{first}: log relative hazard" in result.output and f"covariates filled: weight=" in result.output
+    assert pred.loc[second, "out_of_distribution"]
+    assert "age 130 outside the training range" in pred.loc[second, "out_of_distribution_reasons"]
 
 
 def _fold_risks(run, protocol: str) -> tuple[pd.DataFrame, list[dict]]:
@@ -156,10 +203,13 @@ def test_ensemble_risk_group_and_probability_equal_a_recomputation_from_the_fold
         assert cal["baseline_cum_hazard"]["365"] == pytest.approx(h0[-1], rel=1e-6)
     medians, h0 = np.array(medians), np.array(h0)
 
-    np.testing.assert_allclose(pred["risk"], risks.mean(axis=1), atol=1e-4)
-    np.testing.assert_allclose(pred["risk_sd_over_folds"], risks.std(axis=1, ddof=1), atol=1e-4)
+    np.testing.assert_allclose(pred["log_relative_hazard"], risks.mean(axis=1), atol=1e-4)
+    np.testing.assert_allclose(pred["log_relative_hazard_sd_over_folds"], risks.std(axis=1, ddof=1), atol=1e-4)
     p_by_hand = (1.0 - np.exp(-h0 * np.exp(risks.to_numpy()))).mean(axis=1)
-    np.testing.assert_allclose(pred["p_relapse_1y"], p_by_hand, atol=1e-4)
+    np.testing.assert_allclose(pred["relapse_probability_1y_percent"], 100 * p_by_hand, atol=1e-2)
+    pct = np.mean([[100 * (np.sort(r["train"]["risk"]) < risks.loc[c, k]).mean() for k, r in enumerate(records)]
+                   for c in risks.index], axis=1)
+    np.testing.assert_allclose(pred["percentile_among_training"], pct, atol=100 / len(records[0]["train"]) + 1e-6)
     # Majority of folds above their own training median (cases within float noise of a
     # median, e.g. the median case itself, could go either way and are left out).
     clear = (risks.sub(medians, axis=1).abs() > 1e-4).all(axis=1)
@@ -236,3 +286,18 @@ def test_mistyped_paths_are_refused_naming_what_exists_nearby(tmp_path):
     assert out.endswith("preprocessed")
     out = run("--embeddings", str(tmp_path / "ctpet.h5"))
     assert "ctpet.h5: no such embedding file (path does not exist); no *.h5 in" in out
+
+
+def test_a_missing_run_folder_names_where_make_demo_leaves_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo_study" / "runs" / "ctpet-d256").mkdir(parents=True)
+    (tmp_path / "runs" / "demo_study" / "runs" / "ctpet-d256" / "run.json").write_text("{}")
+    (tmp_path / "m.csv").write_text("")
+    (tmp_path / "cache" / "preprocessed").mkdir(parents=True)
+    (tmp_path / "cache" / "preprocessed" / "cohort.json").write_text("{}")
+    result = CliRunner().invoke(predict_survival, ["--manifest", "m.csv", "--run", "runs/ctpet-d256",
+                                                   "--train-cache", "cache/preprocessed", "--out", "p.csv"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "runs/ctpet-d256: no such run folder" in out
+    assert "`make demo` leaves its models in runs/demo_study/runs/<config> (here: ctpet-d256)" in out
+    assert "--run runs/demo_study/runs/ctpet-d256" in out

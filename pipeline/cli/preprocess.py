@@ -103,10 +103,13 @@ def _params(reference_cache: str | None, demo: bool, tumour_labels: str | None,
                    "~1e-4 of the local intensity step; can run on a GPU).")
 @click.option("--device", default="cpu", show_default=True,
               help="Torch device for --backend torch (cpu, cuda, cuda:1...).")
+@click.option("--qc", is_flag=True,
+              help="Also draw one PNG per case into <out>/qc/ (axial, coronal and sagittal slices through the "
+                   "tumour centre: CT, PET overlay, contour, crop box, flags) and an index.html of them.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def preprocess(manifest, out, reference_cache, demo, tumour_labels, survival_size, ctfm_size,
                petfm_size, min_tumour_coverage, min_crop_coverage, workers, backend, device,
-               quiet):
+               qc, quiet):
     """Resample, crop and resize every case of MANIFEST into the preprocessed cache.
 
     Pass 1 measures the global crop size G on the tumour masks (skipped with
@@ -130,6 +133,11 @@ def preprocess(manifest, out, reference_cache, demo, tumour_labels, survival_siz
     except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
+    if qc:
+        from pipeline.qc import cache_pictures
+
+        rows = cache_pictures(manifest, report.cache.root, report.cache.root / "qc")
+        click.echo(f"qc: {len(rows)} picture(s), index {report.cache.root / 'qc' / 'index.html'}")
     gx, gy, gz = report.crop_size_vox_xyz
     if report.exceeding_crop:
         click.echo(f"warning: tumour larger than G (cut at the crop border) in "
