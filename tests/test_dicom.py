@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -204,7 +205,7 @@ def test_missing_suv_tag_is_named(tmp_path: Path, tag: str):
 
 def test_roi_matching_no_rule_lists_the_names(tmp_path: Path):
     _tiny_case(tmp_path / "src")
-    _refused(tmp_path, r"PAT-1: no ROI matches the --label rules \(1=Tumour\); ROI names found: 'GTVn', 'GTVp'",
+    _refused(tmp_path, r"PAT-1: no ROI matches the --label rules \(1=Tumour\); ROI names found: 'GTVp'",
              labels={1: "Tumour"})
 
 
@@ -450,13 +451,13 @@ def test_seg_instead_of_rtstruct_gives_the_label(tmp_path: Path, shift_x: int):
     assert records[0]["labels"]["1"]["rois"] == ["GTVp"] and records[0]["structures"][0]["modality"] == "SEG"
 
 
-def test_an_existing_mapping_is_not_replaced_without_overwrite(tmp_path: Path):
+def test_an_existing_mapping_is_continued_not_replaced(tmp_path: Path):
     _tiny_case(tmp_path / "src")
     (tmp_path / "ids.csv").write_text("case_id,PatientID\nP0001,Someone-else\n")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, pseudonymise=True, mapping=tmp_path / "ids.csv")
-    assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Someone-else\n"
-    assert not (tmp_path / "out").exists()
+    records = import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, pseudonymise=True,
+                           mapping=tmp_path / "ids.csv")
+    assert [r["case_id"] for r in records] == ["P0002"]
+    assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Someone-else\nP0002,PAT-1\n"
 
 
 def test_demo_dicom_is_deterministic(demo_pair, tmp_path: Path):
@@ -480,3 +481,219 @@ def test_a_later_patient_failing_leaves_nothing_of_the_earlier_ones(tmp_path: Pa
         if pydicom.dcmread(path, stop_before_pixels=True).Modality == "PT":
             _edit(path, PatientWeight=None)
     _refused(tmp_path, r"patient PAT-2, series .* \(PT\): SUV needs tag PatientWeight")
+
+
+# --------------------------------------------------------------------------------------
+# Import never guesses: frames, empty ROIs, holes, merged ROIs (copies of the real case)
+# --------------------------------------------------------------------------------------
+
+def _real_copy(tmp_path: Path, structures=("RS_CT.dcm",), pid: str | None = None) -> Path:
+    """The real case (CT, PET and the named structure sets) copied under ``tmp_path/src``; skips without it."""
+    if not (STS_DICOM / "CT").is_dir():
+        pytest.skip(f"real DICOM case not found at {STS_DICOM} (a checkout on its own has no ../shared)")
+    src = tmp_path / "src" / (pid or "STS-001")
+    shutil.copytree(STS_DICOM / "CT", src / "CT")
+    shutil.copytree(STS_DICOM / "PT", src / "PT")
+    (src / "RTSTRUCT").mkdir()
+    for name in structures:
+        shutil.copy(STS_DICOM / "RTSTRUCT" / name, src / "RTSTRUCT" / name)
+    if pid is not None:  # another patient: its own id and SOP instance UIDs
+        for path in src.rglob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            ds.PatientID = pid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
+                entropy_srcs=[pid, str(ds.SOPInstanceUID)])
+            ds.save_as(path)
+    return tmp_path / "src"
+
+
+def test_real_rois_defined_in_another_frame_are_refused_unless_vouched_for(tmp_path: Path):
+    src = _real_copy(tmp_path)
+    rs = src / "STS-001" / "RTSTRUCT" / "RS_CT.dcm"
+    ds = pydicom.dcmread(rs)
+    ct_frame, other = str(ds.FrameOfReferenceUID), "1.2.826.0.1.3680043.8.498.999"
+    ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = other
+    for roi in ds.StructureSetROISequence:
+        roi.ReferencedFrameOfReferenceUID = other
+    ds.save_as(rs)  # only the stray top-level FrameOfReferenceUID still names the CT's frame
+    _refused(tmp_path, rf"ROI 'GTV_Mass_CT' \(label 1, .*RS_CT.dcm\) is defined in frame of reference {other}, "
+                       rf"the CT in {ct_frame}.*--accept-frame {other}", labels={1: "GTV_Mass_CT"})
+    records = import_dicom(src, tmp_path / "out", labels={1: "GTV_Mass_CT"}, center_id=9, accept_frames=[other])
+    assert records[0]["frames_accepted_as_the_cts"] == [other]
+    assert read_json(tmp_path / "out" / "dicom_import.json")["params"]["accepted_frames"] == [other]
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/labelsTr/STS_001.nii.gz")))
+    assert label.sum() > 1000
+
+
+def test_real_roi_without_contour_data_is_refused_naming_it(tmp_path: Path):
+    src = _real_copy(tmp_path)
+    rs = src / "STS-001" / "RTSTRUCT" / "RS_CT.dcm"
+    ds = pydicom.dcmread(rs)
+    del ds.ROIContourSequence[0].ContourSequence
+    ds.save_as(rs)
+    _refused(tmp_path, r"STS_001: ROI 'GTV_Mass_CT' \(label 1, rule 'GTV_Mass_CT', .*RS_CT.dcm\) has no closed "
+                       r"planar contour data", labels={1: "GTV_Mass_CT"})
+
+
+def test_a_ring_keeps_its_hole_through_roi_mask():
+    """Two contours of one ROI on one slice, one inside the other: the inner one is a hole
+    (a union of per-contour fills would fill it)."""
+    from pipeline.dicom.rtstruct import Roi, roi_mask
+    from pipeline.dicom.volume import Geometry
+
+    geometry = Geometry(order=np.arange(3), size=(10, 10, 3), spacing=(1.0, 1.0, 2.0), origin=np.zeros(3),
+                        direction=np.eye(3))
+    outer = np.array([[1.0, 1.0, 2.0], [8.0, 1.0, 2.0], [8.0, 8.0, 2.0], [1.0, 8.0, 2.0]])
+    inner = np.array([[3.0, 3.0, 2.0], [6.0, 3.0, 2.0], [6.0, 6.0, 2.0], [3.0, 6.0, 2.0]])
+    mask = roi_mask(Roi("GTVp", 1, "rs.dcm", [outer, inner]), geometry, [])
+    want = np.zeros((3, 10, 10), bool)
+    want[1, 1:8, 1:8] = True
+    want[1, 3:6, 3:6] = False
+    assert np.array_equal(mask, want)
+
+
+def test_real_contour_with_a_hole_cut_inside_it_leaves_the_hole_empty(tmp_path: Path):
+    from pipeline.dicom.rtstruct import read_rois, roi_mask
+    from pipeline.dicom.volume import slice_geometry
+
+    src = _real_copy(tmp_path)
+    rs = src / "STS-001" / "RTSTRUCT" / "RS_CT.dcm"
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in (src / "STS-001" / "CT").iterdir()]
+    geometry = slice_geometry(headers, "STS_001")
+    before = roi_mask(read_rois(pydicom.dcmread(rs))[0], geometry, [])
+    k = int(np.argmax(before.sum(axis=(1, 2))))  # the slice with the largest section
+    ys, xs = np.nonzero(before[k])
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    assert before[k, cy - 2:cy + 3, cx - 2:cx + 3].all()
+    # a 5 x 5-voxel square hole, as a second contour on that slice (voxel edges at +-2.5)
+    corners = [(cx - 2.5, cy - 2.5), (cx + 2.5, cy - 2.5), (cx + 2.5, cy + 2.5), (cx - 2.5, cy + 2.5)]
+    to_mm = geometry.direction * np.asarray(geometry.spacing)
+    hole = np.array([geometry.origin + to_mm @ np.array([x, y, k]) for x, y in corners])
+    ds = pydicom.dcmread(rs)
+    item = copy.deepcopy(ds.ROIContourSequence[0].ContourSequence[0])
+    item.ContourData = [f"{v:.4f}" for v in hole.ravel()]
+    item.NumberOfContourPoints = 4
+    ds.ROIContourSequence[0].ContourSequence.append(item)
+    ds.save_as(rs)
+    after = roi_mask(read_rois(pydicom.dcmread(rs))[0], geometry, [])
+    want = before.copy()
+    want[k, cy - 2:cy + 3, cx - 2:cx + 3] = False
+    assert np.array_equal(after, want)
+
+
+def test_a_label_uniting_several_rois_says_so_on_the_console(tmp_path: Path):
+    src = _real_copy(tmp_path, ("RS_CT.dcm", "RS_PET.dcm"))
+    result = CliRunner().invoke(import_dicom_cli, [str(src), "--out", str(tmp_path / "out"), "--center-id", "9",
+                                                   "--label", "1=GTV_Mass"])
+    assert result.exit_code == 0, result.output
+    assert "label 1 (rule 'GTV_Mass') unites 2 ROIs: 'GTV_Mass_CT', 'GTV_Mass_PET'" in result.output
+
+
+# --------------------------------------------------------------------------------------
+# Batches: several sources, links, continue on error, adding, pseudonyms, clinical columns
+# --------------------------------------------------------------------------------------
+
+def test_two_batches_add_patients_and_continue_the_pseudonyms(tmp_path: Path):
+    _real_copy(tmp_path / "b1")
+    src2 = _real_copy(tmp_path / "b2", pid="STS_002")
+    shutil.copytree(tmp_path / "b1" / "src" / "STS-001", src2 / "STS-001")  # the first patient again
+    out, ids = tmp_path / "root", tmp_path / "ids.csv"
+    common = ["--out", str(out), "--center-id", "9", "--label", "1=GTV_Mass_CT", "--pseudonymise",
+              "--prefix", "HN", "--mapping", str(ids)]
+    first = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "b1" / "src"), *common])
+    assert first.exit_code == 0, first.output
+    kept = {p.relative_to(out): (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    again = CliRunner().invoke(import_dicom_cli, [str(src2), *common])
+    assert again.exit_code == 1 and "--add" in again.output
+    second = CliRunner().invoke(import_dicom_cli, [str(src2), *common, "--add"])
+    assert second.exit_code == 0, second.output
+    assert "1 patient(s) already in" in second.output and "STS_001" in second.output
+    assert ids.read_text() == "case_id,PatientID\nHN0001,STS_001\nHN0002,STS_002\n"
+    for rel, (inode, data) in kept.items():
+        if rel.name in ("dicom_import.json", "hecktor2022_clinical_info_training.csv"):
+            continue  # the root's records, rewritten with the new patient
+        assert (out / rel).stat().st_ino == inode and (out / rel).read_bytes() == data, rel
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["HN0001.nii.gz", "HN0002.nii.gz"]
+    clinical = (out / "hecktor2022_clinical_info_training.csv").read_bytes()
+    assert clinical.startswith(kept[Path("hecktor2022_clinical_info_training.csv")][1])
+    assert [line.split(b",")[0] for line in clinical.splitlines()[1:]] == [b"HN0001", b"HN0002"]
+    record = read_json(out / "dicom_import.json")
+    assert record["cases"] == ["HN0001", "HN0002"] and [b["cases"] for b in record["batches"]] == [["HN0001"],
+                                                                                                  ["HN0002"]]
+    assert len(build_manifest(out, tmp_path / "m.csv", progress=False)) == 2
+
+
+def test_real_clinical_columns_are_never_dropped_in_silence(tmp_path: Path):
+    src = _real_copy(tmp_path)
+    csv = tmp_path / "clinical.csv"
+    csv.write_text("PatientID,CenterID,HPV,Comment\nSTS_001,9,1,seen twice\nSTS_999,9,0,\n")
+    args = [str(src), "--out", str(tmp_path / "out"), "--label", "1=GTV_Mass_CT", "--clinical", str(csv)]
+    result = CliRunner().invoke(import_dicom_cli, args)
+    assert result.exit_code == 1 and "2 column(s) the import does not know: ['HPV', 'Comment']" in result.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(import_dicom_cli, [*args, "--clinical-column", "HPV=HPV status (0=-, 1=+)",
+                                                   "--ignore-column", "Comment"])
+    assert result.exit_code == 0, result.output
+    assert "1 row(s) of --clinical" in result.output and "STS_999" in result.output
+    table = pd.read_csv(tmp_path / "out" / "hecktor2022_clinical_info_training.csv")
+    assert table.loc[0, "HPV status (0=-, 1=+)"] == 1
+    csv.write_text("PatientID,CenterID\nSTS_999,9\n")
+    result = CliRunner().invoke(import_dicom_cli, [*args, "--center-id", "9", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "1 patient(s) without a row in --clinical" in result.output and "STS_001" in result.output
+
+
+def test_continue_on_error_imports_the_rest_and_lists_the_refused(tmp_path: Path):
+    for pid in ("PAT-1", "PAT-2", "PAT-3"):
+        _tiny_case(tmp_path / "src", pid)
+    for path in (tmp_path / "src" / "PAT-2").rglob("*.dcm"):
+        if pydicom.dcmread(path, stop_before_pixels=True).Modality == "PT":
+            _edit(path, PatientWeight=None)
+    rs = next(p for p in (tmp_path / "src" / "PAT-3").rglob("*.dcm")
+              if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT")
+    ds = pydicom.dcmread(rs)
+    ds.StructureSetROISequence[0].ROIName = "Tumor"
+    ds.save_as(rs)
+    args = [str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--center-id", "9"]
+    result = CliRunner().invoke(import_dicom_cli, args)
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert "2 of 3 patient(s) cannot be imported" in result.output  # every refused patient, not the first
+    assert "PAT-2: patient PAT-2, series" in result.output and "PAT-3: no ROI matches" in result.output
+    result = CliRunner().invoke(import_dicom_cli, [*args, "--continue-on-error"])
+    assert result.exit_code == 3, result.output
+    assert "1 case(s) ->" in result.output and "refused (2):" in result.output
+    table = result.output.split("refused (2):")[1]
+    assert "PAT-2" in table and "SUV needs tag PatientWeight" in table and "PAT-3" in table and "'Tumor'" in table
+    assert sorted(p.name for p in (tmp_path / "out" / "labelsTr").iterdir()) == ["PAT-1.nii.gz"]
+    assert [r["patient"] for r in read_json(tmp_path / "out" / "dicom_import.json")["refused"]] == ["PAT-2", "PAT-3"]
+
+
+def test_several_sources_and_folders_of_symbolic_links(tmp_path: Path):
+    _tiny_case(tmp_path / "export1", "PAT-1")
+    _tiny_case(tmp_path / "export2", "PAT-2")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "PAT-1").symlink_to(tmp_path / "export1" / "PAT-1", target_is_directory=True)
+    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "links"), str(tmp_path / "export2"), "--out",
+                                                   str(tmp_path / "out"), "--center-id", "9"])
+    assert result.exit_code == 0, result.output
+    assert "followed 1 symbolic link(s) to folders" in result.output and "2 case(s) ->" in result.output
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DicomImportError, match=r"no DICOM file found \(0 file\(s\) read; 1 broken symbolic link"):
+        import_dicom(tmp_path / "broken", tmp_path / "out2", center_id=9)
+
+
+def test_preprocess_qc_draws_every_case_with_an_index(sts, tmp_path: Path):
+    """`preprocess --qc` on the real case: one PNG (three planes, contour, crop box) and an index."""
+    from pipeline.cli.preprocess import preprocess
+
+    out, record = sts
+    build_manifest(out, tmp_path / "m.csv", progress=False)
+    result = CliRunner().invoke(preprocess, ["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "c"),
+                                             "--survival-size", "32,32,16", "--ctfm-size", "32,32,16",
+                                             "--petfm-size", "32,32,32", "--workers", "1", "--quiet", "--qc"])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "c" / "qc" / f"{record['case_id']}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{record['case_id']}.png" in (tmp_path / "c" / "qc" / "index.html").read_text()
+    assert "qc: 1 picture(s)" in result.output

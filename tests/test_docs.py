@@ -9,14 +9,20 @@ Conventions (stated in README.md, "Tests"):
 * README.md: fenced blocks tagged ``bash`` hold commands, one per line (a trailing ``\\``
   continues it), run with bash; blocks tagged ``python`` run as scripts; other blocks
   (``text``, untagged) are diagrams and synopses, not commands.
-* ``not run: REASON`` in a command's comment, or a comment that starts with ``needs``
-  (``# needs the FM weights``), skips it; ``not run: REASON`` in a comment line opening a
-  block skips the whole block. The test lists each skipped example with its reason.
-* ``expect error: TEXT`` in a comment: the command must fail (non-zero exit) with an
-  ``error:`` line and TEXT in its output, e.g. the option that fixes it.
+* Markers for this test are kept out of what readers see: an HTML comment on the line right
+  before a block, ``<!-- doc-test ... -->``, holds them, one per line. A line ``MARKER``
+  applies to the whole block; a line ``COMMAND => MARKER`` to the one command of the block
+  written exactly so (each such line must name one command of its block). MARKER is
+  ``not run: REASON`` (skips it; ``needs ...`` also does), ``expect error: TEXT`` (the command
+  must fail, non-zero exit, with an ``error:`` line and TEXT in its output, e.g. the option
+  that fixes it), or ``setup: COMMAND`` (block level: COMMAND runs before the block, to build
+  in the scratch folder the state the block's prose assumes, e.g. what ``make demo`` leaves).
+  The same markers written in a command's own ``#`` comment are read too (the convention
+  before), but README.md and the help texts no longer use them (tested).
 * Help texts: a line of a console script's help or epilog that starts with a console
-  script's name (after ``Example:`` / ``Examples:``) is an example, with the same markers;
-  one holding ``...`` as a word is a template for the reader's own options, listed as skipped.
+  script's name (after ``Example:`` / ``Examples:``) is an example; its markers are in
+  :data:`HELP_MARKERS` (command prefix -> marker); one holding ``...`` as a word is a template
+  for the reader's own options, listed as skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ _FENCE = re.compile(r"^```(\S*)")
 _NOT_RUN = re.compile(r"not run:\s*([^)\n]+)")
 _EXPECT_ERROR = re.compile(r"expect error:\s*([^()\n]*[^()\s])")
 _PREFIX = re.compile(r"^(Examples?:)\s*")
+_DOC_TEST = re.compile(r"^<!--\s*doc-test\b(.*?)-->", re.S)
+_MARKER_TEXT = re.compile(r"not run:|expect error:|^\s*#\s*needs\b|\(\s*needs\b", re.M)
+
+#: Markers of help-text examples, out of the text users read: script -> command prefix -> marker.
+HELP_MARKERS: dict[str, dict[str, str]] = {
+    "import-dicom": {"import-dicom /archive/export": "not run: needs a clinic's DICOM export",
+                     "import-dicom /archive/batch2": "not run: needs a clinic's DICOM export"},
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,8 @@ class Example:
     code: str
     skip: str | None = None
     expect_error: str | None = None
+    marked: str = ""
+    setup: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -101,10 +117,11 @@ def _joined_lines(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return out
 
 
-def _command(source: str, text: str, block_skip: str | None) -> Example | None:
+def _command(source: str, text: str, block_skip: str | None, marker: str = "") -> Example | None:
     command, comment = _split_comment(text)
     if not command.strip():
         return None
+    comment = (comment + "  " + marker).strip()
     skip = block_skip
     if skip is None and (m := _NOT_RUN.search(comment)):
         skip = m.group(1).strip()
@@ -113,11 +130,41 @@ def _command(source: str, text: str, block_skip: str | None) -> Example | None:
     if skip is None and "..." in command.split():
         skip = "a template: `...` stands for the reader's own options"
     expect = _EXPECT_ERROR.search(comment)
-    return Example(source, "bash", command.strip(), skip, expect.group(1) if expect else None)
+    return Example(source, "bash", command.strip(), skip, expect.group(1) if expect else None, comment)
+
+
+def _doc_test_comment(lines: list[str], fence: int) -> tuple[list[str], dict[str, str]]:
+    """The ``<!-- doc-test ... -->`` comment ending on the line before ``fence``: its block-level
+    markers and its ``COMMAND => MARKER`` lines."""
+    end = fence - 1
+    if end < 0 or not lines[end].rstrip().endswith("-->"):
+        return [], {}
+    start = end
+    while start > 0 and not lines[start].lstrip().startswith("<!--"):
+        start -= 1
+    m = _DOC_TEST.match("\n".join(lines[start:end + 1]).strip())
+    if not m:
+        return [], {}
+    block, per_command = [], {}
+    for line in m.group(1).splitlines():
+        line = line.strip().lstrip(":").strip()
+        if not line:
+            continue
+        if "=>" in line:
+            command, marker = line.split("=>", 1)
+            per_command[" ".join(command.split())] = marker.strip()
+        else:
+            block.append(line)
+    return block, per_command
 
 
 def readme_examples(path: Path = README) -> list[Example]:
-    """Every command of the ``bash`` and ``python`` blocks of README.md, in order."""
+    """Every command of the ``bash`` and ``python`` blocks of README.md, in order.
+
+    Raises:
+        ValueError: a ``COMMAND => MARKER`` line of a doc-test comment that names no command
+            of its block (a stale marker).
+    """
     lines = path.read_text().splitlines()
     examples: list[Example] = []
     i = 0
@@ -129,19 +176,33 @@ def readme_examples(path: Path = README) -> list[Example]:
         tag, start = m.group(1), i + 1
         end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
         body = [(no + 1, lines[no]) for no in range(start, end)]
+        block_markers, per_command = _doc_test_comment(lines, i)
         i = end + 1
         first_comment = body[0][1].strip() if body else ""
         block_skip = None
-        if first_comment.startswith("#") and (m2 := _NOT_RUN.search(first_comment)):
-            block_skip = m2.group(1).strip()
+        for text in block_markers + ([first_comment] if first_comment.startswith("#") else []):
+            if block_skip is None and (m2 := _NOT_RUN.search(text)):
+                block_skip = m2.group(1).strip()
+        setup = tuple(t.split(":", 1)[1].strip() for t in block_markers if t.startswith("setup:"))
+        block_text = "\n".join(t for t in block_markers if not t.startswith("setup:"))
         if tag == "python":
             code = "\n".join(text for _, text in body)
-            examples.append(Example(f"README.md:{start + 1}", "python", code, block_skip))
+            examples.append(Example(f"README.md:{start + 1}", "python", code, block_skip, None, block_text, setup))
         elif tag == "bash":
+            used = set()
             for no, text in _joined_lines(body):
-                ex = _command(f"README.md:{no}", text, block_skip)
+                key = " ".join(_split_comment(text)[0].split())
+                marker = per_command.get(key, "")
+                used.add(key)
+                ex = _command(f"README.md:{no}", text, block_skip, marker)
                 if ex is not None:
+                    ex = Example(ex.source, ex.kind, ex.code, ex.skip, ex.expect_error,
+                                 "\n".join(t for t in (ex.marked, block_text) if t), setup)
                     examples.append(ex)
+                    setup = ()  # runs once, before the block's first command
+            stale = sorted(set(per_command) - used)
+            if stale:
+                raise ValueError(f"{path}:{start}: doc-test markers name no command of the block: {stale}")
     return examples
 
 
@@ -154,7 +215,8 @@ def help_examples() -> list[Example]:
         lines = [(no, _PREFIX.sub("", line.strip())) for no, line in enumerate(text.splitlines())]
         for _, line in _joined_lines(lines):
             if line.split(" ", 1)[0] in SCRIPTS:
-                ex = _command(f"{name} --help", line, None)
+                marker = next((m for prefix, m in HELP_MARKERS.get(name, {}).items() if line.startswith(prefix)), "")
+                ex = _command(f"{name} --help", line, None, marker)
                 if ex is not None:
                     examples.append(ex)
     return examples
@@ -223,6 +285,9 @@ def _tail(text: str, n: int = 40) -> str:
 def test_example_runs_as_written(example: Example, workspace):
     if example.skip:
         pytest.skip(f"{example.source}: {example.code.splitlines()[0][:60]} (not run: {example.skip})")
+    for command in example.setup:  # the state the prose assumes (e.g. what `make demo` leaves), built smaller
+        ready = _run(Example(f"{example.source} (setup)", "bash", command), workspace)
+        assert ready.returncode == 0, f"setup of {example.source}: {command}\n{_tail(ready.stdout)}"
     proc = _run(example, workspace)
     output = proc.stdout
     earlier = f"\n(earlier failures: {', '.join(workspace['failed'])})" if workspace["failed"] else ""
@@ -254,18 +319,20 @@ def test_skipped_examples_are_listed_with_their_reason():
 
 
 def _marking_text(example: Example) -> str:
-    """Where a marker of ``example`` can be written: its README line and its block's opening line
-    (a README example), or its console script's help and epilog."""
+    """Where a marker of ``example`` can be written: its README line, its block's opening line
+    and the doc-test comment lines that apply to it (a README example), or its console
+    script's help, epilog and :data:`HELP_MARKERS` entry."""
     if not example.source.startswith("README.md:"):
-        cmd = SCRIPTS[example.source.split()[0]].load()
-        return "\n".join(t for t in (cmd.help, cmd.epilog) if t)
+        name = example.source.split()[0]
+        cmd = SCRIPTS[name].load()
+        return "\n".join([t for t in (cmd.help, cmd.epilog) if t] + [example.marked])
     lines = README.read_text().splitlines()
     no = int(example.source.split(":")[1])
     fence = max(j for j in range(no) if lines[j].startswith("```"))
     end = no - 1
     while lines[end].rstrip().endswith("\\"):  # a command continued over several lines
         end += 1
-    return "\n".join(lines[no - 1:end + 1]) + "\n" + lines[fence + 1]
+    return "\n".join(lines[no - 1:end + 1]) + "\n" + lines[fence + 1] + "\n" + example.marked
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -306,3 +373,37 @@ def test_the_conventions_are_read_as_documented(tmp_path):
     assert got["tool-d"].code == "tool-d --json '{\"a\": \"#1\"}'" and got["tool-d"].expect_error == "--fix this"
     assert got["tool-e"].skip.startswith("a template") and got["tool-f"].skip == "needs the weights"
     assert got["tool-g"].skip is None and got["python"].code == "print('hi')"
+
+
+def _visible(text: str) -> str:
+    """Markdown as a reader sees it: HTML comments removed."""
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def test_no_test_harness_marker_is_in_what_users_read():
+    """README's visible text and every console script's help carry no marker of this test:
+    they live in HTML comments (README) and HELP_MARKERS (help texts)."""
+    visible = _visible(README.read_text())
+    # inline code is exempt: the Tests section names the markers as `not run: REASON`
+    shown = [line for line in visible.splitlines() if _MARKER_TEXT.search(re.sub(r"`[^`]*`", "", line))]
+    assert not shown, shown
+    for name, ep in SCRIPTS.items():
+        cmd = ep.load()
+        text = "\n".join(t for t in (cmd.help, cmd.epilog) if t)
+        assert not _MARKER_TEXT.search(text), (name, text)
+
+
+def test_markers_in_doc_test_comments_are_read(tmp_path):
+    text = "\n".join([
+        "<!-- doc-test", "setup: touch ready", "tool-b --x => expect error: --fix", "tool-c => not run: too slow", "-->",
+        "```bash", "tool-a --ok", "tool-b --x", "tool-c", "```",
+        "<!-- doc-test: not run: needs the data -->", "```bash", "tool-d", "```",
+    ])
+    (tmp_path / "README.md").write_text(text + "\n")
+    got = {e.code.split()[0]: e for e in readme_examples(tmp_path / "README.md")}
+    assert got["tool-a"].skip is None and got["tool-a"].setup == ("touch ready",)
+    assert got["tool-b"].expect_error == "--fix" and not got["tool-b"].setup
+    assert got["tool-c"].skip == "too slow" and got["tool-d"].skip == "needs the data"
+    (tmp_path / "README.md").write_text(text.replace("tool-c =>", "tool-z =>") + "\n")
+    with pytest.raises(ValueError, match="name no command of the block: \\['tool-z'\\]"):
+        readme_examples(tmp_path / "README.md")

@@ -290,7 +290,8 @@ def test_cli_summary_and_clean_error(root: Path, tmp_path: Path):
     assert not (tmp_path / "n.csv").exists()
     skip = runner.invoke(build_manifest_cli, [str(root), "--out", str(tmp_path / "k.csv"),
                                               "--continue-on-error", "--no-checksums"])
-    assert skip.exit_code == 0 and "2 cases" in skip.output and "k.errors.csv" in skip.output
+    assert skip.exit_code == 3 and "2 cases" in skip.output and "k.errors.csv" in skip.output
+    assert "refused (1):" in skip.output and "CHUM-001" in skip.output
     helptext = runner.invoke(build_manifest_cli, ["--help"]).output
     for opt in ("--out", "--no-checksums", "--continue-on-error", "--error-report", "--workers"):
         assert opt in helptext

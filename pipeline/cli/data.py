@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import click
 
-from pipeline.cli.options import min_tumour_coverage_option
+from pipeline.cli.options import PARTIAL_EXIT, continue_on_error_option, min_tumour_coverage_option, refused_table
 from pipeline.demo_cohort import DEFAULT_ROOT, generate_demo_cohort, oracle_c_index
 from pipeline.hecktor import (
     HecktorFormatError,
@@ -59,11 +59,9 @@ def _refuse_existing(path: Path, option: str) -> None:
                    "an existing one, such as the committed demo manifest, is left alone.")
 @click.option("--no-checksums", is_flag=True,
               help="Skip the SHA-256 of every image (faster; sha256 columns stay empty).")
-@click.option("--continue-on-error", is_flag=True,
-              help="Leave bad cases out and list them (case, file, reason) in an error report "
-                   "instead of failing.")
+@continue_on_error_option("case")
 @click.option("--error-report", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Error report CSV (case_id,file,error) for --continue-on-error "
+              help="Error report CSV (case_id,file,error) of the cases --continue-on-error left out "
                    "[default: <out stem>.errors.csv].")
 @min_tumour_coverage_option
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -73,7 +71,8 @@ def build_manifest(root: Path, out: Path, overwrite: bool, no_checksums: bool,
                    min_tumour_coverage: float, workers: int) -> None:
     """Validate a HECKTOR 2022 training ROOT (imagesTr/, labelsTr/, the clinical and
     endpoint CSVs) and write the case manifest. On any problem nothing is written and the
-    command exits with status 1, unless --continue-on-error."""
+    command exits with status 1, unless --continue-on-error (then exit status 3 when cases
+    were left out)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if not overwrite:
         _refuse_existing(out, "--out")
@@ -88,6 +87,21 @@ def build_manifest(root: Path, out: Path, overwrite: bool, no_checksums: bool,
     if continue_on_error:
         report = error_report or default_error_report(out)
         click.echo(f"error report -> {report}")
+        refused = _refused_cases(report)
+        if refused:
+            click.echo(refused_table(refused, "case"), err=True)
+            sys.exit(PARTIAL_EXIT)
+
+
+def _refused_cases(report: Path) -> list[tuple[str, str]]:
+    """(case, reason) rows of a build-manifest error report; none when it is absent or empty."""
+    import csv
+
+    if not Path(report).is_file():
+        return []
+    with open(report, newline="") as f:
+        return [(row.get("case_id", ""), f"{row.get('file', '')}: {row.get('error', '')}".strip(": "))
+                for row in csv.DictReader(f)]
 
 
 @click.command(name="make-demo-cohort", context_settings=_CONTEXT)

@@ -64,3 +64,25 @@ min_tumour_coverage_option = click.option(
     show_default=True,
     help="Least share (0-1) of a case's tumour label voxels inside its PET field of view; a case "
          "below (e.g. a PET placed elsewhere by its header) is refused.")
+
+
+#: Exit status of a command run with ``--continue-on-error`` that wrote the cases it could and
+#: refused others (listed): 0 means every case is in, 1 that nothing was written.
+PARTIAL_EXIT = 3
+
+
+def continue_on_error_option(what: str) -> Callable[[Any], Any]:
+    """``--continue-on-error``, one meaning for ``import-dicom`` and ``build-manifest``."""
+    return click.option(
+        "--continue-on-error", is_flag=True,
+        help=f"Write every {what} that passes, leave the others out and end with a table of them and why; "
+             f"exit status {PARTIAL_EXIT} when any was left out (0: all in; 1: nothing written). Without it, "
+             f"any refused {what} stops the command, nothing is written, and every refused {what} is named.")
+
+
+def refused_table(rows: Sequence[tuple[str, str]], what: str) -> str:
+    """The console table of refused cases: one line each, ``what`` and reason."""
+    width = max([len(what)] + [len(str(r[0])) for r in rows])
+    lines = [f"refused ({len(rows)}):", f"  {what:<{width}}  reason"]
+    lines += [f"  {str(name):<{width}}  {' '.join(str(reason).split())}" for name, reason in rows]
+    return "\n".join(lines)

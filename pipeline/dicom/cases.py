@@ -4,8 +4,10 @@ CT candidates are the CT series that are not localizers; PET candidates the PT s
 attenuation-corrected ones preferred when both kinds are there. More than one candidate of a
 modality is refused, listing them, unless ``--series UID`` names one. The PET must share the
 CT's FrameOfReferenceUID (then the two grids are in one patient coordinate system); the
-structure sets (RTSTRUCT) and segmentations (SEG) are those of that frame of reference; a
-patient with neither is refused.
+structure sets (RTSTRUCT) and segmentations (SEG) considered are those that mention that frame
+(or one passed with ``--accept-frame``); a patient with neither is refused. Mentioning the frame
+is not enough to be rasterised: each ROI mapped to a label must itself be defined in the CT's
+frame (:func:`pipeline.dicom.rtstruct.check_placeable`).
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ def _one(candidates: list[Series], modality: str, patient: str, chosen: set[str]
     return candidates[0]
 
 
-def choose_series(patient: str, series: dict[str, Series], chosen: set[str]) -> CaseSeries:
-    """The CT, PET and RTSTRUCTs of one patient (see the module doc for the rules)."""
+def choose_series(patient: str, series: dict[str, Series], chosen: set[str],
+                  accepted_frames: set[str] = frozenset()) -> CaseSeries:
+    """The CT, PET and RTSTRUCTs of one patient (see the module doc for the rules).
+
+    ``accepted_frames``: frames of reference the user vouched for as the CT's (``--accept-frame``).
+    """
     cts = [s for s in series.values() if s.modality == "CT" and not _is_localizer(s)]
     ct = _one(cts, "CT", patient, chosen)
     pets = [s for s in series.values() if s.modality == "PT"]
@@ -62,10 +68,9 @@ def choose_series(patient: str, series: dict[str, Series], chosen: set[str]) -> 
             f"patient {patient}: no PET series shares the CT's FrameOfReferenceUID {ct.frame_of_reference} "
             f"(CT series {ct.uid}; PET series {', '.join(f'{s.uid} in {s.frame_of_reference}' for s in pets)})")
     pet = _one(same_for, "PET", patient, chosen)
-    structures = [s for s in series.values() if s.modality == "RTSTRUCT"
-                  and _referenced_frames(s) & {ct.frame_of_reference}]
-    segmentations = [s for s in series.values() if s.modality == "SEG"
-                     and s.frame_of_reference == ct.frame_of_reference]
+    frames = {ct.frame_of_reference} | set(accepted_frames)
+    structures = [s for s in series.values() if s.modality == "RTSTRUCT" and _referenced_frames(s) & frames]
+    segmentations = [s for s in series.values() if s.modality == "SEG" and s.frame_of_reference in frames]
     if not structures and not segmentations:
         others = [s.uid for s in series.values() if s.modality in ("RTSTRUCT", "SEG")]
         raise DicomImportError(f"patient {patient}: no RTSTRUCT or SEG in the CT's frame of reference "

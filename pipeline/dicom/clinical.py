@@ -10,9 +10,16 @@ whatever ``--clinical`` says). The other HECKTOR columns are empty unless ``--cl
 the header's. ``CenterID`` comes from the CSV or
 ``--center-id``.
 
+Columns of ``--clinical`` are HECKTOR's names; any other column is refused, listed, unless
+``--clinical-column SRC=NAME`` maps it to a HECKTOR name or ``--ignore-column SRC`` drops it
+(:func:`read_clinical`): a value is never dropped in silence. Patients without a row, and rows
+without a patient, are named on the console.
+
 Case ids: the ``PatientID`` as it is when it is a safe file name (letters, digits, ``.``,
 ``-``, ``_``, no ``__``), else refused, naming ``--pseudonymise``. With pseudonyms the cases
-are ``P0001, P0002, ...`` in the order of the sorted PatientIDs, and the mapping
+are ``<prefix>0001, <prefix>0002, ...`` (``--prefix``, default ``P``) in the order of the
+sorted PatientIDs, continuing an existing mapping file: a PatientID already in it keeps its
+id, new ones are numbered after the largest id of that prefix there. The mapping
 (``case_id,PatientID``) is written only to the file the user names, never into the root.
 """
 
@@ -59,16 +66,106 @@ def header_row(ct: pydicom.Dataset, pet: pydicom.Dataset) -> dict[str, Any]:
             "Weight": float(weight) if weight not in (None, "") else math.nan}
 
 
-def case_ids(patient_ids: list[str], pseudonymise: bool) -> dict[str, str]:
-    """PatientID -> case id (see the module doc)."""
+def check_prefix(prefix: str) -> str:
+    """A pseudonym prefix that can name files (letters, digits, '.', '-', '_', no '__')."""
+    if not _SAFE_ID.match(prefix) or "__" in prefix or prefix[-1].isdigit():
+        raise DicomImportError(f"--prefix {prefix!r} cannot start case ids (letters, digits, '.', '-', '_', "
+                               "no '__', not ending in a digit)")
+    return prefix
+
+
+def read_mapping(path) -> dict[str, str]:
+    """An existing ``case_id,PatientID`` mapping as PatientID -> case id ({} when absent)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path) if path is not None else None
+    if path is None or not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0]] != ["case_id", "PatientID"]:
+        raise DicomImportError(f"--mapping {path}: not a case_id,PatientID file (header {rows[:1]})")
+    out: dict[str, str] = {}
+    for row in rows[1:]:
+        if len(row) != 2:
+            continue
+        cid, pid = row[0].strip(), row[1].strip()
+        if pid in out or cid in out.values():
+            raise DicomImportError(f"--mapping {path}: {pid!r} / {cid!r} appears twice")
+        out[pid] = cid
+    return out
+
+
+def next_pseudonyms(patient_ids: list[str], existing: dict[str, str], prefix: str = "P",
+                    taken: set[str] = frozenset()) -> dict[str, str]:
+    """New pseudonyms for ``patient_ids`` not in ``existing`` (PatientID -> case id), numbered
+    after the largest ``<prefix>NNNN`` of ``existing`` and ``taken``, in sorted order."""
+    used = set(existing.values()) | set(taken)
+    numbers = [int(c[len(prefix):]) for c in used if c.startswith(prefix) and c[len(prefix):].isdigit()]
+    start = max(numbers, default=0) + 1
+    new = [p for p in sorted(patient_ids) if p not in existing]
+    return {pid: f"{prefix}{n:04d}" for n, pid in enumerate(new, start=start)}
+
+
+def case_ids(patient_ids: list[str], pseudonymise: bool, existing: dict[str, str] | None = None,
+             prefix: str = "P") -> dict[str, str]:
+    """PatientID -> case id (see the module doc); ``existing``: a mapping to continue."""
     ordered = sorted(patient_ids)
     if pseudonymise:
-        return {pid: f"P{i:04d}" for i, pid in enumerate(ordered, start=1)}
+        existing = existing or {}
+        ids = {p: existing[p] for p in ordered if p in existing}
+        return {**ids, **next_pseudonyms(ordered, existing, prefix)}
     for pid in ordered:
         if not _SAFE_ID.match(pid) or "__" in pid:
             raise DicomImportError(f"PatientID {pid!r} cannot name files (letters, digits, '.', '-', '_', "
                                    "no '__'); pass --pseudonymise to use P0001-style case ids")
     return {pid: pid for pid in ordered}
+
+
+def read_clinical(path, column_map: dict[str, str] | None = None,
+                  ignore: tuple[str, ...] | list[str] = ()) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+    """``--clinical``: PatientID -> {HECKTOR column: value}, and a record of what was done.
+
+    Args:
+        path: CSV keyed by ``PatientID``.
+        column_map: file column -> HECKTOR column name (``--clinical-column``).
+        ignore: file columns to drop on purpose (``--ignore-column``).
+
+    Raises:
+        DicomImportError: a column that is neither a HECKTOR name, mapped nor ignored (all
+            listed), a mapping to an unknown name, or a mapped / ignored column not in the file.
+    """
+    from pipeline.hecktor import read_hecktor_csv
+
+    column_map = dict(column_map or {})
+    table = read_hecktor_csv(path, ("PatientID",))
+    columns = [c for c in table.columns if c != "PatientID"]
+    absent = [c for c in list(column_map) + list(ignore) if c not in columns]
+    if absent:
+        raise DicomImportError(f"--clinical {path}: --clinical-column / --ignore-column name column(s) "
+                               f"{absent} that the file does not have (its columns: {columns})")
+    bad = {src: dst for src, dst in column_map.items() if dst not in _MERGED}
+    if bad:
+        raise DicomImportError(f"--clinical-column {bad}: not HECKTOR clinical columns; the names are "
+                               f"{list(_MERGED)}")
+    known = set(CLINICAL_HEADER)
+    unknown = [c for c in columns if c not in known and c not in column_map and c not in ignore]
+    if unknown:
+        raise DicomImportError(
+            f"--clinical {path}: {len(unknown)} column(s) the import does not know: {unknown}. Map each to a "
+            f"HECKTOR column with --clinical-column 'SRC=NAME' (NAME one of {list(_MERGED)}) or drop it with "
+            "--ignore-column SRC; nothing is left out in silence")
+    renamed = table.rename(columns=column_map)
+    targets = [column_map.get(c, c) for c in columns if c not in ignore]
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise DicomImportError(f"--clinical {path}: several columns give {twice}; map or ignore all but one")
+    kept = [t for t in targets if t in _MERGED]
+    rows = {str(row["PatientID"]).strip(): {c: row[c] for c in kept} for _, row in renamed.iterrows()}
+    record = {"columns_used": kept, "mapped": column_map, "ignored": sorted(ignore),
+              "not_used": sorted(t for t in targets if t not in _MERGED)}
+    return rows, record
 
 
 def _cell(value: Any) -> str:

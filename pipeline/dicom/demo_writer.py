@@ -9,7 +9,8 @@ output):
   the series time, ``PatientWeight`` the clinical weight (75 kg where the cohort's clinical
   file has none). Stored as int16 with its own RescaleSlope per slice (max / 32767), so SUV
   comes back to within half a slope;
-* an RT Structure Set with ROIs ``GTVp`` (label 1) and ``GTVn`` (label 2) drawn on the CT:
+* an RT Structure Set with ROIs ``GTVp`` (label 1) and ``GTVn`` (label 2), each where the
+  patient has one, drawn on the CT:
   on each slice, the label's voxel-edge outlines as closed planar polygons (holes and islands
   as separate polygons). Filled at voxel centres with the even-odd rule
   (:mod:`pipeline.dicom.rtstruct`) they give back the label exactly.
@@ -202,6 +203,8 @@ def write_rtstruct(label: sitk.Image, ct: sitk.Image, ct_sops: list[str], path: 
     array = sitk.GetArrayFromImage(label)
     rois, contours, observations = [], [], []
     for value, name in ROI_NAMES.items():
+        if not (array == value).any():
+            continue  # not drawn, not exported (an ROI without contours is refused on import)
         roi = pydicom.Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = value, uids["frame"], name
         roi.ROIGenerationAlgorithm = "MANUAL"

@@ -43,6 +43,8 @@ class Roi:
     file: str
     contours: list[np.ndarray] = field(default_factory=list)
     skipped_types: list[str] = field(default_factory=list)
+    #: The FrameOfReferenceUID its contours are defined in (see :func:`roi_frame`).
+    frame: str = ""
 
     def mask(self, geometry: Geometry, warnings: list[str]) -> np.ndarray:
         return roi_mask(self, geometry, warnings)
@@ -56,7 +58,7 @@ def read_rois(ds: pydicom.Dataset) -> list[Roi]:
     """
     if isinstance(getattr(ds, "filename", None), str):
         ds = pydicom.dcmread(ds.filename)
-    rois = {int(r.ROINumber): Roi(str(r.ROIName), int(r.ROINumber), str(ds.filename))
+    rois = {int(r.ROINumber): Roi(str(r.ROIName), int(r.ROINumber), str(ds.filename), frame=roi_frame(ds, r))
             for r in ds.get("StructureSetROISequence", [])}
     for item in ds.get("ROIContourSequence", []):
         roi = rois.get(int(item.ReferencedROINumber))
@@ -69,6 +71,54 @@ def read_rois(ds: pydicom.Dataset) -> list[Roi]:
                 continue
             roi.contours.append(np.asarray(c.ContourData, dtype=np.float64).reshape(-1, 3))
     return list(rois.values())
+
+
+def roi_frame(ds: pydicom.Dataset, roi: pydicom.Dataset) -> str:
+    """The frame of reference an ROI's contours are defined in: its own
+    ``ReferencedFrameOfReferenceUID`` (required by the standard), else the structure set's one
+    referenced frame, else the file's ``FrameOfReferenceUID``; ``""`` when none is said."""
+    if "ReferencedFrameOfReferenceUID" in roi:
+        return str(roi.ReferencedFrameOfReferenceUID)
+    referenced = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])
+                  if "FrameOfReferenceUID" in f}
+    if len(referenced) == 1:
+        return referenced.pop()
+    return str(ds.get("FrameOfReferenceUID", ""))
+
+
+def check_placeable(by_label: dict[int, list[Any]], rules: dict[int, str], ct_frame: str,
+                    accepted_frames: set[str], patient: str) -> None:
+    """Refuse what cannot be placed on the CT: an ROI (or segment) mapped to a label whose
+    frame of reference is neither the CT's nor one the user vouched for (``--accept-frame``),
+    and an ROI without contour data.
+
+    Raises:
+        DicomImportError: naming the ROI, its file, its frame and the CT's.
+    """
+    for value, rois in sorted(by_label.items()):
+        for roi in rois:
+            frame = getattr(roi, "frame", "")
+            if frame != ct_frame and frame not in accepted_frames:
+                raise DicomImportError(
+                    f"patient {patient}: ROI {roi.name!r} (label {value}, {roi.file}) is defined in frame of "
+                    f"reference {frame or '(none given)'}, the CT in {ct_frame}: its contours cannot be placed "
+                    "on the CT. If both frames are the same patient space (one scanner session, a registration "
+                    f"applied before export), pass --accept-frame {frame or 'UID'} (recorded in the provenance)")
+            if isinstance(roi, Roi) and not roi.contours:
+                extra = (f" ({len(roi.skipped_types)} contour(s) of type {sorted(set(roi.skipped_types))} only)"
+                         if roi.skipped_types else "")
+                raise DicomImportError(
+                    f"patient {patient}: ROI {roi.name!r} (label {value}, rule {rules[value]!r}, {roi.file}) has no "
+                    f"closed planar contour data{extra}: it would give an empty label; fix the structure set or "
+                    "make the --label pattern leave it out")
+
+
+def merge_warnings(by_label: dict[int, list[Any]], rules: dict[int, str]) -> list[str]:
+    """One warning per label that several ROIs (or segments) were united into."""
+    return [f"label {value} (rule {rules[value]!r}) unites {len(rois)} ROIs: "
+            f"{', '.join(repr(r.name) for r in rois)}; if they are not one tumour, give each a --label rule "
+            "of its own (e.g. an exact name: ^NAME$)"
+            for value, rois in sorted(by_label.items()) if len(rois) > 1]
 
 
 def match_labels(rois: list[Any], rules: dict[int, str], patient: str) -> dict[int, list[Any]]:
@@ -151,12 +201,19 @@ def roi_mask(roi: Roi, geometry: Geometry, warnings: list[str]) -> np.ndarray:
 
 def label_mask(by_label: dict[int, list[Any]], geometry: Geometry, warnings: list[str]) -> np.ndarray:
     """uint8 label (z, y, x): each label's ROIs (or segments) united; where labels overlap the
-    lower one keeps the voxels, with a warning."""
+    lower one keeps the voxels, with a warning.
+
+    Raises:
+        DicomImportError: an ROI or segment that covers no voxel.
+    """
     nx, ny, nz = geometry.size
     label = np.zeros((nz, ny, nx), dtype=np.uint8)
     for value in sorted(by_label):
         for roi in by_label[value]:
             mask = roi.mask(geometry, warnings)
+            if not mask.any():
+                raise DicomImportError(f"ROI {roi.name!r} (label {value}, {roi.file}) covers no voxel of the CT "
+                                       "(every contour off its slices or smaller than a voxel)")
             clash = mask & (label != 0) & (label != value)
             if clash.any():
                 warnings.append(f"ROI {roi.name!r} (label {value}) overlaps an earlier label in "

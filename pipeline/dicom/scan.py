@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,33 +64,81 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
     return ds
 
 
-def scan_folder(src: str | os.PathLike) -> dict[str, dict[str, Series]]:
-    """Every DICOM file under ``src``: ``{PatientID: {SeriesInstanceUID: Series}}``.
+def _walk(src: Path, links: dict[str, int]) -> list[Path]:
+    """Every file under ``src``, following symbolic links to folders and files (each real
+    folder once, so a link loop ends); counts links followed and broken ones in ``links``."""
+    files, seen_dirs = [], set()
+    for top, dirs, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        for d in dirs:
+            if os.path.islink(os.path.join(top, d)):
+                links["folders"] += 1
+        for name in names:
+            path = Path(top) / name
+            if path.is_symlink():
+                if not path.exists():
+                    links["broken"] += 1
+                    continue
+                links["files"] += 1
+            if path.is_file():
+                files.append(path)
+    return files
 
-    Non-DICOM files (CSVs, READMEs, DICOMDIR) are skipped. A SOP instance UID seen twice is
-    refused (the same image exported twice would give duplicate slices).
+
+def scan_folder(src: str | os.PathLike | Iterable[str | os.PathLike],
+                notes: list[str] | None = None) -> dict[str, dict[str, Series]]:
+    """Every DICOM file under ``src`` (one folder or several): ``{PatientID: {SeriesInstanceUID: Series}}``.
+
+    Symbolic links to folders and files are followed (an export is often a folder of links);
+    how many is said in ``notes``. A file reached twice (through a link and directly, or from
+    two sources) is read once. Non-DICOM files (CSVs, READMEs, DICOMDIR) are skipped. A SOP
+    instance UID seen in two different files is refused (the same image exported twice would
+    give duplicate slices).
 
     Raises:
-        DicomImportError: no DICOM file at all, a file without PatientID or
-            SeriesInstanceUID, or a repeated SOPInstanceUID (both files named).
+        DicomImportError: no DICOM file at all (with the links followed and broken ones
+            counted), a file without PatientID or SeriesInstanceUID, or a repeated
+            SOPInstanceUID (both files named).
     """
-    src = Path(src)
+    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
     patients: dict[str, dict[str, Series]] = defaultdict(dict)
     seen: dict[str, Path] = {}
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        ds = _read_header(path)
-        if ds is None:
-            continue
-        sop = str(ds.SOPInstanceUID)
-        if sop in seen:
-            raise DicomImportError(f"SOPInstanceUID {sop} is in two files: {seen[sop]} and {path}")
-        seen[sop] = path
-        pid, uid = str(ds.get("PatientID", "")).strip(), str(ds.get("SeriesInstanceUID", ""))
-        if not pid or not uid:
-            missing = "PatientID" if not pid else "SeriesInstanceUID"
-            raise DicomImportError(f"{path}: no {missing}; every file must name its patient and series")
-        series = patients[pid].setdefault(uid, Series(uid, str(ds.Modality)))
-        series.headers.append(ds)
+    read: set[str] = set()
+    links = {"folders": 0, "files": 0, "broken": 0}
+    n_files = 0
+    for folder in sources:
+        for path in sorted(_walk(folder, links)):
+            real = os.path.realpath(path)
+            if real in read:
+                continue
+            read.add(real)
+            n_files += 1
+            ds = _read_header(path)
+            if ds is None:
+                continue
+            sop = str(ds.SOPInstanceUID)
+            if sop in seen:
+                raise DicomImportError(f"SOPInstanceUID {sop} is in two files: {seen[sop]} and {path}")
+            seen[sop] = path
+            pid, uid = str(ds.get("PatientID", "")).strip(), str(ds.get("SeriesInstanceUID", ""))
+            if not pid or not uid:
+                missing = "PatientID" if not pid else "SeriesInstanceUID"
+                raise DicomImportError(f"{path}: no {missing}; every file must name its patient and series")
+            series = patients[pid].setdefault(uid, Series(uid, str(ds.Modality)))
+            series.headers.append(ds)
+    followed = links["folders"] + links["files"]
+    said = (f"followed {links['folders']} symbolic link(s) to folders and {links['files']} to files"
+            if followed else "")
+    if links["broken"]:
+        said += ("; " if said else "") + f"{links['broken']} broken symbolic link(s) skipped"
+    if notes is not None and said:
+        notes.append(said)
     if not patients:
-        raise DicomImportError(f"{src}: no DICOM file found")
+        where = ", ".join(str(s) for s in sources)
+        raise DicomImportError(f"{where}: no DICOM file found ({n_files} file(s) read"
+                               + (f"; {said}" if said else "; no symbolic link found") + ")")
     return dict(patients)

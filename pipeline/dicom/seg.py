@@ -33,6 +33,8 @@ class Segment:
     name: str
     number: int
     file: str
+    #: The SEG's FrameOfReferenceUID (the frame its planes are positioned in).
+    frame: str = ""
 
     def mask(self, geometry: Geometry, warnings: list[str]) -> np.ndarray:
         return segment_mask(self, geometry, warnings)
@@ -40,7 +42,8 @@ class Segment:
 
 def read_segments(ds: pydicom.Dataset) -> list[Segment]:
     """The segments a SEG object declares."""
-    return [Segment(str(s.get("SegmentLabel", s.SegmentNumber)), int(s.SegmentNumber), str(ds.filename))
+    frame = str(ds.get("FrameOfReferenceUID", ""))
+    return [Segment(str(s.get("SegmentLabel", s.SegmentNumber)), int(s.SegmentNumber), str(ds.filename), frame)
             for s in ds.get("SegmentSequence", [])]
 
 
