@@ -39,8 +39,8 @@ test: install
 test-parts:
 	bash scripts/install_test_parts.sh
 
-test-ci: install test-parts
-	HNFM_SLURM_CLUSTER=start $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+test-ci: test-parts
+	HNFM_SLURM_CLUSTER=start $(MAKE) test
 
 # The working loop: unit tests only (end-to-end tests are marked `slow`); CI runs `make test`.
 test-fast: install
