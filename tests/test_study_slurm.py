@@ -290,3 +290,34 @@ def test_a_requeued_task_never_trains_its_cell_twice_at_once(slurm_cluster, inpu
     assert claims[0]["slurm_job"] == claims[1]["slurm_job"] == str(job.job_id)
     assert_one_holder_at_a_time(events)
     assert study.cell_done(spec, cell)
+
+
+@pytest.mark.slurm
+def test_scancel_of_the_whole_array_is_noticed_and_every_cell_named(slurm_cluster, inputs, tmp_path):
+    spec = long_spec(inputs, tmp_path / "s")  # cells of ~20 s: the cancel lands while both train
+    spec = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
+    study.prepare_study(spec)
+    cells = study.grid(spec)
+    cancelled_at = []
+
+    def cancel_when_training():
+        if _wait(lambda: any(e["event"] == "claimed" for e in claim_events(spec, cells[0])), 180):
+            array = claim_events(spec, cells[0])[0]["slurm_job"].split("_")[0]
+            subprocess.run(["scancel", array], check=True)
+            cancelled_at.append(time.monotonic())
+
+    import threading
+
+    canceller = threading.Thread(target=cancel_when_training, daemon=True)
+    canceller.start()
+    os.environ["HNFM_SLURM_POLL_S"] = "2"
+    try:
+        outcome = study.run_submitit(spec, cells, cluster="slurm", options=OPTIONS)
+    finally:
+        del os.environ["HNFM_SLURM_POLL_S"]
+    canceller.join(timeout=10)
+    assert cancelled_at, "no task started training"
+    assert time.monotonic() - cancelled_at[0] < 60, "the cancel was not noticed within a minute"
+    assert sorted(outcome.cancelled) == sorted(c.key for c in cells) == sorted(outcome.failed)
+    assert all("ended without a result" in e for e in outcome.failed.values())
+    assert not any(study.cell_done(spec, c) for c in cells)
