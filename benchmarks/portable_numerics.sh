@@ -6,9 +6,12 @@
 # and numpy all read that emulated CPU when they choose their kernels and blocking.
 #
 # Prints the SHA-256 of each run's out-of-fold risks and curves (less wall times), and the
-# kernel fields each run recorded. Portable numerics (the default) should give one digest;
+# kernel fields each run recorded; then the same for one paper-size training step's gradients
+# (benchmarks/paper_step_digest.py: the paper's widths at 48 x 80 x 80, other blocking). Portable numerics (the default) should give one digest;
 # HNFM_NUMERICS=native on an AVX-512 host should not. Needs the demo cache (make demo, or the
 # README's stages 1-2) and Debian's valgrind; takes ~10 min per emulated run.
+# (The emulated runs' CPU fields come from /proc and /sys, which valgrind leaves as they are:
+# they name the host; the libraries read CPUID, which valgrind emulates.)
 #
 # Usage: bash benchmarks/portable_numerics.sh [native|portable|both]  (default both)
 set -euo pipefail
@@ -39,4 +42,8 @@ PY
 for mode in $modes; do
   fold "host-$mode" "$mode"
   fold "haswell-$mode" "$mode" valgrind -q --tool=none
+done
+for mode in $modes; do
+  echo "host-$mode:    $(HNFM_NUMERICS=$mode .venv/bin/python benchmarks/paper_step_digest.py)"
+  echo "haswell-$mode: $(HNFM_NUMERICS=$mode valgrind -q --tool=none .venv/bin/python benchmarks/paper_step_digest.py)"
 done
