@@ -65,10 +65,10 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Training seeds per configuration on the first split (cv0): seed s trains with --seed + s on "
                    "the same folds and inner split, so the spread is training noise alone; s >= 1 in "
-                   "<out>/seeds/<s>/ [default 1; the demo preset may set more].")
+                   "<out>/seeds/<s>/ [default 1, demo 3].")
 @click.option("--seed-configs", default=None,
               help="Comma list of the configurations trained with every --seeds seed, e.g. 'baseline' "
-                   "[default: all configurations of the study; the demo preset may name fewer].")
+                   "[default: all configurations of the study; demo: baseline].")
 @click.option("--peers", "peer_families", default=None,
               help="Comma list of classical peers fitted on the same folds: clinical, radiomics, heads "
                    "(one embedding head per FM configuration), or 'none' [default: all three].")
