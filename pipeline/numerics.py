@@ -147,12 +147,15 @@ def onednn_isa() -> str | None:
 
 
 def _openblas() -> list[dict[str, Any]]:
-    """Each loaded OpenBLAS (numpy's, scipy's): version and the core type it computes for."""
+    """numpy's and scipy's OpenBLAS: version and the core type each computes for. Both are
+    loaded first, so the record does not depend on what the process happened to import."""
+    import numpy  # noqa: F401
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_info
 
-    return [{"library": Path(i["filepath"]).name, "version": i.get("version"),
-             "core_type": i.get("architecture")}
-            for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    found = [{"library": Path(i["filepath"]).name, "version": i.get("version"), "core_type": i.get("architecture")}
+             for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    return sorted(found, key=lambda b: b["library"])  # load order varies between processes
 
 
 def _numpy_dispatch() -> list[str]:

@@ -33,9 +33,14 @@ def inputs(tmp_path_factory):
     return make_study_inputs(tmp_path_factory.mktemp("slurm_inputs"))
 
 
-def long_spec(inputs, folder: Path, n_folds: int = 2) -> study.StudySpec:
+#: Cells long enough (~10 s on a quiet core) that a task is still training when the test
+#: cancels it: with LONG's ~3-s cells a quiet machine finished the task first.
+SLOW = LONG | {"epochs": 50, "patience": 50}
+
+
+def long_spec(inputs, folder: Path, n_folds: int = 2, train: dict | None = None) -> study.StudySpec:
     spec = make_spec(inputs, folder, configs=("baseline",), n_folds=n_folds, peers=())
-    return study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | LONG})
+    return study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | (LONG if train is None else train)})
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +203,13 @@ cli.run_study()
 
 @pytest.mark.slurm
 def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(
-        slurm_cluster, inputs, reference, tmp_path):
+        slurm_cluster, inputs, tmp_path):
+    local = long_spec(inputs, tmp_path / "local", train=SLOW)
+    outcome = study.run_study(local, executor="local", workers=2)
+    assert outcome.ok, outcome.failed
+    reference = oof_of(local)
     train = tmp_path / "train.json"
-    train.write_text(json.dumps(long_spec(inputs, tmp_path / "x").train))
+    train.write_text(json.dumps(local.train))
     args = ["--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]), "--configs", "baseline",
             "--n-folds", "2", "--peers", "none", "--train-config", str(train), "--out", str(tmp_path / "s"),
             "--report-dir", str(tmp_path / "r"), "--executor", "submitit", "--cluster", "slurm",
