@@ -1298,7 +1298,12 @@ def wait_slurm_tasks(cells: Sequence[Cell], jobs: Sequence[Any], outcome: StudyO
     while pending:
         for i, (cell, job) in list(pending.items()):
             if job.paths.result_pickle.exists():
-                file(i, _slurm_result(cell, job))
+                res = _slurm_result(cell, job)
+                # A task cancelled while it trains may write a result of its own (the signal's
+                # error) before it ends: still a cancelled cell, named as such.
+                if "error" in res and (_slurm_task_state(str(job.job_id)) or "").startswith("CANCELLED"):
+                    outcome.cancelled.append(cell.key)
+                file(i, res)
         if not pending:
             break
         queue = _slurm_queue({str(job.job_id).split("_")[0] for _, job in pending.values()})

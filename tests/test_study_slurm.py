@@ -327,6 +327,6 @@ def test_scancel_of_the_whole_array_is_noticed_and_every_cell_named(slurm_cluste
     canceller.join(timeout=10)
     assert cancelled_at, "no task started training"
     assert time.monotonic() - cancelled_at[0] < 60, "the cancel was not noticed within a minute"
-    assert sorted(outcome.cancelled) == sorted(c.key for c in cells) == sorted(outcome.failed)
+    assert sorted(outcome.cancelled) == sorted(c.key for c in cells) == sorted(outcome.failed), outcome.failed
     assert all("ended without a result" in e for e in outcome.failed.values())
     assert not any(study.cell_done(spec, c) for c in cells)
