@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.artefacts import params_hash, read_json, sha256_file, write_json_atomic
 from pipeline.study import FIRST_SPLIT, StudySpec, cell_layout, grid, load_study
 from pipeline.layout import PeerRunLayout
+from pipeline.runtime import CPU_ENVIRONMENT_KEYS
 
 #: The committed reference (package data, so an installed copy finds it too).
 REFERENCE = Path(__file__).with_name("demo_reference.json")
@@ -33,12 +34,9 @@ REFERENCE = Path(__file__).with_name("demo_reference.json")
 #: Where ``make demo`` leaves its study and report (``run-study --demo``'s defaults).
 DEMO_STUDY, DEMO_REPORT = Path("runs/demo_study"), Path("reports/demo")
 
-#: Environment fields (:func:`pipeline.runtime.environment_record`) that decide a run's bits
-#: or tell machines apart; the comparison names those that differ from the reference's.
-DECIDING_FIELDS = ("device", "precision", "threads", "deterministic", "numerics", "numerics_in_force",
-                   "torch", "cpu_capability", "onednn", "onednn_isa", "mkl", "openblas", "numpy",
-                   "numpy_dispatch", "pins", "python", "cpu", "cpu_vendor", "cpu_family_model_stepping",
-                   "cpu_flags", "cpu_caches")
+#: Environment fields (:func:`pipeline.runtime.environment_record`) that decide a CPU run's
+#: bits or tell machines apart; the comparison names those that differ from the reference's.
+DECIDING_FIELDS = CPU_ENVIRONMENT_KEYS + ("python",)
 
 #: StudySpec fields that are paths (they differ between clones and decide no number).
 _PATH_FIELDS = ("manifest", "cache_root", "embeddings", "study_dir")

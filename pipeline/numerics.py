@@ -4,9 +4,10 @@ in the same order.
 A float sum's last bits depend on the order of its terms, and the CPU libraries choose that
 order from the machine: torch's ATen kernels and oneDNN's convolutions pick their vector width
 from the CPU's instruction sets (AVX-512 where present), MKL picks a code path per CPU, numpy
-dispatches its own SIMD loops, and OpenBLAS picks kernels per core type. A demo fold trained
-on an AVX-512 machine and on an AVX2-only one gave unbiased C-indices of 0.667 and 0.742:
-after 90 Adam steps at the demo's learning rate, rounding is a different network.
+dispatches its own SIMD loops, and OpenBLAS picks kernels per core type. On one AVX-512
+machine, a demo fold's unbiased C-index moved between 0.667 and 0.742 with nothing changed but
+the kernels the shell asked those libraries for: after 90 Adam steps at the demo's learning
+rate, rounding is a different network.
 
 :data:`PORTABLE_PINS` fixes each of those choices to the AVX2 path, which every x86-64 CPU
 since 2013 (Intel Haswell, AMD Zen) runs. The libraries read the variables when they load or

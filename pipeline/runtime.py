@@ -179,9 +179,11 @@ def environment_record(device: Any, threads: int, precision: str = "fp32") -> di
     return record
 
 
-#: What :func:`environment_record` holds that may differ between runs and change numbers, in
-#: the order the report shows them: the mode and kernels first, then the machine.
-ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "numerics", "numerics_in_force",
-                    "torch", "cpu_capability", "onednn", "onednn_isa", "mkl", "openblas", "numpy",
-                    "numpy_dispatch", "pins", "cpu", "cpu_vendor", "cpu_family_model_stepping",
-                    "cpu_flags", "cpu_caches", "gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")
+#: What :func:`environment_record` holds that may differ between runs and change numbers on a
+#: CPU, in the order the report shows them: the mode and kernels first, then the machine.
+CPU_ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "numerics", "numerics_in_force",
+                        "torch", "cpu_capability", "onednn", "onednn_isa", "mkl", "openblas", "numpy",
+                        "numpy_dispatch", "pins", "cpu", "cpu_vendor", "cpu_family_model_stepping",
+                        "cpu_flags", "cpu_caches")
+#: The same, and the GPU's (:func:`_cuda_record`).
+ENVIRONMENT_KEYS = CPU_ENVIRONMENT_KEYS + ("gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")
