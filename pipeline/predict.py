@@ -50,7 +50,8 @@ from pipeline.embeddings import extract_embeddings, read_embeddings
 from pipeline.layout import RunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest
 from pipeline.preprocess import preprocess_cohort
-from pipeline.train import FoldData, TrainConfig, apply_fm_stats, build_model, model_to_layout, predict, resolve_device
+from pipeline.train import (FoldData, TrainConfig, apply_fm_stats, build_model, eval_batch_size, model_to_layout,
+                            predict, resolve_device)
 
 #: Embedding fields that must match between training and new patients. Precision is one of
 #: them: bf16-autocast embeddings differ from fp32 ones by more than the heads tolerate.
@@ -399,7 +400,7 @@ def _fold_predictions(cohort: SurvivalCohort, layout: RunLayout, folds: list[int
         data = _fold_data(cohort, read_json(layout.fold_state(k)))
         model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), dev)
         model.load_state_dict(torch.load(layout.best(k, protocol), map_location=dev, weights_only=True))
-        risk = predict(model, cohort, data.outer, data, cfg.eval_batch_size, dev).astype(np.float64)
+        risk = predict(model, cohort, data.outer, data, eval_batch_size(cfg, dev), dev).astype(np.float64)
         cal = record["calibration"]
         h0 = cal["baseline_cum_hazard"].get("365")
         risks.append(risk)

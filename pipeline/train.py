@@ -20,6 +20,7 @@ With ``inner_val_fraction=0`` the network is fitted on the whole training fold a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -94,7 +95,16 @@ class TrainConfig:
         epochs: maximum epochs.
         steps_per_epoch: optimisation steps per epoch (event-balanced batches).
         batch_size: training batch size.
-        eval_batch_size: validation/test batch size.
+        eval_batch_size: evaluation batch size on the CPU (:func:`eval_batch_size`).
+        gpu_eval_batch_size: evaluation batch size on CUDA, where a larger batch costs less per
+            case (the GPU is half idle at 16); the CPU keeps ``eval_batch_size``, whose
+            batches its bits depend on.
+        train_c_every: score the fit rows (the curves' ``train_c_index``, which shows
+            under-fitting) every this many epochs and at the last epoch run; the other
+            epochs evaluate only the rows a selection protocol or the outer fold needs. The
+            risks, the selection and every reported metric are the same for any value (the
+            selected epoch's training risks are recomputed from its checkpoint); only the
+            curves' ``train_c_index`` column is NaN on the epochs skipped.
         lr: Adam learning rate after warm-up.
         warmup_epochs: linear warm-up length.
         lr_step_epochs: multiply the learning rate by ``lr_gamma`` every this many epochs.
@@ -140,6 +150,8 @@ class TrainConfig:
     steps_per_epoch: int = 50
     batch_size: int = 8
     eval_batch_size: int = 16
+    gpu_eval_batch_size: int = 64
+    train_c_every: int = 5
     lr: float = 1e-3
     warmup_epochs: int = 5
     lr_step_epochs: int = 25
@@ -167,7 +179,8 @@ class TrainConfig:
             self.split_seed = self.seed
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        for name in ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "patience"):
+        for name in ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "gpu_eval_batch_size",
+                     "train_c_every", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -510,35 +523,73 @@ def train_epoch(state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig, e
             for k in losses[0]}
 
 
+def eval_batch_size(cfg: TrainConfig, device: torch.device) -> int:
+    """The evaluation batch on ``device``: ``gpu_eval_batch_size`` on CUDA, else ``eval_batch_size``."""
+    return cfg.gpu_eval_batch_size if device.type == "cuda" else cfg.eval_batch_size
+
+
 @dataclass
 class Evaluation:
-    """The evaluation model's risks and scores on every row of a fold, at one epoch."""
+    """The evaluation model's risks and scores on the rows of a fold, at one epoch.
+
+    ``risk`` is NaN on the fit rows when they were not evaluated (:func:`evaluate_fold` with
+    ``fit=False``); :func:`evaluate_fit_rows` completes it.
+    """
 
     risk: np.ndarray  # [N] log-risk, cohort row order
+    dice: np.ndarray  # [N] hard tumour Dice, NaN where not evaluated or no tumour
     scores: dict[str, float]
+    #: Whether the fit rows were evaluated (``risk`` holds them, ``train_c_index`` is scored).
+    fit_evaluated: bool = False
+
+
+def _evaluation_parts(data: FoldData, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of one evaluation pass, ``fit | inner | outer`` in batches of ``batch_size``, cut
+    at a batch boundary into ``(fit_only, rest)``: the batches holding fit rows alone, and the
+    others (the first of which may start with the last fit rows).
+
+    Evaluating either part alone runs exactly the batches a whole pass runs, so each row's
+    risk has the same bits whichever parts an epoch evaluates.
+    """
+    rows = np.concatenate([data.fit, data.inner, data.outer])
+    cut = (len(data.fit) // batch_size) * batch_size
+    return rows[:cut], rows[cut:]
 
 
 def evaluate_fold(model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData, cfg: TrainConfig,
-                  device: torch.device) -> Evaluation:
-    """One evaluation pass over the fit, inner and outer rows.
+                  device: torch.device, *, fit: bool = True) -> Evaluation:
+    """One evaluation pass over the inner and outer rows, and over the fit rows when ``fit``.
 
-    Scores: ``train_c_index`` (fit rows, evaluation mode, so under-fitting shows),
-    ``val_c_index_inner`` (NaN without an inner split), ``val_c_index_outer`` and
-    ``val_dice_outer`` (mean hard Dice on outer cases with a tumour).
+    Scores: ``train_c_index`` (fit rows, evaluation mode, so under-fitting shows; NaN when
+    ``fit`` is False), ``val_c_index_inner`` (NaN without an inner split),
+    ``val_c_index_outer`` and ``val_dice_outer`` (mean hard Dice on outer cases with a tumour).
     """
-    rows = np.concatenate([data.fit, data.inner, data.outer])
-    risk_rows, dice_rows = evaluate_rows(model, cohort, rows, data, cfg.eval_batch_size, device)
+    _, rest = _evaluation_parts(data, eval_batch_size(cfg, device))
     risk = np.full(len(cohort), np.nan)
     dice = np.full(len(cohort), np.nan)
-    risk[rows], dice[rows] = risk_rows, dice_rows
+    risk[rest], dice[rest] = evaluate_rows(model, cohort, rest, data, eval_batch_size(cfg, device), device)
     outer_dice = dice[data.outer]
-    scores = {
-        "train_c_index": _safe_c_index(cohort, data.fit, risk[data.fit]),
+    evaluation = Evaluation(risk, dice, {
+        "train_c_index": float("nan"),
         "val_c_index_inner": _safe_c_index(cohort, data.inner, risk[data.inner]) if len(data.inner) else float("nan"),
         "val_c_index_outer": _safe_c_index(cohort, data.outer, risk[data.outer]),
         "val_dice_outer": float(np.nanmean(outer_dice)) if np.isfinite(outer_dice).any() else float("nan"),
-    }
-    return Evaluation(risk, scores)
+    })
+    if fit:
+        evaluate_fit_rows(evaluation, model, cohort, data, cfg, device)
+    return evaluation
+
+
+def evaluate_fit_rows(evaluation: Evaluation, model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData,
+                      cfg: TrainConfig, device: torch.device) -> None:
+    """Complete ``evaluation`` (made by ``model``) with the fit rows' risks and ``train_c_index``."""
+    if evaluation.fit_evaluated:
+        return
+    fit_only, _ = _evaluation_parts(data, eval_batch_size(cfg, device))
+    evaluation.risk[fit_only], evaluation.dice[fit_only] = evaluate_rows(
+        model, cohort, fit_only, data, eval_batch_size(cfg, device), device)
+    evaluation.scores["train_c_index"] = _safe_c_index(cohort, data.fit, evaluation.risk[data.fit])
+    evaluation.fit_evaluated = True
 
 
 @dataclass
@@ -638,11 +689,15 @@ def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fo
             losses = train_epoch(state, cohort, cfg, epoch)
         _check_finite(losses, fold, epoch, cfg)
         with times.part("evaluation"):
-            evaluation = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device)
+            evaluation = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device,
+                                       fit=(epoch + 1) % cfg.train_c_every == 0)
         if epoch >= cfg.select_from_epoch:
             with times.part("selection"):
                 improved = select(best, epoch, evaluation, state.ema.module, layout, fold)
             stale = 0 if improved else stale + 1
+        if stale >= cfg.patience or epoch == cfg.epochs - 1:  # the last epoch run: its training C always
+            with times.part("evaluation"):
+                evaluate_fit_rows(evaluation, state.ema.module, cohort, state.data, cfg, state.device)
         curves.append({"epoch": epoch, "lr_factor": lr_factor(epoch, cfg), **losses, **evaluation.scores,
                        "seconds": _time.perf_counter() - t0})
         bar.set_postfix(loss=f"{losses['loss']:.3f}", c_train=f"{evaluation.scores['train_c_index']:.3f}",
@@ -650,8 +705,25 @@ def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fo
         if stale >= cfg.patience:
             break
     bar.close()
+    with times.part("evaluation"):
+        complete_selected(best, state, cohort, cfg, layout, fold)
     with times.part("outputs"):
         return write_fold_outputs(layout, cohort, fold, state, cfg, best, curves, start)
+
+
+def complete_selected(best: dict[str, Selected], state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig,
+                      layout: RunLayout, fold: int) -> None:
+    """Give each protocol's selected evaluation its fit rows' risks (for the training risks,
+    the calibration and ``train_c_index``), from the epoch's checkpoint when that epoch did
+    not score them: the same weights and batches, so the same bits as scoring them then."""
+    model = None
+    for proto, sel in best.items():
+        if sel.evaluation is None or sel.evaluation.fit_evaluated:
+            continue
+        if model is None:
+            model = copy.deepcopy(state.ema.module)
+        model.load_state_dict(torch.load(layout.best(fold, proto), map_location=state.device, weights_only=True))
+        evaluate_fit_rows(sel.evaluation, model, cohort, state.data, cfg, state.device)
 
 
 def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, state: FoldTraining, cfg: TrainConfig,
@@ -734,16 +806,26 @@ def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndar
     }
 
 
+#: TrainConfig fields left out of :func:`config_hash` at these values: the value every run had
+#: before the field existed, so those runs keep their hash and resume.
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"gpu_eval_batch_size": 64}
+#: TrainConfig fields never in :func:`config_hash`: they change no risk, selection or metric,
+#: only how often a diagnostic is computed (recorded in ``run.json`` all the same).
+HASH_EXCLUDED = ("train_c_every",)
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """The ``config_hash`` of a run's :meth:`TrainConfig.to_dict`.
 
     A ``split_seed`` equal to ``seed`` is left out of the hash: such a run is the run made
     before the two seeds were separate (its ``run.json`` has no ``split_seed``), so old
-    run folders keep their hash and resume.
+    run folders keep their hash and resume. So are :data:`HASH_NEUTRAL_DEFAULTS` at their
+    value and :data:`HASH_EXCLUDED` always.
     """
+    drop = set(HASH_EXCLUDED) | {k for k, v in HASH_NEUTRAL_DEFAULTS.items() if config.get(k, v) == v}
     if config.get("split_seed", config.get("seed")) == config.get("seed"):
-        config = {k: v for k, v in config.items() if k != "split_seed"}
-    return params_hash(config)
+        drop.add("split_seed")
+    return params_hash({k: v for k, v in config.items() if k not in drop})
 
 
 def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str,

@@ -50,7 +50,8 @@ def test_run_writes_every_artefact(baseline_run):
     assert {"loss", "dice", "cox", "val_c_index_outer", "val_c_index_inner"} <= set(curves.columns)
     # The layout's column list is what training records: no column left empty by a renamed key.
     assert tuple(curves.columns) == CURVES_COLUMNS
-    assert curves[["epoch", "lr_factor", "dice", "cox", "total", "loss", "train_c_index", "seconds"]].notna().all().all()
+    assert curves[["epoch", "lr_factor", "dice", "cox", "total", "loss", "seconds"]].notna().all().all()
+    assert curves["train_c_index"].notna().tolist() == [False, True]  # train_c_every 5: the last epoch only
     oof = pd.read_csv(run / "fold_0" / "oof.csv")
     assert tuple(oof.columns) == OOF_COLUMNS
     assert tuple(pd.read_csv(run / "fold_0" / "train_risk_paper.csv").columns) == TRAIN_RISK_COLUMNS
@@ -161,3 +162,36 @@ def test_a_fold_failing_in_a_worker_fails_the_run_as_it_would_in_process(tiny_st
     assert result.exit_code == 1, result.output
     assert "error: fold 7 has no validation case" in result.output
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_scoring_the_fit_rows_every_third_epoch_changes_nothing_but_the_curves_train_c(tiny_study, tmp_path):
+    """Sparse training C-index (train_c_every): the same risks, selection, calibration and
+    scores as scoring the fit rows every epoch; only the skipped epochs' train C is NaN."""
+    from pipeline.artefacts import read_json
+    from pipeline.dataset import load_cohort
+    from pipeline.train import TrainConfig, get_folds, train_fold
+
+    cohort = load_cohort(tiny_study["manifest"], tiny_study["cache"])
+    folds = get_folds(tmp_path / "folds.json", cohort, n_folds=3)
+    runs = {}
+    for every in (1, 3):
+        cfg = TrainConfig(epochs=5, steps_per_epoch=2, batch_size=4, eval_batch_size=4, ema_decay=0.5,
+                          model={"preset": "tiny"}, train_c_every=every, threads=1)
+        train_fold(cohort, folds, 2, cfg, tmp_path / f"every{every}", progress=False)
+        runs[every] = tmp_path / f"every{every}" / "fold_2"
+    a, b = runs[1], runs[3]
+    for name in ("oof.csv", "train_risk_paper.csv", "train_risk_inner.csv", "fold_state.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    done_a, done_b = read_json(a / "done.json"), read_json(b / "done.json")
+    assert done_a["protocols"] == done_b["protocols"] and done_a["start"] == done_b["start"]
+    ca, cb = pd.read_csv(a / "curves.csv"), pd.read_csv(b / "curves.csv")
+    scored = cb["train_c_index"].notna()
+    assert scored.tolist() == [False, False, True, False, True]  # every third epoch and the last
+    assert ca["train_c_index"].notna().all()
+    assert (ca.loc[scored, "train_c_index"] == cb.loc[scored, "train_c_index"]).all()
+    same = [c for c in ca.columns if c not in ("train_c_index", "seconds")]
+    pd.testing.assert_frame_equal(ca[same], cb[same])
+    # An epoch not scored was selected (fold 2 here: the paper protocol's epoch 3), so its
+    # training risks came from its checkpoint, with the bits scoring them then gives.
+    assert {done_b["protocols"][p]["selected_epoch"] for p in ("paper", "inner")} - {2, 4}, \
+        "no unscored epoch selected: pick another fold or seed so the checkpoint path is tested"

@@ -97,8 +97,10 @@ def test_split_seed_follows_the_seed_unless_set_and_old_run_configs_keep_their_h
     assert TrainConfig().split_seed == 42 and TrainConfig(seed=7).split_seed == 7
     assert TrainConfig.from_dict({"seed": 7}).split_seed == 7  # a config written before the field
     assert TrainConfig(seed=43, split_seed=42).split_seed == 42
-    # A run.json written before split_seed existed hashed the config without it: that hash stays.
-    old = {k: v for k, v in TrainConfig(seed=7).to_dict().items() if k != "split_seed"}
+    # A run.json written before split_seed (and gpu_eval_batch_size, train_c_every) existed
+    # hashed the config without them: that hash stays.
+    old = {k: v for k, v in TrainConfig(seed=7).to_dict().items()
+           if k not in ("split_seed", "gpu_eval_batch_size", "train_c_every")}
     assert config_hash(TrainConfig(seed=7).to_dict()) == params_hash(old) == config_hash(old)
     assert config_hash(TrainConfig(seed=8, split_seed=7).to_dict()) != config_hash(TrainConfig(seed=8).to_dict())
 
@@ -132,3 +134,13 @@ def test_fm_stats_fill_missing_with_the_training_mean_in_both_modes(standardise)
         np.testing.assert_allclose(new[0], 0.0, atol=1e-6)
     else:
         np.testing.assert_allclose(new, [[3.0, 20.0], [7.0, 20.0]])
+
+
+def test_hash_ignores_the_train_c_frequency_but_not_a_gpu_evaluation_batch_other_than_before():
+    from pipeline.train import config_hash
+
+    base = config_hash(TrainConfig().to_dict())
+    assert config_hash(TrainConfig(train_c_every=1).to_dict()) == base  # a diagnostic's frequency only
+    assert config_hash(TrainConfig(gpu_eval_batch_size=32).to_dict()) != base
+    with pytest.raises(ValueError, match="train_c_every"):
+        TrainConfig(train_c_every=0)

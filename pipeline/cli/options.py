@@ -15,7 +15,10 @@ TRAIN_SCALARS: dict[str, tuple[type, str]] = {
     "epochs": (int, "Maximum epochs [paper: 100]."),
     "steps_per_epoch": (int, "Steps per epoch [paper: 50]."),
     "batch_size": (int, "Training batch, half events [paper: 8]."),
-    "eval_batch_size": (int, "Validation batch [paper: 16]."),
+    "eval_batch_size": (int, "Evaluation batch on the CPU [paper: 16]."),
+    "gpu_eval_batch_size": (int, "Evaluation batch on CUDA, where larger batches cost less per case [64]."),
+    "train_c_every": (int, "Score the fit rows (the curves' training C-index, a diagnostic) every N epochs and "
+                           "at the last; selection, risks and metrics do not depend on it [5]."),
     "lr": (float, "Adam learning rate [paper: 1e-3]."),
     "warmup_epochs": (int, "Linear warm-up epochs [paper: 5]."),
     "lr_step_epochs": (int, "Decay the learning rate every N epochs [paper: 25]."),

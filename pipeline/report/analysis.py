@@ -491,14 +491,17 @@ def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFra
     """Per finished CNN cell: segmentation Dice and train C-index at the start and at the end.
 
     ``dice_start`` / ``train_c_start``: before the first step; ``dice_end`` /
-    ``train_c_end``: after the last epoch run; ``selected_epoch_<protocol>`` and
-    ``epochs_run`` show whether selection picked the last epoch (still improving).
+    ``train_c_end``: after the last epoch run; ``train_c_epochs``: the epochs whose curve
+    row has a training C-index (``TrainConfig.train_c_every``: every k-th and the last);
+    ``selected_epoch_<protocol>`` and ``epochs_run`` show whether selection picked the last
+    epoch (still improving).
     """
     out = []
     for row in cells[cells["done"].astype(bool)].to_dict("records"):
         g = curves[(curves["split"] == row["split"]) & (curves["config"] == row["config"])
                    & (curves["fold"] == row["fold"])].sort_values("epoch")
         last = g.iloc[-1] if len(g) else pd.Series(dtype=float)
+        train_c = g["train_c_index"].dropna() if "train_c_index" in g else pd.Series(dtype=float)
         rec = records[(records["kind"] == "cnn") & (records["split"] == row["split"])
                       & (records["config"] == row["config"]) & (records["fold"] == row["fold"])]
         out.append({
@@ -506,6 +509,7 @@ def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFra
             "epochs_run": row["epochs_run"],
             "dice_start": float_or_none(row.get("start_val_dice_outer")), "dice_end": float_or_none(last.get("val_dice_outer")),
             "train_c_start": float_or_none(row.get("start_train_c_index")), "train_c_end": float_or_none(last.get("train_c_index")),
+            "train_c_epochs": len(train_c),
             **{f"selected_epoch_{p}": _int_or_none(v) for p, v in zip(rec["protocol"], rec["selected_epoch"])},
         })
     return out
@@ -524,6 +528,10 @@ def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
         return out
     for col in ("dice_start", "dice_end", "train_c_start", "train_c_end"):
         out[col] = float_or_none(pd.to_numeric(df[col], errors="coerce").mean())
+    for col in ("train_c_epochs", "epochs_run"):  # [fewest, most] over cells
+        values = pd.to_numeric(df.get(col, pd.Series(dtype=float)), errors="coerce").dropna()
+        if len(values):
+            out[col] = [int(values.min()), int(values.max())]
     for proto in PROTOCOL_ORDER:
         col = f"selected_epoch_{proto}"
         if col in df:

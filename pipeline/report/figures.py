@@ -322,5 +322,6 @@ def _curves_by_set(configs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str
 
 def _curve(ax, c: dict[str, Any], col: str, **style: Any) -> None:
     y = np.array([np.nan if v is None else v for v in c.get(col, [])], dtype=float)
-    if np.isfinite(y).any():
-        ax.plot(c["x"], y, lw=1.2, marker="o", ms=2.5, **style)
+    ok = np.isfinite(y)  # a column scored on some epochs only (train C: train_c_every) joins its points
+    if ok.any():
+        ax.plot(np.asarray(c["x"])[ok], y[ok], lw=1.2, marker="o", ms=2.5, **style)

@@ -559,12 +559,22 @@ def _training_text(s: dict[str, Any]) -> str:
         parts.append(f"mean outer validation Dice {s['dice_start']:.2f} → {s['dice_end']:.2f}")
     text = f"Over {s.get('n_cells', 0)} finished cells: " + ("; ".join(parts) if parts else
                                                              "start / end values not recorded") + "."
+    if s.get("train_c_epochs") and s.get("epochs_run"):
+        text += (f" The train C-index (fit rows, a diagnostic) was scored on {_span(s['train_c_epochs'])} of "
+                 f"{_span(s['epochs_run'])} epochs per cell (every `train_c_every`-th and the last; the curves "
+                 "join those points); selection and every metric use all the rows they need at every epoch.")
     for proto in PROTOCOL_ORDER:
         n, last = s.get(f"n_selected_{proto}"), s.get(f"selected_last_{proto}")
         if n:
             text += (f" {PROTOCOL_LABELS[proto].capitalize()} picked the last epoch in {last} of {n} cells"
                      + (" (still improving when training stopped: more epochs may help)." if last > n / 2 else "."))
     return text
+
+
+def _span(lo_hi: list[int]) -> str:
+    """``[3, 3]`` -> ``3``, ``[2, 4]`` -> ``2-4``."""
+    lo, hi = lo_hi
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def _beyond_blocks(results: Results, out: Path) -> list[Block]:
