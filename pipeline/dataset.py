@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,7 +164,22 @@ def augment_batch(
         Augmented ``(images, masks)``; images trilinear with border padding, masks
         nearest with zero padding, so the mask stays binary.
     """
-    b, _, d, h, w = images.shape
+    theta = draw_affine(images.shape, cfg, generator).to(images.device, images.dtype)
+    return apply_affine(images, masks, theta)
+
+
+def draw_affine(shape: Sequence[int], cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """The random part of :func:`augment_batch`, on the host: one rigid transform per sample.
+
+    Args:
+        shape: the batch's ``[B, C, D, H, W]``.
+        cfg: augmentation ranges.
+        generator: CPU generator.
+
+    Returns:
+        ``theta [B, 3, 4]`` (float32, CPU) for ``affine_grid``, in (x, y, z) = (W, H, D) order.
+    """
+    b, _, d, h, w = shape
     u = torch.rand(b, 5, generator=generator)
     flip = (u[:, 0] < cfg.flip_prob).float() * -2 + 1  # -1 flips x
     angle = (u[:, 1] * 2 - 1) * math.radians(cfg.max_rotation_deg)
@@ -179,7 +195,13 @@ def augment_batch(
     theta[:, 1, 1] = cos
     theta[:, 2, 2] = 1.0
     theta[:, 0, 3], theta[:, 1, 3], theta[:, 2, 3] = sx, sy, sz
-    theta = theta.to(images.device, images.dtype)
+    return theta
+
+
+def apply_affine(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device part of :func:`augment_batch`: resample ``images`` ``[B, C, D, H, W]`` and
+    ``masks`` ``[B, 1, D, H, W]`` with ``theta [B, 3, 4]`` (on their device); no host sync,
+    fixed shapes, so a CUDA graph can hold it."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out_img = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out_mask = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)

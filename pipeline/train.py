@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 import os
 import time as _time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.clinical import ClinicalTransform
-from pipeline.dataset import AugmentConfig, SurvivalCohort, augment_batch
+from pipeline.dataset import AugmentConfig, SurvivalCohort, apply_affine, draw_affine
 from pipeline.embeddings import training_fill, training_scale
 from pipeline.layout import (
     CURVES_COLUMNS,
@@ -78,6 +79,7 @@ from pipeline.runtime import (
     environment_record,
 )
 from pipeline.sampling import EventBalancedBatchSampler
+from pipeline.step_capture import CapturedStep
 from pipeline.splits import inner_split, load_folds, make_folds, save_folds
 
 CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
@@ -85,6 +87,8 @@ CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
 
 #: Training arithmetic (:attr:`TrainConfig.precision`).
 TRAIN_PRECISIONS = ("fp32", "bf16-autocast")
+#: How an optimisation step runs (:attr:`TrainConfig.step_mode`).
+STEP_MODES = ("auto", "eager", "graph")
 
 
 @dataclass
@@ -144,6 +148,11 @@ class TrainConfig:
         precision: training arithmetic: "fp32" (default) or "bf16-autocast" (forward and loss
             under bfloat16 autocast; no gradient scaler needed; the Cox loss's logsumexp runs
             in fp32 under autocast). CUDA only: refused on CPU (:func:`training_device`).
+        step_mode: how an optimisation step runs (:mod:`pipeline.step_capture`): "eager"; "graph"
+            (the fixed-shape step copied into static buffers and, on CUDA, captured once in a
+            CUDA graph and replayed: one launch per step instead of thousands; on the CPU the
+            same static-buffer path without capture, bit for bit the eager step); "auto"
+            (default) = "graph" on CUDA in fp32, else "eager".
     """
 
     epochs: int = 100
@@ -173,6 +182,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = DEFAULT_THREADS
     precision: str = "fp32"
+    step_mode: str = "auto"
 
     def __post_init__(self):
         if self.split_seed is None:
@@ -198,6 +208,11 @@ class TrainConfig:
         self.threads = check_threads(self.threads)
         if self.precision not in TRAIN_PRECISIONS:
             raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+        if self.step_mode == "graph" and self.precision != "fp32":
+            raise ValueError(f"step_mode 'graph' needs precision 'fp32' (autocast's weight cache cannot be "
+                             f"captured), got {self.precision!r}: use --step-mode eager or auto")
         if self.tumour_input not in TUMOUR_INPUTS:
             raise ValueError(f"tumour_input must be one of {TUMOUR_INPUTS}, got {self.tumour_input!r}")
 
@@ -426,6 +441,9 @@ class FoldTraining:
     device: torch.device
     #: The cohort's training tensors on ``device``, made once (:func:`cohort_on_device`).
     on_device: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: "eager" or "graph" (:func:`resolve_step_mode`), and the static-buffer step of "graph".
+    step_mode: str = "eager"
+    captured: CapturedStep | None = None
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
@@ -453,24 +471,47 @@ def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Trai
     data = prepare_fold(cohort, folds, fold, cfg)
     model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), device)
     ema = DeviceEMA(model, cfg.ema_decay)
-    optimiser = make_optimiser(model, cfg)
+    mode = resolve_step_mode(cfg, device)
+    optimiser = make_optimiser(model, cfg, capturable=mode == "graph" and device.type == "cuda")
     sampler = EventBalancedBatchSampler(
         cohort.event[data.fit], batch_size=cfg.batch_size,
         steps_per_epoch=cfg.steps_per_epoch, seed=cfg.seed + fold,
     )
     generator = torch.Generator().manual_seed(cfg.seed + 1000 + fold)
-    return FoldTraining(data, model, ema, optimiser, [g["lr"] for g in optimiser.param_groups],
-                        sampler, generator, device)
+    return FoldTraining(data, model, ema, optimiser, [float(g["lr"]) for g in optimiser.param_groups],
+                        sampler, generator, device, step_mode=mode)
 
 
-def make_optimiser(model: DeepMTS, cfg: TrainConfig) -> torch.optim.Optimizer:
+def resolve_step_mode(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.step_mode`` with "auto" resolved: "graph" on CUDA in fp32, else "eager"."""
+    if cfg.step_mode != "auto":
+        return cfg.step_mode
+    return "graph" if device.type == "cuda" and cfg.precision == "fp32" else "eager"
+
+
+def make_optimiser(model: DeepMTS, cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam over the network's weight-decay groups (:meth:`models.deepmts.DeepMTS.param_groups`).
 
     Fused: one kernel for all ~150 small tensors (a demo step's Adam 4 ms -> 0.6 ms on CPU).
+    ``capturable`` (a CUDA graph holds the step): the step count and the learning rate live on
+    the device, the rate as a tensor that :func:`set_lr` fills in place between replays.
     """
-    return torch.optim.Adam(
-        model.param_groups(wd_classifier=cfg.wd_classifier, wd_densenet=cfg.wd_densenet), lr=cfg.lr, fused=True
-    )
+    groups = model.param_groups(wd_classifier=cfg.wd_classifier, wd_densenet=cfg.wd_densenet)
+    if not capturable:
+        return torch.optim.Adam(groups, lr=cfg.lr, fused=True)
+    device = next(model.parameters()).device
+    for group in groups:
+        group["lr"] = torch.tensor(float(group.get("lr", cfg.lr)), device=device)
+    return torch.optim.Adam(groups, lr=torch.tensor(cfg.lr, device=device), fused=True, capturable=True)
+
+
+def set_lr(optimiser: torch.optim.Optimizer, base_lrs: Sequence[float], factor: float) -> None:
+    """Each group's rate = its base rate x ``factor``; a tensor rate (a captured step's) in place."""
+    for group, lr in zip(optimiser.param_groups, base_lrs):
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr * factor)
+        else:
+            group["lr"] = lr * factor
 
 
 def cohort_on_device(state: FoldTraining, cohort: SurvivalCohort) -> dict[str, torch.Tensor]:
@@ -489,8 +530,27 @@ def cohort_on_device(state: FoldTraining, cohort: SurvivalCohort) -> dict[str, t
 def train_step(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor,
                cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """One optimisation step on the rows ``idx`` (a tensor on the training device); returns the
-    detached loss parts as tensors on the device: nothing here waits for the device."""
-    img, msk = augment_batch(on["images"][idx], on["masks"][idx], cfg.augment, state.generator)
+    detached loss parts as tensors on the device: nothing here waits for the device.
+
+    The host draws the batch's augmentation (:func:`pipeline.dataset.draw_affine`, from the
+    fold's CPU generator); :func:`step_compute` does the rest on the device, eagerly or, in
+    step mode "graph", through the fold's :class:`pipeline.step_capture.CapturedStep`.
+    """
+    theta = draw_affine((len(idx), *on["images"].shape[1:]), cfg.augment, state.generator)
+    theta = theta.to(state.device, on["images"].dtype)
+    if state.step_mode == "graph":
+        if state.captured is None:
+            state.captured = CapturedStep(functools.partial(step_compute, state, on, cfg=cfg), state.device)
+        return state.captured(idx, theta)
+    return step_compute(state, on, idx, theta, cfg=cfg)
+
+
+def step_compute(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor, theta: torch.Tensor,
+                 *, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The device part of a step: augmentation with ``theta [B, 3, 4]``, forward, loss, backward,
+    Adam and the EMA update, on the rows ``idx [B]``. Fixed shapes and no host sync, so a CUDA
+    graph can hold it."""
+    img, msk = apply_affine(on["images"][idx], on["masks"][idx], theta)
     fm = {k[3:]: v[idx] for k, v in on.items() if k.startswith("fm:")} or None
     bf16 = cfg.precision == "bf16-autocast"
     with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -510,8 +570,7 @@ def train_epoch(state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig, e
 
     The losses stay on the device until the epoch ends (one read per epoch, not per step).
     """
-    for group, lr in zip(state.optimiser.param_groups, state.base_lrs):
-        group["lr"] = lr * lr_factor(epoch, cfg)
+    set_lr(state.optimiser, state.base_lrs, lr_factor(epoch, cfg))
     state.sampler.set_epoch(epoch)
     state.model.train()
     on = cohort_on_device(state, cohort)
@@ -736,6 +795,7 @@ def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, sta
     record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
                               "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
                               "environment": environment_record(state.device, cfg.threads, cfg.precision),
+                              "execution": execution_record(state, cfg),
                               "protocols": {}}
     oof = []
     for proto, sel in best.items():
@@ -758,6 +818,13 @@ def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, sta
     })
     write_json_atomic(layout.done(fold), record)
     return record
+
+
+def execution_record(state: FoldTraining, cfg: TrainConfig) -> dict[str, Any]:
+    """How the fold's steps and evaluations ran: the step mode, whether a CUDA graph replayed
+    the steps (:mod:`pipeline.step_capture`), the evaluation batch and ``train_c_every``."""
+    return {"step_mode": state.step_mode, "cuda_graph": bool(state.captured is not None and state.captured.captured),
+            "eval_batch_size": eval_batch_size(cfg, state.device), "train_c_every": cfg.train_c_every}
 
 
 def protocol_record(cohort: SurvivalCohort, data: FoldData, sel: Selected,
@@ -808,7 +875,7 @@ def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndar
 
 #: TrainConfig fields left out of :func:`config_hash` at these values: the value every run had
 #: before the field existed, so those runs keep their hash and resume.
-HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"gpu_eval_batch_size": 64}
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"gpu_eval_batch_size": 64, "step_mode": "auto"}
 #: TrainConfig fields never in :func:`config_hash`: they change no risk, selection or metric,
 #: only how often a diagnostic is computed (recorded in ``run.json`` all the same).
 HASH_EXCLUDED = ("train_c_every",)

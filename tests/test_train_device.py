@@ -117,16 +117,16 @@ def test_augmentation_receives_the_training_devices_tensors(fold_state, monkeypa
     cfg = _config()
     state = setup_fold(cohort, folds, 0, cfg)
     seen = []
-    real = train.augment_batch
+    real = train.apply_affine
 
-    def recording(images, masks, *args, **kwargs):
-        seen.append((images.device, masks.device, images.untyped_storage().data_ptr()))
-        return real(images, masks, *args, **kwargs)
+    def recording(images, masks, theta):
+        seen.append((images.device, masks.device, theta.device))
+        return real(images, masks, theta)
 
-    monkeypatch.setattr(train, "augment_batch", recording)
+    monkeypatch.setattr(train, "apply_affine", recording)
     train_epoch(state, cohort, cfg, 0)
     assert len(seen) == cfg.steps_per_epoch
-    assert all(d_img == state.device and d_msk == state.device for d_img, d_msk, _ in seen)
+    assert all(d_img == d_msk == d_theta == state.device for d_img, d_msk, d_theta in seen)
     # The cohort is moved once per fold: a second epoch reuses the same device tensors.
     on = state.on_device
     train_epoch(state, cohort, cfg, 1)

@@ -97,10 +97,10 @@ def test_split_seed_follows_the_seed_unless_set_and_old_run_configs_keep_their_h
     assert TrainConfig().split_seed == 42 and TrainConfig(seed=7).split_seed == 7
     assert TrainConfig.from_dict({"seed": 7}).split_seed == 7  # a config written before the field
     assert TrainConfig(seed=43, split_seed=42).split_seed == 42
-    # A run.json written before split_seed (and gpu_eval_batch_size, train_c_every) existed
+    # A run.json written before split_seed (and gpu_eval_batch_size, train_c_every, step_mode) existed
     # hashed the config without them: that hash stays.
     old = {k: v for k, v in TrainConfig(seed=7).to_dict().items()
-           if k not in ("split_seed", "gpu_eval_batch_size", "train_c_every")}
+           if k not in ("split_seed", "gpu_eval_batch_size", "train_c_every", "step_mode")}
     assert config_hash(TrainConfig(seed=7).to_dict()) == params_hash(old) == config_hash(old)
     assert config_hash(TrainConfig(seed=8, split_seed=7).to_dict()) != config_hash(TrainConfig(seed=8).to_dict())
 
