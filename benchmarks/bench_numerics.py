@@ -10,7 +10,7 @@ Each workload runs as a user runs it, a command in its own process, alternating 
 * demo embeddings: ``extract-embeddings --modality ctpet --random-init`` on the demo cache,
   at the default threads (the usable CPUs).
 
-Needs the demo cache (``make demo``, or the README's stages 1-2). Usage::
+Needs the demo cache (``make demo``, or steps 1-2 of docs/pipeline.md, Stages by hand). Usage::
 
     python benchmarks/bench_numerics.py [--repeats 3] [--skip paper]
 """

@@ -9,7 +9,7 @@
 # kernel fields each run recorded; then the same for one paper-size training step's gradients
 # (benchmarks/paper_step_digest.py: the paper's widths at 48 x 80 x 80, other blocking). Portable numerics (the default) should give one digest;
 # HNFM_NUMERICS=native on an AVX-512 host should not. Needs the demo cache (make demo, or the
-# README's stages 1-2) and Debian's valgrind; takes ~10 min per emulated run.
+# steps 1-2 of docs/pipeline.md) and Debian's valgrind; takes ~10 min per emulated run.
 # (The emulated runs' CPU fields come from /proc and /sys, which valgrind leaves as they are:
 # they name the host; the libraries read CPUID, which valgrind emulates.)
 #

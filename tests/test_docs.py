@@ -1,12 +1,14 @@
-"""Every command example of README.md and of the console scripts' help runs as written.
+"""Every command example of the documentation and of the console scripts' help runs as written.
 
-The examples run in order, in one scratch folder that starts with the committed
-``data_manifest.csv`` / ``.json`` only, so README's "Stages by hand on the demo data" builds
-the demo's cohort, cache, embeddings and runs, and the examples after it run on those.
+The documentation is README.md and the pages of docs/, read in the fixed order of
+:data:`DOC_PAGES` (the reading order). Their examples run in that order, page after page, in
+one scratch folder that starts with the committed ``data_manifest.csv`` / ``.json`` only, so
+docs/pipeline.md's "Stages by hand on the demo data" builds the demo's cohort, cache,
+embeddings and runs, and the pages after it run on those.
 
-Conventions (stated in README.md, "Tests"):
+Conventions (stated in docs/tests.md, "Documentation examples"):
 
-* README.md: fenced blocks tagged ``bash`` hold commands, one per line (a trailing ``\\``
+* The pages: fenced blocks tagged ``bash`` hold commands, one per line (a trailing ``\\``
   continues it), run with bash; blocks tagged ``python`` run as scripts; other blocks
   (``text``, untagged) are diagrams and synopses, not commands.
 * Markers for this test are kept out of what readers see: an HTML comment on the line right
@@ -18,7 +20,7 @@ Conventions (stated in README.md, "Tests"):
   that fixes it), or ``setup: COMMAND`` (block level: COMMAND runs before the block, to build
   in the scratch folder the state the block's prose assumes, e.g. what ``make demo`` leaves).
   The same markers written in a command's own ``#`` comment are read too (the convention
-  before), but README.md and the help texts no longer use them (tested).
+  before), but the pages and the help texts no longer use them (tested).
 * Help texts: a line of a console script's help or epilog that starts with a console
   script's name (after ``Example:`` / ``Examples:``) is an example; its markers are in
   :data:`HELP_MARKERS` (command prefix -> marker); one holding ``...`` as a word is a template
@@ -43,6 +45,25 @@ from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+#: The documentation pages in reading order, which is the order their examples run in: a page
+#: whose examples use what an earlier page's made comes after it (docs/pipeline.md's "Stages by
+#: hand" build the cohort, cache, embeddings and runs the later pages use). Every docs/*.md page
+#: is listed (tested); stated in docs/tests.md.
+DOC_PAGES: tuple[str, ...] = (
+    "README.md",
+    "docs/pipeline.md",
+    "docs/dicom-and-prediction.md",
+    "docs/data.md",
+    "docs/embeddings.md",
+    "docs/training.md",
+    "docs/study.md",
+    "docs/clusters.md",
+    "docs/benchmarks.md",
+    "docs/dependencies.md",
+    "docs/tests.md",
+    "docs/decisions.md",
+    "docs/glossary.md",
+)
 DIST = "hnfm-survival"
 SCRIPTS = {ep.name: ep for ep in distribution(DIST).entry_points if ep.group == "console_scripts"}
 
@@ -67,7 +88,8 @@ class Example:
     """One command example.
 
     Attributes:
-        source: where it is written (``README.md:<line>`` or ``<script> --help``).
+        source: where it is written (``<page>:<line>``, e.g. ``docs/pipeline.md:12``, or
+            ``<script> --help``).
         kind: ``"bash"`` or ``"python"``.
         code: the command (continuations joined) or the Python script.
         skip: why it is not run, or None.
@@ -158,14 +180,24 @@ def _doc_test_comment(lines: list[str], fence: int) -> tuple[list[str], dict[str
     return block, per_command
 
 
-def readme_examples(path: Path = README) -> list[Example]:
-    """Every command of the ``bash`` and ``python`` blocks of README.md, in order.
+def _page_name(path: Path) -> str:
+    """``path`` relative to the repository (``docs/pipeline.md``), else its file name."""
+    try:
+        return path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path.name
+
+
+def page_examples(path: Path = README) -> list[Example]:
+    """Every command of the ``bash`` and ``python`` blocks of one page (README.md by default),
+    in order; each example's source is ``<page>:<line>``.
 
     Raises:
         ValueError: a ``COMMAND => MARKER`` line of a doc-test comment that names no command
             of its block (a stale marker).
     """
     lines = path.read_text().splitlines()
+    page = _page_name(path)
     examples: list[Example] = []
     i = 0
     while i < len(lines):
@@ -187,14 +219,14 @@ def readme_examples(path: Path = README) -> list[Example]:
         block_text = "\n".join(t for t in block_markers if not t.startswith("setup:"))
         if tag == "python":
             code = "\n".join(text for _, text in body)
-            examples.append(Example(f"README.md:{start + 1}", "python", code, block_skip, None, block_text, setup))
+            examples.append(Example(f"{page}:{start + 1}", "python", code, block_skip, None, block_text, setup))
         elif tag == "bash":
             used = set()
             for no, text in _joined_lines(body):
                 key = " ".join(_split_comment(text)[0].split())
                 marker = per_command.get(key, "")
                 used.add(key)
-                ex = _command(f"README.md:{no}", text, block_skip, marker)
+                ex = _command(f"{page}:{no}", text, block_skip, marker)
                 if ex is not None:
                     ex = Example(ex.source, ex.kind, ex.code, ex.skip, ex.expect_error,
                                  "\n".join(t for t in (ex.marked, block_text) if t), setup)
@@ -222,7 +254,12 @@ def help_examples() -> list[Example]:
     return examples
 
 
-EXAMPLES = readme_examples() + help_examples()
+def doc_examples() -> list[Example]:
+    """Every example of every page of :data:`DOC_PAGES`, page after page."""
+    return [e for page in DOC_PAGES for e in page_examples(REPO / page)]
+
+
+EXAMPLES = doc_examples() + help_examples()
 
 
 @pytest.fixture(scope="module")
@@ -313,21 +350,22 @@ def test_skipped_examples_are_listed_with_their_reason():
             assert e.skip in _marking_text(e), (e.source, e.skip)
     ran = [e for e in EXAMPLES if not e.skip]
     for e in ran:  # and no example written with a marker runs
-        if e.source.startswith("README.md:"):
+        if not e.source.endswith(" --help"):
             assert not _NOT_RUN.search(_marking_text(e)) and "# needs " not in _marking_text(e), e.source
     assert len(ran) > len(skipped), "most examples must run"
 
 
 def _marking_text(example: Example) -> str:
-    """Where a marker of ``example`` can be written: its README line, its block's opening line
-    and the doc-test comment lines that apply to it (a README example), or its console
+    """Where a marker of ``example`` can be written: its page's line, its block's opening line
+    and the doc-test comment lines that apply to it (a page's example), or its console
     script's help, epilog and :data:`HELP_MARKERS` entry."""
-    if not example.source.startswith("README.md:"):
+    if example.source.endswith(" --help"):
         name = example.source.split()[0]
         cmd = SCRIPTS[name].load()
         return "\n".join([t for t in (cmd.help, cmd.epilog) if t] + [example.marked])
-    lines = README.read_text().splitlines()
-    no = int(example.source.split(":")[1])
+    page, no = example.source.rsplit(":", 1)
+    lines = (REPO / page).read_text().splitlines()
+    no = int(no)
     fence = max(j for j in range(no) if lines[j].startswith("```"))
     end = no - 1
     while lines[end].rstrip().endswith("\\"):  # a command continued over several lines
@@ -345,10 +383,11 @@ def test_help_works_on_every_console_script(script):
 
 
 def test_ci_runs_the_test_command_the_readme_names():
-    """README's `make test` line, the Makefile recipe and .ci/run name one command."""
-    documented = re.search(r"^make test\s+# = (.+?)\s{2,}", README.read_text(), re.M).group(1)
+    """README's `make test` line, docs/tests.md's, the Makefile recipe and .ci/run name one command."""
+    documented = re.search(r"^make test\s+# = (.+?)\s{2,}", (REPO / "docs" / "tests.md").read_text(), re.M).group(1)
+    readme = re.search(r"^make test\s+#.*\(the exact command CI runs: (.+)\)$", README.read_text(), re.M).group(1)
     recipe = re.search(r"^test: install\n\t(.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
-    assert recipe.replace("$(BIN)", ".venv/bin") == documented
+    assert recipe.replace("$(BIN)", ".venv/bin") == documented == readme
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.lstrip().startswith("#")]
     assert any(line.startswith("make install") for line in ci) and ci[-1] == "make test", ci
@@ -366,7 +405,7 @@ def test_the_conventions_are_read_as_documented(tmp_path):
         "```python", "print('hi')", "```",
     ])
     (tmp_path / "README.md").write_text(text + "\n")
-    got = {e.code.split()[0] if e.kind == "bash" else "python": e for e in readme_examples(tmp_path / "README.md")}
+    got = {e.code.split()[0] if e.kind == "bash" else "python": e for e in page_examples(tmp_path / "README.md")}
     assert set(got) == {"tool-a", "tool-c", "tool-d", "tool-e", "tool-f", "tool-g", "python"}
     assert got["tool-a"].skip == "needs the data"
     assert got["tool-c"].code == "tool-c --long --option 2" and got["tool-c"].skip == "too slow here"
@@ -381,12 +420,13 @@ def _visible(text: str) -> str:
 
 
 def test_no_test_harness_marker_is_in_what_users_read():
-    """README's visible text and every console script's help carry no marker of this test:
-    they live in HTML comments (README) and HELP_MARKERS (help texts)."""
-    visible = _visible(README.read_text())
-    # inline code is exempt: the Tests section names the markers as `not run: REASON`
-    shown = [line for line in visible.splitlines() if _MARKER_TEXT.search(re.sub(r"`[^`]*`", "", line))]
-    assert not shown, shown
+    """The pages' visible text and every console script's help carry no marker of this test:
+    they live in HTML comments (the pages) and HELP_MARKERS (help texts)."""
+    for page in DOC_PAGES:
+        visible = _visible((REPO / page).read_text())
+        # inline code is exempt: docs/tests.md names the markers as `not run: REASON`
+        shown = [line for line in visible.splitlines() if _MARKER_TEXT.search(re.sub(r"`[^`]*`", "", line))]
+        assert not shown, (page, shown)
     for name, ep in SCRIPTS.items():
         cmd = ep.load()
         text = "\n".join(t for t in (cmd.help, cmd.epilog) if t)
@@ -400,10 +440,11 @@ def test_markers_in_doc_test_comments_are_read(tmp_path):
         "<!-- doc-test: not run: needs the data -->", "```bash", "tool-d", "```",
     ])
     (tmp_path / "README.md").write_text(text + "\n")
-    got = {e.code.split()[0]: e for e in readme_examples(tmp_path / "README.md")}
+    got = {e.code.split()[0]: e for e in page_examples(tmp_path / "README.md")}
     assert got["tool-a"].skip is None and got["tool-a"].setup == ("touch ready",)
     assert got["tool-b"].expect_error == "--fix" and not got["tool-b"].setup
     assert got["tool-c"].skip == "too slow" and got["tool-d"].skip == "needs the data"
     (tmp_path / "README.md").write_text(text.replace("tool-c =>", "tool-z =>") + "\n")
     with pytest.raises(ValueError, match="name no command of the block: \\['tool-z'\\]"):
-        readme_examples(tmp_path / "README.md")
+        page_examples(tmp_path / "README.md")
+

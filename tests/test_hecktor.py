@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -388,9 +389,11 @@ def test_manifest_missing_a_column_says_where_the_schema_is_and_what_writes_one(
     msg = str(err.value)
     assert f"{tmp_path / 'm.csv'}: not a manifest, missing columns ['center', 'rfs_days']" in msg
     assert "pipeline.manifest.MANIFEST_COLUMNS" in msg and "`build-manifest" in msg and "`make-demo-cohort`" in msg
-    # The places named exist: the README section and both commands.
+    # The places named exist: the documentation's section (a heading of README.md or of a
+    # docs/ page) and both commands.
     section = msg.split('section "')[1].split('"')[0]
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert f"## {section}\n" in readme
+    repo = Path(__file__).resolve().parents[1]
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    assert any(re.search(rf"^#+ {re.escape(section)}$", p.read_text(), re.M) for p in pages), section
     scripts = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert "build-manifest =" in scripts and "make-demo-cohort =" in scripts
