@@ -4,7 +4,8 @@ The documentation is README.md and the pages of docs/, read in the fixed order o
 :data:`DOC_PAGES` (the reading order). Their examples run in that order, page after page, in
 one scratch folder that starts with the committed ``data_manifest.csv`` / ``.json`` only, so
 docs/pipeline.md's "Stages by hand on the demo data" builds the demo's cohort, cache,
-embeddings and runs, and the pages after it run on those.
+embeddings and runs, and the pages after it run on those. Every relative link of those pages
+resolves (:func:`test_every_relative_link_resolves`).
 
 Conventions (stated in docs/tests.md, "Documentation examples"):
 
@@ -448,3 +449,112 @@ def test_markers_in_doc_test_comments_are_read(tmp_path):
     with pytest.raises(ValueError, match="name no command of the block: \\['tool-z'\\]"):
         page_examples(tmp_path / "README.md")
 
+
+# -- the pages' links ------------------------------------------------------------------------
+
+_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def _without_code(text: str) -> str:
+    """Markdown without its HTML comments, fenced blocks and inline code (lines kept)."""
+    text = re.sub(r"<!--.*?-->", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    out, fence = [], None
+    for line in text.splitlines():
+        m = re.match(r"^ {0,3}(`{3,}|~{3,})", line)
+        if fence is None and m:
+            fence = m.group(1)
+            out.append("")
+        elif fence is not None:
+            if line.strip().startswith(fence):
+                fence = None
+            out.append("")
+        else:
+            out.append(re.sub(r"`[^`]*`", "", line))
+    return "\n".join(out)
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: its text (inline code, links and emphasis marks
+    dropped), lower case, every character but letters, digits, ``_``, ``-`` and spaces
+    removed, each space a ``-``."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    text = text.replace("`", "").replace("*", "")
+    text = re.sub(r"<[^>]+>", "", text)
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """Every heading anchor of a Markdown file (headings in code blocks are not headings; a
+    repeated slug gets ``-1``, ``-2``, ... as on GitHub)."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    text = re.sub(r"<!--.*?-->", lambda m: "\n" * m.group(0).count("\n"), path.read_text(), flags=re.S)
+    fence = None
+    for line in text.splitlines():
+        m = re.match(r"^ {0,3}(`{3,}|~{3,})", line)
+        if m and fence is None:
+            fence = m.group(1)
+            continue
+        if fence is not None:
+            if line.strip().startswith(fence):
+                fence = None
+            continue
+        h = _HEADING.match(line)
+        if h:
+            slug = github_slug(h.group(2))
+            n = seen.get(slug, 0)
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+            seen[slug] = n + 1
+    return anchors
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of a Markdown page that do not resolve: a missing file or folder, or
+    an ``#anchor`` that is no heading of its target."""
+    broken = []
+    for target in _LINK.findall(_without_code(path.read_text())):
+        if _SCHEME.match(target):  # https:, mailto: ...: not this repository's
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and (dest.is_dir() or anchor not in heading_anchors(dest)):
+            broken.append(f"{target}: no heading #{anchor} in {_page_name(dest)}")
+    return broken
+
+
+def test_every_docs_page_is_in_the_reading_order():
+    pages = {p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md")}
+    listed = set(DOC_PAGES) - {"README.md"}
+    assert pages == listed, f"add to / remove from DOC_PAGES: {sorted(pages ^ listed)}"
+    assert DOC_PAGES[0] == "README.md" and len(set(DOC_PAGES)) == len(DOC_PAGES)
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_every_relative_link_resolves(page):
+    """Every relative link of README.md and docs/*.md names a file that exists, and its
+    ``#anchor``, if any, a heading of that file (GitHub's slugs)."""
+    assert not broken_links(REPO / page), broken_links(REPO / page)
+
+
+def test_link_check_finds_what_is_broken(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("\n".join([
+        "# Stage two: DeepMTS+DAFT training", "## Schema (`schema_version` 1)", "## Notes", "## Notes",
+        "```bash", "# not a heading", "```",
+    ]) + "\n")
+    assert heading_anchors(tmp_path / "docs" / "a.md") == {
+        "stage-two-deepmtsdaft-training", "schema-schema_version-1", "notes", "notes-1"}
+    page = tmp_path / "README.md"
+    page.write_text("\n".join([
+        "[ok](docs/a.md#schema-schema_version-1) [two\nlines](docs/a.md#notes-1) [web](https://x.org/#y)",
+        "[gone](docs/b.md) [bad anchor](docs/a.md#not-a-heading) [self](#nothing)",
+        "`[in code](docs/c.md)`", "```text", "[in a block](docs/d.md)", "```",
+        "<!-- [in a comment](docs/e.md) -->",
+    ]) + "\n")
+    assert broken_links(page) == ["docs/b.md: no such file",
+                                  "docs/a.md#not-a-heading: no heading #not-a-heading in a.md",
+                                  "#nothing: no heading #nothing in README.md"]
