@@ -110,8 +110,9 @@ class DeepMTSConfig:
         gate_threshold: threshold on the tumour probability for ``"gate"``/``"binary"``.
         use_daft: insert the DAFT block after the last dense block (needs ``n_clinical >= 1``).
         daft_bottleneck_factor: DAFT hidden width = ``int((C + n_clinical) / factor)``.
-        fm_dims: FM modality -> embedding size, e.g. ``{"ct": 512, "pet": 768}``; empty = none.
-        fm_proj: per-modality projection size (64, 128, 256) or ``None`` ("orig").
+        fm_dims: FM embedding (an encoder's, ``ct``/``pet``, or an imported table's) -> its
+            size, e.g. ``{"ct": 512, "pet": 768}``; empty = none.
+        fm_proj: projection size of each embedding (64, 128, 256) or ``None`` ("orig").
         zero_init_risk: start the risk layer at zero weights, so the initial log-risk is
             the same for every case, as a Cox fit starts from beta = 0. With Glorot weights
             the directly concatenated clinical vector (unit scale) would set an arbitrary
@@ -489,8 +490,8 @@ class DeepMTS(nn.Module):
         Args:
             image: ``[B, 2, D, H, W]`` (PET, CT), ``(D, H, W) == config.input_size``.
             clinical: ``[B, n_clinical]`` encoded covariates.
-            fm: modality -> ``[B, dim]`` cached FM embeddings (exactly ``config.fm_dims``'s
-                modalities), or ``None`` when the model has none.
+            fm: name -> ``[B, dim]`` cached FM embeddings (exactly ``config.fm_dims``'s
+                names), or ``None`` when the model has none.
 
         Returns:
             ``{"seg_prob": [B, 1, D, H, W] tumour probability, "risk": [B] log-risk}``.

@@ -52,6 +52,7 @@ from pipeline.artefacts import (
     read_json,
     write_json_atomic,
 )
+from pipeline.embedding_sets import ENCODERS
 
 CACHE_SCHEMA_VERSION = 1
 GROUPS = ("survival", "ctfm", "petfm")
@@ -62,8 +63,9 @@ CASES_DIR = "cases"
 SURVIVAL_PET = "survival/pet"
 SURVIVAL_CT = "survival/ct"
 SURVIVAL_MASK = "survival/mask"
-CTFM_CT = "ctfm/ct"
-PETFM_PET = "petfm/pet"
+#: The encoders' inputs: their names live in the encoders' registry entries.
+CTFM_CT = ENCODERS["ct"].input_key
+PETFM_PET = ENCODERS["pet"].input_key
 #: Every dataset of a case file, in write order.
 CASE_DATASETS: tuple[str, ...] = (SURVIVAL_PET, SURVIVAL_CT, SURVIVAL_MASK, CTFM_CT, PETFM_PET)
 

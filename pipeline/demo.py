@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.artefacts import read_json
 from pipeline.demo_cohort import ensure_demo_cohort, oracle_c_index
-from pipeline.embeddings import run_extraction
+from pipeline.embedding_sets import embedding_set, full_set, weights_by_encoder
+from pipeline.extraction import run_extraction
 from pipeline.hecktor import manifest_sidecar_path
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
 
@@ -35,10 +36,6 @@ if TYPE_CHECKING:  # annotations only: pipeline.study is slow to import, and the
 DEMO_SURVIVAL_SIZE_XYZ = (24, 24, 24)
 DEMO_CTFM_SIZE_XYZ = (64, 64, 16)
 DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
-
-#: Encoder overrides. Native embedding sizes are kept (CT 512, PET 768) so "orig" means what
-#: it means in the paper; the PET ViT runs on a 4^3 token grid with 4^3 windows.
-DEMO_ENCODERS: dict[str, dict[str, Any]] = {"ct": {}, "pet": {"img_size": 64, "window_size": 4}}
 
 #: TrainConfig overrides of the demo (see :class:`pipeline.train.TrainConfig`): 6 epochs of
 #: 15 steps (90 Adam steps of batch 8) at a learning rate of 1e-2 with one warm-up epoch and
@@ -111,6 +108,21 @@ def prepare_demo_cohort(manifest: str | os.PathLike, workers: int = 2) -> dict[s
             "oracle_c_index": oracle_c_index(root)}
 
 
+def _embed_study(spec: StudySpec, weights: dict[str, Any], *, random_init: bool, demo: bool, progress: bool,
+                 device: str, step: Callable[[str], Any], say: Callable[[str, str], None]) -> None:
+    """The study's embeddings: the set reading every encoder, into ``spec.embeddings``."""
+    set_name = full_set()
+    random = random_init or (demo and not all(weights.get(e) for e in embedding_set(set_name).encoders))
+    if random:
+        say("warning", "embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the FM rows "
+                       "of this study test the pipeline and say nothing about CT-FM/PET-FM.")
+    kind = "RANDOM-INIT" if random else "pretrained"
+    with step(f"{set_name} embeddings into {spec.embeddings} ({kind} encoders)"):
+        res = run_extraction(spec.cache_root, set_name, spec.embeddings, weights=None if random else weights,
+                             random_init=random, progress=progress, device=device)
+        say("line", res.summary())
+
+
 def _real_data(manifest: str | os.PathLike) -> dict[str, Any]:
     return {"synthetic": False, "data_source": f"manifest {Path(manifest).resolve()}"}
 
@@ -126,24 +138,25 @@ def prepare_inputs(
     spec: StudySpec,
     *,
     demo: bool = False,
-    ct_weights: str | os.PathLike | None = None,
-    pet_weights: str | os.PathLike | None = None,
     random_init: bool = False,
     workers: int = 2,
     progress: bool = True,
     say: Callable[[str, str], None] | None = None,
     device: str = "auto",
+    **weights_options: str | os.PathLike | None,
 ) -> dict[str, Any]:
     """A study's inputs, each made only when missing or incomplete: the data (a demo
-    cohort's files regenerated when absent), the preprocessed cache, and the ``ctpet``
-    embeddings when the grid uses them. ``run-study`` is this, then the grid and the report.
+    cohort's files regenerated when absent), the preprocessed cache, and the embeddings of
+    the set reading every encoder (``ctpet``) when the grid uses them. ``run-study`` is this,
+    then the grid and the report.
 
     Args:
         spec: the study (its manifest, cache and embeddings paths; ``pipeline.study.StudySpec``).
-        demo: the demo's preprocessing sizes (:func:`demo_preprocess_params`) and encoder
-            settings (:data:`DEMO_ENCODERS`); random-init encoders unless both weights are given.
-        ct_weights, pet_weights: FM weights (:func:`pipeline.embeddings.run_extraction`).
-        random_init: randomly initialised encoders (implied by ``demo`` without both weights).
+        demo: the demo's preprocessing sizes (:func:`demo_preprocess_params`; the published
+            encoders, the PET-FM sized to the demo's 64^3 input by the extraction: a 4^3
+            token grid with 4^3 windows, native embedding sizes so "orig" means what it means
+            in the paper); random-init encoders unless every encoder's weights are given.
+        random_init: randomly initialised encoders (implied by ``demo`` without all weights).
         workers: processes for cohort generation and preprocessing.
         progress: tqdm bars.
         device: where the encoders run (``run-study --device``); its precision (fp32 on CPU,
@@ -152,6 +165,8 @@ def prepare_inputs(
         say: receives ``(kind, text)`` as the steps go: ``"step"`` (a step starts),
             ``"line"`` (a result of a step, its duration) and ``"warning"`` (random-init
             embeddings, stated before they are made). Default: nothing is said.
+        weights_options: the encoders' weights, as the ``--<encoder>-weights`` options give
+            them (``ct_weights``, ``pet_weights``; :func:`pipeline.extraction.run_extraction`).
 
     Returns:
         The ``info`` record of ``study.json``: ``settings``, ``synthetic``, ``data_source``
@@ -178,16 +193,6 @@ def prepare_inputs(
         preprocess_cohort(spec.manifest, spec.cache_root, params, workers=workers, progress=progress)
 
     if spec.embeddings is not None:
-        random = random_init or (demo and not (ct_weights and pet_weights))
-        if random:
-            say("warning", "embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the FM rows "
-                           "of this study test the pipeline and say nothing about CT-FM/PET-FM.")
-        kind = "RANDOM-INIT" if random else "pretrained"
-        with step(f"ctpet embeddings into {spec.embeddings} ({kind} encoders)"):
-            res = run_extraction(spec.cache_root, "ctpet", spec.embeddings,
-                                 ct_weights=None if random else ct_weights,
-                                 pet_weights=None if random else pet_weights, random_init=random,
-                                 encoder_kwargs=DEMO_ENCODERS if demo else None, progress=progress,
-                                 device=device)
-            say("line", res.summary())
+        _embed_study(spec, weights_by_encoder(weights_options), random_init=random_init, demo=demo,
+                     progress=progress, device=device, step=step, say=say)
     return info

@@ -1,9 +1,10 @@
 """The encoders' public weights from the Hugging Face Hub, through the Hub's own client.
 
-:func:`pipeline.embeddings.resolve_weights` looks for a weights file in this order: the
+:func:`pipeline.extraction.resolve_weights` looks for a weights file in this order: the
 option (``--ct-weights``/``--pet-weights``), the environment variable, the default path
 (``~/.cache/hnfm/...``), the Hub's cache, and last, where the network allows, a download
-(:func:`fetch_weights`). The first three are the user's files; the last two are
+(:func:`fetch_weights`). Each encoder's repository, file and variables are in its entry of
+:data:`pipeline.embedding_sets.ENCODERS`. The first three are the user's files; the last two are
 ``huggingface_hub``'s (``hf_hub_download``: its cache, its resumable downloads, its
 ``HF_ENDPOINT``/``HF_HUB_OFFLINE``/``HF_HUB_CACHE`` settings, its proxy and token handling).
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artefacts import sha256_file
+from pipeline.embedding_sets import encoder
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,6 @@ class HubFile:
     revision: str | None = None
 
 
-#: The public weights (:data:`models.checkpoints.CT_FM_WEIGHTS`, ``PET_FM_WEIGHTS``).
-HUB_WEIGHTS: dict[str, HubFile] = {
-    "ct": HubFile("project-lighter/ct_fm_feature_extractor", "model.safetensors"),
-    "pet": HubFile("YichiZhang98/SegAnyPET", "seganypet_v1.pth"),
-}
-#: Environment variables that pin a revision (a commit hash, a tag or a branch).
-REVISION_ENV: dict[str, str] = {"ct": "HNFM_CT_FM_REVISION", "pet": "HNFM_PET_FM_REVISION"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -56,10 +51,11 @@ class HubWeightsError(RuntimeError):
     """The weights could not be taken from the Hub (offline, unreachable, or a bad download)."""
 
 
-def hub_file(modality: str) -> HubFile:
-    """The modality's :class:`HubFile`, with the revision from its environment variable if set."""
-    f = HUB_WEIGHTS[modality]
-    return HubFile(f.repo_id, f.filename, os.environ.get(REVISION_ENV[modality]) or f.revision)
+def hub_file(name: str) -> HubFile:
+    """Encoder ``name``'s weights on the Hub (its registry entry), with the revision its
+    environment variable pins (a commit hash, a tag or a branch), if set."""
+    entry = encoder(name)
+    return HubFile(entry.hub_repo, entry.hub_filename, os.environ.get(entry.revision_env) or None)
 
 
 def describe(f: HubFile) -> str:
@@ -67,20 +63,20 @@ def describe(f: HubFile) -> str:
     return f"{f.repo_id}, file {f.filename}, revision {f.revision or 'main'}"
 
 
-def cached_weights(modality: str) -> Path | None:
+def cached_weights(name: str) -> Path | None:
     """The file in the Hub's cache at the pinned revision (or the cached ``main``), if there."""
     from huggingface_hub import try_to_load_from_cache
 
-    f = hub_file(modality)
+    f = hub_file(name)
     found = try_to_load_from_cache(f.repo_id, f.filename, revision=f.revision or "main")
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
-def fetch_weights(modality: str, *, say=None) -> Path:
-    """The modality's weights from the Hub's cache, else downloaded with ``hf_hub_download``.
+def fetch_weights(name: str, *, say=None) -> Path:
+    """Encoder ``name``'s weights from the Hub's cache, else downloaded with ``hf_hub_download``.
 
     Args:
-        modality: ``"ct"`` or ``"pet"``.
+        name: the encoder (``"ct"``, ``"pet"``).
         say: called with one line when a download happens (default: stderr).
 
     Returns:
@@ -91,12 +87,12 @@ def fetch_weights(modality: str, *, say=None) -> Path:
             the file and the revision; or a download whose sha256 is not the Hub's record of
             the file (the file is then removed from the cache).
     """
-    cached = cached_weights(modality)
+    cached = cached_weights(name)
     if cached is not None:
         return cached
     import huggingface_hub as hub
 
-    f = hub_file(modality)
+    f = hub_file(name)
     if hub.constants.HF_HUB_OFFLINE:
         raise HubWeightsError(f"{describe(f)}: not in the Hub's cache ({hub.constants.HF_HUB_CACHE}), and "
                               "HF_HUB_OFFLINE is set, so it is not downloaded")
@@ -143,10 +139,11 @@ def evict(path: Path) -> None:
             pass
 
 
-def offline_advice(modality: str, default: Path, env: str) -> str:
-    """Where to put the file by hand, and how to fetch it where the network allows."""
-    f = hub_file(modality)
-    return (f"Put {f.filename} of {f.repo_id} (revision {f.revision or 'main'}) at {default} or set {env}=PATH; "
+def offline_advice(name: str) -> str:
+    """Where to put encoder ``name``'s file by hand, and how to fetch it where the network allows."""
+    f, entry = hub_file(name), encoder(name)
+    return (f"Put {f.filename} of {f.repo_id} (revision {f.revision or 'main'}) at {entry.default_weights} or set "
+            f"{entry.weights_env}=PATH; "
             "or, where the network allows, run again without HF_HUB_OFFLINE to download it into the Hub's "
             f"cache, or fetch it with `hf download {f.repo_id} {f.filename}"
             f"{' --revision ' + f.revision if f.revision else ''}`.")

@@ -26,18 +26,18 @@ Peers:
   (highest mean inner C-index). The label-free feature pipeline (imputation,
   standardisation, PCA, clinical transform) is fitted once on the training part and shared
   by the inner splits: it sees no label, and the validation fold is never part of it.
-  ``proj`` mirrors the CNN's projection size: the CNN learns one linear map per modality
+  ``proj`` mirrors the CNN's projection size: the CNN learns one linear map per encoder
   to d in {64, 128, 256} or keeps the native size; for a Cox head the natural linear,
-  label-free counterpart is a per-modality PCA to d components fitted on the training
+  label-free counterpart is a per-encoder PCA to d components fitted on the training
   part (d is capped at n_train - 1; a d above a block's width keeps every component, with
   a warning), ``None`` keeps every standardised feature and lets the penalty do the work.
   PCA scores are not whitened, so low-variance directions are penalised more, as ridge
   does on the original features.
 
 External features (e.g. a radiomics CSV keyed by PatientID) enter the same heads through
-:func:`import_feature_table`, which writes the embedding-cache HDF5 schema through
-:func:`pipeline.embeddings.write_embedding_file`, with or without a preprocessed cache;
-:func:`pipeline.embeddings.load_embeddings` reads both kinds.
+:func:`pipeline.feature_tables.import_feature_table`, which writes the embeddings' HDF5
+schema, with or without a preprocessed cache; :func:`pipeline.embeddings.load_embeddings`
+reads both kinds.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import time as _time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,24 +60,10 @@ from sklearn.model_selection import StratifiedKFold
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
-from pipeline.artefacts import (
-    atomic_path,
-    code_version,
-    params_hash,
-    sha256_file,
-    utc_now,
-    write_json_atomic,
-)
+from pipeline.artefacts import atomic_path, code_version, params_hash, sha256_file, utc_now, write_json_atomic
 from pipeline.cache import SURVIVAL_MASK, SURVIVAL_PET, PreprocessedCache
 from pipeline.clinical import ClinicalTransform
-from pipeline.embeddings import (
-    FEATURE_TABLE_SOURCE,
-    MissingCasesError,
-    load_embeddings,
-    training_fill,
-    training_scale,
-    write_embedding_file,
-)
+from pipeline.embeddings import load_embeddings, training_fill, training_scale
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
 from pipeline.metrics import (
@@ -96,9 +81,6 @@ PEERS = ("clinical", "radiomics", "embeddings")
 PROTOCOL = "fit"
 RADIOMICS_COLUMNS = ("volume_ml", "suv_max", "suv_mean", "tlg")
 RADIOMICS_DESIGN = ("log_volume", "suv_max", "suv_mean", "log_tlg")
-FEATURE_TABLE_ENCODER = FEATURE_TABLE_SOURCE
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
-_RESERVED = {"case_ids", "fingerprints"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,17 +613,17 @@ def radiomics_cox(
                     clinical=m, config=cfg)
 
 
-def embedding_blocks(features: pd.DataFrame, modalities: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Split a :func:`pipeline.embeddings.load_embeddings` frame into one block per modality (``ct_000..`` -> ``ct``)."""
-    mods = list(modalities) if modalities else list(features.attrs.get("feature_modalities") or [])
-    if not mods:
-        mods = sorted({c.rsplit("_", 1)[0] for c in features.columns})
+def embedding_blocks(features: pd.DataFrame, datasets: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Split a :func:`pipeline.embeddings.load_embeddings` frame into one block per dataset (``ct_000..`` -> ``ct``)."""
+    names = list(datasets) if datasets else list(features.attrs.get("feature_datasets") or [])
+    if not names:
+        names = sorted({c.rsplit("_", 1)[0] for c in features.columns})
     out = {}
-    for m in mods:
-        cols = [c for c in features.columns if re.fullmatch(rf"{re.escape(m)}_\d+", c)]
+    for d in names:
+        cols = [c for c in features.columns if re.fullmatch(rf"{re.escape(d)}_\d+", c)]
         if not cols:
-            raise ValueError(f"embedding_blocks: no {m!r} columns (have {list(features.columns[:5])} ...)")
-        out[m] = features[cols]
+            raise ValueError(f"embedding_blocks: no {d!r} columns (have {list(features.columns[:5])} ...)")
+        out[d] = features[cols]
     return out
 
 
@@ -650,15 +632,15 @@ def embedding_head(
     folds: pd.DataFrame,
     features: pd.DataFrame,
     config: HeadConfig | None = None,
-    modalities: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> PeerResult:
-    """Penalised Cox on embeddings (one PCA per modality when ``config.proj``) + clinical.
+    """Penalised Cox on embeddings (one PCA per dataset when ``config.proj``) + clinical.
 
     A ``config.proj`` above a block's width cannot project (PCA keeps at most as many
     components as features): the block keeps all its components and a warning says so.
     """
     cfg = config or HeadConfig(model="coxnet", with_clinical=True)
-    blocks = embedding_blocks(features, modalities)
+    blocks = embedding_blocks(features, datasets)
     for name, width in projection_excess(cfg.proj, {b: df.shape[1] for b, df in blocks.items()}).items():
         warnings.warn(f"proj {cfg.proj} exceeds the {width} features of {name!r}: a PCA keeps at "
                       f"most {width} components, so {name!r} is not reduced", stacklevel=2)
@@ -680,148 +662,6 @@ def _by_case(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------
-# External feature tables in the embedding-cache format
-# ---------------------------------------------------------------------------------------------
-
-
-def import_feature_table(
-    csv_path: str | os.PathLike,
-    out_h5: str | os.PathLike,
-    *,
-    id_column: str = "PatientID",
-    name: str = "radiomics",
-    cache: PreprocessedCache | str | os.PathLike | None = None,
-    columns: Sequence[str] | None = None,
-    expected_case_ids: Sequence[str] | None = None,
-    allow_missing: bool = False,
-) -> dict[str, Any]:
-    """Write a per-case feature CSV as an embedding file (:mod:`pipeline.embeddings` schema).
-
-    Written by :func:`pipeline.embeddings.write_embedding_file`, so the file has the layout
-    and file attributes of extracted embeddings: ``/case_ids``, ``/fingerprints`` (the
-    cache's per-case fingerprints, ``""`` for a case the cache lacks or without a cache),
-    ``/<name>`` float32 [N, F] (NaN = missing); ``modality`` = ``modalities`` = [name],
-    ``source`` = ``"feature_table"``, and ``cache_bound`` False when imported without a
-    cache (the loader's cache checks then do not apply). Dataset attributes: ``encoder`` =
-    ``"feature_table"``, ``weights_sha256`` = the CSV's sha256, ``source_csv``,
-    ``source_csv_sha256``, ``id_column``, ``columns`` (JSON list of the F feature names in
-    column order), ``dropped_columns`` (JSON: non-numeric columns left out),
-    ``embedding_dim``, ``pooling`` = ``"none"``, ``input_key`` = ``""``, ``dtype``,
-    ``provenance`` and ``provenance_hash``.
-
-    Args:
-        csv_path: the table; one row per case.
-        out_h5: destination, e.g. ``embeddings/radiomics.h5``.
-        id_column: column holding the case ids.
-        name: dataset / modality name (letters and digits, starting with a letter).
-        cache: the preprocessed cache the features belong to (records its params_hash
-            and per-case fingerprints so cache-checked reads work); ``None`` imports
-            without one.
-        columns: feature columns to take (all must be numeric); default: every numeric
-            column except the id column.
-        expected_case_ids: the cases the table should cover (the manifest's); the
-            coverage is reported, and missing cases are refused unless ``allow_missing``.
-        allow_missing: import a table that lacks some ``expected_case_ids``.
-
-    Returns:
-        ``{"path", "n_cases", "n_features", "columns", "dropped_columns", "not_in_cache",
-        "cache_bound", "coverage", "sha256"}``; ``coverage`` is ``None`` without
-        ``expected_case_ids``, else ``{"expected", "covered", "missing", "not_expected"}``
-        (counts, and the lists of missing and extra case ids).
-
-    Raises:
-        ValueError: on a bad name, missing id column, duplicate or empty ids, a
-            non-numeric requested column, infinite values or no feature column (naming
-            the file, column and cases).
-        pipeline.embeddings.MissingCasesError: the table lacks expected cases (all
-            listed) and ``allow_missing`` is False.
-    """
-    csv_path, out_h5 = Path(csv_path), Path(out_h5)
-    if not _NAME_RE.match(name) or name in _RESERVED:
-        raise ValueError(f"import_feature_table: name {name!r} must be letters/digits starting with a letter")
-    if name in ("ct", "pet"):
-        raise ValueError(f"import_feature_table: name {name!r} is reserved for the foundation-model embeddings")
-    ids, x, use, dropped = _read_feature_table(csv_path, id_column, columns)
-    coverage = None
-    if expected_case_ids is not None:
-        coverage = table_coverage(ids, expected_case_ids)
-        if coverage["missing"] and not allow_missing:
-            raise MissingCasesError(
-                f"{csv_path}: covers {coverage['covered']} of the {coverage['expected']} cases of the "
-                f"manifest; {len(coverage['missing'])} missing: {coverage['missing']}. Import a table "
-                "with a row for every case (NaN where a feature is unknown: the heads and the CNN fill "
-                "it with the training-fold mean), or pass --allow-missing to import it as it is "
-                "(fit-heads and train-survival then refuse the missing cases)",
-                coverage["missing"],
-            )
-    if cache is not None and not isinstance(cache, PreprocessedCache):
-        cache = PreprocessedCache(cache)
-    in_cache = set(cache.case_ids) if cache is not None else set()
-    not_in_cache = [c for c in ids if c not in in_cache] if cache is not None else []
-    csv_sha = sha256_file(csv_path)
-    prov = {"encoder": FEATURE_TABLE_ENCODER, "modality": name, "source_csv_sha256": csv_sha,
-            "id_column": id_column, "columns": use, "pooling": "none", "input_key": ""}
-    attrs = {
-        "encoder": FEATURE_TABLE_ENCODER, "weights_sha256": csv_sha, "random_init_seed": -1,
-        "weights_path": str(csv_path.resolve()), "encoder_config": "{}",
-        "source_csv": str(csv_path.resolve()), "source_csv_sha256": csv_sha, "id_column": id_column,
-        "columns": json.dumps(use), "dropped_columns": json.dumps(dropped), "pooling": "none",
-        "input_key": "", "input_shape": np.zeros(0, dtype=np.int64), "precision": "fp32",
-    }
-    write_embedding_file(out_h5, modality=name, case_ids=ids, datasets={name: (x, attrs, prov)},
-                         cache=cache, file_attrs={"source": FEATURE_TABLE_SOURCE})
-    return {"path": str(out_h5), "n_cases": len(ids), "n_features": len(use), "columns": use,
-            "dropped_columns": dropped, "not_in_cache": not_in_cache, "cache_bound": cache is not None,
-            "coverage": coverage, "sha256": sha256_file(out_h5)}
-
-
-def table_coverage(table_ids: Sequence[str], expected: Sequence[str]) -> dict[str, Any]:
-    """How many ``expected`` cases a table holds: counts, the missing and the extra ids."""
-    have, want = set(table_ids), set(expected)
-    missing = [c for c in expected if c not in have]
-    return {"expected": len(want), "covered": len(want) - len(set(missing)), "missing": missing,
-            "not_expected": [c for c in table_ids if c not in want]}
-
-
-def _read_feature_table(
-    csv_path: Path, id_column: str, columns: Sequence[str] | None
-) -> tuple[list[str], np.ndarray, list[str], list[str]]:
-    """Case ids, float64 ``[N, F]`` features, the F column names and the non-numeric left out."""
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"import_feature_table: no such CSV {csv_path}")
-    df = pd.read_csv(csv_path, dtype={id_column: str})
-    if id_column not in df.columns:
-        raise ValueError(f"{csv_path}: no id column {id_column!r} (columns: {list(df.columns)[:20]}); "
-                         "name it with --id-column")
-    ids = df[id_column].astype(str).str.strip()
-    if (ids == "").any() or df[id_column].isna().any():
-        raise ValueError(f"{csv_path}: empty {id_column!r} in rows {np.flatnonzero((ids == '') | df[id_column].isna()).tolist()[:10]}")
-    dup = ids[ids.duplicated()].tolist()
-    if dup:
-        raise ValueError(f"{csv_path}: duplicate {id_column!r} values {dup[:10]}")
-    candidates = [c for c in df.columns if c != id_column]
-    if columns is not None:
-        absent = [c for c in columns if c not in df.columns]
-        if absent:
-            raise ValueError(f"{csv_path}: requested columns {absent} are not in the table")
-        bad = [c for c in columns if not pd.api.types.is_numeric_dtype(df[c])]
-        if bad:
-            raise ValueError(f"{csv_path}: requested columns {bad} are not numeric")
-        use, dropped = list(columns), []
-    else:
-        use = [c for c in candidates if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
-        dropped = [c for c in candidates if c not in use]
-    if not use:
-        raise ValueError(f"{csv_path}: no numeric feature column (non-numeric: {dropped[:20]})")
-    x = df[use].to_numpy(dtype=np.float64)
-    inf = np.argwhere(np.isinf(x))
-    if inf.size:
-        r, c = inf[0]
-        raise ValueError(f"{csv_path}: infinite value in column {use[c]!r} for case {ids.iloc[r]!r}")
-    return ids.tolist(), x, use, dropped
-
-
-# ---------------------------------------------------------------------------------------------
 # One peer run on disk: oof_predictions.csv + summary.json
 # ---------------------------------------------------------------------------------------------
 
@@ -834,7 +674,7 @@ def fit_peer_run(
     out_dir: str | os.PathLike,
     cache_root: str | os.PathLike | None = None,
     features_path: str | os.PathLike | None = None,
-    modalities: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
     config: HeadConfig | None = None,
     horizon: float = 365.0,
 ) -> dict[str, Any]:
@@ -848,7 +688,7 @@ def fit_peer_run(
         out_dir: run folder.
         cache_root: preprocessed cache (needed by ``radiomics``; checks ``embeddings``).
         features_path: embeddings / imported feature HDF5 (``embeddings`` peer).
-        modalities: subset of the file's modalities.
+        datasets: subset of the file's datasets (encoders, or an imported table).
         config: :class:`HeadConfig`; default ridge for clinical/radiomics (radiomics
             without clinical), coxnet + clinical for embeddings.
         horizon: time-dependent AUROC horizon in days.
@@ -885,10 +725,11 @@ def fit_peer_run(
         if features_path is None:
             raise ValueError("fit_peer_run: the embeddings peer needs --embeddings PATH")
         cfg = config or HeadConfig(model="coxnet", with_clinical=True)
-        feats = load_embeddings(features_path, cache=cache, case_ids=ids, modalities=modalities)
+        feats = load_embeddings(features_path, cache=cache, case_ids=ids, datasets=datasets)
+        # summary.json's key keeps its name: finished peer runs hold it.
         inputs.update(features=str(features_path), features_sha256=feats.attrs["sha256"],
-                      feature_modalities=feats.attrs["feature_modalities"])
-        res = embedding_head(manifest, folds, feats, cfg, feats.attrs["feature_modalities"])
+                      feature_modalities=feats.attrs["feature_datasets"])
+        res = embedding_head(manifest, folds, feats, cfg, feats.attrs["feature_datasets"])
     per_fold = fold_metrics(res.oof, horizon=horizon)
     summ = summarise_folds(per_fold)
     params = {"peer": peer, **res.config, "horizon": horizon}

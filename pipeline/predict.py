@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,10 @@ import torch
 from pipeline.artefacts import ProvenanceError, atomic_path, check_match, code_version, read_json, write_json_atomic
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
-from pipeline.embedding_sets import DATASET_ENCODERS, set_of_datasets
+from pipeline.embedding_sets import ENCODERS, set_of_encoders
 from pipeline.dataset import SurvivalCohort, load_cohort
-from pipeline.embeddings import extract_embeddings, read_embeddings
+from pipeline.embeddings import RANDOM_INIT, read_embeddings
+from pipeline.extraction import extract_embeddings
 from pipeline.layout import RunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest
 from pipeline.preprocess import preprocess_cohort
@@ -79,30 +81,33 @@ def run_is_random_init(run: dict[str, Any]) -> bool:
     """
     emb = run.get("embeddings") or {}
     return bool(emb.get("random_init")) or any(
-        attrs.get("weights_sha256") == "random-init" for attrs in (emb.get("modalities") or {}).values())
+        attrs.get("weights_sha256") == RANDOM_INIT for attrs in (emb.get("modalities") or {}).values())
 
 
 def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path, *,
-                    ct_weights=None, pet_weights=None, device: str = "auto", progress: bool = True) -> Path:
-    """Compute the new cases' embeddings with the training run's encoders, or refuse."""
-    trained = run["embeddings"]["modalities"]
-    mods = sorted(trained)
-    unknown = [m for m in mods if m not in DATASET_ENCODERS]
+                    weights: Mapping[str, Any] | None = None, device: str = "auto", progress: bool = True) -> Path:
+    """Compute the new cases' embeddings with the training run's encoders, or refuse.
+
+    ``weights``: encoder -> weights file (found as extraction finds them when left out).
+    """
+    trained = run["embeddings"]["modalities"]  # run.json: dataset -> its attributes
+    names = sorted(trained)
+    unknown = [d for d in names if d not in ENCODERS]
     if unknown:
         raise ValueError(
             f"the run used imported features {unknown}: import them for the new cases with "
             "`import-features` and pass the file with --embeddings"
         )
-    key = set_of_datasets(mods)
+    key = set_of_encoders(names)
     random_init = run_is_random_init(run)
-    seeds = {trained[m].get("random_init_seed") for m in mods} - {None, ""}
-    encoder_kwargs = {m: json.loads(trained[m]["encoder_config"]) for m in mods if trained[m].get("encoder_config")}
-    precisions = {trained[m].get("precision") for m in mods} - {None}
+    seeds = {trained[d].get("random_init_seed") for d in names} - {None, ""}
+    encoder_kwargs = {d: json.loads(trained[d]["encoder_config"]) for d in names if trained[d].get("encoder_config")}
+    precisions = {trained[d].get("precision") for d in names} - {None}
     if len(precisions) > 1:
         raise ProvenanceError(f"the run's encoders used different precisions {sorted(precisions)}: embed the new "
-                              "cases per modality and pass the file with --embeddings")
+                              "cases per encoder and pass the file with --embeddings")
     path = extract_embeddings(
-        cache.root, key, out_dir / f"{key}.h5", ct_weights=ct_weights, pet_weights=pet_weights,
+        cache.root, key, out_dir / f"{key}.h5", weights=weights,
         random_init=random_init, seed=int(seeds.pop()) if seeds else 0, device=device,
         encoder_kwargs=encoder_kwargs or None, progress=progress, shard_dir=out_dir / ".shards",
         precision=precisions.pop() if precisions else None,
@@ -113,12 +118,12 @@ def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path
 
 def check_embeddings(run: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse an embedding file whose encoders differ from those the run was trained with."""
-    found = read_embeddings(path).modality_attrs
-    for m, attrs in run["embeddings"]["modalities"].items():
-        if m not in found:
-            raise ProvenanceError(f"{path}: has no {m!r} embeddings; the model was trained with them")
+    found = read_embeddings(path).dataset_attrs
+    for d, attrs in run["embeddings"]["modalities"].items():
+        if d not in found:
+            raise ProvenanceError(f"{path}: has no {d!r} embeddings; the model was trained with them")
         for field in _EMBEDDING_IDENTITY:
-            check_match(f"{m} {field}", attrs.get(field), found[m].get(field), artefact=path)
+            check_match(f"{d} {field}", attrs.get(field), found[d].get(field), artefact=path)
 
 
 def border_warnings(cache: PreprocessedCache) -> list[dict[str, str]]:
@@ -258,8 +263,7 @@ def predict_patients(
     work_dir: str | os.PathLike | None = None,
     protocol: str = "inner",
     embeddings: str | os.PathLike | None = None,
-    ct_weights=None,
-    pet_weights=None,
+    weights: Mapping[str, Any] | None = None,
     device: str = "auto",
     workers: int = 2,
     progress: bool = True,
@@ -275,7 +279,7 @@ def predict_patients(
         work_dir: folder for the new cases' cache and embeddings [default: beside out_csv].
         protocol: which selected checkpoint per fold: ``"inner"`` (unbiased) or ``"paper"``.
         embeddings: precomputed embeddings of the new cases (checked against the run).
-        ct_weights, pet_weights: encoder weights; their sha256 must match the run's.
+        weights: encoder -> weights file; their sha256 must match the run's.
         device: "auto", "cpu" or "cuda".
         workers: preprocessing processes.
         pictures: one PNG per patient and an index.html in ``<out stem>_pictures/``.
@@ -305,8 +309,8 @@ def predict_patients(
             check_embeddings(run, embeddings)
             emb_path = embeddings
         else:
-            emb_path = embed_new_cases(run, new_cache, work / "embeddings", ct_weights=ct_weights,
-                                       pet_weights=pet_weights, device=device, progress=progress)
+            emb_path = embed_new_cases(run, new_cache, work / "embeddings", weights=weights, device=device,
+                                       progress=progress)
     cohort = load_cohort(manifest_path, new_cache.root, emb_path, tuple(run["modalities"]) or None,
                          require_endpoint=False)
 

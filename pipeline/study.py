@@ -3,9 +3,9 @@
 Grid (REFERENCE section 1): the DeepMTS+DAFT baseline plus, for each embedding set
 (CT, PET, CT+PET), the FM projection size d in {64, 128, 256, orig}: 13 configurations.
 Every configuration is trained on the same K folds (one shared folds file), so the 5 x 13
-= 65 cells are paired. Embeddings come from the stage-one cache (one ``ctpet`` file; the
-CT-only configurations read its ``ct`` rows, etc.): no foundation model runs during the
-grid.
+= 65 cells are paired. Embeddings come from the stage-one cache (one file of the set that
+reads every encoder, ``ctpet``; the CT-only configurations read its ``ct`` rows, etc.): no
+foundation model runs during the grid.
 
 Each (configuration, fold) cell is independent and resumable: :func:`run_cell` calls
 :func:`pipeline.train.train_fold`, which writes ``<study>/runs/<config>/fold_<k>/`` and its
@@ -24,7 +24,7 @@ cohort, each with its own shared folds file and its own resumable cells:
 The CNN grid trains on every split, or only on ``cv0`` (``cnn_extra_splits = False``, used
 by the CPU demo). The classical peers (:mod:`pipeline.peers`: clinical Cox,
 radiomics-lite Cox and one penalised-Cox embedding head per FM configuration, with the same
-modality set and projection size) take seconds and always run on every split, on the same
+embedding set and projection size) take seconds and always run on every split, on the same
 folds files as the CNN.
 
 Training noise is measured by *seeds* (``seeds = S``): on ``cv0``, seed index ``s`` trains
@@ -81,7 +81,7 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.cache import PreprocessedCache
-from pipeline.embedding_sets import EMBEDDING_SETS, SET_NAMES
+from pipeline.embedding_sets import embedding_set, head_group, set_names
 from pipeline.embeddings import RANDOM_INIT, RandomInitWarning, read_embeddings
 from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
 from pipeline.manifest import read_manifest, survival_cases
@@ -94,10 +94,6 @@ from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, m
 # trains, so that status listings and reports load without torch, and a pool worker sets
 # CUDA_VISIBLE_DEVICES before torch is loaded (_worker_init).
 
-#: Embedding set name -> datasets read from the embeddings file (:mod:`pipeline.embedding_sets`).
-MODALITY_SETS: dict[str, tuple[str, ...]] = {name: s.datasets for name, s in EMBEDDING_SETS.items()}
-#: Display labels, as in the paper's figures (:mod:`pipeline.embedding_sets`).
-MODALITY_LABELS: dict[str, str] = {name: s.label for name, s in EMBEDDING_SETS.items()}
 #: Projection sizes of the ablation; ``None`` = native size ("orig": 512 CT, 768 PET).
 PROJ_SIZES: tuple[int | None, ...] = (64, 128, 256, None)
 BASELINE = "baseline"
@@ -146,59 +142,66 @@ class Configuration:
     """One row of the ablation: the baseline, or an embedding set with a projection size.
 
     Attributes:
-        modality: ``None`` for the baseline, else a key of :data:`MODALITY_SETS`.
+        embedding_set: ``None`` for the baseline, else a set of :mod:`pipeline.embedding_sets`.
         proj: projection size, ``None`` = native ("orig"); ignored for the baseline.
     """
 
-    modality: str | None = None
+    embedding_set: str | None = None
     proj: int | None = None
 
     def __post_init__(self) -> None:
-        if self.modality is not None and self.modality not in MODALITY_SETS:
-            raise ValueError(f"unknown embedding set {self.modality!r}; choose from {sorted(MODALITY_SETS)}")
-        if self.modality is None and self.proj is not None:
+        if self.embedding_set is not None:
+            embedding_set(self.embedding_set)  # names the registered sets when unknown
+        if self.embedding_set is None and self.proj is not None:
             raise ValueError(f"the baseline has no FM projection, got proj={self.proj}")
 
     @property
     def name(self) -> str:
         """Folder name: ``baseline``, ``ct-d64`` ... ``ctpet-dorig``."""
-        return BASELINE if self.modality is None else f"{self.modality}-d{proj_label(self.proj)}"
+        return BASELINE if self.embedding_set is None else f"{self.embedding_set}-d{proj_label(self.proj)}"
 
     @property
-    def modalities(self) -> tuple[str, ...]:
-        return () if self.modality is None else MODALITY_SETS[self.modality]
+    def encoders(self) -> tuple[str, ...]:
+        """The encoders whose embeddings the configuration reads (none for the baseline)."""
+        return () if self.embedding_set is None else embedding_set(self.embedding_set).encoders
+
+    @property
+    def group(self) -> str:
+        """Its report group: ``baseline`` or its embedding set."""
+        return self.embedding_set or BASELINE
 
     @property
     def d_label(self) -> str:
-        return "-" if self.modality is None else proj_label(self.proj)
+        return "-" if self.embedding_set is None else proj_label(self.proj)
 
     @classmethod
     def from_name(cls, name: str) -> Configuration:
         """Inverse of :attr:`name`; raises ``ValueError`` naming a bad name."""
         if name == BASELINE:
             return cls()
-        modality, sep, d = name.partition("-d")
+        set_name, sep, d = name.partition("-d")
         hint = f"not a study configuration name: {name!r} (e.g. 'baseline', 'ct-d64', 'ctpet-dorig')"
-        if not sep or modality not in MODALITY_SETS:
+        if not sep or set_name not in set_names():
             raise ValueError(hint)
         try:
-            return cls(modality, parse_proj_label(d))
+            return cls(set_name, parse_proj_label(d))
         except ValueError as exc:
             raise ValueError(f"{hint}: {exc}") from None
 
 
 def configurations(
-    modalities: Sequence[str] = SET_NAMES,
+    sets: Sequence[str] | None = None,
     projections: Sequence[int | None] = PROJ_SIZES,
     *,
     baseline: bool = True,
 ) -> list[Configuration]:
     """The ablation grid: baseline first, then each embedding set x projection size.
 
-    With the defaults this is the paper's 13 configurations.
+    ``sets`` default to every registered set; with the defaults this is the paper's 13
+    configurations.
     """
     out = [Configuration()] if baseline else []
-    out += [Configuration(m, p) for m in modalities for p in projections]
+    out += [Configuration(s, p) for s in (set_names() if sets is None else sets) for p in projections]
     return out
 
 
@@ -228,26 +231,31 @@ class Peer:
         kind: ``clinical`` (ridge Cox on the clinical covariates), ``radiomics`` (ridge
             Cox on radiomics-lite features) or ``embeddings`` (penalised Cox head on the
             cached FM embeddings + clinical).
-        modality: embedding set of a head (key of :data:`MODALITY_SETS`).
+        embedding_set: the embedding set of a head (:mod:`pipeline.embedding_sets`).
         proj: PCA size of a head, ``None`` = all standardised features ("orig").
     """
 
     kind: str
-    modality: str | None = None
+    embedding_set: str | None = None
     proj: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("clinical", "radiomics", "embeddings"):
             raise ValueError(f"unknown peer kind {self.kind!r}")
-        if (self.kind == "embeddings") != (self.modality is not None):
+        if (self.kind == "embeddings") != (self.embedding_set is not None):
             raise ValueError(f"peer {self.kind!r}: an embedding set is needed by (and only by) heads")
 
     @property
     def name(self) -> str:
         """``clinical-cox``, ``radiomics-cox`` or ``head-<set>-d<proj>``."""
         if self.kind == "embeddings":
-            return f"head-{self.modality}-d{proj_label(self.proj)}"
+            return f"{self.group}-d{proj_label(self.proj)}"
         return f"{self.kind}-cox"
+
+    @property
+    def group(self) -> str:
+        """Its report group: ``clinical``, ``radiomics`` or ``head-<set>``."""
+        return head_group(self.embedding_set) if self.kind == "embeddings" else self.kind
 
     @property
     def label(self) -> str:
@@ -255,7 +263,7 @@ class Peer:
             return "peer: clinical Cox"
         if self.kind == "radiomics":
             return "peer: radiomics-lite Cox"
-        return f"peer: {MODALITY_LABELS[self.modality]} embedding head, d = {proj_label(self.proj)}"
+        return f"peer: {embedding_set(self.embedding_set).label} embedding head, d = {proj_label(self.proj)}"
 
     def head_config(self, overrides: dict[str, Any] | None = None):
         """The :class:`pipeline.peers.HeadConfig`: ridge for clinical / radiomics (radiomics
@@ -274,8 +282,8 @@ class StudySpec:
     Attributes:
         manifest: the case manifest (absolute path).
         cache_root: the preprocessed cache.
-        embeddings: the stage-one HDF5 holding every modality the grid uses
-            (``ctpet``), or ``None`` for a baseline-only study.
+        embeddings: the stage-one HDF5 holding every encoder the grid uses (the set
+            reading all, ``ctpet``), or ``None`` for a baseline-only study.
         study_dir: output folder of the study.
         n_folds: number of outer CV folds.
         folds_seed: seed of the shared folds (made once, then reused).
@@ -333,8 +341,8 @@ class StudySpec:
         confs = [Configuration.from_name(n) for n in self.configs]
         if len(set(self.configs)) != len(self.configs):
             raise ValueError(f"duplicate configurations in {self.configs}")
-        if self.embeddings is None and any(c.modality for c in confs):
-            fm = [c.name for c in confs if c.modality]
+        if self.embeddings is None and any(c.embedding_set for c in confs):
+            fm = [c.name for c in confs if c.embedding_set]
             raise ValueError(f"configurations {fm} need an embeddings file, none given")
 
     @classmethod
@@ -393,7 +401,7 @@ class StudySpec:
         """Clinical and radiomics peers, then one head per FM configuration of the grid."""
         out = [Peer(k) for k in ("clinical", "radiomics") if k in self.peers]
         if "heads" in self.peers and self.embeddings is not None:
-            out += [Peer("embeddings", c.modality, c.proj) for c in self.configurations() if c.modality]
+            out += [Peer("embeddings", c.embedding_set, c.proj) for c in self.configurations() if c.embedding_set]
         return out
 
     def peer_dir(self, peer: Peer, split: str = FIRST_SPLIT) -> Path:
@@ -499,14 +507,14 @@ def cell_done(spec: StudySpec, cell: Cell) -> bool:
 
 
 def cell_status(spec: StudySpec) -> pd.DataFrame:
-    """One row per cell: ``cell, split, seed, config, modality, d, fold, done, seconds, path``."""
+    """One row per cell: ``cell, split, seed, config, group, d, fold, done, seconds, path``."""
     rows = []
     for cell in grid(spec):
         info_path = cell_layout(spec, cell).cell(cell.fold)
         seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
         rows.append({
             "cell": cell.key, "split": cell.split, "seed": cell.seed, "config": cell.config.name,
-            "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold,
+            "group": cell.config.group, "d": cell.config.d_label, "fold": cell.fold,
             "done": cell_done(spec, cell), "seconds": seconds, "path": str(cell_dir(spec, cell)),
         })
     return pd.DataFrame(rows)
@@ -542,11 +550,11 @@ _BASE_COHORTS: dict[tuple[str, str], Any] = {}
 _EMBEDDINGS: dict[tuple[str, str, str, tuple[str, ...]], tuple[dict, dict]] = {}
 
 
-def load_study_cohort(spec: StudySpec, modalities: Sequence[str] = ()):
+def load_study_cohort(spec: StudySpec, encoders: Sequence[str] = ()):
     """The :class:`pipeline.dataset.SurvivalCohort` of a configuration, cached per process.
 
     One copy of the volumes per process is shared by every configuration; the embedding
-    rows of each modality set are read once per process through
+    rows of each combination of encoders are read once per process through
     :func:`pipeline.dataset.load_cohort` (which checks them against the cache).
     """
     from pipeline.dataset import load_cohort  # local: torch (see the note on imports)
@@ -555,15 +563,15 @@ def load_study_cohort(spec: StudySpec, modalities: Sequence[str] = ()):
     if key not in _BASE_COHORTS:
         _BASE_COHORTS[key] = load_cohort(spec.manifest, spec.cache_root)
     base = _BASE_COHORTS[key]
-    if not modalities:
+    if not encoders:
         return base
     if spec.embeddings is None:
-        raise ValueError(f"modalities {tuple(modalities)} requested but the study has no embeddings file")
-    ekey = (spec.embeddings, spec.cache_root, spec.manifest, tuple(modalities))
+        raise ValueError(f"encoders {tuple(encoders)} requested but the study has no embeddings file")
+    ekey = (spec.embeddings, spec.cache_root, spec.manifest, tuple(encoders))
     if ekey not in _EMBEDDINGS:
-        full = load_cohort(spec.manifest, spec.cache_root, spec.embeddings, tuple(modalities))
+        full = load_cohort(spec.manifest, spec.cache_root, spec.embeddings, tuple(encoders))
         if full.case_ids != base.case_ids:
-            raise ValueError(f"{spec.manifest}: case order changed while loading {tuple(modalities)} embeddings")
+            raise ValueError(f"{spec.manifest}: case order changed while loading {tuple(encoders)} embeddings")
         _EMBEDDINGS[ekey] = (full.embeddings, full.embedding_attrs)
     emb, attrs = _EMBEDDINGS[ekey]
     # Share the base volumes: one copy of the images per process, whatever the grid row.
@@ -710,7 +718,7 @@ def _train_cell(spec: StudySpec, cell: Cell, layout: RunLayout, progress: bool) 
     from pipeline.train import start_run, train_fold  # local: torch (see the note on imports)
 
     t0 = time.perf_counter()
-    cohort = load_study_cohort(spec, cell.config.modalities)
+    cohort = load_study_cohort(spec, cell.config.encoders)
     folds = load_folds(spec.folds_path_of(cell.split), expected_case_ids=cohort.case_ids)
     cfg, prov = _config_provenance(spec, cohort, cell.config, folds, cell.seed)
     start_run(layout.root, prov)
@@ -775,7 +783,7 @@ def split_folds(spec: StudySpec, split: str, cohort) -> pd.DataFrame:
 def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Create (or check) the study folder before any cell runs.
 
-    Loads the cohort with every modality the grid uses (so a missing or mismatched
+    Loads the cohort with every encoder the grid uses (so a missing or mismatched
     embedding row fails here, once, not in 52 jobs), creates or reuses the shared folds of
     every split (:func:`split_folds`), writes ``run.json`` of every configuration on every
     CNN split and seed, and writes ``study.json``: the spec, the
@@ -800,13 +808,13 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
                 f"{path}: the study folder was made with other settings (spec hash {old.get('spec_hash')!r}, "
                 f"this invocation {spec.hash!r}); use another study folder"
             )
-    all_mods = tuple(sorted({m for c in spec.configurations() for m in c.modalities}))
-    cohort = load_study_cohort(spec, all_mods) if all_mods else load_study_cohort(spec)
+    all_encoders = tuple(sorted({e for c in spec.configurations() for e in c.encoders}))
+    cohort = load_study_cohort(spec, all_encoders) if all_encoders else load_study_cohort(spec)
     all_folds = {split: split_folds(spec, split, cohort) for split in spec.splits()}
     folds = all_folds[FIRST_SPLIT]
     for split in spec.cnn_splits():
         for config in spec.configurations():
-            sub = load_study_cohort(spec, config.modalities)
+            sub = load_study_cohort(spec, config.encoders)
             for seed in spec.seed_indices(config, split):
                 _, prov = _config_provenance(spec, sub, config, all_folds[split], seed)
                 start_run(spec.run_dir(config, split, seed), prov)
@@ -880,7 +888,7 @@ def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str 
     summary = fit_peer_run(
         peer.kind, manifest_path=spec.manifest, folds_path=spec.folds_path_of(split), out_dir=layout.root,
         cache_root=spec.cache_root, features_path=spec.embeddings if peer.kind == "embeddings" else None,
-        modalities=list(MODALITY_SETS[peer.modality]) if peer.modality else None,
+        datasets=list(embedding_set(peer.embedding_set).encoders) if peer.embedding_set else None,
         config=peer.head_config(spec.head),
     )
     seconds = time.perf_counter() - t0
@@ -922,16 +930,18 @@ def run_peers(
 
 
 def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
-    """Path, sha256, file attributes and per-modality encoder records of an embedding file.
+    """Path, sha256, file attributes and per-dataset encoder records of an embedding file.
 
-    ``random_init`` is True when any modality was made with randomly initialised encoders.
+    ``random_init`` is True when any dataset was made with a randomly initialised encoder.
+    (The keys ``modalities`` and ``random_init_modalities`` name the datasets: study.json
+    files hold them under these names.)
     """
     with quiet_random_init():  # the caller states random-init loudly itself
-        es = read_embeddings(path)
-    random = sorted(m for m, a in es.modality_attrs.items() if a.get("weights_sha256") == RANDOM_INIT)
+        loaded = read_embeddings(path)
+    random = sorted(d for d, a in loaded.dataset_attrs.items() if a.get("weights_sha256") == RANDOM_INIT)
     return {
-        "path": str(path), "sha256": es.sha256, "attrs": es.attrs,
-        "modalities": {m: {k: v for k, v in a.items()} for m, a in es.modality_attrs.items()},
+        "path": str(path), "sha256": loaded.sha256, "attrs": loaded.attrs,
+        "modalities": {d: dict(a) for d, a in loaded.dataset_attrs.items()},
         "random_init": bool(random), "random_init_modalities": random,
     }
 
@@ -979,7 +989,7 @@ def announce_random_init(spec: StudySpec) -> bool:
     Returns:
         Whether the study uses embeddings and they are random-init.
     """
-    uses = any(c.modality for c in spec.configurations())
+    uses = any(c.embedding_set for c in spec.configurations())
     if not uses or spec.embeddings is None or not Path(spec.embeddings).is_file():
         return False
     prov = embeddings_provenance(spec.embeddings)

@@ -160,7 +160,7 @@ def test_input_validation():
         model(image.permute(0, 1, 3, 4, 2)[..., :16], clinical)
     with pytest.raises(ValueError, match="clinical"):
         model(image, clinical[:, :3])
-    with pytest.raises(ValueError, match="exactly modalities"):
+    with pytest.raises(ValueError, match="must cover exactly"):
         DeepMTS(DeepMTSConfig.tiny(N_CLIN, fm_dims={"ct": 3}))(image, clinical, None)
     with pytest.raises(ValueError, match="divisible by 16"):
         DeepMTSConfig(n_clinical=1, input_size=(40, 80, 80))
@@ -232,12 +232,12 @@ def test_fm_projection_order_is_deterministic_and_inputs_checked():
     ct, pet = torch.randn(2, 3), torch.randn(2, 4)
     a = FMProjection({"pet": 4, "ct": 3}, None)
     b = FMProjection({"ct": 3, "pet": 4}, None)
-    assert a.modalities == b.modalities == ("ct", "pet")
+    assert a.names == b.names == ("ct", "pet")
     torch.testing.assert_close(a({"pet": pet, "ct": ct}), torch.cat([ct, pet], dim=1))
     torch.testing.assert_close(b({"ct": ct, "pet": pet}), torch.cat([ct, pet], dim=1))
     with pytest.raises(ValueError, match=r"shape \[B, 3\]"):
         a({"ct": torch.randn(2, 5), "pet": pet})
-    with pytest.raises(ValueError, match="exactly modalities"):
+    with pytest.raises(ValueError, match="must cover exactly"):
         a({"ct": ct})
     empty = FMProjection({}, 64)
     assert empty.out_dim == 0 and empty(None, reference=torch.zeros(5, 2)).shape == (5, 0)

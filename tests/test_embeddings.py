@@ -1,4 +1,5 @@
-"""Stage one embedding cache: schema, alignment, provenance, reuse, loader, CLI."""
+"""Stage one: extraction into the embeddings store (schema, alignment, provenance, reuse),
+the store's loader, and the CLI."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import embeddings as emb
+from pipeline import extraction as ext
+from pipeline.embedding_sets import ENCODERS
 from pipeline.artefacts import ProvenanceError, sha256_file
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
 from pipeline.cli.embed import extract_embeddings as cli
@@ -57,14 +60,14 @@ def make_cache(root: Path, case_ids=CASES, *, params=None, seed=0, bump=()) -> P
     return PreprocessedCache(root)
 
 
-def run(cache, modality, out, **kw):
+def run(cache, set_name, out, **kw):
     kw.setdefault("random_init", True)
     kw.setdefault("encoder_kwargs", TINY)
     kw.setdefault("device", "cpu")
     kw.setdefault("progress", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", emb.RandomInitWarning)
-        return emb.run_extraction(cache.root if hasattr(cache, "root") else cache, modality, out, **kw)
+        return ext.run_extraction(cache.root if hasattr(cache, "root") else cache, set_name, out, **kw)
 
 
 class ForwardCounter:
@@ -98,7 +101,7 @@ def cache(tmp_path):
 def test_schema_and_alignment_readable_with_plain_h5py_and_pandas(cache, tmp_path):
     out = tmp_path / "emb" / "ct.h5"
     res = run(cache, "ct", out, batch_size=2)
-    assert res.path == out and res.per_modality["ct"].computed == len(CASES)
+    assert res.path == out and res.per_encoder["ct"].computed == len(CASES)
 
     with h5py.File(out, "r") as h5:
         ids = list(h5["case_ids"].asstr()[()])
@@ -133,7 +136,7 @@ def test_schema_and_alignment_readable_with_plain_h5py_and_pandas(cache, tmp_pat
         np.testing.assert_allclose(ct[i], ref, rtol=1e-4, atol=1e-5)
     assert not np.allclose(ct[0], ct[1])
 
-    # The README's pandas recipe gives the loader's frame.
+    # The plain pandas recipe (README.md, embeddings/README.md) gives the loader's frame.
     with h5py.File(out, "r") as h5:
         df = pd.DataFrame(h5["ct"][:], index=h5["case_ids"].asstr()[:])
     with pytest.warns(emb.RandomInitWarning):
@@ -154,7 +157,7 @@ def test_ctpet_reuses_shards_and_no_encoder_runs_twice(cache, tmp_path):
     with ForwardCounter() as fc:
         res = run(cache, "ctpet", out_dir / "ctpet.h5", batch_size=2)
     assert fc.counts == {"ct": 0, "pet": 6}
-    assert res.per_modality["ct"].reused == len(CASES) and res.per_modality["pet"].computed == len(CASES)
+    assert res.per_encoder["ct"].reused == len(CASES) and res.per_encoder["pet"].computed == len(CASES)
     with ForwardCounter() as fc:
         res = run(cache, "pet", out_dir / "pet.h5")
     assert fc.counts == {"ct": 0, "pet": 0} and res.computed == 0
@@ -167,7 +170,7 @@ def test_ctpet_reuses_shards_and_no_encoder_runs_twice(cache, tmp_path):
         assert b["pet"].attrs["pooling"] == "mean_tokens_pre_neck"
         assert list(b["case_ids"].asstr()[()]) == cache.case_ids
     with pytest.warns(emb.RandomInitWarning):
-        df = emb.load_embeddings(out_dir / "ctpet.h5", modalities=["pet", "ct"])
+        df = emb.load_embeddings(out_dir / "ctpet.h5", datasets=["pet", "ct"])
     assert df.shape == (len(CASES), 128)
     assert df.columns[0] == "pet_000" and df.columns[-1] == "ct_063"
 
@@ -199,7 +202,7 @@ def test_added_case_computes_only_that_case(tmp_path):
     bigger = make_cache(tmp_path / "c1", CASES)  # same seed: first three cases identical
     with ForwardCounter() as fc:
         res = run(bigger, "ct", out)
-    assert res.per_modality["ct"].reused == 3 and res.per_modality["ct"].computed == 2
+    assert res.per_encoder["ct"].reused == 3 and res.per_encoder["ct"].computed == 2
     assert fc.counts["ct"] == 2  # one batch [3, 4]; cases 0-2 never rerun
     with h5py.File(out) as h5:
         assert list(h5["case_ids"].asstr()[()]) == CASES
@@ -225,7 +228,7 @@ def test_other_provenance_is_refused_not_mixed(cache, tmp_path):
     assert out.read_bytes() == original
 
     res = run(other, "ct", out, seed=1, overwrite=True)
-    assert res.per_modality["ct"].computed == len(CASES)
+    assert res.per_encoder["ct"].computed == len(CASES)
     with h5py.File(out) as h5:
         assert h5.attrs["params_hash"] == other.params_hash
         assert h5["ct"].attrs["random_init_seed"] == 1
@@ -265,12 +268,12 @@ def test_thread_count_is_provenance_under_native_numerics(cache, tmp_path, monke
         run(cache, "ct", out, threads=2)
     assert "--overwrite" in str(err.value) and out.read_bytes() == original
     res = run(cache, "ct", out, threads=2, overwrite=True)
-    assert res.per_modality["ct"].computed == len(CASES)  # nothing reused from the 1-thread store
+    assert res.per_encoder["ct"].computed == len(CASES)  # nothing reused from the 1-thread store
     with h5py.File(out) as h5:
         assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "numerics": "native", "threads": 2}
-    default = emb.compute_record(torch.device("cpu"), None)
+    default = ext.compute_record(torch.device("cpu"), None)
     assert default == {"device": "cpu", "numerics": "native", "threads": len(os.sched_getaffinity(0))}
-    assert emb.compute_record(torch.device("cuda"), 4) == {"device": "cuda"}
+    assert ext.compute_record(torch.device("cuda"), 4) == {"device": "cuda"}
 
 
 def test_loader_refuses_other_preprocessing_and_lists_missing_cases(cache, tmp_path):
@@ -304,7 +307,7 @@ def test_loader_refuses_other_preprocessing_and_lists_missing_cases(cache, tmp_p
         emb.load_embeddings(out, cache=cache, case_ids=["CHUM-001", "CHUS-010", "HMR-011"])
     assert err.value.missing == ["CHUS-010", "HMR-011"] and "CHUS-010" in str(err.value)
     with pytest.raises(ProvenanceError, match="pet"):
-        emb.load_embeddings(out, modalities=["pet"])
+        emb.load_embeddings(out, datasets=["pet"])
 
     # The same folder preprocessed again: said so.
     shutil.rmtree(cache.root)
@@ -337,8 +340,8 @@ def test_missing_weights_error_says_where_to_get_them(cache, tmp_path, monkeypat
     monkeypatch.delenv("HNFM_CT_FM_WEIGHTS", raising=False)
     monkeypatch.delenv("HNFM_PET_FM_WEIGHTS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    with pytest.raises(emb.WeightsNotFoundError) as err:
-        emb.run_extraction(cache.root, "ct", tmp_path / "ct.h5", device="cpu", progress=False)
+    with pytest.raises(ext.WeightsNotFoundError) as err:
+        ext.run_extraction(cache.root, "ct", tmp_path / "ct.h5", device="cpu", progress=False)
     msg = str(err.value)
     for needle in ("project-lighter/ct_fm_feature_extractor", "model.safetensors", "--ct-weights",
                    "HNFM_CT_FM_WEIGHTS", "~/.cache/hnfm/ct_fm/model.safetensors", "--random-init"):
@@ -365,14 +368,14 @@ def test_checkpoint_file_sha256_recorded_and_loaded(cache, tmp_path):
     out = tmp_path / "emb" / "ct.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("error", emb.RandomInitWarning)  # must not warn
-        res = emb.run_extraction(cache.root, "ct", out, ct_weights=ckpt, device="cpu",
+        res = ext.run_extraction(cache.root, "ct", out, weights={"ct": ckpt}, device="cpu",
                                  encoder_kwargs={"ct": TINY["ct"]}, progress=False)
         s = emb.read_embeddings(out, cache=cache)
-    assert res.per_modality["ct"].computed == len(CASES)
-    a = s.modality_attrs["ct"]
+    assert res.per_encoder["ct"].computed == len(CASES)
+    a = s.dataset_attrs["ct"]
     assert a["weights_sha256"] == sha256_file(ckpt) and a["random_init_seed"] == -1
     assert a["weights_path"] == str(ckpt.resolve()) and not s.attrs["random_init"]
-    assert sha256_file(ckpt)[:12] in res.per_modality["ct"].store.name
+    assert sha256_file(ckpt)[:12] in res.per_encoder["ct"].store.name
 
     loaded, sha = load_ct_fm(ckpt, **TINY["ct"])
     x = torch.from_numpy(cache.read(CASES[2], ("ctfm/ct",))["ctfm/ct"])[None, None]
@@ -417,8 +420,8 @@ def test_bad_cached_input_names_case_and_file(tmp_path):
 
 def test_concurrent_run_on_same_output_is_refused(cache, tmp_path):
     out = tmp_path / "emb" / "ct.h5"
-    with emb._exclusive_lock(out.parent / f".{out.name}.lock"):
-        with pytest.raises(emb.ExtractionLockedError, match="another extract-embeddings run"):
+    with ext._exclusive_lock(out.parent / f".{out.name}.lock"):
+        with pytest.raises(ext.ExtractionLockedError, match="another extract-embeddings run"):
             run(cache, "ct", out)
     run(cache, "ct", out)  # released: works
     assert out.is_file()
@@ -449,7 +452,7 @@ def test_cuda_oom_halves_the_batch():
 
     m = Flaky()
     x = np.arange(3 * 8, dtype=np.float32).reshape(3, 1, 2, 2, 2)
-    out = emb._forward_halving(m, x, torch.device("cpu"), "fp32")
+    out = ext._forward_halving(m, x, torch.device("cpu"), "fp32")
     np.testing.assert_array_equal(out, x.reshape(3, -1)[:, :3] * 2)
     assert m.sizes == [3, 1, 2, 1, 1]
 
@@ -479,7 +482,7 @@ def test_oom_retry_releases_the_failed_batch_before_retrying():
     with torch.inference_mode():
         expected = encoder(torch.from_numpy(x)).numpy()
     wrapped = OutOfMemoryAbove(encoder, k=2)
-    out = emb._forward_halving(wrapped, x, torch.device("cpu"), "fp32")
+    out = ext._forward_halving(wrapped, x, torch.device("cpu"), "fp32")
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
     assert [n for n, _ in wrapped.sizes] == [5, 2, 3, 1, 2]
     # Every call after a failure saw the failed batches' tensors already released.
@@ -496,25 +499,31 @@ def _cache_with_pet_size(root: Path, size_xyz) -> PreprocessedCache:
     return PreprocessedCache(root)
 
 
-def test_pet_encoder_config_follows_the_cache(tmp_path):
+def test_encoder_config_follows_the_cache(tmp_path):
     import inspect
 
     from models.pet_fm import PETFMEncoder
-    from pipeline.demo import DEMO_ENCODERS, DEMO_PETFM_SIZE_XYZ
+    from pipeline.demo import DEMO_PETFM_SIZE_XYZ
+
+    def fitted(cache, requested=None):
+        return ext.fitted_encoder_config(cache, "pet", requested)
 
     defaults = inspect.signature(PETFMEncoder).parameters
-    assert emb.PET_FM_PUBLISHED == {k: defaults[k].default for k in emb.PET_FM_PUBLISHED}
+    published = ENCODERS["pet"].cube_input
+    assert dict(published) == {k: defaults[k].default for k in published}
     demo = _cache_with_pet_size(tmp_path / "demo", DEMO_PETFM_SIZE_XYZ)
-    assert emb.pet_encoder_config(demo) == DEMO_ENCODERS["pet"]
-    assert emb.pet_encoder_config(_cache_with_pet_size(tmp_path / "paper", (128, 128, 128))) == {}
-    big = emb.pet_encoder_config(_cache_with_pet_size(tmp_path / "big", (256, 256, 256)))
+    assert fitted(demo) == {"img_size": 64, "window_size": 4}  # the demo's 4^3 token grid and windows
+    assert fitted(_cache_with_pet_size(tmp_path / "paper", (128, 128, 128))) == {}
+    big = fitted(_cache_with_pet_size(tmp_path / "big", (256, 256, 256)))
     assert big == {"img_size": 256, "window_size": 8}  # 16 tokens per axis: largest divisor <= 14
-    assert emb.pet_encoder_config(demo, {"depth": 2, "window_size": 2}) == {
+    assert fitted(demo, {"depth": 2, "window_size": 2}) == {
         "depth": 2, "window_size": 2, "img_size": 64}
     with pytest.raises(ValueError, match=r"img_size 128.*64\^3.*--encoder-config"):
-        emb.pet_encoder_config(demo, {"img_size": 128})
+        fitted(demo, {"img_size": 128})
     with pytest.raises(ValueError, match=r"\[32, 64, 64\].*cube"):
-        emb.pet_encoder_config(_cache_with_pet_size(tmp_path / "flat", (64, 64, 32)))
+        fitted(_cache_with_pet_size(tmp_path / "flat", (64, 64, 32)))
+    # An encoder that takes any input size gets what was asked for.
+    assert ext.fitted_encoder_config(demo, "ct", {"init_filters": 4}) == {"init_filters": 4}
 
 
 @pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")
@@ -574,12 +583,12 @@ def test_failed_runs_leave_no_lock_files_or_empty_stores(tmp_path):
     with pytest.raises(ProvenanceError):
         run(good, "ct", out, seed=1)
     assert _leftovers(work) == []
-    stores = [p.name for p in (out.parent / emb.SHARD_DIR_NAME).iterdir() if p.is_dir()]
+    stores = [p.name for p in (out.parent / ext.SHARD_DIR_NAME).iterdir() if p.is_dir()]
     assert len(stores) == 1 and "seed0" in stores[0]
 
 
 def test_missing_weights_of_both_encoders_are_named_together(cache, tmp_path, monkeypatch):
-    for env in emb.WEIGHTS_ENV.values():
+    for env in (e.weights_env for e in ENCODERS.values()):
         monkeypatch.delenv(env, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     r = CliRunner().invoke(cli, ["--modality", "ctpet", "--cache", str(cache.root),

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import embeddings as emb
+from pipeline import extraction as ext
 from pipeline.artefacts import params_hash
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
 
@@ -52,7 +52,8 @@ def slowed_run(args: list[str], patch: str) -> subprocess.Popen:
     script = textwrap.dedent(f"""
         import sys, time, torch
         torch.set_num_threads(2)  # as in-process (conftest): same kernels, same bits
-        import pipeline.embeddings as emb
+        import pipeline.embeddings as emb  # the store: writes the final file
+        import pipeline.extraction as ext  # runs the encoders, writes the shards
         {patch}
         from pipeline.cli.embed import extract_embeddings
         extract_embeddings({args!r})
@@ -90,7 +91,7 @@ def setup(tmp_path_factory):
     ref = root / "ref" / "ct.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        emb.run_extraction(cache.root, "ct", ref, random_init=True, device="cpu", batch_size=2,
+        ext.run_extraction(cache.root, "ct", ref, random_init=True, device="cpu", batch_size=2,
                            encoder_kwargs=TINY_CT, progress=False)
     return cache, read(ref)
 
@@ -98,15 +99,15 @@ def setup(tmp_path_factory):
 def test_kill9_while_writing_shards_then_resume_matches_uninterrupted(setup, tmp_path):
     cache, (ref_ids, ref_fps, ref_ct) = setup
     out = tmp_path / "emb" / "ct.h5"
-    shards = tmp_path / "emb" / emb.SHARD_DIR_NAME
+    shards = tmp_path / "emb" / ext.SHARD_DIR_NAME
     # Sleep between writing a shard's temporary file and renaming it into place, so the
     # kill lands with a half-finished shard on disk.
     proc = slowed_run(cli_args(cache, out), textwrap.dedent("""
-        _save = emb._save_array
+        _save = ext._save_array
         def _slow(handle, arr):
             _save(handle, arr)
             time.sleep(0.4)
-        emb._save_array = _slow
+        ext._save_array = _slow
     """).strip().replace("\n", "\n        "))
     done = lambda: list(shards.rglob("*.npy"))  # noqa: E731
     wait_for(lambda: len(done()) >= 3 and temps(shards), proc)
@@ -120,10 +121,10 @@ def test_kill9_while_writing_shards_then_resume_matches_uninterrupted(setup, tmp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = emb.run_extraction(cache.root, "ct", out, random_init=True, device="cpu",
+        res = ext.run_extraction(cache.root, "ct", out, random_init=True, device="cpu",
                                  batch_size=2, encoder_kwargs=TINY_CT, progress=False)
-    assert res.per_modality["ct"].reused == n_done
-    assert res.per_modality["ct"].computed == len(CASES) - n_done
+    assert res.per_encoder["ct"].reused == n_done
+    assert res.per_encoder["ct"].computed == len(CASES) - n_done
     assert not temps(tmp_path)  # ... and removed, never read
     ids, fps, ct = read(out)
     assert ids == ref_ids == CASES and fps == ref_fps
@@ -140,7 +141,7 @@ def test_kill9_while_assembling_then_rerun_reuses_everything(setup, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists() and list(out.parent.glob(f".{out.name}.*.tmp"))
-    assert len(list((out.parent / emb.SHARD_DIR_NAME).rglob("*.npy"))) == len(CASES)
+    assert len(list((out.parent / ext.SHARD_DIR_NAME).rglob("*.npy"))) == len(CASES)
 
     # The real command, in a process of its own; then once more on the complete file.
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -140,10 +140,10 @@ def env_for(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
 
 RESOLVE = """
 import json, sys
-from pipeline import embeddings as emb
+from pipeline import extraction as ext
 try:
-    path = emb.resolve_weights(sys.argv[1], None)
-except emb.WeightsNotFoundError as exc:
+    path = ext.resolve_weights(sys.argv[1], None)
+except ext.WeightsNotFoundError as exc:
     print(json.dumps({"error": str(exc)}))
     sys.exit(3)
 from pipeline.artefacts import sha256_file
@@ -156,12 +156,13 @@ import json, sys, warnings
 from pathlib import Path
 from test_embeddings import TINY, make_cache
 from pipeline import embeddings as emb
+from pipeline import extraction as ext
 cache = make_cache(Path(sys.argv[1]) / "cache")
 out = Path(sys.argv[1]) / "ct.h5"
 with warnings.catch_warnings():
     warnings.simplefilter("error", emb.RandomInitWarning)  # never random-init
-    emb.run_extraction(cache.root, "ct", out, device="cpu", encoder_kwargs={"ct": TINY["ct"]}, progress=False)
-    a = emb.read_embeddings(out, cache=cache).modality_attrs["ct"]
+    ext.run_extraction(cache.root, "ct", out, device="cpu", encoder_kwargs={"ct": TINY["ct"]}, progress=False)
+    a = emb.read_embeddings(out, cache=cache).dataset_attrs["ct"]
 print(json.dumps({"weights_sha256": a["weights_sha256"], "weights_path": a["weights_path"]}))
 """
 

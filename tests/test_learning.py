@@ -29,7 +29,7 @@ from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
 from pipeline.demo_cohort import generate_demo_cohort
 from pipeline.hecktor import build_manifest
 from pipeline.manifest import CLINICAL_COLUMNS
-from pipeline.peers import import_feature_table
+from pipeline.feature_tables import import_feature_table
 from pipeline.pool import Job, JobPool
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
 from pipeline.train import TrainConfig, get_folds, train_survival

@@ -15,6 +15,7 @@ from pipeline import peers
 from pipeline.artefacts import ProvenanceError
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
 from pipeline.embeddings import MissingCasesError, load_embeddings
+from pipeline.feature_tables import import_feature_table
 from pipeline.cli.heads import fit_heads, import_features
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.metrics import c_index
@@ -176,7 +177,7 @@ def _embeddings(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     pet[:, :5] += 1.5 * factor[:, None]
     frame = pd.DataFrame(np.hstack([ct, pet]), index=pd.Index(df.case_id, name="case_id"),
                          columns=[f"ct_{j:03d}" for j in range(40)] + [f"pet_{j:03d}" for j in range(30)])
-    frame.attrs["feature_modalities"] = ["ct", "pet"]
+    frame.attrs["feature_datasets"] = ["ct", "pet"]
     return frame, factor
 
 
@@ -226,15 +227,15 @@ def test_import_feature_table_round_trips_and_feeds_the_heads(tmp_path):
     table.loc[3, "firstorder_Mean"] = np.nan
     csv = tmp_path / "radiomics.csv"
     table.to_csv(csv, index=False)
-    res = peers.import_feature_table(csv, tmp_path / "emb" / "radiomics.h5", name="radiomics", cache=cache)
+    res = import_feature_table(csv, tmp_path / "emb" / "radiomics.h5", name="radiomics", cache=cache)
     assert res["columns"] == ["original_shape_Volume", "firstorder_Mean"]
     assert res["dropped_columns"] == ["diagnostics_Version"] and res["not_in_cache"] == []
     back = load_embeddings(res["path"], cache=cache, case_ids=df.case_id.tolist()[::-1])
     assert back.index.tolist() == df.case_id.tolist()[::-1]
     expect = table.set_index("PatientID").loc[back.index, res["columns"]].to_numpy()
     np.testing.assert_allclose(back.to_numpy(), expect.astype(np.float32), equal_nan=True)
-    assert json.loads(back.attrs["modality_attrs"]["radiomics"]["columns"]) == res["columns"]
-    assert back.attrs["feature_modalities"] == ["radiomics"]
+    assert json.loads(back.attrs["dataset_attrs"]["radiomics"]["columns"]) == res["columns"]
+    assert back.attrs["feature_datasets"] == ["radiomics"]
     from pipeline.artefacts import sha256_file
 
     with h5py.File(res["path"]) as h5:
@@ -257,14 +258,14 @@ def test_import_feature_table_rejects_bad_tables(tmp_path):
     csv = tmp_path / "t.csv"
     pd.DataFrame({"PatientID": ["A", "A"], "f": [1.0, 2.0]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"duplicate 'PatientID' values \['A'\]"):
-        peers.import_feature_table(csv, tmp_path / "x.h5")
+        import_feature_table(csv, tmp_path / "x.h5")
     with pytest.raises(ValueError, match="no id column 'ID'"):
-        peers.import_feature_table(csv, tmp_path / "x.h5", id_column="ID")
+        import_feature_table(csv, tmp_path / "x.h5", id_column="ID")
     pd.DataFrame({"PatientID": ["A", "B"], "f": [1.0, np.inf]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match="infinite value in column 'f' for case 'B'"):
-        peers.import_feature_table(csv, tmp_path / "x.h5")
+        import_feature_table(csv, tmp_path / "x.h5")
     with pytest.raises(ValueError, match="reserved"):
-        peers.import_feature_table(csv, tmp_path / "x.h5", name="ct")
+        import_feature_table(csv, tmp_path / "x.h5", name="ct")
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -395,7 +396,7 @@ def _table(ids, seed=0) -> pd.DataFrame:
 def test_import_without_a_cache_is_recorded_and_skips_cache_checks(tmp_path, monkeypatch):
     ids = [f"SYN-{i:03d}" for i in range(12)]
     _table(ids).to_csv(tmp_path / "radiomics.csv", index=False)
-    res = peers.import_feature_table(tmp_path / "radiomics.csv", tmp_path / "x.h5", id_column="Patient_ID")
+    res = import_feature_table(tmp_path / "radiomics.csv", tmp_path / "x.h5", id_column="Patient_ID")
     assert res["cache_bound"] is False
     with h5py.File(tmp_path / "x.h5") as h5:
         assert not h5.attrs["cache_bound"] and h5.attrs["params_hash"] == "" and h5.attrs["cache_path"] == ""
@@ -428,7 +429,7 @@ def test_import_writes_through_the_embeddings_writer(tmp_path, monkeypatch):
 
     _table(["A", "B"]).to_csv(tmp_path / "t.csv", index=False)
     monkeypatch.setattr(emb, "SCHEMA_VERSION", 99)
-    peers.import_feature_table(tmp_path / "t.csv", tmp_path / "t.h5", id_column="Patient_ID", name="t")
+    import_feature_table(tmp_path / "t.csv", tmp_path / "t.h5", id_column="Patient_ID", name="t")
     with h5py.File(tmp_path / "t.h5") as h5:
         assert h5.attrs["schema_version"] == 99 and h5.attrs["source"] == "feature_table"
     assert load_embeddings(tmp_path / "t.h5").shape == (2, 2)  # the reader follows the same version
@@ -441,7 +442,7 @@ def test_import_refuses_a_table_missing_manifest_cases_and_fit_heads_advises_imp
     save_folds(_folds(df, 4), tmp_path / "folds.json")
     _table(df.case_id[:5].tolist() + ["OTHER-1"]).to_csv(tmp_path / "part.csv", index=False)
     with pytest.raises(MissingCasesError) as err:
-        peers.import_feature_table(tmp_path / "part.csv", tmp_path / "p.h5", id_column="Patient_ID",
+        import_feature_table(tmp_path / "part.csv", tmp_path / "p.h5", id_column="Patient_ID",
                                    expected_case_ids=df.case_id.tolist())
     assert err.value.missing == df.case_id[5:].tolist()
     assert "covers 5 of the 20 cases" in str(err.value) and "--allow-missing" in str(err.value)
@@ -504,7 +505,7 @@ def test_fit_heads_on_random_init_embeddings_warns_once(tmp_path):
     save_folds(_folds(df), tmp_path / "folds.json")
     ct = emb.filter(like="ct_").to_numpy()
     attrs = {"encoder": "ct_fm_segresencoder", "weights_sha256": RANDOM_INIT, "random_init_seed": 0}
-    write_embedding_file(tmp_path / "ct.h5", modality="ct", case_ids=df.case_id.tolist(),
+    write_embedding_file(tmp_path / "ct.h5", name="ct", case_ids=df.case_id.tolist(),
                          datasets={"ct": (ct, attrs, {"encoder": "ct_fm_segresencoder", "seed": 0})},
                          cache=None, random_init=True)
     code = "from pipeline.cli.heads import fit_heads; fit_heads()"

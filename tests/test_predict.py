@@ -28,7 +28,7 @@ N_FOLDS = 3
 def trained(tiny_study, tmp_path_factory):
     """A tiny 3-fold run with random-init CT+PET embeddings, and 4 new patients."""
     from pipeline.demo_cohort import generate_demo_cohort
-    from pipeline.embeddings import extract_embeddings
+    from pipeline.extraction import extract_embeddings
     from pipeline.hecktor import build_manifest
 
     out = tmp_path_factory.mktemp("predict")
@@ -251,14 +251,15 @@ def test_precision_is_part_of_the_embedding_identity(trained):
 def test_new_cases_are_embedded_at_the_runs_recorded_precision(trained, tmp_path):
     """Not at the device's default: a bf16 run embeds new patients in bf16 even on this CPU."""
     from pipeline.artefacts import read_json
-    from pipeline.embeddings import open_cache, read_embeddings
+    from pipeline.embeddings import read_embeddings
+    from pipeline.extraction import open_cache
     from pipeline.predict import embed_new_cases
 
     run = read_json(trained["run"] / "run.json")
     for attrs in run["embeddings"]["modalities"].values():
         attrs["precision"] = "bf16-autocast"
     path = embed_new_cases(run, open_cache(trained["cache"]), tmp_path, device="cpu", progress=False)
-    found = read_embeddings(path).modality_attrs
+    found = read_embeddings(path).dataset_attrs
     assert {a["precision"] for a in found.values()} == {"bf16-autocast"}
     fp32 = read_embeddings(trained["out"] / "ctpet.h5")
     bf16 = read_embeddings(path)

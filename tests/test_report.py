@@ -23,7 +23,7 @@ from pipeline.artefacts import read_json, write_json_atomic
 from pipeline.layout import PEER_FILE
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.splits import leave_one_centre_out, make_folds, save_folds
-from pipeline.study import MODALITY_SETS
+from pipeline.embedding_sets import embedding_set
 from test_study import make_spec, make_study_inputs
 
 
@@ -37,7 +37,7 @@ def _records(values: dict[str, dict[str, list]], n_folds: int = 3) -> pd.DataFra
             for k in range(n_folds):
                 done = k < len(folds)
                 c, a, s = folds[k] if done else (np.nan, np.nan, np.nan)
-                rows.append({"config": name, "modality": conf.modality or "baseline", "d": conf.d_label,
+                rows.append({"config": name, "group": conf.group, "d": conf.d_label,
                              "fold": k, "protocol": proto, "done": done, "c_index": c, "auc_1y": a,
                              "selection_c_index": s})
     return pd.DataFrame(rows)
@@ -67,7 +67,7 @@ def test_summary_means_sds_best_d_and_deltas_are_computed_from_the_records():
     assert s.loc[("paper", "ct-d256"), "n_done"] == 2
     assert math.isnan(s.loc[("paper", "ctpet-d64"), "c_mean"]) and s.loc[("paper", "ctpet-d64"), "n_done"] == 0
 
-    t_paper = report.table1(summary, "paper").set_index("modality")
+    t_paper = report.table1(summary, "paper").set_index("group")
     assert t_paper.loc["ct", "config"] == "ct-d128"
     assert t_paper.loc["ct", "c_mean"] == pytest.approx(0.75)
     assert t_paper.loc["ct", "delta_c"] == pytest.approx(0.75 - 0.62)
@@ -75,7 +75,7 @@ def test_summary_means_sds_best_d_and_deltas_are_computed_from_the_records():
     assert t_paper.loc["pet", "d"] == "orig" and t_paper.loc["pet", "delta_c"] == pytest.approx(0.04)
     assert t_paper.loc["ctpet", "status"] == "pending"
 
-    t_inner = report.table1(summary, "inner").set_index("modality")
+    t_inner = report.table1(summary, "inner").set_index("group")
     assert t_inner.loc["ct", "config"] == "ct-d64"  # chosen by the inner-validation mean
     assert t_inner.loc["ct", "c_mean"] == pytest.approx(0.63)
     assert t_inner.loc["ct", "delta_c"] == pytest.approx(0.63 - 0.60)
@@ -164,14 +164,14 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert js["cells"] == {"total": 6, "done": 3}
     assert js["study"]["embeddings"]["random_init"] is True
     # PET was not requested: no Table 1 row says "pending" for it, the text names it as not part of the study.
-    assert {r["modality"] for r in js["table1"]["paper"]} == {"baseline", "ct", "ctpet", "clinical",
+    assert {r["group"] for r in js["table1"]["paper"]} == {"baseline", "ct", "ctpet", "clinical",
                                                               "radiomics", "head-ct", "head-ctpet"}
     assert "| DeepMTS+DAFT + PET |" not in md and "| + PET |" not in md
     assert md.count("Not part of this study: DeepMTS+DAFT + PET (not requested") == 3  # headline, Table 1 x2
     # Integers, not "2.0 of 2.0 folds"; a baseline of 2 epochs x 2 steps is called barely trained.
     assert not re.search(r"\d\.0 of \d\.0 folds", md)
     assert "the baseline barely trained (mean train C-index" in md and "after 4 optimiser steps" in md
-    assert {r["status"] for r in js["table1"]["paper"] if r["modality"].startswith(("head", "clin", "rad"))} \
+    assert {r["status"] for r in js["table1"]["paper"] if r["group"].startswith(("head", "clin", "rad"))} \
         == {"pending"}
 
 
@@ -263,7 +263,7 @@ def _write_peer(spec, peer, split: str, cases, folds, *, n_components: int | Non
     out = spec.peer_dir(peer, split)
     out.mkdir(parents=True, exist_ok=True)
     # Heads whose PCA is capped share one fit: the same risks, hence identical metrics.
-    name = f"head-{peer.modality}-capped" if n_components and peer.proj and peer.proj > n_components else peer.name
+    name = f"{peer.group}-capped" if n_components and peer.proj and peer.proj > n_components else peer.name
     risk = _risk(cases["z"].to_numpy(), f"{name}/{split}", 0.6)
     oof, train, fits = [], [], []
     for k in sorted(folds["fold"].unique()):
@@ -272,7 +272,7 @@ def _write_peer(spec, peer, split: str, cases, folds, *, n_components: int | Non
         train.append(tr.assign(fold=k, protocol="fit"))
         fit = {"fold": int(k), "n_train": len(tr), "inner_c_index": 0.6 + 0.01 * (peer.proj or 0) / 64}
         if peer.kind == "embeddings" and peer.proj is not None:
-            fit |= {f"{m}_pca_components": min(peer.proj, len(tr) - 1) for m in MODALITY_SETS[peer.modality]}
+            fit |= {f"{m}_pca_components": min(peer.proj, len(tr) - 1) for m in embedding_set(peer.embedding_set).encoders}
         fits.append(fit)
     oof = pd.concat(oof)
     oof.to_csv(out / "oof_predictions.csv", index=False)
@@ -401,7 +401,7 @@ def test_each_protocols_rows_show_that_protocols_own_values(fake):
             part = oof[oof["protocol"] == proto]
             c.append(concordance_index(part["time"], -part["risk"], part["event"]))
             auc.append(read_json(folder / "done.json")["protocols"][proto]["auc_1y"])
-        row = {r["modality"]: r for r in js["table1"][proto]}["baseline"]
+        row = {r["group"]: r for r in js["table1"][proto]}["baseline"]
         assert row["c_mean"] == pytest.approx(np.mean(c)) and row["c_sd"] == pytest.approx(np.std(c, ddof=1))
         assert row["auc_mean"] == pytest.approx(np.mean(auc)) and row["auc_sd"] == pytest.approx(np.std(auc, ddof=1))
         t1 = _md_table(text, f"## Table 1 - {'unbiased' if proto == 'inner' else 'paper'}").set_index("configuration")
@@ -441,7 +441,7 @@ def test_sentences_follow_the_numbers():
 
 def test_identical_heads_are_shown_once_with_the_reason(fake):
     text, js = fake["text"], fake["js"]
-    groups = {g["modality"]: g for g in js["identical"]}
+    groups = {g["group"]: g for g in js["identical"]}
     # 60 cases in 3 folds: 40 training cases, so d = 64 and d = 128 both keep 39 PCA components.
     assert set(groups) == {"head-ct"} and groups["head-ct"]["configs"] == ["head-ct-d64", "head-ct-d128"]
     assert "39 components" in groups["head-ct"]["reason"] and "training-fold size" in groups["head-ct"]["reason"]
@@ -712,7 +712,7 @@ def test_table1_rows_read_their_own_protocol_out_of_fold_risks(fake):
             auc.append(fold_metrics(held[["case_id", "fold", "risk", "time", "event"]],
                                     train_survival={k: (train["time"], train["event"])}).iloc[0]["auroc"])
         expected[proto] = (np.mean(c), np.nanmean(auc))
-        row = next(r for r in fake["js"]["table1"][proto] if r["modality"] == "baseline")
+        row = next(r for r in fake["js"]["table1"][proto] if r["group"] == "baseline")
         assert row["c_mean"] == pytest.approx(expected[proto][0], abs=1e-9), proto
         assert row["auc_mean"] == pytest.approx(expected[proto][1], abs=1e-9), proto
     assert abs(expected["inner"][0] - expected["paper"][0]) > 0.05  # the test can tell them apart

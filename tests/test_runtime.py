@@ -36,12 +36,12 @@ def test_embeddings_are_the_same_bytes_on_any_thread_count():
     import numpy as np
     import torch
 
-    from pipeline import embeddings as E
+    from pipeline import extraction as E
 
     rng = np.random.default_rng(0)
     sizes = {"ct": ((16, 64, 64), {}), "pet": ((64, 64, 64), {"img_size": 64, "window_size": 4})}
-    for modality, (dhw, config) in sizes.items():
-        spec = E._make_spec(modality, weights=None, random_init=True, seed=0, encoder_config=config,
+    for encoder, (dhw, config) in sizes.items():
+        spec = E._make_spec(encoder, weights=None, random_init=True, seed=0, encoder_config=config,
                             precision="fp32")
         model = E._build_encoder(spec)
         x = rng.random((2, 1, *dhw), dtype=np.float32)
@@ -50,7 +50,7 @@ def test_embeddings_are_the_same_bytes_on_any_thread_count():
             with runtime.compute_threads(threads):
                 outs[threads] = E._forward(model, x, torch.device("cpu"), "fp32")
         differ = [n for n, out in outs.items() if out.tobytes() != outs[1].tobytes()]
-        assert not differ, f"{modality}: {differ} threads differ from one thread"
+        assert not differ, f"{encoder}: {differ} threads differ from one thread"
 
 
 def test_deterministic_kernels_switch_torch_and_restore_it_without_loading_the_compiler():

@@ -41,7 +41,8 @@ def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0,
     Tumour size drives the hazard so the survival signal is learnable; arrays are [D, H, W].
     ``censor_centre``: every case of that centre is censored (a LOCO fold without events).
     """
-    from pipeline.embeddings import RandomInitWarning, run_extraction
+    from pipeline.embeddings import RandomInitWarning
+    from pipeline.extraction import run_extraction
 
     rng = np.random.default_rng(seed)
     params = PreprocessParams(survival_size_xyz=SURV_DHW[::-1], ctfm_size_xyz=(32, 32, 8),
@@ -107,13 +108,13 @@ def inputs(tmp_path_factory):
 def test_grid_is_13_configurations_and_65_cells():
     confs = study.configurations()
     assert len(confs) == 13
-    assert confs[0].name == "baseline" and confs[0].modalities == ()
+    assert confs[0].name == "baseline" and confs[0].encoders == () and confs[0].group == "baseline"
     names = [c.name for c in confs]
     assert len(set(names)) == 13
-    for m, mods in (("ct", ("ct",)), ("pet", ("pet",)), ("ctpet", ("ct", "pet"))):
-        rows = [c for c in confs if c.modality == m]
+    for set_name, encoders in (("ct", ("ct",)), ("pet", ("pet",)), ("ctpet", ("ct", "pet"))):
+        rows = [c for c in confs if c.embedding_set == set_name]
         assert [c.proj for c in rows] == [64, 128, 256, None]
-        assert all(c.modalities == mods for c in rows)
+        assert all(c.encoders == encoders and c.group == set_name for c in rows)
     spec = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s")
     cells = study.grid(spec)
     assert len(cells) == 65 and len({c.key for c in cells}) == 65

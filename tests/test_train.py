@@ -116,7 +116,7 @@ def test_resume_with_other_settings_is_refused(baseline_run):
 
 
 def test_embeddings_run_end_to_end_and_random_init_is_flagged(tiny_study, baseline_run, tmp_path):
-    from pipeline.embeddings import extract_embeddings
+    from pipeline.extraction import extract_embeddings
 
     h5 = extract_embeddings(tiny_study["cache"], "ctpet", tmp_path / "ctpet.h5", random_init=True,
                             device="cpu", encoder_kwargs=TINY_ENCODERS, progress=False,
@@ -138,7 +138,7 @@ def test_embeddings_run_end_to_end_and_random_init_is_flagged(tiny_study, baseli
 
 
 def test_embeddings_missing_a_case_are_refused_naming_it(tiny_study, tmp_path):
-    from pipeline.peers import import_feature_table
+    from pipeline.feature_tables import import_feature_table
 
     manifest = pd.read_csv(tiny_study["manifest"], dtype={"case_id": str})
     ids = manifest.loc[manifest["has_endpoint"] == 1, "case_id"].tolist()

@@ -9,8 +9,10 @@ import warnings
 import click
 
 from pipeline.artefacts import ProvenanceError
-from pipeline.embedding_sets import SET_NAMES, set_help
-from pipeline.embeddings import ExtractionLockedError, RandomInitWarning, run_extraction
+from pipeline.cli.options import encoder_weights_options
+from pipeline.embedding_sets import Encoder, set_help, set_names, weights_by_encoder
+from pipeline.embeddings import RandomInitWarning
+from pipeline.extraction import ExtractionLockedError, run_extraction
 
 
 def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -27,6 +29,12 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
     return cfg
 
 
+def _weights_help(entry: Encoder) -> str:
+    return (f"{entry.label} {entry.hub_filename} (Hugging Face {entry.hub_repo}). Else ${entry.weights_env}, else "
+            f"{entry.default_weights}, else the Hub's cache, else downloaded from the Hub (sha256 checked) "
+            "where the network allows.")
+
+
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="\b\nExamples:\n"
@@ -34,22 +42,15 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
     "  # needs the FM weights\n"
     "  extract-embeddings --modality pet --random-init   # no weights: tests the pipeline as the demo does",
 )
-@click.option("--modality", type=click.Choice(list(SET_NAMES)), required=True,
+@click.option("--modality", "embedding_set", type=click.Choice(list(set_names())), required=True,
               help=f"Which embedding set (encoders): {set_help()} "
-                   "(reuses embeddings already computed by ct / pet runs with the same provenance).")
+                   "(reuses embeddings already computed by runs of the same encoders with the same provenance).")
 @click.option("--cache", "cache_root", default="cache/preprocessed", show_default=True,
               type=click.Path(file_okay=False),
               help="Complete preprocessed cache written by `preprocess` (or `run-study --demo`).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
-              help="Output HDF5 file [default: embeddings/<modality>.h5].")
-@click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
-              help="CT-FM model.safetensors (Hugging Face project-lighter/ct_fm_feature_extractor). "
-                   "Else $HNFM_CT_FM_WEIGHTS, else ~/.cache/hnfm/ct_fm/model.safetensors, else the Hub's cache, "
-                   "else downloaded from the Hub (sha256 checked) where the network allows.")
-@click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
-              help="PET-FM seganypet_v1.pth (SegAnyPET). Else $HNFM_PET_FM_WEIGHTS, else "
-                   "~/.cache/hnfm/pet_fm/seganypet_v1.pth, else the Hub's cache, else downloaded from the Hub "
-                   "(YichiZhang98/SegAnyPET; sha256 checked) where the network allows.")
+              help="Output HDF5 file [default: embeddings/<set>.h5].")
+@encoder_weights_options(_weights_help)
 @click.option("--random-init", is_flag=True,
               help="Demo only: randomly initialised encoders instead of weights. Recorded in the "
                    "file (weights_sha256 = random-init) and warned about on every read.")
@@ -73,24 +74,24 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--encoder-config", default=None, callback=_parse_encoder_config,
               help='Advanced, for tests and small demos: JSON of encoder constructor overrides '
-                   'per modality, e.g. \'{"ct": {"init_filters": 4}}\'. Recorded in the file; '
+                   'per encoder, e.g. \'{"ct": {"init_filters": 4}}\'. Recorded in the file; '
                    "leave unset for the published architectures. The PET-FM img_size (and a "
                    "window that fits it) always come from the cache's PET-FM input size.")
-def extract_embeddings(cache_root, modality, out_path, ct_weights, pet_weights, random_init, seed,
-                       device, batch_size, threads, overwrite, shard_dir, no_progress, encoder_config):
+def extract_embeddings(cache_root, embedding_set, out_path, random_init, seed, device, batch_size, threads,
+                       overwrite, shard_dir, no_progress, encoder_config, **weights_options):
     """Compute frozen CT-FM / PET-FM embeddings of every preprocessed case into one HDF5.
 
     Safe to kill and rerun: finished cases are kept as per-case shards and never recomputed,
     and the HDF5 appears only when complete. A rerun on a complete file does nothing.
     """
-    # One plain line instead of the library's per-modality RandomInitWarning.
+    # One plain line instead of the library's per-encoder RandomInitWarning.
     warnings.simplefilter("ignore", RandomInitWarning)
     if random_init:
         click.secho("WARNING: --random-init: randomly initialised encoders (recorded in the file); fine "
                     "to test the pipeline, meaningless for results", err=True, fg="red")
     try:
         result = run_extraction(
-            cache_root, modality, out_path, ct_weights=ct_weights, pet_weights=pet_weights,
+            cache_root, embedding_set, out_path, weights=weights_by_encoder(weights_options),
             random_init=random_init, seed=seed, device=device, batch_size=batch_size,
             encoder_kwargs=encoder_config, progress=not no_progress, overwrite=overwrite,
             shard_dir=shard_dir, threads=threads,

@@ -12,9 +12,10 @@ from click.core import ParameterSource
 
 from pipeline.artefacts import ProvenanceError, missing_path_message
 from pipeline.cache import COHORT_FILE
-from pipeline.embeddings import MissingCasesError, RandomInitWarning, embedding_dims, random_init_modalities
+from pipeline.embeddings import MissingCasesError, RandomInitWarning, embedding_dims, random_init_datasets
+from pipeline.feature_tables import import_feature_table
 from pipeline.manifest import read_manifest
-from pipeline.peers import HeadConfig, fit_peer_run, import_feature_table, projection_excess
+from pipeline.peers import HeadConfig, fit_peer_run, projection_excess
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
 DEFAULT_FOLDS = "runs/folds.json"
@@ -44,10 +45,12 @@ def _is_default(name: str) -> bool:
               help="clinical Cox, radiomics-lite Cox, or penalised Cox on embeddings / imported features.")
 @click.option("--embeddings", "features_path", default=None, type=click.Path(dir_okay=False),
               help="Embeddings (extract-embeddings) or imported features (import-features) HDF5.")
-@click.option("--modalities", default=None, help="Comma list of modalities in the file, e.g. 'ct' or 'ct,pet' [all].")
+@click.option("--modalities", "datasets", default=None,
+              help="Comma list of the file's datasets: encoders, e.g. 'ct' or 'ct,pet', or an imported "
+                   "table's name [all].")
 @click.option("--proj", type=click.Choice(PROJ_CHOICES), default="orig",
-              help="Per-modality PCA size fitted on each training fold, or 'orig' (no projection); "
-                   "at most the number of features of each modality.")
+              help="PCA size per dataset fitted on each training fold, or 'orig' (no projection); "
+                   "at most the number of features of each dataset.")
 @click.option("--clinical/--no-clinical", "with_clinical", default=None,
               help="Add the clinical covariates [embeddings: yes, radiomics: no; clinical peer: always].")
 @click.option("--model", type=click.Choice(["ridge", "coxnet"]), default=None,
@@ -62,7 +65,7 @@ def _is_default(name: str) -> bool:
                    "CNN are compared on identical splits.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder, e.g. runs/heads/<name>: oof_predictions.csv + summary.json.")
-def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_clinical, model,
+def fit_heads(manifest, cache_root, peer, features_path, datasets, proj, with_clinical, model,
               ridge_alpha, l1_ratio, inner_folds, seed, folds_path, out_dir):
     """Fit a classical peer or a fast embedding head on every fold; seconds, no CNN."""
     if with_clinical is None:
@@ -79,23 +82,23 @@ def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_
         _fail(f"no folds file {folds_path}: `train-survival` and `run-study` write {DEFAULT_FOLDS}; "
               "run one of them first, or pass --folds PATH")
     model = model or ("coxnet" if peer == "embeddings" else "ridge")
-    mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
+    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
     size = None if proj == "orig" else int(proj)
     if peer == "embeddings" and size is not None and Path(features_path).is_file():
-        _check_projection(features_path, size, mods)
+        _check_projection(features_path, size, names)
     # The library warns on every read (and Python shows it besides): said once below.
     warnings.simplefilter("ignore", RandomInitWarning)
     try:
         cfg = HeadConfig(model=model, ridge_alpha=ridge_alpha, with_clinical=with_clinical, proj=size,
                          l1_ratio=l1_ratio, inner_folds=inner_folds, seed=seed)
         summary = fit_peer_run(peer, manifest_path=manifest, folds_path=folds_path, out_dir=out_dir,
-                               cache_root=cache_root, features_path=features_path, modalities=mods,
+                               cache_root=cache_root, features_path=features_path, datasets=names,
                                config=cfg)
     except (ValueError, FileNotFoundError, ProvenanceError) as exc:
         _fail(exc)
     except KeyError as exc:
         _fail(exc.args[0] if exc.args else exc)
-    random = random_init_modalities(features_path) if peer == "embeddings" else []
+    random = random_init_datasets(features_path) if peer == "embeddings" else []
     if random:
         click.secho(f"WARNING: {features_path}: {random} embeddings come from RANDOMLY INITIALISED encoders, "
                     "not the foundation models; fine for a demo, meaningless for results", fg="red", err=True)
@@ -107,12 +110,12 @@ def fit_heads(manifest, cache_root, peer, features_path, modalities, proj, with_
     click.echo(f"{peer}: C-index {fmt(ci)}; 1-year AUROC {fmt(auc)}; {summary['seconds']:.1f} s -> {out_dir}")
 
 
-def _check_projection(features_path: str, size: int, mods: list[str] | None) -> None:
-    """Refuse a --proj larger than a modality's features: a PCA cannot add components."""
+def _check_projection(features_path: str, size: int, names: list[str] | None) -> None:
+    """Refuse a --proj larger than a dataset's features: a PCA cannot add components."""
     dims = embedding_dims(features_path)
-    narrow = projection_excess(size, {m: d for m, d in dims.items() if mods is None or m in mods})
+    narrow = projection_excess(size, {n: d for n, d in dims.items() if names is None or n in names})
     if narrow:
-        widths = ", ".join(f"{m!r} has {d}" for m, d in narrow.items())
+        widths = ", ".join(f"{n!r} has {d}" for n, d in narrow.items())
         raise click.BadParameter(
             f"{size} is larger than the input: {features_path}: {widths} feature(s), and a PCA "
             f"keeps at most that many components; use --proj orig or a size <= {min(narrow.values())}",
@@ -140,7 +143,7 @@ def _check_projection(features_path: str, size: int, mods: list[str] | None) -> 
               help="Import a table that lacks some manifest cases (listed in a warning); fit-heads and "
                    "train-survival then refuse those cases.")
 @click.option("--id-column", default="PatientID", help="Column holding the case ids.")
-@click.option("--name", default=None, help="Modality name of the features [the output file's stem].")
+@click.option("--name", default=None, help="Dataset name of the features in the file [the output file's stem].")
 @click.option("--columns", default=None, help="Comma list of feature columns [every numeric column].")
 def import_features(csv_path, out_h5, cache_root, no_cache, manifest, allow_missing, id_column, name, columns):
     """Bring a per-case feature table into the embedding-cache format for fit-heads.

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from pipeline.demo import demo_train_options
+from pipeline.embedding_sets import ENCODERS, Encoder
 from pipeline.preprocess import MIN_TUMOUR_COVERAGE
 
 #: TrainConfig fields that an option ``--<field with dashes>`` sets one to one: type, help.
@@ -59,6 +60,19 @@ def train_scalar_options(names: Sequence[str] = tuple(TRAIN_SCALARS)) -> Callabl
 def train_scalars(values: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig fields given on the command line (options left at ``None`` dropped)."""
     return {name: TRAIN_SCALARS[name][0](value) for name, value in values.items() if value is not None}
+
+
+def encoder_weights_options(help_text: Callable[[Encoder], str], *, must_exist: bool = False) -> Callable[[Any], Any]:
+    """Decorator adding ``--<encoder>-weights PATH`` for each registered encoder, in registry
+    order (``--ct-weights``, ``--pet-weights``); the command receives them as
+    ``<encoder>_weights`` (:func:`pipeline.embedding_sets.weights_by_encoder` maps them)."""
+    def add(command: Any) -> Any:
+        for entry in reversed(list(ENCODERS.values())):
+            command = click.option(entry.weights_option, f"{entry.name}_weights", default=None,
+                                   type=click.Path(exists=must_exist, dir_okay=False),
+                                   help=help_text(entry))(command)
+        return command
+    return add
 
 
 #: The PET field of view's least share of the tumour (``build-manifest``, ``preprocess``).

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from pipeline.artefacts import ProvenanceError, missing_path_message
+from pipeline.cli.options import encoder_weights_options
+from pipeline.embedding_sets import weights_by_encoder
 from pipeline.embeddings import RandomInitWarning
 
 
@@ -61,16 +63,14 @@ def _run_exists(ctx, param, value):
 @click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
               callback=_must_exist("embedding file", "*.h5"),
               help="Precomputed embeddings of the new cases; checked against the run's encoders and weights.")
-@click.option("--ct-weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="CT-FM weights; their sha256 must equal the training run's.")
-@click.option("--pet-weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="PET-FM weights; their sha256 must equal the training run's.")
+@encoder_weights_options(lambda entry: f"{entry.label} weights; their sha256 must equal the training run's.",
+                         must_exist=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto = CUDA when present.")
 @click.option("--workers", default=2, type=int, help="Preprocessing processes.")
 @click.option("--no-pictures", is_flag=True, help="No PNG per patient (they take a second or two each).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol, embeddings,
-                     ct_weights, pet_weights, device, workers, no_pictures, quiet):
+                     device, workers, no_pictures, quiet, **weights_options):
     """Per-patient log relative hazard, risk group (with its rule), probability of relapse within
     one year (percent), what to be careful about, and a picture, for new cases.
 
@@ -92,8 +92,8 @@ def predict_survival(manifest, run_dir, train_cache, out_csv, work_dir, protocol
     warnings.simplefilter("ignore", RandomInitWarning)
     try:
         out = predict_patients(manifest, run_dir, train_cache, out_csv, work_dir=work_dir,
-                               protocol=protocol, embeddings=embeddings, ct_weights=ct_weights,
-                               pet_weights=pet_weights, device=device, workers=workers,
+                               protocol=protocol, embeddings=embeddings,
+                               weights=weights_by_encoder(weights_options), device=device, workers=workers,
                                progress=not quiet, pictures=not no_pictures)
     except (ValueError, KeyError, FileNotFoundError, ProvenanceError) as exc:
         click.secho(f"error: {exc}", fg="red", err=True)

@@ -88,9 +88,8 @@ def _params(reference_cache: str | None, demo: bool, tumour_labels: str | None,
                    "[default: 128,128,48, or the reference cache's]")
 @click.option("--petfm-size", default=None,
               help="PET-FM input size x,y,z, cubic. The published PET-FM takes 128,128,128; "
-                   f"the demo's {_xyz(DEMO_PETFM_SIZE_XYZ)} goes with the demo's encoder settings "
-                   "(pipeline.demo.DEMO_ENCODERS).  [default: 128,128,128, or the reference "
-                   "cache's]")
+                   f"another cube (the demo's {_xyz(DEMO_PETFM_SIZE_XYZ)}) sizes the encoder's token grid "
+                   "and windows at extraction.  [default: 128,128,128, or the reference cache's]")
 @min_tumour_coverage_option
 @click.option("--min-crop-coverage", type=click.FloatRange(0.0, 1.0),
               default=MIN_CROP_COVERAGE, show_default=True,

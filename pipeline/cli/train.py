@@ -15,7 +15,7 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.clinical import ClinicalTransform
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
-from pipeline.embedding_sets import set_of_datasets
+from pipeline.embedding_sets import set_of_encoders
 from pipeline.embeddings import RandomInitWarning
 from pipeline.layout import RunLayout
 from pipeline.manifest import read_manifest, survival_cases
@@ -26,22 +26,22 @@ PRESETS = ("auto", "paper", "demo")
 _DEMO_SIZE = " x ".join(map(str, DEMO_SURVIVAL_SIZE_XYZ))  # (x, y, z)
 
 
-def default_run_name(modalities: list[str] | tuple[str, ...], proj: int | None) -> str:
+def default_run_name(datasets: list[str] | tuple[str, ...], proj: int | None) -> str:
     """Run folder name, the study's configuration names: ``baseline``, ``ct-d64`` ... ``ctpet-dorig``.
 
     Args:
-        modalities: the embedding modalities the run uses (empty for the baseline);
-            named by the embedding set that reads them (:mod:`pipeline.embedding_sets`),
-            other combinations joined with ``+``.
+        datasets: the embedding datasets the run reads (empty for the baseline); named by
+            the embedding set that reads those encoders (:mod:`pipeline.embedding_sets`),
+            other combinations (an imported table) joined with ``+``.
         proj: projection size, None for the native size ("orig").
     """
-    if not modalities:
+    if not datasets:
         return "baseline"
-    mods = sorted(modalities)
+    names = sorted(datasets)
     try:
-        key = set_of_datasets(mods)
+        key = set_of_encoders(names)
     except ValueError:
-        key = "+".join(mods)
+        key = "+".join(names)
     return f"{key}-d{proj if proj is not None else 'orig'}"
 
 
@@ -164,8 +164,9 @@ def undefined_metric_lines(run_dir: Path) -> list[str]:
               help="Preprocessed cache written by `preprocess`.")
 @click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
               help="Stage-one HDF5 (e.g. embeddings/ctpet.h5). Omit for the DeepMTS+DAFT baseline.")
-@click.option("--modalities", default=None,
-              help="Comma list of embedding modalities to use from the file (default: all in it), e.g. 'ct' or 'ct,pet'.")
+@click.option("--modalities", "datasets", default=None,
+              help="Comma list of the file's embedding datasets to use (default: all in it): encoders, e.g. "
+                   "'ct' or 'ct,pet', or an imported table's name.")
 @click.option("--proj", type=click.Choice(PROJ_CHOICES), default="orig",
               help="Linear projection size of each FM embedding, or 'orig' for the native size (512 CT, 768 PET).")
 @click.option("--preset", type=click.Choice(PRESETS), default="auto",
@@ -199,7 +200,7 @@ def undefined_metric_lines(run_dir: Path) -> list[str]:
                    "not depend on it. [default: as many as the CPUs this process may use hold, up to the "
                    "folds left; 1 on a GPU]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, out, folds_path, n_folds,
+def train_survival(manifest, cache_root, embeddings, datasets, proj, preset, out, folds_path, n_folds,
                    only_folds, config_file, model_config, no_fm_standardise, device, workers, quiet, tumour_input,
                    **scalars):
     """Train DeepMTS+DAFT by stratified K-fold CV, optionally with cached FM embeddings.
@@ -234,8 +235,8 @@ def train_survival(manifest, cache_root, embeddings, modalities, proj, preset, o
         click.echo(f"preset: {preset} ({why})")
         for note in notes:
             click.echo(f"note: {note}")
-        mods = tuple(m.strip() for m in modalities.split(",") if m.strip()) if modalities else None
-        cohort = load_cohort(manifest, cache_root, embeddings, mods)
+        names = tuple(d.strip() for d in datasets.split(",") if d.strip()) if datasets else None
+        cohort = load_cohort(manifest, cache_root, embeddings, names)
         check_network_fits(cohort, cfg, preset, cache_root, size_xyz)
         run_dir = Path(out) if out else Path("runs") / default_run_name(list(cohort.embeddings), cfg.proj)
         if cohort.embedding_attrs.get("random_init"):

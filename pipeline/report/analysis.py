@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import code_version, utc_now
-from pipeline.embedding_sets import EMBEDDING_SETS
+from pipeline.embedding_sets import embedding_set
 from pipeline.layout import EVAL_COLUMNS
 from pipeline.metrics import TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
 from pipeline.stats import (
@@ -32,14 +32,14 @@ from pipeline.report.labels import (
     N_BOOT,
     PROTOCOL_LABELS,
     PROTOCOL_ORDER,
-    TABLE1_CNN,
-    TABLE1_PEERS,
     UNIT_RANGE,
     clean,
     difference,
     finite,
     float_or_none,
     group_label,
+    table1_cnn,
+    table1_peers,
 )
 from pipeline.report.noise import (
     NOISE_RULE,
@@ -63,7 +63,7 @@ def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.D
     counted) and :func:`pipeline.stats.mean_ci` (Student-t interval over the defined folds
     of every repeat, clipped to [0, 1] with ``c_clipped`` / ``auc_clipped`` set when it
     left that range; folds share training cases, so it is narrower than the truth: read
-    the paired comparisons for differences). Columns: ``protocol, config, kind, modality,
+    the paired comparisons for differences). Columns: ``protocol, config, kind, group,
     d, n_done, n_folds, n_splits, c_mean, c_sd, c_n, c_low, c_high, c_clipped, auc_mean,
     auc_sd, auc_n, auc_low, auc_high, auc_clipped, sel_mean``; ``c_n``/``auc_n`` are the
     defined folds.
@@ -83,7 +83,7 @@ def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.D
         a_ci = mean_ci(fin["auc_1y"].tolist(), bounds=UNIT_RANGE)
         out.append({
             "protocol": proto, "config": config, "kind": g["kind"].iloc[0] if "kind" in g else "cnn",
-            "modality": g["modality"].iloc[0], "d": g["d"].iloc[0],
+            "group": g["group"].iloc[0], "d": g["d"].iloc[0],
             "n_done": int(len(fin)), "n_folds": int(n_folds if n_folds is not None else len(g)),
             "n_splits": int(g["split"].nunique()) if "split" in g else 1,
             "c_mean": c["mean"], "c_sd": c["sd"], "c_n": c["n_defined"], "c_low": c_ci["low"],
@@ -109,7 +109,7 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
     under ``inner``); a peer family that did not run is left out.
 
     Returns:
-        Rows ``baseline, ct, pet, ctpet`` (those requested) [, peers] with ``modality, config, d, c_mean,
+        Rows ``baseline, ct, pet, ctpet`` (those requested) [, peers] with ``group, config, d, c_mean,
         c_sd, auc_mean, auc_sd, c_n, auc_n, delta_c, delta_auc, status`` (deltas are
         differences of means vs the CNN baseline; NaN when either side is missing).
     """
@@ -117,27 +117,28 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
     complete = s[s["n_done"] == s["n_folds"]]
     key = "c_mean" if protocol == "paper" else "sel_mean"
     rows = []
-    base = complete[complete["modality"] == BASELINE]
+    base = complete[complete["group"] == BASELINE]
     base_row = base.iloc[0] if len(base) else None
-    for modality in TABLE1_CNN + TABLE1_PEERS:
-        cand = complete[(complete["modality"] == modality) & complete[key].notna()]
-        if cand.empty and modality in TABLE1_PEERS:
+    peers = table1_peers()
+    for group in table1_cnn() + peers:
+        cand = complete[(complete["group"] == group) & complete[key].notna()]
+        if cand.empty and group in peers:
             # A single fixed model (clinical / radiomics Cox) has nothing to select.
-            cand = complete[complete["modality"] == modality]
+            cand = complete[complete["group"] == group]
             if len(cand) != 1:
-                if len(s[s["modality"] == modality]):
-                    rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
+                if len(s[s["group"] == group]):
+                    rows.append({"group": group, "config": None, "d": None, "status": "pending"})
                 continue
         if cand.empty:
-            if len(s[s["modality"] == modality]):  # requested, not finished; not requested: left out
-                rows.append({"modality": modality, "config": None, "d": None, "status": "pending"})
+            if len(s[s["group"] == group]):  # requested, not finished; not requested: left out
+                rows.append({"group": group, "config": None, "d": None, "status": "pending"})
             continue
         best = cand.loc[cand[key].idxmax()] if cand[key].notna().any() else cand.iloc[0]
-        row = {k: best[k] for k in ("modality", "config", "d", "c_mean", "c_sd", "auc_mean",
+        row = {k: best[k] for k in ("group", "config", "d", "c_mean", "c_sd", "auc_mean",
                                      "auc_sd", "c_n", "auc_n", "n_folds")}
         row["selected_by"] = key if len(cand) > 1 else "-"
         row["status"] = "done"
-        if base_row is not None and modality != BASELINE:
+        if base_row is not None and group != BASELINE:
             row["delta_c"] = difference(best["c_mean"], base_row["c_mean"])
             row["delta_auc"] = difference(best["auc_mean"], base_row["auc_mean"])
         rows.append(row)
@@ -400,11 +401,11 @@ def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = Non
         peer_fits: :func:`collect_peer_fits` rows (``<block>_pca_components`` per fold).
 
     Returns:
-        ``[{"modality", "configs", "d", "shown", "reason"}]``: ``shown`` (the first of
+        ``[{"group", "configs", "d", "shown", "reason"}]``: ``shown`` (the first of
         ``configs``) stands for the group in the tables.
     """
     out = []
-    for modality, g in records.groupby("modality", sort=False):
+    for group, g in records.groupby("group", sort=False):
         by_print: dict[tuple, list[str]] = {}
         for config, c in g.groupby("config", sort=False):
             if c["done"].any() and c["c_index"].notna().any():
@@ -412,7 +413,7 @@ def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = Non
         for configs in by_print.values():
             if len(configs) > 1:
                 d = [str(g.loc[g["config"] == c, "d"].iloc[0]) for c in configs]
-                out.append({"modality": modality, "configs": configs, "d": d, "shown": configs[0],
+                out.append({"group": group, "configs": configs, "d": d, "shown": configs[0],
                             "reason": _identical_reason(configs, d, peer_fits,
                                                         g.loc[g["config"].isin(configs), "c_index"])})
     return out
@@ -447,7 +448,7 @@ def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame 
     kept = pd.to_numeric(fits[cols].stack(), errors="coerce").dropna().astype(int)
     k = f"{kept.min()}" if kept.min() == kept.max() else f"{kept.min()}-{kept.max()}"
     return (f"PCA is capped at the training-fold size (n_train - 1): every fold keeps {k} components "
-            f"per modality whatever d, so {same} fit the same model")
+            f"per encoder whatever d, so {same} fit the same model")
 
 
 def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRST_SPLIT) -> dict[str, Any]:
@@ -581,10 +582,10 @@ def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]
 
 
 def _headline_row(t: dict[str, Any], p: dict[str, Any] | None, noise_sd: float | None = None) -> dict[str, Any]:
-    row = {"group": t["modality"], "label": group_label(t["modality"]), "config": t.get("config"),
+    row = {"group": t["group"], "label": group_label(t["group"]), "config": t.get("config"),
            "d": t.get("d"), "status": t["status"]}
     row |= {k: t.get(k) for k in ("c_mean", "c_sd", "c_n", "n_folds", "auc_mean", "auc_sd", "auc_n")}
-    if t["modality"] == BASELINE:
+    if t["group"] == BASELINE:
         return row | {"paired_status": "reference"}
     if p is None:
         return row | {"paired_status": "pending"}
@@ -633,10 +634,10 @@ def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: s
     text = f"Under {PROTOCOL_LABELS[proto]} the DeepMTS+DAFT baseline reaches a C-index of {base['c_mean']:.3f}"
     if finite(base.get("auc_mean")):
         text += f" (1-year AUROC {base['auc_mean']:.3f}, defined in {_count(base.get('auc_n'))} of {_count(base.get('n_folds'))} folds)"
-    fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("paired_status") == "done"]
+    fm = [rows[g] for g in table1_cnn()[1:] if g in rows and rows[g].get("paired_status") == "done"]
     if not fm:
         return text + "; no configuration with FM embeddings has a paired comparison yet."
-    parts = [f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}) {_delta_text(r)}" for r in fm]
+    parts = [f"{embedding_set(r['group']).label} (d = {r['d']}) {_delta_text(r)}" for r in fm]
     return text + "; adding FM embeddings changes it by " + ", ".join(parts) + " (paired Δ, 95 % CI)."
 
 
@@ -647,12 +648,12 @@ def _sentence_noise(rows: dict[str, dict[str, Any]], noise: dict[str, Any] | Non
         return ""
     text = (f"Over {noise['n_seeds']} training seeds the baseline's fold-mean C-index is {noise['mean']:.3f} "
             f"± {noise['sd']:.3f} (SD over seeds: its training noise)")
-    fm = [rows[g] for g in TABLE1_CNN[1:] if g in rows and rows[g].get("within_baseline_noise") is not None]
+    fm = [rows[g] for g in table1_cnn()[1:] if g in rows and rows[g].get("within_baseline_noise") is not None]
     if not fm:
         return text + "; no FM configuration has a paired Δ to hold against it yet."
 
     def names(within: bool) -> str:
-        return ", ".join(f"{EMBEDDING_SETS[r['group']].label} (d = {r['d']}, {r['delta']:+.3f})"
+        return ", ".join(f"{embedding_set(r['group']).label} (d = {r['d']}, {r['delta']:+.3f})"
                          for r in fm if r["within_baseline_noise"] == within)
 
     parts = [f"{side} it for {names(within)}" for side, within in (("within", True), ("beyond", False))
@@ -668,7 +669,7 @@ def _count(x: Any) -> str:
 
 
 def _sentence_peers(rows: dict[str, dict[str, Any]], oracle: float | None) -> str:
-    peers = [rows[g] for g in TABLE1_PEERS if g in rows and rows[g]["status"] == "done" and finite(rows[g]["c_mean"])]
+    peers = [rows[g] for g in table1_peers() if g in rows and rows[g]["status"] == "done" and finite(rows[g]["c_mean"])]
     parts = []
     if peers:
         lo, hi = min(peers, key=lambda r: r["c_mean"]), max(peers, key=lambda r: r["c_mean"])

@@ -15,14 +15,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import read_json
-from pipeline.embedding_sets import EMBEDDING_SETS
+from pipeline.embedding_sets import embedding_set
 from pipeline.layout import EVAL_COLUMNS, PROTOCOLS, PeerRunLayout, RunLayout
 from pipeline.manifest import read_manifest, survival_cases
 from pipeline.metrics import NO_VALID_EPOCH, c_index_value
 from pipeline.report.labels import PRED_COLUMNS, PROTOCOL_LABELS, as_float
 from pipeline.splits import load_folds
 from pipeline.study import (
-    BASELINE,
     FIRST_SPLIT,
     LOCO,
     Cell,
@@ -58,8 +57,8 @@ def study_models(spec: StudySpec) -> list[ModelRef]:
     """The CNN configurations, then the peers, as :class:`ModelRef`."""
     out = []
     for c in spec.configurations():
-        label = "DeepMTS+DAFT baseline" if c.modality is None else \
-            f"DeepMTS+DAFT + {EMBEDDING_SETS[c.modality].label}, d = {c.d_label}"
+        label = "DeepMTS+DAFT baseline" if c.embedding_set is None else \
+            f"DeepMTS+DAFT + {embedding_set(c.embedding_set).label}, d = {c.d_label}"
         out.append(ModelRef(c.name, "cnn", label))
     out += [ModelRef(p.name, "peer", p.label) for p in spec.peer_list()]
     return out
@@ -220,10 +219,11 @@ def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
     """One row per CNN cell x protocol from the finished cells; pending cells give NaN rows.
 
     Covers every split the CNN trains on, with the study's own training seed (seed index 0;
-    :func:`collect_seed_records` reads the others). Columns: ``split, kind, config, modality,
+    :func:`collect_seed_records` reads the others). Columns: ``split, kind, config, group,
     d, fold, protocol, done, c_index, c_index_reason, auc_1y, auc_1y_reason,
     selection_c_index, selected_epoch, val_dice, epochs_run, seconds``. ``kind`` is
-    ``"cnn"``, ``modality`` is ``"baseline"`` for the baseline, ``d`` is ``"-"`` there. An
+    ``"cnn"``, ``group`` (the report group) is ``"baseline"`` for the baseline, else the
+    configuration's embedding set; ``d`` is ``"-"`` there. An
     undefined C-index (e.g. a LOCO centre without an event) is NaN with its reason code.
 
     Args:
@@ -251,7 +251,7 @@ def collect_seed_records(spec: StudySpec, *, survival: pd.DataFrame | None = Non
 def _record_rows(spec: StudySpec, cell: Cell, survival: pd.DataFrame, folds: pd.DataFrame) -> list[dict[str, Any]]:
     """The rows of one CNN cell, one per protocol (see :func:`collect_records`)."""
     base = {"split": cell.split, "kind": "cnn", "config": cell.config.name,
-            "modality": cell.config.modality or BASELINE, "d": cell.config.d_label, "fold": cell.fold}
+            "group": cell.config.group, "d": cell.config.d_label, "fold": cell.fold}
     done, rec, info = _cell_records(spec, cell)
     rows = []
     for proto in PROTOCOLS:
@@ -281,7 +281,7 @@ def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "
     are repeated under each CNN protocol so every table can put it beside the CNN.
     ``selection_c_index`` is the mean inner-CV C-index of the penalty choice (embedding
     heads), used to pick a head's projection size without the outer folds. ``kind`` is
-    ``"peer"``; ``modality`` is ``clinical``, ``radiomics`` or ``head-<set>``.
+    ``"peer"``; ``group`` is ``clinical``, ``radiomics`` or ``head-<set>``.
     """
     rows = []
     for split in spec.splits():
@@ -294,7 +294,7 @@ def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "
             fits = {int(r["fold"]): r for r in summ.get("fit", [])}
             seconds = read_json(layout.marker).get("seconds") if done else None
             base = {"split": split, "kind": "peer", "config": peer.name,
-                    "modality": f"head-{peer.modality}" if peer.kind == "embeddings" else peer.kind,
+                    "group": peer.group,
                     "d": proj_label(peer.proj) if peer.kind == "embeddings" else "-"}
             for k in range(n_folds):
                 r, f = per_fold.get(k, {}), fits.get(k, {})

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import atomic_path
-from pipeline.embedding_sets import EMBEDDING_SETS, SET_NAMES
+from pipeline.embedding_sets import embedding_set, set_names
 from pipeline.layout import EVAL_COLUMNS
 from pipeline.report.format import fmt_p, merged_rows, relabel, short_label
 from pipeline.report.labels import (
@@ -119,15 +119,15 @@ def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
     """One protocol's panel of :func:`plot_figure`."""
     width = 0.8 / len(D_LABELS)
     # Embedding sets the study did not request get no empty slot.
-    groups = [g for g in SET_NAMES if any(f"{g}-d{d}" in s.index for d in D_LABELS)] or list(SET_NAMES)
+    groups = [g for g in set_names() if any(f"{g}-d{d}" in s.index for d in D_LABELS)] or list(set_names())
     if BASELINE in s.index and finite(s.loc[BASELINE, f"{pre}_mean"]):
         m, sd = float(s.loc[BASELINE, f"{pre}_mean"]), s.loc[BASELINE, f"{pre}_sd"]
         ax.axhline(m, ls="--", color="black", lw=1.2, zorder=3)
         if finite(sd):
             ax.axhspan(m - float(sd), m + float(sd), color="grey", alpha=0.2, lw=0, zorder=0)
     for j, d in enumerate(D_LABELS):
-        for i, mod in enumerate(groups):
-            name = f"{mod}-d{d}"
+        for i, group in enumerate(groups):
+            name = f"{group}-d{d}"
             if name not in s.index:
                 continue  # not part of this study's grid
             x = i + (j - (len(D_LABELS) - 1) / 2) * width
@@ -142,7 +142,7 @@ def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
             if n_done < n_folds:
                 ax.text(x, y_low + 0.01, f"{n_done}/{n_folds}", ha="center", va="bottom", fontsize=6,
                         color="white", rotation=90, zorder=4)
-    ax.set_xticks(range(len(groups)), [EMBEDDING_SETS[g].label for g in groups])
+    ax.set_xticks(range(len(groups)), [embedding_set(g).label for g in groups])
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_ylim(y_low, 1.0)
     ax.grid(axis="y", alpha=0.3, zorder=0)
@@ -278,12 +278,12 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
 
     cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
     by_set = _curves_by_set(curves["configs"])
-    sets = [n for n in SET_NAMES if n in by_set] or [BASELINE]
+    sets = [n for n in set_names() if n in by_set] or [BASELINE]
     fig, axes = plt.subplots(len(cols), len(sets), figsize=(max(3.4 * len(sets) + 0.6, 8.0), 2.3 * len(cols) + 1.2),
                              squeeze=False, sharex=True)
     colours = dict(zip(D_LABELS, plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))))
     for j, name in enumerate(sets):
-        axes[0][j].set_title(EMBEDDING_SETS[name].label if name in EMBEDDING_SETS else "baseline", fontsize=10)
+        axes[0][j].set_title(embedding_set(name).label if name in set_names() else "baseline", fontsize=10)
         for i, col in enumerate(cols):
             ax = axes[i][j]
             for c in by_set.get(BASELINE, []):

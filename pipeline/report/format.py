@@ -79,7 +79,7 @@ def relabel(label: str, config: str | None, d_merged: dict[str, str]) -> str:
 
 def identical_notes(identical: Sequence[dict[str, Any]]) -> str:
     """One line per group of identical rows: which, and why."""
-    return " ".join(f"{model_label(g['modality'])} ({embedding_label(g['modality'])}), d = {' = '.join(g['d'])}: "
+    return " ".join(f"{model_label(g['group'])} ({embedding_label(g['group'])}), d = {' = '.join(g['d'])}: "
                     f"{g['reason']}." for g in identical)
 
 

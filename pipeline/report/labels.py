@@ -12,17 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.embedding_sets import EMBEDDING_SETS, SET_NAMES
+from pipeline.embedding_sets import embedding_set, head_group, set_names, set_of_group
 from pipeline.study import BASELINE
 
 PROTOCOL_LABELS = {"paper": "paper protocol (optimistic)", "inner": "unbiased inner selection"}
 #: Protocols in the order the report shows them: the one to trust first.
 PROTOCOL_ORDER = ("inner", "paper")
-#: Table 1 rows: the CNN's four (always listed, pending when missing), then the peers'.
-TABLE1_CNN = (BASELINE, *SET_NAMES)
-TABLE1_PEERS = ("clinical", "radiomics", *(f"head-{n}" for n in SET_NAMES))
-PEER_GROUP_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox",
-                     **{f"head-{n}": f"peer: {s.label} embedding head" for n, s in EMBEDDING_SETS.items()}}
+#: Labels of the peers' groups that are no embedding head.
+PEER_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox"}
 #: Range of the bounded metrics: their t-intervals are clipped to it (and say so).
 UNIT_RANGE = (0.0, 1.0)
 HORIZON = 365.0
@@ -33,6 +30,24 @@ LOSS_COLUMNS = ("dice", "cox")
 METRIC_LABELS = {"c_index": "C-index", "auc_1y": "1-year AUROC"}
 PRED_COLUMNS = ["model", "kind", "split", "protocol", "fold", "role", "case_id", "risk", "time", "event"]
 
+
+
+# --- report groups (read from the registry of embedding sets when asked) --------------------
+
+
+def table1_cnn() -> tuple[str, ...]:
+    """Table 1's CNN groups: the baseline and every embedding set (always listed, pending when missing)."""
+    return (BASELINE, *set_names())
+
+
+def table1_peers() -> tuple[str, ...]:
+    """Table 1's peer groups: clinical and radiomics Cox, then an embedding head per set."""
+    return (*PEER_LABELS, *(head_group(n) for n in set_names()))
+
+
+def peer_group_labels() -> dict[str, str]:
+    """Peer group -> label: ``head-ctpet`` -> ``peer: CT+PET embedding head``."""
+    return PEER_LABELS | {head_group(n): f"peer: {embedding_set(n).label} embedding head" for n in set_names()}
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -71,22 +86,22 @@ def clean(x: Any) -> Any:
     return x
 
 
-def group_label(modality: str) -> str:
+def group_label(group: str) -> str:
     """Row label of a Table 1 / headline group: ``baseline``, ``ct`` ... ``head-ctpet``."""
-    if modality == BASELINE:
+    if group == BASELINE:
         return "DeepMTS+DAFT baseline"
-    if modality in TABLE1_CNN:
-        return f"DeepMTS+DAFT + {EMBEDDING_SETS[modality].label}"
-    return PEER_GROUP_LABELS.get(modality, modality)
+    if group in set_names():
+        return f"DeepMTS+DAFT + {embedding_set(group).label}"
+    return peer_group_labels().get(group, group)
 
 
-def model_label(modality: str) -> str:
-    return "DeepMTS+DAFT" if modality in TABLE1_CNN else PEER_GROUP_LABELS.get(modality, modality)
+def model_label(group: str) -> str:
+    return "DeepMTS+DAFT" if group in table1_cnn() else peer_group_labels().get(group, group)
 
 
-def embedding_label(modality: str) -> str:
-    if modality in EMBEDDING_SETS:
-        return EMBEDDING_SETS[modality].label
-    if modality.startswith("head-"):
-        return EMBEDDING_SETS[modality[5:]].label
-    return "none (baseline)" if modality == BASELINE else "-"
+def embedding_label(group: str) -> str:
+    """The embedding set a group shows (``ct`` and ``head-ct``: ``CT``)."""
+    set_name = set_of_group(group)
+    if set_name is not None:
+        return embedding_set(set_name).label
+    return "none (baseline)" if group == BASELINE else "-"

@@ -51,11 +51,11 @@ def seed_noise(seed_records: pd.DataFrame, n_folds: int) -> list[dict[str, Any]]
 
     Args:
         seed_records: :func:`pipeline.report.collect.collect_seed_records` rows (``config,
-            modality, d, seed, fold, protocol, done, c_index``).
+            group, d, seed, fold, protocol, done, c_index``).
         n_folds: folds of the split (``cv0``).
 
     Returns:
-        ``[{"config", "modality", "d", "protocol", "n_seeds", "seeds", "seed_means", "mean",
+        ``[{"config", "group", "d", "protocol", "n_seeds", "seeds", "seed_means", "mean",
         "sd"}]``: ``mean`` the mean over the counted seeds, ``sd`` their sample SD (the
         training noise of the fold mean; None with fewer than two seeds).
     """
@@ -70,7 +70,7 @@ def seed_noise(seed_records: pd.DataFrame, n_folds: int) -> list[dict[str, Any]]
             if mean is not None:
                 seeds.append(int(s))
                 means.append(float(mean))
-        out.append({"config": config, "modality": g["modality"].iloc[0], "d": g["d"].iloc[0], "protocol": proto,
+        out.append({"config": config, "group": g["group"].iloc[0], "d": g["d"].iloc[0], "protocol": proto,
                     "n_seeds": len(means), "seeds": seeds, "seed_means": means,
                     "mean": float(np.mean(means)) if means else None,
                     "sd": float(np.std(means, ddof=1)) if len(means) >= 2 else None})

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 import pandas as pd
 
 from pipeline.artefacts import atomic_path
-from pipeline.embedding_sets import EMBEDDING_SETS
+from pipeline.embedding_sets import embedding_set, set_names
 from pipeline.metrics import reason_text
 from pipeline.report.figures import (
     FIGURE_CALIBRATION,
@@ -63,14 +63,14 @@ from pipeline.report.format import (
 )
 from pipeline.report.labels import (
     METRIC_LABELS,
-    PEER_GROUP_LABELS,
     PROTOCOL_LABELS,
     PROTOCOL_ORDER,
-    TABLE1_CNN,
     embedding_label,
     finite,
     group_label,
     model_label,
+    peer_group_labels,
+    table1_cnn,
 )
 from pipeline.report.results import Results
 from pipeline.runtime import ENVIRONMENT_KEYS
@@ -122,10 +122,10 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
     _, d_merged = merged_rows(identical)
     rows = []
     for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1):
-        mod = r["modality"]
-        label = "DeepMTS+DAFT baseline" if mod == BASELINE else (
-            f"+ {EMBEDDING_SETS[mod].label}" if mod in TABLE1_CNN else PEER_GROUP_LABELS[mod])
-        paper = PAPER_TABLE1.get(mod)
+        group = r["group"]
+        label = "DeepMTS+DAFT baseline" if group == BASELINE else (
+            f"+ {embedding_set(group).label}" if group in set_names() else peer_group_labels()[group])
+        paper = PAPER_TABLE1.get(group)
         ref = f"d={paper[0]}: {paper[1][0]:.3f} / {paper[2][0]:.3f}" if paper else "-"
         if r["status"] == "pending":
             rows.append({"configuration": label, "best d": "pending", "C-index": "pending",
@@ -143,8 +143,8 @@ def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
 
 def not_requested(t1: pd.DataFrame | list[dict[str, Any]]) -> list[str]:
     """Table 1 labels of the CNN rows the study did not request (Table 1 leaves them out)."""
-    present = {r["modality"] for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1)}
-    return [group_label(m) for m in TABLE1_CNN if m not in present]
+    present = {r["group"] for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1)}
+    return [group_label(g) for g in table1_cnn() if g not in present]
 
 
 def _summary_rows(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[dict[str, Any]]):
@@ -164,7 +164,7 @@ def ablation_table(summary: pd.DataFrame | list[dict[str, Any]],
     """One row per configuration (CNN, then peers), both protocols (unbiased first)."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
-        row = {"model": model_label(first["modality"]), "embeddings": embedding_label(first["modality"]),
+        row = {"model": model_label(first["group"]), "embeddings": embedding_label(first["group"]),
                "d": d, "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
             r, short = g.loc[proto], SHORT_PROTOCOL[proto]
@@ -178,7 +178,7 @@ def ci_table(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[d
     """Repeated-CV table: mean [95 % t-interval, clipped to [0, 1]] per model."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
-        row = {"model": model_label(first["modality"]), "embeddings": embedding_label(first["modality"]),
+        row = {"model": model_label(first["group"]), "embeddings": embedding_label(first["group"]),
                "d": d, "repeats": int(first.get("n_splits", 1)),
                "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
@@ -516,7 +516,7 @@ def _table_blocks(results: Results, out: Path) -> list[Block]:
                         "(no checkpoint selection, so both protocol columns hold the same numbers): ridge Cox on "
                         "the clinical covariates, ridge Cox on radiomics-lite features (log volume, SUVmax, "
                         "SUVmean, log TLG from the preprocessed mask), and elastic-net Cox heads on the cached "
-                        "embeddings + clinical covariates with the CNN's projection sizes (per-modality PCA to d "
+                        "embeddings + clinical covariates with the CNN's projection sizes (per-encoder PCA to d "
                         "components fitted on the training fold; orig = no projection), penalty by inner CV."))
     b.append(Block("table", ablation_table(results.summary, identical)))
     if identical:
@@ -680,7 +680,7 @@ def noise_display(noise: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One row per seeded configuration: mean ± seed SD (seeds) and the per-seed means, per protocol."""
     rows: dict[str, dict[str, Any]] = {}
     for r in sorted(noise, key=lambda r: PROTOCOL_ORDER.index(r["protocol"])):  # unbiased columns first
-        row = rows.setdefault(r["config"], {"model": _config_label(r["modality"], r["d"])})
+        row = rows.setdefault(r["config"], {"model": _config_label(r["group"], r["d"])})
         short = SHORT_PROTOCOL[r["protocol"]]
         row[f"C-index, mean over seeds ± seed SD ({short})"] = (
             "pending" if r["mean"] is None else
@@ -706,9 +706,9 @@ def seed_paired_display(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _config_label(modality: str, d: Any) -> str:
+def _config_label(group: str, d: Any) -> str:
     """``DeepMTS+DAFT baseline`` / ``DeepMTS+DAFT + CT, d = 64``."""
-    return group_label(modality) + ("" if modality == BASELINE else f", d = {d}")
+    return group_label(group) + ("" if group == BASELINE else f", d = {d}")
 
 
 def _loco_blocks(results: Results, spec: dict[str, Any]) -> list[Block]:
