@@ -3,6 +3,11 @@ extraction, the CLIs, the study, the report and prediction."""
 
 from __future__ import annotations
 
+import json
+import warnings
+
+import h5py
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -95,3 +100,45 @@ def test_a_new_set_reaches_every_name_and_label(pet_again):
     assert labels.group_label("head-petagain") == "peer: PET again embedding head"
     assert labels.embedding_label("head-petagain") == "PET again"
     assert set_of_encoders(["pet"]) == "pet"  # the first set reading them keeps its name
+
+
+@pytest.mark.slow
+def test_a_new_set_is_one_entry(pet_again, tmp_path):
+    """Registered in a test registry, a new set is extracted, trained, run as a study's
+    configuration with its embedding head, and reported, with nothing else added."""
+    from pipeline.embeddings import RandomInitWarning, read_embeddings
+    from pipeline.extraction import run_extraction
+    from pipeline.report import write_report
+    from test_study import TINY_ENCODERS, make_spec, make_study_inputs
+
+    inputs = make_study_inputs(tmp_path / "inputs", n_cases=16)
+    out = tmp_path / "new" / "petagain.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomInitWarning)
+        res = run_extraction(inputs["cache"], "petagain", out, random_init=True, device="cpu", progress=False,
+                             encoder_kwargs={"pet": TINY_ENCODERS["pet"]})
+        loaded = read_embeddings(out, cache=inputs["cache"])
+    assert res.embedding_set == "petagain" and res.per_encoder["pet"].computed == 16
+    assert loaded.datasets == ["pet"] and loaded.attrs["modality"] == "petagain"
+    with h5py.File(out) as h5:
+        assert json.loads(h5.attrs["modalities"]) == ["pet"] and "ct" not in h5
+
+    spec = make_spec({**inputs, "embeddings": out}, tmp_path / "study", configs=("baseline", "petagain-d64"),
+                     n_folds=2, peers=("heads",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomInitWarning)
+        study.prepare_study(spec, info={"synthetic": True, "data_source": "tiny test cohort", "settings": "test"})
+        for cell in study.grid(spec):
+            study.run_cell(spec, cell)
+        assert [p.name for p in spec.peer_list()] == ["head-petagain-d64"]
+        study.run_peer(spec, spec.peer_list()[0], study.FIRST_SPLIT)
+    run = json.loads((spec.run_dir(study.Configuration("petagain", 64)) / "run.json").read_text())
+    assert run["modalities"] == ["pet"]
+
+    md = write_report(spec.study_dir, tmp_path / "report").read_text()
+    res = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert set(res["group"]) == {"baseline", "petagain", "head-petagain"} and res["done"].all()
+    assert "DeepMTS+DAFT + PET again" in md and "peer: PET again embedding head" in md
+    table1 = json.loads((tmp_path / "report" / "results.json").read_text())["table1"]["paper"]
+    assert {r["group"]: r["status"] for r in table1} == {
+        "baseline": "done", "petagain": "done", "head-petagain": "done"}
