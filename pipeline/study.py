@@ -60,6 +60,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -1002,6 +1003,64 @@ def announce_random_init(spec: StudySpec) -> bool:
     return bool(prov["random_init"])
 
 
+#: Cells one GPU trains side by side unless ``--cells-per-gpu`` says otherwise: at the paper's
+#: batch of 8 a cell keeps an H200 busy about half of each step, and four folds sharing it gave
+#: 1.6x the throughput of one (``benchmarks/gpu.md``).
+DEFAULT_CELLS_PER_GPU = 4
+#: GPU memory a paper-size cell is taken to need when choosing how many share a GPU: an upper
+#: estimate until ``benchmarks/gpu_check.sh`` measures a cell's peak (it prints it).
+CELL_GPU_MEMORY_GIB = 8.0
+
+
+def gpu_free_memory_gib(gpus: Sequence[str]) -> list[float] | None:
+    """Free memory of each GPU in GiB, from ``nvidia-smi`` (this process starts no CUDA
+    context: the workers do); None when it cannot be read."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    free = {}
+    for line in out.splitlines():
+        index, _, mib = line.partition(",")
+        if mib.strip().isdigit():
+            free[index.strip()] = int(mib) / 1024
+    return [free[g] for g in gpus] if all(g in free for g in gpus) else None
+
+
+def cells_per_gpu(gpus: Sequence[str], requested: int | None = None,
+                  free_gib: Sequence[float] | None = None) -> int:
+    """How many cells each GPU trains side by side.
+
+    Args:
+        gpus: the GPU ids cells are pinned to.
+        requested: ``--cells-per-gpu``; None = :data:`DEFAULT_CELLS_PER_GPU`, fewer when the
+            GPU with the least free memory holds fewer :data:`CELL_GPU_MEMORY_GIB` cells (at
+            least 1).
+        free_gib: free memory per GPU; default :func:`gpu_free_memory_gib` (unknown = no cap).
+
+    Raises:
+        ValueError: ``requested`` below 1.
+    """
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"cells per GPU must be >= 1, got {requested}")
+        return int(requested)
+    if not gpus:
+        return 1
+    free = gpu_free_memory_gib(gpus) if free_gib is None else list(free_gib)
+    if not free:
+        return DEFAULT_CELLS_PER_GPU
+    return max(1, min(DEFAULT_CELLS_PER_GPU, int(0.9 * min(free) // CELL_GPU_MEMORY_GIB)))
+
+
+def device_slots(gpus: Sequence[str], workers: int) -> list[str | None]:
+    """The GPU each of ``workers`` pool workers is pinned to: round-robin over ``gpus``, so the
+    first workers spread over the GPUs and each GPU gets ``workers / len(gpus)`` of them (one
+    group of side-by-side cells per GPU); all None without GPUs."""
+    return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]
+
+
 def _worker_init(slots, threads: int) -> None:
     """Pin this pool worker to a GPU (before CUDA initialises), bound CPU threads, and
     silence the random-init warning (the parent states it once)."""
@@ -1087,8 +1146,8 @@ def run_pool(
     slots = None
     if not in_process:
         slots = mp.get_context("spawn").Queue()  # one GPU id per worker, taken as it starts
-        for i in range(workers):
-            slots.put(gpus[i % len(gpus)] if gpus else None)
+        for slot in device_slots(gpus, workers):
+            slots.put(slot)
     pool = JobPool(workers, in_process=in_process, initializer=_worker_init, initargs=(slots, threads))
     with pool, quiet_random_init() if in_process else contextlib.nullcontext():
         for done in pool.run(jobs, shown=shown):
@@ -1106,34 +1165,43 @@ def run_pool(
 def run_local(
     spec: StudySpec,
     cells: Sequence[Cell],
-    workers: int = 1,
+    workers: int | None = None,
     *,
     gpus: Sequence[str] | None = None,
+    per_gpu: int | None = None,
     threads_per_worker: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     shown: set[tuple] | None = None,
 ) -> StudyOutcome:
-    """Run cells in a pool of ``workers`` fresh (spawned) processes (:func:`run_pool`).
+    """Run cells in a pool of fresh (spawned) worker processes (:func:`run_pool`).
 
-    Worker i is pinned to GPU ``gpus[i % len(gpus)]`` through ``CUDA_VISIBLE_DEVICES``
-    (round-robin), so with 8 GPUs and 8 workers each GPU trains one cell at a time. Torch
-    CPU threads per worker default to 1 outside training; a cell trains on its
-    configuration's ``threads`` (:mod:`pipeline.runtime`). A failing cell is
-    reported in the outcome and the others continue.
+    With GPUs (and a study not set to train on the CPU), each GPU trains ``per_gpu`` cells side
+    by side (:func:`cells_per_gpu`), one group per GPU: ``workers`` defaults to
+    ``len(gpus) x per_gpu`` and worker i is pinned to GPU ``gpus[i % len(gpus)]`` through
+    ``CUDA_VISIBLE_DEVICES`` (:func:`device_slots`). A cell's numbers do not depend on which
+    worker or neighbour it has (``tests/test_study.py``). Torch CPU threads per worker default
+    to 1 outside training; a cell trains on its configuration's ``threads``
+    (:mod:`pipeline.runtime`). A failing cell is reported in the outcome and the others continue.
 
     Args:
         spec: the study (already prepared by :func:`prepare_study`).
         cells: the cells to run; finished ones are skipped inside :func:`run_cell`.
-        workers: pool size.
-        gpus: GPU ids; default :func:`visible_gpus`.
+        workers: pool size; default ``len(gpus) x per_gpu`` with GPUs, else 1.
+        gpus: GPU ids; default :func:`visible_gpus` (none when the study trains on the CPU).
+        per_gpu: cells side by side on each GPU (``--cells-per-gpu``); default
+            :func:`cells_per_gpu`'s choice.
         threads_per_worker: torch intra-op threads per worker.
         on_result: called in the parent with each cell's result as it finishes (with
             ``progress``, see :func:`run_pool`).
         shown: warnings already shown in this run (:func:`run_pool`).
     """
+    if gpus is None:
+        gpus = [] if spec.train.get("device") == "cpu" else visible_gpus()
+    gpus = list(gpus)
+    if workers is None:
+        workers = len(gpus) * cells_per_gpu(gpus, per_gpu) if gpus else 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    gpus = list(visible_gpus() if gpus is None else gpus)
     threads = threads_per_worker or DEFAULT_THREADS
     jobs = [Job(cell.key, run_cell, (spec, cell), ident={"cell": cell.key}) for cell in cells]
     return run_pool(jobs, workers, gpus=gpus, threads=threads, on_result=on_result, shown=shown)
@@ -1251,8 +1319,6 @@ _SLURM_LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQ
 def _slurm_queue(array_ids: set[str]) -> dict[str, str] | None:
     """``{"<array>_<task>": state}`` of the queued tasks of these array jobs (``squeue -r``);
     None when squeue fails (the controller is unreachable: nothing can be concluded)."""
-    import subprocess
-
     try:
         out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted(array_ids)), "-o", "%i %T"],
                              capture_output=True, text=True, timeout=60)
@@ -1267,8 +1333,6 @@ def _slurm_queue(array_ids: set[str]) -> dict[str, str] | None:
 def _slurm_task_state(task_id: str) -> str | None:
     """``scontrol show job``'s JobState of one task (kept for MinJobAge after it ends); None
     when the controller no longer knows it."""
-    import subprocess
-
     try:
         out = subprocess.run(["scontrol", "-o", "show", "job", task_id], capture_output=True, text=True,
                              timeout=60)
@@ -1354,7 +1418,8 @@ def run_study(
     spec: StudySpec,
     *,
     executor: str = "local",
-    workers: int = 1,
+    workers: int | None = None,
+    cells_per_gpu: int | None = None,
     slurm: SlurmOptions = SlurmOptions(),
     cluster: str | None = None,
     wait: bool = True,
@@ -1375,7 +1440,10 @@ def run_study(
     Args:
         spec: the study.
         executor: ``"local"`` (process pool) or ``"submitit"`` (array job).
-        workers: local pool size.
+        workers: local pool size; default :func:`run_local`'s (``len(gpus) x cells_per_gpu``
+            with GPUs, else 1).
+        cells_per_gpu: local executor with GPUs: cells each GPU trains side by side; default
+            :func:`cells_per_gpu`'s choice.
         slurm: resources per array task (submitit).
         cluster: submitit cluster (``None`` auto, ``"slurm"``, ``"local"``, ``"debug"``).
         wait: submitit only: wait for the array to finish.
@@ -1392,12 +1460,13 @@ def run_study(
     shown: set[tuple] = set()  # each warning once in the whole run, peers and cells together
     with quiet_random_init():
         prepare_study(spec, info)
-        peers = run_peers(spec, workers=peer_workers or (workers if executor == "local" else 1), on_result=on_peer,
-                          shown=shown)
+        peers = run_peers(spec, workers=peer_workers or (workers or 1 if executor == "local" else 1),
+                          on_result=on_peer, shown=shown)
         pending = [c for c in grid(spec) if not cell_done(spec, c)]
         done = [c.key for c in grid(spec) if cell_done(spec, c)]
         if executor == "local":
-            outcome = run_local(spec, pending, workers, on_result=on_result, shown=shown) if pending else StudyOutcome()
+            outcome = (run_local(spec, pending, workers, per_gpu=cells_per_gpu, on_result=on_result, shown=shown)
+                       if pending else StudyOutcome())
         else:
             outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait, on_result=on_result)
     outcome.skipped = done + outcome.skipped

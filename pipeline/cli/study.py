@@ -77,7 +77,10 @@ def _csv(value: str | None) -> list[str] | None:
               help="local = process pool on this machine; submitit = one array job (Slurm, or --cluster local).")
 @click.option("--workers", default=None, type=click.IntRange(min=1),
               help="Local pool size (cells, then peers); each worker is pinned round-robin to one GPU when "
-                   "GPUs are present [default 1, demo 2].")
+                   "GPUs are present [default: GPUs x --cells-per-gpu with GPUs; else 1, demo 2].")
+@click.option("--cells-per-gpu", default=None, type=click.IntRange(min=1),
+              help="Local executor with GPUs: cells each GPU trains side by side, one group per GPU [default 4, "
+                   "fewer where a GPU's free memory holds fewer 8 GiB cells].")
 @click.option("--cluster", type=click.Choice(["auto", "slurm", "local", "debug"]), default="auto",
               help="submitit cluster: auto = Slurm when sbatch exists.")
 @click.option("--partition", default=None, help="Slurm partition.")
@@ -101,7 +104,7 @@ def _csv(value: str | None) -> list[str] | None:
 def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, random_init, study_dir,
               report_dir, configs, n_folds, folds_seed, repeats, loco, cnn_splits, seeds, seed_configs,
               peer_families, executor,
-              workers, cluster, partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism, no_wait,
+              workers, cells_per_gpu, cluster, partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism, no_wait,
               train_config_file, model_config, device, prep_workers, dry_run, report_only, **overrides):
     """Run the projection ablation (baseline + {CT, PET, CT+PET} x d in {64, 128, 256, orig},
     5 folds = 65 cells) with classical peers on the same folds, and write the report (Table 1,
@@ -123,7 +126,8 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
     from pipeline.study import SlurmOptions, cell_status, format_status, load_study, peer_status
 
     t_start = time.perf_counter()
-    workers = workers or (2 if demo else 1)
+    if workers is None and not _trains_on_gpus(device):
+        workers = 2 if demo else 1
     preset = demo_study_options() if demo else {}
     extra = {
         "repeats": repeats or preset.get("repeats", 1),
@@ -153,7 +157,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
                            train_config_file, model_config, device, overrides, extra)
         info = prepare_inputs(spec, demo=demo, ct_weights=ct_weights, pet_weights=pet_weights,
                               random_init=random_init, workers=prep_workers, say=_say, device=device or "auto")
-        outcome = _run_grid(spec, info, executor, workers, cluster, no_wait,
+        outcome = _run_grid(spec, info, executor, (workers, cells_per_gpu), cluster, no_wait,
                             SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
                                          mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
         _report(study_dir, report_dir, t_start, demo and outcome.ok)
@@ -214,15 +218,26 @@ def _say(kind: str, text: str) -> None:
         click.echo(f"    {text}")
 
 
-def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
-    """Peers, then the CNN grid; one progress line per finished cell, peers in quarters."""
+def _trains_on_gpus(device: str | None) -> bool:
+    """Whether cells will train on GPUs here: a device other than cpu and GPUs visible."""
+    from pipeline.study import visible_gpus  # local: as in run_study
+
+    return device != "cpu" and bool(visible_gpus())
+
+
+def _run_grid(spec, info, executor, pool, cluster, no_wait, slurm):
+    """Peers, then the CNN grid; one progress line per finished cell, peers in quarters.
+    ``pool`` = ``(workers, cells_per_gpu)``; workers None = one group of cells per GPU."""
     from pipeline.study import cell_status, run_study  # local: as in run_study
+
+    workers, per_gpu = pool
 
     status = cell_status(spec)
     n_total, n_before = len(status), int(status["done"].sum())
     t0 = _step(f"peers: {len(spec.peer_list())} on {len(spec.splits())} split(s) ({', '.join(spec.splits())}), "
                f"then grid: {n_total} CNN cells ({n_before} already done) via {executor}"
-               + (f", {workers} worker(s)" if executor == "local" else ""))
+               + ((f", {workers} worker(s)" if workers else f", {per_gpu or 'up to 4'} cell(s) per GPU")
+                  if executor == "local" else ""))
 
     def peer(res):
         if "error" in res:
@@ -241,7 +256,7 @@ def _run_grid(spec, info, executor, workers, cluster, no_wait, slurm):
         click.echo(f"{head} {res['seconds']:6.1f} s  {parts}  ({format_progress(p)})")
 
     # announce=False: prepare_inputs stated random-init embeddings once, before extraction.
-    outcome = run_study(spec, executor=executor, workers=workers, slurm=slurm,
+    outcome = run_study(spec, executor=executor, workers=workers, cells_per_gpu=per_gpu, slurm=slurm,
                         cluster=None if cluster == "auto" else cluster, wait=not no_wait,
                         info=info, on_result=report, on_peer=peer, announce=False)
     if outcome.job_ids:
