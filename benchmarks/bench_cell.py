@@ -174,35 +174,49 @@ def paper_size_cohort(cache: str, manifest: str, n_cases: int | None):
 
 
 def bench_paper_fold(args: argparse.Namespace, device: str) -> None:
-    """``train_fold`` itself at the paper's size and settings, a short schedule, each part
-    timed by its PartTimes; projected onto the paper's protocol and the 65-cell grid."""
+    """``train_fold`` itself at the paper's size and settings, each part timed by its PartTimes;
+    a short schedule is projected onto the paper's protocol and the 65-cell grid, a full one
+    (``--epochs 100 --steps 50``) is the measured paper cell."""
     cohort = paper_size_cohort(args.cache, args.manifest, args.cases)
-    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, warmup_epochs=1, device=device,
-                      precision=args.precision, threads=args.threads)
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, warmup_epochs=min(5, args.epochs), device=device,
+                      precision=args.precision, threads=args.threads, step_mode=args.step_mode, patience=PAPER_EPOCHS)
     work = Path(tempfile.mkdtemp(prefix="bench_paper_fold_"))
     try:
         folds = get_folds(work / "folds.json", cohort)
         state = setup_fold(cohort, folds, 0, cfg)  # a worker's one-off set-up and the floor's network
-        times = PartTimes()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, t0 = PartTimes(), time.perf_counter()
         train_fold(cohort, folds, 0, cfg, work / "run", progress=False, times=times)
+        wall = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         floor = fold_floor(state, cohort, cfg, 5)
-        env = read_json(RunLayout(work / "run").done(0))["environment"]  # as the fold ran
+        done = read_json(RunLayout(work / "run").done(0))  # as the fold ran
+        curves = (RunLayout(work / "run").curves(0)).read_text()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    env, ex = done["environment"], done["execution"]
     print(f"device {env['device']} ({env['gpu'] or env['cpu']}), CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
           f"precision {env['precision']}, TF32 matmul {env['tf32_matmul']} / cuDNN {env['tf32_cudnn']}, "
-          f"deterministic {env['deterministic']}")
-    n_steps, n_evals = cfg.epochs * cfg.steps_per_epoch, (cfg.epochs + 1) * len(cohort)
-    step_s, eval_case_s = times.seconds["steps"] / n_steps, times.seconds["evaluation"] / n_evals
+          f"deterministic {env['deterministic']}; step mode {ex['step_mode']} (CUDA graph: {ex['cuda_graph']}), "
+          f"evaluation batch {ex['eval_batch_size']}, train C every {ex['train_c_every']} epochs")
+    n_steps, passes = done["epochs_run"] * cfg.steps_per_epoch, done["epochs_run"] + 1
+    step_s, eval_pass_s = times.seconds["steps"] / n_steps, times.seconds["evaluation"] / passes
     other = sum(v for k, v in times.seconds.items() if k not in ("steps", "evaluation"))
-    print(f"measured: {n_steps} steps at {step_s:.3f} s (floor {floor:.3f} s), evaluation "
-          f"{eval_case_s * 1000:.1f} ms/case over {cfg.epochs + 1} passes of {len(cohort)} cases, other {other:.1f} s")
-    cell = PAPER_EPOCHS * PAPER_STEPS * step_s + (PAPER_EPOCHS + 1) * PAPER_CASES * eval_case_s + other
+    print(f"measured: {n_steps} steps at {step_s:.3f} s (floor {floor:.3f} s, {step_s / floor:.2f}x), evaluation "
+          f"{eval_pass_s:.2f} s/pass over {passes} passes of {len(cohort)} cases "
+          f"({times.seconds['evaluation'] / wall:.0%} of the fold), other {other:.1f} s; "
+          f"wall {wall:.1f} s, peak GPU memory {peak:.1f} GiB")
+    if done["epochs_run"] == PAPER_EPOCHS and cfg.steps_per_epoch == PAPER_STEPS:
+        print(f"MEASURED paper-length cell ({PAPER_EPOCHS} x {PAPER_STEPS} steps, {len(cohort)} cases): "
+              f"{wall / 60:.2f} min\n--- curves.csv ---\n{curves}--- end curves ---")
+    per_case = PAPER_CASES / len(cohort)  # an evaluation pass covers the fold's rows
+    cell = PAPER_EPOCHS * PAPER_STEPS * step_s + (PAPER_EPOCHS + 1) * eval_pass_s * per_case + other
     print(f"projected paper cell ({PAPER_EPOCHS} x {PAPER_STEPS} steps, {PAPER_EPOCHS + 1} evaluations of "
           f"{PAPER_CASES} cases): {cell / 60:.1f} min = {cell / (PAPER_EPOCHS * PAPER_STEPS * floor):.2f} x its steps' floor")
     for gpus in (1, 8):
         print(f"65-cell grid on {gpus} GPU(s), one cell per GPU at a time: "
-              f"{math.ceil(GRID_CELLS / gpus) * cell / 3600:.2f} h")
+              f"{math.ceil(GRID_CELLS / gpus) * cell / 3600:.2f} h (projection)")
 
 
 def main() -> None:
@@ -212,6 +226,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=None, help="paper-fold: first N demo cases (default all)")
     ap.add_argument("--epochs", type=int, default=2, help="paper-fold: epochs timed")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast"], help="paper-fold")
+    ap.add_argument("--step-mode", default="auto", choices=["auto", "eager", "graph"],
+                    help="paper-fold: TrainConfig.step_mode (auto = a CUDA graph on CUDA in fp32)")
     ap.add_argument("--cache", default="cache/preprocessed", help="demo-size preprocessed cache")
     ap.add_argument("--manifest", default="data_manifest.csv")
     ap.add_argument("--fold", type=int, default=0)

@@ -40,6 +40,9 @@ TRAIN_SCALARS: dict[str, tuple[type, str]] = {
                      "of the run's settings; run folds and cells side by side for speed instead."),
     "precision": (str, "Training arithmetic: fp32 or bf16-autocast (forward pass under bfloat16 autocast, "
                        "losses in fp32; CUDA only: refused on CPU, where it gave non-finite losses at random) [fp32]."),
+    "step_mode": (str, "How a training step runs: eager, graph (captured once in a CUDA graph and replayed; on the "
+                       "CPU the same code without capture, the eager step's bits) or auto (graph on CUDA in fp32, "
+                       "else eager) [auto]."),
     "select_from_epoch": (int, "First epoch (0-based) model selection may choose [paper: 0; demo preset: "
                                f"{demo_train_options().get('select_from_epoch', 0)}]."),
 }

@@ -19,7 +19,8 @@ from pipeline.pool import format_progress
 #: The TrainConfig fields run-study sets from options (for every configuration).
 STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "gpu_eval_batch_size",
                        "train_c_every", "lr", "ema_decay",
-                       "patience", "inner_val_fraction", "seed", "split_seed", "threads", "precision")
+                       "patience", "inner_val_fraction", "seed", "split_seed", "threads", "precision",
+                       "step_mode")
 
 
 def _csv(value: str | None) -> list[str] | None:
