@@ -351,7 +351,7 @@ def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseProb
     return table.set_index("case_id", drop=False), errors
 
 
-def parse_endpoint_if_present(path: Path) -> tuple[pd.DataFrame, list[CaseError]]:
+def parse_endpoint_if_present(path: Path) -> tuple[pd.DataFrame, list[CaseProblem]]:
     """:func:`parse_endpoint`, or an empty table when the root has no endpoint file.
 
     A root without one (e.g. new patients from ``import-dicom``) gives a manifest with empty
