@@ -27,7 +27,7 @@ from pipeline.hecktor import manifest_sidecar_path
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
 
 if TYPE_CHECKING:  # annotations only: pipeline.study is slow to import, and the CLIs import this module
-    from pipeline.study import StudySpec
+    from pipeline.study_spec import StudySpec
 
 #: Preprocessing sizes, SimpleITK (x, y, z) order: survival CNN, CT-FM and PET-FM inputs.
 #: The survival crop (80 x 80 x 48 mm, the paper's) at 24^3 voxels: 3.3 x 3.3 x 2 mm, the

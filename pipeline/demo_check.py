@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artefacts import params_hash, read_json, sha256_file, write_json_atomic
-from pipeline.study import FIRST_SPLIT, StudySpec, cell_layout, grid, load_study
 from pipeline.layout import PeerRunLayout
 from pipeline.runtime import CPU_ENVIRONMENT_KEYS
+from pipeline.study_spec import FIRST_SPLIT, StudySpec, cell_layout, grid, load_study
 
 #: The committed reference (package data, so an installed copy finds it too).
 REFERENCE = Path(__file__).with_name("demo_reference.json")

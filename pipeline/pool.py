@@ -237,6 +237,33 @@ def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs
         initializer(*initargs)
 
 
+def pinned_worker(slots: Any, threads: int, quiet: Sequence[type[Warning]] = ()) -> None:
+    """An initializer for a :class:`JobPool` of workers that may use a GPU.
+
+    Pins this worker to the GPU it takes from ``slots`` through ``CUDA_VISIBLE_DEVICES``,
+    bounds torch's CPU threads and ignores the warning categories in ``quiet`` (ones the
+    parent states once itself).
+
+    The GPU is set before torch is loaded in the worker: this module does not import torch,
+    torch is imported below only after ``CUDA_VISIBLE_DEVICES`` is set, and a worker runs its
+    initializer before it unpickles its first job (whose module, e.g. :mod:`pipeline.study`,
+    may import torch). Keep this function in a module that does not import torch.
+
+    Args:
+        slots: a queue of GPU ids, one taken per worker as it starts (``None`` = no pinning).
+        threads: torch intra-op threads of the worker.
+        quiet: warning categories ignored in the worker.
+    """
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    for category in quiet:
+        warnings.filterwarnings("ignore", category=category)
+    import torch  # after CUDA_VISIBLE_DEVICES: torch reads it when CUDA starts
+
+    torch.set_num_threads(threads)
+
+
 
 class JobPool:
     """Runs jobs here (``in_process``) or in ``workers`` worker processes; a context manager.

@@ -1,49 +1,11 @@
-"""The projection-ablation study: 13 configurations x K folds, each cell its own job.
-
-Grid (REFERENCE section 1): the DeepMTS+DAFT baseline plus, for each embedding set
-(CT, PET, CT+PET), the FM projection size d in {64, 128, 256, orig}: 13 configurations.
-Every configuration is trained on the same K folds (one shared folds file), so the 5 x 13
-= 65 cells are paired. Embeddings come from the stage-one cache (one file of the set that
-reads every encoder, ``ctpet``; the CT-only configurations read its ``ct`` rows, etc.): no
-foundation model runs during the grid.
+"""Running the projection-ablation study (:mod:`pipeline.study_spec` describes it).
 
 Each (configuration, fold) cell is independent and resumable: :func:`run_cell` calls
 :func:`pipeline.train.train_fold`, which writes ``<study>/runs/<config>/fold_<k>/`` and its
 completion marker ``done.json`` last. A killed worker or a pre-empted cluster job loses
-only its own cell; rerunning the study skips every cell that has a marker.
-
-Beyond the paper's single 5-fold run, a study can hold further *splits* of the same
-cohort, each with its own shared folds file and its own resumable cells:
-
-* ``cv0`` .. ``cv<R-1>``: repeated stratified K-fold CV (``repeats = R``); repeat ``r``
-  uses split seed ``folds_seed + r`` (as :func:`pipeline.splits.repeated_folds`), so
-  ``cv0`` is the paper-style run and every configuration sees identical folds per repeat;
-* ``loco``: leave-one-centre-out (:func:`pipeline.splits.leave_one_centre_out`), one fold
-  per centre.
-
-The CNN grid trains on every split, or only on ``cv0`` (``cnn_extra_splits = False``, used
-by the CPU demo). The classical peers (:mod:`pipeline.peers`: clinical Cox,
-radiomics-lite Cox and one penalised-Cox embedding head per FM configuration, with the same
-embedding set and projection size) take seconds and always run on every split, on the same
-folds files as the CNN.
-
-Training noise is measured by *seeds* (``seeds = S``): on ``cv0``, seed index ``s`` trains
-each configuration of ``seed_configs`` (default all) with training seed ``train.seed + s``
-on the same outer folds and the same inner split (``TrainConfig.split_seed`` stays), so the
-spread over seeds is the training noise alone. Seed 0 is the study's ordinary cell, in its
-ordinary folder; seeds ``s >= 1`` are resumable cells of their own (:meth:`StudySpec.seed_root`).
-
-Layout of a study folder::
-
-    <study>/study.json                 spec, cohort summary, provenance (see prepare_study)
-    <study>/folds.json                 the shared folds of split cv0 (pipeline.splits format)
-    <study>/runs/<config>/             a run folder (pipeline.layout.RunLayout): run.json, and
-                                       fold_<k>/ with train_fold's outputs, done.json, cell.json
-    <study>/peers/<peer>/              a peer run folder (pipeline.layout.PeerRunLayout)
-    <study>/splits/<split>/            the same (folds.json, runs/, peers/) for cv1.. and loco
-    <study>/seeds/<s>/runs/<config>/   training seed index s >= 1 of cv0 (StudySpec.seed_root)
-    <study>/submitit/                  logs of cluster jobs (when that executor is used)
-    <study>/.claims/<cell key>.lock    the claim a cell's trainer holds (claim_cell), and .log
+only its own cell; rerunning the study skips every cell that has a marker. A cell is
+claimed before it trains (:func:`claim_cell`), so two runs on one folder never train it
+twice. The classical peers (:func:`run_peers`) run on every split before the cells.
 
 Executors: a local process pool (:func:`run_pool` on :class:`pipeline.pool.JobPool`, shared
 by cells and peers: ``workers`` processes, each pinned round-robin to one GPU through
@@ -71,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 import submitit
+import torch
 
 from pipeline.artefacts import (
     ProvenanceError,
@@ -82,467 +45,66 @@ from pipeline.artefacts import (
     write_json_atomic,
 )
 from pipeline.cache import PreprocessedCache
-from pipeline.embedding_sets import embedding_set, head_group, set_names
+from pipeline.dataset import load_cohort
+from pipeline.embedding_sets import embedding_set
 from pipeline.embeddings import RANDOM_INIT, RandomInitWarning, read_embeddings
 from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
-from pipeline.manifest import read_manifest, survival_cases
 from pipeline.peers import HeadConfig, fit_peer_run
-from pipeline.pool import Job, JobPool
+from pipeline.pool import Job, JobPool, pinned_worker
 from pipeline.runtime import DEFAULT_THREADS
 from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, make_folds, save_folds
+from pipeline.study_spec import (
+    FIRST_SPLIT,
+    STUDY_FILE,
+    Cell,
+    Configuration,
+    Peer,
+    StudySpec,
+    cell_done,
+    cell_layout,
+    grid,
+    split_repeat,
+)
+from pipeline.train import TrainConfig, get_folds, run_provenance, start_run, train_fold
 
-# pipeline.train and pipeline.dataset import torch: this module imports them where a cell
-# trains, so that status listings and reports load without torch, and a pool worker sets
-# CUDA_VISIBLE_DEVICES before torch is loaded (_worker_init).
-
-#: Projection sizes of the ablation; ``None`` = native size ("orig": 512 CT, 768 PET).
-PROJ_SIZES: tuple[int | None, ...] = (64, 128, 256, None)
-BASELINE = "baseline"
-STUDY_FILE = "study.json"
-#: The first CV split: the paper-style 5-fold run, stored at the study root.
-FIRST_SPLIT = "cv0"
-LOCO = "loco"
-#: Peer families a study can run (``StudySpec.peers``).
-PEER_FAMILIES = ("clinical", "radiomics", "heads")
-
-
-def split_names(repeats: int, loco: bool) -> list[str]:
-    """``["cv0", .., "cv<R-1>"]`` (+ ``"loco"``)."""
-    return [f"cv{r}" for r in range(int(repeats))] + ([LOCO] if loco else [])
+# A pool worker pins its GPU before torch is loaded there: the worker initialiser
+# (pipeline.pool.pinned_worker) lives outside this module, which imports torch, and runs
+# before the worker unpickles its first job (and so imports this module).
 
 
-def split_repeat(split: str) -> int | None:
-    """``"cv3"`` -> 3, ``"loco"`` -> None; raises ``ValueError`` naming a bad split."""
-    if split == LOCO:
-        return None
-    if split.startswith("cv") and split[2:].isdigit():
-        return int(split[2:])
-    raise ValueError(f"not a split name: {split!r} (expected 'cv<r>' or 'loco')")
+def train_config(spec: StudySpec, config: Configuration, input_size: Sequence[int] | None = None,
+                 seed: int = 0) -> TrainConfig:
+    """The :class:`pipeline.train.TrainConfig` of one configuration of a study.
 
-
-def proj_label(proj: int | None) -> str:
-    """``64`` -> ``"64"``, ``None`` -> ``"orig"``."""
-    return "orig" if proj is None else str(int(proj))
-
-
-def parse_proj_label(label: str) -> int | None:
-    """Inverse of :func:`proj_label`; raises ``ValueError`` naming a bad label."""
-    if label == "orig":
-        return None
-    try:
-        value = int(label)
-    except ValueError:
-        raise ValueError(f"projection size must be a positive integer or 'orig', got {label!r}") from None
-    if value < 1:
-        raise ValueError(f"projection size must be a positive integer or 'orig', got {label!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Configuration:
-    """One row of the ablation: the baseline, or an embedding set with a projection size.
-
-    Attributes:
-        embedding_set: ``None`` for the baseline, else a set of :mod:`pipeline.embedding_sets`.
-        proj: projection size, ``None`` = native ("orig"); ignored for the baseline.
+    Args:
+        spec: the study; its ``train`` options are shared by every configuration.
+        config: the grid row; sets ``proj``.
+        input_size: ``(D, H, W)`` of the cached survival volumes; written into the
+            model overrides when they do not set it, so reduced-size caches work.
+        seed: seed index; s >= 1 trains with ``seed + s`` and keeps the inner split of
+            seed 0 (``split_seed`` = the study's), s = 0 is the study's config unchanged.
     """
-
-    embedding_set: str | None = None
-    proj: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.embedding_set is not None:
-            embedding_set(self.embedding_set)  # names the registered sets when unknown
-        if self.embedding_set is None and self.proj is not None:
-            raise ValueError(f"the baseline has no FM projection, got proj={self.proj}")
-
-    @property
-    def name(self) -> str:
-        """Folder name: ``baseline``, ``ct-d64`` ... ``ctpet-dorig``."""
-        return BASELINE if self.embedding_set is None else f"{self.embedding_set}-d{proj_label(self.proj)}"
-
-    @property
-    def encoders(self) -> tuple[str, ...]:
-        """The encoders whose embeddings the configuration reads (none for the baseline)."""
-        return () if self.embedding_set is None else embedding_set(self.embedding_set).encoders
-
-    @property
-    def group(self) -> str:
-        """Its report group: ``baseline`` or its embedding set."""
-        return self.embedding_set or BASELINE
-
-    @property
-    def d_label(self) -> str:
-        return "-" if self.embedding_set is None else proj_label(self.proj)
-
-    @classmethod
-    def from_name(cls, name: str) -> Configuration:
-        """Inverse of :attr:`name`; raises ``ValueError`` naming a bad name."""
-        if name == BASELINE:
-            return cls()
-        set_name, sep, d = name.partition("-d")
-        hint = f"not a study configuration name: {name!r} (e.g. 'baseline', 'ct-d64', 'ctpet-dorig')"
-        if not sep or set_name not in set_names():
-            raise ValueError(hint)
-        try:
-            return cls(set_name, parse_proj_label(d))
-        except ValueError as exc:
-            raise ValueError(f"{hint}: {exc}") from None
-
-
-def configurations(
-    sets: Sequence[str] | None = None,
-    projections: Sequence[int | None] = PROJ_SIZES,
-    *,
-    baseline: bool = True,
-) -> list[Configuration]:
-    """The ablation grid: baseline first, then each embedding set x projection size.
-
-    ``sets`` default to every registered set; with the defaults this is the paper's 13
-    configurations.
-    """
-    out = [Configuration()] if baseline else []
-    out += [Configuration(s, p) for s in (set_names() if sets is None else sets) for p in projections]
-    return out
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One job: a configuration on one outer fold of one split (``cv<r>`` or ``loco``),
-    trained with seed index ``seed`` (0 = the study's training seed, s = that seed + s)."""
-
-    config: Configuration
-    fold: int
-    split: str = FIRST_SPLIT
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        """``baseline/fold_0``, ``cv1/baseline/fold_0``, ``seed1/baseline/fold_0``."""
-        head = "" if self.split == FIRST_SPLIT else f"{self.split}/"
-        head += f"seed{self.seed}/" if self.seed else ""
-        return f"{head}{self.config.name}/fold_{self.fold}"
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A classical model fitted on the study's folds (:mod:`pipeline.peers`).
-
-    Attributes:
-        kind: ``clinical`` (ridge Cox on the clinical covariates), ``radiomics`` (ridge
-            Cox on radiomics-lite features) or ``embeddings`` (penalised Cox head on the
-            cached FM embeddings + clinical).
-        embedding_set: the embedding set of a head (:mod:`pipeline.embedding_sets`).
-        proj: PCA size of a head, ``None`` = all standardised features ("orig").
-    """
-
-    kind: str
-    embedding_set: str | None = None
-    proj: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("clinical", "radiomics", "embeddings"):
-            raise ValueError(f"unknown peer kind {self.kind!r}")
-        if (self.kind == "embeddings") != (self.embedding_set is not None):
-            raise ValueError(f"peer {self.kind!r}: an embedding set is needed by (and only by) heads")
-
-    @property
-    def name(self) -> str:
-        """``clinical-cox``, ``radiomics-cox`` or ``head-<set>-d<proj>``."""
-        if self.kind == "embeddings":
-            return f"{self.group}-d{proj_label(self.proj)}"
-        return f"{self.kind}-cox"
-
-    @property
-    def group(self) -> str:
-        """Its report group: ``clinical``, ``radiomics`` or ``head-<set>``."""
-        return head_group(self.embedding_set) if self.kind == "embeddings" else self.kind
-
-    @property
-    def label(self) -> str:
-        if self.kind == "clinical":
-            return "peer: clinical Cox"
-        if self.kind == "radiomics":
-            return "peer: radiomics-lite Cox"
-        return f"peer: {embedding_set(self.embedding_set).label} embedding head, d = {proj_label(self.proj)}"
-
-    def head_config(self, overrides: dict[str, Any] | None = None):
-        """The :class:`pipeline.peers.HeadConfig`: ridge for clinical / radiomics (radiomics
-        without clinical covariates), coxnet + clinical with ``proj`` for heads."""
-        if self.kind == "clinical":
-            return HeadConfig(model="ridge", with_clinical=True)
-        if self.kind == "radiomics":
-            return HeadConfig(model="ridge", with_clinical=False)
-        return HeadConfig(**({"model": "coxnet", "with_clinical": True} | dict(overrides or {}) | {"proj": self.proj}))
-
-
-@dataclass(frozen=True)
-class StudySpec:
-    """Everything a cell needs, as plain paths and values (picklable, JSON-able).
-
-    Attributes:
-        manifest: the case manifest (absolute path).
-        cache_root: the preprocessed cache.
-        embeddings: the stage-one HDF5 holding every encoder the grid uses (the set
-            reading all, ``ctpet``), or ``None`` for a baseline-only study.
-        study_dir: output folder of the study.
-        n_folds: number of outer CV folds.
-        folds_seed: seed of the shared folds (made once, then reused).
-        train: :class:`pipeline.train.TrainConfig` fields shared by every configuration
-            (``proj`` is set per configuration).
-        configs: configuration names of the grid (see :func:`configurations`).
-        repeats: CV repeats R (splits ``cv0`` .. ``cv<R-1>``, split seeds
-            ``folds_seed + r``).
-        loco: add the leave-one-centre-out split.
-        cnn_extra_splits: train the CNN grid on every split; False = only on ``cv0``
-            (the peers still run on every split).
-        peers: peer families to fit (subset of :data:`PEER_FAMILIES`); ``heads`` adds one
-            embedding head per FM configuration of the grid.
-        head: :class:`pipeline.peers.HeadConfig` overrides of the embedding heads.
-        seeds: training seeds S per configuration of ``seed_configs`` on ``cv0``: seed index
-            s trains with ``TrainConfig.seed = train seed + s`` and the same inner split
-            (``split_seed`` unchanged); 1 = the study's single seed.
-        seed_configs: configuration names trained with every seed; ``None`` = all of
-            ``configs`` (names outside ``configs`` are not trained).
-    """
-
-    manifest: str
-    cache_root: str
-    embeddings: str | None
-    study_dir: str
-    n_folds: int = 5
-    folds_seed: int = 42
-    train: dict[str, Any] = field(default_factory=dict)
-    configs: tuple[str, ...] = tuple(c.name for c in configurations())
-    repeats: int = 1
-    loco: bool = False
-    cnn_extra_splits: bool = True
-    peers: tuple[str, ...] = PEER_FAMILIES
-    head: dict[str, Any] = field(default_factory=dict)
-    seeds: int = 1
-    seed_configs: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_folds < 2:
-            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
-        if int(self.repeats) < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
-        if int(self.seeds) < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if self.seed_configs is not None:
-            for name in self.seed_configs:
-                Configuration.from_name(name)  # names a bad one
-            if len(set(self.seed_configs)) != len(self.seed_configs):
-                raise ValueError(f"duplicate configurations in seed_configs {self.seed_configs}")
-        bad = [p for p in self.peers if p not in PEER_FAMILIES]
-        if bad:
-            raise ValueError(f"unknown peer families {bad}; choose from {list(PEER_FAMILIES)}")
-        if "proj" in self.train:
-            raise ValueError("StudySpec.train must not set 'proj': the grid sets it per configuration")
-        confs = [Configuration.from_name(n) for n in self.configs]
-        if len(set(self.configs)) != len(self.configs):
-            raise ValueError(f"duplicate configurations in {self.configs}")
-        if self.embeddings is None and any(c.embedding_set for c in confs):
-            fm = [c.name for c in confs if c.embedding_set]
-            raise ValueError(f"configurations {fm} need an embeddings file, none given")
-
-    @classmethod
-    def create(cls, manifest, cache_root, embeddings, study_dir, **kwargs: Any) -> StudySpec:
-        """Build a spec with absolute paths, so cells run from any working directory."""
-        absolute = lambda p: None if p is None else str(Path(p).resolve())  # noqa: E731
-        return cls(absolute(manifest), absolute(cache_root), absolute(embeddings), absolute(study_dir), **kwargs)
-
-    @property
-    def root(self) -> Path:
-        return Path(self.study_dir)
-
-    @property
-    def folds_path(self) -> Path:
-        return self.folds_path_of(FIRST_SPLIT)
-
-    def splits(self) -> list[str]:
-        """Every split of the study: ``cv0`` .. ``cv<R-1>`` (+ ``loco``)."""
-        return split_names(self.repeats, self.loco)
-
-    def cnn_splits(self) -> list[str]:
-        """The splits the CNN grid trains on."""
-        return self.splits() if self.cnn_extra_splits else [FIRST_SPLIT]
-
-    def split_root(self, split: str = FIRST_SPLIT) -> Path:
-        """``cv0`` lives at the study root (the paper-style layout); others in ``splits/``."""
-        split_repeat(split)  # validates the name
-        return self.root if split == FIRST_SPLIT else self.root / "splits" / split
-
-    def folds_path_of(self, split: str) -> Path:
-        return self.split_root(split) / "folds.json"
-
-    def configurations(self) -> list[Configuration]:
-        return [Configuration.from_name(n) for n in self.configs]
-
-    def seed_indices(self, config: Configuration, split: str = FIRST_SPLIT) -> range:
-        """The seed indices a configuration trains on a split: ``0 .. seeds-1`` on ``cv0`` for
-        the configurations of ``seed_configs``, else only 0."""
-        extra = split == FIRST_SPLIT and (self.seed_configs is None or config.name in self.seed_configs)
-        return range(int(self.seeds) if extra else 1)
-
-    def seed_configurations(self) -> list[Configuration]:
-        """The configurations of the grid trained with more than one seed."""
-        return [c for c in self.configurations() if len(self.seed_indices(c)) > 1]
-
-    def seed_root(self, split: str = FIRST_SPLIT, seed: int = 0) -> Path:
-        """Where seed index ``seed`` of a split keeps its runs: the split's own folder for
-        seed 0 (the study's ordinary layout), ``<split root>/seeds/<seed>`` otherwise."""
-        root = self.split_root(split)
-        return root if int(seed) == 0 else root / "seeds" / str(int(seed))
-
-    def run_dir(self, config: Configuration, split: str = FIRST_SPLIT, seed: int = 0) -> Path:
-        return self.seed_root(split, seed) / "runs" / config.name
-
-    def peer_list(self) -> list[Peer]:
-        """Clinical and radiomics peers, then one head per FM configuration of the grid."""
-        out = [Peer(k) for k in ("clinical", "radiomics") if k in self.peers]
-        if "heads" in self.peers and self.embeddings is not None:
-            out += [Peer("embeddings", c.embedding_set, c.proj) for c in self.configurations() if c.embedding_set]
-        return out
-
-    def peer_dir(self, peer: Peer, split: str = FIRST_SPLIT) -> Path:
-        return self.split_root(split) / "peers" / peer.name
-
-    def train_config(self, config: Configuration, input_size: Sequence[int] | None = None, seed: int = 0):
-        """The :class:`pipeline.train.TrainConfig` of one configuration.
-
-        Args:
-            config: the grid row; sets ``proj``.
-            input_size: ``(D, H, W)`` of the cached survival volumes; written into the
-                model overrides when they do not set it, so reduced-size caches work.
-            seed: seed index; s >= 1 trains with ``seed + s`` and keeps the inner split of
-                seed 0 (``split_seed`` = the study's), s = 0 is the study's config unchanged.
-        """
-        from pipeline.train import TrainConfig  # local: torch (see the note on imports)
-
-        options = json.loads(json.dumps(self.train))  # deep copy of plain values
-        if input_size is not None:
-            options.setdefault("model", {}).setdefault("input_size", [int(s) for s in input_size])
-        options["proj"] = config.proj
-        if seed:
-            base = int(options.get("seed", TrainConfig.seed))
-            if options.get("split_seed") is None:
-                options["split_seed"] = base
-            options["seed"] = base + int(seed)
-        return TrainConfig.from_dict(options)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["configs"] = list(self.configs)
-        d["peers"] = list(self.peers)
-        d["seed_configs"] = None if self.seed_configs is None else list(self.seed_configs)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StudySpec:
-        d = dict(d)
-        d["configs"] = tuple(d.get("configs", ()))
-        if "peers" in d:
-            d["peers"] = tuple(d["peers"])
-        if d.get("seed_configs") is not None:
-            d["seed_configs"] = tuple(d["seed_configs"])
-        return cls(**d)
-
-    @property
-    def hash(self) -> str:
-        """Hash of what determines the CNN cells' results (not the output folder).
-
-        Growing the study later (more configurations, repeats, LOCO, peers, seeds) keeps
-        finished cells valid; peer settings are checked per peer run (``peer.json``), a seed's
-        training seed per run (``run.json``). The seed settings are recorded with the spec in
-        ``study.json``; like the repeats they are left out of the hash, which is then the hash
-        of a study made before seeds existed.
-        """
-        d = self.to_dict()
-        for key in ("study_dir", "configs", "repeats", "loco", "cnn_extra_splits", "peers", "head", "seeds",
-                    "seed_configs"):
-            d.pop(key)
-        return params_hash(d)
-
-
-def loco_centres(spec: StudySpec) -> list[str]:
-    """Held-out centre of each LOCO fold (fold k = k-th centre in sorted order).
-
-    Read from the LOCO folds file when it exists, else from the manifest's endpoint cases.
-    """
-    path = spec.folds_path_of(LOCO)
-    if path.is_file():
-        return [str(c) for c in read_json(path)["params"]["centres"]]
-    return sorted(set(survival_cases(read_manifest(spec.manifest))["center"].astype(str)))
-
-
-def split_n_folds(spec: StudySpec, split: str) -> int:
-    """Folds of a split: ``n_folds`` for CV, the number of centres for LOCO."""
-    return len(loco_centres(spec)) if split == LOCO else spec.n_folds
-
-
-def grid(spec: StudySpec) -> list[Cell]:
-    """Every CNN cell of the study: split-major, then configuration-major (baseline first),
-    then the extra training seeds (seed-major: every cell of seed 1, then of seed 2, ...).
-
-    With one repeat, no LOCO and one seed this is the paper's grid (configurations x folds).
-    """
-    cells = [Cell(c, k, split) for split in spec.cnn_splits() for c in spec.configurations()
-             for k in range(split_n_folds(spec, split))]
-    return cells + [Cell(c, k, split, s) for s in range(1, int(spec.seeds)) for split in spec.cnn_splits()
-                    for c in spec.configurations() if s in spec.seed_indices(c, split)
-                    for k in range(split_n_folds(spec, split))]
-
-
-def cell_layout(spec: StudySpec, cell: Cell) -> RunLayout:
-    """The run folder of the cell's configuration on its split and seed."""
-    return RunLayout(spec.run_dir(cell.config, cell.split, cell.seed))
-
-
-def cell_dir(spec: StudySpec, cell: Cell) -> Path:
-    return cell_layout(spec, cell).fold_dir(cell.fold)
-
-
-def cell_done(spec: StudySpec, cell: Cell) -> bool:
-    return cell_layout(spec, cell).is_done(cell.fold)
-
-
-def cell_status(spec: StudySpec) -> pd.DataFrame:
-    """One row per cell: ``cell, split, seed, config, group, d, fold, done, seconds, path``."""
-    rows = []
-    for cell in grid(spec):
-        info_path = cell_layout(spec, cell).cell(cell.fold)
-        seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
-        rows.append({
-            "cell": cell.key, "split": cell.split, "seed": cell.seed, "config": cell.config.name,
-            "group": cell.config.group, "d": cell.config.d_label, "fold": cell.fold,
-            "done": cell_done(spec, cell), "seconds": seconds, "path": str(cell_dir(spec, cell)),
-        })
-    return pd.DataFrame(rows)
-
-
-def peer_status(spec: StudySpec) -> pd.DataFrame:
-    """One row per peer run: ``run`` (``peers/<split>/<peer>``), ``split``, ``peer``, ``done``."""
-    return pd.DataFrame([{"run": f"peers/{split}/{p.name}", "split": split, "peer": p.name,
-                          "done": peer_done(spec, p, split)}
-                         for split in spec.splits() for p in spec.peer_list()],
-                        columns=["run", "split", "peer", "done"])
-
-
-def format_status(status: pd.DataFrame, peers: pd.DataFrame | None = None) -> str:
-    """Dry-run listing: one line per cell (and peer run), then the done/pending counts."""
-    lines = [f"{'cell':<24} status"]
-    for row in status.itertuples():
-        lines.append(f"{row.cell:<24} {'done' if row.done else 'pending'}")
-    if peers is not None:
-        for row in peers.itertuples():
-            lines.append(f"{row.run:<24} {'done' if row.done else 'pending'}")
-    n_done = int(status["done"].sum())
-    tail = f"{len(status)} cells: {n_done} done, {len(status) - n_done} pending"
-    if peers is not None and len(peers):
-        tail += f"; {len(peers)} peer runs: {int(peers['done'].sum())} done"
-    lines.append(tail)
-    return "\n".join(lines)
+    options = json.loads(json.dumps(spec.train))  # deep copy of plain values
+    if input_size is not None:
+        options.setdefault("model", {}).setdefault("input_size", [int(s) for s in input_size])
+    options["proj"] = config.proj
+    if seed:
+        base = int(options.get("seed", TrainConfig.seed))
+        if options.get("split_seed") is None:
+            options["split_seed"] = base
+        options["seed"] = base + int(seed)
+    return TrainConfig.from_dict(options)
+
+
+def peer_head_config(peer: Peer, overrides: dict[str, Any] | None = None) -> HeadConfig:
+    """The :class:`pipeline.peers.HeadConfig` of a peer: ridge for clinical / radiomics
+    (radiomics without clinical covariates), coxnet + clinical with ``proj`` for heads, where
+    ``overrides`` (the study's ``head``) set the other fields."""
+    if peer.kind == "clinical":
+        return HeadConfig(model="ridge", with_clinical=True)
+    if peer.kind == "radiomics":
+        return HeadConfig(model="ridge", with_clinical=False)
+    return HeadConfig(**({"model": "coxnet", "with_clinical": True} | dict(overrides or {}) | {"proj": peer.proj}))
 
 
 # --- cohort loading, cached per process -------------------------------------------------
@@ -558,8 +120,6 @@ def load_study_cohort(spec: StudySpec, encoders: Sequence[str] = ()):
     rows of each combination of encoders are read once per process through
     :func:`pipeline.dataset.load_cohort` (which checks them against the cache).
     """
-    from pipeline.dataset import load_cohort  # local: torch (see the note on imports)
-
     key = (spec.manifest, spec.cache_root)
     if key not in _BASE_COHORTS:
         _BASE_COHORTS[key] = load_cohort(spec.manifest, spec.cache_root)
@@ -591,9 +151,7 @@ def _cache_params_hash(spec: StudySpec) -> str:
 
 def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame,
                        seed: int = 0) -> tuple[Any, dict]:
-    from pipeline.train import run_provenance  # local: torch (see the note on imports)
-
-    cfg = spec.train_config(config, tuple(cohort.images.shape[2:]), seed)
+    cfg = train_config(spec, config, tuple(cohort.images.shape[2:]), seed)
     prov = run_provenance(cohort, cfg, folds_hash(folds), _cache_params_hash(spec))
     return cfg, prov | {"study": spec.hash, "configuration": config.name} | ({"seed_index": seed} if seed else {})
 
@@ -716,8 +274,6 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
 
 def _train_cell(spec: StudySpec, cell: Cell, layout: RunLayout, progress: bool) -> dict[str, Any]:
     """:func:`run_cell`'s training, under the cell's claim."""
-    from pipeline.train import start_run, train_fold  # local: torch (see the note on imports)
-
     t0 = time.perf_counter()
     cohort = load_study_cohort(spec, cell.config.encoders)
     folds = load_folds(spec.folds_path_of(cell.split), expected_case_ids=cohort.case_ids)
@@ -726,8 +282,6 @@ def _train_cell(spec: StudySpec, cell: Cell, layout: RunLayout, progress: bool) 
     t_train = time.perf_counter()
     record = train_fold(cohort, folds, cell.fold, cfg, layout.root, progress=progress)
     t_end = time.perf_counter()
-    import torch  # local: torch (see the note on imports); loaded by the training above
-
     info = {
         "cell": cell.key, "seconds": t_end - t0, "train_seconds": t_end - t_train,
         "load_seconds": t_train - t0, "epochs_run": record.get("epochs_run"),
@@ -753,8 +307,6 @@ def split_folds(spec: StudySpec, split: str, cohort) -> pd.DataFrame:
         pipeline.artefacts.ProvenanceError: the file was made for another case set.
         ValueError: the file holds another number of folds / other centres.
     """
-    from pipeline.train import get_folds  # local: torch (see the note on imports)
-
     path = spec.folds_path_of(split)
     repeat = split_repeat(split)
     if repeat is not None:
@@ -798,8 +350,6 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
     Returns:
         The ``study.json`` record.
     """
-    from pipeline.train import start_run  # local: torch (see the note on imports)
-
     root = spec.root
     path = root / STUDY_FILE
     if path.is_file():
@@ -850,14 +400,9 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
     return record
 
 
-def peer_done(spec: StudySpec, peer: Peer, split: str) -> bool:
-    """A peer run is done when its marker ``peer.json`` exists (see :func:`run_peer`)."""
-    return PeerRunLayout(spec.peer_dir(peer, split)).marker.is_file()
-
-
 def _peer_key(spec: StudySpec, peer: Peer, split: str, embeddings_sha256: str | None) -> str:
     return params_hash({
-        "peer": peer.name, "config": peer.head_config(spec.head).to_dict(),
+        "peer": peer.name, "config": peer_head_config(peer, spec.head).to_dict(),
         "folds_sha256": sha256_file(spec.folds_path_of(split)), "manifest_sha256": sha256_file(spec.manifest),
         "cache_params_hash": _cache_params_hash(spec) if peer.kind != "clinical" else None,
         "embeddings_sha256": embeddings_sha256 if peer.kind == "embeddings" else None,
@@ -890,7 +435,7 @@ def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str 
         peer.kind, manifest_path=spec.manifest, folds_path=spec.folds_path_of(split), out_dir=layout.root,
         cache_root=spec.cache_root, features_path=spec.embeddings if peer.kind == "embeddings" else None,
         datasets=list(embedding_set(peer.embedding_set).encoders) if peer.embedding_set else None,
-        config=peer.head_config(spec.head),
+        config=peer_head_config(peer, spec.head),
     )
     seconds = time.perf_counter() - t0
     write_json_atomic(marker, {"peer": peer.name, "label": peer.label, "split": split, "key": key,
@@ -947,15 +492,6 @@ def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def load_study(study_dir: str | os.PathLike) -> tuple[StudySpec, dict[str, Any]]:
-    """Read ``study.json``: the spec and the full record."""
-    path = Path(study_dir) / STUDY_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a study folder (run `run-study` first)")
-    record = read_json(path)
-    return StudySpec.from_dict(record["spec"]), record
-
-
 # --- executors ----------------------------------------------------------------------------
 
 
@@ -965,8 +501,6 @@ def visible_gpus() -> list[str]:
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
     try:
-        import torch  # local: torch (see the note on imports)
-
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - no usable CUDA runtime means no GPU
         return []
@@ -1061,18 +595,6 @@ def device_slots(gpus: Sequence[str], workers: int) -> list[str | None]:
     return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]
 
 
-def _worker_init(slots, threads: int) -> None:
-    """Pin this pool worker to a GPU (before CUDA initialises), bound CPU threads, and
-    silence the random-init warning (the parent states it once)."""
-    gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    warnings.filterwarnings("ignore", category=RandomInitWarning)
-    import torch  # after CUDA_VISIBLE_DEVICES: torch reads it when CUDA starts
-
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class StudyOutcome:
     """What an executor did. ``failed`` maps cell key -> error message."""
@@ -1148,7 +670,8 @@ def run_pool(
         slots = mp.get_context("spawn").Queue()  # one GPU id per worker, taken as it starts
         for slot in device_slots(gpus, workers):
             slots.put(slot)
-    pool = JobPool(workers, in_process=in_process, initializer=_worker_init, initargs=(slots, threads))
+    pool = JobPool(workers, in_process=in_process, initializer=pinned_worker,
+                   initargs=(slots, threads, (RandomInitWarning,)))
     with pool, quiet_random_init() if in_process else contextlib.nullcontext():
         for done in pool.run(jobs, shown=shown):
             job = done.job

@@ -16,7 +16,7 @@ from pipeline.demo import (
     prepare_inputs,
 )
 from pipeline.manifest import read_manifest
-from pipeline.study import StudySpec
+from pipeline.study_spec import StudySpec
 from pipeline.train import TrainConfig
 import pytest
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cache, embedding_sets, hub_weights, study
+from pipeline import cache, embedding_sets, hub_weights, study, study_spec
 from pipeline.cli.embed import extract_embeddings as extract_main
 from pipeline.cli.train import default_run_name
 from pipeline.embedding_sets import (
@@ -33,9 +33,9 @@ from pipeline.report import labels
 def test_every_consumer_reads_the_registry():
     assert set_names() == ("ct", "pet", "ctpet") and encoder_names() == ("ct", "pet")
     assert full_set() == "ctpet"
-    assert [c.name for c in study.configurations(projections=(64,), baseline=False)] == [
+    assert [c.name for c in study_spec.configurations(projections=(64,), baseline=False)] == [
         f"{n}-d64" for n in set_names()]
-    assert labels.table1_cnn() == (study.BASELINE, *set_names())
+    assert labels.table1_cnn() == (study_spec.BASELINE, *set_names())
     assert labels.table1_peers() == ("clinical", "radiomics", "head-ct", "head-pet", "head-ctpet")
     assert labels.peer_group_labels()["head-ctpet"] == "peer: CT+PET embedding head"
     assert embedding_set("ctpet").dims == {"ct": 512, "pet": 768}
@@ -43,7 +43,7 @@ def test_every_consumer_reads_the_registry():
     assert (cache.CTFM_CT, cache.PETFM_PET) == (ENCODERS["ct"].input_key, ENCODERS["pet"].input_key)
     assert hub_weights.hub_file("pet").repo_id == ENCODERS["pet"].hub_repo
     # One spelling of a head's report group.
-    peer = study.Peer("embeddings", "ctpet", 64)
+    peer = study_spec.Peer("embeddings", "ctpet", 64)
     assert peer.name == "head-ctpet-d64" and peer.group == head_group("ctpet") == "head-ctpet"
     assert set_of_group("head-ctpet") == set_of_group("ctpet") == "ctpet" and set_of_group("clinical") is None
 
@@ -58,7 +58,7 @@ def test_set_names_follow_the_encoders_they_read():
     with pytest.raises(ValueError, match="unknown embedding set 'mri'"):
         embedding_set("mri")
     with pytest.raises(ValueError, match="unknown embedding set 'mri'"):
-        study.Configuration("mri", 64)
+        study_spec.Configuration("mri", 64)
     assert weights_by_encoder({"ct_weights": "a.safetensors", "pet_weights": None}) == {
         "ct": "a.safetensors", "pet": None}
     with pytest.raises(TypeError, match="mri_weights"):
@@ -94,8 +94,8 @@ def pet_again(monkeypatch):
 
 def test_a_new_set_reaches_every_name_and_label(pet_again):
     assert "petagain = PET-FM (768-d)" in embedding_sets.set_help()
-    assert study.Configuration.from_name("petagain-d64").encoders == ("pet",)
-    assert [c.name for c in study.configurations(projections=(64,), baseline=False)][-1] == "petagain-d64"
+    assert study_spec.Configuration.from_name("petagain-d64").encoders == ("pet",)
+    assert [c.name for c in study_spec.configurations(projections=(64,), baseline=False)][-1] == "petagain-d64"
     assert labels.group_label("petagain") == "DeepMTS+DAFT + PET again"
     assert labels.group_label("head-petagain") == "peer: PET again embedding head"
     assert labels.embedding_label("head-petagain") == "PET again"
@@ -128,11 +128,11 @@ def test_a_new_set_is_one_entry(pet_again, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomInitWarning)
         study.prepare_study(spec, info={"synthetic": True, "data_source": "tiny test cohort", "settings": "test"})
-        for cell in study.grid(spec):
+        for cell in study_spec.grid(spec):
             study.run_cell(spec, cell)
         assert [p.name for p in spec.peer_list()] == ["head-petagain-d64"]
-        study.run_peer(spec, spec.peer_list()[0], study.FIRST_SPLIT)
-    run = json.loads((spec.run_dir(study.Configuration("petagain", 64)) / "run.json").read_text())
+        study.run_peer(spec, spec.peer_list()[0], study_spec.FIRST_SPLIT)
+    run = json.loads((spec.run_dir(study_spec.Configuration("petagain", 64)) / "run.json").read_text())
     assert run["modalities"] == ["pet"]
 
     md = write_report(spec.study_dir, tmp_path / "report").read_text()

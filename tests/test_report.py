@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, study
+from pipeline import metrics, study, study_spec
 from pipeline.report import analysis as report
 from pipeline.report import collect, figures, results, write_report
 from pipeline.report import render as report_render
@@ -30,8 +30,8 @@ from test_study import make_spec, make_study_inputs
 def _records(values: dict[str, dict[str, list]], n_folds: int = 3) -> pd.DataFrame:
     """Crafted per-fold records: config -> {protocol: [(c, auc, sel), ...]}; missing = pending."""
     rows = []
-    for name in [c.name for c in study.configurations()]:
-        conf = study.Configuration.from_name(name)
+    for name in [c.name for c in study_spec.configurations()]:
+        conf = study_spec.Configuration.from_name(name)
         for proto in ("paper", "inner"):
             folds = values.get(name, {}).get(proto, [])
             for k in range(n_folds):
@@ -116,8 +116,8 @@ def finished_study(tmp_path_factory):
     spec = make_spec(inputs, root / "study", configs=("baseline", "ct-d64", "ctpet-dorig"), n_folds=2)
     study.prepare_study(spec, info={"synthetic": True, "data_source": "tiny test cohort",
                                     "oracle_c_index": 0.8123, "settings": "test"})
-    for cell in (study.Cell(study.Configuration(), 0), study.Cell(study.Configuration(), 1),
-                 study.Cell(study.Configuration("ct", 64), 0)):
+    for cell in (study_spec.Cell(study_spec.Configuration(), 0), study_spec.Cell(study_spec.Configuration(), 1),
+                 study_spec.Cell(study_spec.Configuration("ct", 64), 0)):
         study.run_cell(spec, cell)
     return spec
 
@@ -148,7 +148,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert not res.loc[res["kind"] == "peer", "done"].any()
     res = res[res["kind"] == "cnn"]
     assert len(res) == 6 * 2 and res["done"].sum() == 3 * 2
-    done = read_json(study.cell_dir(spec, study.Cell(study.Configuration(), 1)) / "done.json")
+    done = read_json(study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), 1)) / "done.json")
     row = res[(res.config == "baseline") & (res.fold == 1) & (res.protocol == "paper")].iloc[0]
     assert row["c_index"] == pytest.approx(done["protocols"]["paper"]["c_index"])
     # The ablation table marks the partial and the pending configuration.
@@ -157,7 +157,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert s.loc[("paper", "ct-d64"), "n_done"] == 1 and s.loc[("paper", "ctpet-dorig"), "n_done"] == 0
     assert "| DeepMTS+DAFT | CT | 64 | 1/2 |" in md and "| DeepMTS+DAFT | CT+PET | orig | 0/2 | pending |" in md
     # Baseline mean in the report equals the mean of its two folds.
-    c = [read_json(study.cell_dir(spec, study.Cell(study.Configuration(), k)) / "done.json")
+    c = [read_json(study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k)) / "done.json")
          ["protocols"]["paper"]["c_index"] for k in (0, 1)]
     assert s.loc[("paper", "baseline"), "c_mean"] == pytest.approx(np.mean(c))
     js = read_json(out / "results.json")
@@ -286,7 +286,7 @@ def _write_peer(spec, peer, split: str, cases, folds, *, n_components: int | Non
 
 def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_folds: int = 3, repeats: int = 2,
                     loco: bool = True, pending=(), old_format=(), epochs: int = 4, synthetic: bool = True,
-                    random_init: bool = True, seeds: int = 1, seed_configs=None) -> study.StudySpec:
+                    random_init: bool = True, seeds: int = 1, seed_configs=None) -> study_spec.StudySpec:
     """A finished study folder written by hand (seconds, no training).
 
     CNN on ``cv0`` only, peers (clinical, radiomics, one head per FM configuration) on
@@ -296,20 +296,20 @@ def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_fo
     seed's risks carry noise of its own, so the seeds differ).
     """
     cases = _fake_manifest(root, n_cases, seed=3)
-    spec = study.StudySpec.create(root / "manifest.csv", root / "cache", root / "ctpet.h5", root / "study",
-                                  n_folds=n_folds, configs=tuple(configs), repeats=repeats, loco=loco,
-                                  cnn_extra_splits=False, train={"epochs": epochs}, seeds=seeds,
-                                  seed_configs=seed_configs)
+    spec = study_spec.StudySpec.create(root / "manifest.csv", root / "cache", root / "ctpet.h5", root / "study",
+                                        n_folds=n_folds, configs=tuple(configs), repeats=repeats, loco=loco,
+                                        cnn_extra_splits=False, train={"epochs": epochs}, seeds=seeds,
+                                        seed_configs=seed_configs)
     all_folds = {}
     for split in spec.splits():
-        r = study.split_repeat(split)
+        r = study_spec.split_repeat(split)
         f = (make_folds(cases["case_id"], cases["rfs_days"], cases["relapse"], n_splits=n_folds, seed=42 + r)
              if r is not None else leave_one_centre_out(cases["case_id"], cases["center"]))
         save_folds(f, spec.folds_path_of(split))
         all_folds[split] = f
-    for cell in study.grid(spec):
+    for cell in study_spec.grid(spec):
         if cell.key not in pending:
-            _write_cell(study.cell_dir(spec, cell), cases, all_folds[cell.split], cell.fold,
+            _write_cell(study_spec.cell_dir(spec, cell), cases, all_folds[cell.split], cell.fold,
                         cell.config.name + (f"#seed{cell.seed}" if cell.seed else ""),
                         epochs=epochs, new_format=cell.key not in old_format)
     n_train = min(int((all_folds["cv0"]["fold"] != k).sum()) for k in range(n_folds))
@@ -318,7 +318,7 @@ def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_fo
             _write_peer(spec, peer, split, cases, all_folds[split], n_components=n_train - 1)
     emb = {"path": str(root / "ctpet.h5"), "sha256": "0" * 64, "attrs": {}, "modalities": {},
            "random_init": random_init, "random_init_modalities": ["ct", "pet"] if random_init else []}
-    write_json_atomic(spec.root / study.STUDY_FILE, {
+    write_json_atomic(spec.root / study_spec.STUDY_FILE, {
         "spec": spec.to_dict(), "spec_hash": spec.hash, "code_version": "test",
         "cohort": {"n_cases": n_cases, "n_events": int(cases["relapse"].sum()), "n_centres": 3,
                    "case_set_sha256": "x", "survival_input_size_dhw": [8, 8, 8]},
@@ -396,7 +396,7 @@ def test_each_protocols_rows_show_that_protocols_own_values(fake):
     for proto in ("inner", "paper"):
         c, auc = [], []
         for k in range(spec.n_folds):
-            folder = study.cell_dir(spec, study.Cell(study.Configuration(), k))
+            folder = study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k))
             oof = pd.read_csv(folder / "oof.csv")
             part = oof[oof["protocol"] == proto]
             c.append(concordance_index(part["time"], -part["risk"], part["event"]))
@@ -663,7 +663,7 @@ def test_runs_environments_are_gathered_and_named(finished_study, tmp_path):
     assert table.loc["threads"].tolist() == ["1"] and table.loc["deterministic"].tolist() == ["True"]
     assert list(table.columns) == ["2 runs"]  # cv0/baseline (2 folds) and cv0/ct-d64
     # A fold finished elsewhere (another thread count) is named as a second environment.
-    done = study.cell_layout(spec, study.Cell(study.Configuration("ct", 64), 0)).done(0)
+    done = study_spec.cell_layout(spec, study_spec.Cell(study_spec.Configuration("ct", 64), 0)).done(0)
     before = done.read_text()
     try:
         record = read_json(done)
@@ -781,7 +781,7 @@ def test_seeds_report_mean_and_sd_over_seeds_and_a_delta_ci_with_the_seed_varian
         for s in range(3):
             c = []
             for k in range(spec.n_folds):
-                oof = pd.read_csv(study.cell_dir(spec, study.Cell(study.Configuration(), k, seed=s)) / "oof.csv")
+                oof = pd.read_csv(study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k, seed=s)) / "oof.csv")
                 part = oof[oof["protocol"] == proto]
                 c.append(concordance_index(part["time"], -part["risk"], part["event"]))
             means.append(np.mean(c))
@@ -840,7 +840,7 @@ def test_demo_check_says_identical_names_differing_cells_and_refuses_to_compare_
         line = demo_check.compare(d, reference)
         assert line.startswith("demo check: not compared") and says in line, line
     # A reference is made only under portable numerics on a CPU.
-    done = study.cell_layout(spec, study.Cell(study.Configuration(), 0)).done(0)
+    done = study_spec.cell_layout(spec, study_spec.Cell(study_spec.Configuration(), 0)).done(0)
     before = done.read_text()
     try:
         record = read_json(done)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import study
+from pipeline import study, study_spec
 from pipeline.artefacts import read_json
 from pipeline.layout import RunLayout
 from pipeline.numerics import NUMERICS_ENV, PORTABLE_PINS
@@ -65,7 +65,7 @@ def routes(tmp_path_factory):
     outcome = study.run_study(spec, executor="local", workers=2)
     assert outcome.ok, outcome.failed
     cfg_json = root / "train.json"
-    cell_run = study.cell_layout(spec, study.Cell(study.Configuration(), 0)).root
+    cell_run = study_spec.cell_layout(spec, study_spec.Cell(study_spec.Configuration(), 0)).root
     cfg_json.write_text(json.dumps(read_json(RunLayout(cell_run).run_json)["config"]))  # the same settings
     # Route 2: train-survival, both folds at once in two processes, OMP_NUM_THREADS=2.
     _train_survival(inputs, cfg_json, spec.folds_path, root / "cli2", ["--fold", "0", "--fold", "1", "--workers", "2"], "2")

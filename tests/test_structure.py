@@ -1,4 +1,4 @@
-"""Structure of the code base: short functions and no import cycles in pipeline/ and models/.
+"""Structure of the code base: short functions, no import cycles, and what a report loads.
 
 Two rules of the project's guide, checked on the source with ``ast`` (nothing is imported):
 
@@ -9,11 +9,18 @@ Two rules of the project's guide, checked on the source with ``ast`` (nothing is
   the two modules together).
 
 Each failure lists every offender (file:line and length, or the modules of each cycle).
+
+And one layer: a study's description (:mod:`pipeline.study_spec`) and the report read a
+study without its execution, so importing them in a fresh interpreter loads neither torch
+nor submitit nor :mod:`pipeline.study`.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +188,21 @@ def test_no_import_cycle_in_pipeline_and_models():
 @pytest.mark.parametrize("package", PACKAGES)
 def test_the_check_sees_every_package(package):
     assert any(m == package or m.startswith(package + ".") for m in _sources())
+
+
+# ---------------------------------------------------------------- what a report loads
+
+#: Modules that reading a study (its description, a report) must not load: the study's
+#: execution, training and their heavy dependencies.
+NOT_FOR_READING = ("torch", "submitit", "pipeline.study", "pipeline.train", "pipeline.dataset")
+
+
+def test_the_report_and_the_study_description_load_no_execution():
+    """A report and a dry run read a study through :mod:`pipeline.study_spec`; importing it and
+    :mod:`pipeline.report` in a fresh interpreter loads neither torch nor submitit nor the
+    study's execution (:mod:`pipeline.study`)."""
+    code = ("import json, sys\n"
+            "import pipeline.report, pipeline.study_spec\n"
+            f"print(json.dumps(sorted(m for m in {list(NOT_FOR_READING)!r} if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import study
+from pipeline import study, study_spec
 from pipeline.artefacts import ProvenanceError, read_json
 from pipeline.cache import GridGeometry, write_case, write_cohort_record
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
@@ -91,10 +91,10 @@ def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0,
     return {"manifest": root / "manifest.csv", "cache": root / "cache", "embeddings": root / "ctpet.h5"}
 
 
-def make_spec(inputs: dict[str, Path], study_dir: Path, configs=None, **kw) -> study.StudySpec:
-    names = tuple(configs) if configs else tuple(c.name for c in study.configurations())
-    return study.StudySpec.create(inputs["manifest"], inputs["cache"], inputs["embeddings"], study_dir,
-                                  train=json.loads(json.dumps(TINY_TRAIN)), configs=names, **kw)
+def make_spec(inputs: dict[str, Path], study_dir: Path, configs=None, **kw) -> study_spec.StudySpec:
+    names = tuple(configs) if configs else tuple(c.name for c in study_spec.configurations())
+    return study_spec.StudySpec.create(inputs["manifest"], inputs["cache"], inputs["embeddings"], study_dir,
+                                        train=json.loads(json.dumps(TINY_TRAIN)), configs=names, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def inputs(tmp_path_factory):
 
 
 def test_grid_is_13_configurations_and_65_cells():
-    confs = study.configurations()
+    confs = study_spec.configurations()
     assert len(confs) == 13
     assert confs[0].name == "baseline" and confs[0].encoders == () and confs[0].group == "baseline"
     names = [c.name for c in confs]
@@ -115,55 +115,55 @@ def test_grid_is_13_configurations_and_65_cells():
         rows = [c for c in confs if c.embedding_set == set_name]
         assert [c.proj for c in rows] == [64, 128, 256, None]
         assert all(c.encoders == encoders and c.group == set_name for c in rows)
-    spec = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s")
-    cells = study.grid(spec)
+    spec = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s")
+    cells = study_spec.grid(spec)
     assert len(cells) == 65 and len({c.key for c in cells}) == 65
     assert {c.fold for c in cells} == set(range(5))
     # Names round-trip, bad ones are refused naming the value.
-    assert all(study.Configuration.from_name(n) == c for n, c in zip(names, confs))
+    assert all(study_spec.Configuration.from_name(n) == c for n, c in zip(names, confs))
     with pytest.raises(ValueError, match="'ct-d7x'"):
-        study.Configuration.from_name("ct-d7x")
+        study_spec.Configuration.from_name("ct-d7x")
     with pytest.raises(ValueError, match="need an embeddings file"):
-        study.StudySpec("m.csv", "c", None, "/tmp/s")
+        study_spec.StudySpec("m.csv", "c", None, "/tmp/s")
     with pytest.raises(ValueError, match="proj"):
-        study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", train={"proj": 64})
+        study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", train={"proj": 64})
 
 
 def test_spec_round_trips_and_hash_ignores_folder_and_grid_size():
-    a = study.StudySpec("m.csv", "c", "e.h5", "/tmp/a", train={"epochs": 3})
-    assert study.StudySpec.from_dict(json.loads(json.dumps(a.to_dict()))) == a
-    b = study.StudySpec("m.csv", "c", "e.h5", "/tmp/b", train={"epochs": 3}, configs=("baseline",))
+    a = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/a", train={"epochs": 3})
+    assert study_spec.StudySpec.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    b = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/b", train={"epochs": 3}, configs=("baseline",))
     assert a.hash == b.hash
-    assert a.hash != study.StudySpec("m.csv", "c", "e.h5", "/tmp/a", train={"epochs": 4}).hash
-    cfg = a.train_config(study.Configuration("pet", 128), input_size=(24, 40, 40))
+    assert a.hash != study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/a", train={"epochs": 4}).hash
+    cfg = study.train_config(a, study_spec.Configuration("pet", 128), input_size=(24, 40, 40))
     assert cfg.proj == 128 and cfg.epochs == 3 and tuple(cfg.model["input_size"]) == (24, 40, 40)
-    assert a.train_config(study.Configuration("ct", None)).proj is None
+    assert study.train_config(a, study_spec.Configuration("ct", None)).proj is None
 
 
 def test_seeds_add_cells_in_their_own_folders_and_leave_the_hash_and_seed_0_alone():
-    one = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"))
-    three = study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"), seeds=3,
-                            seed_configs=("baseline",))
+    one = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"))
+    three = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"), seeds=3,
+                                  seed_configs=("baseline",))
     assert three.hash == one.hash  # growing the seeds keeps finished cells valid, as repeats do
-    assert study.StudySpec.from_dict(json.loads(json.dumps(three.to_dict()))) == three
-    cells = study.grid(three)
-    assert cells[:10] == study.grid(one)  # today's cells first, unchanged
+    assert study_spec.StudySpec.from_dict(json.loads(json.dumps(three.to_dict()))) == three
+    cells = study_spec.grid(three)
+    assert cells[:10] == study_spec.grid(one)  # today's cells first, unchanged
     assert [c.key for c in cells[10:]] == [f"seed{s}/baseline/fold_{k}" for s in (1, 2) for k in range(5)]
-    base = study.Configuration()
+    base = study_spec.Configuration()
     assert three.run_dir(base) == one.run_dir(base) == Path("/tmp/s/runs/baseline")
     assert three.run_dir(base, seed=2) == Path("/tmp/s/seeds/2/runs/baseline")
     assert [c.name for c in three.seed_configurations()] == ["baseline"]
-    assert len(study.grid(study.StudySpec.from_dict(three.to_dict() | {"seed_configs": None}))) == 30
+    assert len(study_spec.grid(study_spec.StudySpec.from_dict(three.to_dict() | {"seed_configs": None}))) == 30
     # Seed s trains with seed + s on seed 0's inner split; seed 0 is the study's config unchanged.
-    assert three.train_config(base) == one.train_config(base)
-    cfg = three.train_config(base, seed=2)
+    assert study.train_config(three, base) == study.train_config(one, base)
+    cfg = study.train_config(three, base, seed=2)
     assert (cfg.seed, cfg.split_seed) == (44, 42)
-    own = study.StudySpec("m.csv", "c", None, "/tmp/s", configs=("baseline",), train={"seed": 7}, seeds=2)
-    assert (own.train_config(base, seed=1).seed, own.train_config(base, seed=1).split_seed) == (8, 7)
+    own = study_spec.StudySpec("m.csv", "c", None, "/tmp/s", configs=("baseline",), train={"seed": 7}, seeds=2)
+    assert (study.train_config(own, base, seed=1).seed, study.train_config(own, base, seed=1).split_seed) == (8, 7)
     with pytest.raises(ValueError, match="seeds must be >= 1"):
-        study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", seeds=0)
+        study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", seeds=0)
     with pytest.raises(ValueError, match="'basline'"):
-        study.StudySpec("m.csv", "c", "e.h5", "/tmp/s", seeds=2, seed_configs=("basline",))
+        study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", seeds=2, seed_configs=("basline",))
 
 
 # --- preparation, dry run, resume ----------------------------------------------------------------
@@ -182,12 +182,12 @@ def test_prepare_shares_one_folds_file_and_dry_run_lists_pending(inputs, tmp_pat
     by_name = {c.name: r for c, r in zip(spec.configurations(), runs)}
     assert {by_name[f"pet-d{d}"]["config"]["proj"] for d in ("64", "128", "256", "orig")} == {64, 128, 256, None}
     assert len({r["config_hash"] for r in runs}) == 4  # the baseline shares proj=None with "orig"
-    status = study.cell_status(spec)
+    status = study_spec.cell_status(spec)
     assert len(status) == 65 and not status["done"].any()
-    text = study.format_status(status)
+    text = study_spec.format_status(status)
     assert "65 cells: 0 done, 65 pending" in text and "ctpet-dorig/fold_4" in text
     # A second preparation with other settings is refused, naming the folder.
-    other = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 3}})
+    other = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 3}})
     with pytest.raises(ProvenanceError, match="other settings"):
         study.prepare_study(other)
 
@@ -195,10 +195,10 @@ def test_prepare_shares_one_folds_file_and_dry_run_lists_pending(inputs, tmp_pat
 def test_run_cell_trains_writes_marker_and_resume_skips(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ctpet-d64"))
     study.prepare_study(spec)
-    cell = study.Cell(study.Configuration("ctpet", 64), 1)
+    cell = study_spec.Cell(study_spec.Configuration("ctpet", 64), 1)
     res = study.run_cell(spec, cell)
     assert not res["skipped"]
-    folder = study.cell_dir(spec, cell)
+    folder = study_spec.cell_dir(spec, cell)
     done = read_json(folder / "done.json")
     assert done["fold"] == 1 and set(done["protocols"]) == {"paper", "inner"}
     assert (folder / "oof.csv").is_file() and (folder / "cell.json").is_file()
@@ -213,7 +213,7 @@ def test_run_cell_trains_writes_marker_and_resume_skips(inputs, tmp_path):
     again = study.run_cell(spec, cell)
     assert again["skipped"] and again["record"] == done
     assert (folder / "done.json").stat().st_mtime_ns == mtime
-    status = study.cell_status(spec).set_index("cell")
+    status = study_spec.cell_status(spec).set_index("cell")
     assert status.loc["ctpet-d64/fold_1", "done"] and not status.loc["ctpet-d64/fold_0", "done"]
     assert int(status["done"].sum()) == 1
 
@@ -221,9 +221,9 @@ def test_run_cell_trains_writes_marker_and_resume_skips(inputs, tmp_path):
 def test_local_pool_runs_only_pending_cells(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2)
     study.prepare_study(spec)
-    first = study.Cell(study.Configuration(), 0)
+    first = study_spec.Cell(study_spec.Configuration(), 0)
     study.run_cell(spec, first)
-    marker = study.cell_dir(spec, first) / "done.json"
+    marker = study_spec.cell_dir(spec, first) / "done.json"
     before = marker.stat().st_mtime_ns
     seen = []
     outcome = study.run_study(spec, executor="local", workers=2, on_result=seen.append)
@@ -231,10 +231,10 @@ def test_local_pool_runs_only_pending_cells(inputs, tmp_path):
     assert outcome.ran == ["baseline/fold_1"] and "baseline/fold_0" in outcome.skipped
     assert [r["cell"] for r in seen] == ["baseline/fold_1"]
     assert marker.stat().st_mtime_ns == before
-    assert study.cell_status(spec)["done"].all()
+    assert study_spec.cell_status(spec)["done"].all()
     # The cell computed on the configuration's thread count (TrainConfig.threads, default 1),
     # not on a share of the cores, and its record says so.
-    folder = study.cell_dir(spec, study.Cell(study.Configuration(), 1))
+    folder = study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), 1))
     assert read_json(folder / "cell.json")["torch_threads"] == 1
     env = read_json(folder / "done.json")["environment"]
     assert env["threads"] == 1 and env["device"] == "cpu" and env["deterministic"] is True
@@ -244,11 +244,11 @@ def test_local_pool_reports_a_failing_cell_and_continues(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2)
     study.prepare_study(spec)
     # Corrupt one configuration's provenance: that cell must fail loudly, the other run.
-    run_json = spec.run_dir(study.Configuration()) / "run.json"
+    run_json = spec.run_dir(study_spec.Configuration()) / "run.json"
     rec = read_json(run_json)
     rec["config_hash"] = "0" * 16
     run_json.write_text(json.dumps(rec))
-    outcome = study.run_local(spec, study.grid(spec), workers=1)
+    outcome = study.run_local(spec, study_spec.grid(spec), workers=1)
     assert set(outcome.failed) == {"baseline/fold_0", "baseline/fold_1"}
     assert all("config_hash differs" in e for e in outcome.failed.values())
 
@@ -314,26 +314,26 @@ def test_gpu_slots_are_round_robin(monkeypatch):
 def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
     study.prepare_study(spec)
-    cell = study.Cell(study.Configuration("pet", 128), 2)
+    cell = study_spec.Cell(study_spec.Configuration("pet", 128), 2)
     outcome = study.run_submitit(spec, [cell], cluster="local",
                                  options=study.SlurmOptions(time_min=10, gpus_per_node=0))
     assert outcome.ok, outcome.failed
     assert outcome.ran == [cell.key] and len(outcome.job_ids) == 1
-    assert (study.cell_dir(spec, cell) / "done.json").is_file()
+    assert (study_spec.cell_dir(spec, cell) / "done.json").is_file()
     assert (spec.root / "submitit").is_dir()
-    assert study.cell_status(spec).set_index("cell")["done"].sum() == 1
+    assert study_spec.cell_status(spec).set_index("cell")["done"].sum() == 1
 
 
 def test_submitit_local_cluster_refuses_gpu_cells(inputs, tmp_path, monkeypatch):
     """Its local cluster would start every GPU cell at once on GPU 0: refused before submitting."""
     spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
     study.prepare_study(spec)
-    cell = study.Cell(study.Configuration("pet", 128), 2)
+    cell = study_spec.Cell(study_spec.Configuration("pet", 128), 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(ValueError, match="--executor local --workers 2"):
         study.run_submitit(spec, [cell], cluster="local", options=study.SlurmOptions(time_min=10, gpus_per_node=1))
     assert not (spec.root / "submitit").exists()
-    assert not (study.cell_dir(spec, cell) / "done.json").exists()
+    assert not (study_spec.cell_dir(spec, cell) / "done.json").exists()
 
 
 def test_slurm_options_map_to_submitit_parameters():
@@ -356,7 +356,7 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
         assert opt in res.output
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ct-d64"), n_folds=2)
     study.prepare_study(spec)
-    study.run_cell(spec, study.Cell(study.Configuration("ct", 64), 0))
+    study.run_cell(spec, study_spec.Cell(study_spec.Configuration("ct", 64), 0))
     res = runner.invoke(run_study, ["--out", str(tmp_path / "s"), "--dry-run"])
     assert res.exit_code == 0, res.output
     lines = dict(line.split() for line in res.output.splitlines()[1:-1])
@@ -372,8 +372,8 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
 # The owner of a study: the local pool, two workers, every cell of the spec in the file given.
 STUDY_OWNER = """
 import json, sys
-from pipeline import study
-spec = study.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
+from pipeline import study, study_spec
+spec = study_spec.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
 study.run_study(spec, executor="local", workers=2)
 """
 
@@ -389,14 +389,14 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
 
     # Cells long enough (a few seconds each) that the kill lands while the pool works.
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=4)
-    spec = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 12, "patience": 12}})
+    spec = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 12, "patience": 12}})
     study.prepare_study(spec)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
     owner = subprocess.Popen([sys.executable, "-c", STUDY_OWNER, str(tmp_path / "spec.json")],
                              cwd=Path(__file__).resolve().parent.parent,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cells = list(study.grid(spec))
-    done = lambda: [c for c in cells if study.cell_layout(spec, c).is_done(c.fold)]  # noqa: E731
+    cells = list(study_spec.grid(spec))
+    done = lambda: [c for c in cells if study_spec.cell_layout(spec, c).is_done(c.fold)]  # noqa: E731
     try:
         assert _wait(lambda: len(done()) >= 1, 240), "no cell finished"
         workers = _children(owner.pid)
@@ -409,11 +409,11 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
             owner.kill()
     finished = done()
     assert len(finished) < len(cells), "every cell finished before the kill: nothing to resume"
-    stamps = {c.key: study.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns for c in finished}
+    stamps = {c.key: study_spec.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns for c in finished}
     outcome = study.run_study(spec, executor="local", workers=2)
     assert outcome.ok, outcome.failed
     assert sorted(outcome.skipped) == sorted(stamps) and len(outcome.ran) == len(cells) - len(stamps)
-    assert {k: study.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns
+    assert {k: study_spec.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns
             for c in cells if (k := c.key) in stamps} == stamps
 
 
@@ -423,8 +423,8 @@ def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, mon
     import pipeline.demo as demo
 
     monkeypatch.setattr(demo, "preprocess_cohort", lambda *a, **k: None)  # the cache is complete already
-    spec = study.StudySpec.create(inputs["manifest"], inputs["cache"], tmp_path / "ctpet.h5", tmp_path / "s",
-                                  train=json.loads(json.dumps(TINY_TRAIN)), configs=("pet-d128",))
+    spec = study_spec.StudySpec.create(inputs["manifest"], inputs["cache"], tmp_path / "ctpet.h5", tmp_path / "s",
+                                        train=json.loads(json.dumps(TINY_TRAIN)), configs=("pet-d128",))
     with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
         demo.prepare_inputs(spec, random_init=True, progress=False, device="cuda")
     assert not (tmp_path / "ctpet.h5").exists()
@@ -459,8 +459,8 @@ def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_id
     outcome = study.run_study(spec, executor="local", workers=2)
     keys = ["baseline/fold_0", "baseline/fold_1", "seed1/baseline/fold_0", "seed1/baseline/fold_1"]
     assert outcome.ok, outcome.failed
-    assert sorted(outcome.ran) == sorted(keys) and [c.key for c in study.grid(spec)] == keys
-    run0, run1 = spec.run_dir(study.Configuration()), spec.root / "seeds" / "1" / "runs" / "baseline"
+    assert sorted(outcome.ran) == sorted(keys) and [c.key for c in study_spec.grid(spec)] == keys
+    run0, run1 = spec.run_dir(study_spec.Configuration()), spec.root / "seeds" / "1" / "runs" / "baseline"
     prov = read_json(run1 / "run.json")
     assert (prov["config"]["seed"], prov["config"]["split_seed"], prov["seed_index"]) == (43, 42, 1)
     for k in range(2):
@@ -469,7 +469,7 @@ def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_id
         assert state0["inner_case_ids"] == state1["inner_case_ids"] and state0["fit_case_ids"] == state1["fit_case_ids"]
     oofs = [pd.read_csv(r / "fold_0" / "oof.csv") for r in (run0, run1)]
     assert (oofs[0]["case_id"] == oofs[1]["case_id"]).all() and not np.allclose(oofs[0]["risk"], oofs[1]["risk"])
-    status = study.cell_status(spec)
+    status = study_spec.cell_status(spec)
     assert status["done"].all() and status.set_index("cell").loc["seed1/baseline/fold_1", "seed"] == 1
     # A rerun skips every cell, the extra seeds included.
     stamp = (run1 / "fold_1" / "done.json").stat().st_mtime_ns
@@ -479,11 +479,11 @@ def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_id
     # Seed 0 of a seeded study is the cell of a one-seed study, bit for bit.
     single = make_spec(inputs, tmp_path / "one", configs=("baseline",), n_folds=2, peers=())
     study.prepare_study(single)
-    study.run_cell(single, study.Cell(study.Configuration(), 0))
-    alone = single.run_dir(study.Configuration()) / "fold_0"
+    study.run_cell(single, study_spec.Cell(study_spec.Configuration(), 0))
+    alone = single.run_dir(study_spec.Configuration()) / "fold_0"
     for name in ("oof.csv", "fold_state.json", "train_risk_inner.csv", "train_risk_paper.csv"):
         assert (alone / name).read_bytes() == (run0 / "fold_0" / name).read_bytes(), name
     curves = [pd.read_csv(f / "curves.csv").drop(columns="seconds") for f in (alone, run0 / "fold_0")]
     pd.testing.assert_frame_equal(*curves)
-    assert read_json(single.run_dir(study.Configuration()) / "run.json")["config_hash"] == \
+    assert read_json(single.run_dir(study_spec.Configuration()) / "run.json")["config_hash"] == \
         read_json(run0 / "run.json")["config_hash"]

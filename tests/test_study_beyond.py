@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import study
+from pipeline import study, study_spec
 from pipeline.report import analysis as report
 from pipeline.report import collect, figures, results, write_report
 from pipeline.report import render as report_render
@@ -37,22 +37,22 @@ def beyond(tmp_path_factory):
     root = tmp_path_factory.mktemp("beyond")
     inputs = make_study_inputs(root / "inputs", n_cases=24, censor_centre=CENSORED_CENTRE)
     train = json.loads(json.dumps(TINY_TRAIN)) | {"inner_val_fraction": 0.3}
-    spec = study.StudySpec.create(
+    spec = study_spec.StudySpec.create(
         inputs["manifest"], inputs["cache"], inputs["embeddings"], root / "study", n_folds=2, train=train,
         configs=CONFIGS, repeats=2, loco=True, head={"n_alphas": 5, "inner_folds": 2})
     study.prepare_study(spec, info={"synthetic": True, "settings": "test"})
     peers = study.run_peers(spec)
     assert peers.ok, peers.failed
-    for cell in study.grid(spec):  # in-process: the cohort is loaded once
+    for cell in study_spec.grid(spec):  # in-process: the cohort is loaded once
         study.run_cell(spec, cell)
     md = write_report(spec.study_dir, root / "report")
     return {"spec": spec, "md": md, "js": read_json(md.parent / "results.json"), "peers": peers}
 
 
 def _cnn_oof(spec, config: str, split: str, protocol: str) -> pd.DataFrame:
-    conf = study.Configuration.from_name(config)
+    conf = study_spec.Configuration.from_name(config)
     frames = [pd.read_csv(spec.run_dir(conf, split) / f"fold_{k}" / "oof.csv", dtype={"case_id": str})
-              for k in range(study.split_n_folds(spec, split))]
+              for k in range(study_spec.split_n_folds(spec, split))]
     oof = pd.concat(frames)
     return oof[oof["protocol"] == protocol].drop(columns="protocol")
 
@@ -66,11 +66,11 @@ def test_repeats_and_loco_have_their_own_shared_folds_and_cells(beyond):
     spec = beyond["spec"]
     assert spec.splits() == ["cv0", "cv1", "loco"]
     centres = ["CHUM", "CHUP", "HGJ", "MDA"]
-    assert study.loco_centres(spec) == centres
-    cells = study.grid(spec)
+    assert study_spec.loco_centres(spec) == centres
+    cells = study_spec.grid(spec)
     assert len(cells) == len(CONFIGS) * (2 + 2 + 4) and len({c.key for c in cells}) == len(cells)
-    assert all(study.cell_done(spec, c) for c in cells)
-    assert study.Cell(study.Configuration(), 1, "cv1").key == "cv1/baseline/fold_1"
+    assert all(study_spec.cell_done(spec, c) for c in cells)
+    assert study_spec.Cell(study_spec.Configuration(), 1, "cv1").key == "cv1/baseline/fold_1"
     f0, f1 = load_folds(spec.folds_path_of("cv0")), load_folds(spec.folds_path_of("cv1"))
     assert set(f0["case_id"]) == set(f1["case_id"])
     assert not (f0.set_index("case_id")["fold"] == f1.set_index("case_id")["fold"]).all()  # a new split
@@ -103,11 +103,11 @@ def test_peer_runs_resume_and_refit_on_changed_settings(beyond, tmp_path):
     again = study.run_peers(spec)
     assert again.ran == [] and len(again.skipped) == 9
     # Other head settings change the marker key: only the heads refit.
-    other = study.StudySpec.from_dict(spec.to_dict() | {"head": {"n_alphas": 4, "inner_folds": 2}})
-    head = study.Peer("embeddings", "ct", 64)
+    other = study_spec.StudySpec.from_dict(spec.to_dict() | {"head": {"n_alphas": 4, "inner_folds": 2}})
+    head = study_spec.Peer("embeddings", "ct", 64)
     assert study._peer_key(other, head, "cv0", "x") != study._peer_key(spec, head, "cv0", "x")
-    assert study._peer_key(other, study.Peer("clinical"), "cv0", None) == \
-        study._peer_key(spec, study.Peer("clinical"), "cv0", None)
+    assert study._peer_key(other, study_spec.Peer("clinical"), "cv0", None) == \
+        study._peer_key(spec, study_spec.Peer("clinical"), "cv0", None)
 
 
 def test_paired_table_equals_paired_bootstrap_of_the_saved_oof_files(beyond):
@@ -151,7 +151,7 @@ def test_loco_reports_every_centre_and_an_eventless_centre_as_undefined(beyond):
     clin = models[("clinical-cox", "fit")]
     assert next(p for p in clin["per_centre"] if p["centre"] == CENSORED_CENTRE)["c_index_reason"] == "no_events"
     # Defined centres are the peer's own per-fold metrics, and their mean is the pooled mean.
-    summ = read_json(spec.peer_dir(study.Peer("clinical"), "loco") / "summary.json")
+    summ = read_json(spec.peer_dir(study_spec.Peer("clinical"), "loco") / "summary.json")
     per = {int(r["fold"]): r["c_index"] for r in summ["per_fold"]}
     defined = [v for v in per.values() if v is not None and np.isfinite(v)]
     assert len(defined) == 3 and clin["mean_c_index"]["mean"] == pytest.approx(np.mean(defined))
@@ -177,12 +177,12 @@ def test_ibs_calibration_and_km_equal_a_recomputation_from_the_saved_files(beyon
         for r, split in enumerate(("cv0", "cv1")):
             for k in range(2):
                 if reader == "cnn":
-                    folder = spec.run_dir(study.Configuration(), split) / f"fold_{k}"
+                    folder = spec.run_dir(study_spec.Configuration(), split) / f"fold_{k}"
                     oof = pd.read_csv(folder / "oof.csv", dtype={"case_id": str})
                     oof = oof[oof["protocol"] == proto]
                     train = pd.read_csv(folder / f"train_risk_{proto}.csv", dtype={"case_id": str})
                 else:
-                    folder = spec.peer_dir(study.Peer("clinical"), split)
+                    folder = spec.peer_dir(study_spec.Peer("clinical"), split)
                     oof = pd.read_csv(folder / "oof_predictions.csv", dtype={"case_id": str})
                     oof = oof[oof["fold"] == k]
                     train = pd.read_csv(folder / "train_risk.csv", dtype={"case_id": str})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import study
+from pipeline import study, study_spec
 from pipeline.artefacts import read_json
 from pipeline.pool import Job
 from test_study import make_spec, make_study_inputs
@@ -62,7 +62,7 @@ def inputs(tmp_path_factory):
 
 
 def test_cells_side_by_side_on_one_fake_gpu_give_the_numbers_of_one_at_a_time(inputs, tmp_path):
-    cells = [study.Cell(study.Configuration(), k) for k in range(2)]
+    cells = [study_spec.Cell(study_spec.Configuration(), k) for k in range(2)]
     alone = make_spec(inputs, tmp_path / "alone", configs=("baseline",), n_folds=2)
     study.prepare_study(alone)
     for cell in cells:
@@ -73,8 +73,8 @@ def test_cells_side_by_side_on_one_fake_gpu_give_the_numbers_of_one_at_a_time(in
     assert outcome.ok, outcome.failed
     assert sorted(outcome.ran) == sorted(c.key for c in cells)
     for cell in cells:
-        a, b = study.cell_dir(alone, cell), study.cell_dir(shared, cell)
+        a, b = study_spec.cell_dir(alone, cell), study_spec.cell_dir(shared, cell)
         assert (a / "oof.csv").read_bytes() == (b / "oof.csv").read_bytes(), cell.key
         assert read_json(a / "done.json")["protocols"] == read_json(b / "done.json")["protocols"]
-    shared_cells = [read_json(study.cell_dir(shared, c) / "cell.json") for c in cells]
+    shared_cells = [read_json(study_spec.cell_dir(shared, c) / "cell.json") for c in cells]
     assert [c["cuda_visible_devices"] for c in shared_cells] == ["fake0", "fake0"]

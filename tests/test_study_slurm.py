@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from test_study import make_spec, make_study_inputs
 
-from pipeline import study
+from pipeline import study, study_spec
 
 REPO = Path(__file__).resolve().parent.parent
 #: Cells long enough (a few seconds) that a cancel, a requeue or a second study lands mid-run.
@@ -38,9 +38,9 @@ def inputs(tmp_path_factory):
 SLOW = LONG | {"epochs": 50, "patience": 50}
 
 
-def long_spec(inputs, folder: Path, n_folds: int = 2, train: dict | None = None) -> study.StudySpec:
+def long_spec(inputs, folder: Path, n_folds: int = 2, train: dict | None = None) -> study_spec.StudySpec:
     spec = make_spec(inputs, folder, configs=("baseline",), n_folds=n_folds, peers=())
-    return study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | (LONG if train is None else train)})
+    return study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | (LONG if train is None else train)})
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,12 @@ def reference(inputs, tmp_path_factory):
     return oof_of(spec)
 
 
-def oof_of(spec: study.StudySpec) -> dict[str, pd.DataFrame]:
-    return {c.key: pd.read_csv(study.cell_dir(spec, c) / "oof.csv") for c in study.grid(spec)
-            if study.cell_done(spec, c)}
+def oof_of(spec: study_spec.StudySpec) -> dict[str, pd.DataFrame]:
+    return {c.key: pd.read_csv(study_spec.cell_dir(spec, c) / "oof.csv") for c in study_spec.grid(spec)
+            if study_spec.cell_done(spec, c)}
 
 
-def claim_events(spec: study.StudySpec, cell: study.Cell) -> list[dict]:
+def claim_events(spec: study_spec.StudySpec, cell: study_spec.Cell) -> list[dict]:
     log = study.claim_path(spec, cell).with_suffix(".log")
     return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
@@ -96,8 +96,8 @@ def _wait(pred, timeout: float, step: float = 0.5) -> bool:
 
 STUDY_RUN = """
 import json, sys
-from pipeline import study
-spec = study.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
+from pipeline import study, study_spec
+spec = study_spec.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
 out = study.run_study(spec, executor="local", workers=1)
 print(json.dumps({"ran": out.ran, "skipped": out.skipped, "failed": out.failed, "waited": out.waited}))
 """
@@ -116,12 +116,12 @@ def test_two_studies_on_one_folder_never_train_a_cell_at_once(inputs, reference,
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     # Every cell trained once, by one of them; the other skipped it after waiting, and said so.
     ran = results[0]["ran"] + results[1]["ran"]
-    assert sorted(ran) == sorted(c.key for c in study.grid(spec))
+    assert sorted(ran) == sorted(c.key for c in study_spec.grid(spec))
     waiter = [i for i, r in enumerate(results) if r["waited"]]
     assert waiter, results
     assert "is being trained by" in outs[waiter[0]][1] and "waiting" in outs[waiter[0]][1]
     assert set(results[waiter[0]]["waited"]) <= set(results[waiter[0]]["skipped"])
-    for cell in study.grid(spec):
+    for cell in study_spec.grid(spec):
         events = claim_events(spec, cell)
         assert_one_holder_at_a_time(events)
     # And the numbers are the local pool's.
@@ -133,9 +133,9 @@ def test_two_studies_on_one_folder_never_train_a_cell_at_once(inputs, reference,
 
 HOLD = """
 import json, sys, time
-from pipeline import study
-spec = study.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
-with study.claim_cell(spec, study.grid(spec)[0]):
+from pipeline import study, study_spec
+spec = study_spec.StudySpec.from_dict(json.loads(open(sys.argv[1]).read()))
+with study.claim_cell(spec, study_spec.grid(spec)[0]):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -149,7 +149,7 @@ def test_a_dead_owner_does_not_hold_its_cell(inputs, tmp_path):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout.readline().strip() == "held"
-        holder = json.loads(study.claim_path(spec, study.grid(spec)[0]).read_text())
+        holder = json.loads(study.claim_path(spec, study_spec.grid(spec)[0]).read_text())
         assert holder["pid"] == owner.pid and holder["host"]
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(timeout=30)
@@ -157,10 +157,10 @@ def test_a_dead_owner_does_not_hold_its_cell(inputs, tmp_path):
         if owner.poll() is None:
             owner.kill()
     t0 = time.monotonic()
-    res = study.run_cell(spec, study.grid(spec)[0])
+    res = study.run_cell(spec, study_spec.grid(spec)[0])
     assert not res["skipped"] and "waited_for" not in res
     assert time.monotonic() - t0 < 120
-    events = claim_events(spec, study.grid(spec)[0])
+    events = claim_events(spec, study_spec.grid(spec)[0])
     assert [e["event"] for e in events] == ["claimed", "claimed", "released"]
     assert events[0]["pid"] == owner.pid and events[1]["pid"] == os.getpid()
 
@@ -185,7 +185,7 @@ def test_an_array_job_gives_the_local_pools_numbers(slurm_cluster, inputs, refer
     for key, frame in reference.items():
         pd.testing.assert_frame_equal(got[key], frame)
     # Each task claimed its cell under its Slurm job id.
-    for cell in study.grid(spec):
+    for cell in study_spec.grid(spec):
         claims = [e for e in claim_events(spec, cell) if e["event"] == "claimed"]
         assert len(claims) == 1 and claims[0]["slurm_job"] in outcome.job_ids
 
@@ -220,8 +220,8 @@ def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(
     spec, _ = None, None
     try:
         assert _wait(lambda: (tmp_path / "s" / "study.json").is_file(), 120)
-        spec, _ = study.load_study(tmp_path / "s")
-        cell1 = study.grid(spec)[1]
+        spec, _ = study_spec.load_study(tmp_path / "s")
+        cell1 = study_spec.grid(spec)[1]
         # Cancel task 1 once it is training; task 0 goes on.
         assert _wait(lambda: any(e["event"] == "claimed" for e in claim_events(spec, cell1)), 180), \
             "task 1 never claimed its cell"
@@ -238,7 +238,7 @@ def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(
     assert "cancelled (their Slurm tasks ended without a result): baseline/fold_1" in err, err
     assert f"Slurm task {job} ended without a result" in err
     assert "resume with: run-study " in err and "--executor submitit" in err.split("resume with:")[1]
-    assert study.cell_done(spec, study.grid(spec)[0]) and not study.cell_done(spec, cell1)
+    assert study_spec.cell_done(spec, study_spec.grid(spec)[0]) and not study_spec.cell_done(spec, cell1)
     # The command it names completes the study, with the local pool's numbers.
     again = subprocess.run([sys.executable, "-c", RUN_STUDY, *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -253,13 +253,13 @@ def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(
 def test_a_failing_task_is_named_with_its_log(slurm_cluster, inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2, peers=())
     study.prepare_study(spec)
-    run_json = spec.run_dir(study.Configuration()) / "run.json"
+    run_json = spec.run_dir(study_spec.Configuration()) / "run.json"
     rec = json.loads(run_json.read_text())
     rec["config_hash"] = "0" * 16  # a planted error: both cells refuse this folder
     run_json.write_text(json.dumps(rec))
     os.environ["HNFM_SLURM_POLL_S"] = "2"
     try:
-        outcome = study.run_submitit(spec, study.grid(spec), cluster="slurm", options=OPTIONS)
+        outcome = study.run_submitit(spec, study_spec.grid(spec), cluster="slurm", options=OPTIONS)
     finally:
         del os.environ["HNFM_SLURM_POLL_S"]
     assert set(outcome.failed) == {"baseline/fold_0", "baseline/fold_1"} and not outcome.cancelled
@@ -272,9 +272,9 @@ def test_a_failing_task_is_named_with_its_log(slurm_cluster, inputs, tmp_path):
 def test_a_requeued_task_never_trains_its_cell_twice_at_once(slurm_cluster, inputs, tmp_path):
     # A cell long enough (~20 s) that the requeue's kill (KillWait = 5 s) lands mid-training.
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2, peers=())
-    spec = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
+    spec = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
     study.prepare_study(spec)
-    cell = study.grid(spec)[0]
+    cell = study_spec.grid(spec)[0]
     os.environ["HNFM_SLURM_POLL_S"] = "2"
     try:
         import submitit
@@ -298,15 +298,15 @@ def test_a_requeued_task_never_trains_its_cell_twice_at_once(slurm_cluster, inpu
     assert [e["event"] for e in events if e["event"] != "waiting"] == ["claimed", "claimed", "released"], events
     assert claims[0]["slurm_job"] == claims[1]["slurm_job"] == str(job.job_id)
     assert_one_holder_at_a_time(events)
-    assert study.cell_done(spec, cell)
+    assert study_spec.cell_done(spec, cell)
 
 
 @pytest.mark.slurm
 def test_scancel_of_the_whole_array_is_noticed_and_every_cell_named(slurm_cluster, inputs, tmp_path):
     spec = long_spec(inputs, tmp_path / "s")  # cells of ~20 s: the cancel lands while both train
-    spec = study.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
+    spec = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
     study.prepare_study(spec)
-    cells = study.grid(spec)
+    cells = study_spec.grid(spec)
     cancelled_at = []
 
     def cancel_when_training():
@@ -329,4 +329,4 @@ def test_scancel_of_the_whole_array_is_noticed_and_every_cell_named(slurm_cluste
     assert time.monotonic() - cancelled_at[0] < 60, "the cancel was not noticed within a minute"
     assert sorted(outcome.cancelled) == sorted(c.key for c in cells) == sorted(outcome.failed), outcome.failed
     assert all("ended without a result" in e for e in outcome.failed.values())
-    assert not any(study.cell_done(spec, c) for c in cells)
+    assert not any(study_spec.cell_done(spec, c) for c in cells)

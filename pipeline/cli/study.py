@@ -15,6 +15,7 @@ from pipeline.artefacts import ProvenanceError, read_json
 from pipeline.cli.options import train_scalar_options, train_scalars
 from pipeline.demo import demo_study_options, prepare_inputs
 from pipeline.pool import format_progress
+from pipeline.study_spec import StudySpec, cell_status, configurations, format_status, load_study, peer_status
 
 #: The TrainConfig fields run-study sets from options (for every configuration).
 STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "gpu_eval_batch_size",
@@ -123,12 +124,7 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
       run-study --out runs/study --dry-run               # which cells are done
       run-study --out runs/study --report-only           # needs a study folder: report from what is finished
     """
-    # local: pipeline.study (submitit, the peers) is slow to import; --help stays fast
-    from pipeline.study import SlurmOptions, cell_status, format_status, load_study, peer_status
-
     t_start = time.perf_counter()
-    if workers is None and not _trains_on_gpus(device):
-        workers = 2 if demo else 1
     preset = demo_study_options() if demo else {}
     extra = {
         "repeats": repeats or preset.get("repeats", 1),
@@ -154,6 +150,11 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
             _report(study_dir, report_dir, t_start, demo)
             return
 
+        # local: pipeline.study (torch, submitit, the peers) is slow to import; --help and --dry-run stay fast
+        from pipeline.study import SlurmOptions
+
+        if workers is None and not _trains_on_gpus(device):
+            workers = 2 if demo else 1
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                            train_config_file, model_config, device, overrides, extra)
         info = prepare_inputs(spec, demo=demo, ct_weights=ct_weights, pet_weights=pet_weights,
@@ -181,8 +182,6 @@ def _seed_configs(option: str | None, preset: Any) -> tuple[str, ...] | None:
 
 def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                 train_config_file, model_config, device, overrides, extra):
-    from pipeline.study import StudySpec, configurations  # local: as in run_study
-
     train = demo_study_options()["train"] if demo else {}
     if train_config_file:
         train = json.loads(Path(train_config_file).read_text())
@@ -221,7 +220,7 @@ def _say(kind: str, text: str) -> None:
 
 def _trains_on_gpus(device: str | None) -> bool:
     """Whether cells will train on GPUs here: a device other than cpu and GPUs visible."""
-    from pipeline.study import visible_gpus  # local: as in run_study
+    from pipeline.study import visible_gpus  # local: torch, as in run_study
 
     return device != "cpu" and bool(visible_gpus())
 
@@ -229,7 +228,7 @@ def _trains_on_gpus(device: str | None) -> bool:
 def _run_grid(spec, info, executor, pool, cluster, no_wait, slurm):
     """Peers, then the CNN grid; one progress line per finished cell, peers in quarters.
     ``pool`` = ``(workers, cells_per_gpu)``; workers None = one group of cells per GPU."""
-    from pipeline.study import cell_status, run_study  # local: as in run_study
+    from pipeline.study import run_study  # local: as in run_study
 
     workers, per_gpu = pool
 

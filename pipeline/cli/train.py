@@ -19,7 +19,7 @@ from pipeline.embedding_sets import set_of_encoders
 from pipeline.embeddings import RandomInitWarning
 from pipeline.layout import RunLayout
 from pipeline.manifest import read_manifest, survival_cases
-from pipeline.study import parse_proj_label
+from pipeline.study_spec import parse_proj_label
 
 PROJ_CHOICES = ("64", "128", "256", "orig")
 PRESETS = ("auto", "paper", "demo")

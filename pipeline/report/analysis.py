@@ -51,7 +51,7 @@ from pipeline.report.noise import (
     within_training_noise,
 )
 from pipeline.report.results import RESULTS_SCHEMA, CellCount, Results, SurvivalSection, TrainingSection
-from pipeline.study import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
+from pipeline.study_spec import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
 
 # --- 2. analyses: frames -> plain data ---------------------------------------------------------
 

@@ -21,7 +21,7 @@ from pipeline.manifest import read_manifest, survival_cases
 from pipeline.metrics import NO_VALID_EPOCH, c_index_value
 from pipeline.report.labels import PRED_COLUMNS, PROTOCOL_LABELS, as_float
 from pipeline.splits import load_folds
-from pipeline.study import (
+from pipeline.study_spec import (
     FIRST_SPLIT,
     LOCO,
     Cell,

@@ -25,7 +25,7 @@ from pipeline.report.labels import (
     PROTOCOL_ORDER,
     finite,
 )
-from pipeline.study import BASELINE, PROJ_SIZES, proj_label
+from pipeline.study_spec import BASELINE, PROJ_SIZES, proj_label
 
 #: Figure files, numbered in the order the report shows them (Figures 2-3 as in the paper).
 FIGURES = {"c_index": "figure2_c_index.png", "auc_1y": "figure3_auc_1y.png"}

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.embedding_sets import embedding_set, head_group, set_names, set_of_group
-from pipeline.study import BASELINE
+from pipeline.study_spec import BASELINE
 
 PROTOCOL_LABELS = {"paper": "paper protocol (optimistic)", "inner": "unbiased inner selection"}
 #: Protocols in the order the report shows them: the one to trust first.

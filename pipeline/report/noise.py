@@ -26,7 +26,7 @@ from pipeline.metrics import summarise
 from pipeline.report.collect import ModelRef
 from pipeline.report.labels import N_BOOT, PROTOCOL_ORDER, finite
 from pipeline.stats import paired_bootstrap_delta_seeds
-from pipeline.study import Cell, Configuration
+from pipeline.study_spec import Cell, Configuration
 
 #: A difference from the baseline lies within the baseline's training noise when
 #: ``|Δ| <= NOISE_SD_MULTIPLE x`` the baseline's seed SD (:func:`within_training_noise`).

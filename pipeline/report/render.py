@@ -74,7 +74,7 @@ from pipeline.report.labels import (
 )
 from pipeline.report.results import Results
 from pipeline.runtime import ENVIRONMENT_KEYS
-from pipeline.study import BASELINE
+from pipeline.study_spec import BASELINE
 
 #: The seed paper's Table 1 (C-index, 1-year AUROC; mean, SD), for side-by-side reading.
 PAPER_TABLE1 = {
