@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import peers
+from pipeline import cox, peers
 from pipeline.metrics import c_index
 from pipeline.splits import make_folds
 
@@ -72,8 +72,8 @@ class _SksurvRidge:
         for a in alphas:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                m = CoxPHSurvivalAnalysis(alpha=a, ties="breslow").fit(x, peers._surv(time, event))
-            out.append(peers.RidgeCox(m.coef_, float(a), -1, True))
+                m = CoxPHSurvivalAnalysis(alpha=a, ties="breslow").fit(x, cox.surv_target(time, event))
+            out.append(cox.RidgeCox(m.coef_, float(a), -1, True))
         return out
 
 
@@ -100,12 +100,12 @@ def main() -> None:
     results = {"coxnet (elastic net)": run("coxnet", table, survival, folds),
                "ridge (Newton)": run("ridge", table, survival, folds)}
     if args.reference:
-        newton = peers.ridge_cox_path
-        peers.ridge_cox_path = _SksurvRidge()
+        newton = cox.ridge_cox_path
+        cox.ridge_cox_path = _SksurvRidge()
         try:
             results["ridge (sksurv CoxPHSurvivalAnalysis)"] = run("ridge", table, survival, folds)
         finally:
-            peers.ridge_cox_path = newton
+            cox.ridge_cox_path = newton
 
     lines = [
         f"Synthetic table {args.cases} cases x {args.features} features, "

@@ -274,6 +274,23 @@ def c_index_value(time: Any, event: Any, risk: Any) -> MetricValue:
     return metric_value(c_index, time, event, risk)
 
 
+def c_index_or_nan(time: Any, event: Any, risk: Any) -> float:
+    """:func:`c_index` as a float, NaN where it is undefined.
+
+    For choosing among fits (epochs, penalties), where an undefined C-index just loses:
+    no event or no comparable pair in the rows, or non-finite risks of a diverged fit.
+
+    Args:
+        time: survival times, shape [N].
+        event: event indicators (0/1), shape [N].
+        risk: risk scores, shape [N]; higher means earlier relapse.
+
+    Returns:
+        The C-index, or NaN.
+    """
+    return float(c_index_value(time, event, risk))
+
+
 def time_dependent_auc(
     train_time: Any,
     train_event: Any,

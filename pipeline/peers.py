@@ -15,7 +15,7 @@ numeric features, the PCA projection of embeddings, the Cox coefficients and the
 
 Peers:
 
-* ``clinical``: ridge Cox (Breslow ties; :func:`ridge_cox_path`, the objective of
+* ``clinical``: ridge Cox (Breslow ties; :func:`pipeline.cox.ridge_cox_path`, the objective of
   ``sksurv`` ``CoxPHSurvivalAnalysis(alpha)`` solved by a vectorised Newton method) on the
   nine clinical covariates.
 * ``radiomics``: ridge Cox on radiomics-lite features computed from the preprocessed cache
@@ -42,27 +42,24 @@ reads both kinds.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import time as _time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.linalg import LinAlgError, cho_factor, cho_solve
-from scipy.linalg.blas import dsyrk
 from sklearn.decomposition import PCA
-from sklearn.model_selection import StratifiedKFold
-from sksurv.linear_model import CoxnetSurvivalAnalysis
-from sksurv.util import Surv
 
 from pipeline.artefacts import atomic_path, code_version, params_hash, sha256_file, utc_now, write_json_atomic
 from pipeline.cache import SURVIVAL_MASK, SURVIVAL_PET, PreprocessedCache
 from pipeline.clinical import ClinicalTransform
+from pipeline.cox import fit_coxnet, fit_ridge
 from pipeline.embeddings import load_embeddings, training_fill, training_scale
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
@@ -164,12 +161,14 @@ class HeadConfig:
     """Settings of a Cox head.
 
     Attributes:
-        model: ``ridge`` (:func:`ridge_cox_path`) or ``coxnet`` (elastic net); both choose
-            their penalty by inner CV unless fixed.
+        model: ``ridge`` (:func:`pipeline.cox.fit_ridge`) or ``coxnet`` (elastic net,
+            :func:`pipeline.cox.fit_coxnet`); both choose their penalty by inner CV unless
+            fixed.
         ridge_alpha: L2 weight of ``ridge`` on the summed partial log-likelihood
             (penalty 0.5 * alpha * ||beta||^2), or ``None`` (default) to choose it from
-            :data:`RIDGE_ALPHAS` by inner CV on the training part: with ~20 events and 13
-            clinical features a weak fixed penalty overfits to below-chance C-indices.
+            :data:`pipeline.cox.RIDGE_ALPHAS` by inner CV on the training part: with ~20
+            events and 13 clinical features a weak fixed penalty overfits to below-chance
+            C-indices.
         proj: PCA components per embedding block (``None`` = no projection).
         with_clinical: append the clinical covariates.
         l1_ratio: elastic-net mixing of ``coxnet`` (1 = lasso; small = ridge-like).
@@ -270,204 +269,17 @@ class _FoldFeatures:
         return np.hstack(parts)
 
 
-def _surv(time: np.ndarray, event: np.ndarray):
-    return Surv.from_arrays(event.astype(bool), time.astype(float))
-
-
-#: Ridge penalties tried by inner CV, strongest first (ties go to the strongest).
-RIDGE_ALPHAS = (1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
-
-
-@dataclass
-class RidgeCox:
-    """A fitted ridge Cox model: ``coef_`` ``[F]``; ``predict`` gives the linear predictor."""
-
-    coef_: np.ndarray
-    alpha: float
-    n_iter: int
-    converged: bool
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64) @ self.coef_
-
-
-class _CoxNewton:
-    """Newton's method for the ridge-penalised Cox partial likelihood (Breslow ties).
-
-    Minimises ``-log PL(beta) + 0.5 * alpha * ||beta||^2``, the objective of scikit-survival's
-    ``CoxPHSurvivalAnalysis(alpha, ties="breslow")`` (which divides both terms by N), with
-    its stopping rule (relative change of the objective < ``tol``); the coefficients agree
-    to ~1e-8. Gradient and Hessian are closed-form matrix products over cumulative risk-set
-    sums, O(N F^2) per step, instead of scikit-survival's per-case Python loop. With more
-    features than cases the fit runs in the N-dimensional row space of ``x`` (``x^T = QR``,
-    ``beta = Q gamma``, ``||beta|| = ||gamma||``): a ridge solution always lies there, and
-    each step costs O(N^3).
-    """
-
-    def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray):
-        x = np.asarray(x, dtype=np.float64)
-        self.basis = None
-        if x.shape[1] > x.shape[0]:
-            self.basis, r = np.linalg.qr(x.T)
-            x = r.T
-        order = np.argsort(-np.asarray(time, dtype=np.float64), kind="mergesort")
-        neg_t = -np.asarray(time, dtype=np.float64)[order]
-        # Sorted by decreasing time, the risk set of row i is rows [0, ends[i]] (ties included);
-        # starts[i] is the first row tied with row i.
-        self.starts = np.searchsorted(neg_t, neg_t, side="left")
-        self.ends = np.searchsorted(neg_t, neg_t, side="right") - 1
-        self.z = np.ascontiguousarray(x[order])
-        self.event = np.asarray(event, dtype=np.float64)[order]
-
-    def objective(self, eta: np.ndarray, gamma: np.ndarray, alpha: float) -> float:
-        log_s0 = np.logaddexp.accumulate(eta)[self.ends]
-        return float(-np.sum(self.event * (eta - log_s0)) + 0.5 * alpha * (gamma @ gamma))
-
-    def newton_step(self, eta: np.ndarray, gamma: np.ndarray, alpha: float) -> np.ndarray:
-        """Solve ``H step = gradient`` at ``gamma``."""
-        z, ev = self.z, self.event
-        w = np.exp(eta - eta.max())  # the shift cancels in every ratio below
-        s0 = np.cumsum(w)[self.ends]
-        zbar = np.cumsum(w[:, None] * z, axis=0)[self.ends] / s0[:, None]
-        grad = ev @ zbar - ev @ z + alpha * gamma
-        # sum_i ev_i / S0_i * sum_{j in R_i} w_j z_j z_j^T = Z^T diag(w * c) Z with
-        # c_j = sum of ev_i / S0_i over the events i whose risk set holds j (t_i <= t_j).
-        c = np.cumsum((ev / s0)[::-1])[::-1][self.starts]
-        ze = zbar[ev > 0]
-        h = dsyrk(1.0, z * np.sqrt(w * c)[:, None], trans=1) - dsyrk(1.0, ze, trans=1)
-        h[np.diag_indices_from(h)] += alpha
-        try:
-            return cho_solve(cho_factor(h, lower=False, check_finite=False), grad, check_finite=False)
-        except LinAlgError:  # alpha = 0 on a singular design
-            return np.linalg.lstsq(np.triu(h) + np.triu(h, 1).T, grad, rcond=None)[0]
-
-    def fit(self, alpha: float, gamma: np.ndarray, tol: float = 1e-9, max_iter: int = 100):
-        """Minimise from ``gamma``; return ``(gamma, iterations, converged)``."""
-        eta = self.z @ gamma
-        loss = self.objective(eta, gamma, alpha)
-        for it in range(1, max_iter + 1):
-            step = self.newton_step(eta, gamma, alpha)
-            if not np.all(np.isfinite(step)):
-                raise ArithmeticError("ridge Cox: the Newton step is not finite")
-            t = 1.0
-            while True:  # halve the step until the objective does not increase
-                new = gamma - t * step
-                eta_new = self.z @ new
-                loss_new = self.objective(eta_new, new, alpha)
-                if loss_new <= loss or t < 1e-8:
-                    break
-                t *= 0.5
-            done = abs(loss - loss_new) <= tol * abs(loss)
-            gamma, eta, loss = new, eta_new, loss_new
-            if done:
-                return gamma, it, True
-        return gamma, max_iter, False
-
-    def coef(self, gamma: np.ndarray) -> np.ndarray:
-        return self.basis @ gamma if self.basis is not None else gamma
-
-
-def ridge_cox_path(x: np.ndarray, time: np.ndarray, event: np.ndarray,
-                   alphas: Sequence[float]) -> list[RidgeCox]:
-    """Ridge Cox fits of ``x`` ``[N, F]`` for each penalty in ``alphas``, in that order.
-
-    Each fit starts from the previous solution (give the strongest penalty first), so a
-    whole penalty path costs a few Newton steps per penalty. See :class:`_CoxNewton`.
-    """
-    solver = _CoxNewton(x, time, event)
-    gamma = np.zeros(solver.z.shape[1])
-    out = []
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # rejected trial steps
-        for a in alphas:
-            gamma, n_iter, ok = solver.fit(float(a), gamma)
-            out.append(RidgeCox(solver.coef(gamma), float(a), n_iter, ok))
-    return out
-
-
-def _ridge(x, time, event, alpha) -> RidgeCox:
-    return ridge_cox_path(x, time, event, [alpha])[0]
-
-
-def _inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig,
-                     n_candidates: int, fit_scores) -> tuple[int, np.ndarray]:
-    """Index of the candidate penalty with the best mean inner-CV C-index, and the means.
-
-    ``fit_scores(train_idx, val_idx)`` fits every candidate on the inner training rows and
-    returns their validation C-indices (NaN where undefined). Candidates are ordered from
-    the strongest penalty, so ties go to the strongest.
-    """
-    scores = np.full((cfg.inner_folds, n_candidates), np.nan)
-    n_splits = int(min(cfg.inner_folds, event.sum(), (~event.astype(bool)).sum()))
-    if n_splits >= 2:
-        skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=cfg.seed)
-        for k, (tr, va) in enumerate(skf.split(x, event.astype(int))):
-            scores[k] = fit_scores(tr, va)
-    defined = np.isfinite(scores).any(axis=0)
-    mean = np.full(n_candidates, np.nan)
-    mean[defined] = np.nanmean(scores[:, defined], axis=0)
-    best = int(np.nanargmax(mean)) if defined.any() else n_candidates // 2
-    return best, mean
-
-
-def _safe_c(time, event, risk) -> float:
-    """C-index of an inner fold; NaN when undefined (no event or comparable pair, a
-    diverged fit's non-finite risks)."""
-    return float(c_index_value(time, event, risk))
-
-
-def _fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig):
-    """Ridge Cox on ``x`` [N, F]; the penalty fixed or chosen by inner stratified K-fold CV."""
-    if cfg.ridge_alpha is not None:
-        model = _ridge(x, time, event, cfg.ridge_alpha)
-        return model, {"alpha": model.alpha, "newton_iterations": model.n_iter, "converged": model.converged}
-
-    def fit_scores(tr, va):
-        try:
-            path = ridge_cox_path(x[tr], time[tr], event[tr], RIDGE_ALPHAS)
-        except (ArithmeticError, LinAlgError):
-            return np.full(len(RIDGE_ALPHAS), np.nan)
-        return [_safe_c(time[va], event[va], m.predict(x[va])) for m in path]
-
-    best, mean = _inner_cv_choice(x, time, event, cfg, len(RIDGE_ALPHAS), fit_scores)
-    model = ridge_cox_path(x, time, event, RIDGE_ALPHAS[: best + 1])[-1]
-    return model, {"alpha": model.alpha, "newton_iterations": model.n_iter, "converged": model.converged,
-                   "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None}
-
-
-def _coxnet(cfg: HeadConfig, alphas=None):
-    kw = dict(l1_ratio=cfg.l1_ratio, alpha_min_ratio=cfg.alpha_min_ratio, max_iter=100000)
-    return CoxnetSurvivalAnalysis(alphas=alphas, **kw) if alphas is not None else \
-        CoxnetSurvivalAnalysis(n_alphas=cfg.n_alphas, **kw)
-
-
-def _fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, cfg: HeadConfig):
-    """Elastic-net Cox on ``x`` [N, F] with the penalty chosen by inner stratified K-fold CV.
-
-    ``x`` comes from the label-free feature pipeline fitted on the whole training part;
-    inner splits only choose the penalty, and no inner validation label is ever fitted.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sksurv convergence warnings at the weakest penalties
-        path = _coxnet(cfg).fit(x, _surv(time, event)).alphas_
-
-        def fit_scores(tr, va):
-            out = np.full(path.shape[0], np.nan)
-            try:
-                m = _coxnet(cfg, path).fit(x[tr], _surv(time[tr], event[tr]))
-            except (ValueError, ArithmeticError):
-                return out
-            for j, a in enumerate(m.alphas_):
-                out[j] = _safe_c(time[va], event[va], m.predict(x[va], alpha=a))
-            return out
-
-        # The path decreases, so ties go to the strongest penalty.
-        best, mean = _inner_cv_choice(x, time, event, cfg, path.shape[0], fit_scores)
-        alpha = float(path[best])
-        model = _coxnet(cfg, path).fit(x, _surv(time, event))
-    info = {"alpha": alpha, "alpha_index": best, "n_alphas": int(path.shape[0]),
-            "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None,
-            "n_nonzero": int(np.sum(np.abs(model.coef_[:, best]) > 0))}
-    return model, alpha, info
+def _fit_head(cfg: HeadConfig, x: np.ndarray, time: np.ndarray,
+              event: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """The head's Cox model (:mod:`pipeline.cox`) fitted on a training part: its linear
+    predictor as a function of features, and what the fit chose (penalty, inner C-index)."""
+    search = {"inner_folds": cfg.inner_folds, "seed": cfg.seed}
+    if cfg.model == "ridge":
+        model, info = fit_ridge(x, time, event, alpha=cfg.ridge_alpha, **search)
+        return model.predict, info
+    model, alpha, info = fit_coxnet(x, time, event, l1_ratio=cfg.l1_ratio, n_alphas=cfg.n_alphas,
+                                    alpha_min_ratio=cfg.alpha_min_ratio, **search)
+    return functools.partial(model.predict, alpha=alpha), info
 
 
 def _fold_groups(folds: pd.DataFrame):
@@ -531,12 +343,8 @@ def run_head(
                 raise ValueError(f"run_head ({label}): the training part has no event; cannot fit a Cox model")
             feats = _FoldFeatures(blocks, clin, project_map).fit(tr_ids)
             x_tr, x_te = feats.transform(tr_ids), feats.transform(te_ids)
-            if cfg.model == "ridge":
-                model, info = _fit_ridge(x_tr, t_tr, e_tr, cfg)
-                lp_tr, lp_te = model.predict(x_tr), model.predict(x_te)
-            else:
-                model, alpha, info = _fit_coxnet(x_tr, t_tr, e_tr, cfg)
-                lp_tr, lp_te = model.predict(x_tr, alpha=alpha), model.predict(x_te, alpha=alpha)
+            predict, info = _fit_head(cfg, x_tr, t_tr, e_tr)
+            lp_tr, lp_te = predict(x_tr), predict(x_te)
             rec: dict[str, Any] = {"fold": int(fold), "n_train": len(tr_ids), "n_test": len(te_ids),
                                    "n_features": int(x_te.shape[1]), **info, **feats.info}
             if rep is not None:

@@ -64,6 +64,7 @@ from pipeline.layout import (
 )
 from pipeline.metrics import (
     NO_VALID_EPOCH,
+    c_index_or_nan,
     c_index_value,
     metric_value,
     reason_text,
@@ -384,11 +385,6 @@ def dice_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(target_sum > 0, dice, torch.full_like(dice, float("nan")))
 
 
-def _safe_c_index(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray) -> float:
-    """C-index of ``rows``; NaN when undefined (curves, epoch selection)."""
-    return float(c_index_value(cohort.time[rows], cohort.event[rows], risk))
-
-
 # --- one fold, in parts: set-up, one epoch, evaluation, selection, outputs --------------------
 
 
@@ -628,10 +624,12 @@ def evaluate_fold(model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData
     dice = np.full(len(cohort), np.nan)
     risk[rest], dice[rest] = evaluate_rows(model, cohort, rest, data, eval_batch_size(cfg, device), device)
     outer_dice = dice[data.outer]
+    t, e = cohort.time, cohort.event
     evaluation = Evaluation(risk, dice, {
         "train_c_index": float("nan"),
-        "val_c_index_inner": _safe_c_index(cohort, data.inner, risk[data.inner]) if len(data.inner) else float("nan"),
-        "val_c_index_outer": _safe_c_index(cohort, data.outer, risk[data.outer]),
+        "val_c_index_inner": (c_index_or_nan(t[data.inner], e[data.inner], risk[data.inner]) if len(data.inner)
+                              else float("nan")),
+        "val_c_index_outer": c_index_or_nan(t[data.outer], e[data.outer], risk[data.outer]),
         "val_dice_outer": float(np.nanmean(outer_dice)) if np.isfinite(outer_dice).any() else float("nan"),
     })
     if fit:
@@ -647,7 +645,8 @@ def evaluate_fit_rows(evaluation: Evaluation, model: torch.nn.Module, cohort: Su
     fit_only, _ = _evaluation_parts(data, eval_batch_size(cfg, device))
     evaluation.risk[fit_only], evaluation.dice[fit_only] = evaluate_rows(
         model, cohort, fit_only, data, eval_batch_size(cfg, device), device)
-    evaluation.scores["train_c_index"] = _safe_c_index(cohort, data.fit, evaluation.risk[data.fit])
+    fit = data.fit
+    evaluation.scores["train_c_index"] = c_index_or_nan(cohort.time[fit], cohort.event[fit], evaluation.risk[fit])
     evaluation.fit_evaluated = True
 
 

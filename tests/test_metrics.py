@@ -206,12 +206,13 @@ def test_c_index_undefined_carries_its_reason(time, event, risk, reason):
     assert info.value.reason == reason and isinstance(info.value, ValueError)
     got = M.c_index_value(time, event, risk)
     assert (got.value, got.reason) == (None, reason) and got.detail == str(info.value)
-    assert math.isnan(float(got))
+    assert math.isnan(float(got)) and math.isnan(M.c_index_or_nan(time, event, risk))
 
 
 def test_metric_value_keeps_values_and_still_raises_on_malformed_input():
     defined = M.c_index_value(TE_T, TE_E, RISK)
     assert defined.value == pytest.approx(6 / 8) and defined.reason is None
+    assert M.c_index_or_nan(TE_T, TE_E, RISK) == defined.value
     # A metric that returns a MetricValue passes through, defined or not.
     auc = M.metric_value(time_dependent_auc, TR_T, TR_E, TE_T, TE_E, RISK, horizon=365)
     assert auc.value == pytest.approx(time_dependent_auc(TR_T, TR_E, TE_T, TE_E, RISK, horizon=365).value)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import peers
+from pipeline import cox, peers
 from pipeline.artefacts import ProvenanceError
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
 from pipeline.embeddings import MissingCasesError, load_embeddings
@@ -350,12 +350,12 @@ def test_ridge_cox_path_equals_scikit_survival(n, p):
     x = rng.normal(size=(n, p))
     t = np.round(rng.exponential(np.exp(-0.8 * x[:, 0])) * 20) + 1  # many ties
     e = rng.uniform(size=n) < 0.7
-    path = peers.ridge_cox_path(x, t, e, peers.RIDGE_ALPHAS)
+    path = cox.ridge_cox_path(x, t, e, cox.RIDGE_ALPHAS)
     assert len(np.unique(t)) < n
     for model in path:
         with _w.catch_warnings():
             _w.simplefilter("ignore")
-            ref = CoxPHSurvivalAnalysis(alpha=model.alpha, ties="breslow").fit(x, peers._surv(t, e))
+            ref = CoxPHSurvivalAnalysis(alpha=model.alpha, ties="breslow").fit(x, cox.surv_target(t, e))
         assert model.converged
         np.testing.assert_allclose(model.coef_, ref.coef_, rtol=1e-5, atol=1e-7 * np.abs(ref.coef_).max())
         np.testing.assert_allclose(model.predict(x), ref.predict(x), rtol=1e-5, atol=1e-6)
