@@ -41,10 +41,10 @@ from pipeline.dataset import AugmentConfig, augment_batch, load_cohort
 from pipeline.demo import demo_train_options
 from pipeline.artefacts import read_json
 from pipeline.layout import RunLayout
+from pipeline.splits import get_folds
 from pipeline.train import (
     PartTimes,
     TrainConfig,
-    get_folds,
     make_optimiser,
     model_to_layout,
     setup_fold,

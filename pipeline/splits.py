@@ -375,3 +375,34 @@ def load_folds(
         provenance={k: v for k, v in rec.items() if k not in ("columns", "column_order")},
     )
     return df
+
+
+def get_folds(path: str | os.PathLike, cohort: Any, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+    """Load the shared folds file, or create it once; every configuration reuses it.
+
+    Args:
+        path: the folds JSON; written by :func:`save_folds` when it does not exist.
+        cohort: the cases to split, with ``case_ids``, ``time`` and ``event`` (e.g. a
+            :class:`pipeline.dataset.SurvivalCohort`); an existing file must hold exactly them.
+        n_folds: outer folds (:func:`make_folds`).
+        seed: seed of new folds.
+
+    Returns:
+        The folds frame (:func:`load_folds`).
+
+    Raises:
+        ValueError: the file holds another number of folds.
+        ProvenanceError: the file was made for another case set.
+    """
+    path = Path(path)
+    if path.is_file():
+        folds = load_folds(path, expected_case_ids=cohort.case_ids)
+        if folds["fold"].nunique() != n_folds:
+            raise ValueError(
+                f"{path}: holds {folds['fold'].nunique()} folds, {n_folds} requested; "
+                "point --folds to another file"
+            )
+        return folds
+    folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=n_folds, seed=seed)
+    save_folds(folds, path)
+    return folds

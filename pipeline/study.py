@@ -52,7 +52,14 @@ from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
 from pipeline.peers import HeadConfig, fit_peer_run
 from pipeline.pool import Job, JobPool, pinned_worker
 from pipeline.runtime import DEFAULT_THREADS
-from pipeline.splits import case_set_sha256, leave_one_centre_out, load_folds, make_folds, save_folds
+from pipeline.splits import (
+    case_set_sha256,
+    get_folds,
+    leave_one_centre_out,
+    load_folds,
+    make_folds,
+    save_folds,
+)
 from pipeline.study_spec import (
     FIRST_SPLIT,
     STUDY_FILE,
@@ -65,7 +72,7 @@ from pipeline.study_spec import (
     grid,
     split_repeat,
 )
-from pipeline.train import TrainConfig, get_folds, run_provenance, start_run, train_fold
+from pipeline.train import TrainConfig, run_provenance, start_run, train_fold
 
 # A pool worker pins its GPU before torch is loaded there: the worker initialiser
 # (pipeline.pool.pinned_worker) lives outside this module, which imports torch, and runs

@@ -81,7 +81,7 @@ from pipeline.runtime import (
 )
 from pipeline.sampling import EventBalancedBatchSampler
 from pipeline.step_capture import CapturedStep
-from pipeline.splits import inner_split, load_folds, make_folds, save_folds
+from pipeline.splits import inner_split
 
 CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
 
@@ -945,22 +945,6 @@ def summarise_run(run_dir: str | os.PathLike, n_folds: int) -> dict[str, Any]:
         with atomic_path(layout.oof_predictions, suffix=".csv") as tmp:
             pd.concat(frames).to_csv(tmp, index=False)
     return summary
-
-
-def get_folds(path: str | os.PathLike, cohort: SurvivalCohort, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
-    """Load the shared folds file, or create it once; every configuration reuses it."""
-    path = Path(path)
-    if path.is_file():
-        folds = load_folds(path, expected_case_ids=cohort.case_ids)
-        if folds["fold"].nunique() != n_folds:
-            raise ValueError(
-                f"{path}: holds {folds['fold'].nunique()} folds, {n_folds} requested; "
-                "point --folds to another file"
-            )
-        return folds
-    folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=n_folds, seed=seed)
-    save_folds(folds, path)
-    return folds
 
 
 def train_survival(

@@ -32,7 +32,8 @@ from pipeline.manifest import CLINICAL_COLUMNS
 from pipeline.feature_tables import import_feature_table
 from pipeline.pool import Job, JobPool
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
-from pipeline.train import TrainConfig, get_folds, train_survival
+from pipeline.splits import get_folds
+from pipeline.train import TrainConfig, train_survival
 
 pytestmark = pytest.mark.slow
 N_CASES = 60

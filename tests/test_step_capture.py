@@ -8,7 +8,8 @@ import torch
 
 from pipeline.dataset import load_cohort
 from pipeline.step_capture import CapturedStep
-from pipeline.train import TrainConfig, get_folds, resolve_step_mode, set_lr, setup_fold, train_epoch
+from pipeline.splits import get_folds
+from pipeline.train import TrainConfig, resolve_step_mode, set_lr, setup_fold, train_epoch
 
 
 def _config(step_mode: str, device: str = "cpu") -> TrainConfig:

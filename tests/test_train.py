@@ -169,7 +169,8 @@ def test_scoring_the_fit_rows_every_third_epoch_changes_nothing_but_the_curves_t
     scores as scoring the fit rows every epoch; only the skipped epochs' train C is NaN."""
     from pipeline.artefacts import read_json
     from pipeline.dataset import load_cohort
-    from pipeline.train import TrainConfig, get_folds, train_fold
+    from pipeline.splits import get_folds
+    from pipeline.train import TrainConfig, train_fold
 
     cohort = load_cohort(tiny_study["manifest"], tiny_study["cache"])
     folds = get_folds(tmp_path / "folds.json", cohort, n_folds=3)

@@ -16,7 +16,8 @@ import torch
 
 from pipeline import train
 from pipeline.dataset import load_cohort
-from pipeline.train import TrainConfig, cohort_on_device, get_folds, setup_fold, train_epoch, train_step
+from pipeline.splits import get_folds
+from pipeline.train import TrainConfig, cohort_on_device, setup_fold, train_epoch, train_step
 
 #: Tensor methods that hand a device tensor's values to the host.
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")

@@ -219,7 +219,8 @@ def train_survival(manifest, cache_root, embeddings, datasets, proj, preset, out
     """
     # local: torch and the network, imported when training, so --help stays quick
     from pipeline.dataset import load_cohort
-    from pipeline.train import TrainConfig, format_summary, get_folds, train_survival as run
+    from pipeline.splits import get_folds
+    from pipeline.train import TrainConfig, format_summary, train_survival as run
 
     # Loading the embeddings would repeat the random-init warning: said once below.
     warnings.simplefilter("ignore", RandomInitWarning)
