@@ -41,7 +41,8 @@ class SurvivalCohort:
         event: ``[N]`` 1 = relapse, 0 = censored.
         clinical: raw clinical covariates (manifest columns), indexed by case id.
         centre: centre code per case.
-        embeddings: modality -> ``[N, dim]`` float32 cached FM embeddings.
+        embeddings: embedding dataset (an encoder, e.g. ``ct``) -> ``[N, dim]`` float32 cached
+            FM embeddings.
         embedding_attrs: provenance of the embeddings file (empty without embeddings).
     """
 
@@ -67,7 +68,7 @@ def load_cohort(
     manifest_path: str | os.PathLike,
     cache_root: str | os.PathLike,
     embeddings_path: str | os.PathLike | None = None,
-    modalities: tuple[str, ...] | None = None,
+    datasets: tuple[str, ...] | None = None,
     *,
     require_endpoint: bool = True,
 ) -> SurvivalCohort:
@@ -79,7 +80,8 @@ def load_cohort(
             their ``time`` is NaN and ``event`` -1).
         cache_root: the preprocessed cache; must hold every such case.
         embeddings_path: optional stage-one HDF5; its provenance must match the cache.
-        modalities: embedding modalities to keep (default: all in the file).
+        datasets: embedding datasets to keep (encoders ``ct``, ``pet``, or an imported feature
+            table's name; default: all in the file).
 
     Raises:
         KeyError: a case is missing from the cache or the embeddings file.
@@ -105,11 +107,11 @@ def load_cohort(
     attrs: dict = {}
     if embeddings_path is not None:
         # The loader checks provenance against the cache and names missing cases.
-        emb = read_embeddings(embeddings_path, cache=cache, case_ids=ids, modalities=modalities)
-        embeddings = {m: emb.matrix(m) for m in emb.modalities}
+        emb = read_embeddings(embeddings_path, cache=cache, case_ids=ids, datasets=datasets)
+        embeddings = {d: emb.matrix(d) for d in emb.datasets}
         attrs = {
             "path": str(emb.path), "sha256": emb.sha256, "file": emb.attrs,
-            "modalities": emb.modality_attrs,
+            "modalities": emb.dataset_attrs,  # the key run.json files hold them under
             "random_init": bool(emb.attrs.get("random_init", False)),
         }
     return SurvivalCohort(

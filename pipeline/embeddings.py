@@ -285,13 +285,6 @@ class LoadedEmbeddings:
         """The datasets read, in file order."""
         return list(self.matrices)
 
-    # The older names of datasets / dataset_attrs, kept while pipeline.dataset reads them.
-    modalities = datasets
-
-    @property
-    def modality_attrs(self) -> dict[str, dict[str, Any]]:
-        return self.dataset_attrs
-
     def matrix(self, dataset: str) -> np.ndarray:
         """float32 ``[N, dim]`` of one dataset, rows in :attr:`case_ids` order."""
         if dataset not in self.matrices:
@@ -323,7 +316,6 @@ def read_embeddings(
     cache: PreprocessedCache | str | os.PathLike | None = None,
     case_ids: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
-    modalities: Sequence[str] | None = None,
 ) -> LoadedEmbeddings:
     """Read an embedding file, checking it against the preprocessed cache when given.
 
@@ -336,7 +328,6 @@ def read_embeddings(
             default: every case in file order.
         datasets: subset of the file's datasets (encoders ``"ct"``, ``"pet"``, or an imported
             feature table's name); default: all in the file.
-        modalities: the older name of ``datasets`` (pipeline.dataset still passes it).
 
     Returns:
         :class:`LoadedEmbeddings`. Files made with random-init encoders warn
@@ -353,8 +344,6 @@ def read_embeddings(
         if path.exists():
             raise FileNotFoundError(f"{path}: not an embedding file (a folder)")
         raise FileNotFoundError(missing_path_message(path, "embedding file", "*.h5"))
-    if datasets is None:
-        datasets = modalities
     attrs, file_ids, file_fps, names, mats, dattrs = _read_embedding_file(path, datasets)
     wanted, rows = _select_rows(path, attrs, file_ids, case_ids)
 

@@ -252,7 +252,7 @@ class FoldData:
     inner: np.ndarray
     outer: np.ndarray
     clinical: torch.Tensor  # [N, n_clinical] for all cohort rows
-    fm: dict[str, torch.Tensor]  # modality -> [N, dim]
+    fm: dict[str, torch.Tensor]  # embedding dataset (encoder) -> [N, dim]
     clinical_transform: ClinicalTransform
     fm_stats: dict[str, dict[str, list[float]]]
 

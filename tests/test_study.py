@@ -369,6 +369,31 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     assert "4 cells: 1 done, 3 pending; 3 peer runs: 0 done" in res.output
 
 
+def test_cli_gives_each_encoders_weights_to_the_inputs_and_the_training_options_to_the_spec(tmp_path, monkeypatch):
+    """run-study's --<encoder>-weights come from the encoder registry, as extract-embeddings'
+    do; they reach the embedding extraction, and the training options reach the spec."""
+    import pipeline.cli.study as cli
+    from pipeline.embedding_sets import ENCODERS, full_set
+
+    help_text = " ".join(CliRunner().invoke(cli.run_study, ["--help"]).output.split())
+    for entry in ENCODERS.values():
+        assert entry.weights_option in help_text and f"${entry.weights_env}" in help_text
+    assert f"embeddings/{full_set()}.h5" in help_text
+    seen = {}
+
+    def stop(spec, **kwargs):
+        seen.update(kwargs, spec=spec)
+        raise ValueError("inputs stop here")
+
+    monkeypatch.setattr(cli, "prepare_inputs", stop)
+    res = CliRunner().invoke(cli.run_study, ["--out", str(tmp_path / "s"), "--ct-weights", "ct.safetensors",
+                                             "--epochs", "3", "--configs", "baseline,ct-d64"])
+    assert res.exit_code == 1 and "inputs stop here" in res.output
+    assert {k: v for k, v in seen.items() if k.endswith("_weights")} == {
+        f"{e}_weights": ("ct.safetensors" if e == "ct" else None) for e in ENCODERS}
+    assert seen["spec"].train["epochs"] == 3 and seen["spec"].embeddings.endswith(f"embeddings/{full_set()}.h5")
+
+
 # The owner of a study: the local pool, two workers, every cell of the spec in the file given.
 STUDY_OWNER = """
 import json, sys

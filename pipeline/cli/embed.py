@@ -9,8 +9,8 @@ import warnings
 import click
 
 from pipeline.artefacts import ProvenanceError
-from pipeline.cli.options import encoder_weights_options
-from pipeline.embedding_sets import Encoder, set_help, set_names, weights_by_encoder
+from pipeline.cli.options import encoder_weights_options, weights_lookup_help
+from pipeline.embedding_sets import set_help, set_names, weights_by_encoder
 from pipeline.embeddings import RandomInitWarning
 from pipeline.extraction import ExtractionLockedError, run_extraction
 
@@ -29,12 +29,6 @@ def _parse_encoder_config(ctx: click.Context, param: click.Parameter, value: str
     return cfg
 
 
-def _weights_help(entry: Encoder) -> str:
-    return (f"{entry.label} {entry.hub_filename} (Hugging Face {entry.hub_repo}). Else ${entry.weights_env}, else "
-            f"{entry.default_weights}, else the Hub's cache, else downloaded from the Hub (sha256 checked) "
-            "where the network allows.")
-
-
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="\b\nExamples:\n"
@@ -50,7 +44,7 @@ def _weights_help(entry: Encoder) -> str:
               help="Complete preprocessed cache written by `preprocess` (or `run-study --demo`).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Output HDF5 file [default: embeddings/<set>.h5].")
-@encoder_weights_options(_weights_help)
+@encoder_weights_options(weights_lookup_help)
 @click.option("--random-init", is_flag=True,
               help="Demo only: randomly initialised encoders instead of weights. Recorded in the "
                    "file (weights_sha256 = random-init) and warned about on every read.")

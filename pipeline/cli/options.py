@@ -65,6 +65,14 @@ def train_scalars(values: dict[str, Any]) -> dict[str, Any]:
     return {name: TRAIN_SCALARS[name][0](value) for name, value in values.items() if value is not None}
 
 
+def weights_lookup_help(entry: Encoder) -> str:
+    """Help of an encoder's ``--<encoder>-weights`` where the weights are looked for when it is
+    not given (``extract-embeddings``, ``run-study``)."""
+    return (f"{entry.label} {entry.hub_filename} (Hugging Face {entry.hub_repo}). Else ${entry.weights_env}, else "
+            f"{entry.default_weights}, else the Hub's cache, else downloaded from the Hub (sha256 checked) "
+            "where the network allows.")
+
+
 def encoder_weights_options(help_text: Callable[[Encoder], str], *, must_exist: bool = False) -> Callable[[Any], Any]:
     """Decorator adding ``--<encoder>-weights PATH`` for each registered encoder, in registry
     order (``--ct-weights``, ``--pet-weights``); the command receives them as

@@ -12,8 +12,9 @@ from typing import Any
 import click
 
 from pipeline.artefacts import ProvenanceError, read_json
-from pipeline.cli.options import train_scalar_options, train_scalars
+from pipeline.cli.options import encoder_weights_options, train_scalar_options, train_scalars, weights_lookup_help
 from pipeline.demo import demo_study_options, prepare_inputs
+from pipeline.embedding_sets import full_set
 from pipeline.pool import format_progress
 from pipeline.study_spec import StudySpec, cell_status, configurations, format_status, load_study, peer_status
 
@@ -22,6 +23,11 @@ STUDY_TRAIN_SCALARS = ("epochs", "steps_per_epoch", "batch_size", "eval_batch_si
                        "train_c_every", "lr", "ema_decay",
                        "patience", "inner_val_fraction", "seed", "split_seed", "threads", "precision",
                        "step_mode")
+
+
+def _default_embeddings() -> str:
+    """The embeddings of the set reading every encoder, where ``extract-embeddings`` writes them."""
+    return f"embeddings/{full_set()}.h5"
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -33,19 +39,16 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--demo", is_flag=True,
               help="Reduced end-to-end study on the synthetic demo cohort (regenerated from the committed "
                    "data_manifest.csv when absent), random-init encoders unless weights are given; CNN on "
-                   "repeat 0, peers and heads on 3 repeats + LOCO; a few minutes on 2 CPU cores (measured: README, Benchmarks).")
+                   "repeat 0, peers and heads on 3 repeats + LOCO; a few minutes on 2 CPU cores (measured: "
+                   "docs/benchmarks.md).")
 @click.option("--manifest", default="data_manifest.csv", type=click.Path(dir_okay=False),
               help="Case manifest (`build-manifest`); with --demo, the committed demo manifest.")
 @click.option("--cache", "cache_root", default=None, type=click.Path(file_okay=False),
               help="Preprocessed cache; made (or completed) when needed [default: cache/preprocessed, the demo's too].")
 @click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
-              help="ctpet embeddings HDF5; extracted when needed [default: embeddings/ctpet.h5, the demo's too].")
-@click.option("--ct-weights", default=None, type=click.Path(dir_okay=False),
-              help="CT-FM model.safetensors (also $HNFM_CT_FM_WEIGHTS, ~/.cache/hnfm/ct_fm/, the Hub's cache, "
-                   "then a download from the Hugging Face Hub).")
-@click.option("--pet-weights", default=None, type=click.Path(dir_okay=False),
-              help="PET-FM seganypet_v1.pth (also $HNFM_PET_FM_WEIGHTS, ~/.cache/hnfm/pet_fm/, the Hub's cache, "
-                   "then a download from the Hugging Face Hub).")
+              help=f"Embeddings HDF5 of the set reading every encoder ({full_set()}); extracted when needed "
+                   f"[default: {_default_embeddings()}, the demo's too].")
+@encoder_weights_options(weights_lookup_help)
 @click.option("--random-init", is_flag=True,
               help="Randomly initialised encoders instead of weights (implied by --demo without weights). "
                    "Stated loudly in the output and the report.")
@@ -103,11 +106,11 @@ def _csv(value: str | None) -> list[str] | None:
               help="Processes for cohort generation and preprocessing.")
 @click.option("--dry-run", is_flag=True, help="List the cells and which are done; run nothing.")
 @click.option("--report-only", is_flag=True, help="Rebuild the report from the finished cells; train nothing.")
-def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, random_init, study_dir,
+def run_study(demo, manifest, cache_root, embeddings, random_init, study_dir,
               report_dir, configs, n_folds, folds_seed, repeats, loco, cnn_splits, seeds, seed_configs,
               peer_families, executor,
               workers, cells_per_gpu, cluster, partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism, no_wait,
-              train_config_file, model_config, device, prep_workers, dry_run, report_only, **overrides):
+              train_config_file, model_config, device, prep_workers, dry_run, report_only, **options):
     """Run the projection ablation (baseline + {CT, PET, CT+PET} x d in {64, 128, 256, orig},
     5 folds = 65 cells) with classical peers on the same folds, and write the report (Table 1,
     Figures 2-7, both selection protocols, repeated-CV intervals, paired comparisons, LOCO,
@@ -125,6 +128,8 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
       run-study --out runs/study --report-only           # needs a study folder: report from what is finished
     """
     t_start = time.perf_counter()
+    overrides = {k: v for k, v in options.items() if k in STUDY_TRAIN_SCALARS}
+    weights = {k: v for k, v in options.items() if k not in STUDY_TRAIN_SCALARS}  # --<encoder>-weights
     preset = demo_study_options() if demo else {}
     extra = {
         "repeats": repeats or preset.get("repeats", 1),
@@ -157,8 +162,8 @@ def run_study(demo, manifest, cache_root, embeddings, ct_weights, pet_weights, r
             workers = 2 if demo else 1
         spec = _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_folds, folds_seed,
                            train_config_file, model_config, device, overrides, extra)
-        info = prepare_inputs(spec, demo=demo, ct_weights=ct_weights, pet_weights=pet_weights,
-                              random_init=random_init, workers=prep_workers, say=_say, device=device or "auto")
+        info = prepare_inputs(spec, demo=demo, random_init=random_init, workers=prep_workers, say=_say,
+                              device=device or "auto", **weights)
         outcome = _run_grid(spec, info, executor, (workers, cells_per_gpu), cluster, no_wait,
                             SlurmOptions(partition=partition, time_min=time_min, gpus_per_node=gpus_per_node,
                                          mem_gb=mem_gb, cpus_per_task=cpus, array_parallelism=array_parallelism))
@@ -193,7 +198,7 @@ def _build_spec(demo, manifest, cache_root, embeddings, study_dir, configs, n_fo
     names = tuple(_csv(configs) or [c.name for c in configurations()])
     # The demo writes where the stage commands look by default, so they run on its outputs as typed.
     cache_root = cache_root or "cache/preprocessed"
-    embeddings = embeddings or "embeddings/ctpet.h5"
+    embeddings = embeddings or _default_embeddings()
     needs_fm = any(n != "baseline" for n in names)
     return StudySpec.create(manifest, cache_root, embeddings if needs_fm else None, study_dir,
                             n_folds=n_folds, folds_seed=folds_seed, train=train, configs=names, **extra)
