@@ -17,6 +17,7 @@ os.environ.pop("HF_HUB_CACHE", None)
 
 import pipeline  # noqa: E402, F401  (first: sets OpenMP's passive wait before torch loads it)
 import torch  # noqa: E402
+from helpers import expensive, is_expensive  # noqa: E402
 
 # Two cores here and in CI: keep intra-op threads bounded so parallel helpers don't thrash.
 torch.set_num_threads(2)
@@ -41,6 +42,7 @@ def sts_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+@expensive
 def tiny_study(tmp_path_factory):
     """A small synthetic cohort taken through the real reader and preprocessing, once.
 
@@ -66,21 +68,25 @@ def tiny_study(tmp_path_factory):
     return {"root": root, "manifest": manifest, "cache": cache}
 
 
-#: Fixtures that build a cohort and cache, train, or run a study or subprocesses: a test using one
-#: (directly or through another fixture) is end-to-end and gets the ``slow`` marker, so
-#: ``make test-fast`` (``-m "not slow"``) leaves it to the full suite.
-SLOW_FIXTURES = frozenset({
-    "tiny_study",       # conftest: 24 cases generated and preprocessed
-    "finished_study",   # test_report: real tiny cells trained
-    "inputs",           # test_study: cohort, cache and embeddings of a tiny study
-    "beyond",           # test_study_beyond: a study run over several splits
-})
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(collector, name, obj):
+    """A test that uses an :func:`~helpers.expensive` fixture (directly or through another
+    fixture) must say ``slow`` itself (``@pytest.mark.slow``, or its module's or class's
+    ``pytestmark``), so ``make test-fast`` (``-m "not slow"``) never runs it: its module fails
+    to collect, naming the test and the fixture, in every run (with or without ``-m``, under
+    pytest-xdist too)."""
+    made = yield
+    for item in made if isinstance(made, list) else [made]:
+        info = getattr(item, "_fixtureinfo", None)  # test functions only
+        if info is None or item.get_closest_marker("slow") is not None:
+            continue
+        names = sorted(name for name, chain in info.name2fixturedefs.items()
+                       if any(is_expensive(d.func) for d in chain))
+        if names:
+            raise collector.CollectError(
+                f"{item.nodeid} uses the expensive fixture {', '.join(names)} without the `slow` "
+                f"marker: add @pytest.mark.slow (or the module's pytestmark = pytest.mark.slow)")
+    return made
 
 
 # --- real parts: a Slurm cluster, a browser, the Hub's client --------------------------------

@@ -19,6 +19,7 @@ import pytest
 from pipeline import extraction as ext
 from pipeline.artefacts import params_hash
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
+from helpers import expensive
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
     "ignore::pipeline.embeddings.RandomInitWarning")]
@@ -85,6 +86,7 @@ def read(path: Path) -> tuple[list[str], list[str], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
+@expensive
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     cache = make_cache(root / "cache")

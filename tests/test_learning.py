@@ -34,6 +34,7 @@ from pipeline.pool import Job, JobPool
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
 from pipeline.splits import get_folds
 from pipeline.train import TrainConfig, train_survival
+from helpers import expensive
 
 pytestmark = pytest.mark.slow
 N_CASES = 60
@@ -62,6 +63,7 @@ def make_cohort60(base, seed: int = COHORT_SEED) -> dict:
 
 
 @pytest.fixture(scope="module")
+@expensive
 def cohort60(tmp_path_factory):
     return make_cohort60(tmp_path_factory.mktemp("learning"))
 

@@ -14,6 +14,7 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
 from pipeline.predict import run_is_random_init
 from pipeline.cli.train import train_survival
+from helpers import expensive
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
@@ -25,6 +26,7 @@ N_FOLDS = 3
 
 
 @pytest.fixture(scope="module")
+@expensive
 def trained(tiny_study, tmp_path_factory):
     """A tiny 3-fold run with random-init CT+PET embeddings, and 4 new patients."""
     from pipeline.demo_cohort import generate_demo_cohort

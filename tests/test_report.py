@@ -25,6 +25,7 @@ from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.splits import leave_one_centre_out, make_folds, save_folds
 from pipeline.embedding_sets import embedding_set
 from test_study import make_spec, make_study_inputs
+from helpers import expensive
 
 
 def _records(values: dict[str, dict[str, list]], n_folds: int = 3) -> pd.DataFrame:
@@ -110,6 +111,7 @@ def test_fold_intervals_of_bounded_metrics_stay_in_0_1_and_say_so():
 
 
 @pytest.fixture(scope="module")
+@expensive
 def finished_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     inputs = make_study_inputs(root / "inputs")
@@ -122,6 +124,7 @@ def finished_study(tmp_path_factory):
     return spec
 
 
+@pytest.mark.slow
 def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_study, tmp_path):
     spec = finished_study
     md_path = write_report(spec.study_dir, tmp_path / "rep")
@@ -175,6 +178,7 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
         == {"pending"}
 
 
+@pytest.mark.slow
 def test_report_cli_report_only(finished_study, tmp_path):
     from click.testing import CliRunner
 
@@ -652,6 +656,7 @@ def _reddish_pixels(png: Path, rows: slice) -> int:
     return int(((img[..., 0] - img[..., 1] > 0.08) & (img[..., 0] - img[..., 2] > 0.08)).sum())
 
 
+@pytest.mark.slow
 def test_runs_environments_are_gathered_and_named(finished_study, tmp_path):
     import torch
 
@@ -809,6 +814,7 @@ def test_seeds_report_mean_and_sd_over_seeds_and_a_delta_ci_with_the_seed_varian
 # --- the demo's check against its reference -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_check_says_identical_names_differing_cells_and_refuses_to_compare_other_settings(
         finished_study, tmp_path):
     from pipeline import demo_check

@@ -20,6 +20,7 @@ from pipeline.layout import RunLayout
 from pipeline.numerics import NUMERICS_ENV, PORTABLE_PINS
 from pipeline.runtime import ENVIRONMENT_KEYS
 from test_study import TINY_TRAIN, make_spec, make_study_inputs
+from helpers import expensive
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -56,6 +57,7 @@ def _outputs(run_dir: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
+@expensive
 def routes(tmp_path_factory):
     root = tmp_path_factory.mktemp("repro")
     inputs = make_study_inputs(root / "inputs")
@@ -96,6 +98,7 @@ KERNEL_SHELLS = {"none": {}, "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
 
 
 @pytest.fixture(scope="module")
+@expensive
 def kernel_shells(tmp_path_factory):
     """One fold of the demo's network trained once per shell of :data:`KERNEL_SHELLS`, each in
     its own process (a library reads these variables once, when it loads)."""

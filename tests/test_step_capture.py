@@ -27,6 +27,7 @@ def _train_two_epochs(tiny_study, tmp_path, step_mode: str, device: str = "cpu")
     return state, losses, weights
 
 
+@pytest.mark.slow
 def test_the_static_buffer_step_is_the_eager_step_bit_for_bit_on_cpu(tiny_study, tmp_path):
     eager, eager_losses, eager_weights = _train_two_epochs(tiny_study, tmp_path, "eager")
     graph, graph_losses, graph_weights = _train_two_epochs(tiny_study, tmp_path, "graph")
@@ -70,6 +71,7 @@ def test_set_lr_fills_a_tensor_rate_in_place_and_replaces_a_float():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.cuda
+@pytest.mark.slow
 def test_the_captured_step_replays_a_graph_repeats_exactly_and_tracks_the_eager_step(tiny_study, tmp_path):
     graph, graph_losses, graph_weights = _train_two_epochs(tiny_study, tmp_path, "graph", "cuda")
     assert graph.captured is not None and graph.captured.captured, "the step was not captured"

@@ -16,6 +16,7 @@ from pipeline.artefacts import ProvenanceError, read_json
 from pipeline.cache import GridGeometry, write_case, write_cohort_record
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.preprocess import PreprocessParams
+from helpers import expensive
 
 N_CASES = 20
 SURV_DHW = (16, 16, 16)
@@ -98,6 +99,7 @@ def make_spec(inputs: dict[str, Path], study_dir: Path, configs=None, **kw) -> s
 
 
 @pytest.fixture(scope="module")
+@expensive
 def inputs(tmp_path_factory):
     return make_study_inputs(tmp_path_factory.mktemp("study_inputs"))
 
@@ -169,6 +171,7 @@ def test_seeds_add_cells_in_their_own_folders_and_leave_the_hash_and_seed_0_alon
 # --- preparation, dry run, resume ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_shares_one_folds_file_and_dry_run_lists_pending(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s")
     rec = study.prepare_study(spec, info={"settings": "test"})
@@ -192,6 +195,7 @@ def test_prepare_shares_one_folds_file_and_dry_run_lists_pending(inputs, tmp_pat
         study.prepare_study(other)
 
 
+@pytest.mark.slow
 def test_run_cell_trains_writes_marker_and_resume_skips(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ctpet-d64"))
     study.prepare_study(spec)
@@ -218,6 +222,7 @@ def test_run_cell_trains_writes_marker_and_resume_skips(inputs, tmp_path):
     assert int(status["done"].sum()) == 1
 
 
+@pytest.mark.slow
 def test_local_pool_runs_only_pending_cells(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2)
     study.prepare_study(spec)
@@ -240,6 +245,7 @@ def test_local_pool_runs_only_pending_cells(inputs, tmp_path):
     assert env["threads"] == 1 and env["device"] == "cpu" and env["deterministic"] is True
 
 
+@pytest.mark.slow
 def test_local_pool_reports_a_failing_cell_and_continues(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2)
     study.prepare_study(spec)
@@ -271,6 +277,7 @@ def _noisy_job(i: int) -> dict:
     return {"i": i}
 
 
+@pytest.mark.slow
 def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, tmp_path, capfd, caplog):
     import os
 
@@ -311,6 +318,7 @@ def test_gpu_slots_are_round_robin(monkeypatch):
     assert study.visible_gpus() == []
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
     study.prepare_study(spec)
@@ -324,6 +332,7 @@ def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_p
     assert study_spec.cell_status(spec).set_index("cell")["done"].sum() == 1
 
 
+@pytest.mark.slow
 def test_submitit_local_cluster_refuses_gpu_cells(inputs, tmp_path, monkeypatch):
     """Its local cluster would start every GPU cell at once on GPU 0: refused before submitting."""
     spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
@@ -344,6 +353,7 @@ def test_slurm_options_map_to_submitit_parameters():
     assert study.SlurmOptions().parameters("local") == {"timeout_min": 120, "gpus_per_node": 1}
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_help(inputs, tmp_path):
     from pipeline.cli.study import run_study
 
@@ -443,6 +453,7 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal of cuda on a CPU host")
+@pytest.mark.slow
 def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, monkeypatch):
     """`run-study --device` sets the encoders' device (and so their precision), not only training's."""
     import pipeline.demo as demo
@@ -455,6 +466,7 @@ def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, mon
     assert not (tmp_path / "ctpet.h5").exists()
 
 
+@pytest.mark.slow
 def test_the_inner_split_follows_split_seed_not_the_training_seed(inputs):
     from pipeline.dataset import load_cohort
     from pipeline.train import TrainConfig, prepare_fold
@@ -468,6 +480,7 @@ def test_the_inner_split_follows_split_seed_not_the_training_seed(inputs):
     assert inner[(43, None)] != inner[(42, None)]  # split_seed follows seed when not set (older runs)
 
 
+@pytest.mark.slow
 def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_identical(inputs, tmp_path):
     from pipeline.cli.study import run_study
 

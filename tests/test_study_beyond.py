@@ -24,6 +24,7 @@ from pipeline.stats import (
     risk_groups,
 )
 from test_study import TINY_TRAIN, make_study_inputs
+from helpers import expensive
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
@@ -32,6 +33,7 @@ CONFIGS = ("baseline", "ct-d64")
 
 
 @pytest.fixture(scope="module")
+@expensive
 def beyond(tmp_path_factory):
     """2 configurations x (2 repeats x 2 folds + 4 LOCO centres) = 16 real cells, every peer, the report."""
     root = tmp_path_factory.mktemp("beyond")

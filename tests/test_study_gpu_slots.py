@@ -14,6 +14,7 @@ from pipeline import study, study_spec
 from pipeline.artefacts import read_json
 from pipeline.pool import Job
 from test_study import make_spec, make_study_inputs
+from helpers import expensive
 
 
 def test_cells_per_gpu_is_the_request_else_four_capped_by_the_fullest_gpu():
@@ -57,10 +58,12 @@ def test_each_fake_gpu_gets_its_group_of_workers_and_no_more(tmp_path):
 
 
 @pytest.fixture(scope="module")
+@expensive
 def inputs(tmp_path_factory):
     return make_study_inputs(tmp_path_factory.mktemp("slot_inputs"))
 
 
+@pytest.mark.slow
 def test_cells_side_by_side_on_one_fake_gpu_give_the_numbers_of_one_at_a_time(inputs, tmp_path):
     cells = [study_spec.Cell(study_spec.Configuration(), k) for k in range(2)]
     alone = make_spec(inputs, tmp_path / "alone", configs=("baseline",), n_folds=2)

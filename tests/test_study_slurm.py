@@ -20,6 +20,9 @@ import pytest
 from test_study import make_spec, make_study_inputs
 
 from pipeline import study, study_spec
+from helpers import expensive
+
+pytestmark = pytest.mark.slow  # runs studies on the Slurm test cluster
 
 REPO = Path(__file__).resolve().parent.parent
 #: Cells long enough (a few seconds) that a cancel, a requeue or a second study lands mid-run.
@@ -29,6 +32,7 @@ OPTIONS = study.SlurmOptions(time_min=10, gpus_per_node=0, mem_gb=2, cpus_per_ta
 
 
 @pytest.fixture(scope="module")
+@expensive
 def inputs(tmp_path_factory):
     return make_study_inputs(tmp_path_factory.mktemp("slurm_inputs"))
 
@@ -44,6 +48,7 @@ def long_spec(inputs, folder: Path, n_folds: int = 2, train: dict | None = None)
 
 
 @pytest.fixture(scope="module")
+@expensive
 def reference(inputs, tmp_path_factory):
     """The local pool's out-of-fold risks of the long baseline spec, per cell."""
     spec = long_spec(inputs, tmp_path_factory.mktemp("reference") / "s")

@@ -14,6 +14,9 @@ from sksurv.metrics import concordance_index_censored
 
 from pipeline.cli.train import train_survival
 from pipeline.layout import CURVES_COLUMNS, OOF_COLUMNS, TRAIN_RISK_COLUMNS
+from helpers import expensive
+
+pytestmark = pytest.mark.slow  # trains networks end to end
 
 TINY = ["--n-folds", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "4",
         "--ema-decay", "0.5", "--model-config", '{"preset": "tiny"}', "--quiet"]
@@ -28,6 +31,7 @@ def _run(args):
 
 
 @pytest.fixture(scope="module")
+@expensive
 def baseline_run(tiny_study, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),

@@ -9,11 +9,13 @@ from click.testing import CliRunner
 
 from pipeline.cli.train import default_run_name, resolve_preset, train_survival
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, DEMO_TRAIN
+from helpers import expensive
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
 
 @pytest.fixture(scope="module")
+@expensive
 def demo_size_cache(tiny_study, tmp_path_factory):
     """The tiny cohort preprocessed with the demo's survival size (pipeline.demo)."""
     from pipeline.preprocess import PreprocessParams, preprocess_cohort

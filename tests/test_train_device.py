@@ -59,6 +59,7 @@ def fold_state(tiny_study, tmp_path_factory):
     return cohort, folds
 
 
+@pytest.mark.slow
 def test_a_step_reads_nothing_back_from_the_device(fold_state, monkeypatch):
     """Steps and the EMA update return device tensors and never read device values on the host
     (the sampler's indices and the augmentation's generator live on the host by design). The
@@ -84,6 +85,7 @@ def test_a_step_reads_nothing_back_from_the_device(fold_state, monkeypatch):
     assert state.ema.n_averaged.item() == len(batches)
 
 
+@pytest.mark.slow
 def test_a_host_read_in_the_step_is_caught(fold_state):
     """The counter above is not blind: torch's own AveragedModel update reads its counter."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -96,6 +98,7 @@ def test_a_host_read_in_the_step_is_caught(fold_state):
     assert counts["__bool__"] >= 1
 
 
+@pytest.mark.slow
 def test_device_ema_equals_torchs_averaged_model(fold_state):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -113,6 +116,7 @@ def test_device_ema_equals_torchs_averaged_model(fold_state):
     assert int(ref.n_averaged) == int(state.ema.n_averaged) == 3
 
 
+@pytest.mark.slow
 def test_augmentation_receives_the_training_devices_tensors(fold_state, monkeypatch):
     cohort, folds = fold_state
     cfg = _config()
@@ -136,6 +140,7 @@ def test_augmentation_receives_the_training_devices_tensors(fold_state, monkeypa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast is refused on CPU)")
 @pytest.mark.cuda
+@pytest.mark.slow
 def test_bf16_autocast_curves_track_fp32(fold_state):
     """Same fold, same draws: bf16 autocast's epoch losses stay within a few percent of fp32's."""
     cohort, folds = fold_state
@@ -150,6 +155,7 @@ def test_bf16_autocast_curves_track_fp32(fold_state):
     np.testing.assert_allclose(bf16, fp32, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_is_refused_on_cpu_before_any_fold(fold_state, tmp_path):
     """On CPU bf16 autocast gave NaN losses in some runs of this test's old CPU form (the same
     fold and draws each time): refused, naming the fix."""
@@ -162,6 +168,7 @@ def test_bf16_autocast_is_refused_on_cpu_before_any_fold(fold_state, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_training_loss_stops_the_fold_naming_it(fold_state, tmp_path):
     cohort, folds = fold_state
     cfg = _config(lr=1e30)
