@@ -109,7 +109,7 @@ def test_a_new_set_is_one_entry(pet_again, tmp_path):
     from pipeline.embeddings import RandomInitWarning, read_embeddings
     from pipeline.extraction import run_extraction
     from pipeline.report import write_report
-    from test_study import TINY_ENCODERS, make_spec, make_study_inputs
+    from helpers import TINY_ENCODERS, make_spec, make_study_inputs
 
     inputs = make_study_inputs(tmp_path / "inputs", n_cases=16)
     out = tmp_path / "new" / "petagain.h5"

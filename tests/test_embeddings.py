@@ -21,48 +21,14 @@ from pipeline import embeddings as emb
 from pipeline import extraction as ext
 from pipeline.embedding_sets import ENCODERS
 from pipeline.artefacts import ProvenanceError, sha256_file
-from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
+from pipeline.cache import PreprocessedCache, write_cohort_record
 from pipeline.cli.embed import extract_embeddings as cli
-
-CT_SHAPE = (8, 32, 32)  # [D, H, W]
-PET_SHAPE = (32, 32, 32)
-TINY = {
-    "ct": {"init_filters": 4},
-    "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-            "window_size": 6, "global_attn_indexes": [1]},
-}
-CASES = ["CHUM-001", "CHUP-002", "MDA-003", "HGJ-004", "CHUV-005"]
-
-
-def make_cache(root: Path, case_ids=CASES, *, params=None, seed=0, bump=()) -> PreprocessedCache:
-    """Tiny cache: random FM inputs in [0, 1]; cases in ``bump`` get other source hashes."""
-    params = params or {"spacing": 1.0, "variant": "a"}
-    from pipeline.artefacts import params_hash
-
-    ph = params_hash(params)
-    rng = np.random.default_rng(seed)
-    geom = GridGeometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 8))
-    for i, cid in enumerate(case_ids):
-        src = {"ct": f"ct{i}", "pet": f"pet{i}", "label": f"lab{i}"}
-        if cid in bump:
-            src["ct"] += "-changed"
-        write_case(
-            root, cid,
-            {"ctfm/ct": rng.random(CT_SHAPE, dtype=np.float32),
-             "petfm/pet": rng.random(PET_SHAPE, dtype=np.float32)},
-            {"ctfm": geom, "petfm": geom},
-            {"params_hash": ph, "source_sha256": src},
-        )
-    write_cohort_record(root, {
-        "params": params, "params_hash": ph, "crop_size_vox_xyz": [64, 64, 32],
-        "case_ids": list(case_ids),
-    })
-    return PreprocessedCache(root)
+from helpers import CACHE_CASES, CACHE_CT_SHAPE, TINY_ENCODERS, make_cache
 
 
 def run(cache, set_name, out, **kw):
     kw.setdefault("random_init", True)
-    kw.setdefault("encoder_kwargs", TINY)
+    kw.setdefault("encoder_kwargs", TINY_ENCODERS)
     kw.setdefault("device", "cpu")
     kw.setdefault("progress", False)
     with warnings.catch_warnings():
@@ -101,7 +67,7 @@ def cache(tmp_path):
 def test_schema_and_alignment_readable_with_plain_h5py_and_pandas(cache, tmp_path):
     out = tmp_path / "emb" / "ct.h5"
     res = run(cache, "ct", out, batch_size=2)
-    assert res.path == out and res.per_encoder["ct"].computed == len(CASES)
+    assert res.path == out and res.per_encoder["ct"].computed == len(CACHE_CASES)
 
     with h5py.File(out, "r") as h5:
         ids = list(h5["case_ids"].asstr()[()])
@@ -112,7 +78,7 @@ def test_schema_and_alignment_readable_with_plain_h5py_and_pandas(cache, tmp_pat
         assert "pet" not in h5
     assert ids == cache.case_ids
     assert fps == [cache.case_fingerprint(c) for c in ids]
-    assert ct.dtype == np.float32 and ct.shape == (len(CASES), 64)  # 16 * init_filters
+    assert ct.dtype == np.float32 and ct.shape == (len(CACHE_CASES), 64)  # 16 * init_filters
     assert fa["schema_version"] == emb.SCHEMA_VERSION and fa["modality"] == "ct"
     assert fa["params_hash"] == cache.params_hash
     assert list(fa["crop_size_vox_xyz"]) == [64, 64, 32]
@@ -122,13 +88,13 @@ def test_schema_and_alignment_readable_with_plain_h5py_and_pandas(cache, tmp_pat
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert a["weights_sha256"] == "random-init" and a["random_init_seed"] == 0
     assert a["pooling"] == "gap_last_feature_map" and a["input_key"] == "ctfm/ct"
-    assert list(a["input_shape"]) == list(CT_SHAPE) and a["embedding_dim"] == 64
-    assert a["precision"] == "fp32" and json.loads(a["encoder_config"]) == TINY["ct"]
+    assert list(a["input_shape"]) == list(CACHE_CT_SHAPE) and a["embedding_dim"] == 64
+    assert a["precision"] == "fp32" and json.loads(a["encoder_config"]) == TINY_ENCODERS["ct"]
 
     # Each row is the encoder's output on that very case (rows follow case_ids).
     from models.checkpoints import random_ct_fm
 
-    model = random_ct_fm(0, **TINY["ct"]).eval()
+    model = random_ct_fm(0, **TINY_ENCODERS["ct"]).eval()
     for i, cid in enumerate(ids):
         x = torch.from_numpy(cache.read(cid, ("ctfm/ct",))["ctfm/ct"])[None, None]
         with torch.inference_mode():
@@ -157,7 +123,7 @@ def test_ctpet_reuses_shards_and_no_encoder_runs_twice(cache, tmp_path):
     with ForwardCounter() as fc:
         res = run(cache, "ctpet", out_dir / "ctpet.h5", batch_size=2)
     assert fc.counts == {"ct": 0, "pet": 6}
-    assert res.per_encoder["ct"].reused == len(CASES) and res.per_encoder["pet"].computed == len(CASES)
+    assert res.per_encoder["ct"].reused == len(CACHE_CASES) and res.per_encoder["pet"].computed == len(CACHE_CASES)
     with ForwardCounter() as fc:
         res = run(cache, "pet", out_dir / "pet.h5")
     assert fc.counts == {"ct": 0, "pet": 0} and res.computed == 0
@@ -166,12 +132,12 @@ def test_ctpet_reuses_shards_and_no_encoder_runs_twice(cache, tmp_path):
             h5py.File(out_dir / "pet.h5") as c:
         np.testing.assert_array_equal(a["ct"][()], b["ct"][()])
         np.testing.assert_array_equal(c["pet"][()], b["pet"][()])
-        assert b["pet"].shape == (len(CASES), 64)
+        assert b["pet"].shape == (len(CACHE_CASES), 64)
         assert b["pet"].attrs["pooling"] == "mean_tokens_pre_neck"
         assert list(b["case_ids"].asstr()[()]) == cache.case_ids
     with pytest.warns(emb.RandomInitWarning):
         df = emb.load_embeddings(out_dir / "ctpet.h5", datasets=["pet", "ct"])
-    assert df.shape == (len(CASES), 128)
+    assert df.shape == (len(CACHE_CASES), 128)
     assert df.columns[0] == "pet_000" and df.columns[-1] == "ct_063"
 
 
@@ -188,7 +154,7 @@ def test_rerun_on_complete_file_does_nothing(cache, tmp_path):
 
     r = CliRunner().invoke(cli, [
         "--modality", "ct", "--cache", str(cache.root), "--out", str(out), "--random-init",
-        "--device", "cpu", "--no-progress", "--encoder-config", json.dumps(TINY),
+        "--device", "cpu", "--no-progress", "--encoder-config", json.dumps(TINY_ENCODERS),
     ])
     assert r.exit_code == 0, r.output
     assert "up to date" in r.output and "nothing computed" in r.output
@@ -196,16 +162,16 @@ def test_rerun_on_complete_file_does_nothing(cache, tmp_path):
 
 def test_added_case_computes_only_that_case(tmp_path):
     out = tmp_path / "emb" / "ct.h5"
-    run(make_cache(tmp_path / "c1", CASES[:3]), "ct", out)
+    run(make_cache(tmp_path / "c1", CACHE_CASES[:3]), "ct", out)
     with h5py.File(out) as h5:
         old = h5["ct"][()]
-    bigger = make_cache(tmp_path / "c1", CASES)  # same seed: first three cases identical
+    bigger = make_cache(tmp_path / "c1", CACHE_CASES)  # same seed: first three cases identical
     with ForwardCounter() as fc:
         res = run(bigger, "ct", out)
     assert res.per_encoder["ct"].reused == 3 and res.per_encoder["ct"].computed == 2
     assert fc.counts["ct"] == 2  # one batch [3, 4]; cases 0-2 never rerun
     with h5py.File(out) as h5:
-        assert list(h5["case_ids"].asstr()[()]) == CASES
+        assert list(h5["case_ids"].asstr()[()]) == CACHE_CASES
         np.testing.assert_array_equal(h5["ct"][:3], old)
 
 
@@ -228,7 +194,7 @@ def test_other_provenance_is_refused_not_mixed(cache, tmp_path):
     assert out.read_bytes() == original
 
     res = run(other, "ct", out, seed=1, overwrite=True)
-    assert res.per_encoder["ct"].computed == len(CASES)
+    assert res.per_encoder["ct"].computed == len(CACHE_CASES)
     with h5py.File(out) as h5:
         assert h5.attrs["params_hash"] == other.params_hash
         assert h5["ct"].attrs["random_init_seed"] == 1
@@ -268,7 +234,7 @@ def test_thread_count_is_provenance_under_native_numerics(cache, tmp_path, monke
         run(cache, "ct", out, threads=2)
     assert "--overwrite" in str(err.value) and out.read_bytes() == original
     res = run(cache, "ct", out, threads=2, overwrite=True)
-    assert res.per_encoder["ct"].computed == len(CASES)  # nothing reused from the 1-thread store
+    assert res.per_encoder["ct"].computed == len(CACHE_CASES)  # nothing reused from the 1-thread store
     with h5py.File(out) as h5:
         assert json.loads(h5["ct"].attrs["compute"]) == {"device": "cpu", "numerics": "native", "threads": 2}
     default = ext.compute_record(torch.device("cpu"), None)
@@ -333,7 +299,7 @@ def test_random_init_warns_on_every_read(cache, tmp_path, capsys):
         with pytest.warns(emb.RandomInitWarning, match="randomly initialised"):
             s = emb.read_embeddings(out)
         assert "WARNING" in capsys.readouterr().err
-    assert s.matrix("ct").shape == (len(CASES), 64)
+    assert s.matrix("ct").shape == (len(CACHE_CASES), 64)
 
 
 def test_missing_weights_error_says_where_to_get_them(cache, tmp_path, monkeypatch):
@@ -361,7 +327,7 @@ def test_checkpoint_file_sha256_recorded_and_loaded(cache, tmp_path):
 
     from models.checkpoints import load_ct_fm, random_ct_fm
 
-    model = random_ct_fm(7, **TINY["ct"])
+    model = random_ct_fm(7, **TINY_ENCODERS["ct"])
     ckpt = tmp_path / "w" / "model.safetensors"
     ckpt.parent.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
@@ -369,16 +335,16 @@ def test_checkpoint_file_sha256_recorded_and_loaded(cache, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", emb.RandomInitWarning)  # must not warn
         res = ext.run_extraction(cache.root, "ct", out, weights={"ct": ckpt}, device="cpu",
-                                 encoder_kwargs={"ct": TINY["ct"]}, progress=False)
+                                 encoder_kwargs={"ct": TINY_ENCODERS["ct"]}, progress=False)
         s = emb.read_embeddings(out, cache=cache)
-    assert res.per_encoder["ct"].computed == len(CASES)
+    assert res.per_encoder["ct"].computed == len(CACHE_CASES)
     a = s.dataset_attrs["ct"]
     assert a["weights_sha256"] == sha256_file(ckpt) and a["random_init_seed"] == -1
     assert a["weights_path"] == str(ckpt.resolve()) and not s.attrs["random_init"]
     assert sha256_file(ckpt)[:12] in res.per_encoder["ct"].store.name
 
-    loaded, sha = load_ct_fm(ckpt, **TINY["ct"])
-    x = torch.from_numpy(cache.read(CASES[2], ("ctfm/ct",))["ctfm/ct"])[None, None]
+    loaded, sha = load_ct_fm(ckpt, **TINY_ENCODERS["ct"])
+    x = torch.from_numpy(cache.read(CACHE_CASES[2], ("ctfm/ct",))["ctfm/ct"])[None, None]
     with torch.inference_mode():
         ref = loaded.eval()(x).numpy()[0]
     np.testing.assert_allclose(s.matrix("ct")[2], ref, rtol=1e-4, atol=1e-5)
@@ -389,11 +355,11 @@ def test_cli_runs_and_prints_one_line_summary(cache, tmp_path):
     out = tmp_path / "emb" / "pet.h5"
     args = ["--modality", "pet", "--cache", str(cache.root), "--out", str(out), "--random-init",
             "--seed", "3", "--device", "cpu", "--batch-size", "3", "--no-progress",
-            "--encoder-config", json.dumps({"pet": TINY["pet"]})]
+            "--encoder-config", json.dumps({"pet": TINY_ENCODERS["pet"]})]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     last = r.stdout.strip().splitlines()[-1]
-    assert f"pet: {len(CASES)} computed, 0 reused" in last and str(out) in last and " s)" in last
+    assert f"pet: {len(CACHE_CASES)} computed, 0 reused" in last and str(out) in last and " s)" in last
     with h5py.File(out) as h5:
         assert h5["pet"].attrs["random_init_seed"] == 3
 
@@ -408,7 +374,7 @@ def test_cli_runs_and_prints_one_line_summary(cache, tmp_path):
 
 
 def test_bad_cached_input_names_case_and_file(tmp_path):
-    cache = make_cache(tmp_path / "cache", CASES[:2])
+    cache = make_cache(tmp_path / "cache", CACHE_CASES[:2])
     with h5py.File(cache.path("CHUP-002"), "r+") as h5:
         h5["ctfm/ct"][0, 0, 0] = 1500.0  # HU left unscaled
     with pytest.raises(ValueError) as err:
@@ -435,7 +401,7 @@ def test_foreign_file_at_output_is_refused_unless_overwrite(cache, tmp_path):
     assert out.read_text() == "someone's notes"
     run(cache, "ct", out, overwrite=True)
     with h5py.File(out) as h5:
-        assert h5["ct"].shape == (len(CASES), 64)
+        assert h5["ct"].shape == (len(CACHE_CASES), 64)
 
 
 def test_cuda_oom_halves_the_batch():
@@ -536,7 +502,7 @@ def test_cli_pet_takes_its_input_size_from_the_cache(cache, tmp_path):
     assert r.exit_code == 0, r.output
     with h5py.File(out) as h5:
         assert json.loads(h5["pet"].attrs["encoder_config"]) == {"img_size": 32, "window_size": 2}
-        assert h5["pet"].shape == (len(CASES), 768)
+        assert h5["pet"].shape == (len(CACHE_CASES), 768)
     r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x.h5"),
                                         "--encoder-config", json.dumps({"pet": {"img_size": 128}})])
     assert r.exit_code == 1
@@ -567,7 +533,7 @@ def _leftovers(root: Path) -> list[str]:
 
 
 def test_failed_runs_leave_no_lock_files_or_empty_stores(tmp_path):
-    cache = make_cache(tmp_path / "cache", CASES[:2])
+    cache = make_cache(tmp_path / "cache", CACHE_CASES[:2])
     with h5py.File(cache.path("CHUP-002"), "r+") as h5:
         h5["ctfm/ct"][0, 0, 0] = 1500.0  # fails after the stores are made, before any shard
     work = tmp_path / "work"
@@ -576,7 +542,7 @@ def test_failed_runs_leave_no_lock_files_or_empty_stores(tmp_path):
     assert not work.exists(), _leftovers(tmp_path)
 
     # Refused for other provenance: the existing file and its shards stay, nothing else.
-    good = make_cache(tmp_path / "good", CASES[:2])
+    good = make_cache(tmp_path / "good", CACHE_CASES[:2])
     out = work / "emb" / "ct.h5"
     run(good, "ct", out)
     assert _leftovers(work) == []
@@ -620,8 +586,8 @@ def test_readme_python_examples_run_and_agree(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cache = make_cache(Path("cache/preprocessed"))
     run(cache, "ctpet", Path("embeddings/ctpet.h5"))
-    manifest = pd.DataFrame({c: "" for c in MANIFEST_COLUMNS}, index=range(len(CASES)))
-    manifest["case_id"] = CASES[::-1]  # not the file's order: the loader must follow it
+    manifest = pd.DataFrame({c: "" for c in MANIFEST_COLUMNS}, index=range(len(CACHE_CASES)))
+    manifest["case_id"] = CACHE_CASES[::-1]  # not the file's order: the loader must follow it
     manifest["has_endpoint"] = [1, 1, 0, 1, 1]
     for col in ("ct_path", "pet_path", "label_path"):
         manifest[col] = [f"imagesTr/{c}_{col}.nii.gz" for c in manifest["case_id"]]
@@ -633,7 +599,7 @@ def test_readme_python_examples_run_and_agree(tmp_path, monkeypatch):
         spaces.append(ns)
     ct, table, loaded = spaces[0]["ct"], spaces[1]["table"], spaces[2]["df"]
     ref = emb.load_embeddings("embeddings/ctpet.h5")
-    assert list(loaded.index) == [c for c in CASES[::-1] if c != CASES[2]]
+    assert list(loaded.index) == [c for c in CACHE_CASES[::-1] if c != CACHE_CASES[2]]
     assert list(loaded.columns) == list(ref.columns) == list(table.columns)
     assert list(ct.columns) == [c for c in ref.columns if c.startswith("ct_")] and ct.index.name == "case_id"
     joined = loaded.join(table, rsuffix="_plain")

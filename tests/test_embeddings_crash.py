@@ -17,29 +17,15 @@ import numpy as np
 import pytest
 
 from pipeline import extraction as ext
-from pipeline.artefacts import params_hash
-from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
-from helpers import expensive
+from pipeline.cache import PreprocessedCache
+from helpers import TINY_ENCODERS, expensive, make_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
     "ignore::pipeline.embeddings.RandomInitWarning")]
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = [f"CHUS-{i:03d}" for i in range(1, 8)]
-TINY_CT = {"ct": {"init_filters": 4}}
-
-
-def make_cache(root: Path) -> PreprocessedCache:
-    params = {"variant": "crash-test"}
-    rng = np.random.default_rng(1)
-    geom = GridGeometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 8))
-    for i, cid in enumerate(CASES):
-        write_case(root, cid, {"ctfm/ct": rng.random((8, 32, 32), dtype=np.float32)},
-                   {"ctfm": geom},
-                   {"params_hash": params_hash(params), "source_sha256": {"ct": f"{i}"}})
-    write_cohort_record(root, {"params": params, "params_hash": params_hash(params),
-                               "crop_size_vox_xyz": [32, 32, 8], "case_ids": CASES})
-    return PreprocessedCache(root)
+TINY_CT = {"ct": TINY_ENCODERS["ct"]}
 
 
 def cli_args(cache: PreprocessedCache, out: Path) -> list[str]:
@@ -89,7 +75,7 @@ def read(path: Path) -> tuple[list[str], list[str], np.ndarray]:
 @expensive
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    cache = make_cache(root / "cache")
+    cache = make_cache(root / "cache", CASES, params={"variant": "crash-test"}, seed=1)
     ref = root / "ref" / "ct.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

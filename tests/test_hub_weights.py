@@ -154,14 +154,14 @@ print(json.dumps({"path": str(path), "sha256": sha256_file(path)}))
 EXTRACT = """
 import json, sys, warnings
 from pathlib import Path
-from test_embeddings import TINY, make_cache
+from helpers import TINY_ENCODERS, make_cache
 from pipeline import embeddings as emb
 from pipeline import extraction as ext
 cache = make_cache(Path(sys.argv[1]) / "cache")
 out = Path(sys.argv[1]) / "ct.h5"
 with warnings.catch_warnings():
     warnings.simplefilter("error", emb.RandomInitWarning)  # never random-init
-    ext.run_extraction(cache.root, "ct", out, device="cpu", encoder_kwargs={"ct": TINY["ct"]}, progress=False)
+    ext.run_extraction(cache.root, "ct", out, device="cpu", encoder_kwargs={"ct": TINY_ENCODERS["ct"]}, progress=False)
     a = emb.read_embeddings(out, cache=cache).dataset_attrs["ct"]
 print(json.dumps({"weights_sha256": a["weights_sha256"], "weights_path": a["weights_path"]}))
 """

@@ -14,14 +14,10 @@ from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
 from pipeline.predict import run_is_random_init
 from pipeline.cli.train import train_survival
-from helpers import expensive
+from helpers import NARROW_ENCODERS, expensive
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
-# Narrow random-init encoders for the 32^3 / 32x32x16 FM inputs of the tiny cache.
-TINY_ENCODERS = {"ct": {"init_filters": 2, "blocks_down": [1, 1, 1, 1, 1]},
-                 "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
-                         "num_heads": 2, "window_size": 6, "global_attn_indexes": [1], "out_chans": 16}}
 N_FOLDS = 3
 
 
@@ -35,7 +31,7 @@ def trained(tiny_study, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("predict")
     h5 = extract_embeddings(tiny_study["cache"], "ctpet", out / "ctpet.h5", random_init=True, device="cpu",
-                            encoder_kwargs=TINY_ENCODERS, progress=False, shard_dir=out / "shards")
+                            encoder_kwargs=NARROW_ENCODERS, progress=False, shard_dir=out / "shards")
     args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
             "--embeddings", str(h5), "--out", str(out / "run"), "--folds", str(out / "folds.json"),
             "--n-folds", str(N_FOLDS), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4",

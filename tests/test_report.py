@@ -8,7 +8,6 @@ import base64
 import json
 import math
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,7 @@ from pipeline.report import analysis as report
 from pipeline.report import collect, figures, results, write_report
 from pipeline.report import render as report_render
 from pipeline.artefacts import read_json, write_json_atomic
-from pipeline.layout import PEER_FILE
-from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
-from pipeline.splits import leave_one_centre_out, make_folds, save_folds
-from pipeline.embedding_sets import embedding_set
-from test_study import make_spec, make_study_inputs
-from helpers import expensive
+from helpers import expensive, make_fake_study, make_spec, make_study_inputs
 
 
 def _records(values: dict[str, dict[str, list]], n_folds: int = 3) -> pd.DataFrame:
@@ -190,146 +184,7 @@ def test_report_cli_report_only(finished_study, tmp_path):
     assert res.output.strip().endswith(f"report: {tmp_path / 'r' / 'report.md'}")
 
 
-# --- a finished study made by hand: done.json / curves.csv / oof.csv without training -----------
-
-FAKE_CONFIGS = ("baseline", "ct-d64", "ct-d128", "pet-d256", "ctpet-dorig")
-CURVE_COLUMNS_NEW = ("train_c_index", "val_c_index_inner", "val_c_index_outer", "val_dice_outer")
-
-
-def _fake_manifest(root: Path, n_cases: int, seed: int) -> pd.DataFrame:
-    """Cases with a latent true risk ``z`` driving exponential relapse times; 3 centres."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=n_cases)
-    t_event, t_cens = rng.exponential(700 * np.exp(-z)), rng.uniform(300, 1500, size=n_cases)
-    rows = []
-    for i in range(n_cases):
-        centre = ("CHUM", "CHUP", "MDA")[i % 3]
-        cid = f"{centre}-{i:03d}"
-        rows.append({c: "" for c in MANIFEST_COLUMNS} | {
-            "case_id": cid, "center_id": i % 3 + 1, "center": centre, "task1": 1, "task2": 1, "has_endpoint": 1,
-            "relapse": int(t_event[i] < t_cens[i]), "rfs_days": float(round(min(t_event[i], t_cens[i])) + 1),
-            "gender": "M", "age": 60.0, "weight": 70.0, "tobacco": 0, "alcohol": 0, "performance_status": 0,
-            "hpv_status": 1, "surgery": 0, "chemotherapy": 1, "has_gtvp": 1, "has_gtvn": 0,
-            "ct_path": f"imagesTr/{cid}__CT.nii.gz", "pet_path": f"imagesTr/{cid}__PT.nii.gz",
-            "label_path": f"labelsTr/{cid}.nii.gz"})
-    df = pd.DataFrame(rows)[list(MANIFEST_COLUMNS)]
-    write_manifest(df, root / "manifest.csv")
-    return df.assign(z=z)
-
-
-def _risk(z: np.ndarray, name: str, strength: float) -> np.ndarray:
-    """A model's risk: ``strength * z`` + noise seeded by the model name (same name, same risk)."""
-    return strength * z + np.random.default_rng(zlib.crc32(name.encode())).normal(size=z.shape[0])
-
-
-def _fold_frames(cases: pd.DataFrame, folds: pd.DataFrame, k: int, risk: np.ndarray):
-    pos = {c: i for i, c in enumerate(cases["case_id"])}
-    out = []
-    for held in (True, False):
-        ids = folds.loc[(folds["fold"] == k) == held, "case_id"].tolist()
-        idx = [pos[c] for c in ids]
-        out.append(pd.DataFrame({"case_id": ids, "risk": risk[idx], "time": cases["rfs_days"].to_numpy()[idx],
-                                 "event": cases["relapse"].to_numpy()[idx]}))
-    return out
-
-
-def _write_cell(folder: Path, cases, folds, k: int, name: str, *, epochs: int, new_format: bool) -> None:
-    """One finished CNN cell: oof.csv, train_risk_<proto>.csv, curves.csv, done.json, cell.json."""
-    from pipeline.metrics import fold_metrics
-
-    folder.mkdir(parents=True, exist_ok=True)
-    protos, oof = {}, []
-    for proto, strength in (("paper", 1.0), ("inner", 0.8)):
-        held, train = _fold_frames(cases, folds, k, _risk(cases["z"].to_numpy(), f"{name}/{proto}", strength))
-        oof.append(held.assign(fold=k, protocol=proto))
-        train.to_csv(folder / f"train_risk_{proto}.csv", index=False)
-        m = fold_metrics(held.assign(fold=k), train_survival={k: (train["time"], train["event"])}).iloc[0]
-        protos[proto] = {"selected_epoch": epochs - 1 if proto == "inner" else 1, "selection_c_index": 0.7,
-                         "c_index": m["c_index"], "auc_1y": None if pd.isna(m["auroc"]) else m["auroc"],
-                         "auc_1y_undefined_reason": m["auroc_reason"]} | ({"val_dice": 0.5} if new_format else {})
-    pd.concat(oof)[["case_id", "fold", "protocol", "risk", "time", "event"]].to_csv(folder / "oof.csv", index=False)
-    ep = np.arange(epochs)
-    curves = {"epoch": ep, "lr_factor": 1.0, "dice": 0.9 - 0.1 * ep, "cox": 2.0 - 0.2 * ep, "total": 0.0, "loss": 0.0,
-              "val_c_index_outer": 0.55 + 0.02 * ep, "val_c_index_inner": 0.5 + 0.03 * ep, "seconds": 1.0}
-    if new_format:
-        curves |= {"train_c_index": 0.6 + 0.05 * ep, "val_dice_outer": 0.2 + 0.1 * ep}
-    pd.DataFrame(curves).to_csv(folder / "curves.csv", index=False)
-    start = {"train_c_index": 0.5, "val_c_index_inner": 0.5, "val_c_index_outer": 0.5, "val_dice_outer": 0.05}
-    write_json_atomic(folder / "done.json", {"fold": k, "epochs_run": epochs, "protocols": protos}
-                      | ({"start": start} if new_format else {}))
-    write_json_atomic(folder / "cell.json", {"seconds": 10.0 + k})
-
-
-def _write_peer(spec, peer, split: str, cases, folds, *, n_components: int | None) -> None:
-    """One finished peer run: oof_predictions.csv, train_risk.csv, summary.json, peer.json."""
-    from pipeline.metrics import fold_metrics
-
-    out = spec.peer_dir(peer, split)
-    out.mkdir(parents=True, exist_ok=True)
-    # Heads whose PCA is capped share one fit: the same risks, hence identical metrics.
-    name = f"{peer.group}-capped" if n_components and peer.proj and peer.proj > n_components else peer.name
-    risk = _risk(cases["z"].to_numpy(), f"{name}/{split}", 0.6)
-    oof, train, fits = [], [], []
-    for k in sorted(folds["fold"].unique()):
-        held, tr = _fold_frames(cases, folds, k, risk)
-        oof.append(held.assign(fold=k, protocol="fit"))
-        train.append(tr.assign(fold=k, protocol="fit"))
-        fit = {"fold": int(k), "n_train": len(tr), "inner_c_index": 0.6 + 0.01 * (peer.proj or 0) / 64}
-        if peer.kind == "embeddings" and peer.proj is not None:
-            fit |= {f"{m}_pca_components": min(peer.proj, len(tr) - 1) for m in embedding_set(peer.embedding_set).encoders}
-        fits.append(fit)
-    oof = pd.concat(oof)
-    oof.to_csv(out / "oof_predictions.csv", index=False)
-    pd.concat(train).to_csv(out / "train_risk.csv", index=False)
-    tr = pd.concat(train)
-    surv = {k: (g["time"], g["event"]) for k, g in tr.groupby("fold")}
-    per_fold = json.loads(fold_metrics(oof, train_survival=surv).to_json(orient="records"))
-    write_json_atomic(out / "summary.json", {"per_fold": per_fold, "fit": fits})
-    write_json_atomic(out / PEER_FILE, {"peer": peer.name, "split": split, "key": "k", "seconds": 3.0})
-
-
-def make_fake_study(root: Path, *, configs=FAKE_CONFIGS, n_cases: int = 60, n_folds: int = 3, repeats: int = 2,
-                    loco: bool = True, pending=(), old_format=(), epochs: int = 4, synthetic: bool = True,
-                    random_init: bool = True, seeds: int = 1, seed_configs=None) -> study_spec.StudySpec:
-    """A finished study folder written by hand (seconds, no training).
-
-    CNN on ``cv0`` only, peers (clinical, radiomics, one head per FM configuration) on
-    every split; heads whose d exceeds the training size are capped and identical.
-    ``pending``: cell keys left unfinished; ``old_format``: cell keys written without the
-    new curve columns and ``start`` record; ``seeds``, ``seed_configs``: training seeds (a
-    seed's risks carry noise of its own, so the seeds differ).
-    """
-    cases = _fake_manifest(root, n_cases, seed=3)
-    spec = study_spec.StudySpec.create(root / "manifest.csv", root / "cache", root / "ctpet.h5", root / "study",
-                                        n_folds=n_folds, configs=tuple(configs), repeats=repeats, loco=loco,
-                                        cnn_extra_splits=False, train={"epochs": epochs}, seeds=seeds,
-                                        seed_configs=seed_configs)
-    all_folds = {}
-    for split in spec.splits():
-        r = study_spec.split_repeat(split)
-        f = (make_folds(cases["case_id"], cases["rfs_days"], cases["relapse"], n_splits=n_folds, seed=42 + r)
-             if r is not None else leave_one_centre_out(cases["case_id"], cases["center"]))
-        save_folds(f, spec.folds_path_of(split))
-        all_folds[split] = f
-    for cell in study_spec.grid(spec):
-        if cell.key not in pending:
-            _write_cell(study_spec.cell_dir(spec, cell), cases, all_folds[cell.split], cell.fold,
-                        cell.config.name + (f"#seed{cell.seed}" if cell.seed else ""),
-                        epochs=epochs, new_format=cell.key not in old_format)
-    n_train = min(int((all_folds["cv0"]["fold"] != k).sum()) for k in range(n_folds))
-    for split in spec.splits():
-        for peer in spec.peer_list():
-            _write_peer(spec, peer, split, cases, all_folds[split], n_components=n_train - 1)
-    emb = {"path": str(root / "ctpet.h5"), "sha256": "0" * 64, "attrs": {}, "modalities": {},
-           "random_init": random_init, "random_init_modalities": ["ct", "pet"] if random_init else []}
-    write_json_atomic(spec.root / study_spec.STUDY_FILE, {
-        "spec": spec.to_dict(), "spec_hash": spec.hash, "code_version": "test",
-        "cohort": {"n_cases": n_cases, "n_events": int(cases["relapse"].sum()), "n_centres": 3,
-                   "case_set_sha256": "x", "survival_input_size_dhw": [8, 8, 8]},
-        "folds_hash": "f", "cache_params_hash": "c", "embeddings": emb,
-        "info": {"synthetic": synthetic, "data_source": "hand-made test study", "oracle_c_index": 0.7777,
-                 "settings": "test"}})
-    return spec
+# --- a finished study made by hand (helpers.make_fake_study) ------------------------------------
 
 
 @pytest.fixture(scope="module")

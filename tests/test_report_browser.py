@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 import pytest
-from test_report import make_fake_study
 
 from pipeline.report import write_report
+from helpers import make_fake_study
 
 CHROMIUM = Path(os.environ.get("HNFM_CHROMIUM", "/usr/bin/chromium"))
 #: Headless, and nothing that reaches out of the machine or keeps state between runs.

@@ -19,8 +19,7 @@ from pipeline.artefacts import read_json
 from pipeline.layout import RunLayout
 from pipeline.numerics import NUMERICS_ENV, PORTABLE_PINS
 from pipeline.runtime import ENVIRONMENT_KEYS
-from test_study import TINY_TRAIN, make_spec, make_study_inputs
-from helpers import expensive
+from helpers import TINY_TRAIN, expensive, make_spec, make_study_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,89 +13,7 @@ from click.testing import CliRunner
 
 from pipeline import study, study_spec
 from pipeline.artefacts import ProvenanceError, read_json
-from pipeline.cache import GridGeometry, write_case, write_cohort_record
-from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
-from pipeline.preprocess import PreprocessParams
-from helpers import expensive
-
-N_CASES = 20
-SURV_DHW = (16, 16, 16)
-TINY_ENCODERS = {
-    "ct": {"init_filters": 4},
-    "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-            "window_size": 6, "global_attn_indexes": [1]},
-}
-# Same code as the paper's network, at widths a test can train in a second.
-TINY_TRAIN = {
-    "epochs": 2, "steps_per_epoch": 2, "batch_size": 4, "eval_batch_size": 8, "warmup_epochs": 1,
-    "patience": 2, "ema_decay": 0.5, "device": "cpu",
-    "model": {"seg_filters": [2, 4, 4], "seg_encoder_convs": [1, 1, 1], "seg_decoder_convs": [1, 1],
-              "tap_filters": [1, 2, 2], "dense_stem_filters": 4, "dense_blocks": [1, 1], "growth": 4,
-              "bottleneck_filters": 4, "transition_filters": [4, 4], "head_units": 4},
-}
-
-
-def make_study_inputs(root: Path, n_cases: int = N_CASES, seed: int = 0,
-                      censor_centre: str | None = None) -> dict[str, Path]:
-    """A tiny but real cohort: manifest, preprocessed cache and random-init ctpet embeddings.
-
-    Tumour size drives the hazard so the survival signal is learnable; arrays are [D, H, W].
-    ``censor_centre``: every case of that centre is censored (a LOCO fold without events).
-    """
-    from pipeline.embeddings import RandomInitWarning
-    from pipeline.extraction import run_extraction
-
-    rng = np.random.default_rng(seed)
-    params = PreprocessParams(survival_size_xyz=SURV_DHW[::-1], ctfm_size_xyz=(32, 32, 8),
-                              petfm_size_xyz=(32, 32, 32))
-    ph = params.hash()
-    centres = ["CHUM", "CHUP", "MDA", "HGJ"]
-    rows, ids = [], []
-    geom = GridGeometry((0.0, 0.0, 0.0), (1.0, 1.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), SURV_DHW[::-1])
-    zz, yy, xx = np.meshgrid(*[np.arange(s) - s / 2 for s in SURV_DHW], indexing="ij")
-    for i in range(n_cases):
-        centre = centres[i % len(centres)]
-        cid = f"{centre}-{i:03d}"
-        ids.append(cid)
-        radius = rng.uniform(2.0, 6.0)
-        hazard = np.exp(0.8 * (radius - 4.0))
-        t_event, t_cens = rng.exponential(800 / hazard), rng.uniform(200, 2000)
-        mask = (np.sqrt(zz**2 + yy**2 + xx**2) < radius).astype(np.uint8)
-        pet = (mask * rng.uniform(4, 12) + rng.random(SURV_DHW)).astype(np.float32)
-        ct = (mask * 60.0 + rng.normal(0, 20, SURV_DHW)).astype(np.float32)
-        write_case(root / "cache", cid, {
-            "survival/pet": pet, "survival/ct": ct, "survival/mask": mask,
-            "ctfm/ct": rng.random((8, 32, 32), dtype=np.float32),
-            "petfm/pet": rng.random((32, 32, 32), dtype=np.float32),
-        }, {"survival": geom, "ctfm": geom, "petfm": geom},
-            {"params_hash": ph, "source_sha256": {"ct": f"c{i}", "pet": f"p{i}", "label": f"l{i}"}})
-        rows.append({
-            "case_id": cid, "center_id": centres.index(centre) + 1, "center": centre,
-            "ct_path": f"imagesTr/{cid}__CT.nii.gz", "pet_path": f"imagesTr/{cid}__PT.nii.gz",
-            "label_path": f"labelsTr/{cid}.nii.gz", "ct_sha256": "", "pet_sha256": "", "label_sha256": "",
-            "task1": 1, "task2": 1, "has_endpoint": 1,
-            "relapse": int(t_event < t_cens and centre != censor_centre),
-            "rfs_days": float(round(min(t_event, t_cens)) + 1), "gender": "M" if i % 3 else "F",
-            "age": float(50 + i), "weight": float(70 + i % 7), "tobacco": i % 2, "alcohol": (i + 1) % 2,
-            "performance_status": i % 3, "hpv_status": (i // 2) % 2, "surgery": i % 2,
-            "chemotherapy": (i + 1) % 2, "has_gtvp": 1, "has_gtvn": 0,
-        })
-    write_cohort_record(root / "cache", {"params": params.as_dict(), "params_hash": ph,
-                                         "crop_size_vox_xyz": [40, 40, 16], "case_ids": ids})
-    df = pd.DataFrame(rows)
-    assert list(df.columns) == list(MANIFEST_COLUMNS)
-    write_manifest(df, root / "manifest.csv")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomInitWarning)
-        run_extraction(root / "cache", "ctpet", root / "ctpet.h5", random_init=True,
-                       encoder_kwargs=TINY_ENCODERS, device="cpu", progress=False)
-    return {"manifest": root / "manifest.csv", "cache": root / "cache", "embeddings": root / "ctpet.h5"}
-
-
-def make_spec(inputs: dict[str, Path], study_dir: Path, configs=None, **kw) -> study_spec.StudySpec:
-    names = tuple(configs) if configs else tuple(c.name for c in study_spec.configurations())
-    return study_spec.StudySpec.create(inputs["manifest"], inputs["cache"], inputs["embeddings"], study_dir,
-                                        train=json.loads(json.dumps(TINY_TRAIN)), configs=names, **kw)
+from helpers import STUDY_N_CASES, TINY_TRAIN, expensive, make_spec, make_study_inputs
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +93,7 @@ def test_seeds_add_cells_in_their_own_folders_and_leave_the_hash_and_seed_0_alon
 def test_prepare_shares_one_folds_file_and_dry_run_lists_pending(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s")
     rec = study.prepare_study(spec, info={"settings": "test"})
-    assert rec["cohort"]["n_cases"] == N_CASES
+    assert rec["cohort"]["n_cases"] == STUDY_N_CASES
     assert rec["embeddings"]["random_init"] is True
     runs = [read_json(spec.run_dir(c) / "run.json") for c in spec.configurations()]
     assert len(runs) == 13
@@ -420,7 +338,7 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
     import subprocess
     import sys
 
-    from test_pool_orphans import _alive, _children, _wait
+    from helpers import alive, pool_workers, wait_until
 
     # Cells long enough (a few seconds each) that the kill lands while the pool works.
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=4)
@@ -433,12 +351,12 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
     cells = list(study_spec.grid(spec))
     done = lambda: [c for c in cells if study_spec.cell_layout(spec, c).is_done(c.fold)]  # noqa: E731
     try:
-        assert _wait(lambda: len(done()) >= 1, 240), "no cell finished"
-        workers = _children(owner.pid)
+        assert wait_until(lambda: len(done()) >= 1, 240), "no cell finished"
+        workers = pool_workers(owner.pid)
         assert workers, "the study's pool workers were not found"
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(timeout=30)
-        assert _wait(lambda: not any(_alive(w) for w in workers), 10), "a worker outlived the killed study"
+        assert wait_until(lambda: not any(alive(w) for w in workers), 10), "a worker outlived the killed study"
     finally:
         if owner.poll() is None:
             owner.kill()

@@ -23,8 +23,7 @@ from pipeline.stats import (
     paired_bootstrap_delta,
     risk_groups,
 )
-from test_study import TINY_TRAIN, make_study_inputs
-from helpers import expensive
+from helpers import TINY_TRAIN, expensive, make_study_inputs
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 

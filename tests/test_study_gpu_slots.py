@@ -13,8 +13,7 @@ import pytest
 from pipeline import study, study_spec
 from pipeline.artefacts import read_json
 from pipeline.pool import Job
-from test_study import make_spec, make_study_inputs
-from helpers import expensive
+from helpers import expensive, make_spec, make_study_inputs
 
 
 def test_cells_per_gpu_is_the_request_else_four_capped_by_the_fullest_gpu():

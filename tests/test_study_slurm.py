@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_study import make_spec, make_study_inputs
 
 from pipeline import study, study_spec
-from helpers import expensive
+from helpers import expensive, make_spec, make_study_inputs
 
 pytestmark = pytest.mark.slow  # runs studies on the Slurm test cluster
 

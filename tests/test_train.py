@@ -14,15 +14,12 @@ from sksurv.metrics import concordance_index_censored
 
 from pipeline.cli.train import train_survival
 from pipeline.layout import CURVES_COLUMNS, OOF_COLUMNS, TRAIN_RISK_COLUMNS
-from helpers import expensive
+from helpers import NARROW_ENCODERS, expensive
 
 pytestmark = pytest.mark.slow  # trains networks end to end
 
 TINY = ["--n-folds", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "4",
         "--ema-decay", "0.5", "--model-config", '{"preset": "tiny"}', "--quiet"]
-TINY_ENCODERS = {"ct": {"init_filters": 2, "blocks_down": [1, 1, 1, 1, 1]},
-                 "pet": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
-                         "num_heads": 2, "window_size": 6, "global_attn_indexes": [1], "out_chans": 16}}
 
 
 def _run(args):
@@ -123,7 +120,7 @@ def test_embeddings_run_end_to_end_and_random_init_is_flagged(tiny_study, baseli
     from pipeline.extraction import extract_embeddings
 
     h5 = extract_embeddings(tiny_study["cache"], "ctpet", tmp_path / "ctpet.h5", random_init=True,
-                            device="cpu", encoder_kwargs=TINY_ENCODERS, progress=False,
+                            device="cpu", encoder_kwargs=NARROW_ENCODERS, progress=False,
                             shard_dir=tmp_path / "shards")
     out = baseline_run["out"]
     args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
