@@ -16,7 +16,7 @@ FEATURES = [
 ]
 
 
-def _cohort(n=40, seed=0):
+def _clinical_table(n=40, seed=0):
     """Clinical table with HECKTOR-like missingness (tobacco/alcohol/PS/HPV often missing)."""
     rng = np.random.default_rng(seed)
     df = pd.DataFrame({
@@ -62,7 +62,7 @@ def test_layout_and_hand_values():
 
 
 def test_fill_values_are_training_fold_medians():
-    df = _cohort()
+    df = _clinical_table()
     train = df.iloc[:25]
     ct = ClinicalTransform().fit(train)
     p = ct.to_dict()["params"]
@@ -81,7 +81,7 @@ def test_fill_values_are_training_fold_medians():
 
 
 def test_validation_rows_cannot_influence_the_fit():
-    df = _cohort(n=60)
+    df = _clinical_table(n=60)
     train_ids = df["case_id"].iloc[::2].tolist()
     val_ids = df["case_id"].iloc[1::2].tolist()
     ref = fit_fold_transform(df, train_ids)
@@ -105,7 +105,7 @@ def test_validation_rows_cannot_influence_the_fit():
 
 
 def test_unseen_and_invalid_categories():
-    df = _cohort()
+    df = _clinical_table()
     ct = ClinicalTransform().fit(df.iloc[:30])
     fill = ct.to_dict()["params"]
     new = df.iloc[30:33].copy()
@@ -135,7 +135,7 @@ def test_unseen_and_invalid_categories():
 
 
 def test_errors_name_case_and_column():
-    df = _cohort()
+    df = _clinical_table()
     bad = df.copy()
     bad["age"] = bad["age"].astype(object)
     bad.loc["CHUM-007", "age"] = "sixty"
@@ -155,7 +155,7 @@ def test_errors_name_case_and_column():
 
 
 def test_to_dict_from_dict_roundtrip_is_exact():
-    df = _cohort()
+    df = _clinical_table()
     ct = ClinicalTransform().fit(df.iloc[:20])
     rec = json.loads(json.dumps(ct.to_dict()))
     back = ClinicalTransform.from_dict(rec)
@@ -170,7 +170,7 @@ def test_to_dict_from_dict_roundtrip_is_exact():
 
 
 def test_column_subset_and_constant_column():
-    df = _cohort().assign(age=65.0)
+    df = _clinical_table().assign(age=65.0)
     ct = ClinicalTransform(["age", "performance_status"]).fit(df)
     assert ct.feature_names == ["age"] + [f"performance_status_{v}" for v in range(5)]
     x = ct.transform(df)
@@ -178,7 +178,7 @@ def test_column_subset_and_constant_column():
 
 
 def test_works_on_a_manifest_read_from_disk(tmp_path):
-    df = _cohort(n=6).reset_index(drop=True)
+    df = _clinical_table(n=6).reset_index(drop=True)
     for col in MANIFEST_COLUMNS:
         if col not in df.columns:
             df[col] = 0

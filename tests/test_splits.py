@@ -19,7 +19,7 @@ from pipeline.splits import (
 )
 
 
-def _cohort(n=300, seed=0, event_rate=0.2):
+def _endpoints(n=300, seed=0, event_rate=0.2):
     """HECKTOR-like endpoints: ~20 % events, events concentrated at short RFS."""
     rng = np.random.default_rng(seed)
     event = (rng.random(n) < event_rate).astype(int)
@@ -29,7 +29,7 @@ def _cohort(n=300, seed=0, event_rate=0.2):
 
 
 def test_folds_disjoint_covering_and_stratified():
-    ids, t, e = _cohort()
+    ids, t, e = _endpoints()
     f = make_folds(ids, t, e, n_splits=5, seed=42)
     assert list(f.columns) == ["case_id", "fold"]
     assert sorted(f["case_id"]) == sorted(ids) and f["case_id"].is_unique  # covering, disjoint
@@ -51,7 +51,7 @@ def test_folds_disjoint_covering_and_stratified():
 
 
 def test_folds_deterministic_and_input_order_independent():
-    ids, t, e = _cohort()
+    ids, t, e = _endpoints()
     a = make_folds(ids, t, e, seed=42)
     perm = np.random.default_rng(1).permutation(len(ids))
     b = make_folds([ids[i] for i in perm], t[perm], e[perm], seed=42)
@@ -62,7 +62,7 @@ def test_folds_deterministic_and_input_order_independent():
 
 def test_small_strata_are_merged_and_reported():
     # 12 cases, 3 events: no quartile stratum reaches 5 members.
-    ids, t, e = _cohort(n=12, seed=3, event_rate=0.0)
+    ids, t, e = _endpoints(n=12, seed=3, event_rate=0.0)
     e[[0, 1, 2]] = 1
     f = make_folds(ids, t, e, n_splits=5)
     assert len(f) == 12 and f["fold"].nunique() == 5
@@ -75,7 +75,7 @@ def test_small_strata_are_merged_and_reported():
 
 
 def test_stratum_labels_merge_keeps_strata_large_enough():
-    ids, t, e = _cohort(n=200, seed=5)
+    ids, t, e = _endpoints(n=200, seed=5)
     labels, notes = stratum_labels(t, e, min_count=5)
     _, counts = np.unique(labels, return_counts=True)
     assert counts.min() >= 5
@@ -85,7 +85,7 @@ def test_stratum_labels_merge_keeps_strata_large_enough():
 
 
 def test_make_folds_validation():
-    ids, t, e = _cohort(n=20)
+    ids, t, e = _endpoints(n=20)
     with pytest.raises(ValueError, match="duplicate case ids \\['CHUM-000'\\]"):
         make_folds(ids[:-1] + ["CHUM-000"], t, e)
     with pytest.raises(ValueError, match="20 case ids but 19"):
@@ -99,7 +99,7 @@ def test_make_folds_validation():
 
 
 def test_save_load_roundtrip_and_provenance(tmp_path):
-    ids, t, e = _cohort()
+    ids, t, e = _endpoints()
     f = make_folds(ids, t, e)
     path = tmp_path / "folds.json"
     save_folds(f, path, manifest_sha256="abc123")
@@ -114,7 +114,7 @@ def test_save_load_roundtrip_and_provenance(tmp_path):
 
 
 def test_load_refuses_other_case_set_naming_ids(tmp_path):
-    ids, t, e = _cohort(n=50)
+    ids, t, e = _endpoints(n=50)
     path = tmp_path / "folds.json"
     save_folds(make_folds(ids, t, e), path)
     other = ids[1:] + ["HMR-999"]
@@ -134,7 +134,7 @@ def test_load_refuses_other_case_set_naming_ids(tmp_path):
 
 
 def test_repeated_folds_use_seed_plus_r(tmp_path):
-    ids, t, e = _cohort(n=100)
+    ids, t, e = _endpoints(n=100)
     r = repeated_folds(ids, t, e, n_splits=5, n_repeats=3, seed=10)
     assert list(r.columns) == ["repeat", "case_id", "fold"] and len(r) == 300
     for k in range(3):
@@ -149,7 +149,7 @@ def test_repeated_folds_use_seed_plus_r(tmp_path):
 
 
 def test_inner_split_stratified_disjoint_deterministic():
-    ids, t, e = _cohort(n=240)
+    ids, t, e = _endpoints(n=240)
     fit, val = inner_split(ids, t, e, val_fraction=0.2, seed=42)
     assert set(fit).isdisjoint(val) and set(fit) | set(val) == set(ids)
     assert len(val) == 48
@@ -165,7 +165,7 @@ def test_inner_split_stratified_disjoint_deterministic():
 
 
 def test_leave_one_centre_out():
-    ids, t, e = _cohort(n=30)
+    ids, t, e = _endpoints(n=30)
     centre = [c.split("-")[0] for c in ids]
     f = leave_one_centre_out(ids, centre)
     assert f.attrs["centres"] == {0: "CHUM", 1: "HGJ", 2: "MDA"}

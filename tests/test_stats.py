@@ -18,7 +18,7 @@ from pipeline import stats
 from pipeline.metrics import c_index
 
 
-def _cohort(n: int, seed: int, censor_scale: float = 3.0):
+def _exponential_survival(n: int, seed: int, censor_scale: float = 3.0):
     """Exponential survival with log-hazard z ~ N(0, 1) and independent censoring."""
     rng = np.random.default_rng(seed)
     z = rng.normal(size=n)
@@ -34,7 +34,7 @@ def _oof(ids, folds, time, event, risk) -> pd.DataFrame:
 
 
 def _pair(n: int, seed: int, sd_a: float, sd_b: float):
-    z, time, event, rng = _cohort(n, seed)
+    z, time, event, rng = _exponential_survival(n, seed)
     ids = [f"C{i:05d}" for i in range(n)]
     folds = np.arange(n) % 5
     a = _oof(ids, folds, time, event, z + sd_a * rng.normal(size=n))
@@ -43,7 +43,7 @@ def _pair(n: int, seed: int, sd_a: float, sd_b: float):
 
 
 def _population_c(sd: float, seed: int = 123, n: int = 20000) -> float:
-    z, time, event, rng = _cohort(n, seed)
+    z, time, event, rng = _exponential_survival(n, seed)
     return float(lifelines_cindex(time, -(z + sd * rng.normal(size=n)), event))
 
 
@@ -315,7 +315,7 @@ def test_risk_groups_split_at_training_median():
 
 
 def test_km_logrank_equals_sksurv():
-    z, time, event, _ = _cohort(200, 11)
+    z, time, event, _ = _exponential_survival(200, 11)
     group = (z > 0).astype(int)
     res = stats.km_logrank(time, event, group)
     y = Surv.from_arrays(event.astype(bool), time)
