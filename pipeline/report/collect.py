@@ -39,7 +39,7 @@ from pipeline.study_spec import (
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model of the study: a CNN configuration or a peer (:class:`pipeline.study.Peer`).
+    """A model of the study: a CNN configuration or a peer (:class:`pipeline.study_spec.Peer`).
 
     ``oof_protocol(protocol)`` is the protocol of its OOF rows: the CNN's own, or
     ``"fit"`` for a peer (no checkpoint selection).

@@ -191,5 +191,5 @@ def selection_ties(curves: pd.DataFrame, cells: pd.DataFrame, select_from_epoch:
 
 
 def _cell_name(row: dict[str, Any]) -> str:
-    """The study's cell key (:attr:`pipeline.study.Cell.key`) of a cells row."""
+    """The study's cell key (:attr:`pipeline.study_spec.Cell.key`) of a cells row."""
     return Cell(Configuration.from_name(row["config"]), int(row["fold"]), row["split"], int(row["seed"])).key
