@@ -40,18 +40,12 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from pipeline.demo_cohort import image_from_array
 from pipeline.dicom.convert import import_dicom
 from pipeline.dicom.demo_writer import suv_per_bqml, write_rtstruct, write_series
 
 CT_SIZE, CT_SPACING = (512, 512, 200), (0.977, 0.977, 3.0)
 PET_SIZE, PET_SPACING = (192, 192, 200), (3.65, 3.65, 3.0)
-
-
-def _image(array: np.ndarray, spacing: tuple[float, ...], origin: tuple[float, ...]) -> sitk.Image:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    return img
 
 
 def _phantom(rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
@@ -66,12 +60,12 @@ def _phantom(rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image, sitk.Ima
     label[((xx - 240) / 30.0) ** 2 + ((yy - 250) / 25.0) ** 2 + ((zz - 100) / 8.0) ** 2 < 1] = 1
     label[((xx - 300) / 12.0) ** 2 + ((yy - 230) / 12.0) ** 2 + ((zz - 90) / 4.0) ** 2 < 1] = 2
     origin = (-250.0, -250.0, -300.0)
-    ct_img = _image(np.clip(np.round(ct), -1024, 3000).astype(np.int16), CT_SPACING, origin)
-    lab = _image(label, CT_SPACING, origin)
+    ct_img = image_from_array(np.clip(np.round(ct), -1024, 3000).astype(np.int16), CT_SPACING, origin)
+    lab = image_from_array(label, CT_SPACING, origin)
     px, py, pz = PET_SIZE
     pet = np.abs(rng.normal(1.0, 0.2, (pz, py, px))) + 8.0 * np.exp(
         -(((np.arange(px) - 96) / 8.0) ** 2)[None, None, :] - (((np.arange(py) - 100) / 8.0) ** 2)[None, :, None])
-    pet_img = _image(pet, PET_SPACING, (-348.0, -345.0, -300.0))
+    pet_img = image_from_array(pet, PET_SPACING, (-348.0, -345.0, -300.0))
     return ct_img, pet_img, lab
 
 

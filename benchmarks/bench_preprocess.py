@@ -40,19 +40,12 @@ import pandas as pd
 import SimpleITK as sitk
 import torch
 
-from pipeline.artefacts import sha256_file
-from pipeline.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
+from pipeline.demo_cohort import uniform_manifest, write_image
+from pipeline.manifest import read_manifest
 from pipeline.preprocess import PreprocessParams, compute_crop_size, run_preprocessing
 
 CT_SIZE, CT_SPACING = (512, 512, 150), (0.977, 0.977, 3.0)
 PET_SIZE, PET_SPACING = (192, 192, 150), (3.65, 3.65, 3.0)
-
-
-def _write(arr: np.ndarray, spacing, origin, path: Path) -> None:
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    sitk.WriteImage(img, str(path), useCompression=True)
 
 
 def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
@@ -75,11 +68,9 @@ def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
         inside = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= r**2
         lab[inside] = value
         ct[inside] += 20.0
-    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    _write(np.clip(ct, -1024, 3071).astype(np.int16), CT_SPACING, ct_origin,
-           root / "imagesTr" / f"{cid}__CT.nii.gz")
-    _write(lab, CT_SPACING, ct_origin, root / "labelsTr" / f"{cid}.nii.gz")
+    write_image(np.clip(ct, -1024, 3071).astype(np.int16), CT_SPACING, ct_origin,
+                root / "imagesTr" / f"{cid}__CT.nii.gz")
+    write_image(lab, CT_SPACING, ct_origin, root / "labelsTr" / f"{cid}.nii.gz")
     del ct, lab
     pet_origin = tuple(o + rng.uniform(-4, 4) for o in (-350.0, -350.0, -400.0))
     pz, py, px = PET_SIZE[::-1]
@@ -92,24 +83,7 @@ def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
         d2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
         pet = pet + 8.0 * np.exp(-d2 / (2 * r**2))
     pet = pet * rng.gamma(25.0, 1 / 25.0, size=pet.shape)
-    _write(pet.astype(np.float32), PET_SPACING, pet_origin, root / "imagesTr" / f"{cid}__PT.nii.gz")
-
-
-def make_manifest(root: Path, ids: list[str]) -> Path:
-    rows = []
-    for cid in ids:
-        row = {c: "" for c in MANIFEST_COLUMNS}
-        paths = {"ct_path": f"imagesTr/{cid}__CT.nii.gz", "pet_path": f"imagesTr/{cid}__PT.nii.gz",
-                 "label_path": f"labelsTr/{cid}.nii.gz"}
-        row.update(paths, case_id=cid, center_id=1, center="CHUM", task1=1, task2=1,
-                   has_endpoint=1, relapse=0, rfs_days=900, gender="M", age=60, chemotherapy=1,
-                   has_gtvp=1, has_gtvn=1)
-        for key, rel in paths.items():
-            row[key.replace("_path", "_sha256")] = sha256_file(root / rel)
-        rows.append(row)
-    path = root / "data_manifest.csv"
-    write_manifest(pd.DataFrame(rows), path)
-    return path
+    write_image(pet.astype(np.float32), PET_SPACING, pet_origin, root / "imagesTr" / f"{cid}__PT.nii.gz")
 
 
 def read_floor(manifest: pd.DataFrame) -> list[float]:
@@ -145,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 make_case(root, cid, rng)
                 built += 1
         build_s = time.perf_counter() - t0
-        manifest_path = make_manifest(root, ids)
+        manifest_path = uniform_manifest(root, ids, checksums=True, has_gtvn=1)
         manifest = read_manifest(manifest_path)
         sizes_mb = sum(os.path.getsize(p) for c in ("ct_path", "pet_path", "label_path")
                        for p in manifest[c]) / 1e6 / len(ids)

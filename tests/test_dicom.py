@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.artefacts import read_json
 from pipeline.cli.dicom import import_dicom as import_dicom_cli
+from pipeline.demo_cohort import image_from_array
 from pipeline.dicom.convert import import_dicom
 from pipeline.dicom.demo_writer import (
     contour_loops, generate_dicom_demo_cohort, suv_per_bqml, write_dicom_cohort, write_rtstruct, write_series,
@@ -85,13 +86,6 @@ def test_suv_factor_by_hand():
 # A tiny case written with the demo writer, for refusals
 # --------------------------------------------------------------------------------------
 
-def _image(array: np.ndarray, spacing, origin) -> sitk.Image:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    return img
-
-
 def _tiny_case(folder: Path, pid: str = "PAT-1", frame: str | None = None) -> dict:
     """CT 12x10x6 (1 x 1 x 2 mm), PET 6x5x6 in Bq/ml, RTSTRUCT 'GTVp' (a 4x3 square on slices 1-3)."""
     patient = {"id": pid, "age": "061Y", "sex": "F", "weight": 70.0}
@@ -101,10 +95,10 @@ def _tiny_case(folder: Path, pid: str = "PAT-1", frame: str | None = None) -> di
     label = np.zeros((6, 10, 12), np.uint8)
     label[1:4, 3:6, 4:8] = 1
     pet = np.linspace(0.0, 9.0, 6 * 5 * 6).reshape(6, 5, 6)
-    ct_img = _image(ct, (1.0, 1.0, 2.0), (-5.0, -4.0, 10.0))
+    ct_img = image_from_array(ct, (1.0, 1.0, 2.0), (-5.0, -4.0, 10.0))
     sops = write_series(ct_img, folder / pid / "a", "CT", patient, uids)
-    write_series(_image(pet / suv_per_bqml(70.0), (2.0, 2.0, 2.0), (-5.0, -4.0, 10.0)), folder / pid / "b", "PT",
-                 patient, uids)
+    pet_img = image_from_array(pet / suv_per_bqml(70.0), (2.0, 2.0, 2.0), (-5.0, -4.0, 10.0))
+    write_series(pet_img, folder / pid / "b", "PT", patient, uids)
     lab = sitk.GetImageFromArray(label)
     lab.CopyInformation(ct_img)
     write_rtstruct(lab, ct_img, sops, folder / pid / "c" / "rs.dcm", patient, uids)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from pipeline.artefacts import read_json, sha256_file
 from pipeline.cli.data import build_manifest as build_manifest_cli
 from pipeline.cli.data import make_demo_cohort as make_demo_cohort_cli
+from pipeline.demo_cohort import write_image
 from pipeline.hecktor import (
     CLINICAL_CSV,
     ENDPOINT_CSV,
@@ -38,14 +39,6 @@ ENDPOINT_ROWS = ["CHUM-001,1,412", "CHUP-002,0,1803"]
 LABELS = {"CHUM-001": (1, 2), "CHUP-002": (2,), "MDA-105": (1,)}
 
 
-def _write_image(arr: np.ndarray, path: Path, spacing, origin) -> None:
-    img = sitk.GetImageFromArray(arr)  # numpy [z, y, x] -> sitk (x, y, z)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(path), useCompression=True)
-
-
 def _write_case(root: Path, cid: str, values=(1, 2)) -> None:
     ct = np.full((4, 8, 8), -1000, np.int16)
     ct[1:3, 2:6, 2:6] = 40
@@ -53,9 +46,9 @@ def _write_case(root: Path, cid: str, values=(1, 2)) -> None:
     for i, v in enumerate(values):
         label[1:3, 2 + 2 * i: 4 + 2 * i, 3:5] = v
     pet = np.ones((3, 4, 4), np.float32)
-    _write_image(ct, root / "imagesTr" / f"{cid}__CT.nii.gz", (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
-    _write_image(label, root / "labelsTr" / f"{cid}.nii.gz", (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
-    _write_image(pet, root / "imagesTr" / f"{cid}__PT.nii.gz", (2.5, 2.5, 3.0), (1.5, -2.0, 0.5))
+    write_image(ct, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), root / "imagesTr" / f"{cid}__CT.nii.gz")
+    write_image(label, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), root / "labelsTr" / f"{cid}.nii.gz")
+    write_image(pet, (2.5, 2.5, 3.0), (1.5, -2.0, 0.5), root / "imagesTr" / f"{cid}__PT.nii.gz")
 
 
 def _write_csv(path: Path, header: str, rows: list[str], newline: str = "\r\n") -> None:
@@ -155,12 +148,12 @@ def _truncate(rel):
 def _label_value_3(root):
     arr = np.zeros((4, 8, 8), np.uint8)
     arr[1, 1, 1] = 3
-    _write_image(arr, root / "labelsTr" / "CHUP-002.nii.gz", (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    write_image(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), root / "labelsTr" / "CHUP-002.nii.gz")
 
 
 def _label_off_grid(root):
-    _write_image(np.zeros((4, 8, 8), np.uint8), root / "labelsTr" / "CHUM-001.nii.gz",
-                 (1.0, 1.0, 2.0), (5.0, 0.0, 0.0))
+    write_image(np.zeros((4, 8, 8), np.uint8), (1.0, 1.0, 2.0), (5.0, 0.0, 0.0),
+                root / "labelsTr" / "CHUM-001.nii.gz")
 
 
 def _pet_moved(root, cid="CHUM-001", shift=(0.0, 0.0, 300.0)):
@@ -174,7 +167,7 @@ def _pet_moved(root, cid="CHUM-001", shift=(0.0, 0.0, 300.0)):
 def _pet_nan(root):
     pet = np.ones((3, 4, 4), np.float32)
     pet[1, 2, 2], pet[0, 0, 1] = np.nan, -np.inf
-    _write_image(pet, root / "imagesTr" / "MDA-105__PT.nii.gz", (2.5, 2.5, 3.0), (1.5, -2.0, 0.5))
+    write_image(pet, (2.5, 2.5, 3.0), (1.5, -2.0, 0.5), root / "imagesTr" / "MDA-105__PT.nii.gz")
 
 
 BAD_INPUTS = {

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from pipeline.cache import PreprocessedCache, case_file
 from pipeline.cli.preprocess import preprocess as preprocess_cli
+from pipeline.demo_cohort import image_from_array, uniform_manifest, write_image
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.preprocess import (
     SURVIVAL_CHANNELS,
@@ -65,13 +66,6 @@ def _grid_points(size, spacing, origin):
     return [origin[a] + spacing[a] * idx[2 - a] for a in range(3)]  # x, y, z
 
 
-def _write(arr, spacing, origin, path):
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    sitk.WriteImage(img, str(path), useCompression=True)
-
-
 def make_case(root: Path, cid: str, blobs, *, empty: bool = False) -> None:
     """Write imagesTr/<cid>__CT/__PT.nii.gz and labelsTr/<cid>.nii.gz under ``root``."""
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -84,29 +78,15 @@ def make_case(root: Path, cid: str, blobs, *, empty: bool = False) -> None:
         lab[inside] = 0 if empty else value
         ct[inside] += 300.0
     ct[0, 0, 0] = CT_MIN  # the volume minimum, used for padding
-    _write(np.round(ct).astype(np.int16), CT_SPACING, CT_ORIGIN, root / "imagesTr" / f"{cid}__CT.nii.gz")
-    _write(lab, CT_SPACING, CT_ORIGIN, root / "labelsTr" / f"{cid}.nii.gz")
+    write_image(np.round(ct).astype(np.int16), CT_SPACING, CT_ORIGIN, root / "imagesTr" / f"{cid}__CT.nii.gz")
+    write_image(lab, CT_SPACING, CT_ORIGIN, root / "labelsTr" / f"{cid}.nii.gz")
     px, py, pz = _grid_points(PET_SIZE, PET_SPACING, PET_ORIGIN)
     pet = 1.0 + 0.01 * py
     for _, c, r in blobs:
         d2 = ((px - c[0]) / r[0]) ** 2 + ((py - c[1]) / r[1]) ** 2 + ((pz - c[2]) / r[2]) ** 2
         pet += 9.0 * np.exp(-d2)
     pet[-1, -1, -1] = PET_MIN
-    _write(pet.astype(np.float32), PET_SPACING, PET_ORIGIN, root / "imagesTr" / f"{cid}__PT.nii.gz")
-
-
-def make_manifest(root: Path, ids, name="data_manifest.csv") -> Path:
-    rows = []
-    for cid in ids:
-        row = {c: "" for c in MANIFEST_COLUMNS}
-        row.update(case_id=cid, center_id=1, center="CHUM", ct_path=f"imagesTr/{cid}__CT.nii.gz",
-                   pet_path=f"imagesTr/{cid}__PT.nii.gz", label_path=f"labelsTr/{cid}.nii.gz",
-                   task1=1, task2=1, has_endpoint=1, relapse=0, rfs_days=900, gender="M",
-                   age=60, chemotherapy=1, has_gtvp=1, has_gtvn=0)
-        rows.append(row)
-    path = root / name
-    write_manifest(pd.DataFrame(rows), path)
-    return path
+    write_image(pet.astype(np.float32), PET_SPACING, PET_ORIGIN, root / "imagesTr" / f"{cid}__PT.nii.gz")
 
 
 def _read_case(root: Path, cid: str):
@@ -139,7 +119,7 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("hecktor")
     for cid, blobs in CASES.items():
         make_case(root, cid, blobs)
-    manifest = make_manifest(root, list(CASES))
+    manifest = uniform_manifest(root, list(CASES))
     report = run_preprocessing(manifest, root / "cache", PARAMS, workers=2, progress=False)
     return root, manifest, report
 
@@ -341,11 +321,7 @@ def test_slice_axis_is_array_axis_zero():
 
 
 def _label_image(lab: np.ndarray, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
-    img = sitk.GetImageFromArray(lab)
-    img.SetSpacing(CT_SPACING)
-    img.SetOrigin(CT_ORIGIN)
-    img.SetDirection(direction)
-    return img
+    return image_from_array(lab, CT_SPACING, CT_ORIGIN, direction)
 
 
 def test_centre_falls_back_to_bbox_centre_when_centroid_is_outside_the_tumour():
@@ -380,19 +356,10 @@ def test_flipped_ct_direction_keeps_tumour_centred_and_torch_agrees():
     centre = (-6.0, 7.0, 22.0)
     blob = (phys_x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 36
     ct_arr = (3.0 * phys_x + y + 300.0 * blob - 50).astype(np.int16)
-    imgs = []
-    for arr in (ct_arr, blob.astype(np.uint8)):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing(CT_SPACING)
-        img.SetOrigin((10.0, 0.0, 0.0))
-        img.SetDirection(flip)
-        imgs.append(img)
-    ct, lab = imgs
+    ct, lab = (image_from_array(arr, CT_SPACING, (10.0, 0.0, 0.0), flip) for arr in (ct_arr, blob.astype(np.uint8)))
     px, py, pz = _grid_points(PET_SIZE, PET_SPACING, (-35.0, -10.0, -5.0))
     pet_arr = (1 + 9 * np.exp(-((px - centre[0]) ** 2 + (py - centre[1]) ** 2 + (pz - centre[2]) ** 2) / 36))
-    pet = sitk.GetImageFromArray(pet_arr.astype(np.float32))
-    pet.SetSpacing(PET_SPACING)
-    pet.SetOrigin((-35.0, -10.0, -5.0))
+    pet = image_from_array(pet_arr.astype(np.float32), PET_SPACING, (-35.0, -10.0, -5.0))
     params = replace(PARAMS, crop_size_vox_xyz=(16, 16, 6))
     a = preprocess_case(ct, pet, lab, params, backend="sitk")
     b = preprocess_case(ct, pet, lab, params, backend="torch")
@@ -452,7 +419,7 @@ def test_reference_cache_keeps_g_for_new_patients(cohort, tmp_path):
     root, _, report = cohort
     # A new patient with a larger tumour than any training case.
     make_case(root, "MDA-104", [(1, (0.0, 0.0, 25.0), (9.0, 9.0, 9.0))])
-    new_manifest = make_manifest(root, ["MDA-104"], name="new_manifest.csv")
+    new_manifest = uniform_manifest(root, ["MDA-104"], name="new_manifest.csv")
     ref = root / "cache"
     out = run_preprocessing(new_manifest, tmp_path / "new", None, reference_cache=ref,
                             workers=1, progress=False)
@@ -472,7 +439,7 @@ def test_failing_case_leaves_no_partial_file_and_no_cohort_record(tmp_path):
     root = tmp_path / "data"
     make_case(root, "CHUM-001", CASES["CHUM-001"])
     make_case(root, "CHUS-009", CASES["CHUM-001"], empty=True)
-    manifest = make_manifest(root, ["CHUM-001", "CHUS-009"])
+    manifest = uniform_manifest(root, ["CHUM-001", "CHUS-009"])
     out = tmp_path / "cache"
     label = str((root / "labelsTr" / "CHUS-009.nii.gz").resolve())
     with pytest.raises(CaseError, match=rf"'CHUS-009'.*{label}.*no voxel with tumour labels"):
@@ -546,7 +513,7 @@ def test_bad_image_is_refused_naming_case_files_check_and_figure(name, tmp_path)
     root, cid = tmp_path / "data", "CHUV-017"
     make_case(root, cid, blobs)
     _rewrite(root / rel.format(cid), edit)
-    manifest = make_manifest(root, [cid])
+    manifest = uniform_manifest(root, [cid])
     out = tmp_path / "cache"
     params = replace(PARAMS, crop_size_vox_xyz=g)
     with pytest.raises(CaseError) as info:
@@ -563,7 +530,7 @@ def test_coverage_limits_are_parameters_and_recorded(tmp_path):
     root = tmp_path / "data"
     make_case(root, "CHUM-001", CASES["CHUM-001"])
     _rewrite(root / "imagesTr" / "CHUM-001__PT.nii.gz", _shift_origin((0, 0, 400)))
-    manifest = make_manifest(root, ["CHUM-001"])
+    manifest = uniform_manifest(root, ["CHUM-001"])
     # Limits of 0 accept a PET that misses everything: its crop is then pure padding.
     report = run_preprocessing(manifest, tmp_path / "c", PARAMS, workers=1, progress=False,
                                min_tumour_coverage=0.0, min_crop_coverage=0.0)
@@ -694,7 +661,7 @@ def test_cli_demo_preset_fm_sizes_and_refused_case(tmp_path):
 
     root = tmp_path / "data"
     make_case(root, "CHUM-001", CASES["CHUM-001"])
-    manifest = str(make_manifest(root, ["CHUM-001"]))
+    manifest = str(uniform_manifest(root, ["CHUM-001"]))
     runner = CliRunner()
     helptext = runner.invoke(preprocess_cli, ["-h"])
     assert helptext.exit_code == 0
