@@ -36,7 +36,7 @@ def main() -> None:
         digest = hashlib.sha256()
         for p in model.parameters():
             digest.update(p.grad.detach().contiguous().numpy().tobytes())
-        env = environment_record(device, 1)
+        env = environment_record(device)
     print(f"paper step: loss {loss.item():.9g}, gradients sha256 {digest.hexdigest()[:16]} "
           f"(numerics {env['numerics']}, ATen {env['cpu_capability']}, oneDNN {env['onednn_isa']})")
 

@@ -151,16 +151,18 @@ def _cuda_record(device: Any) -> dict[str, Any]:
     }
 
 
-def environment_record(device: Any, threads: int, precision: str = "fp32") -> dict[str, Any]:
-    """Everything besides the inputs and settings that can change a run's numbers.
+def environment_record(device: Any, precision: str = "fp32") -> dict[str, Any]:
+    """Everything besides the inputs and settings that can change a run's numbers, as in force
+    where it is called: call it inside the computation's :func:`compute_threads` and
+    :func:`deterministic_kernels` blocks.
 
     Args:
         device: the resolved training device (``torch.device`` or its name).
-        threads: CPU threads the computation ran on.
         precision: ``"fp32"`` or the autocast dtype's name.
 
     Returns:
-        JSON-ready dict: device, precision, threads, deterministic mode, torch and Python
+        JSON-ready dict: device, precision, threads (torch's intra-op threads in force,
+        ``torch.get_num_threads()``, not the setting asked for), deterministic mode, torch and Python
         versions, what decides the CPU kernels (:func:`pipeline.numerics.numerics_record`:
         numerics mode and whether it is in force, the pins, the kernel levels of ATen, oneDNN,
         OpenBLAS and numpy, the MKL and oneDNN versions, the CPU's vendor, family/model/stepping,
@@ -169,7 +171,7 @@ def environment_record(device: Any, threads: int, precision: str = "fp32") -> di
     import torch  # local: see compute_threads
 
     record = {
-        "device": str(device), "precision": precision, "threads": int(threads),
+        "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
         "deterministic": bool(torch.are_deterministic_algorithms_enabled()),
         "torch": torch.__version__, "python": platform.python_version(),
         **numerics_record(),

@@ -793,7 +793,7 @@ def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, sta
         pd.DataFrame(curves, columns=list(CURVES_COLUMNS)).to_csv(tmp, index=False)
     record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
                               "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
-                              "environment": environment_record(state.device, cfg.threads, cfg.precision),
+                              "environment": environment_record(state.device, cfg.precision),
                               "execution": execution_record(state, cfg),
                               "protocols": {}}
     oof = []

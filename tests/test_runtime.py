@@ -90,3 +90,12 @@ def test_openmp_waits_passively_unless_the_user_chose(preset, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [expected, expected]
+
+
+def test_the_environment_record_holds_the_threads_in_force_not_a_setting():
+    import torch
+
+    before = torch.get_num_threads()
+    with runtime.compute_threads(3):
+        assert runtime.environment_record("cpu")["threads"] == 3
+    assert runtime.environment_record("cpu")["threads"] == before == torch.get_num_threads()
