@@ -28,8 +28,10 @@ Each group (``survival``, ``ctfm``, ``petfm``) carries the physical geometry of 
 attributes ``origin_xyz``, ``spacing_xyz``, ``direction`` (9 values, row-major, SimpleITK
 order) and ``size_xyz``, so any voxel maps back to scanner millimetres. File attributes:
 ``case_id``, ``params_hash``, ``source_sha256`` (JSON: ct, pet, label), ``center_mm_xyz``
-(tumour centre used for the crop), ``tumour_volume_ml`` (on the native CT grid),
-``fingerprint`` (:meth:`PreprocessedCache.case_fingerprint`), ``code_version``.
+(tumour centre used for the crop; :data:`CENTER_MM_XYZ`), ``native_center_mm_xyz`` and
+``center_source`` (the centre measured on the native label grid, and how), ``tumour_volume_ml``
+(on the native CT grid), ``fingerprint`` (:meth:`PreprocessedCache.case_fingerprint`),
+``code_version``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ CTFM_CT = ENCODERS["ct"].input_key
 PETFM_PET = ENCODERS["pet"].input_key
 #: Every dataset of a case file, in write order.
 CASE_DATASETS: tuple[str, ...] = (SURVIVAL_PET, SURVIVAL_CT, SURVIVAL_MASK, CTFM_CT, PETFM_PET)
+
+#: Case-file attributes of the tumour's centre, the one spelling of their names for the writer
+#: (:mod:`pipeline.preprocess.case`) and the readers (:mod:`pipeline.qc`). They are on-disk
+#: schema that existing caches hold, so they keep the spelling they were written with: "center",
+#: as in HECKTOR's ``CenterID`` and the manifest's ``center_id``. The code's word for the idea is
+#: "centre": :class:`pipeline.preprocess.locate.TumourLocation`'s ``centre_mm_xyz``,
+#: ``native_centre_mm_xyz`` and ``centre_source`` are stored under these three names.
+CENTER_MM_XYZ = "center_mm_xyz"
+NATIVE_CENTER_MM_XYZ = "native_center_mm_xyz"
+CENTER_SOURCE = "center_source"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.cache import CENTER_MM_XYZ, CENTER_SOURCE
+
 #: CT display window (HU): soft tissue, W 400 / L 40.
 CT_WINDOW = (-160.0, 240.0)
 
@@ -69,7 +71,7 @@ def case_picture(ct_path: str | os.PathLike, pet_path: str | os.PathLike, label_
 
     Args:
         ct_path, pet_path, label_path: the native images (a manifest row's files).
-        attrs: the case's cache attributes (``center_mm_xyz``, ``crop_origin_xyz``,
+        attrs: the case's cache attributes (:data:`~pipeline.cache.CENTER_MM_XYZ`, ``crop_origin_xyz``,
             ``crop_size_vox_xyz``).
         spacing_xyz: the cache's resampling spacing (mm), the crop grid's.
         out_png: where to write.
@@ -87,7 +89,7 @@ def case_picture(ct_path: str | os.PathLike, pet_path: str | os.PathLike, label_
     ct = sitk.ReadImage(str(ct_path))
     pet = sitk.ReadImage(str(pet_path))
     label = sitk.ReadImage(str(label_path))
-    centre = ct.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in attrs["center_mm_xyz"]))
+    centre = ct.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in attrs[CENTER_MM_XYZ]))
     size = ct.GetSize()
     idx = [int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, size)]
     box = _crop_box_index(ct, attrs["crop_origin_xyz"], attrs["crop_size_vox_xyz"], spacing_xyz)
@@ -197,7 +199,7 @@ def cache_pictures(manifest_path: str | os.PathLike, cache_root: str | os.PathLi
         flags = list(more.get("flags", []))
         if not bool(attrs.get("tumour_fits_crop", True)):
             flags.append("tumour larger than the crop G: cut at the crop border")
-        lines = [f"tumour {float(attrs['tumour_volume_ml']):.1f} ml, centre from the {attrs.get('center_source', '')}"]
+        lines = [f"tumour {float(attrs['tumour_volume_ml']):.1f} ml, centre from the {attrs.get(CENTER_SOURCE, '')}"]
         lines += list(more.get("lines", []))
         png = case_picture(row["ct_path"], row["pet_path"], row["label_path"], attrs, spacing,
                            out_dir / f"{cid}.png", title=str(cid), lines=lines, flags=flags, tumour_labels=labels)

@@ -12,7 +12,10 @@ from functools import partial
 
 from pipeline.cache import (
     CASE_DATASETS,
+    CENTER_MM_XYZ,
+    CENTER_SOURCE,
     CTFM_CT,
+    NATIVE_CENTER_MM_XYZ,
     PETFM_PET,
     SURVIVAL_CT,
     SURVIVAL_MASK,
@@ -162,9 +165,9 @@ def _case_attrs(loc: TumourLocation, crop: GridGeometry,
     g = np.asarray(params.crop_size_vox_xyz)
     fits = bool(np.all(np.asarray(loc.crop_size_vox_xyz) <= g))
     return {
-        "center_mm_xyz": np.asarray(loc.centre_mm_xyz),
-        "native_center_mm_xyz": np.asarray(loc.native_centre_mm_xyz),
-        "center_source": loc.centre_source,
+        CENTER_MM_XYZ: np.asarray(loc.centre_mm_xyz),
+        NATIVE_CENTER_MM_XYZ: np.asarray(loc.native_centre_mm_xyz),
+        CENTER_SOURCE: loc.centre_source,
         "tumour_volume_ml": loc.volume_ml,
         "tumour_crop_size_vox_xyz": np.asarray(loc.crop_size_vox_xyz, dtype=np.int64),
         "tumour_fits_crop": fits,
