@@ -43,7 +43,8 @@ from sksurv.metrics import concordance_index_censored, cumulative_dynamic_auc
 from sksurv.metrics import integrated_brier_score as sk_ibs
 from sksurv.util import Surv
 
-#: Default horizon of the time-dependent AUROC: one year, in days.
+#: The horizon of the 1-year metrics (time-dependent AUROC, calibration, the report's events
+#: before it), in days: the one definition of that year.
 ONE_YEAR_DAYS = 365.0
 
 # Reasons a metric can be undefined: stable codes, stored in run folders and compared in

@@ -64,6 +64,7 @@ from pipeline.layout import (
 )
 from pipeline.metrics import (
     NO_VALID_EPOCH,
+    ONE_YEAR_DAYS,
     c_index_or_nan,
     c_index_value,
     metric_value,
@@ -836,7 +837,7 @@ def protocol_record(cohort: SurvivalCohort, data: FoldData, sel: Selected,
     risk = sel.evaluation.risk[data.outer]
     ci = c_index_value(cohort.time[data.outer], cohort.event[data.outer], risk)
     auc = metric_value(time_dependent_auc, cohort.time[train_rows], cohort.event[train_rows],
-                       cohort.time[data.outer], cohort.event[data.outer], risk, horizon=365.0)
+                       cohort.time[data.outer], cohort.event[data.outer], risk, horizon=ONE_YEAR_DAYS)
     return {
         "selected_epoch": sel.epoch,
         "selection_c_index": sel.score,

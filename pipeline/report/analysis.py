@@ -14,7 +14,7 @@ import pandas as pd
 from pipeline.artefacts import code_version, utc_now
 from pipeline.embedding_sets import embedding_set
 from pipeline.layout import EVAL_COLUMNS
-from pipeline.metrics import TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
+from pipeline.metrics import ONE_YEAR_DAYS, TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
 from pipeline.stats import (
     breslow_survival,
     calibration_at,
@@ -27,7 +27,6 @@ from pipeline.stats import (
 )
 from pipeline.report.collect import ModelRef, StudyData, held_out
 from pipeline.report.labels import (
-    HORIZON,
     LOSS_COLUMNS,
     N_BOOT,
     PROTOCOL_LABELS,
@@ -64,9 +63,10 @@ def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.D
     of every repeat, clipped to [0, 1] with ``c_clipped`` / ``auc_clipped`` set when it
     left that range; folds share training cases, so it is narrower than the truth: read
     the paired comparisons for differences). Columns: ``protocol, config, kind, group,
-    d, n_done, n_folds, n_splits, c_mean, c_sd, c_n, c_low, c_high, c_clipped, auc_mean,
-    auc_sd, auc_n, auc_low, auc_high, auc_clipped, sel_mean``; ``c_n``/``auc_n`` are the
-    defined folds.
+    d, n_done, n_folds, n_repeats, c_mean, c_sd, c_n, c_low, c_high, c_clipped, auc_mean,
+    auc_sd, auc_n, auc_low, auc_high, auc_clipped, sel_mean``; ``n_folds`` counts the fold
+    slots over every repeat (folds per split x ``n_repeats``, the splits the records hold:
+    CV repeats where the records are the CV splits'); ``c_n``/``auc_n`` are the defined folds.
 
     Args:
         records: :func:`collect_records` / :func:`collect_peer_records` rows (one per fold
@@ -85,7 +85,7 @@ def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.D
             "protocol": proto, "config": config, "kind": g["kind"].iloc[0] if "kind" in g else "cnn",
             "group": g["group"].iloc[0], "d": g["d"].iloc[0],
             "n_done": int(len(fin)), "n_folds": int(n_folds if n_folds is not None else len(g)),
-            "n_splits": int(g["split"].nunique()) if "split" in g else 1,
+            "n_repeats": int(g["split"].nunique()) if "split" in g else 1,
             "c_mean": c["mean"], "c_sd": c["sd"], "c_n": c["n_defined"], "c_low": c_ci["low"],
             "c_high": c_ci["high"], "c_clipped": c_ci["clipped"],
             "auc_mean": a["mean"], "auc_sd": a["sd"], "auc_n": a["n_defined"],
@@ -231,7 +231,7 @@ def loco_centre_table(folds: pd.DataFrame, survival: pd.DataFrame, centres: Sequ
         held = held_out(folds, survival, LOCO, k)
         t, e = held["time"].to_numpy(float), held["event"].to_numpy(int)
         out.append({"fold": k, "centre": centre, "n": int(len(held)), "events": int(e.sum()),
-                    "events_before_365": int(((t <= HORIZON) & (e == 1)).sum())})
+                    "events_before_365": int(((t <= ONE_YEAR_DAYS) & (e == 1)).sum())})
     return out
 
 
@@ -294,7 +294,7 @@ def _pooled_c(oof: pd.DataFrame | None) -> float | None:
 
 
 def survival_analysis(predictions: pd.DataFrame, model: ModelRef, protocol: str, splits: Sequence[str],
-                      n_folds: int, *, horizon: float = HORIZON, n_groups: int = 5) -> dict[str, Any]:
+                      n_folds: int, *, horizon: float = ONE_YEAR_DAYS, n_groups: int = 5) -> dict[str, Any]:
     """Integrated Brier score, calibration at ``horizon`` and risk-group KM of one model.
 
     Per fold, the Breslow baseline hazard is fitted on that fold's TRAINING risks and
@@ -916,7 +916,7 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
         identical=identical_groups(records, data.peer_fits),
         paired_vs_baseline=paired, paired_vs_clinical_cox=vs_clinical,
         loco=loco_results(records, data.predictions, centres, data.models, protocols),
-        survival=SurvivalSection(protocol=sel, horizon_days=HORIZON, models=survival),
+        survival=SurvivalSection(protocol=sel, horizon_days=ONE_YEAR_DAYS, models=survival),
         training=TrainingSection(curves=learning_curves(curves0, cells0), cells=cells,
                                  summary=training_summary(cells)),
         compute=compute_summary(records), undefined=undefined_metrics(records), records=records,

@@ -22,7 +22,6 @@ PROTOCOL_ORDER = ("inner", "paper")
 PEER_LABELS = {"clinical": "peer: clinical Cox", "radiomics": "peer: radiomics-lite Cox"}
 #: Range of the bounded metrics: their t-intervals are clipped to it (and say so).
 UNIT_RANGE = (0.0, 1.0)
-HORIZON = 365.0
 N_BOOT = 2000
 #: Learning-curve columns of ``curves.csv`` drawn (any may be missing in older runs), with
 #: :data:`pipeline.layout.EVAL_COLUMNS`.

@@ -174,12 +174,18 @@ def ablation_table(summary: pd.DataFrame | list[dict[str, Any]],
     return pd.DataFrame(rows)
 
 
+def _repeats(row: Any) -> int:
+    """CV repeats of a summary row: ``n_repeats`` (``n_splits`` in results written before
+    schema 4)."""
+    return int(row.get("n_repeats", row.get("n_splits", 1)))
+
+
 def ci_table(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
     """Repeated-CV table: mean [95 % t-interval, clipped to [0, 1]] per model."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
         row = {"model": model_label(first["group"]), "embeddings": embedding_label(first["group"]),
-               "d": d, "repeats": int(first.get("n_splits", 1)),
+               "d": d, "repeats": _repeats(first),
                "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
             r, short = g.loc[proto], SHORT_PROTOCOL[proto]

@@ -19,8 +19,9 @@ import pandas as pd
 from pipeline.report.labels import clean
 
 #: Version of the results layout. ``environment``, ``seeds`` and ``selection`` are optional:
-#: results written before them lack them.
-RESULTS_SCHEMA = 3
+#: results written before them lack them. Schema 4: a summary row's CV repeats are
+#: ``n_repeats`` (``n_splits`` before).
+RESULTS_SCHEMA = 4
 
 
 @dataclass
