@@ -551,6 +551,47 @@ def test_results_round_trip_through_json_and_refuse_a_foreign_file(fake):
         results.Results.from_json({"schema": 2})
 
 
+def _undeclared_keys(value, tp, path: str = "") -> list[str]:
+    """Keys of ``value`` that its TypedDict ``tp`` (reached through lists, maps and unions)
+    does not declare, and declared required keys it lacks."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return min((_undeclared_keys(value, arm, path) for arm in args if arm is not type(None)), key=len)
+    if typing.is_typeddict(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        out = [f"{path}.{k} (undeclared in {tp.__name__})" for k in value if k not in hints]
+        out += [f"{path}.{k} (required by {tp.__name__})" for k in tp.__required_keys__ if k not in value]
+        return out + [e for k, v in value.items() if k in hints for e in _undeclared_keys(v, hints[k], f"{path}.{k}")]
+    if origin is list and isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _undeclared_keys(v, args[0], f"{path}[{i}]")]
+    if origin is dict and isinstance(value, dict) and args:
+        return [e for k, v in value.items() for e in _undeclared_keys(v, args[1], f"{path}[{k!r}]")]
+    return []
+
+
+def test_every_section_of_results_json_has_the_keys_its_type_declares(fake, seeded):
+    """The types of :class:`pipeline.report.results.Results` name every key the analyses write
+    (a new key is added to its TypedDict, or this fails naming it)."""
+    import dataclasses
+    import typing
+
+    for js in (fake["js"], seeded["js"]):
+        typed = results.Results.from_json(js)
+        errors = []
+        for f in dataclasses.fields(results.Results):
+            value, tp = getattr(typed, f.name), typing.get_type_hints(results.Results)[f.name]
+            if dataclasses.is_dataclass(value):
+                hints = typing.get_type_hints(type(value))
+                errors += [e for g in dataclasses.fields(value)
+                           for e in _undeclared_keys(getattr(value, g.name), hints[g.name], f"{f.name}.{g.name}")]
+            else:
+                errors += _undeclared_keys(value, tp, f.name)
+        assert not errors, errors[:10]
+
+
 def test_table1_rows_read_their_own_protocol_out_of_fold_risks(fake):
     """Each protocol's Table 1 baseline row equals the mean over folds of the C-index (Harrell,
     lifelines) and 1-year AUROC of that protocol's own out-of-fold risks, read from oof.csv; the

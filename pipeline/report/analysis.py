@@ -49,7 +49,29 @@ from pipeline.report.noise import (
     selection_ties,
     within_training_noise,
 )
-from pipeline.report.results import RESULTS_SCHEMA, CellCount, Results, SurvivalSection, TrainingSection
+from pipeline.report.results import (
+    RESULTS_SCHEMA,
+    AnalysisRun,
+    CellCount,
+    CellTraining,
+    ComputeSummary,
+    Facts,
+    Headline,
+    IdenticalGroup,
+    LearningCurves,
+    LocoCentre,
+    LocoSection,
+    PairedRow,
+    Results,
+    SeedsSection,
+    SelectionSection,
+    StudyRecord,
+    SurvivalModel,
+    SurvivalSection,
+    TrainingSection,
+    TrainingSummary,
+    UndefinedMetric,
+)
 from pipeline.study_spec import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
 
 # --- 2. analyses: frames -> plain data ---------------------------------------------------------
@@ -181,7 +203,7 @@ def split_oof(predictions: pd.DataFrame, model: ModelRef, split: str, protocol: 
 
 def paired_comparisons(predictions: pd.DataFrame, models: Sequence[ModelRef], reference: ModelRef,
                        protocol: str, splits: Sequence[str], n_folds: int, *, n_boot: int = N_BOOT,
-                       seed: int = 0) -> list[dict[str, Any]]:
+                       seed: int = 0) -> list[PairedRow]:
     """Each model vs ``reference`` on identical folds: Δ C-index with CI and p-values.
 
     Uses every CV repeat (``splits``, ``cv<r>``) that both have finished (all folds); the
@@ -224,7 +246,7 @@ def paired_comparisons(predictions: pd.DataFrame, models: Sequence[ModelRef], re
     return out
 
 
-def loco_centre_table(folds: pd.DataFrame, survival: pd.DataFrame, centres: Sequence[str]) -> list[dict[str, Any]]:
+def loco_centre_table(folds: pd.DataFrame, survival: pd.DataFrame, centres: Sequence[str]) -> list[LocoCentre]:
     """Per LOCO fold: ``fold, centre, n, events, events_before_365``."""
     out = []
     for k, centre in enumerate(centres):
@@ -235,8 +257,8 @@ def loco_centre_table(folds: pd.DataFrame, survival: pd.DataFrame, centres: Sequ
     return out
 
 
-def loco_results(records: pd.DataFrame, predictions: pd.DataFrame, centres: list[dict[str, Any]],
-                 models: Sequence[ModelRef], protocols: Sequence[str]) -> dict[str, Any]:
+def loco_results(records: pd.DataFrame, predictions: pd.DataFrame, centres: list[LocoCentre],
+                 models: Sequence[ModelRef], protocols: Sequence[str]) -> LocoSection:
     """Leave-one-centre-out: per held-out centre metrics and the pooled result per model.
 
     Per centre: C-index and 1-year AUROC, or the reason they are undefined (a centre
@@ -294,7 +316,7 @@ def _pooled_c(oof: pd.DataFrame | None) -> float | None:
 
 
 def survival_analysis(predictions: pd.DataFrame, model: ModelRef, protocol: str, splits: Sequence[str],
-                      n_folds: int, *, horizon: float = ONE_YEAR_DAYS, n_groups: int = 5) -> dict[str, Any]:
+                      n_folds: int, *, horizon: float = ONE_YEAR_DAYS, n_groups: int = 5) -> SurvivalModel:
     """Integrated Brier score, calibration at ``horizon`` and risk-group KM of one model.
 
     Per fold, the Breslow baseline hazard is fitted on that fold's TRAINING risks and
@@ -388,7 +410,7 @@ def selected_models(models: Sequence[ModelRef], t1: pd.DataFrame) -> list[ModelR
     return [by_name[n] for n in dict.fromkeys(names) if n in by_name]
 
 
-def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = None) -> list[IdenticalGroup]:
     """Configurations of one model family whose every per-fold result is identical, and why.
 
     Two configurations are identical when they have the same finished folds and the same
@@ -451,7 +473,7 @@ def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame 
             f"per encoder whatever d, so {same} fit the same model")
 
 
-def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRST_SPLIT) -> dict[str, Any]:
+def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRST_SPLIT) -> LearningCurves:
     """Fold-mean learning curves per configuration of one split.
 
     x = epochs completed: 0 is the evaluation before the first step (``done.json``
@@ -488,7 +510,7 @@ def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRS
     return {"split": split, "columns": cols, "configs": out}
 
 
-def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFrame) -> list[dict[str, Any]]:
+def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFrame) -> list[CellTraining]:
     """Per finished CNN cell: segmentation Dice and train C-index at the start and at the end.
 
     ``dice_start`` / ``train_c_start``: before the first step; ``dice_end`` /
@@ -520,7 +542,7 @@ def _int_or_none(x: Any) -> int | None:
     return int(x) if finite(x) else None
 
 
-def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def training_summary(cells: list[CellTraining]) -> TrainingSummary:
     """Means over cells of Dice / train C-index at start and end, and how many cells selected
     their last epoch (per protocol): a sign that training had not converged."""
     df = pd.DataFrame(cells)
@@ -545,7 +567,7 @@ def training_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]],
              oracle_c_index: float | None = None,
-             noise: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+             noise: dict[str, dict[str, Any]] | None = None) -> Headline:
     """The first screen: Table 1's rows (baseline, best d per embedding set, peers) per
     protocol, unbiased first, each with its paired Δ C-index vs the baseline and 95 % CI.
 
@@ -730,7 +752,7 @@ def _baseline_training_text(facts: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
+def analyses_run(spec: StudySpec) -> list[AnalysisRun]:
     """Which analysis ran on which models (stated in the report and results.json)."""
     cnn = spec.cnn_splits()
     peers = [p.name for p in spec.peer_list()]
@@ -750,7 +772,7 @@ def analyses_run(spec: StudySpec) -> list[dict[str, Any]]:
            "cnn": [FIRST_SPLIT], "peers": []}] if spec.seed_configurations() else [])
 
 
-def study_facts(study: dict[str, Any]) -> dict[str, Any]:
+def study_facts(study: StudyRecord) -> Facts:
     """What the headline sentences and the stamp need from ``study.json``."""
     spec, cohort, info = study.get("spec", {}), study.get("cohort", {}), study.get("info", {})
     return {"random_init": bool((study.get("embeddings") or {}).get("random_init")),
@@ -764,7 +786,7 @@ MIN_BASELINE_TRAIN_C = 0.55
 MIN_BASELINE_STEPS = 50
 
 
-def baseline_training(cells: list[dict[str, Any]], train: dict[str, Any]) -> dict[str, Any]:
+def baseline_training(cells: list[CellTraining], train: dict[str, Any]) -> Facts:
     """How far the baseline trained: ``baseline_train_c`` (mean train C-index after the last
     epoch over its finished cells), ``baseline_steps`` (fewest optimiser steps of a cell:
     epochs run x ``steps_per_epoch``) and ``baseline_barely_trained`` (either below its floor,
@@ -781,14 +803,14 @@ def baseline_training(cells: list[dict[str, Any]], train: dict[str, Any]) -> dic
     return {"baseline_train_c": train_c, "baseline_steps": fewest, "baseline_barely_trained": bool(barely)}
 
 
-def stamp_text(facts: dict[str, Any]) -> str | None:
+def stamp_text(facts: Facts) -> str | None:
     """The warning every figure carries, or None for pretrained encoders on real data."""
     parts = (["RANDOM-INIT ENCODERS"] if facts.get("random_init") else []) + \
         (["SYNTHETIC COHORT"] if facts.get("synthetic") else [])
     return " + ".join(parts) + ": tests the pipeline, not the foundation models" if parts else None
 
 
-def settings_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[str]]:
+def settings_rows(spec: StudySpec, study: StudyRecord) -> list[list[str]]:
     """``[item, value]`` rows of the report's "Data and settings" table."""
     info, emb, cohort = study.get("info", {}), study.get("embeddings") or {}, study["cohort"]
     oracle = info.get("oracle_c_index")
@@ -813,7 +835,7 @@ def settings_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def provenance_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[Any]]:
+def provenance_rows(spec: StudySpec, study: StudyRecord) -> list[list[str | None]]:
     """``[item, value]`` rows of the report's provenance table."""
     emb, cohort = study.get("embeddings") or {}, study["cohort"]
     return [
@@ -831,7 +853,7 @@ def provenance_rows(spec: StudySpec, study: dict[str, Any]) -> list[list[Any]]:
     ]
 
 
-def undefined_metrics(records: pd.DataFrame) -> list[dict[str, Any]]:
+def undefined_metrics(records: pd.DataFrame) -> list[UndefinedMetric]:
     """Per metric, how many finished CV fold results have it undefined, and why.
 
     A fold result is one model, protocol and fold (a peer once: its rows repeat under each
@@ -855,7 +877,7 @@ def undefined_metrics(records: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def compute_summary(records: pd.DataFrame) -> dict[str, Any]:
+def compute_summary(records: pd.DataFrame) -> ComputeSummary:
     """CNN cell time (cells trained here) and peer time, from the records' ``seconds``."""
     if records.empty:
         return {"n_cnn_cells": 0}
@@ -930,7 +952,7 @@ def _seed_zero(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["seed"] == 0] if "seed" in frame.columns else frame
 
 
-def seeds_section(data: StudyData, protocols: Sequence[str], n_boot: int = N_BOOT) -> dict[str, Any]:
+def seeds_section(data: StudyData, protocols: Sequence[str], n_boot: int = N_BOOT) -> SeedsSection:
     """The training-noise section of the results (``results.json["seeds"]``).
 
     Returns:
@@ -963,7 +985,7 @@ def seeds_section(data: StudyData, protocols: Sequence[str], n_boot: int = N_BOO
     return out
 
 
-def selection_section(curves: pd.DataFrame, cells: pd.DataFrame, select_from_epoch: int) -> dict[str, Any]:
+def selection_section(curves: pd.DataFrame, cells: pd.DataFrame, select_from_epoch: int) -> SelectionSection:
     """The checkpoint-selection rule and how often a tie decided it (``results.json["selection"]``):
     ``{"rule", "select_from_epoch", "ties": {protocol: {"n_cells", "n_ties", "cells"}}}`` over
     every finished cell of the study, every seed included (:func:`pipeline.report.noise.selection_ties`)."""
