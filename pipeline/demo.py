@@ -40,9 +40,9 @@ DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
 #: TrainConfig overrides of the demo (see :class:`pipeline.train.TrainConfig`): 6 epochs of
 #: 15 steps (90 Adam steps of batch 8) at a learning rate of 1e-2 with one warm-up epoch and
 #: no decay, an EMA over the last ~10 steps, and selection from epoch 3 on (the 15-case inner
-#: split cannot tell apart epochs whose segmentation has not yet learnt; see the README's
-#: demo section for the measurements behind each value). A cell takes ~16-19 s on one core
-#: beside a second worker (README, Benchmarks).
+#: split cannot tell apart epochs whose segmentation has not yet learnt; see docs/study.md,
+#: "The demo preset", for the measurements behind each value). A cell takes ~16-19 s on one
+#: core beside a second worker (docs/benchmarks.md).
 DEMO_TRAIN: dict[str, Any] = {
     "epochs": 6, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 16,
     "lr": 1e-2, "warmup_epochs": 1, "lr_step_epochs": 6, "patience": 6,

@@ -76,8 +76,8 @@ def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:
     if missing:
         raise ValueError(
             f"{what}: not a manifest, missing columns {missing}. The columns are "
-            "pipeline.manifest.MANIFEST_COLUMNS (README, section \"Data: HECKTOR 2022 reader and the demo "
-            "cohort\"); write a manifest with `build-manifest HECKTOR_ROOT --out data_manifest.csv` or "
+            "pipeline.manifest.MANIFEST_COLUMNS (docs/data.md, section \"Data: HECKTOR 2022 reader and the "
+            "demo cohort\"); write a manifest with `build-manifest HECKTOR_ROOT --out data_manifest.csv` or "
             "`make-demo-cohort`")
     dup = df["case_id"][df["case_id"].duplicated()].tolist()
     if dup:
