@@ -26,7 +26,7 @@ from pipeline.extraction import run_extraction
 from pipeline.hecktor import manifest_sidecar_path
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
 
-if TYPE_CHECKING:  # annotations only: pipeline.study is slow to import, and the CLIs import this module
+if TYPE_CHECKING:  # annotations only: the CLIs import this module, which needs no study
     from pipeline.study_spec import StudySpec
 
 #: Preprocessing sizes, SimpleITK (x, y, z) order: survival CNN, CT-FM and PET-FM inputs.
@@ -59,7 +59,7 @@ DEMO_TRAIN: dict[str, Any] = {
 DEMO_REPEATS = 3
 DEMO_HEAD: dict[str, Any] = {"n_alphas": 10}
 
-#: Training seeds of the demo's baseline (:attr:`pipeline.study.StudySpec.seeds`): every demo
+#: Training seeds of the demo's baseline (:attr:`pipeline.study_spec.StudySpec.seeds`): every demo
 #: report states its own training noise (the seed SD of the baseline's 5-fold mean).
 DEMO_SEEDS = 3
 
@@ -76,7 +76,7 @@ def demo_train_options() -> dict[str, Any]:
 
 
 def demo_study_options() -> dict[str, Any]:
-    """The :class:`pipeline.study.StudySpec` fields the demo sets (a fresh copy): its training
+    """The :class:`pipeline.study_spec.StudySpec` fields the demo sets (a fresh copy): its training
     options, :data:`DEMO_REPEATS` CV repeats and LOCO for the peers and heads, the CNN grid
     on repeat 0 only, :data:`DEMO_HEAD`, and :data:`DEMO_SEEDS` seeds of the baseline."""
     return {"train": demo_train_options(), "repeats": DEMO_REPEATS, "loco": True,
@@ -151,7 +151,7 @@ def prepare_inputs(
     then the grid and the report.
 
     Args:
-        spec: the study (its manifest, cache and embeddings paths; ``pipeline.study.StudySpec``).
+        spec: the study (its manifest, cache and embeddings paths; ``pipeline.study_spec.StudySpec``).
         demo: the demo's preprocessing sizes (:func:`demo_preprocess_params`; the published
             encoders, the PET-FM sized to the demo's 64^3 input by the extraction: a 4^3
             token grid with 4^3 windows, native embedding sizes so "orig" means what it means

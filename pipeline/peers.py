@@ -64,6 +64,7 @@ from pipeline.embeddings import load_embeddings, training_fill, training_scale
 from pipeline.layout import OOF_COLUMNS, PeerRunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest, survival_cases
 from pipeline.metrics import (
+    ONE_YEAR_DAYS,
     c_index_value,
     fold_metrics,
     ibs_time_grid,
@@ -484,7 +485,7 @@ def fit_peer_run(
     features_path: str | os.PathLike | None = None,
     datasets: Sequence[str] | None = None,
     config: HeadConfig | None = None,
-    horizon: float = 365.0,
+    horizon: float = ONE_YEAR_DAYS,
 ) -> dict[str, Any]:
     """Fit one peer on the shared folds; write ``oof_predictions.csv``, ``train_risk.csv``, ``summary.json``.
 

@@ -292,7 +292,7 @@ def _train_cell(spec: StudySpec, cell: Cell, layout: RunLayout, progress: bool) 
     info = {
         "cell": cell.key, "seconds": t_end - t0, "train_seconds": t_end - t_train,
         "load_seconds": t_train - t0, "epochs_run": record.get("epochs_run"),
-        "host": platform.node(), "pid": os.getpid(), "torch_threads": cfg.threads,
+        "host": platform.node(), "pid": os.getpid(), "torch_threads": record["environment"]["threads"],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "device": "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
         "finished": utc_now(), "code_version": code_version(),
