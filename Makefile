@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-reference test test-fast clean-demo
+.PHONY: install demo demo-reference lint test test-fast clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,14 @@ demo: install
 demo-reference:
 	$(BIN)/python -m pipeline.demo_check --write
 
+# Lint and format check (ruff, configured in pyproject.toml); `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 # Two pytest workers, one test file each at a time (--dist loadfile): the documented examples
-# run in order in one of them while the other takes the rest of the suite.
-test: install
+# run in order in one of them while the other takes the rest of the suite. Lint first.
+test: install lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # CI only (root, Debian): install the real parts that the tests marked `slurm` and `browser`

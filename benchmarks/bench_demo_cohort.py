@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import os
 import resource
@@ -42,19 +44,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0, c0 = time.perf_counter(), _cpu()
-        root = generate_demo_cohort(Path(tmp) / "cohort", n_cases=args.n_cases, seed=args.seed,
-                                    workers=args.workers, spacing_scale=args.spacing_scale)
+        root = generate_demo_cohort(
+            Path(tmp) / "cohort",
+            n_cases=args.n_cases,
+            seed=args.seed,
+            workers=args.workers,
+            spacing_scale=args.spacing_scale,
+        )
         t1, c1 = time.perf_counter(), _cpu()
         manifest = build_manifest(root, Path(tmp) / "m.csv", workers=args.workers, progress=False)
         t2, c2 = time.perf_counter(), _cpu()
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        print(f"cpus={os.cpu_count()} load1={os.getloadavg()[0]:.1f} n={args.n_cases} "
-              f"workers={args.workers} spacing_scale={args.spacing_scale:g}")
-        print(f"generate: wall {t1 - t0:.1f} s, cpu {c1 - c0:.1f} s "
-              f"({(c1 - c0) / args.n_cases:.2f} cpu-s/case), {size / 2**20:.0f} MiB")
+        print(
+            f"cpus={os.cpu_count()} load1={os.getloadavg()[0]:.1f} n={args.n_cases} "
+            f"workers={args.workers} spacing_scale={args.spacing_scale:g}"
+        )
+        print(
+            f"generate: wall {t1 - t0:.1f} s, cpu {c1 - c0:.1f} s "
+            f"({(c1 - c0) / args.n_cases:.2f} cpu-s/case), {size / 2**20:.0f} MiB"
+        )
         print(f"build_manifest (sha256 + label scan): wall {t2 - t1:.1f} s, cpu {c2 - c1:.1f} s")
-        print(f"events {int(manifest['relapse'].fillna(0).sum())}/{int(manifest['has_endpoint'].sum())}, "
-              f"oracle C-index {oracle_c_index(root):.3f}")
+        print(
+            f"events {int(manifest['relapse'].fillna(0).sum())}/{int(manifest['has_endpoint'].sum())}, "
+            f"oracle C-index {oracle_c_index(root):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import platform
 import shutil
@@ -64,7 +66,8 @@ def _phantom(rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image, sitk.Ima
     lab = image_from_array(label, CT_SPACING, origin)
     px, py, pz = PET_SIZE
     pet = np.abs(rng.normal(1.0, 0.2, (pz, py, px))) + 8.0 * np.exp(
-        -(((np.arange(px) - 96) / 8.0) ** 2)[None, None, :] - (((np.arange(py) - 100) / 8.0) ** 2)[None, :, None])
+        -(((np.arange(px) - 96) / 8.0) ** 2)[None, None, :] - (((np.arange(py) - 100) / 8.0) ** 2)[None, :, None]
+    )
     pet_img = image_from_array(pet, PET_SPACING, (-348.0, -345.0, -300.0))
     return ct_img, pet_img, lab
 
@@ -121,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         written = min(write_floor(work / "out0", work / "rewrite") for _ in range(args.repeats)) / args.cases
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = (f"# import-dicom vs read floor\n\n{args.cases} case(s) of CT {CT_SIZE} + PET {PET_SIZE} + RTSTRUCT; "
-            f"best of {args.repeats}; {platform.processor() or platform.machine()}, Python {sys.version.split()[0]}\n\n"
-            f"| read floor s/case | write floor s/case | import s/case | import / read floor | "
-            f"import / (read + write floor) |\n| ---: | ---: | ---: | ---: | ---: |\n"
-            f"| {floor:.2f} | {written:.2f} | {best:.2f} | {best / floor:.2f}x | {best / (floor + written):.2f}x |\n")
+    text = (
+        f"# import-dicom vs read floor\n\n{args.cases} case(s) of CT {CT_SIZE} + PET {PET_SIZE} + RTSTRUCT; "
+        f"best of {args.repeats}; {platform.processor() or platform.machine()}, Python {sys.version.split()[0]}\n\n"
+        f"| read floor s/case | write floor s/case | import s/case | import / read floor | "
+        f"import / (read + write floor) |\n| ---: | ---: | ---: | ---: | ---: |\n"
+        f"| {floor:.2f} | {written:.2f} | {best:.2f} | {best / floor:.2f}x | {best / (floor + written):.2f}x |\n"
+    )
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import os
 import platform
@@ -48,8 +50,10 @@ from models.checkpoints import random_ct_fm, random_pet_fm
 from pipeline.artefacts import atomic_path, code_version, utc_now
 
 #: The block of ``benchmarks/encoders.md`` each device's latest run replaces.
-MARKERS = {"cpu": ("<!-- bench:begin -->", "<!-- bench:end -->"),
-           "cuda": ("<!-- bench:cuda:begin -->", "<!-- bench:cuda:end -->")}
+MARKERS = {
+    "cpu": ("<!-- bench:begin -->", "<!-- bench:end -->"),
+    "cuda": ("<!-- bench:cuda:begin -->", "<!-- bench:cuda:end -->"),
+}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -103,7 +107,7 @@ def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tupl
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     best = float("inf")
-    with torch.inference_mode(), (PeakCUDA() if cuda else PeakRSS()) as mem:
+    with torch.inference_mode(), PeakCUDA() if cuda else PeakRSS() as mem:
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
@@ -113,19 +117,31 @@ def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tupl
     return best, mem.peak_delta
 
 
-def _bench(name: str, model: torch.nn.Module, shape: tuple[int, ...], batches: list[int],
-           repeats: int, device: torch.device) -> list[dict]:
+def _bench(
+    name: str, model: torch.nn.Module, shape: tuple[int, ...], batches: list[int], repeats: int, device: torch.device
+) -> list[dict]:
     rows = []
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         model(torch.rand(1, *shape).to(device))
     for batch in batches:
         x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(device)
-        t_batch, mem_batch = _timed(lambda: model(x), repeats, device)
-        t_loop, mem_loop = _timed(lambda: [model(x[i:i + 1]) for i in range(batch)], repeats, device)
-        rows.append(dict(encoder=name, batch=batch, batched=batch / t_batch, loop=batch / t_loop,
-                         mem_batch=mem_batch / 2**20, mem_loop=mem_loop / 2**20))
-        print(f"{name:>22} B={batch}: batched {batch / t_batch:6.3f} cases/s, per-case loop "
-              f"{batch / t_loop:6.3f} cases/s, peak +{mem_batch / 2**20:7.0f} MiB", flush=True)
+        t_batch, mem_batch = _timed(lambda x=x: model(x), repeats, device)
+        t_loop, mem_loop = _timed(lambda x=x, n=batch: [model(x[i : i + 1]) for i in range(n)], repeats, device)
+        rows.append(
+            dict(
+                encoder=name,
+                batch=batch,
+                batched=batch / t_batch,
+                loop=batch / t_loop,
+                mem_batch=mem_batch / 2**20,
+                mem_loop=mem_loop / 2**20,
+            )
+        )
+        print(
+            f"{name:>22} B={batch}: batched {batch / t_batch:6.3f} cases/s, per-case loop "
+            f"{batch / t_loop:6.3f} cases/s, peak +{mem_batch / 2**20:7.0f} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -133,9 +149,11 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     """The device to measure on; ``cuda`` is refused, naming why, where CUDA is absent."""
     if name == "cuda":
         if not torch.cuda.is_available():
-            parser.error("--device cuda: CUDA is not available on this machine "
-                         "(torch.cuda.is_available() is false); run it on a CUDA host, or measure "
-                         "the CPU with --device cpu (the default)")
+            parser.error(
+                "--device cuda: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is false); run it on a CUDA host, or measure "
+                "the CPU with --device cpu (the default)"
+            )
         # "fp32" means fp32: without this, matmuls and convolutions may run in TF32 on Ampere+.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -145,19 +163,26 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 def _machine(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, fp32 with TF32 off"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {threads} torch threads; "
-            f"load average at end {', '.join(f'{v:.1f}' for v in os.getloadavg())} "
-            "(shared machine: absolute numbers are noisy)")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {threads} torch threads; "
+        f"load average at end {', '.join(f'{v:.1f}' for v in os.getloadavg())} "
+        "(shared machine: absolute numbers are noisy)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the encoders run (default cpu; cuda is refused without CUDA)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the encoders run (default cpu; cuda is refused without CUDA)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--literal-batches", type=int, nargs="+", default=[1],
-                        help="batch sizes for the slow literal PET-FM path")
+    parser.add_argument(
+        "--literal-batches", type=int, nargs="+", default=[1], help="batch sizes for the slow literal PET-FM path"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("encoders.md"))
     args = parser.parse_args()
@@ -198,17 +223,26 @@ def main() -> None:
         f"--repeats {args.repeats}`",
         f"- when: {utc_now()}; code {code_version()}; torch {torch.__version__}; {_machine(device, args.threads)}",
         "- fp32, `torch.inference_mode`, random weights; best of the repeats after one single-case warm-up per model.",
-        ("- memory = `torch.cuda.max_memory_allocated` above the level before the call." if cuda else
-         "- memory = peak RSS above the level before the call, sampled every 2 ms from /proc/self/statm."),
+        (
+            "- memory = `torch.cuda.max_memory_allocated` above the level before the call."
+            if cuda
+            else "- memory = peak RSS above the level before the call, sampled every 2 ms from /proc/self/statm."
+        ),
         "",
         f"| encoder | batch | batched cases/s | per-case loop cases/s | batched / loop | {memory} batched (MiB) "
         f"| {memory} loop (MiB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['encoder']} | {r['batch']} | {r['batched']:.3f} | {r['loop']:.3f} | "
-                     f"{r['batched'] / r['loop']:.2f} | {r['mem_batch']:.0f} | {r['mem_loop']:.0f} |")
-    lines += ["", f"- PET-FM fast vs literal at full size (1 case): max abs diff {diff:.2e} on embeddings of max |x| {scale:.2f}."]
+        lines.append(
+            f"| {r['encoder']} | {r['batch']} | {r['batched']:.3f} | {r['loop']:.3f} | "
+            f"{r['batched'] / r['loop']:.2f} | {r['mem_batch']:.0f} | {r['mem_loop']:.0f} |"
+        )
+    lines += [
+        "",
+        f"- PET-FM fast vs literal at full size (1 case): max abs diff {diff:.2e} "
+        f"on embeddings of max |x| {scale:.2f}.",
+    ]
     if lit_1 is not None:
         lines.append(f"- PET-FM fast / literal speed at batch 1: {fast_1['batched'] / lit_1['batched']:.1f}x.")
     lines.append(end)
@@ -216,7 +250,7 @@ def main() -> None:
 
     old = args.out.read_text() if args.out.is_file() else "# Encoder benchmarks\n\n" + begin + "\n" + end + "\n"
     if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     with atomic_path(args.out) as tmp:

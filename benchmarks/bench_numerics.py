@@ -46,8 +46,10 @@ def _run(cmd: list[str], mode: str) -> tuple[float, str]:
 def demo_fold(mode: str, work: Path) -> float:
     out = work / f"fold-{mode}"
     shutil.rmtree(out, ignore_errors=True)
-    seconds, _ = _run([str(BIN / "train-survival"), "--fold", "0", "--out", str(out), "--folds",
-                       str(work / "folds.json"), "--quiet"], mode)
+    seconds, _ = _run(
+        [str(BIN / "train-survival"), "--fold", "0", "--out", str(out), "--folds", str(work / "folds.json"), "--quiet"],
+        mode,
+    )
     return seconds
 
 
@@ -63,8 +65,10 @@ def demo_embeddings(mode: str, work: Path) -> float:
     out = work / f"emb-{mode}.h5"
     shutil.rmtree(work / ".shards", ignore_errors=True)
     out.unlink(missing_ok=True)
-    seconds, _ = _run([str(BIN / "extract-embeddings"), "--modality", "ctpet", "--random-init", "--out", str(out),
-                       "--no-progress"], mode)
+    seconds, _ = _run(
+        [str(BIN / "extract-embeddings"), "--modality", "ctpet", "--random-init", "--out", str(out), "--no-progress"],
+        mode,
+    )
     return seconds
 
 
@@ -74,8 +78,9 @@ WORKLOADS = {"demo fold (s)": demo_fold, "paper step (s/step)": paper_step, "dem
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="runs per mode and workload (alternating)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["fold", "paper", "embeddings"],
-                    help="workloads to leave out")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["fold", "paper", "embeddings"], help="workloads to leave out"
+    )
     args = ap.parse_args()
     skip = {"fold": "demo fold (s)", "paper": "paper step (s/step)", "embeddings": "demo embeddings (s)"}
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; median of {args.repeats} runs per mode")
@@ -90,8 +95,10 @@ def main() -> None:
                 for mode in MODES:
                     times[mode].append(fn(mode, Path(tmp)))
             med = {m: statistics.median(v) for m, v in times.items()}
-            print(f"| {name} | {med['native']:.2f} | {med['portable']:.2f} | {med['portable'] / med['native']:.2f}x |",
-                  flush=True)
+            print(
+                f"| {name} | {med['native']:.2f} | {med['portable']:.2f} | {med['portable'] / med['native']:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

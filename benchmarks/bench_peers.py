@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import os
 import platform
@@ -47,8 +49,10 @@ def synthetic_table(n: int, p: int, seed: int) -> tuple[pd.DataFrame, pd.DataFra
     t_cens = rng.uniform(300.0, 2500.0, size=n)
     ids = pd.Index([f"SYN-{i:04d}" for i in range(n)], name="case_id")
     table = pd.DataFrame(x, index=ids, columns=[f"f{j:03d}" for j in range(p)])
-    survival = pd.DataFrame({"time": np.maximum(np.round(np.minimum(t_event, t_cens)), 1.0),
-                             "event": (t_event <= t_cens).astype(int)}, index=ids)
+    survival = pd.DataFrame(
+        {"time": np.maximum(np.round(np.minimum(t_event, t_cens)), 1.0), "event": (t_event <= t_cens).astype(int)},
+        index=ids,
+    )
     return table, survival
 
 
@@ -57,8 +61,10 @@ def run(model: str, table: pd.DataFrame, survival: pd.DataFrame, folds: pd.DataF
     t0 = time.perf_counter()
     res = peers.run_head(survival, folds, blocks={"radiomics": table}, config=cfg)
     seconds = time.perf_counter() - t0
-    per_fold = [c_index(g.time.to_numpy(), g.event.to_numpy(), g.risk.to_numpy())
-                for _, g in res.oof.sort_values("fold").groupby("fold")]
+    per_fold = [
+        c_index(g.time.to_numpy(), g.event.to_numpy(), g.risk.to_numpy())
+        for _, g in res.oof.sort_values("fold").groupby("fold")
+    ]
     return {"seconds": seconds, "c_index": per_fold, "alpha": [r["alpha"] for r in res.per_fold]}
 
 
@@ -80,7 +86,7 @@ class _SksurvRidge:
 def fmt(name: str, r: dict) -> str:
     cs = ", ".join(f"{c:.4f}" for c in r["c_index"])
     alphas = ", ".join(f"{a:g}" for a in r["alpha"])
-    return (f"| {name} | {r['seconds']:.1f} | {np.mean(r['c_index']):.4f} | {cs} | {alphas} |")
+    return f"| {name} | {r['seconds']:.1f} | {np.mean(r['c_index']):.4f} | {cs} | {alphas} |"
 
 
 def main() -> None:
@@ -89,16 +95,22 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=428)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference", action="store_true",
-                        help="also time the ridge head on scikit-survival's CoxPHSurvivalAnalysis (minutes)")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the ridge head on scikit-survival's CoxPHSurvivalAnalysis (minutes)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
 
     table, survival = synthetic_table(args.cases, args.features, args.seed)
-    folds = make_folds(list(table.index), survival["time"].to_numpy(), survival["event"].to_numpy(),
-                       n_splits=args.folds, seed=42)
-    results = {"coxnet (elastic net)": run("coxnet", table, survival, folds),
-               "ridge (Newton)": run("ridge", table, survival, folds)}
+    folds = make_folds(
+        list(table.index), survival["time"].to_numpy(), survival["event"].to_numpy(), n_splits=args.folds, seed=42
+    )
+    results = {
+        "coxnet (elastic net)": run("coxnet", table, survival, folds),
+        "ridge (Newton)": run("ridge", table, survival, folds),
+    }
     if args.reference:
         newton = cox.ridge_cox_path
         cox.ridge_cox_path = _SksurvRidge()
@@ -124,9 +136,11 @@ def main() -> None:
     ref = results.get("ridge (sksurv CoxPHSurvivalAnalysis)")
     if ref is not None:
         diff = np.max(np.abs(np.asarray(ref["c_index"]) - np.asarray(ridge["c_index"])))
-        lines.append(f"Newton vs sksurv ridge: {ref['seconds'] / ridge['seconds']:.0f}x faster, "
-                     f"largest per-fold C-index difference {diff:.2e}, same penalties: "
-                     f"{ref['alpha'] == ridge['alpha']}")
+        lines.append(
+            f"Newton vs sksurv ridge: {ref['seconds'] / ridge['seconds']:.0f}x faster, "
+            f"largest per-fold C-index difference {diff:.2e}, same penalties: "
+            f"{ref['alpha'] == ridge['alpha']}"
+        )
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

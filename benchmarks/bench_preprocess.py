@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import os
 import platform
@@ -68,8 +70,9 @@ def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
         inside = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= r**2
         lab[inside] = value
         ct[inside] += 20.0
-    write_image(np.clip(ct, -1024, 3071).astype(np.int16), CT_SPACING, ct_origin,
-                root / "imagesTr" / f"{cid}__CT.nii.gz")
+    write_image(
+        np.clip(ct, -1024, 3071).astype(np.int16), CT_SPACING, ct_origin, root / "imagesTr" / f"{cid}__CT.nii.gz"
+    )
     write_image(lab, CT_SPACING, ct_origin, root / "labelsTr" / f"{cid}.nii.gz")
     del ct, lab
     pet_origin = tuple(o + rng.uniform(-4, 4) for o in (-350.0, -350.0, -400.0))
@@ -77,8 +80,9 @@ def make_case(root: Path, cid: str, rng: np.random.Generator) -> None:
     z = (np.arange(pz) * PET_SPACING[2] + pet_origin[2])[:, None, None]
     y = (np.arange(py) * PET_SPACING[1] + pet_origin[1])[None, :, None]
     x = (np.arange(px) * PET_SPACING[0] + pet_origin[0])[None, None, :]
-    pet = np.broadcast_to(np.where((x / 150.0) ** 2 + (y / 120.0) ** 2 <= 1.0, 1.0, 0.02),
-                          (pz, py, px)).astype(np.float32)
+    pet = np.broadcast_to(np.where((x / 150.0) ** 2 + (y / 120.0) ** 2 <= 1.0, 1.0, 0.02), (pz, py, px)).astype(
+        np.float32
+    )
     for _, c, r in lesions:
         d2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
         pet = pet + 8.0 * np.exp(-d2 / (2 * r**2))
@@ -121,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t0
         manifest_path = uniform_manifest(root, ids, checksums=True, has_gtvn=1)
         manifest = read_manifest(manifest_path)
-        sizes_mb = sum(os.path.getsize(p) for c in ("ct_path", "pet_path", "label_path")
-                       for p in manifest[c]) / 1e6 / len(ids)
+        sizes_mb = (
+            sum(os.path.getsize(p) for c in ("ct_path", "pet_path", "label_path") for p in manifest[c]) / 1e6 / len(ids)
+        )
 
         read_floor(manifest.iloc[:1])  # warm the page cache, so every pass reads from memory
         floor = statistics.median(read_floor(manifest))
@@ -137,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             device = args.device if backend == "torch" else "cpu"
             out = root / f"cache-{backend}"
             shutil.rmtree(out, ignore_errors=True)  # a kept workdir must not skip
-            report = run_preprocessing(manifest_path, out, fixed, workers=1, backend=backend,
-                                       device=device, progress=False)
+            report = run_preprocessing(
+                manifest_path, out, fixed, workers=1, backend=backend, device=device, progress=False
+            )
             assert sorted(report.processed) == ids, report.processed
             pass2 = report.seconds / len(ids)
             rows.append((backend, device, pass1, pass2, pass1 + pass2, (pass1 + pass2) / floor))
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Inputs: {args.cases} synthetic HECKTOR-size cases built by the benchmark: CT "
         f"{'x'.join(map(str, CT_SIZE))} int16 at {CT_SPACING} mm, PET "
-        f"{'x'.join(map(str, PET_SIZE))} float32 at {PET_SPACING} mm (other origin), uint8 label on the CT grid; gzip NIfTI, "
+        f"{'x'.join(map(str, PET_SIZE))} float32 at {PET_SPACING} mm (other origin), "
+        "uint8 label on the CT grid; gzip NIfTI, "
         f"{sizes_mb:.1f} MB per case on disk ({built} built in {build_s:.0f} s, "
         f"{len(ids) - built} reused from --workdir).",
         f"Outputs: paper sizes (survival 80x80x48, CT-FM 128x128x48, PET-FM 128^3), G = {g} "

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import os
 import subprocess
@@ -57,8 +59,9 @@ def ridge_command(_: Path) -> list[str]:
 def timed(commands: list[list[str]]) -> float:
     """Wall seconds until every command (started together) has finished; each must succeed."""
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for c in commands]
+    procs = [
+        subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
     for p, c in zip(procs, commands):
         _, err = p.communicate()
         if p.returncode != 0:
@@ -79,8 +82,10 @@ def beside_busy(command: list[str]) -> float:
 def measure(name: str, make, work: Path, pair: bool) -> list[str]:
     alone = timed([make(work / f"{name}-a")])
     busy = beside_busy(make(work / f"{name}-b"))
-    rows = [f"| {name} | alone | {alone:.1f} | 1.00x |",
-            f"| {name} | beside one CPU-bound process | {busy:.1f} | {busy / alone:.2f}x |"]
+    rows = [
+        f"| {name} | alone | {alone:.1f} | 1.00x |",
+        f"| {name} | beside one CPU-bound process | {busy:.1f} | {busy / alone:.2f}x |",
+    ]
     if pair:
         two = timed([make(work / f"{name}-c1"), make(work / f"{name}-c2")])
         rows.append(f"| {name} | two side by side (both finished) | {two:.1f} | {two / alone:.2f}x |")
@@ -102,8 +107,10 @@ def main() -> None:
         rows += measure("ridge head, 488 x 428", ridge_command, work, pair=False)
         if not args.skip_fold:
             rows += measure("CT embeddings (extract-embeddings --modality ct)", extract_command, work, pair=False)
-    print(f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"load average before {os.getloadavg()[0]:.1f}")
+    print(
+        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"load average before {os.getloadavg()[0]:.1f}"
+    )
     print("\n".join(rows))
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import argparse
 import sys
 import tempfile
@@ -30,8 +32,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in the tests
-    print("| seed | image: C | control C | C margin (> 0.15) | rho (> 0.4) | planted: C | noise C "
-          "| C margin (> 0.1) | rho (> 0.5) | rho margin (> 0.3) | seconds |")
+    print(
+        "| seed | image: C | control C | C margin (> 0.15) | rho (> 0.4) | planted: C | noise C "
+        "| C margin (> 0.1) | rho (> 0.5) | rho margin (> 0.3) | seconds |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for seed in args.seeds:
         t0 = time.perf_counter()
@@ -42,9 +46,12 @@ def main() -> None:
             (base / "planted").mkdir()
             im = image_only_margins(cohort, base / "image")
             pl = planted_margins(cohort, base / "planted")
-        print(f"| {seed} | {im['c']:.3f} | {im['c_control']:.3f} | {im['c'] - im['c_control']:.3f} | "
-              f"{im['rho']:.3f} | {pl['c']:.3f} | {pl['c_control']:.3f} | {pl['c'] - pl['c_control']:.3f} | "
-              f"{pl['rho']:.3f} | {pl['rho'] - pl['rho_control']:.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
+        print(
+            f"| {seed} | {im['c']:.3f} | {im['c_control']:.3f} | {im['c'] - im['c_control']:.3f} | "
+            f"{im['rho']:.3f} | {pl['c']:.3f} | {pl['c_control']:.3f} | {pl['c'] - pl['c_control']:.3f} | "
+            f"{pl['rho']:.3f} | {pl['rho'] - pl['rho_control']:.3f} | {time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

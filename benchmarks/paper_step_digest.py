@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pipeline  # noqa: F401  (first: pins the CPU kernels before numpy and torch load)
 
+# isort: split
+
 import hashlib
 
 import torch
@@ -37,8 +39,10 @@ def main() -> None:
         for p in model.parameters():
             digest.update(p.grad.detach().contiguous().numpy().tobytes())
         env = environment_record(device)
-    print(f"paper step: loss {loss.item():.9g}, gradients sha256 {digest.hexdigest()[:16]} "
-          f"(numerics {env['numerics']}, ATen {env['cpu_capability']}, oneDNN {env['onednn_isa']})")
+    print(
+        f"paper step: loss {loss.item():.9g}, gradients sha256 {digest.hexdigest()[:16]} "
+        f"(numerics {env['numerics']}, ATen {env['cpu_capability']}, oneDNN {env['onednn_isa']})"
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cell import floor_per_step  # noqa: E402
+
 from models.deepmts import DeepMTS, DeepMTSConfig  # noqa: E402
 from models.losses import deepmts_loss  # noqa: E402
 from pipeline.runtime import deterministic_kernels  # noqa: E402
@@ -38,9 +39,13 @@ def make_batch(batch: int, device: torch.device, channels_last: bool) -> dict:
     image = torch.randn(batch, 2, *SIZE, generator=g).to(device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
-    return {"image": image, "mask": mask.to(device), "clinical": torch.randn(batch, 13, generator=g).to(device),
-            "time": torch.arange(1.0, batch + 1.0, device=device) * 100,
-            "event": torch.ones(batch, dtype=torch.bool, device=device)}
+    return {
+        "image": image,
+        "mask": mask.to(device),
+        "clinical": torch.randn(batch, 13, generator=g).to(device),
+        "time": torch.arange(1.0, batch + 1.0, device=device) * 100,
+        "event": torch.ones(batch, dtype=torch.bool, device=device),
+    }
 
 
 def make_model(device: torch.device, channels_last: bool) -> DeepMTS:
@@ -49,8 +54,15 @@ def make_model(device: torch.device, channels_last: bool) -> DeepMTS:
     return model.to(memory_format=torch.channels_last_3d) if channels_last else model
 
 
-def floor(device: torch.device, steps: int, *, batch: int = 8, deterministic: bool = True,
-          benchmark: bool = False, channels_last: bool = False) -> float:
+def floor(
+    device: torch.device,
+    steps: int,
+    *,
+    batch: int = 8,
+    deterministic: bool = True,
+    benchmark: bool = False,
+    channels_last: bool = False,
+) -> float:
     torch.backends.cudnn.benchmark = benchmark
     model = make_model(device, channels_last)
     ctx = deterministic_kernels() if deterministic else contextlib.nullcontext()
@@ -60,12 +72,14 @@ def floor(device: torch.device, steps: int, *, batch: int = 8, deterministic: bo
 
 def settings_table(device: torch.device, steps: int) -> None:
     print("| setting | floor s/step | ms per case |\n| --- | ---: | ---: |")
-    rows = [("deterministic (as training runs), contiguous, batch 8", {}),
-            ("not deterministic, autotuner off", {"deterministic": False}),
-            ("not deterministic, autotuner on", {"deterministic": False, "benchmark": True}),
-            ("deterministic, channels-last 3D", {"channels_last": True}),
-            ("deterministic, batch 16", {"batch": 16}),
-            ("deterministic, batch 32", {"batch": 32})]
+    rows = [
+        ("deterministic (as training runs), contiguous, batch 8", {}),
+        ("not deterministic, autotuner off", {"deterministic": False}),
+        ("not deterministic, autotuner on", {"deterministic": False, "benchmark": True}),
+        ("deterministic, channels-last 3D", {"channels_last": True}),
+        ("deterministic, batch 16", {"batch": 16}),
+        ("deterministic, batch 32", {"batch": 32}),
+    ]
     for name, kw in rows:
         sec = floor(device, steps, **kw)
         print(f"| {name} | {sec:.4f} | {sec / kw.get('batch', 8) * 1000:.1f} |", flush=True)
@@ -97,10 +111,12 @@ def trace(device: torch.device, steps: int) -> None:
     events = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.device_time for e in kernels)
-    wall_us = (max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events()))
-    print(f"\ntrace of {steps} steps: {len(kernels) / steps:.0f} GPU kernels per step, GPU busy "
-          f"{busy_us / steps / 1000:.1f} ms of {wall_us / steps / 1000:.1f} ms wall per step "
-          f"({100 * busy_us / wall_us:.0f} %)")
+    wall_us = max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events())
+    print(
+        f"\ntrace of {steps} steps: {len(kernels) / steps:.0f} GPU kernels per step, GPU busy "
+        f"{busy_us / steps / 1000:.1f} ms of {wall_us / steps / 1000:.1f} ms wall per step "
+        f"({100 * busy_us / wall_us:.0f} %)"
+    )
     print(events.table(sort_by="device_time_total", row_limit=15, max_name_column_width=60))
 
 
@@ -112,8 +128,10 @@ def main() -> None:
         print("no CUDA: nothing to profile")
         return
     device = torch.device("cuda")
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-          f"{torch.cuda.get_device_name(0)}")
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        f"{torch.cuda.get_device_name(0)}"
+    )
     settings_table(device, args.steps)
     trace(device, 5)
 

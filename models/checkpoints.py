@@ -32,8 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.ct_fm import CTFMEncoder
-from models.pet_fm import PETFMEncoder
 from models.digest import sha256_file
+from models.pet_fm import PETFMEncoder
 
 __all__ = [
     "CT_FM_NAME",
@@ -138,7 +138,7 @@ def _strip_prefix(state_dict: Mapping[str, Any], prefix: str, *, source: str) ->
     """Remove ``prefix`` from every key that has it; refuse a resulting name clash."""
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        new = key[len(prefix):] if key.startswith(prefix) else key
+        new = key[len(prefix) :] if key.startswith(prefix) else key
         if new in out:
             raise CheckpointError(f"{source}: key {new!r} appears both with and without the {prefix!r} prefix")
         out[new] = value
@@ -227,14 +227,15 @@ def read_pet_fm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{path}: expected a state dict (or a training dict with 'model_state_dict'), "
-                              f"found {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict (or a training dict with 'model_state_dict'), found {type(obj).__name__}"
+        )
     bad_names = [repr(k) for k in obj if not isinstance(k, str)]
     if bad_names:
         raise CheckpointError(f"{path}: state dict has non-string keys: {_listing(bad_names)}")
     state = _strip_prefix(obj, "module.", source=str(path))
     if any(k.startswith("image_encoder.") for k in state):
-        state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        state = {k[len("image_encoder.") :]: v for k, v in state.items() if k.startswith("image_encoder.")}
     elif "patch_embed.proj.weight" not in state:
         raise CheckpointError(
             f"{path}: no PET-FM image-encoder weights found (no 'image_encoder.*' keys and no bare "

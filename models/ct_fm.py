@@ -37,13 +37,13 @@ class CTFMEncoder(SegResEncoder):
         the last feature map. ``forward_features`` returns all level maps.
     """
 
-    def __init__(self, in_channels: int = 1, init_filters: int = 32,
-                 blocks_down: Sequence[int] = (1, 2, 2, 4, 4)) -> None:
+    def __init__(
+        self, in_channels: int = 1, init_filters: int = 32, blocks_down: Sequence[int] = (1, 2, 2, 4, 4)
+    ) -> None:
         blocks_down = tuple(int(b) for b in blocks_down)
         if not blocks_down or min(blocks_down) < 1:
             raise ValueError(f"blocks_down must be a non-empty sequence of positive ints, got {blocks_down!r}")
-        super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_channels,
-                         blocks_down=blocks_down)
+        super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_channels, blocks_down=blocks_down)
         self.embedding_dim = init_filters * 2 ** (len(blocks_down) - 1)
         self.requires_grad_(False)
         super().train(False)

@@ -109,9 +109,7 @@ class DAFTBlock(nn.Module):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"DAFT expects x of shape [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}")
         if tab.dim() != 2 or tab.shape[0] != x.shape[0] or tab.shape[1] != self.n_tabular:
-            raise ValueError(
-                f"DAFT expects tab of shape [{x.shape[0]}, {self.n_tabular}], got {tuple(tab.shape)}"
-            )
+            raise ValueError(f"DAFT expects tab of shape [{x.shape[0]}, {self.n_tabular}], got {tuple(tab.shape)}")
         squeeze = x.mean(dim=(2, 3, 4))
         attention = self.aux(torch.cat([squeeze, tab.to(squeeze.dtype)], dim=1))
         alpha, beta = torch.split(attention, self.in_channels, dim=1)

@@ -81,8 +81,13 @@ __all__ = [
 
 TUMOUR_INPUTS = ("gate", "binary", "soft")
 _TUPLE_FIELDS = (
-    "input_size", "seg_filters", "seg_encoder_convs", "seg_decoder_convs", "tap_filters",
-    "dense_blocks", "transition_filters",
+    "input_size",
+    "seg_filters",
+    "seg_encoder_convs",
+    "seg_decoder_convs",
+    "tap_filters",
+    "dense_blocks",
+    "transition_filters",
 )
 
 
@@ -170,10 +175,15 @@ class DeepMTSConfig:
         levels = len(self.seg_filters)
         if levels < 2:
             raise ValueError(f"seg_filters needs >= 2 levels, got {self.seg_filters}")
-        for name, expected in (("seg_encoder_convs", levels), ("tap_filters", levels),
-                               ("seg_decoder_convs", levels - 1)):
+        for name, expected in (
+            ("seg_encoder_convs", levels),
+            ("tap_filters", levels),
+            ("seg_decoder_convs", levels - 1),
+        ):
             if len(getattr(self, name)) != expected:
-                raise ValueError(f"{name} needs {expected} entries for {levels} U-Net levels, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} needs {expected} entries for {levels} U-Net levels, got {getattr(self, name)}"
+                )
         if len(self.transition_filters) != len(self.dense_blocks) or not self.dense_blocks:
             raise ValueError(
                 f"transition_filters {self.transition_filters} and dense_blocks {self.dense_blocks} "
@@ -189,8 +199,7 @@ class DeepMTSConfig:
         factor = 2 ** (levels - 1)
         if any(s % factor for s in self.input_size):
             raise ValueError(
-                f"input_size {self.input_size} (D, H, W) must be divisible by {factor} for a "
-                f"{levels}-level U-Net"
+                f"input_size {self.input_size} (D, H, W) must be divisible by {factor} for a {levels}-level U-Net"
             )
         final = densenet_output_size(self.input_size, len(self.dense_blocks))
         if any(s < 1 for s in final):
@@ -203,7 +212,7 @@ class DeepMTSConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
 
     @classmethod
-    def tiny(cls, n_clinical: int, **overrides: Any) -> "DeepMTSConfig":
+    def tiny(cls, n_clinical: int, **overrides: Any) -> DeepMTSConfig:
         """A narrow configuration at 32^3 for tests and demos: same code, small widths.
 
         Args:
@@ -213,7 +222,7 @@ class DeepMTSConfig:
         return cls.from_preset("tiny", n_clinical, **overrides)
 
     @classmethod
-    def from_preset(cls, preset: str, n_clinical: int, **overrides: Any) -> "DeepMTSConfig":
+    def from_preset(cls, preset: str, n_clinical: int, **overrides: Any) -> DeepMTSConfig:
         """A named size (:data:`PRESETS`: ``"paper"``, ``"demo"``, ``"tiny"``) plus overrides.
 
         Raises:
@@ -233,17 +242,33 @@ class DeepMTSConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "demo": dict(
-        seg_filters=(2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1), seg_decoder_convs=(1, 1, 1),
-        tap_filters=(1, 2, 2, 4), dense_stem_filters=4, dense_blocks=(1, 1, 1), growth=4,
-        bottleneck_filters=8, transition_filters=(4, 4, 8), head_units=8,
+        seg_filters=(2, 4, 4, 8),
+        seg_encoder_convs=(1, 1, 1, 1),
+        seg_decoder_convs=(1, 1, 1),
+        tap_filters=(1, 2, 2, 4),
+        dense_stem_filters=4,
+        dense_blocks=(1, 1, 1),
+        growth=4,
+        bottleneck_filters=8,
+        transition_filters=(4, 4, 8),
+        head_units=8,
         # An 8-unit head: dropout 0.5 would silence half its features at every step.
-        head_dropout=0.1, tap_norm=True,
+        head_dropout=0.1,
+        tap_norm=True,
     ),
     "tiny": dict(
-        input_size=(32, 32, 32), seg_filters=(2, 2, 4, 4, 8), seg_encoder_convs=(1, 1, 1, 1, 2),
-        seg_decoder_convs=(1, 1, 1, 1), tap_filters=(1, 2, 2, 3, 4), dense_stem_filters=4,
-        dense_blocks=(1, 2, 2), growth=4, bottleneck_filters=8, transition_filters=(4, 4, 8),
-        head_dropout=0.1, tap_norm=True,
+        input_size=(32, 32, 32),
+        seg_filters=(2, 2, 4, 4, 8),
+        seg_encoder_convs=(1, 1, 1, 1, 2),
+        seg_decoder_convs=(1, 1, 1, 1),
+        tap_filters=(1, 2, 2, 3, 4),
+        dense_stem_filters=4,
+        dense_blocks=(1, 2, 2),
+        growth=4,
+        bottleneck_filters=8,
+        transition_filters=(4, 4, 8),
+        head_dropout=0.1,
+        tap_norm=True,
     ),
 }
 
@@ -353,9 +378,13 @@ class DenseLayer(nn.Module):
     def __init__(self, in_channels: int, bottleneck: int, growth: int, dropout: float) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm3d(in_channels), nn.ReLU(inplace=True), nn.Conv3d(in_channels, bottleneck, 1),
+            nn.BatchNorm3d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(in_channels, bottleneck, 1),
             nn.Dropout(dropout),
-            nn.BatchNorm3d(bottleneck), nn.ReLU(inplace=True), nn.Conv3d(bottleneck, growth, 3, padding=1),
+            nn.BatchNorm3d(bottleneck),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(bottleneck, growth, 3, padding=1),
             nn.Dropout(dropout),
         )
 
@@ -394,15 +423,25 @@ class SurvivalDenseNet(nn.Module):
             self.blocks.append(nn.Sequential(*layers))
             #: channels of the last dense block's output (what DAFT modulates).
             self.last_block_channels = ch
-            self.transitions.append(nn.Sequential(
-                nn.BatchNorm3d(ch), nn.ReLU(inplace=True), nn.Conv3d(ch, t_filters, 1), nn.Dropout(p),
-            ))
+            self.transitions.append(
+                nn.Sequential(
+                    nn.BatchNorm3d(ch),
+                    nn.ReLU(inplace=True),
+                    nn.Conv3d(ch, t_filters, 1),
+                    nn.Dropout(p),
+                )
+            )
             self.taps.append(nn.Sequential(nn.BatchNorm3d(t_filters), nn.ReLU()))
             ch = t_filters
         self.daft = (
-            DAFTBlock(self.last_block_channels, config.n_clinical, bottleneck_factor=config.daft_bottleneck_factor,
-                      identity_init=config.daft_identity_init)
-            if config.use_daft else None
+            DAFTBlock(
+                self.last_block_channels,
+                config.n_clinical,
+                bottleneck_factor=config.daft_bottleneck_factor,
+                identity_init=config.daft_identity_init,
+            )
+            if config.use_daft
+            else None
         )
         self.pool = AvgPool3d(2, stride=2)
 
@@ -442,10 +481,14 @@ class DeepMTS(nn.Module):
         self.seg_norm = nn.BatchNorm1d(sum(config.tap_filters)) if config.tap_norm else nn.Identity()
         self.dense_norm = nn.BatchNorm1d(sum(config.transition_filters)) if config.tap_norm else nn.Identity()
         self.seg_fc = nn.Sequential(
-            nn.Dropout(config.head_dropout), nn.Linear(sum(config.tap_filters), config.head_units), nn.ReLU(),
+            nn.Dropout(config.head_dropout),
+            nn.Linear(sum(config.tap_filters), config.head_units),
+            nn.ReLU(),
         )
         self.dense_fc = nn.Sequential(
-            nn.Dropout(config.head_dropout), nn.Linear(sum(config.transition_filters), config.head_units), nn.ReLU(),
+            nn.Dropout(config.head_dropout),
+            nn.Linear(sum(config.transition_filters), config.head_units),
+            nn.ReLU(),
         )
         self.fusion = FMProjection(config.fm_dims, config.fm_proj)
         self.risk_in_features = 2 * config.head_units + config.n_clinical + self.fusion.out_dim
@@ -510,7 +553,15 @@ class DeepMTS(nn.Module):
         seg_prob, seg_taps = self.segmenter(image)
         dense_taps = self.densenet(self.tumour_map_input(image, seg_prob), clinical)
         fm_part = self.fusion(fm, reference=clinical)
-        features = torch.cat([self.seg_fc(self.seg_norm(seg_taps)), self.dense_fc(self.dense_norm(dense_taps)), clinical, fm_part.to(image.dtype)], dim=1)
+        features = torch.cat(
+            [
+                self.seg_fc(self.seg_norm(seg_taps)),
+                self.dense_fc(self.dense_norm(dense_taps)),
+                clinical,
+                fm_part.to(image.dtype),
+            ],
+            dim=1,
+        )
         risk = self.risk_head(features)[:, 0]
         return {"seg_prob": seg_prob, "risk": risk}
 

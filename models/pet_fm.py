@@ -219,7 +219,7 @@ class _Attention(nn.Module):
             return torch.logsumexp(t[:, :, :, :, lo:hi], dim=4)
 
         b_all, b_real, b_pad = lse(term_b, 0, s), lse(term_b, 0, gd), lse(term_b, gd, s)  # [B,n,gD,gH,kw]
-        c_all, c_real, c_pad = lse(term_c, 0, s), lse(term_c, 0, gh), lse(term_c, gh, s)
+        c_all, c_pad = lse(term_c, 0, s), lse(term_c, gh, s)
         # Per kw: log sum over padded (kd, kh) of exp(B + C), split into disjoint parts.
         inner_low = torch.logsumexp(torch.stack([b_pad + c_all, b_real + c_pad]), dim=0)[..., :gw]
         inner_high = (b_all + c_all)[..., gw:]
@@ -235,8 +235,9 @@ class _Attention(nn.Module):
 class _Block(nn.Module):
     """Pre-norm transformer block; ``window_size == 0`` means global attention."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int,
-                 fast_windowed: bool) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int, fast_windowed: bool
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = _Attention(dim, num_heads, rel_size=window_size if window_size > 0 else grid)
@@ -254,7 +255,7 @@ class _Block(nn.Module):
         nd, nh, nw = (d + pd) // s, (h + ph) // s, (w + pw) // s
         win = xp.view(b, nd, s, nh, s, nw, s, c).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, s, s, s, c)
         # One window at a time bounds the memory of the 14^3 x 14^3 logits.
-        out = torch.cat([self.attn.forward_literal(win[i:i + 1]) for i in range(win.shape[0])])
+        out = torch.cat([self.attn.forward_literal(win[i : i + 1]) for i in range(win.shape[0])])
         out = out.view(b, nd, nh, nw, s, s, s, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
         return out.reshape(b, nd * s, nh * s, nw * s, c)[:, :d, :h, :w]
 
@@ -323,9 +324,14 @@ class PETFMEncoder(nn.Module):
         self.patch_embed = _PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid, self.grid, self.grid, embed_dim))
         self.blocks = nn.ModuleList(
-            _Block(embed_dim, num_heads, mlp_ratio,
-                   window_size=0 if i in global_attn_indexes else window_size,
-                   grid=self.grid, fast_windowed=fast_windowed)
+            _Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                window_size=0 if i in global_attn_indexes else window_size,
+                grid=self.grid,
+                fast_windowed=fast_windowed,
+            )
             for i in range(depth)
         )
         self.neck = nn.Sequential(

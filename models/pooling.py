@@ -54,8 +54,12 @@ def use_deterministic_path(x: torch.Tensor) -> bool:
 
 
 def _plain(module: nn.Module) -> bool:
-    return (module.padding in (0, (0, 0, 0)) and not module.ceil_mode
-            and getattr(module, "dilation", 1) in (1, (1, 1, 1)) and not getattr(module, "return_indices", False))
+    return (
+        module.padding in (0, (0, 0, 0))
+        and not module.ceil_mode
+        and getattr(module, "dilation", 1) in (1, (1, 1, 1))
+        and not getattr(module, "return_indices", False)
+    )
 
 
 class MaxPool3d(nn.MaxPool3d):

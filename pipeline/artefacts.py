@@ -62,11 +62,17 @@ def code_version() -> str:
         try:
             commit = subprocess.run(
                 ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout.strip()
             dirty = subprocess.run(
                 ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout.strip()
             return f"{version}+g{commit}{'-dirty' if dirty else ''}"
         except (OSError, subprocess.SubprocessError):

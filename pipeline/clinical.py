@@ -84,8 +84,9 @@ def _codes(df: pd.DataFrame, col: str, *, strict: bool, what: str) -> np.ndarray
         raise ValueError(f"{what}: missing clinical column {col!r} (have {list(df.columns)})")
     raw = df[col]
     ids = _case_ids(df)
-    is_missing = raw.isna().to_numpy() | raw.map(
-        lambda v: isinstance(v, str) and v.strip().lower() in _MISSING_TEXT).to_numpy()
+    is_missing = (
+        raw.isna().to_numpy() | raw.map(lambda v: isinstance(v, str) and v.strip().lower() in _MISSING_TEXT).to_numpy()
+    )
     out = np.full(len(raw), np.nan)
     if col == "gender":
         text = raw.map(lambda v: v.strip().upper() if isinstance(v, str) else v)
@@ -112,8 +113,9 @@ def _codes(df: pd.DataFrame, col: str, *, strict: bool, what: str) -> np.ndarray
     if invalid.any():
         bad_ids = ids[invalid].tolist()
         values = raw[invalid].tolist()
-        msg = (f"{what}: {col} has values outside {allowed}: "
-               + ", ".join(f"{c}={v!r}" for c, v in list(zip(bad_ids, values))[:10]))
+        msg = f"{what}: {col} has values outside {allowed}: " + ", ".join(
+            f"{c}={v!r}" for c, v in list(zip(bad_ids, values))[:10]
+        )
         if strict:
             raise ValueError(msg)
         warnings.warn(msg + "; treated as missing (filled with the training value)", UserWarning, stacklevel=3)
@@ -185,8 +187,7 @@ class ClinicalTransform:
                 )
             if col in CONTINUOUS:
                 sd = float(obs.std(ddof=0))
-                params[col] = {"mean": float(obs.mean()), "sd": sd if sd > 0 else 1.0,
-                               "fill": float(np.median(obs))}
+                params[col] = {"mean": float(obs.mean()), "sd": sd if sd > 0 else 1.0, "fill": float(np.median(obs))}
             else:
                 params[col] = {"fill": float(np.quantile(obs, 0.5, method="lower"))}
         self.params_ = params

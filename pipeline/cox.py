@@ -150,8 +150,7 @@ class _CoxNewton:
         return self.basis @ gamma if self.basis is not None else gamma
 
 
-def ridge_cox_path(x: np.ndarray, time: np.ndarray, event: np.ndarray,
-                   alphas: Sequence[float]) -> list[RidgeCox]:
+def ridge_cox_path(x: np.ndarray, time: np.ndarray, event: np.ndarray, alphas: Sequence[float]) -> list[RidgeCox]:
     """Ridge Cox fits of ``x`` for each penalty in ``alphas``, in that order.
 
     Each fit starts from the previous solution (give the strongest penalty first), so a
@@ -180,10 +179,16 @@ def ridge_cox_path(x: np.ndarray, time: np.ndarray, event: np.ndarray,
     return out
 
 
-
-def inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, inner_folds: int, seed: int,
-                    n_candidates: int,
-                    fit_scores: Callable[[np.ndarray, np.ndarray], Any]) -> tuple[int, np.ndarray]:
+def inner_cv_choice(
+    x: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    *,
+    inner_folds: int,
+    seed: int,
+    n_candidates: int,
+    fit_scores: Callable[[np.ndarray, np.ndarray], Any],
+) -> tuple[int, np.ndarray]:
     """The candidate penalty with the best mean inner-CV C-index.
 
     Candidates are ordered from the strongest penalty, so ties go to the strongest. With
@@ -217,8 +222,15 @@ def inner_cv_choice(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, inner
     return best, mean
 
 
-def fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, alpha: float | None = None,
-              inner_folds: int = 3, seed: int = 42) -> tuple[RidgeCox, dict[str, Any]]:
+def fit_ridge(
+    x: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    *,
+    alpha: float | None = None,
+    inner_folds: int = 3,
+    seed: int = 42,
+) -> tuple[RidgeCox, dict[str, Any]]:
     """Ridge Cox on ``x`` with the penalty fixed or chosen by inner stratified K-fold CV.
 
     Args:
@@ -245,15 +257,21 @@ def fit_ridge(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, alpha: floa
             return np.full(len(RIDGE_ALPHAS), np.nan)
         return [c_index_or_nan(time[va], event[va], m.predict(x[va])) for m in path]
 
-    best, mean = inner_cv_choice(x, time, event, inner_folds=inner_folds, seed=seed,
-                                 n_candidates=len(RIDGE_ALPHAS), fit_scores=fit_scores)
+    best, mean = inner_cv_choice(
+        x, time, event, inner_folds=inner_folds, seed=seed, n_candidates=len(RIDGE_ALPHAS), fit_scores=fit_scores
+    )
     model = ridge_cox_path(x, time, event, RIDGE_ALPHAS[: best + 1])[-1]
-    return model, {"alpha": model.alpha, "newton_iterations": model.n_iter, "converged": model.converged,
-                   "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None}
+    return model, {
+        "alpha": model.alpha,
+        "newton_iterations": model.n_iter,
+        "converged": model.converged,
+        "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None,
+    }
 
 
-def coxnet(l1_ratio: float, alpha_min_ratio: float, n_alphas: int,
-           alphas: np.ndarray | None = None) -> CoxnetSurvivalAnalysis:
+def coxnet(
+    l1_ratio: float, alpha_min_ratio: float, n_alphas: int, alphas: np.ndarray | None = None
+) -> CoxnetSurvivalAnalysis:
     """An unfitted ``CoxnetSurvivalAnalysis``.
 
     Args:
@@ -263,13 +281,24 @@ def coxnet(l1_ratio: float, alpha_min_ratio: float, n_alphas: int,
         alphas: a given penalty path instead of its own.
     """
     kw = dict(l1_ratio=l1_ratio, alpha_min_ratio=alpha_min_ratio, max_iter=100000)
-    return CoxnetSurvivalAnalysis(alphas=alphas, **kw) if alphas is not None else \
-        CoxnetSurvivalAnalysis(n_alphas=n_alphas, **kw)
+    return (
+        CoxnetSurvivalAnalysis(alphas=alphas, **kw)
+        if alphas is not None
+        else CoxnetSurvivalAnalysis(n_alphas=n_alphas, **kw)
+    )
 
 
-def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, l1_ratio: float = 0.1,
-               n_alphas: int = 30, alpha_min_ratio: float = 0.01, inner_folds: int = 3,
-               seed: int = 42) -> tuple[CoxnetSurvivalAnalysis, float, dict[str, Any]]:
+def fit_coxnet(
+    x: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    *,
+    l1_ratio: float = 0.1,
+    n_alphas: int = 30,
+    alpha_min_ratio: float = 0.01,
+    inner_folds: int = 3,
+    seed: int = 42,
+) -> tuple[CoxnetSurvivalAnalysis, float, dict[str, Any]]:
     """Elastic-net Cox on ``x`` with the penalty chosen by inner stratified K-fold CV.
 
     The penalty path is Coxnet's own on every row; inner splits only choose a penalty of it
@@ -305,11 +334,16 @@ def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, l1_ratio: 
             return out
 
         # The path decreases, so ties go to the strongest penalty.
-        best, mean = inner_cv_choice(x, time, event, inner_folds=inner_folds, seed=seed,
-                                     n_candidates=path.shape[0], fit_scores=fit_scores)
+        best, mean = inner_cv_choice(
+            x, time, event, inner_folds=inner_folds, seed=seed, n_candidates=path.shape[0], fit_scores=fit_scores
+        )
         alpha = float(path[best])
         model = coxnet(l1_ratio, alpha_min_ratio, n_alphas, path).fit(x, surv_target(time, event))
-    info = {"alpha": alpha, "alpha_index": best, "n_alphas": int(path.shape[0]),
-            "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None,
-            "n_nonzero": int(np.sum(np.abs(model.coef_[:, best]) > 0))}
+    info = {
+        "alpha": alpha,
+        "alpha_index": best,
+        "n_alphas": int(path.shape[0]),
+        "inner_c_index": float(mean[best]) if np.isfinite(mean[best]) else None,
+        "n_nonzero": int(np.sum(np.abs(model.coef_[:, best]) > 0)),
+    }
     return model, alpha, info

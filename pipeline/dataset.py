@@ -110,7 +110,9 @@ def load_cohort(
         emb = read_embeddings(embeddings_path, cache=cache, case_ids=ids, datasets=datasets)
         embeddings = {d: emb.matrix(d) for d in emb.datasets}
         attrs = {
-            "path": str(emb.path), "sha256": emb.sha256, "file": emb.attrs,
+            "path": str(emb.path),
+            "sha256": emb.sha256,
+            "file": emb.attrs,
             "modalities": emb.dataset_attrs,  # the key run.json files hold them under
             "random_init": bool(emb.attrs.get("random_init", False)),
         }
@@ -146,8 +148,7 @@ class AugmentConfig:
             raise ValueError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
         if self.max_shift_vox < 0 or self.max_rotation_deg < 0:
             raise ValueError(
-                f"shift and rotation bounds must be >= 0, got {self.max_shift_vox}, "
-                f"{self.max_rotation_deg}"
+                f"shift and rotation bounds must be >= 0, got {self.max_shift_vox}, {self.max_rotation_deg}"
             )
 
 

@@ -15,9 +15,9 @@ import copy
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pipeline.artefacts import read_json
 from pipeline.demo_cohort import ensure_demo_cohort, oracle_c_index
@@ -44,9 +44,16 @@ DEMO_PETFM_SIZE_XYZ = (64, 64, 64)
 #: "The demo preset", for the measurements behind each value). A cell takes ~16-19 s on one
 #: core beside a second worker (docs/benchmarks.md).
 DEMO_TRAIN: dict[str, Any] = {
-    "epochs": 6, "steps_per_epoch": 15, "batch_size": 8, "eval_batch_size": 16,
-    "lr": 1e-2, "warmup_epochs": 1, "lr_step_epochs": 6, "patience": 6,
-    "ema_decay": 0.9, "select_from_epoch": 3,
+    "epochs": 6,
+    "steps_per_epoch": 15,
+    "batch_size": 8,
+    "eval_batch_size": 16,
+    "lr": 1e-2,
+    "warmup_epochs": 1,
+    "lr_step_epochs": 6,
+    "patience": 6,
+    "ema_decay": 0.9,
+    "select_from_epoch": 3,
     # The paper's shifts are +-10 voxels of 1 mm; +-3 voxels keep them at +-10 mm on the
     # demo's 3.3 mm grid (+-10 voxels would move the tumour by a third of the crop).
     "augment": {"max_shift_vox": 3},
@@ -66,8 +73,9 @@ DEMO_SEEDS = 3
 
 def demo_preprocess_params() -> PreprocessParams:
     """The demo's preprocessing parameters (paper values except the three input sizes)."""
-    return PreprocessParams(survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=DEMO_CTFM_SIZE_XYZ,
-                            petfm_size_xyz=DEMO_PETFM_SIZE_XYZ)
+    return PreprocessParams(
+        survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=DEMO_CTFM_SIZE_XYZ, petfm_size_xyz=DEMO_PETFM_SIZE_XYZ
+    )
 
 
 def demo_train_options() -> dict[str, Any]:
@@ -79,9 +87,15 @@ def demo_study_options() -> dict[str, Any]:
     """The :class:`pipeline.study_spec.StudySpec` fields the demo sets (a fresh copy): its training
     options, :data:`DEMO_REPEATS` CV repeats and LOCO for the peers and heads, the CNN grid
     on repeat 0 only, :data:`DEMO_HEAD`, and :data:`DEMO_SEEDS` seeds of the baseline."""
-    return {"train": demo_train_options(), "repeats": DEMO_REPEATS, "loco": True,
-            "cnn_extra_splits": False, "head": copy.deepcopy(DEMO_HEAD),
-            "seeds": DEMO_SEEDS, "seed_configs": ("baseline",)}
+    return {
+        "train": demo_train_options(),
+        "repeats": DEMO_REPEATS,
+        "loco": True,
+        "cnn_extra_splits": False,
+        "head": copy.deepcopy(DEMO_HEAD),
+        "seeds": DEMO_SEEDS,
+        "seed_configs": ("baseline",),
+    }
 
 
 def describes_demo_cohort(manifest: str | os.PathLike) -> bool:
@@ -104,22 +118,44 @@ def prepare_demo_cohort(manifest: str | os.PathLike, workers: int = 2) -> dict[s
     ensure_demo_cohort(manifest, workers=workers)
     side = read_json(manifest_sidecar_path(manifest))
     root = (Path(manifest).resolve().parent / side["source_root"]).resolve()
-    return {"synthetic": True, "data_source": f"synthetic demo cohort at {root} (manifest {manifest})",
-            "oracle_c_index": oracle_c_index(root)}
+    return {
+        "synthetic": True,
+        "data_source": f"synthetic demo cohort at {root} (manifest {manifest})",
+        "oracle_c_index": oracle_c_index(root),
+    }
 
 
-def _embed_study(spec: StudySpec, weights: dict[str, Any], *, random_init: bool, demo: bool, progress: bool,
-                 device: str, step: Callable[[str], Any], say: Callable[[str, str], None]) -> None:
+def _embed_study(
+    spec: StudySpec,
+    weights: dict[str, Any],
+    *,
+    random_init: bool,
+    demo: bool,
+    progress: bool,
+    device: str,
+    step: Callable[[str], Any],
+    say: Callable[[str, str], None],
+) -> None:
     """The study's embeddings: the set reading every encoder, into ``spec.embeddings``."""
     set_name = full_set()
     random = random_init or (demo and not all(weights.get(e) for e in embedding_set(set_name).encoders))
     if random:
-        say("warning", "embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the FM rows "
-                       "of this study test the pipeline and say nothing about CT-FM/PET-FM.")
+        say(
+            "warning",
+            "embeddings from RANDOMLY INITIALISED encoders (no FM weights given): the FM rows "
+            "of this study test the pipeline and say nothing about CT-FM/PET-FM.",
+        )
     kind = "RANDOM-INIT" if random else "pretrained"
     with step(f"{set_name} embeddings into {spec.embeddings} ({kind} encoders)"):
-        res = run_extraction(spec.cache_root, set_name, spec.embeddings, weights=None if random else weights,
-                             random_init=random, progress=progress, device=device)
+        res = run_extraction(
+            spec.cache_root,
+            set_name,
+            spec.embeddings,
+            weights=None if random else weights,
+            random_init=random,
+            progress=progress,
+            device=device,
+        )
         say("line", res.summary())
 
 
@@ -193,6 +229,14 @@ def prepare_inputs(
         preprocess_cohort(spec.manifest, spec.cache_root, params, workers=workers, progress=progress)
 
     if spec.embeddings is not None:
-        _embed_study(spec, weights_by_encoder(weights_options), random_init=random_init, demo=demo,
-                     progress=progress, device=device, step=step, say=say)
+        _embed_study(
+            spec,
+            weights_by_encoder(weights_options),
+            random_init=random_init,
+            demo=demo,
+            progress=progress,
+            device=device,
+            step=step,
+            say=say,
+        )
     return info

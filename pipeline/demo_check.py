@@ -63,13 +63,21 @@ def _headline(results: dict[str, Any]) -> dict[str, Any]:
     head = results["headline"]
     folds: dict[str, dict[str, list]] = {}
     for r in results.get("records") or []:
-        if (r.get("config") == "baseline" and r.get("split", FIRST_SPLIT) == FIRST_SPLIT
-                and r.get("kind", "cnn") == "cnn" and not r.get("seed")):
+        if (
+            r.get("config") == "baseline"
+            and r.get("split", FIRST_SPLIT) == FIRST_SPLIT
+            and r.get("kind", "cnn") == "cnn"
+            and not r.get("seed")
+        ):
             per = folds.setdefault(r["protocol"], {"c_index": [], "auc_1y": []})
             per["c_index"].append(r.get("c_index"))
             per["auc_1y"].append(r.get("auc_1y"))
-    return {"rows": head.get("rows"), "oracle_c_index": head.get("oracle_c_index"),
-            "training_noise": head.get("training_noise"), "baseline_folds": folds}
+    return {
+        "rows": head.get("rows"),
+        "oracle_c_index": head.get("oracle_c_index"),
+        "training_noise": head.get("training_noise"),
+        "baseline_folds": folds,
+    }
 
 
 def demo_digest(study_dir: str | Path = DEMO_STUDY, report_dir: str | Path = DEMO_REPORT) -> dict[str, Any]:
@@ -88,8 +96,13 @@ def demo_digest(study_dir: str | Path = DEMO_STUDY, report_dir: str | Path = DEM
             if path.is_file():
                 peers[f"{split}/{peer.name}"] = sha256_file(path)
     results = read_json(Path(report_dir) / "results.json")
-    return {"settings_hash": settings_hash(spec), "cells": cells, "peers": peers,
-            "headline": _headline(results), "environment": _environment(spec)}
+    return {
+        "settings_hash": settings_hash(spec),
+        "cells": cells,
+        "peers": peers,
+        "headline": _headline(results),
+        "environment": _environment(spec),
+    }
 
 
 def why_not_compared(digest: dict[str, Any], reference: dict[str, Any]) -> str | None:
@@ -110,18 +123,27 @@ def compare(digest: dict[str, Any], reference: dict[str, Any]) -> str:
     reason = why_not_compared(digest, reference)
     if reason:
         return f"demo check: not compared with the reference ({reason})."
-    cells = sorted(k for k in set(reference["cells"]) | set(digest["cells"])
-                   if reference["cells"].get(k) != digest["cells"].get(k))
-    peers = sorted(k for k in set(reference["peers"]) | set(digest["peers"])
-                   if reference["peers"].get(k) != digest["peers"].get(k))
+    cells = sorted(
+        k for k in set(reference["cells"]) | set(digest["cells"]) if reference["cells"].get(k) != digest["cells"].get(k)
+    )
+    peers = sorted(
+        k for k in set(reference["peers"]) | set(digest["peers"]) if reference["peers"].get(k) != digest["peers"].get(k)
+    )
     same_head = digest["headline"] == reference["headline"]
     if not cells and not peers and same_head:
-        return (f"demo check: identical to the reference ({len(reference['cells'])} cells and "
-                f"{len(reference['peers'])} peers, byte for byte; {REFERENCE.name}).")
-    env = sorted(k for k in set(reference["environment"]) | set(digest["environment"])
-                 if reference["environment"].get(k) != digest["environment"].get(k))
-    parts = [f"{len(cells)} of {len(reference['cells'])} cells differ"
-             + (f" ({', '.join(cells[:4])}{', ...' if len(cells) > 4 else ''})" if cells else "")]
+        return (
+            f"demo check: identical to the reference ({len(reference['cells'])} cells and "
+            f"{len(reference['peers'])} peers, byte for byte; {REFERENCE.name})."
+        )
+    env = sorted(
+        k
+        for k in set(reference["environment"]) | set(digest["environment"])
+        if reference["environment"].get(k) != digest["environment"].get(k)
+    )
+    parts = [
+        f"{len(cells)} of {len(reference['cells'])} cells differ"
+        + (f" ({', '.join(cells[:4])}{', ...' if len(cells) > 4 else ''})" if cells else "")
+    ]
     if peers:
         parts.append(f"{len(peers)} peers differ")
     if not same_head:
@@ -130,8 +152,9 @@ def compare(digest: dict[str, Any], reference: dict[str, Any]) -> str:
     return "demo check: DIFFERENT from the reference: " + "; ".join(parts) + "."
 
 
-def check_demo(study_dir: str | Path = DEMO_STUDY, report_dir: str | Path = DEMO_REPORT,
-               reference: str | Path = REFERENCE) -> str:
+def check_demo(
+    study_dir: str | Path = DEMO_STUDY, report_dir: str | Path = DEMO_REPORT, reference: str | Path = REFERENCE
+) -> str:
     """:func:`compare` of a finished demo with the committed reference."""
     if not Path(reference).is_file():
         return f"demo check: no reference at {reference} to compare with (make demo-reference writes one)."
@@ -155,9 +178,11 @@ def readme_block(reference: dict[str, Any]) -> str:
     unbiased protocol with their paired Δ."""
     head = reference["headline"]
     rows_of = head["rows"] or {}
-    lines = ["| protocol | baseline C-index, mean of 5 folds (folds) | 1-year AUROC (defined folds) | "
-             "training noise: seed SD of the 5-fold mean (seeds) |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "| protocol | baseline C-index, mean of 5 folds (folds) | 1-year AUROC (defined folds) | "
+        "training noise: seed SD of the 5-fold mean (seeds) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for proto, rows in rows_of.items():
         base = next(r for r in rows if r.get("config") == "baseline")
         folds = head["baseline_folds"].get(proto, {}).get("c_index", [])
@@ -165,34 +190,45 @@ def readme_block(reference: dict[str, Any]) -> str:
         lines.append(
             f"| {_PROTOCOL_NAMES.get(proto, proto)} | **{_f(base['c_mean'])}** ({', '.join(_f(c) for c in folds)}) | "
             f"{_f(base['auc_mean'])} ({base['auc_n']} of {base['n_folds']}) | "
-            + (f"{_f(noise['sd'])} ({noise['n_seeds']})" if noise else "-") + " |")
+            + (f"{_f(noise['sd'])} ({noise['n_seeds']})" if noise else "-")
+            + " |"
+        )
     if head.get("oracle_c_index") is not None:
         lines.append(f"| oracle (true linear predictor) | {_f(head['oracle_c_index'])} | | |")
     proto = next(iter(rows_of), None)
     if proto is None:
         return "\n".join(lines)
-    lines += ["", f"Headline, {_PROTOCOL_NAMES.get(proto, proto)} (best d per embedding set, classical peers):", "",
-              "| model | C-index | 1-year AUROC | Δ C-index vs baseline [95 % CI] | within the baseline's training noise |",
-              "| --- | ---: | ---: | ---: | --- |"]
+    lines += [
+        "",
+        f"Headline, {_PROTOCOL_NAMES.get(proto, proto)} (best d per embedding set, classical peers):",
+        "",
+        "| model | C-index | 1-year AUROC | Δ C-index vs baseline [95 % CI] | within the baseline's training noise |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
     for r in rows_of[proto]:
         if r.get("config") == "baseline":
             continue
         within = {True: "yes", False: "no"}.get(r.get("within_baseline_noise"), "-")
-        lines.append(f"| {r['label']} (`{r['config']}`) | {_f(r['c_mean'])} | {_f(r['auc_mean'])} | "
-                     f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {within} |")
+        lines.append(
+            f"| {r['label']} (`{r['config']}`) | {_f(r['c_mean'])} | {_f(r['auc_mean'])} | "
+            f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {within} |"
+        )
     return "\n".join(lines)
 
 
-def write_reference(study_dir: str | Path = DEMO_STUDY, report_dir: str | Path = DEMO_REPORT,
-                    out: str | Path = REFERENCE) -> dict[str, Any]:
+def write_reference(
+    study_dir: str | Path = DEMO_STUDY, report_dir: str | Path = DEMO_REPORT, out: str | Path = REFERENCE
+) -> dict[str, Any]:
     """Write a finished demo's digest as the reference (refused unless portable CPU numerics
     were in force)."""
     digest = demo_digest(study_dir, report_dir)
     env = digest["environment"]
     if str(env.get("device")) != "cpu" or env.get("numerics") != "portable" or not env.get("numerics_in_force"):
-        raise ValueError(f"the reference must come from a CPU demo under portable numerics; this one ran on "
-                         f"{env.get('device')} with {env.get('numerics')} numerics (in force: "
-                         f"{env.get('numerics_in_force')})")
+        raise ValueError(
+            f"the reference must come from a CPU demo under portable numerics; this one ran on "
+            f"{env.get('device')} with {env.get('numerics')} numerics (in force: "
+            f"{env.get('numerics_in_force')})"
+        )
     write_json_atomic(out, digest)
     return digest
 

@@ -109,33 +109,48 @@ class CentreProtocol:
 
 #: Per-centre protocols (CenterID -> protocol); resolutions vary as across HECKTOR centres.
 CENTRE_PROTOCOLS: dict[int, CentreProtocol] = {
-    1: CentreProtocol((0.977, 0.977, 1.5), (4.0, 4.0, 4.0), 6.0, 18.0),       # CHUM
-    2: CentreProtocol((0.977, 0.977, 2.0), (2.734, 2.734, 2.8), 5.0, 15.0),   # CHUP
+    1: CentreProtocol((0.977, 0.977, 1.5), (4.0, 4.0, 4.0), 6.0, 18.0),  # CHUM
+    2: CentreProtocol((0.977, 0.977, 2.0), (2.734, 2.734, 2.8), 5.0, 15.0),  # CHUP
     3: CentreProtocol((0.977, 0.977, 3.27), (5.469, 5.469, 3.27), 7.5, 20.0),  # CHUS
     4: CentreProtocol((0.977, 0.977, 2.5), (3.646, 3.646, 3.27), 6.0, 12.0),  # CHUV
-    5: CentreProtocol((0.977, 0.977, 2.5), (5.469, 5.469, 3.27), 7.0, 22.0),   # MDA
-    6: CentreProtocol((1.074, 1.074, 3.0), (4.688, 4.688, 3.27), 7.0, 16.0),   # HGJ
+    5: CentreProtocol((0.977, 0.977, 2.5), (5.469, 5.469, 3.27), 7.0, 22.0),  # MDA
+    6: CentreProtocol((1.074, 1.074, 3.0), (4.688, 4.688, 3.27), 7.0, 16.0),  # HGJ
     7: CentreProtocol((0.977, 0.977, 3.3), (5.469, 5.469, 3.27), 7.5, 20.0, flip_x=True),  # HMR
 }
 #: Cases per centre in the real training release (sets the synthetic case mix).
 CENTRE_COUNTS = {1: 56, 2: 72, 3: 72, 4: 53, 5: 198, 6: 55, 7: 18}
 REAL_N = 524
 #: Missing counts in the real clinical CSV (out of 524), by CSV column.
-MISSING_COUNTS = {"Weight": 6, "Tobacco": 305, "Alcohol": 342, "Performance status": 281,
-                  "HPV status (0=-, 1=+)": 184, "Surgery": 218}
+MISSING_COUNTS = {
+    "Weight": 6,
+    "Tobacco": 305,
+    "Alcohol": 342,
+    "Performance status": 281,
+    "HPV status (0=-, 1=+)": 184,
+    "Surgery": 218,
+}
 TASK1_ONLY_COUNT = 36  # 524 Task 1 cases, 488 endpoint rows
 
 #: Survival-model parameters (see the module docstring).
 SURVIVAL_MODEL: dict[str, Any] = {
     "intercept": -0.8,
-    "beta_log_volume": 1.2, "log_volume_center": 2.9, "log_volume_scale": 1.0,
-    "beta_log_suvmax": 0.7, "log_suvmax_center": 2.4, "log_suvmax_scale": 0.42,
+    "beta_log_volume": 1.2,
+    "log_volume_center": 2.9,
+    "log_volume_scale": 1.0,
+    "beta_log_suvmax": 0.7,
+    "log_suvmax_center": 2.4,
+    "log_suvmax_scale": 0.42,
     "beta_hpv_negative": 1.1,
-    "beta_age": 0.30, "age_center": 60.0, "age_scale": 9.0,
+    "beta_age": 0.30,
+    "age_center": 60.0,
+    "age_scale": 9.0,
     "beta_performance_status": 0.35,
-    "weibull_shape": 1.3, "weibull_scale_days": 3300.0, "time_shift_days": 45.0,
+    "weibull_shape": 1.3,
+    "weibull_scale_days": 3300.0,
+    "time_shift_days": 45.0,
     "admin_censor_days": [600.0, 2500.0],
-    "dropout_probability": 0.25, "dropout_days": [50.0, 2500.0],
+    "dropout_probability": 0.25,
+    "dropout_days": [50.0, 2500.0],
 }
 
 # Tissue codes of the anatomy map and their CT (HU) / PET (SUV) values.
@@ -149,17 +164,18 @@ _PET_SUPERSAMPLE = 2
 # Case design (drawn in the parent, sequentially: determinism does not depend on workers)
 # --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Lesion:
     """A lobulated ellipsoid in scanner millimetres (x, y, z)."""
 
-    label: int                        # 1 GTVp, 2 GTVn
+    label: int  # 1 GTVp, 2 GTVn
     center: tuple[float, float, float]
     semi_axes: tuple[float, float, float]
-    rotation: tuple[float, ...]       # 3x3 row-major, columns = lesion axes
-    lobulation: float                 # eps
-    harmonics: tuple[float, ...]      # 5 degree-2 + 3x(3 direction + 1 weight) degree-3 terms
-    uptake: float                     # peak SUV before blur
+    rotation: tuple[float, ...]  # 3x3 row-major, columns = lesion axes
+    lobulation: float  # eps
+    harmonics: tuple[float, ...]  # 5 degree-2 + 3x(3 direction + 1 weight) degree-3 terms
+    uptake: float  # peak SUV before blur
 
     @property
     def volume_ml(self) -> float:
@@ -176,7 +192,7 @@ class CaseDesign:
     center_id: int
     seed: int
     ct_origin: tuple[float, float, float]
-    ct_size: tuple[int, int, int]        # x, y, z
+    ct_size: tuple[int, int, int]  # x, y, z
     ct_spacing: tuple[float, float, float]
     ct_flip_x: bool
     pet_origin: tuple[float, float, float]
@@ -184,7 +200,7 @@ class CaseDesign:
     pet_spacing: tuple[float, float, float]
     pet_fwhm_mm: float
     ct_noise_hu: float
-    anatomy: tuple[float, ...]           # cx, cy, cz, A, B, fat, neck half-length
+    anatomy: tuple[float, ...]  # cx, cy, cz, A, B, fat, neck half-length
     lesions: tuple[Lesion, ...]
 
 
@@ -192,11 +208,13 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.normal(size=4)
     q /= np.linalg.norm(q)
     w, x, y, z = q
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def _harmonics(rng: np.random.Generator) -> tuple[float, ...]:
@@ -210,7 +228,7 @@ def _harmonics(rng: np.random.Generator) -> tuple[float, ...]:
 def _fibonacci_sphere(n: int) -> np.ndarray:
     i = np.arange(n) + 0.5
     phi = np.arccos(1 - 2 * i / n)
-    theta = math.pi * (1 + 5 ** 0.5) * i
+    theta = math.pi * (1 + 5**0.5) * i
     return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], -1)
 
 
@@ -221,10 +239,15 @@ def _surface(d: np.ndarray, coeffs: Sequence[float] | np.ndarray) -> np.ndarray:
     """Degree-2 traceless quadratic form plus three cubic lobes of unit directions ``d[..., 3]``."""
     c = np.asarray(coeffs, dtype=np.float64)
     x, y, z = d[..., 0], d[..., 1], d[..., 2]
-    g = c[0] * (x * x - y * y) + c[1] * (2 * z * z - x * x - y * y) / math.sqrt(3) \
-        + c[2] * 2 * x * y + c[3] * 2 * x * z + c[4] * 2 * y * z
+    g = (
+        c[0] * (x * x - y * y)
+        + c[1] * (2 * z * z - x * x - y * y) / math.sqrt(3)
+        + c[2] * 2 * x * y
+        + c[3] * 2 * x * z
+        + c[4] * 2 * y * z
+    )
     for k in range(3):
-        v = c[5 + 4 * k: 8 + 4 * k]
+        v = c[5 + 4 * k : 8 + 4 * k]
         v = v / max(np.linalg.norm(v), 1e-9)
         g = g + c[8 + 4 * k] * (x * v[0] + y * v[1] + z * v[2]) ** 3
     return g
@@ -236,13 +259,16 @@ def _semi_axes(rng: np.random.Generator, volume_ml: float) -> np.ndarray:
     return radius * shape / np.prod(shape) ** (1 / 3)  # keeps the ellipsoid's volume
 
 
-def _lesion(rng: np.random.Generator, label: int, center: np.ndarray, semi_axes: np.ndarray,
-            uptake: float) -> Lesion:
-    return Lesion(label=label, center=tuple(float(v) for v in center),
-                  semi_axes=tuple(float(v) for v in semi_axes),
-                  rotation=tuple(_random_rotation(rng).ravel().tolist()),
-                  lobulation=float(rng.uniform(0.05, 0.2)), harmonics=_harmonics(rng),
-                  uptake=float(uptake))
+def _lesion(rng: np.random.Generator, label: int, center: np.ndarray, semi_axes: np.ndarray, uptake: float) -> Lesion:
+    return Lesion(
+        label=label,
+        center=tuple(float(v) for v in center),
+        semi_axes=tuple(float(v) for v in semi_axes),
+        rotation=tuple(_random_rotation(rng).ravel().tolist()),
+        lobulation=float(rng.uniform(0.05, 0.2)),
+        harmonics=_harmonics(rng),
+        uptake=float(uptake),
+    )
 
 
 def _allocate(counts: dict[int, int], n: int) -> list[int]:
@@ -260,8 +286,9 @@ def _allocate(counts: dict[int, int], n: int) -> list[int]:
     return [k for k in sorted(alloc) for _ in range(alloc[k])]
 
 
-def _grid(rng: np.random.Generator, center: np.ndarray, extent: np.ndarray,
-          spacing: np.ndarray, flip_x: bool) -> tuple[tuple[float, ...], tuple[int, ...]]:
+def _grid(
+    rng: np.random.Generator, center: np.ndarray, extent: np.ndarray, spacing: np.ndarray, flip_x: bool
+) -> tuple[tuple[float, ...], tuple[int, ...]]:
     size = np.maximum(np.round(extent / spacing).astype(int), 8)
     first = center - (size - 1) * spacing / 2  # physical position of the lowest voxel centre
     origin = first.copy()
@@ -270,8 +297,9 @@ def _grid(rng: np.random.Generator, center: np.ndarray, extent: np.ndarray,
     return tuple(float(v) for v in np.round(origin, 4)), tuple(int(v) for v in size)
 
 
-def _draw_lesions(rng: np.random.Generator, centre: np.ndarray, body_a: float, body_b: float
-                  ) -> tuple[list[Lesion], bool, int]:
+def _draw_lesions(
+    rng: np.random.Generator, centre: np.ndarray, body_a: float, body_b: float
+) -> tuple[list[Lesion], bool, int]:
     """Lesions of one case, whether it has a primary, and its number of nodes.
 
     Primary beside the airway (oropharynx), nodes in the lateral neck.
@@ -284,27 +312,32 @@ def _draw_lesions(rng: np.random.Generator, centre: np.ndarray, body_a: float, b
     if primary:
         vol = float(np.clip(np.exp(rng.normal(math.log(14), 0.85)), 1.5, 110))
         side = rng.choice([-1, 1])
-        pos = centre + [side * rng.uniform(8, 18), -12 + rng.uniform(-10, 6),
-                        rng.uniform(-10, 30)]
-        lesions.append(_lesion(rng, 1, pos, _semi_axes(rng, vol),
-                               float(np.clip(np.exp(rng.normal(math.log(10), 0.45)), 3, 25))))
+        pos = centre + [side * rng.uniform(8, 18), -12 + rng.uniform(-10, 6), rng.uniform(-10, 30)]
+        lesions.append(
+            _lesion(rng, 1, pos, _semi_axes(rng, vol), float(np.clip(np.exp(rng.normal(math.log(10), 0.45)), 3, 25)))
+        )
     for _ in range(k_nodes):
         vol = float(np.clip(np.exp(rng.normal(math.log(4), 0.9)), 0.4, 45))
         uptake = float(np.clip(np.exp(rng.normal(math.log(7), 0.45)), 3, 25))
         axes = _semi_axes(rng, vol)
         for _attempt in range(50):  # keep lesions apart (rarely impossible: then touching)
             side = rng.choice([-1, 1])
-            pos = centre + [side * body_a * rng.uniform(0.45, 0.62),
-                            body_b * rng.uniform(-0.35, 0.15), rng.uniform(-40, 35)]
-            if all(np.linalg.norm(pos - np.array(o.center)) > 1.25 * (max(o.semi_axes)
-                   + max(axes)) + 2 for o in lesions):
+            pos = centre + [
+                side * body_a * rng.uniform(0.45, 0.62),
+                body_b * rng.uniform(-0.35, 0.15),
+                rng.uniform(-40, 35),
+            ]
+            if all(
+                np.linalg.norm(pos - np.array(o.center)) > 1.25 * (max(o.semi_axes) + max(axes)) + 2 for o in lesions
+            ):
                 break
         lesions.append(_lesion(rng, 2, pos, axes, uptake))
     return lesions, primary, k_nodes
 
 
-def design_cohort(n_cases: int, seed: int, spacing_scale: float = 1.0
-                  ) -> tuple[list[CaseDesign], pd.DataFrame, pd.DataFrame]:
+def design_cohort(
+    n_cases: int, seed: int, spacing_scale: float = 1.0
+) -> tuple[list[CaseDesign], pd.DataFrame, pd.DataFrame]:
     """Draw every random quantity of the cohort (no image is rendered here).
 
     Args:
@@ -342,38 +375,48 @@ def design_cohort(n_cases: int, seed: int, spacing_scale: float = 1.0
         # Grids: CT field of view ~170-190 mm in-plane, 110-140 mm cranio-caudal.
         ct_extent = np.array([rng.uniform(170, 190)] * 2 + [rng.uniform(110, 140)])
         ct_spacing = np.array(proto.ct_spacing) * spacing_scale
-        ct_origin, ct_size = _grid(rng, centre + rng.uniform(-8, 8, 3) * [1, 1, 0.5],
-                                   ct_extent, ct_spacing, proto.flip_x)
+        ct_origin, ct_size = _grid(
+            rng, centre + rng.uniform(-8, 8, 3) * [1, 1, 0.5], ct_extent, ct_spacing, proto.flip_x
+        )
         ct_first = np.array(ct_origin)
         if proto.flip_x:
             ct_first[0] -= (ct_size[0] - 1) * ct_spacing[0]
         ct_mid = ct_first + (np.array(ct_size) - 1) * ct_spacing / 2
         pet_extent = ct_extent + rng.uniform(-10, 25, 3)
         pet_spacing = np.array(proto.pet_spacing) * spacing_scale
-        pet_origin, pet_size = _grid(rng, ct_mid + rng.uniform(-6, 6, 3), pet_extent,
-                                     pet_spacing, False)
+        pet_origin, pet_size = _grid(rng, ct_mid + rng.uniform(-6, 6, 3), pet_extent, pet_spacing, False)
 
         lesions, primary, k_nodes = _draw_lesions(rng, centre, body_a, body_b)
         vol_total.append(sum(les.volume_ml for les in lesions))
         suv_max.append(max(les.uptake for les in lesions))
         n_nodes.append(k_nodes)
         has_p.append(int(primary))
-        designs.append(CaseDesign(
-            case_id=cid, index=i, center_id=c, seed=seed,
-            ct_origin=ct_origin, ct_size=ct_size, ct_spacing=tuple(ct_spacing.tolist()),
-            ct_flip_x=proto.flip_x, pet_origin=pet_origin, pet_size=pet_size,
-            pet_spacing=tuple(pet_spacing.tolist()), pet_fwhm_mm=proto.pet_fwhm_mm,
-            ct_noise_hu=proto.ct_noise_hu, anatomy=tuple(float(v) for v in anatomy),
-            lesions=tuple(lesions)))
+        designs.append(
+            CaseDesign(
+                case_id=cid,
+                index=i,
+                center_id=c,
+                seed=seed,
+                ct_origin=ct_origin,
+                ct_size=ct_size,
+                ct_spacing=tuple(ct_spacing.tolist()),
+                ct_flip_x=proto.flip_x,
+                pet_origin=pet_origin,
+                pet_size=pet_size,
+                pet_spacing=tuple(pet_spacing.tolist()),
+                pet_fwhm_mm=proto.pet_fwhm_mm,
+                ct_noise_hu=proto.ct_noise_hu,
+                anatomy=tuple(float(v) for v in anatomy),
+                lesions=tuple(lesions),
+            )
+        )
 
     clinical = _draw_clinical(rng, ids, centres)
     truth = _draw_survival(rng, clinical, np.array(vol_total), np.array(suv_max))
     truth.insert(2, "n_nodes", n_nodes)
     truth.insert(2, "has_gtvp", has_p)
-    truth.insert(2, "gtvp_volume_ml", [sum(les.volume_ml for les in d.lesions if les.label == 1)
-                                       for d in designs])
-    truth.insert(3, "gtvn_volume_ml", [sum(les.volume_ml for les in d.lesions if les.label == 2)
-                                       for d in designs])
+    truth.insert(2, "gtvp_volume_ml", [sum(les.volume_ml for les in d.lesions if les.label == 1) for d in designs])
+    truth.insert(3, "gtvn_volume_ml", [sum(les.volume_ml for les in d.lesions if les.label == 2) for d in designs])
     return designs, clinical, truth
 
 
@@ -392,12 +435,23 @@ def _draw_clinical(rng: np.random.Generator, ids: list[str], centres: list[int])
     n_t1 = min(n - 1, max(1, round(TASK1_ONLY_COUNT * n / REAL_N)))
     task2 = np.ones(n, dtype=int)
     task2[rng.choice(n, size=n_t1, replace=False)] = 0
-    table = pd.DataFrame({
-        "PatientID": ids, "Task 1": 1, "Task 2": task2, "CenterID": centres,
-        "Gender": np.where(male, "M", "F"), "Age": age.astype(int), "Weight": weight,
-        "Tobacco": tobacco, "Alcohol": alcohol, "Performance status": ps,
-        "HPV status (0=-, 1=+)": hpv, "Surgery": surgery, "Chemotherapy": chemo,
-    })
+    table = pd.DataFrame(
+        {
+            "PatientID": ids,
+            "Task 1": 1,
+            "Task 2": task2,
+            "CenterID": centres,
+            "Gender": np.where(male, "M", "F"),
+            "Age": age.astype(int),
+            "Weight": weight,
+            "Tobacco": tobacco,
+            "Alcohol": alcohol,
+            "Performance status": ps,
+            "HPV status (0=-, 1=+)": hpv,
+            "Surgery": surgery,
+            "Chemotherapy": chemo,
+        }
+    )
     for col, count in MISSING_COUNTS.items():
         k = round(count * n / REAL_N)
         mask = np.zeros(n, dtype=bool)
@@ -406,46 +460,57 @@ def _draw_clinical(rng: np.random.Generator, ids: list[str], centres: list[int])
     return table
 
 
-def _draw_survival(rng: np.random.Generator, clinical: pd.DataFrame, volume_ml: np.ndarray,
-                   suv_max: np.ndarray) -> pd.DataFrame:
+def _draw_survival(
+    rng: np.random.Generator, clinical: pd.DataFrame, volume_ml: np.ndarray, suv_max: np.ndarray
+) -> pd.DataFrame:
     m = SURVIVAL_MODEL
     hpv = clinical["HPV status (0=-, 1=+)"].to_numpy()
     age = clinical["Age"].to_numpy(dtype=float)
     ps = clinical["Performance status"].to_numpy(dtype=float)
-    eta = (m["intercept"] + m["beta_log_volume"] * (np.log(volume_ml) - m["log_volume_center"]) / m["log_volume_scale"]
-           + m["beta_log_suvmax"] * (np.log(suv_max) - m["log_suvmax_center"]) / m["log_suvmax_scale"]
-           + m["beta_hpv_negative"] * (1 - hpv)
-           + m["beta_age"] * (age - m["age_center"]) / m["age_scale"]
-           + m["beta_performance_status"] * ps)
+    eta = (
+        m["intercept"]
+        + m["beta_log_volume"] * (np.log(volume_ml) - m["log_volume_center"]) / m["log_volume_scale"]
+        + m["beta_log_suvmax"] * (np.log(suv_max) - m["log_suvmax_center"]) / m["log_suvmax_scale"]
+        + m["beta_hpv_negative"] * (1 - hpv)
+        + m["beta_age"] * (age - m["age_center"]) / m["age_scale"]
+        + m["beta_performance_status"] * ps
+    )
     n = len(eta)
     e = rng.exponential(1.0, n)
     t = m["time_shift_days"] + m["weibull_scale_days"] * (e * np.exp(-eta)) ** (1 / m["weibull_shape"])
     admin = rng.uniform(*m["admin_censor_days"], n)
-    drop = np.where(rng.random(n) < m["dropout_probability"], rng.uniform(*m["dropout_days"], n),
-                    np.inf)
+    drop = np.where(rng.random(n) < m["dropout_probability"], rng.uniform(*m["dropout_days"], n), np.inf)
     c = np.minimum(admin, drop)
     event = (t <= c).astype(int)
     observed = np.maximum(1, np.round(np.minimum(t, c))).astype(int)
-    return pd.DataFrame({
-        "case_id": clinical["PatientID"].to_numpy(),
-        "linear_predictor": eta,
-        "tumour_volume_ml": volume_ml, "suv_max": suv_max, "hpv_true": hpv,
-        "age_true": age.astype(int), "performance_status_true": ps.astype(int),
-        "event_time": t, "censor_time": c, "relapse": event, "rfs_days": observed,
-        "has_endpoint": clinical["Task 2"].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "case_id": clinical["PatientID"].to_numpy(),
+            "linear_predictor": eta,
+            "tumour_volume_ml": volume_ml,
+            "suv_max": suv_max,
+            "hpv_true": hpv,
+            "age_true": age.astype(int),
+            "performance_status_true": ps.astype(int),
+            "event_time": t,
+            "censor_time": c,
+            "relapse": event,
+            "rfs_days": observed,
+            "has_endpoint": clinical["Task 2"].to_numpy(),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Rendering (runs in worker processes)
 # --------------------------------------------------------------------------------------
 
+
 def _axis_coords(origin: float, spacing: float, n: int, sign: float = 1.0) -> np.ndarray:
     return (origin + sign * spacing * np.arange(n)).astype(np.float32)
 
 
-def _anatomy_codes(x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                   anatomy: Sequence[float]) -> np.ndarray:
+def _anatomy_codes(x: np.ndarray, y: np.ndarray, z: np.ndarray, anatomy: Sequence[float]) -> np.ndarray:
     """Tissue code map ``[D, H, W]`` for physical axes ``z[D]``, ``y[H]``, ``x[W]`` (mm)."""
     cx, cy, cz, body_a, body_b, fat, half = anatomy
     X = (x - cx)[None, None, :]
@@ -464,13 +529,13 @@ def _anatomy_codes(x: np.ndarray, y: np.ndarray, z: np.ndarray,
     codes[mand] = _CORTEX
     # Vertebral body (cortical shell, cancellous core, discs) and the canal in a bone ring.
     vy = 0.32 * body_b
-    r_v = np.sqrt(X ** 2 + (Y - vy) ** 2)
-    disc = (np.mod(Z + 200, 18.0) < 4.0)
+    r_v = np.sqrt(X**2 + (Y - vy) ** 2)
+    disc = np.mod(Z + 200, 18.0) < 4.0
     vert = np.broadcast_to(r_v <= 12, codes.shape)
     codes[vert] = _CORTEX
     codes[vert & np.broadcast_to(r_v <= 10, codes.shape)] = _CANCELLOUS
     codes[vert & np.broadcast_to(disc, codes.shape)] = _DISC
-    r_c = np.sqrt(X ** 2 + (Y - vy - 19) ** 2)
+    r_c = np.sqrt(X**2 + (Y - vy - 19) ** 2)
     codes[np.broadcast_to(r_c <= 10.5, codes.shape)] = _CORTEX
     codes[np.broadcast_to(r_c <= 7.0, codes.shape)] = _CANAL
     # Airway: larger pharynx above, narrower larynx/trachea below.
@@ -480,8 +545,9 @@ def _anatomy_codes(x: np.ndarray, y: np.ndarray, z: np.ndarray,
     return codes
 
 
-def _lesion_field(les: Lesion, x: np.ndarray, y: np.ndarray, z: np.ndarray
-                  ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+def _lesion_field(
+    les: Lesion, x: np.ndarray, y: np.ndarray, z: np.ndarray
+) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
     """Normalised radius ``|u| / (1 + eps g)`` of a lesion in its bounding box (<= 1 inside).
 
     Args:
@@ -498,13 +564,13 @@ def _lesion_field(les: Lesion, x: np.ndarray, y: np.ndarray, z: np.ndarray
         if idx.size == 0:
             return None
         box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    zz, yy, xx = np.meshgrid(z[box[0]] - les.center[2], y[box[1]] - les.center[1],
-                             x[box[2]] - les.center[0], indexing="ij")
+    zz, yy, xx = np.meshgrid(
+        z[box[0]] - les.center[2], y[box[1]] - les.center[1], x[box[2]] - les.center[0], indexing="ij"
+    )
     rot = np.asarray(les.rotation).reshape(3, 3)
     # Coordinates along the lesion's axes, scaled by the semi-axes. Written out rather than
     # as a matmul so no BLAS (whose rounding varies by CPU) decides a boundary voxel.
-    u = np.stack([(xx * rot[0, k] + yy * rot[1, k] + zz * rot[2, k]) / les.semi_axes[k]
-                  for k in range(3)], axis=-1)
+    u = np.stack([(xx * rot[0, k] + yy * rot[1, k] + zz * rot[2, k]) / les.semi_axes[k] for k in range(3)], axis=-1)
     r = np.sqrt(u[..., 0] ** 2 + u[..., 1] ** 2 + u[..., 2] ** 2)
     d = u / np.maximum(r, 1e-6)[..., None]
     rho = r / (1 + les.lobulation * _surface(d, les.harmonics))
@@ -529,8 +595,12 @@ def _write_nifti(image: sitk.Image, final: Path) -> None:
 # cohort's README).
 
 
-def image_from_array(array: np.ndarray, spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
-                     direction: Sequence[float] | None = None) -> sitk.Image:
+def image_from_array(
+    array: np.ndarray,
+    spacing_xyz: Sequence[float],
+    origin_xyz: Sequence[float],
+    direction: Sequence[float] | None = None,
+) -> sitk.Image:
     """``array`` (numpy ``[z, y, x]``) as an image indexed ``(x, y, z)``, on the grid of
     ``spacing_xyz`` and ``origin_xyz`` (mm) and ``direction`` (row-major 3 x 3; the identity
     when None)."""
@@ -542,8 +612,13 @@ def image_from_array(array: np.ndarray, spacing_xyz: Sequence[float], origin_xyz
     return image
 
 
-def write_image(array: np.ndarray, spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
-                path: str | os.PathLike, direction: Sequence[float] | None = None) -> None:
+def write_image(
+    array: np.ndarray,
+    spacing_xyz: Sequence[float],
+    origin_xyz: Sequence[float],
+    path: str | os.PathLike,
+    direction: Sequence[float] | None = None,
+) -> None:
     """Write :func:`image_from_array`'s image as gzip-compressed NIfTI at ``path`` (its folder
     made if missing), through a temporary sibling renamed into place."""
     path = Path(path)
@@ -552,13 +627,30 @@ def write_image(array: np.ndarray, spacing_xyz: Sequence[float], origin_xyz: Seq
 
 
 #: The one profile of every row of :func:`uniform_manifest`.
-UNIFORM_CASE = {"center_id": 1, "center": "CHUM", "task1": 1, "task2": 1, "has_endpoint": 1,
-                "relapse": 0, "rfs_days": 900, "gender": "M", "age": 60, "chemotherapy": 1,
-                "has_gtvp": 1, "has_gtvn": 0}
+UNIFORM_CASE = {
+    "center_id": 1,
+    "center": "CHUM",
+    "task1": 1,
+    "task2": 1,
+    "has_endpoint": 1,
+    "relapse": 0,
+    "rfs_days": 900,
+    "gender": "M",
+    "age": 60,
+    "chemotherapy": 1,
+    "has_gtvp": 1,
+    "has_gtvn": 0,
+}
 
 
-def uniform_manifest(root: str | os.PathLike, case_ids: Sequence[str], name: str = "data_manifest.csv", *,
-                     checksums: bool = False, **columns: Any) -> Path:
+def uniform_manifest(
+    root: str | os.PathLike,
+    case_ids: Sequence[str],
+    name: str = "data_manifest.csv",
+    *,
+    checksums: bool = False,
+    **columns: Any,
+) -> Path:
     """Write ``root/name``, a manifest of cases in the HECKTOR layout under ``root`` that have
     images but no clinical or endpoint file (inputs a test or benchmark drew): every row is
     :data:`UNIFORM_CASE` (a CHUM case of both tasks censored at 900 days), with ``columns`` set
@@ -567,12 +659,13 @@ def uniform_manifest(root: str | os.PathLike, case_ids: Sequence[str], name: str
     root = Path(root)
     rows = []
     for cid in case_ids:
-        paths = {f"{key}_path": str(path.relative_to(root.resolve()))
-                 for key, path in case_paths(root, cid).items()}
+        paths = {f"{key}_path": str(path.relative_to(root.resolve())) for key, path in case_paths(root, cid).items()}
         row = {c: "" for c in MANIFEST_COLUMNS} | UNIFORM_CASE | columns | paths | {"case_id": cid}
         if checksums:
-            row |= {f"{key}_sha256": sha256_file(root / rel) for key, rel in
-                    (("ct", paths["ct_path"]), ("pet", paths["pet_path"]), ("label", paths["label_path"]))}
+            row |= {
+                f"{key}_sha256": sha256_file(root / rel)
+                for key, rel in (("ct", paths["ct_path"]), ("pet", paths["pet_path"]), ("label", paths["label_path"]))
+            }
         rows.append(row)
     path = root / name
     write_manifest(pd.DataFrame(rows), path)
@@ -594,7 +687,7 @@ def _render_case(design: CaseDesign, root: str) -> dict[str, Any]:
     z = _axis_coords(oz, sz, nz)
     codes = _anatomy_codes(x, y, z, design.anatomy)
     label = np.zeros(codes.shape, dtype=np.uint8)
-    for les in sorted(design.lesions, key=lambda l: -l.label):  # primary painted last
+    for les in sorted(design.lesions, key=lambda lesion: -lesion.label):  # primary painted last
         field = _lesion_field(les, x, y, z)
         if field is None:
             continue
@@ -604,8 +697,7 @@ def _render_case(design: CaseDesign, root: str) -> dict[str, Any]:
         codes[box][inside] = _TUMOUR
     ct = _HU[codes] + rng.normal(0, design.ct_noise_hu, codes.shape).astype(np.float32)
     ct = np.clip(np.round(ct), -1024, 3071).astype(np.int16)
-    direction = (-1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0) if design.ct_flip_x else \
-        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+    direction = (-1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0) if design.ct_flip_x else (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
     for arr, path in ((ct, paths["ct"]), (label, paths["label"])):
         _write_nifti(image_from_array(arr, design.ct_spacing, design.ct_origin, direction), path)
 
@@ -621,9 +713,11 @@ def _render_case(design: CaseDesign, root: str) -> dict[str, Any]:
     act = _SUV[_anatomy_codes(fx, fy, fz, design.anatomy)]
     cx, cy, cz, body_a, body_b, _fat, half = design.anatomy
     for side in (-1, 1):  # palatine tonsils: physiological uptake
-        t = ((fx - cx - side * 0.2 * body_a)[None, None, :] ** 2
-             + (fy - cy + 0.22 * body_b)[None, :, None] ** 2
-             + (fz - cz - 0.5 * half)[:, None, None] ** 2)
+        t = (
+            (fx - cx - side * 0.2 * body_a)[None, None, :] ** 2
+            + (fy - cy + 0.22 * body_b)[None, :, None] ** 2
+            + (fz - cz - 0.5 * half)[:, None, None] ** 2
+        )
         act = np.where(t <= 36.0, np.float32(2.5), act)
     for les in design.lesions:
         field = _lesion_field(les, fx, fy, fz)
@@ -635,22 +729,24 @@ def _render_case(design: CaseDesign, root: str) -> dict[str, Any]:
         act[box] = np.maximum(act[box], value.astype(np.float32))
     fine_img = sitk.GetImageFromArray(act)
     fine_img.SetSpacing(tuple(sp / s for sp in design.pet_spacing))
-    blurred = sitk.GetArrayFromImage(
-        sitk.SmoothingRecursiveGaussian(fine_img, design.pet_fwhm_mm / 2.3548))
+    blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(fine_img, design.pet_fwhm_mm / 2.3548))
     pet = blurred.reshape(mz, s, my, s, mx, s).mean(axis=(1, 3, 5))  # [D, H, W]
     pet = pet + rng.normal(0, 1, pet.shape) * 0.12 * np.sqrt(np.maximum(pet, 0))
     pet = np.maximum(pet, 0).astype(np.float32)
     _write_nifti(image_from_array(pet, design.pet_spacing, design.pet_origin), paths["pet"])
 
     voxel_ml = sx * sy * sz / 1000.0
-    return {"case_id": design.case_id,
-            "mask_gtvp_ml": float((label == 1).sum() * voxel_ml),
-            "mask_gtvn_ml": float((label == 2).sum() * voxel_ml)}
+    return {
+        "case_id": design.case_id,
+        "mask_gtvp_ml": float((label == 1).sum() * voxel_ml),
+        "mask_gtvn_ml": float((label == 2).sum() * voxel_ml),
+    }
 
 
 # --------------------------------------------------------------------------------------
 # Cohort files
 # --------------------------------------------------------------------------------------
+
 
 def _crlf_csv(rows: list[list[str]], header_line: str) -> bytes:
     return ("\r\n".join([header_line] + [",".join(r) for r in rows]) + "\r\n").encode("utf-8")
@@ -668,22 +764,29 @@ def clinical_csv_bytes(clinical: pd.DataFrame) -> bytes:
     rows = []
     for _, r in clinical.iterrows():
         miss = {c: bool(r.get(f"missing::{c}", False)) for c in CLINICAL_HEADER}
-        rows.append([
-            r["PatientID"], _fmt(r["Task 1"], False), _fmt(r["Task 2"], False),
-            _fmt(r["CenterID"], False), r["Gender"], _fmt(r["Age"], False),
-            _fmt(r["Weight"], miss["Weight"], 1), _fmt(r["Tobacco"], miss["Tobacco"]),
-            _fmt(r["Alcohol"], miss["Alcohol"]),
-            _fmt(r["Performance status"], miss["Performance status"]),
-            _fmt(r["HPV status (0=-, 1=+)"], miss["HPV status (0=-, 1=+)"]),
-            _fmt(r["Surgery"], miss["Surgery"]), _fmt(r["Chemotherapy"], False),
-        ])
+        rows.append(
+            [
+                r["PatientID"],
+                _fmt(r["Task 1"], False),
+                _fmt(r["Task 2"], False),
+                _fmt(r["CenterID"], False),
+                r["Gender"],
+                _fmt(r["Age"], False),
+                _fmt(r["Weight"], miss["Weight"], 1),
+                _fmt(r["Tobacco"], miss["Tobacco"]),
+                _fmt(r["Alcohol"], miss["Alcohol"]),
+                _fmt(r["Performance status"], miss["Performance status"]),
+                _fmt(r["HPV status (0=-, 1=+)"], miss["HPV status (0=-, 1=+)"]),
+                _fmt(r["Surgery"], miss["Surgery"]),
+                _fmt(r["Chemotherapy"], False),
+            ]
+        )
     return _crlf_csv(rows, header)
 
 
 def endpoint_csv_bytes(truth: pd.DataFrame) -> bytes:
     """The endpoint CSV (CRLF) holding the Task 2 cases only."""
-    rows = [[r.case_id, str(int(r.relapse)), str(int(r.rfs_days))]
-            for r in truth.itertuples() if r.has_endpoint == 1]
+    rows = [[r.case_id, str(int(r.relapse)), str(int(r.rfs_days))] for r in truth.itertuples() if r.has_endpoint == 1]
     return _crlf_csv(rows, ",".join(ENDPOINT_HEADER))
 
 
@@ -695,13 +798,20 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def cohort_parameters(n_cases: int, seed: int, spacing_scale: float) -> dict[str, Any]:
     """Everything that defines a cohort's bytes (written to ``demo_cohort.json``)."""
     return {
-        "generator": "pipeline.demo_cohort", "generator_version": GENERATOR_VERSION,
-        "seed": int(seed), "n_cases": int(n_cases), "spacing_scale": float(spacing_scale),
+        "generator": "pipeline.demo_cohort",
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "n_cases": int(n_cases),
+        "spacing_scale": float(spacing_scale),
         "centre_protocols": {CENTERS[k]: asdict(v) for k, v in CENTRE_PROTOCOLS.items()},
         "centre_counts_real": {CENTERS[k]: v for k, v in CENTRE_COUNTS.items()},
-        "missing_counts_real": MISSING_COUNTS, "task1_only_count_real": TASK1_ONLY_COUNT,
-        "real_n": REAL_N, "survival_model": SURVIVAL_MODEL,
-        "ct_hu": _HU.tolist(), "pet_suv": _SUV.tolist(), "pet_supersample": _PET_SUPERSAMPLE,
+        "missing_counts_real": MISSING_COUNTS,
+        "task1_only_count_real": TASK1_ONLY_COUNT,
+        "real_n": REAL_N,
+        "survival_model": SURVIVAL_MODEL,
+        "ct_hu": _HU.tolist(),
+        "pet_suv": _SUV.tolist(),
+        "pet_supersample": _PET_SUPERSAMPLE,
         # The bytes also depend on these (random streams, filters, bundled zlib).
         "environment": _environment(),
     }
@@ -725,14 +835,19 @@ def _readme_text(params: dict[str, Any], truth: pd.DataFrame) -> str:
         f"{int(ep['rfs_days'].max())} days\n"
         "- `demo_truth.csv`: the true linear predictor and factors per case\n"
         "- `demo_cohort.json`: every generation parameter\n\n"
-        "## Survival model\n" + doc.replace("------------------------------------------------"
-                                           "----", "").rstrip() + "\n"
+        "## Survival model\n" + doc.replace("----------------------------------------------------", "").rstrip() + "\n"
     )
 
 
-def generate_demo_cohort(out_root: str | os.PathLike, n_cases: int = 100, seed: int = 42,
-                         workers: int = 2, *, spacing_scale: float = 1.0,
-                         overwrite: bool = False) -> Path:
+def generate_demo_cohort(
+    out_root: str | os.PathLike,
+    n_cases: int = 100,
+    seed: int = 42,
+    workers: int = 2,
+    *,
+    spacing_scale: float = 1.0,
+    overwrite: bool = False,
+) -> Path:
     """Generate the synthetic cohort in the HECKTOR 2022 training layout.
 
     The cohort is built in a temporary sibling folder and renamed onto ``out_root`` when
@@ -756,11 +871,13 @@ def generate_demo_cohort(out_root: str | os.PathLike, n_cases: int = 100, seed: 
     out_root = Path(out_root).resolve()
     if out_root.exists() and any(out_root.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out_root} is not empty; pass overwrite=True "
-                                  "(--overwrite) to replace the demo cohort there")
+            raise FileExistsError(
+                f"{out_root} is not empty; pass overwrite=True (--overwrite) to replace the demo cohort there"
+            )
         if not (out_root / COHORT_JSON).is_file():
-            raise FileExistsError(f"{out_root} holds files but no {COHORT_JSON}; refusing to "
-                                  "replace something that is not a demo cohort")
+            raise FileExistsError(
+                f"{out_root} holds files but no {COHORT_JSON}; refusing to replace something that is not a demo cohort"
+            )
     out_root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.partial-", dir=out_root.parent))
     try:
@@ -772,8 +889,7 @@ def generate_demo_cohort(out_root: str | os.PathLike, n_cases: int = 100, seed: 
     return out_root
 
 
-def _generate_into(root: Path, n_cases: int, seed: int, workers: int,
-                   spacing_scale: float) -> None:
+def _generate_into(root: Path, n_cases: int, seed: int, workers: int, spacing_scale: float) -> None:
     designs, clinical, truth = design_cohort(n_cases, seed, spacing_scale)
     (root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (root / LABELS_DIR).mkdir(parents=True, exist_ok=True)
@@ -784,8 +900,7 @@ def _generate_into(root: Path, n_cases: int, seed: int, workers: int,
     _write_bytes(root / ENDPOINT_CSV, endpoint_csv_bytes(truth))
     with atomic_path(root / TRUTH_CSV, suffix=".csv") as tmp:
         truth.to_csv(tmp, index=False, lineterminator="\n", float_format="%.6g")
-    _write_bytes(root / COHORT_JSON,
-                 (json.dumps(params, indent=2, sort_keys=True) + "\n").encode())
+    _write_bytes(root / COHORT_JSON, (json.dumps(params, indent=2, sort_keys=True) + "\n").encode())
     _write_bytes(root / README, _readme_text(params, truth).encode())
 
 
@@ -831,20 +946,23 @@ def oracle_c_index(cohort_root: str | os.PathLike) -> float:
 
     truth = read_truth(cohort_root)
     ep = truth[truth["has_endpoint"] == 1]
-    return float(c_index_value(ep["rfs_days"].to_numpy(float), ep["relapse"].to_numpy(int),
-                               ep["linear_predictor"].to_numpy(float)))
+    return float(
+        c_index_value(
+            ep["rfs_days"].to_numpy(float), ep["relapse"].to_numpy(int), ep["linear_predictor"].to_numpy(float)
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------
 # The committed manifest of the default cohort
 # --------------------------------------------------------------------------------------
 
+
 class DemoCohortMismatchError(ProvenanceError):
     """A demo-cohort file differs from the committed manifest (message names case and file)."""
 
 
-def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
-                       *, workers: int = 2) -> pd.DataFrame:
+def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv", *, workers: int = 2) -> pd.DataFrame:
     """Make sure the demo cohort a committed manifest describes is on disk, byte for byte.
 
     The manifest's sidecar (:func:`pipeline.hecktor.manifest_sidecar_path`, written by
@@ -882,42 +1000,86 @@ def ensure_demo_cohort(manifest_path: str | os.PathLike = "data_manifest.csv",
     wanted += [root / CLINICAL_CSV, root / ENDPOINT_CSV]
     absent = [p for p in wanted if not p.is_file()]
     if absent:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}.regen-", dir=root.parent))
-        try:
-            fresh = generate_demo_cohort(scratch / "cohort", n_cases=int(meta["n_cases"]),
-                                         seed=int(meta["seed"]), workers=workers,
-                                         spacing_scale=float(meta.get("spacing_scale", 1.0)))
-            for src in sorted(fresh.rglob("*")):
-                dst = root / src.relative_to(fresh)
-                if src.is_file() and not dst.exists():
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(src, dst)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        _regenerate_missing(root, meta, workers)
+    hint = _mismatch_hint(meta, regenerated=bool(absent))
+    _check_image_hashes(manifest, root, hint)
+    _check_csv_hashes(record, root, sidecar, hint)
+    print(
+        f"demo cohort {root}: {len(absent)} of {len(wanted)} files regenerated; all {len(wanted)} "
+        f"match {manifest_path} and {sidecar.name} (SHA-256)",
+        flush=True,
+    )
+    return manifest
+
+
+def _regenerate_missing(root: Path, meta: dict[str, Any], workers: int) -> None:
+    """Regenerate the cohort ``meta`` (the sidecar's ``demo_cohort``) describes into a temporary
+    sibling of ``root`` and move the files ``root`` lacks into place (present files are never
+    touched); the temporary folder is removed in any case."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}.regen-", dir=root.parent))
+    try:
+        fresh = generate_demo_cohort(
+            scratch / "cohort",
+            n_cases=int(meta["n_cases"]),
+            seed=int(meta["seed"]),
+            workers=workers,
+            spacing_scale=float(meta.get("spacing_scale", 1.0)),
+        )
+        for src in sorted(fresh.rglob("*")):
+            dst = root / src.relative_to(fresh)
+            if src.is_file() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _mismatch_hint(meta: dict[str, Any], regenerated: bool) -> str:
+    """Why a file may differ from its record: a regeneration by another generator version (and
+    environment, when it differs from the sidecar's), else a change after generation."""
     version, env = meta.get("generator_version"), meta.get("environment")
-    hint = ("regenerated by generator version "
-            f"{GENERATOR_VERSION}, manifest made by version {version}") if absent else \
-        "the file was changed after generation"
-    if absent and env and env != _environment():
+    hint = (
+        (f"regenerated by generator version {GENERATOR_VERSION}, manifest made by version {version}")
+        if regenerated
+        else "the file was changed after generation"
+    )
+    if regenerated and env and env != _environment():
         hint += f"; the manifest was made with {env}, this environment has {_environment()}"
+    return hint
+
+
+def _check_image_hashes(manifest: pd.DataFrame, root: Path, hint: str) -> None:
+    """Every CT, PET and label file of ``manifest`` exists and has the manifest's SHA-256.
+
+    Raises:
+        DemoCohortMismatchError: naming the first case and file that is missing or differs.
+    """
     for cid, row in manifest.iterrows():
         for kind in ("ct", "pet", "label"):
             path, expected = Path(row[f"{kind}_path"]), row[f"{kind}_sha256"]
             if not path.is_file():
-                raise DemoCohortMismatchError(f"case {cid}: {path}: file missing after "
-                                              "regeneration (the generator no longer makes it)")
+                raise DemoCohortMismatchError(
+                    f"case {cid}: {path}: file missing after regeneration (the generator no longer makes it)"
+                )
             found = sha256_file(path)
             if expected and found != expected:
                 raise DemoCohortMismatchError(
                     f"case {cid}: {path}: sha256 {found} differs from the manifest's "
                     f"{expected} ({hint}). Regenerate the manifest with make-demo-cohort "
-                    f"--overwrite, or delete {root} to rebuild it from the record.")
+                    f"--overwrite, or delete {root} to rebuild it from the record."
+                )
+
+
+def _check_csv_hashes(record: dict[str, Any], root: Path, sidecar: Path, hint: str) -> None:
+    """The clinical and endpoint CSVs under ``root`` have the SHA-256 the sidecar ``record`` gives.
+
+    Raises:
+        DemoCohortMismatchError: naming the first CSV that differs.
+    """
     for name, key in ((CLINICAL_CSV, "clinical_csv_sha256"), (ENDPOINT_CSV, "endpoint_csv_sha256")):
         found = sha256_file(root / name)
         if record.get(key) and found != record[key]:
-            raise DemoCohortMismatchError(f"{root / name}: sha256 {found} differs from "
-                                          f"{sidecar}'s {record[key]} ({hint})")
-    print(f"demo cohort {root}: {len(absent)} of {len(wanted)} files regenerated; all {len(wanted)} "
-          f"match {manifest_path} and {sidecar.name} (SHA-256)", flush=True)
-    return manifest
+            raise DemoCohortMismatchError(
+                f"{root / name}: sha256 {found} differs from {sidecar}'s {record[key]} ({hint})"
+            )

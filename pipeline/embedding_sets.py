@@ -109,34 +109,58 @@ class EmbeddingSet:
         return {e: ENCODERS[e].dim for e in self.encoders}
 
 
-ENCODERS: dict[str, Encoder] = {e.name: e for e in (
-    Encoder(
-        "ct", "CT-FM", 512, channel="ct", input_key="ctfm/ct", size_param="ctfm_size_xyz",
-        pooling="gap_last_feature_map", weights_env="HNFM_CT_FM_WEIGHTS",
-        default_weights="~/.cache/hnfm/ct_fm/model.safetensors",
-        hub_repo="project-lighter/ct_fm_feature_extractor", hub_filename="model.safetensors",
-        revision_env="HNFM_CT_FM_REVISION",
-        loader="models.checkpoints:load_ct_fm", random_builder="models.checkpoints:random_ct_fm",
-        architecture="models.checkpoints:CT_FM_NAME", weights_source="models.checkpoints:CT_FM_WEIGHTS",
-    ),
-    Encoder(
-        "pet", "PET-FM", 768, channel="pet", input_key="petfm/pet", size_param="petfm_size_xyz",
-        pooling="mean_tokens_pre_neck", weights_env="HNFM_PET_FM_WEIGHTS",
-        default_weights="~/.cache/hnfm/pet_fm/seganypet_v1.pth",
-        hub_repo="YichiZhang98/SegAnyPET", hub_filename="seganypet_v1.pth",
-        revision_env="HNFM_PET_FM_REVISION",
-        loader="models.checkpoints:load_pet_fm", random_builder="models.checkpoints:random_pet_fm",
-        architecture="models.checkpoints:PET_FM_NAME", weights_source="models.checkpoints:PET_FM_WEIGHTS",
-        # PETFMEncoder's published (SAM-Med3D vit_b_ori) input edge, patch edge and window edge.
-        cube_input={"img_size": 128, "patch_size": 16, "window_size": 14},
-    ),
-)}
+ENCODERS: dict[str, Encoder] = {
+    e.name: e
+    for e in (
+        Encoder(
+            "ct",
+            "CT-FM",
+            512,
+            channel="ct",
+            input_key="ctfm/ct",
+            size_param="ctfm_size_xyz",
+            pooling="gap_last_feature_map",
+            weights_env="HNFM_CT_FM_WEIGHTS",
+            default_weights="~/.cache/hnfm/ct_fm/model.safetensors",
+            hub_repo="project-lighter/ct_fm_feature_extractor",
+            hub_filename="model.safetensors",
+            revision_env="HNFM_CT_FM_REVISION",
+            loader="models.checkpoints:load_ct_fm",
+            random_builder="models.checkpoints:random_ct_fm",
+            architecture="models.checkpoints:CT_FM_NAME",
+            weights_source="models.checkpoints:CT_FM_WEIGHTS",
+        ),
+        Encoder(
+            "pet",
+            "PET-FM",
+            768,
+            channel="pet",
+            input_key="petfm/pet",
+            size_param="petfm_size_xyz",
+            pooling="mean_tokens_pre_neck",
+            weights_env="HNFM_PET_FM_WEIGHTS",
+            default_weights="~/.cache/hnfm/pet_fm/seganypet_v1.pth",
+            hub_repo="YichiZhang98/SegAnyPET",
+            hub_filename="seganypet_v1.pth",
+            revision_env="HNFM_PET_FM_REVISION",
+            loader="models.checkpoints:load_pet_fm",
+            random_builder="models.checkpoints:random_pet_fm",
+            architecture="models.checkpoints:PET_FM_NAME",
+            weights_source="models.checkpoints:PET_FM_WEIGHTS",
+            # PETFMEncoder's published (SAM-Med3D vit_b_ori) input edge, patch edge and window edge.
+            cube_input={"img_size": 128, "patch_size": 16, "window_size": 14},
+        ),
+    )
+}
 
-EMBEDDING_SETS: dict[str, EmbeddingSet] = {s.name: s for s in (
-    EmbeddingSet("ct", ("ct",), "CT", "tab:blue"),
-    EmbeddingSet("pet", ("pet",), "PET", "tab:red"),
-    EmbeddingSet("ctpet", ("ct", "pet"), "CT+PET", "tab:green"),
-)}
+EMBEDDING_SETS: dict[str, EmbeddingSet] = {
+    s.name: s
+    for s in (
+        EmbeddingSet("ct", ("ct",), "CT", "tab:blue"),
+        EmbeddingSet("pet", ("pet",), "PET", "tab:red"),
+        EmbeddingSet("ctpet", ("ct", "pet"), "CT+PET", "tab:green"),
+    )
+}
 
 #: Prefix of an embedding head's report group (:func:`head_group`).
 HEAD_PREFIX = "head-"
@@ -186,8 +210,10 @@ def set_of_encoders(encoders: Iterable[str]) -> str:
     for s in EMBEDDING_SETS.values():
         if sorted(s.encoders) == wanted:
             return s.name
-    raise ValueError(f"no embedding set reads the encoders {wanted}; registered: "
-                     + ", ".join(f"{s.name} = {list(s.encoders)}" for s in EMBEDDING_SETS.values()))
+    raise ValueError(
+        f"no embedding set reads the encoders {wanted}; registered: "
+        + ", ".join(f"{s.name} = {list(s.encoders)}" for s in EMBEDDING_SETS.values())
+    )
 
 
 def full_set() -> str:
@@ -202,16 +228,18 @@ def head_group(set_name: str) -> str:
 
 def set_of_group(group: str) -> str | None:
     """The embedding set a report group shows (``ct`` and ``head-ct`` -> ``ct``), else None."""
-    name = group[len(HEAD_PREFIX):] if group.startswith(HEAD_PREFIX) else group
+    name = group[len(HEAD_PREFIX) :] if group.startswith(HEAD_PREFIX) else group
     return name if name in EMBEDDING_SETS else None
 
 
 def set_help() -> str:
     """``ct = CT-FM (512-d), pet = PET-FM (768-d), ctpet = CT-FM + PET-FM`` for ``--help`` texts."""
+
     def one(s: EmbeddingSet) -> str:
         labels = " + ".join(ENCODERS[e].label for e in s.encoders)
         sizes = ", ".join(f"{ENCODERS[e].dim}-d" for e in s.encoders)
         return f"{s.name} = {labels} ({sizes})"
+
     return ", ".join(one(s) for s in EMBEDDING_SETS.values())
 
 

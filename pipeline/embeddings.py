@@ -130,8 +130,10 @@ def _other_preprocessing_message(path: Path, attrs: dict[str, Any], cache: Prepr
     ``cache_path`` attribute) and, where that cache's ``cohort.json`` is still there, the
     preprocessing parameters that differ; else the crop sizes both record."""
     made_from = str(attrs.get("cache_path") or "") or "(not recorded)"
-    head = (f"{path}: made from the preprocessed cache {made_from} (params_hash "
-            f"{attrs['params_hash']!r}), but the cache {cache.root} has {cache.params_hash!r}")
+    head = (
+        f"{path}: made from the preprocessed cache {made_from} (params_hash "
+        f"{attrs['params_hash']!r}), but the cache {cache.root} has {cache.params_hash!r}"
+    )
     fix = f"re-run `extract-embeddings --cache {cache.root}`, or pass the cache the file was made from"
     if attrs.get("cache_path") and Path(made_from) == cache.root.resolve():
         return f"{head}: the cache was preprocessed again since the file was made; {fix}"
@@ -141,14 +143,20 @@ def _other_preprocessing_message(path: Path, attrs: dict[str, Any], cache: Prepr
         theirs = None
     if theirs is not None and theirs != cache.params:
         keys = sorted(set(theirs) | set(cache.params), key=str)
-        diff = [f"{k}: {theirs.get(k)!r} there, {cache.params.get(k)!r} here"
-                for k in keys if theirs.get(k) != cache.params.get(k)]
+        diff = [
+            f"{k}: {theirs.get(k)!r} there, {cache.params.get(k)!r} here"
+            for k in keys
+            if theirs.get(k) != cache.params.get(k)
+        ]
         return f"{head}; differing preprocessing parameters: {'; '.join(diff)}; {fix}"
     crop = plain_value(attrs.get("crop_size_vox_xyz"))
     if crop is not None and list(crop) != list(cache.crop_size_vox_xyz):
         head += f"; crop size G {list(crop)} there, {list(cache.crop_size_vox_xyz)} here (x, y, z voxels)"
-    gone = "" if theirs is not None or not attrs.get("cache_path") else \
-        f" ({made_from} is gone or unreadable: parameters not compared)"
+    gone = (
+        ""
+        if theirs is not None or not attrs.get("cache_path")
+        else f" ({made_from} is gone or unreadable: parameters not compared)"
+    )
     return f"{head}{gone}; {fix}"
 
 
@@ -170,8 +178,8 @@ def write_embedding_file(
         name: the file's ``modality`` attribute: the embedding set extracted (``ct``/``pet``/
             ``ctpet``) or an imported table's name.
         case_ids: row order, N cases.
-        datasets: dataset name (an encoder's, or a table's) -> (float ``[N, dim]`` matrix, dataset attributes as HDF5-ready
-            values, provenance dict). The writer adds ``embedding_dim``, ``dtype``,
+        datasets: dataset name (an encoder's, or a table's) -> (float ``[N, dim]`` matrix,
+            dataset attributes as HDF5-ready values, provenance dict). The writer adds ``embedding_dim``, ``dtype``,
             ``provenance`` (canonical JSON) and ``provenance_hash``.
         cache: the preprocessed cache the rows belong to: its ``params_hash``, crop size and
             path are recorded; ``None`` writes an unbound file (``cache_bound`` False, empty
@@ -195,7 +203,8 @@ def write_embedding_file(
             h5.attrs["modalities"] = json.dumps(list(datasets))
             h5.attrs["params_hash"] = cache.params_hash if cache is not None else ""
             h5.attrs["crop_size_vox_xyz"] = np.asarray(
-                cache.crop_size_vox_xyz if cache is not None else (), dtype=np.int64)
+                cache.crop_size_vox_xyz if cache is not None else (), dtype=np.int64
+            )
             h5.attrs["cache_path"] = str(cache.root.resolve()) if cache is not None else ""
             h5.attrs["cache_bound"] = cache is not None
             h5.attrs["code_version"] = code_version()
@@ -236,8 +245,7 @@ def embedding_dims(path: str | os.PathLike) -> dict[str, int]:
 def random_init_datasets(path: str | os.PathLike) -> list[str]:
     """Datasets of a file made with randomly initialised encoders (read without warning)."""
     with h5py.File(path, "r") as h5:
-        return [d for d in embedding_dims(path)
-                if plain_value(h5[d].attrs.get("weights_sha256", "")) == RANDOM_INIT]
+        return [d for d in embedding_dims(path) if plain_value(h5[d].attrs.get("weights_sha256", "")) == RANDOM_INIT]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,15 +305,19 @@ class LoadedEmbeddings:
         ``feature_datasets`` (the datasets, in column order)."""
         blocks = [
             pd.DataFrame(
-                mat, index=pd.Index(self.case_ids, name="case_id"),
+                mat,
+                index=pd.Index(self.case_ids, name="case_id"),
                 columns=[f"{d}_{j:03d}" for j in range(mat.shape[1])],
             )
             for d, mat in self.matrices.items()
         ]
         df = pd.concat(blocks, axis=1) if blocks else pd.DataFrame(index=self.case_ids)
         df.attrs = {
-            "path": str(self.path), "sha256": self.sha256, **self.attrs,
-            "dataset_attrs": self.dataset_attrs, "feature_datasets": self.datasets,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            **self.attrs,
+            "dataset_attrs": self.dataset_attrs,
+            "feature_datasets": self.datasets,
         }
         return df
 
@@ -355,9 +367,7 @@ def read_embeddings(
         in_cache = set(cache.case_ids)
         not_cached = [c for c in wanted if c not in in_cache]
         if not_cached:
-            raise ProvenanceError(
-                f"{path}: has embeddings for cases {not_cached} that the cache {cache.root} lacks"
-            )
+            raise ProvenanceError(f"{path}: has embeddings for cases {not_cached} that the cache {cache.root} lacks")
         bad = [
             f"{c} (file {file_fps[r]}, cache {fp})"
             for c, r in zip(wanted, rows)
@@ -387,9 +397,9 @@ def read_embeddings(
     )
 
 
-def _read_embedding_file(path: Path, datasets: Sequence[str] | None) -> tuple[
-        dict[str, Any], list[str], list[str], list[str], dict[str, np.ndarray],
-        dict[str, dict[str, Any]]]:
+def _read_embedding_file(
+    path: Path, datasets: Sequence[str] | None
+) -> tuple[dict[str, Any], list[str], list[str], list[str], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """File attributes, case ids, fingerprints, datasets read, their matrices and attributes."""
     with h5py.File(path, "r") as h5:
         found = int(h5.attrs.get("schema_version", -1))
@@ -412,8 +422,9 @@ def _read_embedding_file(path: Path, datasets: Sequence[str] | None) -> tuple[
     return attrs, file_ids, file_fps, names, mats, dattrs
 
 
-def _select_rows(path: Path, attrs: dict[str, Any], file_ids: list[str],
-                 case_ids: Sequence[str] | None) -> tuple[list[str], list[int]]:
+def _select_rows(
+    path: Path, attrs: dict[str, Any], file_ids: list[str], case_ids: Sequence[str] | None
+) -> tuple[list[str], list[int]]:
     """The cases to return (``case_ids``, default every case in file order) and their rows."""
     if case_ids is None:
         return file_ids, list(range(len(file_ids)))
@@ -422,12 +433,13 @@ def _select_rows(path: Path, attrs: dict[str, Any], file_ids: list[str],
     missing = [c for c in wanted if c not in pos]
     if missing:
         if attrs.get("source") == FEATURE_TABLE_SOURCE:
-            fix = ("import a table with rows for them: `import-features TABLE.csv --out "
-                   f"{path}` (NaN where a feature is unknown)")
+            fix = (
+                "import a table with rows for them: `import-features TABLE.csv --out "
+                f"{path}` (NaN where a feature is unknown)"
+            )
         else:
             fix = "re-run `extract-embeddings` on a cache holding them"
-        raise MissingCasesError(
-            f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
+        raise MissingCasesError(f"{path}: lacks rows for {len(missing)} needed case(s): {missing}; {fix}", missing)
     return wanted, [pos[c] for c in wanted]
 
 

@@ -141,9 +141,7 @@ class ExtractionResult:
         """One line: cases computed / reused per encoder, path, seconds."""
         if self.up_to_date:
             return f"{self.path}: already complete and up to date, nothing computed ({self.seconds:.1f} s)"
-        parts = ", ".join(
-            f"{e}: {r.computed} computed, {r.reused} reused" for e, r in self.per_encoder.items()
-        )
+        parts = ", ".join(f"{e}: {r.computed} computed, {r.reused} reused" for e, r in self.per_encoder.items())
         return f"{parts} -> {self.path} ({self.seconds:.1f} s)"
 
 
@@ -242,8 +240,9 @@ def resolve_weights(name: str, weights: str | os.PathLike | None) -> Path:
     try:
         return hub_weights.fetch_weights(name)
     except hub_weights.HubWeightsError as exc:
-        raise WeightsNotFoundError(f"{_weights_advice(entry, path, how)} From the Hub: {exc}. "
-                                   f"{hub_weights.offline_advice(name)}") from None
+        raise WeightsNotFoundError(
+            f"{_weights_advice(entry, path, how)} From the Hub: {exc}. {hub_weights.offline_advice(name)}"
+        ) from None
 
 
 def _weights_advice(entry: Encoder, path: Path, how: str) -> str:
@@ -429,9 +428,7 @@ def _remove_empty_dirs(folders: Sequence[Path]) -> None:
             d.rmdir()
 
 
-def _load_inputs(
-    cache: PreprocessedCache, name: str, case_ids: Sequence[str]
-) -> np.ndarray:
+def _load_inputs(cache: PreprocessedCache, name: str, case_ids: Sequence[str]) -> np.ndarray:
     """Read encoder ``name``'s inputs of ``case_ids`` as ``[B, 1, D, H, W]`` float32 (D = slice axis)."""
     key = ENCODERS[name].input_key
     arrs = []
@@ -463,9 +460,7 @@ def _forward(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarr
         return out.float().cpu().numpy()
 
 
-def _forward_halving(
-    model: Any, x: np.ndarray, device: Any, precision: str
-) -> np.ndarray:
+def _forward_halving(model: Any, x: np.ndarray, device: Any, precision: str) -> np.ndarray:
     """:func:`_forward`, halving the batch on CUDA out-of-memory (down to one case).
 
     The retry runs after the ``except`` block has been left: inside it the exception's
@@ -490,8 +485,7 @@ def _forward_halving(
         file=sys.stderr,
     )
     return np.concatenate(
-        [_forward_halving(model, x[:half], device, precision),
-         _forward_halving(model, x[half:], device, precision)]
+        [_forward_halving(model, x[:half], device, precision), _forward_halving(model, x[half:], device, precision)]
     )
 
 
@@ -519,8 +513,11 @@ def _embed_encoder(
             )
         model = _build_encoder(spec).to(device)
         bar = tqdm(
-            total=len(missing), unit="case", desc=f"{spec.encoder} {spec.architecture}",
-            disable=not progress, file=sys.stderr,
+            total=len(missing),
+            unit="case",
+            desc=f"{spec.encoder} {spec.architecture}",
+            disable=not progress,
+            file=sys.stderr,
         )
         with bar:
             for start in range(0, len(missing), batch_size):
@@ -566,27 +563,44 @@ def _make_spec(
     architecture = resolve(encoder(name).architecture)
     compute = dict(compute or {})
     if random_init:
-        return _EncoderSpec(name, architecture, RANDOM_INIT, int(seed), "", dict(encoder_config), precision,
-                            compute)
+        return _EncoderSpec(name, architecture, RANDOM_INIT, int(seed), "", dict(encoder_config), precision, compute)
     path = resolve_weights(name, weights)
     return _EncoderSpec(
         # The folder resolved, not the file: a Hub cache's snapshot link keeps its commit in the path.
-        name, architecture, sha256_file(path), -1, str(path.parent.resolve() / path.name), dict(encoder_config),
-        precision, compute,
+        name,
+        architecture,
+        sha256_file(path),
+        -1,
+        str(path.parent.resolve() / path.name),
+        dict(encoder_config),
+        precision,
+        compute,
     )
 
 
 def _make_specs(
-    names: Sequence[str], *, weights: Mapping[str, Any], random_init: bool, seed: int,
-    encoder_kwargs: dict[str, dict[str, Any]], precision: str, compute: dict[str, Any],
+    names: Sequence[str],
+    *,
+    weights: Mapping[str, Any],
+    random_init: bool,
+    seed: int,
+    encoder_kwargs: dict[str, dict[str, Any]],
+    precision: str,
+    compute: dict[str, Any],
 ) -> dict[str, _EncoderSpec]:
     """One spec per encoder; missing weights of every encoder are reported together."""
     specs, missing = {}, []
     for name in names:
         try:
-            specs[name] = _make_spec(name, weights=weights.get(name), random_init=random_init, seed=seed,
-                                     encoder_config=encoder_kwargs.get(name, {}), precision=precision,
-                                     compute=compute)
+            specs[name] = _make_spec(
+                name,
+                weights=weights.get(name),
+                random_init=random_init,
+                seed=seed,
+                encoder_config=encoder_kwargs.get(name, {}),
+                precision=precision,
+                compute=compute,
+            )
         except WeightsNotFoundError as exc:
             missing.append(str(exc))
     if missing:
@@ -612,7 +626,8 @@ def open_cache(root: str | os.PathLike) -> PreprocessedCache:
         raise FileNotFoundError(
             missing_path_message(root, "preprocessed cache", f"*/{COHORT_FILE}")
             + "; to make one: `preprocess --manifest data_manifest.csv --out PATH`, or `run-study "
-            "--demo`, which writes the demo's cache to cache/preprocessed")
+            "--demo`, which writes the demo's cache to cache/preprocessed"
+        )
     raise FileNotFoundError(
         f"{root}: no preprocessed cache (no {COHORT_FILE}). Make one with "
         f"`preprocess --manifest data_manifest.csv --out {root}`, or run `run-study --demo`, "
@@ -634,8 +649,9 @@ def encoder_input_size(cache: PreprocessedCache, name: str) -> tuple[int, int, i
     return _input_shape(cache, cache.case_ids[0], entry.input_key)
 
 
-def fitted_encoder_config(cache: PreprocessedCache, name: str,
-                          requested: dict[str, Any] | None = None) -> dict[str, Any]:
+def fitted_encoder_config(
+    cache: PreprocessedCache, name: str, requested: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Constructor overrides of encoder ``name`` that fit the cache's input size.
 
     An encoder that takes any input size gets ``requested`` as it is. One whose cubic input
@@ -679,8 +695,7 @@ def fitted_encoder_config(cache: PreprocessedCache, name: str,
         out.setdefault("img_size", size)
         grid = size // int(out.get("patch_size", published["patch_size"]))
         if "window_size" not in out and grid >= 1:
-            out["window_size"] = max(w for w in range(1, min(grid, published["window_size"]) + 1)
-                                     if grid % w == 0)
+            out["window_size"] = max(w for w in range(1, min(grid, published["window_size"]) + 1) if grid % w == 0)
     return out
 
 
@@ -696,9 +711,7 @@ def _existing_state(path: Path) -> dict[str, Any] | None:
                 "params_hash": str(h5.attrs["params_hash"]),
                 "case_ids": list(h5["case_ids"].asstr()[()]),
                 "fingerprints": list(h5["fingerprints"].asstr()[()]),
-                "provenance": {
-                    name: json.loads(h5[name].attrs["provenance"]) for name in ENCODERS if name in h5
-                },
+                "provenance": {name: json.loads(h5[name].attrs["provenance"]) for name in ENCODERS if name in h5},
             }
     except (OSError, KeyError, ValueError) as exc:
         raise ProvenanceError(
@@ -764,9 +777,15 @@ def run_extraction(
     cache = open_cache(cache_root)
     torch_device, precision = _resolve_device(device, precision)
     encoder_kwargs = {e: fitted_encoder_config(cache, e, encoder_kwargs.get(e)) for e in names}
-    specs = _make_specs(names, weights=weights or {},
-                        random_init=random_init, seed=seed, encoder_kwargs=encoder_kwargs,
-                        precision=precision, compute=compute_record(torch_device, threads))
+    specs = _make_specs(
+        names,
+        weights=weights or {},
+        random_init=random_init,
+        seed=seed,
+        encoder_kwargs=encoder_kwargs,
+        precision=precision,
+        compute=compute_record(torch_device, threads),
+    )
     case_ids = cache.case_ids
     fingerprints = [cache.case_fingerprint(c) for c in case_ids]
     expected_prov = {e: json.loads(canonical_json(s.provenance())) for e, s in specs.items()}
@@ -785,21 +804,39 @@ def run_extraction(
             _remove_stale_temps(out.parent, prefix=f".{out.name}.")
             matrices: dict[str, np.ndarray] = {}
             for e, store in zip(names, stores):
-                stack.enter_context(_exclusive_lock(store / ".lock"))
-                stack.push(_forget_store_if_unused(store))
-                _prepare_store(store, specs[e])
-                _remove_stale_temps(store)
-                with _encoder_threads(specs[e]):
-                    matrices[e], result.per_encoder[e] = _embed_encoder(
-                        cache, specs[e], store, case_ids, fingerprints,
-                        device=torch_device, batch_size=int(batch_size), progress=progress,
-                    )
+                matrices[e], result.per_encoder[e] = _embed_through_store(
+                    stack, cache, specs[e], store, case_ids, fingerprints, torch_device, int(batch_size), progress
+                )
             _write_h5(out, cache, set_name, specs, matrices, case_ids, fingerprints)
     except BaseException:
         _remove_empty_dirs([*stores, shard_root, *made])
         raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _embed_through_store(
+    stack: contextlib.ExitStack,
+    cache: PreprocessedCache,
+    spec: _EncoderSpec,
+    store: Path,
+    case_ids: list[str],
+    fingerprints: list[str],
+    device: Any,
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, EncoderReport]:
+    """One encoder of :func:`run_extraction`: lock its shard store (held until ``stack``
+    closes, the store forgotten on failure when unused), prepare it, clear stale
+    temporaries, then :func:`_embed_encoder` under the spec's CPU threads."""
+    stack.enter_context(_exclusive_lock(store / ".lock"))
+    stack.push(_forget_store_if_unused(store))
+    _prepare_store(store, spec)
+    _remove_stale_temps(store)
+    with _encoder_threads(spec):
+        return _embed_encoder(
+            cache, spec, store, case_ids, fingerprints, device=device, batch_size=batch_size, progress=progress
+        )
 
 
 def compute_record(device: Any, threads: int | None) -> dict[str, Any]:
@@ -809,8 +846,11 @@ def compute_record(device: Any, threads: int | None) -> dict[str, Any]:
     pins do not touch a GPU's kernels)."""
     if device.type != "cpu":
         return {"device": device.type}
-    return {"device": "cpu", "numerics": numerics_mode(),
-            "threads": check_threads(threads) if threads is not None else usable_cpus()}
+    return {
+        "device": "cpu",
+        "numerics": numerics_mode(),
+        "threads": check_threads(threads) if threads is not None else usable_cpus(),
+    }
 
 
 def compute_identity(compute: dict[str, Any]) -> dict[str, Any]:
@@ -828,8 +868,9 @@ def _encoder_threads(spec: _EncoderSpec) -> contextlib.AbstractContextManager:
     return compute_threads(threads) if threads is not None else contextlib.nullcontext()
 
 
-def _check_extraction_args(set_name: str, batch_size: int, encoder_kwargs: dict[str, dict[str, Any]] | None
-                           ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+def _check_extraction_args(
+    set_name: str, batch_size: int, encoder_kwargs: dict[str, dict[str, Any]] | None
+) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
     """:func:`run_extraction`'s checked arguments: the set's encoders and a copy of
     ``encoder_kwargs`` (``{}`` for None)."""
     names = embedding_set(set_name).encoders
@@ -843,8 +884,13 @@ def _check_extraction_args(set_name: str, batch_size: int, encoder_kwargs: dict[
 
 
 def _up_to_date(
-    out: Path, set_name: str, cache: PreprocessedCache, case_ids: list[str],
-    fingerprints: list[str], expected_prov: dict[str, Any], overwrite: bool,
+    out: Path,
+    set_name: str,
+    cache: PreprocessedCache,
+    case_ids: list[str],
+    fingerprints: list[str],
+    expected_prov: dict[str, Any],
+    overwrite: bool,
 ) -> bool:
     """True when ``out`` already holds exactly these cases with this provenance.
 
@@ -866,8 +912,7 @@ def _up_to_date(
             f"{out}: exists with other provenance; refusing to mix. {mismatch} "
             "Write elsewhere with --out, or replace it with --overwrite."
         )
-    return (not mismatch and existing["case_ids"] == case_ids
-            and existing["fingerprints"] == fingerprints)
+    return not mismatch and existing["case_ids"] == case_ids and existing["fingerprints"] == fingerprints
 
 
 def extract_embeddings(*args: Any, **kwargs: Any) -> Path:
@@ -875,9 +920,7 @@ def extract_embeddings(*args: Any, **kwargs: Any) -> Path:
     return run_extraction(*args, **kwargs).path
 
 
-def _provenance_mismatch(
-    existing: dict[str, Any], set_name: str, params_hash_: str, expected: dict[str, Any]
-) -> str:
+def _provenance_mismatch(existing: dict[str, Any], set_name: str, params_hash_: str, expected: dict[str, Any]) -> str:
     """Describe how an existing file differs in provenance ("" when it does not)."""
     diffs = []
     if existing["schema_version"] != SCHEMA_VERSION:
@@ -885,9 +928,7 @@ def _provenance_mismatch(
     if existing["set_name"] != set_name:
         diffs.append(f"embedding set: file {existing['set_name']!r}, this run {set_name!r}")
     if existing["params_hash"] != params_hash_:
-        diffs.append(
-            f"preprocessing params_hash: file {existing['params_hash']!r}, cache {params_hash_!r}"
-        )
+        diffs.append(f"preprocessing params_hash: file {existing['params_hash']!r}, cache {params_hash_!r}")
     for name, prov in expected.items():
         found = existing["provenance"].get(name)
         if found is None:
@@ -896,8 +937,7 @@ def _provenance_mismatch(
         for key in sorted(set(prov) | set(found)):
             if found.get(key) != prov.get(key):
                 diffs.append(
-                    f"{name} {key}: file {canonical_json(found.get(key))}, "
-                    f"this run {canonical_json(prov.get(key))}"
+                    f"{name} {key}: file {canonical_json(found.get(key))}, this run {canonical_json(prov.get(key))}"
                 )
     return "; ".join(diffs) + ("." if diffs else "")
 
@@ -920,7 +960,11 @@ def _write_h5(
         datasets[name] = (matrices[name], attrs, spec.provenance())
     compute = next(iter(specs.values())).compute if specs else {}
     write_embedding_file(
-        out, name=set_name, case_ids=case_ids, datasets=datasets, cache=cache,
+        out,
+        name=set_name,
+        case_ids=case_ids,
+        datasets=datasets,
+        cache=cache,
         fingerprints=fingerprints,
         random_init=any(s.weights_sha256 == RANDOM_INIT for s in specs.values()),
         file_attrs={"environment": canonical_json(_environment(compute))},

@@ -30,7 +30,6 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 _RESERVED = {"case_ids", "fingerprints"}
 
 
-
 def import_feature_table(
     csv_path: str | os.PathLike,
     out_h5: str | os.PathLike,
@@ -86,50 +85,109 @@ def import_feature_table(
             listed) and ``allow_missing`` is False.
     """
     csv_path, out_h5 = Path(csv_path), Path(out_h5)
-    if not _NAME_RE.match(name) or name in _RESERVED:
-        raise ValueError(f"import_feature_table: name {name!r} must be letters/digits starting with a letter")
-    if name in ENCODERS:
-        raise ValueError(f"import_feature_table: name {name!r} is reserved for the foundation-model embeddings")
+    _check_table_name(name)
     ids, x, use, dropped = _read_feature_table(csv_path, id_column, columns)
-    coverage = None
-    if expected_case_ids is not None:
-        coverage = table_coverage(ids, expected_case_ids)
-        if coverage["missing"] and not allow_missing:
-            raise MissingCasesError(
-                f"{csv_path}: covers {coverage['covered']} of the {coverage['expected']} cases of the "
-                f"manifest; {len(coverage['missing'])} missing: {coverage['missing']}. Import a table "
-                "with a row for every case (NaN where a feature is unknown: the heads and the CNN fill "
-                "it with the training-fold mean), or pass --allow-missing to import it as it is "
-                "(fit-heads and train-survival then refuse the missing cases)",
-                coverage["missing"],
-            )
+    coverage = _checked_coverage(csv_path, ids, expected_case_ids, allow_missing)
     if cache is not None and not isinstance(cache, PreprocessedCache):
         cache = PreprocessedCache(cache)
     in_cache = set(cache.case_ids) if cache is not None else set()
     not_in_cache = [c for c in ids if c not in in_cache] if cache is not None else []
-    csv_sha = sha256_file(csv_path)
-    prov = {"encoder": FEATURE_TABLE_ENCODER, "modality": name, "source_csv_sha256": csv_sha,
-            "id_column": id_column, "columns": use, "pooling": "none", "input_key": ""}
-    attrs = {
-        "encoder": FEATURE_TABLE_ENCODER, "weights_sha256": csv_sha, "random_init_seed": -1,
-        "weights_path": str(csv_path.resolve()), "encoder_config": "{}",
-        "source_csv": str(csv_path.resolve()), "source_csv_sha256": csv_sha, "id_column": id_column,
-        "columns": json.dumps(use), "dropped_columns": json.dumps(dropped), "pooling": "none",
-        "input_key": "", "input_shape": np.zeros(0, dtype=np.int64), "precision": "fp32",
+    attrs, prov = _table_dataset_attrs(csv_path, name, id_column, use, dropped)
+    write_embedding_file(
+        out_h5,
+        name=name,
+        case_ids=ids,
+        datasets={name: (x, attrs, prov)},
+        cache=cache,
+        file_attrs={"source": FEATURE_TABLE_SOURCE},
+    )
+    return {
+        "path": str(out_h5),
+        "n_cases": len(ids),
+        "n_features": len(use),
+        "columns": use,
+        "dropped_columns": dropped,
+        "not_in_cache": not_in_cache,
+        "cache_bound": cache is not None,
+        "coverage": coverage,
+        "sha256": sha256_file(out_h5),
     }
-    write_embedding_file(out_h5, name=name, case_ids=ids, datasets={name: (x, attrs, prov)},
-                         cache=cache, file_attrs={"source": FEATURE_TABLE_SOURCE})
-    return {"path": str(out_h5), "n_cases": len(ids), "n_features": len(use), "columns": use,
-            "dropped_columns": dropped, "not_in_cache": not_in_cache, "cache_bound": cache is not None,
-            "coverage": coverage, "sha256": sha256_file(out_h5)}
+
+
+def _check_table_name(name: str) -> None:
+    """Refuse a dataset name that is not letters/digits, is reserved, or is an encoder's."""
+    if not _NAME_RE.match(name) or name in _RESERVED:
+        raise ValueError(f"import_feature_table: name {name!r} must be letters/digits starting with a letter")
+    if name in ENCODERS:
+        raise ValueError(f"import_feature_table: name {name!r} is reserved for the foundation-model embeddings")
+
+
+def _checked_coverage(
+    csv_path: Path, ids: Sequence[str], expected_case_ids: Sequence[str] | None, allow_missing: bool
+) -> dict[str, Any] | None:
+    """The table's :func:`table_coverage` of ``expected_case_ids`` (``None`` without them).
+
+    Raises:
+        pipeline.embeddings.MissingCasesError: cases are missing and ``allow_missing`` is False.
+    """
+    if expected_case_ids is None:
+        return None
+    coverage = table_coverage(ids, expected_case_ids)
+    if coverage["missing"] and not allow_missing:
+        raise MissingCasesError(
+            f"{csv_path}: covers {coverage['covered']} of the {coverage['expected']} cases of the "
+            f"manifest; {len(coverage['missing'])} missing: {coverage['missing']}. Import a table "
+            "with a row for every case (NaN where a feature is unknown: the heads and the CNN fill "
+            "it with the training-fold mean), or pass --allow-missing to import it as it is "
+            "(fit-heads and train-survival then refuse the missing cases)",
+            coverage["missing"],
+        )
+    return coverage
+
+
+def _table_dataset_attrs(
+    csv_path: Path, name: str, id_column: str, use: list[str], dropped: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The imported dataset's attributes and its provenance (both keyed to the CSV's sha256)."""
+    csv_sha = sha256_file(csv_path)
+    prov = {
+        "encoder": FEATURE_TABLE_ENCODER,
+        "modality": name,
+        "source_csv_sha256": csv_sha,
+        "id_column": id_column,
+        "columns": use,
+        "pooling": "none",
+        "input_key": "",
+    }
+    attrs = {
+        "encoder": FEATURE_TABLE_ENCODER,
+        "weights_sha256": csv_sha,
+        "random_init_seed": -1,
+        "weights_path": str(csv_path.resolve()),
+        "encoder_config": "{}",
+        "source_csv": str(csv_path.resolve()),
+        "source_csv_sha256": csv_sha,
+        "id_column": id_column,
+        "columns": json.dumps(use),
+        "dropped_columns": json.dumps(dropped),
+        "pooling": "none",
+        "input_key": "",
+        "input_shape": np.zeros(0, dtype=np.int64),
+        "precision": "fp32",
+    }
+    return attrs, prov
 
 
 def table_coverage(table_ids: Sequence[str], expected: Sequence[str]) -> dict[str, Any]:
     """How many ``expected`` cases a table holds: counts, the missing and the extra ids."""
     have, want = set(table_ids), set(expected)
     missing = [c for c in expected if c not in have]
-    return {"expected": len(want), "covered": len(want) - len(set(missing)), "missing": missing,
-            "not_expected": [c for c in table_ids if c not in want]}
+    return {
+        "expected": len(want),
+        "covered": len(want) - len(set(missing)),
+        "missing": missing,
+        "not_expected": [c for c in table_ids if c not in want],
+    }
 
 
 def _read_feature_table(
@@ -140,11 +198,13 @@ def _read_feature_table(
         raise FileNotFoundError(f"import_feature_table: no such CSV {csv_path}")
     df = pd.read_csv(csv_path, dtype={id_column: str})
     if id_column not in df.columns:
-        raise ValueError(f"{csv_path}: no id column {id_column!r} (columns: {list(df.columns)[:20]}); "
-                         "name it with --id-column")
+        raise ValueError(
+            f"{csv_path}: no id column {id_column!r} (columns: {list(df.columns)[:20]}); name it with --id-column"
+        )
     ids = df[id_column].astype(str).str.strip()
     if (ids == "").any() or df[id_column].isna().any():
-        raise ValueError(f"{csv_path}: empty {id_column!r} in rows {np.flatnonzero((ids == '') | df[id_column].isna()).tolist()[:10]}")
+        empty = np.flatnonzero((ids == "") | df[id_column].isna()).tolist()
+        raise ValueError(f"{csv_path}: empty {id_column!r} in rows {empty[:10]}")
     dup = ids[ids.duplicated()].tolist()
     if dup:
         raise ValueError(f"{csv_path}: duplicate {id_column!r} values {dup[:10]}")

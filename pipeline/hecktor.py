@@ -80,21 +80,39 @@ LABELS_DIR = "labelsTr"
 
 #: Exact header of the official clinical CSV, in order.
 CLINICAL_HEADER: tuple[str, ...] = (
-    "PatientID", "Task 1", "Task 2", "CenterID", "Gender", "Age", "Weight", "Tobacco",
-    "Alcohol", "Performance status", "HPV status (0=-, 1=+)", "Surgery", "Chemotherapy",
+    "PatientID",
+    "Task 1",
+    "Task 2",
+    "CenterID",
+    "Gender",
+    "Age",
+    "Weight",
+    "Tobacco",
+    "Alcohol",
+    "Performance status",
+    "HPV status (0=-, 1=+)",
+    "Surgery",
+    "Chemotherapy",
 )
 #: Exact header of the official endpoint CSV, in order.
 ENDPOINT_HEADER: tuple[str, ...] = ("PatientID", "Relapse", "RFS")
 
 #: Clinical CSV column -> manifest column.
 CLINICAL_TO_MANIFEST: dict[str, str] = {
-    "Task 1": "task1", "Task 2": "task2", "CenterID": "center_id", "Gender": "gender",
-    "Age": "age", "Weight": "weight", "Tobacco": "tobacco", "Alcohol": "alcohol",
-    "Performance status": "performance_status", "HPV status (0=-, 1=+)": "hpv_status",
-    "Surgery": "surgery", "Chemotherapy": "chemotherapy",
+    "Task 1": "task1",
+    "Task 2": "task2",
+    "CenterID": "center_id",
+    "Gender": "gender",
+    "Age": "age",
+    "Weight": "weight",
+    "Tobacco": "tobacco",
+    "Alcohol": "alcohol",
+    "Performance status": "performance_status",
+    "HPV status (0=-, 1=+)": "hpv_status",
+    "Surgery": "surgery",
+    "Chemotherapy": "chemotherapy",
 }
-_BINARY = ("Task 1", "Task 2", "Tobacco", "Alcohol", "HPV status (0=-, 1=+)", "Surgery",
-           "Chemotherapy")
+_BINARY = ("Task 1", "Task 2", "Tobacco", "Alcohol", "HPV status (0=-, 1=+)", "Surgery", "Chemotherapy")
 _REQUIRED = ("Task 1", "Task 2", "CenterID")  # never missing: they decide what a case is
 _MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "none", "null"})
 ERROR_REPORT_COLUMNS = ("case_id", "file", "error")
@@ -146,6 +164,7 @@ def case_paths(root: str | os.PathLike, case_id: str) -> dict[str, Path]:
 # CSV parsing
 # --------------------------------------------------------------------------------------
 
+
 def read_hecktor_csv(path: str | os.PathLike, header: Sequence[str]) -> pd.DataFrame:
     """Read a HECKTOR CSV as stripped strings, checking encoding and columns.
 
@@ -172,24 +191,30 @@ def read_hecktor_csv(path: str | os.PathLike, header: Sequence[str]) -> pd.DataF
         raise HecktorFormatError(f"{path}: not UTF-8 text ({exc})") from None
     try:
         # newline handling by the csv parser: CRLF and LF both work.
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
-                         skipinitialspace=True)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise HecktorFormatError(f"{path}: not a readable CSV ({exc})") from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in header if c not in df.columns]
     if missing:
-        raise HecktorFormatError(
-            f"{path}: missing expected column(s) {missing}; found {list(df.columns)}")
+        raise HecktorFormatError(f"{path}: missing expected column(s) {missing}; found {list(df.columns)}")
     df = df.apply(lambda col: col.str.strip())
     # Fully empty lines (e.g. a trailing ",,," row) are not cases.
     df = df[(df != "").any(axis=1)].reset_index(drop=True)
     return df
 
 
-def _parse_number(value: str, *, case_id: str, column: str, file: Path,
-                  errors: list[CaseProblem], allowed: Iterable[float] | None = None,
-                  minimum: float | None = None, required: bool = False) -> float:
+def _parse_number(
+    value: str,
+    *,
+    case_id: str,
+    column: str,
+    file: Path,
+    errors: list[CaseProblem],
+    allowed: Iterable[float] | None = None,
+    minimum: float | None = None,
+    required: bool = False,
+) -> float:
     """Parse one cell; append a :class:`CaseProblem` and return NaN when invalid."""
     if value.lower() in _MISSING_TOKENS:
         if required:
@@ -198,28 +223,24 @@ def _parse_number(value: str, *, case_id: str, column: str, file: Path,
     try:
         number = float(value)
     except ValueError:
-        errors.append(CaseProblem(case_id, str(file),
-                                f"column {column!r}: non-numeric value {value!r}"))
+        errors.append(CaseProblem(case_id, str(file), f"column {column!r}: non-numeric value {value!r}"))
         return math.nan
     if not math.isfinite(number):
         errors.append(CaseProblem(case_id, str(file), f"column {column!r}: value {value!r}"))
         return math.nan
     if allowed is not None and number not in set(allowed):
         choices = ", ".join(f"{a:g}" for a in sorted(allowed))
-        errors.append(CaseProblem(case_id, str(file),
-                                f"column {column!r}: value {value!r} not in {{{choices}}}"))
+        errors.append(CaseProblem(case_id, str(file), f"column {column!r}: value {value!r} not in {{{choices}}}"))
         return math.nan
     if minimum is not None and number < minimum:
-        errors.append(CaseProblem(case_id, str(file),
-                                f"column {column!r}: value {value!r} is below {minimum:g}"))
+        errors.append(CaseProblem(case_id, str(file), f"column {column!r}: value {value!r} is below {minimum:g}"))
         return math.nan
     return number
 
 
 def _duplicates(ids: pd.Series, file: Path) -> list[CaseProblem]:
     dup = sorted(set(ids[ids.duplicated(keep=False)]))
-    return [CaseProblem(cid, str(file), f"duplicate PatientID {cid!r} "
-                      f"({int((ids == cid).sum())} rows)") for cid in dup]
+    return [CaseProblem(cid, str(file), f"duplicate PatientID {cid!r} ({int((ids == cid).sum())} rows)") for cid in dup]
 
 
 def _read_with_ids(path: Path, header: Sequence[str]) -> tuple[pd.DataFrame, list[CaseProblem], set[str]]:
@@ -234,8 +255,9 @@ def _read_with_ids(path: Path, header: Sequence[str]) -> tuple[pd.DataFrame, lis
     return raw, errors, {e.case_id for e in dups} | {""}
 
 
-def _parse_rows(path: Path, header: Sequence[str], parse_row: Callable[..., dict[str, Any]]
-                ) -> tuple[list[dict[str, Any]], list[CaseProblem]]:
+def _parse_rows(
+    path: Path, header: Sequence[str], parse_row: Callable[..., dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[CaseProblem]]:
     """Read a HECKTOR CSV and parse every row whose PatientID is neither empty nor repeated.
 
     Args:
@@ -274,8 +296,7 @@ def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseProblem
             elif g in ("M", "F"):
                 out[key] = g
             else:
-                errors.append(CaseProblem(cid, str(path),
-                                        f"column 'Gender': value {value!r} not M/F"))
+                errors.append(CaseProblem(cid, str(path), f"column 'Gender': value {value!r} not M/F"))
             continue
         kwargs: dict[str, Any] = {"required": col in _REQUIRED}
         if col in _BINARY:
@@ -287,8 +308,7 @@ def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseProblem
         out[key] = _parse_number(value, case_id=cid, column=col, file=path, errors=errors, **kwargs)
     center = out.get("center_id", math.nan)
     if not math.isnan(center) and center != round(center):
-        errors.append(CaseProblem(cid, str(path), f"column 'CenterID': value "
-                                f"{rec['CenterID']!r} is not an integer"))
+        errors.append(CaseProblem(cid, str(path), f"column 'CenterID': value {rec['CenterID']!r} is not an integer"))
     if not errors:
         out["center_id"] = int(out["center_id"])
         out["center"] = center_name(out["center_id"])
@@ -297,10 +317,10 @@ def _clinical_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseProblem
 
 def _endpoint_row(cid: str, rec: pd.Series, path: Path, errors: list[CaseProblem]) -> dict[str, Any]:
     """Fields of one endpoint row (see :func:`parse_endpoint`)."""
-    relapse = _parse_number(rec["Relapse"], case_id=cid, column="Relapse", file=path,
-                            errors=errors, allowed=(0.0, 1.0), required=True)
-    rfs = _parse_number(rec["RFS"], case_id=cid, column="RFS", file=path,
-                        errors=errors, minimum=0.0, required=True)
+    relapse = _parse_number(
+        rec["Relapse"], case_id=cid, column="Relapse", file=path, errors=errors, allowed=(0.0, 1.0), required=True
+    )
+    rfs = _parse_number(rec["RFS"], case_id=cid, column="RFS", file=path, errors=errors, minimum=0.0, required=True)
     return {"case_id": cid, "relapse": relapse, "rfs_days": rfs}
 
 
@@ -328,10 +348,8 @@ def _warn_new_centres(table: pd.DataFrame, path: Path) -> None:
     new = table[~table["center_id"].isin(list(CENTERS))]
     if len(new):
         counts = new.groupby("center_id").size()
-        listed = ", ".join(f"{int(k)} ({n} case(s), named {center_name(int(k))})"
-                           for k, n in counts.items())
-        log.warning("%s: CenterID(s) not in HECKTOR 2022 (1..7): %s; they are kept as new "
-                    "centres", path, listed)
+        listed = ", ".join(f"{int(k)} ({n} case(s), named {center_name(int(k))})" for k, n in counts.items())
+        log.warning("%s: CenterID(s) not in HECKTOR 2022 (1..7): %s; they are kept as new centres", path, listed)
 
 
 def parse_endpoint(path: str | os.PathLike) -> tuple[pd.DataFrame, list[CaseProblem]]:
@@ -360,14 +378,14 @@ def parse_endpoint_if_present(path: Path) -> tuple[pd.DataFrame, list[CaseProble
     """
     if path.exists():
         return parse_endpoint(path)
-    log.warning("%s: no endpoint file; the manifest's endpoint columns stay empty (prediction only, "
-                "no training)", path)
+    log.warning("%s: no endpoint file; the manifest's endpoint columns stay empty (prediction only, no training)", path)
     return pd.DataFrame(columns=["case_id", "relapse", "rfs_days"]).set_index("case_id", drop=False), []
 
 
 # --------------------------------------------------------------------------------------
 # Image checks
 # --------------------------------------------------------------------------------------
+
 
 def _read_info(path: Path) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
@@ -391,14 +409,17 @@ def _grid_matches(a: Any, b: Any) -> str | None:
         return f"direction {_vec(b.GetDirection())} differs from the CT's {_vec(a.GetDirection())}"
     # Half a voxel of origin tolerance: converters round origins differently.
     if np.any(np.abs(np.asarray(a.GetOrigin()) - np.asarray(b.GetOrigin())) > 0.5 * sa):
-        return (f"origin {_vec(b.GetOrigin())} differs from the CT's {_vec(a.GetOrigin())} "
-                "by more than half a voxel")
+        return f"origin {_vec(b.GetOrigin())} differs from the CT's {_vec(a.GetOrigin())} by more than half a voxel"
     return None
 
 
-def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True,
-                 min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
-                 ) -> tuple[dict[str, Any], list[CaseProblem]]:
+def inspect_case(
+    case_id: str,
+    paths: dict[str, Path],
+    *,
+    checksums: bool = True,
+    min_tumour_coverage: float = MIN_TUMOUR_COVERAGE,
+) -> tuple[dict[str, Any], list[CaseProblem]]:
     """Validate one case's three NIfTI files and summarise them.
 
     Args:
@@ -430,8 +451,9 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
             errors.append(CaseProblem(case_id, str(path), f"unreadable NIfTI ({first})"))
             continue
         if readers[kind].GetDimension() != 3:
-            errors.append(CaseProblem(case_id, str(path),
-                                    f"expected a 3D image, found {readers[kind].GetDimension()}D"))
+            errors.append(
+                CaseProblem(case_id, str(path), f"expected a 3D image, found {readers[kind].GetDimension()}D")
+            )
             continue
         if n_nan or n_inf:
             role = kind if kind == "label" else kind.upper()
@@ -456,8 +478,7 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
     if label.min() < 0 or label.max() > max(LABEL_VALUES):
         values = np.unique(label)
         bad = [v for v in values.tolist() if v not in LABEL_VALUES]
-        return info, [CaseProblem(case_id, str(label_path),
-                                f"label values {bad[:5]} outside {list(LABEL_VALUES)}")]
+        return info, [CaseProblem(case_id, str(label_path), f"label values {bad[:5]} outside {list(LABEL_VALUES)}")]
     counts = np.bincount(label.astype(np.int64, copy=False).ravel(), minlength=3)
     info["has_gtvp"] = int(counts[1] > 0)
     info["has_gtvn"] = int(counts[2] > 0)
@@ -473,6 +494,7 @@ def inspect_case(case_id: str, paths: dict[str, Path], *, checksums: bool = True
 # --------------------------------------------------------------------------------------
 # Manifest
 # --------------------------------------------------------------------------------------
+
 
 def _relpath(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
@@ -497,8 +519,7 @@ def _format_errors(errors: Sequence[CaseProblem]) -> str:
 
 def write_error_report(errors: Sequence[CaseProblem], path: str | os.PathLike) -> None:
     """Write ``errors`` as a CSV with columns ``case_id,file,error`` (atomically)."""
-    table = pd.DataFrame([(e.case_id, e.file, e.error) for e in errors],
-                         columns=list(ERROR_REPORT_COLUMNS))
+    table = pd.DataFrame([(e.case_id, e.file, e.error) for e in errors], columns=list(ERROR_REPORT_COLUMNS))
     with atomic_path(path, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
 
@@ -523,8 +544,8 @@ def check_manifest_absent(manifest_path: str | os.PathLike) -> None:
     for path in (Path(manifest_path), manifest_sidecar_path(manifest_path)):
         if path.exists():
             raise FileExistsError(
-                f"{path} exists; pass --overwrite (overwrite=True) to replace it, or write the "
-                "manifest elsewhere")
+                f"{path} exists; pass --overwrite (overwrite=True) to replace it, or write the manifest elsewhere"
+            )
 
 
 def build_manifest(
@@ -571,13 +592,7 @@ def build_manifest(
     """
     root = Path(root).resolve()
     manifest_path = Path(manifest_path)
-    if not overwrite:
-        check_manifest_absent(manifest_path)
-    if not 0.0 <= float(min_tumour_coverage) <= 1.0:
-        raise ValueError(f"min_tumour_coverage must be a share in [0, 1], "
-                         f"got {min_tumour_coverage}")
-    if not root.is_dir():
-        raise HecktorFormatError(f"{root}: HECKTOR root not found")
+    _check_build_args(root, manifest_path, overwrite=overwrite, min_tumour_coverage=min_tumour_coverage)
     clinical_file, endpoint_file = root / CLINICAL_CSV, root / ENDPOINT_CSV
     clinical, errors = parse_clinical(clinical_file)
     endpoint, endpoint_errors = parse_endpoint_if_present(endpoint_file)
@@ -587,14 +602,17 @@ def build_manifest(
         raise HecktorFormatError(_format_errors(errors), errors)
 
     case_ids = sorted(set(clinical.index) - {e.case_id for e in errors})
-    image_ids = {p.name.split("__")[0] for p in (root / IMAGES_DIR).glob("*__CT.nii.gz")}
-    orphans = sorted(image_ids - set(clinical.index) - {e.case_id for e in errors})
-    if orphans:
-        log.warning("%d image set(s) without a clinical row are ignored: %s%s", len(orphans),
-                    ", ".join(orphans[:5]), " ..." if len(orphans) > 5 else "")
+    _warn_orphan_images(root, clinical, errors)
 
-    infos = _inspect_cases(root, case_ids, errors, checksums=checksums, workers=workers,
-                           progress=progress, min_tumour_coverage=min_tumour_coverage)
+    infos = _inspect_cases(
+        root,
+        case_ids,
+        errors,
+        checksums=checksums,
+        workers=workers,
+        progress=progress,
+        min_tumour_coverage=min_tumour_coverage,
+    )
     if errors and not continue_on_error:
         raise HecktorFormatError(_format_errors(errors), errors)
 
@@ -603,22 +621,53 @@ def build_manifest(
     if not good:
         if continue_on_error:
             _write_report(errors, error_report, manifest_path)
-        raise HecktorFormatError(f"{root}: no valid case (clinical CSV {clinical_file})"
-                                 + (f"\n{_format_errors(errors)}" if errors else ""), errors)
+        raise HecktorFormatError(
+            f"{root}: no valid case (clinical CSV {clinical_file})" + (f"\n{_format_errors(errors)}" if errors else ""),
+            errors,
+        )
     manifest = _assemble(root, manifest_path, good, clinical, endpoint, infos)
     write_manifest(manifest, manifest_path)
     if continue_on_error:
         _write_report(errors, error_report, manifest_path)
-    _write_sidecar(root, manifest_path, manifest, checksums=checksums,
-                   n_skipped=len({e.case_id for e in errors}),
-                   min_tumour_coverage=min_tumour_coverage)
+    _write_sidecar(
+        root,
+        manifest_path,
+        manifest,
+        checksums=checksums,
+        n_skipped=len({e.case_id for e in errors}),
+        min_tumour_coverage=min_tumour_coverage,
+    )
     log.info("manifest %s: %d cases, %d problem(s)", manifest_path, len(manifest), len(errors))
     return manifest
 
 
-def _endpoint_without_clinical(root: Path, endpoint_file: Path, clinical: pd.DataFrame,
-                               endpoint: pd.DataFrame,
-                               errors: Sequence[CaseProblem]) -> list[CaseProblem]:
+def _check_build_args(root: Path, manifest_path: Path, *, overwrite: bool, min_tumour_coverage: float) -> None:
+    """:func:`build_manifest`'s checks before reading anything: no manifest to replace (unless
+    ``overwrite``), a coverage share in [0, 1] and an existing root."""
+    if not overwrite:
+        check_manifest_absent(manifest_path)
+    if not 0.0 <= float(min_tumour_coverage) <= 1.0:
+        raise ValueError(f"min_tumour_coverage must be a share in [0, 1], got {min_tumour_coverage}")
+    if not root.is_dir():
+        raise HecktorFormatError(f"{root}: HECKTOR root not found")
+
+
+def _warn_orphan_images(root: Path, clinical: pd.DataFrame, errors: Sequence[CaseProblem]) -> None:
+    """Warn about the image sets of ``imagesTr/`` without a clinical row (ids already bad excepted)."""
+    image_ids = {p.name.split("__")[0] for p in (root / IMAGES_DIR).glob("*__CT.nii.gz")}
+    orphans = sorted(image_ids - set(clinical.index) - {e.case_id for e in errors})
+    if orphans:
+        log.warning(
+            "%d image set(s) without a clinical row are ignored: %s%s",
+            len(orphans),
+            ", ".join(orphans[:5]),
+            " ..." if len(orphans) > 5 else "",
+        )
+
+
+def _endpoint_without_clinical(
+    root: Path, endpoint_file: Path, clinical: pd.DataFrame, endpoint: pd.DataFrame, errors: Sequence[CaseProblem]
+) -> list[CaseProblem]:
     """A problem for each endpoint row without a clinical row (ids already bad excepted).
 
     Ids with a problem in either CSV are out, even if the other CSV is fine.
@@ -629,28 +678,37 @@ def _endpoint_without_clinical(root: Path, endpoint_file: Path, clinical: pd.Dat
         if cid in bad:
             continue
         missing = [str(p) for p in case_paths(root, cid).values() if not p.is_file()]
-        what = f"endpoint row has no images (missing {missing[0]})" if missing else \
-            "endpoint row has no clinical row"
+        what = f"endpoint row has no images (missing {missing[0]})" if missing else "endpoint row has no clinical row"
         out.append(CaseProblem(cid, str(endpoint_file), what))
     return out
 
 
-def _inspect_cases(root: Path, case_ids: Sequence[str], errors: list[CaseProblem], *,
-                   checksums: bool, workers: int, progress: bool,
-                   min_tumour_coverage: float) -> dict[str, dict[str, Any]]:
+def _inspect_cases(
+    root: Path,
+    case_ids: Sequence[str],
+    errors: list[CaseProblem],
+    *,
+    checksums: bool,
+    workers: int,
+    progress: bool,
+    min_tumour_coverage: float,
+) -> dict[str, dict[str, Any]]:
     """:func:`inspect_case` of every case in threads: the good cases' information.
 
     The problems found are appended to ``errors``.
     """
+
     def work(cid: str) -> tuple[str, dict[str, Any], list[CaseProblem]]:
-        info, errs = inspect_case(cid, case_paths(root, cid), checksums=checksums,
-                                  min_tumour_coverage=min_tumour_coverage)
+        info, errs = inspect_case(
+            cid, case_paths(root, cid), checksums=checksums, min_tumour_coverage=min_tumour_coverage
+        )
         return cid, info, errs
 
     infos: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for cid, info, errs in tqdm(pool.map(work, case_ids), total=len(case_ids),
-                                    desc="reading cases", unit="case", disable=not progress):
+        for cid, info, errs in tqdm(
+            pool.map(work, case_ids), total=len(case_ids), desc="reading cases", unit="case", disable=not progress
+        ):
             if errs:
                 errors += errs
             else:
@@ -658,29 +716,33 @@ def _inspect_cases(root: Path, case_ids: Sequence[str], errors: list[CaseProblem
     return infos
 
 
-def _warn_task2_mismatch(clinical: pd.DataFrame, endpoint: pd.DataFrame,
-                         good: Sequence[str]) -> None:
+def _warn_task2_mismatch(clinical: pd.DataFrame, endpoint: pd.DataFrame, good: Sequence[str]) -> None:
     """Harmless inconsistencies of real releases (489 Task 2 cases, 488 endpoint rows): keep
     the endpoint CSV as the truth for has_endpoint, but say so."""
     task2 = clinical.loc[good, "task2"] == 1
     no_endpoint = [cid for cid in task2[task2].index if cid not in endpoint.index]
     not_task2 = [cid for cid in task2[~task2].index if cid in endpoint.index]
     if no_endpoint:
-        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint),
-                    ", ".join(no_endpoint[:5]))
+        log.warning("%d Task 2 case(s) have no endpoint row: %s", len(no_endpoint), ", ".join(no_endpoint[:5]))
     if not_task2:
-        log.warning("%d case(s) with an endpoint row are not flagged Task 2: %s",
-                    len(not_task2), ", ".join(not_task2[:5]))
+        log.warning(
+            "%d case(s) with an endpoint row are not flagged Task 2: %s", len(not_task2), ", ".join(not_task2[:5])
+        )
 
 
-def _write_report(errors: Sequence[CaseProblem], error_report: str | os.PathLike | None,
-                  manifest_path: Path) -> None:
+def _write_report(errors: Sequence[CaseProblem], error_report: str | os.PathLike | None, manifest_path: Path) -> None:
     path = Path(error_report) if error_report else default_error_report(manifest_path)
     write_error_report(errors, path)
 
 
-def _assemble(root: Path, manifest_path: Path, case_ids: list[str], clinical: pd.DataFrame,
-              endpoint: pd.DataFrame, infos: dict[str, dict[str, Any]]) -> pd.DataFrame:
+def _assemble(
+    root: Path,
+    manifest_path: Path,
+    case_ids: list[str],
+    clinical: pd.DataFrame,
+    endpoint: pd.DataFrame,
+    infos: dict[str, dict[str, Any]],
+) -> pd.DataFrame:
     base = manifest_path.resolve().parent
     table = clinical.loc[case_ids].copy().reset_index(drop=True)
     for kind in ("ct", "pet", "label"):
@@ -692,17 +754,39 @@ def _assemble(root: Path, manifest_path: Path, case_ids: list[str], clinical: pd
     table["rfs_days"] = ep["rfs_days"].to_numpy()
     table["has_gtvp"] = [infos[cid]["has_gtvp"] for cid in case_ids]
     table["has_gtvn"] = [infos[cid]["has_gtvn"] for cid in case_ids]
-    for col in ("center_id", "task1", "task2", "relapse", "rfs_days", "age", "tobacco",
-                "alcohol", "performance_status", "hpv_status", "surgery", "chemotherapy"):
+    for col in (
+        "center_id",
+        "task1",
+        "task2",
+        "relapse",
+        "rfs_days",
+        "age",
+        "tobacco",
+        "alcohol",
+        "performance_status",
+        "hpv_status",
+        "surgery",
+        "chemotherapy",
+    ):
         table[col] = _int_column(table[col])
     table["weight"] = pd.to_numeric(table["weight"])
     return table.loc[:, list(MANIFEST_COLUMNS)]
 
 
-def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
-                   checksums: bool, n_skipped: int, min_tumour_coverage: float) -> None:
-    params = {"checksums": checksums, "label_values": list(LABEL_VALUES),
-              "min_tumour_coverage": float(min_tumour_coverage)}
+def _write_sidecar(
+    root: Path,
+    manifest_path: Path,
+    manifest: pd.DataFrame,
+    *,
+    checksums: bool,
+    n_skipped: int,
+    min_tumour_coverage: float,
+) -> None:
+    params = {
+        "checksums": checksums,
+        "label_values": list(LABEL_VALUES),
+        "min_tumour_coverage": float(min_tumour_coverage),
+    }
     record: dict[str, Any] = {
         "kind": "hecktor_manifest",
         "manifest": manifest_path.name,
@@ -710,8 +794,9 @@ def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
         "source_root": _relpath(root, manifest_path.resolve().parent),
         "clinical_csv_sha256": sha256_file(root / CLINICAL_CSV),
         "endpoint_csv_sha256": sha256_file(root / ENDPOINT_CSV) if (root / ENDPOINT_CSV).exists() else None,
-        "endpoints": "from the endpoint file" if (root / ENDPOINT_CSV).exists() else
-                     f"none: the root has no {ENDPOINT_CSV}; endpoint columns empty (prediction only)",
+        "endpoints": "from the endpoint file"
+        if (root / ENDPOINT_CSV).exists()
+        else f"none: the root has no {ENDPOINT_CSV}; endpoint columns empty (prediction only)",
         "params": params,
         "params_hash": params_hash(params),
         "n_cases": int(len(manifest)),
@@ -723,8 +808,9 @@ def _write_sidecar(root: Path, manifest_path: Path, manifest: pd.DataFrame, *,
     demo = root / "demo_cohort.json"
     if demo.is_file():
         meta = read_json(demo)
-        record["demo_cohort"] = {k: meta[k] for k in ("seed", "n_cases", "generator_version",
-                                                      "spacing_scale", "environment") if k in meta}
+        record["demo_cohort"] = {
+            k: meta[k] for k in ("seed", "n_cases", "generator_version", "spacing_scale", "environment") if k in meta
+        }
     write_json_atomic(manifest_sidecar_path(manifest_path), record)
 
 

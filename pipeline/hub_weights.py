@@ -94,22 +94,30 @@ def fetch_weights(name: str, *, say=None) -> Path:
 
     f = hub_file(name)
     if hub.constants.HF_HUB_OFFLINE:
-        raise HubWeightsError(f"{describe(f)}: not in the Hub's cache ({hub.constants.HF_HUB_CACHE}), and "
-                              "HF_HUB_OFFLINE is set, so it is not downloaded")
+        raise HubWeightsError(
+            f"{describe(f)}: not in the Hub's cache ({hub.constants.HF_HUB_CACHE}), and "
+            "HF_HUB_OFFLINE is set, so it is not downloaded"
+        )
     try:
         meta = hub.get_hf_file_metadata(hub.hf_hub_url(f.repo_id, f.filename, revision=f.revision or "main"))
     except Exception as exc:  # noqa: BLE001 - network, DNS, HTTP: all mean "not from the Hub now"
-        raise HubWeightsError(f"{describe(f)}: the Hub at {hub.constants.ENDPOINT} could not be reached or "
-                              f"refused ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise HubWeightsError(
+            f"{describe(f)}: the Hub at {hub.constants.ENDPOINT} could not be reached or "
+            f"refused ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
     revision = meta.commit_hash or f.revision or "main"
-    (say or _stderr)(f"downloading {f.repo_id}/{f.filename} at revision {revision} from {hub.constants.ENDPOINT} "
-                     f"({_size(meta.size)}) into the Hub's cache {hub.constants.HF_HUB_CACHE}")
+    (say or _stderr)(
+        f"downloading {f.repo_id}/{f.filename} at revision {revision} from {hub.constants.ENDPOINT} "
+        f"({_size(meta.size)}) into the Hub's cache {hub.constants.HF_HUB_CACHE}"
+    )
     try:
         # At the name asked for (main, or the pin), so that the cache maps it to the commit.
         path = Path(hub.hf_hub_download(f.repo_id, f.filename, revision=f.revision or "main"))
     except Exception as exc:  # noqa: BLE001 - an interrupted or refused download: the cache keeps the part
-        raise HubWeightsError(f"{describe(f)} at {revision}: the download failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); run the command again to resume it") from exc
+        raise HubWeightsError(
+            f"{describe(f)} at {revision}: the download failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); run the command again to resume it"
+        ) from exc
     # The client names the blob by the ETag of the very request it downloaded with.
     blob = path.resolve().name
     check_download(f, path.parent.name, path, blob if _SHA256.fullmatch(blob) else meta.etag)
@@ -123,9 +131,11 @@ def check_download(f: HubFile, revision: str, path: Path, etag: str | None) -> s
     expected = (etag or "").strip('"').lower()
     if _SHA256.fullmatch(expected) and got != expected:
         evict(path)
-        raise HubWeightsError(f"{describe(f)} at {revision}: the downloaded file's sha256 is {got}, the Hub's "
-                              f"record of it is {expected}; the file was removed from the cache (a corrupted "
-                              "download or store): run the command again to download it again")
+        raise HubWeightsError(
+            f"{describe(f)} at {revision}: the downloaded file's sha256 is {got}, the Hub's "
+            f"record of it is {expected}; the file was removed from the cache (a corrupted "
+            "download or store): run the command again to download it again"
+        )
     return got
 
 
@@ -142,11 +152,13 @@ def evict(path: Path) -> None:
 def offline_advice(name: str) -> str:
     """Where to put encoder ``name``'s file by hand, and how to fetch it where the network allows."""
     f, entry = hub_file(name), encoder(name)
-    return (f"Put {f.filename} of {f.repo_id} (revision {f.revision or 'main'}) at {entry.default_weights} or set "
-            f"{entry.weights_env}=PATH; "
-            "or, where the network allows, run again without HF_HUB_OFFLINE to download it into the Hub's "
-            f"cache, or fetch it with `hf download {f.repo_id} {f.filename}"
-            f"{' --revision ' + f.revision if f.revision else ''}`.")
+    return (
+        f"Put {f.filename} of {f.repo_id} (revision {f.revision or 'main'}) at {entry.default_weights} or set "
+        f"{entry.weights_env}=PATH; "
+        "or, where the network allows, run again without HF_HUB_OFFLINE to download it into the Hub's "
+        f"cache, or fetch it with `hf download {f.repo_id} {f.filename}"
+        f"{' --revision ' + f.revision if f.revision else ''}`."
+    )
 
 
 def _size(n: Any) -> str:

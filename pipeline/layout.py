@@ -30,9 +30,9 @@ these names is always complete.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -85,6 +85,7 @@ def _file(name: str) -> property:
 
 def _fold_file(name: str) -> Callable[[RunLayout, int], Path]:
     """A fold's file ``name``, as a method of the fold index."""
+
     def path(self: RunLayout, fold: int) -> Path:
         return self.fold_dir(fold) / name
 

@@ -45,19 +45,44 @@ import pandas as pd
 from pipeline.artefacts import atomic_path, missing_path_message
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
-    "case_id", "center_id", "center",
-    "ct_path", "pet_path", "label_path",
-    "ct_sha256", "pet_sha256", "label_sha256",
-    "task1", "task2", "has_endpoint", "relapse", "rfs_days",
-    "gender", "age", "weight", "tobacco", "alcohol", "performance_status",
-    "hpv_status", "surgery", "chemotherapy",
-    "has_gtvp", "has_gtvn",
+    "case_id",
+    "center_id",
+    "center",
+    "ct_path",
+    "pet_path",
+    "label_path",
+    "ct_sha256",
+    "pet_sha256",
+    "label_sha256",
+    "task1",
+    "task2",
+    "has_endpoint",
+    "relapse",
+    "rfs_days",
+    "gender",
+    "age",
+    "weight",
+    "tobacco",
+    "alcohol",
+    "performance_status",
+    "hpv_status",
+    "surgery",
+    "chemotherapy",
+    "has_gtvp",
+    "has_gtvn",
 )
 
 #: The nine clinical covariates of the paper, as manifest columns.
 CLINICAL_COLUMNS: tuple[str, ...] = (
-    "age", "gender", "weight", "tobacco", "alcohol", "performance_status",
-    "hpv_status", "chemotherapy", "surgery",
+    "age",
+    "gender",
+    "weight",
+    "tobacco",
+    "alcohol",
+    "performance_status",
+    "hpv_status",
+    "chemotherapy",
+    "surgery",
 )
 
 PATH_COLUMNS: tuple[str, ...] = ("ct_path", "pet_path", "label_path")
@@ -76,9 +101,10 @@ def _check_columns_and_ids(df: pd.DataFrame, what: str) -> None:
     if missing:
         raise ValueError(
             f"{what}: not a manifest, missing columns {missing}. The columns are "
-            "pipeline.manifest.MANIFEST_COLUMNS (docs/data.md, section \"Data: HECKTOR 2022 reader and the "
-            "demo cohort\"); write a manifest with `build-manifest HECKTOR_ROOT --out data_manifest.csv` or "
-            "`make-demo-cohort`")
+            'pipeline.manifest.MANIFEST_COLUMNS (docs/data.md, section "Data: HECKTOR 2022 reader and the '
+            'demo cohort"); write a manifest with `build-manifest HECKTOR_ROOT --out data_manifest.csv` or '
+            "`make-demo-cohort`"
+        )
     dup = df["case_id"][df["case_id"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{what}: duplicate case ids {dup}")
@@ -111,9 +137,11 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
         if path.exists():
             raise FileNotFoundError(f"{path}: not a manifest CSV (a folder)")
         raise FileNotFoundError(missing_path_message(path, "manifest", "*.csv"))
-    df = pd.read_csv(path, dtype={"case_id": str, "gender": str, "center": str,
-                                  "ct_sha256": str, "pet_sha256": str, "label_sha256": str},
-                     keep_default_na=True)
+    df = pd.read_csv(
+        path,
+        dtype={"case_id": str, "gender": str, "center": str, "ct_sha256": str, "pet_sha256": str, "label_sha256": str},
+        keep_default_na=True,
+    )
     _check_columns_and_ids(df, f"{path}")
     for col in ("ct_sha256", "pet_sha256", "label_sha256"):
         df[col] = df[col].fillna("")
@@ -133,7 +161,9 @@ def survival_cases(manifest: pd.DataFrame) -> pd.DataFrame:
     """
     rows = manifest[manifest["has_endpoint"].astype(int) == 1]
     if rows.empty and len(manifest):
-        raise ValueError(f"the manifest's {len(manifest)} case(s) have no endpoint (has_endpoint is 0 for all: "
-                         "built from a root without hecktor2022_endpoint_training.csv); it serves "
-                         "predict-survival only, training needs a root with endpoints (import-dicom --endpoint)")
+        raise ValueError(
+            f"the manifest's {len(manifest)} case(s) have no endpoint (has_endpoint is 0 for all: "
+            "built from a root without hecktor2022_endpoint_training.csv); it serves "
+            "predict-survival only, training needs a root with endpoints (import-dicom --endpoint)"
+        )
     return rows

@@ -33,9 +33,9 @@ lifelines needs exact equality, so scores differing by less than 1e-8 can give
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -118,8 +118,7 @@ class MetricValue:
     def __post_init__(self) -> None:
         if (self.value is None) == (self.reason is None):
             raise ValueError(
-                f"MetricValue needs exactly one of value and reason, got value={self.value!r}, "
-                f"reason={self.reason!r}"
+                f"MetricValue needs exactly one of value and reason, got value={self.value!r}, reason={self.reason!r}"
             )
         if self.value is not None and not math.isfinite(self.value):
             raise ValueError(f"MetricValue value must be finite, got {self.value!r}")
@@ -206,8 +205,10 @@ def check_events(event: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} must be 0/1 or boolean, got dtype {raw.dtype}") from exc
     bad = np.flatnonzero(~np.isin(num, (0.0, 1.0)))
     if bad.size:
-        raise ValueError(f"{what} must be 0/1, got {raw[bad[0]].item()!r} at index {int(bad[0])} "
-                         f"(bad positions {bad[:10].tolist()}; 1 = relapse)")
+        raise ValueError(
+            f"{what} must be 0/1, got {raw[bad[0]].item()!r} at index {int(bad[0])} "
+            f"(bad positions {bad[:10].tolist()}; 1 = relapse)"
+        )
     return num.astype(bool)
 
 
@@ -359,9 +360,7 @@ def time_dependent_auc(
             f"in {te_t.shape[0]} test cases, none early enough)",
         )
     try:
-        auc, _ = cumulative_dynamic_auc(
-            Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(is_case, te_t), r, [horizon]
-        )
+        auc, _ = cumulative_dynamic_auc(Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(is_case, te_t), r, [horizon])
     except ValueError as exc:
         # Training censoring curve is zero, or ends before, a case's time.
         return MetricValue.undefined(CENSORING_UNDEFINED, f"scikit-survival: {exc}")
@@ -515,9 +514,7 @@ def fold_metrics(
     group_cols = ["repeat", "fold"] if "repeat" in oof.columns else ["fold"]
     dup = oof.duplicated(subset=group_cols + ["case_id"])
     if dup.any():
-        raise ValueError(
-            f"fold_metrics: case ids predicted twice in one fold: {oof.loc[dup, 'case_id'].tolist()[:10]}"
-        )
+        raise ValueError(f"fold_metrics: case ids predicted twice in one fold: {oof.loc[dup, 'case_id'].tolist()[:10]}")
     rows = []
     for key, val in oof.groupby(group_cols, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -541,9 +538,13 @@ def fold_metrics(
         auc = time_dependent_auc(tr_t, tr_e, t, e.astype(int), r, horizon=horizon)
         row = dict(zip(group_cols, key))
         row.update(
-            n=int(t.shape[0]), n_events=int(e.sum()),
-            c_index=float(ci), c_index_reason=ci.reason,
-            auroc=float(auc), auroc_reason=auc.reason, auroc_detail=auc.detail,
+            n=int(t.shape[0]),
+            n_events=int(e.sum()),
+            c_index=float(ci),
+            c_index_reason=ci.reason,
+            auroc=float(auc),
+            auroc_reason=auc.reason,
+            auroc_detail=auc.detail,
             horizon=float(horizon),
         )
         rows.append(row)

@@ -57,12 +57,26 @@ PORTABLE_PINS: dict[str, str] = {
     # numpy's own SIMD dispatch: nothing above AVX2 (names of numpy 2.x and 1.x; unknown
     # names are ignored).
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512CD AVX512_KNL "
-                                "AVX512_KNM AVX512_SKX AVX512_CLX AVX512_CNL",
+    "AVX512_KNM AVX512_SKX AVX512_CLX AVX512_CNL",
 }
 
 #: CPU flags (``/proc/cpuinfo``) that decide which kernels a library would pick by itself.
-KERNEL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-                "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16")
+KERNEL_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+)
 
 
 class NumericsWarning(UserWarning):
@@ -154,8 +168,11 @@ def _openblas() -> list[dict[str, Any]]:
     import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_info
 
-    found = [{"library": Path(i["filepath"]).name, "version": i.get("version"), "core_type": i.get("architecture")}
-             for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    found = [
+        {"library": Path(i["filepath"]).name, "version": i.get("version"), "core_type": i.get("architecture")}
+        for i in threadpool_info()
+        if i.get("internal_api") == "openblas"
+    ]
     return sorted(found, key=lambda b: b["library"])  # load order varies between processes
 
 
@@ -264,4 +281,7 @@ def warn_if_not_in_force(record: dict[str, Any]) -> None:
         warnings.warn(
             "portable numerics are not in force: " + "; ".join(off) + ". Import pipeline (or "
             "models) before numpy and torch, or run through the project's commands, so the "
-            "pins are set before the libraries load.", NumericsWarning, stacklevel=2)
+            "pins are set before the libraries load.",
+            NumericsWarning,
+            stacklevel=2,
+        )

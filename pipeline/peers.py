@@ -131,8 +131,16 @@ def radiomics_lite_features(cache: PreprocessedCache | str | os.PathLike, case_i
             smax, smean = float(vals.max()), float(vals.mean())
         else:
             smax = smean = float("nan")
-        rows.append({"case_id": cid, "n_voxels": n, "volume_ml": vol, "suv_max": smax,
-                     "suv_mean": smean, "tlg": (smean * vol) if n else 0.0})
+        rows.append(
+            {
+                "case_id": cid,
+                "n_voxels": n,
+                "volume_ml": vol,
+                "suv_max": smax,
+                "suv_mean": smean,
+                "tlg": (smean * vol) if n else 0.0,
+            }
+        )
     return pd.DataFrame(rows).set_index("case_id")
 
 
@@ -144,12 +152,15 @@ def radiomics_design(features: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in RADIOMICS_COLUMNS if c not in features.columns]
     if missing:
         raise ValueError(f"radiomics_design: feature frame lacks columns {missing}")
-    return pd.DataFrame({
-        "log_volume": np.log1p(features["volume_ml"].astype(float)),
-        "suv_max": features["suv_max"].astype(float),
-        "suv_mean": features["suv_mean"].astype(float),
-        "log_tlg": np.log1p(features["tlg"].astype(float)),
-    }, index=features.index)
+    return pd.DataFrame(
+        {
+            "log_volume": np.log1p(features["volume_ml"].astype(float)),
+            "suv_max": features["suv_max"].astype(float),
+            "suv_mean": features["suv_mean"].astype(float),
+            "log_tlg": np.log1p(features["tlg"].astype(float)),
+        },
+        index=features.index,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +241,9 @@ class _FoldFeatures:
     """Feature pipeline fitted on one training part: clinical transform, imputation,
     standardisation and optional PCA per numeric block."""
 
-    def __init__(self, blocks: Mapping[str, pd.DataFrame], clinical: pd.DataFrame | None,
-                 project: Mapping[str, int | None]):
+    def __init__(
+        self, blocks: Mapping[str, pd.DataFrame], clinical: pd.DataFrame | None, project: Mapping[str, int | None]
+    ):
         self.blocks, self.clinical, self.project = blocks, clinical, project
         self.info: dict[str, Any] = {}
 
@@ -270,16 +282,18 @@ class _FoldFeatures:
         return np.hstack(parts)
 
 
-def _fit_head(cfg: HeadConfig, x: np.ndarray, time: np.ndarray,
-              event: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+def _fit_head(
+    cfg: HeadConfig, x: np.ndarray, time: np.ndarray, event: np.ndarray
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
     """The head's Cox model (:mod:`pipeline.cox`) fitted on a training part: its linear
     predictor as a function of features, and what the fit chose (penalty, inner C-index)."""
     search = {"inner_folds": cfg.inner_folds, "seed": cfg.seed}
     if cfg.model == "ridge":
         model, info = fit_ridge(x, time, event, alpha=cfg.ridge_alpha, **search)
         return model.predict, info
-    model, alpha, info = fit_coxnet(x, time, event, l1_ratio=cfg.l1_ratio, n_alphas=cfg.n_alphas,
-                                    alpha_min_ratio=cfg.alpha_min_ratio, **search)
+    model, alpha, info = fit_coxnet(
+        x, time, event, l1_ratio=cfg.l1_ratio, n_alphas=cfg.n_alphas, alpha_min_ratio=cfg.alpha_min_ratio, **search
+    )
     return functools.partial(model.predict, alpha=alpha), info
 
 
@@ -333,50 +347,96 @@ def run_head(
     for rep, fg in _fold_groups(folds):
         fg = fg.assign(case_id=fg["case_id"].astype(str))
         for fold in sorted(fg["fold"].unique()):
-            tr_ids = sorted(fg.loc[fg["fold"] != fold, "case_id"])
-            te_ids = sorted(fg.loc[fg["fold"] == fold, "case_id"])
-            label = f"fold {fold}" + (f" (repeat {rep})" if rep is not None else "")
-            t_tr = survival.loc[tr_ids, "time"].to_numpy(float)
-            e_tr = survival.loc[tr_ids, "event"].to_numpy(int)
-            t_te = survival.loc[te_ids, "time"].to_numpy(float)
-            e_te = survival.loc[te_ids, "event"].to_numpy(int)
-            if not tr_ids or e_tr.sum() == 0:
-                raise ValueError(f"run_head ({label}): the training part has no event; cannot fit a Cox model")
-            feats = _FoldFeatures(blocks, clin, project_map).fit(tr_ids)
-            x_tr, x_te = feats.transform(tr_ids), feats.transform(te_ids)
-            predict, info = _fit_head(cfg, x_tr, t_tr, e_tr)
-            lp_tr, lp_te = predict(x_tr), predict(x_te)
-            rec: dict[str, Any] = {"fold": int(fold), "n_train": len(tr_ids), "n_test": len(te_ids),
-                                   "n_features": int(x_te.shape[1]), **info, **feats.info}
-            if rep is not None:
-                rec["repeat"] = rep
-            rec["train_c_index"] = c_index_value(t_tr, e_tr, lp_tr).value
-            grid = ibs_time_grid(t_tr, t_te, n=50)
-            try:
-                surv = breslow_survival(lp_tr, t_tr, e_tr, lp_te, grid)
-                rec["ibs"] = integrated_brier_score(t_tr, e_tr, t_te, e_te, surv, grid)
-            except ValueError as exc:
-                rec["ibs"], rec["ibs_reason"] = None, str(exc)
+            rec, out, fit = _fit_fold(cfg, survival, blocks, clin, project_map, fg, fold, rep)
             per_fold.append(rec)
-            out = pd.DataFrame({"case_id": te_ids, "fold": int(fold), "protocol": PROTOCOL,
-                                "risk": np.asarray(lp_te, dtype=float), "time": t_te, "event": e_te})
-            fit = pd.DataFrame({"case_id": tr_ids, "fold": int(fold), "protocol": PROTOCOL,
-                                "risk": np.asarray(lp_tr, dtype=float), "time": t_tr, "event": e_tr})
-            if rep is not None:
-                out.insert(0, "repeat", rep)
-                fit.insert(0, "repeat", rep)
             frames.append(out)
             train_frames.append(fit)
     oof = pd.concat(frames, ignore_index=True)
-    conf = {**cfg.to_dict(), "blocks": {b: int(df.shape[1]) for b, df in blocks.items()},
-            "projected_blocks": sorted(b for b in blocks if b in project and cfg.proj is not None),
-            "clinical_columns": list(CLINICAL_COLUMNS) if clin is not None else []}
-    return PeerResult(oof=oof, per_fold=per_fold, config=conf, seconds=_time.perf_counter() - t0,
-                      train_risk=pd.concat(train_frames, ignore_index=True))
+    conf = {
+        **cfg.to_dict(),
+        "blocks": {b: int(df.shape[1]) for b, df in blocks.items()},
+        "projected_blocks": sorted(b for b in blocks if b in project and cfg.proj is not None),
+        "clinical_columns": list(CLINICAL_COLUMNS) if clin is not None else [],
+    }
+    return PeerResult(
+        oof=oof,
+        per_fold=per_fold,
+        config=conf,
+        seconds=_time.perf_counter() - t0,
+        train_risk=pd.concat(train_frames, ignore_index=True),
+    )
 
 
-def _check_head_inputs(survival: pd.DataFrame, folds: pd.DataFrame,
-                       blocks: Mapping[str, pd.DataFrame], clin: pd.DataFrame | None) -> None:
+def _fit_fold(
+    cfg: HeadConfig,
+    survival: pd.DataFrame,
+    blocks: Mapping[str, pd.DataFrame],
+    clin: pd.DataFrame | None,
+    project_map: Mapping[str, int | None],
+    fg: pd.DataFrame,
+    fold: Any,
+    rep: int | None,
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """:func:`run_head` on one fold of ``fg`` (one repeat's folds): fit on the other folds and
+    predict this one. Returns the fit's record (with the training C-index and the fold's IBS),
+    the fold's risks and the training part's (:func:`_risk_frame`)."""
+    tr_ids = sorted(fg.loc[fg["fold"] != fold, "case_id"])
+    te_ids = sorted(fg.loc[fg["fold"] == fold, "case_id"])
+    label = f"fold {fold}" + (f" (repeat {rep})" if rep is not None else "")
+    t_tr = survival.loc[tr_ids, "time"].to_numpy(float)
+    e_tr = survival.loc[tr_ids, "event"].to_numpy(int)
+    t_te = survival.loc[te_ids, "time"].to_numpy(float)
+    e_te = survival.loc[te_ids, "event"].to_numpy(int)
+    if not tr_ids or e_tr.sum() == 0:
+        raise ValueError(f"run_head ({label}): the training part has no event; cannot fit a Cox model")
+    feats = _FoldFeatures(blocks, clin, project_map).fit(tr_ids)
+    x_tr, x_te = feats.transform(tr_ids), feats.transform(te_ids)
+    predict, info = _fit_head(cfg, x_tr, t_tr, e_tr)
+    lp_tr, lp_te = predict(x_tr), predict(x_te)
+    rec: dict[str, Any] = {
+        "fold": int(fold),
+        "n_train": len(tr_ids),
+        "n_test": len(te_ids),
+        "n_features": int(x_te.shape[1]),
+        **info,
+        **feats.info,
+    }
+    if rep is not None:
+        rec["repeat"] = rep
+    rec["train_c_index"] = c_index_value(t_tr, e_tr, lp_tr).value
+    grid = ibs_time_grid(t_tr, t_te, n=50)
+    try:
+        surv = breslow_survival(lp_tr, t_tr, e_tr, lp_te, grid)
+        rec["ibs"] = integrated_brier_score(t_tr, e_tr, t_te, e_te, surv, grid)
+    except ValueError as exc:
+        rec["ibs"], rec["ibs_reason"] = None, str(exc)
+    out = _risk_frame(te_ids, fold, rep, lp_te, t_te, e_te)
+    fit = _risk_frame(tr_ids, fold, rep, lp_tr, t_tr, e_tr)
+    return rec, out, fit
+
+
+def _risk_frame(
+    case_ids: list[str], fold: Any, rep: int | None, risk: np.ndarray, time: np.ndarray, event: np.ndarray
+) -> pd.DataFrame:
+    """One fold's risks as rows ``[repeat,] case_id, fold, protocol, risk, time, event``."""
+    frame = pd.DataFrame(
+        {
+            "case_id": case_ids,
+            "fold": int(fold),
+            "protocol": PROTOCOL,
+            "risk": np.asarray(risk, dtype=float),
+            "time": time,
+            "event": event,
+        }
+    )
+    if rep is not None:
+        frame.insert(0, "repeat", rep)
+    return frame
+
+
+def _check_head_inputs(
+    survival: pd.DataFrame, folds: pd.DataFrame, blocks: Mapping[str, pd.DataFrame], clin: pd.DataFrame | None
+) -> None:
     """:func:`run_head`'s inputs: some features, the columns it reads, every fold case present."""
     if not blocks and clin is None:
         raise ValueError("run_head: no features (no blocks and with_clinical is False or no clinical frame)")
@@ -418,8 +478,7 @@ def radiomics_cox(
     """Ridge Cox on the radiomics-lite design (:func:`radiomics_design` of ``features``)."""
     cfg = config or HeadConfig(model="ridge", with_clinical=False)
     m = _by_case(manifest)
-    return run_head(survival_frame(m), folds, blocks={"radiomics": radiomics_design(features)},
-                    clinical=m, config=cfg)
+    return run_head(survival_frame(m), folds, blocks={"radiomics": radiomics_design(features)}, clinical=m, config=cfg)
 
 
 def embedding_blocks(features: pd.DataFrame, datasets: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
@@ -451,8 +510,11 @@ def embedding_head(
     cfg = config or HeadConfig(model="coxnet", with_clinical=True)
     blocks = embedding_blocks(features, datasets)
     for name, width in projection_excess(cfg.proj, {b: df.shape[1] for b, df in blocks.items()}).items():
-        warnings.warn(f"proj {cfg.proj} exceeds the {width} features of {name!r}: a PCA keeps at "
-                      f"most {width} components, so {name!r} is not reduced", stacklevel=2)
+        warnings.warn(
+            f"proj {cfg.proj} exceeds the {width} features of {name!r}: a PCA keeps at "
+            f"most {width} components, so {name!r} is not reduced",
+            stacklevel=2,
+        )
     m = _by_case(manifest)
     return run_head(survival_frame(m), folds, blocks=blocks, clinical=m, config=cfg, project=list(blocks))
 
@@ -516,42 +578,82 @@ def fit_peer_run(
     if not ids:
         raise ValueError(f"{manifest_path}: no case with an endpoint")
     folds = load_folds(folds_path, expected_case_ids=ids)
-    inputs: dict[str, Any] = {"manifest": str(manifest_path), "manifest_sha256": sha256_file(manifest_path),
-                              "folds": str(folds_path), "folds_sha256": sha256_file(folds_path)}
+    inputs: dict[str, Any] = {
+        "manifest": str(manifest_path),
+        "manifest_sha256": sha256_file(manifest_path),
+        "folds": str(folds_path),
+        "folds_sha256": sha256_file(folds_path),
+    }
     cache = PreprocessedCache(cache_root) if cache_root is not None else None
     if cache is not None:
         inputs.update(cache=str(cache_root), cache_params_hash=cache.params_hash)
-    if peer == "clinical":
-        cfg = config or HeadConfig(model="ridge", with_clinical=True)
-        res = clinical_cox(manifest, folds, cfg)
-    elif peer == "radiomics":
-        if cache is None:
-            raise ValueError("fit_peer_run: the radiomics peer needs the preprocessed cache (--cache)")
-        cfg = config or HeadConfig(model="ridge", with_clinical=False)
-        feats = radiomics_lite_features(cache, ids)
-        res = radiomics_cox(manifest, folds, feats, cfg)
-    else:
-        if features_path is None:
-            raise ValueError("fit_peer_run: the embeddings peer needs --embeddings PATH")
-        cfg = config or HeadConfig(model="coxnet", with_clinical=True)
-        feats = load_embeddings(features_path, cache=cache, case_ids=ids, datasets=datasets)
-        # summary.json's key keeps its name: finished peer runs hold it.
-        inputs.update(features=str(features_path), features_sha256=feats.attrs["sha256"],
-                      feature_modalities=feats.attrs["feature_datasets"])
-        res = embedding_head(manifest, folds, feats, cfg, feats.attrs["feature_datasets"])
+    res, feature_inputs = _fit_peer(
+        peer, manifest, folds, ids, cache=cache, features_path=features_path, datasets=datasets, config=config
+    )
+    inputs.update(feature_inputs)
     per_fold = fold_metrics(res.oof, horizon=horizon)
     summ = summarise_folds(per_fold)
     params = {"peer": peer, **res.config, "horizon": horizon}
     summary = {
-        "kind": "peer_run", "peer": peer, "protocol": PROTOCOL,
-        "c_index": summ["c_index"], "auc_1y": summ["auroc"],
-        "c_index_ci": mean_ci(per_fold["c_index"]), "auc_1y_ci": mean_ci(per_fold["auroc"]),
+        "kind": "peer_run",
+        "peer": peer,
+        "protocol": PROTOCOL,
+        "c_index": summ["c_index"],
+        "auc_1y": summ["auroc"],
+        "c_index_ci": mean_ci(per_fold["c_index"]),
+        "auc_1y_ci": mean_ci(per_fold["auroc"]),
         "ibs": mean_ci([r["ibs"] if r.get("ibs") is not None else np.nan for r in res.per_fold]),
         "per_fold": json.loads(per_fold.to_json(orient="records")),
-        "fit": res.per_fold, "params": params, "params_hash": params_hash(params),
-        "inputs": inputs, "code_version": code_version(), "created": utc_now(),
-        "n_cases": len(ids), "seconds": res.seconds,
+        "fit": res.per_fold,
+        "params": params,
+        "params_hash": params_hash(params),
+        "inputs": inputs,
+        "code_version": code_version(),
+        "created": utc_now(),
+        "n_cases": len(ids),
+        "seconds": res.seconds,
     }
+    _write_peer_run(out_dir, res, summary)
+    return summary
+
+
+def _fit_peer(
+    peer: str,
+    manifest: pd.DataFrame,
+    folds: pd.DataFrame,
+    ids: list[str],
+    *,
+    cache: PreprocessedCache | None,
+    features_path: str | os.PathLike | None,
+    datasets: Sequence[str] | None,
+    config: HeadConfig | None,
+) -> tuple[PeerResult, dict[str, Any]]:
+    """Fit ``peer`` (its default :class:`HeadConfig` unless ``config``): the result, and the
+    feature file's entries of ``summary.json``'s ``inputs`` (empty but for ``embeddings``)."""
+    if peer == "clinical":
+        cfg = config or HeadConfig(model="ridge", with_clinical=True)
+        return clinical_cox(manifest, folds, cfg), {}
+    if peer == "radiomics":
+        if cache is None:
+            raise ValueError("fit_peer_run: the radiomics peer needs the preprocessed cache (--cache)")
+        cfg = config or HeadConfig(model="ridge", with_clinical=False)
+        feats = radiomics_lite_features(cache, ids)
+        return radiomics_cox(manifest, folds, feats, cfg), {}
+    if features_path is None:
+        raise ValueError("fit_peer_run: the embeddings peer needs --embeddings PATH")
+    cfg = config or HeadConfig(model="coxnet", with_clinical=True)
+    feats = load_embeddings(features_path, cache=cache, case_ids=ids, datasets=datasets)
+    # summary.json's key keeps its name: finished peer runs hold it.
+    feature_inputs = {
+        "features": str(features_path),
+        "features_sha256": feats.attrs["sha256"],
+        "feature_modalities": feats.attrs["feature_datasets"],
+    }
+    return embedding_head(manifest, folds, feats, cfg, feats.attrs["feature_datasets"]), feature_inputs
+
+
+def _write_peer_run(out_dir: str | os.PathLike, res: PeerResult, summary: dict[str, Any]) -> None:
+    """Write a peer run's ``oof_predictions.csv``, ``train_risk.csv`` and ``summary.json`` (each atomically)."""
     layout = PeerRunLayout(out_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(layout.oof_predictions, suffix=".csv") as tmp:
@@ -559,4 +661,3 @@ def fit_peer_run(
     with atomic_path(layout.train_risk, suffix=".csv") as tmp:
         res.train_risk.to_csv(tmp, index=False)
     write_json_atomic(layout.summary, summary)
-    return summary

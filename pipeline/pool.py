@@ -33,9 +33,9 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -77,8 +77,7 @@ class JobFailed(RuntimeError):
         original: the original exception object, when it could travel back (else None).
     """
 
-    def __init__(self, key: str, error: str, trace: str | None = None,
-                 original: BaseException | None = None):
+    def __init__(self, key: str, error: str, trace: str | None = None, original: BaseException | None = None):
         super().__init__(f"{key}: {error}")
         self.key, self.error, self.trace, self.original = key, error, trace, original
 
@@ -166,8 +165,10 @@ def _call(job: Job) -> tuple[Any, list[tuple], tuple | None]:
                 error = (_travels(exc), f"{type(exc).__name__}: {exc}", traceback.format_exc())
     finally:
         logging.getLogger().removeHandler(handler)
-    notices += [("warning", f"{w.category.__module__}:{w.category.__qualname__}", str(w.message),
-                 w.filename, w.lineno) for w in caught]
+    notices += [
+        ("warning", f"{w.category.__module__}:{w.category.__qualname__}", str(w.message), w.filename, w.lineno)
+        for w in caught
+    ]
     return value, notices, error
 
 
@@ -264,7 +265,6 @@ def pinned_worker(slots: Any, threads: int, quiet: Sequence[type[Warning]] = ())
     torch.set_num_threads(threads)
 
 
-
 class JobPool:
     """Runs jobs here (``in_process``) or in ``workers`` worker processes; a context manager.
 
@@ -277,8 +277,15 @@ class JobPool:
         initializer, initargs: run once in each worker as it starts.
     """
 
-    def __init__(self, workers: int = 1, *, in_process: bool = False, start_method: str = "spawn",
-                 initializer: Callable[..., None] | None = None, initargs: tuple = ()):
+    def __init__(
+        self,
+        workers: int = 1,
+        *,
+        in_process: bool = False,
+        start_method: str = "spawn",
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple = (),
+    ):
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = int(workers)
@@ -290,8 +297,11 @@ class JobPool:
     def __enter__(self) -> JobPool:
         if not self.in_process:
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=self.context, initializer=_start_worker,
-                initargs=(os.getpid(), self._initializer, self._initargs))
+                self.workers,
+                mp_context=self.context,
+                initializer=_start_worker,
+                initargs=(os.getpid(), self._initializer, self._initargs),
+            )
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -313,8 +323,9 @@ class JobPool:
             if process.is_alive():
                 process.terminate()
 
-    def run(self, jobs: Sequence[Job], *, shown: set[tuple] | None = None, bar: str | None = None,
-            unit: str = "job") -> Iterator[Done]:
+    def run(
+        self, jobs: Sequence[Job], *, shown: set[tuple] | None = None, bar: str | None = None, unit: str = "job"
+    ) -> Iterator[Done]:
         """Yield one :class:`Done` per job, in completion order (submission order here).
 
         Leaving the loop early (e.g. raising on the first failure) cancels the jobs not yet

@@ -45,32 +45,61 @@ import torch
 from pipeline.artefacts import ProvenanceError, atomic_path, check_match, code_version, read_json, write_json_atomic
 from pipeline.cache import PreprocessedCache
 from pipeline.clinical import ClinicalTransform
-from pipeline.embedding_sets import ENCODERS, set_of_encoders
 from pipeline.dataset import SurvivalCohort, load_cohort
+from pipeline.embedding_sets import ENCODERS, set_of_encoders
 from pipeline.embeddings import RANDOM_INIT, read_embeddings
 from pipeline.extraction import extract_embeddings
 from pipeline.layout import RunLayout
 from pipeline.manifest import CLINICAL_COLUMNS, read_manifest
 from pipeline.preprocess import preprocess_cohort
-from pipeline.train import (FoldData, TrainConfig, apply_fm_stats, build_model, eval_batch_size, model_to_layout,
-                            predict, resolve_device)
+from pipeline.train import (
+    FoldData,
+    TrainConfig,
+    apply_fm_stats,
+    build_model,
+    eval_batch_size,
+    model_to_layout,
+    predict,
+    resolve_device,
+)
 
 #: Embedding fields that must match between training and new patients. Precision is one of
 #: them: bf16-autocast embeddings differ from fp32 ones by more than the heads tolerate.
-_EMBEDDING_IDENTITY = ("encoder", "weights_sha256", "random_init_seed", "encoder_config", "pooling", "input_key",
-                       "precision")
+_EMBEDDING_IDENTITY = (
+    "encoder",
+    "weights_sha256",
+    "random_init_seed",
+    "encoder_config",
+    "pooling",
+    "input_key",
+    "precision",
+)
 
 
 #: The prediction CSV's columns, in order.
 PREDICTION_COLUMNS: tuple[str, ...] = (
-    "case_id", "log_relative_hazard", "log_relative_hazard_sd_over_folds", "percentile_among_training",
-    "risk_group", "risk_group_rule", "relapse_probability_1y_percent", "covariates_filled",
-    "n_covariates_missing", "out_of_distribution", "out_of_distribution_reasons", "n_folds", "protocol",
-    "random_init_embeddings", "tumour_cut_at_border", "picture",
+    "case_id",
+    "log_relative_hazard",
+    "log_relative_hazard_sd_over_folds",
+    "percentile_among_training",
+    "risk_group",
+    "risk_group_rule",
+    "relapse_probability_1y_percent",
+    "covariates_filled",
+    "n_covariates_missing",
+    "out_of_distribution",
+    "out_of_distribution_reasons",
+    "n_folds",
+    "protocol",
+    "random_init_embeddings",
+    "tumour_cut_at_border",
+    "picture",
 )
 #: How ``risk_group`` is defined.
-RISK_GROUP_RULE = ("high = log relative hazard above the training median (50th percentile of each fold's training "
-                   "patients) in at least half of the folds; else low")
+RISK_GROUP_RULE = (
+    "high = log relative hazard above the training median (50th percentile of each fold's training "
+    "patients) in at least half of the folds; else low"
+)
 
 
 def run_is_random_init(run: dict[str, Any]) -> bool:
@@ -81,11 +110,19 @@ def run_is_random_init(run: dict[str, Any]) -> bool:
     """
     emb = run.get("embeddings") or {}
     return bool(emb.get("random_init")) or any(
-        attrs.get("weights_sha256") == RANDOM_INIT for attrs in (emb.get("modalities") or {}).values())
+        attrs.get("weights_sha256") == RANDOM_INIT for attrs in (emb.get("modalities") or {}).values()
+    )
 
 
-def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path, *,
-                    weights: Mapping[str, Any] | None = None, device: str = "auto", progress: bool = True) -> Path:
+def embed_new_cases(
+    run: dict[str, Any],
+    cache: PreprocessedCache,
+    out_dir: Path,
+    *,
+    weights: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
     """Compute the new cases' embeddings with the training run's encoders, or refuse.
 
     ``weights``: encoder -> weights file (found as extraction finds them when left out).
@@ -104,12 +141,21 @@ def embed_new_cases(run: dict[str, Any], cache: PreprocessedCache, out_dir: Path
     encoder_kwargs = {d: json.loads(trained[d]["encoder_config"]) for d in names if trained[d].get("encoder_config")}
     precisions = {trained[d].get("precision") for d in names} - {None}
     if len(precisions) > 1:
-        raise ProvenanceError(f"the run's encoders used different precisions {sorted(precisions)}: embed the new "
-                              "cases per encoder and pass the file with --embeddings")
+        raise ProvenanceError(
+            f"the run's encoders used different precisions {sorted(precisions)}: embed the new "
+            "cases per encoder and pass the file with --embeddings"
+        )
     path = extract_embeddings(
-        cache.root, key, out_dir / f"{key}.h5", weights=weights,
-        random_init=random_init, seed=int(seeds.pop()) if seeds else 0, device=device,
-        encoder_kwargs=encoder_kwargs or None, progress=progress, shard_dir=out_dir / ".shards",
+        cache.root,
+        key,
+        out_dir / f"{key}.h5",
+        weights=weights,
+        random_init=random_init,
+        seed=int(seeds.pop()) if seeds else 0,
+        device=device,
+        encoder_kwargs=encoder_kwargs or None,
+        progress=progress,
+        shard_dir=out_dir / ".shards",
         precision=precisions.pop() if precisions else None,
     )
     check_embeddings(run, path)
@@ -131,9 +177,14 @@ def border_warnings(cache: PreprocessedCache) -> list[dict[str, str]]:
     tumour needs a larger crop than the cache's G, e.g. a new patient cropped with the
     training cohort's G): its prediction saw only part of the tumour."""
     g = " x ".join(str(v) for v in cache.crop_size_vox_xyz)
-    return [{"case_id": c, "warning": f"tumour larger than the crop G = {g} voxels (x, y, z): cut at the "
-             "crop border, so the prediction saw only part of it"}
-            for c in cache.cohort.get("cases_exceeding_crop", [])]
+    return [
+        {
+            "case_id": c,
+            "warning": f"tumour larger than the crop G = {g} voxels (x, y, z): cut at the "
+            "crop border, so the prediction saw only part of it",
+        }
+        for c in cache.cohort.get("cases_exceeding_crop", [])
+    ]
 
 
 def _fold_data(cohort: SurvivalCohort, state: dict[str, Any]) -> FoldData:
@@ -141,8 +192,15 @@ def _fold_data(cohort: SurvivalCohort, state: dict[str, Any]) -> FoldData:
     clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
     fm = {name: apply_fm_stats(mat, state["fm_standardisation"][name]) for name, mat in cohort.embeddings.items()}
     rows = np.arange(len(cohort))
-    return FoldData(fit=rows[:0], inner=rows[:0], outer=rows, clinical=clinical, fm=fm,
-                    clinical_transform=transform, fm_stats=state["fm_standardisation"])
+    return FoldData(
+        fit=rows[:0],
+        inner=rows[:0],
+        outer=rows,
+        clinical=clinical,
+        fm=fm,
+        clinical_transform=transform,
+        fm_stats=state["fm_standardisation"],
+    )
 
 
 def _suv_max(cache: PreprocessedCache, case_id: str) -> float:
@@ -152,12 +210,14 @@ def _suv_max(cache: PreprocessedCache, case_id: str) -> float:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip().lower() in (
-        "", "nan", "na", "none")
+    return (
+        value is None
+        or (isinstance(value, float) and np.isnan(value))
+        or str(value).strip().lower() in ("", "nan", "na", "none")
+    )
 
 
-def training_reference(layout: RunLayout, folds: list[int], protocol: str, train: PreprocessedCache
-                       ) -> dict[str, Any]:
+def training_reference(layout: RunLayout, folds: list[int], protocol: str, train: PreprocessedCache) -> dict[str, Any]:
     """The run's training patients' ranges: tumour volume (ml), SUVmax in the survival crop,
     and each clinical covariate (numeric min-max; observed values of ``gender``), read from
     the folds' training rows, the training cache and its manifest."""
@@ -169,9 +229,12 @@ def training_reference(layout: RunLayout, folds: list[int], protocol: str, train
     ids = sorted(c for c in ids if train.path(c).is_file()) or list(train.case_ids)
     volumes = [float(train.attrs(c)["tumour_volume_ml"]) for c in ids]
     suv = [v for v in (_suv_max(train, c) for c in ids) if np.isfinite(v)]
-    ranges: dict[str, Any] = {"n_patients": len(ids),
-                              "tumour_volume_ml": [min(volumes), max(volumes)] if volumes else None,
-                              "suv_max": [min(suv), max(suv)] if suv else None, "covariates": {}}
+    ranges: dict[str, Any] = {
+        "n_patients": len(ids),
+        "tumour_volume_ml": [min(volumes), max(volumes)] if volumes else None,
+        "suv_max": [min(suv), max(suv)] if suv else None,
+        "covariates": {},
+    }
     manifest_path = train.cohort.get("manifest")
     if manifest_path and Path(manifest_path).is_file():
         table = read_manifest(manifest_path, resolve_paths=False)
@@ -205,8 +268,9 @@ def _outside(value: float, bounds: list[float] | None, what: str, unit: str) -> 
     return [f"{what} {value:.1f}{unit} outside the training range {bounds[0]:.1f}-{bounds[1]:.1f}{unit}"]
 
 
-def _covariate_notes(row: pd.Series, fills: list[dict[str, dict[str, float]]], ranges: dict[str, Any]
-                     ) -> tuple[list[str], list[str]]:
+def _covariate_notes(
+    row: pd.Series, fills: list[dict[str, dict[str, float]]], ranges: dict[str, Any]
+) -> tuple[list[str], list[str]]:
     """(filled, out of range) texts of one patient's covariates."""
     filled, outside = [], []
     for col in CLINICAL_COLUMNS:
@@ -221,8 +285,9 @@ def _covariate_notes(row: pd.Series, fills: list[dict[str, dict[str, float]]], r
             continue
         if "values" in bounds:
             if _category(value) not in bounds["values"]:
-                outside.append(f"{col} {_category(value)} not among the training values "
-                               f"({', '.join(bounds['values'])})")
+                outside.append(
+                    f"{col} {_category(value)} not among the training values ({', '.join(bounds['values'])})"
+                )
             continue
         try:
             x = float(value)
@@ -234,23 +299,33 @@ def _covariate_notes(row: pd.Series, fills: list[dict[str, dict[str, float]]], r
     return filled, outside
 
 
-def patient_flags(cohort: SurvivalCohort, cache: PreprocessedCache, fills: list[dict[str, Any]],
-                  ranges: dict[str, Any]) -> pd.DataFrame:
+def patient_flags(
+    cohort: SurvivalCohort, cache: PreprocessedCache, fills: list[dict[str, Any]], ranges: dict[str, Any]
+) -> pd.DataFrame:
     """Per patient: the covariates filled (and with what), and whether and why it lies outside
     the training patients' ranges (see :func:`training_reference`)."""
     rows = []
     for cid in cohort.case_ids:
         filled, reasons = _covariate_notes(cohort.clinical.loc[cid], fills, ranges)
         volume = float(cache.attrs(cid)["tumour_volume_ml"])
-        reasons = (_outside(volume, ranges["tumour_volume_ml"], "tumour volume", " ml")
-                   + _outside(_suv_max(cache, cid), ranges["suv_max"], "SUVmax", "") + reasons)
+        reasons = (
+            _outside(volume, ranges["tumour_volume_ml"], "tumour volume", " ml")
+            + _outside(_suv_max(cache, cid), ranges["suv_max"], "SUVmax", "")
+            + reasons
+        )
         if len(filled) > len(CLINICAL_COLUMNS) / 2:
-            reasons.append(f"{len(filled)} of {len(CLINICAL_COLUMNS)} covariates missing (filled with training "
-                           "medians)")
-        rows.append({"case_id": cid,
-                     "covariates_filled": (", ".join(filled) + " (training medians of the folds)") if filled else "",
-                     "n_covariates_missing": len(filled), "out_of_distribution": bool(reasons),
-                     "out_of_distribution_reasons": "; ".join(reasons)})
+            reasons.append(
+                f"{len(filled)} of {len(CLINICAL_COLUMNS)} covariates missing (filled with training medians)"
+            )
+        rows.append(
+            {
+                "case_id": cid,
+                "covariates_filled": (", ".join(filled) + " (training medians of the folds)") if filled else "",
+                "n_covariates_missing": len(filled),
+                "out_of_distribution": bool(reasons),
+                "out_of_distribution_reasons": "; ".join(reasons),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -295,72 +370,147 @@ def predict_patients(
     if not folds:
         raise ValueError(f"{run_dir}: no finished fold; train the configuration first")
     train = PreprocessedCache(train_cache)
-    check_match("preprocessing params_hash", run["preprocessing_params_hash"], train.params_hash,
-                artefact=train.root / "cohort.json")
+    check_match(
+        "preprocessing params_hash",
+        run["preprocessing_params_hash"],
+        train.params_hash,
+        artefact=train.root / "cohort.json",
+    )
     work = Path(work_dir) if work_dir else Path(out_csv).with_suffix("")
-    new_cache = preprocess_cohort(manifest_path, work / "preprocessed", reference_cache=train.root,
-                                  workers=workers, progress=progress)
-    check_match("preprocessing params_hash", train.params_hash, new_cache.params_hash,
-                artefact=new_cache.root / "cohort.json")
+    new_cache = _preprocess_new_cases(manifest_path, train, work, workers, progress)
 
-    emb_path = None
-    if run["modalities"]:
-        if embeddings is not None:
-            check_embeddings(run, embeddings)
-            emb_path = embeddings
-        else:
-            emb_path = embed_new_cases(run, new_cache, work / "embeddings", weights=weights, device=device,
-                                       progress=progress)
-    cohort = load_cohort(manifest_path, new_cache.root, emb_path, tuple(run["modalities"]) or None,
-                         require_endpoint=False)
+    emb_path = _new_case_embeddings(run, new_cache, work, embeddings, weights, device, progress)
+    cohort = load_cohort(
+        manifest_path, new_cache.root, emb_path, tuple(run["modalities"]) or None, require_endpoint=False
+    )
 
-    risks, probs, highs, percentiles = _fold_predictions(cohort, layout, folds, protocol, cfg,
-                                                         resolve_device(device))
+    risks, probs, highs, percentiles = _fold_predictions(cohort, layout, folds, protocol, cfg, resolve_device(device))
     ranges = training_reference(layout, folds, protocol, train)
     fills = [read_json(layout.fold_state(k))["clinical_transform"] for k in folds]
     flags = patient_flags(cohort, new_cache, fills, ranges)
-    out = _prediction_table(cohort.case_ids, (risks, probs, highs, percentiles), flags, protocol,
-                            run_is_random_init(run), new_cache.cohort.get("cases_exceeding_crop", []))
+    out = _prediction_table(
+        cohort.case_ids,
+        (risks, probs, highs, percentiles),
+        flags,
+        protocol,
+        run_is_random_init(run),
+        new_cache.cohort.get("cases_exceeding_crop", []),
+    )
     if pictures:
         out["picture"] = _pictures(out, manifest_path, new_cache, Path(out_csv))
     with atomic_path(out_csv, suffix=".csv") as tmp:
         out.to_csv(tmp, index=False)
-    write_json_atomic(Path(out_csv).with_suffix(".json"), {
-        "run": str(run_dir.resolve()), "run_config_hash": run["config_hash"], "folds": folds,
-        "protocol": protocol, "preprocessing_params_hash": new_cache.params_hash,
-        "reference_cache": str(train.root.resolve()), "embeddings": str(emb_path) if emb_path else None,
-        "random_init_embeddings": run_is_random_init(run), "warnings": border_warnings(new_cache),
-        "columns": {"log_relative_hazard": "the network's risk output, mean over folds (log hazard relative to "
-                                           "each fold's baseline)",
-                    "relapse_probability_1y_percent": "100 (1 - exp(-H0(365) exp(risk))), mean over folds",
-                    "risk_group": RISK_GROUP_RULE},
-        "training_reference": ranges,
-        "manifest": str(Path(manifest_path).resolve()), "code_version": code_version(),
-    })
+    write_json_atomic(
+        Path(out_csv).with_suffix(".json"),
+        _prediction_record(run_dir, run, folds, protocol, new_cache, train, emb_path, ranges, manifest_path),
+    )
     return out
 
 
-def _prediction_table(case_ids: list[str], folds: tuple[np.ndarray, ...], flags: pd.DataFrame, protocol: str,
-                      random_init: bool, cut: list[str]) -> pd.DataFrame:
+def _preprocess_new_cases(
+    manifest_path: str | os.PathLike, train: PreprocessedCache, work: Path, workers: int, progress: bool
+) -> PreprocessedCache:
+    """Preprocess the new cases into ``work / "preprocessed"`` with the training cache's crop G,
+    and check that their preprocessing parameters are the training cache's."""
+    new_cache = preprocess_cohort(
+        manifest_path, work / "preprocessed", reference_cache=train.root, workers=workers, progress=progress
+    )
+    check_match(
+        "preprocessing params_hash", train.params_hash, new_cache.params_hash, artefact=new_cache.root / "cohort.json"
+    )
+    return new_cache
+
+
+def _new_case_embeddings(
+    run: dict[str, Any],
+    new_cache: PreprocessedCache,
+    work: Path,
+    embeddings: str | os.PathLike | None,
+    weights: Mapping[str, Any] | None,
+    device: str,
+    progress: bool,
+) -> str | os.PathLike | None:
+    """The new cases' embeddings for the run's modalities: the given file once checked against the
+    run, else computed under ``work / "embeddings"``; ``None`` for a run without embeddings."""
+    if not run["modalities"]:
+        return None
+    if embeddings is not None:
+        check_embeddings(run, embeddings)
+        return embeddings
+    return embed_new_cases(run, new_cache, work / "embeddings", weights=weights, device=device, progress=progress)
+
+
+def _prediction_record(
+    run_dir: Path,
+    run: dict[str, Any],
+    folds: list[int],
+    protocol: str,
+    new_cache: PreprocessedCache,
+    train: PreprocessedCache,
+    emb_path: str | os.PathLike | None,
+    ranges: dict[str, Any],
+    manifest_path: str | os.PathLike,
+) -> dict[str, Any]:
+    """The provenance record written beside the prediction CSV (its ``.json``)."""
+    return {
+        "run": str(run_dir.resolve()),
+        "run_config_hash": run["config_hash"],
+        "folds": folds,
+        "protocol": protocol,
+        "preprocessing_params_hash": new_cache.params_hash,
+        "reference_cache": str(train.root.resolve()),
+        "embeddings": str(emb_path) if emb_path else None,
+        "random_init_embeddings": run_is_random_init(run),
+        "warnings": border_warnings(new_cache),
+        "columns": {
+            "log_relative_hazard": "the network's risk output, mean over folds (log hazard relative to "
+            "each fold's baseline)",
+            "relapse_probability_1y_percent": "100 (1 - exp(-H0(365) exp(risk))), mean over folds",
+            "risk_group": RISK_GROUP_RULE,
+        },
+        "training_reference": ranges,
+        "manifest": str(Path(manifest_path).resolve()),
+        "code_version": code_version(),
+    }
+
+
+def _prediction_table(
+    case_ids: list[str],
+    folds: tuple[np.ndarray, ...],
+    flags: pd.DataFrame,
+    protocol: str,
+    random_init: bool,
+    cut: list[str],
+) -> pd.DataFrame:
     """The prediction CSV's rows (:data:`PREDICTION_COLUMNS`) from the folds' ``[K, N]`` risks,
     probabilities, high flags and percentiles."""
     risks, probs, highs, percentiles = folds
-    return pd.DataFrame({
-        "case_id": case_ids,
-        "log_relative_hazard": risks.mean(axis=0),
-        "log_relative_hazard_sd_over_folds": risks.std(axis=0, ddof=1) if len(risks) > 1 else 0.0,
-        "percentile_among_training": percentiles.mean(axis=0),
-        "risk_group": np.where(highs.mean(axis=0) >= 0.5, "high", "low"),
-        "risk_group_rule": RISK_GROUP_RULE,
-        "relapse_probability_1y_percent": 100.0 * probs.mean(axis=0),
-        **{c: flags[c].to_numpy() for c in ("covariates_filled", "n_covariates_missing", "out_of_distribution",
-                                             "out_of_distribution_reasons")},
-        "n_folds": len(risks),
-        "protocol": protocol,
-        "random_init_embeddings": random_init,
-        "tumour_cut_at_border": np.isin(case_ids, cut),
-        "picture": "",
-    }, columns=list(PREDICTION_COLUMNS))
+    return pd.DataFrame(
+        {
+            "case_id": case_ids,
+            "log_relative_hazard": risks.mean(axis=0),
+            "log_relative_hazard_sd_over_folds": risks.std(axis=0, ddof=1) if len(risks) > 1 else 0.0,
+            "percentile_among_training": percentiles.mean(axis=0),
+            "risk_group": np.where(highs.mean(axis=0) >= 0.5, "high", "low"),
+            "risk_group_rule": RISK_GROUP_RULE,
+            "relapse_probability_1y_percent": 100.0 * probs.mean(axis=0),
+            **{
+                c: flags[c].to_numpy()
+                for c in (
+                    "covariates_filled",
+                    "n_covariates_missing",
+                    "out_of_distribution",
+                    "out_of_distribution_reasons",
+                )
+            },
+            "n_folds": len(risks),
+            "protocol": protocol,
+            "random_init_embeddings": random_init,
+            "tumour_cut_at_border": np.isin(case_ids, cut),
+            "picture": "",
+        },
+        columns=list(PREDICTION_COLUMNS),
+    )
 
 
 def picture_dir(out_csv: str | os.PathLike) -> Path:
@@ -376,14 +526,19 @@ def _pictures(out: pd.DataFrame, manifest_path, cache: PreprocessedCache, out_cs
 
     extra = {}
     for row in out.itertuples(index=False):
-        lines = [f"log relative hazard {row.log_relative_hazard:+.2f} (SD {row.log_relative_hazard_sd_over_folds:.2f} "
-                 f"over {row.n_folds} folds), above {row.percentile_among_training:.0f} % of the training patients",
-                 f"risk group {row.risk_group} ({RISK_GROUP_RULE})",
-                 f"relapse within 1 year: {row.relapse_probability_1y_percent:.1f} %"]
-        flags = ([f"OUTSIDE THE TRAINING DATA: {row.out_of_distribution_reasons}"] if row.out_of_distribution else [])
+        lines = [
+            f"log relative hazard {row.log_relative_hazard:+.2f} (SD {row.log_relative_hazard_sd_over_folds:.2f} "
+            f"over {row.n_folds} folds), above {row.percentile_among_training:.0f} % of the training patients",
+            f"risk group {row.risk_group} ({RISK_GROUP_RULE})",
+            f"relapse within 1 year: {row.relapse_probability_1y_percent:.1f} %",
+        ]
+        flags = [f"OUTSIDE THE TRAINING DATA: {row.out_of_distribution_reasons}"] if row.out_of_distribution else []
         flags += [f"covariates filled: {row.covariates_filled}"] if row.covariates_filled else []
-        flags += ["embeddings from RANDOMLY INITIALISED encoders: tests the pipeline only"] \
-            if row.random_init_embeddings else []
+        flags += (
+            ["embeddings from RANDOMLY INITIALISED encoders: tests the pipeline only"]
+            if row.random_init_embeddings
+            else []
+        )
         extra[row.case_id] = {"lines": lines, "flags": flags}
     folder = picture_dir(out_csv)
     rows = cache_pictures(manifest_path, cache.root, folder, extra, title=f"Predictions {out_csv.name}")
@@ -391,16 +546,18 @@ def _pictures(out: pd.DataFrame, manifest_path, cache: PreprocessedCache, out_cs
     return [by_case.get(c, "") for c in out["case_id"]]
 
 
-def _fold_predictions(cohort: SurvivalCohort, layout: RunLayout, folds: list[int], protocol: str,
-                      cfg: TrainConfig, dev: torch.device) -> tuple[np.ndarray, ...]:
+def _fold_predictions(
+    cohort: SurvivalCohort, layout: RunLayout, folds: list[int], protocol: str, cfg: TrainConfig, dev: torch.device
+) -> tuple[np.ndarray, ...]:
     """Each fold model's risk, 1-year relapse probability, high-risk flag and percentile among
     the fold's training patients, ``[K, N]``."""
     risks, probs, highs, percentiles = [], [], [], []
     for k in folds:
         record = read_json(layout.done(k))["protocols"].get(protocol)
         if record is None or record.get("selected_epoch") is None:
-            raise ValueError(f"{layout.fold_dir(k)}: no {protocol!r} checkpoint (run trained with other "
-                             "selection settings)")
+            raise ValueError(
+                f"{layout.fold_dir(k)}: no {protocol!r} checkpoint (run trained with other selection settings)"
+            )
         data = _fold_data(cohort, read_json(layout.fold_state(k)))
         model = model_to_layout(build_model(cohort, data.clinical.shape[1], cfg), dev)
         model.load_state_dict(torch.load(layout.best(k, protocol), map_location=dev, weights_only=True))

@@ -99,7 +99,10 @@ def _apply_affine_np(a: np.ndarray, b: np.ndarray, size_xyz: Sequence[int]) -> n
 
 
 def _apply_affine_torch(
-    a: np.ndarray, b: np.ndarray, size_xyz: Sequence[int], device: torch.device,
+    a: np.ndarray,
+    b: np.ndarray,
+    size_xyz: Sequence[int],
+    device: torch.device,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     nx, ny, nz = (int(v) for v in size_xyz)
@@ -112,16 +115,22 @@ def _apply_affine_torch(
     return (cz[:, None, None, :] + cy[None, :, None, :]) + cx[None, None, :, :]  # [nz, ny, nx, 3]
 
 
-def _touched_block(a: np.ndarray, b: np.ndarray, dst_size_xyz: Sequence[int],
-                   size_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _touched_block(
+    a: np.ndarray, b: np.ndarray, dst_size_xyz: Sequence[int], size_xyz: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Input block the output touches (x, y, z): linear needs floor(c) and floor(c) + 1.
 
     Returns the output corners' continuous input indices ``c`` ``[8, 3]`` and the block's
     first and last input index ``lo``, ``hi`` (each ``[3]``, clipped to the image).
     """
     corners = np.array(
-        [[ix, iy, iz] for ix in (0, dst_size_xyz[0] - 1) for iy in (0, dst_size_xyz[1] - 1)
-         for iz in (0, dst_size_xyz[2] - 1)], dtype=np.float64,
+        [
+            [ix, iy, iz]
+            for ix in (0, dst_size_xyz[0] - 1)
+            for iy in (0, dst_size_xyz[1] - 1)
+            for iz in (0, dst_size_xyz[2] - 1)
+        ],
+        dtype=np.float64,
     )
     c = corners @ a.T + b
     lo = np.clip(np.floor(c.min(axis=0)).astype(np.int64), 0, size_xyz - 1)
@@ -129,8 +138,9 @@ def _touched_block(a: np.ndarray, b: np.ndarray, dst_size_xyz: Sequence[int],
     return c, lo, hi
 
 
-def _linear_block(block: torch.Tensor, a: np.ndarray, b: np.ndarray, lo: np.ndarray,
-                  dst_size_xyz: Sequence[int], device: torch.device) -> torch.Tensor:
+def _linear_block(
+    block: torch.Tensor, a: np.ndarray, b: np.ndarray, lo: np.ndarray, dst_size_xyz: Sequence[int], device: torch.device
+) -> torch.Tensor:
     """Trilinear samples ``[z, y, x]`` (float32) of ``block`` (starting at input index ``lo``).
 
     ``padding_mode="border"`` clamps a coordinate in the outer half voxel
@@ -185,9 +195,7 @@ def resample_to_grid(
     if mode not in ("linear", "nearest"):
         raise ValueError(f"resample_to_grid: mode must be 'linear' or 'nearest', got {mode!r}")
     if image.ndim != 3:
-        raise ValueError(
-            f"resample_to_grid: image must be [D, H, W], got shape {tuple(image.shape)}"
-        )
+        raise ValueError(f"resample_to_grid: image must be [D, H, W], got shape {tuple(image.shape)}")
     device = torch.device(device)
     size_zyx = np.asarray(image.shape, dtype=np.int64)
     size_xyz = size_zyx[::-1]

@@ -108,9 +108,12 @@ def deterministic_kernels() -> Iterator[None]:
     import torch  # local: see compute_threads
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     _use_deterministic_algorithms(torch, True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
@@ -171,9 +174,12 @@ def environment_record(device: Any, precision: str = "fp32") -> dict[str, Any]:
     import torch  # local: see compute_threads
 
     record = {
-        "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
+        "device": str(device),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
         "deterministic": bool(torch.are_deterministic_algorithms_enabled()),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         **numerics_record(),
         **_cuda_record(device),
     }
@@ -183,9 +189,27 @@ def environment_record(device: Any, precision: str = "fp32") -> dict[str, Any]:
 
 #: What :func:`environment_record` holds that may differ between runs and change numbers on a
 #: CPU, in the order the report shows them: the mode and kernels first, then the machine.
-CPU_ENVIRONMENT_KEYS = ("device", "precision", "threads", "deterministic", "numerics", "numerics_in_force",
-                        "torch", "cpu_capability", "onednn", "onednn_isa", "mkl", "openblas", "numpy",
-                        "numpy_dispatch", "pins", "cpu", "cpu_vendor", "cpu_family_model_stepping",
-                        "cpu_flags", "cpu_caches")
+CPU_ENVIRONMENT_KEYS = (
+    "device",
+    "precision",
+    "threads",
+    "deterministic",
+    "numerics",
+    "numerics_in_force",
+    "torch",
+    "cpu_capability",
+    "onednn",
+    "onednn_isa",
+    "mkl",
+    "openblas",
+    "numpy",
+    "numpy_dispatch",
+    "pins",
+    "cpu",
+    "cpu_vendor",
+    "cpu_family_model_stepping",
+    "cpu_flags",
+    "cpu_caches",
+)
 #: The same, and the GPU's (:func:`_cuda_record`).
 ENVIRONMENT_KEYS = CPU_ENVIRONMENT_KEYS + ("gpu", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")

@@ -95,7 +95,7 @@ class EventBalancedBatchSampler(Sampler[list[int]]):
             cycle, offset = divmod(pos, n)
             perm = np.random.default_rng([self.seed, cls, cycle]).permutation(members)
             take = min(n - offset, count - filled)
-            out[filled:filled + take] = perm[offset:offset + take]
+            out[filled : filled + take] = perm[offset : offset + take]
             filled += take
             pos += take
         return out
@@ -103,9 +103,14 @@ class EventBalancedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         n_e, n_c = self.n_events_per_batch, self.n_censored_per_batch
         ev = self._stream(self.event_idx, _EVENT, self.epoch * self.steps_per_epoch * n_e, self.steps_per_epoch * n_e)
-        ce = (self._stream(self.censored_idx, _CENSORED, self.epoch * self.steps_per_epoch * n_c,
-                           self.steps_per_epoch * n_c) if n_c else np.empty(0, dtype=np.int64))
+        ce = (
+            self._stream(
+                self.censored_idx, _CENSORED, self.epoch * self.steps_per_epoch * n_c, self.steps_per_epoch * n_c
+            )
+            if n_c
+            else np.empty(0, dtype=np.int64)
+        )
         order_rng = np.random.default_rng([self.seed, 2, self.epoch])
         for step in range(self.steps_per_epoch):
-            batch = np.concatenate([ev[step * n_e:(step + 1) * n_e], ce[step * n_c:(step + 1) * n_c]])
+            batch = np.concatenate([ev[step * n_e : (step + 1) * n_e], ce[step * n_c : (step + 1) * n_c]])
             yield order_rng.permutation(batch).tolist()  # mix classes within the batch

@@ -130,9 +130,7 @@ def _frame(ids, folds, params, strata, notes) -> pd.DataFrame:
     return df
 
 
-def make_folds(
-    case_ids: Sequence[Any], time: Any, event: Any, n_splits: int = 5, seed: int = 42
-) -> pd.DataFrame:
+def make_folds(case_ids: Sequence[Any], time: Any, event: Any, n_splits: int = 5, seed: int = 42) -> pd.DataFrame:
     """Patient-level stratified K-fold assignment.
 
     Args:
@@ -162,8 +160,12 @@ def make_folds(
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         for k, (_, val) in enumerate(skf.split(np.zeros(ids.shape[0]), labels)):
             folds[val] = k
-    params = {"method": "stratified_kfold", "stratification": STRATIFICATION,
-              "n_splits": int(n_splits), "seed": int(seed)}
+    params = {
+        "method": "stratified_kfold",
+        "stratification": STRATIFICATION,
+        "n_splits": int(n_splits),
+        "seed": int(seed),
+    }
     strata = {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
     return _frame(ids, folds, params, strata, notes)
 
@@ -181,9 +183,15 @@ def repeated_folds(
     parts = [make_folds(case_ids, time, event, n_splits, seed + r).assign(repeat=r) for r in range(n_repeats)]
     df = pd.concat(parts, ignore_index=True)[["repeat", "case_id", "fold"]]
     df.attrs.update(
-        params={"method": "repeated_stratified_kfold", "stratification": STRATIFICATION,
-                "n_splits": int(n_splits), "n_repeats": int(n_repeats), "seed": int(seed)},
-        strata=parts[0].attrs["strata"], strata_notes=parts[0].attrs["strata_notes"],
+        params={
+            "method": "repeated_stratified_kfold",
+            "stratification": STRATIFICATION,
+            "n_splits": int(n_splits),
+            "n_repeats": int(n_repeats),
+            "seed": int(seed),
+        },
+        strata=parts[0].attrs["strata"],
+        strata_notes=parts[0].attrs["strata_notes"],
     )
     return df
 
@@ -220,8 +228,9 @@ def inner_split(
     labels, _ = stratum_labels(t, e, min_count=2)
     n_classes = np.unique(labels).size
     if n_classes > min(n_val, n - n_val) or np.unique(labels, return_counts=True)[1].min() < 2:
-        log.warning("inner_split: %d strata do not fit %d/%d cases; stratifying by event only",
-                    n_classes, n - n_val, n_val)
+        log.warning(
+            "inner_split: %d strata do not fit %d/%d cases; stratifying by event only", n_classes, n - n_val, n_val
+        )
         labels = e.astype(int).astype(str)
         if np.unique(labels, return_counts=True)[1].min() < 2 or 2 > min(n_val, n - n_val):
             labels = np.zeros(n, dtype=str)
@@ -254,8 +263,12 @@ def leave_one_centre_out(case_ids: Sequence[Any], centre: Sequence[Any]) -> pd.D
     index = {c: k for k, c in enumerate(centres)}
     order = np.argsort(ids, kind="stable")
     df = pd.DataFrame({"case_id": ids[order], "fold": [index[c] for c in cen[order]], "centre": cen[order]})
-    df.attrs.update(params={"method": "leave_one_centre_out", "centres": centres},
-                    centres=dict(enumerate(centres)), strata={}, strata_notes=[])
+    df.attrs.update(
+        params={"method": "leave_one_centre_out", "centres": centres},
+        centres=dict(enumerate(centres)),
+        strata={},
+        strata_notes=[],
+    )
     return df
 
 
@@ -371,7 +384,9 @@ def load_folds(
     if expected_manifest_sha256 is not None:
         check_match("folds manifest_sha256", expected_manifest_sha256, rec["manifest_sha256"], artefact=path)
     df.attrs.update(
-        params=rec["params"], strata=rec.get("strata", {}), strata_notes=rec.get("strata_notes", []),
+        params=rec["params"],
+        strata=rec.get("strata", {}),
+        strata_notes=rec.get("strata_notes", []),
         provenance={k: v for k, v in rec.items() if k not in ("columns", "column_order")},
     )
     return df
@@ -399,8 +414,7 @@ def get_folds(path: str | os.PathLike, cohort: Any, n_folds: int = 5, seed: int 
         folds = load_folds(path, expected_case_ids=cohort.case_ids)
         if folds["fold"].nunique() != n_folds:
             raise ValueError(
-                f"{path}: holds {folds['fold'].nunique()} folds, {n_folds} requested; "
-                "point --folds to another file"
+                f"{path}: holds {folds['fold'].nunique()} folds, {n_folds} requested; point --folds to another file"
             )
         return folds
     folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=n_folds, seed=seed)

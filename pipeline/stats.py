@@ -64,7 +64,6 @@ TIED_TOL = 1e-8
 FOLD_TESTS = ("nadeau_bengio", "t", "wilcoxon")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Concordance on resampled data (weights = bootstrap multiplicities)
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +293,9 @@ def _align_oof(oof_a: pd.DataFrame, oof_b: pd.DataFrame, protocol: str | None) -
     for name, df in (("a", a), ("b", b)):
         dup = df[df.duplicated(subset=key)]
         if not dup.empty:
-            raise ValueError(f"paired_bootstrap_delta: OOF frame {name} predicts cases twice: {dup['case_id'].tolist()[:10]}")
+            raise ValueError(
+                f"paired_bootstrap_delta: OOF frame {name} predicts cases twice: {dup['case_id'].tolist()[:10]}"
+            )
     a = a.assign(case_id=a["case_id"].astype(str))
     b = b.assign(case_id=b["case_id"].astype(str))
     m = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
@@ -355,8 +356,9 @@ def paired_bootstrap_delta(
         ValueError: when the frames cover other cases or folds, disagree on time/event,
             mix protocols, or a fold has no comparable pair.
     """
-    return paired_bootstrap_delta_seeds([oof_a], [oof_b], metric, n_boot, seed, level=level, protocol=protocol,
-                                        fold_test=fold_test)
+    return paired_bootstrap_delta_seeds(
+        [oof_a], [oof_b], metric, n_boot, seed, level=level, protocol=protocol, fold_test=fold_test
+    )
 
 
 def _check_paired_args(metric: str, n_boot: int, level: float, n_a: int, n_b: int) -> None:
@@ -415,32 +417,13 @@ def paired_bootstrap_delta_seeds(
     rng = np.random.default_rng(seed)
     boot_a, boot_b, per_fold, sizes, seed_c = [], [], [], [], []
     for key, g in df.groupby(group_cols, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        label = ", ".join(f"{c} {k}" for c, k in zip(group_cols, key))
-        pos = g.index.to_numpy()
-        t = g["time"].to_numpy(float)
-        e = g["event"].to_numpy(float)
-        try:
-            ca = [c_index(t, e, r[pos]) for r in risks_a]
-            cb = [c_index(t, e, r[pos]) for r in risks_b]
-        except ValueError as exc:
-            raise ValueError(f"paired_bootstrap_delta ({label}): {exc}") from exc
-        n = len(g)
-        # Multiplicities of a uniform resample of n patients: multinomial counts.
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
-        boot_a.append([weighted_c_index(t, e, r[pos], w) for r in risks_a])
-        boot_b.append([weighted_c_index(t, e, r[pos], w) for r in risks_b])
-        row = dict(zip(group_cols, (k.item() if hasattr(k, "item") else k for k in key)))
-        a_k, b_k = (ca[0], cb[0]) if len(ca) == len(cb) == 1 else (float(np.mean(ca)), float(np.mean(cb)))
-        row.update(n=n, a=a_k, b=b_k, delta=b_k - a_k)
+        row, (ca, cb), (wa, wb) = _seed_fold(g, key, group_cols, risks_a, risks_b, rng, n_boot)
+        boot_a.append(wa)
+        boot_b.append(wb)
         per_fold.append(row)
-        sizes.append(n)
+        sizes.append(row["n"])
         seed_c.append((ca, cb))
-    ba, bb = _seed_draws(boot_a, boot_b, n_boot, seed)  # [G, B] each: the drawn seed's resampled C
-    ok = np.all(np.isfinite(ba) & np.isfinite(bb), axis=0)
-    if not ok.any():
-        raise ValueError("paired_bootstrap_delta: no bootstrap draw left every fold with a comparable pair")
-    d_boot = bb[:, ok].mean(axis=0) - ba[:, ok].mean(axis=0)
+    d_boot = _bootstrap_deltas(boot_a, boot_b, n_boot, seed)
     a_hat = float(np.mean([r["a"] for r in per_fold]))
     b_hat = float(np.mean([r["b"] for r in per_fold]))
     alpha = 1.0 - level
@@ -449,17 +432,64 @@ def paired_bootstrap_delta_seeds(
     p = min(1.0, 2.0 * min((np.sum(d_boot <= 0) + 1) / (nb + 1), (np.sum(d_boot >= 0) + 1) / (nb + 1)))
     ftest = _per_fold_test(df, per_fold, sizes, fold_test) if len(per_fold) >= 2 else None
     return PairedComparison(
-        metric=metric, a=a_hat, b=b_hat, delta=b_hat - a_hat, ci_low=float(lo), ci_high=float(hi),
-        level=level, p_value=float(p), n_boot=int(nb), n_boot_dropped=int(n_boot - nb),
-        n_cases=int(df["case_id"].nunique()), n_groups=len(per_fold), seed=seed,
-        per_fold=per_fold, fold_test=ftest, n_seeds_a=len(risks_a), n_seeds_b=len(risks_b),
+        metric=metric,
+        a=a_hat,
+        b=b_hat,
+        delta=b_hat - a_hat,
+        ci_low=float(lo),
+        ci_high=float(hi),
+        level=level,
+        p_value=float(p),
+        n_boot=int(nb),
+        n_boot_dropped=int(n_boot - nb),
+        n_cases=int(df["case_id"].nunique()),
+        n_groups=len(per_fold),
+        seed=seed,
+        per_fold=per_fold,
+        fold_test=ftest,
+        n_seeds_a=len(risks_a),
+        n_seeds_b=len(risks_b),
         seed_means_a=[float(np.mean([c[0][s] for c in seed_c])) for s in range(len(risks_a))],
         seed_means_b=[float(np.mean([c[1][s] for c in seed_c])) for s in range(len(risks_b))],
     )
 
 
-def _seed_risk(df: pd.DataFrame, oof_a: pd.DataFrame, oof_b: pd.DataFrame, protocol: str | None,
-               column: str) -> np.ndarray:
+def _seed_fold(
+    g: pd.DataFrame,
+    key: Any,
+    group_cols: list[str],
+    risks_a: list[np.ndarray],
+    risks_b: list[np.ndarray],
+    rng: np.random.Generator,
+    n_boot: int,
+) -> tuple[dict[str, Any], tuple[list[float], list[float]], tuple[list[np.ndarray], list[np.ndarray]]]:
+    """One (repeat,) fold ``g`` of :func:`paired_bootstrap_delta_seeds`: its per-fold row (the
+    group's keys, ``n``, ``a``, ``b``, ``delta``), each seed's C-index per arm, and each seed's
+    ``n_boot`` resampled C-indices per arm (one multinomial draw of ``rng``, shared by every seed)."""
+    key = key if isinstance(key, tuple) else (key,)
+    label = ", ".join(f"{c} {k}" for c, k in zip(group_cols, key))
+    pos = g.index.to_numpy()
+    t = g["time"].to_numpy(float)
+    e = g["event"].to_numpy(float)
+    try:
+        ca = [c_index(t, e, r[pos]) for r in risks_a]
+        cb = [c_index(t, e, r[pos]) for r in risks_b]
+    except ValueError as exc:
+        raise ValueError(f"paired_bootstrap_delta ({label}): {exc}") from exc
+    n = len(g)
+    # Multiplicities of a uniform resample of n patients: multinomial counts.
+    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+    boot_a = [weighted_c_index(t, e, r[pos], w) for r in risks_a]
+    boot_b = [weighted_c_index(t, e, r[pos], w) for r in risks_b]
+    row = dict(zip(group_cols, (k.item() if hasattr(k, "item") else k for k in key)))
+    a_k, b_k = (ca[0], cb[0]) if len(ca) == len(cb) == 1 else (float(np.mean(ca)), float(np.mean(cb)))
+    row.update(n=n, a=a_k, b=b_k, delta=b_k - a_k)
+    return row, (ca, cb), (boot_a, boot_b)
+
+
+def _seed_risk(
+    df: pd.DataFrame, oof_a: pd.DataFrame, oof_b: pd.DataFrame, protocol: str | None, column: str
+) -> np.ndarray:
     """``column`` (``risk_a`` / ``risk_b``) of another seed's pair of frames, in the row order of
     ``df`` (:func:`_align_oof` of the first seeds); the alignment checks cases, folds, endpoints."""
     other = _align_oof(oof_a, oof_b, protocol)
@@ -468,13 +498,15 @@ def _seed_risk(df: pd.DataFrame, oof_a: pd.DataFrame, oof_b: pd.DataFrame, proto
         raise ValueError("paired_bootstrap_delta: the seeds' OOF frames disagree on the 'repeat' column")
     folds = df[key + ["fold"]].merge(other[key + ["fold", column]], on=key, how="left", suffixes=("", "_seed"))
     if folds[column].isna().any() or not np.array_equal(folds["fold"].to_numpy(), folds["fold_seed"].to_numpy()):
-        raise ValueError("paired_bootstrap_delta: the seeds of an arm cover other cases or folds; "
-                         "seeds are runs on identical folds")
+        raise ValueError(
+            "paired_bootstrap_delta: the seeds of an arm cover other cases or folds; seeds are runs on identical folds"
+        )
     return folds[column].to_numpy(float)
 
 
-def _seed_draws(boot_a: list[list[np.ndarray]], boot_b: list[list[np.ndarray]], n_boot: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _seed_draws(
+    boot_a: list[list[np.ndarray]], boot_b: list[list[np.ndarray]], n_boot: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per replicate, one seed per arm drawn uniformly: the resampled C-indices ``[G, B]`` of
     the drawn seeds (``boot_x[g][s]`` = group g, seed s). An arm with one seed draws nothing,
     and the draws use a generator of their own, so the patient draws never change."""
@@ -491,14 +523,27 @@ def _seed_draws(boot_a: list[list[np.ndarray]], boot_b: list[list[np.ndarray]], 
     return out[0], out[1]
 
 
-def _per_fold_test(df: pd.DataFrame, per_fold: list[dict[str, Any]], sizes: list[int],
-                   fold_test: str) -> FoldTest:
+def _bootstrap_deltas(
+    boot_a: list[list[np.ndarray]], boot_b: list[list[np.ndarray]], n_boot: int, seed: int
+) -> np.ndarray:
+    """Per replicate that left every fold with a comparable pair, the resampled fold mean of b's
+    drawn seed minus that of a's (:func:`_seed_draws`); ``ValueError`` when no replicate did."""
+    ba, bb = _seed_draws(boot_a, boot_b, n_boot, seed)  # [G, B] each: the drawn seed's resampled C
+    ok = np.all(np.isfinite(ba) & np.isfinite(bb), axis=0)
+    if not ok.any():
+        raise ValueError("paired_bootstrap_delta: no bootstrap draw left every fold with a comparable pair")
+    return bb[:, ok].mean(axis=0) - ba[:, ok].mean(axis=0)
+
+
+def _per_fold_test(df: pd.DataFrame, per_fold: list[dict[str, Any]], sizes: list[int], fold_test: str) -> FoldTest:
     """:func:`paired_fold_test` of the per-fold C-indices, with the folds' test/train ratio."""
     n_test = float(np.mean(sizes))
     # Within one repeat the training part of a fold is every other case of that repeat.
     n_train = float(len(df) / (df["repeat"].nunique() if "repeat" in df.columns else 1)) - n_test
     return paired_fold_test(
-        [r["a"] for r in per_fold], [r["b"] for r in per_fold], method=fold_test,
+        [r["a"] for r in per_fold],
+        [r["b"] for r in per_fold],
+        method=fold_test,
         test_train_ratio=n_test / n_train if n_train > 0 else None,
     )
 
@@ -528,8 +573,15 @@ def mean_ci(values: Any, level: float = 0.95, *, bounds: tuple[float, float] | N
     x = np.asarray(values, dtype=float).ravel()
     x = x[np.isfinite(x)]
     n = int(x.shape[0])
-    out: dict[str, Any] = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "level": level,
-                           "clipped": False}
+    out: dict[str, Any] = {
+        "mean": None,
+        "sd": None,
+        "n": n,
+        "low": None,
+        "high": None,
+        "level": level,
+        "clipped": False,
+    }
     if n == 0:
         return out
     out["mean"] = float(x.mean())
@@ -568,8 +620,9 @@ def breslow_survival(train_risk: Any, train_time: Any, train_event: Any, test_ri
     t, e = check_survival(train_time, train_event, "breslow_survival (training fold)")
     r = check_risk(train_risk, t.shape[0], "breslow_survival (training fold)")
     if not e.any():
-        raise MetricUndefined(NO_TRAINING_EVENT,
-                              "breslow_survival: the training fold has no event; the baseline hazard is zero")
+        raise MetricUndefined(
+            NO_TRAINING_EVENT, "breslow_survival: the training fold has no event; the baseline hazard is zero"
+        )
     rt = check_risk(test_risk, int(np.size(test_risk)), "breslow_survival (test risk)")
     grid = np.atleast_1d(np.asarray(times, dtype=float))
     if grid.ndim != 1 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
@@ -617,7 +670,9 @@ def calibration_at(
     t, e = check_survival(time, event, "calibration_at")
     p = check_risk(pred_event_prob, t.shape[0], "calibration_at (pred_event_prob)")
     if p.min() < 0 or p.max() > 1:
-        raise ValueError(f"calibration_at: predicted probabilities must lie in [0, 1], got range [{p.min():g}, {p.max():g}]")
+        raise ValueError(
+            f"calibration_at: predicted probabilities must lie in [0, 1], got range [{p.min():g}, {p.max():g}]"
+        )
     if n_groups < 1:
         raise ValueError(f"calibration_at: n_groups must be >= 1, got {n_groups}")
     groups = pd.qcut(pd.Series(p).rank(method="first"), q=min(n_groups, t.shape[0]), labels=False).to_numpy()
@@ -629,12 +684,21 @@ def calibration_at(
         if followed:
             s, s_lo, s_hi = _km_at(t[sel], e[sel], float(horizon), level)
             obs, lo, hi = 1 - s, 1 - s_hi, 1 - s_lo
-        rows.append({
-            "group": int(g), "n": int(sel.sum()), "n_events": int(e[sel].sum()),
-            "pred_mean": float(p[sel].mean()), "pred_min": float(p[sel].min()), "pred_max": float(p[sel].max()),
-            "observed": obs, "observed_low": lo, "observed_high": hi,
-            "followed_to_horizon": followed, "horizon": float(horizon),
-        })
+        rows.append(
+            {
+                "group": int(g),
+                "n": int(sel.sum()),
+                "n_events": int(e[sel].sum()),
+                "pred_mean": float(p[sel].mean()),
+                "pred_min": float(p[sel].min()),
+                "pred_max": float(p[sel].max()),
+                "observed": obs,
+                "observed_low": lo,
+                "observed_high": hi,
+                "followed_to_horizon": followed,
+                "horizon": float(horizon),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -686,12 +750,17 @@ class KMResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (curves as lists)."""
         return {
-            "test_statistic": self.test_statistic, "p_value": self.p_value,
+            "test_statistic": self.test_statistic,
+            "p_value": self.p_value,
             "groups": {
                 str(k): {
-                    "n": self.n[k], "events": self.events[k], "median_survival": self.median_survival[k],
-                    "timeline": c.index.tolist(), "survival": c["survival"].tolist(),
-                    "ci_low": c["ci_low"].tolist(), "ci_high": c["ci_high"].tolist(),
+                    "n": self.n[k],
+                    "events": self.events[k],
+                    "median_survival": self.median_survival[k],
+                    "timeline": c.index.tolist(),
+                    "survival": c["survival"].tolist(),
+                    "ci_low": c["ci_low"].tolist(),
+                    "ci_high": c["ci_high"].tolist(),
                 }
                 for k, c in self.curves.items()
             },
@@ -720,11 +789,15 @@ def km_logrank(time: Any, event: Any, group: Any, *, level: float = 0.95) -> KMR
         sel = g == lab
         kmf = KaplanMeierFitter(alpha=1 - level).fit(t[sel], e[sel], label=str(lab))
         ci = kmf.confidence_interval_survival_function_
-        curves[lab] = pd.DataFrame({
-            "survival": kmf.survival_function_.iloc[:, 0].to_numpy(),
-            "ci_low": ci.iloc[:, 0].to_numpy(), "ci_high": ci.iloc[:, 1].to_numpy(),
-            "at_risk": kmf.event_table["at_risk"].to_numpy(),
-        }, index=pd.Index(kmf.survival_function_.index.to_numpy(), name="timeline"))
+        curves[lab] = pd.DataFrame(
+            {
+                "survival": kmf.survival_function_.iloc[:, 0].to_numpy(),
+                "ci_low": ci.iloc[:, 0].to_numpy(),
+                "ci_high": ci.iloc[:, 1].to_numpy(),
+                "at_risk": kmf.event_table["at_risk"].to_numpy(),
+            },
+            index=pd.Index(kmf.survival_function_.index.to_numpy(), name="timeline"),
+        )
         n[lab], ev[lab] = int(sel.sum()), int(e[sel].sum())
         med[lab] = float(kmf.median_survival_time_)
     if len(labels) == 2:
@@ -742,8 +815,20 @@ def predicted_event_prob(surv: np.ndarray) -> np.ndarray:
 
 # ibs_time_grid and integrated_brier_score live in pipeline.metrics; re-exported for old imports.
 __all__: Sequence[str] = (
-    "FoldTest", "KMResult", "PairedComparison", "breslow_survival", "calibration_at",
-    "corrected_resampled_ttest", "ibs_time_grid", "integrated_brier_score", "km_logrank",
-    "mean_ci", "paired_bootstrap_delta", "paired_bootstrap_delta_seeds", "paired_fold_test", "predicted_event_prob",
-    "risk_groups", "weighted_c_index",
+    "FoldTest",
+    "KMResult",
+    "PairedComparison",
+    "breslow_survival",
+    "calibration_at",
+    "corrected_resampled_ttest",
+    "ibs_time_grid",
+    "integrated_brier_score",
+    "km_logrank",
+    "mean_ci",
+    "paired_bootstrap_delta",
+    "paired_bootstrap_delta_seeds",
+    "paired_fold_test",
+    "predicted_event_prob",
+    "risk_groups",
+    "weighted_c_index",
 )

@@ -54,8 +54,9 @@ class CapturedStep:
         warmup: eager steps before the capture.
     """
 
-    def __init__(self, compute: Callable[..., dict[str, torch.Tensor]], device: torch.device,
-                 warmup: int = WARMUP_STEPS):
+    def __init__(
+        self, compute: Callable[..., dict[str, torch.Tensor]], device: torch.device, warmup: int = WARMUP_STEPS
+    ):
         self.compute = compute
         self.device = device
         self.warmup = int(warmup)
@@ -76,8 +77,10 @@ class CapturedStep:
         if self.idx is None:
             self.idx, self.theta = torch.empty_like(idx), torch.empty_like(theta)
         if idx.shape != self.idx.shape or theta.shape != self.theta.shape:
-            raise ValueError(f"a captured step has fixed shapes: idx {tuple(self.idx.shape)}, theta "
-                             f"{tuple(self.theta.shape)}; got {tuple(idx.shape)}, {tuple(theta.shape)}")
+            raise ValueError(
+                f"a captured step has fixed shapes: idx {tuple(self.idx.shape)}, theta "
+                f"{tuple(self.theta.shape)}; got {tuple(idx.shape)}, {tuple(theta.shape)}"
+            )
         self.idx.copy_(idx, non_blocking=True)
         self.theta.copy_(theta, non_blocking=True)
         self.steps += 1
@@ -108,8 +111,12 @@ class CapturedStep:
         except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
             self.capture, self.out = False, {}
-            warnings.warn(f"the training step could not be captured in a CUDA graph ({exc}); this fold trains "
-                          "eagerly (step_mode 'eager' avoids the attempt)", CaptureWarning, stacklevel=3)
+            warnings.warn(
+                f"the training step could not be captured in a CUDA graph ({exc}); this fold trains "
+                "eagerly (step_mode 'eager' avoids the attempt)",
+                CaptureWarning,
+                stacklevel=3,
+            )
             return False
         self.graph = graph
         return True

@@ -26,10 +26,10 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import submitit
@@ -79,8 +79,9 @@ from pipeline.train import TrainConfig, run_provenance, start_run, train_fold
 # before the worker unpickles its first job (and so imports this module).
 
 
-def train_config(spec: StudySpec, config: Configuration, input_size: Sequence[int] | None = None,
-                 seed: int = 0) -> TrainConfig:
+def train_config(
+    spec: StudySpec, config: Configuration, input_size: Sequence[int] | None = None, seed: int = 0
+) -> TrainConfig:
     """The :class:`pipeline.train.TrainConfig` of one configuration of a study.
 
     Args:
@@ -156,8 +157,9 @@ def _cache_params_hash(spec: StudySpec) -> str:
     return PreprocessedCache(spec.cache_root).params_hash
 
 
-def _config_provenance(spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame,
-                       seed: int = 0) -> tuple[Any, dict]:
+def _config_provenance(
+    spec: StudySpec, cohort, config: Configuration, folds: pd.DataFrame, seed: int = 0
+) -> tuple[Any, dict]:
     cfg = train_config(spec, config, tuple(cohort.images.shape[2:]), seed)
     prov = run_provenance(cohort, cfg, folds_hash(folds), _cache_params_hash(spec))
     return cfg, prov | {"study": spec.hash, "configuration": config.name} | ({"seed_index": seed} if seed else {})
@@ -225,8 +227,11 @@ def claim_cell(spec: StudySpec, cell: Cell) -> Iterator[dict[str, Any]]:
             except (ValueError, UnicodeDecodeError):
                 holder = None
             waited_for = describe_claimant(holder)
-            print(f"cell {cell.key} is being trained by {waited_for}; waiting for it to finish or end",
-                  file=sys.stderr, flush=True)
+            print(
+                f"cell {cell.key} is being trained by {waited_for}; waiting for it to finish or end",
+                file=sys.stderr,
+                flush=True,
+            )
             _log_claim(path, "waiting", who, holder=holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
@@ -273,8 +278,14 @@ def run_cell(spec: StudySpec, cell: Cell, progress: bool = False) -> dict[str, A
         return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(layout.done(cell.fold))}
     with claim_cell(spec, cell) as claim:
         if layout.is_done(cell.fold):  # the owner we waited for finished it
-            return {"cell": cell.key, "skipped": True, "seconds": 0.0, "record": read_json(layout.done(cell.fold)),
-                    "waited_for": claim["waited_for"], "waited_s": claim["waited_s"]}
+            return {
+                "cell": cell.key,
+                "skipped": True,
+                "seconds": 0.0,
+                "record": read_json(layout.done(cell.fold)),
+                "waited_for": claim["waited_for"],
+                "waited_s": claim["waited_s"],
+            }
         res = _train_cell(spec, cell, layout, progress)
     return res | ({"waited_for": claim["waited_for"], "waited_s": claim["waited_s"]} if claim["waited_for"] else {})
 
@@ -290,12 +301,18 @@ def _train_cell(spec: StudySpec, cell: Cell, layout: RunLayout, progress: bool) 
     record = train_fold(cohort, folds, cell.fold, cfg, layout.root, progress=progress)
     t_end = time.perf_counter()
     info = {
-        "cell": cell.key, "seconds": t_end - t0, "train_seconds": t_end - t_train,
-        "load_seconds": t_train - t0, "epochs_run": record.get("epochs_run"),
-        "host": platform.node(), "pid": os.getpid(), "torch_threads": record["environment"]["threads"],
+        "cell": cell.key,
+        "seconds": t_end - t0,
+        "train_seconds": t_end - t_train,
+        "load_seconds": t_train - t0,
+        "epochs_run": record.get("epochs_run"),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "torch_threads": record["environment"]["threads"],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "device": "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
-        "finished": utc_now(), "code_version": code_version(),
+        "finished": utc_now(),
+        "code_version": code_version(),
     }
     write_json_atomic(layout.cell(cell.fold), info)
     return {"cell": cell.key, "skipped": False, "seconds": info["seconds"], "record": record}
@@ -322,11 +339,14 @@ def split_folds(spec: StudySpec, split: str, cohort) -> pd.DataFrame:
         if path.is_file():
             folds = load_folds(path, expected_case_ids=cohort.case_ids)
             if folds.attrs["params"].get("seed") != spec.folds_seed + repeat or folds["fold"].nunique() != spec.n_folds:
-                raise ValueError(f"{path}: made with {folds.attrs['params']}, expected {spec.n_folds} folds "
-                                 f"with seed {spec.folds_seed + repeat}")
+                raise ValueError(
+                    f"{path}: made with {folds.attrs['params']}, expected {spec.n_folds} folds "
+                    f"with seed {spec.folds_seed + repeat}"
+                )
             return folds
-        folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=spec.n_folds,
-                           seed=spec.folds_seed + repeat)
+        folds = make_folds(
+            cohort.case_ids, cohort.time, cohort.event, n_splits=spec.n_folds, seed=spec.folds_seed + repeat
+        )
         folds.attrs["params"] = folds.attrs["params"] | {"repeat": repeat}
     else:
         fresh = leave_one_centre_out(cohort.case_ids, cohort.centre)
@@ -387,16 +407,21 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
         "updated": utc_now(),
         "code_version": code_version(),
         "cohort": {
-            "n_cases": len(cohort), "n_events": int(cohort.event.sum()),
+            "n_cases": len(cohort),
+            "n_events": int(cohort.event.sum()),
             "case_set_sha256": case_set_sha256(cohort.case_ids),
             "n_centres": int(pd.Series(cohort.centre).nunique()),
             "survival_input_size_dhw": [int(s) for s in cohort.images.shape[2:]],
         },
         "folds_hash": folds_hash(folds),
         "splits": {
-            split: {"folds_hash": folds_hash(f), "n_folds": int(f["fold"].nunique()),
-                    "folds_file": str(spec.folds_path_of(split).relative_to(root)),
-                    "params": f.attrs.get("params", {}), "cnn": split in spec.cnn_splits()}
+            split: {
+                "folds_hash": folds_hash(f),
+                "n_folds": int(f["fold"].nunique()),
+                "folds_file": str(spec.folds_path_of(split).relative_to(root)),
+                "params": f.attrs.get("params", {}),
+                "cnn": split in spec.cnn_splits(),
+            }
             for split, f in all_folds.items()
         },
         "cache_params_hash": _cache_params_hash(spec),
@@ -408,12 +433,16 @@ def prepare_study(spec: StudySpec, info: dict[str, Any] | None = None) -> dict[s
 
 
 def _peer_key(spec: StudySpec, peer: Peer, split: str, embeddings_sha256: str | None) -> str:
-    return params_hash({
-        "peer": peer.name, "config": peer_head_config(peer, spec.head).to_dict(),
-        "folds_sha256": sha256_file(spec.folds_path_of(split)), "manifest_sha256": sha256_file(spec.manifest),
-        "cache_params_hash": _cache_params_hash(spec) if peer.kind != "clinical" else None,
-        "embeddings_sha256": embeddings_sha256 if peer.kind == "embeddings" else None,
-    })
+    return params_hash(
+        {
+            "peer": peer.name,
+            "config": peer_head_config(peer, spec.head).to_dict(),
+            "folds_sha256": sha256_file(spec.folds_path_of(split)),
+            "manifest_sha256": sha256_file(spec.manifest),
+            "cache_params_hash": _cache_params_hash(spec) if peer.kind != "clinical" else None,
+            "embeddings_sha256": embeddings_sha256 if peer.kind == "embeddings" else None,
+        }
+    )
 
 
 def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str | None = None) -> dict[str, Any]:
@@ -435,23 +464,45 @@ def run_peer(spec: StudySpec, peer: Peer, split: str, *, embeddings_sha256: str 
     key = _peer_key(spec, peer, split, embeddings_sha256)
     marker = layout.marker
     if marker.is_file() and read_json(marker).get("key") == key:
-        return {"peer": peer.name, "split": split, "skipped": True, "seconds": 0.0,
-                "summary": read_json(layout.summary)}
+        return {
+            "peer": peer.name,
+            "split": split,
+            "skipped": True,
+            "seconds": 0.0,
+            "summary": read_json(layout.summary),
+        }
     t0 = time.perf_counter()
     summary = fit_peer_run(
-        peer.kind, manifest_path=spec.manifest, folds_path=spec.folds_path_of(split), out_dir=layout.root,
-        cache_root=spec.cache_root, features_path=spec.embeddings if peer.kind == "embeddings" else None,
+        peer.kind,
+        manifest_path=spec.manifest,
+        folds_path=spec.folds_path_of(split),
+        out_dir=layout.root,
+        cache_root=spec.cache_root,
+        features_path=spec.embeddings if peer.kind == "embeddings" else None,
         datasets=list(embedding_set(peer.embedding_set).encoders) if peer.embedding_set else None,
         config=peer_head_config(peer, spec.head),
     )
     seconds = time.perf_counter() - t0
-    write_json_atomic(marker, {"peer": peer.name, "label": peer.label, "split": split, "key": key,
-                               "seconds": seconds, "finished": utc_now(), "code_version": code_version()})
+    write_json_atomic(
+        marker,
+        {
+            "peer": peer.name,
+            "label": peer.label,
+            "split": split,
+            "key": key,
+            "seconds": seconds,
+            "finished": utc_now(),
+            "code_version": code_version(),
+        },
+    )
     return {"peer": peer.name, "split": split, "skipped": False, "seconds": seconds, "summary": summary}
 
 
 def run_peers(
-    spec: StudySpec, *, workers: int = 1, on_result: Callable[[dict[str, Any]], None] | None = None,
+    spec: StudySpec,
+    *,
+    workers: int = 1,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
     shown: set[tuple] | None = None,
 ) -> StudyOutcome:
     """Fit every peer on every split; failures are reported, the others continue.
@@ -472,10 +523,13 @@ def run_peers(
             (skipped if fresh else todo).append((peer, split))
     for peer, split in skipped:
         if on_result is not None:
-            on_result({"key": f"{split}/{peer.name}", "peer": peer.name, "split": split, "skipped": True,
-                       "seconds": 0.0})
-    jobs = [Job(f"{s}/{p.name}", run_peer, (spec, p, s), {"embeddings_sha256": emb_sha},
-                {"peer": p.name, "split": s}) for p, s in todo]
+            on_result(
+                {"key": f"{split}/{peer.name}", "peer": peer.name, "split": split, "skipped": True, "seconds": 0.0}
+            )
+    jobs = [
+        Job(f"{s}/{p.name}", run_peer, (spec, p, s), {"embeddings_sha256": emb_sha}, {"peer": p.name, "split": s})
+        for p, s in todo
+    ]
     outcome = run_pool(jobs, workers, in_process=workers == 1 or len(jobs) < 2, on_result=on_result, shown=shown)
     outcome.skipped = [f"{s}/{p.name}" for p, s in skipped] + outcome.skipped
     outcome.seconds = time.perf_counter() - t0
@@ -493,9 +547,12 @@ def embeddings_provenance(path: str | os.PathLike) -> dict[str, Any]:
         loaded = read_embeddings(path)
     random = sorted(d for d, a in loaded.dataset_attrs.items() if a.get("weights_sha256") == RANDOM_INIT)
     return {
-        "path": str(path), "sha256": loaded.sha256, "attrs": loaded.attrs,
+        "path": str(path),
+        "sha256": loaded.sha256,
+        "attrs": loaded.attrs,
         "modalities": {d: dict(a) for d, a in loaded.dataset_attrs.items()},
-        "random_init": bool(random), "random_init_modalities": random,
+        "random_init": bool(random),
+        "random_init_modalities": random,
     }
 
 
@@ -536,9 +593,11 @@ def announce_random_init(spec: StudySpec) -> bool:
         return False
     prov = embeddings_provenance(spec.embeddings)
     if prov["random_init"]:
-        msg = (f"{spec.embeddings}: {', '.join(prov['random_init_modalities'])} embeddings come from RANDOMLY "
-               "INITIALISED encoders; every FM row of this study tests the pipeline, not the foundation models "
-               "(stated once per run)")
+        msg = (
+            f"{spec.embeddings}: {', '.join(prov['random_init_modalities'])} embeddings come from RANDOMLY "
+            "INITIALISED encoders; every FM row of this study tests the pipeline, not the foundation models "
+            "(stated once per run)"
+        )
         warnings.warn(msg, RandomInitWarning, stacklevel=2)
         print(f"WARNING: {msg}", file=sys.stderr)
     return bool(prov["random_init"])
@@ -557,8 +616,13 @@ def gpu_free_memory_gib(gpus: Sequence[str]) -> list[float] | None:
     """Free memory of each GPU in GiB, from ``nvidia-smi`` (this process starts no CUDA
     context: the workers do); None when it cannot be read."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     free = {}
@@ -569,8 +633,7 @@ def gpu_free_memory_gib(gpus: Sequence[str]) -> list[float] | None:
     return [free[g] for g in gpus] if all(g in free for g in gpus) else None
 
 
-def cells_per_gpu(gpus: Sequence[str], requested: int | None = None,
-                  free_gib: Sequence[float] | None = None) -> int:
+def cells_per_gpu(gpus: Sequence[str], requested: int | None = None, free_gib: Sequence[float] | None = None) -> int:
     """How many cells each GPU trains side by side.
 
     Args:
@@ -677,13 +740,13 @@ def run_pool(
         slots = mp.get_context("spawn").Queue()  # one GPU id per worker, taken as it starts
         for slot in device_slots(gpus, workers):
             slots.put(slot)
-    pool = JobPool(workers, in_process=in_process, initializer=pinned_worker,
-                   initargs=(slots, threads, (RandomInitWarning,)))
+    pool = JobPool(
+        workers, in_process=in_process, initializer=pinned_worker, initargs=(slots, threads, (RandomInitWarning,))
+    )
     with pool, quiet_random_init() if in_process else contextlib.nullcontext():
         for done in pool.run(jobs, shown=shown):
             job = done.job
-            res = (done.value | {"key": job.key} if done.ok
-                   else job.failure(done.failed.error, done.failed.trace))
+            res = done.value | {"key": job.key} if done.ok else job.failure(done.failed.error, done.failed.trace)
             outcome.add(job.key, res)
             res["progress"] = done.progress
             if on_result is not None:
@@ -763,8 +826,11 @@ class SlurmOptions:
         """``update_parameters`` arguments for ``AutoExecutor(cluster=cluster)``."""
         params: dict[str, Any] = {"timeout_min": int(self.time_min), "gpus_per_node": int(self.gpus_per_node)}
         if cluster != "local":
-            params.update(mem_gb=int(self.mem_gb), cpus_per_task=int(self.cpus_per_task),
-                          slurm_array_parallelism=int(self.array_parallelism))
+            params.update(
+                mem_gb=int(self.mem_gb),
+                cpus_per_task=int(self.cpus_per_task),
+                slurm_array_parallelism=int(self.array_parallelism),
+            )
             if self.partition:
                 params["slurm_partition"] = self.partition
         params.update(self.extra)
@@ -782,7 +848,8 @@ def _refuse_local_gpu_cells(options: SlurmOptions) -> None:
             f"submitit's local cluster cannot place GPU cells (gpus_per_node={options.gpus_per_node}, "
             f"GPUs {gpus}): it runs every cell at once on GPU 0. Use the local pool "
             f"(`run-study --executor local --workers {len(gpus)}`: one cell per GPU), or "
-            "--gpus-per-node 0 to run the local cluster's cells on the CPU")
+            "--gpus-per-node 0 to run the local cluster's cells on the CPU"
+        )
 
 
 def run_submitit(
@@ -833,7 +900,9 @@ def run_submitit(
             try:
                 outcome.add(cell.key, job.result())
             except Exception as exc:  # noqa: BLE001 - one failed task must not hide the others
-                outcome.failed[cell.key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                outcome.failed[cell.key] = (
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                )
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
@@ -841,17 +910,36 @@ def run_submitit(
 #: Seconds between two looks at the Slurm queue (HNFM_SLURM_POLL_S overrides).
 SLURM_POLL_S = 10.0
 #: Slurm states of a task that is still queued or running (it may yet write its result).
-_SLURM_LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
-                         "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED",
-                         "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+_SLURM_LIVE = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SUSPENDED",
+        "STAGE_OUT",
+        "SIGNALING",
+        "STOPPED",
+        "RESV_DEL_HOLD",
+        "SPECIAL_EXIT",
+    }
+)
 
 
 def _slurm_queue(array_ids: set[str]) -> dict[str, str] | None:
     """``{"<array>_<task>": state}`` of the queued tasks of these array jobs (``squeue -r``);
     None when squeue fails (the controller is unreachable: nothing can be concluded)."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted(array_ids)), "-o", "%i %T"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-j", ",".join(sorted(array_ids)), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -864,8 +952,7 @@ def _slurm_task_state(task_id: str) -> str | None:
     """``scontrol show job``'s JobState of one task (kept for MinJobAge after it ends); None
     when the controller no longer knows it."""
     try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", task_id], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(["scontrol", "-o", "show", "job", task_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     for word in out.stdout.split():
@@ -874,9 +961,14 @@ def _slurm_task_state(task_id: str) -> str | None:
     return None
 
 
-def wait_slurm_tasks(cells: Sequence[Cell], jobs: Sequence[Any], outcome: StudyOutcome, *,
-                     poll_s: float | None = None,
-                     on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+def wait_slurm_tasks(
+    cells: Sequence[Cell],
+    jobs: Sequence[Any],
+    outcome: StudyOutcome,
+    *,
+    poll_s: float | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Collect the array's results as they come, without ``sacct``.
 
     A task's result is its submitit result file. A task that is no longer queued or running
@@ -896,8 +988,17 @@ def wait_slurm_tasks(cells: Sequence[Cell], jobs: Sequence[Any], outcome: StudyO
         if "error" in res:
             outcome.logs[cell.key] = res["log"]
         if on_result is not None:
-            on_result(res | {"progress": {"done": total - len(pending), "total": total,
-                                          "elapsed_s": time.perf_counter() - t0, "remaining_s": None}})
+            on_result(
+                res
+                | {
+                    "progress": {
+                        "done": total - len(pending),
+                        "total": total,
+                        "elapsed_s": time.perf_counter() - t0,
+                        "remaining_s": None,
+                    }
+                }
+            )
 
     while pending:
         for i, (cell, job) in list(pending.items()):
@@ -922,9 +1023,16 @@ def wait_slurm_tasks(cells: Sequence[Cell], jobs: Sequence[Any], outcome: StudyO
             gone[i] = gone.get(i, 0) + 1
             if gone[i] >= 2 and not job.paths.result_pickle.exists():
                 outcome.cancelled.append(cell.key)
-                file(i, {"cell": cell.key, "key": cell.key, "log": str(job.paths.stderr),
-                         "error": f"Slurm task {job.job_id} ended without a result "
-                                  f"({state or 'no longer known to Slurm'}; cancelled or killed?)"})
+                file(
+                    i,
+                    {
+                        "cell": cell.key,
+                        "key": cell.key,
+                        "log": str(job.paths.stderr),
+                        "error": f"Slurm task {job.job_id} ended without a result "
+                        f"({state or 'no longer known to Slurm'}; cancelled or killed?)",
+                    },
+                )
         if pending:
             time.sleep(poll)
 
@@ -940,8 +1048,13 @@ def _slurm_result(cell: Cell, job: Any) -> dict[str, Any]:
         parts = [p for p in text.split("-" * 22) if p.strip()]
         trace = parts[1] if len(parts) >= 3 else text
         lines = [ln.strip("-").strip() for ln in trace.strip().splitlines() if ln.strip("-").strip()]
-        return {"cell": cell.key, "key": cell.key, "log": str(job.paths.stderr), "traceback": trace.strip(),
-                "error": lines[-1] if lines else type(exc).__name__}
+        return {
+            "cell": cell.key,
+            "key": cell.key,
+            "log": str(job.paths.stderr),
+            "traceback": trace.strip(),
+            "error": lines[-1] if lines else type(exc).__name__,
+        }
 
 
 def run_study(
@@ -990,13 +1103,17 @@ def run_study(
     shown: set[tuple] = set()  # each warning once in the whole run, peers and cells together
     with quiet_random_init():
         prepare_study(spec, info)
-        peers = run_peers(spec, workers=peer_workers or (workers or 1 if executor == "local" else 1),
-                          on_result=on_peer, shown=shown)
+        peers = run_peers(
+            spec, workers=peer_workers or (workers or 1 if executor == "local" else 1), on_result=on_peer, shown=shown
+        )
         pending = [c for c in grid(spec) if not cell_done(spec, c)]
         done = [c.key for c in grid(spec) if cell_done(spec, c)]
         if executor == "local":
-            outcome = (run_local(spec, pending, workers, per_gpu=cells_per_gpu, on_result=on_result, shown=shown)
-                       if pending else StudyOutcome())
+            outcome = (
+                run_local(spec, pending, workers, per_gpu=cells_per_gpu, on_result=on_result, shown=shown)
+                if pending
+                else StudyOutcome()
+            )
         else:
             outcome = run_submitit(spec, pending, cluster=cluster, options=slurm, wait=wait, on_result=on_result)
     outcome.skipped = done + outcome.skipped

@@ -54,9 +54,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -370,7 +371,6 @@ class StudySpec:
     def peer_dir(self, peer: Peer, split: str = FIRST_SPLIT) -> Path:
         return self.split_root(split) / "peers" / peer.name
 
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["configs"] = list(self.configs)
@@ -399,8 +399,17 @@ class StudySpec:
         of a study made before seeds existed.
         """
         d = self.to_dict()
-        for key in ("study_dir", "configs", "repeats", "loco", "cnn_extra_splits", "peers", "head", "seeds",
-                    "seed_configs"):
+        for key in (
+            "study_dir",
+            "configs",
+            "repeats",
+            "loco",
+            "cnn_extra_splits",
+            "peers",
+            "head",
+            "seeds",
+            "seed_configs",
+        ):
             d.pop(key)
         return params_hash(d)
 
@@ -427,11 +436,20 @@ def grid(spec: StudySpec) -> list[Cell]:
 
     With one repeat, no LOCO and one seed this is the paper's grid (configurations x folds).
     """
-    cells = [Cell(c, k, split) for split in spec.cnn_splits() for c in spec.configurations()
-             for k in range(split_n_folds(spec, split))]
-    return cells + [Cell(c, k, split, s) for s in range(1, int(spec.seeds)) for split in spec.cnn_splits()
-                    for c in spec.configurations() if s in spec.seed_indices(c, split)
-                    for k in range(split_n_folds(spec, split))]
+    cells = [
+        Cell(c, k, split)
+        for split in spec.cnn_splits()
+        for c in spec.configurations()
+        for k in range(split_n_folds(spec, split))
+    ]
+    return cells + [
+        Cell(c, k, split, s)
+        for s in range(1, int(spec.seeds))
+        for split in spec.cnn_splits()
+        for c in spec.configurations()
+        if s in spec.seed_indices(c, split)
+        for k in range(split_n_folds(spec, split))
+    ]
 
 
 def cell_layout(spec: StudySpec, cell: Cell) -> RunLayout:
@@ -453,20 +471,33 @@ def cell_status(spec: StudySpec) -> pd.DataFrame:
     for cell in grid(spec):
         info_path = cell_layout(spec, cell).cell(cell.fold)
         seconds = read_json(info_path).get("seconds") if info_path.is_file() else None
-        rows.append({
-            "cell": cell.key, "split": cell.split, "seed": cell.seed, "config": cell.config.name,
-            "group": cell.config.group, "d": cell.config.d_label, "fold": cell.fold,
-            "done": cell_done(spec, cell), "seconds": seconds, "path": str(cell_dir(spec, cell)),
-        })
+        rows.append(
+            {
+                "cell": cell.key,
+                "split": cell.split,
+                "seed": cell.seed,
+                "config": cell.config.name,
+                "group": cell.config.group,
+                "d": cell.config.d_label,
+                "fold": cell.fold,
+                "done": cell_done(spec, cell),
+                "seconds": seconds,
+                "path": str(cell_dir(spec, cell)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def peer_status(spec: StudySpec) -> pd.DataFrame:
     """One row per peer run: ``run`` (``peers/<split>/<peer>``), ``split``, ``peer``, ``done``."""
-    return pd.DataFrame([{"run": f"peers/{split}/{p.name}", "split": split, "peer": p.name,
-                          "done": peer_done(spec, p, split)}
-                         for split in spec.splits() for p in spec.peer_list()],
-                        columns=["run", "split", "peer", "done"])
+    return pd.DataFrame(
+        [
+            {"run": f"peers/{split}/{p.name}", "split": split, "peer": p.name, "done": peer_done(spec, p, split)}
+            for split in spec.splits()
+            for p in spec.peer_list()
+        ],
+        columns=["run", "split", "peer", "done"],
+    )
 
 
 def format_status(status: pd.DataFrame, peers: pd.DataFrame | None = None) -> str:
@@ -483,7 +514,6 @@ def format_status(status: pd.DataFrame, peers: pd.DataFrame | None = None) -> st
         tail += f"; {len(peers)} peer runs: {int(peers['done'].sum())} done"
     lines.append(tail)
     return "\n".join(lines)
-
 
 
 def peer_done(spec: StudySpec, peer: Peer, split: str) -> bool:

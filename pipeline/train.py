@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.optim.swa_utils import AveragedModel, _group_tensors_by_device_and_dtype, get_ema_multi_avg_fn
 from sksurv.linear_model.coxph import BreslowEstimator
+from torch.optim.swa_utils import AveragedModel, _group_tensors_by_device_and_dtype, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from models.deepmts import TUMOUR_INPUTS, DeepMTS, DeepMTSConfig
@@ -81,8 +81,8 @@ from pipeline.runtime import (
     environment_record,
 )
 from pipeline.sampling import EventBalancedBatchSampler
-from pipeline.step_capture import CapturedStep
 from pipeline.splits import inner_split
+from pipeline.step_capture import CapturedStep
 
 CALIBRATION_HORIZONS = (365.0, 730.0, 1095.0)  # days
 
@@ -191,8 +191,15 @@ class TrainConfig:
             self.split_seed = self.seed
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        for name in ("epochs", "steps_per_epoch", "batch_size", "eval_batch_size", "gpu_eval_batch_size",
-                     "train_c_every", "patience"):
+        for name in (
+            "epochs",
+            "steps_per_epoch",
+            "batch_size",
+            "eval_batch_size",
+            "gpu_eval_batch_size",
+            "train_c_every",
+            "patience",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -202,7 +209,8 @@ class TrainConfig:
         if not 0 <= self.select_from_epoch < self.epochs:
             raise ValueError(
                 f"select_from_epoch must lie in [0, epochs={self.epochs}), got {self.select_from_epoch}: "
-                "lower --select-from-epoch (or select_from_epoch in the training config) or raise --epochs")
+                "lower --select-from-epoch (or select_from_epoch in the training config) or raise --epochs"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.proj is not None and int(self.proj) < 1:
@@ -213,8 +221,10 @@ class TrainConfig:
         if self.step_mode not in STEP_MODES:
             raise ValueError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         if self.step_mode == "graph" and self.precision != "fp32":
-            raise ValueError(f"step_mode 'graph' needs precision 'fp32' (autocast's weight cache cannot be "
-                             f"captured), got {self.precision!r}: use --step-mode eager or auto")
+            raise ValueError(
+                f"step_mode 'graph' needs precision 'fp32' (autocast's weight cache cannot be "
+                f"captured), got {self.precision!r}: use --step-mode eager or auto"
+            )
         if self.tumour_input not in TUMOUR_INPUTS:
             raise ValueError(f"tumour_input must be one of {TUMOUR_INPUTS}, got {self.tumour_input!r}")
 
@@ -274,7 +284,9 @@ def fit_fm_stats(train: np.ndarray, standardise: bool) -> dict[str, list[float]]
 def apply_fm_stats(mat: np.ndarray, stats: dict[str, list[float]]) -> torch.Tensor:
     """Fill and standardise an embedding matrix ``[N, dim]`` with :func:`fit_fm_stats` output."""
     mat = np.asarray(mat, dtype=np.float64)
-    mat = (np.where(np.isnan(mat), np.asarray(stats["fill"]), mat) - np.asarray(stats["mean"])) / np.asarray(stats["sd"])
+    mat = (np.where(np.isnan(mat), np.asarray(stats["fill"]), mat) - np.asarray(stats["mean"])) / np.asarray(
+        stats["sd"]
+    )
     return torch.from_numpy(mat.astype(np.float32))
 
 
@@ -293,8 +305,11 @@ def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Tr
     if cfg.inner_val_fraction > 0:
         train_ids = [cohort.case_ids[i] for i in train]
         fit_ids, inner_ids = inner_split(
-            train_ids, cohort.time[train], cohort.event[train],
-            val_fraction=cfg.inner_val_fraction, seed=cfg.split_seed + fold,
+            train_ids,
+            cohort.time[train],
+            cohort.event[train],
+            val_fraction=cfg.inner_val_fraction,
+            seed=cfg.split_seed + fold,
         )
         fit, inner = cohort.indices(fit_ids), cohort.indices(inner_ids)
     else:
@@ -304,8 +319,10 @@ def prepare_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Tr
 
     transform = ClinicalTransform().fit(cohort.clinical.iloc[fit])
     clinical = torch.from_numpy(transform.transform(cohort.clinical)).float()
-    stats = {name: fit_fm_stats(np.asarray(mat, dtype=np.float64)[fit], cfg.fm_standardise)
-             for name, mat in cohort.embeddings.items()}
+    stats = {
+        name: fit_fm_stats(np.asarray(mat, dtype=np.float64)[fit], cfg.fm_standardise)
+        for name, mat in cohort.embeddings.items()
+    }
     fm = {name: apply_fm_stats(mat, stats[name]) for name, mat in cohort.embeddings.items()}
     return FoldData(fit, inner, outer, clinical, fm, transform, stats)
 
@@ -315,7 +332,8 @@ def build_model(cohort: SurvivalCohort, n_clinical: int, cfg: TrainConfig) -> De
     preset = overrides.pop("preset", "paper")
     overrides.update(
         fm_dims={name: int(m.shape[1]) for name, m in cohort.embeddings.items()},
-        fm_proj=cfg.proj, tumour_input=cfg.tumour_input,
+        fm_proj=cfg.proj,
+        tumour_input=cfg.tumour_input,
         input_size=tuple(int(s) for s in cohort.images.shape[2:]),
     )
     return DeepMTS(DeepMTSConfig.from_preset(preset, n_clinical, **overrides))
@@ -344,15 +362,27 @@ def model_to_layout(model: torch.nn.Module, device: torch.device) -> torch.nn.Mo
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarray, data: FoldData,
-            batch_size: int, device: torch.device) -> np.ndarray:
+def predict(
+    model: torch.nn.Module,
+    cohort: SurvivalCohort,
+    rows: np.ndarray,
+    data: FoldData,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """Log-risk for ``rows`` (higher = earlier relapse)."""
     return evaluate_rows(model, cohort, rows, data, batch_size, device)[0]
 
 
 @torch.inference_mode()
-def evaluate_rows(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarray, data: FoldData,
-                  batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_rows(
+    model: torch.nn.Module,
+    cohort: SurvivalCohort,
+    rows: np.ndarray,
+    data: FoldData,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-risk and tumour Dice per row, in evaluation mode.
 
     Returns:
@@ -364,13 +394,14 @@ def evaluate_rows(model: torch.nn.Module, cohort: SurvivalCohort, rows: np.ndarr
     threshold = getattr(getattr(model, "config", None), "gate_threshold", 0.5)
     risks, dices = [], []
     for start in range(0, len(rows), batch_size):
-        idx = torch.as_tensor(rows[start:start + batch_size])
+        idx = torch.as_tensor(rows[start : start + batch_size])
         fm = {k: v[idx].to(device) for k, v in data.fm.items()} or None
         res = model(to_model_layout(cohort.images[idx], device), data.clinical[idx].to(device), fm)
         risks.append(res["risk"].float())
         # Dice on the device: only [B] values leave it, not the segmentation volumes.
-        dices.append(dice_per_sample(res["seg_prob"].float() > threshold,
-                                     cohort.masks[idx].to(device, non_blocking=True) > 0.5))
+        dices.append(
+            dice_per_sample(res["seg_prob"].float() > threshold, cohort.masks[idx].to(device, non_blocking=True) > 0.5)
+        )
     if not risks:
         return np.empty(0), np.empty(0)
     return torch.cat(risks).cpu().numpy(), torch.cat(dices).cpu().numpy()
@@ -411,13 +442,15 @@ class DeviceEMA(AveragedModel):
         if self._updates is None:
             self._updates = int(self.n_averaged)
         mine = [p.detach() for p in itertools.chain(self.module.parameters(), self.module.buffers())]
-        theirs = [p.detach().to(a.device) for a, p in
-                  zip(mine, itertools.chain(model.parameters(), model.buffers()), strict=True)]
+        theirs = [
+            p.detach().to(a.device)
+            for a, p in zip(mine, itertools.chain(model.parameters(), model.buffers()), strict=True)
+        ]
         if self._updates == 0:
             for averaged, current in zip(mine, theirs):
                 averaged.copy_(current)
         else:
-            for ([averaged, current], _) in _group_tensors_by_device_and_dtype([mine, theirs]).values():
+            for [averaged, current], _ in _group_tensors_by_device_and_dtype([mine, theirs]).values():
                 # The EMA's multi_avg_fn ignores the count; the CPU counter is not copied over.
                 self.multi_avg_fn(averaged, current, self.n_averaged)
         self.n_averaged += 1
@@ -448,8 +481,10 @@ def training_device(cfg: TrainConfig) -> torch.device:
     and gave non-finite losses at random in this project's tests (the same fold, runs apart)."""
     device = resolve_device(cfg.device)
     if cfg.precision == "bf16-autocast" and device.type == "cpu":
-        raise ValueError("precision 'bf16-autocast' is for CUDA: on CPU it is slower than fp32 and gave "
-                         "non-finite losses at random; train on CPU with --precision fp32")
+        raise ValueError(
+            "precision 'bf16-autocast' is for CUDA: on CPU it is slower than fp32 and gave "
+            "non-finite losses at random; train on CPU with --precision fp32"
+        )
     return device
 
 
@@ -457,8 +492,10 @@ def _check_finite(losses: dict[str, float], fold: int, epoch: int, cfg: TrainCon
     """Stop a fold whose training loss is no longer finite, naming where, rather than go on."""
     bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
     if bad:
-        raise FloatingPointError(f"fold {fold}, epoch {epoch}: non-finite training loss {bad} "
-                                 f"(precision {cfg.precision}, lr {cfg.lr}); the fold is not marked done")
+        raise FloatingPointError(
+            f"fold {fold}, epoch {epoch}: non-finite training loss {bad} "
+            f"(precision {cfg.precision}, lr {cfg.lr}); the fold is not marked done"
+        )
 
 
 def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldTraining:
@@ -471,12 +508,23 @@ def setup_fold(cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: Trai
     mode = resolve_step_mode(cfg, device)
     optimiser = make_optimiser(model, cfg, capturable=mode == "graph" and device.type == "cuda")
     sampler = EventBalancedBatchSampler(
-        cohort.event[data.fit], batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch, seed=cfg.seed + fold,
+        cohort.event[data.fit],
+        batch_size=cfg.batch_size,
+        steps_per_epoch=cfg.steps_per_epoch,
+        seed=cfg.seed + fold,
     )
     generator = torch.Generator().manual_seed(cfg.seed + 1000 + fold)
-    return FoldTraining(data, model, ema, optimiser, [float(g["lr"]) for g in optimiser.param_groups],
-                        sampler, generator, device, step_mode=mode)
+    return FoldTraining(
+        data,
+        model,
+        ema,
+        optimiser,
+        [float(g["lr"]) for g in optimiser.param_groups],
+        sampler,
+        generator,
+        device,
+        step_mode=mode,
+    )
 
 
 def resolve_step_mode(cfg: TrainConfig, device: torch.device) -> str:
@@ -518,14 +566,19 @@ def cohort_on_device(state: FoldTraining, cohort: SurvivalCohort) -> dict[str, t
     if not state.on_device:
         dev = state.device
         state.on_device.update(
-            images=cohort.images.to(dev), masks=cohort.masks.to(dev), time=torch.as_tensor(cohort.time).to(dev),
-            event=torch.as_tensor(cohort.event).to(dev), clinical=state.data.clinical.to(dev),
-            **{f"fm:{k}": v.to(dev) for k, v in state.data.fm.items()})
+            images=cohort.images.to(dev),
+            masks=cohort.masks.to(dev),
+            time=torch.as_tensor(cohort.time).to(dev),
+            event=torch.as_tensor(cohort.event).to(dev),
+            clinical=state.data.clinical.to(dev),
+            **{f"fm:{k}": v.to(dev) for k, v in state.data.fm.items()},
+        )
     return state.on_device
 
 
-def train_step(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor,
-               cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def train_step(
+    state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor, cfg: TrainConfig
+) -> dict[str, torch.Tensor]:
     """One optimisation step on the rows ``idx`` (a tensor on the training device); returns the
     detached loss parts as tensors on the device: nothing here waits for the device.
 
@@ -542,8 +595,9 @@ def train_step(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tens
     return step_compute(state, on, idx, theta, cfg=cfg)
 
 
-def step_compute(state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor, theta: torch.Tensor,
-                 *, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def step_compute(
+    state: FoldTraining, on: dict[str, torch.Tensor], idx: torch.Tensor, theta: torch.Tensor, *, cfg: TrainConfig
+) -> dict[str, torch.Tensor]:
     """The device part of a step: augmentation with ``theta [B, 3, 4]``, forward, loss, backward,
     Adam and the EMA update, on the rows ``idx [B]``. Fixed shapes and no host sync, so a CUDA
     graph can hold it."""
@@ -572,11 +626,12 @@ def train_epoch(state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig, e
     state.model.train()
     on = cohort_on_device(state, cohort)
     fit_rows = torch.as_tensor(state.data.fit).to(state.device)
-    losses = [train_step(state, on, fit_rows[torch.as_tensor(batch).to(state.device, non_blocking=True)], cfg)
-              for batch in state.sampler]
+    losses = [
+        train_step(state, on, fit_rows[torch.as_tensor(batch).to(state.device, non_blocking=True)], cfg)
+        for batch in state.sampler
+    ]
     # float64 means of the float32 values, as np.mean of float() per step gave them.
-    return {k: float(np.mean(torch.stack([entry[k] for entry in losses]).cpu().double().numpy()))
-            for k in losses[0]}
+    return {k: float(np.mean(torch.stack([entry[k] for entry in losses]).cpu().double().numpy())) for k in losses[0]}
 
 
 def eval_batch_size(cfg: TrainConfig, device: torch.device) -> int:
@@ -612,8 +667,15 @@ def _evaluation_parts(data: FoldData, batch_size: int) -> tuple[np.ndarray, np.n
     return rows[:cut], rows[cut:]
 
 
-def evaluate_fold(model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData, cfg: TrainConfig,
-                  device: torch.device, *, fit: bool = True) -> Evaluation:
+def evaluate_fold(
+    model: torch.nn.Module,
+    cohort: SurvivalCohort,
+    data: FoldData,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    fit: bool = True,
+) -> Evaluation:
     """One evaluation pass over the inner and outer rows, and over the fit rows when ``fit``.
 
     Scores: ``train_c_index`` (fit rows, evaluation mode, so under-fitting shows; NaN when
@@ -626,26 +688,38 @@ def evaluate_fold(model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData
     risk[rest], dice[rest] = evaluate_rows(model, cohort, rest, data, eval_batch_size(cfg, device), device)
     outer_dice = dice[data.outer]
     t, e = cohort.time, cohort.event
-    evaluation = Evaluation(risk, dice, {
-        "train_c_index": float("nan"),
-        "val_c_index_inner": (c_index_or_nan(t[data.inner], e[data.inner], risk[data.inner]) if len(data.inner)
-                              else float("nan")),
-        "val_c_index_outer": c_index_or_nan(t[data.outer], e[data.outer], risk[data.outer]),
-        "val_dice_outer": float(np.nanmean(outer_dice)) if np.isfinite(outer_dice).any() else float("nan"),
-    })
+    evaluation = Evaluation(
+        risk,
+        dice,
+        {
+            "train_c_index": float("nan"),
+            "val_c_index_inner": (
+                c_index_or_nan(t[data.inner], e[data.inner], risk[data.inner]) if len(data.inner) else float("nan")
+            ),
+            "val_c_index_outer": c_index_or_nan(t[data.outer], e[data.outer], risk[data.outer]),
+            "val_dice_outer": float(np.nanmean(outer_dice)) if np.isfinite(outer_dice).any() else float("nan"),
+        },
+    )
     if fit:
         evaluate_fit_rows(evaluation, model, cohort, data, cfg, device)
     return evaluation
 
 
-def evaluate_fit_rows(evaluation: Evaluation, model: torch.nn.Module, cohort: SurvivalCohort, data: FoldData,
-                      cfg: TrainConfig, device: torch.device) -> None:
+def evaluate_fit_rows(
+    evaluation: Evaluation,
+    model: torch.nn.Module,
+    cohort: SurvivalCohort,
+    data: FoldData,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> None:
     """Complete ``evaluation`` (made by ``model``) with the fit rows' risks and ``train_c_index``."""
     if evaluation.fit_evaluated:
         return
     fit_only, _ = _evaluation_parts(data, eval_batch_size(cfg, device))
     evaluation.risk[fit_only], evaluation.dice[fit_only] = evaluate_rows(
-        model, cohort, fit_only, data, eval_batch_size(cfg, device), device)
+        model, cohort, fit_only, data, eval_batch_size(cfg, device), device
+    )
     fit = data.fit
     evaluation.scores["train_c_index"] = c_index_or_nan(cohort.time[fit], cohort.event[fit], evaluation.risk[fit])
     evaluation.fit_evaluated = True
@@ -660,8 +734,9 @@ class Selected:
     evaluation: Evaluation | None = None
 
 
-def select(best: dict[str, Selected], epoch: int, evaluation: Evaluation, model: torch.nn.Module,
-           layout: RunLayout, fold: int) -> bool:
+def select(
+    best: dict[str, Selected], epoch: int, evaluation: Evaluation, model: torch.nn.Module, layout: RunLayout, fold: int
+) -> bool:
     """Keep, per protocol, the epoch with the best selection score; checkpoint it atomically.
 
     Of equally scoring epochs the later one is kept: it has trained longer and, on the small
@@ -731,8 +806,15 @@ def train_fold(
         return _run_fold(layout, cohort, folds, fold, cfg, progress, times)
 
 
-def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fold: int, cfg: TrainConfig,
-              progress: bool, times: PartTimes) -> dict[str, Any]:
+def _run_fold(
+    layout: RunLayout,
+    cohort: SurvivalCohort,
+    folds: pd.DataFrame,
+    fold: int,
+    cfg: TrainConfig,
+    progress: bool,
+    times: PartTimes,
+) -> dict[str, Any]:
     """:func:`train_fold`'s work: set-up, epochs with evaluation and selection, outputs."""
     with times.part("set-up"):
         state = setup_fold(cohort, folds, fold, cfg)
@@ -748,8 +830,9 @@ def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fo
             losses = train_epoch(state, cohort, cfg, epoch)
         _check_finite(losses, fold, epoch, cfg)
         with times.part("evaluation"):
-            evaluation = evaluate_fold(state.ema.module, cohort, state.data, cfg, state.device,
-                                       fit=(epoch + 1) % cfg.train_c_every == 0)
+            evaluation = evaluate_fold(
+                state.ema.module, cohort, state.data, cfg, state.device, fit=(epoch + 1) % cfg.train_c_every == 0
+            )
         if epoch >= cfg.select_from_epoch:
             with times.part("selection"):
                 improved = select(best, epoch, evaluation, state.ema.module, layout, fold)
@@ -757,10 +840,20 @@ def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fo
         if stale >= cfg.patience or epoch == cfg.epochs - 1:  # the last epoch run: its training C always
             with times.part("evaluation"):
                 evaluate_fit_rows(evaluation, state.ema.module, cohort, state.data, cfg, state.device)
-        curves.append({"epoch": epoch, "lr_factor": lr_factor(epoch, cfg), **losses, **evaluation.scores,
-                       "seconds": _time.perf_counter() - t0})
-        bar.set_postfix(loss=f"{losses['loss']:.3f}", c_train=f"{evaluation.scores['train_c_index']:.3f}",
-                        c_inner=f"{evaluation.scores['val_c_index_inner']:.3f}")
+        curves.append(
+            {
+                "epoch": epoch,
+                "lr_factor": lr_factor(epoch, cfg),
+                **losses,
+                **evaluation.scores,
+                "seconds": _time.perf_counter() - t0,
+            }
+        )
+        bar.set_postfix(
+            loss=f"{losses['loss']:.3f}",
+            c_train=f"{evaluation.scores['train_c_index']:.3f}",
+            c_inner=f"{evaluation.scores['val_c_index_inner']:.3f}",
+        )
         if stale >= cfg.patience:
             break
     bar.close()
@@ -770,8 +863,14 @@ def _run_fold(layout: RunLayout, cohort: SurvivalCohort, folds: pd.DataFrame, fo
         return write_fold_outputs(layout, cohort, fold, state, cfg, best, curves, start)
 
 
-def complete_selected(best: dict[str, Selected], state: FoldTraining, cohort: SurvivalCohort, cfg: TrainConfig,
-                      layout: RunLayout, fold: int) -> None:
+def complete_selected(
+    best: dict[str, Selected],
+    state: FoldTraining,
+    cohort: SurvivalCohort,
+    cfg: TrainConfig,
+    layout: RunLayout,
+    fold: int,
+) -> None:
     """Give each protocol's selected evaluation its fit rows' risks (for the training risks,
     the calibration and ``train_c_index``), from the epoch's checkpoint when that epoch did
     not score them: the same weights and batches, so the same bits as scoring them then."""
@@ -785,37 +884,63 @@ def complete_selected(best: dict[str, Selected], state: FoldTraining, cohort: Su
         evaluate_fit_rows(sel.evaluation, model, cohort, state.data, cfg, state.device)
 
 
-def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, state: FoldTraining, cfg: TrainConfig,
-                       best: dict[str, Selected], curves: list[dict[str, Any]],
-                       start: dict[str, float]) -> dict[str, Any]:
+def write_fold_outputs(
+    layout: RunLayout,
+    cohort: SurvivalCohort,
+    fold: int,
+    state: FoldTraining,
+    cfg: TrainConfig,
+    best: dict[str, Selected],
+    curves: list[dict[str, Any]],
+    start: dict[str, float],
+) -> dict[str, Any]:
     """Curves, out-of-fold risks, fold state and the ``done.json`` marker (last), all atomic."""
     data = state.data
     with atomic_path(layout.curves(fold), suffix=".csv") as tmp:
         pd.DataFrame(curves, columns=list(CURVES_COLUMNS)).to_csv(tmp, index=False)
-    record: dict[str, Any] = {"fold": fold, "n_fit": len(data.fit), "n_inner": len(data.inner),
-                              "n_outer": len(data.outer), "epochs_run": len(curves), "start": start,
-                              "environment": environment_record(state.device, cfg.precision),
-                              "execution": execution_record(state, cfg),
-                              "protocols": {}}
+    record: dict[str, Any] = {
+        "fold": fold,
+        "n_fit": len(data.fit),
+        "n_inner": len(data.inner),
+        "n_outer": len(data.outer),
+        "epochs_run": len(curves),
+        "start": start,
+        "environment": environment_record(state.device, cfg.precision),
+        "execution": execution_record(state, cfg),
+        "protocols": {},
+    }
     oof = []
     for proto, sel in best.items():
         record["protocols"][proto] = protocol_record(cohort, data, sel, curves)
         if sel.evaluation is not None:
             record["protocols"][proto]["calibration"] = training_calibration(
-                cohort, np.concatenate([data.fit, data.inner]), sel.evaluation.risk, layout.train_risk(fold, proto))
-            oof.append(pd.DataFrame({
-                "case_id": [cohort.case_ids[i] for i in data.outer], "fold": fold, "protocol": proto,
-                "risk": sel.evaluation.risk[data.outer], "time": cohort.time[data.outer],
-                "event": cohort.event[data.outer],
-            }, columns=list(OOF_COLUMNS)))
+                cohort, np.concatenate([data.fit, data.inner]), sel.evaluation.risk, layout.train_risk(fold, proto)
+            )
+            oof.append(
+                pd.DataFrame(
+                    {
+                        "case_id": [cohort.case_ids[i] for i in data.outer],
+                        "fold": fold,
+                        "protocol": proto,
+                        "risk": sel.evaluation.risk[data.outer],
+                        "time": cohort.time[data.outer],
+                        "event": cohort.event[data.outer],
+                    },
+                    columns=list(OOF_COLUMNS),
+                )
+            )
     if oof:
         with atomic_path(layout.oof(fold), suffix=".csv") as tmp:
             pd.concat(oof).to_csv(tmp, index=False)
-    write_json_atomic(layout.fold_state(fold), {
-        "clinical_transform": data.clinical_transform.to_dict(), "fm_standardisation": data.fm_stats,
-        "fit_case_ids": [cohort.case_ids[i] for i in data.fit],
-        "inner_case_ids": [cohort.case_ids[i] for i in data.inner],
-    })
+    write_json_atomic(
+        layout.fold_state(fold),
+        {
+            "clinical_transform": data.clinical_transform.to_dict(),
+            "fm_standardisation": data.fm_stats,
+            "fit_case_ids": [cohort.case_ids[i] for i in data.fit],
+            "inner_case_ids": [cohort.case_ids[i] for i in data.inner],
+        },
+    )
     write_json_atomic(layout.done(fold), record)
     return record
 
@@ -823,21 +948,38 @@ def write_fold_outputs(layout: RunLayout, cohort: SurvivalCohort, fold: int, sta
 def execution_record(state: FoldTraining, cfg: TrainConfig) -> dict[str, Any]:
     """How the fold's steps and evaluations ran: the step mode, whether a CUDA graph replayed
     the steps (:mod:`pipeline.step_capture`), the evaluation batch and ``train_c_every``."""
-    return {"step_mode": state.step_mode, "cuda_graph": bool(state.captured is not None and state.captured.captured),
-            "eval_batch_size": eval_batch_size(cfg, state.device), "train_c_every": cfg.train_c_every}
+    return {
+        "step_mode": state.step_mode,
+        "cuda_graph": bool(state.captured is not None and state.captured.captured),
+        "eval_batch_size": eval_batch_size(cfg, state.device),
+        "train_c_every": cfg.train_c_every,
+    }
 
 
-def protocol_record(cohort: SurvivalCohort, data: FoldData, sel: Selected,
-                    curves: list[dict[str, Any]]) -> dict[str, Any]:
+def protocol_record(
+    cohort: SurvivalCohort, data: FoldData, sel: Selected, curves: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Scores of one protocol's selected epoch on the outer fold (or why there is none)."""
     if sel.evaluation is None:  # never finite: e.g. a validation split without comparable pairs
-        return {"selected_epoch": None, "c_index": None, "c_index_undefined_reason": NO_VALID_EPOCH,
-                "auc_1y": None, "auc_1y_undefined_reason": NO_VALID_EPOCH}
+        return {
+            "selected_epoch": None,
+            "c_index": None,
+            "c_index_undefined_reason": NO_VALID_EPOCH,
+            "auc_1y": None,
+            "auc_1y_undefined_reason": NO_VALID_EPOCH,
+        }
     train_rows = np.concatenate([data.fit, data.inner])
     risk = sel.evaluation.risk[data.outer]
     ci = c_index_value(cohort.time[data.outer], cohort.event[data.outer], risk)
-    auc = metric_value(time_dependent_auc, cohort.time[train_rows], cohort.event[train_rows],
-                       cohort.time[data.outer], cohort.event[data.outer], risk, horizon=ONE_YEAR_DAYS)
+    auc = metric_value(
+        time_dependent_auc,
+        cohort.time[train_rows],
+        cohort.event[train_rows],
+        cohort.time[data.outer],
+        cohort.event[data.outer],
+        risk,
+        horizon=ONE_YEAR_DAYS,
+    )
     return {
         "selected_epoch": sel.epoch,
         "selection_c_index": sel.score,
@@ -850,8 +992,7 @@ def protocol_record(cohort: SurvivalCohort, data: FoldData, sel: Selected,
     }
 
 
-def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray,
-                         path: Path) -> dict[str, Any]:
+def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndarray, path: Path) -> dict[str, Any]:
     """Risk cut-off and Breslow baseline hazard of the selected model on its training rows.
 
     Also writes ``path`` (``train_risk_<protocol>.csv``: case_id, risk, time, event). New
@@ -862,8 +1003,10 @@ def training_calibration(cohort: SurvivalCohort, rows: np.ndarray, risk: np.ndar
     time, event = cohort.time[rows], cohort.event[rows].astype(bool)
     # Kept so any survival curve (IBS, calibration) can be fitted on the training part later.
     with atomic_path(path, suffix=".csv") as tmp:
-        pd.DataFrame({"case_id": [cohort.case_ids[i] for i in rows], "risk": risk,
-                      "time": time, "event": event.astype(int)}, columns=list(TRAIN_RISK_COLUMNS)).to_csv(tmp, index=False)
+        pd.DataFrame(
+            {"case_id": [cohort.case_ids[i] for i in rows], "risk": risk, "time": time, "event": event.astype(int)},
+            columns=list(TRAIN_RISK_COLUMNS),
+        ).to_csv(tmp, index=False)
     breslow = BreslowEstimator().fit(risk, event, time)
     grid = breslow.cum_baseline_hazard_.x
     horizons = [h for h in CALIBRATION_HORIZONS if grid[0] <= h <= grid[-1]]
@@ -895,8 +1038,7 @@ def config_hash(config: dict[str, Any]) -> str:
     return params_hash({k: v for k, v in config.items() if k not in drop})
 
 
-def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str,
-                   cache_params_hash: str) -> dict[str, Any]:
+def run_provenance(cohort: SurvivalCohort, cfg: TrainConfig, folds_hash: str, cache_params_hash: str) -> dict[str, Any]:
     """What a run was made from; a resumed run must match it exactly."""
     emb = {k: v for k, v in cohort.embedding_attrs.items() if k != "created"}
     return {
@@ -976,7 +1118,7 @@ def train_survival(
         with atomic_path(layout.folds_csv, suffix=".csv") as tmp:
             folds.to_csv(tmp, index=False)
     todo = []
-    for k in (only_folds if only_folds is not None else range(n_folds)):
+    for k in only_folds if only_folds is not None else range(n_folds):
         if layout.is_done(k):
             print(f"fold {k}: already done, skipped")
         else:
@@ -991,15 +1133,24 @@ def train_survival(
     return summarise_run(layout.root, n_folds)
 
 
-def _train_folds_in_pool(cohort: SurvivalCohort, folds: pd.DataFrame, todo: list[int], cfg: TrainConfig,
-                         layout: RunLayout, workers: int, progress: bool) -> None:
+def _train_folds_in_pool(
+    cohort: SurvivalCohort,
+    folds: pd.DataFrame,
+    todo: list[int],
+    cfg: TrainConfig,
+    layout: RunLayout,
+    workers: int,
+    progress: bool,
+) -> None:
     """Folds ``todo`` in ``workers`` processes; the cohort's tensors travel through shared
     memory (torch's pickling), not as copies. A failing fold stops the others and raises
     its original error, as it would one after the other."""
     from pipeline.pool import Job, JobPool
 
-    jobs = [Job(f"fold {k}", train_fold, (cohort, folds, k, cfg, layout.root), {"progress": False},
-                ident={"fold": k}) for k in todo]
+    jobs = [
+        Job(f"fold {k}", train_fold, (cohort, folds, k, cfg, layout.root), {"progress": False}, ident={"fold": k})
+        for k in todo
+    ]
     with JobPool(min(workers, len(jobs))) as pool:
         for done in pool.run(jobs, bar="folds" if progress else None, unit="fold"):
             if not done.ok and isinstance(done.failed.original, Exception):
@@ -1029,8 +1180,10 @@ def _fmt(x: float | None) -> str:
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable mean +- SD per selection protocol."""
     lines = [f"folds done: {summary['n_folds_done']}/{summary['n_folds']}"]
-    labels = {"paper": "paper protocol (selected and scored on the outer fold; optimistic)",
-              "inner": "unbiased (selected on an inner split; outer fold scored once)"}
+    labels = {
+        "paper": "paper protocol (selected and scored on the outer fold; optimistic)",
+        "inner": "unbiased (selected on an inner split; outer fold scored once)",
+    }
     for proto, res in summary["protocols"].items():
         c, a = res["c_index"], res["auc_1y"]
         lines.append(

@@ -16,6 +16,8 @@ _HF_HOME = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hnfm-tests-hf-")
 os.environ.pop("HF_HUB_CACHE", None)
 
 import pipeline  # noqa: E402, F401  (first: sets OpenMP's passive wait before torch loads it)
+
+# isort: split
 import torch  # noqa: E402
 from helpers import expensive, is_expensive  # noqa: E402
 
@@ -60,9 +62,7 @@ def tiny_study(tmp_path_factory):
     root = generate_demo_cohort(base / "cohort", n_cases=24, seed=1, workers=2)
     manifest = base / "manifest.csv"
     build_manifest(root, manifest, progress=False)
-    params = PreprocessParams(
-        survival_size_xyz=(32, 32, 32), ctfm_size_xyz=(32, 32, 16), petfm_size_xyz=(32, 32, 32)
-    )
+    params = PreprocessParams(survival_size_xyz=(32, 32, 32), ctfm_size_xyz=(32, 32, 16), petfm_size_xyz=(32, 32, 32))
     cache = base / "cache"
     preprocess_cohort(manifest, cache, params, workers=2, progress=False)
     return {"root": root, "manifest": manifest, "cache": cache}
@@ -80,12 +80,14 @@ def pytest_pycollect_makeitem(collector, name, obj):
         info = getattr(item, "_fixtureinfo", None)  # test functions only
         if info is None or item.get_closest_marker("slow") is not None:
             continue
-        names = sorted(name for name, chain in info.name2fixturedefs.items()
-                       if any(is_expensive(d.func) for d in chain))
+        names = sorted(
+            name for name, chain in info.name2fixturedefs.items() if any(is_expensive(d.func) for d in chain)
+        )
         if names:
             raise collector.CollectError(
                 f"{item.nodeid} uses the expensive fixture {', '.join(names)} without the `slow` "
-                f"marker: add @pytest.mark.slow (or the module's pytestmark = pytest.mark.slow)")
+                f"marker: add @pytest.mark.slow (or the module's pytestmark = pytest.mark.slow)"
+            )
     return made
 
 
@@ -132,8 +134,10 @@ def slurm_cluster() -> Path:
     error = os.environ.get("HNFM_SLURM_START_ERROR")
     if error:
         pytest.skip(f"the Slurm test cluster did not start: {error}")
-    pytest.skip("no Slurm test cluster up: `sudo scripts/slurm_cluster.sh install`, then run the tests "
-                "as root with HNFM_SLURM_CLUSTER=start (CI does)")
+    pytest.skip(
+        "no Slurm test cluster up: `sudo scripts/slurm_cluster.sh install`, then run the tests "
+        "as root with HNFM_SLURM_CLUSTER=start (CI does)"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

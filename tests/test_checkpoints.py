@@ -25,8 +25,9 @@ from models.checkpoints import (
 from pipeline.artefacts import sha256_file
 
 CT_SMALL = dict(init_filters=4, blocks_down=(1, 2, 1))
-PET_SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=8,
-                 window_size=6, global_attn_indexes=(1,))
+PET_SMALL = dict(
+    img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=8, window_size=6, global_attn_indexes=(1,)
+)
 
 
 def _ct_input() -> torch.Tensor:
@@ -77,8 +78,10 @@ def _full_size_state(model_cls) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         shapes = {k: (v.shape, v.dtype) for k, v in model_cls().state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    return {k: (torch.randn(s, generator=gen) if d.is_floating_point else torch.zeros(s, dtype=d))
-            for k, (s, d) in shapes.items()}
+    return {
+        k: (torch.randn(s, generator=gen) if d.is_floating_point else torch.zeros(s, dtype=d))
+        for k, (s, d) in shapes.items()
+    }
 
 
 @pytest.mark.slow  # full-size checkpoint: seconds of CPU
@@ -145,14 +148,21 @@ def test_pet_training_dict_with_namespace_optimizer_and_numpy(tmp_path, prefix):
     optimizer.step()  # real moment buffers in the optimizer state
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[120, 180])
     path = tmp_path / "sam_model_latest.pth"
-    torch.save({
-        "epoch": 200, "model_state_dict": state,
-        "optimizer_state_dict": optimizer.state_dict(),
-        "lr_scheduler_state_dict": scheduler.state_dict(),
-        "losses": [0.5, 0.4], "dices": [np.float64(0.7)], "best_loss": 0.4, "best_dice": np.float64(0.7),
-        "args": argparse.Namespace(model_type="vit_b_ori", lr=1e-4, multi_gpu=bool(prefix)),
-        "used_datas": ["data/train/PET"],
-    }, path)
+    torch.save(
+        {
+            "epoch": 200,
+            "model_state_dict": state,
+            "optimizer_state_dict": optimizer.state_dict(),
+            "lr_scheduler_state_dict": scheduler.state_dict(),
+            "losses": [0.5, 0.4],
+            "dices": [np.float64(0.7)],
+            "best_loss": 0.4,
+            "best_dice": np.float64(0.7),
+            "args": argparse.Namespace(model_type="vit_b_ori", lr=1e-4, multi_gpu=bool(prefix)),
+            "used_datas": ["data/train/PET"],
+        },
+        path,
+    )
     loaded, _ = load_pet_fm(path, fast_windowed=False, **PET_SMALL)
     assert loaded.fast_windowed is False
     with torch.no_grad():

@@ -10,40 +10,66 @@ from pipeline.clinical import ClinicalTransform, fit_fold_transform
 from pipeline.manifest import CLINICAL_COLUMNS, MANIFEST_COLUMNS, read_manifest, write_manifest
 
 FEATURES = [
-    "age", "gender_male", "weight", "tobacco", "alcohol",
-    "performance_status_0", "performance_status_1", "performance_status_2",
-    "performance_status_3", "performance_status_4", "hpv_status", "chemotherapy", "surgery",
+    "age",
+    "gender_male",
+    "weight",
+    "tobacco",
+    "alcohol",
+    "performance_status_0",
+    "performance_status_1",
+    "performance_status_2",
+    "performance_status_3",
+    "performance_status_4",
+    "hpv_status",
+    "chemotherapy",
+    "surgery",
 ]
 
 
 def _clinical_table(n=40, seed=0):
     """Clinical table with HECKTOR-like missingness (tobacco/alcohol/PS/HPV often missing)."""
     rng = np.random.default_rng(seed)
-    df = pd.DataFrame({
-        "case_id": [f"CHUM-{i:03d}" for i in range(n)],
-        "age": rng.normal(60, 9, n).round(),
-        "gender": rng.choice(["M", "F"], n, p=[0.8, 0.2]).astype(object),
-        "weight": rng.normal(78, 14, n).round(1),
-        "tobacco": rng.integers(0, 2, n).astype(float),
-        "alcohol": rng.integers(0, 2, n).astype(float),
-        "performance_status": rng.integers(0, 3, n).astype(float),
-        "hpv_status": rng.integers(0, 2, n).astype(float),
-        "chemotherapy": rng.integers(0, 2, n).astype(float),
-        "surgery": rng.integers(0, 2, n).astype(float),
-    })
-    for col, frac in [("weight", 0.05), ("tobacco", 0.5), ("alcohol", 0.6), ("performance_status", 0.5),
-                      ("hpv_status", 0.35), ("surgery", 0.4)]:
+    df = pd.DataFrame(
+        {
+            "case_id": [f"CHUM-{i:03d}" for i in range(n)],
+            "age": rng.normal(60, 9, n).round(),
+            "gender": rng.choice(["M", "F"], n, p=[0.8, 0.2]).astype(object),
+            "weight": rng.normal(78, 14, n).round(1),
+            "tobacco": rng.integers(0, 2, n).astype(float),
+            "alcohol": rng.integers(0, 2, n).astype(float),
+            "performance_status": rng.integers(0, 3, n).astype(float),
+            "hpv_status": rng.integers(0, 2, n).astype(float),
+            "chemotherapy": rng.integers(0, 2, n).astype(float),
+            "surgery": rng.integers(0, 2, n).astype(float),
+        }
+    )
+    for col, frac in [
+        ("weight", 0.05),
+        ("tobacco", 0.5),
+        ("alcohol", 0.6),
+        ("performance_status", 0.5),
+        ("hpv_status", 0.35),
+        ("surgery", 0.4),
+    ]:
         df.loc[rng.random(n) < frac, col] = np.nan
     return df.set_index("case_id", drop=False)
 
 
 def test_layout_and_hand_values():
-    df = pd.DataFrame({
-        "case_id": ["A", "B", "C", "D"], "age": [50, 60, np.nan, 70], "gender": ["M", "F", "M", np.nan],
-        "weight": [70, 80, 90, "NaN"], "tobacco": [1, 0, np.nan, 1], "alcohol": [np.nan, np.nan, 1, 0],
-        "performance_status": [0, 1, np.nan, 2], "hpv_status": [1, 1, 0, np.nan],
-        "chemotherapy": [1, 1, 0, 0], "surgery": [0, np.nan, 1, 1],
-    })
+    df = pd.DataFrame(
+        {
+            "case_id": ["A", "B", "C", "D"],
+            "age": [50, 60, np.nan, 70],
+            "gender": ["M", "F", "M", np.nan],
+            "weight": [70, 80, 90, "NaN"],
+            "tobacco": [1, 0, np.nan, 1],
+            "alcohol": [np.nan, np.nan, 1, 0],
+            "performance_status": [0, 1, np.nan, 2],
+            "hpv_status": [1, 1, 0, np.nan],
+            "chemotherapy": [1, 1, 0, 0],
+            "surgery": [0, np.nan, 1, 1],
+        }
+    )
     ct = ClinicalTransform().fit(df)
     assert ct.feature_names == FEATURES and ct.n_features == 13
     x = ct.transform(df)
@@ -51,12 +77,13 @@ def test_layout_and_hand_values():
     sd = np.std([50, 60, 70])
     # age: mean 60, population SD of the observed values; missing C filled with median 60.
     np.testing.assert_allclose(x[:, 0], np.float32([-10 / sd, 0, 0, 10 / sd]), rtol=1e-6)
-    np.testing.assert_array_equal(x[:, 1], [1, 0, 1, 1])          # gender: D filled with mode M
-    np.testing.assert_allclose(x[3, 2], 0.0)                       # weight "NaN" -> median 80 -> z 0
-    np.testing.assert_array_equal(x[:, 3], [1, 0, 1, 1])          # tobacco mode 1
-    np.testing.assert_array_equal(x[:, 4], [0, 0, 1, 0])          # alcohol 50/50 tie -> 0
-    np.testing.assert_array_equal(x[:, 5:10], [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0],
-                                               [0, 1, 0, 0, 0], [0, 0, 1, 0, 0]])  # PS median 1
+    np.testing.assert_array_equal(x[:, 1], [1, 0, 1, 1])  # gender: D filled with mode M
+    np.testing.assert_allclose(x[3, 2], 0.0)  # weight "NaN" -> median 80 -> z 0
+    np.testing.assert_array_equal(x[:, 3], [1, 0, 1, 1])  # tobacco mode 1
+    np.testing.assert_array_equal(x[:, 4], [0, 0, 1, 0])  # alcohol 50/50 tie -> 0
+    np.testing.assert_array_equal(
+        x[:, 5:10], [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0]]
+    )  # PS median 1
     np.testing.assert_array_equal(x[:, 10:], [[1, 1, 0], [1, 1, 1], [0, 0, 1], [1, 0, 1]])
     assert (x[:, 5:10].sum(axis=1) == 1).all()
 
@@ -88,8 +115,8 @@ def test_validation_rows_cannot_influence_the_fit():
     x_ref = ref.transform(df.loc[train_ids])
 
     poisoned = df.copy()
-    poisoned.loc[val_ids, "age"] = 1000.0        # validation-only extreme value
-    poisoned.loc[val_ids, "weight"] = np.nan     # and missing everywhere else
+    poisoned.loc[val_ids, "age"] = 1000.0  # validation-only extreme value
+    poisoned.loc[val_ids, "weight"] = np.nan  # and missing everywhere else
     poisoned.loc[val_ids, "gender"] = "F"
     poisoned.loc[val_ids, "performance_status"] = 4.0
     poisoned.loc[val_ids, ["tobacco", "alcohol", "hpv_status", "surgery"]] = 1.0

@@ -16,7 +16,10 @@ def _public_keys(blocks_down=(1, 2, 2, 4, 4)) -> set[str]:
         for block in range(n_blocks):
             prefix = f"layers.{level}.blocks.{block}"
             for norm in ("norm1", "norm2"):
-                keys |= {f"{prefix}.{norm}.{b}" for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+                keys |= {
+                    f"{prefix}.{norm}.{b}"
+                    for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+                }
             keys |= {f"{prefix}.conv1.weight", f"{prefix}.conv2.weight"}
         if level < len(blocks_down) - 1:
             keys.add(f"layers.{level}.downsample.weight")
@@ -65,7 +68,7 @@ def test_stays_in_eval_mode_and_uses_running_stats():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         batch = model(x)
-        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        single = torch.cat([model(x[i : i + 1]) for i in range(3)])
     # Batch statistics would couple the cases; running stats keep them independent.
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-6)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sksurv.metrics import concordance_index_censored
 from torch import nn
 
 from models.daft import DAFTBlock, daft_bottleneck_dim
@@ -17,7 +18,6 @@ from models.deepmts import (
 )
 from models.fusion import FMProjection
 from models.losses import cox_ph_loss, deepmts_loss, soft_dice_loss
-from sksurv.metrics import concordance_index_censored
 
 N_CLIN = 5
 TINY = (32, 32, 32)
@@ -35,6 +35,7 @@ def _grad_norm(module: nn.Module) -> float:
 
 
 # --- DAFT ---------------------------------------------------------------------------------
+
 
 def test_daft_shapes_bottleneck_and_no_bias():
     block = DAFTBlock(in_channels=288, n_tabular=11)
@@ -79,6 +80,7 @@ def test_daft_matches_explicit_formula_with_random_weights():
 
 
 # --- structure at the paper's widths (constructed, not run) ---------------------------------
+
 
 def test_paper_configuration_structure():
     cfg = DeepMTSConfig(n_clinical=11, fm_dims={"ct": 512, "pet": 768}, fm_proj=256)
@@ -131,6 +133,7 @@ def test_residual_stage_wiring():
 
 
 # --- forward at tiny and full size ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["gate", "binary", "soft"])
 def test_forward_shapes_tiny(mode):
@@ -187,12 +190,12 @@ def test_tumour_input_modes_build_the_documented_channels():
 
 # --- gradient flow --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode,cox_reaches_decoder", [("gate", False), ("binary", False), ("soft", True)])
 def test_gradient_flow(mode, cox_reaches_decoder):
     torch.manual_seed(0)
     # Glorot risk weights: with the default zero start no gradient passes the risk layer yet.
-    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, tumour_input=mode, gate_threshold=0.3,
-                                       zero_init_risk=False)).eval()
+    model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, tumour_input=mode, gate_threshold=0.3, zero_init_risk=False)).eval()
     image, clinical = _batch(b=4)
     time, event = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 0, 1, 1])
     seg = model.segmenter
@@ -211,6 +214,7 @@ def test_gradient_flow(mode, cox_reaches_decoder):
 
 
 # --- FM fusion ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("proj", [64, 128, 256, None])
 @pytest.mark.parametrize("modalities", [("ct",), ("pet",), ("ct", "pet")])
@@ -245,6 +249,7 @@ def test_fm_projection_order_is_deterministic_and_inputs_checked():
 
 # --- optimiser groups -----------------------------------------------------------------------
 
+
 def test_param_groups_cover_every_parameter_once_with_paper_decays():
     model = DeepMTS(DeepMTSConfig.tiny(N_CLIN, fm_dims={"ct": 6}, fm_proj=4))
     groups = {g["name"]: g for g in model.param_groups()}
@@ -262,6 +267,7 @@ def test_param_groups_cover_every_parameter_once_with_paper_decays():
 
 
 # --- learning -------------------------------------------------------------------------------
+
 
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
@@ -292,6 +298,7 @@ def test_tiny_model_overfits_a_tiny_batch():
 
 
 # --- the image reaches the risk -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["gate", "binary", "soft"])
 def test_risk_depends_on_the_image_through_the_survival_densenet(mode):
@@ -329,7 +336,7 @@ def test_daft_carries_the_clinical_vector_into_the_risk():
     daft, h = model.densenet.daft, model.config.head_units
     with torch.no_grad():
         nn.init.normal_(daft.aux.aux_out.weight, std=0.5)
-        model.risk_head[1].weight[:, 2 * h:2 * h + N_CLIN] = 0.0
+        model.risk_head[1].weight[:, 2 * h : 2 * h + N_CLIN] = 0.0
     image, _ = _batch(b=1, seed=8)
     image = image.expand(2, *image.shape[1:])
     clinical = torch.randn(2, N_CLIN, generator=torch.Generator().manual_seed(9))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.cache import PreprocessedCache
 from pipeline.demo import (
     DEMO_SURVIVAL_SIZE_XYZ,
@@ -18,7 +20,6 @@ from pipeline.demo import (
 from pipeline.manifest import read_manifest
 from pipeline.study_spec import StudySpec
 from pipeline.train import TrainConfig
-import pytest
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
@@ -54,8 +55,14 @@ def test_demo_train_options_are_a_valid_config_and_a_copy():
 
 
 def test_the_demo_chain_runs_from_python_and_reuses_what_it_made(tiny_study, tmp_path):
-    spec = StudySpec.create(tiny_study["manifest"], tmp_path / "cache", None, tmp_path / "study",
-                            configs=("baseline",), **demo_study_options())
+    spec = StudySpec.create(
+        tiny_study["manifest"],
+        tmp_path / "cache",
+        None,
+        tmp_path / "study",
+        configs=("baseline",),
+        **demo_study_options(),
+    )
     assert spec.splits() == ["cv0", "cv1", "cv2", "loco"] and spec.cnn_splits() == ["cv0"]
     said = []
     info = prepare_inputs(spec, demo=True, workers=1, progress=False, say=lambda *m: said.append(m))

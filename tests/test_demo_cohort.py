@@ -26,8 +26,10 @@ from pipeline.hecktor import CLINICAL_CSV, ENDPOINT_CSV, build_manifest
 from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-HEADER = (b'PatientID,Task 1,Task 2,CenterID,Gender,Age,Weight,Tobacco,Alcohol,'
-          b'Performance status,"HPV status (0=-, 1=+)",Surgery,Chemotherapy\r\n')
+HEADER = (
+    b"PatientID,Task 1,Task 2,CenterID,Gender,Age,Weight,Tobacco,Alcohol,"
+    b'Performance status,"HPV status (0=-, 1=+)",Surgery,Chemotherapy\r\n'
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +168,12 @@ def test_reader_accepts_cohort_and_truth_matches(cohort: Path, tmp_path: Path):
     assert (hpv == truth.loc[hpv.index, "hpv_true"]).all()
     assert (m["age"] == truth["age_true"]).all()
     assert read_json(tmp_path / "m.json")["demo_cohort"] == {
-        "generator_version": dc.GENERATOR_VERSION, "n_cases": 8, "seed": 0, "spacing_scale": 1.0,
-        "environment": {"numpy": np.__version__, "SimpleITK": sitk.Version_VersionString()}}
+        "generator_version": dc.GENERATOR_VERSION,
+        "n_cases": 8,
+        "seed": 0,
+        "spacing_scale": 1.0,
+        "environment": {"numpy": np.__version__, "SimpleITK": sitk.Version_VersionString()},
+    }
     # Truth: event iff the event time comes first; observed time is the earlier one.
     t = truth
     assert ((t.event_time <= t.censor_time) == (t.relapse == 1)).all()
@@ -179,16 +185,15 @@ def test_survival_model_rates_and_oracle_c_index():
     larger one where sampling noise is small."""
     from sksurv.metrics import concordance_index_censored
 
-    for n, seed, events, c_range in ((100, 42, (0.25, 0.40), (0.75, 0.85)),
-                                     (400, 11, (0.28, 0.45), (0.76, 0.86))):
+    for n, seed, events, c_range in ((100, 42, (0.25, 0.40), (0.75, 0.85)), (400, 11, (0.28, 0.45), (0.76, 0.86))):
         _, clinical, truth = design_cohort(n, seed)
         ep = truth[truth.has_endpoint == 1]
         assert len(ep) == n - round(36 * n / 524)
         assert events[0] <= ep.relapse.mean() <= events[1]
         assert 45 <= ep.rfs_days.min() and ep.rfs_days.max() <= 2500
-        c = concordance_index_censored(ep.relapse.astype(bool).to_numpy(),
-                                       ep.rfs_days.to_numpy(float),
-                                       ep.linear_predictor.to_numpy())[0]
+        c = concordance_index_censored(
+            ep.relapse.astype(bool).to_numpy(), ep.rfs_days.to_numpy(float), ep.linear_predictor.to_numpy()
+        )[0]
         assert c_range[0] <= c <= c_range[1]
         assert 0.7 < (clinical.Gender == "M").mean() < 0.9 and 57 < clinical.Age.mean() < 63
         vol = truth.tumour_volume_ml
@@ -197,8 +202,10 @@ def test_survival_model_rates_and_oracle_c_index():
         # The risk factors act in the documented direction.
         assert np.corrcoef(np.log(vol), truth.linear_predictor)[0, 1] > 0.3
         assert np.corrcoef(np.log(truth.suv_max), truth.linear_predictor)[0, 1] > 0.1
-        assert truth.linear_predictor[truth.hpv_true == 0].mean() > \
-            truth.linear_predictor[truth.hpv_true == 1].mean() + 0.5
+        assert (
+            truth.linear_predictor[truth.hpv_true == 0].mean()
+            > truth.linear_predictor[truth.hpv_true == 1].mean() + 0.5
+        )
 
 
 def test_oracle_c_index_reads_the_truth(cohort: Path):
@@ -206,12 +213,15 @@ def test_oracle_c_index_reads_the_truth(cohort: Path):
 
     truth = read_truth(cohort)
     ep = truth[truth.has_endpoint == 1]
-    expected = concordance_index_censored(ep.relapse.astype(bool).to_numpy(),
-                                          ep.rfs_days.to_numpy(float), ep.linear_predictor.to_numpy())[0]
+    expected = concordance_index_censored(
+        ep.relapse.astype(bool).to_numpy(), ep.rfs_days.to_numpy(float), ep.linear_predictor.to_numpy()
+    )[0]
     assert oracle_c_index(cohort) == pytest.approx(expected)
     assert oracle_c_index(cohort) != pytest.approx(
-        concordance_index_censored(ep.relapse.astype(bool).to_numpy(), ep.rfs_days.to_numpy(float),
-                                   -ep.linear_predictor.to_numpy())[0])
+        concordance_index_censored(
+            ep.relapse.astype(bool).to_numpy(), ep.rfs_days.to_numpy(float), -ep.linear_predictor.to_numpy()
+        )[0]
+    )
 
 
 @pytest.fixture
@@ -219,8 +229,9 @@ def committed_like(tmp_path: Path, monkeypatch) -> Path:
     """A project-like folder: data_manifest.csv + data/demo_cohort (coarse grids, 3 cases),
     made by the CLI with its default paths."""
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(make_demo_cohort_cli, ["--n-cases", "3", "--seed", "3",
-                                                    "--spacing-scale", "3", "--workers", "1"])
+    res = CliRunner().invoke(
+        make_demo_cohort_cli, ["--n-cases", "3", "--seed", "3", "--spacing-scale", "3", "--workers", "1"]
+    )
     assert res.exit_code == 0, res.output
     assert "3 cases" in res.output and "data_manifest.csv" in res.output
     assert "oracle C-index" in res.output
@@ -241,8 +252,10 @@ def test_ensure_regenerates_missing_files_identically(committed_like: Path, caps
     assert _files(root) == before
     assert m.equals(read_manifest(manifest))
     # One line says what it did, and where.
-    assert capsys.readouterr().out == (f"demo cohort {root.resolve()}: 2 of {n_files} files regenerated; all "
-                                       f"{n_files} match {manifest} and data_manifest.json (SHA-256)\n")
+    assert capsys.readouterr().out == (
+        f"demo cohort {root.resolve()}: 2 of {n_files} files regenerated; all "
+        f"{n_files} match {manifest} and data_manifest.json (SHA-256)\n"
+    )
     ensure_demo_cohort(manifest, workers=1)
     assert f": 0 of {n_files} files regenerated" in capsys.readouterr().out
     shutil.rmtree(committed_like / "data")  # a fresh checkout: nothing there at all
@@ -274,13 +287,14 @@ def test_ensure_detects_changed_generator(committed_like: Path, monkeypatch):
 
 def test_cli_make_demo_cohort_refuses_existing_and_documents_options(committed_like: Path):
     runner = CliRunner()
-    res = runner.invoke(make_demo_cohort_cli, ["--out", str(committed_like / "data" / "demo_cohort"),
-                                               "--manifest", str(committed_like / "x.csv")])
+    res = runner.invoke(
+        make_demo_cohort_cli,
+        ["--out", str(committed_like / "data" / "demo_cohort"), "--manifest", str(committed_like / "x.csv")],
+    )
     assert res.exit_code == 1 and "overwrite" in res.output and "Traceback" not in res.output
     assert not (committed_like / "x.csv").exists()
     helptext = runner.invoke(make_demo_cohort_cli, ["--help"]).output
-    for opt in ("--out", "--n-cases", "--seed", "--manifest", "--workers", "--spacing-scale",
-                "--overwrite"):
+    for opt in ("--out", "--n-cases", "--seed", "--manifest", "--workers", "--spacing-scale", "--overwrite"):
         assert opt in helptext
 
 

@@ -19,7 +19,11 @@ from pipeline.cli.dicom import import_dicom as import_dicom_cli
 from pipeline.demo_cohort import image_from_array
 from pipeline.dicom.convert import import_dicom
 from pipeline.dicom.demo_writer import (
-    contour_loops, generate_dicom_demo_cohort, suv_per_bqml, write_dicom_cohort, write_rtstruct, write_series,
+    contour_loops,
+    suv_per_bqml,
+    write_dicom_cohort,
+    write_rtstruct,
+    write_series,
 )
 from pipeline.dicom.errors import DicomImportError
 from pipeline.dicom.rtstruct import fill_polygons
@@ -34,6 +38,7 @@ STS_NIFTI = REPO.parent / "shared" / "data" / "sts_petct"
 # --------------------------------------------------------------------------------------
 # Contours: the boundary rule
 # --------------------------------------------------------------------------------------
+
 
 def test_fill_is_even_odd_at_voxel_centres_with_half_open_edges():
     square = np.array([[1.0, 1.0], [4.0, 1.0], [4.0, 4.0], [1.0, 4.0]])  # centres 1..3 inside, 4 not
@@ -66,9 +71,17 @@ def test_voxel_edge_outlines_fill_back_to_the_mask_exactly():
 # SUV
 # --------------------------------------------------------------------------------------
 
+
 def _bqml_inputs(decay: str) -> dict:
-    return {"units": "BQML", "decay_correction": decay, "patient_weight_kg": 80.0, "injected_dose_bq": 4.0e8,
-            "half_life_s": 6588.0, "injection_time": "2022-01-01T09:00:00", "scan_time": "2022-01-01T10:05:53"}
+    return {
+        "units": "BQML",
+        "decay_correction": decay,
+        "patient_weight_kg": 80.0,
+        "injected_dose_bq": 4.0e8,
+        "half_life_s": 6588.0,
+        "injection_time": "2022-01-01T09:00:00",
+        "scan_time": "2022-01-01T10:05:53",
+    }
 
 
 def test_suv_factor_by_hand():
@@ -85,6 +98,7 @@ def test_suv_factor_by_hand():
 # --------------------------------------------------------------------------------------
 # A tiny case written with the demo writer, for refusals
 # --------------------------------------------------------------------------------------
+
 
 def _tiny_case(folder: Path, pid: str = "PAT-1", frame: str | None = None) -> dict:
     """CT 12x10x6 (1 x 1 x 2 mm), PET 6x5x6 in Bq/ml, RTSTRUCT 'GTVp' (a 4x3 square on slices 1-3)."""
@@ -107,8 +121,12 @@ def _tiny_case(folder: Path, pid: str = "PAT-1", frame: str | None = None) -> di
 
 def _files(folder: Path, modality: str) -> list[Path]:
     out = [p for p in folder.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == modality]
-    return sorted(out, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
-                  if modality != "RTSTRUCT" else 0)
+    return sorted(
+        out,
+        key=lambda p: (
+            float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) if modality != "RTSTRUCT" else 0
+        ),
+    )
 
 
 def _edit(path: Path, **tags) -> None:
@@ -130,8 +148,9 @@ def test_tiny_case_imports_exactly(tmp_path: Path):
     assert np.array_equal(sitk.GetArrayFromImage(ct), truth["ct"])
     pet = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/imagesTr/PAT-1__PT.nii.gz")))
     assert np.allclose(pet, truth["pet"], rtol=0, atol=9.0 / 32767)
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/labelsTr/PAT-1.nii.gz"))),
-                          truth["label"])
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/labelsTr/PAT-1.nii.gz"))), truth["label"]
+    )
     record = read_json(tmp_path / "out/dicom_import/PAT-1.json")
     assert record["pet"]["suv"]["units"] == "BQML" and record["pet"]["suv"]["patient_weight_kg"] == 70.0
     assert record["labels"]["1"]["rois"] == ["GTVp"] and len(record["ct"]["sop_instance_uids"]) == 6
@@ -150,8 +169,11 @@ def test_missing_duplicate_and_uneven_slices_are_refused(tmp_path: Path):
     _tiny_case(tmp_path / "src")
     ct = _files(tmp_path / "src", "CT")
     moved = ct[3].rename(tmp_path / "aside.dcm")
-    with pytest.raises(DicomImportError, match=r"PAT-1, series .* \(CT\): 1 missing slice\(s\) between positions "
-                                                r"14\.000 and 18\.000 mm"):
+    with pytest.raises(
+        DicomImportError,
+        match=r"PAT-1, series .* \(CT\): 1 missing slice\(s\) between positions "
+        r"14\.000 and 18\.000 mm",
+    ):
         import_dicom(tmp_path / "src", tmp_path / "out", center_id=9)
     moved.rename(ct[3])
     shutil.copy(ct[2], tmp_path / "src" / "copy.dcm")
@@ -199,19 +221,40 @@ def test_missing_suv_tag_is_named(tmp_path: Path, tag: str):
 
 def test_roi_matching_no_rule_lists_the_names(tmp_path: Path):
     _tiny_case(tmp_path / "src")
-    _refused(tmp_path, r"PAT-1: no ROI matches the --label rules \(1=Tumour\); ROI names found: 'GTVp'",
-             labels={1: "Tumour"})
+    _refused(
+        tmp_path, r"PAT-1: no ROI matches the --label rules \(1=Tumour\); ROI names found: 'GTVp'", labels={1: "Tumour"}
+    )
 
 
 def test_pseudonyms_keep_identifiers_out(tmp_path: Path):
     _tiny_case(tmp_path / "src", "Secret-7")
-    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "src"), "--out", str(tmp_path / "out"),
-                                                   "--center-id", "9", "--pseudonymise", "--mapping",
-                                                   str(tmp_path / "out" / "ids.csv")])
+    result = CliRunner().invoke(
+        import_dicom_cli,
+        [
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "out"),
+            "--center-id",
+            "9",
+            "--pseudonymise",
+            "--mapping",
+            str(tmp_path / "out" / "ids.csv"),
+        ],
+    )
     assert result.exit_code == 1 and "inside --out" in result.output
-    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "src"), "--out", str(tmp_path / "out"),
-                                                   "--center-id", "9", "--pseudonymise", "--mapping",
-                                                   str(tmp_path / "ids.csv")])
+    result = CliRunner().invoke(
+        import_dicom_cli,
+        [
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "out"),
+            "--center-id",
+            "9",
+            "--pseudonymise",
+            "--mapping",
+            str(tmp_path / "ids.csv"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Secret-7\n"
     assert (tmp_path / "out/imagesTr/P0001__CT.nii.gz").is_file()
@@ -224,6 +267,7 @@ def test_pseudonyms_keep_identifiers_out(tmp_path: Path):
 # --------------------------------------------------------------------------------------
 # The demo cohort as DICOM, back through import-dicom
 # --------------------------------------------------------------------------------------
+
 
 def _flip_x(image: sitk.Image) -> sitk.Image:
     """The same voxels in space, stored with index 0 at the largest x (as the demo's HMR centre)."""
@@ -284,7 +328,8 @@ def test_demo_dicom_root_builds_a_manifest_with_and_without_endpoints(demo_pair,
     import_dicom(dicom, tmp_path / "with", clinical=dicom / "clinical.csv", endpoint=dicom / "endpoint.csv")
     table = build_manifest(tmp_path / "with", tmp_path / "w.csv", progress=False)
     assert table[["case_id", "has_endpoint", "relapse", "rfs_days"]].equals(
-        reference[["case_id", "has_endpoint", "relapse", "rfs_days"]])
+        reference[["case_id", "has_endpoint", "relapse", "rfs_days"]]
+    )
 
 
 def test_training_refuses_a_manifest_without_endpoints(demo_pair, tmp_path: Path):
@@ -293,8 +338,9 @@ def test_training_refuses_a_manifest_without_endpoints(demo_pair, tmp_path: Path
     _, _, root = demo_pair
     build_manifest(root, tmp_path / "m.csv", progress=False)
     (tmp_path / "cache").mkdir()
-    result = CliRunner().invoke(train_survival, ["--manifest", str(tmp_path / "m.csv"), "--cache",
-                                                 str(tmp_path / "cache")])
+    result = CliRunner().invoke(
+        train_survival, ["--manifest", str(tmp_path / "m.csv"), "--cache", str(tmp_path / "cache")]
+    )
     assert result.exit_code == 1
     assert "have no endpoint" in result.output and "predict-survival only" in result.output
 
@@ -302,8 +348,18 @@ def test_training_refuses_a_manifest_without_endpoints(demo_pair, tmp_path: Path
 def test_make_demo_cohort_dicom_refuses_to_overwrite(tmp_path: Path):
     from pipeline.cli.data import make_demo_cohort
 
-    args = ["--format", "dicom", "--out", str(tmp_path / "d"), "--n-cases", "2", "--spacing-scale", "3",
-            "--workers", "1"]
+    args = [
+        "--format",
+        "dicom",
+        "--out",
+        str(tmp_path / "d"),
+        "--n-cases",
+        "2",
+        "--spacing-scale",
+        "3",
+        "--workers",
+        "1",
+    ]
     assert CliRunner().invoke(make_demo_cohort, args).exit_code == 0
     assert {"clinical.csv", "endpoint.csv", "demo_dicom.json"} <= {p.name for p in (tmp_path / "d").iterdir()}
     result = CliRunner().invoke(make_demo_cohort, args)
@@ -315,11 +371,14 @@ def test_make_demo_cohort_dicom_refuses_to_overwrite(tmp_path: Path):
 # The real case (../shared/data/sts_dicom against the independent conversion sts_petct)
 # --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sts(tmp_path_factory):
     if not (STS_DICOM / "CT").is_dir() or not (STS_NIFTI / "imagesTr" / "STS-001__CT.nii.gz").is_file():
-        pytest.skip(f"real DICOM case not found at {STS_DICOM} or its NIfTI at {STS_NIFTI} "
-                    "(a checkout on its own has no ../shared)")
+        pytest.skip(
+            f"real DICOM case not found at {STS_DICOM} or its NIfTI at {STS_NIFTI} "
+            "(a checkout on its own has no ../shared)"
+        )
     out = tmp_path_factory.mktemp("sts") / "root"
     records = import_dicom(STS_DICOM.parent, out, labels={1: "GTV_Mass_CT"}, center_id=9)
     return out, records[0]
@@ -355,8 +414,11 @@ def test_real_pet_re_expressed_in_bqml_gives_back_the_suv(sts, tmp_path: Path, d
         ds.Units, ds.DecayCorrection, ds.PatientWeight = "BQML", decay, "71"
         ds.SeriesTime = ds.AcquisitionTime = "112011"
         info = ds.RadiopharmaceuticalInformationSequence[0]
-        info.RadionuclideTotalDose, info.RadionuclideHalfLife, info.RadiopharmaceuticalStartTime = \
-            "3.8e8", "6586.2", "103500"
+        info.RadionuclideTotalDose, info.RadionuclideHalfLife, info.RadiopharmaceuticalStartTime = (
+            "3.8e8",
+            "6586.2",
+            "103500",
+        )
         ds.RescaleSlope = f"{float(ds.RescaleSlope) / factor:.12g}"  # same stored values, now Bq/ml
         ds.save_as(path)
     records = import_dicom(tmp_path / "src", tmp_path / "out", labels={1: "GTV_Mass_CT"}, center_id=9)
@@ -396,6 +458,7 @@ def test_unknown_series_uid_refused(tmp_path: Path):
 # --------------------------------------------------------------------------------------
 # DICOM SEG instead of an RTSTRUCT
 # --------------------------------------------------------------------------------------
+
 
 def _write_seg(path: Path, label: np.ndarray, uids: dict, shift_x: int = 0) -> None:
     """A BINARY SEG of label 1 ('GTVp') on the tiny case's CT planes, its grid shifted by ``shift_x`` voxels."""
@@ -448,8 +511,9 @@ def test_seg_instead_of_rtstruct_gives_the_label(tmp_path: Path, shift_x: int):
 def test_an_existing_mapping_is_continued_not_replaced(tmp_path: Path):
     _tiny_case(tmp_path / "src")
     (tmp_path / "ids.csv").write_text("case_id,PatientID\nP0001,Someone-else\n")
-    records = import_dicom(tmp_path / "src", tmp_path / "out", center_id=9, pseudonymise=True,
-                           mapping=tmp_path / "ids.csv")
+    records = import_dicom(
+        tmp_path / "src", tmp_path / "out", center_id=9, pseudonymise=True, mapping=tmp_path / "ids.csv"
+    )
     assert [r["case_id"] for r in records] == ["P0002"]
     assert (tmp_path / "ids.csv").read_text() == "case_id,PatientID\nP0001,Someone-else\nP0002,PAT-1\n"
 
@@ -481,6 +545,7 @@ def test_a_later_patient_failing_leaves_nothing_of_the_earlier_ones(tmp_path: Pa
 # Import never guesses: frames, empty ROIs, holes, merged ROIs (copies of the real case)
 # --------------------------------------------------------------------------------------
 
+
 def _real_copy(tmp_path: Path, structures=("RS_CT.dcm",), pid: str | None = None) -> Path:
     """The real case (CT, PET and the named structure sets) copied under ``tmp_path/src``; skips without it."""
     if not (STS_DICOM / "CT").is_dir():
@@ -496,7 +561,8 @@ def _real_copy(tmp_path: Path, structures=("RS_CT.dcm",), pid: str | None = None
             ds = pydicom.dcmread(path)
             ds.PatientID = pid
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
-                entropy_srcs=[pid, str(ds.SOPInstanceUID)])
+                entropy_srcs=[pid, str(ds.SOPInstanceUID)]
+            )
             ds.save_as(path)
     return tmp_path / "src"
 
@@ -510,8 +576,12 @@ def test_real_rois_defined_in_another_frame_are_refused_unless_vouched_for(tmp_p
     for roi in ds.StructureSetROISequence:
         roi.ReferencedFrameOfReferenceUID = other
     ds.save_as(rs)  # only the stray top-level FrameOfReferenceUID still names the CT's frame
-    _refused(tmp_path, rf"ROI 'GTV_Mass_CT' \(label 1, .*RS_CT.dcm\) is defined in frame of reference {other}, "
-                       rf"the CT in {ct_frame}.*--accept-frame {other}", labels={1: "GTV_Mass_CT"})
+    _refused(
+        tmp_path,
+        rf"ROI 'GTV_Mass_CT' \(label 1, .*RS_CT.dcm\) is defined in frame of reference {other}, "
+        rf"the CT in {ct_frame}.*--accept-frame {other}",
+        labels={1: "GTV_Mass_CT"},
+    )
     records = import_dicom(src, tmp_path / "out", labels={1: "GTV_Mass_CT"}, center_id=9, accept_frames=[other])
     assert records[0]["frames_accepted_as_the_cts"] == [other]
     assert read_json(tmp_path / "out" / "dicom_import.json")["params"]["accepted_frames"] == [other]
@@ -525,8 +595,12 @@ def test_real_roi_without_contour_data_is_refused_naming_it(tmp_path: Path):
     ds = pydicom.dcmread(rs)
     del ds.ROIContourSequence[0].ContourSequence
     ds.save_as(rs)
-    _refused(tmp_path, r"STS_001: ROI 'GTV_Mass_CT' \(label 1, rule 'GTV_Mass_CT', .*RS_CT.dcm\) has no closed "
-                       r"planar contour data", labels={1: "GTV_Mass_CT"})
+    _refused(
+        tmp_path,
+        r"STS_001: ROI 'GTV_Mass_CT' \(label 1, rule 'GTV_Mass_CT', .*RS_CT.dcm\) has no closed "
+        r"planar contour data",
+        labels={1: "GTV_Mass_CT"},
+    )
 
 
 def test_a_ring_keeps_its_hole_through_roi_mask():
@@ -535,8 +609,9 @@ def test_a_ring_keeps_its_hole_through_roi_mask():
     from pipeline.dicom.rtstruct import Roi, roi_mask
     from pipeline.dicom.volume import Geometry
 
-    geometry = Geometry(order=np.arange(3), size=(10, 10, 3), spacing=(1.0, 1.0, 2.0), origin=np.zeros(3),
-                        direction=np.eye(3))
+    geometry = Geometry(
+        order=np.arange(3), size=(10, 10, 3), spacing=(1.0, 1.0, 2.0), origin=np.zeros(3), direction=np.eye(3)
+    )
     outer = np.array([[1.0, 1.0, 2.0], [8.0, 1.0, 2.0], [8.0, 8.0, 2.0], [1.0, 8.0, 2.0]])
     inner = np.array([[3.0, 3.0, 2.0], [6.0, 3.0, 2.0], [6.0, 6.0, 2.0], [3.0, 6.0, 2.0]])
     mask = roi_mask(Roi("GTVp", 1, "rs.dcm", [outer, inner]), geometry, [])
@@ -558,7 +633,7 @@ def test_real_contour_with_a_hole_cut_inside_it_leaves_the_hole_empty(tmp_path: 
     k = int(np.argmax(before.sum(axis=(1, 2))))  # the slice with the largest section
     ys, xs = np.nonzero(before[k])
     cy, cx = int(np.median(ys)), int(np.median(xs))
-    assert before[k, cy - 2:cy + 3, cx - 2:cx + 3].all()
+    assert before[k, cy - 2 : cy + 3, cx - 2 : cx + 3].all()
     # a 5 x 5-voxel square hole, as a second contour on that slice (voxel edges at +-2.5)
     corners = [(cx - 2.5, cy - 2.5), (cx + 2.5, cy - 2.5), (cx + 2.5, cy + 2.5), (cx - 2.5, cy + 2.5)]
     to_mm = geometry.direction * np.asarray(geometry.spacing)
@@ -571,14 +646,15 @@ def test_real_contour_with_a_hole_cut_inside_it_leaves_the_hole_empty(tmp_path: 
     ds.save_as(rs)
     after = roi_mask(read_rois(pydicom.dcmread(rs))[0], geometry, [])
     want = before.copy()
-    want[k, cy - 2:cy + 3, cx - 2:cx + 3] = False
+    want[k, cy - 2 : cy + 3, cx - 2 : cx + 3] = False
     assert np.array_equal(after, want)
 
 
 def test_a_label_uniting_several_rois_says_so_on_the_console(tmp_path: Path):
     src = _real_copy(tmp_path, ("RS_CT.dcm", "RS_PET.dcm"))
-    result = CliRunner().invoke(import_dicom_cli, [str(src), "--out", str(tmp_path / "out"), "--center-id", "9",
-                                                   "--label", "1=GTV_Mass"])
+    result = CliRunner().invoke(
+        import_dicom_cli, [str(src), "--out", str(tmp_path / "out"), "--center-id", "9", "--label", "1=GTV_Mass"]
+    )
     assert result.exit_code == 0, result.output
     assert "label 1 (rule 'GTV_Mass') unites 2 ROIs: 'GTV_Mass_CT', 'GTV_Mass_PET'" in result.output
 
@@ -587,13 +663,25 @@ def test_a_label_uniting_several_rois_says_so_on_the_console(tmp_path: Path):
 # Batches: several sources, links, continue on error, adding, pseudonyms, clinical columns
 # --------------------------------------------------------------------------------------
 
+
 def test_two_batches_add_patients_and_continue_the_pseudonyms(tmp_path: Path):
     _real_copy(tmp_path / "b1")
     src2 = _real_copy(tmp_path / "b2", pid="STS_002")
     shutil.copytree(tmp_path / "b1" / "src" / "STS-001", src2 / "STS-001")  # the first patient again
     out, ids = tmp_path / "root", tmp_path / "ids.csv"
-    common = ["--out", str(out), "--center-id", "9", "--label", "1=GTV_Mass_CT", "--pseudonymise",
-              "--prefix", "HN", "--mapping", str(ids)]
+    common = [
+        "--out",
+        str(out),
+        "--center-id",
+        "9",
+        "--label",
+        "1=GTV_Mass_CT",
+        "--pseudonymise",
+        "--prefix",
+        "HN",
+        "--mapping",
+        str(ids),
+    ]
     first = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "b1" / "src"), *common])
     assert first.exit_code == 0, first.output
     kept = {p.relative_to(out): (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
@@ -612,8 +700,10 @@ def test_two_batches_add_patients_and_continue_the_pseudonyms(tmp_path: Path):
     assert clinical.startswith(kept[Path("hecktor2022_clinical_info_training.csv")][1])
     assert [line.split(b",")[0] for line in clinical.splitlines()[1:]] == [b"HN0001", b"HN0002"]
     record = read_json(out / "dicom_import.json")
-    assert record["cases"] == ["HN0001", "HN0002"] and [b["cases"] for b in record["batches"]] == [["HN0001"],
-                                                                                                  ["HN0002"]]
+    assert record["cases"] == ["HN0001", "HN0002"] and [b["cases"] for b in record["batches"]] == [
+        ["HN0001"],
+        ["HN0002"],
+    ]
     assert len(build_manifest(out, tmp_path / "m.csv", progress=False)) == 2
 
 
@@ -625,8 +715,9 @@ def test_real_clinical_columns_are_never_dropped_in_silence(tmp_path: Path):
     result = CliRunner().invoke(import_dicom_cli, args)
     assert result.exit_code == 1 and "2 column(s) the import does not know: ['HPV', 'Comment']" in result.output
     assert not (tmp_path / "out").exists()
-    result = CliRunner().invoke(import_dicom_cli, [*args, "--clinical-column", "HPV=HPV status (0=-, 1=+)",
-                                                   "--ignore-column", "Comment"])
+    result = CliRunner().invoke(
+        import_dicom_cli, [*args, "--clinical-column", "HPV=HPV status (0=-, 1=+)", "--ignore-column", "Comment"]
+    )
     assert result.exit_code == 0, result.output
     assert "1 row(s) of --clinical" in result.output and "STS_999" in result.output
     table = pd.read_csv(tmp_path / "out" / "hecktor2022_clinical_info_training.csv")
@@ -643,8 +734,11 @@ def test_continue_on_error_imports_the_rest_and_lists_the_refused(tmp_path: Path
     for path in (tmp_path / "src" / "PAT-2").rglob("*.dcm"):
         if pydicom.dcmread(path, stop_before_pixels=True).Modality == "PT":
             _edit(path, PatientWeight=None)
-    rs = next(p for p in (tmp_path / "src" / "PAT-3").rglob("*.dcm")
-              if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT")
+    rs = next(
+        p
+        for p in (tmp_path / "src" / "PAT-3").rglob("*.dcm")
+        if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"
+    )
     ds = pydicom.dcmread(rs)
     ds.StructureSetROISequence[0].ROIName = "Tumor"
     ds.save_as(rs)
@@ -667,8 +761,10 @@ def test_several_sources_and_folders_of_symbolic_links(tmp_path: Path):
     _tiny_case(tmp_path / "export2", "PAT-2")
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "PAT-1").symlink_to(tmp_path / "export1" / "PAT-1", target_is_directory=True)
-    result = CliRunner().invoke(import_dicom_cli, [str(tmp_path / "links"), str(tmp_path / "export2"), "--out",
-                                                   str(tmp_path / "out"), "--center-id", "9"])
+    result = CliRunner().invoke(
+        import_dicom_cli,
+        [str(tmp_path / "links"), str(tmp_path / "export2"), "--out", str(tmp_path / "out"), "--center-id", "9"],
+    )
     assert result.exit_code == 0, result.output
     assert "followed 1 symbolic link(s) to folders" in result.output and "2 case(s) ->" in result.output
     (tmp_path / "broken").mkdir()
@@ -683,9 +779,25 @@ def test_preprocess_qc_draws_every_case_with_an_index(sts, tmp_path: Path):
 
     out, record = sts
     build_manifest(out, tmp_path / "m.csv", progress=False)
-    result = CliRunner().invoke(preprocess, ["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "c"),
-                                             "--survival-size", "32,32,16", "--ctfm-size", "32,32,16",
-                                             "--petfm-size", "32,32,32", "--workers", "1", "--quiet", "--qc"])
+    result = CliRunner().invoke(
+        preprocess,
+        [
+            "--manifest",
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(tmp_path / "c"),
+            "--survival-size",
+            "32,32,16",
+            "--ctfm-size",
+            "32,32,16",
+            "--petfm-size",
+            "32,32,32",
+            "--workers",
+            "1",
+            "--quiet",
+            "--qc",
+        ],
+    )
     assert result.exit_code == 0, result.output
     png = tmp_path / "c" / "qc" / f"{record['case_id']}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -79,8 +79,10 @@ _MARKER_TEXT = re.compile(r"not run:|expect error:|^\s*#\s*needs\b|\(\s*needs\b"
 
 #: Markers of help-text examples, out of the text users read: script -> command prefix -> marker.
 HELP_MARKERS: dict[str, dict[str, str]] = {
-    "import-dicom": {"import-dicom /archive/export": "not run: needs a clinic's DICOM export",
-                     "import-dicom /archive/batch2": "not run: needs a clinic's DICOM export"},
+    "import-dicom": {
+        "import-dicom /archive/export": "not run: needs a clinic's DICOM export",
+        "import-dicom /archive/batch2": "not run: needs a clinic's DICOM export",
+    },
 }
 
 
@@ -118,7 +120,7 @@ def _split_comment(line: str) -> tuple[str, str]:
         if ch in "'\"" and quote in (None, ch):
             quote = None if quote == ch else ch
         elif ch == "#" and quote is None and (i == 0 or line[i - 1].isspace()):
-            return line[:i].rstrip(), line[i + 1:].strip()
+            return line[:i].rstrip(), line[i + 1 :].strip()
     return line.rstrip(), ""
 
 
@@ -165,7 +167,7 @@ def _doc_test_comment(lines: list[str], fence: int) -> tuple[list[str], dict[str
     start = end
     while start > 0 and not lines[start].lstrip().startswith("<!--"):
         start -= 1
-    m = _DOC_TEST.match("\n".join(lines[start:end + 1]).strip())
+    m = _DOC_TEST.match("\n".join(lines[start : end + 1]).strip())
     if not m:
         return [], {}
     block, per_command = [], {}
@@ -229,8 +231,15 @@ def page_examples(path: Path = README) -> list[Example]:
                 used.add(key)
                 ex = _command(f"{page}:{no}", text, block_skip, marker)
                 if ex is not None:
-                    ex = Example(ex.source, ex.kind, ex.code, ex.skip, ex.expect_error,
-                                 "\n".join(t for t in (ex.marked, block_text) if t), setup)
+                    ex = Example(
+                        ex.source,
+                        ex.kind,
+                        ex.code,
+                        ex.skip,
+                        ex.expect_error,
+                        "\n".join(t for t in (ex.marked, block_text) if t),
+                        setup,
+                    )
                     examples.append(ex)
                     setup = ()  # runs once, before the block's first command
             stale = sorted(set(per_command) - used)
@@ -275,8 +284,11 @@ def workspace(tmp_path_factory, pytestconfig):
     for name in ("data_manifest.csv", "data_manifest.json"):
         shutil.copy2(REPO / name, root / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HNFM_")}
-    env.update(HOME=str(root / "home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        HOME=str(root / "home"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
     (root / "home").mkdir()
     ws = {"root": root, "env": env, "failed": [], "timings": []}
     yield ws
@@ -291,8 +303,11 @@ def _check_one_worker_runs_them_all(config) -> None:
     worker = getattr(config, "workerinput", None)  # set on a pytest-xdist worker only
     dist = worker.get("dist") if worker is not None else None
     if worker is not None and dist not in ("loadfile", "loadscope"):
-        pytest.fail(f"the documentation examples build on each other: with -n, pass --dist loadfile "
-                    f"(not --dist {dist}), as `make test` does", pytrace=False)
+        pytest.fail(
+            f"the documentation examples build on each other: with -n, pass --dist loadfile "
+            f"(not --dist {dist}), as `make test` does",
+            pytrace=False,
+        )
 
 
 def _cpu_seconds() -> float:
@@ -309,8 +324,9 @@ def _run(example: Example, ws) -> subprocess.CompletedProcess:
     else:
         args = ["bash", "-o", "pipefail", "-c", example.code]
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    proc = subprocess.run(args, cwd=ws["root"], env=ws["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        args, cwd=ws["root"], env=ws["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
     ws["timings"].append((example.source, time.perf_counter() - wall, _cpu_seconds() - cpu))
     return proc
 
@@ -371,7 +387,7 @@ def _marking_text(example: Example) -> str:
     end = no - 1
     while lines[end].rstrip().endswith("\\"):  # a command continued over several lines
         end += 1
-    return "\n".join(lines[no - 1:end + 1]) + "\n" + lines[fence + 1] + "\n" + example.marked
+    return "\n".join(lines[no - 1 : end + 1]) + "\n" + lines[fence + 1] + "\n" + example.marked
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -387,30 +403,48 @@ def test_ci_runs_the_test_command_the_readme_names():
     """README's `make test` line, docs/tests.md's, the Makefile recipe and .ci/run name one command."""
     documented = re.search(r"^make test\s+# = (.+?)\s{2,}", (REPO / "docs" / "tests.md").read_text(), re.M).group(1)
     readme = re.search(r"^make test\s+#.*\(the exact command CI runs: (.+)\)$", README.read_text(), re.M).group(1)
-    recipe = re.search(r"^test: install\n\t(.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    recipe = re.search(r"^test: install lint\n\t(.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    lint = re.search(r"^lint: install\n((?:\t.+\n)+)", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert "ruff check ." in lint and "ruff format --check ." in lint  # make test (and so CI) lints first
     assert recipe.replace("$(BIN)", ".venv/bin") == documented == readme
-    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.lstrip().startswith("#")]
+    ci = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert any(line.startswith("make install") for line in ci) and ci[-1] == "make test", ci
 
 
 def test_the_conventions_are_read_as_documented(tmp_path):
     """Markers, continuation lines, quoted '#', templates and block tags on a small README."""
-    text = "\n".join([
-        "```bash", "# not run: needs the data", "tool-a --x 1", "```",
-        "```text", "tool-b [--optional]", "```",
-        "```bash",
-        "tool-c --long \\", "       --option 2   # makes c (not run: too slow here)",
-        "tool-d --json '{\"a\": \"#1\"}'   # expect error: --fix this",
-        "tool-e ... --more", "tool-f   # needs the weights", "tool-g --ok", "```",
-        "```python", "print('hi')", "```",
-    ])
+    text = "\n".join(
+        [
+            "```bash",
+            "# not run: needs the data",
+            "tool-a --x 1",
+            "```",
+            "```text",
+            "tool-b [--optional]",
+            "```",
+            "```bash",
+            "tool-c --long \\",
+            "       --option 2   # makes c (not run: too slow here)",
+            'tool-d --json \'{"a": "#1"}\'   # expect error: --fix this',
+            "tool-e ... --more",
+            "tool-f   # needs the weights",
+            "tool-g --ok",
+            "```",
+            "```python",
+            "print('hi')",
+            "```",
+        ]
+    )
     (tmp_path / "README.md").write_text(text + "\n")
     got = {e.code.split()[0] if e.kind == "bash" else "python": e for e in page_examples(tmp_path / "README.md")}
     assert set(got) == {"tool-a", "tool-c", "tool-d", "tool-e", "tool-f", "tool-g", "python"}
     assert got["tool-a"].skip == "needs the data"
     assert got["tool-c"].code == "tool-c --long --option 2" and got["tool-c"].skip == "too slow here"
-    assert got["tool-d"].code == "tool-d --json '{\"a\": \"#1\"}'" and got["tool-d"].expect_error == "--fix this"
+    assert got["tool-d"].code == 'tool-d --json \'{"a": "#1"}\'' and got["tool-d"].expect_error == "--fix this"
     assert got["tool-e"].skip.startswith("a template") and got["tool-f"].skip == "needs the weights"
     assert got["tool-g"].skip is None and got["python"].code == "print('hi')"
 
@@ -435,11 +469,24 @@ def test_no_test_harness_marker_is_in_what_users_read():
 
 
 def test_markers_in_doc_test_comments_are_read(tmp_path):
-    text = "\n".join([
-        "<!-- doc-test", "setup: touch ready", "tool-b --x => expect error: --fix", "tool-c => not run: too slow", "-->",
-        "```bash", "tool-a --ok", "tool-b --x", "tool-c", "```",
-        "<!-- doc-test: not run: needs the data -->", "```bash", "tool-d", "```",
-    ])
+    text = "\n".join(
+        [
+            "<!-- doc-test",
+            "setup: touch ready",
+            "tool-b --x => expect error: --fix",
+            "tool-c => not run: too slow",
+            "-->",
+            "```bash",
+            "tool-a --ok",
+            "tool-b --x",
+            "tool-c",
+            "```",
+            "<!-- doc-test: not run: needs the data -->",
+            "```bash",
+            "tool-d",
+            "```",
+        ]
+    )
     (tmp_path / "README.md").write_text(text + "\n")
     got = {e.code.split()[0]: e for e in page_examples(tmp_path / "README.md")}
     assert got["tool-a"].skip is None and got["tool-a"].setup == ("touch ready",)
@@ -542,19 +589,43 @@ def test_every_relative_link_resolves(page):
 
 def test_link_check_finds_what_is_broken(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.md").write_text("\n".join([
-        "# Stage two: DeepMTS+DAFT training", "## Schema (`schema_version` 1)", "## Notes", "## Notes",
-        "```bash", "# not a heading", "```",
-    ]) + "\n")
+    (tmp_path / "docs" / "a.md").write_text(
+        "\n".join(
+            [
+                "# Stage two: DeepMTS+DAFT training",
+                "## Schema (`schema_version` 1)",
+                "## Notes",
+                "## Notes",
+                "```bash",
+                "# not a heading",
+                "```",
+            ]
+        )
+        + "\n"
+    )
     assert heading_anchors(tmp_path / "docs" / "a.md") == {
-        "stage-two-deepmtsdaft-training", "schema-schema_version-1", "notes", "notes-1"}
+        "stage-two-deepmtsdaft-training",
+        "schema-schema_version-1",
+        "notes",
+        "notes-1",
+    }
     page = tmp_path / "README.md"
-    page.write_text("\n".join([
-        "[ok](docs/a.md#schema-schema_version-1) [two\nlines](docs/a.md#notes-1) [web](https://x.org/#y)",
-        "[gone](docs/b.md) [bad anchor](docs/a.md#not-a-heading) [self](#nothing)",
-        "`[in code](docs/c.md)`", "```text", "[in a block](docs/d.md)", "```",
-        "<!-- [in a comment](docs/e.md) -->",
-    ]) + "\n")
-    assert broken_links(page) == ["docs/b.md: no such file",
-                                  "docs/a.md#not-a-heading: no heading #not-a-heading in a.md",
-                                  "#nothing: no heading #nothing in README.md"]
+    page.write_text(
+        "\n".join(
+            [
+                "[ok](docs/a.md#schema-schema_version-1) [two\nlines](docs/a.md#notes-1) [web](https://x.org/#y)",
+                "[gone](docs/b.md) [bad anchor](docs/a.md#not-a-heading) [self](#nothing)",
+                "`[in code](docs/c.md)`",
+                "```text",
+                "[in a block](docs/d.md)",
+                "```",
+                "<!-- [in a comment](docs/e.md) -->",
+            ]
+        )
+        + "\n"
+    )
+    assert broken_links(page) == [
+        "docs/b.md: no such file",
+        "docs/a.md#not-a-heading: no heading #not-a-heading in a.md",
+        "#nothing: no heading #nothing in README.md",
+    ]

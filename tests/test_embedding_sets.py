@@ -34,7 +34,8 @@ def test_every_consumer_reads_the_registry():
     assert set_names() == ("ct", "pet", "ctpet") and encoder_names() == ("ct", "pet")
     assert full_set() == "ctpet"
     assert [c.name for c in study_spec.configurations(projections=(64,), baseline=False)] == [
-        f"{n}-d64" for n in set_names()]
+        f"{n}-d64" for n in set_names()
+    ]
     assert labels.table1_cnn() == (study_spec.BASELINE, *set_names())
     assert labels.table1_peers() == ("clinical", "radiomics", "head-ct", "head-pet", "head-ctpet")
     assert labels.peer_group_labels()["head-ctpet"] == "peer: CT+PET embedding head"
@@ -60,7 +61,9 @@ def test_set_names_follow_the_encoders_they_read():
     with pytest.raises(ValueError, match="unknown embedding set 'mri'"):
         study_spec.Configuration("mri", 64)
     assert weights_by_encoder({"ct_weights": "a.safetensors", "pet_weights": None}) == {
-        "ct": "a.safetensors", "pet": None}
+        "ct": "a.safetensors",
+        "pet": None,
+    }
     with pytest.raises(TypeError, match="mri_weights"):
         weights_by_encoder({"mri_weights": "x"})
 
@@ -106,25 +109,38 @@ def test_a_new_set_reaches_every_name_and_label(pet_again):
 def test_a_new_set_is_one_entry(pet_again, tmp_path):
     """Registered in a test registry, a new set is extracted, trained, run as a study's
     configuration with its embedding head, and reported, with nothing else added."""
+    from helpers import TINY_ENCODERS, make_spec, make_study_inputs
+
     from pipeline.embeddings import RandomInitWarning, read_embeddings
     from pipeline.extraction import run_extraction
     from pipeline.report import write_report
-    from helpers import TINY_ENCODERS, make_spec, make_study_inputs
 
     inputs = make_study_inputs(tmp_path / "inputs", n_cases=16)
     out = tmp_path / "new" / "petagain.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomInitWarning)
-        res = run_extraction(inputs["cache"], "petagain", out, random_init=True, device="cpu", progress=False,
-                             encoder_kwargs={"pet": TINY_ENCODERS["pet"]})
+        res = run_extraction(
+            inputs["cache"],
+            "petagain",
+            out,
+            random_init=True,
+            device="cpu",
+            progress=False,
+            encoder_kwargs={"pet": TINY_ENCODERS["pet"]},
+        )
         loaded = read_embeddings(out, cache=inputs["cache"])
     assert res.embedding_set == "petagain" and res.per_encoder["pet"].computed == 16
     assert loaded.datasets == ["pet"] and loaded.attrs["modality"] == "petagain"
     with h5py.File(out) as h5:
         assert json.loads(h5.attrs["modalities"]) == ["pet"] and "ct" not in h5
 
-    spec = make_spec({**inputs, "embeddings": out}, tmp_path / "study", configs=("baseline", "petagain-d64"),
-                     n_folds=2, peers=("heads",))
+    spec = make_spec(
+        {**inputs, "embeddings": out},
+        tmp_path / "study",
+        configs=("baseline", "petagain-d64"),
+        n_folds=2,
+        peers=("heads",),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomInitWarning)
         study.prepare_study(spec, info={"synthetic": True, "data_source": "tiny test cohort", "settings": "test"})
@@ -141,4 +157,7 @@ def test_a_new_set_is_one_entry(pet_again, tmp_path):
     assert "DeepMTS+DAFT + PET again" in md and "peer: PET again embedding head" in md
     table1 = json.loads((tmp_path / "report" / "results.json").read_text())["table1"]["paper"]
     assert {r["group"]: r["status"] for r in table1} == {
-        "baseline": "done", "petagain": "done", "head-petagain": "done"}
+        "baseline": "done",
+        "petagain": "done",
+        "head-petagain": "done",
+    }

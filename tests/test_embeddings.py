@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import CACHE_CASES, CACHE_CT_SHAPE, TINY_ENCODERS, make_cache
 
 from pipeline import embeddings as emb
 from pipeline import extraction as ext
-from pipeline.embedding_sets import ENCODERS
 from pipeline.artefacts import ProvenanceError, sha256_file
 from pipeline.cache import PreprocessedCache, write_cohort_record
 from pipeline.cli.embed import extract_embeddings as cli
-from helpers import CACHE_CASES, CACHE_CT_SHAPE, TINY_ENCODERS, make_cache
+from pipeline.embedding_sets import ENCODERS
 
 
 def run(cache, set_name, out, **kw):
@@ -128,8 +128,7 @@ def test_ctpet_reuses_shards_and_no_encoder_runs_twice(cache, tmp_path):
         res = run(cache, "pet", out_dir / "pet.h5")
     assert fc.counts == {"ct": 0, "pet": 0} and res.computed == 0
 
-    with h5py.File(out_dir / "ct.h5") as a, h5py.File(out_dir / "ctpet.h5") as b, \
-            h5py.File(out_dir / "pet.h5") as c:
+    with h5py.File(out_dir / "ct.h5") as a, h5py.File(out_dir / "ctpet.h5") as b, h5py.File(out_dir / "pet.h5") as c:
         np.testing.assert_array_equal(a["ct"][()], b["ct"][()])
         np.testing.assert_array_equal(c["pet"][()], b["pet"][()])
         assert b["pet"].shape == (len(CACHE_CASES), 64)
@@ -152,10 +151,23 @@ def test_rerun_on_complete_file_does_nothing(cache, tmp_path):
     assert "up to date" in res.summary()
     assert (out.read_bytes(), out.stat().st_mtime_ns) == before
 
-    r = CliRunner().invoke(cli, [
-        "--modality", "ct", "--cache", str(cache.root), "--out", str(out), "--random-init",
-        "--device", "cpu", "--no-progress", "--encoder-config", json.dumps(TINY_ENCODERS),
-    ])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "--modality",
+            "ct",
+            "--cache",
+            str(cache.root),
+            "--out",
+            str(out),
+            "--random-init",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--encoder-config",
+            json.dumps(TINY_ENCODERS),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "up to date" in r.output and "nothing computed" in r.output
 
@@ -309,13 +321,20 @@ def test_missing_weights_error_says_where_to_get_them(cache, tmp_path, monkeypat
     with pytest.raises(ext.WeightsNotFoundError) as err:
         ext.run_extraction(cache.root, "ct", tmp_path / "ct.h5", device="cpu", progress=False)
     msg = str(err.value)
-    for needle in ("project-lighter/ct_fm_feature_extractor", "model.safetensors", "--ct-weights",
-                   "HNFM_CT_FM_WEIGHTS", "~/.cache/hnfm/ct_fm/model.safetensors", "--random-init"):
+    for needle in (
+        "project-lighter/ct_fm_feature_extractor",
+        "model.safetensors",
+        "--ct-weights",
+        "HNFM_CT_FM_WEIGHTS",
+        "~/.cache/hnfm/ct_fm/model.safetensors",
+        "--random-init",
+    ):
         assert needle in msg, needle
 
     monkeypatch.setenv("HNFM_PET_FM_WEIGHTS", str(tmp_path / "nope.pth"))
-    r = CliRunner().invoke(cli, ["--modality", "pet", "--cache", str(cache.root),
-                                 "--out", str(tmp_path / "pet.h5"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        cli, ["--modality", "pet", "--cache", str(cache.root), "--out", str(tmp_path / "pet.h5"), "--device", "cpu"]
+    )
     assert r.exit_code == 1
     assert "seganypet_v1.pth" in r.output and "nope.pth" in r.output and "HNFM_PET_FM_WEIGHTS" in r.output
     assert "Traceback" not in r.output
@@ -334,8 +353,15 @@ def test_checkpoint_file_sha256_recorded_and_loaded(cache, tmp_path):
     out = tmp_path / "emb" / "ct.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("error", emb.RandomInitWarning)  # must not warn
-        res = ext.run_extraction(cache.root, "ct", out, weights={"ct": ckpt}, device="cpu",
-                                 encoder_kwargs={"ct": TINY_ENCODERS["ct"]}, progress=False)
+        res = ext.run_extraction(
+            cache.root,
+            "ct",
+            out,
+            weights={"ct": ckpt},
+            device="cpu",
+            encoder_kwargs={"ct": TINY_ENCODERS["ct"]},
+            progress=False,
+        )
         s = emb.read_embeddings(out, cache=cache)
     assert res.per_encoder["ct"].computed == len(CACHE_CASES)
     a = s.dataset_attrs["ct"]
@@ -353,9 +379,24 @@ def test_checkpoint_file_sha256_recorded_and_loaded(cache, tmp_path):
 @pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")
 def test_cli_runs_and_prints_one_line_summary(cache, tmp_path):
     out = tmp_path / "emb" / "pet.h5"
-    args = ["--modality", "pet", "--cache", str(cache.root), "--out", str(out), "--random-init",
-            "--seed", "3", "--device", "cpu", "--batch-size", "3", "--no-progress",
-            "--encoder-config", json.dumps({"pet": TINY_ENCODERS["pet"]})]
+    args = [
+        "--modality",
+        "pet",
+        "--cache",
+        str(cache.root),
+        "--out",
+        str(out),
+        "--random-init",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+        "--no-progress",
+        "--encoder-config",
+        json.dumps({"pet": TINY_ENCODERS["pet"]}),
+    ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     last = r.stdout.strip().splitlines()[-1]
@@ -364,9 +405,21 @@ def test_cli_runs_and_prints_one_line_summary(cache, tmp_path):
         assert h5["pet"].attrs["random_init_seed"] == 3
 
     help_text = CliRunner().invoke(cli, ["--help"]).output
-    for opt in ("--modality", "--cache", "--out", "--ct-weights", "--pet-weights", "--random-init",
-                "--seed", "--device", "--batch-size", "--overwrite", "--shard-dir",
-                "--no-progress", "--encoder-config"):
+    for opt in (
+        "--modality",
+        "--cache",
+        "--out",
+        "--ct-weights",
+        "--pet-weights",
+        "--random-init",
+        "--seed",
+        "--device",
+        "--batch-size",
+        "--overwrite",
+        "--shard-dir",
+        "--no-progress",
+        "--encoder-config",
+    ):
         assert opt in help_text, opt
 
     bad = CliRunner().invoke(cli, args[:-1] + ["{not json"])
@@ -427,8 +480,9 @@ def test_oom_retry_releases_the_failed_batch_before_retrying():
     """A real encoder runs out of memory above 2 cases: the retry gives the full-batch result,
     and when it starts, the failed batch's input and activations are no longer referenced."""
     torch.manual_seed(0)
-    encoder = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
-                                  torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten()).eval()
+    encoder = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten()
+    ).eval()
 
     class OutOfMemoryAbove(torch.nn.Module):
         def __init__(self, inner, k):
@@ -460,8 +514,15 @@ def test_oom_retry_releases_the_failed_batch_before_retrying():
 
 
 def _cache_with_pet_size(root: Path, size_xyz) -> PreprocessedCache:
-    write_cohort_record(root, {"params": {"petfm_size_xyz": list(size_xyz)}, "params_hash": "p" * 16,
-                               "crop_size_vox_xyz": [64, 64, 32], "case_ids": []})
+    write_cohort_record(
+        root,
+        {
+            "params": {"petfm_size_xyz": list(size_xyz)},
+            "params_hash": "p" * 16,
+            "crop_size_vox_xyz": [64, 64, 32],
+            "case_ids": [],
+        },
+    )
     return PreprocessedCache(root)
 
 
@@ -482,8 +543,7 @@ def test_encoder_config_follows_the_cache(tmp_path):
     assert fitted(_cache_with_pet_size(tmp_path / "paper", (128, 128, 128))) == {}
     big = fitted(_cache_with_pet_size(tmp_path / "big", (256, 256, 256)))
     assert big == {"img_size": 256, "window_size": 8}  # 16 tokens per axis: largest divisor <= 14
-    assert fitted(demo, {"depth": 2, "window_size": 2}) == {
-        "depth": 2, "window_size": 2, "img_size": 64}
+    assert fitted(demo, {"depth": 2, "window_size": 2}) == {"depth": 2, "window_size": 2, "img_size": 64}
     with pytest.raises(ValueError, match=r"img_size 128.*64\^3.*--encoder-config"):
         fitted(demo, {"img_size": 128})
     with pytest.raises(ValueError, match=r"\[32, 64, 64\].*cube"):
@@ -496,15 +556,26 @@ def test_encoder_config_follows_the_cache(tmp_path):
 def test_cli_pet_takes_its_input_size_from_the_cache(cache, tmp_path):
     """No --encoder-config: the published ViT-B at the cache's 32^3 (a 2^3 token grid)."""
     out = tmp_path / "emb" / "pet.h5"
-    base = ["--modality", "pet", "--cache", str(cache.root), "--random-init", "--device", "cpu",
-            "--no-progress", "--batch-size", "1"]
+    base = [
+        "--modality",
+        "pet",
+        "--cache",
+        str(cache.root),
+        "--random-init",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--batch-size",
+        "1",
+    ]
     r = CliRunner().invoke(cli, base + ["--out", str(out)])
     assert r.exit_code == 0, r.output
     with h5py.File(out) as h5:
         assert json.loads(h5["pet"].attrs["encoder_config"]) == {"img_size": 32, "window_size": 2}
         assert h5["pet"].shape == (len(CACHE_CASES), 768)
-    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x.h5"),
-                                        "--encoder-config", json.dumps({"pet": {"img_size": 128}})])
+    r = CliRunner().invoke(
+        cli, base + ["--out", str(tmp_path / "x.h5"), "--encoder-config", json.dumps({"pet": {"img_size": 128}})]
+    )
     assert r.exit_code == 1
     assert "error: --encoder-config sets the PET-FM img_size 128" in r.output and "32^3" in r.output
 
@@ -514,8 +585,20 @@ def test_cli_pet_takes_its_input_size_from_the_cache(cache, tmp_path):
 
 def test_missing_cache_names_the_commands_that_make_one(tmp_path):
     out = tmp_path / "new" / "ct.h5"
-    r = CliRunner().invoke(cli, ["--modality", "ct", "--cache", str(tmp_path / "nowhere"), "--random-init",
-                                 "--out", str(out), "--device", "cpu"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "--modality",
+            "ct",
+            "--cache",
+            str(tmp_path / "nowhere"),
+            "--random-init",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 1 and r.output.count("error: ") == 1
     assert "preprocess --manifest data_manifest.csv --out" in r.output and "run-study --demo" in r.output
     assert not (tmp_path / "new").exists()
@@ -527,8 +610,7 @@ def test_missing_cache_names_the_commands_that_make_one(tmp_path):
 def _leftovers(root: Path) -> list[str]:
     """Lock files, and shard stores or folders holding no shard."""
     bad = [str(p) for p in root.rglob("*.lock")]
-    bad += [str(p) for p in root.rglob("*") if p.is_dir() and not any(p.rglob("*.npy"))
-            and not any(p.rglob("*.h5"))]
+    bad += [str(p) for p in root.rglob("*") if p.is_dir() and not any(p.rglob("*.npy")) and not any(p.rglob("*.h5"))]
     return bad
 
 
@@ -557,13 +639,32 @@ def test_missing_weights_of_both_encoders_are_named_together(cache, tmp_path, mo
     for env in (e.weights_env for e in ENCODERS.values()):
         monkeypatch.delenv(env, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    r = CliRunner().invoke(cli, ["--modality", "ctpet", "--cache", str(cache.root),
-                                 "--out", str(tmp_path / "e" / "ctpet.h5"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "--modality",
+            "ctpet",
+            "--cache",
+            str(cache.root),
+            "--out",
+            str(tmp_path / "e" / "ctpet.h5"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 1 and r.output.startswith("error: ")
-    for needle in ("CT-FM weights not found", "PET-FM weights not found",
-                   "https://huggingface.co/project-lighter/ct_fm_feature_extractor",
-                   "https://huggingface.co/YichiZhang98/SegAnyPET", "--ct-weights", "--pet-weights",
-                   "HNFM_CT_FM_WEIGHTS", "HNFM_PET_FM_WEIGHTS", "--random-init", "run-study --demo"):
+    for needle in (
+        "CT-FM weights not found",
+        "PET-FM weights not found",
+        "https://huggingface.co/project-lighter/ct_fm_feature_extractor",
+        "https://huggingface.co/YichiZhang98/SegAnyPET",
+        "--ct-weights",
+        "--pet-weights",
+        "HNFM_CT_FM_WEIGHTS",
+        "HNFM_PET_FM_WEIGHTS",
+        "--random-init",
+        "run-study --demo",
+    ):
         assert needle in r.output, needle
     assert not (tmp_path / "e").exists()
 
@@ -603,8 +704,9 @@ def test_readme_python_examples_run_and_agree(tmp_path, monkeypatch):
     assert list(loaded.columns) == list(ref.columns) == list(table.columns)
     assert list(ct.columns) == [c for c in ref.columns if c.startswith("ct_")] and ct.index.name == "case_id"
     joined = loaded.join(table, rsuffix="_plain")
-    np.testing.assert_array_equal(joined[ref.columns].to_numpy(),
-                                  joined[[f"{c}_plain" for c in ref.columns]].to_numpy())
+    np.testing.assert_array_equal(
+        joined[ref.columns].to_numpy(), joined[[f"{c}_plain" for c in ref.columns]].to_numpy()
+    )
     csv = pd.read_csv("embeddings_ctpet.csv", index_col="case_id")
     assert list(csv.columns) == list(ref.columns)
     np.testing.assert_allclose(csv.loc[ref.index].to_numpy(), ref.to_numpy(), rtol=1e-6)

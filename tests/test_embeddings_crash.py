@@ -15,13 +15,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import TINY_ENCODERS, expensive, make_cache
 
 from pipeline import extraction as ext
 from pipeline.cache import PreprocessedCache
-from helpers import TINY_ENCODERS, expensive, make_cache
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
-    "ignore::pipeline.embeddings.RandomInitWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pipeline.embeddings.RandomInitWarning")]
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = [f"CHUS-{i:03d}" for i in range(1, 8)]
@@ -29,9 +28,22 @@ TINY_CT = {"ct": TINY_ENCODERS["ct"]}
 
 
 def cli_args(cache: PreprocessedCache, out: Path) -> list[str]:
-    return ["--modality", "ct", "--cache", str(cache.root), "--out", str(out), "--random-init",
-            "--device", "cpu", "--batch-size", "2", "--no-progress",
-            "--encoder-config", json.dumps(TINY_CT)]
+    return [
+        "--modality",
+        "ct",
+        "--cache",
+        str(cache.root),
+        "--out",
+        str(out),
+        "--random-init",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--encoder-config",
+        json.dumps(TINY_CT),
+    ]
 
 
 def slowed_run(args: list[str], patch: str) -> subprocess.Popen:
@@ -45,8 +57,7 @@ def slowed_run(args: list[str], patch: str) -> subprocess.Popen:
         from pipeline.cli.embed import extract_embeddings
         extract_embeddings({args!r})
     """)
-    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -67,8 +78,7 @@ def temps(folder: Path) -> list[Path]:
 
 def read(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     with h5py.File(path, "r") as h5:
-        return (list(h5["case_ids"].asstr()[()]), list(h5["fingerprints"].asstr()[()]),
-                h5["ct"][()])
+        return (list(h5["case_ids"].asstr()[()]), list(h5["fingerprints"].asstr()[()]), h5["ct"][()])
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +89,9 @@ def setup(tmp_path_factory):
     ref = root / "ref" / "ct.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ext.run_extraction(cache.root, "ct", ref, random_init=True, device="cpu", batch_size=2,
-                           encoder_kwargs=TINY_CT, progress=False)
+        ext.run_extraction(
+            cache.root, "ct", ref, random_init=True, device="cpu", batch_size=2, encoder_kwargs=TINY_CT, progress=False
+        )
     return cache, read(ref)
 
 
@@ -90,13 +101,18 @@ def test_kill9_while_writing_shards_then_resume_matches_uninterrupted(setup, tmp
     shards = tmp_path / "emb" / ext.SHARD_DIR_NAME
     # Sleep between writing a shard's temporary file and renaming it into place, so the
     # kill lands with a half-finished shard on disk.
-    proc = slowed_run(cli_args(cache, out), textwrap.dedent("""
+    proc = slowed_run(
+        cli_args(cache, out),
+        textwrap.dedent("""
         _save = ext._save_array
         def _slow(handle, arr):
             _save(handle, arr)
             time.sleep(0.4)
         ext._save_array = _slow
-    """).strip().replace("\n", "\n        "))
+    """)
+        .strip()
+        .replace("\n", "\n        "),
+    )
     done = lambda: list(shards.rglob("*.npy"))  # noqa: E731
     wait_for(lambda: len(done()) >= 3 and temps(shards), proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -109,8 +125,9 @@ def test_kill9_while_writing_shards_then_resume_matches_uninterrupted(setup, tmp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = ext.run_extraction(cache.root, "ct", out, random_init=True, device="cpu",
-                                 batch_size=2, encoder_kwargs=TINY_CT, progress=False)
+        res = ext.run_extraction(
+            cache.root, "ct", out, random_init=True, device="cpu", batch_size=2, encoder_kwargs=TINY_CT, progress=False
+        )
     assert res.per_encoder["ct"].reused == n_done
     assert res.per_encoder["ct"].computed == len(CASES) - n_done
     assert not temps(tmp_path)  # ... and removed, never read
@@ -123,8 +140,7 @@ def test_kill9_while_assembling_then_rerun_reuses_everything(setup, tmp_path):
     cache, (ref_ids, _, ref_ct) = setup
     out = tmp_path / "emb" / "ct.h5"
     # code_version() is called with the temporary .h5 already open: stall there.
-    proc = slowed_run(cli_args(cache, out),
-                      "emb.code_version = lambda: time.sleep(60) or 'stalled'")
+    proc = slowed_run(cli_args(cache, out), "emb.code_version = lambda: time.sleep(60) or 'stalled'")
     wait_for(lambda: list(out.parent.glob(f".{out.name}.*.tmp")), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

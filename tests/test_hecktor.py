@@ -28,11 +28,13 @@ from pipeline.hecktor import (
 from pipeline.manifest import MANIFEST_COLUMNS, read_manifest
 from pipeline.splits import leave_one_centre_out
 
-HEADER = ('PatientID,Task 1,Task 2,CenterID,Gender,Age,Weight,Tobacco,Alcohol,'
-          'Performance status,"HPV status (0=-, 1=+)",Surgery,Chemotherapy')
+HEADER = (
+    "PatientID,Task 1,Task 2,CenterID,Gender,Age,Weight,Tobacco,Alcohol,"
+    'Performance status,"HPV status (0=-, 1=+)",Surgery,Chemotherapy'
+)
 CLINICAL_ROWS = [
     "CHUM-001,1,1,1,M,63,82.5,1,NaN,0,0,NaN,1",
-    "CHUP-002,1,1,2,F,55,NaN,0,0,NaN,1,0,1",   # no GTVp
+    "CHUP-002,1,1,2,F,55,NaN,0,0,NaN,1,0,1",  # no GTVp
     "MDA-105,1,0,5,M,70,90.0,NaN,NaN,2,NaN,1,0",  # Task 1 only, no endpoint
 ]
 ENDPOINT_ROWS = ["CHUM-001,1,412", "CHUP-002,0,1803"]
@@ -44,7 +46,7 @@ def _write_case(root: Path, cid: str, values=(1, 2)) -> None:
     ct[1:3, 2:6, 2:6] = 40
     label = np.zeros((4, 8, 8), np.uint8)
     for i, v in enumerate(values):
-        label[1:3, 2 + 2 * i: 4 + 2 * i, 3:5] = v
+        label[1:3, 2 + 2 * i : 4 + 2 * i, 3:5] = v
     pet = np.ones((3, 4, 4), np.float32)
     write_image(ct, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), root / "imagesTr" / f"{cid}__CT.nii.gz")
     write_image(label, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), root / "labelsTr" / f"{cid}.nii.gz")
@@ -55,8 +57,7 @@ def _write_csv(path: Path, header: str, rows: list[str], newline: str = "\r\n") 
     path.write_bytes((newline.join([header, *rows]) + newline).encode())
 
 
-def make_root(root: Path, clinical=CLINICAL_ROWS, endpoint=ENDPOINT_ROWS, newline="\r\n",
-              labels=LABELS) -> Path:
+def make_root(root: Path, clinical=CLINICAL_ROWS, endpoint=ENDPOINT_ROWS, newline="\r\n", labels=LABELS) -> Path:
     for cid, values in labels.items():
         _write_case(root, cid, values)
     _write_csv(root / CLINICAL_CSV, HEADER, list(clinical), newline)
@@ -98,8 +99,15 @@ def test_manifest_from_crlf_csvs_with_nan(root: Path, tmp_path: Path):
     assert m.loc["CHUM-001", "pet_sha256"] == sha256_file(root / "imagesTr" / "CHUM-001__PT.nii.gz")
     # Integer columns are written as integers, not "1.0".
     fields = dict(zip(MANIFEST_COLUMNS, out.read_text().splitlines()[1].split(",")))
-    assert [fields[k] for k in ("task1", "task2", "has_endpoint", "relapse", "rfs_days",
-                                "tobacco", "alcohol")] == ["1", "1", "1", "1", "412", "1", ""]
+    assert [fields[k] for k in ("task1", "task2", "has_endpoint", "relapse", "rfs_days", "tobacco", "alcohol")] == [
+        "1",
+        "1",
+        "1",
+        "1",
+        "412",
+        "1",
+        "",
+    ]
     record = read_json(manifest_sidecar_path(out))
     assert record["clinical_csv_sha256"] == sha256_file(root / CLINICAL_CSV)
     assert record["n_cases"] == 3 and record["n_events"] == 1 and "demo_cohort" not in record
@@ -107,8 +115,13 @@ def test_manifest_from_crlf_csvs_with_nan(root: Path, tmp_path: Path):
 
 def test_lf_endings_bom_and_padded_ids_are_accepted(tmp_path: Path):
     clinical = [" CHUM-001 ,1,1,1,M,63,82.5,1,NaN,0,0,NaN,1", "CHUP-002,1,1,2,F,55,,0,0,NaN,1,0,1"]
-    root = make_root(tmp_path / "r", clinical=clinical, endpoint=["CHUM-001 ,1,412", "CHUP-002,0,9"],
-                     newline="\n", labels={"CHUM-001": (1,), "CHUP-002": (2,)})
+    root = make_root(
+        tmp_path / "r",
+        clinical=clinical,
+        endpoint=["CHUM-001 ,1,412", "CHUP-002,0,9"],
+        newline="\n",
+        labels={"CHUM-001": (1,), "CHUP-002": (2,)},
+    )
     (root / ENDPOINT_CSV).write_bytes(b"\xef\xbb\xbf" + (root / ENDPOINT_CSV).read_bytes())
     m = build_manifest(root, tmp_path / "m.csv", checksums=False, progress=False)
     assert list(m["case_id"]) == ["CHUM-001", "CHUP-002"]
@@ -127,6 +140,7 @@ def _edit_csv(name, old, new):
         text = path.read_bytes().decode()
         assert old in text
         path.write_bytes(text.replace(old, new, 1).encode())
+
     return edit
 
 
@@ -142,6 +156,7 @@ def _truncate(rel):
     def edit(root):
         data = (root / rel).read_bytes()
         (root / rel).write_bytes(data[: len(data) // 2])
+
     return edit
 
 
@@ -152,8 +167,7 @@ def _label_value_3(root):
 
 
 def _label_off_grid(root):
-    write_image(np.zeros((4, 8, 8), np.uint8), (1.0, 1.0, 2.0), (5.0, 0.0, 0.0),
-                root / "labelsTr" / "CHUM-001.nii.gz")
+    write_image(np.zeros((4, 8, 8), np.uint8), (1.0, 1.0, 2.0), (5.0, 0.0, 0.0), root / "labelsTr" / "CHUM-001.nii.gz")
 
 
 def _pet_moved(root, cid="CHUM-001", shift=(0.0, 0.0, 300.0)):
@@ -179,19 +193,46 @@ BAD_INPUTS = {
     "duplicate endpoint id": (_append_csv(ENDPOINT_CSV, "CHUM-001,0,20"), "CHUM-001", ENDPOINT_CSV, "duplicate"),
     "endpoint row without images": (_append_csv(ENDPOINT_CSV, "HGJ-077,0,300"), "HGJ-077", ENDPOINT_CSV, "no images"),
     "negative RFS": (_edit_csv(ENDPOINT_CSV, "CHUP-002,0,1803", "CHUP-002,0,-3"), "CHUP-002", ENDPOINT_CSV, "'RFS'"),
-    "non-numeric RFS": (_edit_csv(ENDPOINT_CSV, "CHUM-001,1,412", "CHUM-001,1,12d"), "CHUM-001", ENDPOINT_CSV, "non-numeric"),
-    "relapse not 0/1": (_edit_csv(ENDPOINT_CSV, "CHUM-001,1,412", "CHUM-001,2,412"), "CHUM-001", ENDPOINT_CSV, "'Relapse'"),
-    "gender not M/F": (_edit_csv(CLINICAL_CSV, "CHUP-002,1,1,2,F", "CHUP-002,1,1,2,X"), "CHUP-002", CLINICAL_CSV, "Gender"),
+    "non-numeric RFS": (
+        _edit_csv(ENDPOINT_CSV, "CHUM-001,1,412", "CHUM-001,1,12d"),
+        "CHUM-001",
+        ENDPOINT_CSV,
+        "non-numeric",
+    ),
+    "relapse not 0/1": (
+        _edit_csv(ENDPOINT_CSV, "CHUM-001,1,412", "CHUM-001,2,412"),
+        "CHUM-001",
+        ENDPOINT_CSV,
+        "'Relapse'",
+    ),
+    "gender not M/F": (
+        _edit_csv(CLINICAL_CSV, "CHUP-002,1,1,2,F", "CHUP-002,1,1,2,X"),
+        "CHUP-002",
+        CLINICAL_CSV,
+        "Gender",
+    ),
     "unreadable CT": (_garbage("imagesTr/CHUP-002__CT.nii.gz"), "CHUP-002", "CHUP-002__CT.nii.gz", "unreadable"),
     "truncated PET": (_truncate("imagesTr/CHUM-001__PT.nii.gz"), "CHUM-001", "CHUM-001__PT.nii.gz", "unreadable"),
     "label value 3": (_label_value_3, "CHUP-002", "CHUP-002.nii.gz", "[3]"),
     "label off the CT grid": (_label_off_grid, "CHUM-001", "CHUM-001.nii.gz", "origin"),
-    "PET away from the tumour": (_pet_moved, "CHUM-001", "CHUM-001__PT.nii.gz",
-                                 "PET field of view covers 0.0 % of the tumour"),
-    "NaN and inf in the PET": (_pet_nan, "MDA-105", "MDA-105__PT.nii.gz",
-                               "PET holds 2 non-finite voxel(s) (1 NaN, 1 inf)"),
-    "CenterID not an integer": (_edit_csv(CLINICAL_CSV, "CHUP-002,1,1,2,F", "CHUP-002,1,1,2.5,F"),
-                                "CHUP-002", CLINICAL_CSV, "'CenterID': value '2.5' is not an integer"),
+    "PET away from the tumour": (
+        _pet_moved,
+        "CHUM-001",
+        "CHUM-001__PT.nii.gz",
+        "PET field of view covers 0.0 % of the tumour",
+    ),
+    "NaN and inf in the PET": (
+        _pet_nan,
+        "MDA-105",
+        "MDA-105__PT.nii.gz",
+        "PET holds 2 non-finite voxel(s) (1 NaN, 1 inf)",
+    ),
+    "CenterID not an integer": (
+        _edit_csv(CLINICAL_CSV, "CHUP-002,1,1,2,F", "CHUP-002,1,1,2.5,F"),
+        "CHUP-002",
+        CLINICAL_CSV,
+        "'CenterID': value '2.5' is not an integer",
+    ),
 }
 
 
@@ -210,12 +251,15 @@ def test_bad_input_raises_naming_case_and_file_and_writes_nothing(name, root: Pa
     assert not (out.parent.exists() and any(out.parent.iterdir()))
 
 
-@pytest.mark.parametrize("content, text", [
-    (HEADER.replace(",Surgery", "").encode() + b"\r\nCHUM-001,1,1,1,M,63,82.5,1,NaN,0,0,1\r\n", "'Surgery'"),
-    (b"PatientID,Task 1\r\n\xff\xfeCHUM\r\n", "UTF-8"),
-    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03binary", "not a CSV"),
-    (b"", "not a readable CSV"),
-])
+@pytest.mark.parametrize(
+    "content, text",
+    [
+        (HEADER.replace(",Surgery", "").encode() + b"\r\nCHUM-001,1,1,1,M,63,82.5,1,NaN,0,0,1\r\n", "'Surgery'"),
+        (b"PatientID,Task 1\r\n\xff\xfeCHUM\r\n", "UTF-8"),
+        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03binary", "not a CSV"),
+        (b"", "not a readable CSV"),
+    ],
+)
 def test_unreadable_or_incomplete_clinical_csv(content: bytes, text: str, root: Path, tmp_path: Path):
     (root / CLINICAL_CSV).write_bytes(content)
     out = tmp_path / "m.csv"
@@ -250,8 +294,9 @@ def test_continue_on_error_skips_bad_cases_and_writes_report(root: Path, tmp_pat
     assert read_json(manifest_sidecar_path(out))["n_skipped_cases"] == 3
     # An explicit report path, and a clean run still writes a (header-only) report.
     custom = tmp_path / "reports" / "errs.csv"
-    build_manifest(make_root(tmp_path / "clean"), tmp_path / "m2.csv", continue_on_error=True,
-                   error_report=custom, progress=False)
+    build_manifest(
+        make_root(tmp_path / "clean"), tmp_path / "m2.csv", continue_on_error=True, error_report=custom, progress=False
+    )
     assert custom.read_text().strip() == "case_id,file,error"
 
 
@@ -282,8 +327,9 @@ def test_cli_summary_and_clean_error(root: Path, tmp_path: Path):
     assert bad.exit_code == 1
     assert "CHUM-001" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "n.csv").exists()
-    skip = runner.invoke(build_manifest_cli, [str(root), "--out", str(tmp_path / "k.csv"),
-                                              "--continue-on-error", "--no-checksums"])
+    skip = runner.invoke(
+        build_manifest_cli, [str(root), "--out", str(tmp_path / "k.csv"), "--continue-on-error", "--no-checksums"]
+    )
     assert skip.exit_code == 3 and "2 cases" in skip.output and "k.errors.csv" in skip.output
     assert "refused (1):" in skip.output and "CHUM-001" in skip.output
     helptext = runner.invoke(build_manifest_cli, ["--help"]).output
@@ -308,10 +354,15 @@ def test_pet_coverage_names_both_files_the_check_and_its_limit(root: Path, tmp_p
     with pytest.raises(HecktorFormatError) as info:
         build_manifest(root, tmp_path / "m.csv", progress=False)
     message = str(info.value)
-    for text in ("case CHUM-001", "CHUM-001__PT.nii.gz", "labelsTr/CHUM-001.nii.gz",
-                 "tumour coverage check", "below the 95 % of --min-tumour-coverage",
-                 "centres within x [3, 4] y [2, 5] z [2, 4] mm",
-                 "PET box x [0, 10] y [-3, 7] z [299, 308] mm"):
+    for text in (
+        "case CHUM-001",
+        "CHUM-001__PT.nii.gz",
+        "labelsTr/CHUM-001.nii.gz",
+        "tumour coverage check",
+        "below the 95 % of --min-tumour-coverage",
+        "centres within x [3, 4] y [2, 5] z [2, 4] mm",
+        "PET box x [0, 10] y [-3, 7] z [299, 308] mm",
+    ):
         assert text in message, message
     # --continue-on-error lists it with the reason; a limit of 0 accepts it.
     m = build_manifest(root, tmp_path / "k.csv", continue_on_error=True, progress=False)
@@ -331,8 +382,12 @@ def test_pet_coverage_names_both_files_the_check_and_its_limit(root: Path, tmp_p
 
 
 def test_any_integer_center_id_is_a_centre_with_one_warning(tmp_path: Path, caplog):
-    clinical = [row.replace("CHUM-001,1,1,1,", "CHUM-001,1,1,9,").replace("CHUP-002,1,1,2,", "CHUP-002,1,1,9,")
-                .replace("MDA-105,1,0,5,", "MDA-105,1,0,12,") for row in CLINICAL_ROWS]
+    clinical = [
+        row.replace("CHUM-001,1,1,1,", "CHUM-001,1,1,9,")
+        .replace("CHUP-002,1,1,2,", "CHUP-002,1,1,9,")
+        .replace("MDA-105,1,0,5,", "MDA-105,1,0,12,")
+        for row in CLINICAL_ROWS
+    ]
     root = make_root(tmp_path / "r", clinical=clinical)
     with caplog.at_level(logging.WARNING, logger="pipeline.hecktor"):
         m = build_manifest(root, tmp_path / "m.csv", progress=False).set_index("case_id")

@@ -131,9 +131,16 @@ def tiny_ct_checkpoint(seed: int = 7) -> bytes:
 
 def env_for(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HNFM_CT_FM", "HNFM_PET_FM"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="10",
-               HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO / "tests"))
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_ETAG_TIMEOUT="5",
+        HF_HUB_DOWNLOAD_TIMEOUT="10",
+        HOME=str(tmp_path / "home"),
+        PYTHONPATH=str(REPO / "tests"),
+    )
     env.update(extra)
     return env
 
@@ -168,8 +175,9 @@ print(json.dumps({"weights_sha256": a["weights_sha256"], "weights_path": a["weig
 
 
 def run(script: str, env: dict[str, str], *args: str) -> tuple[int, dict, str]:
-    p = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     return p.returncode, (json.loads(lines[-1]) if lines else {}), p.stderr
 
@@ -226,8 +234,17 @@ def test_an_interrupted_download_resumes_and_is_checked(hub, tmp_path):
 def test_offline_or_unreachable_names_the_repository_file_revision_and_where_to_put_it(hub, tmp_path):
     code, out, _ = run(RESOLVE, env_for(tmp_path, hub.url, HF_HUB_OFFLINE="1"), "ct")
     assert code == 3
-    for needle in (CT[0], CT[1], "revision main", "HF_HUB_OFFLINE", "~/.cache/hnfm/ct_fm/model.safetensors",
-                   "HNFM_CT_FM_WEIGHTS", "--ct-weights", "--random-init", f"hf download {CT[0]} {CT[1]}"):
+    for needle in (
+        CT[0],
+        CT[1],
+        "revision main",
+        "HF_HUB_OFFLINE",
+        "~/.cache/hnfm/ct_fm/model.safetensors",
+        "HNFM_CT_FM_WEIGHTS",
+        "--ct-weights",
+        "--random-init",
+        f"hf download {CT[0]} {CT[1]}",
+    ):
         assert needle in out["error"], needle
     # A pinned revision is the one named; a server that does not answer is named too.
     closed = socket.socket()

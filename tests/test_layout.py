@@ -10,15 +10,41 @@ from pipeline.layout import PeerRunLayout, RunLayout, folds_hash
 def test_run_layout_names_are_the_files_on_disk(tmp_path):
     run = RunLayout(str(tmp_path))
     assert run.root == tmp_path
-    assert [p.relative_to(tmp_path).as_posix() for p in (
-        run.run_json, run.folds_csv, run.summary, run.oof_predictions, run.done(3), run.curves(3), run.oof(3),
-        run.train_risk(3, "inner"), run.best(3, "paper"), run.fold_state(3), run.cell(3))] == [
-        "run.json", "folds.csv", "summary.json", "oof_predictions.csv", "fold_3/done.json", "fold_3/curves.csv",
-        "fold_3/oof.csv", "fold_3/train_risk_inner.csv", "fold_3/best_paper.pt", "fold_3/fold_state.json",
-        "fold_3/cell.json"]
+    assert [
+        p.relative_to(tmp_path).as_posix()
+        for p in (
+            run.run_json,
+            run.folds_csv,
+            run.summary,
+            run.oof_predictions,
+            run.done(3),
+            run.curves(3),
+            run.oof(3),
+            run.train_risk(3, "inner"),
+            run.best(3, "paper"),
+            run.fold_state(3),
+            run.cell(3),
+        )
+    ] == [
+        "run.json",
+        "folds.csv",
+        "summary.json",
+        "oof_predictions.csv",
+        "fold_3/done.json",
+        "fold_3/curves.csv",
+        "fold_3/oof.csv",
+        "fold_3/train_risk_inner.csv",
+        "fold_3/best_paper.pt",
+        "fold_3/fold_state.json",
+        "fold_3/cell.json",
+    ]
     peer = PeerRunLayout(tmp_path)
     assert [p.name for p in (peer.oof_predictions, peer.train_risk, peer.summary, peer.marker)] == [
-        "oof_predictions.csv", "train_risk.csv", "summary.json", "peer.json"]
+        "oof_predictions.csv",
+        "train_risk.csv",
+        "summary.json",
+        "peer.json",
+    ]
 
 
 def test_finished_folds_are_those_with_a_marker_in_numeric_order(tmp_path):

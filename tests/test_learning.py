@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import expensive
 from scipy.stats import spearmanr
 from sksurv.metrics import concordance_index_censored
 
@@ -27,14 +28,13 @@ from pipeline.cache import PreprocessedCache
 from pipeline.dataset import load_cohort
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, demo_train_options
 from pipeline.demo_cohort import generate_demo_cohort
+from pipeline.feature_tables import import_feature_table
 from pipeline.hecktor import build_manifest
 from pipeline.manifest import CLINICAL_COLUMNS
-from pipeline.feature_tables import import_feature_table
 from pipeline.pool import Job, JobPool
 from pipeline.preprocess import PreprocessParams, preprocess_cohort
 from pipeline.splits import get_folds
 from pipeline.train import TrainConfig, train_survival
-from helpers import expensive
 
 pytestmark = pytest.mark.slow
 N_CASES = 60
@@ -56,8 +56,9 @@ def make_cohort60(base, seed: int = COHORT_SEED) -> dict:
     manifest = base / "manifest.csv"
     build_manifest(root, manifest, progress=False)
     # The demo's survival size (x, y, z), so the demo network runs unchanged.
-    params = PreprocessParams(survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=(32, 32, 16),
-                              petfm_size_xyz=(32, 32, 32))
+    params = PreprocessParams(
+        survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=(32, 32, 16), petfm_size_xyz=(32, 32, 32)
+    )
     preprocess_cohort(manifest, base / "cache", params, workers=2, progress=False)
     return {"base": base, "root": root, "manifest": manifest, "cache": base / "cache", "seed": seed}
 
@@ -112,8 +113,10 @@ def _train_arms(cache, folds_path, arms: dict[str, tuple]) -> dict[str, tuple]:
     process (:func:`_train` each), on one folds file written here first."""
     manifest, _, _, embeddings = next(iter(arms.values()))
     get_folds(folds_path, load_cohort(manifest, cache, embeddings), n_folds=3)
-    jobs = [Job(name, _train, (manifest, cache, out, folds_path, cfg, emb))
-            for name, (manifest, out, cfg, emb) in arms.items()]
+    jobs = [
+        Job(name, _train, (manifest, cache, out, folds_path, cfg, emb))
+        for name, (manifest, out, cfg, emb) in arms.items()
+    ]
     with JobPool(2) as pool:
         return {done.job.key: done.result() for done in pool.run(jobs)}
 
@@ -150,13 +153,19 @@ def image_only_margins(cohort: dict, work) -> dict[str, float]:
     perm = rng.permutation(len(z))
     control = _rewrite_outcomes(cohort, "image_control", time[perm], event[perm])
 
-    arms = _train_arms(cohort["cache"], work / "folds.json", {
-        "signal": (signal, work / "signal", _config(), None), "control": (control, work / "control", _config(), None)})
+    arms = _train_arms(
+        cohort["cache"],
+        work / "folds.json",
+        {"signal": (signal, work / "signal", _config(), None), "control": (control, work / "control", _config(), None)},
+    )
     (oof, curves), (oof_c, _) = arms["signal"], arms["control"]
-    return {"c": _pooled_c(oof), "c_control": _pooled_c(oof_c),
-            "cox_start": float(np.mean([c["cox"].iloc[0] for c in curves])),
-            "cox_end": float(np.mean([c["cox"].iloc[-2:].mean() for c in curves])),
-            "rho": spearmanr(oof["risk"], pd.Series(z, index=ids).loc[oof.index]).statistic}
+    return {
+        "c": _pooled_c(oof),
+        "c_control": _pooled_c(oof_c),
+        "cox_start": float(np.mean([c["cox"].iloc[0] for c in curves])),
+        "cox_end": float(np.mean([c["cox"].iloc[-2:].mean() for c in curves])),
+        "rho": spearmanr(oof["risk"], pd.Series(z, index=ids).loc[oof.index]).statistic,
+    }
 
 
 def planted_margins(cohort: dict, work) -> dict[str, float]:
@@ -172,18 +181,27 @@ def planted_margins(cohort: dict, work) -> dict[str, float]:
     for name, values in tables.items():
         pd.DataFrame({"PatientID": man["case_id"], "lp": values}).to_csv(work / f"{name}.csv", index=False)
         import_feature_table(work / f"{name}.csv", work / f"{name}.h5", name=name, cache=cohort["cache"])
-    arms = _train_arms(cohort["cache"], work / "folds.json", {
-        name: (manifest, work / name, _config(wd_classifier=0.0), work / f"{name}.h5") for name in tables})
+    arms = _train_arms(
+        cohort["cache"],
+        work / "folds.json",
+        {name: (manifest, work / name, _config(wd_classifier=0.0), work / f"{name}.h5") for name in tables},
+    )
     oofs = {name: oof for name, (oof, _) in arms.items()}
     rho = {k: spearmanr(o["risk"], feature.loc[o.index]).statistic for k, o in oofs.items()}
-    return {"c": _pooled_c(oofs["planted"]), "c_control": _pooled_c(oofs["noise"]),
-            "rho": rho["planted"], "rho_control": rho["noise"]}
+    return {
+        "c": _pooled_c(oofs["planted"]),
+        "c_control": _pooled_c(oofs["noise"]),
+        "rho": rho["planted"],
+        "rho_control": rho["noise"],
+    }
 
 
 def test_network_learns_tumour_size_from_the_image_alone(cohort60, tmp_path):
     m = image_only_margins(cohort60, tmp_path)
-    print(f"image-only: pooled OOF C {m['c']:.3f} vs permuted control {m['c_control']:.3f}; "
-          f"Cox {m['cox_start']:.3f} -> {m['cox_end']:.3f}; Spearman(risk, log volume) {m['rho']:.3f}")
+    print(
+        f"image-only: pooled OOF C {m['c']:.3f} vs permuted control {m['c_control']:.3f}; "
+        f"Cox {m['cox_start']:.3f} -> {m['cox_end']:.3f}; Spearman(risk, log volume) {m['rho']:.3f}"
+    )
     assert m["cox_end"] < m["cox_start"] - 0.05
     assert m["c"] > m["c_control"] + 0.15 and m["c"] > 0.6
     assert m["rho"] > 0.4
@@ -191,8 +209,10 @@ def test_network_learns_tumour_size_from_the_image_alone(cohort60, tmp_path):
 
 def test_network_learns_a_planted_embedding_beside_a_noise_control(cohort60, tmp_path):
     m = planted_margins(cohort60, tmp_path)
-    print(f"planted: pooled OOF C {m['c']:.3f} vs noise control {m['c_control']:.3f}; "
-          f"Spearman(risk, planted feature) {m['rho']:.3f} vs noise control {m['rho_control']:.3f}")
+    print(
+        f"planted: pooled OOF C {m['c']:.3f} vs noise control {m['c_control']:.3f}; "
+        f"Spearman(risk, planted feature) {m['rho']:.3f} vs noise control {m['rho_control']:.3f}"
+    )
     # Images and clinical columns carry nothing here, so the control has nothing to learn; its
     # C-index still strays from 0.5 by chance on 60 cases (0.65 on one of five seeds), so the
     # C margin asked is 0.1 and the clean gauge is the rank correlation with the feature.

@@ -145,8 +145,9 @@ def _oof_frame(seed=0, n=100, k=5):
     rng = np.random.default_rng(seed)
     t, e, r = _random_survival(rng, n)
     t[t.argmax()] = 4000.0
-    return pd.DataFrame({"case_id": [f"C-{i:03d}" for i in range(n)], "fold": np.arange(n) % k,
-                         "risk": r, "time": t, "event": e})
+    return pd.DataFrame(
+        {"case_id": [f"C-{i:03d}" for i in range(n)], "fold": np.arange(n) % k, "risk": r, "time": t, "event": e}
+    )
 
 
 def test_fold_metrics_matches_direct_calls():

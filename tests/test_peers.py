@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from pipeline import cox, peers
 from pipeline.artefacts import ProvenanceError
 from pipeline.cache import GridGeometry, PreprocessedCache, write_case, write_cohort_record
+from pipeline.cli.heads import fit_heads, import_features
 from pipeline.embeddings import MissingCasesError, load_embeddings
 from pipeline.feature_tables import import_feature_table
-from pipeline.cli.heads import fit_heads, import_features
 from pipeline.manifest import MANIFEST_COLUMNS, write_manifest
 from pipeline.metrics import c_index
 from pipeline.splits import make_folds, save_folds
@@ -58,16 +58,18 @@ def _endpoints(df: pd.DataFrame, log_hazard: np.ndarray, seed: int) -> pd.DataFr
 
 
 def _folds(df: pd.DataFrame, n_splits: int = 5) -> pd.DataFrame:
-    return make_folds(df["case_id"].tolist(), df["rfs_days"].to_numpy(), df["relapse"].to_numpy(),
-                      n_splits=n_splits, seed=0)
+    return make_folds(
+        df["case_id"].tolist(), df["rfs_days"].to_numpy(), df["relapse"].to_numpy(), n_splits=n_splits, seed=0
+    )
 
 
 def _mean_fold_c(oof: pd.DataFrame) -> float:
     return float(np.mean([c_index(g.time, g.event, g.risk) for _, g in oof.groupby("fold")]))
 
 
-def _write_cache(root, sizes: dict[str, tuple[int, int, int]], suv: dict[str, tuple[float, float]],
-                 params_hash: str = "p" * 16):
+def _write_cache(
+    root, sizes: dict[str, tuple[int, int, int]], suv: dict[str, tuple[float, float]], params_hash: str = "p" * 16
+):
     """Cache whose case c has a tumour box of sizes[c] voxels (d, h, w): the first half of
     its slices have SUV suv[c][0], the rest suv[c][1]; background SUV 0.5."""
     geom = GridGeometry((0.0, 0.0, 0.0), SPACING_XYZ, (1, 0, 0, 0, 1, 0, 0, 0, 1), SHAPE[::-1])
@@ -78,11 +80,16 @@ def _write_cache(root, sizes: dict[str, tuple[int, int, int]], suv: dict[str, tu
         lo, hi = suv[cid]
         pet[: (d + 1) // 2, :h, :w] = lo
         pet[(d + 1) // 2 : d, :h, :w] = hi
-        write_case(root, cid, {"survival/mask": mask, "survival/pet": pet,
-                               "survival/ct": np.zeros(SHAPE, np.float32)},
-                   {"survival": geom}, {"params_hash": params_hash, "source_sha256": {"ct": cid}})
-    write_cohort_record(root, {"params": {}, "params_hash": params_hash, "crop_size_vox_xyz": [12, 10, 6],
-                               "case_ids": sorted(sizes)})
+        write_case(
+            root,
+            cid,
+            {"survival/mask": mask, "survival/pet": pet, "survival/ct": np.zeros(SHAPE, np.float32)},
+            {"survival": geom},
+            {"params_hash": params_hash, "source_sha256": {"ct": cid}},
+        )
+    write_cohort_record(
+        root, {"params": {}, "params_hash": params_hash, "crop_size_vox_xyz": [12, 10, 6], "case_ids": sorted(sizes)}
+    )
     return PreprocessedCache(root)
 
 
@@ -175,8 +182,11 @@ def _embeddings(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     factor = rng.normal(size=n)
     ct[:, :10] += 2.0 * factor[:, None]
     pet[:, :5] += 1.5 * factor[:, None]
-    frame = pd.DataFrame(np.hstack([ct, pet]), index=pd.Index(df.case_id, name="case_id"),
-                         columns=[f"ct_{j:03d}" for j in range(40)] + [f"pet_{j:03d}" for j in range(30)])
+    frame = pd.DataFrame(
+        np.hstack([ct, pet]),
+        index=pd.Index(df.case_id, name="case_id"),
+        columns=[f"ct_{j:03d}" for j in range(40)] + [f"pet_{j:03d}" for j in range(30)],
+    )
     frame.attrs["feature_datasets"] = ["ct", "pet"]
     return frame, factor
 
@@ -206,8 +216,9 @@ def test_heads_handle_repeated_folds_and_refuse_missing_cases():
     from pipeline.splits import repeated_folds
 
     df = _endpoints(_manifest(60, 9), np.zeros(60), seed=10)
-    rep = repeated_folds(df.case_id.tolist(), df.rfs_days.to_numpy(), df.relapse.to_numpy(),
-                         n_splits=3, n_repeats=2, seed=0)
+    rep = repeated_folds(
+        df.case_id.tolist(), df.rfs_days.to_numpy(), df.relapse.to_numpy(), n_splits=3, n_repeats=2, seed=0
+    )
     res = peers.clinical_cox(df, rep)
     assert "repeat" in res.oof.columns and len(res.oof) == 120 and len(res.per_fold) == 6
     with pytest.raises(ValueError, match=r"survival data lacks 1 case\(s\) of the folds: \['SYN-000'\]"):
@@ -222,8 +233,14 @@ def test_import_feature_table_round_trips_and_feeds_the_heads(tmp_path):
     sizes = {c: (2, 2, 2) for c in df.case_id}
     cache = _write_cache(tmp_path / "cache", sizes, {c: (1.0, 2.0) for c in df.case_id})
     rng = np.random.default_rng(12)
-    table = pd.DataFrame({"PatientID": df.case_id, "original_shape_Volume": rng.uniform(1, 50, 40),
-                          "firstorder_Mean": rng.normal(size=40), "diagnostics_Version": "v3.0"})
+    table = pd.DataFrame(
+        {
+            "PatientID": df.case_id,
+            "original_shape_Volume": rng.uniform(1, 50, 40),
+            "firstorder_Mean": rng.normal(size=40),
+            "diagnostics_Version": "v3.0",
+        }
+    )
     table.loc[3, "firstorder_Mean"] = np.nan
     csv = tmp_path / "radiomics.csv"
     table.to_csv(csv, index=False)
@@ -250,7 +267,9 @@ def test_import_feature_table_round_trips_and_feeds_the_heads(tmp_path):
         load_embeddings(res["path"], cache=other)
     # The imported features go through the same head.
     df = _endpoints(df, np.log(table["original_shape_Volume"].to_numpy()) * 1.5, seed=13)
-    out = peers.embedding_head(df, _folds(df, 4), back.loc[df.case_id], peers.HeadConfig(model="ridge", with_clinical=False))
+    out = peers.embedding_head(
+        df, _folds(df, 4), back.loc[df.case_id], peers.HeadConfig(model="ridge", with_clinical=False)
+    )
     assert _mean_fold_c(out.oof) > 0.6
 
 
@@ -282,8 +301,10 @@ def test_cli_fit_heads_and_import_features(tmp_path):
     save_folds(_folds(df), tmp_path / "folds.json")
     runner = CliRunner()
     base = ["--manifest", str(tmp_path / "manifest.csv"), "--folds", str(tmp_path / "folds.json")]
-    r = runner.invoke(fit_heads, base + ["--peer", "radiomics", "--cache", str(cache.root),
-                                         "--out", str(tmp_path / "runs" / "radiomics")])
+    r = runner.invoke(
+        fit_heads,
+        base + ["--peer", "radiomics", "--cache", str(cache.root), "--out", str(tmp_path / "runs" / "radiomics")],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "runs" / "radiomics" / "summary.json").read_text())
     oof = pd.read_csv(tmp_path / "runs" / "radiomics" / "oof_predictions.csv")
@@ -295,14 +316,36 @@ def test_cli_fit_heads_and_import_features(tmp_path):
     r = runner.invoke(fit_heads, base + ["--peer", "radiomics", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "needs the preprocessed cache" in r.output
     # Import a CSV, then fit an embedding head on it.
-    pd.DataFrame({"PatientID": df.case_id, "vol": vol, "noise": np.random.default_rng(0).normal(size=50)}
-                 ).to_csv(tmp_path / "feat.csv", index=False)
-    r = runner.invoke(import_features, [str(tmp_path / "feat.csv"), "--out", str(tmp_path / "emb" / "table.h5"),
-                                        "--cache", str(cache.root), "--manifest", str(tmp_path / "manifest.csv")])
+    pd.DataFrame({"PatientID": df.case_id, "vol": vol, "noise": np.random.default_rng(0).normal(size=50)}).to_csv(
+        tmp_path / "feat.csv", index=False
+    )
+    r = runner.invoke(
+        import_features,
+        [
+            str(tmp_path / "feat.csv"),
+            "--out",
+            str(tmp_path / "emb" / "table.h5"),
+            "--cache",
+            str(cache.root),
+            "--manifest",
+            str(tmp_path / "manifest.csv"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "50 cases x 2 features" in r.output and "covers 50 of the 50 cases" in r.output
-    r = runner.invoke(fit_heads, base + ["--embeddings", str(tmp_path / "emb" / "table.h5"), "--cache",
-                                         str(cache.root), "--no-clinical", "--out", str(tmp_path / "runs" / "t")])
+    r = runner.invoke(
+        fit_heads,
+        base
+        + [
+            "--embeddings",
+            str(tmp_path / "emb" / "table.h5"),
+            "--cache",
+            str(cache.root),
+            "--no-clinical",
+            "--out",
+            str(tmp_path / "runs" / "t"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     s2 = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
     assert s2["inputs"]["feature_modalities"] == ["table"] and s2["c_index"]["mean"] > 0.6
@@ -415,12 +458,17 @@ def test_import_without_a_cache_is_recorded_and_skips_cache_checks(tmp_path, mon
     assert "12 cases x 2 features" in r.output and "coverage is not checked" in r.output
     with h5py.File(tmp_path / "x2.h5") as h5:
         assert not h5.attrs["cache_bound"]
-    r = runner.invoke(import_features, ["radiomics.csv", "--out", "x3.h5", "--id-column", "Patient_ID",
-                                        "--cache", "elsewhere"])
-    assert r.exit_code == 1 and r.output.startswith("error: elsewhere: no such preprocessed cache (path does not exist)")
+    r = runner.invoke(
+        import_features, ["radiomics.csv", "--out", "x3.h5", "--id-column", "Patient_ID", "--cache", "elsewhere"]
+    )
+    assert r.exit_code == 1 and r.output.startswith(
+        "error: elsewhere: no such preprocessed cache (path does not exist)"
+    )
     assert "--no-cache" in r.output and not (tmp_path / "x3.h5").exists()
-    r = runner.invoke(import_features, ["radiomics.csv", "--out", "x4.h5", "--id-column", "Patient_ID",
-                                        "--cache", str(cache.root), "--no-cache"])
+    r = runner.invoke(
+        import_features,
+        ["radiomics.csv", "--out", "x4.h5", "--id-column", "Patient_ID", "--cache", str(cache.root), "--no-cache"],
+    )
     assert r.exit_code == 0 and "--no-cache" in r.output
 
 
@@ -442,14 +490,23 @@ def test_import_refuses_a_table_missing_manifest_cases_and_fit_heads_advises_imp
     save_folds(_folds(df, 4), tmp_path / "folds.json")
     _table(df.case_id[:5].tolist() + ["OTHER-1"]).to_csv(tmp_path / "part.csv", index=False)
     with pytest.raises(MissingCasesError) as err:
-        import_feature_table(tmp_path / "part.csv", tmp_path / "p.h5", id_column="Patient_ID",
-                                   expected_case_ids=df.case_id.tolist())
+        import_feature_table(
+            tmp_path / "part.csv", tmp_path / "p.h5", id_column="Patient_ID", expected_case_ids=df.case_id.tolist()
+        )
     assert err.value.missing == df.case_id[5:].tolist()
     assert "covers 5 of the 20 cases" in str(err.value) and "--allow-missing" in str(err.value)
 
     runner = CliRunner()
-    args = [str(tmp_path / "part.csv"), "--out", str(tmp_path / "p.h5"), "--id-column", "Patient_ID",
-            "--manifest", str(tmp_path / "manifest.csv"), "--no-cache"]
+    args = [
+        str(tmp_path / "part.csv"),
+        "--out",
+        str(tmp_path / "p.h5"),
+        "--id-column",
+        "Patient_ID",
+        "--manifest",
+        str(tmp_path / "manifest.csv"),
+        "--no-cache",
+    ]
     r = runner.invoke(import_features, args)
     assert r.exit_code == 1 and "error: " in r.output and df.case_id[19] in r.output
     assert not (tmp_path / "p.h5").exists()
@@ -457,8 +514,19 @@ def test_import_refuses_a_table_missing_manifest_cases_and_fit_heads_advises_imp
     assert r.exit_code == 0, r.output
     assert "covers 5 of the 20 cases" in r.output and "WARNING: 15 case(s)" in r.output
     assert df.case_id[19] in r.output and "1 row(s) are not cases" in r.output
-    r = runner.invoke(fit_heads, ["--manifest", str(tmp_path / "manifest.csv"), "--folds", str(tmp_path / "folds.json"),
-                                  "--embeddings", str(tmp_path / "p.h5"), "--out", str(tmp_path / "run")])
+    r = runner.invoke(
+        fit_heads,
+        [
+            "--manifest",
+            str(tmp_path / "manifest.csv"),
+            "--folds",
+            str(tmp_path / "folds.json"),
+            "--embeddings",
+            str(tmp_path / "p.h5"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 1 and r.output.startswith("error: ")
     assert "import-features" in r.output and "extract-embeddings" not in r.output
 
@@ -473,8 +541,9 @@ def test_fit_heads_defaults_to_the_shared_folds_json_and_refuses_a_projection_ab
     runner = CliRunner()
     assert runner.invoke(import_features, ["t.csv", "--out", "t.h5", "--id-column", "Patient_ID"]).exit_code == 0
     # Both commands default to one folds file.
-    heads_default, train_default = ({p.name: p.default for p in c.params}["folds_path"]
-                                    for c in (fit_heads, train_survival))
+    heads_default, train_default = (
+        {p.name: p.default for p in c.params}["folds_path"] for c in (fit_heads, train_survival)
+    )
     assert heads_default == train_default == "runs/folds.json"
     assert "--folds runs/folds.json" in fit_heads.epilog
     r = runner.invoke(fit_heads, ["--embeddings", "t.h5", "--out", "run"])
@@ -487,8 +556,9 @@ def test_fit_heads_defaults_to_the_shared_folds_json_and_refuses_a_projection_ab
     r = runner.invoke(fit_heads, ["--embeddings", "t.h5", "--no-clinical", "--out", "run"])
     assert r.exit_code == 0, r.output
     with pytest.warns(UserWarning, match="proj 64 exceeds the 2 features of 't'"):
-        peers.embedding_head(df, _folds(df, 3), load_embeddings("t.h5"),
-                             peers.HeadConfig(model="ridge", proj=64, with_clinical=False))
+        peers.embedding_head(
+            df, _folds(df, 3), load_embeddings("t.h5"), peers.HeadConfig(model="ridge", proj=64, with_clinical=False)
+        )
 
 
 def test_fit_heads_on_random_init_embeddings_warns_once(tmp_path):
@@ -505,14 +575,36 @@ def test_fit_heads_on_random_init_embeddings_warns_once(tmp_path):
     save_folds(_folds(df), tmp_path / "folds.json")
     ct = emb.filter(like="ct_").to_numpy()
     attrs = {"encoder": "ct_fm_segresencoder", "weights_sha256": RANDOM_INIT, "random_init_seed": 0}
-    write_embedding_file(tmp_path / "ct.h5", name="ct", case_ids=df.case_id.tolist(),
-                         datasets={"ct": (ct, attrs, {"encoder": "ct_fm_segresencoder", "seed": 0})},
-                         cache=None, random_init=True)
+    write_embedding_file(
+        tmp_path / "ct.h5",
+        name="ct",
+        case_ids=df.case_id.tolist(),
+        datasets={"ct": (ct, attrs, {"encoder": "ct_fm_segresencoder", "seed": 0})},
+        cache=None,
+        random_init=True,
+    )
     code = "from pipeline.cli.heads import fit_heads; fit_heads()"
     proc = subprocess.run(
-        [sys.executable, "-c", code, "--manifest", "manifest.csv", "--folds", "folds.json",
-         "--embeddings", "ct.h5", "--proj", "orig", "--out", "run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--manifest",
+            "manifest.csv",
+            "--folds",
+            "folds.json",
+            "--embeddings",
+            "ct.h5",
+            "--proj",
+            "orig",
+            "--out",
+            "run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     said = (proc.stdout + proc.stderr).lower().count("randomly initialised encoders")
     assert said == 1, proc.stdout + proc.stderr

@@ -21,8 +21,9 @@ DATA = Path(__file__).parent / "data"
 # weights 1 + N(0, 0.25)); input ~ N(0, 1) [1, 1, 16, 16, 16]. Stored: the config, upstream's
 # state dict, the input, the token mean before the neck ("embedding") and the neck output.
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, out_chans=8,
-            window_size=6, global_attn_indexes=(1,))
+TINY = dict(
+    img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, out_chans=8, window_size=6, global_attn_indexes=(1,)
+)
 
 
 def _randomise(model: torch.nn.Module, seed: int, scale: float = 0.5) -> None:
@@ -38,9 +39,14 @@ def _randomise(model: torch.nn.Module, seed: int, scale: float = 0.5) -> None:
 
 
 def _public_key_pattern() -> re.Pattern[str]:
-    block = (r"blocks\.(\d+)\.(norm1\.(weight|bias)|norm2\.(weight|bias)|attn\.qkv\.(weight|bias)"
-             r"|attn\.proj\.(weight|bias)|attn\.rel_pos_[dhw]|mlp\.lin[12]\.(weight|bias))")
-    other = r"pos_embed|patch_embed\.proj\.(weight|bias)|neck\.0\.weight|neck\.1\.(weight|bias)|neck\.2\.weight|neck\.3\.(weight|bias)"
+    block = (
+        r"blocks\.(\d+)\.(norm1\.(weight|bias)|norm2\.(weight|bias)|attn\.qkv\.(weight|bias)"
+        r"|attn\.proj\.(weight|bias)|attn\.rel_pos_[dhw]|mlp\.lin[12]\.(weight|bias))"
+    )
+    other = (
+        r"pos_embed|patch_embed\.proj\.(weight|bias)"
+        r"|neck\.0\.weight|neck\.1\.(weight|bias)|neck\.2\.weight|neck\.3\.(weight|bias)"
+    )
     return re.compile(rf"^({block}|{other})$")
 
 
@@ -136,8 +142,8 @@ def test_fast_attention_alone_equals_padded_literal_with_large_tables():
         padded = torch.nn.functional.pad(x, (0, 0, 0, 2, 0, 2, 0, 2))
         literal = attn.forward_literal(padded)[:, :4, :4, :4]
         no_pad_keys = attn._merge_heads(  # dropping the padded keys must change the result
-            (lambda q, k, v: ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1) @ v)(*attn._split_heads(x)),
-            (4, 4, 4))
+            (lambda q, k, v: ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1) @ v)(*attn._split_heads(x)), (4, 4, 4)
+        )
     torch.testing.assert_close(fast, literal, rtol=0, atol=1e-5)
     assert (no_pad_keys - literal).abs().max() > 1e-2
 
@@ -190,5 +196,5 @@ def test_batch_elements_are_independent():
     x = torch.randn(3, 1, 32, 32, 32, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         batch = model(x)
-        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        single = torch.cat([model(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)

@@ -21,7 +21,7 @@ def _bad(x: int) -> dict:
 
 
 def _noisy(i: int) -> dict:
-    warnings.warn("the same caveat in every job", UserWarning)
+    warnings.warn("the same caveat in every job", UserWarning, stacklevel=1)
     logging.getLogger("pipeline.pool").warning("the same log line in every job")
     return {"i": i}
 

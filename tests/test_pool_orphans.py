@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import alive, pool_workers, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,9 +29,13 @@ with JobPool(2) as pool:
 def test_killing_the_owner_stops_its_workers_within_seconds(sig):
     # As from a terminal: SIGINT at its default, whatever this process inherited (a shell's
     # background job ignores SIGINT, and Python then never raises KeyboardInterrupt).
-    owner = subprocess.Popen([sys.executable, "-c", OWNER], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert wait_until(lambda: len(pool_workers(owner.pid)) == 2, 60), "the pool's workers never started"
         workers = pool_workers(owner.pid)
@@ -40,7 +43,8 @@ def test_killing_the_owner_stops_its_workers_within_seconds(sig):
         os.kill(owner.pid, sig)
         owner.wait(timeout=30)
         assert wait_until(lambda: not any(alive(w) for w in workers), 10), (
-            f"workers {[w for w in workers if alive(w)]} outlived their owner (killed by {sig.name})")
+            f"workers {[w for w in workers if alive(w)]} outlived their owner (killed by {sig.name})"
+        )
     finally:
         if owner.poll() is None:
             owner.kill()

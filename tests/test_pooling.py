@@ -48,8 +48,11 @@ def test_deterministic_mode_backward_runs_on_cuda():
     and match the CUDA kernels."""
     x = torch.relu(torch.randn(2, 3, 23, 39, 39, device="cuda", dtype=torch.float64))
     prev = torch.are_deterministic_algorithms_enabled()
-    for mod, ref in [(pooling.MaxPool3d(3, stride=2), nn.MaxPool3d(3, stride=2)),
-                     (pooling.MaxPool3d(2), nn.MaxPool3d(2)), (pooling.AvgPool3d(2, stride=2), nn.AvgPool3d(2, 2))]:
+    for mod, ref in [
+        (pooling.MaxPool3d(3, stride=2), nn.MaxPool3d(3, stride=2)),
+        (pooling.MaxPool3d(2), nn.MaxPool3d(2)),
+        (pooling.AvgPool3d(2, stride=2), nn.AvgPool3d(2, 2)),
+    ]:
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         ref(a).sum().backward()
         torch.use_deterministic_algorithms(True)

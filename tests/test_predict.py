@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import NARROW_ENCODERS, expensive
 
 from pipeline.cache import PreprocessedCache
 from pipeline.cli.predict import predict_survival
-from pipeline.predict import run_is_random_init
 from pipeline.cli.train import train_survival
-from helpers import NARROW_ENCODERS, expensive
+from pipeline.predict import run_is_random_init
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
@@ -30,12 +30,41 @@ def trained(tiny_study, tmp_path_factory):
     from pipeline.hecktor import build_manifest
 
     out = tmp_path_factory.mktemp("predict")
-    h5 = extract_embeddings(tiny_study["cache"], "ctpet", out / "ctpet.h5", random_init=True, device="cpu",
-                            encoder_kwargs=NARROW_ENCODERS, progress=False, shard_dir=out / "shards")
-    args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-            "--embeddings", str(h5), "--out", str(out / "run"), "--folds", str(out / "folds.json"),
-            "--n-folds", str(N_FOLDS), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4",
-            "--ema-decay", "0.5", "--model-config", '{"preset": "tiny"}', "--quiet"]
+    h5 = extract_embeddings(
+        tiny_study["cache"],
+        "ctpet",
+        out / "ctpet.h5",
+        random_init=True,
+        device="cpu",
+        encoder_kwargs=NARROW_ENCODERS,
+        progress=False,
+        shard_dir=out / "shards",
+    )
+    args = [
+        "--manifest",
+        str(tiny_study["manifest"]),
+        "--cache",
+        str(tiny_study["cache"]),
+        "--embeddings",
+        str(h5),
+        "--out",
+        str(out / "run"),
+        "--folds",
+        str(out / "folds.json"),
+        "--n-folds",
+        str(N_FOLDS),
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "4",
+        "--ema-decay",
+        "0.5",
+        "--model-config",
+        '{"preset": "tiny"}',
+        "--quiet",
+    ]
     result = CliRunner().invoke(train_survival, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     # New patients: another draw of the generator, without using their endpoints.
@@ -47,9 +76,24 @@ def trained(tiny_study, tmp_path_factory):
 def _predict(trained, manifest, out_csv, *extra):
     pictures = "--pictures" in extra  # a picture per patient costs a second or two: one test draws them
     extra = [e for e in extra if e != "--pictures"] + ([] if pictures else ["--no-pictures"])
-    return CliRunner().invoke(predict_survival, [
-        "--manifest", str(manifest), "--run", str(trained["run"]), "--train-cache", str(trained["cache"]),
-        "--out", str(out_csv), "--quiet", "--workers", "1", *extra], catch_exceptions=False)
+    return CliRunner().invoke(
+        predict_survival,
+        [
+            "--manifest",
+            str(manifest),
+            "--run",
+            str(trained["run"]),
+            "--train-cache",
+            str(trained["cache"]),
+            "--out",
+            str(out_csv),
+            "--quiet",
+            "--workers",
+            "1",
+            *extra,
+        ],
+        catch_exceptions=False,
+    )
 
 
 def test_new_patients_get_risk_group_and_probability_with_the_training_crop(trained):
@@ -147,14 +191,16 @@ def test_filled_covariates_and_values_outside_the_training_range_are_named_per_p
     assert result.exit_code == 0, result.output
     pred = pd.read_csv(tmp_path / "pred.csv", dtype={"case_id": str}, keep_default_na=False).set_index("case_id")
     first, second = table["case_id"].iloc[0], table["case_id"].iloc[1]
-    fills = [read_json(trained["run"] / f"fold_{k}" / "fold_state.json")["clinical_transform"]["params"]
-             for k in range(N_FOLDS)]
+    fills = [
+        read_json(trained["run"] / f"fold_{k}" / "fold_state.json")["clinical_transform"]["params"]
+        for k in range(N_FOLDS)
+    ]
     hpv = "/".join(f"{v:g}" for v in sorted({f["hpv_status"]["fill"] for f in fills}))
     assert pred.loc[first, "n_covariates_missing"] == 6
     assert f"hpv_status={hpv}" in pred.loc[first, "covariates_filled"]
     assert "training medians" in pred.loc[first, "covariates_filled"]
     assert "6 of 9 covariates missing" in pred.loc[first, "out_of_distribution_reasons"]
-    assert f"{first}: log relative hazard" in result.output and f"covariates filled: weight=" in result.output
+    assert f"{first}: log relative hazard" in result.output and "covariates filled: weight=" in result.output
     assert pred.loc[second, "out_of_distribution"]
     assert "age 130 outside the training range" in pred.loc[second, "out_of_distribution_reasons"]
 
@@ -205,8 +251,13 @@ def test_ensemble_risk_group_and_probability_equal_a_recomputation_from_the_fold
     np.testing.assert_allclose(pred["log_relative_hazard_sd_over_folds"], risks.std(axis=1, ddof=1), atol=1e-4)
     p_by_hand = (1.0 - np.exp(-h0 * np.exp(risks.to_numpy()))).mean(axis=1)
     np.testing.assert_allclose(pred["relapse_probability_1y_percent"], 100 * p_by_hand, atol=1e-2)
-    pct = np.mean([[100 * (np.sort(r["train"]["risk"]) < risks.loc[c, k]).mean() for k, r in enumerate(records)]
-                   for c in risks.index], axis=1)
+    pct = np.mean(
+        [
+            [100 * (np.sort(r["train"]["risk"]) < risks.loc[c, k]).mean() for k, r in enumerate(records)]
+            for c in risks.index
+        ],
+        axis=1,
+    )
     np.testing.assert_allclose(pred["percentile_among_training"], pct, atol=100 / len(records[0]["train"]) + 1e-6)
     # Majority of folds above their own training median (cases within float noise of a
     # median, e.g. the median case itself, could go either way and are left out).
@@ -220,13 +271,32 @@ def test_ensemble_risk_group_and_probability_equal_a_recomputation_from_the_fold
 def test_a_cache_other_than_the_runs_is_refused(trained, tmp_path):
     from pipeline.preprocess import PreprocessParams, preprocess_cohort
 
-    other = preprocess_cohort(trained["manifest"], tmp_path / "other",
-                              PreprocessParams(survival_size_xyz=(32, 32, 32), ctfm_size_xyz=(32, 32, 16),
-                                               petfm_size_xyz=(32, 32, 32), ct_fm_window_hu=(-500.0, 1500.0)),
-                              workers=1, progress=False)
-    result = CliRunner().invoke(predict_survival, [
-        "--manifest", str(trained["out"] / "new.csv"), "--run", str(trained["run"]),
-        "--train-cache", str(other.root), "--out", str(tmp_path / "pred.csv"), "--quiet"])
+    other = preprocess_cohort(
+        trained["manifest"],
+        tmp_path / "other",
+        PreprocessParams(
+            survival_size_xyz=(32, 32, 32),
+            ctfm_size_xyz=(32, 32, 16),
+            petfm_size_xyz=(32, 32, 32),
+            ct_fm_window_hu=(-500.0, 1500.0),
+        ),
+        workers=1,
+        progress=False,
+    )
+    result = CliRunner().invoke(
+        predict_survival,
+        [
+            "--manifest",
+            str(trained["out"] / "new.csv"),
+            "--run",
+            str(trained["run"]),
+            "--train-cache",
+            str(other.root),
+            "--out",
+            str(tmp_path / "pred.csv"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 1
     assert "preprocessing params_hash mismatch" in result.output
     assert not (tmp_path / "pred.csv").exists()
@@ -269,8 +339,12 @@ def test_mistyped_paths_are_refused_naming_what_exists_nearby(tmp_path):
     (tmp_path / "cache" / "preprocessed").mkdir(parents=True)
     (tmp_path / "cache" / "preprocessed" / "cohort.json").write_text("{}")
     (tmp_path / "run").mkdir()
-    base = {"--manifest": str(tmp_path / "new_patients.csv"), "--run": str(tmp_path / "run"),
-            "--train-cache": str(tmp_path / "cache" / "preprocessed"), "--out": str(tmp_path / "p.csv")}
+    base = {
+        "--manifest": str(tmp_path / "new_patients.csv"),
+        "--run": str(tmp_path / "run"),
+        "--train-cache": str(tmp_path / "cache" / "preprocessed"),
+        "--out": str(tmp_path / "p.csv"),
+    }
 
     def run(option, value):
         args = [x for k, v in {**base, option: value}.items() for x in (k, v)]
@@ -294,8 +368,10 @@ def test_a_missing_run_folder_names_where_make_demo_leaves_models(tmp_path, monk
     (tmp_path / "m.csv").write_text("")
     (tmp_path / "cache" / "preprocessed").mkdir(parents=True)
     (tmp_path / "cache" / "preprocessed" / "cohort.json").write_text("{}")
-    result = CliRunner().invoke(predict_survival, ["--manifest", "m.csv", "--run", "runs/ctpet-d256",
-                                                   "--train-cache", "cache/preprocessed", "--out", "p.csv"])
+    result = CliRunner().invoke(
+        predict_survival,
+        ["--manifest", "m.csv", "--run", "runs/ctpet-d256", "--train-cache", "cache/preprocessed", "--out", "p.csv"],
+    )
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "runs/ctpet-d256: no such run folder" in out
     assert "`make demo` leaves its models in runs/demo_study/runs/<config> (here: ctpet-d256)" in out

@@ -41,8 +41,7 @@ from pipeline.preprocess import (
 )
 from pipeline.resample_torch import continuous_index
 
-PARAMS = PreprocessParams(survival_size_xyz=(16, 16, 8), ctfm_size_xyz=(24, 24, 8),
-                          petfm_size_xyz=(16, 16, 16))
+PARAMS = PreprocessParams(survival_size_xyz=(16, 16, 8), ctfm_size_xyz=(24, 24, 8), petfm_size_xyz=(16, 16, 16))
 CT_SPACING = (1.0, 1.0, 2.5)
 CT_SIZE = (40, 40, 20)  # x, y, z -> 40 x 40 x 50 mm
 CT_ORIGIN = (-20.0, -20.0, 0.0)
@@ -296,10 +295,8 @@ def test_fm_inputs_lie_in_unit_range_and_ct_keeps_fractional_hu(cohort):
     # CT-FM = (HU + 1000) / 3000 of the same crop (no extra scaling).
     ct, pet, lab = _read_case(root, "CHUM-001")
     params = PreprocessParams.from_dict(report.cache.params)
-    res = preprocess_case(ct, pet, lab, replace(params, ctfm_size_xyz=params.crop_size_vox_xyz),
-                          keep_crop=True)
-    np.testing.assert_allclose(res.arrays["ctfm/ct"], (np.clip(res.crop["ct"], -1000, 2000) + 1000) / 3000,
-                               atol=1e-5)
+    res = preprocess_case(ct, pet, lab, replace(params, ctfm_size_xyz=params.crop_size_vox_xyz), keep_crop=True)
+    np.testing.assert_allclose(res.arrays["ctfm/ct"], (np.clip(res.crop["ct"], -1000, 2000) + 1000) / 3000, atol=1e-5)
 
 
 def test_slice_axis_is_array_axis_zero():
@@ -337,15 +334,18 @@ def test_centre_falls_back_to_bbox_centre_when_centroid_is_outside_the_tumour():
     # The crop around the bbox centre spans both lesions: 35 mm + voxel edges in x.
     assert loc.crop_size_vox_xyz[0] in (36, 38)
     # Primary only: a convex sphere, centroid kept.
-    only_gtvp = locate_tumour(_label_image(lab), (1, 0, 0, 0, 1, 0, 0, 0, 1),
-                              replace(params, tumour_labels=(1,)))
+    only_gtvp = locate_tumour(_label_image(lab), (1, 0, 0, 0, 1, 0, 0, 0, 1), replace(params, tumour_labels=(1,)))
     assert only_gtvp.centre_source == "centroid"
     np.testing.assert_allclose(only_gtvp.centre_mm_xyz, (-14.0, 0.0, 25.0), atol=0.6)
     assert only_gtvp.volume_ml == pytest.approx(4 / 3 * np.pi * 125 / 1000, rel=0.1)
     with pytest.raises(ValueError, match=r"case 'X-1': label file lab.nii.gz has no voxel"):
-        locate_tumour(_label_image(np.where(lab == 2, 2, 0).astype(np.uint8)),
-                      (1, 0, 0, 0, 1, 0, 0, 0, 1), replace(params, tumour_labels=(1,)),
-                      case_id="X-1", label_path="lab.nii.gz")
+        locate_tumour(
+            _label_image(np.where(lab == 2, 2, 0).astype(np.uint8)),
+            (1, 0, 0, 0, 1, 0, 0, 0, 1),
+            replace(params, tumour_labels=(1,)),
+            case_id="X-1",
+            label_path="lab.nii.gz",
+        )
 
 
 def test_flipped_ct_direction_keeps_tumour_centred_and_torch_agrees():
@@ -358,7 +358,7 @@ def test_flipped_ct_direction_keeps_tumour_centred_and_torch_agrees():
     ct_arr = (3.0 * phys_x + y + 300.0 * blob - 50).astype(np.int16)
     ct, lab = (image_from_array(arr, CT_SPACING, (10.0, 0.0, 0.0), flip) for arr in (ct_arr, blob.astype(np.uint8)))
     px, py, pz = _grid_points(PET_SIZE, PET_SPACING, (-35.0, -10.0, -5.0))
-    pet_arr = (1 + 9 * np.exp(-((px - centre[0]) ** 2 + (py - centre[1]) ** 2 + (pz - centre[2]) ** 2) / 36))
+    pet_arr = 1 + 9 * np.exp(-((px - centre[0]) ** 2 + (py - centre[1]) ** 2 + (pz - centre[2]) ** 2) / 36)
     pet = image_from_array(pet_arr.astype(np.float32), PET_SPACING, (-35.0, -10.0, -5.0))
     params = replace(PARAMS, crop_size_vox_xyz=(16, 16, 6))
     a = preprocess_case(ct, pet, lab, params, backend="sitk")
@@ -400,18 +400,22 @@ def test_cache_provenance_attributes(cohort):
 def test_rerun_skips_and_a_changed_source_is_redone(cohort, tmp_path):
     root, manifest, _ = cohort
     out = tmp_path / "cache"
-    first = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False,
-                              case_ids=["CHUM-001", "CHUP-003"])
+    first = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False, case_ids=["CHUM-001", "CHUP-003"])
     assert sorted(first.processed) == ["CHUM-001", "CHUP-003"] and first.skipped == []
     mtime = case_file(out, "CHUM-001").stat().st_mtime_ns
-    again = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False,
-                              case_ids=["CHUM-001", "CHUP-003"])
+    again = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False, case_ids=["CHUM-001", "CHUP-003"])
     assert again.processed == [] and sorted(again.skipped) == ["CHUM-001", "CHUP-003"]
     assert case_file(out, "CHUM-001").stat().st_mtime_ns == mtime
     assert (out / "cohort.json").is_file()
     # Other parameters -> other fingerprint -> redone.
-    other = run_preprocessing(manifest, out, replace(PARAMS, pet_fm_percentiles=(1.0, 99.0)),
-                              workers=1, progress=False, case_ids=["CHUM-001", "CHUP-003"])
+    other = run_preprocessing(
+        manifest,
+        out,
+        replace(PARAMS, pet_fm_percentiles=(1.0, 99.0)),
+        workers=1,
+        progress=False,
+        case_ids=["CHUM-001", "CHUP-003"],
+    )
     assert sorted(other.processed) == ["CHUM-001", "CHUP-003"]
 
 
@@ -421,16 +425,21 @@ def test_reference_cache_keeps_g_for_new_patients(cohort, tmp_path):
     make_case(root, "MDA-104", [(1, (0.0, 0.0, 25.0), (9.0, 9.0, 9.0))])
     new_manifest = uniform_manifest(root, ["MDA-104"], name="new_manifest.csv")
     ref = root / "cache"
-    out = run_preprocessing(new_manifest, tmp_path / "new", None, reference_cache=ref,
-                            workers=1, progress=False)
+    out = run_preprocessing(new_manifest, tmp_path / "new", None, reference_cache=ref, workers=1, progress=False)
     assert out.crop_size_vox_xyz == report.crop_size_vox_xyz
     assert out.cache.params == report.cache.params and out.cache.params_hash == report.cache.params_hash
     assert out.cache.cohort["crop_size_source"] == str(ref.resolve())
     assert out.exceeding_crop == ["MDA-104"]
     assert out.cache.attrs("MDA-104")["tumour_fits_crop"] in (False, 0)
     with pytest.raises(ValueError, match=r"parameters \['tumour_labels'\] differ"):
-        run_preprocessing(new_manifest, tmp_path / "new2", replace(PARAMS, tumour_labels=(1,)),
-                          reference_cache=ref, workers=1, progress=False)
+        run_preprocessing(
+            new_manifest,
+            tmp_path / "new2",
+            replace(PARAMS, tumour_labels=(1,)),
+            reference_cache=ref,
+            workers=1,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="is the output folder"):
         run_preprocessing(new_manifest, ref, None, reference_cache=ref, workers=1, progress=False)
 
@@ -458,8 +467,7 @@ def test_failing_case_leaves_no_partial_file_and_no_cohort_record(tmp_path):
     (root / "imagesTr" / "CHUM-001__CT.nii.gz").write_bytes(b"not a nifti")
     ct_path = str((root / "imagesTr" / "CHUM-001__CT.nii.gz").resolve())
     with pytest.raises(CaseError, match=rf"'CHUM-001'.*CT file {ct_path}"):
-        run_preprocessing(manifest, tmp_path / "c2", g, workers=1, progress=False,
-                          case_ids=["CHUM-001"])
+        run_preprocessing(manifest, tmp_path / "c2", g, workers=1, progress=False, case_ids=["CHUM-001"])
 
 
 # --------------------------------------------------------------------------- input checks
@@ -474,11 +482,13 @@ def _shift_origin(mm):
     def edit(img):
         img.SetOrigin(tuple(o + d for o, d in zip(img.GetOrigin(), mm)))
         return img
+
     return edit
 
 
 def _set_voxels(values):
     """Set voxels (array index z, y, x) to values, e.g. NaN."""
+
     def edit(img):
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
         for idx, v in values:
@@ -486,24 +496,40 @@ def _set_voxels(values):
         out = sitk.GetImageFromArray(arr)
         out.CopyInformation(img)
         return out
+
     return edit
 
 
 BAD_IMAGES = {
     # name: (case blobs, G, file to edit, edit, texts the message must hold)
     "PET shifted off the tumour": (
-        CASES["CHUM-001"], (16, 16, 8), "imagesTr/{}__PT.nii.gz", _shift_origin((0, 0, 400)),
-        ["tumour coverage check: PET field of view covers 0.0 % of the tumour", "--min-tumour-coverage"]),
+        CASES["CHUM-001"],
+        (16, 16, 8),
+        "imagesTr/{}__PT.nii.gz",
+        _shift_origin((0, 0, 400)),
+        ["tumour coverage check: PET field of view covers 0.0 % of the tumour", "--min-tumour-coverage"],
+    ),
     "NaN and inf in the PET": (
-        CASES["CHUM-001"], (16, 16, 8), "imagesTr/{}__PT.nii.gz",
+        CASES["CHUM-001"],
+        (16, 16, 8),
+        "imagesTr/{}__PT.nii.gz",
         _set_voxels([((1, 2, 3), np.nan), ((4, 5, 6), np.inf)]),
-        ["finite-voxel check: PET holds 2 non-finite voxel(s) (1 NaN, 1 inf)"]),
+        ["finite-voxel check: PET holds 2 non-finite voxel(s) (1 NaN, 1 inf)"],
+    ),
     "NaN in a float CT": (
-        CASES["CHUM-001"], (16, 16, 8), "imagesTr/{}__CT.nii.gz", _set_voxels([((3, 3, 3), np.nan)]),
-        ["finite-voxel check: CT holds 1 non-finite voxel(s) (1 NaN, 0 inf)"]),
+        CASES["CHUM-001"],
+        (16, 16, 8),
+        "imagesTr/{}__CT.nii.gz",
+        _set_voxels([((3, 3, 3), np.nan)]),
+        ["finite-voxel check: CT holds 1 non-finite voxel(s) (1 NaN, 0 inf)"],
+    ),
     "crop mostly outside the CT": (  # tumour near the CT border, crop 60 x 60 x 72 mm
-        CASES["CHUM-002"], (60, 60, 24), "imagesTr/{}__CT.nii.gz", lambda img: img,
-        ["crop coverage check: CT field of view covers 24.4 % of the crop", "--min-crop-coverage"]),
+        CASES["CHUM-002"],
+        (60, 60, 24),
+        "imagesTr/{}__CT.nii.gz",
+        lambda img: img,
+        ["crop coverage check: CT field of view covers 24.4 % of the crop", "--min-crop-coverage"],
+    ),
 }
 
 
@@ -532,14 +558,14 @@ def test_coverage_limits_are_parameters_and_recorded(tmp_path):
     _rewrite(root / "imagesTr" / "CHUM-001__PT.nii.gz", _shift_origin((0, 0, 400)))
     manifest = uniform_manifest(root, ["CHUM-001"])
     # Limits of 0 accept a PET that misses everything: its crop is then pure padding.
-    report = run_preprocessing(manifest, tmp_path / "c", PARAMS, workers=1, progress=False,
-                               min_tumour_coverage=0.0, min_crop_coverage=0.0)
+    report = run_preprocessing(
+        manifest, tmp_path / "c", PARAMS, workers=1, progress=False, min_tumour_coverage=0.0, min_crop_coverage=0.0
+    )
     attrs = report.cache.attrs("CHUM-001")
     assert attrs["pet_tumour_coverage"] == 0.0 and attrs["pet_crop_coverage"] == 0.0
     assert attrs["ct_crop_coverage"] == 1.0
     assert np.ptp(report.cache.read("CHUM-001", ("survival/pet",))["survival/pet"]) == 0.0
-    assert report.cache.cohort["input_checks"] == {"min_tumour_coverage": 0.0,
-                                                   "min_crop_coverage": 0.0}
+    assert report.cache.cohort["input_checks"] == {"min_tumour_coverage": 0.0, "min_crop_coverage": 0.0}
     # A rerun under the default limits does not skip the case: it is redone and refused.
     with pytest.raises(CaseError, match="tumour coverage check"):
         run_preprocessing(manifest, tmp_path / "c", PARAMS, workers=1, progress=False)
@@ -554,8 +580,7 @@ def test_case_written_before_the_checks_is_redone(cohort, tmp_path):
     with h5py.File(case_file(out, "CHUM-001"), "r+") as h5:  # as an older version wrote it
         for key in ("pet_tumour_coverage", "ct_crop_coverage", "pet_crop_coverage"):
             del h5.attrs[key]
-    again = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False,
-                              case_ids=["CHUM-001"])
+    again = run_preprocessing(manifest, out, PARAMS, workers=1, progress=False, case_ids=["CHUM-001"])
     assert again.processed == ["CHUM-001"] and again.skipped == []
     assert PreprocessedCache(out).attrs("CHUM-001")["pet_tumour_coverage"] == 1.0
 
@@ -597,10 +622,22 @@ def test_real_petct_case(sts_root, tmp_path):
     manifest_dir.mkdir()
     row = {c: "" for c in MANIFEST_COLUMNS}
     rel = os.path.relpath(sts_root, manifest_dir)
-    row.update(case_id="STS-001", center_id=1, center="CHUM",
-               ct_path=f"{rel}/imagesTr/STS-001__CT.nii.gz", pet_path=f"{rel}/imagesTr/STS-001__PT.nii.gz",
-               label_path=f"{rel}/labelsTr/STS-001.nii.gz", task1=1, task2=0, has_endpoint=0,
-               gender="M", age=50, chemotherapy=0, has_gtvp=1, has_gtvn=0)
+    row.update(
+        case_id="STS-001",
+        center_id=1,
+        center="CHUM",
+        ct_path=f"{rel}/imagesTr/STS-001__CT.nii.gz",
+        pet_path=f"{rel}/imagesTr/STS-001__PT.nii.gz",
+        label_path=f"{rel}/labelsTr/STS-001.nii.gz",
+        task1=1,
+        task2=0,
+        has_endpoint=0,
+        gender="M",
+        age=50,
+        chemotherapy=0,
+        has_gtvp=1,
+        has_gtvn=0,
+    )
     manifest = manifest_dir / "manifest.csv"
     write_manifest(pd.DataFrame([row]), manifest)
     # A HECKTOR-sized crop (paper sizes otherwise) larger than this cropped scan: must pad.
@@ -614,9 +651,10 @@ def test_real_petct_case(sts_root, tmp_path):
     # The crop leaves the scan: its voxels outside the native grids hold each volume's minimum.
     from pipeline.preprocess import geometry_of
 
-    imgs = [sitk.ReadImage(str(sts_root / f)) for f in ("imagesTr/STS-001__CT.nii.gz",
-                                                        "imagesTr/STS-001__PT.nii.gz",
-                                                        "labelsTr/STS-001.nii.gz")]
+    imgs = [
+        sitk.ReadImage(str(sts_root / f))
+        for f in ("imagesTr/STS-001__CT.nii.gz", "imagesTr/STS-001__PT.nii.gz", "labelsTr/STS-001.nii.gz")
+    ]
     res = preprocess_case(*imgs, PreprocessParams.from_dict(cache.params), keep_crop=True)
     np.testing.assert_allclose(res.arrays["petfm/pet"], a["petfm/pet"])  # same as the cache
     for img, name in zip(imgs, ("ct", "pet", "mask")):
@@ -630,7 +668,7 @@ def test_real_petct_case(sts_root, tmp_path):
     peak = np.unravel_index(np.argmax(pet), pet.shape)
     near = np.argwhere(mask)
     sp = np.asarray(cache.geometry("STS-001", "survival").spacing_xyz[::-1])
-    assert (np.linalg.norm((near - np.asarray(peak)) * sp, axis=1).min() < 5.0)  # within 5 mm
+    assert np.linalg.norm((near - np.asarray(peak)) * sp, axis=1).min() < 5.0  # within 5 mm
     assert pet[mask].mean() > 2 * pet[~mask].mean()  # FDG-avid tumour
 
 
@@ -640,18 +678,30 @@ def test_real_petct_case(sts_root, tmp_path):
 def test_cli_summary_and_clean_errors(cohort, tmp_path):
     root, manifest, report = cohort
     runner = CliRunner()
-    res = runner.invoke(preprocess_cli, ["--manifest", str(manifest), "--out", str(tmp_path / "c"),
-                                         "--survival-size", "16,16,8", "--workers", "1", "--quiet"])
+    res = runner.invoke(
+        preprocess_cli,
+        [
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "c"),
+            "--survival-size",
+            "16,16,8",
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "3 case(s) done, 0 skipped" in res.output and str(tmp_path / "c") in res.output
     gx, gy, gz = PreprocessedCache(tmp_path / "c").crop_size_vox_xyz
     assert f"G = {gx} x {gy} x {gz}" in res.output
-    bad = runner.invoke(preprocess_cli, ["--manifest", str(manifest), "--out", str(tmp_path / "d"),
-                                         "--survival-size", "16,16"])
+    bad = runner.invoke(
+        preprocess_cli, ["--manifest", str(manifest), "--out", str(tmp_path / "d"), "--survival-size", "16,16"]
+    )
     assert bad.exit_code != 0 and "expected 3 integers" in bad.output
     assert "Traceback" not in bad.output
-    missing = runner.invoke(preprocess_cli, ["--manifest", str(tmp_path / "nope.csv"),
-                                             "--out", str(tmp_path / "e")])
+    missing = runner.invoke(preprocess_cli, ["--manifest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "e")])
     assert missing.exit_code == 1 and "nope.csv: no such manifest (path does not exist)" in missing.output
     assert "Traceback" not in missing.output
 
@@ -665,29 +715,49 @@ def test_cli_demo_preset_fm_sizes_and_refused_case(tmp_path):
     runner = CliRunner()
     helptext = runner.invoke(preprocess_cli, ["-h"])
     assert helptext.exit_code == 0
-    for opt in ("--demo", "--ctfm-size", "--petfm-size", "--min-tumour-coverage",
-                "--min-crop-coverage", "train-survival --preset demo"):
+    for opt in (
+        "--demo",
+        "--ctfm-size",
+        "--petfm-size",
+        "--min-tumour-coverage",
+        "--min-crop-coverage",
+        "train-survival --preset demo",
+    ):
         assert opt in " ".join(helptext.output.split()), opt
     # --demo sets the demo's sizes; the FM size options override them.
-    res = runner.invoke(preprocess_cli, ["--manifest", manifest, "--out", str(tmp_path / "c"), "--demo",
-                                         "--ctfm-size", "24,24,8", "--petfm-size", "32,32,32",
-                                         "--workers", "1", "--quiet"])
+    res = runner.invoke(
+        preprocess_cli,
+        [
+            "--manifest",
+            manifest,
+            "--out",
+            str(tmp_path / "c"),
+            "--demo",
+            "--ctfm-size",
+            "24,24,8",
+            "--petfm-size",
+            "32,32,32",
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     params = PreprocessedCache(tmp_path / "c").params
     assert params["survival_size_xyz"] == list(DEMO_SURVIVAL_SIZE_XYZ)
     assert params["ctfm_size_xyz"] == [24, 24, 8] and params["petfm_size_xyz"] == [32, 32, 32]
     a = PreprocessedCache(tmp_path / "c").read("CHUM-001", ("ctfm/ct", "petfm/pet"))
     assert a["ctfm/ct"].shape == (8, 24, 24) and a["petfm/pet"].shape == (32, 32, 32)
-    bad = runner.invoke(preprocess_cli, ["--manifest", manifest, "--out", str(tmp_path / "d"),
-                                         "--petfm-size", "64,64"])
+    bad = runner.invoke(preprocess_cli, ["--manifest", manifest, "--out", str(tmp_path / "d"), "--petfm-size", "64,64"])
     assert bad.exit_code == 2 and "--petfm-size" in bad.output and "expected 3 integers" in bad.output
     # A PET placed away from the tumour: "error: ..." on stderr, exit 1, the option named.
     _rewrite(root / "imagesTr" / "CHUM-001__PT.nii.gz", _shift_origin((0, 0, 400)))
     args = ["--manifest", manifest, "--out", str(tmp_path / "e"), "--demo", "--workers", "1", "--quiet"]
     refused = runner.invoke(preprocess_cli, args)
     assert refused.exit_code == 1 and "Traceback" not in refused.output
-    assert refused.stderr.startswith("error: case 'CHUM-001': tumour coverage check: PET field of "
-                                     "view covers 0.0 % of the tumour"), refused.stderr
+    assert refused.stderr.startswith(
+        "error: case 'CHUM-001': tumour coverage check: PET field of view covers 0.0 % of the tumour"
+    ), refused.stderr
     assert "--min-tumour-coverage" in refused.stderr
     allowed = runner.invoke(preprocess_cli, [*args, "--min-tumour-coverage", "0", "--min-crop-coverage", "0"])
     assert allowed.exit_code == 0, allowed.output

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import expensive, make_fake_study, make_spec, make_study_inputs
 
 from pipeline import metrics, study, study_spec
+from pipeline.artefacts import read_json, write_json_atomic
 from pipeline.report import analysis as report
 from pipeline.report import collect, figures, results, write_report
 from pipeline.report import render as report_render
-from pipeline.artefacts import read_json, write_json_atomic
-from helpers import expensive, make_fake_study, make_spec, make_study_inputs
 
 
 def _records(values: dict[str, dict[str, list]], n_folds: int = 3) -> pd.DataFrame:
@@ -32,23 +32,39 @@ def _records(values: dict[str, dict[str, list]], n_folds: int = 3) -> pd.DataFra
             for k in range(n_folds):
                 done = k < len(folds)
                 c, a, s = folds[k] if done else (np.nan, np.nan, np.nan)
-                rows.append({"config": name, "group": conf.group, "d": conf.d_label,
-                             "fold": k, "protocol": proto, "done": done, "c_index": c, "auc_1y": a,
-                             "selection_c_index": s})
+                rows.append(
+                    {
+                        "config": name,
+                        "group": conf.group,
+                        "d": conf.d_label,
+                        "fold": k,
+                        "protocol": proto,
+                        "done": done,
+                        "c_index": c,
+                        "auc_1y": a,
+                        "selection_c_index": s,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def test_summary_means_sds_best_d_and_deltas_are_computed_from_the_records():
     nan = float("nan")
     vals = {
-        "baseline": {"paper": [(0.60, 0.70, 0.6), (0.62, 0.66, 0.6), (0.64, nan, 0.6)],
-                     "inner": [(0.58, 0.60, 0.55), (0.60, 0.62, 0.55), (0.62, 0.64, 0.55)]},
+        "baseline": {
+            "paper": [(0.60, 0.70, 0.6), (0.62, 0.66, 0.6), (0.64, nan, 0.6)],
+            "inner": [(0.58, 0.60, 0.55), (0.60, 0.62, 0.55), (0.62, 0.64, 0.55)],
+        },
         # Under the paper protocol ct-d128 has the best outer mean; under the inner protocol
         # ct-d64 has the best inner-validation mean although its outer mean is lower.
-        "ct-d64": {"paper": [(0.70, 0.7, 0.9), (0.70, 0.7, 0.9), (0.70, 0.7, 0.9)],
-                   "inner": [(0.61, 0.65, 0.80), (0.63, 0.67, 0.80), (0.65, 0.69, 0.80)]},
-        "ct-d128": {"paper": [(0.80, 0.8, 0.5), (0.70, 0.9, 0.5), (0.75, 0.85, 0.5)],
-                    "inner": [(0.70, 0.7, 0.60), (0.70, 0.7, 0.60), (0.70, 0.7, 0.60)]},
+        "ct-d64": {
+            "paper": [(0.70, 0.7, 0.9), (0.70, 0.7, 0.9), (0.70, 0.7, 0.9)],
+            "inner": [(0.61, 0.65, 0.80), (0.63, 0.67, 0.80), (0.65, 0.69, 0.80)],
+        },
+        "ct-d128": {
+            "paper": [(0.80, 0.8, 0.5), (0.70, 0.9, 0.5), (0.75, 0.85, 0.5)],
+            "inner": [(0.70, 0.7, 0.60), (0.70, 0.7, 0.60), (0.70, 0.7, 0.60)],
+        },
         # Better than everything but only 2 of 3 folds finished: must not win Table 1.
         "ct-d256": {"paper": [(0.95, 0.9, 0.99), (0.95, 0.9, 0.99)], "inner": [(0.9, 0.9, 0.99)] * 2},
         "pet-dorig": {"paper": [(0.66, 0.7, 0.7)] * 3, "inner": [(0.64, 0.7, 0.7)] * 3},
@@ -110,10 +126,14 @@ def finished_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     inputs = make_study_inputs(root / "inputs")
     spec = make_spec(inputs, root / "study", configs=("baseline", "ct-d64", "ctpet-dorig"), n_folds=2)
-    study.prepare_study(spec, info={"synthetic": True, "data_source": "tiny test cohort",
-                                    "oracle_c_index": 0.8123, "settings": "test"})
-    for cell in (study_spec.Cell(study_spec.Configuration(), 0), study_spec.Cell(study_spec.Configuration(), 1),
-                 study_spec.Cell(study_spec.Configuration("ct", 64), 0)):
+    study.prepare_study(
+        spec, info={"synthetic": True, "data_source": "tiny test cohort", "oracle_c_index": 0.8123, "settings": "test"}
+    )
+    for cell in (
+        study_spec.Cell(study_spec.Configuration(), 0),
+        study_spec.Cell(study_spec.Configuration(), 1),
+        study_spec.Cell(study_spec.Configuration("ct", 64), 0),
+    ):
         study.run_cell(spec, cell)
     return spec
 
@@ -154,22 +174,32 @@ def test_report_from_real_cells_shows_pending_and_writes_every_file(finished_stu
     assert s.loc[("paper", "ct-d64"), "n_done"] == 1 and s.loc[("paper", "ctpet-dorig"), "n_done"] == 0
     assert "| DeepMTS+DAFT | CT | 64 | 1/2 |" in md and "| DeepMTS+DAFT | CT+PET | orig | 0/2 | pending |" in md
     # Baseline mean in the report equals the mean of its two folds.
-    c = [read_json(study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k)) / "done.json")
-         ["protocols"]["paper"]["c_index"] for k in (0, 1)]
+    c = [
+        read_json(study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k)) / "done.json")["protocols"][
+            "paper"
+        ]["c_index"]
+        for k in (0, 1)
+    ]
     assert s.loc[("paper", "baseline"), "c_mean"] == pytest.approx(np.mean(c))
     js = read_json(out / "results.json")
     assert js["cells"] == {"total": 6, "done": 3}
     assert js["study"]["embeddings"]["random_init"] is True
     # PET was not requested: no Table 1 row says "pending" for it, the text names it as not part of the study.
-    assert {r["group"] for r in js["table1"]["paper"]} == {"baseline", "ct", "ctpet", "clinical",
-                                                              "radiomics", "head-ct", "head-ctpet"}
+    assert {r["group"] for r in js["table1"]["paper"]} == {
+        "baseline",
+        "ct",
+        "ctpet",
+        "clinical",
+        "radiomics",
+        "head-ct",
+        "head-ctpet",
+    }
     assert "| DeepMTS+DAFT + PET |" not in md and "| + PET |" not in md
     assert md.count("Not part of this study: DeepMTS+DAFT + PET (not requested") == 3  # headline, Table 1 x2
     # Integers, not "2.0 of 2.0 folds"; a baseline of 2 epochs x 2 steps is called barely trained.
     assert not re.search(r"\d\.0 of \d\.0 folds", md)
     assert "the baseline barely trained (mean train C-index" in md and "after 4 optimiser steps" in md
-    assert {r["status"] for r in js["table1"]["paper"] if r["group"].startswith(("head", "clin", "rad"))} \
-        == {"pending"}
+    assert {r["status"] for r in js["table1"]["paper"] if r["group"].startswith(("head", "clin", "rad"))} == {"pending"}
 
 
 @pytest.mark.slow
@@ -178,8 +208,9 @@ def test_report_cli_report_only(finished_study, tmp_path):
 
     from pipeline.cli.study import run_study
 
-    res = CliRunner().invoke(run_study, ["--out", finished_study.study_dir, "--report-only",
-                                         "--report-dir", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        run_study, ["--out", finished_study.study_dir, "--report-only", "--report-dir", str(tmp_path / "r")]
+    )
     assert res.exit_code == 0, res.output
     assert res.output.strip().endswith(f"report: {tmp_path / 'r' / 'report.md'}")
 
@@ -211,13 +242,16 @@ def _md_table(text: str, after: str) -> pd.DataFrame:
 def test_report_opens_with_the_headline_and_its_values_equal_the_full_tables(fake):
     text, js = fake["text"], fake["js"]
     # The first table of the report is the headline, unbiased protocol first.
-    first_table = text[text.index("\n|"):].strip().splitlines()[0]
+    first_table = text[text.index("\n|") :].strip().splitlines()[0]
     assert first_table.startswith("| model | d (unbiased) | C-index (unbiased) | Δ vs baseline [95 % CI] (unbiased) |")
     assert first_table.index("(unbiased)") < first_table.index("(paper)")
     head = _md_table(text, "## Headline").set_index("model")
     assert head.loc["oracle: true risk of the synthetic cohort", "C-index (unbiased)"] == "0.778"
     assert head.loc["DeepMTS+DAFT + CT+PET", "C-index (unbiased)"] == "pending"  # a fold is pending
-    for proto, short, t1_head in (("inner", "unbiased", "## Table 1 - unbiased"), ("paper", "paper", "## Table 1 - paper")):
+    for proto, short, t1_head in (
+        ("inner", "unbiased", "## Table 1 - unbiased"),
+        ("paper", "paper", "## Table 1 - paper"),
+    ):
         t1 = _md_table(text, t1_head).set_index("configuration")
         paired = _md_table(text, f"### {report.PROTOCOL_LABELS[proto]}").set_index("model")
         ablation = _md_table(text, "## Full projection ablation")
@@ -227,17 +261,25 @@ def test_report_opens_with_the_headline_and_its_values_equal_the_full_tables(fak
             label = row["label"].replace("DeepMTS+DAFT + ", "+ ")
             c = head.loc[row["label"], f"C-index ({short})"]
             assert c == t1.loc[label, "C-index"]
-            full = ablation[ablation["d"].str.split(" = ").apply(lambda ds, d=row["d"]: d in ds)
-                            & ablation["model"].eq(report_render.model_label(row["group"]))
-                            & ablation["embeddings"].eq(report_render.embedding_label(row["group"]))]
+            full = ablation[
+                ablation["d"].str.split(" = ").apply(lambda ds, d=row["d"]: d in ds)
+                & ablation["model"].eq(report_render.model_label(row["group"]))
+                & ablation["embeddings"].eq(report_render.embedding_label(row["group"]))
+            ]
             assert full[f"C-index ({short})"].tolist() == [c]
             if row["group"] != "baseline":
                 label = next(m.label for m in collect.study_models(fake["spec"]) if m.name == row["config"])
                 stem, _, d = label.partition(", d = ")
-                match = [k for k in paired.index if k.partition(", d = ")[0] == stem
-                         and (not d or d in k.partition(", d = ")[2].split(" = "))]
-                assert head.loc[row["label"], f"Δ vs baseline [95 % CI] ({short})"] == \
-                    paired.loc[match, "Δ C-index [95 % CI]"].tolist()[0] and len(match) == 1
+                match = [
+                    k
+                    for k in paired.index
+                    if k.partition(", d = ")[0] == stem and (not d or d in k.partition(", d = ")[2].split(" = "))
+                ]
+                assert (
+                    head.loc[row["label"], f"Δ vs baseline [95 % CI] ({short})"]
+                    == paired.loc[match, "Δ C-index [95 % CI]"].tolist()[0]
+                    and len(match) == 1
+                )
     # The generated sentences follow the table and state what the numbers cannot show.
     sentences = " ".join(js["headline"]["sentences"])
     assert text.index(sentences) < text.index("## Data and settings")
@@ -267,8 +309,9 @@ def test_each_protocols_rows_show_that_protocols_own_values(fake):
         assert t1.loc["DeepMTS+DAFT baseline", "C-index"] == f"{np.mean(c):.3f} ± {np.std(c, ddof=1):.3f}"
         assert t1.loc["DeepMTS+DAFT baseline", "1-year AUROC"] == f"{np.mean(auc):.3f} ± {np.std(auc, ddof=1):.3f}"
         records = pd.DataFrame(js["records"])
-        mine = records[(records["config"] == "baseline") & (records["protocol"] == proto)
-                       & (records["kind"] == "cnn")].sort_values("fold")
+        mine = records[
+            (records["config"] == "baseline") & (records["protocol"] == proto) & (records["kind"] == "cnn")
+        ].sort_values("fold")
         np.testing.assert_allclose(mine["c_index"], c)
         np.testing.assert_allclose(mine["auc_1y"], auc)
         shown[proto] = np.mean(c)
@@ -277,25 +320,46 @@ def test_each_protocols_rows_show_that_protocols_own_values(fake):
 
 def test_sentences_follow_the_numbers():
     def row(group, delta, lo, hi):
-        return {"group": group, "label": report.group_label(group), "status": "done", "d": "64", "c_mean": 0.6,
-                "paired_status": "done", "delta": delta, "ci_low": lo, "ci_high": hi}
+        return {
+            "group": group,
+            "label": report.group_label(group),
+            "status": "done",
+            "d": "64",
+            "c_mean": 0.6,
+            "paired_status": "done",
+            "delta": delta,
+            "ci_low": lo,
+            "ci_high": hi,
+        }
 
-    base = {"group": "baseline", "label": "DeepMTS+DAFT baseline", "status": "done", "c_mean": 0.61,
-            "paired_status": "reference"}
-    head = {"protocols": ["inner"], "oracle_c_index": None,
-            "rows": {"inner": [base, row("ct", 0.05, 0.01, 0.09), row("pet", -0.01, -0.05, 0.03)]}}
-    real = report.headline_sentences(head, {"random_init": False, "synthetic": False, "n_cases": 500,
-                                            "n_events": 400, "n_folds": 5})
+    base = {
+        "group": "baseline",
+        "label": "DeepMTS+DAFT baseline",
+        "status": "done",
+        "c_mean": 0.61,
+        "paired_status": "reference",
+    }
+    head = {
+        "protocols": ["inner"],
+        "oracle_c_index": None,
+        "rows": {"inner": [base, row("ct", 0.05, 0.01, 0.09), row("pet", -0.01, -0.05, 0.03)]},
+    }
+    real = report.headline_sentences(
+        head, {"random_init": False, "synthetic": False, "n_cases": 500, "n_events": 400, "n_folds": 5}
+    )
     assert len(real) == 2 and "0.610" in real[0] and "CT (d = 64) +0.050 [+0.010, +0.090]" in real[0]
     assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline)" in real[1]
     assert "randomly" not in real[1] and "too few" not in real[1]
-    demo = report.headline_sentences(head | {"rows": {"inner": [base, row("pet", -0.01, -0.05, 0.03)]}},
-                                     {"random_init": True, "synthetic": True, "n_cases": 100, "n_events": 40,
-                                      "n_folds": 5, "baseline_sd": 0.08})
+    demo = report.headline_sentences(
+        head | {"rows": {"inner": [base, row("pet", -0.01, -0.05, 0.03)]}},
+        {"random_init": True, "synthetic": True, "n_cases": 100, "n_events": 40, "n_folds": 5, "baseline_sd": 0.08},
+    )
     assert "randomly initialised" in demo[-1] and "20 cases and 8 events" in demo[-1] and "0.080" in demo[-1]
     assert "every difference from the baseline lies inside its 95 % CI" in demo[-1]
     pending = report.headline_sentences(head | {"rows": {"inner": [base | {"status": "pending"}]}}, {})
-    assert pending == ["The DeepMTS+DAFT baseline has not finished all folds yet, so no difference from it can be stated."]
+    assert pending == [
+        "The DeepMTS+DAFT baseline has not finished all folds yet, so no difference from it can be stated."
+    ]
 
 
 def test_identical_heads_are_shown_once_with_the_reason(fake):
@@ -319,11 +383,25 @@ def test_identical_heads_are_shown_once_with_the_reason(fake):
 
 
 def test_learning_curves_average_folds_per_epoch_and_start_before_training():
-    curves = pd.DataFrame({
-        "split": "cv0", "config": ["a"] * 5 + ["b"] * 2, "fold": [0, 0, 0, 1, 1, 0, 0], "epoch": [0, 1, 2, 0, 1, 0, 1],
-        "dice": [0.9, 0.8, 0.7, 0.7, 0.6, 0.5, 0.4], "train_c_index": [0.6, 0.7, 0.8, 0.5, 0.6, 0.5, 0.5]})
-    cells = pd.DataFrame({"split": "cv0", "config": ["a", "a", "b"], "fold": [0, 1, 0], "done": True,
-                          "start_train_c_index": [0.50, 0.40, np.nan]})
+    curves = pd.DataFrame(
+        {
+            "split": "cv0",
+            "config": ["a"] * 5 + ["b"] * 2,
+            "fold": [0, 0, 0, 1, 1, 0, 0],
+            "epoch": [0, 1, 2, 0, 1, 0, 1],
+            "dice": [0.9, 0.8, 0.7, 0.7, 0.6, 0.5, 0.4],
+            "train_c_index": [0.6, 0.7, 0.8, 0.5, 0.6, 0.5, 0.5],
+        }
+    )
+    cells = pd.DataFrame(
+        {
+            "split": "cv0",
+            "config": ["a", "a", "b"],
+            "fold": [0, 1, 0],
+            "done": True,
+            "start_train_c_index": [0.50, 0.40, np.nan],
+        }
+    )
     got = report.learning_curves(curves, cells)
     assert got["columns"] == ["dice", "train_c_index"]  # the columns present, in a fixed order
     a, b = got["configs"]
@@ -337,11 +415,15 @@ def test_cells_report_dice_at_start_and_end_and_old_runs_read(fake):
     js, text = fake["js"], fake["text"]
     cells = {(c["config"], c["fold"]): c for c in js["training"]["cells"]}
     assert len(cells) == 14  # every finished cell, the pending one left out
-    assert cells[("baseline", 1)]["dice_start"] == pytest.approx(0.05) and cells[("baseline", 1)]["dice_end"] == pytest.approx(0.5)
+    assert cells[("baseline", 1)]["dice_start"] == pytest.approx(0.05) and cells[("baseline", 1)][
+        "dice_end"
+    ] == pytest.approx(0.5)
     old = cells[("pet-d256", 0)]  # written without the new curve columns and start record
     assert old["dice_start"] is None and old["dice_end"] is None and old["train_c_end"] is None
     dice = _md_table(text, "## Training").set_index("configuration")
-    assert dice.loc["pet-d256", "fold 0"] == "n/a → n/a (4 ep)" and dice.loc["baseline", "fold 2"] == "0.05 → 0.50 (4 ep)"
+    assert (
+        dice.loc["pet-d256", "fold 0"] == "n/a → n/a (4 ep)" and dice.loc["baseline", "fold 2"] == "0.05 → 0.50 (4 ep)"
+    )
     assert dice.loc["ctpet-dorig", "fold 2"] == "pending"
     curves = {c["config"]: c for c in js["training"]["curves"]["configs"]}
     # pet-d256: fold 0 has no train C-index, so epoch means use folds 1-2 only.
@@ -360,8 +442,15 @@ def _red_pixels(png: Path, rows: slice) -> int:
 def test_every_figure_carries_the_stamp_and_a_real_study_none(fake, tmp_path):
     out = fake["md"].parent
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == sorted([*figures.FIGURES.values(), figures.FIGURE_CALIBRATION, figures.FIGURE_KM,
-                            figures.FIGURE_PAIRED, figures.FIGURE_CURVES])
+    assert names == sorted(
+        [
+            *figures.FIGURES.values(),
+            figures.FIGURE_CALIBRATION,
+            figures.FIGURE_KM,
+            figures.FIGURE_PAIRED,
+            figures.FIGURE_CURVES,
+        ]
+    )
     assert fake["js"]["stamp"].startswith("RANDOM-INIT ENCODERS + SYNTHETIC COHORT")
     clean = dict(fake["js"], stamp=None)
     report_render.render_report(clean, tmp_path)
@@ -395,27 +484,83 @@ def test_console_headline_lists_the_unbiased_rows(fake):
 
 def test_undefined_fold_metrics_are_counted_by_reason_and_worded():
     rows = [  # two CNN protocols, one peer repeated under both, one pending and one LOCO row
-        {"kind": "cnn", "split": "cv0", "config": "baseline", "fold": 0, "protocol": "paper", "done": True,
-         "c_index": 0.7, "c_index_reason": None, "auc_1y": np.nan, "auc_1y_reason": "no_event_before_horizon"},
-        {"kind": "cnn", "split": "cv0", "config": "baseline", "fold": 0, "protocol": "inner", "done": True,
-         "c_index": np.nan, "c_index_reason": "no valid epoch", "auc_1y": np.nan, "auc_1y_reason": "no valid epoch"},
-        {"kind": "cnn", "split": "cv0", "config": "baseline", "fold": 1, "protocol": "paper", "done": False,
-         "c_index": np.nan, "c_index_reason": None, "auc_1y": np.nan, "auc_1y_reason": None},
-        {"kind": "cnn", "split": "loco", "config": "baseline", "fold": 0, "protocol": "paper", "done": True,
-         "c_index": np.nan, "c_index_reason": "no_events", "auc_1y": np.nan, "auc_1y_reason": "no_events"},
-    ] + [{"kind": "peer", "split": "cv0", "config": "clinical-cox", "fold": 0, "protocol": p, "done": True,
-          "c_index": 0.6, "c_index_reason": None, "auc_1y": np.nan, "auc_1y_reason": "horizon_beyond_followup"}
-         for p in ("paper", "inner")]
+        {
+            "kind": "cnn",
+            "split": "cv0",
+            "config": "baseline",
+            "fold": 0,
+            "protocol": "paper",
+            "done": True,
+            "c_index": 0.7,
+            "c_index_reason": None,
+            "auc_1y": np.nan,
+            "auc_1y_reason": "no_event_before_horizon",
+        },
+        {
+            "kind": "cnn",
+            "split": "cv0",
+            "config": "baseline",
+            "fold": 0,
+            "protocol": "inner",
+            "done": True,
+            "c_index": np.nan,
+            "c_index_reason": "no valid epoch",
+            "auc_1y": np.nan,
+            "auc_1y_reason": "no valid epoch",
+        },
+        {
+            "kind": "cnn",
+            "split": "cv0",
+            "config": "baseline",
+            "fold": 1,
+            "protocol": "paper",
+            "done": False,
+            "c_index": np.nan,
+            "c_index_reason": None,
+            "auc_1y": np.nan,
+            "auc_1y_reason": None,
+        },
+        {
+            "kind": "cnn",
+            "split": "loco",
+            "config": "baseline",
+            "fold": 0,
+            "protocol": "paper",
+            "done": True,
+            "c_index": np.nan,
+            "c_index_reason": "no_events",
+            "auc_1y": np.nan,
+            "auc_1y_reason": "no_events",
+        },
+    ] + [
+        {
+            "kind": "peer",
+            "split": "cv0",
+            "config": "clinical-cox",
+            "fold": 0,
+            "protocol": p,
+            "done": True,
+            "c_index": 0.6,
+            "c_index_reason": None,
+            "auc_1y": np.nan,
+            "auc_1y_reason": "horizon_beyond_followup",
+        }
+        for p in ("paper", "inner")
+    ]
     got = {u["metric"]: u for u in report.undefined_metrics(pd.DataFrame(rows))}
     assert got["c_index"] == {"metric": "c_index", "n_results": 3, "n_undefined": 1, "reasons": {"no valid epoch": 1}}
     assert got["auc_1y"]["n_undefined"] == 3 and got["auc_1y"]["reasons"] == {
-        "no_event_before_horizon": 1, "no valid epoch": 1, "horizon_beyond_followup": 1}
+        "no_event_before_horizon": 1,
+        "no valid epoch": 1,
+        "horizon_beyond_followup": 1,
+    }
     text = report_render.undefined_sentence(list(got.values()))
     assert "C-index in 1 of 3 (no valid epoch: 1)" in text
     assert "1-year AUROC in 3 of 3 (" in text and "no event before 365 d: 1" in text
     assert "no follow-up beyond 365 d: 1" in text and "_" not in text
-    assert report_render.undefined_sentence([{"metric": "c_index", "n_results": 3, "n_undefined": 0,
-                                              "reasons": {}}]) == ""
+    assert (
+        report_render.undefined_sentence([{"metric": "c_index", "n_results": 3, "n_undefined": 0, "reasons": {}}]) == ""
+    )
 
 
 def test_c_index_reason_of_runs_written_before_the_reason_was_kept():
@@ -444,30 +589,57 @@ def test_fold_ibs_reports_undefined_folds_by_reason_code():
 
 
 def test_a_difference_from_a_baseline_that_barely_trained_says_so():
-    cells = [{"config": "baseline", "train_c_end": 0.50, "epochs_run": 2.0},
-             {"config": "baseline", "train_c_end": 0.506, "epochs_run": 3.0},
-             {"config": "ct-d64", "train_c_end": 0.9, "epochs_run": 1.0}]
+    cells = [
+        {"config": "baseline", "train_c_end": 0.50, "epochs_run": 2.0},
+        {"config": "baseline", "train_c_end": 0.506, "epochs_run": 3.0},
+        {"config": "ct-d64", "train_c_end": 0.9, "epochs_run": 1.0},
+    ]
     barely = report.baseline_training(cells, {"steps_per_epoch": 4})
     assert barely == {"baseline_train_c": pytest.approx(0.503), "baseline_steps": 8, "baseline_barely_trained": True}
-    trained = report.baseline_training([{"config": "baseline", "train_c_end": 0.7, "epochs_run": 10.0}],
-                                       {"steps_per_epoch": 15})
+    trained = report.baseline_training(
+        [{"config": "baseline", "train_c_end": 0.7, "epochs_run": 10.0}], {"steps_per_epoch": 15}
+    )
     assert trained["baseline_barely_trained"] is False and trained["baseline_steps"] == 150
     # Few steps alone, or a flat train C-index alone, is enough.
-    assert report.baseline_training([{"config": "baseline", "train_c_end": 0.8, "epochs_run": 2.0}],
-                                    {"steps_per_epoch": 4})["baseline_barely_trained"] is True
-    assert report.baseline_training([{"config": "baseline", "train_c_end": 0.52, "epochs_run": 50.0}],
-                                    {"steps_per_epoch": 15})["baseline_barely_trained"] is True
+    assert (
+        report.baseline_training(
+            [{"config": "baseline", "train_c_end": 0.8, "epochs_run": 2.0}], {"steps_per_epoch": 4}
+        )["baseline_barely_trained"]
+        is True
+    )
+    assert (
+        report.baseline_training(
+            [{"config": "baseline", "train_c_end": 0.52, "epochs_run": 50.0}], {"steps_per_epoch": 15}
+        )["baseline_barely_trained"]
+        is True
+    )
     assert report.baseline_training([c for c in cells if c["config"] != "baseline"], {}) == {}
 
-    base = {"group": "baseline", "label": "DeepMTS+DAFT baseline", "status": "done", "c_mean": 0.503,
-            "paired_status": "reference"}
-    ct = {"group": "ct", "label": report.group_label("ct"), "status": "done", "d": "64", "c_mean": 0.6,
-          "paired_status": "done", "delta": 0.1, "ci_low": 0.02, "ci_high": 0.18}
+    base = {
+        "group": "baseline",
+        "label": "DeepMTS+DAFT baseline",
+        "status": "done",
+        "c_mean": 0.503,
+        "paired_status": "reference",
+    }
+    ct = {
+        "group": "ct",
+        "label": report.group_label("ct"),
+        "status": "done",
+        "d": "64",
+        "c_mean": 0.6,
+        "paired_status": "done",
+        "delta": 0.1,
+        "ci_low": 0.02,
+        "ci_high": 0.18,
+    }
     head = {"protocols": ["inner"], "oracle_c_index": None, "rows": {"inner": [base, ct]}}
     facts = {"n_cases": 500, "n_events": 400, "n_folds": 5}
     flagged = " ".join(report.headline_sentences(head, facts | barely))
-    assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline), but against a baseline that " \
-           "barely trained" in flagged
+    assert (
+        "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline), but against a baseline that "
+        "barely trained" in flagged
+    )
     assert "the baseline barely trained (mean train C-index 0.503 after 8 optimiser steps)" in flagged
     plain = " ".join(report.headline_sentences(head, facts | trained))
     assert "excludes 0 only for DeepMTS+DAFT + CT (d = 64) (above the baseline)." in plain and "barely" not in plain
@@ -483,8 +655,12 @@ def test_identical_rows_name_a_cause_or_say_plainly_that_none_is_recorded():
 
 def test_calibration_axes_fit_the_data():
     def cal(*high):
-        return {"groups": [{"followed_to_horizon": True, "pred_mean": 0.1, "observed": 0.15, "observed_high": h}
-                           for h in high], "overall": {"pred_mean": 0.12, "observed": 0.14}}
+        return {
+            "groups": [
+                {"followed_to_horizon": True, "pred_mean": 0.1, "observed": 0.15, "observed_high": h} for h in high
+            ],
+            "overall": {"pred_mean": 0.12, "observed": 0.14},
+        }
 
     assert figures.calibration_limit([cal(0.2, 0.26)]) == pytest.approx(0.3)  # 0.26 * 1.1 -> 0.3
     assert figures.calibration_limit([cal(0.2), cal(0.55)]) == pytest.approx(0.7)  # shared by every panel
@@ -585,8 +761,11 @@ def test_every_section_of_results_json_has_the_keys_its_type_declares(fake, seed
             value, tp = getattr(typed, f.name), typing.get_type_hints(results.Results)[f.name]
             if dataclasses.is_dataclass(value):
                 hints = typing.get_type_hints(type(value))
-                errors += [e for g in dataclasses.fields(value)
-                           for e in _undeclared_keys(getattr(value, g.name), hints[g.name], f"{f.name}.{g.name}")]
+                errors += [
+                    e
+                    for g in dataclasses.fields(value)
+                    for e in _undeclared_keys(getattr(value, g.name), hints[g.name], f"{f.name}.{g.name}")
+                ]
             else:
                 errors += _undeclared_keys(value, tp, f.name)
         assert not errors, errors[:10]
@@ -610,8 +789,12 @@ def test_table1_rows_read_their_own_protocol_out_of_fold_risks(fake):
             held = oof[(oof["protocol"] == proto) & (oof["fold"] == k)]
             c.append(concordance_index(held["time"], -held["risk"], held["event"]))
             train = pd.read_csv(runs / f"fold_{k}" / f"train_risk_{proto}.csv")
-            auc.append(fold_metrics(held[["case_id", "fold", "risk", "time", "event"]],
-                                    train_survival={k: (train["time"], train["event"])}).iloc[0]["auroc"])
+            auc.append(
+                fold_metrics(
+                    held[["case_id", "fold", "risk", "time", "event"]],
+                    train_survival={k: (train["time"], train["event"])},
+                ).iloc[0]["auroc"]
+            )
         expected[proto] = (np.mean(c), np.nanmean(auc))
         row = next(r for r in fake["js"]["table1"][proto] if r["group"] == "baseline")
         assert row["c_mean"] == pytest.approx(expected[proto][0], abs=1e-9), proto
@@ -632,12 +815,28 @@ def test_a_tie_decides_the_checkpoint_only_against_an_earlier_selectable_epoch()
     assert not tie_decided([0, 1, 2, 3], [0.5, 0.7, 0.6, 0.7], selected=1)  # the later tie came after
     assert not tie_decided([0, 1, 2], [nan, 0.5, 0.6], selected=2) and not tie_decided([0, 1], [0.5, nan], 1)
     # Two cells of two seeds: the inner score ties in the seed-1 cell only, the outer in neither.
-    curves = pd.DataFrame({
-        "split": "cv0", "seed": [0] * 3 + [1] * 3, "config": "baseline", "fold": 0, "epoch": [0, 1, 2] * 2,
-        "val_c_index_inner": [0.5, 0.7, 0.6, 0.7, 0.6, 0.7], "val_c_index_outer": [0.4, 0.5, 0.6, 0.6, 0.6, 0.7]})
-    cells = pd.DataFrame({"split": "cv0", "seed": [0, 1, 1], "config": "baseline", "fold": [0, 0, 1],
-                          "done": [True, True, False], "selected_epoch_inner": [1, 2, None],
-                          "selected_epoch_paper": [2, 2, None]})
+    curves = pd.DataFrame(
+        {
+            "split": "cv0",
+            "seed": [0] * 3 + [1] * 3,
+            "config": "baseline",
+            "fold": 0,
+            "epoch": [0, 1, 2] * 2,
+            "val_c_index_inner": [0.5, 0.7, 0.6, 0.7, 0.6, 0.7],
+            "val_c_index_outer": [0.4, 0.5, 0.6, 0.6, 0.6, 0.7],
+        }
+    )
+    cells = pd.DataFrame(
+        {
+            "split": "cv0",
+            "seed": [0, 1, 1],
+            "config": "baseline",
+            "fold": [0, 0, 1],
+            "done": [True, True, False],
+            "selected_epoch_inner": [1, 2, None],
+            "selected_epoch_paper": [2, 2, None],
+        }
+    )
     ties = selection_ties(curves, cells)
     assert list(ties) == ["inner", "paper"]
     assert ties["inner"] == {"n_cells": 2, "n_ties": 1, "cells": ["seed1/baseline/fold_0"]}
@@ -659,8 +858,9 @@ def test_one_seed_reports_no_noise_and_states_the_tie_rule_with_its_count(fake):
 def seeded(tmp_path_factory):
     """The ``fake`` study with the baseline trained with 3 seeds."""
     root = tmp_path_factory.mktemp("seeded")
-    spec = make_fake_study(root, pending=("ctpet-dorig/fold_2",), old_format=("pet-d256/fold_0",), seeds=3,
-                           seed_configs=("baseline",))
+    spec = make_fake_study(
+        root, pending=("ctpet-dorig/fold_2",), old_format=("pet-d256/fold_0",), seeds=3, seed_configs=("baseline",)
+    )
     md = write_report(spec.study_dir, root / "report", n_boot=300)
     return {"spec": spec, "text": md.read_text(), "js": read_json(md.parent / "results.json")}
 
@@ -682,7 +882,9 @@ def test_seeds_report_mean_and_sd_over_seeds_and_a_delta_ci_with_the_seed_varian
         for s in range(3):
             c = []
             for k in range(spec.n_folds):
-                oof = pd.read_csv(study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k, seed=s)) / "oof.csv")
+                oof = pd.read_csv(
+                    study_spec.cell_dir(spec, study_spec.Cell(study_spec.Configuration(), k, seed=s)) / "oof.csv"
+                )
                 part = oof[oof["protocol"] == proto]
                 c.append(concordance_index(part["time"], -part["risk"], part["event"]))
             means.append(np.mean(c))
@@ -712,7 +914,8 @@ def test_seeds_report_mean_and_sd_over_seeds_and_a_delta_ci_with_the_seed_varian
 
 @pytest.mark.slow
 def test_demo_check_says_identical_names_differing_cells_and_refuses_to_compare_other_settings(
-        finished_study, tmp_path):
+    finished_study, tmp_path
+):
     from pipeline import demo_check
 
     spec = finished_study

@@ -11,14 +11,22 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import make_fake_study
 
 from pipeline.report import write_report
-from helpers import make_fake_study
 
 CHROMIUM = Path(os.environ.get("HNFM_CHROMIUM", "/usr/bin/chromium"))
 #: Headless, and nothing that reaches out of the machine or keeps state between runs.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.browser
 
@@ -35,8 +43,12 @@ def browser_page(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1280, "height": 900})
+            str(profile),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 900},
+        )
         page = context.new_page()
         errors: list[str] = []
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
@@ -60,9 +72,12 @@ def test_the_report_in_chromium(browser_page, report_html, tmp_path):
     page.goto(report_html.as_uri(), wait_until="load")
 
     # Every figure loads, at a non-zero size.
-    images = page.eval_on_selector_all("img", """els => els.map(e => ({
+    images = page.eval_on_selector_all(
+        "img",
+        """els => els.map(e => ({
         alt: e.alt, complete: e.complete, natural: e.naturalWidth,
-        w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))""")
+        w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))""",
+    )
     assert len(images) >= 5, images
     bad = [i["alt"] for i in images if not (i["complete"] and i["natural"] > 0 and i["w"] > 0 and i["h"] > 0)]
     assert not bad, f"figures that did not load or have no size: {bad}"

@@ -13,27 +13,49 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import TINY_TRAIN, expensive, make_spec, make_study_inputs
 
 from pipeline import study, study_spec
 from pipeline.artefacts import read_json
 from pipeline.layout import RunLayout
 from pipeline.numerics import NUMERICS_ENV, PORTABLE_PINS
 from pipeline.runtime import ENVIRONMENT_KEYS
-from helpers import TINY_TRAIN, expensive, make_spec, make_study_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 FOLDS = (0, 1)
 
 
-def _train_survival(inputs: dict, cfg_json: Path, folds: Path, out: Path, fold_args: list[str],
-                    omp_threads: str, shell: dict[str, str] | None = None) -> str:
+def _train_survival(
+    inputs: dict,
+    cfg_json: Path,
+    folds: Path,
+    out: Path,
+    fold_args: list[str],
+    omp_threads: str,
+    shell: dict[str, str] | None = None,
+) -> str:
     """``train-survival`` as a user types it, in a shell whose OMP_NUM_THREADS is ``omp_threads``
     and, when ``shell`` is given, whose kernel variables are only those ``shell`` sets (this test
     process has the portable pins in its environment); returns its standard error (where
     torch's warnings go)."""
-    cmd = [str(BIN / "train-survival"), "--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]),
-           "--config", str(cfg_json), "--folds", str(folds), "--n-folds", str(len(FOLDS)), "--out", str(out), "--quiet", *fold_args]
+    cmd = [
+        str(BIN / "train-survival"),
+        "--manifest",
+        str(inputs["manifest"]),
+        "--cache",
+        str(inputs["cache"]),
+        "--config",
+        str(cfg_json),
+        "--folds",
+        str(folds),
+        "--n-folds",
+        str(len(FOLDS)),
+        "--out",
+        str(out),
+        "--quiet",
+        *fold_args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": omp_threads, "MKL_NUM_THREADS": omp_threads}
     if shell is not None:
         env = {k: v for k, v in env.items() if k not in (NUMERICS_ENV, *PORTABLE_PINS)} | shell
@@ -69,7 +91,9 @@ def routes(tmp_path_factory):
     cell_run = study_spec.cell_layout(spec, study_spec.Cell(study_spec.Configuration(), 0)).root
     cfg_json.write_text(json.dumps(read_json(RunLayout(cell_run).run_json)["config"]))  # the same settings
     # Route 2: train-survival, both folds at once in two processes, OMP_NUM_THREADS=2.
-    _train_survival(inputs, cfg_json, spec.folds_path, root / "cli2", ["--fold", "0", "--fold", "1", "--workers", "2"], "2")
+    _train_survival(
+        inputs, cfg_json, spec.folds_path, root / "cli2", ["--fold", "0", "--fold", "1", "--workers", "2"], "2"
+    )
     # Route 3: train-survival with OMP_NUM_THREADS=1, one fold, then the other as a resume.
     _train_survival(inputs, cfg_json, spec.folds_path, root / "cli1", ["--fold", "0"], "1")
     _train_survival(inputs, cfg_json, spec.folds_path, root / "cli1", ["--fold", "1"], "1")
@@ -92,8 +116,11 @@ def test_a_cell_is_the_same_whatever_route_workers_threads_or_resume(routes):
 #: Shells that ask the CPU libraries for other kernels than the portable pins: the machine's
 #: own choice, oneDNN at AVX2 only, ATen's scalar kernels. On an AVX-512 machine each of them
 #: alone moved a demo fold's C-index (0.667, 0.712, 0.727) before the pins.
-KERNEL_SHELLS = {"none": {}, "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
-                 "aten-default": {"ATEN_CPU_CAPABILITY": "default"}}
+KERNEL_SHELLS = {
+    "none": {},
+    "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "aten-default": {"ATEN_CPU_CAPABILITY": "default"},
+}
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import pytest
 from pipeline import runtime
 
 
-@pytest.mark.parametrize("cpus,jobs,threads,expected", [
-    (4, 5, 1, 4), (4, 3, 1, 3), (4, 5, 2, 2), (4, 5, 8, 1), (1, 5, 1, 1), (2, 0, 1, 1)])
+@pytest.mark.parametrize(
+    "cpus,jobs,threads,expected", [(4, 5, 1, 4), (4, 3, 1, 3), (4, 5, 2, 2), (4, 5, 8, 1), (1, 5, 1, 1), (2, 0, 1, 1)]
+)
 def test_default_workers_fill_the_usable_cpus_and_never_exceed_the_jobs(monkeypatch, cpus, jobs, threads, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     assert runtime.usable_cpus() == cpus
@@ -41,8 +42,7 @@ def test_embeddings_are_the_same_bytes_on_any_thread_count():
     rng = np.random.default_rng(0)
     sizes = {"ct": ((16, 64, 64), {}), "pet": ((64, 64, 64), {"img_size": 64, "window_size": 4})}
     for encoder, (dhw, config) in sizes.items():
-        spec = E._make_spec(encoder, weights=None, random_init=True, seed=0, encoder_config=config,
-                            precision="fp32")
+        spec = E._make_spec(encoder, weights=None, random_init=True, seed=0, encoder_config=config, precision="fp32")
         model = E._build_encoder(spec)
         x = rng.random((2, 1, *dhw), dtype=np.float32)
         outs = {}
@@ -84,9 +84,11 @@ def test_openmp_waits_passively_unless_the_user_chose(preset, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import pipeline, os, subprocess, sys, torch\n"
-            "print(os.environ['OMP_WAIT_POLICY'], subprocess.run([sys.executable, '-c', "
-            "'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], capture_output=True, text=True).stdout.strip())")
+    code = (
+        "import pipeline, os, subprocess, sys, torch\n"
+        "print(os.environ['OMP_WAIT_POLICY'], subprocess.run([sys.executable, '-c', "
+        "'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], capture_output=True, text=True).stdout.strip())"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [expected, expected]

@@ -103,8 +103,12 @@ def test_save_load_roundtrip_and_provenance(tmp_path):
     f = make_folds(ids, t, e)
     path = tmp_path / "folds.json"
     save_folds(f, path, manifest_sha256="abc123")
-    g = load_folds(path, expected_case_ids=list(reversed(ids)), expected_params=f.attrs["params"],
-                   expected_manifest_sha256="abc123")
+    g = load_folds(
+        path,
+        expected_case_ids=list(reversed(ids)),
+        expected_params=f.attrs["params"],
+        expected_manifest_sha256="abc123",
+    )
     pd.testing.assert_frame_equal(f, g)
     rec = json.loads(path.read_text())
     assert rec["case_set_sha256"] == case_set_sha256(ids)

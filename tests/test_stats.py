@@ -163,8 +163,12 @@ def test_seed_bootstrap_ci_widens_with_planted_seed_noise_and_reduces_to_one_see
         assert res.delta == pytest.approx(np.mean(res.seed_means_b) - np.mean(res.seed_means_a))
         widths.append(res.ci_high - res.ci_low)
         if scale == 0.0:
-            assert (res.ci_low, res.ci_high, res.p_value, res.n_boot) == (one.ci_low, one.ci_high, one.p_value,
-                                                                           one.n_boot)
+            assert (res.ci_low, res.ci_high, res.p_value, res.n_boot) == (
+                one.ci_low,
+                one.ci_high,
+                one.p_value,
+                one.n_boot,
+            )
             assert res.delta == pytest.approx(one.delta, abs=1e-12)
     assert widths[0] < widths[1] < widths[2]
     assert widths[2] > 1.5 * widths[0]
@@ -219,7 +223,9 @@ def test_mean_ci_clips_to_the_metric_range_and_says_so():
     assert (clipped["low"], clipped["high"], clipped["clipped"]) == (0.0, 1.0, True)
     assert clipped["mean"] == plain["mean"] and clipped["sd"] == plain["sd"]
     inside = stats.mean_ci([0.62, 0.71, 0.66, 0.74, 0.58], bounds=(0.0, 1.0))
-    assert inside["clipped"] is False and inside["low"] == pytest.approx(stats.mean_ci([0.62, 0.71, 0.66, 0.74, 0.58])["low"])
+    assert inside["clipped"] is False and inside["low"] == pytest.approx(
+        stats.mean_ci([0.62, 0.71, 0.66, 0.74, 0.58])["low"]
+    )
     with pytest.raises(ValueError, match=r"bounds"):
         stats.mean_ci(x, bounds=(1.0, 0.0))
 

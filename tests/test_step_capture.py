@@ -7,14 +7,23 @@ import pytest
 import torch
 
 from pipeline.dataset import load_cohort
-from pipeline.step_capture import CapturedStep
 from pipeline.splits import get_folds
+from pipeline.step_capture import CapturedStep
 from pipeline.train import TrainConfig, resolve_step_mode, set_lr, setup_fold, train_epoch
 
 
 def _config(step_mode: str, device: str = "cpu") -> TrainConfig:
-    return TrainConfig(epochs=2, steps_per_epoch=3, batch_size=4, eval_batch_size=4, ema_decay=0.5,
-                       model={"preset": "tiny"}, step_mode=step_mode, device=device, threads=1)
+    return TrainConfig(
+        epochs=2,
+        steps_per_epoch=3,
+        batch_size=4,
+        eval_batch_size=4,
+        ema_decay=0.5,
+        model={"preset": "tiny"},
+        step_mode=step_mode,
+        device=device,
+        threads=1,
+    )
 
 
 def _train_two_epochs(tiny_study, tmp_path, step_mode: str, device: str = "cpu"):

@@ -47,8 +47,7 @@ def body_length(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     return node.body[-1].end_lineno - node.body[0].lineno + 1
 
 
-def long_functions(sources: dict[str, Path], limit: int = MAX_BODY_LINES,
-                   root: Path = ROOT) -> list[str]:
+def long_functions(sources: dict[str, Path], limit: int = MAX_BODY_LINES, root: Path = ROOT) -> list[str]:
     """``file:line name (n lines)`` of every function whose body exceeds ``limit`` lines."""
     offenders = []
     for path in sources.values():
@@ -152,20 +151,22 @@ def _write(tmp: Path, files: dict[str, str]) -> dict[str, Path]:
 def test_checker_finds_a_long_function_and_spares_a_short_one(tmp_path):
     body_ok = "\n".join(f"    x{i} = {i}" for i in range(MAX_BODY_LINES))
     body_long = "\n".join(f"    y{i} = {i}" for i in range(MAX_BODY_LINES + 1))
-    sources = _write(tmp_path, {"pkg.ok": f"def short():\n{body_ok}\n",
-                                "pkg.bad": f"\n\ndef long():\n{body_long}\n"})
+    sources = _write(tmp_path, {"pkg.ok": f"def short():\n{body_ok}\n", "pkg.bad": f"\n\ndef long():\n{body_long}\n"})
     offenders = long_functions(sources, root=tmp_path)
     assert offenders == [f"pkg/bad.py:3 long ({MAX_BODY_LINES + 1} lines)"]
 
 
 def test_checker_finds_a_cycle_through_local_and_relative_imports(tmp_path):
-    sources = _write(tmp_path, {
-        "pkg.__init__": "",
-        "pkg.a": "from pkg import b\n",
-        "pkg.b": "def f():\n    from .c import g\n",
-        "pkg.c": "import pkg.a\n",
-        "pkg.d": "from pkg.a import x\n",
-    })
+    sources = _write(
+        tmp_path,
+        {
+            "pkg.__init__": "",
+            "pkg.a": "from pkg import b\n",
+            "pkg.b": "def f():\n    from .c import g\n",
+            "pkg.c": "import pkg.a\n",
+            "pkg.d": "from pkg.a import x\n",
+        },
+    )
     sources["pkg"] = sources.pop("pkg.__init__")
     assert import_cycles(import_graph(sources)) == [["pkg.a", "pkg.b", "pkg.c"]]
 
@@ -175,9 +176,9 @@ def test_checker_finds_a_cycle_through_local_and_relative_imports(tmp_path):
 
 def test_no_function_body_longer_than_the_limit():
     offenders = long_functions(_sources())
-    assert not offenders, (
-        f"{len(offenders)} function bodies longer than {MAX_BODY_LINES} lines:\n  "
-        + "\n  ".join(offenders))
+    assert not offenders, f"{len(offenders)} function bodies longer than {MAX_BODY_LINES} lines:\n  " + "\n  ".join(
+        offenders
+    )
 
 
 def test_no_import_cycle_in_pipeline_and_models():
@@ -201,8 +202,10 @@ def test_the_report_and_the_study_description_load_no_execution():
     """A report and a dry run read a study through :mod:`pipeline.study_spec`; importing it and
     :mod:`pipeline.report` in a fresh interpreter loads neither torch nor submitit nor the
     study's execution (:mod:`pipeline.study`)."""
-    code = ("import json, sys\n"
-            "import pipeline.report, pipeline.study_spec\n"
-            f"print(json.dumps(sorted(m for m in {list(NOT_FOR_READING)!r} if m in sys.modules)))\n")
+    code = (
+        "import json, sys\n"
+        "import pipeline.report, pipeline.study_spec\n"
+        f"print(json.dumps(sorted(m for m in {list(NOT_FOR_READING)!r} if m in sys.modules)))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import STUDY_N_CASES, TINY_TRAIN, expensive, make_spec, make_study_inputs
 
 from pipeline import study, study_spec
 from pipeline.artefacts import ProvenanceError, read_json
-from helpers import STUDY_N_CASES, TINY_TRAIN, expensive, make_spec, make_study_inputs
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,9 @@ def test_spec_round_trips_and_hash_ignores_folder_and_grid_size():
 
 def test_seeds_add_cells_in_their_own_folders_and_leave_the_hash_and_seed_0_alone():
     one = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"))
-    three = study_spec.StudySpec("m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"), seeds=3,
-                                  seed_configs=("baseline",))
+    three = study_spec.StudySpec(
+        "m.csv", "c", "e.h5", "/tmp/s", configs=("baseline", "ct-d64"), seeds=3, seed_configs=("baseline",)
+    )
     assert three.hash == one.hash  # growing the seeds keeps finished cells valid, as repeats do
     assert study_spec.StudySpec.from_dict(json.loads(json.dumps(three.to_dict()))) == three
     cells = study_spec.grid(three)
@@ -190,7 +191,7 @@ def _failing_job(x: int) -> dict:
 def _noisy_job(i: int) -> dict:
     import logging
 
-    warnings.warn("the same caveat in every job", UserWarning)
+    warnings.warn("the same caveat in every job", UserWarning, stacklevel=1)
     logging.getLogger("pipeline.splits").warning("the same log line in every job")
     return {"i": i}
 
@@ -219,7 +220,9 @@ def test_random_init_is_stated_once_per_run_and_pool_failures_are_named(inputs, 
     assert err.count("WARNING:") == 1 and "stated once per run" in err
     # Log records come back to this process and are logged here once (pytest's own handler
     # also sees the two in-process jobs' records directly; a console has no such handler).
-    again = [r for r in caplog.records if r.getMessage() == "the same log line in every job" and r.filename == "pool.py"]
+    again = [
+        r for r in caplog.records if r.getMessage() == "the same log line in every job" and r.filename == "pool.py"
+    ]
     assert len(again) == 1
     assert here.ran == ["read/0", "read/1", "read/2", "noisy/0", "noisy/1"]
     assert here.failed == {"cv0/bad/fold_0": "RuntimeError: bad input 7"}
@@ -241,8 +244,9 @@ def test_submitit_local_executor_runs_a_cell_and_leaves_its_marker(inputs, tmp_p
     spec = make_spec(inputs, tmp_path / "s", configs=("pet-d128",))
     study.prepare_study(spec)
     cell = study_spec.Cell(study_spec.Configuration("pet", 128), 2)
-    outcome = study.run_submitit(spec, [cell], cluster="local",
-                                 options=study.SlurmOptions(time_min=10, gpus_per_node=0))
+    outcome = study.run_submitit(
+        spec, [cell], cluster="local", options=study.SlurmOptions(time_min=10, gpus_per_node=0)
+    )
     assert outcome.ok, outcome.failed
     assert outcome.ran == [cell.key] and len(outcome.job_ids) == 1
     assert (study_spec.cell_dir(spec, cell) / "done.json").is_file()
@@ -266,8 +270,14 @@ def test_submitit_local_cluster_refuses_gpu_cells(inputs, tmp_path, monkeypatch)
 def test_slurm_options_map_to_submitit_parameters():
     opts = study.SlurmOptions(partition="gpu", time_min=90, gpus_per_node=1, mem_gb=48, cpus_per_task=8)
     p = opts.parameters("slurm")
-    assert p == {"timeout_min": 90, "gpus_per_node": 1, "mem_gb": 48, "cpus_per_task": 8,
-                 "slurm_array_parallelism": 65, "slurm_partition": "gpu"}
+    assert p == {
+        "timeout_min": 90,
+        "gpus_per_node": 1,
+        "mem_gb": 48,
+        "cpus_per_task": 8,
+        "slurm_array_parallelism": 65,
+        "slurm_partition": "gpu",
+    }
     assert study.SlurmOptions().parameters("local") == {"timeout_min": 120, "gpus_per_node": 1}
 
 
@@ -278,9 +288,28 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     runner = CliRunner()
     res = runner.invoke(run_study, ["--help"])
     assert res.exit_code == 0
-    for opt in ("--demo", "--workers", "--executor", "--partition", "--time", "--gpus-per-node", "--mem",
-                "--cpus", "--dry-run", "--ct-weights", "--pet-weights", "--report-only", "--repeats", "--loco",
-                "--cnn-splits", "--peers", "--seeds", "--seed-configs", "--seed", "--split-seed"):
+    for opt in (
+        "--demo",
+        "--workers",
+        "--executor",
+        "--partition",
+        "--time",
+        "--gpus-per-node",
+        "--mem",
+        "--cpus",
+        "--dry-run",
+        "--ct-weights",
+        "--pet-weights",
+        "--report-only",
+        "--repeats",
+        "--loco",
+        "--cnn-splits",
+        "--peers",
+        "--seeds",
+        "--seed-configs",
+        "--seed",
+        "--split-seed",
+    ):
         assert opt in res.output
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline", "ct-d64"), n_folds=2)
     study.prepare_study(spec)
@@ -289,11 +318,18 @@ def test_cli_dry_run_and_help(inputs, tmp_path):
     assert res.exit_code == 0, res.output
     lines = dict(line.split() for line in res.output.splitlines()[1:-1])
     cells = {k: v for k, v in lines.items() if not k.startswith("peers/")}
-    assert cells == {"baseline/fold_0": "pending", "baseline/fold_1": "pending",
-                     "ct-d64/fold_0": "done", "ct-d64/fold_1": "pending"}
+    assert cells == {
+        "baseline/fold_0": "pending",
+        "baseline/fold_1": "pending",
+        "ct-d64/fold_0": "done",
+        "ct-d64/fold_1": "pending",
+    }
     # The peers (clinical, radiomics, one head per FM configuration) are listed too.
     assert {k for k in lines if k.startswith("peers/")} == {
-        "peers/cv0/clinical-cox", "peers/cv0/radiomics-cox", "peers/cv0/head-ct-d64"}
+        "peers/cv0/clinical-cox",
+        "peers/cv0/radiomics-cox",
+        "peers/cv0/head-ct-d64",
+    }
     assert "4 cells: 1 done, 3 pending; 3 peer runs: 0 done" in res.output
 
 
@@ -314,11 +350,23 @@ def test_cli_gives_each_encoders_weights_to_the_inputs_and_the_training_options_
         raise ValueError("inputs stop here")
 
     monkeypatch.setattr(cli, "prepare_inputs", stop)
-    res = CliRunner().invoke(cli.run_study, ["--out", str(tmp_path / "s"), "--ct-weights", "ct.safetensors",
-                                             "--epochs", "3", "--configs", "baseline,ct-d64"])
+    res = CliRunner().invoke(
+        cli.run_study,
+        [
+            "--out",
+            str(tmp_path / "s"),
+            "--ct-weights",
+            "ct.safetensors",
+            "--epochs",
+            "3",
+            "--configs",
+            "baseline,ct-d64",
+        ],
+    )
     assert res.exit_code == 1 and "inputs stop here" in res.output
     assert {k: v for k, v in seen.items() if k.endswith("_weights")} == {
-        f"{e}_weights": ("ct.safetensors" if e == "ct" else None) for e in ENCODERS}
+        f"{e}_weights": ("ct.safetensors" if e == "ct" else None) for e in ENCODERS
+    }
     assert seen["spec"].train["epochs"] == 3 and seen["spec"].embeddings.endswith(f"embeddings/{full_set()}.h5")
 
 
@@ -345,9 +393,12 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
     spec = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 12, "patience": 12}})
     study.prepare_study(spec)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
-    owner = subprocess.Popen([sys.executable, "-c", STUDY_OWNER, str(tmp_path / "spec.json")],
-                             cwd=Path(__file__).resolve().parent.parent,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", STUDY_OWNER, str(tmp_path / "spec.json")],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     cells = list(study_spec.grid(spec))
     done = lambda: [c for c in cells if study_spec.cell_layout(spec, c).is_done(c.fold)]  # noqa: E731
     try:
@@ -366,8 +417,9 @@ def test_a_study_killed_with_sigkill_leaves_no_worker_and_resumes(inputs, tmp_pa
     outcome = study.run_study(spec, executor="local", workers=2)
     assert outcome.ok, outcome.failed
     assert sorted(outcome.skipped) == sorted(stamps) and len(outcome.ran) == len(cells) - len(stamps)
-    assert {k: study_spec.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns
-            for c in cells if (k := c.key) in stamps} == stamps
+    assert {
+        k: study_spec.cell_layout(spec, c).done(c.fold).stat().st_mtime_ns for c in cells if (k := c.key) in stamps
+    } == stamps
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal of cuda on a CPU host")
@@ -377,8 +429,14 @@ def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, mon
     import pipeline.demo as demo
 
     monkeypatch.setattr(demo, "preprocess_cohort", lambda *a, **k: None)  # the cache is complete already
-    spec = study_spec.StudySpec.create(inputs["manifest"], inputs["cache"], tmp_path / "ctpet.h5", tmp_path / "s",
-                                        train=json.loads(json.dumps(TINY_TRAIN)), configs=("pet-d128",))
+    spec = study_spec.StudySpec.create(
+        inputs["manifest"],
+        inputs["cache"],
+        tmp_path / "ctpet.h5",
+        tmp_path / "s",
+        train=json.loads(json.dumps(TINY_TRAIN)),
+        configs=("pet-d128",),
+    )
     with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
         demo.prepare_inputs(spec, random_init=True, progress=False, device="cuda")
     assert not (tmp_path / "ctpet.h5").exists()
@@ -387,13 +445,15 @@ def test_run_study_device_reaches_the_embedding_extraction(inputs, tmp_path, mon
 @pytest.mark.slow
 def test_the_inner_split_follows_split_seed_not_the_training_seed(inputs):
     from pipeline.dataset import load_cohort
-    from pipeline.train import TrainConfig, prepare_fold
     from pipeline.splits import make_folds
+    from pipeline.train import TrainConfig, prepare_fold
 
     cohort = load_cohort(inputs["manifest"], inputs["cache"])
     folds = make_folds(cohort.case_ids, cohort.time, cohort.event, n_splits=2, seed=42)
-    inner = {(seed, split): prepare_fold(cohort, folds, 0, TrainConfig(seed=seed, split_seed=split)).inner.tolist()
-             for seed, split in ((42, None), (43, 42), (44, 42), (43, None))}
+    inner = {
+        (seed, split): prepare_fold(cohort, folds, 0, TrainConfig(seed=seed, split_seed=split)).inner.tolist()
+        for seed, split in ((42, None), (43, 42), (44, 42), (43, None))
+    }
     assert inner[(42, None)] == inner[(43, 42)] == inner[(44, 42)]  # the training seed leaves it alone
     assert inner[(43, None)] != inner[(42, None)]  # split_seed follows seed when not set (older runs)
 
@@ -403,10 +463,30 @@ def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_id
     from pipeline.cli.study import run_study
 
     # The CLI builds the seed settings into the spec (dry run: no training).
-    res = CliRunner().invoke(run_study, [
-        "--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]), "--embeddings",
-        str(inputs["embeddings"]), "--out", str(tmp_path / "dry"), "--configs", "baseline,ct-d64", "--n-folds", "2",
-        "--seeds", "3", "--seed-configs", "baseline", "--peers", "none", "--dry-run"])
+    res = CliRunner().invoke(
+        run_study,
+        [
+            "--manifest",
+            str(inputs["manifest"]),
+            "--cache",
+            str(inputs["cache"]),
+            "--embeddings",
+            str(inputs["embeddings"]),
+            "--out",
+            str(tmp_path / "dry"),
+            "--configs",
+            "baseline,ct-d64",
+            "--n-folds",
+            "2",
+            "--seeds",
+            "3",
+            "--seed-configs",
+            "baseline",
+            "--peers",
+            "none",
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "seed2/baseline/fold_1" in res.output and "seed1/ct-d64" not in res.output
     assert "8 cells: 0 done, 8 pending" in res.output
@@ -441,5 +521,7 @@ def test_run_study_seeds_trains_extra_seed_cells_resumes_and_keeps_seed_0_bit_id
         assert (alone / name).read_bytes() == (run0 / "fold_0" / name).read_bytes(), name
     curves = [pd.read_csv(f / "curves.csv").drop(columns="seconds") for f in (alone, run0 / "fold_0")]
     pd.testing.assert_frame_equal(*curves)
-    assert read_json(single.run_dir(study_spec.Configuration()) / "run.json")["config_hash"] == \
-        read_json(run0 / "run.json")["config_hash"]
+    assert (
+        read_json(single.run_dir(study_spec.Configuration()) / "run.json")["config_hash"]
+        == read_json(run0 / "run.json")["config_hash"]
+    )

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import TINY_TRAIN, expensive, make_study_inputs
 
 from pipeline import study, study_spec
-from pipeline.report import analysis as report
-from pipeline.report import collect, figures, results, write_report
-from pipeline.report import render as report_render
 from pipeline.artefacts import read_json
-from pipeline.splits import load_folds, make_folds
 from pipeline.metrics import ibs_time_grid, integrated_brier_score
+from pipeline.report import analysis as report
+from pipeline.report import collect, figures, write_report
+from pipeline.splits import load_folds, make_folds
 from pipeline.stats import (
     breslow_survival,
     calibration_at,
@@ -23,7 +23,6 @@ from pipeline.stats import (
     paired_bootstrap_delta,
     risk_groups,
 )
-from helpers import TINY_TRAIN, expensive, make_study_inputs
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
@@ -39,8 +38,17 @@ def beyond(tmp_path_factory):
     inputs = make_study_inputs(root / "inputs", n_cases=24, censor_centre=CENSORED_CENTRE)
     train = json.loads(json.dumps(TINY_TRAIN)) | {"inner_val_fraction": 0.3}
     spec = study_spec.StudySpec.create(
-        inputs["manifest"], inputs["cache"], inputs["embeddings"], root / "study", n_folds=2, train=train,
-        configs=CONFIGS, repeats=2, loco=True, head={"n_alphas": 5, "inner_folds": 2})
+        inputs["manifest"],
+        inputs["cache"],
+        inputs["embeddings"],
+        root / "study",
+        n_folds=2,
+        train=train,
+        configs=CONFIGS,
+        repeats=2,
+        loco=True,
+        head={"n_alphas": 5, "inner_folds": 2},
+    )
     study.prepare_study(spec, info={"synthetic": True, "settings": "test"})
     peers = study.run_peers(spec)
     assert peers.ok, peers.failed
@@ -52,15 +60,19 @@ def beyond(tmp_path_factory):
 
 def _cnn_oof(spec, config: str, split: str, protocol: str) -> pd.DataFrame:
     conf = study_spec.Configuration.from_name(config)
-    frames = [pd.read_csv(spec.run_dir(conf, split) / f"fold_{k}" / "oof.csv", dtype={"case_id": str})
-              for k in range(study_spec.split_n_folds(spec, split))]
+    frames = [
+        pd.read_csv(spec.run_dir(conf, split) / f"fold_{k}" / "oof.csv", dtype={"case_id": str})
+        for k in range(study_spec.split_n_folds(spec, split))
+    ]
     oof = pd.concat(frames)
     return oof[oof["protocol"] == protocol].drop(columns="protocol")
 
 
 def _peer_oof(spec, name: str, split: str) -> pd.DataFrame:
     peer = {p.name: p for p in spec.peer_list()}[name]
-    return pd.read_csv(spec.peer_dir(peer, split) / "oof_predictions.csv", dtype={"case_id": str}).drop(columns="protocol")
+    return pd.read_csv(spec.peer_dir(peer, split) / "oof_predictions.csv", dtype={"case_id": str}).drop(
+        columns="protocol"
+    )
 
 
 def test_repeats_and_loco_have_their_own_shared_folds_and_cells(beyond):
@@ -107,8 +119,9 @@ def test_peer_runs_resume_and_refit_on_changed_settings(beyond, tmp_path):
     other = study_spec.StudySpec.from_dict(spec.to_dict() | {"head": {"n_alphas": 4, "inner_folds": 2}})
     head = study_spec.Peer("embeddings", "ct", 64)
     assert study._peer_key(other, head, "cv0", "x") != study._peer_key(spec, head, "cv0", "x")
-    assert study._peer_key(other, study_spec.Peer("clinical"), "cv0", None) == \
-        study._peer_key(spec, study_spec.Peer("clinical"), "cv0", None)
+    assert study._peer_key(other, study_spec.Peer("clinical"), "cv0", None) == study._peer_key(
+        spec, study_spec.Peer("clinical"), "cv0", None
+    )
 
 
 def test_paired_table_equals_paired_bootstrap_of_the_saved_oof_files(beyond):
@@ -116,10 +129,14 @@ def test_paired_table_equals_paired_bootstrap_of_the_saved_oof_files(beyond):
     rows = {r["model"]: r for r in js["paired_vs_baseline"]["paper"]}
     a = pd.concat([_cnn_oof(spec, "baseline", s, "paper").assign(repeat=r) for r, s in enumerate(("cv0", "cv1"))])
     for name, b in (
-        ("ct-d64", pd.concat([_cnn_oof(spec, "ct-d64", s, "paper").assign(repeat=r)
-                              for r, s in enumerate(("cv0", "cv1"))])),
-        ("radiomics-cox", pd.concat([_peer_oof(spec, "radiomics-cox", s).assign(repeat=r)
-                                     for r, s in enumerate(("cv0", "cv1"))])),
+        (
+            "ct-d64",
+            pd.concat([_cnn_oof(spec, "ct-d64", s, "paper").assign(repeat=r) for r, s in enumerate(("cv0", "cv1"))]),
+        ),
+        (
+            "radiomics-cox",
+            pd.concat([_peer_oof(spec, "radiomics-cox", s).assign(repeat=r) for r, s in enumerate(("cv0", "cv1"))]),
+        ),
     ):
         ref = paired_bootstrap_delta(a, b, n_boot=report.N_BOOT, seed=0)
         row = rows[name]
@@ -175,7 +192,7 @@ def test_ibs_calibration_and_km_equal_a_recomputation_from_the_saved_files(beyon
         m = got[name]
         assert m["status"] == "done"
         ibs, probs, groups, frames = [], [], [], []
-        for r, split in enumerate(("cv0", "cv1")):
+        for split in ("cv0", "cv1"):
             for k in range(2):
                 if reader == "cnn":
                     folder = spec.run_dir(study_spec.Configuration(), split) / f"fold_{k}"
@@ -193,8 +210,9 @@ def test_ibs_calibration_and_km_equal_a_recomputation_from_the_saved_files(beyon
                 s = breslow_survival(train["risk"], train["time"], train["event"], oof["risk"], grid_t)
                 ibs.append(integrated_brier_score(train["time"], train["event"], oof["time"], oof["event"], s, grid_t))
                 if split == "cv0":
-                    probs.append(1 - breslow_survival(train["risk"], train["time"], train["event"],
-                                                      oof["risk"], [365.0])[:, 0])
+                    probs.append(
+                        1 - breslow_survival(train["risk"], train["time"], train["event"], oof["risk"], [365.0])[:, 0]
+                    )
                     groups.append(risk_groups(train["risk"], oof["risk"]))
                     frames.append(oof)
         assert [f["ibs"] for f in m["ibs"]["per_fold"]] == pytest.approx(ibs)
@@ -217,15 +235,26 @@ def test_peers_are_in_every_table_and_every_figure_is_written(beyond):
     md_path = beyond["md"]
     md, out = md_path.read_text(), md_path.parent
     sections = md.split("\n## ")
-    wanted = {"Table 1 - paper protocol": "peer: clinical Cox", "Table 1 - unbiased inner selection": "peer: CT embedding head",
-              "Full projection ablation": "peer: radiomics-lite Cox", "Repeated cross-validation": "peer: CT embedding head",
-              "Paired comparisons against": "peer: clinical Cox", "Leave-one-centre-out": "peer: radiomics-lite Cox",
-              "Beyond ranking": "peer: clinical Cox"}
+    wanted = {
+        "Table 1 - paper protocol": "peer: clinical Cox",
+        "Table 1 - unbiased inner selection": "peer: CT embedding head",
+        "Full projection ablation": "peer: radiomics-lite Cox",
+        "Repeated cross-validation": "peer: CT embedding head",
+        "Paired comparisons against": "peer: clinical Cox",
+        "Leave-one-centre-out": "peer: radiomics-lite Cox",
+        "Beyond ranking": "peer: clinical Cox",
+    }
     for head, label in wanted.items():
         sec = next(s for s in sections if s.startswith(head))
         assert label in sec, head
-    for name in ("figure2_c_index.png", "figure3_auc_1y.png", figures.FIGURE_CALIBRATION,
-                 figures.FIGURE_KM, figures.FIGURE_PAIRED, figures.FIGURE_CURVES):
+    for name in (
+        "figure2_c_index.png",
+        "figure3_auc_1y.png",
+        figures.FIGURE_CALIBRATION,
+        figures.FIGURE_KM,
+        figures.FIGURE_PAIRED,
+        figures.FIGURE_CURVES,
+    ):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert f"]({name})" in md

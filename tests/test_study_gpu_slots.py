@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import expensive, make_spec, make_study_inputs
 
 from pipeline import study, study_spec
 from pipeline.artefacts import read_json
 from pipeline.pool import Job
-from helpers import expensive, make_spec, make_study_inputs
 
 
 def test_cells_per_gpu_is_the_request_else_four_capped_by_the_fullest_gpu():

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import expensive, make_spec, make_study_inputs
 
 from pipeline import study, study_spec
-from helpers import expensive, make_spec, make_study_inputs
 
 pytestmark = pytest.mark.slow  # runs studies on the Slurm test cluster
 
@@ -57,8 +57,11 @@ def reference(inputs, tmp_path_factory):
 
 
 def oof_of(spec: study_spec.StudySpec) -> dict[str, pd.DataFrame]:
-    return {c.key: pd.read_csv(study_spec.cell_dir(spec, c) / "oof.csv") for c in study_spec.grid(spec)
-            if study_spec.cell_done(spec, c)}
+    return {
+        c.key: pd.read_csv(study_spec.cell_dir(spec, c) / "oof.csv")
+        for c in study_spec.grid(spec)
+        if study_spec.cell_done(spec, c)
+    }
 
 
 def claim_events(spec: study_spec.StudySpec, cell: study_spec.Cell) -> list[dict]:
@@ -113,8 +116,9 @@ def test_two_studies_on_one_folder_never_train_a_cell_at_once(inputs, reference,
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
     cmd = [sys.executable, "-c", STUDY_RUN, str(tmp_path / "spec.json")]
     # Both start at once (one worker each, cells in the same order): they meet on a cell.
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=400) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
@@ -149,8 +153,9 @@ def test_a_dead_owner_does_not_hold_its_cell(inputs, tmp_path):
     spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2, peers=())
     study.prepare_study(spec)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
-    owner = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "spec.json")], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "spec.json")], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert owner.stdout.readline().strip() == "held"
         holder = json.loads(study.claim_path(spec, study_spec.grid(spec)[0]).read_text())
@@ -206,29 +211,61 @@ cli.run_study()
 
 
 @pytest.mark.slurm
-def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(
-        slurm_cluster, inputs, tmp_path):
+def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(slurm_cluster, inputs, tmp_path):
     local = long_spec(inputs, tmp_path / "local", train=SLOW)
     outcome = study.run_study(local, executor="local", workers=2)
     assert outcome.ok, outcome.failed
     reference = oof_of(local)
     train = tmp_path / "train.json"
     train.write_text(json.dumps(local.train))
-    args = ["--manifest", str(inputs["manifest"]), "--cache", str(inputs["cache"]), "--configs", "baseline",
-            "--n-folds", "2", "--peers", "none", "--train-config", str(train), "--out", str(tmp_path / "s"),
-            "--report-dir", str(tmp_path / "r"), "--executor", "submitit", "--cluster", "slurm",
-            "--gpus-per-node", "0", "--mem", "2", "--cpus", "1", "--time", "10"]
+    args = [
+        "--manifest",
+        str(inputs["manifest"]),
+        "--cache",
+        str(inputs["cache"]),
+        "--configs",
+        "baseline",
+        "--n-folds",
+        "2",
+        "--peers",
+        "none",
+        "--train-config",
+        str(train),
+        "--out",
+        str(tmp_path / "s"),
+        "--report-dir",
+        str(tmp_path / "r"),
+        "--executor",
+        "submitit",
+        "--cluster",
+        "slurm",
+        "--gpus-per-node",
+        "0",
+        "--mem",
+        "2",
+        "--cpus",
+        "1",
+        "--time",
+        "10",
+    ]
     env = os.environ | {"HNFM_SLURM_POLL_S": "3"}
-    run = subprocess.Popen([sys.executable, "-c", RUN_STUDY, *args], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-c", RUN_STUDY, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     spec, _ = None, None
     try:
         assert _wait(lambda: (tmp_path / "s" / "study.json").is_file(), 120)
         spec, _ = study_spec.load_study(tmp_path / "s")
         cell1 = study_spec.grid(spec)[1]
         # Cancel task 1 once it is training; task 0 goes on.
-        assert _wait(lambda: any(e["event"] == "claimed" for e in claim_events(spec, cell1)), 180), \
+        assert _wait(lambda: any(e["event"] == "claimed" for e in claim_events(spec, cell1)), 180), (
             "task 1 never claimed its cell"
+        )
         job = claim_events(spec, cell1)[0]["slurm_job"]
         subprocess.run(["scancel", job], check=True)
         t_cancel = time.monotonic()
@@ -244,8 +281,9 @@ def test_run_study_notices_a_cancelled_task_names_it_and_the_rerun_completes_it(
     assert "resume with: run-study " in err and "--executor submitit" in err.split("resume with:")[1]
     assert study_spec.cell_done(spec, study_spec.grid(spec)[0]) and not study_spec.cell_done(spec, cell1)
     # The command it names completes the study, with the local pool's numbers.
-    again = subprocess.run([sys.executable, "-c", RUN_STUDY, *args], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-c", RUN_STUDY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     got = oof_of(spec)
     for key, frame in reference.items():
@@ -268,7 +306,7 @@ def test_a_failing_task_is_named_with_its_log(slurm_cluster, inputs, tmp_path):
         del os.environ["HNFM_SLURM_POLL_S"]
     assert set(outcome.failed) == {"baseline/fold_0", "baseline/fold_1"} and not outcome.cancelled
     assert all("config_hash differs" in e for e in outcome.failed.values()), outcome.failed
-    for key, log in outcome.logs.items():
+    for log in outcome.logs.values():
         assert Path(log).is_file() and "config_hash differs" in Path(log).read_text()
 
 

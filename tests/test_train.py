@@ -9,17 +9,30 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import NARROW_ENCODERS, expensive
 from lifelines.utils import concordance_index
 from sksurv.metrics import concordance_index_censored
 
 from pipeline.cli.train import train_survival
 from pipeline.layout import CURVES_COLUMNS, OOF_COLUMNS, TRAIN_RISK_COLUMNS
-from helpers import NARROW_ENCODERS, expensive
 
 pytestmark = pytest.mark.slow  # trains networks end to end
 
-TINY = ["--n-folds", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "4",
-        "--ema-decay", "0.5", "--model-config", '{"preset": "tiny"}', "--quiet"]
+TINY = [
+    "--n-folds",
+    "3",
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "3",
+    "--batch-size",
+    "4",
+    "--ema-decay",
+    "0.5",
+    "--model-config",
+    '{"preset": "tiny"}',
+    "--quiet",
+]
 
 
 def _run(args):
@@ -31,8 +44,17 @@ def _run(args):
 @expensive
 def baseline_run(tiny_study, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-            "--out", str(out / "baseline"), "--folds", str(out / "folds.json"), *TINY]
+    args = [
+        "--manifest",
+        str(tiny_study["manifest"]),
+        "--cache",
+        str(tiny_study["cache"]),
+        "--out",
+        str(out / "baseline"),
+        "--folds",
+        str(out / "folds.json"),
+        *TINY,
+    ]
     result = _run(args)
     assert result.exit_code == 0, result.output
     return {"dir": out / "baseline", "args": args, "out": out, "output": result.output}
@@ -119,13 +141,32 @@ def test_resume_with_other_settings_is_refused(baseline_run):
 def test_embeddings_run_end_to_end_and_random_init_is_flagged(tiny_study, baseline_run, tmp_path):
     from pipeline.extraction import extract_embeddings
 
-    h5 = extract_embeddings(tiny_study["cache"], "ctpet", tmp_path / "ctpet.h5", random_init=True,
-                            device="cpu", encoder_kwargs=NARROW_ENCODERS, progress=False,
-                            shard_dir=tmp_path / "shards")
+    h5 = extract_embeddings(
+        tiny_study["cache"],
+        "ctpet",
+        tmp_path / "ctpet.h5",
+        random_init=True,
+        device="cpu",
+        encoder_kwargs=NARROW_ENCODERS,
+        progress=False,
+        shard_dir=tmp_path / "shards",
+    )
     out = baseline_run["out"]
-    args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-            "--embeddings", str(h5), "--proj", "64", "--out", str(tmp_path / "run"),
-            "--folds", str(out / "folds.json"), *TINY]
+    args = [
+        "--manifest",
+        str(tiny_study["manifest"]),
+        "--cache",
+        str(tiny_study["cache"]),
+        "--embeddings",
+        str(h5),
+        "--proj",
+        "64",
+        "--out",
+        str(tmp_path / "run"),
+        "--folds",
+        str(out / "folds.json"),
+        *TINY,
+    ]
     result = _run(args)
     assert result.exit_code == 0, result.output
     assert "RANDOMLY INITIALISED" in result.output
@@ -146,9 +187,21 @@ def test_embeddings_missing_a_case_are_refused_naming_it(tiny_study, tmp_path):
     table = pd.DataFrame({"PatientID": ids[1:], "f0": np.arange(len(ids) - 1, dtype=float)})
     table.to_csv(tmp_path / "feat.csv", index=False)
     import_feature_table(tmp_path / "feat.csv", tmp_path / "feat.h5", name="feat", cache=tiny_study["cache"])
-    result = _run(["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-                   "--embeddings", str(tmp_path / "feat.h5"), "--out", str(tmp_path / "run"),
-                   "--folds", str(tmp_path / "folds.json"), *TINY])
+    result = _run(
+        [
+            "--manifest",
+            str(tiny_study["manifest"]),
+            "--cache",
+            str(tiny_study["cache"]),
+            "--embeddings",
+            str(tmp_path / "feat.h5"),
+            "--out",
+            str(tmp_path / "run"),
+            "--folds",
+            str(tmp_path / "folds.json"),
+            *TINY,
+        ]
+    )
     assert result.exit_code == 1
     assert ids[0] in result.output
 
@@ -156,9 +209,23 @@ def test_embeddings_missing_a_case_are_refused_naming_it(tiny_study, tmp_path):
 def test_a_fold_failing_in_a_worker_fails_the_run_as_it_would_in_process(tiny_study, tmp_path):
     """--workers 2: the failing fold's own error reaches the user (not a pool error) and the
     run stops without a summary."""
-    args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-            "--out", str(tmp_path / "run"), "--folds", str(tmp_path / "folds.json"), *TINY,
-            "--fold", "0", "--fold", "7", "--workers", "2"]
+    args = [
+        "--manifest",
+        str(tiny_study["manifest"]),
+        "--cache",
+        str(tiny_study["cache"]),
+        "--out",
+        str(tmp_path / "run"),
+        "--folds",
+        str(tmp_path / "folds.json"),
+        *TINY,
+        "--fold",
+        "0",
+        "--fold",
+        "7",
+        "--workers",
+        "2",
+    ]
     result = CliRunner().invoke(train_survival, args)
     assert result.exit_code == 1, result.output
     assert "error: fold 7 has no validation case" in result.output
@@ -177,8 +244,16 @@ def test_scoring_the_fit_rows_every_third_epoch_changes_nothing_but_the_curves_t
     folds = get_folds(tmp_path / "folds.json", cohort, n_folds=3)
     runs = {}
     for every in (1, 3):
-        cfg = TrainConfig(epochs=5, steps_per_epoch=2, batch_size=4, eval_batch_size=4, ema_decay=0.5,
-                          model={"preset": "tiny"}, train_c_every=every, threads=1)
+        cfg = TrainConfig(
+            epochs=5,
+            steps_per_epoch=2,
+            batch_size=4,
+            eval_batch_size=4,
+            ema_decay=0.5,
+            model={"preset": "tiny"},
+            train_c_every=every,
+            threads=1,
+        )
         train_fold(cohort, folds, 2, cfg, tmp_path / f"every{every}", progress=False)
         runs[every] = tmp_path / f"every{every}" / "fold_2"
     a, b = runs[1], runs[3]
@@ -195,5 +270,6 @@ def test_scoring_the_fit_rows_every_third_epoch_changes_nothing_but_the_curves_t
     pd.testing.assert_frame_equal(ca[same], cb[same])
     # An epoch not scored was selected (fold 2 here: the paper protocol's epoch 3), so its
     # training risks came from its checkpoint, with the bits scoring them then gives.
-    assert {done_b["protocols"][p]["selected_epoch"] for p in ("paper", "inner")} - {2, 4}, \
+    assert {done_b["protocols"][p]["selected_epoch"] for p in ("paper", "inner")} - {2, 4}, (
         "no unscored epoch selected: pick another fold or seed so the checkpoint path is tested"
+    )

@@ -6,10 +6,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from helpers import expensive
 
 from pipeline.cli.train import default_run_name, resolve_preset, train_survival
 from pipeline.demo import DEMO_SURVIVAL_SIZE_XYZ, DEMO_TRAIN
-from helpers import expensive
 
 pytestmark = pytest.mark.slow  # trains networks or runs the console scripts end to end
 
@@ -21,15 +21,28 @@ def demo_size_cache(tiny_study, tmp_path_factory):
     from pipeline.preprocess import PreprocessParams, preprocess_cohort
 
     cache = tmp_path_factory.mktemp("demo_size") / "cache"
-    params = PreprocessParams(survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=(32, 32, 16),
-                              petfm_size_xyz=(32, 32, 32))
+    params = PreprocessParams(
+        survival_size_xyz=DEMO_SURVIVAL_SIZE_XYZ, ctfm_size_xyz=(32, 32, 16), petfm_size_xyz=(32, 32, 32)
+    )
     preprocess_cohort(tiny_study["manifest"], cache, params, workers=2, progress=False)
     return cache
 
 
 def _args(tiny_study, cache, tmp_path, *extra):
-    return ["--manifest", str(tiny_study["manifest"]), "--cache", str(cache), "--out", str(tmp_path / "run"),
-            "--folds", str(tmp_path / "folds.json"), "--n-folds", "3", "--quiet", *extra]
+    return [
+        "--manifest",
+        str(tiny_study["manifest"]),
+        "--cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "run"),
+        "--folds",
+        str(tmp_path / "folds.json"),
+        "--n-folds",
+        "3",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_paper_network_on_the_demo_cache_names_the_preset_and_writes_nothing(tiny_study, demo_size_cache, tmp_path):
@@ -39,15 +52,31 @@ def test_paper_network_on_the_demo_cache_names_the_preset_and_writes_nothing(tin
     assert " x ".join(map(str, DEMO_SURVIVAL_SIZE_XYZ)) in result.output
     # Nothing written: the corrected command into the same folder then runs (no "config_hash differs").
     assert list(tmp_path.iterdir()) == []
-    fixed = CliRunner().invoke(train_survival, _args(tiny_study, demo_size_cache, tmp_path, "--preset", "demo",
-                                                     "--fold", "0", "--epochs", "1", "--steps-per-epoch", "1"))
+    fixed = CliRunner().invoke(
+        train_survival,
+        _args(
+            tiny_study,
+            demo_size_cache,
+            tmp_path,
+            "--preset",
+            "demo",
+            "--fold",
+            "0",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+        ),
+    )
     assert fixed.exit_code == 0, fixed.output
     assert (tmp_path / "run" / "fold_0" / "done.json").is_file()
 
 
 def test_auto_takes_the_demo_preset_on_a_demo_cache_under_explicit_options(tiny_study, demo_size_cache, tmp_path):
-    result = CliRunner().invoke(train_survival, _args(tiny_study, demo_size_cache, tmp_path, "--fold", "0",
-                                                      "--epochs", "1", "--steps-per-epoch", "1"))
+    result = CliRunner().invoke(
+        train_survival,
+        _args(tiny_study, demo_size_cache, tmp_path, "--fold", "0", "--epochs", "1", "--steps-per-epoch", "1"),
+    )
     assert result.exit_code == 0, result.output
     assert "preset: demo (--preset auto" in result.output
     cfg = json.loads((tmp_path / "run" / "run.json").read_text())["config"]

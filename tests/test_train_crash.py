@@ -24,8 +24,21 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 #: One fold of two, one step: each killed process trains for seconds.
-SMALLEST = ["--n-folds", "2", "--fold", "0", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
-            "--model-config", '{"preset": "tiny"}', "--quiet"]
+SMALLEST = [
+    "--n-folds",
+    "2",
+    "--fold",
+    "0",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "1",
+    "--batch-size",
+    "2",
+    "--model-config",
+    '{"preset": "tiny"}',
+    "--quiet",
+]
 #: Where each killed process stops: a substring of the file being written (its temporary
 #: sibling is named after it), one per writer: torch.save, Path.write_text (the completion
 #: marker) and DataFrame.to_csv (the run's last file, after every fold is done).
@@ -81,8 +94,14 @@ CHILD = textwrap.dedent("""
 def run_until_killed(args: list[str], target: str, log: Path) -> None:
     """Run train-survival in a child process and SIGKILL it half-way through writing ``target``."""
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=REPO,
-                                env={**os.environ, "KILL_AT": target}, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args],
+            cwd=REPO,
+            env={**os.environ, "KILL_AT": target},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         try:
             for line in proc.stdout:
                 if line.startswith("@@ "):
@@ -126,8 +145,17 @@ def check_complete(root: Path) -> None:
 
 def test_kill9_at_each_write_leaves_whole_files_and_a_rerun_completes(tiny_study, tmp_path):
     run = RunLayout(tmp_path / "run")
-    args = ["--manifest", str(tiny_study["manifest"]), "--cache", str(tiny_study["cache"]),
-            "--folds", str(tmp_path / "folds.json"), "--out", str(run.root), *SMALLEST]
+    args = [
+        "--manifest",
+        str(tiny_study["manifest"]),
+        "--cache",
+        str(tiny_study["cache"]),
+        "--folds",
+        str(tmp_path / "folds.json"),
+        "--out",
+        str(run.root),
+        *SMALLEST,
+    ]
     for target in KILL_AT:
         run_until_killed(args, target, tmp_path / f"{target}.log")
         check_complete(tmp_path)

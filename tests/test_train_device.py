@@ -36,6 +36,7 @@ def count_host_reads(device: torch.device):
             if isinstance(self, torch.Tensor) and self.device == device:
                 counts[name] += 1
             return orig(self, *args, **kwargs)
+
         return counted
 
     for name in HOST_READS:
@@ -48,8 +49,21 @@ def count_host_reads(device: torch.device):
 
 
 def _config(**kw) -> TrainConfig:
-    return TrainConfig(**({"epochs": 3, "steps_per_epoch": 3, "batch_size": 4, "eval_batch_size": 8, "ema_decay": 0.5,
-                           "model": {"preset": "tiny"}, "device": "cpu", "warmup_epochs": 0} | kw))
+    return TrainConfig(
+        **(
+            {
+                "epochs": 3,
+                "steps_per_epoch": 3,
+                "batch_size": 4,
+                "eval_batch_size": 8,
+                "ema_decay": 0.5,
+                "model": {"preset": "tiny"},
+                "device": "cpu",
+                "warmup_epochs": 0,
+            }
+            | kw
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +94,7 @@ def test_a_step_reads_nothing_back_from_the_device(fold_state, monkeypatch):
     assert sum(counts.values()) == 0, counts
     for p in parts:
         assert set(p) == {"dice", "cox", "total", "loss"}
-        assert all(isinstance(v, torch.Tensor) and v.device == state.device and v.dim() == 0
-                   for v in p.values())
+        assert all(isinstance(v, torch.Tensor) and v.device == state.device and v.dim() == 0 for v in p.values())
     assert state.ema.n_averaged.item() == len(batches)
 
 

@@ -63,7 +63,7 @@ def test_lr_schedule_warmup_then_step_decay():
     assert lr_factor(24, cfg) == 1.0
     assert lr_factor(25, cfg) == pytest.approx(0.3)
     assert lr_factor(50, cfg) == pytest.approx(0.09)
-    assert lr_factor(99, cfg) == pytest.approx(0.3 ** 3)
+    assert lr_factor(99, cfg) == pytest.approx(0.3**3)
 
 
 def test_train_config_defaults_are_the_papers():
@@ -74,10 +74,17 @@ def test_train_config_defaults_are_the_papers():
     assert (cfg.cox_weight, cfg.seed) == (2.0, 42)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("epochs", 0), ("batch_size", 1), ("inner_val_fraction", 0.6), ("ema_decay", 1.0),
-    ("proj", 0), ("tumour_input", "hard"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("epochs", 0),
+        ("batch_size", 1),
+        ("inner_val_fraction", 0.6),
+        ("ema_decay", 1.0),
+        ("proj", 0),
+        ("tumour_input", "hard"),
+    ],
+)
 def test_train_config_rejects_bad_values_naming_them(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -99,8 +106,11 @@ def test_split_seed_follows_the_seed_unless_set_and_old_run_configs_keep_their_h
     assert TrainConfig(seed=43, split_seed=42).split_seed == 42
     # A run.json written before split_seed (and gpu_eval_batch_size, train_c_every, step_mode) existed
     # hashed the config without them: that hash stays.
-    old = {k: v for k, v in TrainConfig(seed=7).to_dict().items()
-           if k not in ("split_seed", "gpu_eval_batch_size", "train_c_every", "step_mode")}
+    old = {
+        k: v
+        for k, v in TrainConfig(seed=7).to_dict().items()
+        if k not in ("split_seed", "gpu_eval_batch_size", "train_c_every", "step_mode")
+    }
     assert config_hash(TrainConfig(seed=7).to_dict()) == params_hash(old) == config_hash(old)
     assert config_hash(TrainConfig(seed=8, split_seed=7).to_dict()) != config_hash(TrainConfig(seed=8).to_dict())
 

@@ -46,13 +46,16 @@ def _one(candidates: list[Series], modality: str, patient: str, chosen: set[str]
         raise DicomImportError(f"patient {patient}: no {modality} series found")
     if len(candidates) > 1 or len(named) > 1:
         listed = "; ".join(s.summary() for s in (named or candidates))
-        raise DicomImportError(f"patient {patient}: {len(named or candidates)} candidate {modality} series "
-                               f"({listed}); choose one with --series UID")
+        raise DicomImportError(
+            f"patient {patient}: {len(named or candidates)} candidate {modality} series "
+            f"({listed}); choose one with --series UID"
+        )
     return candidates[0]
 
 
-def choose_series(patient: str, series: dict[str, Series], chosen: set[str],
-                  accepted_frames: set[str] = frozenset()) -> CaseSeries:
+def choose_series(
+    patient: str, series: dict[str, Series], chosen: set[str], accepted_frames: set[str] = frozenset()
+) -> CaseSeries:
     """The CT, PET and RTSTRUCTs of one patient (see the module doc for the rules).
 
     ``accepted_frames``: frames of reference the user vouched for as the CT's (``--accept-frame``).
@@ -66,15 +69,18 @@ def choose_series(patient: str, series: dict[str, Series], chosen: set[str],
     if pets and not same_for:
         raise DicomImportError(
             f"patient {patient}: no PET series shares the CT's FrameOfReferenceUID {ct.frame_of_reference} "
-            f"(CT series {ct.uid}; PET series {', '.join(f'{s.uid} in {s.frame_of_reference}' for s in pets)})")
+            f"(CT series {ct.uid}; PET series {', '.join(f'{s.uid} in {s.frame_of_reference}' for s in pets)})"
+        )
     pet = _one(same_for, "PET", patient, chosen)
     frames = {ct.frame_of_reference} | set(accepted_frames)
     structures = [s for s in series.values() if s.modality == "RTSTRUCT" and _referenced_frames(s) & frames]
     segmentations = [s for s in series.values() if s.modality == "SEG" and s.frame_of_reference in frames]
     if not structures and not segmentations:
         others = [s.uid for s in series.values() if s.modality in ("RTSTRUCT", "SEG")]
-        raise DicomImportError(f"patient {patient}: no RTSTRUCT or SEG in the CT's frame of reference "
-                               f"{ct.frame_of_reference}" + (f" (others: {others})" if others else ""))
+        raise DicomImportError(
+            f"patient {patient}: no RTSTRUCT or SEG in the CT's frame of reference "
+            f"{ct.frame_of_reference}" + (f" (others: {others})" if others else "")
+        )
     return CaseSeries(patient, ct, pet, structures, segmentations)
 
 
@@ -82,8 +88,11 @@ def _referenced_frames(series: Series) -> set[str]:
     frames = set()
     for ds in series.headers:
         frames |= {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
-        frames |= {str(r.ReferencedFrameOfReferenceUID) for r in ds.get("StructureSetROISequence", [])
-                   if "ReferencedFrameOfReferenceUID" in r}
+        frames |= {
+            str(r.ReferencedFrameOfReferenceUID)
+            for r in ds.get("StructureSetROISequence", [])
+            if "ReferencedFrameOfReferenceUID" in r
+        }
         if "FrameOfReferenceUID" in ds:
             frames.add(str(ds.FrameOfReferenceUID))
     return frames

@@ -62,15 +62,20 @@ def header_row(ct: pydicom.Dataset, pet: pydicom.Dataset) -> dict[str, Any]:
     sex = str(ct.get("PatientSex", "") or pet.get("PatientSex", "") or "").strip().upper()
     weight = ct.get("PatientWeight") or pet.get("PatientWeight")
     age = age_years(ct)
-    return {"Gender": sex if sex in ("M", "F") else "", "Age": age if not math.isnan(age) else age_years(pet),
-            "Weight": float(weight) if weight not in (None, "") else math.nan}
+    return {
+        "Gender": sex if sex in ("M", "F") else "",
+        "Age": age if not math.isnan(age) else age_years(pet),
+        "Weight": float(weight) if weight not in (None, "") else math.nan,
+    }
 
 
 def check_prefix(prefix: str) -> str:
     """A pseudonym prefix that can name files (letters, digits, '.', '-', '_', no '__')."""
     if not _SAFE_ID.match(prefix) or "__" in prefix or prefix[-1].isdigit():
-        raise DicomImportError(f"--prefix {prefix!r} cannot start case ids (letters, digits, '.', '-', '_', "
-                               "no '__', not ending in a digit)")
+        raise DicomImportError(
+            f"--prefix {prefix!r} cannot start case ids (letters, digits, '.', '-', '_', "
+            "no '__', not ending in a digit)"
+        )
     return prefix
 
 
@@ -97,19 +102,21 @@ def read_mapping(path) -> dict[str, str]:
     return out
 
 
-def next_pseudonyms(patient_ids: list[str], existing: dict[str, str], prefix: str = "P",
-                    taken: set[str] = frozenset()) -> dict[str, str]:
+def next_pseudonyms(
+    patient_ids: list[str], existing: dict[str, str], prefix: str = "P", taken: set[str] = frozenset()
+) -> dict[str, str]:
     """New pseudonyms for ``patient_ids`` not in ``existing`` (PatientID -> case id), numbered
     after the largest ``<prefix>NNNN`` of ``existing`` and ``taken``, in sorted order."""
     used = set(existing.values()) | set(taken)
-    numbers = [int(c[len(prefix):]) for c in used if c.startswith(prefix) and c[len(prefix):].isdigit()]
+    numbers = [int(c[len(prefix) :]) for c in used if c.startswith(prefix) and c[len(prefix) :].isdigit()]
     start = max(numbers, default=0) + 1
     new = [p for p in sorted(patient_ids) if p not in existing]
     return {pid: f"{prefix}{n:04d}" for n, pid in enumerate(new, start=start)}
 
 
-def case_ids(patient_ids: list[str], pseudonymise: bool, existing: dict[str, str] | None = None,
-             prefix: str = "P") -> dict[str, str]:
+def case_ids(
+    patient_ids: list[str], pseudonymise: bool, existing: dict[str, str] | None = None, prefix: str = "P"
+) -> dict[str, str]:
     """PatientID -> case id (see the module doc); ``existing``: a mapping to continue."""
     ordered = sorted(patient_ids)
     if pseudonymise:
@@ -118,13 +125,16 @@ def case_ids(patient_ids: list[str], pseudonymise: bool, existing: dict[str, str
         return {**ids, **next_pseudonyms(ordered, existing, prefix)}
     for pid in ordered:
         if not _SAFE_ID.match(pid) or "__" in pid:
-            raise DicomImportError(f"PatientID {pid!r} cannot name files (letters, digits, '.', '-', '_', "
-                                   "no '__'); pass --pseudonymise to use P0001-style case ids")
+            raise DicomImportError(
+                f"PatientID {pid!r} cannot name files (letters, digits, '.', '-', '_', "
+                "no '__'); pass --pseudonymise to use P0001-style case ids"
+            )
     return {pid: pid for pid in ordered}
 
 
-def read_clinical(path, column_map: dict[str, str] | None = None,
-                  ignore: tuple[str, ...] | list[str] = ()) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+def read_clinical(
+    path, column_map: dict[str, str] | None = None, ignore: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """``--clinical``: PatientID -> {HECKTOR column: value}, and a record of what was done.
 
     Args:
@@ -143,19 +153,21 @@ def read_clinical(path, column_map: dict[str, str] | None = None,
     columns = [c for c in table.columns if c != "PatientID"]
     absent = [c for c in list(column_map) + list(ignore) if c not in columns]
     if absent:
-        raise DicomImportError(f"--clinical {path}: --clinical-column / --ignore-column name column(s) "
-                               f"{absent} that the file does not have (its columns: {columns})")
+        raise DicomImportError(
+            f"--clinical {path}: --clinical-column / --ignore-column name column(s) "
+            f"{absent} that the file does not have (its columns: {columns})"
+        )
     bad = {src: dst for src, dst in column_map.items() if dst not in _MERGED}
     if bad:
-        raise DicomImportError(f"--clinical-column {bad}: not HECKTOR clinical columns; the names are "
-                               f"{list(_MERGED)}")
+        raise DicomImportError(f"--clinical-column {bad}: not HECKTOR clinical columns; the names are {list(_MERGED)}")
     known = set(CLINICAL_HEADER)
     unknown = [c for c in columns if c not in known and c not in column_map and c not in ignore]
     if unknown:
         raise DicomImportError(
             f"--clinical {path}: {len(unknown)} column(s) the import does not know: {unknown}. Map each to a "
             f"HECKTOR column with --clinical-column 'SRC=NAME' (NAME one of {list(_MERGED)}) or drop it with "
-            "--ignore-column SRC; nothing is left out in silence")
+            "--ignore-column SRC; nothing is left out in silence"
+        )
     renamed = table.rename(columns=column_map)
     targets = [column_map.get(c, c) for c in columns if c not in ignore]
     twice = sorted({t for t in targets if targets.count(t) > 1})
@@ -163,8 +175,12 @@ def read_clinical(path, column_map: dict[str, str] | None = None,
         raise DicomImportError(f"--clinical {path}: several columns give {twice}; map or ignore all but one")
     kept = [t for t in targets if t in _MERGED]
     rows = {str(row["PatientID"]).strip(): {c: row[c] for c in kept} for _, row in renamed.iterrows()}
-    record = {"columns_used": kept, "mapped": column_map, "ignored": sorted(ignore),
-              "not_used": sorted(t for t in targets if t not in _MERGED)}
+    record = {
+        "columns_used": kept,
+        "mapped": column_map,
+        "ignored": sorted(ignore),
+        "not_used": sorted(t for t in targets if t not in _MERGED),
+    }
     return rows, record
 
 
@@ -176,8 +192,13 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def clinical_rows(headers: dict[str, dict[str, Any]], ids: dict[str, str], extra: dict[str, dict[str, str]],
-                  endpoint_ids: set[str], center_id: int | None) -> list[list[str]]:
+def clinical_rows(
+    headers: dict[str, dict[str, Any]],
+    ids: dict[str, str],
+    extra: dict[str, dict[str, str]],
+    endpoint_ids: set[str],
+    center_id: int | None,
+) -> list[list[str]]:
     """Rows of the clinical CSV in :data:`CLINICAL_HEADER` order, one per imported patient.
 
     Args:
@@ -190,8 +211,12 @@ def clinical_rows(headers: dict[str, dict[str, Any]], ids: dict[str, str], extra
     """
     rows = []
     for pid in sorted(headers, key=lambda p: ids[p]):
-        cells: dict[str, Any] = {"Task 1": 1, "Task 2": int(pid in endpoint_ids),
-                                 "CenterID": center_id if center_id is not None else "", **headers[pid]}
+        cells: dict[str, Any] = {
+            "Task 1": 1,
+            "Task 2": int(pid in endpoint_ids),
+            "CenterID": center_id if center_id is not None else "",
+            **headers[pid],
+        }
         for col, value in extra.get(pid, {}).items():
             if col in _MERGED and str(value).strip() not in ("", "NaN", "nan"):
                 cells[col] = str(value).strip()

@@ -40,18 +40,35 @@ import SimpleITK as sitk
 from pipeline.artefacts import atomic_path, code_version, read_json, replace_folder, utc_now, write_json_atomic
 from pipeline.dicom.cases import CaseSeries, choose_series
 from pipeline.dicom.clinical import (
-    case_ids, check_prefix, clinical_rows, header_row, next_pseudonyms, read_clinical, read_mapping,
+    case_ids,
+    check_prefix,
+    clinical_rows,
+    header_row,
+    next_pseudonyms,
+    read_clinical,
+    read_mapping,
 )
 from pipeline.dicom.errors import DicomImportError
 from pipeline.dicom.rtstruct import (
-    DEFAULT_LABELS, check_placeable, label_mask, match_labels, merge_warnings, read_rois,
+    DEFAULT_LABELS,
+    check_placeable,
+    label_mask,
+    match_labels,
+    merge_warnings,
+    read_rois,
 )
 from pipeline.dicom.scan import Series, scan_folder
 from pipeline.dicom.seg import read_segments
 from pipeline.dicom.suv import suv_factor, suv_inputs
 from pipeline.dicom.volume import read_pixels, slice_geometry, to_image
 from pipeline.hecktor import (
-    CLINICAL_CSV, CLINICAL_HEADER, ENDPOINT_CSV, ENDPOINT_HEADER, IMAGES_DIR, LABELS_DIR, read_hecktor_csv,
+    CLINICAL_CSV,
+    CLINICAL_HEADER,
+    ENDPOINT_CSV,
+    ENDPOINT_HEADER,
+    IMAGES_DIR,
+    LABELS_DIR,
+    read_hecktor_csv,
 )
 
 PROVENANCE_DIR = "dicom_import"
@@ -96,8 +113,10 @@ def _stale_references(case: CaseSeries) -> list[str]:
     stale = referenced - present
     if not stale:
         return []
-    return [f"the structure sets reference {len(stale)} image(s) not in the CT series (matched by "
-            "FrameOfReferenceUID instead)"]
+    return [
+        f"the structure sets reference {len(stale)} image(s) not in the CT series (matched by "
+        "FrameOfReferenceUID instead)"
+    ]
 
 
 class _Writer:
@@ -118,9 +137,16 @@ class _Writer:
             self.pending.popleft().result()
 
 
-def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Path,
-                 labels: dict[int, str], chosen: set[str], writer: _Writer,
-                 accepted_frames: set[str] = frozenset()) -> dict[str, Any]:
+def convert_case(
+    patient: str,
+    series: dict[str, Series],
+    case_id: str,
+    root: Path,
+    labels: dict[int, str],
+    chosen: set[str],
+    writer: _Writer,
+    accepted_frames: set[str] = frozenset(),
+) -> dict[str, Any]:
     """Queue one patient's CT, PET and label for writing into ``root``; return its provenance record."""
     case = choose_series(patient, series, chosen, accepted_frames)
     rois = [roi for s in case.structures for ds in s.headers for roi in read_rois(ds)]
@@ -141,17 +167,36 @@ def convert_case(patient: str, series: dict[str, Series], case_id: str, root: Pa
     frames = sorted({getattr(r, "frame", "") for v in by_label.values() for r in v} - {case.ct.frame_of_reference})
     return {
         "case_id": case_id,
-        "ct": {"series_uid": case.ct.uid, "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.ct.headers),
-               "frame_of_reference_uid": case.ct.frame_of_reference, "size_xyz": list(ct.GetSize()),
-               "spacing_xyz_mm": list(ct.GetSpacing())},
-        "pet": {"series_uid": case.pet.uid,
-                "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.pet.headers),
-                "size_xyz": list(pet.GetSize()), "spacing_xyz_mm": list(pet.GetSpacing()), "suv": suv},
-        "structures": [{"series_uid": s.uid, "modality": s.modality,
-                        "sop_instance_uids": [str(h.SOPInstanceUID) for h in s.headers]}
-                       for s in case.structures + case.segmentations],
-        "labels": {str(k): {"rule": labels[k], "rois": [r.name for r in v],
-                            "frames": sorted({getattr(r, "frame", "") for r in v})} for k, v in by_label.items()},
+        "ct": {
+            "series_uid": case.ct.uid,
+            "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.ct.headers),
+            "frame_of_reference_uid": case.ct.frame_of_reference,
+            "size_xyz": list(ct.GetSize()),
+            "spacing_xyz_mm": list(ct.GetSpacing()),
+        },
+        "pet": {
+            "series_uid": case.pet.uid,
+            "sop_instance_uids": sorted(str(h.SOPInstanceUID) for h in case.pet.headers),
+            "size_xyz": list(pet.GetSize()),
+            "spacing_xyz_mm": list(pet.GetSpacing()),
+            "suv": suv,
+        },
+        "structures": [
+            {
+                "series_uid": s.uid,
+                "modality": s.modality,
+                "sop_instance_uids": [str(h.SOPInstanceUID) for h in s.headers],
+            }
+            for s in case.structures + case.segmentations
+        ],
+        "labels": {
+            str(k): {
+                "rule": labels[k],
+                "rois": [r.name for r in v],
+                "frames": sorted({getattr(r, "frame", "") for r in v}),
+            }
+            for k, v in by_label.items()
+        },
         "frames_accepted_as_the_cts": frames,
         "rois_found": sorted({r.name for r in rois}),
         "warnings": warnings,
@@ -175,34 +220,45 @@ def _check_destinations(out: Path, mapping: Path | None, pseudonymise: bool, ove
         raise DicomImportError("--add keeps what --out holds and --overwrite replaces it: pass one of them")
     if out.exists() and any(out.iterdir()):
         if not (out / RUN_RECORD).is_file():
-            raise FileExistsError(f"{out} holds files but no {RUN_RECORD}; refusing to "
-                                  f"{'add to' if add else 'replace'} something import-dicom did not write")
+            raise FileExistsError(
+                f"{out} holds files but no {RUN_RECORD}; refusing to "
+                f"{'add to' if add else 'replace'} something import-dicom did not write"
+            )
         if not overwrite and not add:
-            raise FileExistsError(f"{out} is not empty; pass --add to add patients to it, or --overwrite to "
-                                  "replace it")
+            raise FileExistsError(f"{out} is not empty; pass --add to add patients to it, or --overwrite to replace it")
     if pseudonymise:
         if mapping is None:
-            raise DicomImportError("--pseudonymise needs --mapping PATH: the file (outside --out) that keeps "
-                                   "the case id -> PatientID mapping (an existing one is continued)")
+            raise DicomImportError(
+                "--pseudonymise needs --mapping PATH: the file (outside --out) that keeps "
+                "the case id -> PatientID mapping (an existing one is continued)"
+            )
         if mapping.resolve().is_relative_to(out.resolve()):
-            raise DicomImportError(f"--mapping {mapping} is inside --out {out}; keep the mapping apart from "
-                                   "the pseudonymised data")
+            raise DicomImportError(
+                f"--mapping {mapping} is inside --out {out}; keep the mapping apart from the pseudonymised data"
+            )
     elif mapping is not None:
         raise DicomImportError("--mapping is only written with --pseudonymise")
 
 
 def _endpoint_rows(endpoints: dict[str, dict[str, str]], ids: dict[str, str]) -> list[list[str]]:
-    return [[ids[pid]] + [endpoints[pid][c] or "NaN" for c in ENDPOINT_HEADER[1:]]
-            for pid in sorted(endpoints, key=lambda p: ids.get(p, "")) if pid in ids]
+    return [
+        [ids[pid]] + [endpoints[pid][c] or "NaN" for c in ENDPOINT_HEADER[1:]]
+        for pid in sorted(endpoints, key=lambda p: ids.get(p, ""))
+        if pid in ids
+    ]
 
 
 def _case_files(root: Path, case_id: str) -> list[Path]:
-    return [root / IMAGES_DIR / f"{case_id}__CT.nii.gz", root / IMAGES_DIR / f"{case_id}__PT.nii.gz",
-            root / LABELS_DIR / f"{case_id}.nii.gz"]
+    return [
+        root / IMAGES_DIR / f"{case_id}__CT.nii.gz",
+        root / IMAGES_DIR / f"{case_id}__PT.nii.gz",
+        root / LABELS_DIR / f"{case_id}.nii.gz",
+    ]
 
 
-def _convert_all(work: Path, patients: dict[str, dict[str, Series]], params: dict[str, Any]
-                 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, str]]]:
+def _convert_all(
+    work: Path, patients: dict[str, dict[str, Series]], params: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, str]]]:
     """Every patient into ``work`` under a provisional id (``.new-<n>``); returns the records and
     header rows of those that passed, and the refused ones (``{"patient", "reason"}``)."""
     labels = {int(k): v for k, v in params["labels"].items()}
@@ -213,8 +269,9 @@ def _convert_all(work: Path, patients: dict[str, dict[str, Series]], params: dic
         for n, pid in enumerate(sorted(patients)):
             provisional = f".new-{n}"
             try:
-                record = convert_case(pid, patients[pid], provisional, work, labels, set(params["series"]), writer,
-                                      accepted)
+                record = convert_case(
+                    pid, patients[pid], provisional, work, labels, set(params["series"]), writer, accepted
+                )
             except DicomImportError as exc:
                 writer.wait()
                 for path in _case_files(work, provisional):
@@ -243,30 +300,36 @@ def _name_cases(work: Path, records: dict[str, dict[str, Any]], ids: dict[str, s
 
 def _refusal_text(refused: list[dict[str, str]], total: int) -> str:
     lines = "\n".join(f"  {r['patient']}: {r['reason']}" for r in refused)
-    return (f"{len(refused)} of {total} patient(s) cannot be imported, nothing was written "
-            f"(--continue-on-error imports the others and lists these):\n{lines}")
+    return (
+        f"{len(refused)} of {total} patient(s) cannot be imported, nothing was written "
+        f"(--continue-on-error imports the others and lists these):\n{lines}"
+    )
 
 
 def _without_patient_ids(refused: list[dict[str, str]]) -> list[dict[str, str]]:
     """Refusals as a pseudonymised root may keep them: the PatientID replaced by a number."""
-    return [{"patient": f"refused patient {k}", "reason": r["reason"].replace(r["patient"], f"<refused patient {k}>")}
-            for k, r in enumerate(refused, start=1)]
+    return [
+        {"patient": f"refused patient {k}", "reason": r["reason"].replace(r["patient"], f"<refused patient {k}>")}
+        for k, r in enumerate(refused, start=1)
+    ]
 
 
 def _existing_root(out: Path) -> tuple[set[str], dict[str, Any]]:
     """Case ids already in a root written by import-dicom, and its run record."""
-    cases = {p.name[:-len(".nii.gz")] for p in (out / LABELS_DIR).glob("*.nii.gz")}
+    cases = {p.name[: -len(".nii.gz")] for p in (out / LABELS_DIR).glob("*.nii.gz")}
     return cases, read_json(out / RUN_RECORD)
 
 
 def _copy_root(out: Path, work: Path) -> None:
     """The existing root into ``work`` as hard links (the same files, untouched), falling back
     to copies across file systems."""
+
     def link(src, dst):
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
+
     shutil.copytree(out, work, copy_function=link, dirs_exist_ok=True)
 
 
@@ -278,15 +341,22 @@ def _append_csv(path: Path, rows: list[list[str]], header: Iterable[str], replac
     path.write_bytes(old + (_crlf(rows, header).split(b"\r\n", 1)[1] if rows else b""))
 
 
-def _patients_to_import(sources: list[Path], series: Iterable[str], out: Path, existing_cases: set[str],
-                        known_ids: dict[str, str], pseudonymise: bool, notes: list[str]
-                        ) -> tuple[dict[str, dict[str, Series]], list[str]]:
+def _patients_to_import(
+    sources: list[Path],
+    series: Iterable[str],
+    out: Path,
+    existing_cases: set[str],
+    known_ids: dict[str, str],
+    pseudonymise: bool,
+    notes: list[str],
+) -> tuple[dict[str, dict[str, Series]], list[str]]:
     """The patients found under the sources that are not in the root yet, and those that are."""
     patients = scan_folder(sources, notes)
     unknown = set(series) - {uid for found in patients.values() for uid in found}
     if unknown:
-        raise DicomImportError(f"--series {', '.join(sorted(unknown))}: no such SeriesInstanceUID under "
-                               f"{', '.join(map(str, sources))}")
+        raise DicomImportError(
+            f"--series {', '.join(sorted(unknown))}: no such SeriesInstanceUID under {', '.join(map(str, sources))}"
+        )
     if not pseudonymise:
         case_ids(list(patients), False)  # refuses PatientIDs that cannot name files
     already = sorted(p for p in patients if (known_ids.get(p) if pseudonymise else p) in existing_cases)
@@ -298,8 +368,15 @@ def _patients_to_import(sources: list[Path], series: Iterable[str], out: Path, e
     return patients, already
 
 
-def _clinical(clinical, columns: dict[str, str] | None, ignore: Iterable[str], patients, already: list[str],
-              center_id: int | None, notes: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, Any] | None]:
+def _clinical(
+    clinical,
+    columns: dict[str, str] | None,
+    ignore: Iterable[str],
+    patients,
+    already: list[str],
+    center_id: int | None,
+    notes: list[str],
+) -> tuple[dict[str, dict[str, str]], dict[str, Any] | None]:
     """``--clinical`` read (:func:`read_clinical`), patients without a row and rows without a
     patient named in ``notes``; a patient without a CenterID refused."""
     extra, record = ({}, None) if clinical is None else read_clinical(Path(clinical), columns, tuple(ignore))
@@ -307,8 +384,10 @@ def _clinical(clinical, columns: dict[str, str] | None, ignore: Iterable[str], p
         notes += _clinical_notes(clinical, extra, patients, already)
     no_centre = [p for p in sorted(patients) if center_id is None and not extra.get(p, {}).get("CenterID")]
     if no_centre:
-        raise DicomImportError(f"patient {no_centre[0]}: no CenterID; give --center-id or a CenterID column in "
-                               f"--clinical ({len(no_centre)} patient(s) without one: {', '.join(no_centre)})")
+        raise DicomImportError(
+            f"patient {no_centre[0]}: no CenterID; give --center-id or a CenterID column in "
+            f"--clinical ({len(no_centre)} patient(s) without one: {', '.join(no_centre)})"
+        )
     return extra, record
 
 
@@ -317,45 +396,136 @@ def _clinical_notes(clinical, extra: dict[str, dict[str, str]], patients, alread
     notes = []
     without = sorted(p for p in patients if p not in extra)
     if without:
-        notes.append(f"{len(without)} patient(s) without a row in --clinical {clinical}: {', '.join(without)} "
-                     "(only age, sex and weight from the DICOM headers; predict-survival fills the other "
-                     "covariates with training medians and says so)")
+        notes.append(
+            f"{len(without)} patient(s) without a row in --clinical {clinical}: {', '.join(without)} "
+            "(only age, sex and weight from the DICOM headers; predict-survival fills the other "
+            "covariates with training medians and says so)"
+        )
     stray = sorted(p for p in extra if p not in patients and p not in already)
     if stray:
         notes.append(f"{len(stray)} row(s) of --clinical {clinical} match no patient found: {', '.join(stray)}")
     return notes
 
 
-def _write_run_record(work: Path, ordered: list[dict[str, Any]], refused: list[dict[str, str]],
-                      params: dict[str, Any], previous: dict[str, Any] | None, existing_cases: set[str]) -> None:
+def _write_run_record(
+    work: Path,
+    ordered: list[dict[str, Any]],
+    refused: list[dict[str, str]],
+    params: dict[str, Any],
+    previous: dict[str, Any] | None,
+    existing_cases: set[str],
+) -> None:
     """``dicom_import.json``: this batch at the top level (as a single import always wrote it)
     and every batch of the root under ``batches``."""
-    batch = {"params": params, "cases": [r["case_id"] for r in ordered],
-             "warnings": {r["case_id"]: r["warnings"] for r in ordered if r["warnings"]},
-             "refused": refused if not params["pseudonymise"] else _without_patient_ids(refused),
-             "code_version": code_version(), "created": utc_now()}
+    batch = {
+        "params": params,
+        "cases": [r["case_id"] for r in ordered],
+        "warnings": {r["case_id"]: r["warnings"] for r in ordered if r["warnings"]},
+        "refused": refused if not params["pseudonymise"] else _without_patient_ids(refused),
+        "code_version": code_version(),
+        "created": utc_now(),
+    }
     keys = ("params", "cases", "warnings", "code_version", "created")
     batches = (previous.get("batches") or [{k: previous.get(k) for k in keys}]) if previous else []
-    write_json_atomic(work / RUN_RECORD, {"kind": "dicom_import", **batch,
-                                          "cases": sorted(existing_cases | set(batch["cases"])),
-                                          "batches": batches + [batch]})
+    write_json_atomic(
+        work / RUN_RECORD,
+        {
+            "kind": "dicom_import",
+            **batch,
+            "cases": sorted(existing_cases | set(batch["cases"])),
+            "batches": batches + [batch],
+        },
+    )
 
 
 def _append_mapping(mapping: Path, new: dict[str, str]) -> None:
     """New ``case_id,PatientID`` rows after the mapping file's own (never rewritten)."""
     with atomic_path(mapping) as tmp:
         kept = mapping.read_text() if mapping.exists() else "case_id,PatientID\n"
-        tmp.write_text(kept + ("" if kept.endswith("\n") else "\n")
-                       + "".join(f"{new[p]},{p}\n" for p in sorted(new, key=new.get)))
+        tmp.write_text(
+            kept + ("" if kept.endswith("\n") else "\n") + "".join(f"{new[p]},{p}\n" for p in sorted(new, key=new.get))
+        )
 
 
-def import_dicom(src: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike, *,
-                 labels: dict[int, str] | None = None, series: Iterable[str] = (),
-                 clinical: str | os.PathLike | None = None, endpoint: str | os.PathLike | None = None,
-                 center_id: int | None = None, pseudonymise: bool = False, mapping: str | os.PathLike | None = None,
-                 overwrite: bool = False, add: bool = False, continue_on_error: bool = False,
-                 accept_frames: Iterable[str] = (), prefix: str = "P",
-                 clinical_columns: dict[str, str] | None = None, ignore_columns: Iterable[str] = ()) -> ImportResult:
+def _import_params(
+    labels: dict[int, str] | None,
+    series: Iterable[str],
+    center_id: int | None,
+    pseudonymise: bool,
+    prefix: str,
+    accept_frames: Iterable[str],
+    sources: list[Path],
+    clinical: str | os.PathLike | None,
+    endpoint: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """The parameters of an :func:`import_dicom` run, as its run record states them (the
+    clinical column mapping is added once the clinical CSV has been read)."""
+    return {
+        "labels": {str(k): v for k, v in (labels or DEFAULT_LABELS).items()},
+        "series": sorted(series),
+        "center_id": center_id,
+        "pseudonymise": pseudonymise,
+        "prefix": prefix if pseudonymise else None,
+        "accepted_frames": sorted(set(accept_frames)),
+        "sources": [str(s) for s in sources],
+        "clinical_csv": clinical is not None,
+        "endpoint_csv": endpoint is not None,
+    }
+
+
+def _check_converted(
+    records: dict[str, dict[str, Any]], refused: list[dict[str, str]], total: int, continue_on_error: bool
+) -> None:
+    """Refuse the import when a patient was refused (unless ``continue_on_error``) or none converted.
+
+    Raises:
+        DicomImportError: listing the refused patients.
+    """
+    if refused and not continue_on_error:
+        raise DicomImportError(_refusal_text(refused, total))
+    if not records:
+        raise DicomImportError(
+            _refusal_text(refused, total).replace(
+                "(--continue-on-error imports the others and lists these)", "(none could be imported)"
+            )
+        )
+
+
+def _case_ids(
+    records: dict[str, dict[str, Any]],
+    known_ids: dict[str, str],
+    prefix: str,
+    existing_cases: set[str],
+    pseudonymise: bool,
+) -> dict[str, str]:
+    """PatientID -> case id of the converted patients: with ``pseudonymise`` the mapping's
+    pseudonym where it has one, else the next free ``<prefix>NNNN``; without, the PatientID."""
+    if not pseudonymise:
+        return {p: p for p in records}
+    ids = {p: known_ids[p] for p in records if p in known_ids}
+    ids.update(next_pseudonyms(list(records), known_ids, prefix, existing_cases))
+    return ids
+
+
+def import_dicom(
+    src: str | os.PathLike | Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    labels: dict[int, str] | None = None,
+    series: Iterable[str] = (),
+    clinical: str | os.PathLike | None = None,
+    endpoint: str | os.PathLike | None = None,
+    center_id: int | None = None,
+    pseudonymise: bool = False,
+    mapping: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    add: bool = False,
+    continue_on_error: bool = False,
+    accept_frames: Iterable[str] = (),
+    prefix: str = "P",
+    clinical_columns: dict[str, str] | None = None,
+    ignore_columns: Iterable[str] = (),
+) -> ImportResult:
     """Import every patient found under ``src`` into a HECKTOR 2022 training root at ``out``.
 
     Args:
@@ -396,12 +566,10 @@ def import_dicom(src: str | os.PathLike | Iterable[str | os.PathLike], out: str 
     existing_cases, previous = _existing_root(out) if adding else (set(), None)
     known_ids = read_mapping(mapping) if pseudonymise else {}
     patients, already = _patients_to_import(sources, series, out, existing_cases, known_ids, pseudonymise, notes)
-    params = {"labels": {str(k): v for k, v in (labels or DEFAULT_LABELS).items()}, "series": sorted(series),
-              "center_id": center_id, "pseudonymise": pseudonymise, "prefix": prefix if pseudonymise else None,
-              "accepted_frames": sorted(set(accept_frames)), "sources": [str(s) for s in sources],
-              "clinical_csv": clinical is not None, "endpoint_csv": endpoint is not None}
-    extra, params["clinical_columns"] = _clinical(clinical, clinical_columns, ignore_columns, patients, already,
-                                                  center_id, notes)
+    params = _import_params(labels, series, center_id, pseudonymise, prefix, accept_frames, sources, clinical, endpoint)
+    extra, params["clinical_columns"] = _clinical(
+        clinical, clinical_columns, ignore_columns, patients, already, center_id, notes
+    )
     endpoints = _csv_by_patient(Path(endpoint), ENDPOINT_HEADER) if endpoint else None
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -411,16 +579,8 @@ def import_dicom(src: str | os.PathLike | Iterable[str | os.PathLike], out: str 
         for sub in (IMAGES_DIR, LABELS_DIR, PROVENANCE_DIR):
             (work / sub).mkdir(parents=True, exist_ok=True)
         records, headers, refused = _convert_all(work, patients, params)
-        if refused and not continue_on_error:
-            raise DicomImportError(_refusal_text(refused, len(patients)))
-        if not records:
-            raise DicomImportError(_refusal_text(refused, len(patients)).replace(
-                "(--continue-on-error imports the others and lists these)", "(none could be imported)"))
-        if pseudonymise:
-            ids = {p: known_ids[p] for p in records if p in known_ids}
-            ids.update(next_pseudonyms(list(records), known_ids, prefix, existing_cases))
-        else:
-            ids = {p: p for p in records}
+        _check_converted(records, refused, len(patients), continue_on_error)
+        ids = _case_ids(records, known_ids, prefix, existing_cases, pseudonymise)
         _name_cases(work, records, ids, pseudonymise)
         rows = clinical_rows(headers, ids, extra, set(endpoints or {}), center_id)
         _append_csv(work / CLINICAL_CSV, rows, CLINICAL_HEADER, replace=not adding)

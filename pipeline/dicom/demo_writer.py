@@ -104,8 +104,9 @@ def _slice_positions(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return direction, positions
 
 
-def write_series(image: sitk.Image, folder: Path, modality: str, patient: dict[str, Any],
-                 uids: dict[str, str]) -> list[str]:
+def write_series(
+    image: sitk.Image, folder: Path, modality: str, patient: dict[str, Any], uids: dict[str, str]
+) -> list[str]:
     """One file per slice of ``image`` (CT in HU, or PET in Bq/ml); returns the SOP UIDs in slice order.
 
     Args:
@@ -191,8 +192,9 @@ def _contour_items(label: np.ndarray, value: int, ct: sitk.Image, ct_sops: list[
     return items
 
 
-def write_rtstruct(label: sitk.Image, ct: sitk.Image, ct_sops: list[str], path: Path,
-                   patient: dict[str, Any], uids: dict[str, str]) -> None:
+def write_rtstruct(
+    label: sitk.Image, ct: sitk.Image, ct_sops: list[str], path: Path, patient: dict[str, Any], uids: dict[str, str]
+) -> None:
     """An RT Structure Set of the label's values (:data:`ROI_NAMES`) drawn on the CT slices."""
     sop = generate_uid(entropy_srcs=[uids["RTSTRUCT"], "0"])
     ds = _base(patient, uids, "RTSTRUCT", RTSTRUCT_STORAGE, sop)
@@ -227,8 +229,12 @@ def write_rtstruct(label: sitk.Image, ct: sitk.Image, ct_sops: list[str], path: 
 def _patient(row: pd.Series) -> dict[str, Any]:
     weight = float(row["Weight"]) if str(row["Weight"]).strip() not in ("", "NaN", "nan") else math.nan
     age = float(row["Age"]) if str(row["Age"]).strip() not in ("", "NaN", "nan") else math.nan
-    return {"id": row["PatientID"], "age": f"{int(age):03d}Y" if math.isfinite(age) else "", "sex": row["Gender"],
-            "weight": weight if math.isfinite(weight) and weight > 0 else DEFAULT_WEIGHT_KG}
+    return {
+        "id": row["PatientID"],
+        "age": f"{int(age):03d}Y" if math.isfinite(age) else "",
+        "sex": row["Gender"],
+        "weight": weight if math.isfinite(weight) and weight > 0 else DEFAULT_WEIGHT_KG,
+    }
 
 
 def write_dicom_case(nifti_root: Path, row: pd.Series, out: Path, salt: str) -> None:
@@ -255,8 +261,14 @@ def write_dicom_cohort(nifti_root: str | os.PathLike, out: str | os.PathLike) ->
     shutil.copyfile(nifti_root / CLINICAL_CSV, out / "clinical.csv")
     if (nifti_root / ENDPOINT_CSV).is_file():
         shutil.copyfile(nifti_root / ENDPOINT_CSV, out / "endpoint.csv")
-    record = {"kind": "demo_dicom", "cases": clinical["PatientID"].tolist(), "injected_dose_bq": INJECTED_DOSE_BQ,
-              "uptake_s": UPTAKE_S, "half_life_s": F18_HALF_LIFE_S, "default_weight_kg": DEFAULT_WEIGHT_KG}
+    record = {
+        "kind": "demo_dicom",
+        "cases": clinical["PatientID"].tolist(),
+        "injected_dose_bq": INJECTED_DOSE_BQ,
+        "uptake_s": UPTAKE_S,
+        "half_life_s": F18_HALF_LIFE_S,
+        "default_weight_kg": DEFAULT_WEIGHT_KG,
+    }
     if meta.is_file():
         record["demo_cohort"] = json.loads(meta.read_text())
     (out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

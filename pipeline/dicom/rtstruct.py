@@ -58,8 +58,10 @@ def read_rois(ds: pydicom.Dataset) -> list[Roi]:
     """
     if isinstance(getattr(ds, "filename", None), str):
         ds = pydicom.dcmread(ds.filename)
-    rois = {int(r.ROINumber): Roi(str(r.ROIName), int(r.ROINumber), str(ds.filename), frame=roi_frame(ds, r))
-            for r in ds.get("StructureSetROISequence", [])}
+    rois = {
+        int(r.ROINumber): Roi(str(r.ROIName), int(r.ROINumber), str(ds.filename), frame=roi_frame(ds, r))
+        for r in ds.get("StructureSetROISequence", [])
+    }
     for item in ds.get("ROIContourSequence", []):
         roi = rois.get(int(item.ReferencedROINumber))
         if roi is None:
@@ -79,15 +81,19 @@ def roi_frame(ds: pydicom.Dataset, roi: pydicom.Dataset) -> str:
     referenced frame, else the file's ``FrameOfReferenceUID``; ``""`` when none is said."""
     if "ReferencedFrameOfReferenceUID" in roi:
         return str(roi.ReferencedFrameOfReferenceUID)
-    referenced = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])
-                  if "FrameOfReferenceUID" in f}
+    referenced = {
+        str(f.FrameOfReferenceUID)
+        for f in ds.get("ReferencedFrameOfReferenceSequence", [])
+        if "FrameOfReferenceUID" in f
+    }
     if len(referenced) == 1:
         return referenced.pop()
     return str(ds.get("FrameOfReferenceUID", ""))
 
 
-def check_placeable(by_label: dict[int, list[Any]], rules: dict[int, str], ct_frame: str,
-                    accepted_frames: set[str], patient: str) -> None:
+def check_placeable(
+    by_label: dict[int, list[Any]], rules: dict[int, str], ct_frame: str, accepted_frames: set[str], patient: str
+) -> None:
     """Refuse what cannot be placed on the CT: an ROI (or segment) mapped to a label whose
     frame of reference is neither the CT's nor one the user vouched for (``--accept-frame``),
     and an ROI without contour data.
@@ -103,22 +109,30 @@ def check_placeable(by_label: dict[int, list[Any]], rules: dict[int, str], ct_fr
                     f"patient {patient}: ROI {roi.name!r} (label {value}, {roi.file}) is defined in frame of "
                     f"reference {frame or '(none given)'}, the CT in {ct_frame}: its contours cannot be placed "
                     "on the CT. If both frames are the same patient space (one scanner session, a registration "
-                    f"applied before export), pass --accept-frame {frame or 'UID'} (recorded in the provenance)")
+                    f"applied before export), pass --accept-frame {frame or 'UID'} (recorded in the provenance)"
+                )
             if isinstance(roi, Roi) and not roi.contours:
-                extra = (f" ({len(roi.skipped_types)} contour(s) of type {sorted(set(roi.skipped_types))} only)"
-                         if roi.skipped_types else "")
+                extra = (
+                    f" ({len(roi.skipped_types)} contour(s) of type {sorted(set(roi.skipped_types))} only)"
+                    if roi.skipped_types
+                    else ""
+                )
                 raise DicomImportError(
                     f"patient {patient}: ROI {roi.name!r} (label {value}, rule {rules[value]!r}, {roi.file}) has no "
                     f"closed planar contour data{extra}: it would give an empty label; fix the structure set or "
-                    "make the --label pattern leave it out")
+                    "make the --label pattern leave it out"
+                )
 
 
 def merge_warnings(by_label: dict[int, list[Any]], rules: dict[int, str]) -> list[str]:
     """One warning per label that several ROIs (or segments) were united into."""
-    return [f"label {value} (rule {rules[value]!r}) unites {len(rois)} ROIs: "
-            f"{', '.join(repr(r.name) for r in rois)}; if they are not one tumour, give each a --label rule "
-            "of its own (e.g. an exact name: ^NAME$)"
-            for value, rois in sorted(by_label.items()) if len(rois) > 1]
+    return [
+        f"label {value} (rule {rules[value]!r}) unites {len(rois)} ROIs: "
+        f"{', '.join(repr(r.name) for r in rois)}; if they are not one tumour, give each a --label rule "
+        "of its own (e.g. an exact name: ^NAME$)"
+        for value, rois in sorted(by_label.items())
+        if len(rois) > 1
+    ]
 
 
 def match_labels(rois: list[Any], rules: dict[int, str], patient: str) -> dict[int, list[Any]]:
@@ -133,15 +147,19 @@ def match_labels(rois: list[Any], rules: dict[int, str], patient: str) -> dict[i
     for roi in rois:
         hits = [label for label, pattern in rules.items() if re.search(pattern, roi.name, re.IGNORECASE)]
         if len(hits) > 1:
-            raise DicomImportError(f"patient {patient}: ROI {roi.name!r} matches the rules of labels {hits}; "
-                                   "make the --label patterns exclusive")
+            raise DicomImportError(
+                f"patient {patient}: ROI {roi.name!r} matches the rules of labels {hits}; "
+                "make the --label patterns exclusive"
+            )
         if hits:
             found[hits[0]].append(roi)
     if not any(found.values()):
         names = sorted({f"{r.name!r}" for r in rois})
         rules_text = ", ".join(f"{k}={v}" for k, v in rules.items())
-        raise DicomImportError(f"patient {patient}: no ROI matches the --label rules ({rules_text}); ROI names "
-                               f"found: {', '.join(names) or 'none'}")
+        raise DicomImportError(
+            f"patient {patient}: no ROI matches the --label rules ({rules_text}); ROI names "
+            f"found: {', '.join(names) or 'none'}"
+        )
     return found
 
 
@@ -191,8 +209,10 @@ def roi_mask(roi: Roi, geometry: Geometry, warnings: list[str]) -> np.ndarray:
     if off:
         warnings.append(f"ROI {roi.name!r}: {off} contour(s) off the CT slices or not parallel to them were left out")
     if roi.skipped_types:
-        warnings.append(f"ROI {roi.name!r}: {len(roi.skipped_types)} contour(s) not CLOSED_PLANAR "
-                        f"({sorted(set(roi.skipped_types))}) were left out")
+        warnings.append(
+            f"ROI {roi.name!r}: {len(roi.skipped_types)} contour(s) not CLOSED_PLANAR "
+            f"({sorted(set(roi.skipped_types))}) were left out"
+        )
     mask = np.zeros((nz, ny, nx), dtype=bool)
     for k, polys in per_slice.items():
         mask[k] = fill_polygons(polys, (ny, nx))
@@ -212,12 +232,16 @@ def label_mask(by_label: dict[int, list[Any]], geometry: Geometry, warnings: lis
         for roi in by_label[value]:
             mask = roi.mask(geometry, warnings)
             if not mask.any():
-                raise DicomImportError(f"ROI {roi.name!r} (label {value}, {roi.file}) covers no voxel of the CT "
-                                       "(every contour off its slices or smaller than a voxel)")
+                raise DicomImportError(
+                    f"ROI {roi.name!r} (label {value}, {roi.file}) covers no voxel of the CT "
+                    "(every contour off its slices or smaller than a voxel)"
+                )
             clash = mask & (label != 0) & (label != value)
             if clash.any():
-                warnings.append(f"ROI {roi.name!r} (label {value}) overlaps an earlier label in "
-                                f"{int(clash.sum())} voxel(s); the earlier label is kept")
+                warnings.append(
+                    f"ROI {roi.name!r} (label {value}) overlaps an earlier label in "
+                    f"{int(clash.sum())} voxel(s); the earlier label is kept"
+                )
                 mask &= ~clash
             label[mask] = value
     return label

@@ -20,7 +20,6 @@ from pydicom.errors import InvalidDicomError
 
 from pipeline.dicom.errors import DicomImportError
 
-
 #: Values larger than this (bytes) are read from the file only when used.
 DEFER_SIZE = 4096
 
@@ -89,8 +88,9 @@ def _walk(src: Path, links: dict[str, int]) -> list[Path]:
     return files
 
 
-def scan_folder(src: str | os.PathLike | Iterable[str | os.PathLike],
-                notes: list[str] | None = None) -> dict[str, dict[str, Series]]:
+def scan_folder(
+    src: str | os.PathLike | Iterable[str | os.PathLike], notes: list[str] | None = None
+) -> dict[str, dict[str, Series]]:
     """Every DICOM file under ``src`` (one folder or several): ``{PatientID: {SeriesInstanceUID: Series}}``.
 
     Symbolic links to folders and files are followed (an export is often a folder of links);
@@ -131,14 +131,16 @@ def scan_folder(src: str | os.PathLike | Iterable[str | os.PathLike],
             series = patients[pid].setdefault(uid, Series(uid, str(ds.Modality)))
             series.headers.append(ds)
     followed = links["folders"] + links["files"]
-    said = (f"followed {links['folders']} symbolic link(s) to folders and {links['files']} to files"
-            if followed else "")
+    said = f"followed {links['folders']} symbolic link(s) to folders and {links['files']} to files" if followed else ""
     if links["broken"]:
         said += ("; " if said else "") + f"{links['broken']} broken symbolic link(s) skipped"
     if notes is not None and said:
         notes.append(said)
     if not patients:
         where = ", ".join(str(s) for s in sources)
-        raise DicomImportError(f"{where}: no DICOM file found ({n_files} file(s) read"
-                               + (f"; {said}" if said else "; no symbolic link found") + ")")
+        raise DicomImportError(
+            f"{where}: no DICOM file found ({n_files} file(s) read"
+            + (f"; {said}" if said else "; no symbolic link found")
+            + ")"
+        )
     return dict(patients)

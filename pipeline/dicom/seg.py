@@ -43,8 +43,10 @@ class Segment:
 def read_segments(ds: pydicom.Dataset) -> list[Segment]:
     """The segments a SEG object declares."""
     frame = str(ds.get("FrameOfReferenceUID", ""))
-    return [Segment(str(s.get("SegmentLabel", s.SegmentNumber)), int(s.SegmentNumber), str(ds.filename), frame)
-            for s in ds.get("SegmentSequence", [])]
+    return [
+        Segment(str(s.get("SegmentLabel", s.SegmentNumber)), int(s.SegmentNumber), str(ds.filename), frame)
+        for s in ds.get("SegmentSequence", [])
+    ]
 
 
 def _group(ds: pydicom.Dataset, frame: pydicom.Dataset, name: str) -> pydicom.Dataset:
@@ -105,6 +107,7 @@ def segment_mask(segment: Segment, geometry: Geometry, warnings: list[str]) -> n
         ipp = np.array([float(v) for v in _group(ds, frame, "PlanePositionSequence").ImagePositionPatient])
         _frame_into(mask, frames[i], (ipp, np.array(iop[:3]), np.array(iop[3:]), spacing), geometry, off)
     if off[0]:
-        warnings.append(f"segment {segment.name!r}: {off[0]} frame(s) off the CT slices or not parallel to them "
-                        "were left out")
+        warnings.append(
+            f"segment {segment.name!r}: {off[0]} frame(s) off the CT slices or not parallel to them were left out"
+        )
     return mask

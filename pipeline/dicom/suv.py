@@ -53,11 +53,16 @@ def _datetime(date: str, time: str, where: str, what: str) -> datetime:
 def _scan_time(headers: list[pydicom.Dataset], where: str) -> tuple[datetime, list[str]]:
     first = headers[0]
     series = _datetime(_tag(first, "SeriesDate", where), _tag(first, "SeriesTime", where), where, "series time")
-    acq = [_datetime(h.get("AcquisitionDate") or first.SeriesDate, h.AcquisitionTime, where, "acquisition time")
-           for h in headers if h.get("AcquisitionTime")]
+    acq = [
+        _datetime(h.get("AcquisitionDate") or first.SeriesDate, h.AcquisitionTime, where, "acquisition time")
+        for h in headers
+        if h.get("AcquisitionTime")
+    ]
     if acq and series > min(acq):
-        return min(acq), [f"SeriesTime {series:%H:%M:%S} is after the earliest AcquisitionTime "
-                          f"{min(acq):%H:%M:%S}; the acquisition time is used as the scan time"]
+        return min(acq), [
+            f"SeriesTime {series:%H:%M:%S} is after the earliest AcquisitionTime "
+            f"{min(acq):%H:%M:%S}; the acquisition time is used as the scan time"
+        ]
     return series, []
 
 
@@ -65,8 +70,7 @@ def _injection_time(first: pydicom.Dataset, where: str) -> datetime:
     info = _tag(first, "RadiopharmaceuticalInformationSequence", where)[0]
     if info.get("RadiopharmaceuticalStartDateTime"):
         text = str(info.RadiopharmaceuticalStartDateTime)
-        return _datetime(text[:8], text[8:].split("+")[0].split("-")[0], where,
-                         "RadiopharmaceuticalStartDateTime")
+        return _datetime(text[:8], text[8:].split("+")[0].split("-")[0], where, "RadiopharmaceuticalStartDateTime")
     start = _tag(info, "RadiopharmaceuticalStartTime", where)
     return _datetime(_tag(first, "SeriesDate", where), start, where, "RadiopharmaceuticalStartTime")
 
@@ -88,27 +92,34 @@ def suv_inputs(headers: list[pydicom.Dataset], where: str) -> dict[str, Any]:
         return {"units": units, "warnings": []}
     if units == "CNTS":
         if _PHILIPS_SUV_SCALE not in first:
-            raise DicomImportError(f"{where}: Units CNTS needs the vendor's SUV scale factor (7053,1000), "
-                                   "which is missing")
+            raise DicomImportError(
+                f"{where}: Units CNTS needs the vendor's SUV scale factor (7053,1000), which is missing"
+            )
         return {"units": units, "philips_suv_scale_factor": float(first[_PHILIPS_SUV_SCALE].value), "warnings": []}
     if units != "BQML":
         raise DicomImportError(f"{where}: Units {units!r} is not supported for SUV (GML, BQML or CNTS)")
     corrected = [str(v).upper() for v in _tag(first, "CorrectedImage", where)]
     for need in ("ATTN", "DECY"):
         if need not in corrected:
-            raise DicomImportError(f"{where}: CorrectedImage {corrected} lacks {need}; SUV needs images "
-                                   "corrected for attenuation and decay")
+            raise DicomImportError(
+                f"{where}: CorrectedImage {corrected} lacks {need}; SUV needs images "
+                "corrected for attenuation and decay"
+            )
     decay = str(_tag(first, "DecayCorrection", where)).upper()
     if decay not in ("START", "ADMIN"):
         raise DicomImportError(f"{where}: DecayCorrection {decay!r} is not START or ADMIN")
     info = _tag(first, "RadiopharmaceuticalInformationSequence", where)[0]
     scan, warnings = _scan_time(headers, where)
-    return {"units": units, "decay_correction": decay,
-            "patient_weight_kg": float(_tag(first, "PatientWeight", where)),
-            "injected_dose_bq": float(_tag(info, "RadionuclideTotalDose", where)),
-            "half_life_s": float(_tag(info, "RadionuclideHalfLife", where)),
-            "injection_time": _injection_time(first, where).isoformat(),
-            "scan_time": scan.isoformat(), "warnings": warnings}
+    return {
+        "units": units,
+        "decay_correction": decay,
+        "patient_weight_kg": float(_tag(first, "PatientWeight", where)),
+        "injected_dose_bq": float(_tag(info, "RadionuclideTotalDose", where)),
+        "half_life_s": float(_tag(info, "RadionuclideHalfLife", where)),
+        "injection_time": _injection_time(first, where).isoformat(),
+        "scan_time": scan.isoformat(),
+        "warnings": warnings,
+    }
 
 
 def suv_factor(inputs: dict[str, Any], where: str = "") -> float:
@@ -122,10 +133,12 @@ def suv_factor(inputs: dict[str, Any], where: str = "") -> float:
     for name, value in (("PatientWeight", weight), ("RadionuclideTotalDose", dose), ("RadionuclideHalfLife", half)):
         if not (math.isfinite(value) and value > 0):
             raise DicomImportError(f"{where}: {name} {value} is not a positive number")
-    delay = (datetime.fromisoformat(inputs["scan_time"]) - datetime.fromisoformat(inputs["injection_time"])
-             ).total_seconds()
+    delay = (
+        datetime.fromisoformat(inputs["scan_time"]) - datetime.fromisoformat(inputs["injection_time"])
+    ).total_seconds()
     if delay < 0:
-        raise DicomImportError(f"{where}: scan time {inputs['scan_time']} is before the injection "
-                               f"{inputs['injection_time']}")
+        raise DicomImportError(
+            f"{where}: scan time {inputs['scan_time']} is before the injection {inputs['injection_time']}"
+        )
     decayed = dose * 2.0 ** (-delay / half) if inputs["decay_correction"] == "START" else dose
     return weight * 1000.0 / decayed

@@ -36,11 +36,11 @@ ORIENTATION_TOLERANCE = 1e-4
 class Geometry:
     """Sorted slice order and the grid of a series (mm, LPS)."""
 
-    order: np.ndarray            # indices into the header list, along the normal
-    origin: np.ndarray           # ImagePositionPatient of the first sorted slice
-    direction: np.ndarray        # 3x3, columns = row dir, column dir, normal
+    order: np.ndarray  # indices into the header list, along the normal
+    origin: np.ndarray  # ImagePositionPatient of the first sorted slice
+    direction: np.ndarray  # 3x3, columns = row dir, column dir, normal
     spacing: tuple[float, float, float]  # x, y, z
-    size: tuple[int, int, int]   # x, y, z
+    size: tuple[int, int, int]  # x, y, z
 
 
 def _where(patient: str, headers: list[pydicom.Dataset]) -> str:
@@ -80,11 +80,18 @@ def slice_geometry(headers: list[pydicom.Dataset], patient: str) -> Geometry:
     _check_gaps(along, [headers[i].filename for i in order], where)
     inplane = (pos - pos[0]) @ np.column_stack([row_dir, col_dir])
     if np.abs(inplane).max() > max(0.01, 0.01 * float(pixel.min())):
-        raise DicomImportError(f"{where}: slices are not stacked along their normal (in-plane shift up to "
-                               f"{np.abs(inplane).max():.3f} mm; gantry tilt is not supported)")
+        raise DicomImportError(
+            f"{where}: slices are not stacked along their normal (in-plane shift up to "
+            f"{np.abs(inplane).max():.3f} mm; gantry tilt is not supported)"
+        )
     dz = float(np.median(np.diff(along)))
-    return Geometry(order=order, origin=pos[0], direction=np.column_stack([row_dir, col_dir, normal]),
-                    spacing=(float(pixel[1]), float(pixel[0]), dz), size=(cols, rows, len(headers)))
+    return Geometry(
+        order=order,
+        origin=pos[0],
+        direction=np.column_stack([row_dir, col_dir, normal]),
+        spacing=(float(pixel[1]), float(pixel[0]), dz),
+        size=(cols, rows, len(headers)),
+    )
 
 
 def _check_gaps(along: np.ndarray, files: list[str], where: str) -> None:
@@ -92,8 +99,10 @@ def _check_gaps(along: np.ndarray, files: list[str], where: str) -> None:
     dup = np.flatnonzero(gaps < 1e-3)
     if dup.size:
         i = int(dup[0])
-        raise DicomImportError(f"{where}: duplicate slices at position {along[i]:.3f} mm along the normal "
-                               f"({files[i]} and {files[i + 1]}); {dup.size} duplicate(s) in all")
+        raise DicomImportError(
+            f"{where}: duplicate slices at position {along[i]:.3f} mm along the normal "
+            f"({files[i]} and {files[i + 1]}); {dup.size} duplicate(s) in all"
+        )
     step = float(np.median(gaps))
     tol = max(SPACING_TOLERANCE[0], SPACING_TOLERANCE[1] * step)
     bad = np.flatnonzero(np.abs(gaps - step) > tol)
@@ -102,15 +111,18 @@ def _check_gaps(along: np.ndarray, files: list[str], where: str) -> None:
     i = int(bad[0])
     ratio = gaps[i] / step
     if ratio > 1.5 and abs(ratio - round(ratio)) * step <= tol:
-        raise DicomImportError(f"{where}: {round(ratio) - 1} missing slice(s) between positions "
-                               f"{along[i]:.3f} and {along[i + 1]:.3f} mm (gap {gaps[i]:.3f} mm, spacing "
-                               f"{step:.3f} mm)")
-    raise DicomImportError(f"{where}: uneven slice spacing: gap of {gaps[i]:.3f} mm at {along[i]:.3f} mm "
-                           f"against a median of {step:.3f} mm (tolerance {tol:.3f} mm)")
+        raise DicomImportError(
+            f"{where}: {round(ratio) - 1} missing slice(s) between positions "
+            f"{along[i]:.3f} and {along[i + 1]:.3f} mm (gap {gaps[i]:.3f} mm, spacing "
+            f"{step:.3f} mm)"
+        )
+    raise DicomImportError(
+        f"{where}: uneven slice spacing: gap of {gaps[i]:.3f} mm at {along[i]:.3f} mm "
+        f"against a median of {step:.3f} mm (tolerance {tol:.3f} mm)"
+    )
 
 
-def read_pixels(headers: list[pydicom.Dataset], geometry: Geometry, where: str,
-                scale: float = 1.0) -> np.ndarray:
+def read_pixels(headers: list[pydicom.Dataset], geometry: Geometry, where: str, scale: float = 1.0) -> np.ndarray:
     """``scale x (stored value x RescaleSlope + RescaleIntercept)`` per slice, as (z, y, x).
 
     Whole-number slopes and intercepts with ``scale`` 1 (CT in HU) give int16 (float32 where a
@@ -119,8 +131,9 @@ def read_pixels(headers: list[pydicom.Dataset], geometry: Geometry, where: str,
     does not hold every image in memory.
     """
     slices = [headers[i] for i in geometry.order]
-    rescale = [(float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0))
-               for ds in slices]
+    rescale = [
+        (float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)) for ds in slices
+    ]
     integral = scale == 1.0 and all(a == round(a) and b == round(b) for a, b in rescale)
     out = np.empty(geometry.size[::-1], dtype=np.int16 if integral else np.float32)
     for z, (ds, (slope, intercept)) in enumerate(zip(slices, rescale)):
@@ -128,8 +141,9 @@ def read_pixels(headers: list[pydicom.Dataset], geometry: Geometry, where: str,
             stored = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds; name the file
             syntax = getattr(ds.get("file_meta"), "TransferSyntaxUID", "?")
-            raise DicomImportError(f"{where}: pixel data of {ds.filename} unreadable (transfer syntax "
-                                   f"{syntax}): {exc}") from None
+            raise DicomImportError(
+                f"{where}: pixel data of {ds.filename} unreadable (transfer syntax {syntax}): {exc}"
+            ) from None
         if integral:
             values = np.multiply(stored, int(slope), dtype=np.int32) + int(intercept)
             if out.dtype == np.int16 and (values.min() < -32768 or values.max() > 32767):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from functools import partial
 
 from pipeline.cache import (
     CASE_DATASETS,
@@ -25,9 +25,9 @@ from pipeline.cache import (
 from pipeline.preprocess.checks import (
     MIN_CROP_COVERAGE,
     MIN_TUMOUR_COVERAGE,
-    check_share,
     check_crop_coverage,
     check_finite,
+    check_share,
     check_tumour_coverage,
     tumour_points_mm,
 )
@@ -115,21 +115,18 @@ def preprocess_case(
     check_finite(ct, "CT")
     check_finite(pet, "PET")
     loc = locate_tumour(label, ct.GetDirection(), params, case_id=case_id, label_path=label_path)
-    crop = centred_grid(loc.centre_mm_xyz, params.crop_size_vox_xyz, params.spacing_mm_xyz,
-                        ct.GetDirection())
+    crop = centred_grid(loc.centre_mm_xyz, params.crop_size_vox_xyz, params.spacing_mm_xyz, ct.GetDirection())
     grids = {
         "survival": resized_grid(crop, params.survival_size_xyz),
         "ctfm": resized_grid(crop, params.ctfm_size_xyz),
         "petfm": resized_grid(crop, params.petfm_size_xyz),
     }
-    coverage = _coverage(ct, pet, label, params, grids["survival"], min_tumour_coverage,
-                         min_crop_coverage)
+    coverage = _coverage(ct, pet, label, params, grids["survival"], min_tumour_coverage, min_crop_coverage)
     ct_min = float(sitk.GetArrayViewFromImage(ct).min())
     pet_min = float(sitk.GetArrayViewFromImage(pet).min())
     labels = np.asarray(params.tumour_labels)
 
-    resample = (resample_case_sitk if backend == "sitk"
-                else partial(resample_case_torch, device=device))
+    resample = resample_case_sitk if backend == "sitk" else partial(resample_case_torch, device=device)
     out, crop_arrays = resample(ct, pet, label, crop, grids, ct_min, pet_min, labels, keep_crop)
 
     out[CTFM_CT] = normalise_ct_fm(out[CTFM_CT], params)
@@ -137,30 +134,47 @@ def preprocess_case(
     out[SURVIVAL_MASK] = out[SURVIVAL_MASK].astype(np.uint8)
     for name in (SURVIVAL_PET, SURVIVAL_CT):
         out[name] = out[name].astype(np.float32, copy=False)
-    attrs = {**_case_attrs(loc, crop, params), "pad_value_ct": ct_min, "pad_value_pet": pet_min,
-             "pet_fm_clip_suv": np.asarray(pet_fm_range, dtype=np.float64), "backend": backend,
-             **coverage}
-    return CaseResult(arrays={k: out[k] for k in CASE_DATASETS}, geometry=grids,
-                      crop_geometry=crop, location=loc, attrs=attrs, crop=crop_arrays)
+    attrs = {
+        **_case_attrs(loc, crop, params),
+        "pad_value_ct": ct_min,
+        "pad_value_pet": pet_min,
+        "pet_fm_clip_suv": np.asarray(pet_fm_range, dtype=np.float64),
+        "backend": backend,
+        **coverage,
+    }
+    return CaseResult(
+        arrays={k: out[k] for k in CASE_DATASETS},
+        geometry=grids,
+        crop_geometry=crop,
+        location=loc,
+        attrs=attrs,
+        crop=crop_arrays,
+    )
 
 
-def _coverage(ct: sitk.Image, pet: sitk.Image, label: sitk.Image, params: PreprocessParams,
-              survival_grid: GridGeometry, min_tumour_coverage: float,
-              min_crop_coverage: float) -> dict[str, float]:
+def _coverage(
+    ct: sitk.Image,
+    pet: sitk.Image,
+    label: sitk.Image,
+    params: PreprocessParams,
+    survival_grid: GridGeometry,
+    min_tumour_coverage: float,
+    min_crop_coverage: float,
+) -> dict[str, float]:
     """The coverage checks' measured shares; :class:`InputCheckError` below a limit.
 
     The survival grid samples the crop's box evenly: enough to measure its coverage.
     """
     return {
         "pet_tumour_coverage": check_tumour_coverage(
-            pet, tumour_points_mm(label, params.tumour_labels), "PET", min_tumour_coverage),
+            pet, tumour_points_mm(label, params.tumour_labels), "PET", min_tumour_coverage
+        ),
         "ct_crop_coverage": check_crop_coverage(ct, survival_grid, "CT", min_crop_coverage),
         "pet_crop_coverage": check_crop_coverage(pet, survival_grid, "PET", min_crop_coverage),
     }
 
 
-def _case_attrs(loc: TumourLocation, crop: GridGeometry,
-                params: PreprocessParams) -> dict[str, Any]:
+def _case_attrs(loc: TumourLocation, crop: GridGeometry, params: PreprocessParams) -> dict[str, Any]:
     """Per-case attributes of the tumour location and the crop."""
     g = np.asarray(params.crop_size_vox_xyz)
     fits = bool(np.all(np.asarray(loc.crop_size_vox_xyz) <= g))

@@ -32,8 +32,12 @@ def _geometry(image: Any) -> GridGeometry:
     """:class:`GridGeometry` of a SimpleITK image or header reader (or a geometry)."""
     if isinstance(image, GridGeometry):
         return image
-    return GridGeometry(origin_xyz=tuple(image.GetOrigin()), spacing_xyz=tuple(image.GetSpacing()),
-                        direction=tuple(image.GetDirection()), size_xyz=tuple(image.GetSize()))
+    return GridGeometry(
+        origin_xyz=tuple(image.GetOrigin()),
+        spacing_xyz=tuple(image.GetSpacing()),
+        direction=tuple(image.GetDirection()),
+        size_xyz=tuple(image.GetSize()),
+    )
 
 
 def grid_points_mm(geom: GridGeometry) -> np.ndarray:
@@ -65,8 +69,9 @@ def fov_share(image: Any, points_mm: np.ndarray) -> float:
     if len(points_mm) == 0:
         return 1.0
     geom = _geometry(image)
-    cont = (np.asarray(points_mm, np.float64) - np.asarray(geom.origin_xyz, np.float64)) \
-        @ np.linalg.inv(direction_scale_matrix(geom)).T
+    cont = (np.asarray(points_mm, np.float64) - np.asarray(geom.origin_xyz, np.float64)) @ np.linalg.inv(
+        direction_scale_matrix(geom)
+    ).T
     size = np.asarray(geom.size_xyz, np.float64)
     return float(np.all((cont >= -0.5) & (cont < size - 0.5), axis=1).mean())
 
@@ -81,8 +86,9 @@ def fov_box_mm(image: Any) -> str:
     """Axis-aligned physical box of an image's voxel edges (as :func:`box_mm`)."""
     geom = _geometry(image)
     size = np.asarray(geom.size_xyz, np.float64)
-    corners = np.array([[x, y, z] for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5)
-                        for z in (-0.5, size[2] - 0.5)])
+    corners = np.array(
+        [[x, y, z] for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5) for z in (-0.5, size[2] - 0.5)]
+    )
     return box_mm(corners @ direction_scale_matrix(geom).T + np.asarray(geom.origin_xyz, np.float64))
 
 
@@ -132,11 +138,10 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int]:
     n_dims = int(dim[0])
     if not 1 <= n_dims <= 7:
         raise OSError(f"NIfTI header with {n_dims} dimensions")
-    return order, dtype, offset, int(np.prod(dim[1:n_dims + 1]))
+    return order, dtype, offset, int(np.prod(dim[1 : n_dims + 1]))
 
 
-def nifti_nonfinite_counts(path: str | os.PathLike, *, whole_stream: bool = False
-                           ) -> tuple[int, int]:
+def nifti_nonfinite_counts(path: str | os.PathLike, *, whole_stream: bool = False) -> tuple[int, int]:
     """NaN and infinite voxels stored in a NIfTI file (``.nii`` or ``.nii.gz``).
 
     Counted on the file's bytes: ITK's NIfTI reader (SimpleITK) silently replaces NaN and
@@ -201,9 +206,11 @@ def check_file_finite(path: str | os.PathLike, role: str) -> None:
 
 def nonfinite_message(role: str, n_nan: int, n_inf: int) -> str:
     """What :func:`check_finite` and :func:`check_file_finite` say (the check, the counts)."""
-    return (f"finite-voxel check: {role} holds {n_nan + n_inf} non-finite voxel(s) "
-            f"({n_nan} NaN, {n_inf} inf), which are no intensity; repair the file or leave "
-            "the case out")
+    return (
+        f"finite-voxel check: {role} holds {n_nan + n_inf} non-finite voxel(s) "
+        f"({n_nan} NaN, {n_inf} inf), which are no intensity; repair the file or leave "
+        "the case out"
+    )
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -255,7 +262,8 @@ def check_tumour_coverage(image: Any, tumour_mm: np.ndarray, role: str, minimum:
             f"tumour ({len(tumour_mm)} label voxels, centres within {box_mm(tumour_mm)}; "
             f"{role} box {fov_box_mm(image)}), below the {100 * minimum:g} % of "
             f"--min-tumour-coverage; check the {role} header's origin and direction against "
-            "the label's")
+            "the label's"
+        )
     return share
 
 
@@ -272,7 +280,8 @@ def check_crop_coverage(image: Any, crop: GridGeometry, role: str, minimum: floa
         raise InputCheckError(
             f"crop coverage check: {role} field of view covers {100 * share:.1f} % of the "
             f"crop (box {fov_box_mm(crop)}; {role} box {fov_box_mm(image)}), below the "
-            f"{100 * minimum:g} % of --min-crop-coverage; the rest would be padding")
+            f"{100 * minimum:g} % of --min-crop-coverage; the rest would be padding"
+        )
     return share
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.cache import GridGeometry
-from pipeline.preprocess.grid import direction_scale_matrix, centred_grid, even_ceil, geometry_of
+from pipeline.preprocess.grid import centred_grid, direction_scale_matrix, even_ceil, geometry_of
 from pipeline.preprocess.params import PreprocessParams
 from pipeline.preprocess.resample import sitk_resample
 
@@ -41,9 +41,7 @@ class TumourLocation:
     volume_ml: float
 
 
-def _tumour_points(
-    image: sitk.Image, labels: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tumour_points(image: sitk.Image, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tumour voxels of a label image.
 
     Returns:
@@ -69,9 +67,7 @@ def _tumour_points(
     return np.stack(zyx[::-1], axis=1).astype(np.float64) + offset, mask, offset
 
 
-def _centre_of(
-    idx: np.ndarray, mask: np.ndarray, offset: np.ndarray, geom: GridGeometry
-) -> tuple[np.ndarray, str]:
+def _centre_of(idx: np.ndarray, mask: np.ndarray, offset: np.ndarray, geom: GridGeometry) -> tuple[np.ndarray, str]:
     """Centroid of tumour voxels, or bbox centre when the centroid's voxel is not tumour."""
     m = direction_scale_matrix(geom)
     origin = np.asarray(geom.origin_xyz, np.float64)
@@ -86,7 +82,10 @@ def _centre_of(
 
 
 def _extent_vox(
-    idx: np.ndarray, geom: GridGeometry, centre: np.ndarray, direction: Sequence[float],
+    idx: np.ndarray,
+    geom: GridGeometry,
+    centre: np.ndarray,
+    direction: Sequence[float],
     spacing_xyz: Sequence[float],
 ) -> np.ndarray:
     """2 x max distance from ``centre`` to a tumour voxel's far edge, per axis of
@@ -97,8 +96,7 @@ def _extent_vox(
     if np.all((r > 1e-9 * r.max()).sum(axis=1) == 1):
         # Label axes parallel to the crop axes: the extremes lie on the index bbox corners.
         lo, hi = idx.min(axis=0), idx.max(axis=0)
-        idx = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                        for z in (lo[2], hi[2])])
+        idx = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     pts = idx @ m.T + np.asarray(geom.origin_xyz, np.float64)
     q = (pts - centre) @ d  # coordinates along the crop axes
     half_voxel = 0.5 * np.abs(d.T @ m).sum(axis=1)
@@ -143,8 +141,7 @@ def locate_tumour(
     extent = _extent_vox(idx, geom, native_centre, ct_direction, params.spacing_mm_xyz)
     size = [even_ceil(e) + 2 for e in extent]
     ref_grid = centred_grid(native_centre, size, params.spacing_mm_xyz, ct_direction)
-    resampled = sitk_resample(label, ref_grid, linear=False, default=0,
-                               pixel_type=label.GetPixelID())
+    resampled = sitk_resample(label, ref_grid, linear=False, default=0, pixel_type=label.GetPixelID())
     r_idx, r_mask, r_offset = _tumour_points(resampled, params.tumour_labels)
     if len(r_idx):
         centre, source = _centre_of(r_idx, r_mask, r_offset, ref_grid)

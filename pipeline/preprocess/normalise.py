@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from pipeline.preprocess.params import PreprocessParams, SURVIVAL_CHANNELS
+from pipeline.preprocess.params import SURVIVAL_CHANNELS, PreprocessParams
 
 # --------------------------------------------------------------------------- normalisation
 
@@ -17,9 +17,7 @@ def normalise_ct_fm(ct_hu: np.ndarray, params: PreprocessParams) -> np.ndarray:
     return ((np.clip(ct_hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-def normalise_pet_fm(
-    pet_suv: np.ndarray, params: PreprocessParams
-) -> tuple[np.ndarray, tuple[float, float]]:
+def normalise_pet_fm(pet_suv: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, tuple[float, float]]:
     """PET-FM input: clip to the volume's own percentiles then min-max to [0, 1].
 
     Args:
@@ -59,9 +57,7 @@ def survival_input(arrays: Mapping[str, np.ndarray], params: PreprocessParams) -
     pet = np.asarray(arrays["survival/pet"], dtype=np.float32)
     ct = np.asarray(arrays["survival/ct"], dtype=np.float32)
     if pet.ndim != 3 or pet.shape != ct.shape:
-        raise ValueError(
-            f"survival_input: PET {pet.shape} and CT {ct.shape} must both be [D, H, W] and equal"
-        )
+        raise ValueError(f"survival_input: PET {pet.shape} and CT {ct.shape} must both be [D, H, W] and equal")
     p_lo, p_hi = params.survival_pet_window_suv
     pet_n = np.clip(pet, p_lo, p_hi) / params.survival_pet_scale_suv
     c_lo, c_hi = params.survival_ct_window_hu

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -77,12 +76,9 @@ class PreprocessParams:
             setf(name, value)
         labels = tuple(int(v) for v in self.tumour_labels)
         if not labels or any(v <= 0 for v in labels) or len(set(labels)) != len(labels):
-            raise ValueError(
-                f"tumour_labels must be distinct positive label values, got {self.tumour_labels}"
-            )
+            raise ValueError(f"tumour_labels must be distinct positive label values, got {self.tumour_labels}")
         setf("tumour_labels", tuple(sorted(labels)))
-        for name in ("ct_fm_window_hu", "pet_fm_percentiles", "survival_ct_window_hu",
-                     "survival_pet_window_suv"):
+        for name in ("ct_fm_window_hu", "pet_fm_percentiles", "survival_ct_window_hu", "survival_pet_window_suv"):
             lo, hi = _floats(getattr(self, name), 2, name)
             if not lo < hi:
                 raise ValueError(f"{name} must be (low, high) with low < high, got {(lo, hi)}")
@@ -92,9 +88,7 @@ class PreprocessParams:
             raise ValueError(f"pet_fm_percentiles must lie in [0, 100], got {(lo, hi)}")
         setf("survival_pet_scale_suv", float(self.survival_pet_scale_suv))
         if self.survival_pet_scale_suv <= 0:
-            raise ValueError(
-                f"survival_pet_scale_suv must be positive, got {self.survival_pet_scale_suv}"
-            )
+            raise ValueError(f"survival_pet_scale_suv must be positive, got {self.survival_pet_scale_suv}")
         if self.crop_size_vox_xyz is not None:
             g = _ints(self.crop_size_vox_xyz, 3, "crop_size_vox_xyz")
             if any(v < 2 or v % 2 for v in g):

@@ -20,8 +20,13 @@ from pipeline.cache import (
 )
 from pipeline.preprocess.grid import geometry_of
 
+
 def sitk_resample(
-    image: sitk.Image, grid: GridGeometry, *, linear: bool, default: float,
+    image: sitk.Image,
+    grid: GridGeometry,
+    *,
+    linear: bool,
+    default: float,
     pixel_type: int | None = None,
 ) -> sitk.Image:
     f = sitk.ResampleImageFilter()
@@ -37,8 +42,14 @@ def sitk_resample(
 
 
 def resample_case_sitk(
-    ct: sitk.Image, pet: sitk.Image, label: sitk.Image, crop: GridGeometry,
-    grids: dict[str, GridGeometry], ct_min: float, pet_min: float, labels: np.ndarray,
+    ct: sitk.Image,
+    pet: sitk.Image,
+    label: sitk.Image,
+    crop: GridGeometry,
+    grids: dict[str, GridGeometry],
+    ct_min: float,
+    pet_min: float,
+    labels: np.ndarray,
     keep_crop: bool,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Resample one case's native volumes onto its crop grid, then onto each group's grid.
@@ -61,8 +72,9 @@ def resample_case_sitk(
     out = {
         SURVIVAL_PET: arr(sitk_resample(pet_c, grids["survival"], linear=True, default=pet_min)),
         SURVIVAL_CT: arr(sitk_resample(ct_c, grids["survival"], linear=True, default=ct_min)),
-        SURVIVAL_MASK: arr(sitk_resample(mask_c, grids["survival"], linear=False, default=0,
-                                         pixel_type=sitk.sitkUInt8)),
+        SURVIVAL_MASK: arr(
+            sitk_resample(mask_c, grids["survival"], linear=False, default=0, pixel_type=sitk.sitkUInt8)
+        ),
         CTFM_CT: arr(sitk_resample(ct_c, grids["ctfm"], linear=True, default=ct_min)),
         PETFM_PET: arr(sitk_resample(pet_c, grids["petfm"], linear=True, default=pet_min)),
     }
@@ -71,9 +83,17 @@ def resample_case_sitk(
 
 
 def resample_case_torch(
-    ct: sitk.Image, pet: sitk.Image, label: sitk.Image, crop: GridGeometry,
-    grids: dict[str, GridGeometry], ct_min: float, pet_min: float, labels: np.ndarray,
-    keep_crop: bool, *, device: str = "cpu",
+    ct: sitk.Image,
+    pet: sitk.Image,
+    label: sitk.Image,
+    crop: GridGeometry,
+    grids: dict[str, GridGeometry],
+    ct_min: float,
+    pet_min: float,
+    labels: np.ndarray,
+    keep_crop: bool,
+    *,
+    device: str = "cpu",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`resample_case_sitk` with torch ``grid_sample`` on ``device``."""
     # local: torch, needed by the torch backend only (the default SimpleITK one runs without it)
@@ -83,9 +103,15 @@ def resample_case_torch(
 
     def native(img: sitk.Image, mode: str, default: float):
         # The numpy view shares SimpleITK's buffer: only the touched block is copied.
-        return resample_to_grid(sitk.GetArrayViewFromImage(img), geometry_of(img), crop,
-                                mode=mode, default_value=default, device=device,
-                                out_dtype=None if mode == "nearest" else torch.float32)
+        return resample_to_grid(
+            sitk.GetArrayViewFromImage(img),
+            geometry_of(img),
+            crop,
+            mode=mode,
+            default_value=default,
+            device=device,
+            out_dtype=None if mode == "nearest" else torch.float32,
+        )
 
     ct_c = native(ct, "linear", ct_min)
     pet_c = native(pet, "linear", pet_min)
@@ -94,9 +120,15 @@ def resample_case_torch(
     mask_c = torch.isin(lab_c, lab_t).to(torch.uint8)
 
     def resize(vol, group: str, mode: str, default: float) -> np.ndarray:
-        res = resample_to_grid(vol, crop, grids[group], mode=mode, default_value=default,
-                               device=device,
-                               out_dtype=None if mode == "nearest" else torch.float32)
+        res = resample_to_grid(
+            vol,
+            crop,
+            grids[group],
+            mode=mode,
+            default_value=default,
+            device=device,
+            out_dtype=None if mode == "nearest" else torch.float32,
+        )
         return res.cpu().numpy()
 
     out = {
@@ -107,7 +139,6 @@ def resample_case_torch(
         PETFM_PET: resize(pet_c, "petfm", "linear", pet_min),
     }
     crop_arrays = (
-        {"ct": ct_c.cpu().numpy(), "pet": pet_c.cpu().numpy(), "mask": mask_c.cpu().numpy()}
-        if keep_crop else {}
+        {"ct": ct_c.cpu().numpy(), "pet": pet_c.cpu().numpy(), "mask": mask_c.cpu().numpy()} if keep_crop else {}
     )
     return out, crop_arrays

@@ -32,12 +32,12 @@ from pipeline.preprocess.checks import (
     MIN_CROP_COVERAGE,
     MIN_TUMOUR_COVERAGE,
     InputCheckError,
+    check_file_finite,
     check_share,
     is_nifti,
-    check_file_finite,
 )
 from pipeline.preprocess.locate import TumourLocation, locate_tumour
-from pipeline.preprocess.params import BACKENDS, CaseError, PreprocessParams, SURVIVAL_CHANNELS
+from pipeline.preprocess.params import BACKENDS, SURVIVAL_CHANNELS, CaseError, PreprocessParams
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,11 @@ def _locate_task(task: dict[str, Any]) -> tuple[str, TumourLocation]:
     try:
         direction = _read_direction(task["ct_path"], cid)
         label = _read(task["label_path"], cid, "label")
-        return cid, locate_tumour(label, direction, params, case_id=cid,
-                                  label_path=task["label_path"])
+        return cid, locate_tumour(label, direction, params, case_id=cid, label_path=task["label_path"])
     except CaseError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised naming the case and its file
-        raise CaseError(f"case {cid!r} (label {task['label_path']}): "
-                        f"{type(exc).__name__}: {exc}") from None
+        raise CaseError(f"case {cid!r} (label {task['label_path']}): {type(exc).__name__}: {exc}") from None
 
 
 def _process_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -101,18 +99,28 @@ def _process_task(task: dict[str, Any]) -> dict[str, Any]:
             image_path = task[f"{role.lower()}_path"]
             if is_nifti(image_path):  # other formats: checked on the read image
                 check_file_finite(image_path, role)
-        result = preprocess_case(ct, pet, label, params, case_id=cid,
-                                 label_path=task["label_path"], backend=task["backend"],
-                                 device=task["device"],
-                                 min_tumour_coverage=task["min_tumour_coverage"],
-                                 min_crop_coverage=task["min_crop_coverage"])
+        result = preprocess_case(
+            ct,
+            pet,
+            label,
+            params,
+            case_id=cid,
+            label_path=task["label_path"],
+            backend=task["backend"],
+            device=task["device"],
+            min_tumour_coverage=task["min_tumour_coverage"],
+            min_crop_coverage=task["min_crop_coverage"],
+        )
         attrs = dict(result.attrs)
-        attrs.update(params_hash=task["params_hash"], source_sha256=sha,
-                     code_version=task["code_version"])
+        attrs.update(params_hash=task["params_hash"], source_sha256=sha, code_version=task["code_version"])
         write_case(task["cache_root"], cid, result.arrays, result.geometry, attrs)
-        return {"case_id": cid, "status": "done", "seconds": time.perf_counter() - t0,
-                "fits": bool(result.attrs["tumour_fits_crop"]),
-                "needed": result.location.crop_size_vox_xyz}
+        return {
+            "case_id": cid,
+            "status": "done",
+            "seconds": time.perf_counter() - t0,
+            "fits": bool(result.attrs["tumour_fits_crop"]),
+            "needed": result.location.crop_size_vox_xyz,
+        }
     except CaseError:
         raise
     except InputCheckError as exc:
@@ -132,13 +140,16 @@ def _process_task(task: dict[str, Any]) -> dict[str, Any]:
 def _done_and_checked(path: Path, fingerprint: str, task: dict[str, Any]) -> bool:
     """Whether a case file holds this fingerprint and passed today's input checks (a file
     written before the checks existed, or under laxer limits, is redone)."""
-    limits = {"pet_tumour_coverage": task["min_tumour_coverage"],
-              "ct_crop_coverage": task["min_crop_coverage"],
-              "pet_crop_coverage": task["min_crop_coverage"]}
+    limits = {
+        "pet_tumour_coverage": task["min_tumour_coverage"],
+        "ct_crop_coverage": task["min_crop_coverage"],
+        "pet_crop_coverage": task["min_crop_coverage"],
+    }
     with contextlib.suppress(OSError, KeyError):
         with h5py.File(path, "r") as h5:
-            return (str(h5.attrs["fingerprint"]) == fingerprint
-                    and all(float(h5.attrs[k]) >= v for k, v in limits.items()))
+            return str(h5.attrs["fingerprint"]) == fingerprint and all(
+                float(h5.attrs[k]) >= v for k, v in limits.items()
+            )
     return False
 
 
@@ -158,8 +169,7 @@ def _threads(workers: int) -> int:
 def _case_pool(workers: int, n_tasks: int) -> JobPool:
     """The pool of both passes (worker start-up paid once); one worker = in this process."""
     workers = max(1, min(int(workers), n_tasks))
-    return JobPool(workers, in_process=workers == 1, initializer=_init_worker,
-                   initargs=(_threads(workers),))
+    return JobPool(workers, in_process=workers == 1, initializer=_init_worker, initargs=(_threads(workers),))
 
 
 @contextlib.contextmanager
@@ -177,8 +187,7 @@ def _case_error(failed: JobFailed) -> CaseError:
     files), or one naming the case when the worker died or something else went wrong."""
     if isinstance(failed.original, CaseError):
         return failed.original
-    hint = ("; finished cases are kept, rerun to resume, or use fewer workers"
-            if failed.worker_died else "")
+    hint = "; finished cases are kept, rerun to resume, or use fewer workers" if failed.worker_died else ""
     return CaseError(f"case {failed.key!r}: {failed.error}{hint}")
 
 
@@ -200,8 +209,11 @@ def _tasks_from_manifest(manifest: pd.DataFrame) -> list[dict[str, Any]]:
     return [
         {
             "case_id": str(row.case_id),
-            "ct_path": row.ct_path, "pet_path": row.pet_path, "label_path": row.label_path,
-            "ct_sha256": row.ct_sha256 or "", "pet_sha256": row.pet_sha256 or "",
+            "ct_path": row.ct_path,
+            "pet_path": row.pet_path,
+            "label_path": row.label_path,
+            "ct_sha256": row.ct_sha256 or "",
+            "pet_sha256": row.pet_sha256 or "",
             "label_sha256": row.label_sha256 or "",
         }
         for row in manifest.itertuples(index=False)
@@ -209,8 +221,12 @@ def _tasks_from_manifest(manifest: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def locate_cohort(
-    manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *,
-    progress: bool = True, _pool: JobPool | None = None,
+    manifest_df: pd.DataFrame,
+    params: PreprocessParams,
+    workers: int = 2,
+    *,
+    progress: bool = True,
+    _pool: JobPool | None = None,
 ) -> dict[str, TumourLocation]:
     """Pass 1: :func:`locate_tumour` for every case of a manifest (reads labels only).
 
@@ -237,8 +253,12 @@ def locate_cohort(
 
 
 def compute_crop_size(
-    manifest_df: pd.DataFrame, params: PreprocessParams, workers: int = 2, *,
-    progress: bool = True, _pool: JobPool | None = None,
+    manifest_df: pd.DataFrame,
+    params: PreprocessParams,
+    workers: int = 2,
+    *,
+    progress: bool = True,
+    _pool: JobPool | None = None,
 ) -> tuple[int, int, int]:
     """Pass 1: the global crop G (x, y, z voxels at ``spacing_mm_xyz``, each even).
 
@@ -326,26 +346,42 @@ def run_preprocessing(
         tasks = _tasks_from_manifest(manifest)
         pdict, phash, version = params.as_dict(), params.hash(), code_version()
         for t in tasks:
-            t.update(params=pdict, params_hash=phash,
-                     cache_root=str(cache_root), backend=backend, device=str(device),
-                     code_version=version, **limits)
+            t.update(
+                params=pdict,
+                params_hash=phash,
+                cache_root=str(cache_root),
+                backend=backend,
+                device=str(device),
+                code_version=version,
+                **limits,
+            )
         processed, skipped, exceeding = _write_cases(pool, tasks, params, progress)
     exceeding += _skipped_exceeding(cache_root, skipped)
-    write_cohort_record(cache_root, _cohort_record(
-        params, source, manifest_path, version, [t["case_id"] for t in tasks], backend,
-        exceeding, limits))
+    write_cohort_record(
+        cache_root,
+        _cohort_record(
+            params, source, manifest_path, version, [t["case_id"] for t in tasks], backend, exceeding, limits
+        ),
+    )
     return PreprocessReport(
-        cache=PreprocessedCache(cache_root), processed=processed, skipped=skipped,
-        crop_size_vox_xyz=params.crop_size_vox_xyz, crop_size_source=source,
-        exceeding_crop=sorted(exceeding), seconds=time.perf_counter() - t0,
+        cache=PreprocessedCache(cache_root),
+        processed=processed,
+        skipped=skipped,
+        crop_size_vox_xyz=params.crop_size_vox_xyz,
+        crop_size_source=source,
+        exceeding_crop=sorted(exceeding),
+        seconds=time.perf_counter() - t0,
     )
 
 
-def _run_limits(backend: str, device: str, workers: int, min_tumour_coverage: float,
-                min_crop_coverage: float) -> dict[str, float]:
+def _run_limits(
+    backend: str, device: str, workers: int, min_tumour_coverage: float, min_crop_coverage: float
+) -> dict[str, float]:
     """Check the run's arguments; return the input checks' limits."""
-    limits = {"min_tumour_coverage": check_share(min_tumour_coverage, "min_tumour_coverage"),
-              "min_crop_coverage": check_share(min_crop_coverage, "min_crop_coverage")}
+    limits = {
+        "min_tumour_coverage": check_share(min_tumour_coverage, "min_tumour_coverage"),
+        "min_crop_coverage": check_share(min_crop_coverage, "min_crop_coverage"),
+    }
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "sitk" and str(device) != "cpu":
@@ -368,8 +404,9 @@ def _selected_cases(manifest_path: Path, case_ids: Sequence[str] | None) -> pd.D
     return manifest
 
 
-def _reference_params(reference_cache: str | os.PathLike, cache_root: Path,
-                      params: PreprocessParams | None) -> tuple[PreprocessParams, str]:
+def _reference_params(
+    reference_cache: str | os.PathLike, cache_root: Path, params: PreprocessParams | None
+) -> tuple[PreprocessParams, str]:
     """A reference cache's parameters (G included) and its path, refusing other ``params``."""
     if Path(reference_cache).resolve() == cache_root.resolve():
         raise ValueError(
@@ -391,8 +428,9 @@ def _reference_params(reference_cache: str | os.PathLike, cache_root: Path,
     return ref_params, str(Path(reference_cache).resolve())
 
 
-def _cohort_params(manifest: pd.DataFrame, params: PreprocessParams | None, workers: int,
-                   progress: bool, pool: JobPool) -> tuple[PreprocessParams, str]:
+def _cohort_params(
+    manifest: pd.DataFrame, params: PreprocessParams | None, workers: int, progress: bool, pool: JobPool
+) -> tuple[PreprocessParams, str]:
     """``params`` (default :class:`PreprocessParams`) with G given or measured (pass 1)."""
     params = params or PreprocessParams()
     if params.crop_size_vox_xyz is not None:
@@ -401,17 +439,21 @@ def _cohort_params(manifest: pd.DataFrame, params: PreprocessParams | None, work
     return replace(params, crop_size_vox_xyz=g), "cohort"
 
 
-def _write_cases(pool: JobPool, tasks: list[dict[str, Any]], params: PreprocessParams,
-                 progress: bool) -> tuple[list[str], list[str], list[str]]:
+def _write_cases(
+    pool: JobPool, tasks: list[dict[str, Any]], params: PreprocessParams, progress: bool
+) -> tuple[list[str], list[str], list[str]]:
     """Pass 2: the cases processed, skipped (already done) and processed exceeding G."""
     processed, skipped, exceeding = [], [], []
     for res in _run_cases(pool, _process_task, tasks, "preprocess", progress):
         (processed if res["status"] == "done" else skipped).append(res["case_id"])
         if res["status"] == "done" and not res["fits"]:
             exceeding.append(res["case_id"])
-            log.warning("case %s: tumour needs a crop of %s voxels, larger than G = %s; "
-                        "its tumour is cut at the crop border", res["case_id"],
-                        res["needed"], params.crop_size_vox_xyz)
+            log.warning(
+                "case %s: tumour needs a crop of %s voxels, larger than G = %s; its tumour is cut at the crop border",
+                res["case_id"],
+                res["needed"],
+                params.crop_size_vox_xyz,
+            )
     return processed, skipped, exceeding
 
 
@@ -425,9 +467,16 @@ def _skipped_exceeding(cache_root: Path, skipped: list[str]) -> list[str]:
     return exceeding
 
 
-def _cohort_record(params: PreprocessParams, source: str, manifest_path: Path, version: str,
-                   ids: list[str], backend: str, exceeding: list[str],
-                   limits: dict[str, float]) -> dict[str, Any]:
+def _cohort_record(
+    params: PreprocessParams,
+    source: str,
+    manifest_path: Path,
+    version: str,
+    ids: list[str],
+    backend: str,
+    exceeding: list[str],
+    limits: dict[str, float],
+) -> dict[str, Any]:
     """The content of ``cohort.json`` (:func:`pipeline.cache.write_cohort_record`)."""
     return {
         "params": params.as_dict(),

@@ -49,8 +49,9 @@ from pipeline.report.render import render_report
 __all__ = ["write_report"]
 
 
-def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 n_boot: int = N_BOOT) -> Path:
+def write_report(
+    study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, n_boot: int = N_BOOT
+) -> Path:
     """collect -> analyse -> render: ``results.json`` / ``results.csv``, then the report from them.
 
     Args:

@@ -6,7 +6,8 @@ Each analysis is a function of arrays or frames, so it is tested on hand-made pr
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,16 +16,6 @@ from pipeline.artefacts import code_version, utc_now
 from pipeline.embedding_sets import embedding_set
 from pipeline.layout import EVAL_COLUMNS
 from pipeline.metrics import ONE_YEAR_DAYS, TOO_FEW_VALID_TIMES, MetricUndefined, c_index_value, summarise
-from pipeline.stats import (
-    breslow_survival,
-    calibration_at,
-    ibs_time_grid,
-    integrated_brier_score,
-    km_logrank,
-    mean_ci,
-    paired_bootstrap_delta,
-    risk_groups,
-)
 from pipeline.report.collect import ModelRef, StudyData, held_out
 from pipeline.report.labels import (
     LOSS_COLUMNS,
@@ -72,6 +63,16 @@ from pipeline.report.results import (
     TrainingSummary,
     UndefinedMetric,
 )
+from pipeline.stats import (
+    breslow_survival,
+    calibration_at,
+    ibs_time_grid,
+    integrated_brier_score,
+    km_logrank,
+    mean_ci,
+    paired_bootstrap_delta,
+    risk_groups,
+)
 from pipeline.study_spec import BASELINE, FIRST_SPLIT, LOCO, StudySpec, grid
 
 # --- 2. analyses: frames -> plain data ---------------------------------------------------------
@@ -103,20 +104,44 @@ def summarise_records(records: pd.DataFrame, n_folds: int | None = None) -> pd.D
         s = summarise(fin["selection_c_index"].tolist())
         c_ci = mean_ci(fin["c_index"].tolist(), bounds=UNIT_RANGE)
         a_ci = mean_ci(fin["auc_1y"].tolist(), bounds=UNIT_RANGE)
-        out.append({
-            "protocol": proto, "config": config, "kind": g["kind"].iloc[0] if "kind" in g else "cnn",
-            "group": g["group"].iloc[0], "d": g["d"].iloc[0],
-            "n_done": int(len(fin)), "n_folds": int(n_folds if n_folds is not None else len(g)),
-            "n_repeats": int(g["split"].nunique()) if "split" in g else 1,
-            "c_mean": c["mean"], "c_sd": c["sd"], "c_n": c["n_defined"], "c_low": c_ci["low"],
-            "c_high": c_ci["high"], "c_clipped": c_ci["clipped"],
-            "auc_mean": a["mean"], "auc_sd": a["sd"], "auc_n": a["n_defined"],
-            "auc_low": a_ci["low"], "auc_high": a_ci["high"], "auc_clipped": a_ci["clipped"],
-            "sel_mean": s["mean"],
-        })
-    return pd.DataFrame(out).astype({"c_mean": float, "c_sd": float, "auc_mean": float, "auc_sd": float,
-                                     "sel_mean": float, "c_low": float, "c_high": float,
-                                     "auc_low": float, "auc_high": float})
+        out.append(
+            {
+                "protocol": proto,
+                "config": config,
+                "kind": g["kind"].iloc[0] if "kind" in g else "cnn",
+                "group": g["group"].iloc[0],
+                "d": g["d"].iloc[0],
+                "n_done": int(len(fin)),
+                "n_folds": int(n_folds if n_folds is not None else len(g)),
+                "n_repeats": int(g["split"].nunique()) if "split" in g else 1,
+                "c_mean": c["mean"],
+                "c_sd": c["sd"],
+                "c_n": c["n_defined"],
+                "c_low": c_ci["low"],
+                "c_high": c_ci["high"],
+                "c_clipped": c_ci["clipped"],
+                "auc_mean": a["mean"],
+                "auc_sd": a["sd"],
+                "auc_n": a["n_defined"],
+                "auc_low": a_ci["low"],
+                "auc_high": a_ci["high"],
+                "auc_clipped": a_ci["clipped"],
+                "sel_mean": s["mean"],
+            }
+        )
+    return pd.DataFrame(out).astype(
+        {
+            "c_mean": float,
+            "c_sd": float,
+            "auc_mean": float,
+            "auc_sd": float,
+            "sel_mean": float,
+            "c_low": float,
+            "c_high": float,
+            "auc_low": float,
+            "auc_high": float,
+        }
+    )
 
 
 def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
@@ -156,8 +181,10 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
                 rows.append({"group": group, "config": None, "d": None, "status": "pending"})
             continue
         best = cand.loc[cand[key].idxmax()] if cand[key].notna().any() else cand.iloc[0]
-        row = {k: best[k] for k in ("group", "config", "d", "c_mean", "c_sd", "auc_mean",
-                                     "auc_sd", "c_n", "auc_n", "n_folds")}
+        row = {
+            k: best[k]
+            for k in ("group", "config", "d", "c_mean", "c_sd", "auc_mean", "auc_sd", "c_n", "auc_n", "n_folds")
+        }
         row["selected_by"] = key if len(cand) > 1 else "-"
         row["status"] = "done"
         if base_row is not None and group != BASELINE:
@@ -167,10 +194,9 @@ def table1(summary: pd.DataFrame, protocol: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-
-
-def fold_predictions(predictions: pd.DataFrame, model: str, split: str,
-                     protocol: str) -> dict[int, tuple[pd.DataFrame, pd.DataFrame | None]]:
+def fold_predictions(
+    predictions: pd.DataFrame, model: str, split: str, protocol: str
+) -> dict[int, tuple[pd.DataFrame, pd.DataFrame | None]]:
     """Held-out and training-fold predictions of one model on one split, per fold.
 
     Args:
@@ -181,19 +207,23 @@ def fold_predictions(predictions: pd.DataFrame, model: str, split: str,
         ``{fold: (oof [case_id, fold, risk, time, event], train [case_id, risk, time,
         event] or None)}``; a fold without held-out rows (no valid epoch) is left out.
     """
-    sel = predictions[(predictions["model"] == model) & (predictions["split"] == split)
-                      & (predictions["protocol"] == protocol)]
+    sel = predictions[
+        (predictions["model"] == model) & (predictions["split"] == split) & (predictions["protocol"] == protocol)
+    ]
     oof, train = sel[sel["role"] == "oof"], sel[sel["role"] == "train"]
     out: dict[int, tuple[pd.DataFrame, pd.DataFrame | None]] = {}
     for k, g in oof.groupby("fold", sort=True):
         tr = train[train["fold"] == k]
-        out[int(k)] = (g[["case_id", "fold", "risk", "time", "event"]].reset_index(drop=True),
-                       tr[["case_id", "risk", "time", "event"]].reset_index(drop=True) if len(tr) else None)
+        out[int(k)] = (
+            g[["case_id", "fold", "risk", "time", "event"]].reset_index(drop=True),
+            tr[["case_id", "risk", "time", "event"]].reset_index(drop=True) if len(tr) else None,
+        )
     return out
 
 
-def split_oof(predictions: pd.DataFrame, model: ModelRef, split: str, protocol: str,
-              n_folds: int) -> pd.DataFrame | None:
+def split_oof(
+    predictions: pd.DataFrame, model: ModelRef, split: str, protocol: str, n_folds: int
+) -> pd.DataFrame | None:
     """The whole held-out frame of one split when all ``n_folds`` folds are there, else None."""
     folds = fold_predictions(predictions, model.name, split, model.oof_protocol(protocol))
     if len(folds) != n_folds:
@@ -201,9 +231,17 @@ def split_oof(predictions: pd.DataFrame, model: ModelRef, split: str, protocol: 
     return pd.concat([f[0] for f in folds.values()], ignore_index=True)
 
 
-def paired_comparisons(predictions: pd.DataFrame, models: Sequence[ModelRef], reference: ModelRef,
-                       protocol: str, splits: Sequence[str], n_folds: int, *, n_boot: int = N_BOOT,
-                       seed: int = 0) -> list[PairedRow]:
+def paired_comparisons(
+    predictions: pd.DataFrame,
+    models: Sequence[ModelRef],
+    reference: ModelRef,
+    protocol: str,
+    splits: Sequence[str],
+    n_folds: int,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[PairedRow]:
     """Each model vs ``reference`` on identical folds: Δ C-index with CI and p-values.
 
     Uses every CV repeat (``splits``, ``cv<r>``) that both have finished (all folds); the
@@ -221,8 +259,13 @@ def paired_comparisons(predictions: pd.DataFrame, models: Sequence[ModelRef], re
     for m in models:
         if m.name == reference.name:
             continue
-        rec: dict[str, Any] = {"model": m.name, "label": m.label, "kind": m.kind, "reference": reference.name,
-                               "protocol": protocol}
+        rec: dict[str, Any] = {
+            "model": m.name,
+            "label": m.label,
+            "kind": m.kind,
+            "reference": reference.name,
+            "protocol": protocol,
+        }
         frames_a, frames_b, shared = [], [], []
         for split in splits:
             a = split_oof(predictions, reference, split, protocol, n_folds)
@@ -252,13 +295,25 @@ def loco_centre_table(folds: pd.DataFrame, survival: pd.DataFrame, centres: Sequ
     for k, centre in enumerate(centres):
         held = held_out(folds, survival, LOCO, k)
         t, e = held["time"].to_numpy(float), held["event"].to_numpy(int)
-        out.append({"fold": k, "centre": centre, "n": int(len(held)), "events": int(e.sum()),
-                    "events_before_365": int(((t <= ONE_YEAR_DAYS) & (e == 1)).sum())})
+        out.append(
+            {
+                "fold": k,
+                "centre": centre,
+                "n": int(len(held)),
+                "events": int(e.sum()),
+                "events_before_365": int(((t <= ONE_YEAR_DAYS) & (e == 1)).sum()),
+            }
+        )
     return out
 
 
-def loco_results(records: pd.DataFrame, predictions: pd.DataFrame, centres: list[LocoCentre],
-                 models: Sequence[ModelRef], protocols: Sequence[str]) -> LocoSection:
+def loco_results(
+    records: pd.DataFrame,
+    predictions: pd.DataFrame,
+    centres: list[LocoCentre],
+    models: Sequence[ModelRef],
+    protocols: Sequence[str],
+) -> LocoSection:
     """Leave-one-centre-out: per held-out centre metrics and the pooled result per model.
 
     Per centre: C-index and 1-year AUROC, or the reason they are undefined (a centre
@@ -282,31 +337,43 @@ def loco_results(records: pd.DataFrame, predictions: pd.DataFrame, centres: list
     loco = records[records["split"] == LOCO]
     out_models = []
     for m in models:
-        for proto in (protocols if m.kind == "cnn" else protocols[:1]):
+        for proto in protocols if m.kind == "cnn" else protocols[:1]:
             g = loco[(loco["config"] == m.name) & (loco["protocol"] == proto)].set_index("fold")
             if g.empty:
                 continue
             per = [_loco_cell(g.loc[ci["fold"]] if ci["fold"] in g.index else None, ci) for ci in centres]
             oof = split_oof(predictions, m, LOCO, proto, len(centres))
-            out_models.append({
-                "model": m.name, "label": m.label, "kind": m.kind, "protocol": proto if m.kind == "cnn" else "fit",
-                "per_centre": per, "n_done": sum(p["done"] for p in per),
-                "mean_c_index": mean_ci([p["c_index"] for p in per if p["c_index"] is not None] or [np.nan],
-                                        bounds=UNIT_RANGE),
-                "mean_auc_1y": mean_ci([p["auc_1y"] for p in per if p["auc_1y"] is not None] or [np.nan],
-                                       bounds=UNIT_RANGE),
-                "pooled_c_index": _pooled_c(oof),
-            })
+            out_models.append(
+                {
+                    "model": m.name,
+                    "label": m.label,
+                    "kind": m.kind,
+                    "protocol": proto if m.kind == "cnn" else "fit",
+                    "per_centre": per,
+                    "n_done": sum(p["done"] for p in per),
+                    "mean_c_index": mean_ci(
+                        [p["c_index"] for p in per if p["c_index"] is not None] or [np.nan], bounds=UNIT_RANGE
+                    ),
+                    "mean_auc_1y": mean_ci(
+                        [p["auc_1y"] for p in per if p["auc_1y"] is not None] or [np.nan], bounds=UNIT_RANGE
+                    ),
+                    "pooled_c_index": _pooled_c(oof),
+                }
+            )
     return {"centres": centres, "models": out_models}
 
 
 def _loco_cell(r: pd.Series | None, centre: dict[str, Any]) -> dict[str, Any]:
     done = bool(r is not None and r["done"])
-    return {"fold": centre["fold"], "centre": centre["centre"], "done": done,
-            "c_index": float_or_none(r["c_index"]) if done else None,
-            "c_index_reason": (r["c_index_reason"] or None) if done and not finite(r["c_index"]) else None,
-            "auc_1y": float_or_none(r["auc_1y"]) if done else None,
-            "auc_1y_reason": (r["auc_1y_reason"] or None) if done and not finite(r["auc_1y"]) else None}
+    return {
+        "fold": centre["fold"],
+        "centre": centre["centre"],
+        "done": done,
+        "c_index": float_or_none(r["c_index"]) if done else None,
+        "c_index_reason": (r["c_index_reason"] or None) if done and not finite(r["c_index"]) else None,
+        "auc_1y": float_or_none(r["auc_1y"]) if done else None,
+        "auc_1y_reason": (r["auc_1y_reason"] or None) if done and not finite(r["auc_1y"]) else None,
+    }
 
 
 def _pooled_c(oof: pd.DataFrame | None) -> float | None:
@@ -315,8 +382,16 @@ def _pooled_c(oof: pd.DataFrame | None) -> float | None:
     return c_index_value(oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float)).value
 
 
-def survival_analysis(predictions: pd.DataFrame, model: ModelRef, protocol: str, splits: Sequence[str],
-                      n_folds: int, *, horizon: float = ONE_YEAR_DAYS, n_groups: int = 5) -> SurvivalModel:
+def survival_analysis(
+    predictions: pd.DataFrame,
+    model: ModelRef,
+    protocol: str,
+    splits: Sequence[str],
+    n_folds: int,
+    *,
+    horizon: float = ONE_YEAR_DAYS,
+    n_groups: int = 5,
+) -> SurvivalModel:
     """Integrated Brier score, calibration at ``horizon`` and risk-group KM of one model.
 
     Per fold, the Breslow baseline hazard is fitted on that fold's TRAINING risks and
@@ -345,14 +420,26 @@ def survival_analysis(predictions: pd.DataFrame, model: ModelRef, protocol: str,
         training risks.
     """
     proto = model.oof_protocol(protocol)
-    out: dict[str, Any] = {"model": model.name, "label": model.label, "kind": model.kind,
-                           "protocol": proto, "horizon": horizon}
-    rows = [_fold_ibs(split, k, oof, train) for split in splits
-            for k, (oof, train) in fold_predictions(predictions, model.name, split, proto).items() if train is not None]
-    out["ibs"] = {"per_fold": rows,
-                  "mean": mean_ci([r["ibs"] for r in rows if r.get("ibs") is not None] or [np.nan], bounds=UNIT_RANGE),
-                  "null_mean": mean_ci([r["ibs_null"] for r in rows if r.get("ibs_null") is not None] or [np.nan],
-                                       bounds=UNIT_RANGE)}
+    out: dict[str, Any] = {
+        "model": model.name,
+        "label": model.label,
+        "kind": model.kind,
+        "protocol": proto,
+        "horizon": horizon,
+    }
+    rows = [
+        _fold_ibs(split, k, oof, train)
+        for split in splits
+        for k, (oof, train) in fold_predictions(predictions, model.name, split, proto).items()
+        if train is not None
+    ]
+    out["ibs"] = {
+        "per_fold": rows,
+        "mean": mean_ci([r["ibs"] for r in rows if r.get("ibs") is not None] or [np.nan], bounds=UNIT_RANGE),
+        "null_mean": mean_ci(
+            [r["ibs_null"] for r in rows if r.get("ibs_null") is not None] or [np.nan], bounds=UNIT_RANGE
+        ),
+    }
     first = fold_predictions(predictions, model.name, FIRST_SPLIT, proto)
     if len(first) != n_folds or any(tr is None for _, tr in first.values()):
         return out | {"status": "pending"}
@@ -366,8 +453,12 @@ def _fold_ibs(split: str, fold: int, oof: pd.DataFrame, train: pd.DataFrame) -> 
     te_t, te_e = oof["time"].to_numpy(float), oof["event"].to_numpy(int)
     grid_t = ibs_time_grid(tr_t, te_t, n=50)
     if grid_t.shape[0] < 2:
-        return row | {"ibs": None, "ibs_null": None, "reason": TOO_FEW_VALID_TIMES,
-                      "detail": "the test and training follow-ups overlap in fewer than 2 time points"}
+        return row | {
+            "ibs": None,
+            "ibs_null": None,
+            "reason": TOO_FEW_VALID_TIMES,
+            "detail": "the test and training follow-ups overlap in fewer than 2 time points",
+        }
     try:
         surv = breslow_survival(train["risk"].to_numpy(float), tr_t, tr_e, oof["risk"].to_numpy(float), grid_t)
         row["ibs"] = integrated_brier_score(tr_t, tr_e, te_t, te_e, surv, grid_t)
@@ -378,23 +469,31 @@ def _fold_ibs(split: str, fold: int, oof: pd.DataFrame, train: pd.DataFrame) -> 
     return row
 
 
-def _calibration_and_km(first: dict[int, tuple[pd.DataFrame, pd.DataFrame]], horizon: float,
-                        n_groups: int) -> dict[str, Any]:
+def _calibration_and_km(
+    first: dict[int, tuple[pd.DataFrame, pd.DataFrame]], horizon: float, n_groups: int
+) -> dict[str, Any]:
     """Calibration at ``horizon`` and risk-group KM of the pooled folds of one split."""
     probs, groups, frames = [], [], []
     for _, (oof, train) in sorted(first.items()):
-        s = breslow_survival(train["risk"].to_numpy(float), train["time"].to_numpy(float),
-                             train["event"].to_numpy(int), oof["risk"].to_numpy(float), [horizon])
+        s = breslow_survival(
+            train["risk"].to_numpy(float),
+            train["time"].to_numpy(float),
+            train["event"].to_numpy(int),
+            oof["risk"].to_numpy(float),
+            [horizon],
+        )
         probs.append(1.0 - s[:, 0])
         groups.append(risk_groups(train["risk"].to_numpy(float), oof["risk"].to_numpy(float)))
         frames.append(oof)
     pooled = pd.concat(frames, ignore_index=True)
     p, grp = np.concatenate(probs), np.concatenate(groups)
     t, e = pooled["time"].to_numpy(float), pooled["event"].to_numpy(int)
-    out: dict[str, Any] = {"calibration": {
-        "groups": clean(calibration_at(horizon, p, t, e, n_groups=n_groups)),
-        "overall": clean(calibration_at(horizon, p, t, e, n_groups=1))[0],
-    }}
+    out: dict[str, Any] = {
+        "calibration": {
+            "groups": clean(calibration_at(horizon, p, t, e, n_groups=n_groups)),
+            "overall": clean(calibration_at(horizon, p, t, e, n_groups=1))[0],
+        }
+    }
     if len(np.unique(grp)) < 2:
         out["km"] = {"status": "undefined", "reason": "every case falls in one risk group"}
     else:
@@ -435,42 +534,58 @@ def identical_groups(records: pd.DataFrame, peer_fits: pd.DataFrame | None = Non
         for configs in by_print.values():
             if len(configs) > 1:
                 d = [str(g.loc[g["config"] == c, "d"].iloc[0]) for c in configs]
-                out.append({"group": group, "configs": configs, "d": d, "shown": configs[0],
-                            "reason": _identical_reason(configs, d, peer_fits,
-                                                        g.loc[g["config"].isin(configs), "c_index"])})
+                out.append(
+                    {
+                        "group": group,
+                        "configs": configs,
+                        "d": d,
+                        "shown": configs[0],
+                        "reason": _identical_reason(configs, d, peer_fits, g.loc[g["config"].isin(configs), "c_index"]),
+                    }
+                )
     return out
 
 
 def _fingerprint(rows: pd.DataFrame) -> tuple:
     r = rows.sort_values(["split", "protocol", "fold"])
-    return tuple((s, p, int(k), bool(done), *(round(float(v), 12) if finite(v) else None for v in (c, a)))
-                 for s, p, k, done, c, a in r[["split", "protocol", "fold", "done", "c_index", "auc_1y"]]
-                 .itertuples(index=False))
+    return tuple(
+        (s, p, int(k), bool(done), *(round(float(v), 12) if finite(v) else None for v in (c, a)))
+        for s, p, k, done, c, a in r[["split", "protocol", "fold", "done", "c_index", "auc_1y"]].itertuples(index=False)
+    )
 
 
-def _identical_reason(configs: list[str], d: list[str], peer_fits: pd.DataFrame | None,
-                      c_index: pd.Series | None = None) -> str:
+def _identical_reason(
+    configs: list[str], d: list[str], peer_fits: pd.DataFrame | None, c_index: pd.Series | None = None
+) -> str:
     """Why a group of configurations gave identical results: capped PCA sizes (embedding heads),
     a constant risk (every C-index 0.5), or, when neither is recorded, a plain statement."""
     same = f"d = {', '.join(d)}"
     c = pd.to_numeric(c_index, errors="coerce").dropna() if c_index is not None else pd.Series(dtype=float)
-    unexplained = (f"{same} gave the same C-index and 1-year AUROC on every fold; the runs record nothing "
-                   "that explains it (the projection size made no difference to these predictions)")
+    unexplained = (
+        f"{same} gave the same C-index and 1-year AUROC on every fold; the runs record nothing "
+        "that explains it (the projection size made no difference to these predictions)"
+    )
     if len(c) and bool(np.allclose(c, 0.5)):
-        unexplained = (f"every fold of {same} has C-index 0.500: the predicted risk was constant, so d "
-                       "could not change the ranking")
+        unexplained = (
+            f"every fold of {same} has C-index 0.500: the predicted risk was constant, so d "
+            "could not change the ranking"
+        )
     fits = peer_fits[peer_fits["peer"].isin(configs)] if peer_fits is not None and len(peer_fits) else pd.DataFrame()
     cols = [c for c in fits.columns if c.endswith("_pca_components") and fits[c].notna().any()]
     if fits.empty or not cols:
         return unexplained
-    sizes = {c: [tuple(r) for r in g.sort_values(["split", "fold"])[cols].itertuples(index=False)]
-             for c, g in fits.groupby("peer")}
+    sizes = {
+        c: [tuple(r) for r in g.sort_values(["split", "fold"])[cols].itertuples(index=False)]
+        for c, g in fits.groupby("peer")
+    }
     if len(set(map(tuple, sizes.values()))) != 1:
         return unexplained
     kept = pd.to_numeric(fits[cols].stack(), errors="coerce").dropna().astype(int)
     k = f"{kept.min()}" if kept.min() == kept.max() else f"{kept.min()}-{kept.max()}"
-    return (f"PCA is capped at the training-fold size (n_train - 1): every fold keeps {k} components "
-            f"per encoder whatever d, so {same} fit the same model")
+    return (
+        f"PCA is capped at the training-fold size (n_train - 1): every fold keeps {k} components "
+        f"per encoder whatever d, so {same} fit the same model"
+    )
 
 
 def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRST_SPLIT) -> LearningCurves:
@@ -500,11 +615,17 @@ def learning_curves(curves: pd.DataFrame, cells: pd.DataFrame, split: str = FIRS
         mean = g.groupby("epoch")[cols].mean()
         n = g.groupby("epoch")["fold"].nunique()
         start = cells[(cells["split"] == split) & (cells["config"] == config) & cells["done"].astype(bool)]
-        entry: dict[str, Any] = {"config": config, "x": [0] + [int(e) + 1 for e in mean.index],
-                                 "n_folds": [int(len(start))] + [int(v) for v in n]}
+        entry: dict[str, Any] = {
+            "config": config,
+            "x": [0] + [int(e) + 1 for e in mean.index],
+            "n_folds": [int(len(start))] + [int(v) for v in n],
+        }
         for c in cols:
-            first = float(start[f"start_{c}"].mean()) if f"start_{c}" in start and start[f"start_{c}"].notna().any() \
+            first = (
+                float(start[f"start_{c}"].mean())
+                if f"start_{c}" in start and start[f"start_{c}"].notna().any()
                 else float("nan")
+            )
             entry[c] = [first] + [float(v) for v in mean[c]]
         out.append(entry)
     return {"split": split, "columns": cols, "configs": out}
@@ -521,20 +642,31 @@ def cell_training(cells: pd.DataFrame, curves: pd.DataFrame, records: pd.DataFra
     """
     out = []
     for row in cells[cells["done"].astype(bool)].to_dict("records"):
-        g = curves[(curves["split"] == row["split"]) & (curves["config"] == row["config"])
-                   & (curves["fold"] == row["fold"])].sort_values("epoch")
+        g = curves[
+            (curves["split"] == row["split"]) & (curves["config"] == row["config"]) & (curves["fold"] == row["fold"])
+        ].sort_values("epoch")
         last = g.iloc[-1] if len(g) else pd.Series(dtype=float)
         train_c = g["train_c_index"].dropna() if "train_c_index" in g else pd.Series(dtype=float)
-        rec = records[(records["kind"] == "cnn") & (records["split"] == row["split"])
-                      & (records["config"] == row["config"]) & (records["fold"] == row["fold"])]
-        out.append({
-            "split": row["split"], "config": row["config"], "fold": int(row["fold"]),
-            "epochs_run": row["epochs_run"],
-            "dice_start": float_or_none(row.get("start_val_dice_outer")), "dice_end": float_or_none(last.get("val_dice_outer")),
-            "train_c_start": float_or_none(row.get("start_train_c_index")), "train_c_end": float_or_none(last.get("train_c_index")),
-            "train_c_epochs": len(train_c),
-            **{f"selected_epoch_{p}": _int_or_none(v) for p, v in zip(rec["protocol"], rec["selected_epoch"])},
-        })
+        rec = records[
+            (records["kind"] == "cnn")
+            & (records["split"] == row["split"])
+            & (records["config"] == row["config"])
+            & (records["fold"] == row["fold"])
+        ]
+        out.append(
+            {
+                "split": row["split"],
+                "config": row["config"],
+                "fold": int(row["fold"]),
+                "epochs_run": row["epochs_run"],
+                "dice_start": float_or_none(row.get("start_val_dice_outer")),
+                "dice_end": float_or_none(last.get("val_dice_outer")),
+                "train_c_start": float_or_none(row.get("start_train_c_index")),
+                "train_c_end": float_or_none(last.get("train_c_index")),
+                "train_c_epochs": len(train_c),
+                **{f"selected_epoch_{p}": _int_or_none(v) for p, v in zip(rec["protocol"], rec["selected_epoch"])},
+            }
+        )
     return out
 
 
@@ -565,9 +697,12 @@ def training_summary(cells: list[CellTraining]) -> TrainingSummary:
     return out
 
 
-def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]],
-             oracle_c_index: float | None = None,
-             noise: dict[str, dict[str, Any]] | None = None) -> Headline:
+def headline(
+    t1: dict[str, pd.DataFrame],
+    paired: dict[str, list[dict[str, Any]]],
+    oracle_c_index: float | None = None,
+    noise: dict[str, dict[str, Any]] | None = None,
+) -> Headline:
     """The first screen: Table 1's rows (baseline, best d per embedding set, peers) per
     protocol, unbiased first, each with its paired Δ C-index vs the baseline and 95 % CI.
 
@@ -595,17 +730,30 @@ def headline(t1: dict[str, pd.DataFrame], paired: dict[str, list[dict[str, Any]]
     rows: dict[str, list[dict[str, Any]]] = {}
     for proto in protocols:
         pmap = {r["model"]: r for r in paired.get(proto, [])}
-        rows[proto] = [_headline_row(r, pmap.get(r.get("config")), (noise.get(proto) or {}).get("sd"))
-                       for r in t1[proto].to_dict("records")]
-    training_noise = {p: {"n_seeds": n["n_seeds"], "mean": n["mean"], "sd": n["sd"],
-                          "threshold": NOISE_SD_MULTIPLE * n["sd"]} for p, n in noise.items()}
-    return {"protocols": protocols, "rows": rows, "oracle_c_index": float_or_none(oracle_c_index),
-            "training_noise": training_noise}
+        rows[proto] = [
+            _headline_row(r, pmap.get(r.get("config")), (noise.get(proto) or {}).get("sd"))
+            for r in t1[proto].to_dict("records")
+        ]
+    training_noise = {
+        p: {"n_seeds": n["n_seeds"], "mean": n["mean"], "sd": n["sd"], "threshold": NOISE_SD_MULTIPLE * n["sd"]}
+        for p, n in noise.items()
+    }
+    return {
+        "protocols": protocols,
+        "rows": rows,
+        "oracle_c_index": float_or_none(oracle_c_index),
+        "training_noise": training_noise,
+    }
 
 
 def _headline_row(t: dict[str, Any], p: dict[str, Any] | None, noise_sd: float | None = None) -> dict[str, Any]:
-    row = {"group": t["group"], "label": group_label(t["group"]), "config": t.get("config"),
-           "d": t.get("d"), "status": t["status"]}
+    row = {
+        "group": t["group"],
+        "label": group_label(t["group"]),
+        "config": t.get("config"),
+        "d": t.get("d"),
+        "status": t["status"],
+    }
     row |= {k: t.get(k) for k in ("c_mean", "c_sd", "c_n", "n_folds", "auc_mean", "auc_sd", "auc_n")}
     if t["group"] == BASELINE:
         return row | {"paired_status": "reference"}
@@ -655,7 +803,8 @@ def _delta_text(r: dict[str, Any]) -> str:
 def _sentence_fm(base: dict[str, Any], rows: dict[str, dict[str, Any]], proto: str) -> str:
     text = f"Under {PROTOCOL_LABELS[proto]} the DeepMTS+DAFT baseline reaches a C-index of {base['c_mean']:.3f}"
     if finite(base.get("auc_mean")):
-        text += f" (1-year AUROC {base['auc_mean']:.3f}, defined in {_count(base.get('auc_n'))} of {_count(base.get('n_folds'))} folds)"
+        defined = f"{_count(base.get('auc_n'))} of {_count(base.get('n_folds'))}"
+        text += f" (1-year AUROC {base['auc_mean']:.3f}, defined in {defined} folds)"
     fm = [rows[g] for g in table1_cnn()[1:] if g in rows and rows[g].get("paired_status") == "done"]
     if not fm:
         return text + "; no configuration with FM embeddings has a paired comparison yet."
@@ -668,21 +817,30 @@ def _sentence_noise(rows: dict[str, dict[str, Any]], noise: dict[str, Any] | Non
     rows' headline Δ lies within it; empty when the noise is not measured."""
     if not noise:
         return ""
-    text = (f"Over {noise['n_seeds']} training seeds the baseline's fold-mean C-index is {noise['mean']:.3f} "
-            f"± {noise['sd']:.3f} (SD over seeds: its training noise)")
+    text = (
+        f"Over {noise['n_seeds']} training seeds the baseline's fold-mean C-index is {noise['mean']:.3f} "
+        f"± {noise['sd']:.3f} (SD over seeds: its training noise)"
+    )
     fm = [rows[g] for g in table1_cnn()[1:] if g in rows and rows[g].get("within_baseline_noise") is not None]
     if not fm:
         return text + "; no FM configuration has a paired Δ to hold against it yet."
 
     def names(within: bool) -> str:
-        return ", ".join(f"{embedding_set(r['group']).label} (d = {r['d']}, {r['delta']:+.3f})"
-                         for r in fm if r["within_baseline_noise"] == within)
+        return ", ".join(
+            f"{embedding_set(r['group']).label} (d = {r['d']}, {r['delta']:+.3f})"
+            for r in fm
+            if r["within_baseline_noise"] == within
+        )
 
-    parts = [f"{side} it for {names(within)}" for side, within in (("within", True), ("beyond", False))
-             if names(within)]
-    return (text + f"; by the rule |Δ| ≤ {NOISE_SD_MULTIPLE:g} × SD = {noise['threshold']:.3f}, the Δ above lies "
-            + " and ".join(parts)
-            + " (\"Training noise\" repeats each Δ over the baseline's seeds, its CI holding their variance).")
+    parts = [
+        f"{side} it for {names(within)}" for side, within in (("within", True), ("beyond", False)) if names(within)
+    ]
+    return (
+        text
+        + f"; by the rule |Δ| ≤ {NOISE_SD_MULTIPLE:g} × SD = {noise['threshold']:.3f}, the Δ above lies "
+        + " and ".join(parts)
+        + ' ("Training noise" repeats each Δ over the baseline\'s seeds, its CI holding their variance).'
+    )
 
 
 def _count(x: Any) -> str:
@@ -695,9 +853,11 @@ def _sentence_peers(rows: dict[str, dict[str, Any]], oracle: float | None) -> st
     parts = []
     if peers:
         lo, hi = min(peers, key=lambda r: r["c_mean"]), max(peers, key=lambda r: r["c_mean"])
-        parts.append(f"the classical peers reach {lo['c_mean']:.3f} ({_peer_name(lo)}) to "
-                     f"{hi['c_mean']:.3f} ({_peer_name(hi)})" if lo is not hi
-                     else f"the classical peer reaches {lo['c_mean']:.3f} ({_peer_name(lo)})")
+        parts.append(
+            f"the classical peers reach {lo['c_mean']:.3f} ({_peer_name(lo)}) to {hi['c_mean']:.3f} ({_peer_name(hi)})"
+            if lo is not hi
+            else f"the classical peer reaches {lo['c_mean']:.3f} ({_peer_name(lo)})"
+        )
     if finite(oracle):
         parts.append(f"the true risk of this synthetic cohort would reach {oracle:.3f}")
     if not parts:
@@ -720,25 +880,37 @@ def _row_name(row: dict[str, Any]) -> str:
 def _caveats(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> list[str]:
     out = []
     if facts.get("random_init"):
-        out.append("the encoders are randomly initialised, so the FM rows test the pipeline and say nothing "
-                   "about CT-FM or PET-FM")
+        out.append(
+            "the encoders are randomly initialised, so the FM rows test the pipeline and say nothing "
+            "about CT-FM or PET-FM"
+        )
     if facts.get("synthetic"):
         out.append("the cohort is synthetic, not HECKTOR 2022")
     n_folds, n_cases, n_events = facts.get("n_folds"), facts.get("n_cases"), facts.get("n_events")
     if n_folds and n_cases and n_events is not None and n_events / n_folds < 50:
         sd = facts.get("baseline_sd")
-        out.append(f"a held-out fold has about {n_cases / n_folds:.0f} cases and {n_events / n_folds:.0f} events, "
-                   "too few for a precise C-index" + (f" (fold SD of the baseline {sd:.3f})" if finite(sd) else ""))
+        out.append(
+            f"a held-out fold has about {n_cases / n_folds:.0f} cases and {n_events / n_folds:.0f} events, "
+            "too few for a precise C-index" + (f" (fold SD of the baseline {sd:.3f})" if finite(sd) else "")
+        )
     done = [r for r in rows.values() if r.get("paired_status") == "done"]
     if done:
-        outside = [f"{_row_name(r)} ({'below' if r['delta'] < 0 else 'above'} the baseline)"
-                   for r in done if not r["ci_low"] <= 0 <= r["ci_high"]]
-        out.append("every difference from the baseline lies inside its 95 % CI, so none is resolved" if not outside
-                   else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}"
-                   + (", but against a baseline that barely trained" if facts.get("baseline_barely_trained") else ""))
+        outside = [
+            f"{_row_name(r)} ({'below' if r['delta'] < 0 else 'above'} the baseline)"
+            for r in done
+            if not r["ci_low"] <= 0 <= r["ci_high"]
+        ]
+        out.append(
+            "every difference from the baseline lies inside its 95 % CI, so none is resolved"
+            if not outside
+            else f"the 95 % CI of the difference from the baseline excludes 0 only for {', '.join(outside)}"
+            + (", but against a baseline that barely trained" if facts.get("baseline_barely_trained") else "")
+        )
     if facts.get("baseline_barely_trained"):
-        out.append("the baseline barely trained (" + _baseline_training_text(facts) + "), so a difference from it "
-                   "says little about what the embeddings add; train longer before reading the Δ column")
+        out.append(
+            "the baseline barely trained (" + _baseline_training_text(facts) + "), so a difference from it "
+            "says little about what the embeddings add; train longer before reading the Δ column"
+        )
     return out
 
 
@@ -759,25 +931,47 @@ def analyses_run(spec: StudySpec) -> list[AnalysisRun]:
     cv_all = [s for s in spec.splits() if s != LOCO]
     cv_cnn = [s for s in cnn if s != LOCO]
     return [
-        {"analysis": f"cross-validation ({spec.n_folds} folds), repeats", "cnn": cv_cnn,
-         "peers": cv_all if peers else []},
-        {"analysis": "leave-one-centre-out", "cnn": [LOCO] if LOCO in cnn else [],
-         "peers": [LOCO] if LOCO in spec.splits() and peers else []},
+        {
+            "analysis": f"cross-validation ({spec.n_folds} folds), repeats",
+            "cnn": cv_cnn,
+            "peers": cv_all if peers else [],
+        },
+        {
+            "analysis": "leave-one-centre-out",
+            "cnn": [LOCO] if LOCO in cnn else [],
+            "peers": [LOCO] if LOCO in spec.splits() and peers else [],
+        },
         {"analysis": "paired comparisons vs CNN baseline", "cnn": cv_cnn, "peers": cv_cnn if peers else []},
         {"analysis": "peers vs clinical Cox (paired)", "cnn": [], "peers": cv_all if "clinical-cox" in peers else []},
-        {"analysis": "IBS (every CV fold), calibration and KM risk groups (cv0)", "cnn": cv_cnn,
-         "peers": cv_all if peers else []},
-    ] + ([{"analysis": f"training noise: {spec.seeds} training seeds of "
-                       + ", ".join(c.name for c in spec.seed_configurations()),
-           "cnn": [FIRST_SPLIT], "peers": []}] if spec.seed_configurations() else [])
+        {
+            "analysis": "IBS (every CV fold), calibration and KM risk groups (cv0)",
+            "cnn": cv_cnn,
+            "peers": cv_all if peers else [],
+        },
+    ] + (
+        [
+            {
+                "analysis": f"training noise: {spec.seeds} training seeds of "
+                + ", ".join(c.name for c in spec.seed_configurations()),
+                "cnn": [FIRST_SPLIT],
+                "peers": [],
+            }
+        ]
+        if spec.seed_configurations()
+        else []
+    )
 
 
 def study_facts(study: StudyRecord) -> Facts:
     """What the headline sentences and the stamp need from ``study.json``."""
     spec, cohort, info = study.get("spec", {}), study.get("cohort", {}), study.get("info", {})
-    return {"random_init": bool((study.get("embeddings") or {}).get("random_init")),
-            "synthetic": bool(info.get("synthetic")), "n_cases": cohort.get("n_cases"),
-            "n_events": cohort.get("n_events"), "n_folds": spec.get("n_folds")}
+    return {
+        "random_init": bool((study.get("embeddings") or {}).get("random_init")),
+        "synthetic": bool(info.get("synthetic")),
+        "n_cases": cohort.get("n_cases"),
+        "n_events": cohort.get("n_events"),
+        "n_folds": spec.get("n_folds"),
+    }
 
 
 #: A baseline whose mean train C-index ended below this, or that ran fewer optimiser steps
@@ -799,14 +993,17 @@ def baseline_training(cells: list[CellTraining], train: dict[str, Any]) -> Facts
     steps = [int(c["epochs_run"]) * int(per_epoch) for c in base if finite(c.get("epochs_run")) and finite(per_epoch)]
     train_c = float(np.mean(c_end)) if c_end else None
     fewest = min(steps) if steps else None
-    barely = (train_c is not None and train_c < MIN_BASELINE_TRAIN_C) or (fewest is not None and fewest < MIN_BASELINE_STEPS)
+    barely = (train_c is not None and train_c < MIN_BASELINE_TRAIN_C) or (
+        fewest is not None and fewest < MIN_BASELINE_STEPS
+    )
     return {"baseline_train_c": train_c, "baseline_steps": fewest, "baseline_barely_trained": bool(barely)}
 
 
 def stamp_text(facts: Facts) -> str | None:
     """The warning every figure carries, or None for pretrained encoders on real data."""
-    parts = (["RANDOM-INIT ENCODERS"] if facts.get("random_init") else []) + \
-        (["SYNTHETIC COHORT"] if facts.get("synthetic") else [])
+    parts = (["RANDOM-INIT ENCODERS"] if facts.get("random_init") else []) + (
+        ["SYNTHETIC COHORT"] if facts.get("synthetic") else []
+    )
     return " + ".join(parts) + ": tests the pipeline, not the foundation models" if parts else None
 
 
@@ -816,22 +1013,39 @@ def settings_rows(spec: StudySpec, study: StudyRecord) -> list[list[str]]:
     oracle = info.get("oracle_c_index")
     return [
         ["data source", str(info.get("data_source", spec.manifest))],
-        ["cases / events", f"{cohort['n_cases']} / {cohort['n_events']} "
-                           f"({100 * cohort['n_events'] / max(1, cohort['n_cases']):.0f} % events), "
-                           f"{cohort.get('n_centres', '?')} centre(s)"],
-        ["oracle C-index (true risk of the synthetic cohort)",
-         f"{oracle:.3f}" if finite(oracle) else "n/a (no truth file)"],
-        ["embeddings", "none" if not emb else
-         f"{emb['path']} (sha256 {emb['sha256'][:16]}…; "
-         + ", ".join(f"{m}: {a.get('encoder', '?')}, weights {str(a.get('weights_sha256', '?'))[:16]}"
-                     for m, a in emb.get("modalities", {}).items()) + ")"],
+        [
+            "cases / events",
+            f"{cohort['n_cases']} / {cohort['n_events']} "
+            f"({100 * cohort['n_events'] / max(1, cohort['n_cases']):.0f} % events), "
+            f"{cohort.get('n_centres', '?')} centre(s)",
+        ],
+        [
+            "oracle C-index (true risk of the synthetic cohort)",
+            f"{oracle:.3f}" if finite(oracle) else "n/a (no truth file)",
+        ],
+        [
+            "embeddings",
+            "none"
+            if not emb
+            else f"{emb['path']} (sha256 {emb['sha256'][:16]}…; "
+            + ", ".join(
+                f"{m}: {a.get('encoder', '?')}, weights {str(a.get('weights_sha256', '?'))[:16]}"
+                for m, a in emb.get("modalities", {}).items()
+            )
+            + ")",
+        ],
         ["FM weights", "RANDOM-INIT (demo)" if emb.get("random_init") else ("pretrained" if emb else "-")],
         ["settings", str(info.get("settings", "paper"))],
         ["survival input (D, H, W)", str(tuple(cohort.get("survival_input_size_dhw", [])))],
-        ["CV", f"{spec.n_folds} folds, stratified by event and RFS quartile, seed {spec.folds_seed}; "
-               "identical folds for every configuration"],
-        ["training options (non-default)",
-         ", ".join(f"{k}={v}" for k, v in sorted(spec.train.items())) or "paper defaults"],
+        [
+            "CV",
+            f"{spec.n_folds} folds, stratified by event and RFS quartile, seed {spec.folds_seed}; "
+            "identical folds for every configuration",
+        ],
+        [
+            "training options (non-default)",
+            ", ".join(f"{k}={v}" for k, v in sorted(spec.train.items())) or "paper defaults",
+        ],
     ]
 
 
@@ -845,8 +1059,10 @@ def provenance_rows(spec: StudySpec, study: StudyRecord) -> list[list[str | None
         ["manifest", spec.manifest],
         ["preprocessed cache", f"{spec.cache_root} (params hash {study.get('cache_params_hash')})"],
         ["embeddings sha256", emb.get("sha256", "-")],
-        ["embeddings attributes", ", ".join(f"{k}={v}" for k, v in sorted(emb.get("attrs", {}).items())
-                                            if k not in ("created",)) or "-"],
+        [
+            "embeddings attributes",
+            ", ".join(f"{k}={v}" for k, v in sorted(emb.get("attrs", {}).items()) if k not in ("created",)) or "-",
+        ],
         ["folds hash", study.get("folds_hash")],
         ["case set sha256", cohort.get("case_set_sha256")],
         ["generated", utc_now()],
@@ -872,8 +1088,14 @@ def undefined_metrics(records: pd.DataFrame) -> list[UndefinedMetric]:
     for metric in ("c_index", "auc_1y"):
         bad = done[~done[metric].map(finite)]
         reasons = bad[f"{metric}_reason"].map(lambda r: r if isinstance(r, str) and r else "unknown")
-        out.append({"metric": metric, "n_results": len(done), "n_undefined": len(bad),
-                    "reasons": {str(k): int(v) for k, v in reasons.value_counts().items()}})
+        out.append(
+            {
+                "metric": metric,
+                "n_results": len(done),
+                "n_undefined": len(bad),
+                "reasons": {str(k): int(v) for k, v in reasons.value_counts().items()},
+            }
+        )
     return out
 
 
@@ -884,9 +1106,12 @@ def compute_summary(records: pd.DataFrame) -> ComputeSummary:
     cnn, peers = records[records["kind"] == "cnn"], records[records["kind"] == "peer"]
     secs = pd.to_numeric(cnn.drop_duplicates(["split", "config", "fold"])["seconds"], errors="coerce").dropna()
     peer = pd.to_numeric(peers.drop_duplicates(["split", "config", "fold"])["seconds"], errors="coerce").dropna()
-    return {"n_cnn_cells": int(len(secs)), "cnn_minutes": float(secs.sum() / 60) if len(secs) else None,
-            "median_cell_seconds": float(secs.median()) if len(secs) else None,
-            "peer_minutes": float(peer.sum() / 60)}
+    return {
+        "n_cnn_cells": int(len(secs)),
+        "cnn_minutes": float(secs.sum() / 60) if len(secs) else None,
+        "median_cell_seconds": float(secs.median()) if len(secs) else None,
+        "peer_minutes": float(peer.sum() / 60),
+    }
 
 
 def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
@@ -926,23 +1151,38 @@ def analyse(data: StudyData, *, n_boot: int = N_BOOT) -> Results:
     head = headline(t1, paired, study.get("info", {}).get("oracle_c_index"), noise)
     head["sentences"] = headline_sentences(head, facts)
     centres = loco_centre_table(data.folds, data.survival, data.centres)
-    survival = [survival_analysis(data.predictions, m, sel, cv, spec.n_folds)
-                for m in selected_models(data.models, t1[sel])]
+    survival = [
+        survival_analysis(data.predictions, m, sel, cv, spec.n_folds) for m in selected_models(data.models, t1[sel])
+    ]
     n_done = int(data.cells["done"].sum()) if len(data.cells) else 0
     return Results(
-        schema=RESULTS_SCHEMA, generated=utc_now(), report_code_version=code_version(), study=study,
-        cells=CellCount(total=len(grid(spec)), done=n_done), protocols=protocols,
-        protocol_labels=PROTOCOL_LABELS, n_boot=n_boot, facts=facts, stamp=stamp_text(facts),
-        settings=settings_rows(spec, study), provenance=provenance_rows(spec, study),
-        analyses=analyses_run(spec), headline=head, summary=summary, table1=t1,
+        schema=RESULTS_SCHEMA,
+        generated=utc_now(),
+        report_code_version=code_version(),
+        study=study,
+        cells=CellCount(total=len(grid(spec)), done=n_done),
+        protocols=protocols,
+        protocol_labels=PROTOCOL_LABELS,
+        n_boot=n_boot,
+        facts=facts,
+        stamp=stamp_text(facts),
+        settings=settings_rows(spec, study),
+        provenance=provenance_rows(spec, study),
+        analyses=analyses_run(spec),
+        headline=head,
+        summary=summary,
+        table1=t1,
         identical=identical_groups(records, data.peer_fits),
-        paired_vs_baseline=paired, paired_vs_clinical_cox=vs_clinical,
+        paired_vs_baseline=paired,
+        paired_vs_clinical_cox=vs_clinical,
         loco=loco_results(records, data.predictions, centres, data.models, protocols),
         survival=SurvivalSection(protocol=sel, horizon_days=ONE_YEAR_DAYS, models=survival),
-        training=TrainingSection(curves=learning_curves(curves0, cells0), cells=cells,
-                                 summary=training_summary(cells)),
-        compute=compute_summary(records), undefined=undefined_metrics(records), records=records,
-        environment=data.environments, seeds=seeds,
+        training=TrainingSection(curves=learning_curves(curves0, cells0), cells=cells, summary=training_summary(cells)),
+        compute=compute_summary(records),
+        undefined=undefined_metrics(records),
+        records=records,
+        environment=data.environments,
+        seeds=seeds,
         selection=selection_section(data.curves, data.cells, int(spec.train.get("select_from_epoch", 0))),
     )
 
@@ -964,16 +1204,25 @@ def seeds_section(data: StudyData, protocols: Sequence[str], n_boot: int = N_BOO
         ``within_baseline_noise`` (:func:`pipeline.report.noise.within_training_noise`).
     """
     spec = data.spec
-    out: dict[str, Any] = {"n_seeds": int(spec.seeds), "seed_configs": [c.name for c in spec.seed_configurations()],
-                           "noise_rule": NOISE_RULE, "noise_sd_multiple": NOISE_SD_MULTIPLE,
-                           "noise": seed_noise(data.seed_records, spec.n_folds), "paired_vs_baseline": {}}
+    out: dict[str, Any] = {
+        "n_seeds": int(spec.seeds),
+        "seed_configs": [c.name for c in spec.seed_configurations()],
+        "noise_rule": NOISE_RULE,
+        "noise_sd_multiple": NOISE_SD_MULTIPLE,
+        "noise": seed_noise(data.seed_records, spec.n_folds),
+        "paired_vs_baseline": {},
+    }
     by_name = {m.name: m for m in data.models}
     if data.seed_predictions.empty or BASELINE not in by_name:
         return out
     # Every seed of the configurations trained with several, seed 0 of the others.
     seeded = set(data.seed_predictions["model"])
-    first = data.predictions[(data.predictions["split"] == FIRST_SPLIT) & (data.predictions["role"] == "oof")
-                             & (data.predictions["kind"] == "cnn") & ~data.predictions["model"].isin(seeded)]
+    first = data.predictions[
+        (data.predictions["split"] == FIRST_SPLIT)
+        & (data.predictions["role"] == "oof")
+        & (data.predictions["kind"] == "cnn")
+        & ~data.predictions["model"].isin(seeded)
+    ]
     frame = pd.concat([data.seed_predictions, first.assign(seed=0)], ignore_index=True)
     base_sd = {r["protocol"]: r["sd"] for r in out["noise"] if r["config"] == BASELINE}
     for proto in protocols:
@@ -989,5 +1238,8 @@ def selection_section(curves: pd.DataFrame, cells: pd.DataFrame, select_from_epo
     """The checkpoint-selection rule and how often a tie decided it (``results.json["selection"]``):
     ``{"rule", "select_from_epoch", "ties": {protocol: {"n_cells", "n_ties", "cells"}}}`` over
     every finished cell of the study, every seed included (:func:`pipeline.report.noise.selection_ties`)."""
-    return {"rule": TIE_RULE, "select_from_epoch": select_from_epoch,
-            "ties": selection_ties(curves, cells, select_from_epoch)}
+    return {
+        "rule": TIE_RULE,
+        "select_from_epoch": select_from_epoch,
+        "ties": selection_ties(curves, cells, select_from_epoch),
+    }

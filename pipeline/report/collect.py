@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,8 +58,11 @@ def study_models(spec: StudySpec) -> list[ModelRef]:
     """The CNN configurations, then the peers, as :class:`ModelRef`."""
     out = []
     for c in spec.configurations():
-        label = "DeepMTS+DAFT baseline" if c.embedding_set is None else \
-            f"DeepMTS+DAFT + {embedding_set(c.embedding_set).label}, d = {c.d_label}"
+        label = (
+            "DeepMTS+DAFT baseline"
+            if c.embedding_set is None
+            else f"DeepMTS+DAFT + {embedding_set(c.embedding_set).label}, d = {c.d_label}"
+        )
         out.append(ModelRef(c.name, "cnn", label))
     out += [ModelRef(p.name, "peer", p.label) for p in spec.peer_list()]
     return out
@@ -122,13 +126,22 @@ def collect_study(study_dir: str | os.PathLike) -> StudyData:
     records = pd.DataFrame(cnn.to_dict("records") + peers.to_dict("records"))
     models = study_models(spec)
     curves, cells = collect_training(spec)
-    return StudyData(spec=spec, study=study, records=records, predictions=collect_predictions(spec, models),
-                     folds=folds, survival=survival, curves=curves, cells=cells,
-                     peer_fits=collect_peer_fits(spec), models=models,
-                     centres=loco_centres(spec) if (folds["split"] == LOCO).any() else [],
-                     environments=collect_environments(spec),
-                     seed_records=collect_seed_records(spec, survival=survival, folds=folds),
-                     seed_predictions=collect_seed_predictions(spec, models))
+    return StudyData(
+        spec=spec,
+        study=study,
+        records=records,
+        predictions=collect_predictions(spec, models),
+        folds=folds,
+        survival=survival,
+        curves=curves,
+        cells=cells,
+        peer_fits=collect_peer_fits(spec),
+        models=models,
+        centres=loco_centres(spec) if (folds["split"] == LOCO).any() else [],
+        environments=collect_environments(spec),
+        seed_records=collect_seed_records(spec, survival=survival, folds=folds),
+        seed_predictions=collect_seed_predictions(spec, models),
+    )
 
 
 def primary_cells(spec: StudySpec) -> list[Cell]:
@@ -170,8 +183,10 @@ def collect_environments(spec: StudySpec) -> list[dict[str, Any]]:
 def read_survival(spec: StudySpec) -> pd.DataFrame:
     """``time, event`` indexed by ``case_id``: the manifest's cases with an endpoint."""
     m = survival_cases(read_manifest(spec.manifest))
-    return pd.DataFrame({"time": m["rfs_days"].astype(float).to_numpy(), "event": m["relapse"].astype(int).to_numpy()},
-                        index=pd.Index(m["case_id"].astype(str), name="case_id"))
+    return pd.DataFrame(
+        {"time": m["rfs_days"].astype(float).to_numpy(), "event": m["relapse"].astype(int).to_numpy()},
+        index=pd.Index(m["case_id"].astype(str), name="case_id"),
+    )
 
 
 def read_folds(spec: StudySpec) -> pd.DataFrame:
@@ -181,8 +196,15 @@ def read_folds(spec: StudySpec) -> pd.DataFrame:
         path = spec.folds_path_of(split)
         if path.is_file():
             f = load_folds(path)
-            frames.append(pd.DataFrame({"split": split, "fold": f["fold"].astype(int).to_numpy(),
-                                        "case_id": f["case_id"].astype(str).to_numpy()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "split": split,
+                        "fold": f["fold"].astype(int).to_numpy(),
+                        "case_id": f["case_id"].astype(str).to_numpy(),
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["split", "fold", "case_id"])
 
 
@@ -214,8 +236,9 @@ def _cell_records(spec: StudySpec, cell: Cell) -> tuple[bool, dict[str, Any], di
     return done, rec, info
 
 
-def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
-                    folds: pd.DataFrame | None = None) -> pd.DataFrame:
+def collect_records(
+    spec: StudySpec, *, survival: pd.DataFrame | None = None, folds: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One row per CNN cell x protocol from the finished cells; pending cells give NaN rows.
 
     Covers every split the CNN trains on, with the study's own training seed (seed index 0;
@@ -235,8 +258,9 @@ def collect_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
     return pd.DataFrame([row for cell in primary_cells(spec) for row in _record_rows(spec, cell, survival, folds)])
 
 
-def collect_seed_records(spec: StudySpec, *, survival: pd.DataFrame | None = None,
-                         folds: pd.DataFrame | None = None) -> pd.DataFrame:
+def collect_seed_records(
+    spec: StudySpec, *, survival: pd.DataFrame | None = None, folds: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """:func:`collect_records` rows of every training seed of the configurations trained with
     several seeds (``cv0`` only, seed 0 included), with a ``seed`` column; empty without."""
     cells = seed_cells(spec)
@@ -244,14 +268,21 @@ def collect_seed_records(spec: StudySpec, *, survival: pd.DataFrame | None = Non
         return pd.DataFrame()
     survival = read_survival(spec) if survival is None else survival
     folds = read_folds(spec) if folds is None else folds
-    return pd.DataFrame([row | {"seed": cell.seed} for cell in cells
-                         for row in _record_rows(spec, cell, survival, folds)])
+    return pd.DataFrame(
+        [row | {"seed": cell.seed} for cell in cells for row in _record_rows(spec, cell, survival, folds)]
+    )
 
 
 def _record_rows(spec: StudySpec, cell: Cell, survival: pd.DataFrame, folds: pd.DataFrame) -> list[dict[str, Any]]:
     """The rows of one CNN cell, one per protocol (see :func:`collect_records`)."""
-    base = {"split": cell.split, "kind": "cnn", "config": cell.config.name,
-            "group": cell.config.group, "d": cell.config.d_label, "fold": cell.fold}
+    base = {
+        "split": cell.split,
+        "kind": "cnn",
+        "config": cell.config.name,
+        "group": cell.config.group,
+        "d": cell.config.d_label,
+        "fold": cell.fold,
+    }
     done, rec, info = _cell_records(spec, cell)
     rows = []
     for proto in PROTOCOLS:
@@ -263,14 +294,24 @@ def _record_rows(spec: StudySpec, cell: Cell, survival: pd.DataFrame, folds: pd.
         reason = None
         if done and math.isnan(c):
             reason = res.get("c_index_undefined_reason") or c_undefined_reason(
-                held_out(folds, survival, cell.split, cell.fold))
-        rows.append(base | {
-            "protocol": proto, "done": done, "c_index": c, "c_index_reason": reason,
-            "auc_1y": as_float(res.get("auc_1y")), "auc_1y_reason": res.get("auc_1y_undefined_reason"),
-            "selection_c_index": as_float(res.get("selection_c_index")),
-            "selected_epoch": res.get("selected_epoch"), "val_dice": as_float(res.get("val_dice")),
-            "epochs_run": rec.get("epochs_run"), "seconds": info.get("seconds"),
-        })
+                held_out(folds, survival, cell.split, cell.fold)
+            )
+        rows.append(
+            base
+            | {
+                "protocol": proto,
+                "done": done,
+                "c_index": c,
+                "c_index_reason": reason,
+                "auc_1y": as_float(res.get("auc_1y")),
+                "auc_1y_reason": res.get("auc_1y_undefined_reason"),
+                "selection_c_index": as_float(res.get("selection_c_index")),
+                "selected_epoch": res.get("selected_epoch"),
+                "val_dice": as_float(res.get("val_dice")),
+                "epochs_run": rec.get("epochs_run"),
+                "seconds": info.get("seconds"),
+            }
+        )
     return rows
 
 
@@ -293,20 +334,33 @@ def collect_peer_records(spec: StudySpec, protocols: Sequence[str] = ("paper", "
             per_fold = {int(r["fold"]): r for r in summ.get("per_fold", [])}
             fits = {int(r["fold"]): r for r in summ.get("fit", [])}
             seconds = read_json(layout.marker).get("seconds") if done else None
-            base = {"split": split, "kind": "peer", "config": peer.name,
-                    "group": peer.group,
-                    "d": proj_label(peer.proj) if peer.kind == "embeddings" else "-"}
+            base = {
+                "split": split,
+                "kind": "peer",
+                "config": peer.name,
+                "group": peer.group,
+                "d": proj_label(peer.proj) if peer.kind == "embeddings" else "-",
+            }
             for k in range(n_folds):
                 r, f = per_fold.get(k, {}), fits.get(k, {})
                 for proto in protocols:
-                    rows.append(base | {
-                        "fold": k, "protocol": proto, "done": done and bool(r),
-                        "c_index": as_float(r.get("c_index")), "c_index_reason": r.get("c_index_reason"),
-                        "auc_1y": as_float(r.get("auroc")), "auc_1y_reason": r.get("auroc_reason"),
-                        "selection_c_index": as_float(f.get("inner_c_index")), "selected_epoch": None,
-                        "val_dice": float("nan"), "epochs_run": None,
-                        "seconds": seconds / n_folds if seconds else None,
-                    })
+                    rows.append(
+                        base
+                        | {
+                            "fold": k,
+                            "protocol": proto,
+                            "done": done and bool(r),
+                            "c_index": as_float(r.get("c_index")),
+                            "c_index_reason": r.get("c_index_reason"),
+                            "auc_1y": as_float(r.get("auroc")),
+                            "auc_1y_reason": r.get("auroc_reason"),
+                            "selection_c_index": as_float(f.get("inner_c_index")),
+                            "selected_epoch": None,
+                            "val_dice": float("nan"),
+                            "epochs_run": None,
+                            "seconds": seconds / n_folds if seconds else None,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -319,7 +373,7 @@ def collect_predictions(spec: StudySpec, models: Sequence[ModelRef]) -> pd.DataF
     """
     frames = []
     for m in models:
-        for split in (spec.cnn_splits() if m.kind == "cnn" else spec.splits()):
+        for split in spec.cnn_splits() if m.kind == "cnn" else spec.splits():
             frames += _cnn_predictions(spec, m, split) if m.kind == "cnn" else _peer_predictions(spec, m, split)
     if not frames:
         return pd.DataFrame(columns=PRED_COLUMNS)
@@ -335,9 +389,14 @@ def collect_seed_predictions(spec: StudySpec, models: Sequence[ModelRef]) -> pd.
     """Held-out risks (``role = oof``) of every training seed of the configurations trained
     with several seeds, on ``cv0``: :data:`PRED_COLUMNS` + ``seed``; empty without."""
     names = {c.name for c in spec.seed_configurations()}
-    frames = [f.assign(seed=s) for m in models if m.name in names
-              for s in spec.seed_indices(Configuration.from_name(m.name))
-              for f in _cnn_predictions(spec, m, FIRST_SPLIT, s) if (f["role"] == "oof").all()]
+    frames = [
+        f.assign(seed=s)
+        for m in models
+        if m.name in names
+        for s in spec.seed_indices(Configuration.from_name(m.name))
+        for f in _cnn_predictions(spec, m, FIRST_SPLIT, s)
+        if (f["role"] == "oof").all()
+    ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*PRED_COLUMNS, "seed"])
 
 
@@ -362,11 +421,13 @@ def _peer_predictions(spec: StudySpec, model: ModelRef, split: str) -> list[pd.D
     if not peer_done(spec, peer, split):
         return []
     layout = PeerRunLayout(spec.peer_dir(peer, split))
-    frames = [_pred_frame(pd.read_csv(layout.oof_predictions, dtype={"case_id": str}),
-                          model, split, "oof", protocol="fit")]
+    frames = [
+        _pred_frame(pd.read_csv(layout.oof_predictions, dtype={"case_id": str}), model, split, "oof", protocol="fit")
+    ]
     if layout.train_risk.is_file():
-        frames.append(_pred_frame(pd.read_csv(layout.train_risk, dtype={"case_id": str}),
-                                  model, split, "train", protocol="fit"))
+        frames.append(
+            _pred_frame(pd.read_csv(layout.train_risk, dtype={"case_id": str}), model, split, "train", protocol="fit")
+        )
     return frames
 
 
@@ -397,8 +458,11 @@ def collect_training(spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
         curves_path = cell_layout(spec, cell).curves(cell.fold)
         if done and curves_path.is_file():
             curves.append(pd.read_csv(curves_path).assign(**key))
-    curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=["split", "seed", "config", "fold", "epoch"])
+    curve_frame = (
+        pd.concat(curves, ignore_index=True)
+        if curves
+        else pd.DataFrame(columns=["split", "seed", "config", "fold", "epoch"])
+    )
     return curve_frame, pd.DataFrame(cells)
 
 
@@ -410,7 +474,8 @@ def collect_peer_fits(spec: StudySpec) -> pd.DataFrame:
             if not peer_done(spec, peer, split):
                 continue
             for f in read_json(PeerRunLayout(spec.peer_dir(peer, split)).summary).get("fit", []):
-                rows.append({"split": split, "peer": peer.name, "fold": int(f["fold"]), "n_train": f.get("n_train")}
-                            | {k: v for k, v in f.items() if k.endswith("_pca_components")})
+                rows.append(
+                    {"split": split, "peer": peer.name, "fold": int(f["fold"]), "n_train": f.get("n_train")}
+                    | {k: v for k, v in f.items() if k.endswith("_pca_components")}
+                )
     return pd.DataFrame(rows, columns=None if rows else ["split", "peer", "fold", "n_train"])
-

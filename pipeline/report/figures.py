@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,9 +37,14 @@ FIGURE_KM = "figure7_km_risk_groups.png"
 #: The first CV split: its folds are pooled for calibration and risk groups.
 FIRST_SPLIT_TEXT = "first CV split (cv0), its folds pooled"
 D_LABELS = tuple(proj_label(p) for p in PROJ_SIZES)
-CURVE_TITLES = {"dice": "training loss: Dice part", "cox": "training loss: Cox part",
-                "train_c_index": "train C-index (fit rows)", "val_c_index_inner": "validation C-index, inner",
-                "val_c_index_outer": "validation C-index, outer", "val_dice_outer": "validation Dice, outer"}
+CURVE_TITLES = {
+    "dice": "training loss: Dice part",
+    "cox": "training loss: Cox part",
+    "train_c_index": "train C-index (fit rows)",
+    "val_c_index_inner": "validation C-index, inner",
+    "val_c_index_outer": "validation C-index, outer",
+    "val_dice_outer": "validation Dice, outer",
+}
 
 
 def _pyplot():
@@ -75,8 +81,9 @@ def _save(fig, path: str | os.PathLike, text: str | None) -> Path:
     return path
 
 
-def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, title: str,
-                stamp_text: str | None = None) -> Path:
+def plot_figure(
+    summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, title: str, stamp_text: str | None = None
+) -> Path:
     """Grouped bars (CT, PET, CT+PET x d) of mean +- SD, baseline dashed with +- SD band.
 
     One panel per model-selection protocol (unbiased first). Configurations without a
@@ -95,8 +102,9 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
     pre = "c" if metric == "c_index" else "auc"
     summary = summary[summary["kind"] == "cnn"] if "kind" in summary else summary
     protocols = [p for p in PROTOCOL_ORDER if p in set(summary["protocol"])]
-    fig, axes = plt.subplots(1, max(1, len(protocols)), figsize=(6.2 * max(1, len(protocols)), 4.6),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(protocols)), figsize=(6.2 * max(1, len(protocols)), 4.6), sharey=True, squeeze=False
+    )
     colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))
     lows = (summary[f"{pre}_mean"].astype(float) - summary[f"{pre}_sd"].astype(float).fillna(0)).dropna()
     y_low = min(0.5, math.floor(float(lows.min()) * 10) / 10) if len(lows) else 0.5
@@ -105,11 +113,14 @@ def plot_figure(summary: pd.DataFrame, metric: str, path: str | os.PathLike, *, 
         ax.set_title(PROTOCOL_LABELS[proto], fontsize=10)
     shown_d = {c.partition("-d")[2] for c in summary["config"]}
     handles = [Patch(color=colours[j], label=f"d = {d}") for j, d in enumerate(D_LABELS) if d in shown_d]
-    handles += [plt.Line2D([], [], ls="--", color="black", label="baseline mean"),
-                Patch(color="grey", alpha=0.2, label="baseline ± SD")]
+    handles += [
+        plt.Line2D([], [], ls="--", color="black", label="baseline mean"),
+        Patch(color="grey", alpha=0.2, label="baseline ± SD"),
+    ]
     axes[0][0].set_ylabel(f"{METRIC_LABELS[metric]} (mean ± SD over folds)")
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.04), ncol=len(handles), fontsize=8,
-               frameon=False)
+    fig.legend(
+        handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.04), ncol=len(handles), fontsize=8, frameon=False
+    )
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, path, stamp_text)
@@ -133,15 +144,32 @@ def _bars(ax, s: pd.DataFrame, pre: str, y_low: float, colours) -> None:
             x = i + (j - (len(D_LABELS) - 1) / 2) * width
             mean, sd = s.loc[name, f"{pre}_mean"], s.loc[name, f"{pre}_sd"]
             if not finite(mean):
-                ax.text(x, y_low + 0.01, "pending", rotation=90, ha="center", va="bottom", fontsize=7,
-                        color="dimgrey")
+                ax.text(x, y_low + 0.01, "pending", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
                 continue
-            ax.bar(x, float(mean) - y_low, width * 0.92, bottom=y_low, color=colours[j], zorder=2,
-                   yerr=float(sd) if finite(sd) else None, capsize=3, error_kw={"lw": 1})
+            ax.bar(
+                x,
+                float(mean) - y_low,
+                width * 0.92,
+                bottom=y_low,
+                color=colours[j],
+                zorder=2,
+                yerr=float(sd) if finite(sd) else None,
+                capsize=3,
+                error_kw={"lw": 1},
+            )
             n_done, n_folds = int(s.loc[name, "n_done"]), int(s.loc[name, "n_folds"])
             if n_done < n_folds:
-                ax.text(x, y_low + 0.01, f"{n_done}/{n_folds}", ha="center", va="bottom", fontsize=6,
-                        color="white", rotation=90, zorder=4)
+                ax.text(
+                    x,
+                    y_low + 0.01,
+                    f"{n_done}/{n_folds}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    color="white",
+                    rotation=90,
+                    zorder=4,
+                )
     ax.set_xticks(range(len(groups)), [embedding_set(g).label for g in groups])
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_ylim(y_low, 1.0)
@@ -165,8 +193,12 @@ def _titled(analyses: Sequence[dict[str, Any]], identical: Sequence[dict[str, An
     return [(short_label(relabel(a["label"], a["model"], d_merged)), a) for a in analyses]
 
 
-def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike,
-                     stamp_text: str | None = None, identical: Sequence[dict[str, Any]] = ()) -> Path:
+def plot_calibration(
+    analyses: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    stamp_text: str | None = None,
+    identical: Sequence[dict[str, Any]] = (),
+) -> Path:
     """One panel per model: predicted vs KM-observed 1-year event probability (95 % CI)."""
     done = [(t, a) for t, a in _titled(analyses, identical) if a.get("status") == "done"]
     top = calibration_limit([a["calibration"] for _, a in done])
@@ -186,8 +218,11 @@ def plot_calibration(analyses: Sequence[dict[str, Any]], path: str | os.PathLike
         ax.set_xlabel("predicted P(relapse by 1 y)", fontsize=7)
         ax.set_ylabel("observed (1 - KM)", fontsize=7)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration (Breslow baseline of each training fold; "
-                 f"{FIRST_SPLIT_TEXT}; axes 0-{top:g})", fontsize=10)
+    fig.suptitle(
+        f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration (Breslow baseline of each training fold; "
+        f"{FIRST_SPLIT_TEXT}; axes 0-{top:g})",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path, stamp_text)
 
@@ -201,51 +236,72 @@ def calibration_limit(calibrations: Sequence[dict[str, Any]]) -> float:
         g = pd.DataFrame(cal.get("groups") or [])
         if len(g):
             g = g[g["followed_to_horizon"].astype(bool)]
-            values += [float(v) for c in ("pred_mean", "observed", "observed_high") if c in g
-                       for v in g[c] if finite(v)]
-        values += [float(v) for v in (cal.get("overall") or {}).values() if isinstance(v, float) and finite(v)
-                   and 0 <= v <= 1]
+            values += [
+                float(v) for c in ("pred_mean", "observed", "observed_high") if c in g for v in g[c] if finite(v)
+            ]
+        values += [
+            float(v) for v in (cal.get("overall") or {}).values() if isinstance(v, float) and finite(v) and 0 <= v <= 1
+        ]
     if not values:
         return 1.0
     return float(min(1.0, math.ceil(max(values) * 1.1 * 10) / 10))
 
 
-def plot_km(analyses: Sequence[dict[str, Any]], path: str | os.PathLike, stamp_text: str | None = None,
-            identical: Sequence[dict[str, Any]] = ()) -> Path:
+def plot_km(
+    analyses: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    stamp_text: str | None = None,
+    identical: Sequence[dict[str, Any]] = (),
+) -> Path:
     """One panel per model: KM curves of the high / low risk groups with the log-rank p."""
-    done = [(t, a) for t, a in _titled(analyses, identical)
-            if a.get("status") == "done" and a["km"].get("status") == "done"]
+    done = [
+        (t, a) for t, a in _titled(analyses, identical) if a.get("status") == "done" and a["km"].get("status") == "done"
+    ]
     fig, axes = _grid_axes(len(done), height=3.0, sharey=True)
     colours = {"low": "tab:blue", "high": "tab:red"}
     for ax, (title, a) in zip(axes.ravel(), done):
         for name, g in a["km"]["groups"].items():
-            ax.step(g["timeline"], g["survival"], where="post", color=colours.get(name), lw=1.4,
-                    label=f"{name} risk (n={g['n']}, ev={g['events']})")
-            ax.fill_between(g["timeline"], g["ci_low"], g["ci_high"], step="post", alpha=0.15,
-                            color=colours.get(name), lw=0)
+            ax.step(
+                g["timeline"],
+                g["survival"],
+                where="post",
+                color=colours.get(name),
+                lw=1.4,
+                label=f"{name} risk (n={g['n']}, ev={g['events']})",
+            )
+            ax.fill_between(
+                g["timeline"], g["ci_low"], g["ci_high"], step="post", alpha=0.15, color=colours.get(name), lw=0
+            )
         ax.set_title(f"{title}\nlog-rank p = {fmt_p(a['km']['p_value'])}", fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("days", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="lower left", frameon=False)
     axes[0][0].set_ylabel("relapse-free survival", fontsize=7)
-    fig.suptitle(f"{figure_label(FIGURE_KM)}: Kaplan-Meier by risk group (cut-off = training-fold median risk; "
-                 f"{FIRST_SPLIT_TEXT})",
-                 fontsize=10)
+    fig.suptitle(
+        f"{figure_label(FIGURE_KM)}: Kaplan-Meier by risk group (cut-off = training-fold median risk; "
+        f"{FIRST_SPLIT_TEXT})",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path, stamp_text)
 
 
-def plot_paired(paired: dict[str, list[dict[str, Any]]], path: str | os.PathLike,
-                identical: Sequence[dict[str, Any]] = (), stamp_text: str | None = None) -> Path:
+def plot_paired(
+    paired: dict[str, list[dict[str, Any]]],
+    path: str | os.PathLike,
+    identical: Sequence[dict[str, Any]] = (),
+    stamp_text: str | None = None,
+) -> Path:
     """Forest plot: Δ C-index vs the CNN baseline with 95 % bootstrap CI, one panel per protocol."""
     plt = _pyplot()
     hidden, d_merged = merged_rows(identical)
     protos = [p for p in PROTOCOL_ORDER if p in paired]
     shown = {p: [r for r in paired[p] if r["model"] not in hidden] for p in protos}
     n_rows = max([len(shown[p]) for p in protos] + [1])
-    fig, axes = plt.subplots(1, max(1, len(protos)), figsize=(6.5 * max(1, len(protos)), 0.36 * n_rows + 2.0),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, max(1, len(protos)), figsize=(6.5 * max(1, len(protos)), 0.36 * n_rows + 2.0), squeeze=False, sharey=True
+    )
     for ax, proto in zip(axes[0], protos):
         rows = shown[proto]
         for i, r in enumerate(rows):
@@ -253,17 +309,26 @@ def plot_paired(paired: dict[str, list[dict[str, Any]]], path: str | os.PathLike
                 ax.text(0, i, r["status"], fontsize=8, va="center", ha="center", color="dimgrey")
                 continue
             colour = "tab:blue" if r["kind"] == "cnn" else "tab:orange"
-            ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]],
-                        fmt="o", color=colour, capsize=3, ms=4)
+            ax.errorbar(
+                r["delta"],
+                i,
+                xerr=[[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                ms=4,
+            )
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [short_label(relabel(r["label"], r["model"], d_merged)) for r in rows],
-                      fontsize=9)
+        ax.set_yticks(
+            range(len(rows)), [short_label(relabel(r["label"], r["model"], d_merged)) for r in rows], fontsize=9
+        )
         ax.set_xlabel("Δ C-index vs DeepMTS+DAFT baseline (95 % CI)", fontsize=9)
         ax.set_title(PROTOCOL_LABELS[proto], fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     axes[0][0].invert_yaxis()  # once: the panels share the y axis, a second call would undo it
-    fig.suptitle(f"{figure_label(FIGURE_PAIRED)}: paired differences on identical folds (blue: CNN, orange: peers)",
-                 fontsize=11)
+    fig.suptitle(
+        f"{figure_label(FIGURE_PAIRED)}: paired differences on identical folds (blue: CNN, orange: peers)", fontsize=11
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, path, stamp_text)
 
@@ -279,8 +344,13 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
     cols = curves["columns"] or list(LOSS_COLUMNS + EVAL_COLUMNS)
     by_set = _curves_by_set(curves["configs"])
     sets = [n for n in set_names() if n in by_set] or [BASELINE]
-    fig, axes = plt.subplots(len(cols), len(sets), figsize=(max(3.4 * len(sets) + 0.6, 8.0), 2.3 * len(cols) + 1.2),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(cols),
+        len(sets),
+        figsize=(max(3.4 * len(sets) + 0.6, 8.0), 2.3 * len(cols) + 1.2),
+        squeeze=False,
+        sharex=True,
+    )
     colours = dict(zip(D_LABELS, plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(D_LABELS)))))
     for j, name in enumerate(sets):
         axes[0][j].set_title(embedding_set(name).label if name in set_names() else "baseline", fontsize=10)
@@ -304,10 +374,20 @@ def plot_learning_curves(curves: dict[str, Any], path: str | os.PathLike, stamp_
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.025), ncol=max(1, len(labels)),
-               fontsize=8, frameon=False)
-    fig.suptitle(f"{figure_label(FIGURE_CURVES)}: learning curves ({curves['split']}, mean over folds)\n"
-                 "one column per embedding set, colour = d, baseline dashed", fontsize=10)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.025),
+        ncol=max(1, len(labels)),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(
+        f"{figure_label(FIGURE_CURVES)}: learning curves ({curves['split']}, mean over folds)\n"
+        "one column per embedding set, colour = d, baseline dashed",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.985))
     return _save(fig, path, stamp_text)
 

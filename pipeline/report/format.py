@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pipeline.metrics import reason_text
 from pipeline.report.labels import embedding_label, finite, model_label
-
 
 
 def fmt_mean_sd(mean: Any, sd: Any, n: Any = None, total: Any = None) -> str:
@@ -58,9 +58,6 @@ def short_label(label: str) -> str:
     return label.replace("DeepMTS+DAFT", "CNN").replace("embedding head", "head").replace("peer: ", "")
 
 
-
-
-
 # --- rows identical for a stated reason ----------------------------------------------------------
 
 
@@ -79,9 +76,10 @@ def relabel(label: str, config: str | None, d_merged: dict[str, str]) -> str:
 
 def identical_notes(identical: Sequence[dict[str, Any]]) -> str:
     """One line per group of identical rows: which, and why."""
-    return " ".join(f"{model_label(g['group'])} ({embedding_label(g['group'])}), d = {' = '.join(g['d'])}: "
-                    f"{g['reason']}." for g in identical)
+    return " ".join(
+        f"{model_label(g['group'])} ({embedding_label(g['group'])}), d = {' = '.join(g['d'])}: {g['reason']}."
+        for g in identical
+    )
 
 
 # --- display tables -----------------------------------------------------------------------------
-

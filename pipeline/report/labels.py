@@ -30,7 +30,6 @@ METRIC_LABELS = {"c_index": "C-index", "auc_1y": "1-year AUROC"}
 PRED_COLUMNS = ["model", "kind", "split", "protocol", "fold", "role", "case_id", "risk", "time", "event"]
 
 
-
 # --- report groups (read from the registry of embedding sets when asked) --------------------
 
 

@@ -16,7 +16,8 @@ Functions of frames, as the rest of :mod:`pipeline.report.analysis`; no file is 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,15 +33,19 @@ from pipeline.study_spec import Cell, Configuration
 #: ``|Δ| <= NOISE_SD_MULTIPLE x`` the baseline's seed SD (:func:`within_training_noise`).
 NOISE_SD_MULTIPLE = 2.0
 #: The rule in words, as the report states it.
-NOISE_RULE = (f"a difference Δ from the baseline lies within the baseline's training noise when "
-              f"|Δ| ≤ {NOISE_SD_MULTIPLE:g} × the baseline's seed SD (the SD over training seeds of its "
-              "fold-mean C-index, same protocol)")
+NOISE_RULE = (
+    f"a difference Δ from the baseline lies within the baseline's training noise when "
+    f"|Δ| ≤ {NOISE_SD_MULTIPLE:g} × the baseline's seed SD (the SD over training seeds of its "
+    "fold-mean C-index, same protocol)"
+)
 #: Two selection scores this close count as equal (C-indices of one split differ by far more
 #: when they differ at all; ``curves.csv`` keeps every digit).
 TIE_TOL = 1e-12
 #: The selection rule in words, as the report states it.
-TIE_RULE = ("of epochs with equal selection scores the later one is kept (it has trained longer; on the small "
-            "validation splits where ties happen, a tie says nothing about which generalises better)")
+TIE_RULE = (
+    "of epochs with equal selection scores the later one is kept (it has trained longer; on the small "
+    "validation splits where ties happen, a tie says nothing about which generalises better)"
+)
 
 
 def seed_noise(seed_records: pd.DataFrame, n_folds: int) -> list[dict[str, Any]]:
@@ -70,10 +75,19 @@ def seed_noise(seed_records: pd.DataFrame, n_folds: int) -> list[dict[str, Any]]
             if mean is not None:
                 seeds.append(int(s))
                 means.append(float(mean))
-        out.append({"config": config, "group": g["group"].iloc[0], "d": g["d"].iloc[0], "protocol": proto,
-                    "n_seeds": len(means), "seeds": seeds, "seed_means": means,
-                    "mean": float(np.mean(means)) if means else None,
-                    "sd": float(np.std(means, ddof=1)) if len(means) >= 2 else None})
+        out.append(
+            {
+                "config": config,
+                "group": g["group"].iloc[0],
+                "d": g["d"].iloc[0],
+                "protocol": proto,
+                "n_seeds": len(means),
+                "seeds": seeds,
+                "seed_means": means,
+                "mean": float(np.mean(means)) if means else None,
+                "sd": float(np.std(means, ddof=1)) if len(means) >= 2 else None,
+            }
+        )
     return out
 
 
@@ -97,12 +111,23 @@ def seed_oofs(frame: pd.DataFrame, model: str, protocol: str, n_folds: int) -> l
         ``[oof (case_id, fold, risk, time, event), ...]``; seeds with a fold missing are left out.
     """
     sel = frame[(frame["model"] == model) & (frame["protocol"] == protocol)]
-    return [g[["case_id", "fold", "risk", "time", "event"]].reset_index(drop=True)
-            for _, g in sel.groupby("seed", sort=True) if g["fold"].nunique() == n_folds]
+    return [
+        g[["case_id", "fold", "risk", "time", "event"]].reset_index(drop=True)
+        for _, g in sel.groupby("seed", sort=True)
+        if g["fold"].nunique() == n_folds
+    ]
 
 
-def seed_paired_comparisons(frame: pd.DataFrame, models: Sequence[ModelRef], reference: ModelRef, protocol: str,
-                            n_folds: int, *, n_boot: int = N_BOOT, seed: int = 0) -> list[dict[str, Any]]:
+def seed_paired_comparisons(
+    frame: pd.DataFrame,
+    models: Sequence[ModelRef],
+    reference: ModelRef,
+    protocol: str,
+    n_folds: int,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Each CNN model vs ``reference`` on ``cv0`` with a CI holding the patients' and the seeds'
     variance (:func:`pipeline.stats.paired_bootstrap_delta_seeds`), for the pairs where an
     arm has more than one training seed.
@@ -125,8 +150,14 @@ def seed_paired_comparisons(frame: pd.DataFrame, models: Sequence[ModelRef], ref
         if m.kind != "cnn" or m.name == reference.name or not ({m.name, reference.name} & seeded):
             continue
         mine = seed_oofs(frame, m.name, protocol, n_folds)
-        rec: dict[str, Any] = {"model": m.name, "label": m.label, "reference": reference.name, "protocol": protocol,
-                               "n_seeds": len(mine), "n_seeds_reference": len(ref)}
+        rec: dict[str, Any] = {
+            "model": m.name,
+            "label": m.label,
+            "reference": reference.name,
+            "protocol": protocol,
+            "n_seeds": len(mine),
+            "n_seeds_reference": len(ref),
+        }
         if not ref or not mine:
             out.append(rec | {"status": "pending"})
             continue

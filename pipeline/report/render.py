@@ -28,9 +28,10 @@ import base64
 import html
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -101,11 +102,13 @@ def headline_display(head: dict[str, Any], identical: Sequence[dict[str, Any]] =
             short = SHORT_PROTOCOL[p]
             done = r["status"] == "done"
             row[f"d ({short})"] = d_merged.get(r.get("config"), r.get("d")) if done else "-"
-            row[f"C-index ({short})"] = fmt_mean_sd(r.get("c_mean"), r.get("c_sd"), r.get("c_n"),
-                                                    r.get("n_folds")) if done else "pending"
+            row[f"C-index ({short})"] = (
+                fmt_mean_sd(r.get("c_mean"), r.get("c_sd"), r.get("c_n"), r.get("n_folds")) if done else "pending"
+            )
             row[f"Δ vs baseline [95 % CI] ({short})"] = fmt_delta(r) if done else "-"
-            row[f"1-y AUROC ({short})"] = fmt_mean_sd(r.get("auc_mean"), r.get("auc_sd"), r.get("auc_n"),
-                                                      r.get("n_folds")) if done else "pending"
+            row[f"1-y AUROC ({short})"] = (
+                fmt_mean_sd(r.get("auc_mean"), r.get("auc_sd"), r.get("auc_n"), r.get("n_folds")) if done else "pending"
+            )
         rows.append(row)
     if finite(head.get("oracle_c_index")):
         oracle = {k: "-" for k in rows[0]} if rows else {}
@@ -116,28 +119,45 @@ def headline_display(head: dict[str, Any], identical: Sequence[dict[str, Any]] =
     return pd.DataFrame(rows)
 
 
-def table1_display(t1: pd.DataFrame | list[dict[str, Any]], protocol: str,
-                   identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
+def table1_display(
+    t1: pd.DataFrame | list[dict[str, Any]], protocol: str, identical: Sequence[dict[str, Any]] = ()
+) -> pd.DataFrame:
     """Table 1 of one protocol with the paper's values alongside."""
     _, d_merged = merged_rows(identical)
     rows = []
-    for r in (t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1):
+    for r in t1.to_dict("records") if isinstance(t1, pd.DataFrame) else t1:
         group = r["group"]
-        label = "DeepMTS+DAFT baseline" if group == BASELINE else (
-            f"+ {embedding_set(group).label}" if group in set_names() else peer_group_labels()[group])
+        label = (
+            "DeepMTS+DAFT baseline"
+            if group == BASELINE
+            else (f"+ {embedding_set(group).label}" if group in set_names() else peer_group_labels()[group])
+        )
         paper = PAPER_TABLE1.get(group)
         ref = f"d={paper[0]}: {paper[1][0]:.3f} / {paper[2][0]:.3f}" if paper else "-"
         if r["status"] == "pending":
-            rows.append({"configuration": label, "best d": "pending", "C-index": "pending",
-                         "1-year AUROC": "pending", "Δ C-index": "-", "Δ AUROC": "-", "paper (C / AUROC)": ref})
+            rows.append(
+                {
+                    "configuration": label,
+                    "best d": "pending",
+                    "C-index": "pending",
+                    "1-year AUROC": "pending",
+                    "Δ C-index": "-",
+                    "Δ AUROC": "-",
+                    "paper (C / AUROC)": ref,
+                }
+            )
             continue
-        rows.append({
-            "configuration": label, "best d": d_merged.get(r["config"], r["d"]),
-            "C-index": fmt_mean_sd(r["c_mean"], r["c_sd"], r["c_n"], r["n_folds"]),
-            "1-year AUROC": fmt_mean_sd(r["auc_mean"], r["auc_sd"], r["auc_n"], r["n_folds"]),
-            "Δ C-index": fmt_signed(r.get("delta_c")), "Δ AUROC": fmt_signed(r.get("delta_auc")),
-            "paper (C / AUROC)": ref,
-        })
+        rows.append(
+            {
+                "configuration": label,
+                "best d": d_merged.get(r["config"], r["d"]),
+                "C-index": fmt_mean_sd(r["c_mean"], r["c_sd"], r["c_n"], r["n_folds"]),
+                "1-year AUROC": fmt_mean_sd(r["auc_mean"], r["auc_sd"], r["auc_n"], r["n_folds"]),
+                "Δ C-index": fmt_signed(r.get("delta_c")),
+                "Δ AUROC": fmt_signed(r.get("delta_auc")),
+                "paper (C / AUROC)": ref,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -159,13 +179,18 @@ def _summary_rows(summary: pd.DataFrame | list[dict[str, Any]], identical: Seque
         yield config, first, g, d_merged.get(config, first["d"])
 
 
-def ablation_table(summary: pd.DataFrame | list[dict[str, Any]],
-                   identical: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
+def ablation_table(
+    summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[dict[str, Any]] = ()
+) -> pd.DataFrame:
     """One row per configuration (CNN, then peers), both protocols (unbiased first)."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
-        row = {"model": model_label(first["group"]), "embeddings": embedding_label(first["group"]),
-               "d": d, "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
+        row = {
+            "model": model_label(first["group"]),
+            "embeddings": embedding_label(first["group"]),
+            "d": d,
+            "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}",
+        }
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
             r, short = g.loc[proto], SHORT_PROTOCOL[proto]
             row[f"C-index ({short})"] = fmt_mean_sd(r["c_mean"], r["c_sd"], r["c_n"], r["n_folds"])
@@ -184,15 +209,21 @@ def ci_table(summary: pd.DataFrame | list[dict[str, Any]], identical: Sequence[d
     """Repeated-CV table: mean [95 % t-interval, clipped to [0, 1]] per model."""
     rows = []
     for _, first, g, d in _summary_rows(summary, identical):
-        row = {"model": model_label(first["group"]), "embeddings": embedding_label(first["group"]),
-               "d": d, "repeats": _repeats(first),
-               "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}"}
+        row = {
+            "model": model_label(first["group"]),
+            "embeddings": embedding_label(first["group"]),
+            "d": d,
+            "repeats": _repeats(first),
+            "folds done": f"{int(first['n_done'])}/{int(first['n_folds'])}",
+        }
         for proto in [p for p in PROTOCOL_ORDER if p in g.index]:
             r, short = g.loc[proto], SHORT_PROTOCOL[proto]
-            row[f"C-index ({short})"] = fmt_ci(r["c_mean"], r["c_low"], r["c_high"], r["c_n"], r["n_folds"],
-                                               r.get("c_clipped"))
-            row[f"1-y AUROC ({short})"] = fmt_ci(r["auc_mean"], r["auc_low"], r["auc_high"], r["auc_n"],
-                                                 r["n_folds"], r.get("auc_clipped"))
+            row[f"C-index ({short})"] = fmt_ci(
+                r["c_mean"], r["c_low"], r["c_high"], r["c_n"], r["n_folds"], r.get("c_clipped")
+            )
+            row[f"1-y AUROC ({short})"] = fmt_ci(
+                r["auc_mean"], r["auc_low"], r["auc_high"], r["auc_n"], r["n_folds"], r.get("auc_clipped")
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -212,18 +243,28 @@ def paired_display(rows: list[dict[str, Any]], identical: Sequence[dict[str, Any
     for r, label in _shown(rows, identical):
         row = {"model": label, "repeats": len(r.get("splits", []))}
         if r["status"] != "done":
-            row.update({"J folds": "-", "C-index (model / reference)": "-",
-                        "Δ C-index [95 % CI]": r["status"] if r["status"] == "pending" else
-                        f"undefined: {r.get('reason', '')}", "bootstrap p": "-", "corrected t-test p": "-"})
+            row.update(
+                {
+                    "J folds": "-",
+                    "C-index (model / reference)": "-",
+                    "Δ C-index [95 % CI]": r["status"]
+                    if r["status"] == "pending"
+                    else f"undefined: {r.get('reason', '')}",
+                    "bootstrap p": "-",
+                    "corrected t-test p": "-",
+                }
+            )
         else:
             ft = r.get("fold_test") or {}
-            row.update({
-                "J folds": r["n_groups"],
-                "C-index (model / reference)": f"{r['b']:.3f} / {r['a']:.3f}",
-                "Δ C-index [95 % CI]": fmt_delta(r),
-                "bootstrap p": fmt_p(r["p_value"]),
-                "corrected t-test p": fmt_p(ft.get("p_value")) if ft else "-",
-            })
+            row.update(
+                {
+                    "J folds": r["n_groups"],
+                    "C-index (model / reference)": f"{r['b']:.3f} / {r['a']:.3f}",
+                    "Δ C-index [95 % CI]": fmt_delta(r),
+                    "bootstrap p": fmt_p(r["p_value"]),
+                    "corrected t-test p": fmt_p(ft.get("p_value")) if ft else "-",
+                }
+            )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -243,7 +284,8 @@ def loco_display(loco: dict[str, Any], identical: Sequence[dict[str, Any]] = ())
             row[col] = f"C {c}; AUROC {a}"
         mc, ma = m["mean_c_index"], m["mean_auc_1y"]
         row["mean over centres (C / AUROC)"] = " / ".join(
-            f"{m_['mean']:.3f} ({m_['n']})" if m_["mean"] is not None else "-" for m_ in (mc, ma))
+            f"{m_['mean']:.3f} ({m_['n']})" if m_["mean"] is not None else "-" for m_ in (mc, ma)
+        )
         row["pooled C"] = f"{m['pooled_c_index']:.3f}" if m["pooled_c_index"] is not None else "-"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -255,26 +297,34 @@ def survival_display(analyses: Sequence[dict[str, Any]], identical: Sequence[dic
     rows = []
     for a in analyses:
         ibs, null = a["ibs"]["mean"], a["ibs"]["null_mean"]
-        row = {"model": relabel(a["label"], a["model"], d_merged),
-               "IBS (lower = better)":
-                   f"{ibs['mean']:.3f} ({ibs['n']} folds)" if ibs["mean"] is not None else "pending",
-               "IBS, no-covariate reference": f"{null['mean']:.3f}" if null["mean"] is not None else "-"}
+        row = {
+            "model": relabel(a["label"], a["model"], d_merged),
+            "IBS (lower = better)": f"{ibs['mean']:.3f} ({ibs['n']} folds)" if ibs["mean"] is not None else "pending",
+            "IBS, no-covariate reference": f"{null['mean']:.3f}" if null["mean"] is not None else "-",
+        }
         if a.get("status") == "done":
             ov = a["calibration"]["overall"]
-            row["1-y predicted / KM observed"] = (f"{ov['pred_mean']:.3f} / "
-                                                  + (f"{ov['observed']:.3f}" if finite(ov.get("observed")) else "n/a"))
+            row["1-y predicted / KM observed"] = f"{ov['pred_mean']:.3f} / " + (
+                f"{ov['observed']:.3f}" if finite(ov.get("observed")) else "n/a"
+            )
             km = a["km"]
             if km.get("status") == "done":
                 g = km["groups"]
                 row["risk groups high / low (n, events)"] = " / ".join(
-                    f"{g[k]['n']}, {g[k]['events']}" for k in ("high", "low") if k in g)
+                    f"{g[k]['n']}, {g[k]['events']}" for k in ("high", "low") if k in g
+                )
                 row["log-rank p"] = fmt_p(km["p_value"])
             else:
                 row["risk groups high / low (n, events)"] = f"undefined: {km.get('reason')}"
                 row["log-rank p"] = "-"
         else:
-            row.update({"1-y predicted / KM observed": "pending", "risk groups high / low (n, events)": "pending",
-                        "log-rank p": "-"})
+            row.update(
+                {
+                    "1-y predicted / KM observed": "pending",
+                    "risk groups high / low (n, events)": "pending",
+                    "log-rank p": "-",
+                }
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -293,15 +343,13 @@ def dice_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows).fillna("pending")
 
+
 def _epochs(r: dict[str, Any]) -> str:
     return f"{int(r['epochs_run'])} ep" if finite(r.get("epochs_run")) else "? ep"
 
 
 def _f2(x: Any) -> str:
     return f"{float(x):.2f}" if finite(x) else "n/a"
-
-
-
 
 
 @dataclass
@@ -370,8 +418,11 @@ def contents_html(blocks: Sequence[Block], ids: dict[int, str]) -> str:
         out.append(("</ul>" if in_sub else "") + ("</li>" if in_section else "") + f"<li>{link}")
         in_section, in_sub = True, False
     out.append(("</ul>" if in_sub else "") + ("</li>" if in_section else ""))
-    return ('<nav class="contents" aria-label="Contents"><p><strong>Contents</strong></p><ul>'
-            + "".join(out) + "</ul></nav>")
+    return (
+        '<nav class="contents" aria-label="Contents"><p><strong>Contents</strong></p><ul>'
+        + "".join(out)
+        + "</ul></nav>"
+    )
 
 
 def render_html(blocks: list[Block], title: str) -> str:
@@ -396,18 +447,24 @@ def render_html(blocks: list[Block], title: str) -> str:
             body.append('<div class="wide">' + b.content.to_html(index=False, escape=True, border=0) + "</div>")
         elif b.kind == "img":
             data = base64.b64encode(Path(b.content).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(b.extra)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(b.extra)}</figcaption></figure>")
+            body.append(
+                f'<figure><img alt="{html.escape(b.extra)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(b.extra)}</figcaption></figure>"
+            )
         elif b.kind == "code":
             body.append(f"<pre>{html.escape(b.content)}</pre>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
-             ".warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}"
-             "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}"
-             ".wide{overflow-x:auto;max-width:100%}.contents ul{margin:.2em 0}"
-             "@media print{.wide{overflow:visible}}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+        ".warn{background:#fdd;border:2px solid #c00;padding:.6em;font-weight:bold}"
+        "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}"
+        ".wide{overflow-x:auto;max-width:100%}.contents ul{margin:.2em 0}"
+        "@media print{.wide{overflow:visible}}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _kv_table(rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
@@ -420,22 +477,37 @@ def _opening_blocks(results: Results) -> list[Block]:
     emb = study.get("embeddings") or {}
     b = [Block("h1", "Projection ablation: DeepMTS+DAFT with frozen CT/PET foundation-model embeddings")]
     if emb.get("random_init"):
-        b.append(Block("warn", "the embeddings come from RANDOMLY INITIALISED encoders "
-                               f"({', '.join(emb.get('random_init_modalities', []))}), not the foundation models. "
-                               "These numbers test the pipeline; they say nothing about CT-FM or PET-FM."))
+        b.append(
+            Block(
+                "warn",
+                "the embeddings come from RANDOMLY INITIALISED encoders "
+                f"({', '.join(emb.get('random_init_modalities', []))}), not the foundation models. "
+                "These numbers test the pipeline; they say nothing about CT-FM or PET-FM.",
+            )
+        )
     if study.get("info", {}).get("synthetic"):
         b.append(Block("warn", "the data are a SYNTHETIC demo cohort, not HECKTOR 2022."))
     if cells.done < cells.total:
-        b.append(Block("p", f"Status: {cells.done} of {cells.total} cells finished; the rest are shown as "
-                            "pending. Rerun `run-study` (finished cells are skipped) or `run-study --report-only` "
-                            "to refresh."))
+        b.append(
+            Block(
+                "p",
+                f"Status: {cells.done} of {cells.total} cells finished; the rest are shown as "
+                "pending. Rerun `run-study` (finished cells are skipped) or `run-study --report-only` "
+                "to refresh.",
+            )
+        )
     b.append(Block("h2", "Headline"))
-    b.append(Block("p", "Baseline, the best projection size d of each embedding set (Table 1's choice) and the "
-                        "classical peers. C-index: mean ± SD over every finished fold; Δ: paired difference from the "
-                        "baseline on identical folds, 95 % patient-bootstrap CI. The unbiased protocol (checkpoint "
-                        "chosen on an inner split) comes first; the paper protocol chooses it on the scored folds "
-                        "and is optimistic. Δ uses the CV repeats both models finished, so a peer's Δ may cover "
-                        "fewer repeats than its C-index."))
+    b.append(
+        Block(
+            "p",
+            "Baseline, the best projection size d of each embedding set (Table 1's choice) and the "
+            "classical peers. C-index: mean ± SD over every finished fold; Δ: paired difference from the "
+            "baseline on identical folds, 95 % patient-bootstrap CI. The unbiased protocol (checkpoint "
+            "chosen on an inner split) comes first; the paper protocol chooses it on the scored folds "
+            "and is optimistic. Δ uses the CV repeats both models finished, so a peer's Δ may cover "
+            "fewer repeats than its C-index.",
+        )
+    )
     if head["protocols"]:
         b.append(Block("table", headline_display(head, results.identical)))
         missing = not_requested(results.table1[head["protocols"][0]])
@@ -447,14 +519,17 @@ def _opening_blocks(results: Results) -> list[Block]:
 
 def _settings_blocks(results: Results) -> list[Block]:
     blocks = [
-        Block("h2", "Data and settings"), Block("table", _kv_table(results.settings)),
-        Block("p", "Metrics are computed on each outer validation fold and summarised as mean ± SD "
-                   "(sample SD) over folds; `(k/n)` marks folds where the metric is undefined or pending "
-                   "(a fold without an event before 365 days has no 1-year AUROC; it is never counted as 0.5). "
-                   "Paper protocol (optimistic): the checkpoint is selected on the outer fold it is scored on, "
-                   "as in the paper. Unbiased inner selection: selected on an inner split of the training fold; "
-                   "the outer fold is scored once." + selection_sentence(results.selection)
-                   + seeds_sentence(results.seeds)),
+        Block("h2", "Data and settings"),
+        Block("table", _kv_table(results.settings)),
+        Block(
+            "p",
+            "Metrics are computed on each outer validation fold and summarised as mean ± SD "
+            "(sample SD) over folds; `(k/n)` marks folds where the metric is undefined or pending "
+            "(a fold without an event before 365 days has no 1-year AUROC; it is never counted as 0.5). "
+            "Paper protocol (optimistic): the checkpoint is selected on the outer fold it is scored on, "
+            "as in the paper. Unbiased inner selection: selected on an inner split of the training fold; "
+            "the outer fold is scored once." + selection_sentence(results.selection) + seeds_sentence(results.seeds),
+        ),
     ]
     text = undefined_sentence(results.undefined)
     return blocks + ([Block("p", text)] if text else [])
@@ -470,11 +545,16 @@ def selection_sentence(selection: dict[str, Any]) -> str:
     first = selection.get("select_from_epoch") or 0
     text += f"; epochs before epoch {first} (0-based) are trained but not selectable." if first else "."
     ties = selection.get("ties") or {}
-    parts = [f"{t['n_ties']} of {t['n_cells']} cells under {PROTOCOL_LABELS[p]}" for p, t in ties.items()
-             if p in PROTOCOL_LABELS]
+    parts = [
+        f"{t['n_ties']} of {t['n_cells']} cells under {PROTOCOL_LABELS[p]}"
+        for p, t in ties.items()
+        if p in PROTOCOL_LABELS
+    ]
     if parts:
-        text += (" In this study an earlier selectable epoch had exactly the selected epoch's score, so the tie "
-                 "rule chose the checkpoint, in " + " and ".join(parts) + ".")
+        text += (
+            " In this study an earlier selectable epoch had exactly the selected epoch's score, so the tie "
+            "rule chose the checkpoint, in " + " and ".join(parts) + "."
+        )
     return text
 
 
@@ -483,47 +563,67 @@ def seeds_sentence(seeds: dict[str, Any]) -> str:
     if not seeds:
         return ""
     if not seeds.get("seed_configs"):
-        return (" Each configuration is trained with one training seed, so the training noise (seed-to-seed "
-                "spread) is not measured here (`run-study --seeds S`).")
-    return (f" Trained with {seeds['n_seeds']} training seeds on cv0: {', '.join(seeds['seed_configs'])} (see "
-            "\"Training noise\"); every other table reads the study's own training seed (seed index 0).")
+        return (
+            " Each configuration is trained with one training seed, so the training noise (seed-to-seed "
+            "spread) is not measured here (`run-study --seeds S`)."
+        )
+    return (
+        f" Trained with {seeds['n_seeds']} training seeds on cv0: {', '.join(seeds['seed_configs'])} (see "
+        '"Training noise"); every other table reads the study\'s own training seed (seed index 0).'
+    )
 
 
 def undefined_sentence(undefined: Sequence[dict[str, Any]]) -> str:
     """``"Undefined in the finished CV folds: 1-year AUROC in 3 of 40 (no event before 365 d: 3)."``;
     empty when every metric is defined (:func:`pipeline.report.undefined_metrics`)."""
-    parts = [f"{METRIC_LABELS[u['metric']]} in {u['n_undefined']} of {u['n_results']} ("
-             + "; ".join(f"{reason_text(code)}: {n}" for code, n in u["reasons"].items()) + ")"
-             for u in undefined if u["n_undefined"]]
+    parts = [
+        f"{METRIC_LABELS[u['metric']]} in {u['n_undefined']} of {u['n_results']} ("
+        + "; ".join(f"{reason_text(code)}: {n}" for code, n in u["reasons"].items())
+        + ")"
+        for u in undefined
+        if u["n_undefined"]
+    ]
     if not parts:
         return ""
-    return ("Undefined in the finished CV fold results (each model, protocol and fold): "
-            + ", ".join(parts) + ".")
+    return "Undefined in the finished CV fold results (each model, protocol and fold): " + ", ".join(parts) + "."
 
 
 def _table_blocks(results: Results, out: Path) -> list[Block]:
     """Table 1 per protocol, the full ablation table and Figures 2-3."""
     b: list[Block] = []
     for proto in results.protocols:
-        how = ("best d by mean outer validation C-index, as in the paper" if proto == "paper"
-               else "best d by mean inner-validation C-index; the outer folds play no part in the choice")
+        how = (
+            "best d by mean outer validation C-index, as in the paper"
+            if proto == "paper"
+            else "best d by mean inner-validation C-index; the outer folds play no part in the choice"
+        )
         b.append(Block("h2", f"Table 1 - {PROTOCOL_LABELS[proto]}"))
-        b.append(Block("p", f"Best projection size per embedding set ({how}); Δ = difference of means vs the "
-                            "baseline. The last column repeats the paper's reported values for reference. Peers are "
-                            "means over every repeat they ran, which may be more than the CNN's: for a like-for-like "
-                            "difference read the paired comparisons below."))
+        b.append(
+            Block(
+                "p",
+                f"Best projection size per embedding set ({how}); Δ = difference of means vs the "
+                "baseline. The last column repeats the paper's reported values for reference. Peers are "
+                "means over every repeat they ran, which may be more than the CNN's: for a like-for-like "
+                "difference read the paired comparisons below.",
+            )
+        )
         b.append(Block("table", table1_display(results.table1[proto], proto, results.identical)))
         missing = not_requested(results.table1[proto])
         if missing:
             b.append(Block("p", "Not part of this study: " + ", ".join(missing) + " (not requested, so not run)."))
     identical = results.identical
     b.append(Block("h2", "Full projection ablation (both protocols)"))
-    b.append(Block("p", "Rows marked `peer:` are classical models fitted on the same folds files as the CNN "
-                        "(no checkpoint selection, so both protocol columns hold the same numbers): ridge Cox on "
-                        "the clinical covariates, ridge Cox on radiomics-lite features (log volume, SUVmax, "
-                        "SUVmean, log TLG from the preprocessed mask), and elastic-net Cox heads on the cached "
-                        "embeddings + clinical covariates with the CNN's projection sizes (per-encoder PCA to d "
-                        "components fitted on the training fold; orig = no projection), penalty by inner CV."))
+    b.append(
+        Block(
+            "p",
+            "Rows marked `peer:` are classical models fitted on the same folds files as the CNN "
+            "(no checkpoint selection, so both protocol columns hold the same numbers): ridge Cox on "
+            "the clinical covariates, ridge Cox on radiomics-lite features (log volume, SUVmax, "
+            "SUVmean, log TLG from the preprocessed mask), and elastic-net Cox heads on the cached "
+            "embeddings + clinical covariates with the CNN's projection sizes (per-encoder PCA to d "
+            "components fitted on the training fold; orig = no projection), penalty by inner CV.",
+        )
+    )
     b.append(Block("table", ablation_table(results.summary, identical)))
     if identical:
         b.append(Block("p", "Rows shown once (`d = a = b`): " + identical_notes(identical)))
@@ -531,9 +631,13 @@ def _table_blocks(results: Results, out: Path) -> list[Block]:
     b.append(Block("h2", "Figures"))
     for metric, fname in FIGURES.items():
         num = figure_label(fname)
-        path = plot_figure(summary, metric, out / fname, stamp_text=results.stamp,
-                           title=f"{num}: {METRIC_LABELS[metric]} by FM projection size "
-                                 f"({cells.done}/{cells.total} cells finished)")
+        path = plot_figure(
+            summary,
+            metric,
+            out / fname,
+            stamp_text=results.stamp,
+            title=f"{num}: {METRIC_LABELS[metric]} by FM projection size ({cells.done}/{cells.total} cells finished)",
+        )
         b.append(Block("img", path, f"{num}: {METRIC_LABELS[metric]} by projection size"))
     return b
 
@@ -545,12 +649,22 @@ def _training_blocks(results: Results, out: Path) -> list[Block]:
     if not curves.get("configs"):
         return b + [Block("p", "No learning curves yet (no finished cell with `curves.csv`).")]
     b.append(Block("p", _training_text(summ)))
-    b.append(Block("img", plot_learning_curves(curves, out / FIGURE_CURVES, results.stamp),
-                   f"{figure_label(FIGURE_CURVES)}: learning curves per embedding set (mean over folds)"))
+    b.append(
+        Block(
+            "img",
+            plot_learning_curves(curves, out / FIGURE_CURVES, results.stamp),
+            f"{figure_label(FIGURE_CURVES)}: learning curves per embedding set (mean over folds)",
+        )
+    )
     if cells:
-        b.append(Block("p", "Outer-validation segmentation Dice (mean per-case hard Dice on cases with a tumour) "
-                            "before the first step → after the last epoch, per cell, with the epochs run. "
-                            "`n/a`: not recorded by the run (older runs)."))
+        b.append(
+            Block(
+                "p",
+                "Outer-validation segmentation Dice (mean per-case hard Dice on cases with a tumour) "
+                "before the first step → after the last epoch, per cell, with the epochs run. "
+                "`n/a`: not recorded by the run (older runs).",
+            )
+        )
         b.append(Block("table", dice_table(cells)))
     return b
 
@@ -559,21 +673,28 @@ def _training_text(s: dict[str, Any]) -> str:
     """A sentence or two from :func:`pipeline.report.training_summary`."""
     parts = []
     if finite(s.get("train_c_start")) and finite(s.get("train_c_end")):
-        parts.append(f"mean train C-index {s['train_c_start']:.3f} before training → {s['train_c_end']:.3f} "
-                     "after the last epoch")
+        parts.append(
+            f"mean train C-index {s['train_c_start']:.3f} before training → {s['train_c_end']:.3f} after the last epoch"
+        )
     if finite(s.get("dice_start")) and finite(s.get("dice_end")):
         parts.append(f"mean outer validation Dice {s['dice_start']:.2f} → {s['dice_end']:.2f}")
-    text = f"Over {s.get('n_cells', 0)} finished cells: " + ("; ".join(parts) if parts else
-                                                             "start / end values not recorded") + "."
+    text = (
+        f"Over {s.get('n_cells', 0)} finished cells: "
+        + ("; ".join(parts) if parts else "start / end values not recorded")
+        + "."
+    )
     if s.get("train_c_epochs") and s.get("epochs_run"):
-        text += (f" The train C-index (fit rows, a diagnostic) was scored on {_span(s['train_c_epochs'])} of "
-                 f"{_span(s['epochs_run'])} epochs per cell (every `train_c_every`-th and the last; the curves "
-                 "join those points); selection and every metric use all the rows they need at every epoch.")
+        text += (
+            f" The train C-index (fit rows, a diagnostic) was scored on {_span(s['train_c_epochs'])} of "
+            f"{_span(s['epochs_run'])} epochs per cell (every `train_c_every`-th and the last; the curves "
+            "join those points); selection and every metric use all the rows they need at every epoch."
+        )
     for proto in PROTOCOL_ORDER:
         n, last = s.get(f"n_selected_{proto}"), s.get(f"selected_last_{proto}")
         if n:
-            text += (f" {PROTOCOL_LABELS[proto].capitalize()} picked the last epoch in {last} of {n} cells"
-                     + (" (still improving when training stopped: more epochs may help)." if last > n / 2 else "."))
+            text += f" {PROTOCOL_LABELS[proto].capitalize()} picked the last epoch in {last} of {n} cells" + (
+                " (still improving when training stopped: more epochs may help)." if last > n / 2 else "."
+            )
     return text
 
 
@@ -588,19 +709,43 @@ def _beyond_blocks(results: Results, out: Path) -> list[Block]:
     spec = results.study["spec"]
     identical, stamp_text = results.identical, results.stamp
     repeats, seed = int(spec.get("repeats", 1)), int(spec.get("folds_seed", 42))
-    cvs = "cv0 (the first CV split) is" if repeats == 1 else f"cv0..cv{repeats - 1} (one per CV repeat; cv0 the first) are"
+    cvs = (
+        "cv0 (the first CV split) is"
+        if repeats == 1
+        else f"cv0..cv{repeats - 1} (one per CV repeat; cv0 the first) are"
+    )
     seeds = f"{seed}" if repeats == 1 else f"{seed}..{seed + repeats - 1}"
-    b = [Block("h2", "Which analyses ran on which models"),
-         Block("p", f"Splits: {cvs} stratified {spec['n_folds']}-fold CV with split seed(s) {seeds} (one shared "
-                    "folds file per repeat, identical for every model)"
-                    + ("; loco holds out one centre per fold." if spec.get("loco") else ".")),
-         Block("table", pd.DataFrame([
-             {"analysis": r["analysis"], "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
-              "peer splits": ", ".join(r["peers"]) or "not run"} for r in results.analyses]))]
+    b = [
+        Block("h2", "Which analyses ran on which models"),
+        Block(
+            "p",
+            f"Splits: {cvs} stratified {spec['n_folds']}-fold CV with split seed(s) {seeds} (one shared "
+            "folds file per repeat, identical for every model)"
+            + ("; loco holds out one centre per fold." if spec.get("loco") else "."),
+        ),
+        Block(
+            "table",
+            pd.DataFrame(
+                [
+                    {
+                        "analysis": r["analysis"],
+                        "CNN (DeepMTS+DAFT) splits": ", ".join(r["cnn"]) or "not run",
+                        "peer splits": ", ".join(r["peers"]) or "not run",
+                    }
+                    for r in results.analyses
+                ]
+            ),
+        ),
+    ]
     b.append(Block("h2", "Repeated cross-validation: mean and 95 % CI"))
-    b.append(Block("p", "Mean over every finished fold of every repeat with a Student-t 95 % interval "
-                        "(`pipeline.stats.mean_ci`). Folds share training cases, so these intervals are too narrow "
-                        f"for comparing models; use the paired comparisons below for that. {CLIP_NOTE}"))
+    b.append(
+        Block(
+            "p",
+            "Mean over every finished fold of every repeat with a Student-t 95 % interval "
+            "(`pipeline.stats.mean_ci`). Folds share training cases, so these intervals are too narrow "
+            f"for comparing models; use the paired comparisons below for that. {CLIP_NOTE}",
+        )
+    )
     b.append(Block("table", ci_table(results.summary, identical)))
     b += _paired_blocks(results, out)
     b += seed_blocks(results)
@@ -608,19 +753,34 @@ def _beyond_blocks(results: Results, out: Path) -> list[Block]:
     sel = results.survival.protocol
     analyses = results.survival.models
     b.append(Block("h2", "Beyond ranking: integrated Brier score, calibration, risk groups"))
-    b.append(Block("p", f"Models: the baseline, the Table 1 choice of each embedding set and the Table 1 peers "
-                        f"({PROTOCOL_LABELS[sel]} for the CNN). Per fold the Breslow baseline hazard is fitted "
-                        "on the training fold's risks (`train_risk_*.csv`) and turns held-out risks into survival "
-                        "curves. IBS: mean over every finished CV fold (50-point grid where the score is defined), "
-                        "beside the no-covariate reference on the same folds. Calibration at 365 d: predicted vs "
-                        "Kaplan-Meier observed event probability, all folds of the first CV split (cv0) pooled (quintiles in "
-                        f"{figure_label(FIGURE_CALIBRATION)}). "
-                        "Risk groups: above / below the training fold's median risk, cv0 folds pooled, log-rank test."))
+    b.append(
+        Block(
+            "p",
+            f"Models: the baseline, the Table 1 choice of each embedding set and the Table 1 peers "
+            f"({PROTOCOL_LABELS[sel]} for the CNN). Per fold the Breslow baseline hazard is fitted "
+            "on the training fold's risks (`train_risk_*.csv`) and turns held-out risks into survival "
+            "curves. IBS: mean over every finished CV fold (50-point grid where the score is defined), "
+            "beside the no-covariate reference on the same folds. Calibration at 365 d: predicted vs "
+            "Kaplan-Meier observed event probability, all folds of the first CV split (cv0) pooled (quintiles in "
+            f"{figure_label(FIGURE_CALIBRATION)}). "
+            "Risk groups: above / below the training fold's median risk, cv0 folds pooled, log-rank test.",
+        )
+    )
     b.append(Block("table", survival_display(analyses, results.identical)))
-    b.append(Block("img", plot_calibration(analyses, out / FIGURE_CALIBRATION, stamp_text, identical),
-                   f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration"))
-    b.append(Block("img", plot_km(analyses, out / FIGURE_KM, stamp_text, identical),
-                   f"{figure_label(FIGURE_KM)}: Kaplan-Meier curves of risk groups"))
+    b.append(
+        Block(
+            "img",
+            plot_calibration(analyses, out / FIGURE_CALIBRATION, stamp_text, identical),
+            f"{figure_label(FIGURE_CALIBRATION)}: 1-year calibration",
+        )
+    )
+    b.append(
+        Block(
+            "img",
+            plot_km(analyses, out / FIGURE_KM, stamp_text, identical),
+            f"{figure_label(FIGURE_KM)}: Kaplan-Meier curves of risk groups",
+        )
+    )
     return b
 
 
@@ -630,52 +790,77 @@ def _paired_blocks(results: Results, out: Path) -> list[Block]:
     b: list[Block] = []
     if paired:
         b.append(Block("h2", "Paired comparisons against the DeepMTS+DAFT baseline"))
-        b.append(Block("p", "Each model minus the baseline on identical folds (every CV repeat both have finished). "
-                            "Δ = difference of the mean per-fold C-index; 95 % CI and p from a paired patient "
-                            f"bootstrap within each fold ({results.n_boot} draws, "
-                            "`paired_bootstrap_delta`); 'corrected "
-                            "t-test' is the Nadeau-Bengio corrected resampled t-test over the J per-fold deltas "
-                            "(folds x repeats). The unbiased protocol is the one to trust; the paper protocol "
-                            "selects checkpoints on the folds it scores."))
+        b.append(
+            Block(
+                "p",
+                "Each model minus the baseline on identical folds (every CV repeat both have finished). "
+                "Δ = difference of the mean per-fold C-index; 95 % CI and p from a paired patient "
+                f"bootstrap within each fold ({results.n_boot} draws, "
+                "`paired_bootstrap_delta`); 'corrected "
+                "t-test' is the Nadeau-Bengio corrected resampled t-test over the J per-fold deltas "
+                "(folds x repeats). The unbiased protocol is the one to trust; the paper protocol "
+                "selects checkpoints on the folds it scores.",
+            )
+        )
         for proto in [p for p in PROTOCOL_ORDER if p in paired]:
             b.append(Block("h3", PROTOCOL_LABELS[proto]))
             b.append(Block("table", paired_display(paired[proto], identical)))
-        b.append(Block("img", plot_paired(paired, out / FIGURE_PAIRED, identical, results.stamp),
-                       f"{figure_label(FIGURE_PAIRED)}: Δ C-index vs the baseline"))
+        b.append(
+            Block(
+                "img",
+                plot_paired(paired, out / FIGURE_PAIRED, identical, results.stamp),
+                f"{figure_label(FIGURE_PAIRED)}: Δ C-index vs the baseline",
+            )
+        )
     if vs_clinical:
         b.append(Block("h2", "Do the embeddings help a Cox model? Peers against the clinical Cox"))
-        b.append(Block("p", "Same statistics, reference = the clinical-only Cox peer, over every CV repeat: an "
-                            "embedding head adds the FM embeddings to the same clinical covariates, so its Δ "
-                            "isolates what the embeddings add."))
+        b.append(
+            Block(
+                "p",
+                "Same statistics, reference = the clinical-only Cox peer, over every CV repeat: an "
+                "embedding head adds the FM embeddings to the same clinical covariates, so its Δ "
+                "isolates what the embeddings add.",
+            )
+        )
         b.append(Block("table", paired_display(vs_clinical, identical)))
     return b
 
 
 def seed_blocks(results: Results) -> list[Block]:
-    """"Training noise": each seeded configuration's mean and SD over seeds, and Δ vs the
+    """ "Training noise": each seeded configuration's mean and SD over seeds, and Δ vs the
     baseline with a CI holding the seeds' variance (empty when no configuration has seeds)."""
     seeds = results.seeds or {}
     if not seeds.get("seed_configs"):
         return []
-    b = [Block("h2", "Training noise: training seeds"),
-         Block("p", f"Trained with {seeds['n_seeds']} training seeds on the first CV split (cv0): "
-                    f"{', '.join(seeds['seed_configs'])}. Seed index s trains with the study's training seed + s "
-                    "(initialisation, dropout, batch order, augmentation) on the same outer folds and the same "
-                    "inner selection split, so the spread over seeds is training noise alone. Per configuration: "
-                    "the mean over seeds of its fold-mean C-index (Table 1's statistic), the SD over seeds (the "
-                    "training noise of that mean) and the per-seed means. Rule: "
-                    f"{seeds['noise_rule']}.")]
+    b = [
+        Block("h2", "Training noise: training seeds"),
+        Block(
+            "p",
+            f"Trained with {seeds['n_seeds']} training seeds on the first CV split (cv0): "
+            f"{', '.join(seeds['seed_configs'])}. Seed index s trains with the study's training seed + s "
+            "(initialisation, dropout, batch order, augmentation) on the same outer folds and the same "
+            "inner selection split, so the spread over seeds is training noise alone. Per configuration: "
+            "the mean over seeds of its fold-mean C-index (Table 1's statistic), the SD over seeds (the "
+            "training noise of that mean) and the per-seed means. Rule: "
+            f"{seeds['noise_rule']}.",
+        ),
+    ]
     if seeds.get("noise"):
         b.append(Block("table", noise_display(seeds["noise"])))
     paired = seeds.get("paired_vs_baseline") or {}
     if any(paired.values()):
-        b.append(Block("p", "Δ vs the baseline on cv0 (model minus baseline, each the mean over its seeds): paired "
-                            f"patient bootstrap within each fold ({results.n_boot} draws) in which every replicate "
-                            "also draws one training seed per model among its seeds "
-                            "(`paired_bootstrap_delta_seeds`), so the 95 % CI holds the seeds' variance as well as "
-                            "the patients'. A model trained with one seed adds no training noise of its own (it is "
-                            "not measured), so its CI is still too narrow by that much. With one seed per model this "
-                            "is the paired comparison above."))
+        b.append(
+            Block(
+                "p",
+                "Δ vs the baseline on cv0 (model minus baseline, each the mean over its seeds): paired "
+                f"patient bootstrap within each fold ({results.n_boot} draws) in which every replicate "
+                "also draws one training seed per model among its seeds "
+                "(`paired_bootstrap_delta_seeds`), so the 95 % CI holds the seeds' variance as well as "
+                "the patients'. A model trained with one seed adds no training noise of its own (it is "
+                "not measured), so its CI is still too narrow by that much. With one seed per model this "
+                "is the paired comparison above.",
+            )
+        )
         for proto in [p for p in PROTOCOL_ORDER if paired.get(p)]:
             b.append(Block("h3", f"{PROTOCOL_LABELS[proto]} (cv0, seeds)"))
             b.append(Block("table", seed_paired_display(paired[proto])))
@@ -689,8 +874,12 @@ def noise_display(noise: Sequence[dict[str, Any]]) -> pd.DataFrame:
         row = rows.setdefault(r["config"], {"model": _config_label(r["group"], r["d"])})
         short = SHORT_PROTOCOL[r["protocol"]]
         row[f"C-index, mean over seeds ± seed SD ({short})"] = (
-            "pending" if r["mean"] is None else
-            f"{r['mean']:.3f} ± " + (f"{r['sd']:.3f}" if r["sd"] is not None else "n/a") + f" ({r['n_seeds']} seeds)")
+            "pending"
+            if r["mean"] is None
+            else f"{r['mean']:.3f} ± "
+            + (f"{r['sd']:.3f}" if r["sd"] is not None else "n/a")
+            + f" ({r['n_seeds']} seeds)"
+        )
         row[f"per seed ({short})"] = ", ".join(f"{m:.3f}" for m in r["seed_means"]) or "-"
     return pd.DataFrame(list(rows.values()))
 
@@ -701,13 +890,26 @@ def seed_paired_display(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for r in rows:
         row = {"model": r["label"], "seeds (model / baseline)": f"{r['n_seeds']} / {r['n_seeds_reference']}"}
         if r["status"] != "done":
-            row.update({"Δ C-index [95 % CI, patients + seeds]": r["status"] if r["status"] == "pending" else
-                        f"undefined: {r.get('reason', '')}", "bootstrap p": "-", "within the baseline's noise": "-"})
+            row.update(
+                {
+                    "Δ C-index [95 % CI, patients + seeds]": r["status"]
+                    if r["status"] == "pending"
+                    else f"undefined: {r.get('reason', '')}",
+                    "bootstrap p": "-",
+                    "within the baseline's noise": "-",
+                }
+            )
         else:
             within = r.get("within_baseline_noise")
-            row.update({"Δ C-index [95 % CI, patients + seeds]": fmt_delta(r), "bootstrap p": fmt_p(r["p_value"]),
-                        "within the baseline's noise": "n/a (baseline has one seed)" if within is None else
-                        ("yes" if within else "no")})
+            row.update(
+                {
+                    "Δ C-index [95 % CI, patients + seeds]": fmt_delta(r),
+                    "bootstrap p": fmt_p(r["p_value"]),
+                    "within the baseline's noise": "n/a (baseline has one seed)"
+                    if within is None
+                    else ("yes" if within else "no"),
+                }
+            )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -720,12 +922,17 @@ def _config_label(group: str, d: Any) -> str:
 def _loco_blocks(results: Results, spec: dict[str, Any]) -> list[Block]:
     loco = results.loco
     if loco:
-        return [Block("h2", "Leave-one-centre-out"),
-                Block("p", "Each column holds out one centre (n cases, ev events) and trains on the others. A "
-                           "metric that does not exist for a centre is reported with its reason, never as a number. "
-                           "Mean over centres uses the centres where the metric is defined (count in brackets); "
-                           "pooled C = Harrell's C over all held-out predictions together."),
-                Block("table", loco_display(loco, results.identical))]
+        return [
+            Block("h2", "Leave-one-centre-out"),
+            Block(
+                "p",
+                "Each column holds out one centre (n cases, ev events) and trains on the others. A "
+                "metric that does not exist for a centre is reported with its reason, never as a number. "
+                "Mean over centres uses the centres where the metric is defined (count in brackets); "
+                "pooled C = Harrell's C over all held-out predictions together.",
+            ),
+            Block("table", loco_display(loco, results.identical)),
+        ]
     if spec.get("loco"):
         return [Block("h2", "Leave-one-centre-out"), Block("p", "pending: the LOCO folds file is not written yet.")]
     return []
@@ -735,9 +942,14 @@ def _closing_blocks(results: Results) -> list[Block]:
     b: list[Block] = []
     comp = results.compute or {}
     if comp.get("n_cnn_cells"):
-        b.append(Block("p", f"Compute: {comp['n_cnn_cells']} CNN cells trained here, {comp['cnn_minutes']:.1f} min of "
-                            f"cell time (median {comp['median_cell_seconds']:.1f} s per cell); peers "
-                            f"{comp['peer_minutes']:.1f} min in all."))
+        b.append(
+            Block(
+                "p",
+                f"Compute: {comp['n_cnn_cells']} CNN cells trained here, {comp['cnn_minutes']:.1f} min of "
+                f"cell time (median {comp['median_cell_seconds']:.1f} s per cell); peers "
+                f"{comp['peer_minutes']:.1f} min in all.",
+            )
+        )
     b += environment_blocks(results.environment)
     b.append(Block("h2", "Provenance"))
     b.append(Block("table", _kv_table(results.provenance)))
@@ -749,23 +961,36 @@ ENVIRONMENT_ORDER = ENVIRONMENT_KEYS
 
 
 def environment_blocks(environments: Sequence[dict[str, Any]]) -> list[Block]:
-    """"What can still change these numbers": the distinct environments the runs recorded."""
+    """ "What can still change these numbers": the distinct environments the runs recorded."""
     b = [Block("h2", "What can still change these numbers")]
     if not environments:
-        return b + [Block("p", "The runs recorded no environment (runs written before it was recorded): the torch "
-                               "version, device and thread count behind these numbers are unknown. Same inputs and "
-                               "settings give the same numbers only on the same software and hardware.")]
-    b.append(Block("p", "Same inputs and settings give the same numbers wherever the fields below agree. On a "
-                        "CPU, portable numerics (the default) pin every library's kernels to the AVX2 path, so "
-                        "any x86-64 CPU with AVX2 computes the same bytes whatever its model, caches or core "
-                        "count: the CPU fields below then say where the runs ran, not why they differ. What "
-                        "still changes the floating-point sums: native numerics (HNFM_NUMERICS=native) or "
-                        "pins not in force, other kernel levels (ATen, oneDNN, OpenBLAS, numpy) or library "
-                        "versions (torch, oneDNN, MKL, numpy), a thread count, deterministic mode, a GPU (its "
-                        "model, CUDA, cuDNN, TF32), or the precision; that moves the last digits of every "
-                        "metric and, through the checkpoint choice, sometimes more. "
-                        + ("All runs recorded one environment:" if len(environments) == 1 else
-                           f"The runs recorded {len(environments)} different environments:")))
+        return b + [
+            Block(
+                "p",
+                "The runs recorded no environment (runs written before it was recorded): the torch "
+                "version, device and thread count behind these numbers are unknown. Same inputs and "
+                "settings give the same numbers only on the same software and hardware.",
+            )
+        ]
+    b.append(
+        Block(
+            "p",
+            "Same inputs and settings give the same numbers wherever the fields below agree. On a "
+            "CPU, portable numerics (the default) pin every library's kernels to the AVX2 path, so "
+            "any x86-64 CPU with AVX2 computes the same bytes whatever its model, caches or core "
+            "count: the CPU fields below then say where the runs ran, not why they differ. What "
+            "still changes the floating-point sums: native numerics (HNFM_NUMERICS=native) or "
+            "pins not in force, other kernel levels (ATen, oneDNN, OpenBLAS, numpy) or library "
+            "versions (torch, oneDNN, MKL, numpy), a thread count, deterministic mode, a GPU (its "
+            "model, CUDA, cuDNN, TF32), or the precision; that moves the last digits of every "
+            "metric and, through the checkpoint choice, sometimes more. "
+            + (
+                "All runs recorded one environment:"
+                if len(environments) == 1
+                else f"The runs recorded {len(environments)} different environments:"
+            ),
+        )
+    )
     return b + [Block("table", environment_table(environments))]
 
 
@@ -776,7 +1001,11 @@ def environment_table(environments: Sequence[dict[str, Any]]) -> pd.DataFrame:
     cols = {}
     for i, e in enumerate(environments, 1):
         n = len(e["runs"])
-        name = f"environment {i} ({n} run{'s' if n != 1 else ''})" if len(environments) > 1 else f"{n} run{'s' if n != 1 else ''}"
+        name = (
+            f"environment {i} ({n} run{'s' if n != 1 else ''})"
+            if len(environments) > 1
+            else f"{n} run{'s' if n != 1 else ''}"
+        )
         cols[name] = [_environment_value(e["environment"].get(k)) for k in keys]
     return pd.DataFrame({"field": keys, **cols})
 
@@ -794,8 +1023,14 @@ def _environment_value(value: Any) -> str:
 
 def report_blocks(results: Results, out: Path) -> list[Block]:
     """The whole document, drawing the figures into ``out`` on the way."""
-    return (_opening_blocks(results) + _settings_blocks(results) + _table_blocks(results, out)
-            + _training_blocks(results, out) + _beyond_blocks(results, out) + _closing_blocks(results))
+    return (
+        _opening_blocks(results)
+        + _settings_blocks(results)
+        + _table_blocks(results, out)
+        + _training_blocks(results, out)
+        + _beyond_blocks(results, out)
+        + _closing_blocks(results)
+    )
 
 
 def render_report(results: Results | dict[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -828,9 +1063,11 @@ def headline_text(results: Results | dict[str, Any]) -> str:
     if not head["protocols"]:
         return "headline: no configuration finished yet"
     proto = head["protocols"][0]
-    lines = [f"headline ({PROTOCOL_LABELS[proto]}; mean ± SD over folds, (k/n) = folds where defined; "
-             "Δ C-index vs baseline [95 % CI]):",
-             f"  {'model':<44} {'C-index':<22} {'1-year AUROC':<22} Δ C-index"]
+    lines = [
+        f"headline ({PROTOCOL_LABELS[proto]}; mean ± SD over folds, (k/n) = folds where defined; "
+        "Δ C-index vs baseline [95 % CI]):",
+        f"  {'model':<44} {'C-index':<22} {'1-year AUROC':<22} Δ C-index",
+    ]
     for r in head["rows"][proto]:
         done = r["status"] == "done"
         name = r["label"] + (f", d = {r['d']}" if done and r.get("d") not in (None, "-") else "")

@@ -529,8 +529,11 @@ class Results:
             ValueError: a required section is missing (the file is not a results object).
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"not a report results object: missing {missing}")
@@ -538,8 +541,9 @@ class Results:
         kw["cells"] = CellCount(**data["cells"])
         kw["survival"] = SurvivalSection(**data["survival"])
         training = data.get("training") or {}
-        kw["training"] = TrainingSection(training.get("curves") or {}, training.get("cells") or [],
-                                         training.get("summary") or {})
+        kw["training"] = TrainingSection(
+            training.get("curves") or {}, training.get("cells") or [], training.get("summary") or {}
+        )
         return cls(**kw)
 
     def clean(self) -> Results:
