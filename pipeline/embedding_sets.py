@@ -96,12 +96,16 @@ class EmbeddingSet:
         encoders: the encoders whose embeddings it reads, in order (``("ct", "pet")``).
         label: display label, as in the paper's figures (``"CT+PET"``).
         colour: matplotlib colour of the set in the report's figures.
+        paper_table1: the seed paper's best row of this set in its Table 1, for side-by-side
+            reading: ``(d, (C-index mean, SD), (1-year AUROC mean, SD))``; None for a set the
+            paper did not report.
     """
 
     name: str
     encoders: tuple[str, ...]
     label: str
     colour: str
+    paper_table1: tuple[str, tuple[float, float], tuple[float, float]] | None = None
 
     @property
     def dims(self) -> dict[str, int]:
@@ -156,9 +160,9 @@ ENCODERS: dict[str, Encoder] = {
 EMBEDDING_SETS: dict[str, EmbeddingSet] = {
     s.name: s
     for s in (
-        EmbeddingSet("ct", ("ct",), "CT", "tab:blue"),
-        EmbeddingSet("pet", ("pet",), "PET", "tab:red"),
-        EmbeddingSet("ctpet", ("ct", "pet"), "CT+PET", "tab:green"),
+        EmbeddingSet("ct", ("ct",), "CT", "tab:blue", ("orig", (0.715, 0.075), (0.710, 0.083))),
+        EmbeddingSet("pet", ("pet",), "PET", "tab:red", ("128", (0.736, 0.060), (0.712, 0.100))),
+        EmbeddingSet("ctpet", ("ct", "pet"), "CT+PET", "tab:green", ("256", (0.743, 0.067), (0.744, 0.094))),
     )
 }
 
