@@ -259,35 +259,7 @@ def run_study(
     study_dir = Path(study_dir or ("runs/demo_study" if demo else "runs/study"))
     report_dir = Path(report_dir or ("reports/demo" if demo else "reports/study"))
     try:
-        if dry_run or report_only:
-            if (study_dir / "study.json").is_file():
-                spec, _ = load_study(study_dir)
-            else:
-                spec = _build_spec(
-                    demo,
-                    manifest,
-                    cache_root,
-                    embeddings,
-                    study_dir,
-                    configs,
-                    n_folds,
-                    folds_seed,
-                    train_config_file,
-                    model_config,
-                    device,
-                    overrides,
-                    extra,
-                )
-            if dry_run:
-                click.echo(format_status(cell_status(spec), peer_status(spec)))
-                return
-            _report(study_dir, report_dir, t_start, demo)
-            return
-
-        slurm = _slurm_options(partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism)
-        if workers is None and not _trains_on_gpus(device):
-            workers = 2 if demo else 1
-        spec = _build_spec(
+        spec_options = (
             demo,
             manifest,
             cache_root,
@@ -301,7 +273,22 @@ def run_study(
             device,
             overrides,
             extra,
-        )
+        )  # for _build_spec
+        if dry_run or report_only:
+            if (study_dir / "study.json").is_file():
+                spec, _ = load_study(study_dir)
+            else:
+                spec = _build_spec(*spec_options)
+            if dry_run:
+                click.echo(format_status(cell_status(spec), peer_status(spec)))
+                return
+            _report(study_dir, report_dir, t_start, demo)
+            return
+
+        slurm = _slurm_options(partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism)
+        if workers is None and not _trains_on_gpus(device):
+            workers = 2 if demo else 1
+        spec = _build_spec(*spec_options)
         info = prepare_inputs(
             spec, demo=demo, random_init=random_init, workers=prep_workers, say=_say, device=device or "auto", **weights
         )
