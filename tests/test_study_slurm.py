@@ -37,8 +37,12 @@ def inputs(tmp_path_factory):
 
 
 #: Cells long enough (~10 s on a quiet core) that a task is still training when the test
-#: cancels it: with LONG's ~3-s cells a quiet machine finished the task first.
-SLOW = LONG | {"epochs": 50, "patience": 50}
+#: cancels it: with LONG's ~3-s cells a quiet machine finished the task first. (An epoch of these
+#: cells costs ~0.05 s since training scores the fit rows every fifth epoch only.)
+SLOW = LONG | {"epochs": 150, "patience": 150}
+#: Cells of ~20 s on a quiet core, for a kill that must land mid-training (the requeue's
+#: KillWait is 5 s; the whole array's scancel must find both cells training).
+SLOWER = LONG | {"epochs": 350, "patience": 350}
 
 
 def long_spec(inputs, folder: Path, n_folds: int = 2, train: dict | None = None) -> study_spec.StudySpec:
@@ -313,8 +317,7 @@ def test_a_failing_task_is_named_with_its_log(slurm_cluster, inputs, tmp_path):
 @pytest.mark.slurm
 def test_a_requeued_task_never_trains_its_cell_twice_at_once(slurm_cluster, inputs, tmp_path):
     # A cell long enough (~20 s) that the requeue's kill (KillWait = 5 s) lands mid-training.
-    spec = make_spec(inputs, tmp_path / "s", configs=("baseline",), n_folds=2, peers=())
-    spec = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
+    spec = long_spec(inputs, tmp_path / "s", train=SLOWER)
     study.prepare_study(spec)
     cell = study_spec.grid(spec)[0]
     os.environ["HNFM_SLURM_POLL_S"] = "2"
@@ -345,8 +348,7 @@ def test_a_requeued_task_never_trains_its_cell_twice_at_once(slurm_cluster, inpu
 
 @pytest.mark.slurm
 def test_scancel_of_the_whole_array_is_noticed_and_every_cell_named(slurm_cluster, inputs, tmp_path):
-    spec = long_spec(inputs, tmp_path / "s")  # cells of ~20 s: the cancel lands while both train
-    spec = study_spec.StudySpec.from_dict(spec.to_dict() | {"train": spec.train | {"epochs": 50, "patience": 50}})
+    spec = long_spec(inputs, tmp_path / "s", train=SLOWER)  # the cancel lands while both train
     study.prepare_study(spec)
     cells = study_spec.grid(spec)
     cancelled_at = []
