@@ -658,6 +658,12 @@ def cells_per_gpu(gpus: Sequence[str], requested: int | None = None, free_gib: S
     return max(1, min(DEFAULT_CELLS_PER_GPU, int(0.9 * min(free) // CELL_GPU_MEMORY_GIB)))
 
 
+def study_gpus(spec: StudySpec) -> list[str]:
+    """The GPUs the study's cells train on here: none when its training device is the CPU, else
+    :func:`visible_gpus`."""
+    return [] if spec.train.get("device") == "cpu" else visible_gpus()
+
+
 def device_slots(gpus: Sequence[str], workers: int) -> list[str | None]:
     """The GPU each of ``workers`` pool workers is pinned to: round-robin over ``gpus``, so the
     first workers spread over the GPUs and each GPU gets ``workers / len(gpus)`` of them (one
@@ -788,9 +794,7 @@ def run_local(
             ``progress``, see :func:`run_pool`).
         shown: warnings already shown in this run (:func:`run_pool`).
     """
-    if gpus is None:
-        gpus = [] if spec.train.get("device") == "cpu" else visible_gpus()
-    gpus = list(gpus)
+    gpus = study_gpus(spec) if gpus is None else list(gpus)
     if workers is None:
         workers = len(gpus) * cells_per_gpu(gpus, per_gpu) if gpus else 1
     if workers < 1:

@@ -286,9 +286,11 @@ def run_study(
             return
 
         slurm = _slurm_options(partition, time_min, gpus_per_node, mem_gb, cpus, array_parallelism)
-        if workers is None and not _trains_on_gpus(device):
-            workers = 2 if demo else 1
+        from pipeline.study import study_gpus  # local: torch, as in _slurm_options
+
         spec = _build_spec(*spec_options)
+        if workers is None and not study_gpus(spec):  # with GPUs, run_local sizes the pool per GPU
+            workers = 2 if demo else 1
         info = prepare_inputs(
             spec, demo=demo, random_init=random_init, workers=prep_workers, say=_say, device=device or "auto", **weights
         )
@@ -407,19 +409,13 @@ def _say(kind: str, text: str) -> None:
         click.echo(f"    {text}")
 
 
-def _trains_on_gpus(device: str | None) -> bool:
-    """Whether cells will train on GPUs here: a device other than cpu and GPUs visible."""
-    from pipeline.study import visible_gpus  # local: torch, as in run_study
-
-    return device != "cpu" and bool(visible_gpus())
-
-
 def _run_grid(spec, info, executor, pool, cluster, no_wait, slurm):
     """Peers, then the CNN grid; one progress line per finished cell, peers in quarters.
     ``pool`` = ``(workers, cells_per_gpu)``; workers None = one group of cells per GPU."""
-    from pipeline.study import run_study  # local: as in run_study
+    from pipeline.study import DEFAULT_CELLS_PER_GPU, run_study  # local: as in run_study
 
     workers, per_gpu = pool
+    per_gpu_text = per_gpu or f"up to {DEFAULT_CELLS_PER_GPU}"
 
     status = cell_status(spec)
     n_total, n_before = len(status), int(status["done"].sum())
@@ -427,7 +423,7 @@ def _run_grid(spec, info, executor, pool, cluster, no_wait, slurm):
         f"peers: {len(spec.peer_list())} on {len(spec.splits())} split(s) ({', '.join(spec.splits())}), "
         f"then grid: {n_total} CNN cells ({n_before} already done) via {executor}"
         + (
-            (f", {workers} worker(s)" if workers else f", {per_gpu or 'up to 4'} cell(s) per GPU")
+            (f", {workers} worker(s)" if workers else f", {per_gpu_text} cell(s) per GPU")
             if executor == "local"
             else ""
         )
