@@ -648,7 +648,6 @@ class Evaluation:
     """
 
     risk: np.ndarray  # [N] log-risk, cohort row order
-    dice: np.ndarray  # [N] hard tumour Dice, NaN where not evaluated or no tumour
     scores: dict[str, float]
     #: Whether the fit rows were evaluated (``risk`` holds them, ``train_c_index`` is scored).
     fit_evaluated: bool = False
@@ -682,15 +681,15 @@ def evaluate_fold(
     ``fit`` is False), ``val_c_index_inner`` (NaN without an inner split),
     ``val_c_index_outer`` and ``val_dice_outer`` (mean hard Dice on outer cases with a tumour).
     """
-    _, rest = _evaluation_parts(data, eval_batch_size(cfg, device))
+    batch = eval_batch_size(cfg, device)
+    _, rest = _evaluation_parts(data, batch)
     risk = np.full(len(cohort), np.nan)
     dice = np.full(len(cohort), np.nan)
-    risk[rest], dice[rest] = evaluate_rows(model, cohort, rest, data, eval_batch_size(cfg, device), device)
+    risk[rest], dice[rest] = evaluate_rows(model, cohort, rest, data, batch, device)
     outer_dice = dice[data.outer]
     t, e = cohort.time, cohort.event
     evaluation = Evaluation(
         risk,
-        dice,
         {
             "train_c_index": float("nan"),
             "val_c_index_inner": (
@@ -716,10 +715,9 @@ def evaluate_fit_rows(
     """Complete ``evaluation`` (made by ``model``) with the fit rows' risks and ``train_c_index``."""
     if evaluation.fit_evaluated:
         return
-    fit_only, _ = _evaluation_parts(data, eval_batch_size(cfg, device))
-    evaluation.risk[fit_only], evaluation.dice[fit_only] = evaluate_rows(
-        model, cohort, fit_only, data, eval_batch_size(cfg, device), device
-    )
+    batch = eval_batch_size(cfg, device)
+    fit_only, _ = _evaluation_parts(data, batch)
+    evaluation.risk[fit_only] = evaluate_rows(model, cohort, fit_only, data, batch, device)[0]
     fit = data.fit
     evaluation.scores["train_c_index"] = c_index_or_nan(cohort.time[fit], cohort.event[fit], evaluation.risk[fit])
     evaluation.fit_evaluated = True
